@@ -1,0 +1,169 @@
+"""Prompt building and token spans for the alignment head.
+
+One prompt layout serves every stage: the domain stage (emrQA contexts split into
+sentences), the task stage and inference. Note sentences are always numbered by
+their own ids as ``[id] text``, one per line. The answer follows the chat template's
+generation prompt (thinking disabled), so what the model is trained on is exactly
+what it sees at generation time.
+
+:func:`encode_example` returns token ids, LM labels (answer tokens only) and, for
+every note sentence and answer sentence, its ``[start, end)`` token span, computed
+from the fast tokenizer's offset mapping.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .records import Case
+
+SYSTEM_PROMPT = (
+    "You are a clinician answering a patient's question about their hospital stay. "
+    "Use only the numbered sentences of the clinical note. Answer in plain language, "
+    "in at most 75 words."
+)
+IGNORE_INDEX = -100
+# The Qwen chat format closes an assistant turn with this (what the template appends
+# after the content); the model learns to emit it so generation stops by itself.
+END_OF_TURN = "<|im_end|>\n"
+
+
+@dataclass
+class PromptExample:
+    """Text-level example: question, numbered note sentences, optional answer sentences."""
+
+    example_id: str
+    question: str
+    note_ids: list[str]
+    note_texts: list[str]
+    clinician_question: str = ""
+    answer_ids: list[str] = field(default_factory=list)
+    answer_texts: list[str] = field(default_factory=list)
+    # Gold (answer_id, note_id) pairs, for the alignment loss; empty = LM loss only.
+    pairs: set[tuple[str, str]] = field(default_factory=set)
+
+    @property
+    def answer(self) -> str:
+        return " ".join(t.strip() for t in self.answer_texts if t.strip())
+
+
+@dataclass
+class EncodedExample:
+    example_id: str
+    input_ids: list[int]
+    labels: list[int]
+    prompt_length: int
+    note_ids: list[str]
+    note_spans: list[tuple[int, int]]
+    answer_ids: list[str]
+    answer_spans: list[tuple[int, int]]
+    pairs: set[tuple[str, str]] = field(default_factory=set)
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    def pair_targets(self) -> list[list[float]]:
+        """[answer][note] 0/1 matrix of gold links, in span order."""
+        return [[1.0 if (a, n) in self.pairs else 0.0 for n in self.note_ids] for a in self.answer_ids]
+
+
+def example_from_case(case: Case, with_answer: bool = True) -> PromptExample:
+    answers = case.answer_sentences if with_answer else []
+    return PromptExample(
+        example_id=case.case_id,
+        question=case.question_text,
+        clinician_question=case.clinician_question,
+        note_ids=case.note_ids,
+        note_texts=[s.text for s in case.note_sentences],
+        answer_ids=[a.sentence_id for a in answers],
+        answer_texts=[a.text for a in answers],
+        pairs=case.gold_pairs() if with_answer else set(),
+    )
+
+
+def user_message(ex: PromptExample) -> tuple[str, list[tuple[int, int]]]:
+    """The user turn and the character span of each note sentence's text within it."""
+    head = f"Patient question: {ex.question.strip()}\n"
+    if ex.clinician_question.strip():
+        head += f"Clinician question: {ex.clinician_question.strip()}\n"
+    head += "Clinical note sentences:\n"
+    parts = [head]
+    spans = []
+    pos = len(head)
+    for sid, text in zip(ex.note_ids, ex.note_texts):
+        prefix = f"[{sid}] "
+        body = " ".join(text.split())
+        spans.append((pos + len(prefix), pos + len(prefix) + len(body)))
+        line = prefix + body + "\n"
+        parts.append(line)
+        pos += len(line)
+    tail = "Answer the patient's question in at most 75 words."
+    parts.append(tail)
+    return "".join(parts), spans
+
+
+def chat_prompt(tokenizer, ex: PromptExample) -> tuple[str, list[tuple[int, int]]]:
+    """Generation prompt (chat template, thinking off) and note-sentence char spans in it."""
+    user, spans = user_message(ex)
+    messages = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user}]
+    text = tokenizer.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=True, enable_thinking=False
+    )
+    offset = text.find(user)
+    if offset < 0:  # a template that rewrites content would break every span below
+        raise ValueError("chat template altered the user message; cannot locate note sentences")
+    return text, [(s + offset, e + offset) for s, e in spans]
+
+
+def _char_to_token_span(offsets: list[tuple[int, int]], start: int, end: int) -> tuple[int, int]:
+    first = last = None
+    for i, (s, e) in enumerate(offsets):
+        if e <= start or s >= end or e == s:
+            continue
+        if first is None:
+            first = i
+        last = i
+    if first is None:
+        raise ValueError(f"no token covers characters [{start}, {end})")
+    return first, last + 1
+
+
+def encode_example(
+    tokenizer, ex: PromptExample, max_length: int | None = None, with_answer: bool = True
+) -> EncodedExample:
+    """Tokenise prompt (+ answer + end-of-turn) and locate every sentence span."""
+    prompt, note_char_spans = chat_prompt(tokenizer, ex)
+    text = prompt
+    answer_char_spans = []
+    if with_answer and ex.answer_texts:
+        pos = len(prompt)
+        pieces = []
+        for t in ex.answer_texts:
+            body = " ".join(t.split())
+            if pieces:
+                pos += 1  # the joining space
+            answer_char_spans.append((pos, pos + len(body)))
+            pieces.append(body)
+            pos += len(body)
+        text = prompt + " ".join(pieces) + END_OF_TURN
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids, offsets = enc["input_ids"], enc["offset_mapping"]
+    # The first token that starts at or after the prompt's end: robust to a BPE merge
+    # across the boundary, which re-tokenising the prompt alone would miss.
+    prompt_len = next((i for i, (s, _) in enumerate(offsets) if s >= len(prompt)), len(ids))
+    if max_length is not None and len(ids) > max_length:
+        raise ValueError(
+            f"example {ex.example_id}: {len(ids)} tokens exceeds max_length={max_length}; "
+            "raise max_length in the config"
+        )
+    labels = [IGNORE_INDEX] * prompt_len + ids[prompt_len:]
+    return EncodedExample(
+        example_id=ex.example_id,
+        input_ids=list(ids),
+        labels=labels if with_answer and ex.answer_texts else [IGNORE_INDEX] * len(ids),
+        prompt_length=prompt_len,
+        note_ids=list(ex.note_ids),
+        note_spans=[_char_to_token_span(offsets, s, e) for s, e in note_char_spans],
+        answer_ids=list(ex.answer_ids) if with_answer else [],
+        answer_spans=[_char_to_token_span(offsets, s, e) for s, e in answer_char_spans],
+        pairs=set(ex.pairs) if with_answer else set(),
+    )
