@@ -1,0 +1,32 @@
+"""Shared test fixtures. Tests never download anything."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_FIXTURES = ROOT.parent / "shared" / "fixtures"
+EXAMPLES = ROOT / "examples"
+
+
+@pytest.fixture(scope="session")
+def shared_fixtures() -> Path:
+    """``../shared/fixtures`` (CI has it, a user's clone does not: skip there)."""
+    if not SHARED_FIXTURES.is_dir():
+        pytest.skip("../shared/fixtures is absent (only CI and the developers have it)")
+    return SHARED_FIXTURES
+
+
+@pytest.fixture(scope="session")
+def qwen_tokenizer():
+    from transformers import AutoTokenizer
+
+    from model.presets import bundled_tokenizer_dir
+
+    return AutoTokenizer.from_pretrained(bundled_tokenizer_dir())
