@@ -1,0 +1,245 @@
+"""The organizers' submission formats for Subtasks 3 and 4: build, validate, write, read.
+
+Subtask 3: ``[{"case_id": "121", "prediction": "answer text"}, ...]``; the prediction is
+a non-empty string of at most 75 whitespace-separated words with no citation markers.
+Subtask 4: ``[{"case_id": "121", "prediction": [{"answer_id": "1", "evidence_id": ["3"]}]}]``;
+every answer sentence of the case listed exactly once (``[]`` where unsupported), every
+id a string that exists in that case.
+
+Each submission is written as ``subtask{N}/submission.json`` plus ``subtask{N}.zip`` that
+holds ``submission.json`` at its root (what the leaderboard expects). Validation happens
+before anything touches the disk, and every file is written to a temporary name in the
+same directory and renamed, so a failure never leaves a partial file behind.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+import zipfile
+from pathlib import Path
+
+from .errors import InputError
+from .records import Case
+
+MAX_WORDS = 75
+SUBMISSION_NAME = "submission.json"
+
+# "|3|", "|3,5|", "[3]", "[3, 7a]": the citation styles of the key and of common prompts.
+_ID = r"[0-9][0-9A-Za-z]*"
+CITATION_MARKER = re.compile(
+    rf"\|\s*{_ID}(?:\s*,\s*{_ID})*\s*\||\[\s*{_ID}(?:\s*,\s*{_ID})*\s*\]"
+)
+_SENTENCE_END = re.compile(r"""[.!?]["')\]]*$""")
+
+
+def count_words(text: str) -> int:
+    """Whitespace-separated words, the unit of the official 75-word limit."""
+    return len(text.split())
+
+
+def truncate_words(text: str, max_words: int = MAX_WORDS) -> str:
+    """At most ``max_words`` words, ending on a sentence boundary when the kept part has one.
+
+    Text within the limit is returned unchanged. Longer text is cut after the last kept
+    word that ends a sentence (``.``, ``!``, ``?``); with no such word, after
+    ``max_words`` words. Never empty for non-empty input.
+    """
+    if max_words < 1:
+        raise ValueError("max_words must be at least 1")
+    words = text.split()
+    if len(words) <= max_words:
+        return text
+    kept = words[:max_words]
+    last_end = max((i for i, w in enumerate(kept) if _SENTENCE_END.search(w)), default=-1)
+    if last_end >= 0:
+        kept = kept[: last_end + 1]
+    return " ".join(kept)
+
+
+def subtask3_entries(answers: dict[str, str]) -> list[dict]:
+    """Subtask 3 entries, in the dict's order."""
+    return [{"case_id": str(case_id), "prediction": text} for case_id, text in answers.items()]
+
+
+def subtask4_entries(links: dict[str, dict[str, list[str]]]) -> list[dict]:
+    """Subtask 4 entries from ``case_id -> answer_id -> evidence ids``, in the given order."""
+    return [
+        {
+            "case_id": str(case_id),
+            "prediction": [
+                {"answer_id": str(answer_id), "evidence_id": [str(e) for e in evidence]}
+                for answer_id, evidence in per_answer.items()
+            ],
+        }
+        for case_id, per_answer in links.items()
+    ]
+
+
+def check_entry_types(entries: object, subtask: int, path: str | Path | None = None) -> list[dict]:
+    """Structural check (JSON types only, no case knowledge); returns the entries."""
+    if subtask not in (3, 4):
+        raise ValueError(f"subtask must be 3 or 4, not {subtask!r}")
+    if not isinstance(entries, list):
+        raise InputError("submission must be a JSON list of entries", path)
+    for i, entry in enumerate(entries):
+        if not isinstance(entry, dict):
+            raise InputError(f"entry {i} is not an object", path)
+        case_id = entry.get("case_id")
+        if not isinstance(case_id, str) or not case_id:
+            raise InputError(f"entry {i}: case_id must be a non-empty string, got {case_id!r}", path)
+        if "prediction" not in entry:
+            raise InputError("entry has no 'prediction'", path, case_id)
+        prediction = entry["prediction"]
+        if subtask == 3:
+            if not isinstance(prediction, str):
+                raise InputError("prediction must be a string", path, case_id)
+            continue
+        if not isinstance(prediction, list):
+            raise InputError("prediction must be a list of {answer_id, evidence_id}", path, case_id)
+        for item in prediction:
+            if not isinstance(item, dict):
+                raise InputError("each prediction item must be an object", path, case_id)
+            answer_id = item.get("answer_id")
+            if not isinstance(answer_id, str) or not answer_id:
+                raise InputError(f"answer_id must be a non-empty string, got {answer_id!r}", path, case_id)
+            evidence = item.get("evidence_id")
+            if not isinstance(evidence, list):
+                raise InputError(f"answer {answer_id}: evidence_id must be a list", path, case_id)
+            for e in evidence:
+                if not isinstance(e, str) or not e:
+                    raise InputError(f"answer {answer_id}: evidence id {e!r} is not a string id", path, case_id)
+    return entries
+
+
+def _check_case_set(entries: list[dict], cases: list[Case], path: str | Path | None) -> dict[str, Case]:
+    by_id = {c.case_id: c for c in cases}
+    seen: set[str] = set()
+    for entry in entries:
+        cid = entry["case_id"]
+        if cid in seen:
+            raise InputError("case listed twice", path, cid)
+        if cid not in by_id:
+            raise InputError("case is not among the cases", path, cid)
+        seen.add(cid)
+    missing = [cid for cid in by_id if cid not in seen]
+    if missing:
+        raise InputError(f"case missing from the submission ({len(missing)} missing)", path, missing[0])
+    return by_id
+
+
+def validate_subtask3(entries: object, cases: list[Case], path: str | Path | None = None) -> None:
+    """Raise :class:`InputError` unless ``entries`` is a valid Subtask 3 submission for ``cases``."""
+    check_entry_types(entries, 3, path)
+    _check_case_set(entries, cases, path)  # type: ignore[arg-type]
+    for entry in entries:  # type: ignore[union-attr]
+        cid, text = entry["case_id"], entry["prediction"]
+        if not text.strip():
+            raise InputError("prediction is empty", path, cid)
+        n = count_words(text)
+        if n > MAX_WORDS:
+            raise InputError(f"prediction has {n} words, more than {MAX_WORDS}", path, cid)
+        marker = CITATION_MARKER.search(text)
+        if marker:
+            raise InputError(f"prediction contains a citation marker {marker.group(0)!r}", path, cid)
+
+
+def validate_subtask4(entries: object, cases: list[Case], path: str | Path | None = None) -> None:
+    """Raise :class:`InputError` unless ``entries`` is a valid Subtask 4 submission for ``cases``."""
+    check_entry_types(entries, 4, path)
+    by_id = _check_case_set(entries, cases, path)  # type: ignore[arg-type]
+    for entry in entries:  # type: ignore[union-attr]
+        case = by_id[entry["case_id"]]
+        cid = case.case_id
+        answer_ids = set(case.answer_ids)
+        note_ids = set(case.note_ids)
+        listed: set[str] = set()
+        for item in entry["prediction"]:
+            aid = item["answer_id"]
+            if aid not in answer_ids:
+                raise InputError(f"unknown answer_id {aid!r}", path, cid)
+            if aid in listed:
+                raise InputError(f"answer_id {aid!r} listed twice", path, cid)
+            listed.add(aid)
+            evidence = item["evidence_id"]
+            if len(set(evidence)) != len(evidence):
+                raise InputError(f"answer {aid}: duplicate evidence ids", path, cid)
+            for e in evidence:
+                if e not in note_ids:
+                    raise InputError(f"answer {aid}: unknown evidence id {e!r}", path, cid)
+        missing = [a for a in case.answer_ids if a not in listed]
+        if missing:
+            raise InputError(f"answer sentence {missing[0]!r} is not listed", path, cid)
+
+
+def _atomic_write(target: Path, write) -> None:
+    """Write through ``write(file_object)`` to a temp file beside ``target``, then rename."""
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_submission(entries: list[dict], out_dir: Path, subtask: int, cases: list[Case]) -> tuple[Path, Path]:
+    """Validate, then write ``out_dir/subtask{N}/submission.json`` and ``out_dir/subtask{N}.zip``."""
+    if subtask == 3:
+        validate_subtask3(entries, cases)
+    elif subtask == 4:
+        validate_subtask4(entries, cases)
+    else:
+        raise ValueError(f"subtask must be 3 or 4, not {subtask!r}")
+    payload = (json.dumps(entries, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
+    out_dir = Path(out_dir)
+    json_path = out_dir / f"subtask{subtask}" / SUBMISSION_NAME
+    zip_path = out_dir / f"subtask{subtask}.zip"
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+
+    def write_zip(fh) -> None:
+        with zipfile.ZipFile(fh, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+            zf.writestr(SUBMISSION_NAME, payload)
+
+    _atomic_write(json_path, lambda fh: fh.write(payload))
+    _atomic_write(zip_path, write_zip)
+    return json_path, zip_path
+
+
+def _decode(raw: bytes, path: Path) -> object:
+    if not raw.strip():
+        raise InputError("file is empty", path)
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise InputError("not UTF-8 text", path) from None
+    except json.JSONDecodeError as err:
+        raise InputError(f"invalid JSON ({err.msg} at line {err.lineno})", path) from None
+
+
+def read_submission(path: str | Path, subtask: int) -> list[dict]:
+    """Entries of a submission ``.json`` or ``.zip`` (``submission.json`` at the zip root).
+
+    Only JSON types are checked here; check against cases with ``validate_subtask{N}``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputError("file not found", path)
+    if path.stat().st_size == 0:
+        raise InputError("file is empty", path)
+    if path.suffix.lower() == ".zip":
+        try:
+            with zipfile.ZipFile(path) as zf:
+                if SUBMISSION_NAME not in zf.namelist():
+                    raise InputError(f"zip has no {SUBMISSION_NAME} at its root", path)
+                raw = zf.read(SUBMISSION_NAME)
+        except zipfile.BadZipFile:
+            raise InputError("not a valid zip file", path) from None
+    else:
+        raw = path.read_bytes()
+    return check_entry_types(_decode(raw, path), subtask, path)
