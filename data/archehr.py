@@ -164,7 +164,10 @@ def normalise_citations(value: object, path: Path, case_id: str, answer_id: str)
 def _load_json(path: Path) -> object:
     if not path.is_file():
         raise InputError("file not found", path)
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise InputError("not UTF-8 text", path) from None
     if not text.strip():
         raise InputError("file is empty", path)
     try:

@@ -111,7 +111,10 @@ def _json_records(data: object, path: Path) -> Iterator[object]:
 
 
 def _read_local_json(path: Path) -> Iterator[object]:
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise InputError("not UTF-8 text", path) from None
     if not text.strip():
         raise InputError("file is empty", path)
     if path.suffix.lower() == ".jsonl":
