@@ -1,0 +1,111 @@
+"""score.py end to end on the bundled examples (subprocess, as a user runs it)."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import score
+from data.archehr import load_cases
+from data.submission import subtask3_entries, subtask4_entries, write_submission
+from metrics.alignment import SCORE_KEYS
+
+ROOT = Path(__file__).resolve().parents[1]
+XML = ROOT / "examples" / "archehr-qa.xml"
+KEY = ROOT / "examples" / "archehr-qa_key.json"
+
+
+def run_score(*args) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "score.py", *map(str, args)], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+
+
+@pytest.fixture(scope="module")
+def cases():
+    return load_cases(XML, KEY)
+
+
+def test_subtask4_perfect_zip(tmp_path, cases):
+    links = {c.case_id: {a.sentence_id: list(a.citations) for a in c.answer_sentences} for c in cases}
+    _, zip_path = write_submission(subtask4_entries(links), tmp_path, 4, cases)
+    out = tmp_path / "scores.json"
+    proc = run_score("--subtask", 4, "--submission", zip_path, "--key", KEY, "--json", out)
+    assert proc.returncode == 0, proc.stderr
+    scores = json.loads(out.read_text())
+    assert list(scores) == list(SCORE_KEYS)
+    assert all(v == 100.0 for v in scores.values())
+    assert "micro_f1" in proc.stdout and "100.0000" in proc.stdout
+
+
+def test_subtask4_hand_computed(tmp_path):
+    # Gold (examples key): 101 has 7 pairs, 102 has 4, 103 has 4.
+    sub = [
+        {"case_id": "101", "prediction": [{"answer_id": "1", "evidence_id": ["2", "3"]}]},  # 2 tp of 2
+        {"case_id": "102", "prediction": [{"answer_id": "1", "evidence_id": []}]},  # nothing
+        {"case_id": "103", "prediction": [  # 1 tp of 3 (duplicate pair collapses)
+            {"answer_id": "2", "evidence_id": ["3", "4"]},
+            {"answer_id": "1", "evidence_id": ["1"]},
+            {"answer_id": "2", "evidence_id": ["3"]},
+        ]},
+    ]
+    path = tmp_path / "sub.json"
+    path.write_text(json.dumps(sub))
+    out = tmp_path / "scores.json"
+    proc = run_score("--subtask", 4, "--submission", path, "--key", KEY, "--json", out)
+    assert proc.returncode == 0, proc.stderr
+    s = json.loads(out.read_text())
+    p101, r101, p103, r103 = 1.0, 2 / 7, 1 / 3, 1 / 4
+    f101, f103 = 2 * p101 * r101 / (p101 + r101), 2 * p103 * r103 / (p103 + r103)
+    expected = {
+        "micro_precision": 100 * 3 / 5,
+        "micro_recall": 100 * 3 / 15,
+        "micro_f1": 100 * 2 * 0.6 * 0.2 / 0.8,
+        "macro_precision": 100 * (p101 + p103) / 3,
+        "macro_recall": 100 * (r101 + r103) / 3,
+        "macro_f1": 100 * (f101 + f103) / 3,
+    }
+    expected["overall_score"] = expected["micro_f1"]
+    for k, v in expected.items():
+        assert s[k] == pytest.approx(v, abs=1e-9), k
+    # The in-process API gives the same numbers.
+    assert score.score_subtask4(path, KEY) == s
+
+
+def test_subtask3_report(tmp_path, cases):
+    answers = {c.case_id: c.clinician_answer_without_citations for c in cases}
+    json_path, _ = write_submission(subtask3_entries(answers), tmp_path, 3, cases)
+    out = tmp_path / "scores3.json"
+    proc = run_score("--subtask", 3, "--submission", json_path, "--key", KEY, "--xml", XML, "--json", out)
+    assert proc.returncode == 0, proc.stderr
+    s = json.loads(out.read_text())
+    assert s["bleu"] == pytest.approx(100.0) and s["rougeL"] == pytest.approx(100.0)
+    assert s["alignscore"] is None and s["medcon"] is None
+    assert "alignscore" in s["not_computed"] and "overall_score" not in s
+    assert s["overall_mean_of_computed"] == pytest.approx(sum(s[m] for m in s["computed"]) / len(s["computed"]))
+    assert "not computed" in proc.stdout and "mean of computed metrics" in proc.stdout
+
+
+def test_subtask3_truncates_long_predictions_like_the_official_scorer(tmp_path, cases):
+    long = {c.case_id: "word " * 80 for c in cases}
+    path = tmp_path / "long.json"
+    path.write_text(json.dumps(subtask3_entries(long)))
+    result, truncated = score.score_subtask3(path, KEY, XML)
+    assert truncated == 3
+    proc = run_score("--subtask", 3, "--submission", path, "--key", KEY, "--xml", XML)
+    assert proc.returncode == 0 and "3 prediction(s) over 75 words were truncated" in proc.stdout
+
+
+def test_main_is_callable_and_parser_is_reusable(tmp_path, cases, capsys):
+    links = {c.case_id: {a.sentence_id: [] for a in c.answer_sentences} for c in cases}
+    path = tmp_path / "empty_links.json"
+    path.write_text(json.dumps(subtask4_entries(links)))
+    assert score.main(["--subtask", "4", "--submission", str(path), "--key", str(KEY)]) == 0
+    assert "micro_f1" in capsys.readouterr().out
+    assert isinstance(score.build_parser(), __import__("argparse").ArgumentParser)
+    with pytest.raises(SystemExit) as err:  # ST3 without --xml is a usage error
+        score.main(["--subtask", "3", "--submission", str(path), "--key", str(KEY)])
+    assert err.value.code == 2
