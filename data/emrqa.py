@@ -138,9 +138,13 @@ def _read_with_datasets(source: str, split: str, local: bool) -> Iterable[object
         import datasets
     except ImportError:
         raise InputError("reading parquet files or hub ids needs the 'datasets' package", source) from None
-    if local:
-        return datasets.load_dataset("parquet", data_files=str(source), split=split)
-    return datasets.load_dataset(source, split=split)
+    try:
+        if local:
+            return datasets.load_dataset("parquet", data_files=str(source), split=split)
+        return datasets.load_dataset(source, split=split)
+    except Exception as err:  # missing hub id, offline, bad parquet, unknown split: one clear line
+        message = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise InputError(f"could not load with datasets ({type(err).__name__}: {message})", source) from None
 
 
 def load_emrqa(

@@ -196,3 +196,14 @@ def test_split_sentences_rule():
         "Seen by Dr. Lee today.", "K was 3.2 (low).", "Given KCl, e.g. 40 mEq!", "Why?", "\"Fine.\"", "Next", "line two"
     ]
     assert split_sentences("") == [] and split_sentences("no stop") == ["no stop"]
+
+
+def test_emrqa_parquet_matches_jsonl(tmp_path):
+    pytest.importorskip("datasets")
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    rows = [json.loads(line) for line in (EXAMPLES / "emrqa_sample.jsonl").read_text().splitlines()]
+    path = tmp_path / "sample.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    assert load_emrqa(path, n=6, seed=4) == load_emrqa(EXAMPLES / "emrqa_sample.jsonl", n=6, seed=4)
