@@ -1,0 +1,277 @@
+"""Load the Qwen3 backbone (released or random-init) with LoRA, optionally in NF4 4-bit.
+
+Everything a user's load would do happens here, in one place:
+
+* ``qwen3-4b`` (or ``base_path``): ``AutoModelForCausalLM.from_pretrained`` with
+  ``use_safetensors=True`` and never ``trust_remote_code``; NF4 4-bit with double
+  quantisation and bf16 compute when quantised.
+* ``qwen3-4b-random`` / ``tiny``: a ``Qwen3Config(**arch)`` with a seeded random init.
+  Unquantised, it is built in memory; quantised, it is first written once as
+  safetensors (:func:`save_random_base`) and then loaded through the very same
+  ``from_pretrained`` + ``BitsAndBytesConfig`` path as released weights, so a
+  benchmark measures what users run.
+
+LoRA goes on every attention and MLP projection. When quantised the model goes
+through ``prepare_model_for_kbit_training`` first (fp32 norms, input grads).
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .presets import ModelPreset, bundled_tokenizer_dir, get_preset
+
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+RANDOM_INIT_SEED = 0
+
+
+@dataclass
+class LoraSettings:
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    targets: tuple[str, ...] = field(default=LORA_TARGETS)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["targets"] = list(self.targets)
+        return d
+
+
+def resolve_preset(preset: ModelPreset | str) -> ModelPreset:
+    return preset if isinstance(preset, ModelPreset) else get_preset(preset)
+
+
+def is_random_preset(preset: ModelPreset) -> bool:
+    return preset.source is None
+
+
+def load_tokenizer(preset_or_path: ModelPreset | str):
+    """Tokenizer of a preset (its own, the source's, or the bundled Qwen3 one) or of a folder/hub id."""
+    from transformers import AutoTokenizer
+
+    if isinstance(preset_or_path, str) and not isinstance(preset_or_path, ModelPreset):
+        try:
+            preset = get_preset(preset_or_path)
+        except ValueError:
+            preset = None
+        location = preset_or_path if preset is None else None
+    else:
+        preset = preset_or_path
+        location = None
+    if preset is not None:
+        location = preset.tokenizer or preset.source or str(bundled_tokenizer_dir())
+    tok = AutoTokenizer.from_pretrained(location)
+    if tok.pad_token is None:  # Qwen ships <|endoftext|> as pad; keep a fallback for other folders
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def build_random_base(preset: ModelPreset | str, seed: int = RANDOM_INIT_SEED, dtype: torch.dtype = torch.float32):
+    """A ``Qwen3ForCausalLM`` of the preset's shape, initialised from ``seed`` (global RNG untouched)."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    preset = resolve_preset(preset)
+    config = Qwen3Config(**preset.arch)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        previous = torch.get_default_dtype()
+        torch.set_default_dtype(dtype)
+        try:
+            model = Qwen3ForCausalLM(config)
+        finally:
+            torch.set_default_dtype(previous)
+    return model
+
+
+def random_base_cache_dir(preset: ModelPreset | str, seed: int = RANDOM_INIT_SEED) -> Path:
+    root = Path(os.environ.get("ARCHEHR_CACHE", Path.home() / ".cache" / "archehr"))
+    return root / "random-bases" / f"{resolve_preset(preset).name}-seed{seed}"
+
+
+def save_random_base(preset: ModelPreset | str, out_dir: str | Path, seed: int = RANDOM_INIT_SEED) -> Path:
+    """Write the preset's seeded random model once as safetensors (idempotent); return the folder."""
+    out = Path(out_dir)
+    if (out / "config.json").is_file() and any(out.glob("*.safetensors")):
+        return out
+    preset = resolve_preset(preset)
+    # The big shape is stored in bf16 (what users' checkpoints hold); tiny stays fp32.
+    dtype = torch.bfloat16 if preset.arch.get("hidden_size", 0) >= 1024 else torch.float32
+    model = build_random_base(preset, seed=seed, dtype=dtype)
+    # Write beside the target and rename: a crash or a concurrent writer never leaves half a model.
+    tmp = out.with_name(f"{out.name}.partial-{os.getpid()}")
+    model.save_pretrained(tmp, safe_serialization=True)
+    try:
+        tmp.rename(out)
+    except OSError:  # another process finished first (or `out` is a stale empty folder)
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (out / "config.json").is_file():
+            raise
+    return out
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def nf4_config():
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16,
+    )
+
+
+def load_base_model(
+    preset: ModelPreset | str,
+    *,
+    load_in_4bit: bool | None = None,
+    device: str | torch.device | None = None,
+    base_path: str | None = None,
+    random_seed: int = RANDOM_INIT_SEED,
+):
+    """The bare causal LM (no LoRA), on ``device``, quantised to NF4 when asked."""
+    from transformers import AutoModelForCausalLM
+
+    preset = resolve_preset(preset)
+    device = torch.device(device or default_device())
+    quantise = preset.load_in_4bit if load_in_4bit is None else load_in_4bit
+    if quantise and device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    location = base_path or preset.source
+    if location is None and quantise:
+        location = str(save_random_base(preset, random_base_cache_dir(preset, random_seed), seed=random_seed))
+    if location is None:  # unquantised random preset: build directly, no disk round trip
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        return build_random_base(preset, seed=random_seed, dtype=dtype).to(device)
+    kwargs = dict(use_safetensors=True, trust_remote_code=False)
+    if quantise:
+        kwargs.update(quantization_config=nf4_config(), device_map={"": device}, dtype=torch.bfloat16)
+    else:
+        kwargs.update(dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(location, **kwargs)
+    return model if quantise else model.to(device)
+
+
+def _enable_checkpointing(model) -> None:
+    # Non-reentrant checkpointing: works with frozen inputs and with forward hooks.
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5 name
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def lora_config(lora: LoraSettings):
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=list(lora.targets),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+
+
+def load_backbone(
+    preset: ModelPreset | str,
+    *,
+    load_in_4bit: bool | None = None,
+    device: str | torch.device | None = None,
+    lora: LoraSettings | None = None,
+    gradient_checkpointing: bool = True,
+    base_path: str | None = None,
+    adapter_dir: str | Path | None = None,
+    trainable: bool = True,
+    random_seed: int = RANDOM_INIT_SEED,
+):
+    """Base model + LoRA as a PEFT model: a fresh adapter, or ``adapter_dir``'s weights.
+
+    ``trainable=False`` gives an inference model (eval mode, no checkpointing).
+    """
+    from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
+
+    preset = resolve_preset(preset)
+    quantise = preset.load_in_4bit if load_in_4bit is None else load_in_4bit
+    model = load_base_model(
+        preset, load_in_4bit=quantise, device=device, base_path=base_path, random_seed=random_seed
+    )
+    model.config.use_cache = not trainable
+    if quantise and trainable:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    if trainable and gradient_checkpointing:
+        _enable_checkpointing(model)
+    if adapter_dir is not None:
+        model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=trainable)
+    else:
+        model = get_peft_model(model, lora_config(lora or LoraSettings()))
+    if not trainable:
+        model.eval()
+    return model
+
+
+def decoder(model):
+    """The bare transformer (``Qwen3Model``) under a PEFT or plain causal-LM wrapper."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base.model
+
+
+def lm_head(model):
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base.lm_head
+
+
+def is_quantised(model) -> bool:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return bool(getattr(base, "is_loaded_in_4bit", False))
+
+
+def _layer_module(dec, layer: int) -> nn.Module | None:
+    """Module whose output is hidden state ``layer`` (output_hidden_states numbering); None = final."""
+    n = len(dec.layers)
+    if layer in (-1, n):
+        return None
+    if layer < 0:
+        layer = n + 1 + layer
+    if not 0 <= layer < n:
+        raise ValueError(f"head layer {layer} out of range for a {n}-layer model")
+    return dec.embed_tokens if layer == 0 else dec.layers[layer - 1]
+
+
+@contextlib.contextmanager
+def tap_hidden(dec, layer: int):
+    """Capture one intermediate hidden state with a forward hook (no all-layers tuple)."""
+    module = _layer_module(dec, layer)
+    captured: dict[str, torch.Tensor] = {}
+    if module is None:
+        yield captured
+        return
+
+    def hook(_mod, _inp, out):
+        captured["hidden"] = out[0] if isinstance(out, tuple) else out
+
+    handle = module.register_forward_hook(hook)
+    try:
+        yield captured
+    finally:
+        handle.remove()
+
+
+def backbone_hidden(backbone, input_ids: torch.Tensor, attention_mask: torch.Tensor, layer: int = -1):
+    """(final normed hidden [B,T,H], the head's hidden [B,T,H]) from one forward."""
+    dec = decoder(backbone)
+    with tap_hidden(dec, layer) as captured:
+        out = dec(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    final = out.last_hidden_state
+    return final, captured.get("hidden", final)

@@ -1,0 +1,141 @@
+"""Load an export folder (``RUN/export``) for inference: backbone + adapter + head.
+
+The base model comes from the manifest (hub id or local path) unless ``base`` overrides
+it; a random-init preset (``tiny``, ``qwen3-4b-random``) is rebuilt from the seed and
+shape recorded in the manifest, so tiny checkpoints reload on any machine.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from data.errors import InputError
+from data.prompts import chat_prompt, encode_example, example_from_case
+from data.records import Case
+from heads.alignment import NotePairHead, load_head
+from heads.scoring import head_outputs
+
+from .backbone import RANDOM_INIT_SEED, default_device, load_backbone, load_tokenizer
+from .presets import PRESETS, ModelPreset
+
+
+@dataclass
+class LoadedCheckpoint:
+    manifest: dict
+    threshold: float
+    tokenizer: object
+    model: object  # PeftModel in eval mode
+    head: NotePairHead
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.head.parameters()).device
+
+    @torch.no_grad()
+    def generate_answers(self, cases: list[Case], max_new_tokens: int = 100, batch_size: int = 8) -> list[str]:
+        """Greedy answers (raw decoded text), batched with left padding, thinking disabled."""
+        tok = self.tokenizer
+        prompts = [chat_prompt(tok, example_from_case(c, with_answer=False))[0] for c in cases]
+        answers: list[str] = []
+        previous_side = tok.padding_side
+        tok.padding_side = "left"
+        try:
+            for i in range(0, len(prompts), batch_size):
+                enc = tok(prompts[i : i + batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
+                enc = {k: v.to(self.device) for k, v in enc.items()}
+                out = self.model.generate(
+                    **enc,
+                    max_new_tokens=max_new_tokens,
+                    do_sample=False,
+                    pad_token_id=tok.pad_token_id,
+                    eos_token_id=_stop_ids(tok),
+                )
+                new = out[:, enc["input_ids"].shape[1] :]
+                answers += [t.strip() for t in tok.batch_decode(new, skip_special_tokens=True)]
+        finally:
+            tok.padding_side = previous_side
+        return answers
+
+    @torch.no_grad()
+    def score_pairs(self, case: Case) -> np.ndarray:
+        """[n_answer, n_note] link probabilities from one forward over prompt + answer sentences."""
+        if not case.answer_sentences:
+            return np.zeros((0, len(case.note_sentences)), dtype=np.float32)
+        enc = encode_example(self.tokenizer, example_from_case(case, with_answer=True))
+        logits = head_outputs(self.model, self.head, enc).pair_logits
+        return torch.sigmoid(logits.float()).cpu().numpy()
+
+
+def _stop_ids(tok) -> list[int]:
+    ids = {tok.eos_token_id}
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    if isinstance(im_end, int) and im_end != tok.unk_token_id:
+        ids.add(im_end)
+    return sorted(i for i in ids if i is not None)
+
+
+def _preset_from_manifest(manifest: dict) -> ModelPreset:
+    base = manifest.get("base_model", {})
+    name = manifest.get("preset") or base.get("preset")
+    if name in PRESETS:
+        preset = PRESETS[name]
+        random_init = base.get("random_init")
+        if random_init and dict(random_init.get("arch", {})) != dict(preset.arch):
+            # The table changed since training: rebuild the recorded shape, not today's.
+            preset = ModelPreset(name, source=None, arch=dict(random_init["arch"]), load_in_4bit=preset.load_in_4bit)
+        return preset
+    random_init = base.get("random_init")
+    if random_init:
+        return ModelPreset(str(name), source=None, arch=dict(random_init["arch"]), load_in_4bit=False)
+    return ModelPreset(str(name), source=base.get("id"))
+
+
+def load_export(
+    export_dir: str | Path,
+    *,
+    base: str | None = None,
+    device: str | None = None,
+    load_in_4bit: bool | None = None,
+) -> LoadedCheckpoint:
+    """Rebuild tokenizer, base model + LoRA adapter and head from an export folder.
+
+    ``base`` overrides the manifest's base model id/path; ``load_in_4bit`` defaults to
+    the preset's default (NF4 for qwen3-4b; on CPU only when asked).
+    """
+    root = Path(export_dir)
+    if (root / "export" / "manifest.json").is_file():
+        root = root / "export"
+    manifest_path = root / "manifest.json"
+    if not manifest_path.is_file():
+        raise InputError("not an export folder (no manifest.json)", root)
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise InputError(f"invalid manifest.json ({err.msg})", manifest_path) from None
+    for required in ("adapter_config.json", "adapter_model.safetensors", "head.safetensors", "head_config.json"):
+        if not (root / required).is_file():
+            raise InputError(f"export is missing {required}", root)
+    preset = _preset_from_manifest(manifest)
+    base_record = manifest.get("base_model", {})
+    base_path = base or base_record.get("path") or None
+    random_init = base_record.get("random_init") or {}
+    device = device or default_device()
+    if load_in_4bit is None:
+        load_in_4bit = preset.load_in_4bit and torch.device(device).type == "cuda"
+    tokenizer = load_tokenizer(base_path or preset)
+    model = load_backbone(
+        preset,
+        load_in_4bit=load_in_4bit,
+        device=device,
+        base_path=base_path,
+        adapter_dir=root,
+        trainable=False,
+        random_seed=int(random_init.get("seed", RANDOM_INIT_SEED)),
+    )
+    head = load_head(root, device=device).eval()
+    threshold = float(manifest.get("alignment", {}).get("threshold", 0.5))
+    return LoadedCheckpoint(manifest=manifest, threshold=threshold, tokenizer=tokenizer, model=model, head=head)

@@ -1,0 +1,116 @@
+"""Resumable training checkpoints: ``RUN/checkpoints/step-N/``.
+
+Each holds the LoRA adapter, the head, optimizer and scheduler state, every RNG
+state (python, numpy, torch CPU and CUDA; one file per process) and the data
+position, so that a resumed run continues bit-for-bit where it stopped. A checkpoint
+is written to a temporary folder and renamed, so a crash never leaves half of one.
+"""
+from __future__ import annotations
+
+import json
+import random
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from heads.alignment import load_head, save_head
+
+STATE_FILE = "trainer_state.json"
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+def capture_rng() -> tuple[dict, dict[str, torch.Tensor]]:
+    py = random.getstate()
+    npy = np.random.get_state()
+    meta = {
+        "python": [py[0], list(py[1]), py[2]],
+        "numpy": [npy[0], npy[1].tolist(), int(npy[2]), int(npy[3]), float(npy[4])],
+    }
+    tensors = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, state in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"cuda{i}"] = state
+    return meta, tensors
+
+
+def restore_rng(meta: dict, tensors: dict[str, torch.Tensor]) -> None:
+    version, internal, gauss = meta["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = meta["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(tensors["torch"])
+    cuda = [tensors[k] for k in sorted(tensors) if k.startswith("cuda")]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
+
+
+def checkpoint_dirs(run_dir: str | Path) -> list[Path]:
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)) and p.is_dir()]
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    dirs = [d for d in checkpoint_dirs(run_dir) if (d / STATE_FILE).is_file()]
+    return dirs[-1] if dirs else None
+
+
+def save_checkpoint(run_dir: str | Path, step: int, model, accelerator, optimizer, scheduler, state: dict,
+                    keep: int = 2) -> Path:
+    """Write ``step-N`` (adapter, head, optimizer, scheduler, RNG, ``state``); keep the newest ``keep``."""
+    root = Path(run_dir) / "checkpoints"
+    final = root / f"step-{step}"
+    tmp = root / f".step-{step}.partial"
+    rank = accelerator.process_index
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    meta, tensors = capture_rng()
+    (tmp / f"rng-{rank}.json").write_text(json.dumps(meta), encoding="utf-8")
+    torch.save(tensors, tmp / f"rng-{rank}.pt")
+    if accelerator.is_main_process:
+        model.backbone.save_pretrained(str(tmp / "adapter"))
+        if model.head is not None:
+            save_head(model.head, tmp / "head")
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        (tmp / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n", encoding="utf-8")
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+        for old in checkpoint_dirs(run_dir)[:-keep] if keep > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def load_checkpoint(ckpt: str | Path, model, optimizer, scheduler) -> dict:
+    """Restore adapter, head, optimizer and scheduler into live objects; return the trainer state."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    ckpt = Path(ckpt)
+    adapter = load_file(str(ckpt / "adapter" / "adapter_model.safetensors"))
+    result = set_peft_model_state_dict(model.backbone, adapter)
+    missing_lora = [k for k in getattr(result, "missing_keys", []) if "lora_" in k]
+    if missing_lora:
+        raise RuntimeError(f"checkpoint adapter lacks {len(missing_lora)} LoRA weights, e.g. {missing_lora[0]}")
+    if model.head is not None:
+        device = next(model.head.parameters()).device
+        model.head.load_state_dict(load_head(ckpt / "head", device=device).state_dict())
+    optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
+    scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=True))
+    return json.loads((ckpt / STATE_FILE).read_text(encoding="utf-8"))
+
+
+def load_rng(ckpt: str | Path, rank: int) -> None:
+    ckpt = Path(ckpt)
+    meta = json.loads((ckpt / f"rng-{rank}.json").read_text(encoding="utf-8"))
+    restore_rng(meta, torch.load(ckpt / f"rng-{rank}.pt", weights_only=True))

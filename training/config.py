@@ -1,0 +1,229 @@
+"""Training configuration: dataclass defaults <- TOML preset <- ``--key value`` overrides.
+
+Every field is settable from the command line (``--lr 1e-4``, ``--max-steps 50``,
+``--joint`` / ``--joint false``); values are coerced to the field's type and an
+unknown key or a bad value is an :class:`InputError` (exit 2). The resolved config
+is written into the run folder as ``config.toml`` and ``config.json``.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any, get_type_hints
+
+from data.errors import InputError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+STAGES = ("domain", "task")
+TRUE = {"1", "true", "yes", "on"}
+FALSE = {"0", "false", "no", "off"}
+
+
+@dataclass
+class TrainConfig:
+    stage: str = "domain"
+    preset: str = "tiny"
+    out: str = ""
+    # Inputs: domain stage reads `data`; task stage reads `xml` + `key` and starts from `init`.
+    data: str = ""
+    n_examples: int = 0  # 0 = all records
+    unanswerable: str = "abstain"
+    xml: str = ""
+    key: str = ""
+    init: str = ""
+    base_path: str = ""  # local folder or hub id overriding the preset's weights
+    load_in_4bit: str = "auto"  # auto = the preset's default; true / false
+    joint: bool = False
+    seed: int = 0
+    # Optimisation
+    epochs: int = 1
+    max_steps: int = 0  # > 0 caps optimizer steps (overrides epochs)
+    batch_size: int = 4
+    grad_accum: int = 1
+    lr: float = 2e-4
+    head_lr: float = 1e-3
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.05
+    schedule: str = "cosine"  # cosine | linear | constant
+    max_grad_norm: float = 1.0
+    max_length: int = 4096
+    group_by_length: bool = True
+    gradient_checkpointing: bool = True
+    # LoRA
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    # Alignment head and joint loss
+    head_proj_dim: int = 256
+    head_mlp_dim: int = 256
+    head_pooling: str = "mean"
+    head_layer: int = -1
+    head_relevance: bool = True
+    head_dropout: float = 0.0
+    align_weight: float = 1.0
+    pos_weight: float = 5.0
+    relevance_weight: float = 0.5
+    calibration_max_examples: int = 200
+    # Logging and checkpoints
+    log_every: int = 10
+    save_every: int = 0  # 0 = no intermediate checkpoints
+    keep_checkpoints: int = 2
+    stop_after_steps: int = 0  # > 0: stop (after checkpointing) as if interrupted; for tests
+    progress: bool = True
+    plot: bool = True
+
+    def validate(self) -> "TrainConfig":
+        if self.stage not in STAGES:
+            raise InputError(f"--stage must be one of {STAGES}, got {self.stage!r}")
+        if self.schedule not in ("cosine", "linear", "constant"):
+            raise InputError(f"--schedule must be cosine, linear or constant, got {self.schedule!r}")
+        if self.load_in_4bit not in ("auto", "true", "false"):
+            raise InputError(f"--load_in_4bit must be auto, true or false, got {self.load_in_4bit!r}")
+        if self.head_pooling not in ("mean", "attention"):
+            raise InputError(f"--head_pooling must be mean or attention, got {self.head_pooling!r}")
+        for name in ("batch_size", "grad_accum", "epochs", "max_length", "log_every", "lora_r"):
+            if getattr(self, name) < 1:
+                raise InputError(f"--{name} must be >= 1")
+        if self.lr <= 0:
+            raise InputError("--lr must be > 0")
+        return self
+
+    def quantise(self) -> bool | None:
+        return None if self.load_in_4bit == "auto" else self.load_in_4bit == "true"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def save(self, out_dir: str | Path) -> None:
+        out = Path(out_dir)
+        (out / "config.json").write_text(json.dumps(self.to_dict(), indent=2) + "\n", encoding="utf-8")
+        (out / "config.toml").write_text(to_toml(self.to_dict()), encoding="utf-8")
+
+
+_FIELD_TYPES = get_type_hints(TrainConfig)
+
+
+def to_toml(values: dict) -> str:
+    lines = []
+    for k, v in values.items():
+        if isinstance(v, bool):
+            lines.append(f"{k} = {'true' if v else 'false'}")
+        elif isinstance(v, (int, float)):
+            lines.append(f"{k} = {v!r}")
+        else:
+            lines.append(f"{k} = {json.dumps(str(v))}")
+    return "\n".join(lines) + "\n"
+
+
+def coerce(name: str, value: Any) -> Any:
+    """``value`` (a TOML value or a CLI string) as field ``name``'s type."""
+    if name not in _FIELD_TYPES:
+        known = ", ".join(sorted(_FIELD_TYPES))
+        raise InputError(f"unknown config key {name!r} (known: {known})")
+    typ = _FIELD_TYPES[name]
+    try:
+        if typ is bool:
+            if isinstance(value, bool):
+                return value
+            text = str(value).strip().lower()
+            if text in TRUE:
+                return True
+            if text in FALSE:
+                return False
+            raise ValueError
+        if typ is int:
+            if isinstance(value, bool):
+                raise ValueError
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(float(value)) if isinstance(value, str) and "e" in value.lower() else int(value)
+        if typ is float:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        return str(value).lower() if name == "load_in_4bit" and isinstance(value, bool) else str(value)
+    except (TypeError, ValueError):
+        raise InputError(f"config key {name!r}: {value!r} is not a valid {typ.__name__}") from None
+
+
+def read_toml(path: str | Path) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise InputError("config file not found", p)
+    try:
+        data = tomllib.loads(p.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as err:
+        raise InputError(f"invalid TOML ({err})", p) from None
+    return {k.replace("-", "_"): coerce(k.replace("-", "_"), v) for k, v in data.items()}
+
+
+def parse_overrides(argv: list[str]) -> dict:
+    """``--key value`` pairs (``--flag`` alone means true for boolean keys)."""
+    out: dict[str, Any] = {}
+    i = 0
+    while i < len(argv):
+        token = argv[i]
+        if not token.startswith("--") or len(token) == 2:
+            raise InputError(f"expected --key value, got {token!r}")
+        name, _, inline = token[2:].partition("=")
+        name = name.replace("-", "_")
+        if name not in _FIELD_TYPES:
+            coerce(name, None)  # raises the unknown-key error
+        if inline:
+            out[name] = coerce(name, inline)
+            i += 1
+            continue
+        nxt = argv[i + 1] if i + 1 < len(argv) else None
+        if _FIELD_TYPES[name] is bool:
+            if nxt is not None and nxt.lower() in TRUE | FALSE:
+                out[name] = coerce(name, nxt)
+                i += 2
+            else:
+                out[name] = True
+                i += 1
+            continue
+        if nxt is None or (nxt.startswith("--") and len(nxt) > 2 and not _is_number(nxt)):
+            raise InputError(f"--{name} needs a value")
+        out[name] = coerce(name, nxt)
+        i += 2
+    return out
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
+
+
+def default_config_path(stage: str) -> Path:
+    return CONFIG_DIR / f"{stage}.toml"
+
+
+def build_config(overrides: dict, config_file: str | Path | None = None, base: dict | None = None) -> TrainConfig:
+    """Defaults <- ``base`` (a resumed run's config) or the stage's TOML <- ``overrides``."""
+    values: dict = {}
+    if base is not None:
+        values.update({k: coerce(k, v) for k, v in base.items()})
+    else:
+        stage = overrides.get("stage", "domain")
+        path = config_file or default_config_path(stage)
+        if config_file is not None or Path(path).is_file():
+            values.update(read_toml(path))
+    values.update(overrides)
+    return TrainConfig(**values).validate()
+
+
+def load_run_config(run_dir: str | Path) -> dict:
+    path = Path(run_dir) / "config.json"
+    if not path.is_file():
+        raise InputError("not a training run folder (no config.json)", run_dir)
+    return json.loads(path.read_text(encoding="utf-8"))

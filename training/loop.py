@@ -1,0 +1,332 @@
+"""The training loop shared by both stages.
+
+``run_training(cfg)`` loads data, backbone (+ the init export's adapter and head for
+the task stage), builds AdamW over the LoRA and head parameters with a warmup +
+cosine/linear schedule, and runs seeded, resumable optimisation under
+``accelerate`` (single process by default; ``accelerate launch`` shards batches).
+Each optimizer step is :func:`train_step` calls over ``grad_accum`` micro-batches.
+Every ``log_every`` steps: loss parts, lr and non-padding tokens/s to stdout and
+``RUN/log.jsonl``; every ``save_every`` steps a checkpoint; at the end a loss-curve
+PNG and ``RUN/export/``.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from data.errors import InputError
+from heads.alignment import NotePairHead, load_head
+from heads.config import HeadConfig
+from model.backbone import LoraSettings, load_backbone, load_tokenizer, resolve_preset
+
+from . import checkpoints as ckpts
+from .config import TrainConfig
+from .data import (
+    EpochBatches,
+    ItemDataset,
+    TrainItem,
+    collate,
+    domain_examples,
+    encode_items,
+    task_cases,
+    task_examples,
+)
+from .joint import JointModel, LossSettings
+
+LOG_FILE = "log.jsonl"
+CURVE_FILE = "loss_curve.png"
+
+
+@dataclass
+class RunResult:
+    out_dir: Path
+    steps: int
+    interrupted: bool
+    export_dir: Path | None
+    history: list[dict] = field(default_factory=list)
+
+
+# --- pieces --------------------------------------------------------------------------
+
+
+def resolve_init(init: str | Path) -> Path:
+    """An export folder, given a run folder (uses RUN/export) or the export folder itself."""
+    p = Path(init)
+    for candidate in (p / "export", p):
+        if (candidate / "manifest.json").is_file():
+            return candidate
+    raise InputError("not a run folder or export folder (no manifest.json)", p)
+
+
+def read_manifest(export_dir: Path) -> dict:
+    return json.loads((export_dir / "manifest.json").read_text(encoding="utf-8"))
+
+
+def stage_data(cfg: TrainConfig, tokenizer) -> tuple[list[TrainItem], list[str]]:
+    """Encoded training items of the configured stage and the data files they came from."""
+    if cfg.stage == "domain":
+        examples, sources = domain_examples(cfg)
+        items, dropped = encode_items(tokenizer, examples, cfg.max_length)
+    else:
+        cases = task_cases(cfg)
+        examples, relevance = task_examples(cases, cfg.joint)
+        items, dropped = encode_items(tokenizer, examples, cfg.max_length, relevance)
+        sources = [cfg.xml, cfg.key]
+    if dropped:
+        print(f"note: skipped {dropped} example(s) longer than max_length={cfg.max_length}", file=sys.stderr)
+    if not items:
+        raise InputError(f"no example fits max_length={cfg.max_length}", sources[0])
+    return items, [str(s) for s in sources]
+
+
+def build_head(cfg: TrainConfig, hidden_size: int, init_export: Path | None, device) -> NotePairHead:
+    """The init export's head when it has one (continued training), else a fresh one."""
+    if init_export is not None and (init_export / "head.safetensors").is_file():
+        return load_head(init_export, device=device)
+    head_cfg = HeadConfig(
+        hidden_size=hidden_size,
+        proj_dim=cfg.head_proj_dim,
+        mlp_dim=cfg.head_mlp_dim,
+        pooling=cfg.head_pooling,
+        relevance=cfg.head_relevance,
+        dropout=cfg.head_dropout,
+        layer=cfg.head_layer,
+    )
+    return NotePairHead(head_cfg).to(device)
+
+
+def make_optimizer(model: JointModel, cfg: TrainConfig) -> torch.optim.AdamW:
+    groups = [{"params": [p for p in model.backbone.parameters() if p.requires_grad], "lr": cfg.lr}]
+    if model.head is not None:
+        groups.append({"params": list(model.head.parameters()), "lr": cfg.head_lr})
+    return torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
+
+
+def make_scheduler(optimizer, cfg: TrainConfig, total_steps: int):
+    from transformers import (
+        get_constant_schedule_with_warmup,
+        get_cosine_schedule_with_warmup,
+        get_linear_schedule_with_warmup,
+    )
+
+    warmup = int(round(cfg.warmup_ratio * total_steps))
+    if cfg.schedule == "constant":
+        return get_constant_schedule_with_warmup(optimizer, warmup)
+    make = get_cosine_schedule_with_warmup if cfg.schedule == "cosine" else get_linear_schedule_with_warmup
+    return make(optimizer, warmup, total_steps)
+
+
+def train_step(model, batch: dict, accelerator, grad_accum: int = 1) -> dict[str, float]:
+    """Forward + backward of one micro-batch; returns the (unscaled) loss parts as floats."""
+    losses = model(batch)
+    accelerator.backward(losses["loss"] / grad_accum)
+    return {k: float(v.detach()) for k, v in losses.items()}
+
+
+def plot_losses(log_path: Path, out_png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in log_path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not rows:
+        return
+    fig, ax = plt.subplots(figsize=(6, 4))
+    steps = [r["step"] for r in rows]
+    for key in ("loss", "lm", "align"):
+        values = [r.get(key) for r in rows]
+        if any(v is not None for v in values):
+            ax.plot(steps, values, label=key, marker="." if len(rows) < 30 else None)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=100)
+    plt.close(fig)
+
+
+def _truncate_log(log_path: Path, last_step: int) -> None:
+    """On resume, drop log lines written after the checkpoint (they will be written again)."""
+    if not log_path.is_file():
+        return
+    rows = [line for line in log_path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    kept = [line for line in rows if json.loads(line).get("step", 0) <= last_step]
+    log_path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+
+
+# --- the loop ------------------------------------------------------------------------
+
+
+def run_training(cfg: TrainConfig, resume: bool = False) -> RunResult:
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    if not cfg.out:
+        raise InputError("--out is required")
+    out = Path(cfg.out)
+    if not resume and (out / "config.json").is_file():
+        raise InputError("output folder already holds a run; use --resume or another --out", out)
+    preset = resolve_preset(cfg.preset) if cfg.preset else None
+    if preset is None:
+        raise InputError("--preset is required")
+    init_export = resolve_init(cfg.init) if cfg.stage == "task" and cfg.init else None
+    init_manifest = read_manifest(init_export) if init_export is not None else None
+    if init_manifest is not None and init_manifest.get("preset") != preset.name:
+        raise InputError(
+            f"--init was trained with preset {init_manifest.get('preset')!r}, not {preset.name!r}", init_export
+        )
+
+    accelerator = Accelerator()
+    set_seed(cfg.seed)
+    tokenizer = load_tokenizer(cfg.base_path or preset)
+    items, sources = stage_data(cfg, tokenizer)
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        if not resume:
+            cfg.save(out)
+
+    base_path = cfg.base_path or (init_manifest or {}).get("base_model", {}).get("path") or None
+    backbone = load_backbone(
+        preset,
+        load_in_4bit=cfg.quantise(),
+        device=accelerator.device,
+        lora=LoraSettings(r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout),
+        gradient_checkpointing=cfg.gradient_checkpointing,
+        base_path=base_path,
+        adapter_dir=init_export,
+    )
+    hidden_size = backbone.get_base_model().config.hidden_size
+    head = build_head(cfg, hidden_size, init_export, accelerator.device)
+    model = JointModel(
+        backbone,
+        head if cfg.joint else None,
+        LossSettings(cfg.align_weight, cfg.pos_weight, cfg.relevance_weight),
+    )
+    optimizer = make_optimizer(model, cfg)
+
+    sampler = EpochBatches([len(it) for it in items], cfg.batch_size, cfg.seed, True, cfg.group_by_length)
+    pad_id = tokenizer.pad_token_id
+    loader = torch.utils.data.DataLoader(
+        ItemDataset(items),
+        batch_sampler=sampler,
+        collate_fn=lambda batch: collate(batch, pad_id),
+        # Its own generator: creating an iterator must not draw from the global RNG.
+        generator=torch.Generator().manual_seed(cfg.seed),
+    )
+    procs = accelerator.num_processes
+    steps_per_epoch = math.ceil(math.ceil(sampler.num_batches() / procs) / cfg.grad_accum)
+    total_steps = cfg.max_steps if cfg.max_steps > 0 else cfg.epochs * steps_per_epoch
+    scheduler = make_scheduler(optimizer, cfg, total_steps)
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    plain = accelerator.unwrap_model(model)
+
+    step, epoch, position, tokens_seen = 0, 0, 0, 0
+    resume_from = ckpts.latest_checkpoint(out) if resume else None
+    if resume and resume_from is None:
+        raise InputError("no checkpoint to resume from (checkpoints/step-N)", out)
+    if resume_from is not None:
+        state = ckpts.load_checkpoint(resume_from, plain, optimizer, scheduler)
+        step, epoch, position, tokens_seen = state["step"], state["epoch"], state["position"], state["tokens"]
+        if accelerator.is_main_process:
+            _truncate_log(out / LOG_FILE, step)
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total_steps, initial=step, desc=f"{cfg.stage}", unit="step",
+               disable=not (cfg.progress and accelerator.is_main_process), dynamic_ncols=True)
+    history: list[dict] = []
+    window: dict[str, float] = {}
+    window_micro, window_tokens, window_start = 0, 0, time.perf_counter()
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    interrupted = False
+    model.train()
+
+    while step < total_steps:
+        sampler.set_epoch(epoch, start=position)
+        n_micro = len(loader)
+        batches = iter(loader)
+        if resume_from is not None:
+            # After the iterator exists: the RNG stream continues exactly where it was saved.
+            ckpts.load_rng(resume_from, accelerator.process_index)
+            resume_from = None
+        micro = 0
+        for batch in batches:
+            micro += 1
+            boundary = micro % cfg.grad_accum == 0 or micro == n_micro
+            sync = contextlib.nullcontext() if boundary else accelerator.no_sync(model)
+            with sync:
+                losses = train_step(model, batch, accelerator, cfg.grad_accum)
+            for k, v in losses.items():
+                window[k] = window.get(k, 0.0) + v
+            window_micro += 1
+            window_tokens += int(batch["attention_mask"].sum())
+            if not boundary:
+                continue
+            if cfg.max_grad_norm > 0:
+                accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            bar.update(1)
+            consumed = position + micro * procs  # global batches of this epoch done
+            if step % cfg.log_every == 0 or step == total_steps:
+                tokens = int(accelerator.reduce(torch.tensor(window_tokens, device=accelerator.device), "sum"))
+                tokens_seen += tokens
+                elapsed = max(time.perf_counter() - window_start, 1e-9)
+                row = {"step": step, "epoch": epoch}
+                row.update({k: round(v / window_micro, 5) for k, v in window.items() if k != "answer_tokens"})
+                row.update(lr=scheduler.get_last_lr()[0], tokens=tokens_seen, tokens_per_s=round(tokens / elapsed, 1))
+                if torch.cuda.is_available():
+                    row["max_mem_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+                history.append(row)
+                if accelerator.is_main_process:
+                    with (out / LOG_FILE).open("a", encoding="utf-8") as fh:
+                        fh.write(json.dumps(row) + "\n")
+                    bar.write(
+                        f"step {step}/{total_steps} loss {row['loss']:.4f} lr {row['lr']:.2e} "
+                        f"tok/s {row['tokens_per_s']:.0f}"
+                    )
+                    bar.set_postfix(loss=f"{row['loss']:.3f}")
+                window, window_micro, window_tokens, window_start = {}, 0, 0, time.perf_counter()
+            stopping = cfg.stop_after_steps > 0 and step >= cfg.stop_after_steps and step < total_steps
+            if (cfg.save_every > 0 and step % cfg.save_every == 0) or stopping:
+                next_epoch, next_position = (epoch + 1, 0) if micro == n_micro else (epoch, consumed)
+                state = {"step": step, "epoch": next_epoch, "position": next_position, "tokens": tokens_seen,
+                         "total_steps": total_steps}
+                ckpts.save_checkpoint(out, step, plain, accelerator, optimizer, scheduler, state,
+                                      keep=cfg.keep_checkpoints)
+            if stopping:
+                interrupted = True
+                break
+            if step >= total_steps:
+                break
+        if interrupted:
+            break
+        epoch += 1
+        position = 0
+    bar.close()
+
+    export_dir = None
+    if not interrupted:
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            from .export import export_run
+
+            if cfg.plot and (out / LOG_FILE).is_file():
+                plot_losses(out / LOG_FILE, out / CURVE_FILE)
+            export_dir = export_run(
+                out, plain.backbone, head, tokenizer, cfg, items, sources, init_export, init_manifest,
+                steps=step, final_loss=history[-1]["loss"] if history else None,
+            )
+        accelerator.wait_for_everyone()
+    return RunResult(out, step, interrupted, export_dir, history)
