@@ -51,6 +51,9 @@ class RunResult:
     interrupted: bool
     export_dir: Path | None
     history: list[dict] = field(default_factory=list)
+    # The live trained objects (unwrapped), for callers that go on in-process.
+    backbone: object = None
+    head: NotePairHead | None = None
 
 
 # --- pieces --------------------------------------------------------------------------
@@ -329,4 +332,4 @@ def run_training(cfg: TrainConfig, resume: bool = False) -> RunResult:
                 steps=step, final_loss=history[-1]["loss"] if history else None,
             )
         accelerator.wait_for_everyone()
-    return RunResult(out, step, interrupted, export_dir, history)
+    return RunResult(out, step, interrupted, export_dir, history, plain.backbone, head)

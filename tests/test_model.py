@@ -1,0 +1,120 @@
+"""Backbone loading: LoRA placement, seeded random base, NF4 on CPU, hidden-state tap."""
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from data.prompts import PromptExample, encode_example
+from heads.alignment import NotePairHead
+from model.backbone import (
+    LORA_TARGETS,
+    LoraSettings,
+    backbone_hidden,
+    build_random_base,
+    decoder,
+    load_backbone,
+    load_tokenizer,
+    save_random_base,
+)
+from training.data import TrainItem, collate
+from training.joint import JointModel, LossSettings
+
+
+def small_example() -> PromptExample:
+    return PromptExample(
+        example_id="x",
+        question="Why was the stent placed?",
+        note_ids=["1", "2", "3"],
+        note_texts=["A stone blocked the kidney.", "A stent was placed.", "He went home."],
+        answer_ids=["1"],
+        answer_texts=["The stent relieved the blockage."],
+        pairs={("1", "2")},
+    )
+
+
+def test_lora_on_every_projection_and_only_lora_trains():
+    model = load_backbone("tiny", device="cpu", gradient_checkpointing=False)
+    cfg = model.peft_config["default"]
+    assert (cfg.r, cfg.lora_alpha, cfg.lora_dropout) == (16, 32, 0.05)
+    layers = decoder(model).layers
+    assert len(layers) == 2
+    for layer in layers:
+        for name in LORA_TARGETS:
+            parent = layer.self_attn if name.endswith(("q_proj", "k_proj", "v_proj", "o_proj")) else layer.mlp
+            assert hasattr(getattr(parent, name), "lora_A"), name
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    assert len(trainable) == 2 * len(LORA_TARGETS) * 2  # A and B per projection per layer
+    custom = load_backbone("tiny", device="cpu", lora=LoraSettings(r=4, alpha=8, dropout=0.0))
+    assert custom.peft_config["default"].r == 4
+
+
+def test_random_base_is_seeded_saved_once_and_leaves_global_rng(tmp_path):
+    random.seed(1)
+    torch.manual_seed(1)
+    expected = torch.rand(3)
+    torch.manual_seed(1)
+    a = save_random_base("tiny", tmp_path / "a")
+    b = save_random_base("tiny", tmp_path / "b")
+    assert torch.equal(torch.rand(3), expected), "building the random base must not consume the global RNG"
+    wa, wb = load_file(str(a / "model.safetensors")), load_file(str(b / "model.safetensors"))
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    mtime = (a / "model.safetensors").stat().st_mtime_ns
+    save_random_base("tiny", tmp_path / "a")  # already there: not rewritten
+    assert (a / "model.safetensors").stat().st_mtime_ns == mtime
+    other = build_random_base("tiny", seed=1).state_dict()
+    key = "model.layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(other[key], wa[key])
+
+
+def test_nf4_four_bit_path_on_cpu(tmp_path, monkeypatch, qwen_tokenizer):
+    import bitsandbytes as bnb
+
+    monkeypatch.setenv("ARCHEHR_CACHE", str(tmp_path))
+    model = load_backbone("tiny", load_in_4bit=True, device="cpu")
+    # The random base went through disk and the user's from_pretrained + NF4 path.
+    assert (tmp_path / "random-bases" / "tiny-seed0" / "model.safetensors").is_file()
+    q_proj = decoder(model).layers[0].self_attn.q_proj
+    base_layer = q_proj.base_layer
+    assert isinstance(base_layer, bnb.nn.Linear4bit)
+    assert isinstance(base_layer.weight, bnb.nn.Params4bit)
+    assert base_layer.weight.quant_type == "nf4"
+    assert base_layer.weight.quant_state.nested  # double quantisation
+    assert base_layer.compute_dtype == torch.bfloat16
+    enc = encode_example(qwen_tokenizer, small_example())
+    batch = collate([TrainItem(enc)], qwen_tokenizer.pad_token_id)
+    joint = JointModel(model, NotePairHead(64, proj_dim=16), LossSettings())
+    losses = joint(batch)
+    assert torch.isfinite(losses["loss"].detach()) and float(losses["align"].detach()) > 0
+    losses["loss"].backward()
+    lora_grads = [p.grad for n, p in model.named_parameters() if "lora_B" in n]
+    assert lora_grads and all(g is not None for g in lora_grads)
+    # lora_B starts at zero, so its gradient is the one that must be non-zero.
+    assert sum(float(g.abs().sum()) for g in lora_grads) > 0
+    assert base_layer.weight.grad is None
+
+
+def test_hidden_tap_matches_output_hidden_states(qwen_tokenizer):
+    model = load_backbone("tiny", device="cpu", trainable=False)
+    ids = torch.tensor([qwen_tokenizer("A short note about a kidney stone.")["input_ids"]])
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        ref = model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
+        for layer in (0, 1, -2, -1, 2):
+            final, tapped = backbone_hidden(model, ids, mask, layer)
+            assert torch.allclose(tapped, ref[layer], atol=1e-5), layer
+            assert torch.allclose(final, ref[-1], atol=1e-5)
+    with pytest.raises(ValueError, match="out of range"):
+        backbone_hidden(model, ids, mask, 5)
+
+
+def test_tokenizer_by_preset_or_folder():
+    from model.presets import bundled_tokenizer_dir
+
+    a, b = load_tokenizer("tiny"), load_tokenizer(str(bundled_tokenizer_dir()))
+    text = "Pt was given furosemide 40 mg IV."
+    assert a(text)["input_ids"] == b(text)["input_ids"]
+    assert a.pad_token_id is not None
