@@ -1,0 +1,73 @@
+"""Write the official Subtask 3 and Subtask 4 submissions for an ArchEHR-QA XML file.
+
+    python infer.py notes.xml --out DIR                       # retrieval baseline (CPU, offline)
+    python infer.py notes.xml --out DIR --checkpoint RUN/export
+    python infer.py notes.xml --out DIR --key key.json        # also print scores
+
+Writes DIR/subtask3/submission.json, DIR/subtask4/submission.json, DIR/subtask3.zip,
+DIR/subtask4.zip and DIR/run.json. Tune a retrieval ensemble with
+``python -m baselines.fit`` and pass it with ``--ensemble``.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from data.errors import exit_on_input_error
+
+
+def _subtasks(value: str) -> tuple[int, ...]:
+    try:
+        items = tuple(sorted({int(v) for v in value.split(",") if v.strip()}))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected e.g. '3,4', got {value!r}") from None
+    if not items or any(v not in (3, 4) for v in items):
+        raise argparse.ArgumentTypeError(f"subtasks must be 3 and/or 4, got {value!r}")
+    return items
+
+
+def _positive(value: str) -> int:
+    n = int(value)
+    if n < 1:
+        raise argparse.ArgumentTypeError("must be >= 1")
+    return n
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="infer.py", description=__doc__.split("\n\n")[0])
+    p.add_argument("xml", type=Path, help="official cases XML (with <answer_sentences> for Subtask 4, or give --key)")
+    p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.add_argument("--checkpoint", type=Path, help="exported checkpoint folder (RUN/export); omit for the baseline")
+    p.add_argument("--key", type=Path, help="key JSON: answer sentences for Subtask 4, and scores after writing")
+    p.add_argument("--subtasks", type=_subtasks, default=(3, 4), help="comma-separated, default 3,4")
+    p.add_argument("--aligner", choices=("retrieval", "head"),
+                   help="Subtask 4 aligner (default: head with --checkpoint, retrieval without)")
+    p.add_argument("--ensemble", type=Path, help="retrieval ensemble JSON (default configs/retrieval.json)")
+    p.add_argument("--max-links-per-answer", type=_positive, help="cap on evidence sentences per answer sentence")
+    p.add_argument("--top1-fallback", action="store_true",
+                   help="link an answer sentence's best note sentence when nothing passes the threshold")
+    p.add_argument("--batch-size", type=_positive, default=8, help="generation batch size (checkpoint only)")
+    p.add_argument("--max-new-tokens", type=_positive, default=100, help="generation budget (checkpoint only)")
+    p.add_argument("--base", help="base model id or folder for the checkpoint (default: the manifest's)")
+    p.add_argument("--device", help="torch device for the checkpoint (default: cuda if available)")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    return p
+
+
+@exit_on_input_error
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from inference.pipeline import InferenceOptions, run_inference  # after --help stays fast
+
+    run_inference(InferenceOptions(
+        xml=args.xml, out=args.out, checkpoint=args.checkpoint, key=args.key, subtasks=args.subtasks,
+        aligner=args.aligner, ensemble=args.ensemble, max_links_per_answer=args.max_links_per_answer,
+        top1_fallback=args.top1_fallback, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+        base=args.base, device=args.device, progress=not args.no_progress,
+    ))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""End-to-end inference: an official XML file in, the two submission files out."""

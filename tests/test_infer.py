@@ -1,0 +1,293 @@
+"""infer.py end to end: the retrieval baseline, a (fake and a real tiny) checkpoint, skips, bad input."""
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import infer
+from baselines.extractive import extractive_answer
+from baselines.linking import link_pairs
+from data.archehr import load_cases
+from data.submission import count_words, validate_subtask3, validate_subtask4
+from inference.answers import clean_generated_answer
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLE_XML = ROOT / "examples" / "archehr-qa.xml"
+EXAMPLE_KEY = ROOT / "examples" / "archehr-qa_key.json"
+
+
+def run_infer(capsys, *args: str) -> tuple[dict, str]:
+    assert infer.main([*map(str, args), "--no-progress"]) == 0
+    captured = capsys.readouterr()
+    out_dir = Path(args[args.index("--out") + 1])
+    return json.loads((out_dir / "run.json").read_text()), captured.out + captured.err
+
+
+def check_outputs(out_dir: Path, cases, subtasks=(3, 4)) -> dict[int, list]:
+    entries = {}
+    for n in subtasks:
+        json_path = out_dir / f"subtask{n}" / "submission.json"
+        with zipfile.ZipFile(out_dir / f"subtask{n}.zip") as zf:
+            assert zf.namelist() == ["submission.json"]
+            assert zf.read("submission.json") == json_path.read_bytes()
+        entries[n] = json.loads(json_path.read_text())
+    if 3 in entries:
+        validate_subtask3(entries[3], cases)
+    if 4 in entries:
+        validate_subtask4(entries[4], [c for c in cases if c.answer_sentences])
+    return entries
+
+
+def drop_answer_sentences(xml_text: str, case_id: str) -> str:
+    """The XML with one case's <answer_sentences> block removed (a 2025-style case)."""
+    start = xml_text.index(f'<case id="{case_id}">')
+    end = xml_text.index("</case>", start)
+    block = re.sub(r"\s*<answer_sentences>.*?</answer_sentences>", "", xml_text[start:end], flags=re.DOTALL)
+    return xml_text[:start] + block + xml_text[end:]
+
+
+# ---------------------------------------------------------------- retrieval baseline
+
+def test_baseline_writes_valid_submissions_and_says_it_is_the_baseline(tmp_path, capsys):
+    out = tmp_path / "run"
+    run, log = run_infer(capsys, EXAMPLE_XML, "--out", out)
+    cases = load_cases(EXAMPLE_XML)
+    entries = check_outputs(out, cases)
+    assert sorted(p.name for p in out.iterdir()) == ["run.json", "subtask3", "subtask3.zip", "subtask4", "subtask4.zip"]
+    assert log.splitlines()[0].startswith("engine: RETRIEVAL BASELINE")
+    assert "RETRIEVAL BASELINE outputs" in log and "times:" in log
+    assert run["engine"] == "retrieval-baseline" and "not the fine-tuned model" in run["engine_note"]
+    assert run["checkpoint"] is None and run["checkpoint_manifest"] is None
+    assert run["subtask4"]["aligner"] == "retrieval-ensemble"
+    assert run["subtask4"]["ensemble"]["tuned_on"].startswith("hand-set")
+    assert run["skipped_cases_subtask4"] == []
+    assert {"subtask3", "subtask4", "total"} <= set(run["timings_s"])
+    assert run["versions"]["rank-bm25"] and run["versions"]["python"]
+    # Subtask 3 is the extractive baseline; Subtask 4 lists every answer sentence of every case.
+    assert [e["prediction"] for e in entries[3]] == [extractive_answer(c) for c in cases]
+    for entry, case in zip(entries[4], cases):
+        assert [p["answer_id"] for p in entry["prediction"]] == case.answer_ids
+    assert any(p["evidence_id"] for e in entries[4] for p in e["prediction"])
+    # Note text never reaches the log.
+    assert not any(s.text in log for c in cases for s in c.note_sentences)
+
+
+def test_baseline_with_key_prints_and_records_scores(tmp_path, capsys, shared_fixtures):
+    from score import score_subtask4
+
+    xml, key = shared_fixtures / "setA" / "archehr-qa.xml", shared_fixtures / "setA" / "archehr-qa_key.json"
+    ensemble = tmp_path / "bm25.json"
+    ensemble.write_text(json.dumps({"format": "archehr-retrieval-ensemble/1", "weights": {"bm25": 1.0},
+                                    "threshold": 0.5, "mode": "relative", "max_per_answer": 2}))
+    out = tmp_path / "run"
+    run, log = run_infer(capsys, xml, "--out", out, "--key", key, "--ensemble", ensemble)
+    check_outputs(out, load_cases(xml, key))
+    assert run["subtask4"]["ensemble"]["weights"] == {"bm25": 1.0} and run["subtask4"]["threshold"] == 0.5
+    expected = score_subtask4(out / "subtask4" / "submission.json", key)
+    assert run["scores"]["subtask4"]["micro_f1"] == pytest.approx(expected["micro_f1"])
+    assert f"micro_f1 {expected['micro_f1']:.2f}" in log
+    assert "Subtask 3 scores:" in log and run["scores"]["subtask3"]["rouge1"] is not None
+
+
+def test_answer_sentences_come_from_the_key(tmp_path, capsys):
+    """An XML without <answer_sentences> gets them from --key; without the key, Subtask 4 is skipped."""
+    xml = tmp_path / "no_answers.xml"
+    text = EXAMPLE_XML.read_text()
+    for cid in ("101", "102", "103"):
+        text = drop_answer_sentences(text, cid)
+    xml.write_text(text)
+    run, log = run_infer(capsys, xml, "--out", tmp_path / "keyed", "--key", EXAMPLE_KEY)
+    check_outputs(tmp_path / "keyed", load_cases(xml, EXAMPLE_KEY))
+    assert run["skipped_cases_subtask4"] == []
+    run, log = run_infer(capsys, xml, "--out", tmp_path / "unkeyed")
+    assert run["skipped_cases_subtask4"] == ["101", "102", "103"]
+    assert not (tmp_path / "unkeyed" / "subtask4").exists() and (tmp_path / "unkeyed" / "subtask3.zip").is_file()
+    assert "Subtask 4 submission not written" in log
+
+
+def test_case_without_answer_sentences_is_skipped_with_a_warning(tmp_path, capsys):
+    xml = tmp_path / "mixed.xml"
+    xml.write_text(drop_answer_sentences(EXAMPLE_XML.read_text(), "102"))
+    out = tmp_path / "run"
+    run, log = run_infer(capsys, xml, "--out", out)
+    cases = load_cases(xml)
+    entries = check_outputs(out, cases)
+    assert "warning: case 102 has no answer sentences" in log
+    assert "Subtask 4 skipped 1 case(s) without answer sentences: 102" in log
+    assert run["skipped_cases_subtask4"] == ["102"] and run["subtask4"]["skipped_cases"] == ["102"]
+    assert [e["case_id"] for e in entries[3]] == ["101", "102", "103"]
+    assert [e["case_id"] for e in entries[4]] == ["101", "103"]
+
+
+def test_subtask_3_only(tmp_path, capsys):
+    out = tmp_path / "run"
+    run, _ = run_infer(capsys, EXAMPLE_XML, "--out", out, "--subtasks", "3")
+    check_outputs(out, load_cases(EXAMPLE_XML), subtasks=(3,))
+    assert not (out / "subtask4").exists() and not (out / "subtask4.zip").exists()
+    assert run["subtasks"] == [3] and "subtask4" not in run
+
+
+# ---------------------------------------------------------------- bad input
+
+def test_bad_xml_exits_2_with_one_line_and_writes_nothing(tmp_path):
+    bad = tmp_path / "bad.xml"
+    bad.write_text("<annotations><case id='1'><note_excerpt_sentences>")
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "infer.py", str(bad), "--out", str(out)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith(f"error: {bad}: malformed XML")
+    assert "Traceback" not in proc.stderr
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("problem, args, message", [
+    ("ensemble", ["--ensemble", "{missing}"], "ensemble file not found"),
+    ("checkpoint", ["--checkpoint", "{missing}"], "checkpoint folder not found"),
+    ("head", ["--aligner", "head"], "--aligner head needs --checkpoint"),
+    ("key", ["--key", "{missing}"], "file not found"),
+])
+def test_bad_arguments_exit_2_and_write_nothing(tmp_path, capsys, problem, args, message):
+    out = tmp_path / "run"
+    args = [a.format(missing=tmp_path / "nowhere") for a in args]
+    with pytest.raises(SystemExit) as err:
+        infer.main([str(EXAMPLE_XML), "--out", str(out), *args])
+    assert err.value.code == 2
+    stderr = capsys.readouterr().err.strip().splitlines()
+    assert len(stderr) == 1 and message in stderr[0]
+    assert not out.exists()
+
+
+# ---------------------------------------------------------------- checkpoint path
+
+def test_clean_generated_answer():
+    assert clean_generated_answer("<think>\nhmm\n</think>\n\nIt is a stent [3]. Keep it |2,4|.") == "It is a stent. Keep it."
+    long = "First sentence here. " + " ".join(["word"] * 80)
+    assert clean_generated_answer(long) == "First sentence here."
+    no_stop = " ".join(["word"] * 80)
+    assert count_words(clean_generated_answer(no_stop)) == 75
+    assert clean_generated_answer("<think>only thinking</think> <|im_end|>") == ""
+    assert clean_generated_answer("<think>unfinished thinking") == ""
+
+
+class FakeCheckpoint:
+    """The LoadedCheckpoint interface with scripted outputs (pipeline logic without a model)."""
+
+    threshold = 0.6
+    manifest = {"format": "archehr-export/1", "preset": "fake", "alignment": {"threshold": 0.6}}
+
+    def __init__(self, answers: dict[str, str]):
+        self.answers = answers
+        self.calls: list[tuple[list[str], int, int]] = []
+
+    def generate_answers(self, cases, max_new_tokens=100, batch_size=8):
+        self.calls.append(([c.case_id for c in cases], max_new_tokens, batch_size))
+        return [self.answers[c.case_id] for c in cases]
+
+    def score_pairs(self, case):
+        n_a, n_n = len(case.answer_sentences), len(case.note_sentences)
+        # Row i: note i scores 0.9, note i+1 scores 0.7, note i+2 0.65, the rest 0.1; last row all 0.2/0.3.
+        s = np.full((n_a, n_n), 0.1)
+        for i in range(n_a - 1):
+            s[i, i % n_n], s[i, (i + 1) % n_n], s[i, (i + 2) % n_n] = 0.9, 0.7, 0.65
+        s[-1] = 0.2
+        s[-1, 3] = 0.3
+        return s
+
+
+@pytest.fixture
+def fake_checkpoint(monkeypatch, tmp_path):
+    import model.checkpoint
+
+    long_answer = "The stent drains the kidney [4]. " + " ".join(["more"] * 90)
+    fake = FakeCheckpoint({"101": long_answer, "102": "   ", "103": "<think>x</think>Redness can last weeks."})
+    monkeypatch.setattr(model.checkpoint, "load_export", lambda *a, **k: fake)
+    export = tmp_path / "export"
+    export.mkdir()
+    return fake, export
+
+
+def test_checkpoint_path_generation_and_head_linking(tmp_path, capsys, fake_checkpoint):
+    fake, export = fake_checkpoint
+    out = tmp_path / "run"
+    run, log = run_infer(capsys, EXAMPLE_XML, "--out", out, "--checkpoint", export, "--batch-size", "2",
+                         "--max-new-tokens", "33")
+    cases = load_cases(EXAMPLE_XML)
+    entries = check_outputs(out, cases)
+    assert run["engine"] == "checkpoint" and run["checkpoint_manifest"] == fake.manifest
+    assert "RETRIEVAL BASELINE" not in log
+    assert fake.calls == [(["101", "102"], 33, 2), (["103"], 33, 2)]
+    answers = {e["case_id"]: e["prediction"] for e in entries[3]}
+    assert answers["101"] == "The stent drains the kidney."  # marker gone, cut at the sentence end
+    assert answers["102"] == extractive_answer(cases[1])  # empty generation -> extractive answer
+    assert answers["103"] == "Redness can last weeks."
+    assert run["subtask3"]["extractive_fallback_cases"] == ["102"]
+    assert "case 102: the model's answer was empty" in log
+    assert run["subtask4"] == {**run["subtask4"], "aligner": "head", "threshold": 0.6, "max_per_answer": None}
+    for entry, case in zip(entries[4], cases):
+        expected = link_pairs(fake.score_pairs(case), 0.6)
+        got = [[case.note_ids.index(e) for e in p["evidence_id"]] for p in entry["prediction"]]
+        assert got == expected
+        assert entry["prediction"][-1]["evidence_id"] == []  # nothing passes: listed with []
+
+
+def test_checkpoint_path_cap_and_fallback(tmp_path, capsys, fake_checkpoint):
+    _, export = fake_checkpoint
+    out = tmp_path / "run"
+    run, _ = run_infer(capsys, EXAMPLE_XML, "--out", out, "--checkpoint", export, "--subtasks", "4",
+                       "--max-links-per-answer", "1", "--top1-fallback")
+    entries = check_outputs(out, load_cases(EXAMPLE_XML), subtasks=(4,))
+    assert not (out / "subtask3.zip").exists()
+    assert run["subtask4"]["max_per_answer"] == 1 and run["subtask4"]["top1_fallback"] is True
+    for entry in entries[4]:
+        *rows, last = entry["prediction"]
+        assert all(len(r["evidence_id"]) == 1 for r in rows)
+        assert last["evidence_id"] == ["4"]  # note index 3 (id "4") is the best of a row below threshold
+
+
+# ---------------------------------------------------------------- a real tiny checkpoint
+
+@pytest.fixture(scope="session")
+def tiny_export(tmp_path_factory):
+    """A tiny checkpoint trained through train.py (joint task stage on the bundled example, two steps)."""
+    import train
+
+    root = tmp_path_factory.mktemp("tiny_ckpt")
+    assert train.main(["--stage", "task", "--joint", "--preset", "tiny", "--xml", str(EXAMPLE_XML),
+                       "--key", str(EXAMPLE_KEY), "--out", str(root / "task"), "--max-steps", "2",
+                       "--max-length", "1024", "--progress", "false", "--plot", "false"]) == 0
+    return root / "task" / "export"
+
+
+def test_tiny_checkpoint_end_to_end(tmp_path, capsys, tiny_export):
+    from model.checkpoint import load_export
+
+    out = tmp_path / "run"
+    run, log = run_infer(capsys, EXAMPLE_XML, "--out", out, "--checkpoint", tiny_export, "--key", EXAMPLE_KEY,
+                         "--max-new-tokens", "12", "--device", "cpu")
+    cases = load_cases(EXAMPLE_XML, EXAMPLE_KEY)
+    entries = check_outputs(out, cases)
+    manifest = json.loads((tiny_export / "manifest.json").read_text())
+    assert run["engine"] == "checkpoint" and run["checkpoint_manifest"] == manifest
+    threshold = manifest["alignment"]["threshold"]
+    assert run["subtask4"]["threshold"] == threshold
+    assert "load_checkpoint" in run["timings_s"] and "Subtask 4 scores:" in log
+    fell_back = set(run["subtask3"]["extractive_fallback_cases"])
+    for entry, case in zip(entries[3], cases):
+        assert 0 < count_words(entry["prediction"]) <= 75
+        assert (entry["prediction"] == extractive_answer(case)) == (case.case_id in fell_back)
+    # The submission's links are exactly the head's probabilities cut at the manifest threshold.
+    ckpt = load_export(tiny_export, device="cpu")
+    for entry, case in zip(entries[4], cases):
+        probs = ckpt.score_pairs(case)
+        assert probs.shape == (len(case.answer_sentences), len(case.note_sentences))
+        expected = [[case.note_ids[j] for j in cols] for cols in link_pairs(probs, threshold)]
+        assert [p["evidence_id"] for p in entry["prediction"]] == expected
