@@ -1,0 +1,357 @@
+"""Speed and memory of training and inference on the Qwen3-4B shape (random weights).
+
+    python -m bench.run --out bench/results            # one CUDA GPU
+    python -m bench.run --smoke                         # tiny preset on CPU: checks the script only
+
+Builds the ``qwen3-4b-random`` preset once (safetensors on local disk), then loads it
+through the same NF4 path users take. Prints one table and writes JSON under ``--out``.
+Columns: (a) our task-stage step with the joint head, in several configurations that
+each add one optimisation; (b) a textbook QLoRA step (HF Trainer + PEFT, rows padded
+to the maximum length). Same synthetic mixed-length rows for both.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import gc
+import json
+import platform
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from bench.flops import mfu, training_flops
+from bench.synthetic import inference_cases, training_examples
+from data.prompts import IGNORE_INDEX
+
+
+@dataclass
+class StepVariant:
+    name: str
+    batching: str  # "rows" (fixed rows, padded to the batch's longest) or "tokens" (token budget)
+    rows: int = 4
+    max_tokens: int = 16384
+    autocast: bool = False
+    keep_bf16: bool = False  # skip the fp32 upcast of embeddings / lm_head / norms
+    checkpointing: bool = True
+
+
+VARIANTS = [
+    StepVariant("ours: rows=4, library defaults", "rows"),
+    StepVariant("+ token-budget batches", "tokens"),
+    StepVariant("+ bf16 autocast", "tokens", autocast=True),
+    StepVariant("+ bf16 embeddings/lm_head", "tokens", autocast=True, keep_bf16=True),
+]
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peaks(device: torch.device) -> dict:
+    if device.type != "cuda":
+        return {"peak_allocated_gb": None, "peak_reserved_gb": None}
+    return {
+        "peak_allocated_gb": round(torch.cuda.max_memory_allocated() / 1e9, 2),
+        "peak_reserved_gb": round(torch.cuda.max_memory_reserved() / 1e9, 2),
+    }
+
+
+def versions() -> dict:
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version(), "torch": torch.__version__}
+    for name in ("transformers", "peft", "bitsandbytes", "accelerate"):
+        try:
+            out[name] = md.version(name)
+        except md.PackageNotFoundError:
+            out[name] = None
+    if torch.cuda.is_available():
+        out["gpu"] = torch.cuda.get_device_name(0)
+        out["cuda"] = torch.version.cuda
+    return out
+
+
+def free(*objs) -> None:
+    for o in objs:
+        del o
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+# --- our step --------------------------------------------------------------------------
+
+
+def our_batches(examples, variant: StepVariant, seq_len: int) -> list[list[int]]:
+    from training.batching import token_budget_batches
+
+    lengths = [len(e.input_ids) for e in examples]
+    if variant.batching == "rows":
+        return [list(range(i, i + variant.rows)) for i in range(0, len(examples) - variant.rows + 1, variant.rows)]
+    return token_budget_batches(lengths, variant.max_tokens, seed=0)
+
+
+def load_ours(model_dir: str, preset: str, device: torch.device, quantise: bool, keep_bf16: bool, checkpointing: bool):
+    from heads.alignment import NotePairHead
+    from heads.config import HeadConfig
+    from model.backbone import LoraSettings, load_backbone
+    from training.joint import JointModel, LossSettings
+
+    backbone = load_backbone(
+        preset, load_in_4bit=quantise, device=device, lora=LoraSettings(),
+        gradient_checkpointing=checkpointing, base_path=model_dir, keep_bf16=keep_bf16,
+    )
+    hidden = backbone.get_base_model().config.hidden_size
+    head = NotePairHead(HeadConfig(hidden_size=hidden)).to(device)
+    model = JointModel(backbone, head, LossSettings())
+    model.train()
+    return model
+
+
+@torch.no_grad()
+def our_reference_loss(model, examples, device) -> float:
+    """LM loss of our step's forward on the rows the textbook reference used (fresh LoRA)."""
+    from training.data import TrainItem, collate
+
+    batch = {k: v.to(device) for k, v in collate([TrainItem(e) for e in examples], pad_id=0).items()}
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        return float(model(batch)["lm"])
+
+
+def run_ours(model, examples, variant: StepVariant, seq_len: int, steps: int, warmup: int, device) -> dict:
+    from training.data import TrainItem, collate
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    batches = our_batches(examples, variant, seq_len)[: steps + warmup]
+    items = [TrainItem(e) for e in examples]
+    amp = torch.autocast(device.type, dtype=torch.bfloat16) if variant.autocast else contextlib.nullcontext()
+    reset_peak(device)
+    times, lengths, supervised, losses = [], [], 0, []
+    for k, idx in enumerate(batches):
+        batch = {key: v.to(device) for key, v in collate([items[i] for i in idx], pad_id=0).items()}
+        sync(device)
+        t0 = time.perf_counter()
+        with amp:
+            out = model(batch)
+        out["loss"].backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sync(device)
+        losses.append(float(out["lm"]))
+        if k >= warmup:
+            times.append(time.perf_counter() - t0)
+            lengths += [len(examples[i].input_ids) for i in idx]
+            supervised += sum(sum(1 for x in examples[i].labels[1:] if x != IGNORE_INDEX) for i in idx)
+    del opt
+    return summarise(times, lengths, supervised, device, first_lm_loss=losses[0], batches=len(times))
+
+
+def summarise(times, lengths, supervised, device, arch=None, **extra) -> dict:
+    seconds = sum(times)
+    tokens = sum(lengths)
+    row = {"seconds": round(seconds, 3), "real_tokens": tokens, "tokens_per_s": round(tokens / seconds, 1)}
+    if ARCH is not None:
+        row["mfu"] = round(mfu(training_flops(ARCH, lengths, supervised), seconds), 4)
+    row.update(peaks(device))
+    row.update(extra)
+    return row
+
+
+ARCH: dict | None = None
+
+
+# --- textbook step --------------------------------------------------------------------
+
+
+def run_textbook_column(model, examples, seq_len: int, rows: int, steps: int, warmup: int, device) -> dict:
+    from bench.textbook import reference_loss, run_textbook
+
+    first = reference_loss(model, examples[:rows], seq_len, device)
+    raw = run_textbook(model, examples, seq_len, rows, steps, warmup, pad_id=0, out_dir="/tmp/bench-textbook", device=device)
+    mean_len = sum(len(e.input_ids) for e in examples[: rows * (steps + warmup)]) / (rows * (steps + warmup))
+    n_rows = raw["steps"] * rows
+    lengths = [int(mean_len)] * n_rows  # the Trainer shuffles rows: use the mean real length
+    sup_mean = sum(sum(1 for x in e.labels[1:] if x != IGNORE_INDEX) for e in examples) / len(examples)
+    row = summarise([raw["seconds"]], lengths, int(sup_mean * n_rows), device, first_lm_loss=first, batches=raw["steps"])
+    row.update(peak_allocated_gb=raw["peak_allocated_gb"], peak_reserved_gb=raw["peak_reserved_gb"])
+    return row
+
+
+# --- inference ------------------------------------------------------------------------
+
+
+def run_inference(model_dir: str, preset: str, device, quantise: bool, merged: bool, n_answers: int,
+                  n_align: int, max_new_tokens: int, gen_batch: int) -> dict:
+    from heads.alignment import NotePairHead
+    from heads.config import HeadConfig
+    from model.backbone import load_backbone, load_tokenizer
+    from model.checkpoint import LoadedCheckpoint
+
+    t0 = time.perf_counter()
+    backbone = load_backbone(preset, load_in_4bit=quantise, device=device, base_path=model_dir, trainable=False)
+    if merged:
+        backbone = backbone.merge_and_unload()
+    head = NotePairHead(HeadConfig(hidden_size=backbone.config.hidden_size)).to(device).eval()
+    ckpt = LoadedCheckpoint(manifest={}, threshold=0.5, tokenizer=load_tokenizer(preset), model=backbone, head=head)
+    load_s = time.perf_counter() - t0
+    answer_cases = inference_cases(n_answers, seed=1)
+    align_cases = inference_cases(n_align, seed=2)
+    reset_peak(device)
+    sync(device)
+    t0 = time.perf_counter()
+    answers = ckpt.generate_answers(answer_cases, max_new_tokens=max_new_tokens, batch_size=gen_batch)
+    sync(device)
+    gen_s = time.perf_counter() - t0
+    new_tokens = sum(len(ckpt.tokenizer(a, add_special_tokens=False)["input_ids"]) for a in answers)
+    t0 = time.perf_counter()
+    scores = ckpt.score_all(align_cases) if hasattr(ckpt, "score_all") else [ckpt.score_pairs(c) for c in align_cases]
+    sync(device)
+    align_s = time.perf_counter() - t0
+    assert len(scores) == n_align
+    free(ckpt, backbone, head)
+    return {
+        "load_s": round(load_s, 1), "generate_s": round(gen_s, 2), "align_s": round(align_s, 2),
+        "total_s": round(gen_s + align_s, 2), "new_tokens": new_tokens,
+        "decode_tokens_per_s": round(new_tokens / gen_s, 1), **peaks(device),
+    }
+
+
+# --- main -----------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    global ARCH
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="bench/results")
+    p.add_argument("--smoke", action="store_true", help="tiny preset on CPU, few steps: checks the script")
+    p.add_argument("--seq", type=int, nargs="+", default=[1024, 2048])
+    p.add_argument("--steps", type=int, default=6)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--variants", default="all", help="comma-separated indices of VARIANTS, or 'all'")
+    p.add_argument("--max-tokens", type=int, default=16384)
+    p.add_argument("--skip", default="", help="comma list of: textbook,ours,infer")
+    p.add_argument("--gen-batch", type=int, default=8)
+    args = p.parse_args(argv)
+
+    from model.backbone import random_base_cache_dir, save_random_base
+    from model.presets import get_preset
+
+    preset = "tiny" if args.smoke else "qwen3-4b-random"
+    device = torch.device("cpu" if args.smoke or not torch.cuda.is_available() else "cuda")
+    if device.type != "cuda" and not args.smoke:
+        print("bench needs a CUDA GPU (use --smoke for a CPU check)", file=sys.stderr)
+        return 2
+    ARCH = dict(get_preset(preset).arch)
+    skip = set(filter(None, args.skip.split(",")))
+    steps, warmup = (2, 1) if args.smoke else (args.steps, args.warmup)
+    seqs = [256] if args.smoke else args.seq
+    t0 = time.perf_counter()
+    # Initialise on the GPU when there is one: random init of 4B parameters on CPU is slow.
+    with torch.device(device):
+        model_dir = str(save_random_base(preset, random_base_cache_dir(preset)))
+    print(f"random base ready in {time.perf_counter() - t0:.0f}s: {model_dir}", flush=True)
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S")
+    name = f"{'smoke' if args.smoke else 'h'}-{stamp}.json"
+
+    def save(res: dict) -> None:  # after every row: a run cut short still leaves its numbers
+        (out / name).write_text(json.dumps(res, indent=2), encoding="utf-8")
+
+    result = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "preset": preset,
+              "machine": platform.node(), "versions": versions(), "train": [], "infer": [],
+              "flops_note": "model FLOPs = 2 x forward (dense + causal attention + lm_head on labelled tokens); "
+                            "recompute not counted; peak 790 TFLOP/s bf16"}
+    n_examples = 400 if not args.smoke else 24
+    variants = VARIANTS if args.variants == "all" else [VARIANTS[int(i)] for i in args.variants.split(",")]
+    for v in variants:
+        v.max_tokens = args.max_tokens if not args.smoke else 1024
+    data = {s: training_examples(n_examples, s, ARCH["vocab_size"], seed=s) for s in seqs}
+
+    if "textbook" not in skip:
+        from bench.textbook import load_textbook_model
+
+        textbook = load_textbook_model(model_dir, device)
+        for s in seqs:
+            row = run_textbook_column(textbook, data[s], s, 4, steps, warmup, device)
+            result.setdefault("numerics", []).append({"variant": "textbook", "seq": s,
+                                                      "hf_loss_first_4_rows": row["first_lm_loss"]})
+            row.update(column="textbook", variant="HF Trainer + PEFT, padded to max length", seq=s)
+            result["train"].append(row)
+            print(json.dumps(row), flush=True)
+            save(result)
+        free(textbook)
+        textbook = None
+    if "ours" not in skip:
+        loaded_key, model = None, None
+        for v in variants:
+            key = (v.keep_bf16, v.checkpointing)
+            if key != loaded_key:
+                if model is not None:
+                    free(model)
+                    model = None
+                model = load_ours(model_dir, preset, device, True, v.keep_bf16, v.checkpointing)
+                loaded_key = key
+                result.setdefault("numerics", []).append({
+                    "variant": v.name, "seq": seqs[-1],
+                    "our_lm_loss_first_4_rows": our_reference_loss(model, data[seqs[-1]][:4], device)})
+            for s in seqs:
+                try:
+                    row = run_ours(model, data[s], v, s, steps, warmup, device)
+                except torch.OutOfMemoryError:
+                    row = {"error": "out of memory"}
+                    torch.cuda.empty_cache()
+                row.update(column="ours", variant=v.name, seq=s)
+                result["train"].append(row)
+                print(json.dumps(row), flush=True)
+                save(result)
+        free(model)
+    if "infer" not in skip:
+        n_ans, n_align, new_tok = (3, 4, 8) if args.smoke else (47, 147, 100)
+        for quantise, merged, label in ((True, False, "NF4 + LoRA"), (False, True, "bf16 merged")):
+            if args.smoke and not quantise:
+                quantise = False
+            row = run_inference(model_dir, preset, device, quantise, merged, n_ans, n_align, new_tok, args.gen_batch)
+            row.update(weights=label)
+            result["infer"].append(row)
+            print(json.dumps(row), flush=True)
+            save(result)
+
+    save(result)
+    print_table(result)
+    print(f"wrote {out / name}")
+    return 0
+
+
+def print_table(result: dict) -> None:
+    print("\n| column | variant | seq | tokens/s | MFU | peak alloc GB | peak reserved GB |")
+    print("|---|---|---|---|---|---|---|")
+    for r in result["train"]:
+        if "error" in r:
+            print(f"| {r['column']} | {r['variant']} | {r['seq']} | {r['error']} | | | |")
+            continue
+        print(f"| {r['column']} | {r['variant']} | {r['seq']} | {r['tokens_per_s']:.0f} | "
+              f"{100 * r.get('mfu', 0):.1f}% | {r['peak_allocated_gb']} | {r['peak_reserved_gb']} |")
+    print("\n| weights | generate 47 (s) | align 147 (s) | total (s) | decode tok/s | peak alloc GB |")
+    print("|---|---|---|---|---|---|")
+    for r in result["infer"]:
+        print(f"| {r['weights']} | {r['generate_s']} | {r['align_s']} | {r['total_s']} | "
+              f"{r['decode_tokens_per_s']} | {r['peak_allocated_gb']} |")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
