@@ -163,7 +163,9 @@ class EpochBatches:
             rng.shuffle(out)
         return out
 
-    def set_epoch(self, epoch: int, start: int = 0) -> None:
+    # Deliberately not named ``set_epoch``: accelerate calls that with its own iteration
+    # counter (0 after a resume), which would silently restart the data order.
+    def set_position(self, epoch: int, start: int = 0) -> None:
         self.epoch = epoch
         self.start = start
 

@@ -254,7 +254,7 @@ def run_training(cfg: TrainConfig, resume: bool = False) -> RunResult:
     model.train()
 
     while step < total_steps:
-        sampler.set_epoch(epoch, start=position)
+        sampler.set_position(epoch, start=position)
         n_micro = len(loader)
         batches = iter(loader)
         if resume_from is not None:
