@@ -176,7 +176,7 @@ def run_training(cfg: TrainConfig, resume: bool = False) -> RunResult:
     if not cfg.out:
         raise InputError("--out is required")
     out = Path(cfg.out)
-    if not resume and (out / "config.json").is_file():
+    if not resume and ((out / "export").exists() or ckpts.checkpoint_dirs(out)):
         raise InputError("output folder already holds a run; use --resume or another --out", out)
     preset = resolve_preset(cfg.preset) if cfg.preset else None
     if preset is None:
