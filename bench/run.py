@@ -38,13 +38,18 @@ class StepVariant:
     autocast: bool = False
     keep_bf16: bool = False  # skip the fp32 upcast of embeddings / lm_head / norms
     checkpointing: bool = True
+    lm_chunk: int = 10**9  # answer-token CE chunk (10**9 = one chunk, no recompute)
+    lora_dropout: float = 0.05
 
 
 VARIANTS = [
-    StepVariant("ours: rows=4, library defaults", "rows"),
-    StepVariant("+ token-budget batches", "tokens"),
+    StepVariant("ours: rows=4, fp32 upcast, no autocast", "rows"),
+    StepVariant("+ token-budget batches (16k)", "tokens"),
     StepVariant("+ bf16 autocast", "tokens", autocast=True),
     StepVariant("+ bf16 embeddings/lm_head", "tokens", autocast=True, keep_bf16=True),
+    StepVariant("+ chunked answer CE (1024)", "tokens", autocast=True, keep_bf16=True, lm_chunk=1024),
+    StepVariant("+ 32k-token batches", "tokens", max_tokens=32768, autocast=True, keep_bf16=True, lm_chunk=1024),
+    StepVariant("+ LoRA dropout 0 (16k)", "tokens", autocast=True, keep_bf16=True, lm_chunk=1024, lora_dropout=0.0),
 ]
 
 
@@ -103,14 +108,15 @@ def our_batches(examples, variant: StepVariant, seq_len: int) -> list[list[int]]
     return token_budget_batches(lengths, variant.max_tokens, seed=0)
 
 
-def load_ours(model_dir: str, preset: str, device: torch.device, quantise: bool, keep_bf16: bool, checkpointing: bool):
+def load_ours(model_dir: str, preset: str, device: torch.device, quantise: bool, keep_bf16: bool, checkpointing: bool,
+              lora_dropout: float = 0.05):
     from heads.alignment import NotePairHead
     from heads.config import HeadConfig
     from model.backbone import LoraSettings, load_backbone
     from training.joint import JointModel, LossSettings
 
     backbone = load_backbone(
-        preset, load_in_4bit=quantise, device=device, lora=LoraSettings(),
+        preset, load_in_4bit=quantise, device=device, lora=LoraSettings(dropout=lora_dropout),
         gradient_checkpointing=checkpointing, base_path=model_dir, keep_bf16=keep_bf16,
     )
     hidden = backbone.get_base_model().config.hidden_size
@@ -138,6 +144,9 @@ def run_ours(model, examples, variant: StepVariant, seq_len: int, steps: int, wa
     batches = our_batches(examples, variant, seq_len)[: steps + warmup]
     items = [TrainItem(e) for e in examples]
     amp = torch.autocast(device.type, dtype=torch.bfloat16) if variant.autocast else contextlib.nullcontext()
+    from training import joint
+
+    joint.LM_CHUNK_TOKENS = variant.lm_chunk
     reset_peak(device)
     times, lengths, supervised, losses = [], [], 0, []
     for k, idx in enumerate(batches):
@@ -193,19 +202,28 @@ def run_textbook_column(model, examples, seq_len: int, rows: int, steps: int, wa
 # --- inference ------------------------------------------------------------------------
 
 
-def run_inference(model_dir: str, preset: str, device, quantise: bool, merged: bool, n_answers: int,
-                  n_align: int, max_new_tokens: int, gen_batch: int) -> dict:
+def run_inference(model_dir: str, preset: str, device, merged: bool, n_answers: int, n_align: int,
+                  max_new_tokens: int, gen_batch: int, align_batch: int, adapter_dir: str) -> dict:
     from heads.alignment import NotePairHead
     from heads.config import HeadConfig
-    from model.backbone import load_backbone, load_tokenizer
+    from model.backbone import load_backbone, load_merged, load_tokenizer
     from model.checkpoint import LoadedCheckpoint
 
+    if not Path(adapter_dir, "adapter_config.json").is_file():  # a fresh LoRA, saved as a user's would be
+        fresh = load_backbone(preset, load_in_4bit=True, device=device, base_path=model_dir, trainable=False)
+        fresh.save_pretrained(adapter_dir)
+        free(fresh)
+    sync(device)
     t0 = time.perf_counter()
-    backbone = load_backbone(preset, load_in_4bit=quantise, device=device, base_path=model_dir, trainable=False)
     if merged:
-        backbone = backbone.merge_and_unload()
-    head = NotePairHead(HeadConfig(hidden_size=backbone.config.hidden_size)).to(device).eval()
+        backbone = load_merged(preset, adapter_dir, load_in_4bit=True, device=device, base_path=model_dir)
+    else:
+        backbone = load_backbone(preset, load_in_4bit=True, device=device, base_path=model_dir,
+                                 adapter_dir=adapter_dir, trainable=False)
+    hidden = backbone.config.hidden_size
+    head = NotePairHead(HeadConfig(hidden_size=hidden)).to(device).eval()
     ckpt = LoadedCheckpoint(manifest={}, threshold=0.5, tokenizer=load_tokenizer(preset), model=backbone, head=head)
+    sync(device)
     load_s = time.perf_counter() - t0
     answer_cases = inference_cases(n_answers, seed=1)
     align_cases = inference_cases(n_align, seed=2)
@@ -217,15 +235,15 @@ def run_inference(model_dir: str, preset: str, device, quantise: bool, merged: b
     gen_s = time.perf_counter() - t0
     new_tokens = sum(len(ckpt.tokenizer(a, add_special_tokens=False)["input_ids"]) for a in answers)
     t0 = time.perf_counter()
-    scores = ckpt.score_all(align_cases) if hasattr(ckpt, "score_all") else [ckpt.score_pairs(c) for c in align_cases]
+    scores = ckpt.score_all(align_cases, batch_size=align_batch)
     sync(device)
     align_s = time.perf_counter() - t0
     assert len(scores) == n_align
     free(ckpt, backbone, head)
     return {
         "load_s": round(load_s, 1), "generate_s": round(gen_s, 2), "align_s": round(align_s, 2),
-        "total_s": round(gen_s + align_s, 2), "new_tokens": new_tokens,
-        "decode_tokens_per_s": round(new_tokens / gen_s, 1), **peaks(device),
+        "total_s": round(gen_s + align_s, 2), "new_tokens": new_tokens, "gen_batch": gen_batch,
+        "align_batch": align_batch, "decode_tokens_per_s": round(new_tokens / gen_s, 1), **peaks(device),
     }
 
 
@@ -241,9 +259,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--variants", default="all", help="comma-separated indices of VARIANTS, or 'all'")
-    p.add_argument("--max-tokens", type=int, default=16384)
+    p.add_argument("--max-tokens", type=int, default=0, help="override every variant's token budget")
     p.add_argument("--skip", default="", help="comma list of: textbook,ours,infer")
-    p.add_argument("--gen-batch", type=int, default=8)
+    p.add_argument("--gen-batch", type=int, default=48)
+    p.add_argument("--align-batch", type=int, default=16)
+    p.add_argument("--infer-before", action="store_true", help="also time the first inference settings")
     args = p.parse_args(argv)
 
     from model.backbone import random_base_cache_dir, save_random_base
@@ -279,7 +299,10 @@ def main(argv: list[str] | None = None) -> int:
     n_examples = 400 if not args.smoke else 24
     variants = VARIANTS if args.variants == "all" else [VARIANTS[int(i)] for i in args.variants.split(",")]
     for v in variants:
-        v.max_tokens = args.max_tokens if not args.smoke else 1024
+        if args.smoke:
+            v.max_tokens = 1024
+        elif args.max_tokens:
+            v.max_tokens = args.max_tokens
     data = {s: training_examples(n_examples, s, ARCH["vocab_size"], seed=s) for s in seqs}
 
     if "textbook" not in skip:
@@ -299,12 +322,12 @@ def main(argv: list[str] | None = None) -> int:
     if "ours" not in skip:
         loaded_key, model = None, None
         for v in variants:
-            key = (v.keep_bf16, v.checkpointing)
+            key = (v.keep_bf16, v.checkpointing, v.lora_dropout)
             if key != loaded_key:
                 if model is not None:
                     free(model)
                     model = None
-                model = load_ours(model_dir, preset, device, True, v.keep_bf16, v.checkpointing)
+                model = load_ours(model_dir, preset, device, True, v.keep_bf16, v.checkpointing, v.lora_dropout)
                 loaded_key = key
                 result.setdefault("numerics", []).append({
                     "variant": v.name, "seq": seqs[-1],
@@ -322,10 +345,13 @@ def main(argv: list[str] | None = None) -> int:
         free(model)
     if "infer" not in skip:
         n_ans, n_align, new_tok = (3, 4, 8) if args.smoke else (47, 147, 100)
-        for quantise, merged, label in ((True, False, "NF4 + LoRA"), (False, True, "bf16 merged")):
-            if args.smoke and not quantise:
-                quantise = False
-            row = run_inference(model_dir, preset, device, quantise, merged, n_ans, n_align, new_tok, args.gen_batch)
+        adapter_dir = str(Path(model_dir).parent / "bench-adapter")
+        configs = [(False, 8, 1, "NF4 + LoRA (before: batch 8, one case per forward)")] if args.infer_before else []
+        configs += [(False, args.gen_batch, args.align_batch, "NF4 + LoRA"),
+                    (True, args.gen_batch, args.align_batch, "merged dense (from NF4)")]
+        for merged, gen_batch, align_batch, label in configs:
+            row = run_inference(model_dir, preset, device, merged, n_ans, n_align, new_tok, gen_batch,
+                                align_batch, adapter_dir)
             row.update(weights=label)
             result["infer"].append(row)
             print(json.dumps(row), flush=True)

@@ -283,3 +283,80 @@ def backbone_hidden(backbone, input_ids: torch.Tensor, attention_mask: torch.Ten
         out = dec(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
     final = out.last_hidden_state
     return final, captured.get("hidden", final)
+
+
+@torch.no_grad()
+def dense_from_4bit(module: nn.Module, chunk: int = 4096) -> nn.Linear:
+    """The dense Linear that a 4-bit layer computes, read off its own forward pass.
+
+    Feeding the identity through the layer returns its effective weight exactly as the
+    training forward used it (same dequantisation kernel, products with 1 and 0 are
+    exact), on any device; bitsandbytes' standalone dequantise has disagreed with its
+    own CPU forward, so this avoids depending on the two staying in step.
+    """
+    in_f, out_f = module.in_features, module.out_features
+    device = module.weight.device
+    dtype = getattr(module, "compute_dtype", None) or torch.bfloat16
+    weight = torch.empty(out_f, in_f, dtype=dtype, device=device)
+    for start in range(0, in_f, chunk):
+        stop = min(in_f, start + chunk)
+        probe = torch.zeros(stop - start, in_f, dtype=dtype, device=device)
+        probe[:, start:stop] = torch.eye(stop - start, dtype=dtype, device=device)
+        out = module(probe)
+        if module.bias is not None:
+            out = out - module.bias.to(out.dtype)
+        weight[:, start:stop] = out.T.to(dtype)
+    dense = nn.Linear(in_f, out_f, bias=module.bias is not None, device=device, dtype=dtype)
+    dense.weight.copy_(weight)
+    if module.bias is not None:
+        dense.bias.copy_(module.bias.to(dtype))
+    return dense
+
+
+def dequantize_model(model) -> None:
+    """Replace every 4-bit Linear with its dense bf16 equivalent, in place."""
+    import bitsandbytes as bnb
+
+    targets = [(name, mod) for name, mod in model.named_modules() if isinstance(mod, bnb.nn.Linear4bit)]
+    for name, mod in targets:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, dense_from_4bit(mod))
+        del mod
+    for attr in ("is_loaded_in_4bit", "is_quantized"):
+        if hasattr(model, attr):
+            setattr(model, attr, False)
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def load_merged(
+    preset: ModelPreset | str,
+    adapter_dir: str | Path,
+    *,
+    load_in_4bit: bool | None = None,
+    device: str | torch.device | None = None,
+    base_path: str | None = None,
+    random_seed: int = RANDOM_INIT_SEED,
+):
+    """Inference model with the LoRA merged into dense weights (no adapter overhead per step).
+
+    A QLoRA adapter was trained against the NF4 base, so the base is loaded in NF4 as in
+    training, turned dense (:func:`dequantize_model`) and the adapter merged into that:
+    the merged model computes what the trained model computed, up to bf16 rounding.
+    """
+    from peft import PeftModel
+
+    preset = resolve_preset(preset)
+    quantise = preset.load_in_4bit if load_in_4bit is None else load_in_4bit
+    model = load_base_model(preset, load_in_4bit=quantise, device=device, base_path=base_path,
+                            random_seed=random_seed)
+    if quantise:
+        dequantize_model(model)
+    model.config.use_cache = True
+    model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False).merge_and_unload()
+    return model.eval()

@@ -17,9 +17,8 @@ from data.errors import InputError
 from data.prompts import chat_prompt, encode_example, example_from_case
 from data.records import Case
 from heads.alignment import NotePairHead, load_head
-from heads.scoring import head_outputs
 
-from .backbone import RANDOM_INIT_SEED, default_device, load_backbone, load_tokenizer
+from .backbone import RANDOM_INIT_SEED, backbone_hidden, default_device, load_backbone, load_merged, load_tokenizer
 from .presets import PRESETS, ModelPreset
 
 
@@ -36,16 +35,23 @@ class LoadedCheckpoint:
         return next(self.head.parameters()).device
 
     @torch.no_grad()
-    def generate_answers(self, cases: list[Case], max_new_tokens: int = 100, batch_size: int = 8) -> list[str]:
-        """Greedy answers (raw decoded text), batched with left padding, thinking disabled."""
+    def generate_answers(self, cases: list[Case], max_new_tokens: int = 100, batch_size: int = 16) -> list[str]:
+        """Greedy answers (raw decoded text), batched with left padding, thinking disabled.
+
+        Prompts are batched in length order (less padding per batch) and the answers
+        returned in the order of ``cases``.
+        """
         tok = self.tokenizer
         prompts = [chat_prompt(tok, example_from_case(c, with_answer=False))[0] for c in cases]
-        answers: list[str] = []
+        lengths = [len(tok(p, add_special_tokens=False)["input_ids"]) for p in prompts]
+        order = sorted(range(len(prompts)), key=lambda i: -lengths[i])
+        answers: list[str] = [""] * len(prompts)
         previous_side = tok.padding_side
         tok.padding_side = "left"
         try:
-            for i in range(0, len(prompts), batch_size):
-                enc = tok(prompts[i : i + batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
+            for i in range(0, len(order), batch_size):
+                idx = order[i : i + batch_size]
+                enc = tok([prompts[j] for j in idx], return_tensors="pt", padding=True, add_special_tokens=False)
                 enc = {k: v.to(self.device) for k, v in enc.items()}
                 out = self.model.generate(
                     **enc,
@@ -55,7 +61,8 @@ class LoadedCheckpoint:
                     eos_token_id=_stop_ids(tok),
                 )
                 new = out[:, enc["input_ids"].shape[1] :]
-                answers += [t.strip() for t in tok.batch_decode(new, skip_special_tokens=True)]
+                for j, text in zip(idx, tok.batch_decode(new, skip_special_tokens=True)):
+                    answers[j] = text.strip()
         finally:
             tok.padding_side = previous_side
         return answers
@@ -63,11 +70,34 @@ class LoadedCheckpoint:
     @torch.no_grad()
     def score_pairs(self, case: Case) -> np.ndarray:
         """[n_answer, n_note] link probabilities from one forward over prompt + answer sentences."""
-        if not case.answer_sentences:
-            return np.zeros((0, len(case.note_sentences)), dtype=np.float32)
-        enc = encode_example(self.tokenizer, example_from_case(case, with_answer=True))
-        logits = head_outputs(self.model, self.head, enc).pair_logits
-        return torch.sigmoid(logits.float()).cpu().numpy()
+        return self.score_all([case])[0]
+
+    @torch.no_grad()
+    def score_all(self, cases: list[Case], batch_size: int = 8) -> list[np.ndarray]:
+        """Link probabilities for many cases, several cases per forward (right-padded:
+        causal attention keeps every real token's state independent of the padding)."""
+        out: list[np.ndarray | None] = [None] * len(cases)
+        encoded = []
+        for i, case in enumerate(cases):
+            if not case.answer_sentences:
+                out[i] = np.zeros((0, len(case.note_sentences)), dtype=np.float32)
+            else:
+                encoded.append((i, encode_example(self.tokenizer, example_from_case(case, with_answer=True))))
+        encoded.sort(key=lambda item: -len(item[1]))
+        pad = self.tokenizer.pad_token_id
+        for start in range(0, len(encoded), batch_size):
+            group = encoded[start : start + batch_size]
+            width = max(len(enc) for _, enc in group)
+            ids = torch.full((len(group), width), pad, dtype=torch.long)
+            mask = torch.zeros((len(group), width), dtype=torch.long)
+            for row, (_, enc) in enumerate(group):
+                ids[row, : len(enc)] = torch.tensor(enc.input_ids)
+                mask[row, : len(enc)] = 1
+            _, hidden = backbone_hidden(self.model, ids.to(self.device), mask.to(self.device), self.head.config.layer)
+            for row, (i, enc) in enumerate(group):
+                logits = self.head(hidden[row], enc.note_spans, enc.answer_spans).pair_logits
+                out[i] = torch.sigmoid(logits.float()).cpu().numpy()
+        return out  # type: ignore[return-value]
 
 
 def _stop_ids(tok) -> list[int]:
@@ -100,11 +130,15 @@ def load_export(
     base: str | None = None,
     device: str | None = None,
     load_in_4bit: bool | None = None,
+    merge: bool | None = None,
 ) -> LoadedCheckpoint:
     """Rebuild tokenizer, base model + LoRA adapter and head from an export folder.
 
     ``base`` overrides the manifest's base model id/path; ``load_in_4bit`` defaults to
-    the preset's default (NF4 for qwen3-4b; on CPU only when asked).
+    the preset's default (NF4 for qwen3-4b; on CPU only when asked). ``merge`` (default:
+    on CUDA) folds the adapter into dense bf16 weights of the NF4 base as trained
+    (:func:`model.backbone.load_merged`): about 8 GB at 4B instead of 2.5, much faster
+    decoding; ``merge=False`` keeps NF4 + LoRA for small cards.
     """
     root = Path(export_dir)
     if (root / "export" / "manifest.json").is_file():
@@ -127,15 +161,15 @@ def load_export(
     if load_in_4bit is None:
         load_in_4bit = preset.load_in_4bit and torch.device(device).type == "cuda"
     tokenizer = load_tokenizer(base_path or preset)
-    model = load_backbone(
-        preset,
-        load_in_4bit=load_in_4bit,
-        device=device,
-        base_path=base_path,
-        adapter_dir=root,
-        trainable=False,
-        random_seed=int(random_init.get("seed", RANDOM_INIT_SEED)),
-    )
+    seed = int(random_init.get("seed", RANDOM_INIT_SEED))
+    if merge is None:  # dense merged weights decode several times faster; default where memory is plentiful
+        merge = torch.device(device).type == "cuda"
+    if merge:
+        model = load_merged(preset, root, load_in_4bit=load_in_4bit, device=device, base_path=base_path,
+                            random_seed=seed)
+    else:
+        model = load_backbone(preset, load_in_4bit=load_in_4bit, device=device, base_path=base_path,
+                              adapter_dir=root, trainable=False, random_seed=seed)
     head = load_head(root, device=device).eval()
     threshold = float(manifest.get("alignment", {}).get("threshold", 0.5))
     return LoadedCheckpoint(manifest=manifest, threshold=threshold, tokenizer=tokenizer, model=model, head=head)

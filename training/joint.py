@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from data.prompts import IGNORE_INDEX
@@ -29,17 +30,40 @@ class LossSettings:
     relevance_weight: float = 0.5
 
 
-def answer_token_loss(backbone, final_hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Mean next-token CE over label positions, projecting only those positions to the vocabulary."""
+LM_CHUNK_TOKENS = 1024
+
+
+def _chunk_ce_sum(states: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    logits = F.linear(states.to(weight.dtype), weight).float()
+    return F.cross_entropy(logits, targets, reduction="sum")
+
+
+def answer_token_loss(backbone, final_hidden: torch.Tensor, labels: torch.Tensor,
+                      chunk: int | None = None) -> tuple[torch.Tensor, int]:
+    """Mean next-token CE over label positions, projecting only those positions to the vocabulary.
+
+    The projection runs in chunks under activation checkpointing, so at most one chunk
+    of [chunk x vocabulary] fp32 logits exists at a time (forward and backward): at
+    Qwen3's 152k vocabulary a batch with 4k answer tokens would otherwise hold 2.5 GB
+    of logits and as much again for their gradient.
+    """
+    chunk = LM_CHUNK_TOKENS if chunk is None else chunk
     targets = labels[:, 1:]
     keep = targets != IGNORE_INDEX
     n = int(keep.sum())
     if n == 0:
         return final_hidden.sum() * 0.0, 0
     states = final_hidden[:, :-1][keep]
-    head = lm_head(backbone)
-    logits = head(states.to(head.weight.dtype)).float()
-    return F.cross_entropy(logits, targets[keep]), n
+    targets = targets[keep]
+    weight = lm_head(backbone).weight
+    if n <= chunk or not torch.is_grad_enabled():
+        return _chunk_ce_sum(states, targets, weight) / n, n
+    total = final_hidden.new_zeros((), dtype=torch.float32)
+    for i in range(0, n, chunk):
+        total = total + torch.utils.checkpoint.checkpoint(
+            _chunk_ce_sum, states[i:i + chunk], targets[i:i + chunk], weight, use_reentrant=False
+        )
+    return total / n, n
 
 
 def alignment_losses(head, hidden: torch.Tensor, batch: dict, settings: LossSettings) -> dict[str, torch.Tensor]:

@@ -1,0 +1,99 @@
+"""The speed paths compute what the plain paths compute (numerics kept, issue 5)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from training.batching import padding_fraction, token_budget_batches
+
+
+class _TiedHead(torch.nn.Module):
+    def __init__(self, hidden: int, vocab: int):
+        super().__init__()
+        self.lm_head = torch.nn.Linear(hidden, vocab, bias=False)
+
+    def get_base_model(self):
+        return self
+
+
+def test_chunked_answer_loss_matches_one_chunk():
+    from training.joint import answer_token_loss
+
+    torch.manual_seed(0)
+    model = _TiedHead(16, 500)
+    hidden = torch.randn(3, 300, 16, requires_grad=True)
+    labels = torch.randint(0, 500, (3, 300))
+    labels[:, :50] = -100
+    chunked, n = answer_token_loss(model, hidden, labels, chunk=64)
+    chunked.backward()
+    grads = hidden.grad.clone(), model.lm_head.weight.grad.clone()
+    hidden.grad = None
+    model.lm_head.weight.grad = None
+    whole, _ = answer_token_loss(model, hidden, labels, chunk=10**9)
+    whole.backward()
+    assert n == 3 * 250  # next-token targets: positions 50..299 of each row
+    assert torch.allclose(chunked, whole, atol=1e-6)
+    assert torch.allclose(grads[0], hidden.grad, atol=1e-6)
+    assert torch.allclose(grads[1], model.lm_head.weight.grad, atol=1e-6)
+
+
+def test_token_budget_batches_respect_budget_and_cover_every_row():
+    import random
+
+    rng = random.Random(0)
+    lengths = [rng.randint(300, 1400) for _ in range(200)]
+    batches = token_budget_batches(lengths, 8192, seed=3)
+    assert sorted(i for b in batches for i in b) == list(range(200))
+    assert all(len(b) * max(lengths[i] for i in b) <= 8192 for b in batches)
+    fixed = [list(range(i, i + 4)) for i in range(0, 200, 4)]
+    assert padding_fraction(lengths, batches) < 0.1 < padding_fraction(lengths, fixed)
+    assert token_budget_batches(lengths, 8192, seed=3) == batches  # a pure function of the seed
+    assert token_budget_batches([5000, 10], 1024, shuffle=False) == [[0], [1]]  # oversize row alone
+
+
+@pytest.fixture(scope="module")
+def tiny_adapter(tmp_path_factory):
+    from model.backbone import load_backbone
+
+    torch.manual_seed(0)
+    model = load_backbone("tiny", load_in_4bit=True, device="cpu")
+    for name, param in model.named_parameters():
+        if "lora_B" in name:  # a trained-looking adapter: B != 0 so the merge matters
+            param.data.normal_(0, 0.05)
+    out = tmp_path_factory.mktemp("adapter")
+    model.save_pretrained(out)
+    return out
+
+
+def test_merged_nf4_model_matches_nf4_plus_lora(tiny_adapter):
+    from model.backbone import load_backbone, load_merged
+
+    ids = torch.randint(0, 2000, (2, 24))
+    plain = load_backbone("tiny", load_in_4bit=True, device="cpu", adapter_dir=tiny_adapter, trainable=False)
+    merged = load_merged("tiny", tiny_adapter, load_in_4bit=True, device="cpu")
+    assert not any("lora" in n for n, _ in merged.named_parameters())
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        a = plain(input_ids=ids).logits.float()
+        b = merged(input_ids=ids).logits.float()
+    # bf16 rounding only: a merge into the wrong base (e.g. unquantised weights) is off by far more
+    assert (a - b).abs().max() < 0.05 * a.abs().max()
+
+
+def test_batched_alignment_scores_equal_one_case_at_a_time(tiny_adapter, shared_fixtures):
+    from data import load_cases
+    from heads.alignment import NotePairHead
+    from heads.config import HeadConfig
+    from model.backbone import load_backbone, load_tokenizer
+    from model.checkpoint import LoadedCheckpoint
+
+    cases = load_cases(shared_fixtures / "setA" / "archehr-qa.xml", shared_fixtures / "setA" / "archehr-qa_key.json")[:5]
+    torch.manual_seed(0)
+    model = load_backbone("tiny", load_in_4bit=False, device="cpu", adapter_dir=tiny_adapter, trainable=False)
+    head = NotePairHead(HeadConfig(hidden_size=model.get_base_model().config.hidden_size)).eval()
+    ckpt = LoadedCheckpoint(manifest={}, threshold=0.5, tokenizer=load_tokenizer("tiny"), model=model, head=head)
+    one = [ckpt.score_pairs(c) for c in cases]
+    batched = ckpt.score_all(cases, batch_size=4)
+    for a, b, case in zip(one, batched, cases):
+        assert a.shape == (len(case.answer_sentences), len(case.note_sentences))
+        np.testing.assert_allclose(a, b, atol=1e-4)
