@@ -126,8 +126,40 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--json", type=Path, dest="json_out", help="also write the scores to this JSON file")
     # Further commands (e.g. cross-validation) are added here as subparsers; without one,
     # the flags above score a submission.
-    parser.add_subparsers(dest="command", metavar="COMMAND")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    _add_cv_parser(commands)
     return parser
+
+
+def _add_cv_parser(commands) -> None:
+    from evaluation.systems import ALL_SYSTEMS
+
+    cv = commands.add_parser(
+        "cv", help="case-grouped cross-validation of the baseline ladder and the joint head",
+        description="Case-grouped k-fold cross-validation: every system trains and chooses its thresholds on the "
+                    "training folds only and is scored once on the pooled held-out predictions.",
+    )
+    cv.add_argument("--xml", type=Path, required=True, help="the cases XML")
+    cv.add_argument("--key", type=Path, required=True, help="their key JSON")
+    cv.add_argument("--out", type=Path, required=True, help="output folder (ladder, error report, plots, folds)")
+    cv.add_argument("--folds", type=int, default=5, help="number of folds (= number of cases: leave-one-case-out)")
+    cv.add_argument("--preset", default="tiny", help="model preset of the task stage (default: tiny)")
+    cv.add_argument("--init", help="domain-stage run or export folder to start each fold from (default: fresh)")
+    cv.add_argument("--config", type=Path, help="task-stage TOML (default: configs/task.toml)")
+    cv.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a training setting, e.g. --set max_steps=2 (repeatable)")
+    cv.add_argument("--systems", nargs="+", default=list(ALL_SYSTEMS), choices=list(ALL_SYSTEMS),
+                    metavar="SYSTEM", help=f"systems to evaluate (default: all of {', '.join(ALL_SYSTEMS)})")
+    cv.add_argument("--seed", type=int, default=0, help="fold assignment, training and bootstrap seed")
+    cv.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples (default 1000)")
+    cv.add_argument("--max-new-tokens", type=int, default=100, help="generation length of the model's answers")
+    cv.add_argument("--no-generate", action="store_true", help="skip the model's Subtask 3 answers")
+    cv.add_argument("--device", help="device for the trained model (default: cuda if available)")
+    cv.add_argument("--eval-on-train", action="store_true",
+                    help="train on all cases and score the same cases (refused without --allow-train-cases)")
+    cv.add_argument("--allow-train-cases", action="store_true",
+                    help='allow scoring on training cases; every output is then labelled "TRAINING CASES"')
+    cv.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 @exit_on_input_error
@@ -136,8 +168,24 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command is None:
         return _score_command(parser, args)
+    if args.command == "cv":
+        return _cv_command(args)
     parser.error(f"unknown command {args.command!r}")
     return 2
+
+
+def _cv_command(args: argparse.Namespace) -> int:
+    from evaluation.cv import CVOptions, print_summary, run_cv
+
+    opts = CVOptions(
+        xml=args.xml, key=args.key, out=args.out, folds=args.folds, preset=args.preset, init=args.init,
+        config=args.config, settings=args.settings, systems=args.systems, allow_train_cases=args.allow_train_cases,
+        eval_on_train=args.eval_on_train, seed=args.seed, n_resamples=args.resamples,
+        max_new_tokens=args.max_new_tokens, generate=not args.no_generate, device=args.device,
+        progress=not args.no_progress,
+    )
+    print_summary(run_cv(opts))
+    return 0
 
 
 def _score_command(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:

@@ -1,0 +1,417 @@
+"""Case-grouped cross-validation of every rung of the baseline ladder.
+
+    python score.py cv --xml X --key K --folds 5 [--preset tiny] [--init DOMAIN] --out DIR
+
+Per fold: the retrieval systems choose their settings on the training cases, the task
+stage (with the joint head) trains on the training cases written to
+``DIR/folds/k/train.xml`` + ``train_key.json``, and every system predicts the held-out
+cases, which reach it blinded (no key). Held-out predictions of all folds are pooled
+into one submission per system (``DIR/submissions/<system>/``) and scored once, as
+the official scorer would; bootstrap intervals resample cases.
+
+Outputs: ``ladder.md`` / ``ladder.json``, ``errors.md``, ``pr_curve.png``,
+``f1_vs_threshold.png``, ``loss_curves.png``, ``folds/k/fold.json`` (what each fold
+chose and on which case ids) and ``cv.json``. Every input is checked, and a request
+to score on training cases refused, before anything is written.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from baselines.ensemble import gold_matrix
+from baselines.extractive import extractive_answer
+from data.archehr import load_cases
+from data.errors import InputError
+from data.records import Case
+from data.submission import subtask3_entries, subtask4_entries, write_submission
+from metrics.alignment import score_alignment
+from metrics.generation import score_generation
+
+from . import plots
+from .bootstrap import (
+    ALIGNMENT_KEYS,
+    DEFAULT_LEVEL,
+    DEFAULT_RESAMPLES,
+    bootstrap_alignment,
+    bootstrap_mean,
+    bootstrap_micro,
+    micro_from_counts,
+    pair_counts,
+    resample_indices,
+)
+from .folds import (
+    TRAINING_CASES_LABEL,
+    Fold,
+    assert_chosen_on_training_cases,
+    blind,
+    check_folds,
+    plan_folds,
+)
+from .head import ESSENTIAL, RELEVANT, HeadFold, parse_settings, relevance_targets, run_head_fold
+from .ladder import ladder_markdown
+from .report import error_report_markdown
+from .systems import (
+    ALL_SYSTEMS,
+    HEAD_LABEL,
+    HEAD_SYSTEM,
+    RETRIEVAL_SYSTEMS,
+    Fitted,
+    Prediction,
+    compute_component_scores,
+    fit_system,
+    predict_system,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+EXTRACTIVE_SYSTEM = "extractive"
+MODEL_SYSTEM = "model"
+HELD_OUT_NOTICE = ("Scores are on HELD-OUT cases: every case was predicted by systems that neither trained nor "
+                   "chose any setting (threshold, weights) on it; held-out predictions of all folds are pooled "
+                   "and scored once.")
+TRAINING_NOTICE = (f"{TRAINING_CASES_LABEL}: these systems were trained and tuned on the very cases they are "
+                   "scored on (--allow-train-cases). These numbers overstate what to expect on new cases.")
+Log = Callable[[str], None]
+
+
+@dataclass
+class CVOptions:
+    xml: Path
+    key: Path
+    out: Path
+    folds: int = 5
+    preset: str = "tiny"
+    init: str | None = None
+    config: Path | None = None  # training TOML (default: configs/task.toml)
+    settings: Sequence[str] = ()  # --set key=value training overrides
+    systems: Sequence[str] = ALL_SYSTEMS
+    allow_train_cases: bool = False
+    eval_on_train: bool = False
+    seed: int = 0
+    n_resamples: int = DEFAULT_RESAMPLES
+    level: float = DEFAULT_LEVEL
+    max_new_tokens: int = 100
+    generate: bool = True  # the model's Subtask 3 answers (needs the head system's training)
+    device: str | None = None
+    progress: bool = True
+
+
+@dataclass
+class CVResult:
+    out_dir: Path
+    ladder: dict
+    folds: list[dict]
+    seconds: float
+    files: dict[str, Path] = field(default_factory=dict)
+
+
+def data_provenance(xml: Path) -> str:
+    """A line saying what the scored data are; the project's own fixtures are invented."""
+    resolved = Path(xml).resolve()
+    invented_roots = [ROOT / "examples", ROOT.parent / "shared" / "fixtures", ROOT / "tests" / "fixtures"]
+    if any(resolved.is_relative_to(r.resolve()) for r in invented_roots if r.exists()) or "fixture" in str(resolved):
+        return (f"Data: {Path(xml).name} is an INVENTED fixture set: these numbers test the pipeline and are not a "
+                "claim about real clinical data.")
+    return (f"Data: {Path(xml).name} as given by the user. With few cases the intervals are wide; the project's "
+            "own fixtures are invented and say nothing about real clinical data.")
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _write_json(path: Path, data: object) -> None:
+    _write_text_atomic(path, json.dumps(data, indent=2, ensure_ascii=False, default=str) + "\n")
+
+
+def _check_options(opts: CVOptions) -> tuple[list[Case], dict, str | None]:
+    unknown = [s for s in opts.systems if s not in ALL_SYSTEMS]
+    if unknown or not opts.systems:
+        raise InputError(f"--systems must name some of {', '.join(ALL_SYSTEMS)}; got {list(opts.systems)}")
+    if opts.n_resamples < 100:
+        raise InputError("--resamples must be >= 100")
+    if opts.max_new_tokens < 1:
+        raise InputError("--max-new-tokens must be >= 1")
+    settings = parse_settings(opts.settings)
+    init = None
+    if opts.init:
+        from training.loop import resolve_init
+
+        init = str(resolve_init(opts.init))
+    if opts.config is not None and not Path(opts.config).is_file():
+        raise InputError("config file not found", opts.config)
+    cases = load_cases(opts.xml, opts.key)
+    keyed = [c for c in cases if c.has_key and c.answer_sentences]
+    if not keyed:
+        raise InputError("no case has both a key entry and answer sentences", opts.key)
+    if not any(c.has_citations() for c in keyed):
+        raise InputError("the key cites no evidence: nothing to evaluate alignment against", opts.key)
+    out = Path(opts.out)
+    if out.exists() and not out.is_dir():
+        raise InputError("output path exists and is not a folder", out)
+    if (out / "cv.json").exists() or (out / "folds").exists():
+        raise InputError("output folder already holds a cross-validation run; choose another --out", out)
+    return keyed, settings, init
+
+
+def _fold_record(fold: Fold, fitted: dict[str, Fitted], head: HeadFold | None) -> dict:
+    thresholds = {
+        name: {"threshold": f.threshold, "mode": f.mode, "params": f.params, "chosen_on": sorted(f.chosen_on)}
+        for name, f in fitted.items()
+    }
+    record = {
+        "index": fold.index,
+        "train_ids": list(fold.train_ids),
+        "test_ids": list(fold.test_ids),
+        "evaluates_on_training_cases": fold.evaluates_on_training_cases,
+        "thresholds": thresholds,
+    }
+    if head is not None:
+        summary = head.summary()
+        thresholds[HEAD_SYSTEM] = {"threshold": head.threshold, "mode": "absolute",
+                                   "params": {"calibration": head.calibration}, "chosen_on": sorted(head.chosen_on)}
+        if head.relevance_threshold is not None:
+            thresholds["head-relevance"] = {"threshold": head.relevance_threshold, "mode": "absolute",
+                                            "params": {"for": "strict micro F1"},
+                                            "chosen_on": sorted(head.relevance_chosen_on)}
+        record["head"] = summary
+    return record
+
+
+def _evidence_counts(cases: Sequence[Case], relevance: dict[str, np.ndarray], thresholds: dict[str, float],
+                     labels: Sequence[str]) -> np.ndarray:
+    rows = []
+    for c in cases:
+        pred = relevance[c.case_id] >= thresholds[c.case_id]
+        gold = relevance_targets(c, labels) > 0.5
+        rows.append([float((pred & gold).sum()), float(pred.sum()), float(gold.sum())])
+    return np.asarray(rows, dtype=np.float64).reshape(len(cases), 3)
+
+
+def _round(d: dict) -> dict:
+    return {k: (None if v is None else round(float(v), 4)) for k, v in d.items()}
+
+
+def run_cv(opts: CVOptions, log: Log = print) -> CVResult:
+    """Cross-validate the requested systems and write every output into ``opts.out``."""
+    started = time.perf_counter()
+    keyed, settings, init = _check_options(opts)
+    ids = [c.case_id for c in keyed]
+    folds = plan_folds(ids, opts.folds, opts.seed, eval_on_train=opts.eval_on_train,
+                       allow_train_cases=opts.allow_train_cases)
+    check_folds(folds, ids, allow_train_cases=opts.allow_train_cases)
+    on_training = any(f.evaluates_on_training_cases for f in folds)
+    notice = [TRAINING_NOTICE if on_training else HELD_OUT_NOTICE, data_provenance(opts.xml)]
+    systems = [s for s in ALL_SYSTEMS if s in opts.systems]
+    retrieval = [s for s in systems if s in RETRIEVAL_SYSTEMS]
+    use_head = HEAD_SYSTEM in systems
+    if use_head:
+        notice.append(f"Task stage: preset {opts.preset}, " + (
+            f"initialised from {init}." if init else
+            "no --init: every fold's task stage starts from a FRESH adapter and head (no domain stage)."))
+
+    out = Path(opts.out)
+    out.mkdir(parents=True, exist_ok=True)
+    by_id = {c.case_id: c for c in keyed}
+    for line in notice:
+        log(line)
+    log(f"{len(keyed)} keyed cases, {len(folds)} fold(s), systems: {', '.join(systems)}")
+
+    from tqdm.auto import tqdm
+
+    # Unsupervised per-case scores, computed once on blinded cases (nothing crosses cases).
+    component_scores = compute_component_scores([blind(c) for c in keyed], retrieval)
+    predictions: dict[str, dict[str, Prediction]] = {s: {} for s in systems}
+    answers: dict[str, str] = {}
+    fallback: list[str] = []
+    relevance: dict[str, np.ndarray] = {}
+    relevance_threshold: dict[str, float] = {}
+    fold_of: dict[str, int] = {}
+    chosen_thresholds: dict[str, list[float]] = {HEAD_SYSTEM: [], "ensemble": []}
+    logs: dict[str, Path] = {}
+    fold_records = []
+
+    for fold in tqdm(folds, desc="folds", unit="fold", disable=not opts.progress):
+        fold_dir = out / "folds" / str(fold.index)
+        fold_dir.mkdir(parents=True, exist_ok=True)
+        train = [by_id[c] for c in fold.train_ids]
+        held_out = [blind(by_id[c]) for c in fold.test_ids]
+        fitted: dict[str, Fitted] = {}
+        for system in retrieval:
+            f = fit_system(system, train, component_scores)
+            assert_chosen_on_training_cases(f.chosen_on, fold, f"{system} threshold")
+            fitted[system] = f
+            for case in held_out:
+                predictions[system][case.case_id] = predict_system(f, case, component_scores)
+        if "ensemble" in fitted and fitted["ensemble"].mode == "absolute":
+            chosen_thresholds["ensemble"].append(float(fitted["ensemble"].threshold))
+        head = None
+        if use_head:
+            log(f"fold {fold.index}: training the task stage on {len(train)} case(s) -> {fold_dir / 'run'}")
+            head = run_head_fold(fold_dir, train, held_out, preset=opts.preset, init=init, seed=opts.seed,
+                                 settings=settings, config_file=opts.config, max_new_tokens=opts.max_new_tokens,
+                                 device=opts.device, progress=opts.progress, generate=opts.generate)
+            assert_chosen_on_training_cases(head.chosen_on, fold, "head threshold")
+            assert_chosen_on_training_cases(head.relevance_chosen_on, fold, "head relevance threshold")
+            predictions[HEAD_SYSTEM].update(head.predictions)
+            answers.update(head.answers)
+            fallback += head.extractive_fallback
+            relevance.update(head.relevance)
+            if head.relevance_threshold is not None:
+                relevance_threshold.update({c: head.relevance_threshold for c in fold.test_ids})
+            chosen_thresholds[HEAD_SYSTEM].append(head.threshold)
+            logs[f"fold {fold.index}"] = head.run_dir / "log.jsonl"
+        for cid in fold.test_ids:
+            fold_of[cid] = fold.index
+        record = _fold_record(fold, fitted, head)
+        _write_json(fold_dir / "fold.json", record)
+        fold_records.append(record)
+
+    # --- pool and score once -------------------------------------------------------
+    gold = {c.case_id: c.gold_pairs() for c in keyed}
+    indices = resample_indices(len(keyed), opts.n_resamples, opts.seed)
+    labels = {**RETRIEVAL_SYSTEMS, HEAD_SYSTEM: HEAD_LABEL}
+    st4_rows = []
+    for system in systems:
+        pred = {cid: predictions[system][cid].pairs for cid in ids}
+        entries = subtask4_entries({
+            cid: {aid: sorted((n for (a, n) in pred[cid] if a == aid), key=by_id[cid].note_ids.index)
+                  for aid in by_id[cid].answer_ids}
+            for cid in ids
+        })
+        write_submission(entries, out / "submissions" / system, 4, keyed)
+        scores = score_alignment(pred, gold)
+        ci = bootstrap_alignment(pair_counts(pred, gold, ids), indices, opts.level)
+        st4_rows.append({"system": system, "label": labels[system],
+                         "scores": _round({k: scores[k] for k in ALIGNMENT_KEYS}),
+                         "ci": {k: [round(lo, 4), round(hi, 4)] for k, (lo, hi) in ci.items()}})
+
+    st3_rows = _subtask3(keyed, answers if (use_head and opts.generate) else None, fallback, indices, opts, out)
+    st2 = _subtask2(keyed, relevance, relevance_threshold, indices, opts, use_head)
+
+    ladder = {
+        "title": ("Baseline ladder — " + (TRAINING_CASES_LABEL if on_training else "held-out cases")),
+        "evaluated_on": TRAINING_CASES_LABEL if on_training else "held-out cases",
+        "notice": notice,
+        "xml": str(opts.xml), "key": str(opts.key),
+        "n_cases": len(keyed), "n_folds": len(folds), "seed": opts.seed,
+        "n_resamples": opts.n_resamples, "level": opts.level,
+        "subtask4": st4_rows, "subtask3": st3_rows, "subtask2": st2,
+        "folds": fold_records,
+    }
+    files = {"ladder_md": out / "ladder.md", "ladder_json": out / "ladder.json", "errors": out / "errors.md",
+             "pr_curve": out / "pr_curve.png", "f1_vs_threshold": out / "f1_vs_threshold.png",
+             "loss_curves": out / "loss_curves.png", "cv": out / "cv.json"}
+    _write_json(files["ladder_json"], ladder)
+    _write_text_atomic(files["ladder_md"], ladder_markdown(ladder))
+
+    report_systems = [s for s in (HEAD_SYSTEM, "ensemble") if s in systems] or systems[-1:]
+    _write_text_atomic(files["errors"], error_report_markdown(
+        keyed, {s: predictions[s] for s in report_systems}, fold_of, labels, notice))
+    _plots(keyed, predictions, chosen_thresholds, logs, files, on_training)
+
+    seconds = time.perf_counter() - started
+    _write_json(files["cv"], {
+        "command": "score.py cv", "evaluated_on": ladder["evaluated_on"], "notice": notice,
+        "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(opts).items()},
+        "systems": systems, "folds": [{"index": f.index, "train_ids": list(f.train_ids),
+                                        "test_ids": list(f.test_ids)} for f in folds],
+        "seconds": round(seconds, 1), "files": {k: str(v) for k, v in files.items()},
+    })
+    return CVResult(out, ladder, fold_records, seconds, files)
+
+
+def _subtask3(keyed: list[Case], model_answers: dict[str, str] | None, fallback: list[str], indices: np.ndarray,
+              opts: CVOptions, out: Path) -> list[dict]:
+    ids = [c.case_id for c in keyed]
+    references = {c.case_id: c.clinician_answer_without_citations or " ".join(a.text for a in c.answer_sentences)
+                  for c in keyed}
+    if not all(r.strip() for r in references.values()):
+        return []
+    sources = {c.case_id: c.patient_narrative for c in keyed}
+    runs = {EXTRACTIVE_SYSTEM: ({c.case_id: extractive_answer(blind(c)) for c in keyed},
+                                "extractive: note sentences closest to the question (nothing tuned)", [])}
+    if model_answers is not None:
+        runs[MODEL_SYSTEM] = (model_answers, "the task-stage model's generated answers (trained on training folds)",
+                              sorted(fallback))
+    rows = []
+    for system, (answers, label, fell_back) in runs.items():
+        write_submission(subtask3_entries({cid: answers[cid] for cid in ids}), out / "submissions" / system, 3, keyed)
+        result = score_generation({cid: answers[cid] for cid in ids}, references, sources)
+        ci = {}
+        for name in result.computed:
+            lo, hi = bootstrap_mean([result.per_case[cid][name] for cid in ids], indices, opts.level)
+            ci[name] = [round(lo, 4), round(hi, 4)]
+        rows.append({"system": system, "label": label, "scores": _round(result.scores), "ci": ci,
+                     "not_computed": {k: result.reasons.get(k, "") for k in result.not_computed},
+                     "extractive_fallback_cases": fell_back})
+    return rows
+
+
+def _subtask2(keyed: list[Case], relevance: dict, thresholds: dict, indices: np.ndarray, opts: CVOptions,
+              use_head: bool) -> dict:
+    if not use_head:
+        return {"available": False, "reason": "the head system was not run"}
+    if not relevance or len(relevance) != len(keyed):
+        return {"available": False, "reason": "the head has no relevance output (head_relevance = false) or the "
+                                              "key has no relevance labels"}
+    row: dict = {"system": HEAD_SYSTEM, "label": "joint head's relevance probability", "ci": {}}
+    for kind, labels in (("strict", ESSENTIAL), ("lenient", RELEVANT)):
+        counts = _evidence_counts(keyed, relevance, thresholds, labels)
+        row[kind] = _round({k: float(v) for k, v in micro_from_counts(counts).items()})
+        row["ci"][kind] = {k: [round(lo, 4), round(hi, 4)] for k, (lo, hi) in
+                           bootstrap_micro(counts, indices, opts.level).items()}
+    return {"available": True, "rows": [row]}
+
+
+def _plots(keyed: list[Case], predictions: dict[str, dict[str, Prediction]], chosen: dict[str, list[float]],
+           logs: dict[str, Path], files: dict[str, Path], on_training: bool) -> None:
+    where = "TRAINING cases (optimistic)" if on_training else "held-out cases"
+    golds = {c.case_id: gold_matrix(c) for c in keyed}
+    curves, points = {}, {}
+    for system in (HEAD_SYSTEM, "ensemble"):
+        if system not in predictions:
+            continue
+        curves[system] = plots.pooled_pairs({c: p.scores for c, p in predictions[system].items()}, golds)
+        pred = {c: predictions[system][c].pairs for c in golds}
+        total = micro_from_counts(pair_counts(pred, {c.case_id: c.gold_pairs() for c in keyed}, list(golds)))
+        points[system] = (total["recall"] / 100, total["precision"] / 100)
+    title = f"Pooled (answer, note) pairs of {where}; invented fixtures are not real clinical data"
+    plots.plot_pr(curves, points, files["pr_curve"], title)
+    plots.plot_f1_vs_threshold(curves, chosen, files["f1_vs_threshold"], title)
+    plots.plot_losses(logs, files["loss_curves"], "Task-stage training loss per fold (training cases)")
+
+
+def print_summary(result: CVResult, stream=sys.stdout) -> None:
+    """The console summary: notice, the Subtask 4 ladder (ids and numbers only), where the files are."""
+    ladder = result.ladder
+    print("", file=stream)
+    for line in ladder["notice"]:
+        print(line, file=stream)
+    print(f"{ladder['title']}: {ladder['n_cases']} cases, {ladder['n_folds']} fold(s), "
+          f"{int(100 * ladder['level'])}% bootstrap CI over cases", file=stream)
+    width = max(len(r["system"]) for r in ladder["subtask4"])
+    print(f"{'system':<{width}}  {'micro F1 [CI]':<22}  {'macro F1 [CI]':<22}", file=stream)
+    for r in ladder["subtask4"]:
+        cells = [f"{r['scores'][k]:5.1f} [{r['ci'][k][0]:5.1f}, {r['ci'][k][1]:5.1f}]" for k in ("micro_f1", "macro_f1")]
+        print(f"{r['system']:<{width}}  {cells[0]:<22}  {cells[1]:<22}", file=stream)
+    for name, path in result.files.items():
+        print(f"{name}: {path}", file=stream)
+    print(f"took {result.seconds:.0f} s", file=stream)

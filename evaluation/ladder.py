@@ -1,0 +1,85 @@
+"""The baseline ladder: one table per subtask, every system scored once on pooled held-out predictions.
+
+:func:`ladder_markdown` renders the JSON record that :mod:`evaluation.cv` builds; both
+carry the same notice (held-out cases, data provenance), so neither can be quoted
+without it.
+"""
+from __future__ import annotations
+
+from .bootstrap import ALIGNMENT_KEYS
+
+ST3_COLUMNS = ("bleu", "rouge1", "rouge2", "rougeL", "rougeLsum", "sari", "bertscore")
+ST3_NAMES = {"bleu": "BLEU", "rouge1": "ROUGE-1", "rouge2": "ROUGE-2", "rougeL": "ROUGE-L",
+             "rougeLsum": "ROUGE-Lsum", "sari": "SARI", "bertscore": "BERTScore F1"}
+ST4_NAMES = {"micro_precision": "micro P", "micro_recall": "micro R", "micro_f1": "micro F1",
+             "macro_precision": "macro P", "macro_recall": "macro R", "macro_f1": "macro F1"}
+
+
+def _cell(value: float | None, ci: list | tuple | None) -> str:
+    if value is None:
+        return "n/c"
+    return f"{value:.1f} [{ci[0]:.1f}, {ci[1]:.1f}]" if ci else f"{value:.1f}"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    out += ["| " + " | ".join(r) + " |" for r in rows]
+    return out
+
+
+def ladder_markdown(ladder: dict) -> str:
+    """The ladder as Markdown (no note text: ids and numbers only)."""
+    lines = [f"# {ladder['title']}", ""]
+    lines += [f"> {line}" for line in ladder["notice"]] + [""]
+    level = int(round(100 * ladder["level"]))
+    lines += [f"{ladder['n_cases']} cases, {ladder['n_folds']} fold(s) (seed {ladder['seed']}); "
+              f"[{level}% bootstrap CI over cases, {ladder['n_resamples']} resamples, percentile]. "
+              "All scores x100.", ""]
+
+    lines += ["## Subtask 4: evidence alignment (official pair scores)", ""]
+    rows = [[f"`{r['system']}` {r['label']}"] + [_cell(r["scores"][k], r["ci"][k]) for k in ALIGNMENT_KEYS]
+            for r in ladder["subtask4"]]
+    lines += _table(["system"] + [ST4_NAMES[k] for k in ALIGNMENT_KEYS], rows) + [""]
+
+    st3 = ladder.get("subtask3", [])
+    if st3:
+        lines += ["## Subtask 3: answer generation (vs clinician_answer_without_citations; SARI source = "
+                  "patient narrative)", ""]
+        rows = [[f"`{r['system']}` {r['label']}"] + [_cell(r["scores"].get(k), r["ci"].get(k)) for k in ST3_COLUMNS]
+                for r in st3]
+        lines += _table(["system"] + [ST3_NAMES[k] for k in ST3_COLUMNS], rows)
+        reasons = {k: v for r in st3 for k, v in r.get("not_computed", {}).items() if k in ST3_COLUMNS}
+        lines += [""] + [f"n/c = not computed: {k}: {v}" for k, v in reasons.items()]
+        for r in st3:
+            if r.get("extractive_fallback_cases"):
+                lines.append(f"`{r['system']}`: {len(r['extractive_fallback_cases'])} case(s) had an empty generated "
+                             "answer and were given the extractive answer (what infer.py submits)")
+        lines.append("")
+
+    st2 = ladder.get("subtask2")
+    if st2:
+        lines += ["## Subtask 2: evidence identification (micro over note sentences)", ""]
+        if st2.get("available"):
+            rows = []
+            for r in st2["rows"]:
+                rows.append([f"`{r['system']}` {r['label']}"]
+                            + [_cell(r[kind][m], r["ci"][kind][m]) for kind in ("strict", "lenient")
+                               for m in ("precision", "recall", "f1")])
+            lines += _table(["system", "strict P", "strict R", "strict F1", "lenient P", "lenient R", "lenient F1"],
+                            rows)
+            lines += ["", "strict: gold = essential; lenient: gold = essential + supplementary. A note sentence is "
+                      "predicted relevant when the head's relevance probability passes the threshold calibrated "
+                      "(for strict micro F1) on the fold's training cases.", ""]
+        else:
+            lines += [f"not available: {st2.get('reason', '')}", ""]
+
+    lines += ["## What each fold chose (on its training cases only)", ""]
+    rows = []
+    for fold in ladder["folds"]:
+        for system, t in fold["thresholds"].items():
+            value = "-" if t.get("threshold") is None else f"{t['threshold']:g} ({t.get('mode')})"
+            rows.append([str(fold["index"]), f"`{system}`", value, str(len(t.get("chosen_on", []))),
+                         ", ".join(fold["test_ids"])])
+    lines += _table(["fold", "system", "threshold", "# training cases it was chosen on", "held-out cases"], rows)
+    lines.append("")
+    return "\n".join(lines)
