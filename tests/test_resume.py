@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -11,6 +12,16 @@ from training.checkpoints import checkpoint_dirs
 from training.config import build_config
 from training.loop import run_training
 from training.synthetic import make_cases, write_archehr
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """The tiny model gains little from a second thread, and on a busy 2-core machine
+    two spinning OpenMP threads made these tests ~10x slower; restored afterwards."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
 
 
 def weights(export_dir) -> dict[str, torch.Tensor]:

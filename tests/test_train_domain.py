@@ -19,6 +19,16 @@ from training.loop import run_training
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """The tiny model gains little from a second thread, and on a busy 2-core machine
+    two spinning OpenMP threads made these tests ~10x slower; restored afterwards."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @torch.no_grad()
 def answer_loss(backbone, encoded, pad_id: int) -> float:
     """Mean answer-token CE over the examples (eval mode, one padded batch)."""
