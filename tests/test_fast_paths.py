@@ -97,3 +97,25 @@ def test_batched_alignment_scores_equal_one_case_at_a_time(tiny_adapter, shared_
     for a, b, case in zip(one, batched, cases):
         assert a.shape == (len(case.answer_sentences), len(case.note_sentences))
         np.testing.assert_allclose(a, b, atol=1e-4)
+
+
+def test_training_loop_uses_token_budget_batches(tmp_path):
+    from data.emrqa import emrqa_to_prompt_example, load_emrqa
+    from model.backbone import load_tokenizer
+    from training.config import build_config
+    from training.data import encode_items
+    from training.loop import run_training
+
+    from conftest import EXAMPLES
+
+    data = EXAMPLES / "emrqa_sample.jsonl"
+    cfg = build_config(dict(stage="domain", preset="tiny", data=str(data), out=str(tmp_path / "run"),
+                            batch_tokens=2048, max_length=2048, epochs=2, log_every=1, progress=False,
+                            gradient_checkpointing=False, plot=False))
+    tok = load_tokenizer("tiny")
+    items, _ = encode_items(tok, [emrqa_to_prompt_example(r) for r in load_emrqa(data)], 2048)
+    expected = len(token_budget_batches([len(it) for it in items], 2048))
+    assert 1 < expected < len(items)  # several rows per batch, more than one batch
+    result = run_training(cfg)
+    assert result.steps == 2 * expected
+    assert all(row["tokens_per_s"] > 0 for row in result.history)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import sys
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, get_type_hints
 
@@ -55,6 +55,11 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     max_length: int = 4096
     group_by_length: bool = True
+    # > 0: batches filled to this many padded tokens (rows of similar length) instead of
+    # `batch_size` rows; far less padding and bigger matmuls (see BENCHMARKS.md).
+    batch_tokens: int = 0
+    # bf16 autocast and bf16 embeddings/lm_head on CUDA (no PEFT fp32 upcast); CPU stays fp32.
+    bf16: bool = True
     gradient_checkpointing: bool = True
     # LoRA
     lora_r: int = 16
@@ -91,6 +96,10 @@ class TrainConfig:
         for name in ("batch_size", "grad_accum", "epochs", "max_length", "log_every", "lora_r"):
             if getattr(self, name) < 1:
                 raise InputError(f"--{name} must be >= 1")
+        if self.batch_tokens < 0:
+            raise InputError("--batch_tokens must be >= 0")
+        if self.batch_tokens and self.batch_tokens < self.max_length:
+            raise InputError(f"--batch_tokens ({self.batch_tokens}) must be at least --max_length ({self.max_length})")
         if self.lr <= 0:
             raise InputError("--lr must be > 0")
         return self

@@ -179,6 +179,23 @@ class EpochBatches:
         return max(0, self.num_batches() - self.start)
 
 
+class TokenBudgetBatches(EpochBatches):
+    """``EpochBatches`` whose batches are filled to a token budget (see training.batching)."""
+
+    def __init__(self, lengths: Sequence[int], max_tokens: int, seed: int, shuffle: bool = True):
+        super().__init__(lengths, 1, seed, shuffle, group_by_length=True)
+        self.max_tokens = max_tokens
+        self._count = len(self.batches(0))
+
+    def batches(self, epoch: int) -> list[list[int]]:
+        from .batching import token_budget_batches
+
+        return token_budget_batches(self.lengths, self.max_tokens, seed=self.seed, epoch=epoch, shuffle=self.shuffle)
+
+    def num_batches(self) -> int:
+        return self._count
+
+
 def collate(items: Sequence[TrainItem], pad_id: int) -> dict:
     """Right-padded tensors plus stacked spans/targets (see module docstring)."""
     width = max(len(it) for it in items)

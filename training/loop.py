@@ -31,6 +31,7 @@ from .config import TrainConfig
 from .data import (
     EpochBatches,
     ItemDataset,
+    TokenBudgetBatches,
     TrainItem,
     collate,
     domain_examples,
@@ -188,7 +189,8 @@ def run_training(cfg: TrainConfig, resume: bool = False) -> RunResult:
             f"--init was trained with preset {init_manifest.get('preset')!r}, not {preset.name!r}", init_export
         )
 
-    accelerator = Accelerator()
+    use_bf16 = cfg.bf16 and torch.cuda.is_available()
+    accelerator = Accelerator(mixed_precision="bf16" if use_bf16 else "no")
     set_seed(cfg.seed)
     tokenizer = load_tokenizer(cfg.base_path or preset)
     items, sources = stage_data(cfg, tokenizer)
@@ -206,6 +208,7 @@ def run_training(cfg: TrainConfig, resume: bool = False) -> RunResult:
         gradient_checkpointing=cfg.gradient_checkpointing,
         base_path=base_path,
         adapter_dir=init_export,
+        keep_bf16=use_bf16,
     )
     hidden_size = backbone.get_base_model().config.hidden_size
     head = build_head(cfg, hidden_size, init_export, accelerator.device)
@@ -216,7 +219,11 @@ def run_training(cfg: TrainConfig, resume: bool = False) -> RunResult:
     )
     optimizer = make_optimizer(model, cfg)
 
-    sampler = EpochBatches([len(it) for it in items], cfg.batch_size, cfg.seed, True, cfg.group_by_length)
+    lengths = [len(it) for it in items]
+    if cfg.batch_tokens:
+        sampler = TokenBudgetBatches(lengths, cfg.batch_tokens, cfg.seed, True)
+    else:
+        sampler = EpochBatches(lengths, cfg.batch_size, cfg.seed, True, cfg.group_by_length)
     pad_id = tokenizer.pad_token_id
     loader = torch.utils.data.DataLoader(
         ItemDataset(items),
