@@ -75,6 +75,14 @@ def bootstrap_alignment(counts: np.ndarray, indices: np.ndarray,
     return {k: percentile_interval(samples[k], level) for k in ALIGNMENT_KEYS}
 
 
+def bootstrap_difference(counts_a: np.ndarray, counts_b: np.ndarray, indices: np.ndarray, key: str = "micro_f1",
+                         level: float = DEFAULT_LEVEL) -> tuple[float, float]:
+    """Interval of score(a) - score(b) over the same case resamples (a paired comparison)."""
+    a = alignment_from_counts(counts_a[indices])[key]
+    b = alignment_from_counts(counts_b[indices])[key]
+    return percentile_interval(a - b, level)
+
+
 def bootstrap_micro(counts: np.ndarray, indices: np.ndarray,
                     level: float = DEFAULT_LEVEL) -> dict[str, tuple[float, float]]:
     samples = micro_from_counts(counts[indices])

@@ -42,6 +42,7 @@ from .bootstrap import (
     DEFAULT_LEVEL,
     DEFAULT_RESAMPLES,
     bootstrap_alignment,
+    bootstrap_difference,
     bootstrap_mean,
     bootstrap_micro,
     micro_from_counts,
@@ -74,6 +75,7 @@ from .systems import (
 ROOT = Path(__file__).resolve().parents[1]
 EXTRACTIVE_SYSTEM = "extractive"
 MODEL_SYSTEM = "model"
+REFERENCE_SYSTEM = "ensemble"  # the ladder's paired differences are against it
 HELD_OUT_NOTICE = ("Scores are on HELD-OUT cases: every case was predicted by systems that neither trained nor "
                    "chose any setting (threshold, weights) on it; held-out predictions of all folds are pooled "
                    "and scored once.")
@@ -289,6 +291,7 @@ def run_cv(opts: CVOptions, log: Log = print) -> CVResult:
     indices = resample_indices(len(keyed), opts.n_resamples, opts.seed)
     labels = {**RETRIEVAL_SYSTEMS, HEAD_SYSTEM: HEAD_LABEL}
     st4_rows = []
+    counts: dict[str, np.ndarray] = {}
     for system in systems:
         pred = {cid: predictions[system][cid].pairs for cid in ids}
         entries = subtask4_entries({
@@ -298,10 +301,20 @@ def run_cv(opts: CVOptions, log: Log = print) -> CVResult:
         })
         write_submission(entries, out / "submissions" / system, 4, keyed)
         scores = score_alignment(pred, gold)
-        ci = bootstrap_alignment(pair_counts(pred, gold, ids), indices, opts.level)
+        counts[system] = pair_counts(pred, gold, ids)
+        ci = bootstrap_alignment(counts[system], indices, opts.level)
         st4_rows.append({"system": system, "label": labels[system],
                          "scores": _round({k: scores[k] for k in ALIGNMENT_KEYS}),
                          "ci": {k: [round(lo, 4), round(hi, 4)] for k, (lo, hi) in ci.items()}})
+    if REFERENCE_SYSTEM in counts:
+        # Paired over the same resamples: is a system's micro F1 really above or below the ensemble's?
+        for row in st4_rows:
+            lo, hi = bootstrap_difference(counts[row["system"]], counts[REFERENCE_SYSTEM], indices, "micro_f1",
+                                          opts.level)
+            row["micro_f1_minus_ensemble"] = {
+                "value": round(row["scores"]["micro_f1"] - st4_rows[systems.index(REFERENCE_SYSTEM)]["scores"]
+                               ["micro_f1"], 4),
+                "ci": [round(lo, 4), round(hi, 4)]}
 
     st3_rows = _subtask3(keyed, answers if (use_head and opts.generate) else None, fallback, indices, opts, out)
     st2 = _subtask2(keyed, relevance, relevance_threshold, indices, opts, use_head)
@@ -325,7 +338,7 @@ def run_cv(opts: CVOptions, log: Log = print) -> CVResult:
     report_systems = [s for s in (HEAD_SYSTEM, "ensemble") if s in systems] or systems[-1:]
     _write_text_atomic(files["errors"], error_report_markdown(
         keyed, {s: predictions[s] for s in report_systems}, fold_of, labels, notice))
-    _plots(keyed, predictions, chosen_thresholds, logs, files, on_training)
+    _plots(keyed, predictions, chosen_thresholds, logs, files, on_training, notice[1], f"data: {Path(opts.xml).name}")
 
     seconds = time.perf_counter() - started
     _write_json(files["cv"], {
@@ -349,8 +362,10 @@ def _subtask3(keyed: list[Case], model_answers: dict[str, str] | None, fallback:
     runs = {EXTRACTIVE_SYSTEM: ({c.case_id: extractive_answer(blind(c)) for c in keyed},
                                 "extractive: note sentences closest to the question (nothing tuned)", [])}
     if model_answers is not None:
-        runs[MODEL_SYSTEM] = (model_answers, "the task-stage model's generated answers (trained on training folds)",
-                              sorted(fallback))
+        label = "the task-stage model's generated answers (trained on training folds)"
+        if fallback:
+            label += f"; {len(fallback)}/{len(keyed)} empty, given the extractive answer"
+        runs[MODEL_SYSTEM] = (model_answers, label, sorted(fallback))
     rows = []
     for system, (answers, label, fell_back) in runs.items():
         write_submission(subtask3_entries({cid: answers[cid] for cid in ids}), out / "submissions" / system, 3, keyed)
@@ -382,7 +397,8 @@ def _subtask2(keyed: list[Case], relevance: dict, thresholds: dict, indices: np.
 
 
 def _plots(keyed: list[Case], predictions: dict[str, dict[str, Prediction]], chosen: dict[str, list[float]],
-           logs: dict[str, Path], files: dict[str, Path], on_training: bool) -> None:
+           logs: dict[str, Path], files: dict[str, Path], on_training: bool, provenance: str,
+           provenance_name: str) -> None:
     where = "TRAINING cases (optimistic)" if on_training else "held-out cases"
     golds = {c.case_id: gold_matrix(c) for c in keyed}
     curves, points = {}, {}
@@ -393,10 +409,11 @@ def _plots(keyed: list[Case], predictions: dict[str, dict[str, Prediction]], cho
         pred = {c: predictions[system][c].pairs for c in golds}
         total = micro_from_counts(pair_counts(pred, {c.case_id: c.gold_pairs() for c in keyed}, list(golds)))
         points[system] = (total["recall"] / 100, total["precision"] / 100)
-    title = f"Pooled (answer, note) pairs of {where}; invented fixtures are not real clinical data"
+    data = "invented fixture data, not real clinical data" if "INVENTED" in provenance else provenance_name
+    title = f"Pooled (answer, note) pairs of {len(keyed)} {where}\n({data})"
     plots.plot_pr(curves, points, files["pr_curve"], title)
     plots.plot_f1_vs_threshold(curves, chosen, files["f1_vs_threshold"], title)
-    plots.plot_losses(logs, files["loss_curves"], "Task-stage training loss per fold (training cases)")
+    plots.plot_losses(logs, files["loss_curves"], "Task-stage training loss per fold\n(each fold's training cases)")
 
 
 def print_summary(result: CVResult, stream=sys.stdout) -> None:

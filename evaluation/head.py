@@ -149,8 +149,8 @@ def run_head_fold(fold_dir: Path, train: Sequence[Case], held_out: Sequence[Case
         threshold, _ = calibrate_threshold(train_rel, [relevance_targets(c, ESSENTIAL) for c in train])
         out.relevance_threshold, out.relevance_chosen_on = threshold, train_ids
 
-    for case in held_out:
-        scores = np.asarray(ck.score_pairs(case), dtype=np.float64)
+    for case, probs in zip(held_out, ck.score_all(list(held_out))):
+        scores = np.asarray(probs, dtype=np.float64)
         links = link_pairs(scores, out.threshold, "absolute")
         out.predictions[case.case_id] = Prediction(scores, links_to_pairs(case.answer_ids, case.note_ids, links))
         rel = _relevance_probabilities(ck, case) if out.relevance_threshold is not None else None

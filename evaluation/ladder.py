@@ -37,9 +37,16 @@ def ladder_markdown(ladder: dict) -> str:
               "All scores x100.", ""]
 
     lines += ["## Subtask 4: evidence alignment (official pair scores)", ""]
-    rows = [[f"`{r['system']}` {r['label']}"] + [_cell(r["scores"][k], r["ci"][k]) for k in ALIGNMENT_KEYS]
-            for r in ladder["subtask4"]]
-    lines += _table(["system"] + [ST4_NAMES[k] for k in ALIGNMENT_KEYS], rows) + [""]
+    paired = all("micro_f1_minus_ensemble" in r for r in ladder["subtask4"])
+    rows = []
+    for r in ladder["subtask4"]:
+        row = [f"`{r['system']}` {r['label']}"] + [_cell(r["scores"][k], r["ci"][k]) for k in ALIGNMENT_KEYS]
+        if paired:
+            d = r["micro_f1_minus_ensemble"]
+            row.append("-" if r["system"] == "ensemble" else f"{d['value']:+.1f} [{d['ci'][0]:+.1f}, {d['ci'][1]:+.1f}]")
+        rows.append(row)
+    header = ["system"] + [ST4_NAMES[k] for k in ALIGNMENT_KEYS] + (["micro F1 − ensemble (paired)"] if paired else [])
+    lines += _table(header, rows) + [""]
 
     st3 = ladder.get("subtask3", [])
     if st3:
@@ -75,11 +82,20 @@ def ladder_markdown(ladder: dict) -> str:
 
     lines += ["## What each fold chose (on its training cases only)", ""]
     rows = []
+    untuned: set[str] = set()
     for fold in ladder["folds"]:
         for system, t in fold["thresholds"].items():
-            value = "-" if t.get("threshold") is None else f"{t['threshold']:g} ({t.get('mode')})"
+            if t.get("threshold") is None:
+                untuned.add(system)
+                continue
+            value = f"{t['threshold']:g} ({t.get('mode')})"
+            weights = (t.get("params") or {}).get("weights")
+            if weights:
+                value += " weights " + ", ".join(f"{k} {v:g}" for k, v in weights.items())
             rows.append([str(fold["index"]), f"`{system}`", value, str(len(t.get("chosen_on", []))),
                          ", ".join(fold["test_ids"])])
-    lines += _table(["fold", "system", "threshold", "# training cases it was chosen on", "held-out cases"], rows)
+    lines += _table(["fold", "system", "setting", "# training cases it was chosen on", "held-out cases"], rows)
+    if untuned:
+        lines += ["", "Nothing tuned: " + ", ".join(f"`{s}`" for s in sorted(untuned)) + "."]
     lines.append("")
     return "\n".join(lines)

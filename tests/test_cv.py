@@ -15,7 +15,13 @@ import pytest
 
 import score
 from data.archehr import load_cases
-from evaluation.bootstrap import alignment_from_counts, bootstrap_alignment, pair_counts, resample_indices
+from evaluation.bootstrap import (
+    alignment_from_counts,
+    bootstrap_alignment,
+    bootstrap_difference,
+    pair_counts,
+    resample_indices,
+)
 from evaluation.folds import (
     TRAINING_CASES_LABEL,
     Fold,
@@ -146,6 +152,12 @@ def test_counts_reproduce_the_official_scores_and_intervals_bracket_them():
         assert lo <= official[k] <= hi and lo < hi, k
     # Seeded: the same resamples give the same interval.
     assert ci == bootstrap_alignment(counts, resample_indices(len(ids), 500, seed=1))
+    idx = resample_indices(len(ids), 500, seed=1)
+    assert bootstrap_difference(counts, counts, idx) == (0.0, 0.0)
+    nothing = pair_counts({c: set() for c in ids}, gold, ids)
+    lo, hi = bootstrap_difference(counts, nothing, idx)
+    samples = alignment_from_counts(counts[idx])["micro_f1"]  # minus zero: the system's own distribution
+    assert (lo, hi) == pytest.approx(tuple(np.percentile(samples, [2.5, 97.5]))) and lo > 0
 
 
 # --- the command end to end ------------------------------------------------------------
@@ -162,6 +174,11 @@ def test_cv_writes_the_ladder_report_and_plots(full_run, cases):
         for k, v in row["scores"].items():
             lo, hi = row["ci"][k]
             assert lo - 1e-6 <= v <= hi + 1e-6, (row["system"], k)
+    ens = ladder["subtask4"][5]["micro_f1_minus_ensemble"]
+    assert ens == {"value": 0.0, "ci": [0.0, 0.0]}
+    for row in ladder["subtask4"]:
+        d = row["micro_f1_minus_ensemble"]
+        assert d["ci"][0] - 1e-6 <= d["value"] <= d["ci"][1] + 1e-6
     none = ladder["subtask4"][0]["scores"]
     assert none["micro_precision"] == 0 and none["micro_recall"] == 0
     st3 = {r["system"]: r for r in ladder["subtask3"]}
