@@ -25,7 +25,7 @@ from .crossval import case_folds
 from .ensemble import DEFAULT_COMPONENTS, EnsembleConfig, fit_ensemble, score_components
 
 
-def out_of_fold_cross_scores(cases: Sequence[Case], n_folds: int = 3, epochs: int = 3, seed: int = 0) -> dict:
+def out_of_fold_cross_scores(cases: Sequence[Case], n_folds: int = 3, epochs: int = 6, seed: int = 0) -> dict:
     """case_id -> cross-encoder scores from a model that did not train on that case."""
     from .cross_encoder import train_cross_encoder
 
@@ -41,7 +41,7 @@ def out_of_fold_cross_scores(cases: Sequence[Case], n_folds: int = 3, epochs: in
     return scores
 
 
-def fit_from_cases(cases: Sequence[Case], out: Path, *, cross_encoder: bool = False, epochs: int = 3,
+def fit_from_cases(cases: Sequence[Case], out: Path, *, cross_encoder: bool = False, epochs: int = 6,
                    folds: int = 3, components: Sequence[str] = DEFAULT_COMPONENTS,
                    tuned_on: str | None = None) -> EnsembleConfig:
     """Tune on ``cases`` and save the config (and the cross-encoder, if asked) at ``out``."""
@@ -71,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--key", type=Path, required=True, help="their key JSON")
     p.add_argument("--out", type=Path, required=True, help="ensemble JSON to write")
     p.add_argument("--cross-encoder", action="store_true", help="also fine-tune a MiniLM cross-encoder (slower)")
-    p.add_argument("--epochs", type=int, default=3, help="cross-encoder epochs")
+    p.add_argument("--epochs", type=int, default=6, help="cross-encoder epochs")
     p.add_argument("--folds", type=int, default=3, help="folds for the cross-encoder's out-of-fold scores")
     return p
 

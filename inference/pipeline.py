@@ -212,13 +212,8 @@ def run_inference(opts: InferenceOptions, log: Log = _stderr) -> InferenceResult
     if engine == BASELINE_ENGINE:
         log("engine: RETRIEVAL BASELINE (no --checkpoint): extractive Subtask 3 answers, "
             "retrieval-ensemble Subtask 4 alignment; not the fine-tuned model")
-    else:
-        log(f"engine: checkpoint {opts.checkpoint} (Subtask 4 aligner: {aligner_kind})")
     with_answers = [c for c in cases if c.answer_sentences]
     skipped = [c.case_id for c in cases if not c.answer_sentences] if 4 in opts.subtasks else []
-    for cid in skipped:
-        log(f"warning: case {cid} has no answer sentences (none in the XML"
-            f"{' or the key' if opts.key else '; pass --key'}): skipped for Subtask 4")
     timings["load_inputs"] = time.perf_counter() - t_start
 
     checkpoint = None
@@ -230,6 +225,12 @@ def run_inference(opts: InferenceOptions, log: Log = _stderr) -> InferenceResult
         checkpoint = load_export(opts.checkpoint, base=opts.base, device=opts.device, load_in_4bit=opts.load_in_4bit)
         manifest = checkpoint.manifest
         timings["load_checkpoint"] = time.perf_counter() - t
+        # Announced once loaded, so that a folder that is not an export fails with one line.
+        log(f"engine: checkpoint {opts.checkpoint} (preset {manifest.get('preset')}, "
+            f"Subtask 4 aligner: {aligner_kind}, threshold {checkpoint.threshold:.3f})")
+    for cid in skipped:
+        log(f"warning: case {cid} has no answer sentences (none in the XML"
+            f"{' or the key' if opts.key else '; pass --key'}): skipped for Subtask 4")
 
     entries: dict[int, list[dict]] = {}
     run: dict = {

@@ -154,10 +154,12 @@ def test_bad_xml_exits_2_with_one_line_and_writes_nothing(tmp_path):
     ("checkpoint", ["--checkpoint", "{missing}"], "checkpoint folder not found"),
     ("head", ["--aligner", "head"], "--aligner head needs --checkpoint"),
     ("key", ["--key", "{missing}"], "file not found"),
+    ("not-an-export", ["--checkpoint", "{empty}"], "not an export folder (no manifest.json)"),
 ])
 def test_bad_arguments_exit_2_and_write_nothing(tmp_path, capsys, problem, args, message):
     out = tmp_path / "run"
-    args = [a.format(missing=tmp_path / "nowhere") for a in args]
+    (tmp_path / "empty").mkdir()
+    args = [a.format(missing=tmp_path / "nowhere", empty=tmp_path / "empty") for a in args]
     with pytest.raises(SystemExit) as err:
         infer.main([str(EXAMPLE_XML), "--out", str(out), *args])
     assert err.value.code == 2

@@ -203,6 +203,22 @@ def test_pooled_micro_f1_matches_the_official_scorer(set_a):
     assert pooled_micro_f1(preds, golds) * 100 == pytest.approx(official)
 
 
+def test_grid_search_links_equal_link_pairs():
+    from baselines.ensemble import ABSOLUTE_GRID, CAP_GRID, _RankedScores
+
+    rng = np.random.default_rng(0)
+    matrices = [normalise_rows(rng.integers(0, 4, size=(5, 7)).astype(float)) for _ in range(20)]
+    matrices += [np.zeros((3, 4)), np.zeros((0, 4))]
+    for m in matrices:
+        ranked = _RankedScores(m)
+        for threshold in (0.5, 0.75, 1.0) + ABSOLUTE_GRID[:3]:
+            for mode in ("absolute", "relative"):
+                for cap in CAP_GRID:
+                    for fallback in (False, True):
+                        expected = links_matrix(link_pairs(m, threshold, mode, cap, fallback), m.shape)
+                        np.testing.assert_array_equal(ranked.links(threshold, mode, cap, fallback), expected)
+
+
 def test_fit_ensemble_finds_the_informative_component():
     # Component "bm25" is the truth itself, "tfidf" is its reverse: the tuner must weight bm25 only.
     notes = [f"note {i}" for i in range(5)]
@@ -291,3 +307,64 @@ def test_extractive_answer_is_never_empty_and_within_the_limit():
     for case in load_cases(EXAMPLES / "archehr-qa.xml"):
         answer = extractive_answer(case)
         assert 0 < count_words(answer) <= 75
+
+
+# ---------------------------------------------------------------- tuning CLI and the cross-encoder
+
+def test_fit_cli_writes_an_ensemble_that_infer_reads(tmp_path, capsys):
+    from baselines import fit
+
+    out = tmp_path / "ens.json"
+    assert fit.main(["--xml", str(EXAMPLES / "archehr-qa.xml"), "--key", str(EXAMPLES / "archehr-qa_key.json"),
+                     "--out", str(out)]) == 0
+    assert "optimistic" in capsys.readouterr().out
+    cfg = EnsembleConfig.load(out)
+    assert cfg.tuned_on == "archehr-qa.xml + archehr-qa_key.json"
+    assert 0 < cfg.train_micro_f1 <= 100 and cfg.cross_encoder is None
+    assert set(cfg.weights) <= {"bm25", "tfidf", "minilm"}
+    import infer
+
+    assert infer.main([str(EXAMPLES / "archehr-qa.xml"), "--out", str(tmp_path / "run"), "--ensemble", str(out),
+                       "--subtasks", "4", "--no-progress"]) == 0
+    run = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert run["subtask4"]["ensemble_source"] == str(out)
+    assert run["subtask4"]["ensemble"]["weights"] == cfg.weights
+
+
+def test_cross_encoder_trains_saves_and_scores(tmp_path):
+    from baselines.aligners import CrossEncoderAligner
+    from baselines.cross_encoder import train_cross_encoder, training_pairs
+
+    cases = load_cases(EXAMPLES / "archehr-qa.xml", EXAMPLES / "archehr-qa_key.json")
+    pairs, labels = training_pairs(cases[:1])
+    assert len(pairs) == len(cases[0].answer_sentences) * len(cases[0].note_sentences)
+    assert sum(labels) == len(cases[0].gold_pairs())
+    model_dir = train_cross_encoder(cases[:1], tmp_path / "ce", epochs=1, negatives_per_positive=1, batch_size=32)
+    assert (model_dir / "model.safetensors").is_file() and not list(model_dir.glob("*.bin"))
+    scores = CrossEncoderAligner(model_dir).score(cases[1])
+    assert scores.shape == (len(cases[1].answer_sentences), len(cases[1].note_sentences))
+    assert np.all((scores >= 0) & (scores <= 1))
+    # An ensemble file names the folder relative to itself.
+    cfg = EnsembleConfig(weights={"bm25": 0.5, "cross": 0.5}, cross_encoder="ce")
+    loaded = EnsembleConfig.load(cfg.save(tmp_path / "e.json"))
+    assert loaded.cross_encoder == str((tmp_path / "ce").resolve())
+    assert loaded.build().score(cases[1]).shape == scores.shape
+
+
+@pytest.mark.slow
+def test_cross_encoder_learns_the_links(set_a):
+    """Trained on 8 cases, the cross-encoder ranks gold evidence above the rest on the 4 others."""
+    from baselines.aligners import CrossEncoderAligner
+    from baselines.cross_encoder import train_cross_encoder
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = train_cross_encoder(set_a[:8], tmp)
+        scorer = CrossEncoderAligner(model_dir)
+        pos, neg = [], []
+        for case in set_a[8:]:
+            s, g = scorer.score(case), gold_matrix(case)
+            pos += list(s[g])
+            neg += list(s[~g])
+    print(f"\ncross-encoder held-out mean prob: linked {np.mean(pos):.3f}, not linked {np.mean(neg):.3f}")
+    assert np.mean(pos) > np.mean(neg) + 0.2
