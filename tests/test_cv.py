@@ -307,6 +307,7 @@ def test_bad_requests_exit_2_before_writing(tmp_path, capsys):
     for args in (cv_args(out, folds=4),  # more folds than the 3 cases
                  cv_args(out, "--set", "xml=other.xml"),
                  cv_args(out, "--set", "no_such_key=1"),
+                 cv_args(out, "--init", str(tmp_path / "no_such_run")),
                  cv_args(out, xml=tmp_path / "missing.xml")):
         code, _, err = run_cv_cli(args, capsys)
         assert code == 2 and len(err.strip().splitlines()) == 1, err
