@@ -40,6 +40,7 @@ class StepVariant:
     checkpointing: bool = True
     lm_chunk: int = 10**9  # answer-token CE chunk (10**9 = one chunk, no recompute)
     lora_dropout: float = 0.05
+    compile_layers: bool = False
 
 
 VARIANTS = [
@@ -50,6 +51,8 @@ VARIANTS = [
     StepVariant("+ chunked answer CE (1024)", "tokens", autocast=True, keep_bf16=True, lm_chunk=1024),
     StepVariant("+ 32k-token batches", "tokens", max_tokens=32768, autocast=True, keep_bf16=True, lm_chunk=1024),
     StepVariant("+ LoRA dropout 0 (16k)", "tokens", autocast=True, keep_bf16=True, lm_chunk=1024, lora_dropout=0.0),
+    StepVariant("+ torch.compile per decoder layer (dropout 0.05)", "tokens", autocast=True, keep_bf16=True,
+                lm_chunk=1024, compile_layers=True),
 ]
 
 
@@ -109,7 +112,7 @@ def our_batches(examples, variant: StepVariant, seq_len: int) -> list[list[int]]
 
 
 def load_ours(model_dir: str, preset: str, device: torch.device, quantise: bool, keep_bf16: bool, checkpointing: bool,
-              lora_dropout: float = 0.05):
+              lora_dropout: float = 0.05, compile_layers: bool = False):
     from heads.alignment import NotePairHead
     from heads.config import HeadConfig
     from model.backbone import LoraSettings, load_backbone
@@ -119,6 +122,10 @@ def load_ours(model_dir: str, preset: str, device: torch.device, quantise: bool,
         preset, load_in_4bit=quantise, device=device, lora=LoraSettings(dropout=lora_dropout),
         gradient_checkpointing=checkpointing, base_path=model_dir, keep_bf16=keep_bf16,
     )
+    if compile_layers:
+        from model.backbone import compile_decoder_layers
+
+        compile_decoder_layers(backbone)
     hidden = backbone.get_base_model().config.hidden_size
     head = NotePairHead(HeadConfig(hidden_size=hidden)).to(device)
     model = JointModel(backbone, head, LossSettings())
@@ -203,7 +210,8 @@ def run_textbook_column(model, examples, seq_len: int, rows: int, steps: int, wa
 
 
 def run_inference(model_dir: str, preset: str, device, merged: bool, n_answers: int, n_align: int,
-                  max_new_tokens: int, gen_batch: int, align_batch: int, adapter_dir: str) -> dict:
+                  max_new_tokens: int, gen_batch: int, align_batch: int, adapter_dir: str,
+                  cache: str | None = None) -> dict:
     from heads.alignment import NotePairHead
     from heads.config import HeadConfig
     from model.backbone import load_backbone, load_merged, load_tokenizer
@@ -230,7 +238,8 @@ def run_inference(model_dir: str, preset: str, device, merged: bool, n_answers: 
     reset_peak(device)
     sync(device)
     t0 = time.perf_counter()
-    answers = ckpt.generate_answers(answer_cases, max_new_tokens=max_new_tokens, batch_size=gen_batch)
+    answers = ckpt.generate_answers(answer_cases, max_new_tokens=max_new_tokens, batch_size=gen_batch,
+                                    cache_implementation=cache)
     sync(device)
     gen_s = time.perf_counter() - t0
     new_tokens = sum(len(ckpt.tokenizer(a, add_special_tokens=False)["input_ids"]) for a in answers)
@@ -264,6 +273,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gen-batch", type=int, default=48)
     p.add_argument("--align-batch", type=int, default=16)
     p.add_argument("--infer-before", action="store_true", help="also time the first inference settings")
+    p.add_argument("--static-cache", action="store_true", help="also time generation with a static KV cache")
+    p.add_argument("--skip-infer", default="", help="comma list of inference config indices to skip")
     args = p.parse_args(argv)
 
     from model.backbone import random_base_cache_dir, save_random_base
@@ -322,12 +333,13 @@ def main(argv: list[str] | None = None) -> int:
     if "ours" not in skip:
         loaded_key, model = None, None
         for v in variants:
-            key = (v.keep_bf16, v.checkpointing, v.lora_dropout)
+            key = (v.keep_bf16, v.checkpointing, v.lora_dropout, v.compile_layers)
             if key != loaded_key:
                 if model is not None:
                     free(model)
                     model = None
-                model = load_ours(model_dir, preset, device, True, v.keep_bf16, v.checkpointing, v.lora_dropout)
+                model = load_ours(model_dir, preset, device, True, v.keep_bf16, v.checkpointing, v.lora_dropout,
+                                  v.compile_layers)
                 loaded_key = key
                 result.setdefault("numerics", []).append({
                     "variant": v.name, "seq": seqs[-1],
@@ -346,12 +358,16 @@ def main(argv: list[str] | None = None) -> int:
     if "infer" not in skip:
         n_ans, n_align, new_tok = (3, 4, 8) if args.smoke else (47, 147, 100)
         adapter_dir = str(Path(model_dir).parent / "bench-adapter")
-        configs = [(False, 8, 1, "NF4 + LoRA (before: batch 8, one case per forward)")] if args.infer_before else []
-        configs += [(False, args.gen_batch, args.align_batch, "NF4 + LoRA"),
-                    (True, args.gen_batch, args.align_batch, "merged dense (from NF4)")]
-        for merged, gen_batch, align_batch, label in configs:
+        configs = [(False, 8, 1, None, "NF4 + LoRA (before: batch 8, one case per forward)")] if args.infer_before else []
+        configs += [(False, args.gen_batch, args.align_batch, None, "NF4 + LoRA"),
+                    (True, args.gen_batch, args.align_batch, None, "merged dense (from NF4)")]
+        if args.static_cache:
+            configs.append((True, args.gen_batch, args.align_batch, "static",
+                            "merged dense (from NF4), static KV cache (compiled decode, compile time included)"))
+        configs = [c for i, c in enumerate(configs) if str(i) not in set(args.skip_infer.split(","))]
+        for merged, gen_batch, align_batch, cache, label in configs:
             row = run_inference(model_dir, preset, device, merged, n_ans, n_align, new_tok, gen_batch,
-                                align_batch, adapter_dir)
+                                align_batch, adapter_dir, cache)
             row.update(weights=label)
             result["infer"].append(row)
             print(json.dumps(row), flush=True)

@@ -120,14 +120,24 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def nf4_config():
+QUANT_STORAGE = {"uint8": torch.uint8, "bfloat16": torch.bfloat16, "float16": torch.float16,
+                 "float32": torch.float32}
+
+
+def nf4_config(quant_storage: str = "uint8"):
+    """NF4, double quantisation, bf16 compute. ``quant_storage`` is the dtype the packed
+    4-bit weights are stored in: the default uint8, or ``bfloat16`` for FSDP, which can
+    only flatten and shard a layer whose weights share one float dtype."""
     from transformers import BitsAndBytesConfig
 
+    if quant_storage not in QUANT_STORAGE:
+        raise ValueError(f"quant_storage must be one of {sorted(QUANT_STORAGE)}, got {quant_storage!r}")
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",
         bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=torch.bfloat16,
+        bnb_4bit_quant_storage=QUANT_STORAGE[quant_storage],
     )
 
 
@@ -138,6 +148,7 @@ def load_base_model(
     device: str | torch.device | None = None,
     base_path: str | None = None,
     random_seed: int = RANDOM_INIT_SEED,
+    quant_storage: str = "uint8",
 ):
     """The bare causal LM (no LoRA), on ``device``, quantised to NF4 when asked."""
     from transformers import AutoModelForCausalLM
@@ -155,7 +166,7 @@ def load_base_model(
         return build_random_base(preset, seed=random_seed, dtype=dtype).to(device)
     kwargs = dict(use_safetensors=True, trust_remote_code=False)
     if quantise:
-        kwargs.update(quantization_config=nf4_config(), device_map={"": device}, dtype=torch.bfloat16)
+        kwargs.update(quantization_config=nf4_config(quant_storage), device_map={"": device}, dtype=torch.bfloat16)
     else:
         kwargs.update(dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
     model = AutoModelForCausalLM.from_pretrained(location, **kwargs)
@@ -196,6 +207,7 @@ def load_backbone(
     trainable: bool = True,
     random_seed: int = RANDOM_INIT_SEED,
     keep_bf16: bool = False,
+    quant_storage: str = "uint8",
 ):
     """Base model + LoRA as a PEFT model: a fresh adapter, or ``adapter_dir``'s weights.
 
@@ -206,7 +218,8 @@ def load_backbone(
     preset = resolve_preset(preset)
     quantise = preset.load_in_4bit if load_in_4bit is None else load_in_4bit
     model = load_base_model(
-        preset, load_in_4bit=quantise, device=device, base_path=base_path, random_seed=random_seed
+        preset, load_in_4bit=quantise, device=device, base_path=base_path, random_seed=random_seed,
+        quant_storage=quant_storage,
     )
     model.config.use_cache = not trainable
     if quantise and trainable:
@@ -360,3 +373,11 @@ def load_merged(
     model.config.use_cache = True
     model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False).merge_and_unload()
     return model.eval()
+
+
+def compile_decoder_layers(model) -> None:
+    """``torch.compile`` each decoder layer (regional compilation: one graph reused by all
+    layers, dynamic sequence lengths), fusing the norm / RoPE / SwiGLU element-wise work.
+    The first steps pay the compile time."""
+    for layer in decoder(model).layers:
+        layer.compile(dynamic=True)

@@ -35,7 +35,8 @@ class LoadedCheckpoint:
         return next(self.head.parameters()).device
 
     @torch.no_grad()
-    def generate_answers(self, cases: list[Case], max_new_tokens: int = 100, batch_size: int = 16) -> list[str]:
+    def generate_answers(self, cases: list[Case], max_new_tokens: int = 100, batch_size: int = 16,
+                         cache_implementation: str | None = None) -> list[str]:
         """Greedy answers (raw decoded text), batched with left padding, thinking disabled.
 
         Prompts are batched in length order (less padding per batch) and the answers
@@ -59,6 +60,9 @@ class LoadedCheckpoint:
                     do_sample=False,
                     pad_token_id=tok.pad_token_id,
                     eos_token_id=_stop_ids(tok),
+                    # "static" pre-allocates the KV cache, which lets transformers compile the
+                    # decode step (CUDA graphs); None keeps the default dynamic cache.
+                    **({"cache_implementation": cache_implementation} if cache_implementation else {}),
                 )
                 new = out[:, enc["input_ids"].shape[1] :]
                 for j, text in zip(idx, tok.batch_decode(new, skip_special_tokens=True)):

@@ -63,7 +63,7 @@ def test_emrqa_evidence_pair_is_the_sentence_holding_the_answer():
 def test_domain_stage_lowers_answer_loss(tmp_path, qwen_tokenizer):
     data = EXAMPLES / "emrqa_sample.jsonl"
     cfg = build_config(dict(
-        stage="domain", preset="tiny", data=str(data), out=str(tmp_path / "run"), batch_size=4, grad_accum=1,
+        stage="domain", preset="tiny", data=str(data), out=str(tmp_path / "run"), batch_size=4, batch_tokens=0, grad_accum=1,
         epochs=6, lr=1e-2, warmup_ratio=0.0, gradient_checkpointing=False, log_every=3, progress=False,
     ))
     encoded = [encode_example(qwen_tokenizer, emrqa_to_prompt_example(r)) for r in load_emrqa(data)]

@@ -40,6 +40,8 @@ class TrainConfig:
     init: str = ""
     base_path: str = ""  # local folder or hub id overriding the preset's weights
     load_in_4bit: str = "auto"  # auto = the preset's default; true / false
+    # dtype the packed NF4 weights are stored in: uint8, or bfloat16 to shard them with FSDP
+    quant_storage: str = "uint8"
     joint: bool = False
     seed: int = 0
     # Optimisation
@@ -60,6 +62,9 @@ class TrainConfig:
     batch_tokens: int = 0
     # bf16 autocast and bf16 embeddings/lm_head on CUDA (no PEFT fp32 upcast); CPU stays fp32.
     bf16: bool = True
+    # torch.compile each decoder layer on CUDA (BENCHMARKS.md: +60% tokens/s at 2048);
+    # the first steps pay the compile time. Off on CPU.
+    compile: bool = True
     gradient_checkpointing: bool = True
     # LoRA
     lora_r: int = 16
@@ -83,6 +88,9 @@ class TrainConfig:
     stop_after_steps: int = 0  # > 0: stop (after checkpointing) as if interrupted; for tests
     progress: bool = True
     plot: bool = True
+    # Debugging: a folder where every process appends the dataset indices of each
+    # micro-batch it trains on (batches-rankR.jsonl); "" = off.
+    record_batches: str = ""
 
     def validate(self) -> "TrainConfig":
         if self.stage not in STAGES:
@@ -91,6 +99,8 @@ class TrainConfig:
             raise InputError(f"--schedule must be cosine, linear or constant, got {self.schedule!r}")
         if self.load_in_4bit not in ("auto", "true", "false"):
             raise InputError(f"--load_in_4bit must be auto, true or false, got {self.load_in_4bit!r}")
+        if self.quant_storage not in ("uint8", "bfloat16", "float16", "float32"):
+            raise InputError(f"--quant_storage must be uint8, bfloat16, float16 or float32, got {self.quant_storage!r}")
         if self.head_pooling not in ("mean", "attention"):
             raise InputError(f"--head_pooling must be mean or attention, got {self.head_pooling!r}")
         for name in ("batch_size", "grad_accum", "epochs", "max_length", "log_every", "lora_r"):

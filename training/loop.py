@@ -8,10 +8,21 @@ Each optimizer step is :func:`train_step` calls over ``grad_accum`` micro-batche
 Every ``log_every`` steps: loss parts, lr and non-padding tokens/s to stdout and
 ``RUN/log.jsonl``; every ``save_every`` steps a checkpoint; at the end a loss-curve
 PNG and ``RUN/export/``.
+
+Several processes (``accelerate launch``, DDP; gloo on CPU, NCCL on GPUs): each
+rank trains on every P-th global batch of the same deterministic epoch order
+(accelerate's batch-sampler sharding), gradients are averaged, logged losses are
+averaged over ranks, and only the main process writes the log, checkpoints (apart
+from its own ``rng-R`` files per rank) and the export. The data position in a
+checkpoint counts *global* batches, and an optimizer step is ``P * grad_accum``
+global batches: resuming with a different process count keeps that product (the
+resumed run's ``grad_accum`` becomes ``batches_per_step / P``), so the schedule,
+total steps and data position carry over unchanged.
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import sys
@@ -24,7 +35,7 @@ import torch
 from data.errors import InputError
 from heads.alignment import NotePairHead, load_head
 from heads.config import HeadConfig
-from model.backbone import LoraSettings, load_backbone, load_tokenizer, resolve_preset
+from model.backbone import LoraSettings, compile_decoder_layers, load_backbone, load_tokenizer, resolve_preset
 
 from . import checkpoints as ckpts
 from .config import TrainConfig
@@ -158,6 +169,54 @@ def plot_losses(log_path: Path, out_png: Path) -> None:
     plt.close(fig)
 
 
+def merged_window(accelerator, window: dict[str, float], window_micro: int) -> tuple[dict[str, float], int]:
+    """Sum the loss windows of all processes (so logged losses are global means)."""
+    if accelerator.num_processes == 1:
+        return window, window_micro
+    from accelerate.utils import gather_object
+
+    merged: dict[str, float] = {}
+    total = 0
+    for part, micro in gather_object([(window, window_micro)]):
+        for k, v in part.items():
+            merged[k] = merged.get(k, 0.0) + v
+        total += micro
+    return merged, total
+
+
+def resume_layout(state: dict, cfg: TrainConfig, processes: int) -> TrainConfig:
+    """``cfg`` with ``grad_accum`` set so one optimizer step is still the checkpoint's
+    ``batches_per_step`` global batches under ``processes`` processes."""
+    per_step = state.get("batches_per_step")
+    if per_step is None or per_step == processes * cfg.grad_accum:
+        return cfg
+    if per_step % processes:
+        raise InputError(
+            f"the checkpoint takes {per_step} global batches per optimizer step, which {processes} "
+            f"processes cannot split evenly; resume with a process count that divides {per_step}"
+        )
+    return dataclasses.replace(cfg, grad_accum=per_step // processes)
+
+
+class _IndexedItems(torch.utils.data.Dataset):
+    """Items with their dataset index (for ``record_batches``)."""
+
+    def __init__(self, items: list[TrainItem]):
+        self.items = items
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> tuple[int, TrainItem]:
+        return i, self.items[i]
+
+
+def _collate_indexed(batch: list[tuple[int, TrainItem]], pad_id: int) -> dict:
+    out = collate([it for _, it in batch], pad_id)
+    out["example_index"] = torch.tensor([i for i, _ in batch], dtype=torch.long)
+    return out
+
+
 def _truncate_log(log_path: Path, last_step: int) -> None:
     """On resume, drop log lines written after the checkpoint (they will be written again)."""
     if not log_path.is_file():
@@ -190,7 +249,25 @@ def run_training(cfg: TrainConfig, resume: bool = False) -> RunResult:
         )
 
     use_bf16 = cfg.bf16 and torch.cuda.is_available()
-    accelerator = Accelerator(mixed_precision="bf16" if use_bf16 else "no")
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    accelerator = Accelerator(
+        mixed_precision="bf16" if use_bf16 else "no",
+        # Without CUDA, say so: accelerate then runs a launched multi-process job as
+        # MULTI_CPU over gloo instead of silently starting P independent runs.
+        cpu=not torch.cuda.is_available(),
+        # The head's parts can sit out a batch (no citations, no relevance labels).
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=cfg.joint)],
+    )
+    resume_from = ckpts.latest_checkpoint(out) if resume else None
+    if resume and resume_from is None:
+        raise InputError("no checkpoint to resume from (checkpoints/step-N)", out)
+    if resume_from is not None:
+        resumed = resume_layout(ckpts.read_state(resume_from), cfg, accelerator.num_processes)
+        if resumed.grad_accum != cfg.grad_accum and accelerator.is_main_process:
+            print(f"note: resuming on {accelerator.num_processes} process(es) with grad_accum "
+                  f"{resumed.grad_accum} (was {cfg.grad_accum}): same global batches per step", file=sys.stderr)
+        cfg = resumed
     set_seed(cfg.seed)
     tokenizer = load_tokenizer(cfg.base_path or preset)
     items, sources = stage_data(cfg, tokenizer)
@@ -209,7 +286,10 @@ def run_training(cfg: TrainConfig, resume: bool = False) -> RunResult:
         base_path=base_path,
         adapter_dir=init_export,
         keep_bf16=use_bf16,
+        quant_storage=cfg.quant_storage,
     )
+    if cfg.compile and torch.cuda.is_available():
+        compile_decoder_layers(backbone)
     hidden_size = backbone.get_base_model().config.hidden_size
     head = build_head(cfg, hidden_size, init_export, accelerator.device)
     model = JointModel(
@@ -225,10 +305,11 @@ def run_training(cfg: TrainConfig, resume: bool = False) -> RunResult:
     else:
         sampler = EpochBatches(lengths, cfg.batch_size, cfg.seed, True, cfg.group_by_length)
     pad_id = tokenizer.pad_token_id
+    record = Path(cfg.record_batches) if cfg.record_batches else None
     loader = torch.utils.data.DataLoader(
-        ItemDataset(items),
+        _IndexedItems(items) if record else ItemDataset(items),
         batch_sampler=sampler,
-        collate_fn=lambda batch: collate(batch, pad_id),
+        collate_fn=(lambda batch: _collate_indexed(batch, pad_id)) if record else (lambda batch: collate(batch, pad_id)),
         # Its own generator: creating an iterator must not draw from the global RNG.
         generator=torch.Generator().manual_seed(cfg.seed),
     )
@@ -240,9 +321,9 @@ def run_training(cfg: TrainConfig, resume: bool = False) -> RunResult:
     plain = accelerator.unwrap_model(model)
 
     step, epoch, position, tokens_seen = 0, 0, 0, 0
-    resume_from = ckpts.latest_checkpoint(out) if resume else None
-    if resume and resume_from is None:
-        raise InputError("no checkpoint to resume from (checkpoints/step-N)", out)
+    if record is not None:
+        record.mkdir(parents=True, exist_ok=True)
+        record_file = record / f"batches-rank{accelerator.process_index}.jsonl"
     if resume_from is not None:
         state = ckpts.load_checkpoint(resume_from, plain, optimizer, scheduler)
         step, epoch, position, tokens_seen = state["step"], state["epoch"], state["position"], state["tokens"]
@@ -271,6 +352,11 @@ def run_training(cfg: TrainConfig, resume: bool = False) -> RunResult:
         micro = 0
         for batch in batches:
             micro += 1
+            if record is not None:
+                seen = {"rank": accelerator.process_index, "step": step + 1, "epoch": epoch,
+                        "index": batch.pop("example_index").tolist()}
+                with record_file.open("a", encoding="utf-8") as fh:
+                    fh.write(json.dumps(seen) + "\n")
             boundary = micro % cfg.grad_accum == 0 or micro == n_micro
             sync = contextlib.nullcontext() if boundary else accelerator.no_sync(model)
             with sync:
@@ -291,6 +377,7 @@ def run_training(cfg: TrainConfig, resume: bool = False) -> RunResult:
             consumed = position + micro * procs  # global batches of this epoch done
             if step % cfg.log_every == 0 or step == total_steps:
                 tokens = int(accelerator.reduce(torch.tensor(window_tokens, device=accelerator.device), "sum"))
+                window, window_micro = merged_window(accelerator, window, window_micro)
                 tokens_seen += tokens
                 elapsed = max(time.perf_counter() - window_start, 1e-9)
                 row = {"step": step, "epoch": epoch}
@@ -312,7 +399,8 @@ def run_training(cfg: TrainConfig, resume: bool = False) -> RunResult:
             if (cfg.save_every > 0 and step % cfg.save_every == 0) or stopping:
                 next_epoch, next_position = (epoch + 1, 0) if micro == n_micro else (epoch, consumed)
                 state = {"step": step, "epoch": next_epoch, "position": next_position, "tokens": tokens_seen,
-                         "total_steps": total_steps}
+                         "total_steps": total_steps, "processes": procs,
+                         "batches_per_step": procs * cfg.grad_accum}
                 ckpts.save_checkpoint(out, step, plain, accelerator, optimizer, scheduler, state,
                                       keep=cfg.keep_checkpoints)
             if stopping:
