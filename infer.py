@@ -47,7 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-links-per-answer", type=_positive, help="cap on evidence sentences per answer sentence")
     p.add_argument("--top1-fallback", action="store_true",
                    help="link an answer sentence's best note sentence when nothing passes the threshold")
-    p.add_argument("--batch-size", type=_positive, default=8, help="generation batch size (checkpoint only)")
+    p.add_argument("--batch-size", type=_positive, default=16,
+                   help="prompts generated together (checkpoint only; 48 fits an 80 GB card)")
     p.add_argument("--max-new-tokens", type=_positive, default=100, help="generation budget (checkpoint only)")
     p.add_argument("--base", help="base model id or folder for the checkpoint (default: the manifest's)")
     p.add_argument("--device", help="torch device for the checkpoint (default: cuda if available)")

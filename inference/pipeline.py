@@ -66,7 +66,7 @@ class InferenceOptions:
     ensemble: Path | None = None  # None = configs/retrieval.json (or the built-in defaults)
     max_links_per_answer: int | None = None
     top1_fallback: bool = False
-    batch_size: int = 8
+    batch_size: int = 16
     max_new_tokens: int = 100
     base: str | None = None  # base model id/path for the checkpoint (None = the manifest's)
     device: str | None = None
@@ -92,10 +92,21 @@ class HeadAligner:
 
     name = "head"
 
-    def __init__(self, checkpoint):
+    def __init__(self, checkpoint, batch_size: int = 8):
         self.checkpoint = checkpoint
+        self.batch_size = batch_size
+        self._cache: dict[str, np.ndarray] = {}
+
+    def prepare(self, cases: list[Case]) -> None:
+        """Score all cases up front, several per forward (see LoadedCheckpoint.score_all)."""
+        if not hasattr(self.checkpoint, "score_all"):
+            return
+        scores = self.checkpoint.score_all(cases, batch_size=self.batch_size)
+        self._cache = {c.case_id: np.asarray(s, dtype=np.float64) for c, s in zip(cases, scores)}
 
     def score(self, case: Case) -> np.ndarray:
+        if case.case_id in self._cache:
+            return self._cache[case.case_id]
         return np.asarray(self.checkpoint.score_pairs(case), dtype=np.float64)
 
 
@@ -182,6 +193,8 @@ def align_cases(aligner: Aligner, cases: list[Case], link: Callable[[np.ndarray]
                 progress: bool = True) -> dict[str, dict[str, list[str]]]:
     """``case_id -> answer_id -> evidence ids`` for cases with answer sentences (every answer listed)."""
     out: dict[str, dict[str, list[str]]] = {}
+    if hasattr(aligner, "prepare"):  # batched scorers do the work here, the loop then reads results
+        aligner.prepare(cases)
     for case in tqdm(cases, desc=f"subtask 4 ({aligner.name})", unit="case", disable=not progress):
         scores = aligner.score(case)
         expected = (len(case.answer_sentences), len(case.note_sentences))

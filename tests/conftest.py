@@ -30,3 +30,15 @@ def qwen_tokenizer():
     from model.presets import bundled_tokenizer_dir
 
     return AutoTokenizer.from_pretrained(bundled_tokenizer_dir())
+
+
+def pytest_collection_modifyitems(config, items):
+    """``gpu`` tests skip (not fail) where CUDA is absent, also when selected with -m gpu."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
