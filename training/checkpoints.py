@@ -110,7 +110,17 @@ def load_checkpoint(ckpt: str | Path, model, optimizer, scheduler) -> dict:
     return json.loads((ckpt / STATE_FILE).read_text(encoding="utf-8"))
 
 
+def read_state(ckpt: str | Path) -> dict:
+    """The trainer state alone (step, epoch, position in global batches, layout)."""
+    return json.loads((Path(ckpt) / STATE_FILE).read_text(encoding="utf-8"))
+
+
 def load_rng(ckpt: str | Path, rank: int) -> None:
+    """Restore this rank's RNG states; a rank the checkpoint did not have (resumed on more
+    processes than it was written with) takes rank 0's, as every rank starts from the
+    same seed in a fresh run too."""
     ckpt = Path(ckpt)
+    if not (ckpt / f"rng-{rank}.json").is_file():
+        rank = 0
     meta = json.loads((ckpt / f"rng-{rank}.json").read_text(encoding="utf-8"))
     restore_rng(meta, torch.load(ckpt / f"rng-{rank}.pt", weights_only=True))

@@ -198,6 +198,37 @@ def resume_layout(state: dict, cfg: TrainConfig, processes: int) -> TrainConfig:
     return dataclasses.replace(cfg, grad_accum=per_step // processes)
 
 
+def fsdp_wrap_policy(model: JointModel):
+    """FSDP auto-wrap policy (``torch.distributed.fsdp`` signature) for QLoRA + head.
+
+    FSDP flattens each unit's parameters into one tensor, which needs one dtype. So
+    every decoder layer is a unit (bf16-stored NF4 weights and bf16/fp32 norms), every
+    trainable leaf (LoRA A/B, fp32) is a unit of its own, and so is the fp32 head; the
+    root keeps the embeddings, final norm and lm_head.
+    """
+    from model.backbone import decoder
+
+    layer_types = tuple({type(layer) for layer in decoder(model.backbone).layers})
+    head = model.head
+    inside_head = {id(m) for m in head.modules() if m is not head} if head is not None else set()
+
+    def own_unit(module: torch.nn.Module) -> bool:
+        if head is not None and module is head:
+            return True
+        if id(module) in inside_head:  # one unit for the whole (small, fp32) head
+            return False
+        if isinstance(module, layer_types):
+            return True
+        is_leaf = next(module.children(), None) is None
+        weight = getattr(module, "weight", None)
+        return is_leaf and isinstance(weight, torch.nn.Parameter) and weight.requires_grad
+
+    def policy(module: torch.nn.Module, recurse: bool, nonwrapped_numel: int) -> bool:
+        return True if recurse else own_unit(module)
+
+    return policy
+
+
 class _IndexedItems(torch.utils.data.Dataset):
     """Items with their dataset index (for ``record_batches``)."""
 
@@ -317,6 +348,10 @@ def run_training(cfg: TrainConfig, resume: bool = False) -> RunResult:
     steps_per_epoch = math.ceil(math.ceil(sampler.num_batches() / procs) / cfg.grad_accum)
     total_steps = cfg.max_steps if cfg.max_steps > 0 else cfg.epochs * steps_per_epoch
     scheduler = make_scheduler(optimizer, cfg, total_steps)
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type == DistributedType.FSDP:
+        accelerator.state.fsdp_plugin.auto_wrap_policy = fsdp_wrap_policy(model)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     plain = accelerator.unwrap_model(model)
 

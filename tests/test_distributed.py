@@ -1,0 +1,394 @@
+"""Multi-process training (issue 7): two CPU processes over gloo via ``accelerate launch``.
+
+One real 2-process run of ``train.py --stage domain`` (tiny preset) is compared with a
+single process taking the same global batches (``grad_accum 2``): disjoint shards that
+together cover every example of each epoch, identical weights on both ranks, the same
+losses and final weights as one process, writes by the main process only, and resume
+across process counts (positions are stored in global batches). FSDP cannot run on CPU
+(accelerate refuses FSDP without an accelerator device), so its run is a ``gpu`` test.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from data.errors import InputError
+from training.config import TrainConfig, build_config, load_run_config
+from training.loop import resume_layout, run_training
+
+ROOT = Path(__file__).resolve().parents[1]
+DDP_CONFIG = ROOT / "configs" / "accelerate" / "ddp.yaml"
+FSDP_CONFIG = ROOT / "configs" / "accelerate" / "fsdp_qlora.yaml"
+EXAMPLES = ROOT / "examples"
+
+# 12 emrQA examples, batch 2 -> 6 global batches per epoch: 3 optimizer steps of 2 global
+# batches each (2 processes x grad_accum 1, or 1 process x grad_accum 2); 2 epochs.
+# No dropout: both layouts must compute the same thing, so a mismatch means a real bug.
+COMMON = dict(
+    stage="domain", preset="tiny", data=str(EXAMPLES / "emrqa_sample.jsonl"), batch_size=2, batch_tokens=0,
+    grad_accum=1, epochs=2, max_steps=0, joint=True, n_examples=0,
+    max_length=1024, lr=1e-3, head_lr=3e-3, warmup_ratio=0.0, schedule="constant", lora_dropout=0.0, head_dropout=0.0,
+    gradient_checkpointing=False, progress=False, plot=False, log_every=1, seed=3,
+)
+N_EXAMPLES, STEPS_PER_EPOCH, EPOCHS = 12, 3, 2
+
+# Runs train.py's main in each launched process, recording every path this process
+# creates, opens for writing, renames or deletes (Python audit events), and dumps the
+# final adapter + head weights of this rank to ARCHEHR_TEST_OUT (outside the run folder).
+WRAPPER = r'''
+import json, os, sys
+OUT = os.environ["ARCHEHR_TEST_OUT"]
+RANK = int(os.environ.get("RANK", "0"))
+written = []
+
+def audit(event, args):
+    if event == "open":
+        path, mode, flags = args
+        if isinstance(path, int):
+            return
+        if (isinstance(mode, str) and any(c in mode for c in "wax+")) or (
+                mode is None and isinstance(flags, int) and flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT)):
+            written.append(os.fsdecode(path))
+    elif event in ("os.mkdir", "os.remove", "os.rmdir", "shutil.rmtree"):
+        written.append(os.fsdecode(args[0]))
+    elif event == "os.rename":
+        written.extend([os.fsdecode(args[0]), os.fsdecode(args[1])])
+
+sys.addaudithook(audit)
+import torch
+torch.set_num_threads(1)
+import training.loop as loop
+import train
+original = loop.run_training
+
+def run_and_dump(cfg, resume=False):
+    result = original(cfg, resume)
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import save_file
+    tensors = {"adapter/" + k: v.detach().cpu().contiguous()
+               for k, v in get_peft_model_state_dict(result.backbone).items()}
+    if result.head is not None:
+        tensors.update({"head/" + k: v.detach().cpu().contiguous() for k, v in result.head.state_dict().items()})
+    save_file(tensors, os.path.join(OUT, f"final-rank{RANK}.safetensors"))
+    return result
+
+loop.run_training = run_and_dump
+rc = train.main(sys.argv[1:])
+with open(os.path.join(OUT, f"writes-rank{RANK}.json"), "w") as fh:
+    json.dump(written, fh)
+sys.exit(rc)
+'''
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cli_args(values: dict) -> list[str]:
+    out = []
+    for k, v in values.items():
+        out += [f"--{k}", str(v).lower() if isinstance(v, bool) else str(v)]
+    return out
+
+
+def launch(work: Path, nproc: int, args: list[str], config: Path = DDP_CONFIG, timeout: int = 300):
+    """``accelerate launch`` of train.py (through the auditing wrapper) on ``nproc`` processes."""
+    work.mkdir(parents=True, exist_ok=True)
+    wrapper = work / "launch_train.py"
+    wrapper.write_text(WRAPPER, encoding="utf-8")
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", HF_HUB_OFFLINE="1",
+               TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false", ARCHEHR_TEST_OUT=str(work),
+               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
+           "--num_processes", str(nproc), "--main_process_port", str(free_port()), str(wrapper), *args]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return proc
+
+
+def read_log(run: Path) -> list[dict]:
+    return [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines() if x.strip()]
+
+
+def read_batches(folder: Path) -> list[dict]:
+    rows = []
+    for f in sorted(folder.glob("batches-rank*.jsonl")):
+        rows += [json.loads(x) for x in f.read_text().splitlines() if x.strip()]
+    return rows
+
+
+def export_weights(export_dir: Path) -> dict[str, torch.Tensor]:
+    out = {f"adapter/{k}": v for k, v in load_file(str(export_dir / "adapter_model.safetensors")).items()}
+    out.update({f"head/{k}": v for k, v in load_file(str(export_dir / "head.safetensors")).items()})
+    return out
+
+
+def assert_close_weights(got: dict, expected: dict, moved_from: dict | None = None) -> None:
+    """Equal up to float summation order; and the comparison is not vacuous: the weights moved
+    by far more than the tolerance during training."""
+    assert got.keys() == expected.keys()
+    worst = max(float((got[k] - expected[k]).abs().max()) for k in got)
+    assert worst < 2e-5, worst
+    if moved_from is not None:
+        moved = max(float((expected[k] - moved_from[k]).abs().max()) for k in moved_from)
+        assert moved > 1e-3, moved
+
+
+def lora_b_zero(weights: dict) -> dict:
+    """LoRA B starts at zero: the distance from zero is how far training moved it."""
+    return {k: torch.zeros_like(v) for k, v in weights.items() if "lora_B" in k}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """One 2-process run (checkpoint every step) and one 1-process run on the same global batches."""
+    root = tmp_path_factory.mktemp("dist")
+    two = root / "two"
+    launch(root / "launch2", 2, cli_args(dict(COMMON, out=two, save_every=1, keep_checkpoints=0,
+                                              record_batches=root / "batches2")))
+    one = run_training(build_config(dict(COMMON, out=str(root / "one"), grad_accum=2,
+                                         record_batches=str(root / "batches1"))))
+    assert one.steps == STEPS_PER_EPOCH * EPOCHS and not one.interrupted
+    return root
+
+
+def test_ranks_train_disjoint_shards_covering_each_epoch(runs):
+    rows = read_batches(runs / "batches2")
+    assert {r["rank"] for r in rows} == {0, 1}
+    for epoch in range(EPOCHS):
+        by_rank = {rank: [i for r in rows if r["epoch"] == epoch and r["rank"] == rank for i in r["index"]]
+                   for rank in (0, 1)}
+        assert len(by_rank[0]) == len(by_rank[1]) == N_EXAMPLES // 2
+        assert not set(by_rank[0]) & set(by_rank[1])
+        assert sorted(by_rank[0] + by_rank[1]) == list(range(N_EXAMPLES))
+    # Each optimizer step of the 2-process run took exactly the examples that the
+    # single process (grad_accum 2) took for the same step: the same global batch.
+    single = read_batches(runs / "batches1")
+    for step in range(1, STEPS_PER_EPOCH * EPOCHS + 1):
+        two = sorted(i for r in rows if r["step"] == step for i in r["index"])
+        one = sorted(i for r in single if r["step"] == step for i in r["index"])
+        assert two == one and len(two) == 4, step
+    # And the epochs were not the same order (the seed + epoch shuffle still applies).
+    assert [r["index"] for r in rows if r["epoch"] == 0] != [r["index"] for r in rows if r["epoch"] == 1]
+
+
+def test_two_processes_match_one_process_on_the_same_global_batch(runs):
+    rank0 = load_file(str(runs / "launch2" / "final-rank0.safetensors"))
+    rank1 = load_file(str(runs / "launch2" / "final-rank1.safetensors"))
+    assert rank0.keys() == rank1.keys() and any("lora_B" in k for k in rank0)
+    assert all(torch.equal(rank0[k], rank1[k]) for k in rank0), "ranks ended with different weights"
+
+    two, one = export_weights(runs / "two" / "export"), export_weights(runs / "one" / "export")
+    assert all(torch.equal(two[k], rank0[k]) for k in two)  # the export is rank 0's live weights
+    assert_close_weights(two, one, moved_from=lora_b_zero(one))
+
+    log_two, log_one = read_log(runs / "two"), read_log(runs / "one")
+    assert [r["step"] for r in log_two] == [r["step"] for r in log_one] == list(range(1, 7))
+    for a, b in zip(log_two, log_one):
+        # Logged losses are averaged over the ranks, so they equal the single process's mean.
+        assert abs(a["loss"] - b["loss"]) < 1e-4 and abs(a["lm"] - b["lm"]) < 1e-4, (a, b)
+        assert a["tokens"] == b["tokens"]  # tokens summed over ranks
+    assert log_two[0]["loss"] > log_two[-1]["loss"]
+
+
+def test_only_the_main_process_writes(runs):
+    run = str(runs / "two")
+    writes = {rank: [p for p in json.loads((runs / "launch2" / f"writes-rank{rank}.json").read_text())
+                     if os.path.abspath(p).startswith(run)] for rank in (0, 1)}
+    names0 = {Path(p).name for p in writes[0]}
+    # (torch.save and safetensors write from C++/Rust, unseen by audit hooks; every
+    # checkpoint and export still shows up through its folder, JSON files and rename.)
+    assert {"log.jsonl", "config.json", "trainer_state.json", "rng-0.json", "manifest.json", "export"} <= names0
+    # Rank 1 writes only its own RNG state into each checkpoint, nothing else.
+    assert writes[1], "the audit hook saw nothing on rank 1"
+    stray = [p for p in writes[1] if not re.fullmatch(r"rng-1\.(json|pt)", Path(p).name)]
+    assert not stray, stray[:5]
+    ckpt = runs / "two" / "checkpoints"
+    assert sorted(p.name for p in ckpt.iterdir()) == [f"step-{i}" for i in range(1, 7)]
+    assert not list(runs.glob("two/**/*.partial"))
+
+
+def test_resume_two_process_checkpoint_on_one_process(runs, tmp_path):
+    """Stopped after step 4 of 6 on two processes (epoch 1, 2 global batches in), finished on one."""
+    src = runs / "two"
+    state = json.loads((src / "checkpoints" / "step-4" / "trainer_state.json").read_text())
+    assert (state["step"], state["epoch"], state["position"]) == (4, 1, 2)
+    assert (state["processes"], state["batches_per_step"]) == (2, 2)
+
+    run = tmp_path / "resumed"
+    run.mkdir()
+    for name in ("config.json", "config.toml", "log.jsonl"):
+        shutil.copy(src / name, run / name)
+    shutil.copytree(src / "checkpoints" / "step-4", run / "checkpoints" / "step-4")
+    base = load_run_config(run)
+    cfg = build_config({"out": str(run), "record_batches": str(tmp_path / "batches")}, base=base)
+    assert cfg.grad_accum == 1
+    result = run_training(cfg, resume=True)
+    assert result.steps == 6 and not result.interrupted
+
+    # Position mapping: the single process trained on the global batches 2..5 of epoch 1,
+    # i.e. exactly what the two ranks together took in steps 5 and 6.
+    two_rows = read_batches(runs / "batches2")
+    resumed_rows = read_batches(tmp_path / "batches")
+    assert {r["rank"] for r in resumed_rows} == {0} and {r["epoch"] for r in resumed_rows} == {1}
+    for step in (5, 6):
+        expected = sorted(i for r in two_rows if r["step"] == step for i in r["index"])
+        got = sorted(i for r in resumed_rows if r["step"] == step for i in r["index"])
+        assert got == expected and len(got) == 4
+    assert [r["step"] for r in resumed_rows] == [5, 5, 6, 6]  # grad_accum 2 on one process
+
+    log = read_log(run)
+    assert [r["step"] for r in log] == list(range(1, 7))
+    for a, b in zip(log[4:], read_log(src)[4:]):
+        assert abs(a["loss"] - b["loss"]) < 1e-4, (a, b)
+    mid = load_file(str(src / "checkpoints" / "step-4" / "adapter" / "adapter_model.safetensors"))
+    assert_close_weights(export_weights(run / "export"), export_weights(src / "export"),
+                         moved_from={f"adapter/{k}": v for k, v in mid.items()})
+
+
+@pytest.mark.slow
+def test_resume_one_process_checkpoint_on_two_processes(runs, tmp_path):
+    """The reverse: stop a grad_accum-2 single process after step 2, finish on two processes."""
+    run = tmp_path / "part"
+    part = run_training(build_config(dict(COMMON, out=str(run), grad_accum=2, stop_after_steps=2)))
+    assert part.interrupted and part.steps == 2
+    launch(tmp_path / "launch", 2, ["--resume", str(run), "--stop_after_steps", "0"])
+    assert [r["step"] for r in read_log(run)] == list(range(1, 7))
+    assert_close_weights(export_weights(run / "export"), export_weights(runs / "one" / "export"))
+
+
+def test_resume_layout_keeps_global_batches_per_step():
+    cfg = TrainConfig(grad_accum=1)
+    assert resume_layout({"batches_per_step": 4}, cfg, 2).grad_accum == 2
+    assert resume_layout({"batches_per_step": 4}, cfg, 4).grad_accum == 1
+    assert resume_layout({}, cfg, 3) is cfg  # a checkpoint from before this field: unchanged
+    with pytest.raises(InputError, match="cannot split evenly"):
+        resume_layout({"batches_per_step": 3}, cfg, 2)
+
+
+# --- FSDP configuration -----------------------------------------------------------------
+
+
+def test_accelerate_configs_parse():
+    from accelerate.commands.config.config_args import load_config_from_file
+    from accelerate.utils import DistributedType
+
+    ddp = load_config_from_file(str(DDP_CONFIG))
+    assert ddp.distributed_type == DistributedType.MULTI_GPU and ddp.num_processes == 2
+    fsdp = load_config_from_file(str(FSDP_CONFIG))
+    assert fsdp.distributed_type == DistributedType.FSDP
+    c = fsdp.fsdp_config
+    assert c["fsdp_use_orig_params"] is True
+    assert c["fsdp_auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP"
+    # accelerate wraps modules by class name: the name must be the backbone's decoder layer.
+    from model.backbone import build_random_base
+
+    layer_names = {type(m).__name__ for m in build_random_base("tiny").model.layers}
+    assert layer_names == {c["fsdp_transformer_layer_cls_to_wrap"]}
+    # The keys are ones accelerate's FSDP plugin knows (fsdp_x -> plugin field x).
+    from dataclasses import fields
+
+    from accelerate.utils import FullyShardedDataParallelPlugin
+
+    known = {f.name for f in fields(FullyShardedDataParallelPlugin)} | {"transformer_layer_cls_to_wrap", "offload_params"}
+    unknown = [k for k in c if k not in known and k.removeprefix("fsdp_") not in known]
+    assert not unknown, unknown
+
+
+def test_nf4_quant_storage_option():
+    from model.backbone import nf4_config
+
+    assert nf4_config().bnb_4bit_quant_storage == torch.uint8  # default unchanged
+    bf16 = nf4_config("bfloat16")
+    assert bf16.bnb_4bit_quant_storage == torch.bfloat16
+    assert bf16.bnb_4bit_compute_dtype == torch.bfloat16 and bf16.bnb_4bit_quant_type == "nf4"
+    assert bf16.bnb_4bit_use_double_quant and bf16.load_in_4bit
+    with pytest.raises(ValueError):
+        nf4_config("int4")
+    with pytest.raises(InputError, match="quant_storage"):
+        TrainConfig(quant_storage="int4").validate()
+
+
+def test_bf16_stored_nf4_computes_what_uint8_stored_does():
+    """The packed 4-bit bytes are only reinterpreted: same loss, and the weights are now bf16
+    tensors (what FSDP needs to flatten them with the layer's other weights)."""
+    import bitsandbytes as bnb
+
+    from model.backbone import load_backbone
+
+    x = torch.randint(0, 1000, (1, 16), generator=torch.Generator().manual_seed(0))
+    losses = {}
+    for storage in ("uint8", "bfloat16"):
+        model = load_backbone("tiny", load_in_4bit=True, device="cpu", quant_storage=storage,
+                              gradient_checkpointing=False)
+        dtypes = {m.weight.dtype for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)}
+        assert dtypes == {getattr(torch, storage)}
+        with torch.no_grad():
+            losses[storage] = float(model(input_ids=x, labels=x).loss)
+    assert losses["uint8"] == losses["bfloat16"]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="FSDP needs 2 CUDA devices")
+def test_fsdp_qlora_two_gpus(tmp_path):
+    run = tmp_path / "fsdp"
+    args = cli_args(dict(COMMON, out=run, load_in_4bit="true", quant_storage="bfloat16", max_steps=4,
+                         save_every=2))
+    launch(tmp_path / "launch", 2, args, config=FSDP_CONFIG, timeout=600)
+    assert [r["step"] for r in read_log(run)] == [1, 2, 3, 4]
+    rank0 = load_file(str(tmp_path / "launch" / "final-rank0.safetensors"))
+    exported = export_weights(run / "export")
+    assert any(float(v.abs().max()) > 0 for k, v in exported.items() if "lora_B" in k)
+    assert {k for k in exported} == {k for k in rank0}
+
+
+def test_fsdp_wrap_policy_gives_each_dtype_its_own_unit():
+    """What train.py hands FSDP: decoder layers, every trainable (LoRA) leaf and the head are
+    units; the frozen base projections, embeddings and norms stay inside their parents."""
+    from heads.alignment import NotePairHead
+    from heads.config import HeadConfig
+    from model.backbone import decoder, load_backbone
+    from training.joint import JointModel, LossSettings
+    from training.loop import fsdp_wrap_policy
+
+    backbone = load_backbone("tiny", load_in_4bit=False, device="cpu", gradient_checkpointing=False)
+    head = NotePairHead(HeadConfig(hidden_size=backbone.get_base_model().config.hidden_size))
+    model = JointModel(backbone, head, LossSettings())
+    policy = fsdp_wrap_policy(model)
+    wrapped = {name for name, m in model.named_modules() if policy(m, recurse=False, nonwrapped_numel=0)}
+    assert all(policy(m, recurse=True, nonwrapped_numel=0) for m in model.modules())
+    n_layers = len(decoder(backbone).layers)
+    assert "head" in wrapped
+    assert sum(1 for n in wrapped if re.search(r"layers\.\d+$", n)) == n_layers
+    lora = {n for n in wrapped if "lora_" in n}
+    assert len(lora) == 2 * 7 * n_layers  # A and B of q,k,v,o,gate,up,down in every layer
+    trainable = {n.rsplit(".", 1)[0] for n, p in backbone.named_parameters() if p.requires_grad}
+    assert {n.removeprefix("backbone.") for n in lora} == trainable
+    assert wrapped == lora | {"head"} | {n for n in wrapped if re.search(r"layers\.\d+$", n)}
+    # Every unit's own parameters (those not inside a nested unit) share one dtype.
+    for name in wrapped:
+        module = model.get_submodule(name)
+        nested = [m for n, m in module.named_modules() if n and f"{name}.{n}" in wrapped]
+        inner = {id(p) for m in nested for p in m.parameters()}
+        dtypes = {p.dtype for p in module.parameters() if id(p) not in inner}
+        assert len(dtypes) <= 1, (name, dtypes)
