@@ -12,7 +12,8 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from xml.etree.ElementTree import Element, ParseError
+from typing import Sequence
+from xml.etree.ElementTree import Element, ElementTree, ParseError, SubElement
 
 import defusedxml.ElementTree as SafeET
 from defusedxml import DefusedXmlException
@@ -271,3 +272,46 @@ def load_cases(xml_path: str | Path, key_path: str | Path | None = None) -> list
             )
         )
     return merged
+
+
+def _set(el: Element, name: str, value: object) -> None:
+    if value is not None:
+        el.set(name, str(value))
+
+
+def write_cases(cases: Sequence[Case], xml_path: str | Path, key_path: str | Path) -> None:
+    """Write cases as an official 2026-layout XML file and key JSON (what :func:`load_cases` reads)."""
+    xml_path, key_path = Path(xml_path), Path(key_path)
+    root = Element("annotations")
+    for case in cases:
+        el = SubElement(root, "case", id=case.case_id)
+        if case.clinical_specialty is not None:
+            SubElement(el, "clinical_specialty").text = case.clinical_specialty
+        SubElement(el, "patient_narrative").text = case.patient_narrative
+        pq = SubElement(el, "patient_question")
+        for p in case.patient_question:
+            phrase = SubElement(pq, "phrase", id=p.phrase_id)
+            _set(phrase, "start_char_index", p.start_char_index)
+            phrase.text = p.text
+        SubElement(el, "clinician_question").text = case.clinician_question
+        SubElement(el, "note_excerpt").text = case.note_excerpt
+        sentences = SubElement(el, "note_excerpt_sentences")
+        for s in case.note_sentences:
+            sent = SubElement(sentences, "sentence", id=s.sentence_id)
+            _set(sent, "paragraph_id", s.paragraph_id)
+            _set(sent, "start_char_index", s.start_char_index)
+            sent.text = s.text
+    xml_path.parent.mkdir(parents=True, exist_ok=True)
+    ElementTree(root).write(str(xml_path), encoding="utf-8", xml_declaration=True)
+    key = [
+        {
+            "case_id": c.case_id,
+            "answers": [{"sentence_id": sid, "relevance": label} for sid, label in c.relevance.items()],
+            "clinician_answer_without_citations": c.clinician_answer_without_citations,
+            "clinician_answer_sentences": [
+                {"id": a.sentence_id, "text": a.text, "citations": list(a.citations)} for a in c.answer_sentences
+            ],
+        }
+        for c in cases
+    ]
+    key_path.write_text(json.dumps(key, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")

@@ -8,14 +8,12 @@ trained on) and checked by reading the files back with the project's loader.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Sequence
-from xml.etree.ElementTree import Element, ElementTree, SubElement
 
 from baselines.crossval import case_folds
-from data.archehr import load_cases
+from data.archehr import load_cases, write_cases
 from data.errors import InputError
 from data.records import AnswerSentence, Case
 
@@ -103,45 +101,8 @@ def blind(case: Case) -> Case:
     )
 
 
-def _set(el: Element, name: str, value: object) -> None:
-    if value is not None:
-        el.set(name, str(value))
-
-
 def write_case_files(cases: Sequence[Case], xml_path: Path, key_path: Path) -> None:
     """Write keyed cases as an official-layout XML + key, then check they read back identically."""
-    root = Element("annotations")
-    for case in cases:
-        el = SubElement(root, "case", id=case.case_id)
-        if case.clinical_specialty is not None:
-            SubElement(el, "clinical_specialty").text = case.clinical_specialty
-        SubElement(el, "patient_narrative").text = case.patient_narrative
-        pq = SubElement(el, "patient_question")
-        for p in case.patient_question:
-            phrase = SubElement(pq, "phrase", id=p.phrase_id)
-            _set(phrase, "start_char_index", p.start_char_index)
-            phrase.text = p.text
-        SubElement(el, "clinician_question").text = case.clinician_question
-        SubElement(el, "note_excerpt").text = case.note_excerpt
-        sentences = SubElement(el, "note_excerpt_sentences")
-        for s in case.note_sentences:
-            sent = SubElement(sentences, "sentence", id=s.sentence_id)
-            _set(sent, "paragraph_id", s.paragraph_id)
-            _set(sent, "start_char_index", s.start_char_index)
-            sent.text = s.text
-    xml_path.parent.mkdir(parents=True, exist_ok=True)
-    ElementTree(root).write(str(xml_path), encoding="utf-8", xml_declaration=True)
-    key = [
-        {
-            "case_id": c.case_id,
-            "answers": [{"sentence_id": sid, "relevance": label} for sid, label in c.relevance.items()],
-            "clinician_answer_without_citations": c.clinician_answer_without_citations,
-            "clinician_answer_sentences": [
-                {"id": a.sentence_id, "text": a.text, "citations": list(a.citations)} for a in c.answer_sentences
-            ],
-        }
-        for c in cases
-    ]
-    key_path.write_text(json.dumps(key, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    write_cases(cases, xml_path, key_path)
     if load_cases(xml_path, key_path) != list(cases):
         raise AssertionError(f"fold files {xml_path.name}/{key_path.name} do not read back as the cases written")

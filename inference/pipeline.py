@@ -10,12 +10,10 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
-from importlib import metadata
 from pathlib import Path
 from typing import Callable
 
@@ -137,13 +135,9 @@ def _load_ensemble(path: Path | None) -> tuple[EnsembleConfig, str]:
 
 
 def package_versions() -> dict[str, str | None]:
-    out: dict[str, str | None] = {"python": platform.python_version()}
-    for name in VERSIONED_PACKAGES:
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            out[name] = None
-    return out
+    from training.export import package_versions as installed_versions
+
+    return installed_versions(VERSIONED_PACKAGES)
 
 
 def _write_json_atomic(path: Path, data: dict) -> None:

@@ -23,6 +23,19 @@ def shared_fixtures() -> Path:
     return SHARED_FIXTURES
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a training test module, restored afterwards: the tiny model gains
+    little from a second thread, and on a busy 2-core machine two spinning OpenMP threads made
+    these tests ~10x slower."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(scope="session")
 def qwen_tokenizer():
     from transformers import AutoTokenizer

@@ -26,14 +26,7 @@ EXPORT_FILES = ("adapter_config.json", "adapter_model.safetensors", "head.safete
                 "manifest.json")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """The tiny model gains little from a second thread, and on a busy 2-core machine
-    two spinning OpenMP threads made these tests ~10x slower; restored afterwards."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def sha256(path: Path) -> str:

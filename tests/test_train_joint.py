@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 from accelerate.utils import set_seed
 
 from data.prompts import encode_example, example_from_case
@@ -23,14 +22,7 @@ from training.synthetic import make_cases, word_overlap_top1, write_archehr
 N_TRAIN, N_HELD_OUT = 24, 16
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """The tiny model gains little from a second thread, and on a busy 2-core machine
-    two spinning OpenMP threads made these tests ~10x slower; restored afterwards."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def targets(case) -> np.ndarray:

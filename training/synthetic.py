@@ -13,12 +13,11 @@ a quick sanity check of the joint training path.
 """
 from __future__ import annotations
 
-import json
 import random
 import re
 from pathlib import Path
-from xml.etree.ElementTree import Element, ElementTree, SubElement
 
+from data.archehr import write_cases
 from data.records import AnswerSentence, Case, NoteSentence, QuestionPhrase
 
 LEXICON = (
@@ -92,33 +91,7 @@ def make_cases(n: int, seed: int, id_prefix: str = "s") -> list[Case]:
 
 def write_archehr(cases: list[Case], xml_path: str | Path, key_path: str | Path) -> None:
     """Write cases as an ArchEHR-QA 2026-layout XML file and key JSON."""
-    root = Element("annotations")
-    for case in cases:
-        el = SubElement(root, "case", id=case.case_id)
-        SubElement(el, "clinical_specialty").text = case.clinical_specialty or ""
-        SubElement(el, "patient_narrative").text = case.patient_narrative
-        pq = SubElement(el, "patient_question")
-        for p in case.patient_question:
-            SubElement(pq, "phrase", id=p.phrase_id, start_char_index=str(p.start_char_index or 0)).text = p.text
-        SubElement(el, "clinician_question").text = case.clinician_question
-        SubElement(el, "note_excerpt").text = case.note_excerpt
-        ns_el = SubElement(el, "note_excerpt_sentences")
-        for s in case.note_sentences:
-            SubElement(ns_el, "sentence", id=s.sentence_id, paragraph_id=s.paragraph_id or "1").text = s.text
-    ElementTree(root).write(str(xml_path), encoding="utf-8", xml_declaration=True)
-    key = [
-        {
-            "case_id": c.case_id,
-            "answers": [{"sentence_id": sid, "relevance": label} for sid, label in c.relevance.items()],
-            "clinician_answer_without_citations": c.clinician_answer_without_citations,
-            "clinician_answer_sentences": [
-                {"id": a.sentence_id, "text": a.text, "citations": list(a.citations)} for a in c.answer_sentences
-            ],
-        }
-        for c in cases
-    ]
-    Path(key_path).write_text(json.dumps(key, indent=2) + "\n", encoding="utf-8")
-
+    write_cases(cases, xml_path, key_path)
 
 def _words(text: str) -> set[str]:
     return set(re.findall(r"[a-z0-9]+", text.lower()))
