@@ -1,0 +1,105 @@
+"""Data-parallel scaling of the domain stage on the Qwen3-4B shape (random weights).
+
+    python -m bench.scaling --gpus 1 2 --out bench/results
+
+Writes a synthetic emrQA-style SQuAD-v2 file (contexts of realistic length), then runs
+``train.py --stage domain --preset qwen3-4b-random`` on 1 GPU (plain python) and on N
+GPUs (``accelerate launch --config_file configs/accelerate/ddp.yaml``), each with
+16k-token batches per process, and reads the steady-state tokens/s from each run's
+``log.jsonl`` (tokens summed over processes, first windows dropped).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+WORDS = ("patient admitted with chest pain troponin elevated heparin aspirin stent discharged home follow up "
+         "cardiology blood pressure metoprolol lisinopril daily mg ct scan showed no acute findings labs anemia "
+         "transfused units hemoglobin stable creatinine improved diuresis furosemide weight").split()
+
+
+def synthetic_emrqa(path: Path, n: int, seed: int = 0) -> None:
+    rng = random.Random(seed)
+    with path.open("w", encoding="utf-8") as fh:
+        for i in range(n):
+            sentences = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(8, 30))).capitalize() + "."
+                         for _ in range(rng.randint(8, 45))]
+            context = " ".join(sentences)
+            answer = rng.choice(sentences)[:-1]
+            start = context.index(answer)
+            fh.write(json.dumps({"id": f"syn-{i}", "title": "synthetic", "context": context,
+                                 "question": "What happened to the patient?",
+                                 "answers": {"text": [answer], "answer_start": [start]}}) + "\n")
+
+
+def steady_tokens_per_s(log: Path, skip: int) -> float:
+    rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+    rates = [r["tokens_per_s"] for r in rows if r["step"] > skip]
+    return statistics.median(rates) if rates else float("nan")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--gpus", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--steps", type=int, default=12)
+    p.add_argument("--skip", type=int, default=4, help="optimizer steps dropped as warm-up")
+    p.add_argument("--records", type=int, default=1200)
+    p.add_argument("--work", default="/tmp/scaling")
+    p.add_argument("--out", default="bench/results")
+    p.add_argument("--preset", default="qwen3-4b-random", help="tiny: a CPU check of the script (gloo)")
+    p.add_argument("--extra", default="", help="extra train.py overrides, e.g. '--compile false'")
+    args = p.parse_args(argv)
+
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    data = work / "emrqa_synthetic.jsonl"
+    synthetic_emrqa(data, args.records)
+    # Write the random base once, before several processes would race to build it.
+    subprocess.run([sys.executable, "-c", "from model.backbone import save_random_base, random_base_cache_dir as d;"
+                    f"save_random_base('{args.preset}', d('{args.preset}'))"], cwd=ROOT, check=True)
+    env = dict(os.environ, NCCL_NVLS_ENABLE="0", TORCH_SYMM_MEM_DISABLE_MULTICAST="1", NVSHMEM_DISABLE_NVLS="1")
+    common = ["train.py", "--stage", "domain", "--preset", args.preset, "--data", str(data),
+              "--max_steps", str(args.steps), "--log_every", "1", "--save_every", "0", "--progress", "false",
+              "--max_length", "2048", "--batch_tokens", "16384", "--plot", "false", *args.extra.split()]
+    rows = []
+    for n in args.gpus:
+        out = work / f"run-{n}gpu"
+        launcher = [sys.executable] if n == 1 else [
+            sys.executable, "-m", "accelerate.commands.launch", "--config_file", "configs/accelerate/ddp.yaml",
+            "--num_processes", str(n)]
+        cmd = launcher + common + ["--out", str(out)]
+        print("+", " ".join(cmd), flush=True)
+        proc = subprocess.run(cmd, cwd=ROOT, env=env)
+        if proc.returncode != 0:
+            rows.append({"gpus": n, "error": f"exit {proc.returncode}"})
+            continue
+        rate = steady_tokens_per_s(out / "log.jsonl", args.skip)
+        rows.append({"gpus": n, "tokens_per_s": round(rate, 1)})
+        print(json.dumps(rows[-1]), flush=True)
+    base = next((r["tokens_per_s"] for r in rows if r.get("gpus") == 1 and "tokens_per_s" in r), None)
+    for r in rows:
+        if base and "tokens_per_s" in r:
+            r["speedup"] = round(r["tokens_per_s"] / base, 2)
+            r["efficiency"] = round(r["speedup"] / r["gpus"], 2)
+    result = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "rows": rows,
+              "settings": {"steps": args.steps, "skip": args.skip, "batch_tokens_per_process": 16384,
+                           "extra": args.extra}}
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S")
+    (Path(args.out) / f"scaling-{stamp}.json").write_text(json.dumps(result, indent=2))
+    print("\n| GPUs | tokens/s | speed-up | efficiency |\n|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['gpus']} | {r.get('tokens_per_s', r.get('error'))} | {r.get('speedup', '')} | {r.get('efficiency', '')} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
