@@ -18,7 +18,7 @@ from xml.etree.ElementTree import Element, ElementTree, ParseError, SubElement
 import defusedxml.ElementTree as SafeET
 from defusedxml import DefusedXmlException
 
-from .errors import InputError
+from .errors import InputError, read_text_file
 from .records import RELEVANCE_LABELS, AnswerSentence, Case, NoteSentence, QuestionPhrase
 
 
@@ -163,14 +163,7 @@ def normalise_citations(value: object, path: Path, case_id: str, answer_id: str)
 
 
 def _load_json(path: Path) -> object:
-    if not path.is_file():
-        raise InputError("file not found", path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise InputError("not UTF-8 text", path) from None
-    if not text.strip():
-        raise InputError("file is empty", path)
+    text = read_text_file(path)
     try:
         return json.loads(text)
     except json.JSONDecodeError as err:

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from .errors import InputError
+from .errors import InputError, read_text_file
 from .prompts import PromptExample
 from .sentences import split_sentences
 
@@ -111,12 +111,7 @@ def _json_records(data: object, path: Path) -> Iterator[object]:
 
 
 def _read_local_json(path: Path) -> Iterator[object]:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise InputError("not UTF-8 text", path) from None
-    if not text.strip():
-        raise InputError("file is empty", path)
+    text = read_text_file(path)
     if path.suffix.lower() == ".jsonl":
         for lineno, line in enumerate(text.splitlines(), 1):
             if not line.strip():

@@ -33,6 +33,19 @@ class InputError(ValueError):
         return ": ".join(parts).replace("\n", " ")
 
 
+def read_text_file(path: Path) -> str:
+    """A user's text file as str; missing, non-UTF-8 or empty -> InputError naming it."""
+    if not path.is_file():
+        raise InputError("file not found", path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise InputError("not UTF-8 text", path) from None
+    if not text.strip():
+        raise InputError("file is empty", path)
+    return text
+
+
 F = TypeVar("F", bound=Callable[..., int | None])
 
 
