@@ -13,13 +13,11 @@ compute as not computed.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 from data.archehr import load_cases, load_key
+from data.atomic import write_json_atomic
 from data.errors import InputError, exit_on_input_error
 from data.submission import MAX_WORDS, count_words, read_submission
 from metrics.alignment import SCORE_KEYS, score_alignment
@@ -93,20 +91,6 @@ def score_subtask3(
         references[case.case_id] = reference
         sources[case.case_id] = case.patient_narrative
     return score_generation(predictions, references, sources), truncated
-
-
-def _write_json_atomic(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(data, fh, indent=2)
-            fh.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _print_table(rows: list[tuple[str, str]]) -> None:
@@ -195,7 +179,7 @@ def _score_command(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
         scores = score_subtask4(args.submission, args.key)
         _print_table([(k, f"{scores[k]:.4f}") for k in SCORE_KEYS])
         if args.json_out:
-            _write_json_atomic(args.json_out, {k: scores[k] for k in SCORE_KEYS})
+            write_json_atomic(args.json_out, {k: scores[k] for k in SCORE_KEYS})
         return 0
     if args.xml is None:
         parser.error("--subtask 3 needs --xml (the patient narrative is the SARI source)")
@@ -210,7 +194,7 @@ def _score_command(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
     if truncated:
         print(f"note: {truncated} prediction(s) over {MAX_WORDS} words were truncated, as the official scorer does")
     if args.json_out:
-        _write_json_atomic(args.json_out, result.to_json())
+        write_json_atomic(args.json_out, result.to_json())
     return 0
 
 

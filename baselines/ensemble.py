@@ -17,6 +17,7 @@ from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
+from data.atomic import write_json_atomic
 from data.errors import InputError
 from data.records import Case
 
@@ -89,10 +90,7 @@ class EnsembleConfig:
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(self.to_json(), indent=2) + "\n", encoding="utf-8")
-        tmp.replace(path)
+        write_json_atomic(path, self.to_json())
         return path
 
     @classmethod

@@ -14,12 +14,11 @@ same directory and renamed, so a failure never leaves a partial file behind.
 from __future__ import annotations
 
 import json
-import os
 import re
-import tempfile
 import zipfile
 from pathlib import Path
 
+from .atomic import atomic_write
 from .errors import InputError
 from .records import Case
 
@@ -173,21 +172,6 @@ def validate_subtask4(entries: object, cases: list[Case], path: str | Path | Non
             raise InputError(f"answer sentence {missing[0]!r} is not listed", path, cid)
 
 
-def _atomic_write(target: Path, write) -> None:
-    """Write through ``write(file_object)`` to a temp file beside ``target``, then rename."""
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def write_submission(entries: list[dict], out_dir: Path, subtask: int, cases: list[Case]) -> tuple[Path, Path]:
     """Validate, then write ``out_dir/subtask{N}/submission.json`` and ``out_dir/subtask{N}.zip``."""
     if subtask == 3:
@@ -206,8 +190,8 @@ def write_submission(entries: list[dict], out_dir: Path, subtask: int, cases: li
         with zipfile.ZipFile(fh, "w", compression=zipfile.ZIP_DEFLATED) as zf:
             zf.writestr(SUBMISSION_NAME, payload)
 
-    _atomic_write(json_path, lambda fh: fh.write(payload))
-    _atomic_write(zip_path, write_zip)
+    atomic_write(json_path, lambda fh: fh.write(payload))
+    atomic_write(zip_path, write_zip)
     return json_path, zip_path
 
 

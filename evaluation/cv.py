@@ -16,10 +16,7 @@ to score on training cases refused, before anything is written.
 """
 from __future__ import annotations
 
-import json
-import os
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +27,7 @@ import numpy as np
 from baselines.ensemble import gold_matrix
 from baselines.extractive import extractive_answer
 from data.archehr import load_cases
+from data.atomic import write_json_atomic, write_text_atomic
 from data.errors import InputError
 from data.records import Case
 from data.submission import subtask3_entries, subtask4_entries, write_submission
@@ -124,23 +122,6 @@ def data_provenance(xml: Path) -> str:
                 "claim about real clinical data.")
     return (f"Data: {Path(xml).name} as given by the user. With few cases the intervals are wide; the project's "
             "own fixtures are invented and say nothing about real clinical data.")
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def _write_json(path: Path, data: object) -> None:
-    _write_text_atomic(path, json.dumps(data, indent=2, ensure_ascii=False, default=str) + "\n")
 
 
 def _check_options(opts: CVOptions) -> tuple[list[Case], dict, str | None]:
@@ -283,7 +264,7 @@ def run_cv(opts: CVOptions, log: Log = print) -> CVResult:
         for cid in fold.test_ids:
             fold_of[cid] = fold.index
         record = _fold_record(fold, fitted, head)
-        _write_json(fold_dir / "fold.json", record)
+        write_json_atomic(fold_dir / "fold.json", record)
         fold_records.append(record)
 
     # --- pool and score once -------------------------------------------------------
@@ -332,16 +313,16 @@ def run_cv(opts: CVOptions, log: Log = print) -> CVResult:
     files = {"ladder_md": out / "ladder.md", "ladder_json": out / "ladder.json", "errors": out / "errors.md",
              "pr_curve": out / "pr_curve.png", "f1_vs_threshold": out / "f1_vs_threshold.png",
              "loss_curves": out / "loss_curves.png", "cv": out / "cv.json"}
-    _write_json(files["ladder_json"], ladder)
-    _write_text_atomic(files["ladder_md"], ladder_markdown(ladder))
+    write_json_atomic(files["ladder_json"], ladder)
+    write_text_atomic(files["ladder_md"], ladder_markdown(ladder))
 
     report_systems = [s for s in (HEAD_SYSTEM, "ensemble") if s in systems] or systems[-1:]
-    _write_text_atomic(files["errors"], error_report_markdown(
+    write_text_atomic(files["errors"], error_report_markdown(
         keyed, {s: predictions[s] for s in report_systems}, fold_of, labels, notice))
     _plots(keyed, predictions, chosen_thresholds, logs, files, on_training, notice[1], f"data: {Path(opts.xml).name}")
 
     seconds = time.perf_counter() - started
-    _write_json(files["cv"], {
+    write_json_atomic(files["cv"], {
         "command": "score.py cv", "evaluated_on": ladder["evaluated_on"], "notice": notice,
         "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(opts).items()},
         "systems": systems, "folds": [{"index": f.index, "train_ids": list(f.train_ids),

@@ -8,10 +8,7 @@ versions, skipped cases) so that a baseline run is never mistaken for the model.
 """
 from __future__ import annotations
 
-import json
-import os
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +22,7 @@ from baselines.ensemble import EnsembleConfig
 from baselines.extractive import extractive_answer
 from baselines.linking import link_pairs
 from data.archehr import load_cases
+from data.atomic import write_json_atomic
 from data.errors import InputError
 from data.records import Case
 from data.submission import (
@@ -138,20 +136,6 @@ def package_versions() -> dict[str, str | None]:
     from training.export import package_versions as installed_versions
 
     return installed_versions(VERSIONED_PACKAGES)
-
-
-def _write_json_atomic(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(data, fh, indent=2, default=str)
-            fh.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def baseline_answers(cases: list[Case], progress: bool = True) -> dict[str, str]:
@@ -325,7 +309,7 @@ def run_inference(opts: InferenceOptions, log: Log = _stderr) -> InferenceResult
         "versions": package_versions(),
     })
     opts.out.mkdir(parents=True, exist_ok=True)
-    _write_json_atomic(opts.out / "run.json", run)
+    write_json_atomic(opts.out / "run.json", run)
 
     log(f"wrote {opts.out / 'run.json'}")
     log("times: " + ", ".join(f"{k} {v:.1f}s" for k, v in timings.items()))
