@@ -11,9 +11,8 @@ from pathlib import Path
 from data.archehr import load_cases
 from data.errors import InputError
 from data.records import Case
-from data.submission import MAX_WORDS, count_words, read_submission
+from data.submission import MAX_WORDS, count_words, has_13a_tokens, read_submission
 
-from .bleu import tokenize_13a
 from .case_sets import same_cases, unique_case_ids
 from .generation import GenerationScores, score_generation
 
@@ -43,11 +42,11 @@ def score_subtask3(
         case = by_id[entry["case_id"]]
         text = official_truncation(entry["prediction"])
         truncated += text != entry["prediction"]
-        if not tokenize_13a(text):
+        if not has_13a_tokens(text):
             raise InputError("prediction has no tokens after 13a tokenization (the official BLEU cannot "
                              "score it)", sub_path, case.case_id)
         reference = reference_answer(case)
-        if not tokenize_13a(reference):
+        if not has_13a_tokens(reference):
             raise InputError("key case has no clinician answer to compare with", key, case.case_id)
         predictions[case.case_id] = text
         references[case.case_id] = reference

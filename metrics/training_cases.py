@@ -28,7 +28,8 @@ def manifest_training_case_ids(manifest: dict | None) -> list[str] | None:
     if not manifest:
         return None
     if "training_case_ids" in manifest:
-        return list(manifest["training_case_ids"])
+        ids = manifest["training_case_ids"]
+        return None if ids is None else [str(c) for c in ids]
     stages = manifest.get("stages") or []
     if stages and all("case_ids" in s for s in stages):
         return sorted({c for s in stages for c in s["case_ids"]})
@@ -65,7 +66,8 @@ def run_record_training_case_ids(run_json: Path) -> list[str] | None:
     if not isinstance(record, dict):
         return None
     if "training_case_ids" in record:
-        return record["training_case_ids"]
+        ids = record["training_case_ids"]
+        return None if ids is None else [str(c) for c in ids]
     return manifest_training_case_ids(record.get("checkpoint_manifest"))
 
 
