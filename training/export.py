@@ -5,7 +5,8 @@
 * ``head.safetensors`` + ``head_config.json`` (the alignment head);
 * ``manifest.json``: base model (hub id or path, or the random preset's seed and
   shape), preset, LoRA settings, stage history (domain then task), sha256 of every
-  training data file, the ArchEHR case ids each stage trained on (``training_case_ids``), the alignment threshold calibrated on the training cases,
+  training data file, the ArchEHR case ids each stage trained on (``training_case_ids``),
+  the alignment threshold calibrated on the training cases,
   package versions and the creation date.
 
 The folder is assembled under a temporary name and renamed, so an interrupted export
