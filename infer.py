@@ -53,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base", help="base model id or folder for the checkpoint (default: the manifest's)")
     p.add_argument("--device", help="torch device for the checkpoint (default: cuda if available)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.add_argument("--allow-train-cases", action="store_true",
+                   help="with --key: score an export on cases it trained on (refused otherwise); every score "
+                        'is then labelled "TRAINING CASES"')
     return p
 
 
@@ -65,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         xml=args.xml, out=args.out, checkpoint=args.checkpoint, key=args.key, subtasks=args.subtasks,
         aligner=args.aligner, ensemble=args.ensemble, max_links_per_answer=args.max_links_per_answer,
         top1_fallback=args.top1_fallback, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
-        base=args.base, device=args.device, progress=not args.no_progress,
+        base=args.base, device=args.device, progress=not args.no_progress, allow_train_cases=args.allow_train_cases,
     ))
     return 0
 

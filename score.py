@@ -1,14 +1,17 @@
-"""Local scoring of Subtask 3 and Subtask 4 submissions.
+"""Local scoring of Subtask 3 and Subtask 4 submissions (the scoring itself lives in ``metrics/``).
 
-    python score.py --subtask 4 --submission S --key K [--json OUT]
-    python score.py --subtask 3 --submission S --key K --xml X [--json OUT]
+    python score.py --subtask 4 --submission S --key K [--json OUT] [--per-case]
+    python score.py --subtask 3 --submission S --key K --xml X [--json OUT] [--per-case]
+                    [--bertscore-model LOCAL_DISTILBERT]
 
 The submission may be the ``submission.json`` or the ``.zip`` holding it. Subtask 4
 checks ids against the key as the official scorer does (answer ids from the key's
 ``clinician_answer_sentences``, evidence ids from its ``answers``; the case sets must be
-equal) and ``--json`` writes the official ``scores.json`` keys. Subtask 3 truncates
-predictions to 75 words as the official scorer does and reports the metrics it cannot
-compute as not computed.
+equal) and ``--json`` writes the official ``scores.json`` keys plus ``per_case``.
+Subtask 3 truncates predictions to 75 words as the official scorer does, computes BLEU,
+ROUGE and SARI as the organizers do, and reports the metrics it cannot compute as not
+computed. When an infer.py ``run.json`` sits beside the submission and records the
+export's training cases, scoring those cases is refused unless ``--allow-train-cases``.
 """
 from __future__ import annotations
 
@@ -16,81 +19,21 @@ import argparse
 import sys
 from pathlib import Path
 
-from data.archehr import load_cases, load_key
 from data.atomic import write_json_atomic
-from data.errors import InputError, exit_on_input_error
-from data.submission import MAX_WORDS, count_words, read_submission
-from metrics.alignment import SCORE_KEYS, score_alignment
-from metrics.generation import GenerationScores, score_generation
-
-
-def _unique_case_ids(entries: list[dict], path: Path) -> list[str]:
-    seen: list[str] = []
-    for entry in entries:
-        if entry["case_id"] in seen:
-            raise InputError("case listed twice", path, entry["case_id"])
-        seen.append(entry["case_id"])
-    return seen
-
-
-def _same_cases(submitted: list[str], expected: list[str], path: Path) -> None:
-    extra = [c for c in submitted if c not in set(expected)]
-    if extra:
-        raise InputError("case is not in the key", path, extra[0])
-    missing = [c for c in expected if c not in set(submitted)]
-    if missing:
-        raise InputError(f"case of the key missing from the submission ({len(missing)} missing)", path, missing[0])
-
-
-def score_subtask4(submission: str | Path, key: str | Path) -> dict[str, float]:
-    """The seven official Subtask 4 scores of a submission against a key."""
-    sub_path = Path(submission)
-    key_cases = load_key(key)
-    entries = read_submission(sub_path, 4)
-    _same_cases(_unique_case_ids(entries, sub_path), list(key_cases), sub_path)
-    predicted: dict[str, set[tuple[str, str]]] = {}
-    for entry in entries:
-        kc = key_cases[entry["case_id"]]
-        if not kc.answer_sentences:
-            raise InputError("key case has no clinician_answer_sentences to align", key, kc.case_id)
-        answer_ids = {a.sentence_id for a in kc.answer_sentences}
-        pairs = predicted.setdefault(kc.case_id, set())
-        for item in entry["prediction"]:
-            aid = item["answer_id"]
-            if aid not in answer_ids:
-                raise InputError(f"unknown answer_id {aid!r}", sub_path, kc.case_id)
-            for e in item["evidence_id"]:
-                if e not in kc.relevance:
-                    raise InputError(f"answer {aid}: unknown evidence id {e!r}", sub_path, kc.case_id)
-                pairs.add((aid, e))
-    gold = {cid: kc.gold_pairs() for cid, kc in key_cases.items()}
-    return score_alignment(predicted, gold)
-
-
-def score_subtask3(
-    submission: str | Path, key: str | Path, xml: str | Path
-) -> tuple[GenerationScores, int]:
-    """Subtask 3 metrics and the number of predictions truncated to 75 words."""
-    sub_path = Path(submission)
-    cases = [c for c in load_cases(xml, key) if c.has_key]
-    entries = read_submission(sub_path, 3)
-    _same_cases(_unique_case_ids(entries, sub_path), [c.case_id for c in cases], sub_path)
-    by_id = {c.case_id: c for c in cases}
-    predictions, references, sources = {}, {}, {}
-    truncated = 0
-    for entry in entries:
-        case = by_id[entry["case_id"]]
-        text = entry["prediction"]
-        if count_words(text) > MAX_WORDS:  # what the official scorer does with long answers
-            text = " ".join(text.split()[:MAX_WORDS])
-            truncated += 1
-        reference = case.clinician_answer_without_citations or " ".join(a.text for a in case.answer_sentences)
-        if not reference.strip():
-            raise InputError("key case has no clinician answer to compare with", key, case.case_id)
-        predictions[case.case_id] = text
-        references[case.case_id] = reference
-        sources[case.case_id] = case.patient_narrative
-    return score_generation(predictions, references, sources), truncated
+from data.errors import exit_on_input_error
+from data.submission import MAX_WORDS
+from metrics.alignment import SCORE_KEYS
+from metrics.case_sets import same_cases as _same_cases  # noqa: F401  (kept for callers of score.py)
+from metrics.case_sets import unique_case_ids as _unique_case_ids  # noqa: F401
+from metrics.generation import GenerationScores  # noqa: F401
+from metrics.subtask3 import score_subtask3
+from metrics.subtask4 import score_subtask4, score_subtask4_per_case
+from metrics.training_cases import (
+    TRAINING_CASES_LABEL,
+    check_training_cases,
+    run_record_beside,
+    run_record_training_case_ids,
+)
 
 
 def _print_table(rows: list[tuple[str, str]]) -> None:
@@ -107,7 +50,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--submission", type=Path, help="submission.json or the .zip holding it")
     parser.add_argument("--key", type=Path, help="the key JSON (archehr-qa_key.json)")
     parser.add_argument("--xml", type=Path, help="the cases XML (Subtask 3: narratives are the SARI source)")
-    parser.add_argument("--json", type=Path, dest="json_out", help="also write the scores to this JSON file")
+    parser.add_argument("--json", type=Path, dest="json_out",
+                        help="also write the scores (with per-case values) to this JSON file")
+    parser.add_argument("--per-case", action="store_true", help="also print a table of per-case scores")
+    parser.add_argument("--bertscore-model", help="Subtask 3: local model folder for BERTScore (official only "
+                                                  "with distilbert-base-uncased; needs the bert-score package)")
+    parser.add_argument("--allow-train-cases", action="store_true",
+                        help="score even when the run.json beside the submission says the export trained on "
+                             'these cases; every score is then labelled "TRAINING CASES"')
     # Further commands (e.g. cross-validation) are added here as subparsers; without one,
     # the flags above score a submission.
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -175,26 +125,85 @@ def _cv_command(args: argparse.Namespace) -> int:
 def _score_command(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     if args.subtask is None or args.submission is None or args.key is None:
         parser.error("--subtask, --submission and --key are required")
-    if args.subtask == 4:
-        scores = score_subtask4(args.submission, args.key)
-        _print_table([(k, f"{scores[k]:.4f}") for k in SCORE_KEYS])
-        if args.json_out:
-            write_json_atomic(args.json_out, {k: scores[k] for k in SCORE_KEYS})
-        return 0
-    if args.xml is None:
+    if args.subtask == 3 and args.xml is None:
         parser.error("--subtask 3 needs --xml (the patient narrative is the SARI source)")
-    result, truncated = score_subtask3(args.submission, args.key, args.xml)
-    rows = [
-        (name, f"{value:.4f}" if value is not None else f"not computed ({result.reasons.get(name, '')})")
-        for name, value in result.scores.items()
-    ]
-    rows.append(("mean_of_computed", f"{result.overall_mean:.4f}"))
+    training = _training_cases_scored(args)  # refused here, before any scoring or writing
+    if args.subtask == 4:
+        return _score_subtask4_command(args, training)
+    return _score_subtask3_command(args, training)
+
+
+def _training_cases_scored(args: argparse.Namespace) -> list[str]:
+    """Scored cases the export trained on, per the infer.py run.json beside the submission."""
+    run_json = run_record_beside(args.submission)
+    trained = run_record_training_case_ids(run_json) if run_json is not None else None
+    if not trained:
+        return []
+    from data.archehr import load_key
+
+    return check_training_cases(load_key(args.key), trained, args.allow_train_cases, run_json)
+
+
+def _label(training: list[str]) -> str:
+    return f"  [{TRAINING_CASES_LABEL}]" if training else ""
+
+
+def _with_training_label(payload: dict, training: list[str]) -> dict:
+    if training:
+        payload["evaluated_on"] = TRAINING_CASES_LABEL
+        payload["training_cases_scored"] = training
+    return payload
+
+
+def _print_training_notice(training: list[str]) -> None:
+    if training:
+        print(f"{TRAINING_CASES_LABEL}: {len(training)} scored case(s) are cases this export trained on")
+
+
+def _print_per_case(per_case: dict[str, dict[str, float]], training: list[str]) -> None:
+    columns = list(dict.fromkeys(k for values in per_case.values() for k in values))
+    width = max(len("case_id"), *(len(c) for c in per_case))
+    print()
+    print(f"{'case_id':<{width}}  " + "  ".join(f"{c:>10}" for c in columns) + _label(training))
+    for case_id, values in per_case.items():
+        cells = [f"{values[c]:>10.4f}" if isinstance(values.get(c), float) else f"{values.get(c, ''):>10}"
+                 for c in columns]
+        print(f"{case_id:<{width}}  " + "  ".join(cells))
+
+
+def _score_subtask4_command(args: argparse.Namespace, training: list[str]) -> int:
+    scores = score_subtask4(args.submission, args.key)
+    per_case = score_subtask4_per_case(args.submission, args.key)
+    _print_training_notice(training)
+    _print_table([(k, f"{scores[k]:.4f}{_label(training)}") for k in SCORE_KEYS])
+    if args.per_case:
+        _print_per_case(per_case, training)
+    if args.json_out:
+        payload = {k: scores[k] for k in SCORE_KEYS}
+        payload["per_case"] = per_case
+        write_json_atomic(args.json_out, _with_training_label(payload, training))
+    return 0
+
+
+def _score_subtask3_command(args: argparse.Namespace, training: list[str]) -> int:
+    result, truncated = score_subtask3(args.submission, args.key, args.xml, args.bertscore_model)
+    _print_training_notice(training)
+    rows = []
+    for name, value in result.scores.items():
+        shown = f"{value:.4f}{_label(training)}" if value is not None else result.reasons.get(name, "not computed")
+        if name in result.notes:
+            shown += f"  ({result.notes[name]})"
+        rows.append((name, shown))
+    overall_key = "overall_score" if result.is_official_overall else "mean_of_computed"
+    rows.append((overall_key, f"{result.overall_mean:.4f}{_label(training)}"))
     _print_table(rows)
-    print(f"mean_of_computed = {result.overall_name}; not the official overall score")
+    print(f"{overall_key} = {result.overall_name}")
     if truncated:
         print(f"note: {truncated} prediction(s) over {MAX_WORDS} words were truncated, as the official scorer does")
+    if args.per_case:
+        _print_per_case(result.per_case, training)
     if args.json_out:
-        write_json_atomic(args.json_out, result.to_json())
+        write_json_atomic(args.json_out, _with_training_label(result.to_json(), training))
     return 0
 
 

@@ -13,7 +13,7 @@ from dataclasses import replace
 import numpy as np
 
 from data.records import AnswerSentence, Case
-from data.submission import MAX_WORDS, count_words, truncate_words
+from data.submission import MAX_WORDS, count_words, has_13a_tokens, truncate_words
 
 from .aligners import BM25Aligner, TfidfAligner, combine_scores
 
@@ -28,7 +28,8 @@ def question_scores(case: Case) -> np.ndarray:
 
 def extractive_answer(case: Case, max_words: int = MAX_WORDS) -> str:
     """The highest-scoring note sentences that fit in ``max_words`` words, in note order."""
-    texts = [" ".join(s.text.split()) for s in case.note_sentences]
+    # A sentence the official BLEU cannot tokenize (e.g. "<skipped>") is never used.
+    texts = [t if has_13a_tokens(t) else "" for t in (" ".join(s.text.split()) for s in case.note_sentences)]
     if not any(texts):
         raise ValueError(f"case {case.case_id}: every note sentence is empty")
     scores = question_scores(case)

@@ -1,7 +1,8 @@
 """The organizers' submission formats for Subtasks 3 and 4: build, validate, write, read.
 
 Subtask 3: ``[{"case_id": "121", "prediction": "answer text"}, ...]``; the prediction is
-a non-empty string of at most 75 whitespace-separated words with no citation markers.
+a non-empty string of at most 75 whitespace-separated words with no citation markers and
+at least one 13a token (the official BLEU crashes on e.g. ``"<skipped>"``).
 Subtask 4: ``[{"case_id": "121", "prediction": [{"answer_id": "1", "evidence_id": ["3"]}]}]``;
 every answer sentence of the case listed exactly once (``[]`` where unsupported), every
 id a string that exists in that case.
@@ -36,6 +37,14 @@ _SENTENCE_END = re.compile(r"""[.!?]["')\]]*$""")
 def count_words(text: str) -> int:
     """Whitespace-separated words, the unit of the official 75-word limit."""
     return len(text.split())
+
+
+def has_13a_tokens(text: str) -> bool:
+    """False when the 13a tokenizer of the official BLEU leaves nothing (``"<skipped>"``,
+    ``"-\\n"``): the organizers' scorer divides by zero on such a prediction."""
+    from sacrebleu.tokenizers.tokenizer_13a import Tokenizer13a
+
+    return bool(Tokenizer13a()(text).split())
 
 
 def truncate_words(text: str, max_words: int = MAX_WORDS) -> str:
@@ -136,6 +145,9 @@ def validate_subtask3(entries: object, cases: list[Case], path: str | Path | Non
         cid, text = entry["case_id"], entry["prediction"]
         if not text.strip():
             raise InputError("prediction is empty", path, cid)
+        if not has_13a_tokens(text):
+            raise InputError("prediction has no tokens after 13a tokenization (the official scorer would crash "
+                             "on it)", path, cid)
         n = count_words(text)
         if n > MAX_WORDS:
             raise InputError(f"prediction has {n} words, more than {MAX_WORDS}", path, cid)

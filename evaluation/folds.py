@@ -16,8 +16,7 @@ from baselines.crossval import case_folds
 from data.archehr import load_cases, write_cases
 from data.errors import InputError
 from data.records import AnswerSentence, Case
-
-TRAINING_CASES_LABEL = "TRAINING CASES — optimistic"
+from metrics.training_cases import TRAINING_CASES_LABEL, TrainingCaseLeak  # noqa: F401  (one wording, one error)
 
 
 @dataclass(frozen=True)
@@ -29,10 +28,6 @@ class Fold:
     @property
     def evaluates_on_training_cases(self) -> bool:
         return bool(set(self.train_ids) & set(self.test_ids))
-
-
-class TrainingCaseLeak(InputError):
-    """A request (or a bug) would score a system on cases it trained or was tuned on."""
 
 
 def plan_folds(case_ids: Sequence[str], n_folds: int, seed: int = 0, *, eval_on_train: bool = False,

@@ -68,6 +68,7 @@ class InferenceOptions:
     device: str | None = None
     load_in_4bit: bool | None = None
     progress: bool = True
+    allow_train_cases: bool = False  # score an export on its own training cases (labelled TRAINING CASES)
 
 
 @dataclass
@@ -205,6 +206,7 @@ def run_inference(opts: InferenceOptions, log: Log = _stderr) -> InferenceResult
             "retrieval-ensemble Subtask 4 alignment; not the fine-tuned model")
     with_answers = [c for c in cases if c.answer_sentences]
     skipped = [c.case_id for c in cases if not c.answer_sentences] if 4 in opts.subtasks else []
+    trained_ids, on_training = _training_cases_check(opts, cases, log)
     timings["load_inputs"] = time.perf_counter() - t_start
 
     checkpoint = None
@@ -235,7 +237,10 @@ def run_inference(opts: InferenceOptions, log: Log = _stderr) -> InferenceResult
         "subtasks": list(opts.subtasks),
         "n_cases": len(cases),
     }
+    if opts.checkpoint is not None:
+        run["training_case_ids"] = trained_ids  # score.py applies the training-cases rule from this
 
+    fallback_summary = ""
     if 3 in opts.subtasks:
         t = time.perf_counter()
         if checkpoint is None:
@@ -248,6 +253,10 @@ def run_inference(opts: InferenceOptions, log: Log = _stderr) -> InferenceResult
                                "batch_size": opts.batch_size, "decoding": "as the checkpoint's generate_answers"}
             for cid in fell_back:
                 log(f"warning: case {cid}: the model's answer was empty; used the extractive answer")
+            fallback_summary = _fallback_summary(len(fell_back), len(cases))
+            if fallback_summary:
+                run["engine_note"] += "; " + fallback_summary
+                run["subtask3"]["model_answers"] = len(fell_back) < len(cases)
         run["subtask3"]["extractive_fallback_cases"] = fell_back
         entries[3] = subtask3_entries(answers)
         validate_subtask3(entries[3], cases)
@@ -297,7 +306,7 @@ def run_inference(opts: InferenceOptions, log: Log = _stderr) -> InferenceResult
     scores: dict = {}
     if opts.key is not None and written:
         t = time.perf_counter()
-        scores = score_written(written, opts, log)
+        scores = score_written(written, opts, log, on_training)
         timings["score"] = time.perf_counter() - t
 
     timings["total"] = time.perf_counter() - t_start
@@ -317,14 +326,53 @@ def run_inference(opts: InferenceOptions, log: Log = _stderr) -> InferenceResult
         log(f"Subtask 4 skipped {len(skipped)} case(s) without answer sentences: {', '.join(skipped)}")
     if engine == BASELINE_ENGINE:
         log("note: these are RETRIEVAL BASELINE outputs (no --checkpoint)")
+    if fallback_summary:
+        log(fallback_summary)
     return InferenceResult(opts.out, run, written, skipped, scores)
 
 
-def score_written(written: dict[int, tuple[Path, Path]], opts: InferenceOptions, log: Log) -> dict:
-    """Score the written files against ``--key`` with score.py's functions and print them."""
-    from metrics.alignment import SCORE_KEYS
-    from score import score_subtask3, score_subtask4
+def _fallback_summary(k: int, n: int) -> str:
+    """The closing line of a run whose generated answers were (partly) replaced; "" when none were."""
+    if k == 0:
+        return ""
+    line = f"{k} of {n} answers were empty and replaced by extractive answers"
+    if k == n:
+        line += " (NOT THE MODEL'S ANSWERS: every Subtask 3 answer is the extractive baseline's)"
+    return line
 
+
+def _training_cases_check(opts: InferenceOptions, cases: list[Case], log: Log) -> tuple[list[str] | None, list[str]]:
+    """The export's training case ids and the scored cases among them (refused without --allow-train-cases).
+
+    Read from the manifest alone, before the model loads or anything is written."""
+    if opts.checkpoint is None:
+        return None, []
+    from metrics.training_cases import TRAINING_CASES_LABEL, check_training_cases, export_training_case_ids
+
+    trained = export_training_case_ids(opts.checkpoint)
+    if opts.key is None:
+        return trained, []
+    if trained is None:
+        log("warning: the export's manifest does not record its training cases; "
+            "these scores cannot be checked for training cases")
+        return None, []
+    scored = [c.case_id for c in cases if c.has_key]
+    shared = check_training_cases(scored, trained, opts.allow_train_cases, opts.checkpoint)
+    if shared:
+        log(f"{TRAINING_CASES_LABEL}: {len(shared)} of the {len(scored)} scored cases are training cases of "
+            "this export; every score below is optimistic")
+    return trained, shared
+
+
+def score_written(written: dict[int, tuple[Path, Path]], opts: InferenceOptions, log: Log,
+                  on_training: list[str] | None = None) -> dict:
+    """Score the written files against ``--key`` with the metrics/ scorers and print them."""
+    from metrics.alignment import SCORE_KEYS
+    from metrics.subtask3 import score_subtask3
+    from metrics.subtask4 import score_subtask4
+    from metrics.training_cases import TRAINING_CASES_LABEL
+
+    label = f"{TRAINING_CASES_LABEL} " if on_training else ""
     scores: dict = {}
     if 4 in written:
         try:
@@ -333,7 +381,7 @@ def score_written(written: dict[int, tuple[Path, Path]], opts: InferenceOptions,
             log(f"warning: Subtask 4 not scored: {err.one_line()}")
         else:
             scores["subtask4"] = {k: s4[k] for k in SCORE_KEYS}
-            log("Subtask 4 scores: " + ", ".join(f"{k} {s4[k]:.2f}" for k in SCORE_KEYS))
+            log(f"{label}Subtask 4 scores: " + ", ".join(f"{k} {s4[k]:.2f}" for k in SCORE_KEYS))
     if 3 in written:
         try:
             s3, truncated = score_subtask3(written[3][0], opts.key, opts.xml)
@@ -342,6 +390,11 @@ def score_written(written: dict[int, tuple[Path, Path]], opts: InferenceOptions,
         else:
             scores["subtask3"] = s3.to_json()
             computed = {k: v for k, v in s3.scores.items() if v is not None}
-            log("Subtask 3 scores: " + ", ".join(f"{k} {v:.2f}" for k, v in computed.items())
-                + f"; {s3.overall_name} {s3.overall_mean:.2f}")
+            log(f"{label}Subtask 3 scores: " + ", ".join(f"{k} {v:.2f}" for k, v in computed.items())
+                + f"; {s3.overall_name}: {s3.overall_mean:.2f}")
+    if on_training and scores:
+        for per_subtask in scores.values():
+            per_subtask["evaluated_on"] = TRAINING_CASES_LABEL
+        scores["evaluated_on"] = TRAINING_CASES_LABEL
+        scores["training_cases_scored"] = list(on_training)
     return scores

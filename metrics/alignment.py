@@ -73,3 +73,16 @@ def score_alignment(predicted: dict[str, Pairs], gold: dict[str, Pairs]) -> dict
     scores = {k: v * 100 for k, v in scores.items()}
     scores["overall_score"] = scores["micro_f1"]
     return scores
+
+
+def per_case_alignment(predicted: dict[str, Pairs], gold: dict[str, Pairs]) -> dict[str, dict[str, float]]:
+    """Per case: precision, recall, F1 (x100, the macro scores' terms) and the pair counts."""
+    out: dict[str, dict[str, float]] = {}
+    for case_id in gold:
+        pred, ref = set(predicted.get(case_id, ())), set(gold[case_id])
+        tp = len(pred & ref)
+        p = tp / len(pred) if pred else 0.0
+        r = tp / len(ref) if ref else 0.0
+        out[case_id] = {"precision": 100 * p, "recall": 100 * r, "f1": 100 * _f1(p, r),
+                        "tp": tp, "n_predicted": len(pred), "n_gold": len(ref)}
+    return out

@@ -82,6 +82,7 @@ def test_manifest_records_provenance(task_run):
     assert m["lora"] == {"r": 16, "alpha": 32, "dropout": 0.05, "targets": sorted(
         ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])}
     assert [s["stage"] for s in m["stages"]] == ["task"] and m["stages"][0]["steps"] == 3
+    assert m["stages"][0]["case_ids"] == m["training_case_ids"] == ["101", "102", "103"]
     assert {d["path"]: d["sha256"] for d in m["training_data"]} == {str(XML): sha256(XML), str(KEY): sha256(KEY)}
     assert 0.0 < m["alignment"]["threshold"] < 1.0 and m["alignment"]["calibrated_on"] == "training cases"
     assert m["packages"]["torch"] == torch.__version__ and m["created"][:2] == "20"
@@ -106,6 +107,7 @@ def test_cli_two_stages_chain_exports(tmp_path):
         assert (t / "export" / name).is_file(), name
     m = json.loads((t / "export" / "manifest.json").read_text())
     assert [s["stage"] for s in m["stages"]] == ["domain", "task"]
+    assert m["stages"][0]["case_ids"] == [] and m["training_case_ids"] == ["101", "102", "103"]
     assert [d_["path"] for d_ in m["training_data"]] == [str(EMRQA), str(XML), str(KEY)]
     cfg = json.loads((t / "config.json").read_text())
     assert cfg["max_steps"] == 2 and cfg["joint"] is True and cfg["init"] == str(d)

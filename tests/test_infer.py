@@ -273,8 +273,10 @@ def test_tiny_checkpoint_end_to_end(tmp_path, capsys, tiny_export):
     from model.checkpoint import load_export
 
     out = tmp_path / "run"
+    # The tiny export trained on these very cases: scoring them needs --allow-train-cases and is labelled.
     run, log = run_infer(capsys, EXAMPLE_XML, "--out", out, "--checkpoint", tiny_export, "--key", EXAMPLE_KEY,
-                         "--max-new-tokens", "12", "--device", "cpu")
+                         "--max-new-tokens", "12", "--device", "cpu", "--allow-train-cases")
+    assert run["training_case_ids"] == ["101", "102", "103"] and run["scores"]["evaluated_on"].startswith("TRAINING")
     cases = load_cases(EXAMPLE_XML, EXAMPLE_KEY)
     entries = check_outputs(out, cases)
     manifest = json.loads((tiny_export / "manifest.json").read_text())
@@ -293,3 +295,14 @@ def test_tiny_checkpoint_end_to_end(tmp_path, capsys, tiny_export):
         assert probs.shape == (len(case.answer_sentences), len(case.note_sentences))
         expected = [[case.note_ids[j] for j in cols] for cols in link_pairs(probs, threshold)]
         assert [p["evidence_id"] for p in entry["prediction"]] == expected
+
+
+def test_tiny_checkpoint_on_its_training_cases_is_refused(tmp_path, capsys, tiny_export):
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as err:
+        infer.main([str(EXAMPLE_XML), "--out", str(out), "--checkpoint", str(tiny_export), "--key", str(EXAMPLE_KEY),
+                    "--no-progress"])
+    assert err.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "training cases" in lines[0] and "--allow-train-cases" in lines[0]
+    assert not out.exists()

@@ -5,7 +5,8 @@
 * ``head.safetensors`` + ``head_config.json`` (the alignment head);
 * ``manifest.json``: base model (hub id or path, or the random preset's seed and
   shape), preset, LoRA settings, stage history (domain then task), sha256 of every
-  training data file, the alignment threshold calibrated on the training cases,
+  training data file, the ArchEHR case ids each stage trained on (``training_case_ids``),
+  the alignment threshold calibrated on the training cases,
   package versions and the creation date.
 
 The folder is assembled under a temporary name and renamed, so an interrupted export
@@ -109,6 +110,9 @@ def export_run(
         "init": str(init_export) if init_export is not None else None,
         "data": data_files,
         "examples": len(items),
+        # ArchEHR cases this stage trained on (the domain stage trains on emrQA: none), so that
+        # scoring an export on its own training cases can be refused (metrics/training_cases.py).
+        "case_ids": sorted({it.encoded.example_id for it in items}) if cfg.stage == "task" else [],
         "steps": steps,
         "final_loss": final_loss,
         "seed": cfg.seed,
@@ -127,6 +131,9 @@ def export_run(
         "alignment": alignment,
         "stages": history,
         "training_data": [d for s in history for d in s["data"]],
+        # None = unknown: an inherited task stage from before the record existed.
+        "training_case_ids": None if any(s.get("stage") == "task" and "case_ids" not in s for s in history)
+        else sorted({c for s in history for c in s.get("case_ids", [])}),
         "tokenizer": getattr(tokenizer, "name_or_path", None),
         "packages": package_versions(),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),

@@ -1,0 +1,26 @@
+"""The case-set rules shared by the local scorers: each case once, the key's cases exactly."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from data.errors import InputError
+
+
+def unique_case_ids(entries: list[dict], path: Path) -> list[str]:
+    """Case ids in submission order; a case listed twice is an input error."""
+    seen: list[str] = []
+    for entry in entries:
+        if entry["case_id"] in seen:
+            raise InputError("case listed twice", path, entry["case_id"])
+        seen.append(entry["case_id"])
+    return seen
+
+
+def same_cases(submitted: list[str], expected: list[str], path: Path) -> None:
+    """The submission covers exactly the expected cases (the official scorers' rule)."""
+    extra = [c for c in submitted if c not in set(expected)]
+    if extra:
+        raise InputError("case is not in the key", path, extra[0])
+    missing = [c for c in expected if c not in set(submitted)]
+    if missing:
+        raise InputError(f"case of the key missing from the submission ({len(missing)} missing)", path, missing[0])
