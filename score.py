@@ -1,5 +1,6 @@
-"""Local scoring of Subtask 3 and Subtask 4 submissions.
+"""Local scoring of Subtask 2, 3 and 4 submissions.
 
+    python score.py --subtask 2 --submission S --key K [--json OUT]
     python score.py --subtask 4 --submission S --key K [--json OUT]
     python score.py --subtask 3 --submission S --key K --xml X [--json OUT]
 
@@ -22,6 +23,8 @@ from data.errors import InputError, exit_on_input_error
 from data.submission import MAX_WORDS, count_words, read_submission
 from metrics.alignment import SCORE_KEYS, score_alignment
 from metrics.generation import GenerationScores, score_generation
+from metrics.relevance import SCORE_KEYS as ST2_SCORE_KEYS
+from metrics.relevance import gold_from_relevance, score_evidence
 
 
 def _unique_case_ids(entries: list[dict], path: Path) -> list[str]:
@@ -67,6 +70,25 @@ def score_subtask4(submission: str | Path, key: str | Path) -> dict[str, float]:
     return score_alignment(predicted, gold)
 
 
+def score_subtask2(submission: str | Path, key: str | Path) -> dict[str, float]:
+    """The thirteen official Subtask 2 scores of a submission against a key."""
+    sub_path = Path(submission)
+    key_cases = load_key(key)
+    entries = read_submission(sub_path, 2)
+    _same_cases(_unique_case_ids(entries, sub_path), list(key_cases), sub_path)
+    for kc in key_cases.values():
+        if not kc.relevance:
+            raise InputError("key case has no relevance labels ('answers') to score against", key, kc.case_id)
+    predicted = {}
+    for entry in entries:
+        kc = key_cases[entry["case_id"]]
+        unknown = [s for s in entry["prediction"] if s not in kc.relevance]
+        if unknown:
+            raise InputError(f"unknown sentence id {unknown[0]!r}", sub_path, kc.case_id)
+        predicted[kc.case_id] = set(entry["prediction"])
+    return score_evidence(predicted, gold_from_relevance({cid: kc.relevance for cid, kc in key_cases.items()}))
+
+
 def score_subtask3(
     submission: str | Path, key: str | Path, xml: str | Path
 ) -> tuple[GenerationScores, int]:
@@ -103,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="score.py", description="Score ArchEHR-QA Subtask 3 / Subtask 4 submissions locally."
     )
-    parser.add_argument("--subtask", type=int, choices=(3, 4), help="which subtask to score")
+    parser.add_argument("--subtask", type=int, choices=(2, 3, 4), help="which subtask to score")
     parser.add_argument("--submission", type=Path, help="submission.json or the .zip holding it")
     parser.add_argument("--key", type=Path, help="the key JSON (archehr-qa_key.json)")
     parser.add_argument("--xml", type=Path, help="the cases XML (Subtask 3: narratives are the SARI source)")
@@ -175,6 +197,12 @@ def _cv_command(args: argparse.Namespace) -> int:
 def _score_command(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     if args.subtask is None or args.submission is None or args.key is None:
         parser.error("--subtask, --submission and --key are required")
+    if args.subtask == 2:
+        scores = score_subtask2(args.submission, args.key)
+        _print_table([(k, f"{scores[k]:.4f}") for k in ST2_SCORE_KEYS])
+        if args.json_out:
+            write_json_atomic(args.json_out, {k: scores[k] for k in ST2_SCORE_KEYS})
+        return 0
     if args.subtask == 4:
         scores = score_subtask4(args.submission, args.key)
         _print_table([(k, f"{scores[k]:.4f}") for k in SCORE_KEYS])
