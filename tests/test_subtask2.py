@@ -173,3 +173,28 @@ def test_score_cli_subtask2(tmp_path):
     proc = _run("--subtask", 2, "--submission", sub, "--key", KEY, "--json", tmp_path / "none.json")
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "none.json").exists()
+
+
+def test_ladder_counts_reproduce_official_scores():
+    import numpy as np
+
+    from data.records import Case, NoteSentence
+    from evaluation.evidence import evidence_counts, evidence_from_counts
+
+    rng = random.Random(3)
+    labels = ["essential", "supplementary", "not-relevant"]
+    cases, predicted = [], {}
+    for i in range(12):
+        n = rng.randint(1, 7)
+        notes = [NoteSentence(str(j), "x") for j in range(1, n + 1)]
+        rel = {s.sentence_id: rng.choice(labels) for s in notes}
+        cases.append(Case(case_id=str(i), patient_narrative="", clinician_question="", note_sentences=notes,
+                          relevance=rel))
+        predicted[str(i)] = rng.sample(list(rel), rng.randint(0, n))
+    official = score_evidence({k: set(v) for k, v in predicted.items()},
+                              gold_from_relevance({c.case_id: c.relevance for c in cases}))
+    counts = evidence_counts(predicted, cases)
+    every_case_once = np.arange(len(cases))[None, :]
+    from_counts = evidence_from_counts({v: c[every_case_once] for v, c in counts.items()})
+    for k, v in from_counts.items():
+        assert abs(float(v[0]) - official[k]) <= 1e-9, k
