@@ -26,14 +26,17 @@ from data.atomic import write_json_atomic
 from data.errors import InputError
 from data.records import Case
 from data.submission import (
+    subtask2_entries,
     subtask3_entries,
     subtask4_entries,
+    validate_subtask2,
     validate_subtask3,
     validate_subtask4,
     write_submission,
 )
 
 from .answers import clean_generated_answer
+from .evidence import checkpoint_threshold, predict_evidence
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_ENSEMBLE = ROOT / "configs" / "retrieval.json"
@@ -57,7 +60,7 @@ class InferenceOptions:
     out: Path
     checkpoint: Path | None = None
     key: Path | None = None
-    subtasks: tuple[int, ...] = (3, 4)
+    subtasks: tuple[int, ...] = (2, 3, 4)
     aligner: str | None = None  # "retrieval" | "head"; None = head with a checkpoint, else retrieval
     ensemble: Path | None = None  # None = configs/retrieval.json (or the built-in defaults)
     max_links_per_answer: int | None = None
@@ -68,6 +71,7 @@ class InferenceOptions:
     device: str | None = None
     load_in_4bit: bool | None = None
     progress: bool = True
+    relevance_threshold: float | None = None  # Subtask 2; None = the manifest's (checkpoint) or the default
 
 
 @dataclass
@@ -107,15 +111,17 @@ class HeadAligner:
 
 
 def _check_options(opts: InferenceOptions) -> None:
-    bad = [s for s in opts.subtasks if s not in (3, 4)]
+    bad = [s for s in opts.subtasks if s not in (2, 3, 4)]
     if bad or not opts.subtasks:
-        raise InputError(f"--subtasks must list 3 and/or 4, got {list(opts.subtasks)}")
+        raise InputError(f"--subtasks must list some of 2, 3 and 4, got {list(opts.subtasks)}")
     if opts.aligner not in (None, "retrieval", "head"):
         raise InputError(f"--aligner must be 'retrieval' or 'head', not {opts.aligner!r}")
     if opts.aligner == "head" and opts.checkpoint is None:
         raise InputError("--aligner head needs --checkpoint")
     if opts.max_links_per_answer is not None and opts.max_links_per_answer < 1:
         raise InputError("--max-links-per-answer must be >= 1")
+    if opts.relevance_threshold is not None and not 0.0 <= opts.relevance_threshold <= 1.0:
+        raise InputError("--relevance-threshold must be in [0, 1]")
     if opts.batch_size < 1 or opts.max_new_tokens < 1:
         raise InputError("--batch-size and --max-new-tokens must be >= 1")
     if opts.checkpoint is not None and not Path(opts.checkpoint).is_dir():
@@ -201,8 +207,8 @@ def run_inference(opts: InferenceOptions, log: Log = _stderr) -> InferenceResult
         ensemble, ensemble_source = _load_ensemble(opts.ensemble)
     engine = CHECKPOINT_ENGINE if opts.checkpoint is not None else BASELINE_ENGINE
     if engine == BASELINE_ENGINE:
-        log("engine: RETRIEVAL BASELINE (no --checkpoint): extractive Subtask 3 answers, "
-            "retrieval-ensemble Subtask 4 alignment; not the fine-tuned model")
+        log("engine: RETRIEVAL BASELINE (no --checkpoint): question-retrieval Subtask 2 evidence, extractive "
+            "Subtask 3 answers, retrieval-ensemble Subtask 4 alignment; not the fine-tuned model")
     with_answers = [c for c in cases if c.answer_sentences]
     skipped = [c.case_id for c in cases if not c.answer_sentences] if 4 in opts.subtasks else []
     timings["load_inputs"] = time.perf_counter() - t_start
@@ -219,6 +225,8 @@ def run_inference(opts: InferenceOptions, log: Log = _stderr) -> InferenceResult
         # Announced once loaded, so that a folder that is not an export fails with one line.
         log(f"engine: checkpoint {opts.checkpoint} (preset {manifest.get('preset')}, "
             f"Subtask 4 aligner: {aligner_kind}, threshold {checkpoint.threshold:.3f})")
+        if 2 in opts.subtasks:
+            checkpoint_threshold(manifest, opts.relevance_threshold)  # a missing threshold fails before any work
     for cid in skipped:
         log(f"warning: case {cid} has no answer sentences (none in the XML"
             f"{' or the key' if opts.key else '; pass --key'}): skipped for Subtask 4")
@@ -226,8 +234,8 @@ def run_inference(opts: InferenceOptions, log: Log = _stderr) -> InferenceResult
     entries: dict[int, list[dict]] = {}
     run: dict = {
         "engine": engine,
-        "engine_note": ("retrieval baseline: extractive answers and a lexical/neural retrieval ensemble, "
-                        "not the fine-tuned model" if engine == BASELINE_ENGINE else "fine-tuned checkpoint"),
+        "engine_note": ("retrieval baseline: question-retrieval evidence, extractive answers and a "
+                        "lexical/neural retrieval ensemble, not the fine-tuned model" if engine == BASELINE_ENGINE else "fine-tuned checkpoint"),
         "xml": str(opts.xml),
         "key": str(opts.key) if opts.key else None,
         "checkpoint": str(opts.checkpoint) if opts.checkpoint else None,
@@ -252,6 +260,13 @@ def run_inference(opts: InferenceOptions, log: Log = _stderr) -> InferenceResult
         entries[3] = subtask3_entries(answers)
         validate_subtask3(entries[3], cases)
         timings["subtask3"] = time.perf_counter() - t
+
+    if 2 in opts.subtasks:
+        t = time.perf_counter()
+        evidence, run["subtask2"] = predict_evidence(cases, checkpoint, opts.relevance_threshold, opts.progress, log)
+        entries[2] = subtask2_entries(evidence)
+        validate_subtask2(entries[2], cases)
+        timings["subtask2"] = time.perf_counter() - t
 
     if 4 in opts.subtasks and with_answers:
         t = time.perf_counter()
@@ -286,6 +301,8 @@ def run_inference(opts: InferenceOptions, log: Log = _stderr) -> InferenceResult
     # --- write (each file validated again by write_submission, then written atomically)
     t = time.perf_counter()
     written: dict[int, tuple[Path, Path]] = {}
+    if 2 in entries:
+        written[2] = write_submission(entries[2], opts.out, 2, cases)
     if 3 in entries:
         written[3] = write_submission(entries[3], opts.out, 3, cases)
     if 4 in entries:
@@ -323,9 +340,17 @@ def run_inference(opts: InferenceOptions, log: Log = _stderr) -> InferenceResult
 def score_written(written: dict[int, tuple[Path, Path]], opts: InferenceOptions, log: Log) -> dict:
     """Score the written files against ``--key`` with score.py's functions and print them."""
     from metrics.alignment import SCORE_KEYS
-    from score import score_subtask3, score_subtask4
+    from score import score_subtask2, score_subtask3, score_subtask4
 
     scores: dict = {}
+    if 2 in written:
+        try:
+            s2 = score_subtask2(written[2][0], opts.key)
+        except InputError as err:
+            log(f"warning: Subtask 2 not scored: {err.one_line()}")
+        else:
+            scores["subtask2"] = s2
+            log("Subtask 2 scores: " + ", ".join(f"{k} {v:.2f}" for k, v in s2.items()))
     if 4 in written:
         try:
             s4 = score_subtask4(written[4][0], opts.key)

@@ -47,8 +47,10 @@ from .data import (
     collate,
     domain_examples,
     encode_items,
+    essential_targets,
     task_cases,
     task_examples,
+    task_sources,
 )
 from .joint import JointModel, LossSettings
 
@@ -92,8 +94,9 @@ def stage_data(cfg: TrainConfig, tokenizer) -> tuple[list[TrainItem], list[str]]
     else:
         cases = task_cases(cfg)
         examples, relevance = task_examples(cases, cfg.joint)
-        items, dropped = encode_items(tokenizer, examples, cfg.max_length, relevance)
-        sources = [cfg.xml, cfg.key]
+        items, dropped = encode_items(tokenizer, examples, cfg.max_length, relevance,
+                                      essential=[essential_targets(c) for c in cases])
+        sources = task_sources(cfg)
     if dropped:
         print(f"note: skipped {dropped} example(s) longer than max_length={cfg.max_length}", file=sys.stderr)
     if not items:
