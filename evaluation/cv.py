@@ -409,6 +409,13 @@ def print_summary(result: CVResult, stream=sys.stdout) -> None:
     for r in ladder["subtask4"]:
         cells = [f"{r['scores'][k]:5.1f} [{r['ci'][k][0]:5.1f}, {r['ci'][k][1]:5.1f}]" for k in ("micro_f1", "macro_f1")]
         print(f"{r['system']:<{width}}  {cells[0]:<22}  {cells[1]:<22}", file=stream)
+    st2 = ladder.get("subtask2") or {}
+    if st2.get("available"):
+        print("Subtask 2 (evidence identification):", file=stream)
+        for r in st2["rows"]:
+            cells = [f"{k} {r['scores'][k]:5.1f} [{r['ci'][k][0]:5.1f}, {r['ci'][k][1]:5.1f}]"
+                     for k in ("strict_micro_f1", "lenient_micro_f1")]
+            print(f"  {r['system']}: " + "  ".join(cells), file=stream)
     for name, path in result.files.items():
         print(f"{name}: {path}", file=stream)
     print(f"took {result.seconds:.0f} s", file=stream)
