@@ -49,7 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="output folder")
     p.add_argument("--checkpoint", type=Path, help="exported checkpoint folder (RUN/export); omit for the baseline")
     p.add_argument("--key", type=Path, help="key JSON: answer sentences for Subtask 4, and scores after writing")
-    p.add_argument("--subtasks", type=_subtasks, default=(2, 3, 4), help="comma-separated, default 2,3,4")
+    p.add_argument("--subtasks", type=_subtasks,
+                   help="comma-separated, default 2,3,4 (2 skipped, with a warning, for a checkpoint without a "
+                        "calibrated relevance threshold)")
     p.add_argument("--relevance-threshold", type=_probability,
                    help="Subtask 2 threshold (default: the checkpoint's calibrated one; baseline 0.5)")
     p.add_argument("--aligner", choices=("retrieval", "head"),

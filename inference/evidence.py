@@ -19,6 +19,10 @@ from data.records import Case
 Log = Callable[[str], None]
 
 
+def has_relevance_threshold(manifest: dict) -> bool:
+    return (manifest.get("relevance") or {}).get("threshold") is not None
+
+
 def checkpoint_threshold(manifest: dict, override: float | None) -> tuple[float, str]:
     """(threshold, where it came from); an export without a relevance threshold needs ``override``."""
     if override is not None:

