@@ -123,7 +123,7 @@ def _print_table(rows: list[tuple[str, str]]) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="score.py", description="Score ArchEHR-QA Subtask 3 / Subtask 4 submissions locally."
+        prog="score.py", description="Score ArchEHR-QA Subtask 2 / 3 / 4 submissions locally."
     )
     parser.add_argument("--subtask", type=int, choices=(2, 3, 4), help="which subtask to score")
     parser.add_argument("--submission", type=Path, help="submission.json or the .zip holding it")

@@ -1,8 +1,8 @@
 """Subtask 2 baseline: note sentences scored against the question, thresholded.
 
 The score is :func:`baselines.extractive.question_scores` (BM25 + TF-IDF of the
-patient's question and the clinician's rewrite against every note sentence, min-max
-normalised per case, so the best sentence scores 1). A sentence is predicted relevant
+patient's question and the clinician's rewrite against every note sentence, each
+min-max normalised per case and averaged, so scores lie in [0, 1]). A sentence is predicted relevant
 when its score reaches the threshold: :data:`DEFAULT_THRESHOLD` when nothing is tuned,
 or the one with the best strict micro F1 on training cases (:func:`fit_threshold`).
 """
@@ -30,13 +30,11 @@ def predict_relevant(case: Case, scores: np.ndarray, threshold: float) -> list[s
     return [sid for sid, s in zip(case.note_ids, scores) if s >= threshold]
 
 
-def essential_targets(case: Case) -> np.ndarray:
-    return np.array([1.0 if case.relevance.get(sid) == "essential" else 0.0 for sid in case.note_ids])
-
-
 def fit_threshold(cases: Sequence[Case], scores: Sequence[np.ndarray] | None = None) -> tuple[float, float]:
     """(threshold, its pooled strict micro F1) on keyed training ``cases``."""
     from training.calibration import calibrate_threshold
+    from training.data import ESSENTIAL_LABELS, relevance_targets
 
     scores = [relevance_scores(c) for c in cases] if scores is None else scores
-    return calibrate_threshold(list(scores), [essential_targets(c) for c in cases])
+    targets = [np.asarray(relevance_targets(c, ESSENTIAL_LABELS) or [0.0] * len(c.note_ids)) for c in cases]
+    return calibrate_threshold(list(scores), targets)

@@ -11,7 +11,15 @@ import torch
 from data.archehr import load_cases, write_cases
 from data.errors import InputError
 from training.config import build_config, parse_overrides, read_toml
-from training.data import collate, encode_items, essential_targets, load_task_files, task_cases, task_examples
+from training.data import (
+    ESSENTIAL_LABELS,
+    collate,
+    encode_items,
+    load_task_files,
+    relevance_targets,
+    task_cases,
+    task_examples,
+)
 from training.joint import LossSettings, joint_losses
 from training.loop import run_training
 
@@ -112,7 +120,7 @@ def test_each_loss_is_active_only_where_its_labels_exist(files, trained, qwen_to
     cases = task_cases(cfg, log=lambda _: None)
     examples, relevance = task_examples(cases, joint=True)
     items, _ = encode_items(qwen_tokenizer, examples, cfg.max_length, relevance,
-                            essential=[essential_targets(c) for c in cases])
+                            essential=[relevance_targets(c, ESSENTIAL_LABELS) for c in cases])
     backbone, head = trained.backbone, trained.head
     backbone.train()
     head.train()

@@ -198,3 +198,26 @@ def test_ladder_counts_reproduce_official_scores():
     from_counts = evidence_from_counts({v: c[every_case_once] for v, c in counts.items()})
     for k, v in from_counts.items():
         assert abs(float(v[0]) - official[k]) <= 1e-9, k
+
+
+def test_baseline_predictions_and_threshold_fit():
+    from baselines import relevance as rb
+    from inference.evidence import predict_evidence
+
+    cases = load_cases(XML, KEY)
+    logs = []
+    evidence, record = predict_evidence(cases, None, None, False, logs.append)
+    assert "RETRIEVAL BASELINE" in logs[0] and record["threshold"] == rb.DEFAULT_THRESHOLD
+    for c in cases:
+        scores = rb.relevance_scores(c)
+        assert 0.0 <= scores.min() and scores.max() <= 1.0  # per-case normalised components, averaged
+        assert evidence[c.case_id] == [s for s, x in zip(c.note_ids, scores) if x >= 0.5]
+    threshold, f1 = rb.fit_threshold(cases)
+    # the chosen threshold is the best on these cases: no grid point scores higher
+    official = score_evidence({c.case_id: set(rb.predict_relevant(c, rb.relevance_scores(c), threshold))
+                               for c in cases}, gold_from_relevance({c.case_id: c.relevance for c in cases}))
+    assert official["strict_micro_f1"] == pytest.approx(100 * f1)
+    for t in (0.1, 0.3, 0.7, 0.9):
+        other = score_evidence({c.case_id: set(rb.predict_relevant(c, rb.relevance_scores(c), t)) for c in cases},
+                               gold_from_relevance({c.case_id: c.relevance for c in cases}))
+        assert other["strict_micro_f1"] <= official["strict_micro_f1"] + 1e-9

@@ -23,6 +23,7 @@ from data.prompts import IGNORE_INDEX, EncodedExample, PromptExample, encode_exa
 from data.records import Case
 
 RELEVANT_LABELS = ("essential", "supplementary")
+ESSENTIAL_LABELS = ("essential",)  # Subtask 2's strict gold: what its threshold is calibrated on
 
 
 @dataclass
@@ -37,16 +38,11 @@ class TrainItem:
         return len(self.encoded)
 
 
-def relevance_targets(case: Case) -> list[float] | None:
+def relevance_targets(case: Case, labels: Sequence[str] = RELEVANT_LABELS) -> list[float] | None:
+    """1 per note sentence labelled with one of ``labels``, else 0 (None when the case has no labels)."""
     if not case.relevance:
         return None
-    return [1.0 if case.relevance.get(sid) in RELEVANT_LABELS else 0.0 for sid in case.note_ids]
-
-
-def essential_targets(case: Case) -> list[float] | None:
-    if not case.relevance:
-        return None
-    return [1.0 if case.relevance.get(sid) == "essential" else 0.0 for sid in case.note_ids]
+    return [1.0 if case.relevance.get(sid) in labels else 0.0 for sid in case.note_ids]
 
 
 def encode_items(

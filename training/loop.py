@@ -47,7 +47,8 @@ from .data import (
     collate,
     domain_examples,
     encode_items,
-    essential_targets,
+    ESSENTIAL_LABELS,
+    relevance_targets,
     task_cases,
     task_examples,
     task_sources,
@@ -95,7 +96,7 @@ def stage_data(cfg: TrainConfig, tokenizer) -> tuple[list[TrainItem], list[str]]
         cases = task_cases(cfg)
         examples, relevance = task_examples(cases, cfg.joint)
         items, dropped = encode_items(tokenizer, examples, cfg.max_length, relevance,
-                                      essential=[essential_targets(c) for c in cases])
+                                      essential=[relevance_targets(c, ESSENTIAL_LABELS) for c in cases])
         sources = task_sources(cfg)
     if dropped:
         print(f"note: skipped {dropped} example(s) longer than max_length={cfg.max_length}", file=sys.stderr)
