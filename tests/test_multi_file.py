@@ -54,9 +54,21 @@ def _cfg(files, out: Path, **extra):
                              grad_accum=1, lr=1e-3, progress=False, plot=False, **overrides, **extra))
 
 
-def test_loader_accepts_keys_without_citations_or_relevance(files):
+def test_loader_accepts_keys_without_citations_or_relevance(files, tmp_path):
     cases = load_cases(files["test_xml"], files["test_key"])
     assert all(c.answer_sentences and not c.gold_pairs() and not c.relevance for c in cases)
+    # 'answers' listing the sentences without relevance labels: no labels either
+    key = json.loads(files["test_key"].read_text())
+    for case in key:
+        case["answers"] = [{"sentence_id": s.sentence_id} for s in cases[0].note_sentences[:1]]
+    unlabelled = tmp_path / "key.json"
+    unlabelled.write_text(json.dumps(key))
+    assert all(not c.relevance and c.answer_sentences for c in load_cases(files["test_xml"], unlabelled))
+    # a half-labelled case is still an error
+    key[0]["answers"].append({"sentence_id": "2", "relevance": "essential"})
+    unlabelled.write_text(json.dumps(key))
+    with pytest.raises(InputError, match="unknown relevance"):
+        load_cases(files["test_xml"], unlabelled)
 
 
 def test_each_file_contributes_and_is_announced(files, tmp_path):
