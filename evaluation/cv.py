@@ -54,10 +54,7 @@ from .folds import (
     check_folds,
     plan_folds,
 )
-from .evidence import BASELINE_SYSTEM as ST2_BASELINE
-from .evidence import HEAD_LABEL as ST2_HEAD_LABEL
-from .evidence import BASELINE_LABEL as ST2_BASELINE_LABEL
-from .evidence import baseline_fold, evidence_row, head_predictions
+from . import evidence as subtask2
 from .head import HeadFold, parse_settings, run_head_fold
 from .ladder import ladder_markdown
 from .report import error_report_markdown
@@ -260,7 +257,7 @@ def run_cv(opts: CVOptions, log: Log = print) -> CVResult:
             fold_of[cid] = fold.index
         record = _fold_record(fold, fitted, head)
         if labelled:
-            fold_evidence, record["thresholds"][ST2_BASELINE] = baseline_fold(train, held_out)
+            fold_evidence, record["thresholds"][subtask2.BASELINE_SYSTEM] = subtask2.baseline_fold(train, held_out)
             baseline_evidence.update(fold_evidence)
         write_json_atomic(fold_dir / "fold.json", record)
         fold_records.append(record)
@@ -364,14 +361,14 @@ def _subtask2(keyed: list[Case], relevance: dict, thresholds: dict, baseline: di
     """Official Subtask 2 scores with bootstrap intervals: the question baseline and, if run, the head."""
     if len(baseline) != len(keyed):
         return {"available": False, "reason": "the key has no relevance labels for every case"}
-    runs = {ST2_BASELINE: (baseline, ST2_BASELINE_LABEL)}
+    runs = {subtask2.BASELINE_SYSTEM: (baseline, subtask2.BASELINE_LABEL)}
     if len(relevance) == len(keyed) and len(thresholds) == len(keyed):
-        runs[HEAD_SYSTEM] = (head_predictions(keyed, relevance, thresholds), ST2_HEAD_LABEL)
+        runs[HEAD_SYSTEM] = (subtask2.head_predictions(keyed, relevance, thresholds), subtask2.HEAD_LABEL)
     rows = []
     for system, (predicted, label) in runs.items():
         write_submission(subtask2_entries({c.case_id: predicted[c.case_id] for c in keyed}),
                          out / "submissions" / system, 2, keyed)
-        rows.append(evidence_row(system, label, predicted, keyed, indices, opts.level))
+        rows.append(subtask2.evidence_row(system, label, predicted, keyed, indices, opts.level))
     note = None if HEAD_SYSTEM in runs else ("head not run, or it has no relevance output (head_relevance = false)")
     return {"available": True, "rows": rows, "head_missing": note}
 
