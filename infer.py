@@ -1,11 +1,10 @@
-"""Write the official Subtask 3 and Subtask 4 submissions for an ArchEHR-QA XML file.
+"""Write the official Subtask 2, 3 and 4 submissions for an ArchEHR-QA XML file.
 
     python infer.py notes.xml --out DIR                       # retrieval baseline (CPU, offline)
     python infer.py notes.xml --out DIR --checkpoint RUN/export
     python infer.py notes.xml --out DIR --key key.json        # also print scores
 
-Writes DIR/subtask3/submission.json, DIR/subtask4/submission.json, DIR/subtask3.zip,
-DIR/subtask4.zip and DIR/run.json. Tune a retrieval ensemble with
+Writes DIR/subtask{2,3,4}/submission.json, DIR/subtask{2,3,4}.zip and DIR/run.json. Tune a retrieval ensemble with
 ``python -m baselines.fit`` and pass it with ``--ensemble``.
 """
 from __future__ import annotations
@@ -21,9 +20,9 @@ def _subtasks(value: str) -> tuple[int, ...]:
     try:
         items = tuple(sorted({int(v) for v in value.split(",") if v.strip()}))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected e.g. '3,4', got {value!r}") from None
-    if not items or any(v not in (3, 4) for v in items):
-        raise argparse.ArgumentTypeError(f"subtasks must be 3 and/or 4, got {value!r}")
+        raise argparse.ArgumentTypeError(f"expected e.g. '2,3,4', got {value!r}") from None
+    if not items or any(v not in (2, 3, 4) for v in items):
+        raise argparse.ArgumentTypeError(f"subtasks must be some of 2, 3 and 4, got {value!r}")
     return items
 
 
@@ -34,13 +33,27 @@ def _positive(value: str) -> int:
     return n
 
 
+def _probability(value: str) -> float:
+    try:
+        x = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {value!r}") from None
+    if not 0.0 <= x <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {value!r}")
+    return x
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="infer.py", description=__doc__.split("\n\n")[0])
     p.add_argument("xml", type=Path, help="official cases XML (with <answer_sentences> for Subtask 4, or give --key)")
     p.add_argument("--out", type=Path, required=True, help="output folder")
     p.add_argument("--checkpoint", type=Path, help="exported checkpoint folder (RUN/export); omit for the baseline")
     p.add_argument("--key", type=Path, help="key JSON: answer sentences for Subtask 4, and scores after writing")
-    p.add_argument("--subtasks", type=_subtasks, default=(3, 4), help="comma-separated, default 3,4")
+    p.add_argument("--subtasks", type=_subtasks,
+                   help="comma-separated, default 2,3,4 (2 skipped, with a warning, for a checkpoint without a "
+                        "calibrated relevance threshold)")
+    p.add_argument("--relevance-threshold", type=_probability,
+                   help="Subtask 2 threshold (default: the checkpoint's calibrated one; baseline 0.5)")
     p.add_argument("--aligner", choices=("retrieval", "head"),
                    help="Subtask 4 aligner (default: head with --checkpoint, retrieval without)")
     p.add_argument("--ensemble", type=Path, help="retrieval ensemble JSON (default configs/retrieval.json)")
@@ -69,6 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         aligner=args.aligner, ensemble=args.ensemble, max_links_per_answer=args.max_links_per_answer,
         top1_fallback=args.top1_fallback, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
         base=args.base, device=args.device, progress=not args.no_progress, allow_train_cases=args.allow_train_cases,
+        relevance_threshold=args.relevance_threshold,
     ))
     return 0
 

@@ -1,5 +1,6 @@
-"""Local scoring of Subtask 3 and Subtask 4 submissions (the scoring itself lives in ``metrics/``).
+"""Local scoring of Subtask 2, 3 and 4 submissions (the scoring itself lives in ``metrics/``).
 
+    python score.py --subtask 2 --submission S --key K [--json OUT]
     python score.py --subtask 4 --submission S --key K [--json OUT] [--per-case]
     python score.py --subtask 3 --submission S --key K --xml X [--json OUT] [--per-case]
                     [--bertscore-model LOCAL_DISTILBERT]
@@ -26,6 +27,8 @@ from metrics.alignment import SCORE_KEYS
 from metrics.case_sets import same_cases as _same_cases  # noqa: F401  (kept for callers of score.py)
 from metrics.case_sets import unique_case_ids as _unique_case_ids  # noqa: F401
 from metrics.generation import GenerationScores  # noqa: F401
+from metrics.relevance import SCORE_KEYS as ST2_SCORE_KEYS
+from metrics.subtask2 import score_subtask2
 from metrics.subtask3 import score_subtask3
 from metrics.subtask4 import score_subtask4, score_subtask4_per_case
 from metrics.training_cases import (
@@ -44,9 +47,9 @@ def _print_table(rows: list[tuple[str, str]]) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="score.py", description="Score ArchEHR-QA Subtask 3 / Subtask 4 submissions locally."
+        prog="score.py", description="Score ArchEHR-QA Subtask 2 / 3 / 4 submissions locally."
     )
-    parser.add_argument("--subtask", type=int, choices=(3, 4), help="which subtask to score")
+    parser.add_argument("--subtask", type=int, choices=(2, 3, 4), help="which subtask to score")
     parser.add_argument("--submission", type=Path, help="submission.json or the .zip holding it")
     parser.add_argument("--key", type=Path, help="the key JSON (archehr-qa_key.json)")
     parser.add_argument("--xml", type=Path, help="the cases XML (Subtask 3: narratives are the SARI source)")
@@ -128,6 +131,8 @@ def _score_command(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
     if args.subtask == 3 and args.xml is None:
         parser.error("--subtask 3 needs --xml (the patient narrative is the SARI source)")
     training = _training_cases_scored(args)  # refused here, before any scoring or writing
+    if args.subtask == 2:
+        return _score_subtask2_command(args, training)
     if args.subtask == 4:
         return _score_subtask4_command(args, training)
     return _score_subtask3_command(args, training)
@@ -169,6 +174,16 @@ def _print_per_case(per_case: dict[str, dict[str, float]], training: list[str]) 
         cells = [f"{values[c]:>10.4f}" if isinstance(values.get(c), float) else f"{values.get(c, ''):>10}"
                  for c in columns]
         print(f"{case_id:<{width}}  " + "  ".join(cells))
+
+
+def _score_subtask2_command(args: argparse.Namespace, training: list[str]) -> int:
+    scores = score_subtask2(args.submission, args.key)
+    _print_training_notice(training)
+    _print_table([(k, f"{scores[k]:.4f}{_label(training)}") for k in ST2_SCORE_KEYS])
+    if args.json_out:
+        payload = {k: scores[k] for k in ST2_SCORE_KEYS}
+        write_json_atomic(args.json_out, _with_training_label(payload, training))
+    return 0
 
 
 def _score_subtask4_command(args: argparse.Namespace, training: list[str]) -> int:

@@ -2,7 +2,8 @@
 
 The XML carries the cases (narrative, questions, numbered note sentences and, in the
 2026 test release, the clinician answer sentences); the key carries relevance labels,
-the clinician answer and, from 2026, its sentences with citations. Both are parsed
+the clinician answer and, from 2026, its sentences with citations (a key without citations
+or without relevance labels is accepted: such cases train only what their labels allow). Both are parsed
 strictly: anything the official scorer would silently mis-read (a comma-separated
 ``citations`` string scored character by character, an id that does not exist) is
 either normalised or rejected with an :class:`InputError`.
@@ -184,6 +185,10 @@ def load_key(key_path: str | Path) -> dict[str, KeyCase]:
         relevance: dict[str, str] = {}
         answers = item.get("answers", [])
         _expect(isinstance(answers, list), "'answers' must be a list", path, case_id)
+        # A key may list the note sentences without relevance labels (a set annotated with answers only):
+        # accepted when no entry has a label; the case then has no relevance labels.
+        if all(isinstance(a, dict) and "relevance" not in a for a in answers):
+            answers = []
         for a in answers:
             _expect(isinstance(a, dict), "each 'answers' entry must be an object", path, case_id)
             sid, label = a.get("sentence_id"), a.get("relevance")

@@ -1,4 +1,7 @@
-"""The organizers' submission formats for Subtasks 3 and 4: build, validate, write, read.
+"""The organizers' submission formats for Subtasks 2, 3 and 4: build, validate, write, read.
+
+Subtask 2: ``[{"case_id": "121", "prediction": ["3", "5"]}, ...]``; the note sentence
+ids judged relevant (possibly none), each a string that exists in that case, no repeats.
 
 Subtask 3: ``[{"case_id": "121", "prediction": "answer text"}, ...]``; the prediction is
 a non-empty string of at most 75 whitespace-separated words with no citation markers and
@@ -85,10 +88,15 @@ def subtask4_entries(links: dict[str, dict[str, list[str]]]) -> list[dict]:
     ]
 
 
+def subtask2_entries(evidence: dict[str, list[str]]) -> list[dict]:
+    """Subtask 2 entries from ``case_id -> relevant note sentence ids``, in the given order."""
+    return [{"case_id": str(case_id), "prediction": [str(s) for s in ids]} for case_id, ids in evidence.items()]
+
+
 def check_entry_types(entries: object, subtask: int, path: str | Path | None = None) -> list[dict]:
     """Structural check (JSON types only, no case knowledge); returns the entries."""
-    if subtask not in (3, 4):
-        raise ValueError(f"subtask must be 3 or 4, not {subtask!r}")
+    if subtask not in (2, 3, 4):
+        raise ValueError(f"subtask must be 2, 3 or 4, not {subtask!r}")
     if not isinstance(entries, list):
         raise InputError("submission must be a JSON list of entries", path)
     for i, entry in enumerate(entries):
@@ -103,6 +111,13 @@ def check_entry_types(entries: object, subtask: int, path: str | Path | None = N
         if subtask == 3:
             if not isinstance(prediction, str):
                 raise InputError("prediction must be a string", path, case_id)
+            continue
+        if subtask == 2:
+            if not isinstance(prediction, list):
+                raise InputError("prediction must be a list of sentence ids", path, case_id)
+            for s in prediction:
+                if not isinstance(s, str) or not s:
+                    raise InputError(f"sentence id {s!r} is not a string id", path, case_id)
             continue
         if not isinstance(prediction, list):
             raise InputError("prediction must be a list of {answer_id, evidence_id}", path, case_id)
@@ -135,6 +150,21 @@ def _check_case_set(entries: list[dict], cases: list[Case], path: str | Path | N
     if missing:
         raise InputError(f"case missing from the submission ({len(missing)} missing)", path, missing[0])
     return by_id
+
+
+def validate_subtask2(entries: object, cases: list[Case], path: str | Path | None = None) -> None:
+    """Raise :class:`InputError` unless ``entries`` is a valid Subtask 2 submission for ``cases``."""
+    check_entry_types(entries, 2, path)
+    by_id = _check_case_set(entries, cases, path)  # type: ignore[arg-type]
+    for entry in entries:  # type: ignore[union-attr]
+        case = by_id[entry["case_id"]]
+        ids = entry["prediction"]
+        if len(set(ids)) != len(ids):
+            raise InputError("duplicate sentence ids", path, case.case_id)
+        note_ids = set(case.note_ids)
+        for s in ids:
+            if s not in note_ids:
+                raise InputError(f"unknown sentence id {s!r}", path, case.case_id)
 
 
 def validate_subtask3(entries: object, cases: list[Case], path: str | Path | None = None) -> None:
@@ -186,12 +216,14 @@ def validate_subtask4(entries: object, cases: list[Case], path: str | Path | Non
 
 def write_submission(entries: list[dict], out_dir: Path, subtask: int, cases: list[Case]) -> tuple[Path, Path]:
     """Validate, then write ``out_dir/subtask{N}/submission.json`` and ``out_dir/subtask{N}.zip``."""
-    if subtask == 3:
+    if subtask == 2:
+        validate_subtask2(entries, cases)
+    elif subtask == 3:
         validate_subtask3(entries, cases)
     elif subtask == 4:
         validate_subtask4(entries, cases)
     else:
-        raise ValueError(f"subtask must be 3 or 4, not {subtask!r}")
+        raise ValueError(f"subtask must be 2, 3 or 4, not {subtask!r}")
     payload = (json.dumps(entries, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
     out_dir = Path(out_dir)
     json_path = out_dir / f"subtask{subtask}" / SUBMISSION_NAME

@@ -30,7 +30,7 @@ from data.archehr import load_cases
 from data.atomic import write_json_atomic, write_text_atomic
 from data.errors import InputError
 from data.records import Case
-from data.submission import subtask3_entries, subtask4_entries, write_submission
+from data.submission import subtask2_entries, subtask3_entries, subtask4_entries, write_submission
 from metrics.alignment import score_alignment
 from metrics.generation import score_generation
 
@@ -42,7 +42,6 @@ from .bootstrap import (
     bootstrap_alignment,
     bootstrap_difference,
     bootstrap_mean,
-    bootstrap_micro,
     micro_from_counts,
     pair_counts,
     resample_indices,
@@ -55,7 +54,8 @@ from .folds import (
     check_folds,
     plan_folds,
 )
-from .head import ESSENTIAL, RELEVANT, HeadFold, parse_settings, relevance_targets, run_head_fold
+from . import evidence as subtask2
+from .head import HeadFold, parse_settings, run_head_fold
 from .ladder import ladder_markdown
 from .report import error_report_markdown
 from .systems import (
@@ -178,16 +178,6 @@ def _fold_record(fold: Fold, fitted: dict[str, Fitted], head: HeadFold | None) -
     return record
 
 
-def _evidence_counts(cases: Sequence[Case], relevance: dict[str, np.ndarray], thresholds: dict[str, float],
-                     labels: Sequence[str]) -> np.ndarray:
-    rows = []
-    for c in cases:
-        pred = relevance[c.case_id] >= thresholds[c.case_id]
-        gold = relevance_targets(c, labels) > 0.5
-        rows.append([float((pred & gold).sum()), float(pred.sum()), float(gold.sum())])
-    return np.asarray(rows, dtype=np.float64).reshape(len(cases), 3)
-
-
 def _round(d: dict) -> dict:
     return {k: (None if v is None else round(float(v), 4)) for k, v in d.items()}
 
@@ -226,6 +216,8 @@ def run_cv(opts: CVOptions, log: Log = print) -> CVResult:
     fallback: list[str] = []
     relevance: dict[str, np.ndarray] = {}
     relevance_threshold: dict[str, float] = {}
+    labelled = all(c.relevance for c in keyed)  # Subtask 2 needs every case's relevance labels
+    baseline_evidence: dict[str, list[str]] = {}
     fold_of: dict[str, int] = {}
     chosen_thresholds: dict[str, list[float]] = {HEAD_SYSTEM: [], "ensemble": []}
     logs: dict[str, Path] = {}
@@ -264,6 +256,9 @@ def run_cv(opts: CVOptions, log: Log = print) -> CVResult:
         for cid in fold.test_ids:
             fold_of[cid] = fold.index
         record = _fold_record(fold, fitted, head)
+        if labelled:
+            fold_evidence, record["thresholds"][subtask2.BASELINE_SYSTEM] = subtask2.baseline_fold(train, held_out)
+            baseline_evidence.update(fold_evidence)
         write_json_atomic(fold_dir / "fold.json", record)
         fold_records.append(record)
 
@@ -298,7 +293,7 @@ def run_cv(opts: CVOptions, log: Log = print) -> CVResult:
                 "ci": [round(lo, 4), round(hi, 4)]}
 
     st3_rows = _subtask3(keyed, answers if (use_head and opts.generate) else None, fallback, indices, opts, out)
-    st2 = _subtask2(keyed, relevance, relevance_threshold, indices, opts, use_head)
+    st2 = _subtask2(keyed, relevance, relevance_threshold, baseline_evidence, indices, opts, out)
 
     ladder = {
         "title": ("Baseline ladder — " + (TRAINING_CASES_LABEL if on_training else "held-out cases")),
@@ -361,20 +356,21 @@ def _subtask3(keyed: list[Case], model_answers: dict[str, str] | None, fallback:
     return rows
 
 
-def _subtask2(keyed: list[Case], relevance: dict, thresholds: dict, indices: np.ndarray, opts: CVOptions,
-              use_head: bool) -> dict:
-    if not use_head:
-        return {"available": False, "reason": "the head system was not run"}
-    if not relevance or len(relevance) != len(keyed):
-        return {"available": False, "reason": "the head has no relevance output (head_relevance = false) or the "
-                                              "key has no relevance labels"}
-    row: dict = {"system": HEAD_SYSTEM, "label": "joint head's relevance probability", "ci": {}}
-    for kind, labels in (("strict", ESSENTIAL), ("lenient", RELEVANT)):
-        counts = _evidence_counts(keyed, relevance, thresholds, labels)
-        row[kind] = _round({k: float(v) for k, v in micro_from_counts(counts).items()})
-        row["ci"][kind] = {k: [round(lo, 4), round(hi, 4)] for k, (lo, hi) in
-                           bootstrap_micro(counts, indices, opts.level).items()}
-    return {"available": True, "rows": [row]}
+def _subtask2(keyed: list[Case], relevance: dict, thresholds: dict, baseline: dict[str, list[str]],
+              indices: np.ndarray, opts: CVOptions, out: Path) -> dict:
+    """Official Subtask 2 scores with bootstrap intervals: the question baseline and, if run, the head."""
+    if len(baseline) != len(keyed):
+        return {"available": False, "reason": "the key has no relevance labels for every case"}
+    runs = {subtask2.BASELINE_SYSTEM: (baseline, subtask2.BASELINE_LABEL)}
+    if len(relevance) == len(keyed) and len(thresholds) == len(keyed):
+        runs[HEAD_SYSTEM] = (subtask2.head_predictions(keyed, relevance, thresholds), subtask2.HEAD_LABEL)
+    rows = []
+    for system, (predicted, label) in runs.items():
+        write_submission(subtask2_entries({c.case_id: predicted[c.case_id] for c in keyed}),
+                         out / "submissions" / system, 2, keyed)
+        rows.append(subtask2.evidence_row(system, label, predicted, keyed, indices, opts.level))
+    note = None if HEAD_SYSTEM in runs else ("head not run, or it has no relevance output (head_relevance = false)")
+    return {"available": True, "rows": rows, "head_missing": note}
 
 
 def _plots(keyed: list[Case], predictions: dict[str, dict[str, Prediction]], chosen: dict[str, list[float]],
@@ -410,6 +406,13 @@ def print_summary(result: CVResult, stream=sys.stdout) -> None:
     for r in ladder["subtask4"]:
         cells = [f"{r['scores'][k]:5.1f} [{r['ci'][k][0]:5.1f}, {r['ci'][k][1]:5.1f}]" for k in ("micro_f1", "macro_f1")]
         print(f"{r['system']:<{width}}  {cells[0]:<22}  {cells[1]:<22}", file=stream)
+    st2 = ladder.get("subtask2") or {}
+    if st2.get("available"):
+        print("Subtask 2 (evidence identification):", file=stream)
+        for r in st2["rows"]:
+            cells = [f"{k} {r['scores'][k]:5.1f} [{r['ci'][k][0]:5.1f}, {r['ci'][k][1]:5.1f}]"
+                     for k in ("strict_micro_f1", "lenient_micro_f1")]
+            print(f"  {r['system']}: " + "  ".join(cells), file=stream)
     for name, path in result.files.items():
         print(f"{name}: {path}", file=stream)
     print(f"took {result.seconds:.0f} s", file=stream)

@@ -39,3 +39,23 @@ def pair_probabilities(backbone, head: NotePairHead, examples: Iterable[EncodedE
     finally:
         backbone.train(was_training[0])
         head.train(was_training[1])
+
+
+def relevance_probabilities(backbone, head: NotePairHead,
+                            examples: Iterable[EncodedExample]) -> list[np.ndarray] | None:
+    """[n_note] sigmoid relevance probabilities per example (None if the head has no relevance output).
+
+    Only the note sentences' states feed the relevance logit, and the backbone is causal,
+    so whether the example holds the answer sentences after the note does not matter.
+    """
+    if getattr(head, "relevance_mlp", None) is None:
+        return None
+    was_training = (backbone.training, head.training)
+    backbone.eval()
+    head.eval()
+    try:
+        return [torch.sigmoid(head_outputs(backbone, head, enc).relevance_logits.float()).cpu().numpy()
+                for enc in examples]
+    finally:
+        backbone.train(was_training[0])
+        head.train(was_training[1])

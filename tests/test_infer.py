@@ -15,7 +15,7 @@ import infer
 from baselines.extractive import extractive_answer
 from baselines.linking import link_pairs
 from data.archehr import load_cases
-from data.submission import count_words, validate_subtask3, validate_subtask4
+from data.submission import count_words, validate_subtask2, validate_subtask3, validate_subtask4
 from inference.answers import clean_generated_answer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,7 +30,7 @@ def run_infer(capsys, *args: str) -> tuple[dict, str]:
     return json.loads((out_dir / "run.json").read_text()), captured.out + captured.err
 
 
-def check_outputs(out_dir: Path, cases, subtasks=(3, 4)) -> dict[int, list]:
+def check_outputs(out_dir: Path, cases, subtasks=(2, 3, 4)) -> dict[int, list]:
     entries = {}
     for n in subtasks:
         json_path = out_dir / f"subtask{n}" / "submission.json"
@@ -38,6 +38,8 @@ def check_outputs(out_dir: Path, cases, subtasks=(3, 4)) -> dict[int, list]:
             assert zf.namelist() == ["submission.json"]
             assert zf.read("submission.json") == json_path.read_bytes()
         entries[n] = json.loads(json_path.read_text())
+    if 2 in entries:
+        validate_subtask2(entries[2], cases)
     if 3 in entries:
         validate_subtask3(entries[3], cases)
     if 4 in entries:
@@ -60,7 +62,9 @@ def test_baseline_writes_valid_submissions_and_says_it_is_the_baseline(tmp_path,
     run, log = run_infer(capsys, EXAMPLE_XML, "--out", out)
     cases = load_cases(EXAMPLE_XML)
     entries = check_outputs(out, cases)
-    assert sorted(p.name for p in out.iterdir()) == ["run.json", "subtask3", "subtask3.zip", "subtask4", "subtask4.zip"]
+    assert sorted(p.name for p in out.iterdir()) == ["run.json", "subtask2", "subtask2.zip", "subtask3", "subtask3.zip",
+                                                     "subtask4", "subtask4.zip"]
+    assert run["subtask2"]["method"].startswith("retrieval baseline") and "Subtask 2: RETRIEVAL BASELINE" in log
     assert log.splitlines()[0].startswith("engine: RETRIEVAL BASELINE")
     assert "RETRIEVAL BASELINE outputs" in log and "times:" in log
     assert run["engine"] == "retrieval-baseline" and "not the fine-tuned model" in run["engine_note"]
@@ -184,7 +188,8 @@ class FakeCheckpoint:
     """The LoadedCheckpoint interface with scripted outputs (pipeline logic without a model)."""
 
     threshold = 0.6
-    manifest = {"format": "archehr-export/1", "preset": "fake", "alignment": {"threshold": 0.6}}
+    manifest = {"format": "archehr-export/1", "preset": "fake", "alignment": {"threshold": 0.6},
+                "relevance": {"threshold": 0.55, "calibrated_on": "training cases"}}
 
     def __init__(self, answers: dict[str, str]):
         self.answers = answers
@@ -193,6 +198,9 @@ class FakeCheckpoint:
     def generate_answers(self, cases, max_new_tokens=100, batch_size=8):
         self.calls.append(([c.case_id for c in cases], max_new_tokens, batch_size))
         return [self.answers[c.case_id] for c in cases]
+
+    def score_relevance(self, case):
+        return np.linspace(0.0, 1.0, len(case.note_sentences))
 
     def score_pairs(self, case):
         n_a, n_n = len(case.answer_sentences), len(case.note_sentences)
@@ -306,3 +314,36 @@ def test_tiny_checkpoint_on_its_training_cases_is_refused(tmp_path, capsys, tiny
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and "training cases" in lines[0] and "--allow-train-cases" in lines[0]
     assert not out.exists()
+
+
+def test_checkpoint_subtask2_uses_the_manifest_threshold_or_the_override(tmp_path, capsys, fake_checkpoint):
+    fake, export = fake_checkpoint
+    cases = load_cases(EXAMPLE_XML)
+    for extra, threshold in (([], 0.55), (["--relevance-threshold", "0.9"], 0.9)):
+        out = tmp_path / f"run{threshold}"
+        run, log = run_infer(capsys, EXAMPLE_XML, "--out", out, "--checkpoint", export, "--subtasks", "2", *extra)
+        entries = check_outputs(out, cases, subtasks=(2,))
+        for entry, case in zip(entries[2], cases):
+            probs = fake.score_relevance(case)
+            assert entry["prediction"] == [s for s, p in zip(case.note_ids, probs) if p >= threshold]
+        assert run["subtask2"]["threshold"] == threshold and run["subtask2"]["method"] == "head relevance probability"
+        assert "RETRIEVAL BASELINE" not in log
+
+
+def test_checkpoint_without_relevance_threshold(tmp_path, capsys, fake_checkpoint):
+    fake, export = fake_checkpoint
+    fake.manifest = {k: v for k, v in fake.manifest.items() if k != "relevance"}
+    # By default Subtask 2 is skipped, said on screen and in run.json ...
+    run, log = run_infer(capsys, EXAMPLE_XML, "--out", tmp_path / "default", "--checkpoint", export)
+    assert not (tmp_path / "default" / "subtask2.zip").exists() and (tmp_path / "default" / "subtask4.zip").is_file()
+    assert "warning: Subtask 2 not written" in log and "not_written" in run["subtask2"]
+    assert run["subtasks"] == [3, 4]
+    fake.calls.clear()
+    # ... asked for explicitly, it is an error before any work.
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as err:
+        infer.main([str(EXAMPLE_XML), "--out", str(out), "--checkpoint", str(export), "--subtasks", "2,3",
+                    "--no-progress"])
+    assert err.value.code == 2
+    assert "--relevance-threshold" in capsys.readouterr().err
+    assert not out.exists() and fake.calls == []

@@ -180,7 +180,26 @@ def read_toml(path: str | Path) -> dict:
         data = tomllib.loads(p.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as err:
         raise InputError(f"invalid TOML ({err})", p) from None
-    return {k.replace("-", "_"): coerce(k.replace("-", "_"), v) for k, v in data.items()}
+    task = data.pop("task", None)
+    out = {k.replace("-", "_"): coerce(k.replace("-", "_"), v) for k, v in data.items()}
+    if task is not None:
+        out.update(_task_data(task, p))
+    return out
+
+
+# Several task-stage files live in one string field, one path per line (see training.data.split_files).
+MULTI_FILE_KEYS = ("xml", "key")
+
+
+def _task_data(task: object, path: Path) -> dict:
+    """``[[task.data]]`` tables (``xml`` and ``key`` each) -> the xml / key fields, in order."""
+    entries = task.get("data") if isinstance(task, dict) else None
+    if not isinstance(entries, list) or not entries or set(task) != {"data"}:
+        raise InputError("[task] may only hold [[task.data]] tables, each with xml and key", path)
+    for e in entries:
+        if not isinstance(e, dict) or set(e) != {"xml", "key"} or not all(isinstance(v, str) for v in e.values()):
+            raise InputError("each [[task.data]] table needs exactly xml = \"...\" and key = \"...\"", path)
+    return {name: "\n".join(e[name] for e in entries) for name in MULTI_FILE_KEYS}
 
 
 def parse_overrides(argv: list[str]) -> dict:
@@ -196,7 +215,7 @@ def parse_overrides(argv: list[str]) -> dict:
         if name not in _FIELD_TYPES:
             coerce(name, None)  # raises the unknown-key error
         if inline:
-            out[name] = coerce(name, inline)
+            out[name] = _repeatable(out, name, coerce(name, inline))
             i += 1
             continue
         nxt = argv[i + 1] if i + 1 < len(argv) else None
@@ -210,9 +229,16 @@ def parse_overrides(argv: list[str]) -> dict:
             continue
         if nxt is None or (nxt.startswith("--") and len(nxt) > 2 and not _is_number(nxt)):
             raise InputError(f"--{name} needs a value")
-        out[name] = coerce(name, nxt)
+        out[name] = _repeatable(out, name, coerce(name, nxt))
         i += 2
     return out
+
+
+def _repeatable(out: dict, name: str, value: Any) -> Any:
+    """A repeated --xml / --key adds a file (in order); any other repeated key keeps the last value."""
+    if name in MULTI_FILE_KEYS and name in out:
+        return out[name] + "\n" + value
+    return value
 
 
 def _is_number(text: str) -> bool:

@@ -23,6 +23,7 @@ from data.prompts import IGNORE_INDEX, EncodedExample, PromptExample, encode_exa
 from data.records import Case
 
 RELEVANT_LABELS = ("essential", "supplementary")
+ESSENTIAL_LABELS = ("essential",)  # Subtask 2's strict gold: what its threshold is calibrated on
 
 
 @dataclass
@@ -30,19 +31,23 @@ class TrainItem:
     encoded: EncodedExample
     # One 0/1 target per note sentence (span order), or None when unlabelled.
     relevance: list[float] | None = None
+    # 1 for the essential note sentences (what the Subtask 2 threshold is calibrated on).
+    essential: list[float] | None = None
 
     def __len__(self) -> int:
         return len(self.encoded)
 
 
-def relevance_targets(case: Case) -> list[float] | None:
+def relevance_targets(case: Case, labels: Sequence[str] = RELEVANT_LABELS) -> list[float] | None:
+    """1 per note sentence labelled with one of ``labels``, else 0 (None when the case has no labels)."""
     if not case.relevance:
         return None
-    return [1.0 if case.relevance.get(sid) in RELEVANT_LABELS else 0.0 for sid in case.note_ids]
+    return [1.0 if case.relevance.get(sid) in labels else 0.0 for sid in case.note_ids]
 
 
 def encode_items(
-    tokenizer, examples: Sequence[PromptExample], max_length: int, relevance: Sequence[list[float] | None] | None = None
+    tokenizer, examples: Sequence[PromptExample], max_length: int, relevance: Sequence[list[float] | None] | None = None,
+    essential: Sequence[list[float] | None] | None = None,
 ) -> tuple[list[TrainItem], int]:
     """Tokenise examples; those longer than ``max_length`` are dropped (returns the count dropped)."""
     items, dropped = [], 0
@@ -51,7 +56,8 @@ def encode_items(
         if len(enc) > max_length:
             dropped += 1
             continue
-        items.append(TrainItem(enc, relevance[i] if relevance is not None else None))
+        items.append(TrainItem(enc, relevance[i] if relevance is not None else None,
+                               essential[i] if essential is not None else None))
     return items, dropped
 
 
@@ -97,16 +103,109 @@ def domain_examples(cfg) -> tuple[list[PromptExample], list[Path | str]]:
     return examples, [cfg.data]
 
 
-def task_cases(cfg) -> list[Case]:
+FILE_SEPARATOR = "\n"  # several task files in one config string (repeated --xml/--key, [[task.data]])
+
+
+def split_files(value: str) -> list[str]:
+    return [v for v in value.split(FILE_SEPARATOR) if v.strip()] if value else []
+
+
+@dataclass
+class TaskFile:
+    """One annotated XML/key pair of the task stage and what it contributes."""
+
+    name: str
+    xml: str
+    key: str
+    cases: list[Case]
+
+    @property
+    def case_ids(self) -> list[str]:
+        return [c.case_id for c in self.cases]
+
+    def summary(self) -> str:
+        n = len(self.cases)
+        cited = sum(1 for c in self.cases if c.gold_pairs())
+        labelled = sum(1 for c in self.cases if c.relevance)
+        if not cited and not labelled:
+            return f"{self.name}: {n} cases, answers only"
+        return f"{self.name}: {n} cases, {cited} with citations, {labelled} with relevance"
+
+
+def task_file_pairs(cfg) -> list[tuple[str, str]]:
+    """The (xml, key) pairs of the task stage, in order."""
+    xmls, keys = split_files(cfg.xml), split_files(cfg.key)
+    if not xmls or not keys:
+        raise InputError("--xml and --key are required for the task stage")
+    if len(xmls) != len(keys):
+        raise InputError(f"{len(xmls)} --xml file(s) but {len(keys)} --key file(s): give them in pairs, in order")
+    return list(zip(xmls, keys))
+
+
+def _file_names(pairs: Sequence[tuple[str, str]]) -> list[str]:
+    stems = [Path(x).stem for x, _ in pairs]
+    if len(set(stems)) == len(stems):
+        return stems
+    return [str(Path(Path(x).parent.name) / Path(x).stem) if stems.count(Path(x).stem) > 1 else Path(x).stem
+            for x, _ in pairs]
+
+
+def _with_reference_sentences(case: Case) -> Case:
+    """A key with only ``clinician_answer_without_citations``: its sentences become the answer (no citations)."""
+    from dataclasses import replace
+
+    from data.records import AnswerSentence
+    from data.sentences import split_sentences
+
+    if case.answer_sentences or not (case.clinician_answer_without_citations or "").strip():
+        return case
+    sentences = [AnswerSentence(str(i), t) for i, t in
+                 enumerate(split_sentences(case.clinician_answer_without_citations), start=1)]
+    return replace(case, answer_sentences=sentences)
+
+
+def load_task_files(cfg) -> list[TaskFile]:
+    """Every XML/key pair's keyed cases; a case id in two files is an error naming both."""
     from data.archehr import load_cases
 
-    if not cfg.xml or not cfg.key:
-        raise InputError("--xml and --key are required for the task stage")
-    cases = load_cases(cfg.xml, cfg.key)
-    usable = [c for c in cases if c.answer_sentences]
+    pairs = task_file_pairs(cfg)
+    files: list[TaskFile] = []
+    seen: dict[str, str] = {}
+    for name, (xml, key) in zip(_file_names(pairs), pairs):
+        cases = [_with_reference_sentences(c) for c in load_cases(xml, key)]
+        for c in cases:
+            if c.case_id in seen:
+                raise InputError(f"case id also in {seen[c.case_id]} (case ids must be unique across task files)",
+                                 key, c.case_id)
+            seen[c.case_id] = key
+        files.append(TaskFile(name, xml, key, [c for c in cases if c.answer_sentences]))
+    return files
+
+
+def task_sources(cfg) -> list[str]:
+    return [f for pair in task_file_pairs(cfg) for f in pair]
+
+
+def task_cases(cfg, log=None) -> list[Case]:
+    """The task stage's training cases from every XML/key pair, after saying what each file contributes."""
+    import sys
+
+    files = load_task_files(cfg)
+    line = "task data: " + "; ".join(f.summary() for f in files)
+    (log or (lambda m: print(m, file=sys.stderr)))(line)
+    usable = [c for f in files for c in f.cases]
     if not usable:
-        raise InputError("no case has answer sentences to train on", cfg.key)
+        raise InputError("no case has answer sentences to train on", split_files(cfg.key)[0])
     return usable
+
+
+def task_file_records(cfg) -> list[dict]:
+    """For the manifest: every task file's path, sha256 and the case ids it contributed."""
+    out = []
+    for f in load_task_files(cfg):
+        for path in (f.xml, f.key):
+            out.append({"path": str(path), "sha256": file_sha256(path), "name": f.name, "case_ids": f.case_ids})
+    return out
 
 
 def task_examples(cases: Sequence[Case], joint: bool) -> tuple[list[PromptExample], list[list[float] | None]]:

@@ -25,12 +25,12 @@ from typing import Sequence
 import numpy as np
 
 from heads.alignment import HEAD_CONFIG, HEAD_WEIGHTS, NotePairHead, save_head
-from heads.scoring import pair_probabilities
+from heads.scoring import pair_probabilities, relevance_probabilities
 from model.backbone import RANDOM_INIT_SEED, is_quantised, is_random_preset, resolve_preset
 
 from .calibration import DEFAULT_THRESHOLD, calibrate_threshold
 from .config import TrainConfig
-from .data import TrainItem, file_sha256
+from .data import TrainItem, file_sha256, task_file_records
 
 MANIFEST = "manifest.json"
 EXPORT_FORMAT = "archehr-export/1"
@@ -76,6 +76,20 @@ def calibrate(backbone, head: NotePairHead, items: Sequence[TrainItem], max_exam
             "n_examples": len(cited)}
 
 
+def calibrate_relevance(backbone, head: NotePairHead, items: Sequence[TrainItem], max_examples: int) -> dict | None:
+    """Subtask 2 threshold: best strict micro F1 (essential sentences) over the labelled training examples."""
+    labelled = [it for it in items if it.essential is not None and len(it.essential) == len(it.encoded.note_spans)]
+    labelled = labelled[:max_examples]
+    if not labelled:
+        return None
+    probs = relevance_probabilities(backbone, head, [it.encoded for it in labelled])
+    if probs is None:
+        return None
+    threshold, f1 = calibrate_threshold(probs, [np.asarray(it.essential, dtype=np.float32) for it in labelled])
+    return {"threshold": threshold, "train_strict_micro_f1": round(f1, 4), "calibrated_on": "training cases",
+            "calibrated_for": "strict micro F1 (essential sentences)", "n_examples": len(labelled)}
+
+
 def export_run(
     run_dir: str | Path,
     backbone,
@@ -102,7 +116,13 @@ def export_run(
         inherited = (init_manifest or {}).get("alignment")
         alignment = dict(inherited, calibrated_on="inherited") if inherited else {
             "threshold": DEFAULT_THRESHOLD, "train_pair_f1": None, "calibrated_on": "default", "n_examples": 0}
-    data_files = [{"path": str(s), "sha256": file_sha256(s)} for s in sources]
+    relevance = calibrate_relevance(backbone, head, items, cfg.calibration_max_examples) if cfg.joint else None
+    if relevance is None and (init_manifest or {}).get("relevance"):
+        relevance = dict(init_manifest["relevance"], calibrated_on="inherited")
+    if cfg.stage == "task":  # each annotated file with the case ids it contributed
+        data_files = task_file_records(cfg)
+    else:
+        data_files = [{"path": str(s), "sha256": file_sha256(s)} for s in sources]
     stage = {
         "stage": cfg.stage,
         "joint": cfg.joint,
@@ -129,6 +149,7 @@ def export_run(
                  "targets": sorted(peft_cfg.target_modules)},
         "head": {"weights": HEAD_WEIGHTS, "config": HEAD_CONFIG, **head.config.to_dict()},
         "alignment": alignment,
+        "relevance": relevance,  # Subtask 2 threshold (None: no relevance output or no labelled case)
         "stages": history,
         "training_data": [d for s in history for d in s["data"]],
         # None = unknown: an inherited task stage from before the record existed.

@@ -47,8 +47,11 @@ from .data import (
     collate,
     domain_examples,
     encode_items,
+    ESSENTIAL_LABELS,
+    relevance_targets,
     task_cases,
     task_examples,
+    task_sources,
 )
 from .joint import JointModel, LossSettings
 
@@ -92,8 +95,9 @@ def stage_data(cfg: TrainConfig, tokenizer) -> tuple[list[TrainItem], list[str]]
     else:
         cases = task_cases(cfg)
         examples, relevance = task_examples(cases, cfg.joint)
-        items, dropped = encode_items(tokenizer, examples, cfg.max_length, relevance)
-        sources = [cfg.xml, cfg.key]
+        items, dropped = encode_items(tokenizer, examples, cfg.max_length, relevance,
+                                      essential=[relevance_targets(c, ESSENTIAL_LABELS) for c in cases])
+        sources = task_sources(cfg)
     if dropped:
         print(f"note: skipped {dropped} example(s) longer than max_length={cfg.max_length}", file=sys.stderr)
     if not items:

@@ -1,0 +1,78 @@
+"""Subtask 2 predictions: which note sentences are evidence for the question.
+
+With a checkpoint: the head's relevance probability per note sentence, at or above the
+threshold calibrated at export on the training cases (``manifest["relevance"]``) or the
+user's ``--relevance-threshold``. Without one: the question-retrieval baseline
+(:mod:`baselines.relevance`), at its untuned default threshold.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from baselines import relevance as question_baseline
+from data.errors import InputError
+from data.records import Case
+
+Log = Callable[[str], None]
+
+
+def has_relevance_threshold(manifest: dict) -> bool:
+    return (manifest.get("relevance") or {}).get("threshold") is not None
+
+
+def checkpoint_threshold(manifest: dict, override: float | None) -> tuple[float, str]:
+    """(threshold, where it came from); an export without a relevance threshold needs ``override``."""
+    if override is not None:
+        return float(override), "--relevance-threshold"
+    record = manifest.get("relevance") or {}
+    if record.get("threshold") is None:
+        raise InputError("the checkpoint has no calibrated relevance threshold (no relevance labels in its training "
+                         "data, or head_relevance = false): pass --relevance-threshold or --subtasks 3,4")
+    return float(record["threshold"]), f"manifest ({record.get('calibrated_on', 'unknown')})"
+
+
+def checkpoint_probabilities(checkpoint, cases: list[Case], progress: bool = True) -> dict[str, np.ndarray]:
+    """``case_id -> [n_note]`` relevance probabilities from the checkpoint's head."""
+    from data.prompts import encode_example, example_from_case
+    from heads.scoring import relevance_probabilities
+
+    out: dict[str, np.ndarray] = {}
+    for case in tqdm(cases, desc="subtask 2 (head)", unit="case", disable=not progress):
+        if hasattr(checkpoint, "score_relevance"):  # a checkpoint object that scores relevance itself
+            out[case.case_id] = np.asarray(checkpoint.score_relevance(case), dtype=np.float64)
+            continue
+        enc = encode_example(checkpoint.tokenizer, example_from_case(case, with_answer=False))
+        probs = relevance_probabilities(checkpoint.model, checkpoint.head, [enc])
+        if probs is None:
+            raise InputError("the checkpoint's head has no relevance output (head_relevance = false): "
+                             "use --subtasks 3,4")
+        out[case.case_id] = np.asarray(probs[0], dtype=np.float64)
+    return out
+
+
+def threshold_evidence(cases: list[Case], scores: dict[str, np.ndarray], threshold: float) -> dict[str, list[str]]:
+    """``case_id -> note ids`` scoring at least ``threshold``, in note order."""
+    return {c.case_id: question_baseline.predict_relevant(c, scores[c.case_id], threshold) for c in cases}
+
+
+def predict_evidence(cases: list[Case], checkpoint, override: float | None, progress: bool,
+                     log: Log) -> tuple[dict[str, list[str]], dict]:
+    """Subtask 2 predictions for every case and the run record saying how they were made."""
+    if checkpoint is None:
+        threshold = question_baseline.DEFAULT_THRESHOLD if override is None else float(override)
+        scores = {c.case_id: question_baseline.relevance_scores(c)
+                  for c in tqdm(cases, desc="subtask 2 (baseline)", unit="case", disable=not progress)}
+        record = {"method": "retrieval baseline: " + question_baseline.LABEL, "threshold": threshold,
+                  "threshold_source": "--relevance-threshold" if override is not None else "untuned default"}
+        log(f"Subtask 2: RETRIEVAL BASELINE ({question_baseline.LABEL}, threshold {threshold:g}); not the model")
+    else:
+        threshold, source = checkpoint_threshold(checkpoint.manifest, override)
+        scores = checkpoint_probabilities(checkpoint, cases, progress)
+        record = {"method": "head relevance probability", "threshold": threshold, "threshold_source": source}
+        log(f"Subtask 2: head relevance probabilities, threshold {threshold:.3f} ({source})")
+    evidence = threshold_evidence(cases, scores, threshold)
+    record["n_cases_without_evidence"] = sum(1 for ids in evidence.values() if not ids)
+    return evidence, record
