@@ -119,3 +119,62 @@ def test_training_loop_uses_token_budget_batches(tmp_path):
     result = run_training(cfg)
     assert result.steps == 2 * expected
     assert all(row["tokens_per_s"] > 0 for row in result.history)
+
+
+# --- fast greedy decoding (issue 12) ------------------------------------------------------
+
+
+def _generate_reference(model, prompts, max_new, stop_ids, pad_id):
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for r, p in enumerate(prompts):
+        ids[r, width - len(p):] = torch.tensor(p)
+        mask[r, width - len(p):] = 1
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new, do_sample=False,
+                             pad_token_id=pad_id, eos_token_id=stop_ids)
+    rows = []
+    for toks in out[:, width:].tolist():
+        cut = next((j + 1 for j, t in enumerate(toks) if t in stop_ids), len(toks))
+        rows.append(toks[:cut])
+    return rows
+
+
+@pytest.mark.parametrize("graphs", [False, True])
+def test_fast_greedy_decode_equals_generate_token_for_token(graphs):
+    from model.backbone import build_random_base
+    from model.decoding import DecodeStats, greedy_decode
+
+    torch.manual_seed(0)
+    model = build_random_base("tiny").eval()
+    gen = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(100, 3000, (n,), generator=gen).tolist() for n in (37, 5, 64, 20, 90)]
+    # A stop token that greedy decoding does emit, so early stop and padding after it are exercised.
+    reference = _generate_reference(model, prompts, 12, [151645], 151643)
+    stop = reference[1][3]
+    reference = _generate_reference(model, prompts, 12, [stop], 151643)
+    stats = DecodeStats()
+    # batch_rows=2: several batches, one of them a single row; graphs=True on CPU runs eagerly
+    fast = greedy_decode(model, prompts, max_new_tokens=12, stop_ids=[stop], pad_id=151643, batch_rows=2,
+                         prefill_tokens=64, use_cuda_graph=graphs, check_every=3, stats=stats)
+    assert fast == reference
+    assert any(len(r) < 12 for r in fast) and any(len(r) == 12 for r in fast)
+    assert stats.new_tokens == sum(len(r) for r in fast)
+    assert not stats.cuda_graph  # no CUDA here: the same step, eager
+
+
+def test_fast_decode_stops_early_when_every_row_is_done():
+    from model.backbone import build_random_base
+    from model.decoding import DecodeStats, greedy_decode
+
+    torch.manual_seed(0)
+    model = build_random_base("tiny").eval()
+    prompts = [[11, 12, 13, 14], [15, 16, 17]]
+    first = greedy_decode(model, prompts, max_new_tokens=1, stop_ids=[], pad_id=0, batch_rows=2)
+    stats = DecodeStats()
+    # every row's first token is a stop token: one check after the first burst ends the batch
+    out = greedy_decode(model, prompts, max_new_tokens=50, stop_ids=sorted({first[0][0], first[1][0]}), pad_id=0,
+                        batch_rows=2, check_every=4, stats=stats)
+    assert out == first
+    assert stats.decode_steps <= 4
