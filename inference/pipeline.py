@@ -62,12 +62,14 @@ class InferenceOptions:
     ensemble: Path | None = None  # None = configs/retrieval.json (or the built-in defaults)
     max_links_per_answer: int | None = None
     top1_fallback: bool = False
-    batch_size: int = 16
+    batch_size: int | None = None  # prompts generated together; None = as many as memory allows
     max_new_tokens: int = 100
     base: str | None = None  # base model id/path for the checkpoint (None = the manifest's)
     device: str | None = None
     load_in_4bit: bool | None = None
     progress: bool = True
+    max_memory_gb: float | None = None  # cap on this process's GPU memory (shared or small cards)
+    fast: bool = True  # static-cache / CUDA-graph decoding and token-budget alignment (inference/fast.py)
 
 
 @dataclass
@@ -116,7 +118,7 @@ def _check_options(opts: InferenceOptions) -> None:
         raise InputError("--aligner head needs --checkpoint")
     if opts.max_links_per_answer is not None and opts.max_links_per_answer < 1:
         raise InputError("--max-links-per-answer must be >= 1")
-    if opts.batch_size < 1 or opts.max_new_tokens < 1:
+    if (opts.batch_size is not None and opts.batch_size < 1) or opts.max_new_tokens < 1:
         raise InputError("--batch-size and --max-new-tokens must be >= 1")
     if opts.checkpoint is not None and not Path(opts.checkpoint).is_dir():
         raise InputError("checkpoint folder not found", opts.checkpoint)
@@ -211,9 +213,11 @@ def run_inference(opts: InferenceOptions, log: Log = _stderr) -> InferenceResult
     manifest = None
     if opts.checkpoint is not None:
         t = time.perf_counter()
-        from model.checkpoint import load_export  # heavy import, only with a checkpoint
+        from inference.fast import load_checkpoint  # heavy import, only with a checkpoint
 
-        checkpoint = load_export(opts.checkpoint, base=opts.base, device=opts.device, load_in_4bit=opts.load_in_4bit)
+        checkpoint, memory = load_checkpoint(opts.checkpoint, base=opts.base, device=opts.device,
+                                             load_in_4bit=opts.load_in_4bit, max_memory_gb=opts.max_memory_gb,
+                                             fast=opts.fast, log=log)
         manifest = checkpoint.manifest
         timings["load_checkpoint"] = time.perf_counter() - t
         # Announced once loaded, so that a folder that is not an export fails with one line.
@@ -242,10 +246,11 @@ def run_inference(opts: InferenceOptions, log: Log = _stderr) -> InferenceResult
             answers, fell_back = baseline_answers(cases, opts.progress), []
             run["subtask3"] = {"method": "extractive (BM25 + TF-IDF of the question vs note sentences)"}
         else:
-            answers, fell_back = checkpoint_answers(checkpoint, cases, opts.batch_size, opts.max_new_tokens,
-                                                    opts.progress)
+            answers, fell_back = checkpoint_answers(checkpoint, cases, opts.batch_size or len(cases),
+                                                    opts.max_new_tokens, opts.progress)
             run["subtask3"] = {"method": "generation", "max_new_tokens": opts.max_new_tokens,
-                               "batch_size": opts.batch_size, "decoding": "as the checkpoint's generate_answers"}
+                               "batch_size": opts.batch_size or "auto (memory)",
+                               "decoding": "greedy, as the checkpoint's generate_answers"}
             for cid in fell_back:
                 log(f"warning: case {cid}: the model's answer was empty; used the extractive answer")
         run["subtask3"]["extractive_fallback_cases"] = fell_back
@@ -301,6 +306,9 @@ def run_inference(opts: InferenceOptions, log: Log = _stderr) -> InferenceResult
         timings["score"] = time.perf_counter() - t
 
     timings["total"] = time.perf_counter() - t_start
+    if checkpoint is not None:
+        run["memory"] = memory
+        run["fast_inference"] = checkpoint.report() if hasattr(checkpoint, "report") else None
     run.update({
         "outputs": {f"subtask{n}": {"json": str(j), "zip": str(z)} for n, (j, z) in written.items()},
         "skipped_cases_subtask4": skipped,

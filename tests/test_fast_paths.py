@@ -178,3 +178,45 @@ def test_fast_decode_stops_early_when_every_row_is_done():
                         batch_rows=2, check_every=4, stats=stats)
     assert out == first
     assert stats.decode_steps <= 4
+
+
+def test_fast_checkpoint_equals_loaded_checkpoint(tiny_adapter):
+    from bench.synthetic import inference_cases
+    from heads.alignment import NotePairHead
+    from heads.config import HeadConfig
+    from inference.fast import FastCheckpoint
+    from model.backbone import load_backbone, load_tokenizer
+    from model.checkpoint import LoadedCheckpoint
+
+    torch.manual_seed(0)
+    model = load_backbone("tiny", load_in_4bit=False, device="cpu", adapter_dir=tiny_adapter, trainable=False)
+    head = NotePairHead(HeadConfig(hidden_size=64)).eval()
+    plain = LoadedCheckpoint(manifest={}, threshold=0.5, tokenizer=load_tokenizer("tiny"), model=model, head=head)
+    fast = FastCheckpoint(plain)
+    cases = inference_cases(5, seed=3)
+    cases[2].answer_sentences.clear()  # a case without answer sentences: an empty score matrix
+    assert fast.generate_answers(cases, max_new_tokens=6, batch_size=2) == \
+        plain.generate_answers(cases, max_new_tokens=6, batch_size=2)
+    got = fast.score_all(cases, max_tokens=1500)
+    want = plain.score_all(cases, batch_size=1)
+    for a, b in zip(got, want):
+        assert a.shape == b.shape
+        np.testing.assert_allclose(a, b, atol=1e-4)
+    report = fast.report()
+    assert report["alignment"]["forwards"] >= 2 and report["decode"]["new_tokens"] > 0
+    assert report["plans"][0]["budget_gb"] is None  # CPU: fixed sizes, said so
+
+
+def test_token_budget_groups_and_memory_plan_arithmetic():
+    from inference.memory import dense_weight_bytes, should_merge, token_budget_groups
+    from model.presets import QWEN3_4B_ARCH
+
+    lengths = [900, 120, 1500, 880, 130, 1490, 5000]
+    groups = token_budget_groups(lengths, 3000)
+    assert sorted(i for g in groups for i in g) == list(range(7))
+    assert groups[0] == [6]  # longer than the budget: alone
+    assert all(len(g) * max(lengths[i] for i in g) <= 3000 for g in groups[1:])
+    assert [2, 5] in groups and [0, 3] in groups and [4, 1] in groups  # neighbours in length, little padding
+    # Qwen3-4B in bf16: about 8 GB (tied embeddings once)
+    assert 7.5e9 < dense_weight_bytes(QWEN3_4B_ARCH) < 8.3e9
+    assert should_merge(QWEN3_4B_ARCH, int(14e9))[0] and not should_merge(QWEN3_4B_ARCH, int(9e9))[0]
