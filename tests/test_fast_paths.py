@@ -220,3 +220,35 @@ def test_token_budget_groups_and_memory_plan_arithmetic():
     # Qwen3-4B in bf16: about 8 GB (tied embeddings once)
     assert 7.5e9 < dense_weight_bytes(QWEN3_4B_ARCH) < 8.3e9
     assert should_merge(QWEN3_4B_ARCH, int(14e9))[0] and not should_merge(QWEN3_4B_ARCH, int(9e9))[0]
+
+
+@pytest.mark.slow
+def test_journey_tiny_runs_every_stage_on_cpu(tmp_path, monkeypatch):
+    import json
+
+    from bench import journey
+
+    monkeypatch.setenv("ARCHEHR_CACHE", str(tmp_path / "cache"))
+    rc = journey.main(["--preset", "tiny", "--tiny", "--work", str(tmp_path / "work"), "--out", str(tmp_path / "out")])
+    result = json.loads(next((tmp_path / "out").glob("journey-*.json")).read_text())
+    assert rc == 0 and result["passed"]
+    assert [r["stage"] for r in result["stages"]] == ["domain", "task", "infer"]
+    domain, task, infer = result["stages"]
+    assert domain["steps"] == 3 and domain["tokens_per_s_steady"] > 0 and "export_s" in domain
+    assert task["wall_s"] > 0 and "export_s" in task
+    assert infer["new_tokens"] > 0 and "subtask4.zip" in infer["written"] and "run.json" in infer["written"]
+
+
+@pytest.mark.slow
+def test_bench_run_smoke_has_old_and_fast_inference_rows(tmp_path, monkeypatch):
+    import json
+
+    from bench import run
+
+    monkeypatch.setenv("ARCHEHR_CACHE", str(tmp_path / "cache"))
+    assert run.main(["--smoke", "--skip", "textbook,ours", "--skip-infer", "0", "--fast-caps", "0,16",
+                     "--out", str(tmp_path)]) == 0
+    result = json.loads(next(tmp_path.glob("smoke-*.json")).read_text())
+    assert len(result["infer"]) == 1 and [r["cap_gb"] for r in result["infer_fast"]] == [None, 16.0]
+    for row in result["infer_fast"]:
+        assert row["new_tokens"] > 0 and set(row["load_steps_s"]) == {"base_s", "dequantise_s", "adapter_merge_s"}
