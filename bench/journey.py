@@ -145,8 +145,21 @@ def main(argv: list[str] | None = None) -> int:
                     f" s('{args.preset}', d('{args.preset}'))"], cwd=ROOT, check=True)
     setup_s = time.perf_counter() - t0
 
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S")
+    path = out / f"journey-{stamp}.json"
+    result = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "preset": args.preset,
+              "device": torch.cuda.get_device_name(0) if device == "cuda" else "cpu", "cap_gb": cap,
+              "setup_s": round(setup_s, 1), "stages": [],
+              "settings": {k: v for k, v in vars(args).items() if k != "child"}, "passed": False}
+
+    def save() -> None:  # after every stage: a run cut short still leaves its numbers
+        path.write_text(json.dumps(result, indent=2), encoding="utf-8")
+
+    save()
     common = ["--preset", args.preset, "--progress", "false", "--plot", "false", "--save_every", "0"]
-    rows = []
+    rows = result["stages"]
     domain = work / "domain"
     row = stage("domain", "train", ["--stage", "domain", "--data", str(emrqa), "--out", str(domain),
                                     "--max_steps", str(args.domain_steps), "--batch_tokens", str(args.batch_tokens),
@@ -154,6 +167,7 @@ def main(argv: list[str] | None = None) -> int:
                 work, cap, device)
     row.update(train_rates(domain, skip=20 if not args.tiny else 0))
     rows.append(row)
+    save()
     task = work / "task"
     if "error" not in row:
         row = stage("task", "train", ["--stage", "task", "--joint", "--init", str(domain), "--xml",
@@ -162,6 +176,7 @@ def main(argv: list[str] | None = None) -> int:
                                       "--log_every", "5" if not args.tiny else "1", *common], work, cap, device)
         row.update(train_rates(task, skip=5 if not args.tiny else 0))
         rows.append(row)
+        save()
     if "error" not in row:
         sub = work / "submission"
         infer_argv = [str(work / "test.xml"), "--checkpoint", str(task / "export"), "--out", str(sub),
@@ -183,16 +198,8 @@ def main(argv: list[str] | None = None) -> int:
                        written=sorted(p.name for p in sub.iterdir()))
         rows.append(row)
 
-    result = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "preset": args.preset,
-              "device": torch.cuda.get_device_name(0) if device == "cuda" else "cpu", "cap_gb": cap,
-              "setup_s": round(setup_s, 1), "stages": rows,
-              "settings": {k: v for k, v in vars(args).items() if k != "child"},
-              "passed": all("error" not in r for r in rows) and len(rows) == 3}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S")
-    path = out / f"journey-{stamp}.json"
-    path.write_text(json.dumps(result, indent=2), encoding="utf-8")
+    result["passed"] = all("error" not in r for r in rows) and len(rows) == 3
+    save()
     print("\n| stage | wall (s) | tokens/s | peak alloc GB | peak reserved GB | notes |\n|---|---|---|---|---|---|")
     for r in rows:
         rate = r.get("tokens_per_s_steady") or r.get("decode_tokens_per_s")
