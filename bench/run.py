@@ -2,12 +2,16 @@
 
     python -m bench.run --out bench/results            # one CUDA GPU
     python -m bench.run --smoke                         # tiny preset on CPU: checks the script only
+    python -m bench.run --skip textbook,ours --skip-infer 0 --fast-caps 0,24,16   # inference only
 
 Builds the ``qwen3-4b-random`` preset once (safetensors on local disk), then loads it
 through the same NF4 path users take. Prints one table and writes JSON under ``--out``.
 Columns: (a) our task-stage step with the joint head, in several configurations that
 each add one optimisation; (b) a textbook QLoRA step (HF Trainer + PEFT, rows padded
-to the maximum length). Same synthetic mixed-length rows for both.
+to the maximum length). Same synthetic mixed-length rows for both. Inference: the plain
+path (``generate``, fixed batches) beside the fast path (inference/fast.py: static KV cache,
+CUDA-graphed decode, memory-planned batches) on the whole card and under emulated 24 / 16 GB
+cards (``torch.cuda.set_per_process_memory_fraction``), with load, capture and decode timed apart.
 """
 from __future__ import annotations
 

@@ -77,7 +77,8 @@ class FastCheckpoint:
     def score_all(self, cases: list[Case], batch_size: int | None = None, max_tokens: int | None = None) -> list[np.ndarray]:
         """Link probabilities as :meth:`LoadedCheckpoint.score_all` computes them, cases grouped
         by length so that each forward holds at most ``max_tokens`` (padded) tokens; the
-        budget comes from free memory. ``batch_size`` caps cases per forward."""
+        budget comes from free memory. ``batch_size`` is accepted for the LoadedCheckpoint
+        interface (the pipeline passes its old fixed size); the token budget decides."""
         inner = self.inner
         out: list[np.ndarray | None] = [None] * len(cases)
         encoded = []
@@ -91,7 +92,7 @@ class FastCheckpoint:
         lengths = [len(enc) for _, enc in encoded]
         if max_tokens is None:
             max_tokens = self.plan(max(lengths), 0, None).align_tokens
-        groups = token_budget_groups(lengths, max_tokens, max_rows=batch_size or 256)
+        groups = token_budget_groups(lengths, max_tokens)
         pad = inner.tokenizer.pad_token_id
         device = inner.device
         t0 = time.perf_counter()

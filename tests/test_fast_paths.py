@@ -252,3 +252,13 @@ def test_bench_run_smoke_has_old_and_fast_inference_rows(tmp_path, monkeypatch):
     assert len(result["infer"]) == 1 and [r["cap_gb"] for r in result["infer_fast"]] == [None, 16.0]
     for row in result["infer_fast"]:
         assert row["new_tokens"] > 0 and set(row["load_steps_s"]) == {"base_s", "dequantise_s", "adapter_merge_s"}
+
+
+@pytest.mark.parametrize("value", ["0", "-3", "lots"])
+def test_infer_max_memory_gb_must_be_a_positive_number(value, capsys):
+    import infer
+
+    with pytest.raises(SystemExit) as exc:
+        infer.build_parser().parse_args(["x.xml", "--out", "o", "--max-memory-gb", value])
+    assert exc.value.code == 2
+    assert infer.build_parser().parse_args(["x.xml", "--out", "o", "--max-memory-gb", "15.5"]).max_memory_gb == 15.5
