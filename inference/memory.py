@@ -18,6 +18,7 @@ MARGIN_BYTES = int(0.75 * GB)  # allocator fragmentation, cuBLAS workspaces, CUD
 MARGIN_FRACTION = 0.06
 MIN_WORKING_BYTES = int(4 * GB)  # below this beside the dense weights, keep NF4 (no merge)
 CPU_GEN_ROWS, CPU_ALIGN_TOKENS, CPU_PREFILL_TOKENS = 16, 16384, 8192
+PREFILL_MAX_TOKENS = 16384
 
 
 def apply_memory_cap(max_memory_gb: float | None, device: torch.device | str | None = None) -> float | None:
@@ -123,8 +124,11 @@ def plan_batches(model, *, prompt_tokens: int, max_new_tokens: int, max_rows: in
     rows = max(1, (budget - work) // per_row)
     if max_rows is not None:
         rows = min(rows, max_rows)
+    # Prefill chunks stay at <= 16k tokens: large enough for full-speed matmuls, and small
+    # enough that an attention fallback to the math kernel (scores materialised) still fits.
+    prefill = min(tokens, PREFILL_MAX_TOKENS)
     note = f"{budget / GB:.1f} GB free for inference after loading: {rows} rows, {tokens} tokens a forward"
-    return BatchPlan(round(budget / GB, 2), int(rows), int(tokens), int(tokens), kv, note)
+    return BatchPlan(round(budget / GB, 2), int(rows), int(prefill), int(tokens), kv, note)
 
 
 def token_budget_groups(lengths: list[int], max_tokens: int, max_rows: int = 256,
