@@ -262,3 +262,29 @@ def test_infer_max_memory_gb_must_be_a_positive_number(value, capsys):
         infer.build_parser().parse_args(["x.xml", "--out", "o", "--max-memory-gb", value])
     assert exc.value.code == 2
     assert infer.build_parser().parse_args(["x.xml", "--out", "o", "--max-memory-gb", "15.5"]).max_memory_gb == 15.5
+
+
+def test_memory_plan_for_16gb_and_80gb_cards(monkeypatch):
+    """Qwen3-4B shape: the KV cache of the planned rows and a forward's activations fit what is
+    left after the 8 GB of dense weights; the whole 47-prompt batch fits an 80 GB card."""
+    from types import SimpleNamespace
+
+    from transformers import Qwen3Config
+
+    import inference.memory as memory
+    from model.presets import QWEN3_4B_ARCH
+
+    config = Qwen3Config(**QWEN3_4B_ARCH)
+    fake = SimpleNamespace(model=SimpleNamespace(config=config, embed_tokens=SimpleNamespace(weight=torch.empty(0))))
+    rows = {}
+    for card, budget in (("16", 6.1e9), ("80", 66e9)):
+        monkeypatch.setattr(memory, "available_bytes", lambda *a, b=budget, **k: int(b))
+        plan = memory.plan_batches(fake, prompt_tokens=1500, max_new_tokens=100)
+        assert plan.kv_bytes_per_token == 147456  # 36 layers x 2 x 8 heads x 128 x 2 bytes
+        kv = plan.gen_rows * plan.kv_bytes_per_token * (1536 + 100)
+        act = plan.align_tokens * memory.activation_bytes_per_token(config)
+        assert kv + act <= budget
+        assert plan.prefill_tokens <= memory.PREFILL_MAX_TOKENS
+        rows[card] = plan.gen_rows
+    assert 8 <= rows["16"] < 47 <= rows["80"]
+    assert memory.plan_batches(fake, prompt_tokens=1500, max_new_tokens=100, max_rows=5).gen_rows == 5
