@@ -149,6 +149,10 @@ def load_checkpoint(export_dir, *, base: str | None = None, device: str | None =
 
     device = device or default_device()
     record: dict = {"max_memory_gb": apply_memory_cap(max_memory_gb, device), "merge": None}
+    if max_memory_gb is not None and record["max_memory_gb"] is None:
+        record["note"] = f"--max-memory-gb ignored: device {device} is not CUDA"
+        if log:
+            log(f"note: {record['note']}")
     merge = None
     budget = available_bytes(device, max_memory_gb)
     if budget is not None:

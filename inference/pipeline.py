@@ -120,6 +120,8 @@ def _check_options(opts: InferenceOptions) -> None:
         raise InputError("--max-links-per-answer must be >= 1")
     if (opts.batch_size is not None and opts.batch_size < 1) or opts.max_new_tokens < 1:
         raise InputError("--batch-size and --max-new-tokens must be >= 1")
+    if opts.max_memory_gb is not None and not opts.max_memory_gb > 0:
+        raise InputError("--max-memory-gb must be > 0")
     if opts.checkpoint is not None and not Path(opts.checkpoint).is_dir():
         raise InputError("checkpoint folder not found", opts.checkpoint)
     if opts.out.exists() and not opts.out.is_dir():
@@ -250,7 +252,7 @@ def run_inference(opts: InferenceOptions, log: Log = _stderr) -> InferenceResult
                                                     opts.max_new_tokens, opts.progress)
             run["subtask3"] = {"method": "generation", "max_new_tokens": opts.max_new_tokens,
                                "batch_size": opts.batch_size or "auto (memory)",
-                               "decoding": "greedy, as the checkpoint's generate_answers"}
+                               "decoding": "as the checkpoint's generate_answers"}
             for cid in fell_back:
                 log(f"warning: case {cid}: the model's answer was empty; used the extractive answer")
         run["subtask3"]["extractive_fallback_cases"] = fell_back
