@@ -241,6 +241,8 @@ def greedy_decode(
     stop token; returned in the order of ``prompts``. ``batch_rows`` rows are decoded
     together (the caller's memory plan), longest prompts first; ``prefill_tokens`` bounds
     one prefill forward. ``use_cuda_graph`` defaults to on for CUDA."""
+    if max_new_tokens < 1:
+        raise ValueError("max_new_tokens must be >= 1")
     why_not = supports_fast_decode(model)
     if why_not:
         raise ValueError(f"fast greedy decoding does not support this model: {why_not}")
@@ -283,6 +285,8 @@ def greedy_decode(
                 if log:
                     log(f"warning: CUDA-graph capture failed ({stats.graph_fallback}); decoding eagerly")
                 torch.cuda.synchronize()
+                batch = None  # free the first cache before allocating the second
+                torch.cuda.empty_cache()
                 batch = _Batch(model, rows, width, max_new_tokens, stop_ids, pad_id, device, dtype)
                 batch.prefill(ids.to(device), mask.to(device), chunk_rows)
             _sync(device)
