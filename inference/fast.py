@@ -28,6 +28,14 @@ def _stop_ids(tok) -> list[int]:
     return checkpoint_stop_ids(tok)
 
 
+def _release() -> None:
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 class FastCheckpoint:
     """A loaded checkpoint whose generation and alignment run the fast paths."""
 
@@ -66,9 +74,21 @@ class FastCheckpoint:
         prompts = [chat_prompt(tok, example_from_case(c, with_answer=False))[0] for c in cases]
         ids = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
         plan = self.plan(max(len(x) for x in ids), max_new_tokens, batch_size)
-        new = greedy_decode(self.inner.model, ids, max_new_tokens=max_new_tokens, stop_ids=_stop_ids(tok),
-                            pad_id=tok.pad_token_id, batch_rows=plan.gen_rows, prefill_tokens=plan.prefill_tokens,
-                            use_cuda_graph=self.use_cuda_graph, stats=self.decode, log=self.log)
+        rows, prefill = plan.gen_rows, plan.prefill_tokens
+        while True:
+            try:
+                new = greedy_decode(self.inner.model, ids, max_new_tokens=max_new_tokens, stop_ids=_stop_ids(tok),
+                                    pad_id=tok.pad_token_id, batch_rows=rows, prefill_tokens=prefill,
+                                    use_cuda_graph=self.use_cuda_graph, stats=self.decode, log=self.log)
+                break
+            except torch.OutOfMemoryError:
+                if rows == 1 and prefill <= 1024:
+                    raise
+                # The plan was wrong for this card: said, recorded, and retried smaller.
+                self._fallback(f"generation ran out of memory at {rows} rows / {prefill} prefill tokens; "
+                               f"retried with {max(1, rows // 2)} / {max(1024, prefill // 2)}")
+                rows, prefill = max(1, rows // 2), max(1024, prefill // 2)
+                _release()
         if self.decode.graph_fallback and f"graph: {self.decode.graph_fallback}" not in self.fallbacks:
             self.fallbacks.append(f"graph: {self.decode.graph_fallback}")
         return [t.strip() for t in tok.batch_decode(new, skip_special_tokens=True)]
@@ -92,11 +112,27 @@ class FastCheckpoint:
         lengths = [len(enc) for _, enc in encoded]
         if max_tokens is None:
             max_tokens = self.plan(max(lengths), 0, None).align_tokens
-        groups = token_budget_groups(lengths, max_tokens)
+        t0 = time.perf_counter()
+        while True:
+            try:
+                self._score_groups(encoded, lengths, max_tokens, out)
+                break
+            except torch.OutOfMemoryError:
+                if max_tokens <= max(lengths):
+                    raise
+                self._fallback(f"alignment ran out of memory at {max_tokens} tokens a forward; "
+                               f"retried with {max_tokens // 2}")
+                max_tokens //= 2
+                _release()
+        self.alignment["seconds"] += time.perf_counter() - t0
+        self.alignment["max_tokens"] = max_tokens
+        return out  # type: ignore[return-value]
+
+    def _score_groups(self, encoded: list, lengths: list[int], max_tokens: int, out: list) -> None:
+        inner = self.inner
         pad = inner.tokenizer.pad_token_id
         device = inner.device
-        t0 = time.perf_counter()
-        for group in groups:
+        for group in token_budget_groups(lengths, max_tokens):
             width = lengths[group[0]]
             ids = torch.full((len(group), width), pad, dtype=torch.long)
             mask = torch.zeros((len(group), width), dtype=torch.long)
@@ -112,9 +148,6 @@ class FastCheckpoint:
             self.alignment["forwards"] += 1
             self.alignment["tokens"] += sum(lengths[g] for g in group)
             self.alignment["padded_tokens"] += len(group) * width
-        self.alignment["seconds"] += time.perf_counter() - t0
-        self.alignment["max_tokens"] = max_tokens
-        return out  # type: ignore[return-value]
 
     def score_pairs(self, case: Case) -> np.ndarray:
         return self.score_all([case])[0]

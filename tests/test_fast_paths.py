@@ -288,3 +288,34 @@ def test_memory_plan_for_16gb_and_80gb_cards(monkeypatch):
         rows[card] = plan.gen_rows
     assert 8 <= rows["16"] < 47 <= rows["80"]
     assert memory.plan_batches(fake, prompt_tokens=1500, max_new_tokens=100, max_rows=5).gen_rows == 5
+
+
+def test_fast_checkpoint_retries_smaller_after_out_of_memory(monkeypatch):
+    """A plan that does not fit after all: halved, said, recorded; the answers still come."""
+    from bench.synthetic import inference_cases
+    from heads.alignment import NotePairHead
+    from heads.config import HeadConfig
+    from inference import fast as fast_module
+    from model.backbone import build_random_base, load_tokenizer
+    from model.checkpoint import LoadedCheckpoint
+
+    torch.manual_seed(0)
+    plain = LoadedCheckpoint(manifest={}, threshold=0.5, tokenizer=load_tokenizer("tiny"),
+                             model=build_random_base("tiny").eval(), head=NotePairHead(HeadConfig(hidden_size=64)).eval())
+    real = fast_module.greedy_decode
+    seen = []
+
+    def flaky(*args, batch_rows, **kwargs):
+        seen.append(batch_rows)
+        if batch_rows > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(*args, batch_rows=batch_rows, **kwargs)
+
+    monkeypatch.setattr(fast_module, "greedy_decode", flaky)
+    said = []
+    fast = fast_module.FastCheckpoint(plain, log=said.append)
+    cases = inference_cases(3, seed=8)
+    assert fast.generate_answers(cases, max_new_tokens=4, batch_size=8) == \
+        plain.generate_answers(cases, max_new_tokens=4, batch_size=3)
+    assert seen == [8, 4, 2]
+    assert len(fast.report()["fallbacks"]) == 2 and all("out of memory" in m for m in said)
