@@ -43,6 +43,16 @@ def _probability(value: str) -> float:
     return x
 
 
+def _positive_float(value: str) -> float:
+    try:
+        x = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {value!r}") from None
+    if not x > 0:
+        raise argparse.ArgumentTypeError("must be > 0")
+    return x
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="infer.py", description=__doc__.split("\n\n")[0])
     p.add_argument("xml", type=Path, help="official cases XML (with <answer_sentences> for Subtask 4, or give --key)")
@@ -60,10 +70,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-links-per-answer", type=_positive, help="cap on evidence sentences per answer sentence")
     p.add_argument("--top1-fallback", action="store_true",
                    help="link an answer sentence's best note sentence when nothing passes the threshold")
-    p.add_argument("--batch-size", type=_positive, default=16,
-                   help="prompts generated together (checkpoint only; 48 fits an 80 GB card)")
+    p.add_argument("--batch-size", type=_positive, default=None,
+                   help="at most this many prompts generated together (checkpoint only; default: as many as "
+                        "GPU memory allows)")
     p.add_argument("--max-new-tokens", type=_positive, default=100, help="generation budget (checkpoint only)")
     p.add_argument("--base", help="base model id or folder for the checkpoint (default: the manifest's)")
+    p.add_argument("--max-memory-gb", type=_positive_float, default=None,
+                   help="use at most this much GPU memory (a shared or smaller card); batch sizes and whether "
+                        "the adapter is merged into dense weights follow from it")
     p.add_argument("--device", help="torch device for the checkpoint (default: cuda if available)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.add_argument("--allow-train-cases", action="store_true",
@@ -82,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         aligner=args.aligner, ensemble=args.ensemble, max_links_per_answer=args.max_links_per_answer,
         top1_fallback=args.top1_fallback, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
         base=args.base, device=args.device, progress=not args.no_progress, allow_train_cases=args.allow_train_cases,
-        relevance_threshold=args.relevance_threshold,
+        relevance_threshold=args.relevance_threshold, max_memory_gb=args.max_memory_gb,
     ))
     return 0
 

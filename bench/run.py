@@ -2,12 +2,16 @@
 
     python -m bench.run --out bench/results            # one CUDA GPU
     python -m bench.run --smoke                         # tiny preset on CPU: checks the script only
+    python -m bench.run --skip textbook,ours --skip-infer 0 --fast-caps 0,24,16   # inference only
 
 Builds the ``qwen3-4b-random`` preset once (safetensors on local disk), then loads it
 through the same NF4 path users take. Prints one table and writes JSON under ``--out``.
 Columns: (a) our task-stage step with the joint head, in several configurations that
 each add one optimisation; (b) a textbook QLoRA step (HF Trainer + PEFT, rows padded
-to the maximum length). Same synthetic mixed-length rows for both.
+to the maximum length). Same synthetic mixed-length rows for both. Inference: the plain
+path (``generate``, fixed batches) beside the fast path (inference/fast.py: static KV cache,
+CUDA-graphed decode, memory-planned batches) on the whole card and under emulated 24 / 16 GB
+cards (``torch.cuda.set_per_process_memory_fraction``), with load, capture and decode timed apart.
 """
 from __future__ import annotations
 
@@ -91,9 +95,8 @@ def versions() -> dict:
     return out
 
 
-def free(*objs) -> None:
-    for o in objs:
-        del o
+def release() -> None:
+    """Return freed memory to the card (callers ``del`` their references first)."""
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -220,11 +223,14 @@ def run_inference(model_dir: str, preset: str, device, merged: bool, n_answers: 
     if not Path(adapter_dir, "adapter_config.json").is_file():  # a fresh LoRA, saved as a user's would be
         fresh = load_backbone(preset, load_in_4bit=True, device=device, base_path=model_dir, trainable=False)
         fresh.save_pretrained(adapter_dir)
-        free(fresh)
+        del fresh
+        release()
     sync(device)
     t0 = time.perf_counter()
+    load_times: dict = {}
     if merged:
-        backbone = load_merged(preset, adapter_dir, load_in_4bit=True, device=device, base_path=model_dir)
+        backbone = load_merged(preset, adapter_dir, load_in_4bit=True, device=device, base_path=model_dir,
+                               timings=load_times)
     else:
         backbone = load_backbone(preset, load_in_4bit=True, device=device, base_path=model_dir,
                                  adapter_dir=adapter_dir, trainable=False)
@@ -248,12 +254,91 @@ def run_inference(model_dir: str, preset: str, device, merged: bool, n_answers: 
     sync(device)
     align_s = time.perf_counter() - t0
     assert len(scores) == n_align
-    free(ckpt, backbone, head)
+    del ckpt, backbone, head
+    release()
     return {
-        "load_s": round(load_s, 1), "generate_s": round(gen_s, 2), "align_s": round(align_s, 2),
+        "load_s": round(load_s, 1), "load_steps_s": load_times, "generate_s": round(gen_s, 2), "align_s": round(align_s, 2),
         "total_s": round(gen_s + align_s, 2), "new_tokens": new_tokens, "gen_batch": gen_batch,
         "align_batch": align_batch, "decode_tokens_per_s": round(new_tokens / gen_s, 1), **peaks(device),
     }
+
+
+def run_fast_inference(model_dir: str, preset: str, device, n_answers: int, n_align: int, max_new_tokens: int,
+                       adapter_dir: str, cap_gb: float | None = None) -> dict:
+    """The fast path (inference/fast.py) as infer.py runs it: under ``cap_gb`` (the process's
+    memory fraction, emulating a smaller card) the merge decision and the batch sizes come
+    from the memory left; load (base, dequantise, adapter + merge), generation (prefill,
+    CUDA-graph capture, decode) and alignment are timed separately."""
+    from heads.alignment import NotePairHead
+    from heads.config import HeadConfig
+    from inference.fast import FastCheckpoint
+    from inference.memory import GB, apply_memory_cap, available_bytes, should_merge
+    from model.backbone import load_backbone, load_merged, load_tokenizer
+    from model.checkpoint import LoadedCheckpoint
+    from model.presets import get_preset
+
+    release()
+    if device.type == "cuda":
+        torch.cuda.set_per_process_memory_fraction(1.0)
+        apply_memory_cap(cap_gb, device)
+    try:
+        budget = available_bytes(device, cap_gb)
+        merge, merge_reason = should_merge(get_preset(preset).arch, budget)
+        reset_peak(device)
+        load_times: dict = {}
+        sync(device)
+        t0 = time.perf_counter()
+        if merge:
+            backbone = load_merged(preset, adapter_dir, load_in_4bit=True, device=device, base_path=model_dir,
+                                   timings=load_times)
+        else:
+            backbone = load_backbone(preset, load_in_4bit=True, device=device, base_path=model_dir,
+                                     adapter_dir=adapter_dir, trainable=False)
+        head = NotePairHead(HeadConfig(hidden_size=backbone.config.hidden_size)).to(device).eval()
+        ckpt = LoadedCheckpoint(manifest={}, threshold=0.5, tokenizer=load_tokenizer(preset), model=backbone, head=head)
+        sync(device)
+        load_s = time.perf_counter() - t0
+        load_peak = peaks(device)["peak_allocated_gb"]
+        answer_cases = inference_cases(n_answers, seed=1)
+        align_cases = inference_cases(n_align, seed=2)
+        fast = FastCheckpoint(ckpt, max_memory_gb=cap_gb)
+        reset_peak(device)
+        sync(device)
+        t0 = time.perf_counter()
+        answers = fast.generate_answers(answer_cases, max_new_tokens=max_new_tokens)
+        sync(device)
+        gen_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        scores = fast.score_all(align_cases)
+        sync(device)
+        align_s = time.perf_counter() - t0
+        assert len(scores) == n_align and len(answers) == n_answers
+        new_tokens = sum(len(ckpt.tokenizer(a, add_special_tokens=False)["input_ids"]) for a in answers)
+        report = fast.report()
+        decode = report["decode"]
+        row = {
+            "cap_gb": cap_gb, "merged": merge, "merge_reason": merge_reason,
+            "budget_before_load_gb": None if budget is None else round(budget / GB, 2),
+            "load_s": round(load_s, 2), "load_steps_s": load_times, "load_peak_allocated_gb": load_peak,
+            "generate_s": round(gen_s, 2), "align_s": round(align_s, 2), "total_s": round(gen_s + align_s, 2),
+            "prefill_s": decode["prefill_s"], "capture_s": decode["capture_s"], "decode_s": decode["decode_s"],
+            "cuda_graph": decode["cuda_graph"], "graph_fallback": decode["graph_fallback"],
+            # generated tokens as decoded (stop token included); the old path counts re-tokenised text,
+            # the same number when (as with random weights) no answer stops early
+            "new_tokens": decode["new_tokens"], "retokenized_new_tokens": new_tokens,
+            "decode_tokens_per_s": round(decode["new_tokens"] / gen_s, 1),
+            "decode_only_tokens_per_s": round(decode["new_tokens"] / max(decode["decode_s"], 1e-9), 1),
+            "gen_batches": decode["batches"], "plans": report["plans"], "alignment": report["alignment"],
+            **peaks(device),
+        }
+        del fast, ckpt, backbone, head
+    except torch.OutOfMemoryError as err:
+        row = {"cap_gb": cap_gb, "error": f"out of memory: {str(err)[:200]}"}
+    finally:
+        release()
+        if device.type == "cuda":
+            torch.cuda.set_per_process_memory_fraction(1.0)
+    return row
 
 
 # --- main -----------------------------------------------------------------------------
@@ -262,7 +347,7 @@ def run_inference(model_dir: str, preset: str, device, merged: bool, n_answers: 
 def main(argv: list[str] | None = None) -> int:
     global ARCH
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default="bench/results")
+    p.add_argument("--out", default="bench/results", help="folder for the JSON results")
     p.add_argument("--smoke", action="store_true", help="tiny preset on CPU, few steps: checks the script")
     p.add_argument("--seq", type=int, nargs="+", default=[1024, 2048])
     p.add_argument("--steps", type=int, default=6)
@@ -275,6 +360,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--infer-before", action="store_true", help="also time the first inference settings")
     p.add_argument("--static-cache", action="store_true", help="also time generation with a static KV cache")
     p.add_argument("--skip-infer", default="", help="comma list of inference config indices to skip")
+    p.add_argument("--fast-caps", default="0,24,16",
+                   help="fast inference path under these memory caps in GB (0 = the whole card); '' = none")
     args = p.parse_args(argv)
 
     from model.backbone import random_base_cache_dir, save_random_base
@@ -328,16 +415,16 @@ def main(argv: list[str] | None = None) -> int:
             result["train"].append(row)
             print(json.dumps(row), flush=True)
             save(result)
-        free(textbook)
-        textbook = None
+        del textbook
+        release()
     if "ours" not in skip:
         loaded_key, model = None, None
         for v in variants:
             key = (v.keep_bf16, v.checkpointing, v.lora_dropout, v.compile_layers)
             if key != loaded_key:
                 if model is not None:
-                    free(model)
                     model = None
+                    release()
                 model = load_ours(model_dir, preset, device, True, v.keep_bf16, v.checkpointing, v.lora_dropout,
                                   v.compile_layers)
                 loaded_key = key
@@ -354,7 +441,8 @@ def main(argv: list[str] | None = None) -> int:
                 result["train"].append(row)
                 print(json.dumps(row), flush=True)
                 save(result)
-        free(model)
+        model = None
+        release()
     if "infer" not in skip:
         n_ans, n_align, new_tok = (3, 4, 8) if args.smoke else (47, 147, 100)
         adapter_dir = str(Path(model_dir).parent / "bench-adapter")
@@ -370,6 +458,13 @@ def main(argv: list[str] | None = None) -> int:
                                 align_batch, adapter_dir, cache)
             row.update(weights=label)
             result["infer"].append(row)
+            print(json.dumps(row), flush=True)
+            save(result)
+        for cap in [float(c) for c in args.fast_caps.split(",") if c.strip()]:
+            row = run_fast_inference(model_dir, preset, device, n_ans, n_align, new_tok, adapter_dir,
+                                     cap_gb=cap or None)
+            row.update(weights=f"fast path{'' if not cap else f', {cap:g} GB cap'}")
+            result.setdefault("infer_fast", []).append(row)
             print(json.dumps(row), flush=True)
             save(result)
 
@@ -393,6 +488,17 @@ def print_table(result: dict) -> None:
     for r in result["infer"]:
         print(f"| {r['weights']} | {r['generate_s']} | {r['align_s']} | {r['total_s']} | "
               f"{r['decode_tokens_per_s']} | {r['peak_allocated_gb']} |")
+    if result.get("infer_fast"):
+        print("\n| fast path | merged | load (s) | generate (s) | of which capture (s) | align (s) | total (s) | "
+              "decode tok/s | decode-only tok/s | peak alloc GB |")
+        print("|---|---|---|---|---|---|---|---|---|---|")
+        for r in result["infer_fast"]:
+            if "error" in r:
+                print(f"| {r['weights']} | {r['error']} | | | | | | | | |")
+                continue
+            print(f"| {r['weights']} | {r['merged']} | {r['load_s']} | {r['generate_s']} | {r['capture_s']} | "
+                  f"{r['align_s']} | {r['total_s']} | {r['decode_tokens_per_s']} | {r['decode_only_tokens_per_s']} | "
+                  f"{r['peak_allocated_gb']} |")
 
 
 if __name__ == "__main__":

@@ -77,3 +77,46 @@ def inference_cases(n: int, seed: int = 0) -> list[Case]:
             )
         )
     return cases
+
+
+def keyed_cases(n: int, seed: int = 0) -> list[Case]:
+    """:func:`inference_cases` with what a key adds (citations, relevance, the clinician's
+    answer) and a patient question: training and evaluation input of realistic size."""
+    from data.records import QuestionPhrase
+
+    rng = random.Random(seed + 7919)
+    out = []
+    for case in inference_cases(n, seed=seed):
+        note_ids = [s.sentence_id for s in case.note_sentences]
+        answers = [AnswerSentence(a.sentence_id, a.text, tuple(sorted(rng.sample(note_ids, rng.randint(1, 3)), key=int)))
+                   for a in case.answer_sentences]
+        cited = {e for a in answers for e in a.citations}
+        case.answer_sentences = answers
+        case.relevance = {sid: ("essential" if sid in cited else "not-relevant") for sid in note_ids}
+        case.clinician_answer_without_citations = " ".join(a.text for a in answers)
+        case.patient_question = [QuestionPhrase("0", case.clinician_question, 0)]
+        case.note_excerpt = " ".join(s.text for s in case.note_sentences)
+        case.has_key = True
+        out.append(case)
+    return out
+
+
+def write_keyed_cases(cases: list[Case], xml_path, key_path, answers_in_xml: bool = False) -> None:
+    """The official XML + key pair; ``answers_in_xml`` also puts each case's answer
+    sentences in the XML (``<answer_sentences>``), so Subtask 4 runs without ``--key``."""
+    from xml.etree.ElementTree import SubElement
+
+    from defusedxml.ElementTree import parse
+
+    from data.archehr import write_cases
+
+    write_cases(cases, xml_path, key_path)
+    if not answers_in_xml:
+        return
+    tree = parse(str(xml_path))
+    by_id = {c.case_id: c for c in cases}
+    for el in tree.getroot().findall("case"):
+        block = SubElement(el, "answer_sentences")
+        for a in by_id[el.get("id")].answer_sentences:
+            SubElement(block, "sentence", id=a.sentence_id).text = a.text
+    tree.write(str(xml_path), encoding="utf-8", xml_declaration=True)

@@ -66,7 +66,7 @@ class InferenceOptions:
     ensemble: Path | None = None  # None = configs/retrieval.json (or the built-in defaults)
     max_links_per_answer: int | None = None
     top1_fallback: bool = False
-    batch_size: int = 16
+    batch_size: int | None = None  # prompts generated together; None = as many as memory allows
     max_new_tokens: int = 100
     base: str | None = None  # base model id/path for the checkpoint (None = the manifest's)
     device: str | None = None
@@ -74,6 +74,8 @@ class InferenceOptions:
     progress: bool = True
     allow_train_cases: bool = False  # score an export on its own training cases (labelled TRAINING CASES)
     relevance_threshold: float | None = None  # Subtask 2; None = the manifest's (checkpoint) or the default
+    max_memory_gb: float | None = None  # cap on this process's GPU memory (shared or small cards)
+    fast: bool = True  # static-cache / CUDA-graph decoding and token-budget alignment (inference/fast.py)
 
 
 @dataclass
@@ -124,8 +126,10 @@ def _check_options(opts: InferenceOptions) -> None:
         raise InputError("--max-links-per-answer must be >= 1")
     if opts.relevance_threshold is not None and not 0.0 <= opts.relevance_threshold <= 1.0:
         raise InputError("--relevance-threshold must be in [0, 1]")
-    if opts.batch_size < 1 or opts.max_new_tokens < 1:
+    if (opts.batch_size is not None and opts.batch_size < 1) or opts.max_new_tokens < 1:
         raise InputError("--batch-size and --max-new-tokens must be >= 1")
+    if opts.max_memory_gb is not None and not opts.max_memory_gb > 0:
+        raise InputError("--max-memory-gb must be > 0")
     if opts.checkpoint is not None and not Path(opts.checkpoint).is_dir():
         raise InputError("checkpoint folder not found", opts.checkpoint)
     if opts.out.exists() and not opts.out.is_dir():
@@ -223,9 +227,11 @@ def run_inference(opts: InferenceOptions, log: Log = _stderr) -> InferenceResult
     subtask2_note = None
     if opts.checkpoint is not None:
         t = time.perf_counter()
-        from model.checkpoint import load_export  # heavy import, only with a checkpoint
+        from inference.fast import load_checkpoint  # heavy import, only with a checkpoint
 
-        checkpoint = load_export(opts.checkpoint, base=opts.base, device=opts.device, load_in_4bit=opts.load_in_4bit)
+        checkpoint, memory = load_checkpoint(opts.checkpoint, base=opts.base, device=opts.device,
+                                             load_in_4bit=opts.load_in_4bit, max_memory_gb=opts.max_memory_gb,
+                                             fast=opts.fast, log=log)
         manifest = checkpoint.manifest
         timings["load_checkpoint"] = time.perf_counter() - t
         # Announced once loaded, so that a folder that is not an export fails with one line.
@@ -265,10 +271,11 @@ def run_inference(opts: InferenceOptions, log: Log = _stderr) -> InferenceResult
             answers, fell_back = baseline_answers(cases, opts.progress), []
             run["subtask3"] = {"method": "extractive (BM25 + TF-IDF of the question vs note sentences)"}
         else:
-            answers, fell_back = checkpoint_answers(checkpoint, cases, opts.batch_size, opts.max_new_tokens,
-                                                    opts.progress)
+            answers, fell_back = checkpoint_answers(checkpoint, cases, opts.batch_size or len(cases),
+                                                    opts.max_new_tokens, opts.progress)
             run["subtask3"] = {"method": "generation", "max_new_tokens": opts.max_new_tokens,
-                               "batch_size": opts.batch_size, "decoding": "as the checkpoint's generate_answers"}
+                               "batch_size": opts.batch_size or "auto (memory)",
+                               "decoding": "as the checkpoint's generate_answers"}
             for cid in fell_back:
                 log(f"warning: case {cid}: the model's answer was empty; used the extractive answer")
             fallback_summary = _fallback_summary(len(fell_back), len(cases))
@@ -337,6 +344,9 @@ def run_inference(opts: InferenceOptions, log: Log = _stderr) -> InferenceResult
         timings["score"] = time.perf_counter() - t
 
     timings["total"] = time.perf_counter() - t_start
+    if checkpoint is not None:
+        run["memory"] = memory
+        run["fast_inference"] = checkpoint.report() if hasattr(checkpoint, "report") else None
     run.update({
         "outputs": {f"subtask{n}": {"json": str(j), "zip": str(z)} for n, (j, z) in written.items()},
         "skipped_cases_subtask4": skipped,

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -355,24 +356,46 @@ def load_merged(
     device: str | torch.device | None = None,
     base_path: str | None = None,
     random_seed: int = RANDOM_INIT_SEED,
+    timings: dict | None = None,
 ):
     """Inference model with the LoRA merged into dense weights (no adapter overhead per step).
 
     A QLoRA adapter was trained against the NF4 base, so the base is loaded in NF4 as in
     training, turned dense (:func:`dequantize_model`) and the adapter merged into that:
     the merged model computes what the trained model computed, up to bf16 rounding.
+    ``timings`` (a dict) receives the seconds of each step: base, dequantise, adapter + merge.
     """
     from peft import PeftModel
 
+    clock = _StepClock(timings)
     preset = resolve_preset(preset)
     quantise = preset.load_in_4bit if load_in_4bit is None else load_in_4bit
     model = load_base_model(preset, load_in_4bit=quantise, device=device, base_path=base_path,
                             random_seed=random_seed)
+    clock("base_s")
     if quantise:
         dequantize_model(model)
+    clock("dequantise_s")
     model.config.use_cache = True
     model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False).merge_and_unload()
+    clock("adapter_merge_s")
     return model.eval()
+
+
+class _StepClock:
+    """Seconds since the previous call, recorded under a name (GPU work finished first)."""
+
+    def __init__(self, into: dict | None):
+        self.into, self.now, self.last = into, time.perf_counter, time.perf_counter()
+
+    def __call__(self, name: str) -> None:
+        if self.into is None:
+            return
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        t = self.now()
+        self.into[name] = round(t - self.last, 3)
+        self.last = t
 
 
 def compile_decoder_layers(model) -> None:

@@ -119,3 +119,203 @@ def test_training_loop_uses_token_budget_batches(tmp_path):
     result = run_training(cfg)
     assert result.steps == 2 * expected
     assert all(row["tokens_per_s"] > 0 for row in result.history)
+
+
+# --- fast greedy decoding (issue 12) ------------------------------------------------------
+
+
+def _generate_reference(model, prompts, max_new, stop_ids, pad_id):
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for r, p in enumerate(prompts):
+        ids[r, width - len(p):] = torch.tensor(p)
+        mask[r, width - len(p):] = 1
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new, do_sample=False,
+                             pad_token_id=pad_id, eos_token_id=stop_ids)
+    rows = []
+    for toks in out[:, width:].tolist():
+        cut = next((j + 1 for j, t in enumerate(toks) if t in stop_ids), len(toks))
+        rows.append(toks[:cut])
+    return rows
+
+
+@pytest.mark.parametrize("graphs", [False, True])
+def test_fast_greedy_decode_equals_generate_token_for_token(graphs):
+    from model.backbone import build_random_base
+    from model.decoding import DecodeStats, greedy_decode
+
+    torch.manual_seed(0)
+    model = build_random_base("tiny").eval()
+    gen = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(100, 3000, (n,), generator=gen).tolist() for n in (37, 5, 64, 20, 90)]
+    # A stop token that greedy decoding does emit, so early stop and padding after it are exercised.
+    reference = _generate_reference(model, prompts, 12, [151645], 151643)
+    stop = reference[1][3]
+    reference = _generate_reference(model, prompts, 12, [stop], 151643)
+    stats = DecodeStats()
+    # batch_rows=2: several batches, one of them a single row; graphs=True on CPU runs eagerly
+    fast = greedy_decode(model, prompts, max_new_tokens=12, stop_ids=[stop], pad_id=151643, batch_rows=2,
+                         prefill_tokens=64, use_cuda_graph=graphs, check_every=3, stats=stats)
+    assert fast == reference
+    assert any(len(r) < 12 for r in fast) and any(len(r) == 12 for r in fast)
+    assert stats.new_tokens == sum(len(r) for r in fast)
+    assert not stats.cuda_graph  # no CUDA here: the same step, eager
+
+
+def test_fast_decode_stops_early_when_every_row_is_done():
+    from model.backbone import build_random_base
+    from model.decoding import DecodeStats, greedy_decode
+
+    torch.manual_seed(0)
+    model = build_random_base("tiny").eval()
+    prompts = [[11, 12, 13, 14], [15, 16, 17]]
+    first = greedy_decode(model, prompts, max_new_tokens=1, stop_ids=[], pad_id=0, batch_rows=2)
+    stats = DecodeStats()
+    # every row's first token is a stop token: one check after the first burst ends the batch
+    out = greedy_decode(model, prompts, max_new_tokens=50, stop_ids=sorted({first[0][0], first[1][0]}), pad_id=0,
+                        batch_rows=2, check_every=4, stats=stats)
+    assert out == first
+    assert stats.decode_steps <= 4
+
+
+def test_fast_checkpoint_equals_loaded_checkpoint(tiny_adapter):
+    from bench.synthetic import inference_cases
+    from heads.alignment import NotePairHead
+    from heads.config import HeadConfig
+    from inference.fast import FastCheckpoint
+    from model.backbone import load_backbone, load_tokenizer
+    from model.checkpoint import LoadedCheckpoint
+
+    torch.manual_seed(0)
+    model = load_backbone("tiny", load_in_4bit=False, device="cpu", adapter_dir=tiny_adapter, trainable=False)
+    head = NotePairHead(HeadConfig(hidden_size=64)).eval()
+    plain = LoadedCheckpoint(manifest={}, threshold=0.5, tokenizer=load_tokenizer("tiny"), model=model, head=head)
+    fast = FastCheckpoint(plain)
+    cases = inference_cases(5, seed=3)
+    cases[2].answer_sentences.clear()  # a case without answer sentences: an empty score matrix
+    assert fast.generate_answers(cases, max_new_tokens=6, batch_size=2) == \
+        plain.generate_answers(cases, max_new_tokens=6, batch_size=2)
+    got = fast.score_all(cases, max_tokens=1500)
+    want = plain.score_all(cases, batch_size=1)
+    for a, b in zip(got, want):
+        assert a.shape == b.shape
+        np.testing.assert_allclose(a, b, atol=1e-4)
+    report = fast.report()
+    assert report["alignment"]["forwards"] >= 2 and report["decode"]["new_tokens"] > 0
+    assert report["plans"][0]["budget_gb"] is None  # CPU: fixed sizes, said so
+
+
+def test_token_budget_groups_and_memory_plan_arithmetic():
+    from inference.memory import dense_weight_bytes, should_merge, token_budget_groups
+    from model.presets import QWEN3_4B_ARCH
+
+    lengths = [900, 120, 1500, 880, 130, 1490, 5000]
+    groups = token_budget_groups(lengths, 3000)
+    assert sorted(i for g in groups for i in g) == list(range(7))
+    assert groups[0] == [6]  # longer than the budget: alone
+    assert all(len(g) * max(lengths[i] for i in g) <= 3000 for g in groups[1:])
+    assert [2, 5] in groups and [0, 3] in groups and [4, 1] in groups  # neighbours in length, little padding
+    # Qwen3-4B in bf16: about 8 GB (tied embeddings once)
+    assert 7.5e9 < dense_weight_bytes(QWEN3_4B_ARCH) < 8.3e9
+    assert should_merge(QWEN3_4B_ARCH, int(14e9))[0] and not should_merge(QWEN3_4B_ARCH, int(9e9))[0]
+
+
+@pytest.mark.slow
+def test_journey_tiny_runs_every_stage_on_cpu(tmp_path, monkeypatch):
+    import json
+
+    from bench import journey
+
+    monkeypatch.setenv("ARCHEHR_CACHE", str(tmp_path / "cache"))
+    rc = journey.main(["--preset", "tiny", "--tiny", "--work", str(tmp_path / "work"), "--out", str(tmp_path / "out")])
+    result = json.loads(next((tmp_path / "out").glob("journey-*.json")).read_text())
+    assert rc == 0 and result["passed"]
+    assert [r["stage"] for r in result["stages"]] == ["domain", "task", "infer"]
+    domain, task, infer = result["stages"]
+    assert domain["steps"] == 3 and domain["tokens_per_s_steady"] > 0 and "export_s" in domain
+    assert task["wall_s"] > 0 and "export_s" in task
+    assert infer["new_tokens"] > 0 and "subtask4.zip" in infer["written"] and "run.json" in infer["written"]
+
+
+@pytest.mark.slow
+def test_bench_run_smoke_has_old_and_fast_inference_rows(tmp_path, monkeypatch):
+    import json
+
+    from bench import run
+
+    monkeypatch.setenv("ARCHEHR_CACHE", str(tmp_path / "cache"))
+    assert run.main(["--smoke", "--skip", "textbook,ours", "--skip-infer", "0", "--fast-caps", "0,16",
+                     "--out", str(tmp_path)]) == 0
+    result = json.loads(next(tmp_path.glob("smoke-*.json")).read_text())
+    assert len(result["infer"]) == 1 and [r["cap_gb"] for r in result["infer_fast"]] == [None, 16.0]
+    for row in result["infer_fast"]:
+        assert row["new_tokens"] > 0 and set(row["load_steps_s"]) == {"base_s", "dequantise_s", "adapter_merge_s"}
+
+
+@pytest.mark.parametrize("value", ["0", "-3", "lots"])
+def test_infer_max_memory_gb_must_be_a_positive_number(value, capsys):
+    import infer
+
+    with pytest.raises(SystemExit) as exc:
+        infer.build_parser().parse_args(["x.xml", "--out", "o", "--max-memory-gb", value])
+    assert exc.value.code == 2
+    assert infer.build_parser().parse_args(["x.xml", "--out", "o", "--max-memory-gb", "15.5"]).max_memory_gb == 15.5
+
+
+def test_memory_plan_for_16gb_and_80gb_cards(monkeypatch):
+    """Qwen3-4B shape: the KV cache of the planned rows and a forward's activations fit what is
+    left after the 8 GB of dense weights; the whole 47-prompt batch fits an 80 GB card."""
+    from types import SimpleNamespace
+
+    from transformers import Qwen3Config
+
+    import inference.memory as memory
+    from model.presets import QWEN3_4B_ARCH
+
+    config = Qwen3Config(**QWEN3_4B_ARCH)
+    fake = SimpleNamespace(model=SimpleNamespace(config=config, embed_tokens=SimpleNamespace(weight=torch.empty(0))))
+    rows = {}
+    for card, budget in (("16", 6.1e9), ("80", 66e9)):
+        monkeypatch.setattr(memory, "available_bytes", lambda *a, b=budget, **k: int(b))
+        plan = memory.plan_batches(fake, prompt_tokens=1500, max_new_tokens=100)
+        assert plan.kv_bytes_per_token == 147456  # 36 layers x 2 x 8 heads x 128 x 2 bytes
+        kv = plan.gen_rows * plan.kv_bytes_per_token * (1536 + 100)
+        act = plan.align_tokens * memory.activation_bytes_per_token(config)
+        assert kv + act <= budget
+        assert plan.prefill_tokens <= memory.PREFILL_MAX_TOKENS
+        rows[card] = plan.gen_rows
+    assert 8 <= rows["16"] < 47 <= rows["80"]
+    assert memory.plan_batches(fake, prompt_tokens=1500, max_new_tokens=100, max_rows=5).gen_rows == 5
+
+
+def test_fast_checkpoint_retries_smaller_after_out_of_memory(monkeypatch):
+    """A plan that does not fit after all: halved, said, recorded; the answers still come."""
+    from bench.synthetic import inference_cases
+    from heads.alignment import NotePairHead
+    from heads.config import HeadConfig
+    from inference import fast as fast_module
+    from model.backbone import build_random_base, load_tokenizer
+    from model.checkpoint import LoadedCheckpoint
+
+    torch.manual_seed(0)
+    plain = LoadedCheckpoint(manifest={}, threshold=0.5, tokenizer=load_tokenizer("tiny"),
+                             model=build_random_base("tiny").eval(), head=NotePairHead(HeadConfig(hidden_size=64)).eval())
+    real = fast_module.greedy_decode
+    seen = []
+
+    def flaky(*args, batch_rows, **kwargs):
+        seen.append(batch_rows)
+        if batch_rows > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(*args, batch_rows=batch_rows, **kwargs)
+
+    monkeypatch.setattr(fast_module, "greedy_decode", flaky)
+    said = []
+    fast = fast_module.FastCheckpoint(plain, log=said.append)
+    cases = inference_cases(3, seed=8)
+    assert fast.generate_answers(cases, max_new_tokens=4, batch_size=8) == \
+        plain.generate_answers(cases, max_new_tokens=4, batch_size=3)
+    assert seen == [8, 4, 2]
+    assert len(fast.report()["fallbacks"]) == 2 and all("out of memory" in m for m in said)

@@ -1,0 +1,214 @@
+"""The whole user journey on one GPU under a memory cap, stage by stage.
+
+    python -m bench.journey --out bench/results                    # Qwen3-4B shape, 16 GB cap
+    python -m bench.journey --preset tiny --tiny --out /tmp/j       # CPU check of the script
+
+Stages, each in its own process (as a user runs them) with the cap set as the process's
+CUDA memory fraction: ``train.py`` domain stage on synthetic emrQA-length records
+(16k-token batches), ``train.py`` task stage ``--joint`` on synthetic ArchEHR-QA cases
+(export timed apart), ``infer.py --checkpoint`` on held-out synthetic cases with
+``--max-memory-gb``. Reports wall time, tokens/s and peak memory of each stage as JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# --- one stage, in a child process ------------------------------------------------------------
+
+
+def run_child(spec: dict) -> int:
+    """Run one CLI (train.py or infer.py) in this process under the cap; write its stats."""
+    import torch
+
+    cuda = torch.cuda.is_available() and spec.get("device", "cuda") == "cuda"
+    if cuda and spec.get("cap_gb"):
+        from inference.memory import apply_memory_cap
+
+        apply_memory_cap(spec["cap_gb"], "cuda")
+    extra: dict = {}
+    import training.export as export_module
+
+    original_export = export_module.export_run
+
+    def timed_export(*args, **kwargs):  # the export step of train.py, timed on its own
+        t = time.perf_counter()
+        try:
+            return original_export(*args, **kwargs)
+        finally:
+            extra["export_s"] = round(time.perf_counter() - t, 2)
+
+    export_module.export_run = timed_export
+    t0 = time.perf_counter()
+    if spec["cli"] == "train":
+        import train
+
+        rc = train.main(spec["argv"])
+    else:
+        import infer
+
+        rc = infer.main(spec["argv"])
+    wall = time.perf_counter() - t0
+    stats = {"rc": rc or 0, "wall_s": round(wall, 2), **extra}
+    if cuda:
+        stats.update(peak_allocated_gb=round(torch.cuda.max_memory_allocated() / 1e9, 2),
+                     peak_reserved_gb=round(torch.cuda.max_memory_reserved() / 1e9, 2))
+    Path(spec["stats"]).write_text(json.dumps(stats), encoding="utf-8")
+    return int(rc or 0)
+
+
+def stage(name: str, cli: str, argv: list[str], work: Path, cap_gb: float | None, device: str) -> dict:
+    stats_path = work / f"{name}.stats.json"
+    spec = {"cli": cli, "argv": argv, "cap_gb": cap_gb, "stats": str(stats_path), "device": device}
+    print(f"+ [{name}] {cli}.py {' '.join(argv)}", file=sys.stderr, flush=True)
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "bench.journey", "--child", json.dumps(spec)], cwd=ROOT)
+    row = {"stage": name, "process_wall_s": round(time.perf_counter() - t0, 2)}
+    if stats_path.is_file():
+        row.update(json.loads(stats_path.read_text(encoding="utf-8")))
+    if proc.returncode != 0:
+        row["error"] = f"exit {proc.returncode}"
+    return row
+
+
+def train_rates(run_dir: Path, skip: int) -> dict:
+    """Steady tokens/s (median of logged windows after ``skip`` steps) and tokens seen."""
+    log = run_dir / "log.jsonl"
+    if not log.is_file():
+        return {}
+    rows = [json.loads(line) for line in log.read_text(encoding="utf-8").splitlines() if line.strip()]
+    rows = [r for r in rows if "tokens_per_s" in r]
+    if not rows:
+        return {}
+    steady = [r["tokens_per_s"] for r in rows if r.get("step", 0) > skip] or [r["tokens_per_s"] for r in rows]
+    return {"steps": rows[-1].get("step"), "tokens": rows[-1].get("tokens"),
+            "tokens_per_s_steady": round(statistics.median(steady), 1),
+            "first_loss": rows[0].get("loss"), "last_loss": rows[-1].get("loss")}
+
+
+# --- the journey ---------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--child", help=argparse.SUPPRESS)
+    p.add_argument("--out", default="bench/results", help="folder for the JSON result")
+    p.add_argument("--work", default="/tmp/journey", help="scratch folder for data and runs (emptied first)")
+    p.add_argument("--preset", default="qwen3-4b-random")
+    p.add_argument("--cap-gb", type=float, default=16.0, help="memory cap per process (0 = none)")
+    p.add_argument("--domain-steps", type=int, default=200)
+    p.add_argument("--batch-tokens", type=int, default=16384)
+    p.add_argument("--records", type=int, default=5200, help="synthetic emrQA records")
+    p.add_argument("--task-cases", type=int, default=120)
+    p.add_argument("--task-epochs", type=int, default=1)
+    p.add_argument("--infer-cases", type=int, default=147)
+    p.add_argument("--max-new-tokens", type=int, default=100)
+    p.add_argument("--tiny", action="store_true", help="tiny sizes (with --preset tiny: a CPU check)")
+    args = p.parse_args(argv)
+    if args.child:
+        return run_child(json.loads(args.child))
+
+    import shutil
+
+    import torch
+
+    from bench.scaling import synthetic_emrqa
+    from bench.synthetic import keyed_cases, write_keyed_cases
+
+    if args.tiny:
+        args.domain_steps, args.batch_tokens, args.records = 3, 2048, 24
+        args.task_cases, args.infer_cases, args.max_new_tokens = 4, 3, 8
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    cap = args.cap_gb or None
+    work = Path(args.work)
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    t0 = time.perf_counter()
+    emrqa = work / "emrqa.jsonl"
+    synthetic_emrqa(emrqa, args.records)
+    write_keyed_cases(keyed_cases(args.task_cases, seed=11), work / "train.xml", work / "train_key.json")
+    write_keyed_cases(keyed_cases(args.infer_cases, seed=12), work / "test.xml", work / "test_key.json",
+                      answers_in_xml=True)  # Subtask 4 needs answer sentences; no --key, so no scoring
+    # The random base once, before the stages (a user has the released weights on disk).
+    subprocess.run([sys.executable, "-c", "import torch; from model.backbone import save_random_base as s, "
+                    "random_base_cache_dir as d\nwith torch.device('cuda' if torch.cuda.is_available() else 'cpu'):"
+                    f" s('{args.preset}', d('{args.preset}'))"], cwd=ROOT, check=True)
+    setup_s = time.perf_counter() - t0
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S")
+    path = out / f"journey-{stamp}.json"
+    result = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "preset": args.preset,
+              "device": torch.cuda.get_device_name(0) if device == "cuda" else "cpu", "cap_gb": cap,
+              "setup_s": round(setup_s, 1), "stages": [],
+              "settings": {k: v for k, v in vars(args).items() if k != "child"}, "passed": False}
+
+    def save() -> None:  # after every stage: a run cut short still leaves its numbers
+        path.write_text(json.dumps(result, indent=2), encoding="utf-8")
+
+    save()
+    common = ["--preset", args.preset, "--progress", "false", "--plot", "false", "--save_every", "0"]
+    rows = result["stages"]
+    domain = work / "domain"
+    row = stage("domain", "train", ["--stage", "domain", "--data", str(emrqa), "--out", str(domain),
+                                    "--max_steps", str(args.domain_steps), "--batch_tokens", str(args.batch_tokens),
+                                    "--max_length", "2048", "--log_every", "10" if not args.tiny else "1", *common],
+                work, cap, device)
+    row.update(train_rates(domain, skip=20 if not args.tiny else 0))
+    rows.append(row)
+    save()
+    task = work / "task"
+    if "error" not in row:
+        row = stage("task", "train", ["--stage", "task", "--joint", "--init", str(domain), "--xml",
+                                      str(work / "train.xml"), "--key", str(work / "train_key.json"),
+                                      "--out", str(task), "--epochs", str(args.task_epochs),
+                                      "--log_every", "5" if not args.tiny else "1", *common], work, cap, device)
+        row.update(train_rates(task, skip=5 if not args.tiny else 0))
+        rows.append(row)
+        save()
+    if "error" not in row:
+        sub = work / "submission"
+        infer_argv = [str(work / "test.xml"), "--checkpoint", str(task / "export"), "--out", str(sub),
+                      "--max-new-tokens", str(args.max_new_tokens), "--no-progress"]
+        if cap:
+            infer_argv += ["--max-memory-gb", f"{cap:g}"]
+        row = stage("infer", "infer", infer_argv, work, cap, device)
+        run_json = sub / "run.json"
+        if run_json.is_file():
+            run = json.loads(run_json.read_text(encoding="utf-8"))
+            timings = run.get("timings_s", {})
+            fast = run.get("fast_inference") or {}
+            new_tokens = (fast.get("decode") or {}).get("new_tokens")
+            row.update(timings_s=timings, memory=run.get("memory"), new_tokens=new_tokens,
+                       decode_tokens_per_s=round(new_tokens / timings["subtask3"], 1)
+                       if new_tokens and timings.get("subtask3") else None,
+                       cuda_graph=(fast.get("decode") or {}).get("cuda_graph"),
+                       gen_batches=(fast.get("decode") or {}).get("batches"),
+                       written=sorted(p.name for p in sub.iterdir()))
+        rows.append(row)
+
+    result["passed"] = all("error" not in r for r in rows) and len(rows) == 3
+    save()
+    print("\n| stage | wall (s) | tokens/s | peak alloc GB | peak reserved GB | notes |\n|---|---|---|---|---|---|")
+    for r in rows:
+        rate = r.get("tokens_per_s_steady") or r.get("decode_tokens_per_s")
+        note = r.get("error") or (f"export {r['export_s']} s" if "export_s" in r else "")
+        print(f"| {r['stage']} | {r.get('wall_s')} | {rate} | {r.get('peak_allocated_gb')} | "
+              f"{r.get('peak_reserved_gb')} | {note} |")
+    print(f"wrote {path}")
+    return 0 if result["passed"] else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

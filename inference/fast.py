@@ -1,0 +1,209 @@
+"""The fast inference engine around a loaded checkpoint: memory-planned batches, greedy
+decoding with a static cache and CUDA graphs (:mod:`model.decoding`), alignment forwards
+grouped by length under a token budget.
+
+:class:`FastCheckpoint` keeps the :class:`model.checkpoint.LoadedCheckpoint` interface
+(``generate_answers``, ``score_all``, ``score_pairs``, ``threshold``, ``manifest``), so the
+pipeline uses it unchanged; what it did (plan, fallbacks, timings) is in :meth:`report`.
+"""
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import numpy as np
+import torch
+
+from data.prompts import chat_prompt, encode_example, example_from_case
+from data.records import Case
+from model.backbone import backbone_hidden
+from model.decoding import DecodeStats, greedy_decode, supports_fast_decode
+
+from .memory import BatchPlan, plan_batches, token_budget_groups
+
+
+def _stop_ids(tok) -> list[int]:
+    from model.checkpoint import _stop_ids as checkpoint_stop_ids  # the one definition of the stop set
+
+    return checkpoint_stop_ids(tok)
+
+
+def _release() -> None:
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+class FastCheckpoint:
+    """A loaded checkpoint whose generation and alignment run the fast paths."""
+
+    def __init__(self, checkpoint, max_memory_gb: float | None = None, use_cuda_graph: bool | None = None,
+                 log: Callable[[str], None] | None = None):
+        self.inner = checkpoint
+        self.max_memory_gb = max_memory_gb
+        self.use_cuda_graph = use_cuda_graph
+        self.log = log
+        self.plans: list[dict] = []
+        self.decode = DecodeStats()
+        self.alignment: dict = {"forwards": 0, "tokens": 0, "padded_tokens": 0, "seconds": 0.0}
+        self.fallbacks: list[str] = []
+
+    # the LoadedCheckpoint attributes the pipeline reads
+    def __getattr__(self, name):
+        if name == "inner":
+            raise AttributeError(name)
+        return getattr(self.inner, name)
+
+    def plan(self, prompt_tokens: int, max_new_tokens: int, max_rows: int | None) -> BatchPlan:
+        plan = plan_batches(self.inner.model, prompt_tokens=prompt_tokens, max_new_tokens=max_new_tokens,
+                            max_rows=max_rows, max_memory_gb=self.max_memory_gb)
+        self.plans.append(plan.to_dict())
+        return plan
+
+    @torch.no_grad()
+    def generate_answers(self, cases: list[Case], max_new_tokens: int = 100, batch_size: int | None = None) -> list[str]:
+        """Greedy answers as :meth:`LoadedCheckpoint.generate_answers` gives them; ``batch_size``
+        caps the rows decoded together (None: as many as memory allows)."""
+        why_not = supports_fast_decode(self.inner.model)
+        if why_not:
+            self._fallback(f"generation: {why_not}; using model.generate")
+            return self.inner.generate_answers(cases, max_new_tokens=max_new_tokens, batch_size=batch_size or 16)
+        tok = self.inner.tokenizer
+        prompts = [chat_prompt(tok, example_from_case(c, with_answer=False))[0] for c in cases]
+        ids = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
+        plan = self.plan(max(len(x) for x in ids), max_new_tokens, batch_size)
+        rows, prefill = plan.gen_rows, plan.prefill_tokens
+        while True:
+            try:
+                new = greedy_decode(self.inner.model, ids, max_new_tokens=max_new_tokens, stop_ids=_stop_ids(tok),
+                                    pad_id=tok.pad_token_id, batch_rows=rows, prefill_tokens=prefill,
+                                    use_cuda_graph=self.use_cuda_graph, stats=self.decode, log=self.log)
+                break
+            except torch.OutOfMemoryError:
+                if rows == 1 and prefill <= 1024:
+                    raise
+                # The plan was wrong for this card: said, recorded, and retried smaller.
+                self._fallback(f"generation ran out of memory at {rows} rows / {prefill} prefill tokens; "
+                               f"retried with {max(1, rows // 2)} / {max(1024, prefill // 2)}")
+                rows, prefill = max(1, rows // 2), max(1024, prefill // 2)
+                _release()
+        if self.decode.graph_fallback and f"graph: {self.decode.graph_fallback}" not in self.fallbacks:
+            self.fallbacks.append(f"graph: {self.decode.graph_fallback}")
+        return [t.strip() for t in tok.batch_decode(new, skip_special_tokens=True)]
+
+    @torch.no_grad()
+    def score_all(self, cases: list[Case], batch_size: int | None = None, max_tokens: int | None = None) -> list[np.ndarray]:
+        """Link probabilities as :meth:`LoadedCheckpoint.score_all` computes them, cases grouped
+        by length so that each forward holds at most ``max_tokens`` (padded) tokens; the
+        budget comes from free memory. ``batch_size`` is accepted for the LoadedCheckpoint
+        interface (the pipeline passes its old fixed size); the token budget decides."""
+        inner = self.inner
+        out: list[np.ndarray | None] = [None] * len(cases)
+        encoded = []
+        for i, case in enumerate(cases):
+            if not case.answer_sentences:
+                out[i] = np.zeros((0, len(case.note_sentences)), dtype=np.float32)
+            else:
+                encoded.append((i, encode_example(inner.tokenizer, example_from_case(case, with_answer=True))))
+        if not encoded:
+            return out  # type: ignore[return-value]
+        lengths = [len(enc) for _, enc in encoded]
+        if max_tokens is None:
+            max_tokens = self.plan(max(lengths), 0, None).align_tokens
+        t0 = time.perf_counter()
+        while True:
+            try:
+                self._score_groups(encoded, lengths, max_tokens, out)
+                break
+            except torch.OutOfMemoryError:
+                if max_tokens <= max(lengths):
+                    raise
+                self._fallback(f"alignment ran out of memory at {max_tokens} tokens a forward; "
+                               f"retried with {max_tokens // 2}")
+                max_tokens //= 2
+                _release()
+        self.alignment["seconds"] += time.perf_counter() - t0
+        self.alignment["max_tokens"] = max_tokens
+        return out  # type: ignore[return-value]
+
+    def _score_groups(self, encoded: list, lengths: list[int], max_tokens: int, out: list) -> None:
+        inner = self.inner
+        pad = inner.tokenizer.pad_token_id
+        device = inner.device
+        for group in token_budget_groups(lengths, max_tokens):
+            width = lengths[group[0]]
+            ids = torch.full((len(group), width), pad, dtype=torch.long)
+            mask = torch.zeros((len(group), width), dtype=torch.long)
+            for row, g in enumerate(group):
+                enc = encoded[g][1]
+                ids[row, : len(enc)] = torch.tensor(enc.input_ids)
+                mask[row, : len(enc)] = 1
+            _, hidden = backbone_hidden(inner.model, ids.to(device), mask.to(device), inner.head.config.layer)
+            for row, g in enumerate(group):
+                i, enc = encoded[g]
+                logits = inner.head(hidden[row], enc.note_spans, enc.answer_spans).pair_logits
+                out[i] = torch.sigmoid(logits.float()).cpu().numpy()
+            self.alignment["forwards"] += 1
+            self.alignment["tokens"] += sum(lengths[g] for g in group)
+            self.alignment["padded_tokens"] += len(group) * width
+
+    def score_pairs(self, case: Case) -> np.ndarray:
+        return self.score_all([case])[0]
+
+    def _fallback(self, message: str) -> None:
+        if message not in self.fallbacks:
+            self.fallbacks.append(message)
+            if self.log:
+                self.log(f"warning: {message}")
+
+    def report(self) -> dict:
+        """What ran, for run.json: plans, decoding (CUDA graph or why not), alignment batches."""
+        align = dict(self.alignment, seconds=round(self.alignment["seconds"], 3))
+        return {"engine": "fast (static KV cache, greedy on device, CUDA-graphed decode step)",
+                "max_memory_gb": self.max_memory_gb, "plans": self.plans, "decode": self.decode.to_dict(),
+                "alignment": align, "fallbacks": self.fallbacks}
+
+
+def load_checkpoint(export_dir, *, base: str | None = None, device: str | None = None,
+                    load_in_4bit: bool | None = None, max_memory_gb: float | None = None, fast: bool = True,
+                    log: Callable[[str], None] | None = None):
+    """``load_export`` under the memory budget: cap the process at ``max_memory_gb``, merge
+    the adapter into dense weights only where they fit, wrap in :class:`FastCheckpoint`.
+    Returns (checkpoint, memory record for run.json)."""
+    import json
+    from pathlib import Path
+
+    from model import checkpoint as ckpt_module
+    from model.backbone import default_device
+
+    from .memory import GB, apply_memory_cap, available_bytes, should_merge
+
+    device = device or default_device()
+    record: dict = {"max_memory_gb": apply_memory_cap(max_memory_gb, device), "merge": None}
+    if max_memory_gb is not None and record["max_memory_gb"] is None:
+        record["note"] = f"--max-memory-gb ignored: device {device} is not CUDA"
+        if log:
+            log(f"note: {record['note']}")
+    merge = None
+    budget = available_bytes(device, max_memory_gb)
+    if budget is not None:
+        arch = {}
+        manifest = Path(export_dir) / "manifest.json"
+        if not manifest.is_file():
+            manifest = Path(export_dir) / "export" / "manifest.json"
+        try:
+            arch = ckpt_module._preset_from_manifest(json.loads(manifest.read_text(encoding="utf-8"))).arch
+        except (OSError, ValueError):
+            pass  # load_export reports a bad folder with its own one-line error
+        if arch:
+            merge, reason = should_merge(arch, budget)
+            record.update(merge=merge, merge_reason=reason, budget_before_load_gb=round(budget / GB, 2))
+            if not merge and log:
+                log(f"memory: {reason}")
+    kwargs = {"merge": merge} if merge is not None else {}
+    loaded = ckpt_module.load_export(export_dir, base=base, device=device, load_in_4bit=load_in_4bit, **kwargs)
+    if fast and isinstance(loaded, ckpt_module.LoadedCheckpoint):
+        loaded = FastCheckpoint(loaded, max_memory_gb=max_memory_gb, log=log)
+    return loaded, record

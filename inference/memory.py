@@ -1,0 +1,150 @@
+"""How much GPU memory inference may use, and the batch sizes and weights that fit it.
+
+The budget is the smaller of what the card has free (``torch.cuda.mem_get_info`` plus
+what PyTorch holds but does not use) and ``--max-memory-gb`` (also set as the process's
+memory fraction, so the allocator itself respects a shared card), less a safety margin.
+From it: whether the dense merged weights fit (else NF4 + LoRA, no merge), how many rows
+decode together (their KV cache), and how many tokens one prefill or alignment forward
+may hold. On CPU nothing is planned: fixed, small defaults.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+
+GB = 1e9
+MARGIN_BYTES = int(0.75 * GB)  # allocator fragmentation, cuBLAS workspaces, CUDA-graph pools
+MARGIN_FRACTION = 0.06
+MIN_WORKING_BYTES = int(4 * GB)  # below this beside the dense weights, keep NF4 (no merge)
+CPU_GEN_ROWS, CPU_ALIGN_TOKENS, CPU_PREFILL_TOKENS = 16, 16384, 8192
+PREFILL_MAX_TOKENS = 16384
+
+
+def apply_memory_cap(max_memory_gb: float | None, device: torch.device | str | None = None) -> float | None:
+    """Cap this process's CUDA memory at ``max_memory_gb`` (None: no cap). Returns the cap in GB."""
+    if max_memory_gb is None:
+        return None
+    if max_memory_gb <= 0:
+        raise ValueError("--max-memory-gb must be > 0")
+    device = torch.device(device or "cuda")
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return None
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    total = torch.cuda.get_device_properties(index).total_memory
+    torch.cuda.set_per_process_memory_fraction(min(1.0, max_memory_gb * GB / total), index)
+    return float(max_memory_gb)
+
+
+def available_bytes(device: torch.device | str | None = None, max_memory_gb: float | None = None) -> int | None:
+    """Bytes this process may still allocate on ``device`` (None on CPU), margin taken off."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type != "cuda":
+        return None
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    free, total = torch.cuda.mem_get_info(index)
+    allocated = torch.cuda.memory_allocated(index)
+    reserved = torch.cuda.memory_reserved(index)
+    room = free + (reserved - allocated)
+    if max_memory_gb is not None:
+        room = min(room, int(max_memory_gb * GB) - allocated)
+    cap = int(max_memory_gb * GB) if max_memory_gb is not None else total
+    return max(0, room - MARGIN_BYTES - int(MARGIN_FRACTION * cap))
+
+
+def dense_weight_bytes(arch: dict, dtype_bytes: int = 2) -> int:
+    """Bytes of a Qwen3-shaped model's weights in bf16 (tied embeddings counted once)."""
+    h, layers = arch["hidden_size"], arch["num_hidden_layers"]
+    heads, kv = arch["num_attention_heads"], arch["num_key_value_heads"]
+    head_dim = arch.get("head_dim") or h // heads
+    inter, vocab = arch["intermediate_size"], arch["vocab_size"]
+    per_layer = h * head_dim * (2 * heads + 2 * kv) + 3 * h * inter
+    embed = vocab * h * (1 if arch.get("tie_word_embeddings", True) else 2)
+    return dtype_bytes * (layers * per_layer + embed)
+
+
+def should_merge(arch: dict, budget_bytes: int | None) -> tuple[bool, str]:
+    """Merge the adapter into dense bf16 weights only where they and a working set fit."""
+    if budget_bytes is None:
+        return True, "no CUDA budget (CPU): default"
+    need = dense_weight_bytes(arch) + MIN_WORKING_BYTES
+    if budget_bytes >= need:
+        return True, f"dense weights + working set ({need / GB:.1f} GB) fit the budget ({budget_bytes / GB:.1f} GB)"
+    return False, (f"dense weights + working set ({need / GB:.1f} GB) exceed the budget ({budget_bytes / GB:.1f} GB): "
+                   "NF4 base + LoRA, no merge")
+
+
+def activation_bytes_per_token(config) -> int:
+    """A forward's live activations per token (no cache): residual, attention and MLP
+    temporaries in bf16, with room for the mask and the head's captured hidden state."""
+    h, inter = config.hidden_size, config.intermediate_size
+    head_dim = getattr(config, "head_dim", None) or h // config.num_attention_heads
+    qkv = head_dim * (config.num_attention_heads + 2 * config.num_key_value_heads)
+    return int(2 * (6 * h + 3 * inter + 2 * qkv) * 1.5)
+
+
+@dataclass
+class BatchPlan:
+    """Batch sizes for one inference run; ``budget_gb`` None on CPU."""
+
+    budget_gb: float | None
+    gen_rows: int
+    prefill_tokens: int
+    align_tokens: int
+    kv_bytes_per_token: int
+    note: str = ""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def plan_batches(model, *, prompt_tokens: int, max_new_tokens: int, max_rows: int | None = None,
+                 max_memory_gb: float | None = None) -> BatchPlan:
+    """Rows per decode batch and tokens per forward that fit the memory left after loading.
+
+    ``prompt_tokens``: the longest prompt (rows are decoded longest first, so it sizes the
+    first, biggest batch). A third of the budget goes to prefill/alignment activations,
+    the rest to the KV cache of the decoding rows.
+    """
+    from model.backbone import decoder
+    from model.decoding import bucket_width, kv_bytes_per_token
+
+    config = decoder(model).config
+    device = decoder(model).embed_tokens.weight.device
+    kv = kv_bytes_per_token(config)
+    budget = available_bytes(device, max_memory_gb)
+    if budget is None:
+        rows = CPU_GEN_ROWS if max_rows is None else min(max_rows, CPU_GEN_ROWS)
+        return BatchPlan(None, rows, CPU_PREFILL_TOKENS, CPU_ALIGN_TOKENS, kv, "CPU: fixed sizes")
+    per_token = activation_bytes_per_token(config)
+    work = budget // 3
+    tokens = max(2048, min(65536, work // per_token))
+    vocab_bytes = config.vocab_size * 4  # one row of logits (fp32 at worst) per decoding row
+    per_row = kv * (bucket_width(prompt_tokens) + max_new_tokens) + vocab_bytes + 2 * per_token
+    rows = max(1, (budget - work) // per_row)
+    if max_rows is not None:
+        rows = min(rows, max_rows)
+    # Prefill chunks stay at <= 16k tokens: large enough for full-speed matmuls, and small
+    # enough that an attention fallback to the math kernel (scores materialised) still fits.
+    prefill = min(tokens, PREFILL_MAX_TOKENS)
+    note = f"{budget / GB:.1f} GB free for inference after loading: {rows} rows, {tokens} tokens a forward"
+    return BatchPlan(round(budget / GB, 2), int(rows), int(prefill), int(tokens), kv, note)
+
+
+def token_budget_groups(lengths: list[int], max_tokens: int, max_rows: int = 256,
+                        min_fill: float = 0.5) -> list[list[int]]:
+    """Indices grouped longest first so that rows x longest row <= ``max_tokens`` (a row
+    longer than the budget goes alone) and no row is shorter than ``min_fill`` of its
+    group's longest: neighbours in length, little padding."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    groups: list[list[int]] = []
+    for i in order:
+        if groups:
+            group = groups[-1]
+            width = lengths[group[0]]  # the longest, first in the group
+            fits = (len(group) + 1) * width <= max_tokens and len(group) < max_rows
+            if fits and lengths[i] >= min_fill * width:
+                group.append(i)
+                continue
+        groups.append([i])
+    return groups
