@@ -395,6 +395,9 @@ def run_training(cfg: TrainConfig, resume: bool = False) -> RunResult:
                 row.update(lr=scheduler.get_last_lr()[0], tokens=tokens_seen, tokens_per_s=round(tokens / elapsed, 1))
                 if torch.cuda.is_available():
                     row["max_mem_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+                    if procs > 1:  # every rank's peak, in global rank order
+                        peak = torch.tensor([row["max_mem_gb"]], device=accelerator.device)
+                        row["max_mem_gb_ranks"] = [round(x, 2) for x in accelerator.gather(peak).tolist()]
                 history.append(row)
                 if accelerator.is_main_process:
                     with (out / LOG_FILE).open("a", encoding="utf-8") as fh:
