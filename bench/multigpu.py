@@ -23,6 +23,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -39,7 +40,7 @@ TINY = ["--stage", "domain", "--preset", "tiny", "--data", str(ROOT / "examples"
 
 
 def run_train(n: int, args: list[str], logs: Path, tag: str, env: dict) -> int:
-    log_dir = logs / f"raw-{tag}"
+    log_dir = Path(tempfile.mkdtemp(prefix=f"launch-{tag}-"))
     cmd = launch_prefix(n, "configs/accelerate/ddp.yaml", log_dir) + ["train.py", *args]
     print("+", " ".join(cmd), flush=True)
     with (logs / f"{tag}.out.log").open("w") as fh:
