@@ -78,6 +78,8 @@ original = loop.run_training
 
 def run_and_dump(cfg, resume=False):
     result = original(cfg, resume)
+    if os.environ.get("ARCHEHR_TEST_DUMP") == "0":  # FSDP: live weights are shards
+        return result
     from peft import get_peft_model_state_dict
     from safetensors.torch import save_file
     tensors = {"adapter/" + k: v.detach().cpu().contiguous()
@@ -116,13 +118,14 @@ def cli_args(values: dict) -> list[str]:
     return out
 
 
-def launch(work: Path, nproc: int, args: list[str], config: Path = DDP_CONFIG, timeout: int = 300):
+def launch(work: Path, nproc: int, args: list[str], config: Path = DDP_CONFIG, timeout: int = 300, dump: bool = True):
     """``accelerate launch`` of train.py (through the auditing wrapper) on ``nproc`` processes."""
     work.mkdir(parents=True, exist_ok=True)
     wrapper = work / "launch_train.py"
     wrapper.write_text(WRAPPER, encoding="utf-8")
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", HF_HUB_OFFLINE="1",
                TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false", ARCHEHR_TEST_OUT=str(work),
+               ARCHEHR_TEST_DUMP="1" if dump else "0",
                PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
            "--num_processes", str(nproc), "--main_process_port", str(free_port()), str(wrapper), *args]
@@ -419,15 +422,148 @@ def test_bf16_stored_nf4_computes_what_uint8_stored_does():
 @pytest.mark.gpu
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="FSDP needs 2 CUDA devices")
 def test_fsdp_qlora_two_gpus(tmp_path):
+    """QLoRA (NF4 stored as bf16) under FSDP on 2 GPUs: trains, checkpoints and exports with every
+    rank gathering (full tensors, not rank 0's slice), plain PEFT loads the export, and the
+    step-2 checkpoint resumed on 2 processes ends with the uninterrupted run's weights."""
+    from peft import PeftModel, get_peft_model_state_dict
+
+    from model.backbone import build_random_base
+
     run = tmp_path / "fsdp"
     args = cli_args(dict(COMMON, out=run, load_in_4bit="true", quant_storage="bfloat16", max_steps=4,
-                         save_every=2))
-    launch(tmp_path / "launch", 2, args, config=FSDP_CONFIG, timeout=600)
-    assert [r["step"] for r in read_log(run)] == [1, 2, 3, 4]
-    rank0 = load_file(str(tmp_path / "launch" / "final-rank0.safetensors"))
+                         save_every=2, keep_checkpoints=0))
+    launch(tmp_path / "launch", 2, args, config=FSDP_CONFIG, timeout=600, dump=False)
+    log = read_log(run)
+    assert [r["step"] for r in log] == [1, 2, 3, 4]
+    assert all(r["loss"] == r["loss"] and 0 < r["loss"] < 100 for r in log), log  # finite, not 0 (#3983)
     exported = export_weights(run / "export")
     assert any(float(v.abs().max()) > 0 for k, v in exported.items() if "lora_B" in k)
-    assert {k for k in exported} == {k for k in rank0}
+
+    # Plain PEFT on an unsharded base: every tensor has its full shape and the file's values.
+    plain = PeftModel.from_pretrained(build_random_base("tiny"), str(run / "export"))
+    loaded = get_peft_model_state_dict(plain)
+    adapter = {k.removeprefix("adapter/"): v for k, v in exported.items() if k.startswith("adapter/")}
+    assert loaded.keys() == adapter.keys()
+    assert all(torch.equal(loaded[k].float(), adapter[k].float()) for k in adapter)
+    assert (run / "checkpoints" / "step-2" / "optimizer-rank-1.pt").is_file()
+
+    resumed = copy_run_at(run, tmp_path / "resumed", 2)
+    launch(tmp_path / "launch-resume", 2, ["--resume", str(resumed)], config=FSDP_CONFIG, timeout=600, dump=False)
+    assert [r["step"] for r in read_log(resumed)] == [1, 2, 3, 4]
+    # Same GPUs, same sharding, same reduction order: equal up to bf16-autocast noise.
+    again = export_weights(resumed / "export")
+    worst = max(float((again[k].float() - exported[k].float()).abs().max()) for k in exported)
+    assert again.keys() == exported.keys() and worst < 1e-4, worst
+
+
+FSDP_GATHER = r"""
+import json, sys
+import torch, torch.distributed as dist
+from types import SimpleNamespace
+torch.set_num_threads(1)
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+OUT, DATA = sys.argv[1], sys.argv[2]
+from accelerate.utils import DistributedType
+from peft import PeftModel, get_peft_model_state_dict
+from safetensors.torch import load_file
+from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+from heads.alignment import NotePairHead, save_head
+from heads.config import HeadConfig
+from model.backbone import LoraSettings, build_random_base, load_backbone, load_tokenizer
+from training import gather
+from training.config import build_config
+from training.data import collate
+from training.joint import JointModel, LossSettings
+from training.loop import fsdp_wrap_policy, make_optimizer, stage_data
+
+cfg = build_config(dict(stage="domain", preset="tiny", data=DATA, joint=True, max_length=512, n_examples=0,
+                        lora_dropout=0.0, head_dropout=0.0, lr=1e-2, head_lr=1e-2))
+tok = load_tokenizer("tiny")
+items, _ = stage_data(cfg, tok)
+batch = collate(items[:4], tok.pad_token_id)
+
+def build():
+    torch.manual_seed(0)
+    bb = load_backbone("tiny", load_in_4bit=False, device="cpu", gradient_checkpointing=False,
+                       lora=LoraSettings(r=8, alpha=16, dropout=0.0))
+    head = NotePairHead(HeadConfig(hidden_size=bb.get_base_model().config.hidden_size))
+    return JointModel(bb, head, LossSettings())
+
+def train_step(model, forward):
+    opt = make_optimizer(model, cfg)
+    forward(batch)["loss"].backward()
+    opt.step()
+
+# The reference: one process, no sharding, the same batch and step.
+ref = build()
+train_step(ref, ref)
+expected_lora, expected_head = gather.trainable_state(ref.backbone, ref.head)
+
+# Two ranks, both on the same batch (so the averaged gradient equals the reference's).
+model = build()
+wrapped = FSDP(model, auto_wrap_policy=fsdp_wrap_policy(model), use_orig_params=True, device_id=torch.device("cpu"))
+train_step(model, wrapped)
+acc = SimpleNamespace(distributed_type=DistributedType.FSDP, is_main_process=rank == 0, process_index=rank,
+                      num_processes=2, is_fsdp2=False)
+local = {gather.clean_name(n): tuple(p.shape) for n, p in model.backbone.named_parameters() if "lora_" in n}
+
+def diff(a, b):
+    assert a.keys() == b.keys(), sorted(set(a) ^ set(b))[:3]
+    return max(float((a[k] - b[k]).abs().max()) for k in a)
+
+result = {}
+with gather.full_parameters(acc, wrapped):
+    if rank == 0:
+        lora, head_state = gather.trainable_state(model.backbone, model.head)
+        result["gathered_lora"] = diff(lora, expected_lora)
+        result["gathered_head"] = diff(head_state, expected_head)
+        gather.save_adapter(model.backbone, OUT + "/adapter", lora)
+        save_head(gather.head_from_state(model.head, head_state), OUT + "/head")
+dist.barrier()
+# Back in: wipe every LoRA and head weight, then restore from the files on every rank.
+with gather.full_parameters(acc, wrapped, writeback=True):
+    with torch.no_grad():
+        for n, p in [*model.backbone.named_parameters(), *model.head.named_parameters()]:
+            if "lora_" in n or p.requires_grad:
+                p.zero_()
+    gather.load_trainable_state(model.backbone, model.head, load_file(OUT + "/adapter/adapter_model.safetensors"),
+                                load_file(OUT + "/head/head.safetensors"))
+with gather.full_parameters(acc, wrapped):
+    if rank == 0:
+        lora, head_state = gather.trainable_state(model.backbone, model.head)
+        result["reloaded_lora"] = diff(lora, expected_lora)
+        result["reloaded_head"] = diff(head_state, expected_head)
+if rank == 0:
+    # Plain PEFT reads the export: the same weights as the unsharded reference.
+    plain = PeftModel.from_pretrained(build_random_base("tiny"), OUT + "/adapter")
+    result["plain_peft"] = diff(get_peft_model_state_dict(plain), get_peft_model_state_dict(ref.backbone))
+    result["moved"] = max(float(v.abs().max()) for k, v in expected_lora.items() if "lora_B" in k)
+    result["sharded"] = all(local[k] != tuple(v.shape) for k, v in expected_lora.items())
+    json.dump(result, open(OUT + "/result.json", "w"))
+dist.barrier()
+dist.destroy_process_group()
+"""
+
+
+def test_fsdp_gather_checkpoint_and_export_on_cpu(tmp_path):
+    """FSDP1 over gloo (torch directly: accelerate refuses FSDP without an accelerator): after
+    a sharded training step, every rank gathers, the main process saves a full adapter and head
+    equal to an unsharded process's (not rank 0's slice), plain PEFT loads it, and writing it
+    back into the shards (resume) restores the same weights."""
+    script = tmp_path / "fsdp_gather.py"
+    script.write_text(FSDP_GATHER, encoding="utf-8")
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+               TOKENIZERS_PARALLELISM="false", PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+           str(script), str(tmp_path), str(EXAMPLES / "emrqa_sample.jsonl")]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-6000:]
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert result["sharded"], "the LoRA parameters were not sharded: the test would prove nothing"
+    assert result["moved"] > 1e-3
+    for key in ("gathered_lora", "gathered_head", "reloaded_lora", "reloaded_head", "plain_peft"):
+        assert result[key] < 1e-5, (key, result)
 
 
 def test_fsdp_wrap_policy_gives_each_dtype_its_own_unit():

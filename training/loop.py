@@ -38,6 +38,7 @@ from heads.config import HeadConfig
 from model.backbone import LoraSettings, compile_decoder_layers, load_backbone, load_tokenizer, resolve_preset
 
 from . import checkpoints as ckpts
+from . import gather
 from .config import TrainConfig
 from .data import (
     EpochBatches,
@@ -272,6 +273,7 @@ def run_training(cfg: TrainConfig, resume: bool = False) -> RunResult:
         # The head's parts can sit out a batch (no citations, no relevance labels).
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=cfg.joint)],
     )
+    gather.check_fsdp_version(accelerator)
     resume_from = ckpts.latest_checkpoint(out) if resume else None
     if resume and resume_from is None:
         raise InputError("no checkpoint to resume from (checkpoints/step-N)", out)
@@ -336,7 +338,7 @@ def run_training(cfg: TrainConfig, resume: bool = False) -> RunResult:
         record.mkdir(parents=True, exist_ok=True)
         record_file = record / f"batches-rank{accelerator.process_index}.jsonl"
     if resume_from is not None:
-        state = ckpts.load_checkpoint(resume_from, plain, optimizer, scheduler)
+        state = ckpts.load_checkpoint(resume_from, plain, optimizer, scheduler, accelerator, model)
         step, epoch, position, tokens_seen = state["step"], state["epoch"], state["position"], state["tokens"]
         if accelerator.is_main_process:
             _truncate_log(out / LOG_FILE, step)
@@ -379,7 +381,10 @@ def run_training(cfg: TrainConfig, resume: bool = False) -> RunResult:
             if not boundary:
                 continue
             if cfg.max_grad_norm > 0:
-                accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+                # FSDP: the root's own clip (global norm over all shards) is used only when handed
+                # all of the model's parameters; a subset would clip each rank's shard by its own norm.
+                accelerator.clip_grad_norm_(model.parameters() if gather.is_fsdp(accelerator) else params,
+                                            cfg.max_grad_norm)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -416,7 +421,7 @@ def run_training(cfg: TrainConfig, resume: bool = False) -> RunResult:
                          "total_steps": total_steps, "processes": procs,
                          "batches_per_step": procs * cfg.grad_accum}
                 ckpts.save_checkpoint(out, step, plain, accelerator, optimizer, scheduler, state,
-                                      keep=cfg.keep_checkpoints)
+                                      keep=cfg.keep_checkpoints, wrapped=model)
             if stopping:
                 interrupted = True
                 break
@@ -431,14 +436,18 @@ def run_training(cfg: TrainConfig, resume: bool = False) -> RunResult:
     export_dir = None
     if not interrupted:
         accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
-            from .export import export_run
+        with gather.full_parameters(accelerator, model):  # every rank: FSDP gathers the weights
+            if accelerator.is_main_process:
+                from .export import export_run
 
-            if cfg.plot and (out / LOG_FILE).is_file():
-                plot_losses(out / LOG_FILE, out / CURVE_FILE)
-            export_dir = export_run(
-                out, plain.backbone, head, tokenizer, cfg, items, sources, init_export, init_manifest,
-                steps=step, final_loss=history[-1]["loss"] if history else None,
-            )
+                if cfg.plot and (out / LOG_FILE).is_file():
+                    plot_losses(out / LOG_FILE, out / CURVE_FILE)
+                fsdp = gather.is_fsdp(accelerator)
+                export_dir = export_run(
+                    out, plain.backbone, head, tokenizer, cfg, items, sources, init_export, init_manifest,
+                    steps=step, final_loss=history[-1]["loss"] if history else None,
+                    adapter_state=gather.trainable_state(plain.backbone, None)[0] if fsdp else None,
+                    calibrate_alignment=not fsdp,
+                )
         accelerator.wait_for_everyone()
     return RunResult(out, step, interrupted, export_dir, history, plain.backbone, head)
