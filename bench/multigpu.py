@@ -109,8 +109,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=os.environ.get("OUT", "bench/results"))
     p.add_argument("--work", default="/tmp/multigpu")
-    p.add_argument("--parts", nargs="+", default=["resume", "fsdp", "scaling"])
-    p.add_argument("--steps", type=int, default=24, help="scaling: optimizer steps per run")
+    p.add_argument("--parts", nargs="+", default=["scaling", "resume", "fsdp"])
+    p.add_argument("--budget_s", type=float, default=510, help="a part that cannot start in time is skipped")
+    p.add_argument("--steps", type=int, default=20, help="scaling: optimizer steps per run")
     p.add_argument("--skip", type=int, default=8, help="scaling: first steps dropped (compile, warm-up)")
     p.add_argument("--records", type=int, default=1200)
     args = p.parse_args(argv)
@@ -137,8 +138,14 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # noqa: BLE001
         report["device"] = f"unavailable: {exc}"
     save()
+    began = time.perf_counter()
     for part in args.parts:
         start = time.perf_counter()
+        left = args.budget_s - (start - began)
+        if left < 60:
+            report[part] = {"error": f"not run: {left:.0f} s of the {args.budget_s:.0f} s budget left"}
+            save()
+            continue
         if part == "resume":
             report["resume"] = resume_check(Path(args.work) / "resume", logs, env)
         elif part == "fsdp":
@@ -147,9 +154,11 @@ def main(argv: list[str] | None = None) -> int:
             from bench import scaling
 
             before = set(out.glob("scaling-*.json"))
+            # Two runs; leave ~3.5 min of the budget to the other parts when they follow.
+            others = 210 if len(args.parts) > 1 else 0
             scaling.main(["--gpus", "1", "2", "--steps", str(args.steps), "--skip", str(args.skip),
                           "--records", str(args.records), "--work", str(Path(args.work) / "scaling"),
-                          "--out", str(out)])
+                          "--out", str(out), "--timeout_s", str(max(60.0, (left - others - 60) / 2))])
             new = sorted(set(out.glob("scaling-*.json")) - before)
             report["scaling"] = json.loads(new[-1].read_text()) if new else {"error": "no result"}
         report.setdefault("wall_s", {})[part] = round(time.perf_counter() - start, 1)

@@ -75,6 +75,24 @@ def launch_prefix(n: int, config: str, log_dir: Path | None) -> list[str]:
     return cmd
 
 
+def run_with_timeout(cmd: list[str], timeout: float | None, **kwargs) -> int:
+    """Run ``cmd`` in its own process group; past ``timeout`` s kill the whole group (the
+    launcher and every rank it started) and return 124."""
+    import signal
+
+    proc = subprocess.Popen(cmd, start_new_session=True, **kwargs)
+    try:
+        return proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        return 124
+
+
 # NVLink multicast off (device notes): NCCL NVLS and symmetric memory multicast.
 NCCL_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 
@@ -89,6 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="bench/results")
     p.add_argument("--preset", default="qwen3-4b-random", help="tiny: a CPU check of the script (gloo)")
     p.add_argument("--extra", default="", help="extra train.py overrides, e.g. '--compile false'")
+    p.add_argument("--timeout_s", type=float, default=None,
+                   help="per run; a run past it is stopped and measured on the steps it logged")
     args = p.parse_args(argv)
 
     work = Path(args.work)
@@ -111,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
         cmd = launch_prefix(n, "configs/accelerate/ddp.yaml", log_dir) + common + ["--out", str(out)]
         print("+", " ".join(cmd), flush=True)
         start = time.perf_counter()
-        proc = subprocess.run(cmd, cwd=ROOT, env=env)
+        rc = run_with_timeout(cmd, args.timeout_s, cwd=ROOT, env=env)
         logs = collect_rank_logs(log_dir, Path(args.out) / "logs", f"{n}gpu") if n > 1 else []
         log_rows = read_rows(out / "log.jsonl")
         row = {"gpus": n, "wall_s": round(time.perf_counter() - start, 1), "steps_logged": len(log_rows),
@@ -120,10 +140,11 @@ def main(argv: list[str] | None = None) -> int:
             last = log_rows[-1]
             row["max_mem_gb_ranks"] = last.get("max_mem_gb_ranks", [last.get("max_mem_gb")])
             row["tokens_per_step"] = round(last["tokens"] / last["step"])
-        if proc.returncode != 0:
-            row["error"] = f"exit {proc.returncode}"
-        else:
+        if rc != 0:
+            row["error"] = "timed out" if rc == 124 else f"exit {rc}"
+        if rc in (0, 124) and any(r["step"] > args.skip for r in log_rows):
             row["tokens_per_s"] = round(steady_tokens_per_s(out / "log.jsonl", args.skip), 1)
+            row["steps_measured"] = sum(1 for r in log_rows if r["step"] > args.skip)
         rows.append(row)
         print(json.dumps(row), flush=True)
     base = next((r["tokens_per_s"] for r in rows if r.get("gpus") == 1 and "tokens_per_s" in r), None)
