@@ -106,7 +106,8 @@ def export_run(
         backbone.save_pretrained(str(tmp))
     save_head(head, tmp)
 
-    alignment = calibrate(backbone, head, items, cfg.calibration_max_examples) if cfg.joint and calibrate_alignment else None
+    calibrating = cfg.joint and calibrate_alignment
+    alignment = calibrate(backbone, head, items, cfg.calibration_max_examples) if calibrating else None
     if alignment is None:
         inherited = (init_manifest or {}).get("alignment")
         alignment = dict(inherited, calibrated_on="inherited") if inherited else {
