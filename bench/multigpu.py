@@ -30,7 +30,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.scaling import NCCL_ENV, collect_rank_logs, launch_prefix, read_rows  # noqa: E402
+from bench.scaling import NCCL_ENV, collect_rank_logs, launch_prefix, read_rows, run_with_timeout  # noqa: E402
 
 TINY = ["--stage", "domain", "--preset", "tiny", "--data", str(ROOT / "examples" / "emrqa_sample.jsonl"),
         "--batch_tokens", "1000", "--max_length", "512", "--epochs", "3", "--joint", "true",
@@ -96,13 +96,15 @@ def resume_check(work: Path, logs: Path, env: dict) -> dict:
     return result
 
 
-def fsdp_check(logs: Path, env: dict) -> dict:
+def fsdp_check(logs: Path, env: dict, timeout: float) -> dict:
     cmd = [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", "-rA",
            "tests/test_distributed.py", "-k", "fsdp"]
     print("+", " ".join(cmd), flush=True)
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
-    (logs / "fsdp-pytest.log").write_text(proc.stdout + proc.stderr)
-    return {"rc": proc.returncode, "summary": (proc.stdout.strip().splitlines() or [""])[-1]}
+    log = logs / "fsdp-pytest.log"
+    with log.open("w") as fh:
+        rc = run_with_timeout(cmd, timeout, cwd=ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT)
+    lines = log.read_text().strip().splitlines()
+    return {"rc": rc, "summary": "timed out" if rc == 124 else (lines or [""])[-1]}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -149,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
         if part == "resume":
             report["resume"] = resume_check(Path(args.work) / "resume", logs, env)
         elif part == "fsdp":
-            report["fsdp"] = fsdp_check(logs, env)
+            report["fsdp"] = fsdp_check(logs, env, timeout=left - 10)
         elif part == "scaling":
             from bench import scaling
 
