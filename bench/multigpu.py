@@ -44,7 +44,7 @@ def run_train(n: int, args: list[str], logs: Path, tag: str, env: dict) -> int:
     cmd = launch_prefix(n, "configs/accelerate/ddp.yaml", log_dir) + ["train.py", *args]
     print("+", " ".join(cmd), flush=True)
     with (logs / f"{tag}.out.log").open("w") as fh:
-        rc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT).returncode
+        rc = run_with_timeout(cmd, 180, cwd=ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT)
     collect_rank_logs(log_dir, logs, tag)
     return rc
 
