@@ -156,8 +156,8 @@ def main(argv: list[str] | None = None) -> int:
             from bench import scaling
 
             before = set(out.glob("scaling-*.json"))
-            # Two runs; leave ~3.5 min of the budget to the other parts when they follow.
-            others = 210 if len(args.parts) > 1 else 0
+            # Two runs; leave ~3 min of the budget to the other parts when they follow.
+            others = 170 if len(args.parts) > 1 else 0
             scaling.main(["--gpus", "1", "2", "--steps", str(args.steps), "--skip", str(args.skip),
                           "--records", str(args.records), "--work", str(Path(args.work) / "scaling"),
                           "--out", str(out), "--timeout_s", str(max(60.0, (left - others - 60) / 2))])
