@@ -6,7 +6,10 @@ Writes a synthetic emrQA-style SQuAD-v2 file (contexts of realistic length), the
 ``train.py --stage domain --preset qwen3-4b-random`` on 1 GPU (plain python) and on N
 GPUs (``accelerate launch --config_file configs/accelerate/ddp.yaml``), each with
 16k-token batches per process, and reads the steady-state tokens/s from each run's
-``log.jsonl`` (tokens summed over processes, first windows dropped).
+``log.jsonl`` (tokens summed over processes, first windows dropped: they hold the
+compile time) and every rank's peak GPU memory. Each rank's stdout/stderr is kept
+(``accelerate launch --tee 3 --log_dir``) and copied next to the results as
+``logs/Ngpu-rankR.stderr.log``, so a crashed rank shows its traceback.
 """
 from __future__ import annotations
 
@@ -15,9 +18,11 @@ import datetime as dt
 import json
 import os
 import random
+import shutil
 import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,10 +45,56 @@ def synthetic_emrqa(path: Path, n: int, seed: int = 0) -> None:
                                  "answers": {"text": [answer], "answer_start": [start]}}) + "\n")
 
 
+def read_rows(log: Path) -> list[dict]:
+    return [json.loads(line) for line in log.read_text().splitlines() if line.strip()] if log.is_file() else []
+
+
 def steady_tokens_per_s(log: Path, skip: int) -> float:
-    rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
-    rates = [r["tokens_per_s"] for r in rows if r["step"] > skip]
+    rates = [r["tokens_per_s"] for r in read_rows(log) if r["step"] > skip]
     return statistics.median(rates) if rates else float("nan")
+
+
+def collect_rank_logs(log_dir: Path, dest: Path, tag: str) -> list[str]:
+    """torchrun's ``LOG_DIR/<run>/attempt_K/<local rank>/std{out,err}.log`` -> ``dest/TAG-rankR.std*.log``."""
+    dest.mkdir(parents=True, exist_ok=True)
+    copied = []
+    for f in sorted(log_dir.glob("**/std*.log")):
+        target = dest / f"{tag}-rank{f.parent.name}.{f.stem}.log"
+        shutil.copyfile(f, target)
+        copied.append(str(target))
+    return copied
+
+
+def launch_prefix(n: int, config: str, log_dir: Path | None) -> list[str]:
+    """Plain python for one process, else ``accelerate launch`` keeping every rank's output."""
+    if n == 1:
+        return [sys.executable]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", config, "--num_processes", str(n)]
+    if log_dir is not None:
+        cmd += ["--tee", "3", "--log_dir", str(log_dir)]
+    return cmd
+
+
+def run_with_timeout(cmd: list[str], timeout: float | None, **kwargs) -> int:
+    """Run ``cmd`` in its own process group; past ``timeout`` s kill the whole group (the
+    launcher and every rank it started) and return 124."""
+    import signal
+
+    proc = subprocess.Popen(cmd, start_new_session=True, **kwargs)
+    try:
+        return proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        return 124
+
+
+# NVLink multicast off (device notes): NCCL NVLS and symmetric memory multicast.
+NCCL_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -56,6 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="bench/results")
     p.add_argument("--preset", default="qwen3-4b-random", help="tiny: a CPU check of the script (gloo)")
     p.add_argument("--extra", default="", help="extra train.py overrides, e.g. '--compile false'")
+    p.add_argument("--timeout_s", type=float, default=None,
+                   help="per run; a run past it is stopped and measured on the steps it logged")
     args = p.parse_args(argv)
 
     work = Path(args.work)
@@ -65,25 +118,35 @@ def main(argv: list[str] | None = None) -> int:
     # Write the random base once, before several processes would race to build it.
     subprocess.run([sys.executable, "-c", "from model.backbone import save_random_base, random_base_cache_dir as d;"
                     f"save_random_base('{args.preset}', d('{args.preset}'))"], cwd=ROOT, check=True)
-    env = dict(os.environ, NCCL_NVLS_ENABLE="0", TORCH_SYMM_MEM_DISABLE_MULTICAST="1", NVSHMEM_DISABLE_NVLS="1")
+    env = dict(os.environ, **NCCL_ENV)
     common = ["train.py", "--stage", "domain", "--preset", args.preset, "--data", str(data),
               "--max_steps", str(args.steps), "--log_every", "1", "--save_every", "0", "--progress", "false",
               "--max_length", "2048", "--batch_tokens", "16384", "--plot", "false", *args.extra.split()]
     rows = []
     for n in args.gpus:
         out = work / f"run-{n}gpu"
-        launcher = [sys.executable] if n == 1 else [
-            sys.executable, "-m", "accelerate.commands.launch", "--config_file", "configs/accelerate/ddp.yaml",
-            "--num_processes", str(n)]
-        cmd = launcher + common + ["--out", str(out)]
+        shutil.rmtree(out, ignore_errors=True)
+        log_dir = work / f"launch-logs-{n}gpu"
+        shutil.rmtree(log_dir, ignore_errors=True)
+        cmd = launch_prefix(n, "configs/accelerate/ddp.yaml", log_dir) + common + ["--out", str(out)]
         print("+", " ".join(cmd), flush=True)
-        proc = subprocess.run(cmd, cwd=ROOT, env=env)
-        if proc.returncode != 0:
-            rows.append({"gpus": n, "error": f"exit {proc.returncode}"})
-            continue
-        rate = steady_tokens_per_s(out / "log.jsonl", args.skip)
-        rows.append({"gpus": n, "tokens_per_s": round(rate, 1)})
-        print(json.dumps(rows[-1]), flush=True)
+        start = time.perf_counter()
+        rc = run_with_timeout(cmd, args.timeout_s, cwd=ROOT, env=env)
+        logs = collect_rank_logs(log_dir, Path(args.out) / "logs", f"{n}gpu") if n > 1 else []
+        log_rows = read_rows(out / "log.jsonl")
+        row = {"gpus": n, "wall_s": round(time.perf_counter() - start, 1), "steps_logged": len(log_rows),
+               "epochs_seen": sorted({r["epoch"] for r in log_rows}), "rank_logs": logs}
+        if log_rows:
+            last = log_rows[-1]
+            row["max_mem_gb_ranks"] = last.get("max_mem_gb_ranks", [last.get("max_mem_gb")])
+            row["tokens_per_step"] = round(last["tokens"] / last["step"])
+        if rc != 0:
+            row["error"] = "timed out" if rc == 124 else f"exit {rc}"
+        if rc in (0, 124) and any(r["step"] > args.skip for r in log_rows):
+            row["tokens_per_s"] = round(steady_tokens_per_s(out / "log.jsonl", args.skip), 1)
+            row["steps_measured"] = sum(1 for r in log_rows if r["step"] > args.skip)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
     base = next((r["tokens_per_s"] for r in rows if r.get("gpus") == 1 and "tokens_per_s" in r), None)
     for r in rows:
         if base and "tokens_per_s" in r:
@@ -95,9 +158,10 @@ def main(argv: list[str] | None = None) -> int:
     Path(args.out).mkdir(parents=True, exist_ok=True)
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S")
     (Path(args.out) / f"scaling-{stamp}.json").write_text(json.dumps(result, indent=2))
-    print("\n| GPUs | tokens/s | speed-up | efficiency |\n|---|---|---|---|")
+    print("\n| GPUs | tokens/s | speed-up | efficiency | peak GB per rank |\n|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['gpus']} | {r.get('tokens_per_s', r.get('error'))} | {r.get('speedup', '')} | {r.get('efficiency', '')} |")
+        print(f"| {r['gpus']} | {r.get('tokens_per_s', r.get('error'))} | {r.get('speedup', '')} | "
+              f"{r.get('efficiency', '')} | {r.get('max_mem_gb_ranks', '')} |")
     return 0
 
 

@@ -123,8 +123,12 @@ class NotePairHead(nn.Module):
         rel = self.relevance_mlp(n).squeeze(-1) if self.relevance_mlp is not None else None
         return HeadOutput(pair, rel)
 
-    def forward(self, hidden_states: torch.Tensor, note_spans, answer_spans) -> HeadOutput:
-        """One case: hidden [T,H] or [1,T,H], spans as [(start,end), ...] -> HeadOutput."""
+    def forward(self, hidden_states: torch.Tensor, note_spans, answer_spans, note_counts=None, answer_counts=None):
+        """One case: hidden [T,H] or [1,T,H], spans as [(start,end), ...] -> HeadOutput.
+        With ``note_counts``/``answer_counts``: :meth:`forward_batch` (through ``forward`` so that
+        FSDP, which gathers a sharded unit's weights only around ``forward``, sees the call)."""
+        if note_counts is not None:
+            return self.forward_batch(hidden_states, note_spans, note_counts, answer_spans, answer_counts)
         note_vecs = self.pool(hidden_states, note_spans)
         answer_vecs = self.pool(hidden_states, answer_spans)
         return self.score(answer_vecs, note_vecs)

@@ -4,6 +4,12 @@ Each holds the LoRA adapter, the head, optimizer and scheduler state, every RNG
 state (python, numpy, torch CPU and CUDA; one file per process) and the data
 position, so that a resumed run continues bit-for-bit where it stopped. A checkpoint
 is written to a temporary folder and renamed, so a crash never leaves half of one.
+
+Several processes: the global main process writes everything except each rank's own
+RNG files (``rng-R``, R = global rank), into the run folder, which must be on a
+filesystem every node sees. Under FSDP every rank takes part in gathering the full
+adapter and head (training.gather) and saves its own optimizer shard
+(``optimizer-rank-R.pt``): an FSDP checkpoint resumes on the same number of processes.
 """
 from __future__ import annotations
 
@@ -16,7 +22,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from heads.alignment import load_head, save_head
+from data.errors import InputError
+from heads.alignment import HEAD_WEIGHTS, load_head, save_head
+
+from . import gather
 
 STATE_FILE = "trainer_state.json"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -61,8 +70,9 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
 
 
 def save_checkpoint(run_dir: str | Path, step: int, model, accelerator, optimizer, scheduler, state: dict,
-                    keep: int = 2) -> Path:
-    """Write ``step-N`` (adapter, head, optimizer, scheduler, RNG, ``state``); keep the newest ``keep``."""
+                    keep: int = 2, wrapped=None) -> Path:
+    """Write ``step-N`` (adapter, head, optimizer, scheduler, RNG, ``state``); keep the newest ``keep``.
+    ``model`` is the unwrapped model, ``wrapped`` what ``accelerator.prepare`` returned (FSDP)."""
     root = Path(run_dir) / "checkpoints"
     final = root / f"step-{step}"
     tmp = root / f".step-{step}.partial"
@@ -74,11 +84,21 @@ def save_checkpoint(run_dir: str | Path, step: int, model, accelerator, optimize
     meta, tensors = capture_rng()
     (tmp / f"rng-{rank}.json").write_text(json.dumps(meta), encoding="utf-8")
     torch.save(tensors, tmp / f"rng-{rank}.pt")
+    fsdp = gather.is_fsdp(accelerator)
+    with gather.full_parameters(accelerator, wrapped):  # every rank (FSDP gathers)
+        if accelerator.is_main_process:
+            lora, head_state = gather.trainable_state(model.backbone, model.head) if fsdp else (None, None)
+            if fsdp:
+                gather.save_adapter(model.backbone, tmp / "adapter", lora)
+            else:
+                model.backbone.save_pretrained(str(tmp / "adapter"))
+            if model.head is not None:
+                save_head(gather.head_from_state(model.head, head_state) if fsdp else model.head, tmp / "head")
+    if fsdp:
+        torch.save(optimizer.state_dict(), tmp / f"optimizer-rank-{rank}.pt")
     if accelerator.is_main_process:
-        model.backbone.save_pretrained(str(tmp / "adapter"))
-        if model.head is not None:
-            save_head(model.head, tmp / "head")
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        if not fsdp:
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         (tmp / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n", encoding="utf-8")
     accelerator.wait_for_everyone()
@@ -91,13 +111,15 @@ def save_checkpoint(run_dir: str | Path, step: int, model, accelerator, optimize
     return final
 
 
-def load_checkpoint(ckpt: str | Path, model, optimizer, scheduler) -> dict:
+def load_checkpoint(ckpt: str | Path, model, optimizer, scheduler, accelerator=None, wrapped=None) -> dict:
     """Restore adapter, head, optimizer and scheduler into live objects; return the trainer state."""
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
     ckpt = Path(ckpt)
     adapter = load_file(str(ckpt / "adapter" / "adapter_model.safetensors"))
+    if accelerator is not None and gather.is_fsdp(accelerator):
+        return _load_fsdp_checkpoint(ckpt, adapter, model, optimizer, scheduler, accelerator, wrapped)
     result = set_peft_model_state_dict(model.backbone, adapter)
     missing_lora = [k for k in getattr(result, "missing_keys", []) if "lora_" in k]
     if missing_lora:
@@ -124,3 +146,21 @@ def load_rng(ckpt: str | Path, rank: int) -> None:
         rank = 0
     meta = json.loads((ckpt / f"rng-{rank}.json").read_text(encoding="utf-8"))
     restore_rng(meta, torch.load(ckpt / f"rng-{rank}.pt", weights_only=True))
+
+
+def _load_fsdp_checkpoint(ckpt: Path, adapter: dict, model, optimizer, scheduler, accelerator, wrapped) -> dict:
+    """FSDP: every rank writes the full adapter/head into its shards; its own optimizer shard."""
+    from safetensors.torch import load_file
+
+    state = read_state(ckpt)
+    rank = accelerator.process_index
+    shard = ckpt / f"optimizer-rank-{rank}.pt"
+    if state.get("processes") != accelerator.num_processes or not shard.is_file():
+        raise InputError(f"an FSDP checkpoint resumes on the process count it was written with "
+                         f"({state.get('processes')}), not {accelerator.num_processes}", ckpt)
+    head_state = load_file(str(ckpt / "head" / HEAD_WEIGHTS)) if model.head is not None else None
+    with gather.full_parameters(accelerator, wrapped, writeback=True):
+        gather.load_trainable_state(model.backbone, model.head, adapter, head_state)
+    optimizer.load_state_dict(torch.load(shard, weights_only=True))
+    scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=True))
+    return state

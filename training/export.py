@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import platform
 import shutil
+import sys
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
@@ -31,6 +32,7 @@ from model.backbone import RANDOM_INIT_SEED, is_quantised, is_random_preset, res
 from .calibration import DEFAULT_THRESHOLD, calibrate_threshold
 from .config import TrainConfig
 from .data import TrainItem, file_sha256, task_file_records
+from .gather import save_adapter
 
 MANIFEST = "manifest.json"
 EXPORT_FORMAT = "archehr-export/1"
@@ -102,21 +104,34 @@ def export_run(
     init_manifest: dict | None,
     steps: int,
     final_loss: float | None,
+    adapter_state: dict | None = None,
+    calibrate_alignment: bool = True,
 ) -> Path:
+    """``adapter_state``: the full LoRA weights when the live backbone is sharded (FSDP,
+    training.gather); sharded, it cannot run the calibration forward on one process, so
+    ``calibrate_alignment`` False keeps the inherited/default threshold (said on stderr)."""
     run = Path(run_dir)
     final = run / "export"
     tmp = run / ".export.partial"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    backbone.save_pretrained(str(tmp))
+    if adapter_state is not None:
+        save_adapter(backbone, tmp, adapter_state)
+    else:
+        backbone.save_pretrained(str(tmp))
     save_head(head, tmp)
 
-    alignment = calibrate(backbone, head, items, cfg.calibration_max_examples) if cfg.joint else None
+    calibrating = cfg.joint and calibrate_alignment
+    alignment = calibrate(backbone, head, items, cfg.calibration_max_examples) if calibrating else None
     if alignment is None:
         inherited = (init_manifest or {}).get("alignment")
         alignment = dict(inherited, calibrated_on="inherited") if inherited else {
             "threshold": DEFAULT_THRESHOLD, "train_pair_f1": None, "calibrated_on": "default", "n_examples": 0}
-    relevance = calibrate_relevance(backbone, head, items, cfg.calibration_max_examples) if cfg.joint else None
+        if cfg.joint and not calibrate_alignment:
+            alignment["not_calibrated"] = "sharded (FSDP) run: calibrate after loading the export"
+            print(f"note: alignment threshold not calibrated (FSDP run); using {alignment['calibrated_on']} "
+                  f"threshold {alignment['threshold']}", file=sys.stderr)
+    relevance = calibrate_relevance(backbone, head, items, cfg.calibration_max_examples) if calibrating else None
     if relevance is None and (init_manifest or {}).get("relevance"):
         relevance = dict(init_manifest["relevance"], calibrated_on="inherited")
     if cfg.stage == "task":  # each annotated file with the case ids it contributed

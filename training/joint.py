@@ -68,8 +68,9 @@ def answer_token_loss(backbone, final_hidden: torch.Tensor, labels: torch.Tensor
 
 def alignment_losses(head, hidden: torch.Tensor, batch: dict, settings: LossSettings) -> dict[str, torch.Tensor]:
     """Pair BCE over examples with citations and relevance BCE over labelled notes."""
-    pair_logits, rel_logits = head.forward_batch(
-        hidden, batch["note_spans"], batch["note_counts"], batch["answer_spans"], batch["answer_counts"]
+    pair_logits, rel_logits = head(
+        hidden, batch["note_spans"], batch["answer_spans"], note_counts=batch["note_counts"],
+        answer_counts=batch["answer_counts"],
     )
     # Zero-weighted terms keep every head parameter in the graph (DDP needs identical graphs).
     anchor = sum(p.sum() for p in pair_logits) * 0.0

@@ -10,8 +10,9 @@ Every ``log_every`` steps: loss parts, lr and non-padding tokens/s to stdout and
 PNG and ``RUN/export/``.
 
 Several processes (``accelerate launch``, DDP; gloo on CPU, NCCL on GPUs): each
-rank trains on every P-th global batch of the same deterministic epoch order
-(accelerate's batch-sampler sharding), gradients are averaged, logged losses are
+rank trains on every P-th global batch of the same deterministic epoch order, every
+rank running the same number of micro-steps (:mod:`training.sharding`, not
+accelerate's batch-sampler sharding), gradients are averaged, logged losses are
 averaged over ranks, and only the main process writes the log, checkpoints (apart
 from its own ``rng-R`` files per rank) and the export. The data position in a
 checkpoint counts *global* batches, and an optimizer step is ``P * grad_accum``
@@ -24,7 +25,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import math
 import sys
 import time
 from dataclasses import dataclass, field
@@ -38,10 +38,10 @@ from heads.config import HeadConfig
 from model.backbone import LoraSettings, compile_decoder_layers, load_backbone, load_tokenizer, resolve_preset
 
 from . import checkpoints as ckpts
+from . import gather
 from .config import TrainConfig
 from .data import (
     EpochBatches,
-    ItemDataset,
     TokenBudgetBatches,
     TrainItem,
     collate,
@@ -54,6 +54,7 @@ from .data import (
     task_sources,
 )
 from .joint import JointModel, LossSettings
+from .sharding import rank_micro_batches, steps_in_epoch
 
 LOG_FILE = "log.jsonl"
 CURVE_FILE = "loss_curve.png"
@@ -142,10 +143,11 @@ def make_scheduler(optimizer, cfg: TrainConfig, total_steps: int):
     return make(optimizer, warmup, total_steps)
 
 
-def train_step(model, batch: dict, accelerator, grad_accum: int = 1) -> dict[str, float]:
-    """Forward + backward of one micro-batch; returns the (unscaled) loss parts as floats."""
+def train_step(model, batch: dict, accelerator, grad_accum: int = 1, weight: float = 1.0) -> dict[str, float]:
+    """Forward + backward of one micro-batch; returns the (unscaled) loss parts as floats.
+    ``weight`` 0 is a filler micro-step (training.sharding): it only keeps ranks in step."""
     losses = model(batch)
-    accelerator.backward(losses["loss"] / grad_accum)
+    accelerator.backward(losses["loss"] / grad_accum if weight == 1.0 else losses["loss"] * (weight / grad_accum))
     return {k: float(v.detach()) for k, v in losses.items()}
 
 
@@ -233,25 +235,6 @@ def fsdp_wrap_policy(model: JointModel):
     return policy
 
 
-class _IndexedItems(torch.utils.data.Dataset):
-    """Items with their dataset index (for ``record_batches``)."""
-
-    def __init__(self, items: list[TrainItem]):
-        self.items = items
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, i: int) -> tuple[int, TrainItem]:
-        return i, self.items[i]
-
-
-def _collate_indexed(batch: list[tuple[int, TrainItem]], pad_id: int) -> dict:
-    out = collate([it for _, it in batch], pad_id)
-    out["example_index"] = torch.tensor([i for i, _ in batch], dtype=torch.long)
-    return out
-
-
 def _truncate_log(log_path: Path, last_step: int) -> None:
     """On resume, drop log lines written after the checkpoint (they will be written again)."""
     if not log_path.is_file():
@@ -294,6 +277,7 @@ def run_training(cfg: TrainConfig, resume: bool = False) -> RunResult:
         # The head's parts can sit out a batch (no citations, no relevance labels).
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=cfg.joint)],
     )
+    gather.check_fsdp_version(accelerator)
     resume_from = ckpts.latest_checkpoint(out) if resume else None
     if resume and resume_from is None:
         raise InputError("no checkpoint to resume from (checkpoints/step-N)", out)
@@ -341,22 +325,16 @@ def run_training(cfg: TrainConfig, resume: bool = False) -> RunResult:
         sampler = EpochBatches(lengths, cfg.batch_size, cfg.seed, True, cfg.group_by_length)
     pad_id = tokenizer.pad_token_id
     record = Path(cfg.record_batches) if cfg.record_batches else None
-    loader = torch.utils.data.DataLoader(
-        _IndexedItems(items) if record else ItemDataset(items),
-        batch_sampler=sampler,
-        collate_fn=(lambda batch: _collate_indexed(batch, pad_id)) if record else (lambda batch: collate(batch, pad_id)),
-        # Its own generator: creating an iterator must not draw from the global RNG.
-        generator=torch.Generator().manual_seed(cfg.seed),
-    )
     procs = accelerator.num_processes
-    steps_per_epoch = math.ceil(math.ceil(sampler.num_batches() / procs) / cfg.grad_accum)
+    steps_per_epoch = steps_in_epoch(sampler.num_batches(), 0, procs, cfg.grad_accum)
     total_steps = cfg.max_steps if cfg.max_steps > 0 else cfg.epochs * steps_per_epoch
     scheduler = make_scheduler(optimizer, cfg, total_steps)
-    from accelerate.utils import DistributedType
+    from accelerate.utils import DistributedType, send_to_device
 
     if accelerator.distributed_type == DistributedType.FSDP:
         accelerator.state.fsdp_plugin.auto_wrap_policy = fsdp_wrap_policy(model)
-    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    # No data loader through accelerate: training.sharding splits the batches itself.
+    model, optimizer = accelerator.prepare(model, optimizer)
     plain = accelerator.unwrap_model(model)
 
     step, epoch, position, tokens_seen = 0, 0, 0, 0
@@ -364,7 +342,7 @@ def run_training(cfg: TrainConfig, resume: bool = False) -> RunResult:
         record.mkdir(parents=True, exist_ok=True)
         record_file = record / f"batches-rank{accelerator.process_index}.jsonl"
     if resume_from is not None:
-        state = ckpts.load_checkpoint(resume_from, plain, optimizer, scheduler)
+        state = ckpts.load_checkpoint(resume_from, plain, optimizer, scheduler, accelerator, model)
         step, epoch, position, tokens_seen = state["step"], state["epoch"], state["position"], state["tokens"]
         if accelerator.is_main_process:
             _truncate_log(out / LOG_FILE, step)
@@ -381,39 +359,41 @@ def run_training(cfg: TrainConfig, resume: bool = False) -> RunResult:
     model.train()
 
     while step < total_steps:
-        sampler.set_position(epoch, start=position)
-        n_micro = len(loader)
-        batches = iter(loader)
+        micro_batches = rank_micro_batches(sampler.batches(epoch), position, procs, accelerator.process_index,
+                                           cfg.grad_accum)
         if resume_from is not None:
             # After the iterator exists: the RNG stream continues exactly where it was saved.
             ckpts.load_rng(resume_from, accelerator.process_index)
             resume_from = None
-        micro = 0
-        for batch in batches:
-            micro += 1
-            if record is not None:
+        for micro_batch in micro_batches:
+            real = micro_batch.weight > 0
+            if record is not None and real:
                 seen = {"rank": accelerator.process_index, "step": step + 1, "epoch": epoch,
-                        "index": batch.pop("example_index").tolist()}
+                        "index": micro_batch.indices}
                 with record_file.open("a", encoding="utf-8") as fh:
                     fh.write(json.dumps(seen) + "\n")
-            boundary = micro % cfg.grad_accum == 0 or micro == n_micro
+            batch = send_to_device(collate([items[i] for i in micro_batch.indices], pad_id), accelerator.device)
+            boundary = micro_batch.last_of_step
             sync = contextlib.nullcontext() if boundary else accelerator.no_sync(model)
             with sync:
-                losses = train_step(model, batch, accelerator, cfg.grad_accum)
-            for k, v in losses.items():
-                window[k] = window.get(k, 0.0) + v
-            window_micro += 1
-            window_tokens += int(batch["attention_mask"].sum())
+                losses = train_step(model, batch, accelerator, cfg.grad_accum, micro_batch.weight)
+            if real:
+                for k, v in losses.items():
+                    window[k] = window.get(k, 0.0) + v
+                window_micro += 1
+                window_tokens += sum(lengths[i] for i in micro_batch.indices)
             if not boundary:
                 continue
             if cfg.max_grad_norm > 0:
-                accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+                # FSDP: the root's own clip (global norm over all shards) is used only when handed
+                # all of the model's parameters; a subset would clip each rank's shard by its own norm.
+                accelerator.clip_grad_norm_(model.parameters() if gather.is_fsdp(accelerator) else params,
+                                            cfg.max_grad_norm)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
             bar.update(1)
-            consumed = position + micro * procs  # global batches of this epoch done
             if step % cfg.log_every == 0 or step == total_steps:
                 tokens = int(accelerator.reduce(torch.tensor(window_tokens, device=accelerator.device), "sum"))
                 window, window_micro = merged_window(accelerator, window, window_micro)
@@ -424,6 +404,9 @@ def run_training(cfg: TrainConfig, resume: bool = False) -> RunResult:
                 row.update(lr=scheduler.get_last_lr()[0], tokens=tokens_seen, tokens_per_s=round(tokens / elapsed, 1))
                 if torch.cuda.is_available():
                     row["max_mem_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+                    if procs > 1:  # every rank's peak, in global rank order
+                        peak = torch.tensor([row["max_mem_gb"]], device=accelerator.device)
+                        row["max_mem_gb_ranks"] = [round(x, 2) for x in accelerator.gather(peak).tolist()]
                 history.append(row)
                 if accelerator.is_main_process:
                     with (out / LOG_FILE).open("a", encoding="utf-8") as fh:
@@ -436,12 +419,13 @@ def run_training(cfg: TrainConfig, resume: bool = False) -> RunResult:
                 window, window_micro, window_tokens, window_start = {}, 0, 0, time.perf_counter()
             stopping = cfg.stop_after_steps > 0 and step >= cfg.stop_after_steps and step < total_steps
             if (cfg.save_every > 0 and step % cfg.save_every == 0) or stopping:
-                next_epoch, next_position = (epoch + 1, 0) if micro == n_micro else (epoch, consumed)
+                next_epoch, next_position = ((epoch + 1, 0) if micro_batch.end_of_epoch
+                                             else (epoch, micro_batch.consumed))
                 state = {"step": step, "epoch": next_epoch, "position": next_position, "tokens": tokens_seen,
                          "total_steps": total_steps, "processes": procs,
                          "batches_per_step": procs * cfg.grad_accum}
                 ckpts.save_checkpoint(out, step, plain, accelerator, optimizer, scheduler, state,
-                                      keep=cfg.keep_checkpoints)
+                                      keep=cfg.keep_checkpoints, wrapped=model)
             if stopping:
                 interrupted = True
                 break
@@ -456,14 +440,18 @@ def run_training(cfg: TrainConfig, resume: bool = False) -> RunResult:
     export_dir = None
     if not interrupted:
         accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
-            from .export import export_run
+        with gather.full_parameters(accelerator, model):  # every rank: FSDP gathers the weights
+            if accelerator.is_main_process:
+                from .export import export_run
 
-            if cfg.plot and (out / LOG_FILE).is_file():
-                plot_losses(out / LOG_FILE, out / CURVE_FILE)
-            export_dir = export_run(
-                out, plain.backbone, head, tokenizer, cfg, items, sources, init_export, init_manifest,
-                steps=step, final_loss=history[-1]["loss"] if history else None,
-            )
+                if cfg.plot and (out / LOG_FILE).is_file():
+                    plot_losses(out / LOG_FILE, out / CURVE_FILE)
+                fsdp = gather.is_fsdp(accelerator)
+                export_dir = export_run(
+                    out, plain.backbone, head, tokenizer, cfg, items, sources, init_export, init_manifest,
+                    steps=step, final_loss=history[-1]["loss"] if history else None,
+                    adapter_state=gather.trainable_state(plain.backbone, None)[0] if fsdp else None,
+                    calibrate_alignment=not fsdp,
+                )
         accelerator.wait_for_everyone()
     return RunResult(out, step, interrupted, export_dir, history, plain.backbone, head)
