@@ -17,6 +17,7 @@ through ``prepare_model_for_kbit_training`` first (fp32 norms, input grads).
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import shutil
 import time
@@ -101,6 +102,17 @@ def save_random_base(preset: ModelPreset | str, out_dir: str | Path, seed: int =
     out = Path(out_dir)
     if (out / "config.json").is_file() and any(out.glob("*.safetensors")):
         return out
+    # Several processes (the ranks of one launch) may ask at once: one builds, the others wait
+    # for it and then find the finished folder.
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.with_name(f"{out.name}.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (out / "config.json").is_file() and any(out.glob("*.safetensors")):
+            return out
+        return _write_random_base(preset, out, seed)
+
+
+def _write_random_base(preset: ModelPreset | str, out: Path, seed: int) -> Path:
     preset = resolve_preset(preset)
     # The big shape is stored in bf16 (what users' checkpoints hold); tiny stays fp32.
     dtype = torch.bfloat16 if preset.arch.get("hidden_size", 0) >= 1024 else torch.float32

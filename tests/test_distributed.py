@@ -429,6 +429,9 @@ def test_fsdp_qlora_two_gpus(tmp_path):
 
     from model.backbone import build_random_base
 
+    from model.backbone import random_base_cache_dir, save_random_base
+
+    save_random_base("tiny", random_base_cache_dir("tiny"))  # once, before two ranks would both build it
     run = tmp_path / "fsdp"
     args = cli_args(dict(COMMON, out=run, load_in_4bit="true", quant_storage="bfloat16", max_steps=4,
                          save_every=2, keep_checkpoints=0))
