@@ -39,6 +39,7 @@ from model.backbone import LoraSettings, compile_decoder_layers, load_backbone, 
 
 from . import checkpoints as ckpts
 from .config import TrainConfig
+from .interrupt import TrainingDiverged, check_finite, non_finite, stop_requested
 from .data import (
     EpochBatches,
     ItemDataset,
@@ -374,6 +375,7 @@ def run_training(cfg: TrainConfig, resume: bool = False) -> RunResult:
     window_micro, window_tokens, window_start = 0, 0, time.perf_counter()
     params = [p for group in optimizer.param_groups for p in group["params"]]
     interrupted = False
+    bad_losses: list[str] = []  # loss parts that were not finite in this optimizer step
     model.train()
 
     while step < total_steps:
@@ -396,14 +398,23 @@ def run_training(cfg: TrainConfig, resume: bool = False) -> RunResult:
             sync = contextlib.nullcontext() if boundary else accelerator.no_sync(model)
             with sync:
                 losses = train_step(model, batch, accelerator, cfg.grad_accum)
+            bad_losses += non_finite(losses)
             for k, v in losses.items():
                 window[k] = window.get(k, 0.0) + v
             window_micro += 1
             window_tokens += int(batch["attention_mask"].sum())
             if not boundary:
                 continue
+            grad_norm = None
             if cfg.max_grad_norm > 0:
-                accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+                grad_norm = float(accelerator.clip_grad_norm_(params, cfg.max_grad_norm))
+            try:  # before optimizer.step: a NaN never reaches the weights or a checkpoint
+                check_finite(step + 1, bad_losses, grad_norm, accelerator, lambda: ckpts.latest_checkpoint(out), out)
+            except TrainingDiverged as err:
+                if accelerator.is_main_process:
+                    with (out / LOG_FILE).open("a", encoding="utf-8") as fh:
+                        fh.write(json.dumps({"step": step + 1, "epoch": epoch, "diverged": err.problem}) + "\n")
+                raise
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -431,6 +442,7 @@ def run_training(cfg: TrainConfig, resume: bool = False) -> RunResult:
                     bar.set_postfix(loss=f"{row['loss']:.3f}")
                 window, window_micro, window_tokens, window_start = {}, 0, 0, time.perf_counter()
             stopping = cfg.stop_after_steps > 0 and step >= cfg.stop_after_steps and step < total_steps
+            stopping = stopping or (stop_requested(accelerator) and step < total_steps)  # SIGINT/SIGTERM
             if (cfg.save_every > 0 and step % cfg.save_every == 0) or stopping:
                 next_epoch, next_position = (epoch + 1, 0) if micro == n_micro else (epoch, consumed)
                 state = {"step": step, "epoch": next_epoch, "position": next_position, "tokens": tokens_seen,
