@@ -17,8 +17,8 @@ import sys
 from pathlib import Path
 
 from data.archehr import load_cases, load_key
-from data.atomic import write_json_atomic
-from data.errors import InputError, exit_on_input_error
+from data.atomic import check_file_target, write_json_atomic
+from data.errors import InputError, exit_on_input_error, exit_on_interrupt
 from data.submission import MAX_WORDS, count_words, read_submission
 from metrics.alignment import SCORE_KEYS, score_alignment
 from metrics.generation import GenerationScores, score_generation
@@ -146,6 +146,7 @@ def _add_cv_parser(commands) -> None:
     cv.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
+@exit_on_interrupt
 @exit_on_input_error
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
@@ -175,6 +176,8 @@ def _cv_command(args: argparse.Namespace) -> int:
 def _score_command(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     if args.subtask is None or args.submission is None or args.key is None:
         parser.error("--subtask, --submission and --key are required")
+    if args.json_out is not None:  # before scoring: never the submission (or key) it scores
+        check_file_target(args.json_out, [args.submission, args.key, args.xml], "--json")
     if args.subtask == 4:
         scores = score_subtask4(args.submission, args.key)
         _print_table([(k, f"{scores[k]:.4f}") for k in SCORE_KEYS])

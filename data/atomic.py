@@ -234,3 +234,18 @@ def _exchange(a: Path, b: Path) -> bool:
     renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
     rc = renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE)
     return rc == 0
+
+
+def check_file_target(target: Path, inputs: list[Path | None], flag: str) -> None:
+    """Before the work: ``target`` can be written atomically and is none of the ``inputs``."""
+    target = Path(target)
+    if not str(target).strip() or str(target) == ".":
+        raise InputError(f"{flag} must name a file")
+    for source in inputs:
+        if source is not None and (same_file(target, source) or target.absolute() == Path(source).absolute()):
+            raise InputError(f"{flag} would overwrite an input file; choose another path", target)
+    if target.is_symlink() and not target.exists():
+        raise InputError(f"{flag} is a dangling symbolic link", target)
+    if target.is_dir():
+        raise InputError(f"{flag} is a folder, not a file", target)
+    check_out_folder(target.absolute().parent, flag)

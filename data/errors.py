@@ -102,3 +102,16 @@ def exit_on_interrupt(main: F) -> F:
                 signal.signal(signal.SIGTERM, previous)
 
     return wrapper  # type: ignore[return-value]
+
+
+def parse_json(text: str | bytes, path: str | Path, where: str = "") -> object:
+    """JSON from a user's file; malformed or absurdly deep JSON -> one InputError line."""
+    import json
+
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        at = f"{where}: " if where else ""
+        raise InputError(f"{at}invalid JSON ({err.msg} at line {err.lineno})", path) from None
+    except RecursionError:
+        raise InputError(f"{where + ': ' if where else ''}JSON nested too deeply", path) from None

@@ -11,11 +11,15 @@ import json
 import random
 import re
 import shutil
+import struct
+import sys
+import zipfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from data.atomic import fsync_tree
 from heads.alignment import load_head, save_head
 
 STATE_FILE = "trainer_state.json"
@@ -56,8 +60,52 @@ def checkpoint_dirs(run_dir: str | Path) -> list[Path]:
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    dirs = [d for d in checkpoint_dirs(run_dir) if (d / STATE_FILE).is_file()]
-    return dirs[-1] if dirs else None
+    """The newest complete checkpoint; a torn newer one (disk full, killed copy) is skipped
+    with a warning, so a resume falls back to the previous complete one."""
+    for d in reversed(checkpoint_dirs(run_dir)):
+        problem = checkpoint_problem(d)
+        if problem is None:
+            return d
+        print(f"warning: skipping checkpoint {d}: {problem}", file=sys.stderr)
+    return None
+
+
+def _safetensors_problem(path: Path) -> str | None:
+    """Whether ``path`` holds a whole safetensors file (header parses, data not cut short)."""
+    if not path.is_file():
+        return f"{path.name} is missing"
+    size = path.stat().st_size
+    try:
+        with path.open("rb") as fh:
+            (n,) = struct.unpack("<Q", fh.read(8))
+            if n > size - 8:
+                raise ValueError
+            header = json.loads(fh.read(n))
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    except (struct.error, ValueError, KeyError, TypeError, IndexError):
+        return f"{path.name} is truncated or not safetensors"
+    if 8 + n + end > size:
+        return f"{path.name} is truncated ({size} bytes, needs {8 + n + end})"
+    return None
+
+
+def checkpoint_problem(ckpt: Path) -> str | None:
+    """What makes ``ckpt`` unusable for a resume (None: complete). Cheap: headers and sizes only."""
+    try:
+        state = json.loads((ckpt / STATE_FILE).read_text(encoding="utf-8"))
+        if not isinstance(state, dict) or "step" not in state:
+            raise ValueError
+    except (OSError, ValueError):
+        return f"{STATE_FILE} is missing or unreadable"
+    problem = _safetensors_problem(ckpt / "adapter" / "adapter_model.safetensors")
+    if problem is None and (ckpt / "head").exists():
+        problem = _safetensors_problem(ckpt / "head" / "head.safetensors")
+    if problem is not None:
+        return problem
+    for name in ("optimizer.pt", "scheduler.pt", "rng-0.pt"):
+        if not zipfile.is_zipfile(ckpt / name):  # torch.save's format is a zip: a cut one has no directory
+            return f"{name} is missing, empty or truncated"
+    return None
 
 
 def save_checkpoint(run_dir: str | Path, step: int, model, accelerator, optimizer, scheduler, state: dict,
@@ -83,6 +131,7 @@ def save_checkpoint(run_dir: str | Path, step: int, model, accelerator, optimize
         (tmp / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n", encoding="utf-8")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        fsync_tree(tmp)  # on disk before the rename makes it the checkpoint a resume trusts
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
         for old in checkpoint_dirs(run_dir)[:-keep] if keep > 0 else []:

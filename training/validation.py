@@ -114,7 +114,7 @@ RULES: dict[str, Rule] = {
     "calibration_max_examples": integer(0),
     "log_every": integer(1),
     "save_every": integer(0),
-    "keep_checkpoints": integer(1),
+    "keep_checkpoints": integer(0),  # 0 = keep all
     "stop_after_steps": integer(0),
     "progress": BOOL,
     "plot": BOOL,
