@@ -95,7 +95,7 @@ def exit_on_interrupt(main: F) -> F:
             print(stop.message, file=sys.stderr)
             raise SystemExit(EXIT_INTERRUPTED) from None
         except KeyboardInterrupt:
-            print("interrupted: no partial output was left", file=sys.stderr)
+            print("interrupted: no half-written file was left", file=sys.stderr)
             raise SystemExit(EXIT_INTERRUPTED) from None
         finally:
             if in_main_thread:

@@ -211,14 +211,29 @@ def test_export_with_truncated_adapter(tmp_path, capsys):
     infer_checkpoint(capsys, tmp_path, export, "unreadable weights")
 
 
-def test_hub_base_model_offline_fails_in_seconds(tmp_path, capsys, monkeypatch):
+@pytest.fixture
+def no_cached_weights(monkeypatch):
+    """Offline, and the local Hugging Face cache lacks every model (also on a developer's machine)."""
+    import huggingface_hub
+
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "empty-hf-home"))
+    monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", lambda *a, **k: None)
+
+
+def test_hub_base_model_offline_fails_in_seconds(tmp_path, capsys, no_cached_weights):
     export = fake_export(tmp_path / "exp", {"preset": "qwen3-4b", "base_model": {"id": "Qwen/Qwen3-4B"},
                                             "alignment": {"threshold": 0.4}})
     start = time.perf_counter()
     infer_checkpoint(capsys, tmp_path, export, "pass --base /local/folder")
     assert time.perf_counter() - start < 10
+
+
+def test_training_hub_model_offline_fails_in_seconds(tmp_path, capsys, no_cached_weights):
+    start = time.perf_counter()
+    refused(capsys, train.main, domain_args(tmp_path / "run", "--preset", "qwen3-4b"),
+            contains="pass --base_path /local/folder")
+    assert time.perf_counter() - start < 10
+    assert snapshot(tmp_path) == {}
 
 
 # --- 4. infer.py's output set: all or nothing, never mixed -----------------------------------
@@ -569,7 +584,7 @@ def test_infer_killed_while_writing_leaves_the_previous_set(tmp_path, previous_s
     assert snapshot(out) == previous_set  # the untouched old set, nothing mixed in
     if how == "SIGTERM":
         assert proc.returncode == 130
-        assert err.strip().splitlines()[-1] == "interrupted: no partial output was left"
+        assert err.strip().splitlines()[-1] == "interrupted: no half-written file was left"
         assert "Traceback" not in err
         assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "paused"]  # staging removed
     # And a run that is not interrupted puts the complete new set in place.

@@ -275,6 +275,11 @@ def run_training(cfg: TrainConfig, resume: bool = False) -> RunResult:
         raise InputError("--preset is required")
     init_export = resolve_init(cfg.init) if cfg.stage == "task" and cfg.init else None
     init_manifest = read_manifest(init_export) if init_export is not None else None
+    if preset.source is not None:  # a hub id neither cached nor reachable: one line in seconds
+        from model.export_checks import check_base_available
+
+        check_base_available(cfg.base_path or (init_manifest or {}).get("base_model", {}).get("path")
+                             or preset.source, "--base_path")
     if init_manifest is not None and init_manifest.get("preset") != preset.name:
         raise InputError(
             f"--init was trained with preset {init_manifest.get('preset')!r}, not {preset.name!r}", init_export
