@@ -174,17 +174,20 @@ class OutputSet:
         self.target = target
         target.parent.mkdir(parents=True, exist_ok=True)
         self._remove_stale(target)
-        self.stage = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.partial-"))
+        self.stage = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.partial-{_owner()}"))
         os.chmod(self.stage, 0o777 & ~current_umask())
         return self.stage
 
     @staticmethod
     def _remove_stale(target: Path, older_than_s: float = 3600.0) -> None:
-        """Staging folders a killed run (SIGKILL) left beside ``target`` an hour or more ago."""
+        """Staging folders a killed run (SIGKILL) left beside ``target``: those of a process
+        that no longer runs, or (another host's) an hour old."""
         now = time.time()
         for p in target.parent.glob(f".{target.name}.partial-*"):
+            pid, _, host = p.name[len(f".{target.name}.partial-"):].partition("@")
+            ours = host.startswith(_owner().partition("@")[2])  # same host: the pid says if it still runs
             try:
-                if now - p.stat().st_mtime > older_than_s:
+                if (ours and pid.isdigit() and not _alive(int(pid))) or now - p.stat().st_mtime > older_than_s:
                     shutil.rmtree(p, ignore_errors=True)
             except OSError:
                 pass
@@ -218,6 +221,24 @@ class OutputSet:
             os.rename(self.stage, target)
             shutil.rmtree(old, ignore_errors=True)
         _fsync_dir(target.parent)
+
+
+def _owner() -> str:
+    """``PID@HOST@``: whose staging folder it is (shared filesystems span hosts)."""
+    import socket
+
+    host = re.sub(r"[^A-Za-z0-9.]", "_", socket.gethostname())
+    return f"{os.getpid()}@{host}@"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 _RENAME_EXCHANGE = 2

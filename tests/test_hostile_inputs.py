@@ -592,3 +592,4 @@ def test_infer_killed_while_writing_leaves_the_previous_set(tmp_path, previous_s
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err[-3000:]
     assert set(snapshot(out)) == {"run.json", "subtask3", "subtask3/submission.json", "subtask3.zip"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "paused"]  # the killed run's staging cleared
