@@ -5,7 +5,8 @@
     python infer.py notes.xml --out DIR --key key.json        # also print scores
 
 Writes DIR/subtask3/submission.json, DIR/subtask4/submission.json, DIR/subtask3.zip,
-DIR/subtask4.zip and DIR/run.json. Tune a retrieval ensemble with
+DIR/subtask4.zip and DIR/run.json, all or nothing (an earlier run in DIR is refused
+unless --overwrite, which replaces the whole set). Tune a retrieval ensemble with
 ``python -m baselines.fit`` and pass it with ``--ensemble``.
 """
 from __future__ import annotations
@@ -66,10 +67,10 @@ def main(argv: list[str] | None = None) -> int:
     from inference.pipeline import InferenceOptions, run_inference  # after --help stays fast
 
     run_inference(InferenceOptions(
-        xml=args.xml, out=Path(args.out), overwrite=args.overwrite, checkpoint=args.checkpoint, key=args.key, subtasks=args.subtasks,
+        xml=args.xml, out=Path(args.out), checkpoint=args.checkpoint, key=args.key, subtasks=args.subtasks,
         aligner=args.aligner, ensemble=args.ensemble, max_links_per_answer=args.max_links_per_answer,
         top1_fallback=args.top1_fallback, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
-        base=args.base, device=args.device, progress=not args.no_progress,
+        base=args.base, device=args.device, progress=not args.no_progress, overwrite=args.overwrite,
     ))
     return 0
 

@@ -412,7 +412,8 @@ def run_training(cfg: TrainConfig, resume: bool = False) -> RunResult:
                 continue
             grad_norm = None
             if cfg.max_grad_norm > 0:
-                grad_norm = float(accelerator.clip_grad_norm_(params, cfg.max_grad_norm))
+                norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+                grad_norm = float(norm) if norm is not None else None
             try:  # before optimizer.step: a NaN never reaches the weights or a checkpoint
                 check_finite(step + 1, bad_losses, grad_norm, accelerator, lambda: ckpts.latest_checkpoint(out), out)
             except TrainingDiverged as err:
