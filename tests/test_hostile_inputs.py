@@ -98,6 +98,16 @@ def test_train_argument_refused_before_any_output(tmp_path, capsys, extra, messa
     assert snapshot(tmp_path) == {}
 
 
+def test_every_config_field_has_a_rule():
+    from dataclasses import fields
+
+    from training.config import TrainConfig
+    from training.validation import RULES
+
+    assert [f.name for f in fields(TrainConfig) if f.name not in RULES] == []
+    assert set(RULES) <= {f.name for f in fields(TrainConfig)}
+
+
 def test_train_toml_nan_lr_refused(tmp_path, capsys):
     config = tmp_path / "bad.toml"
     config.write_text('stage = "domain"\nlr = nan\n')
