@@ -514,6 +514,30 @@ def test_no_complete_checkpoint_refused(tmp_path, capsys, stopped_run):
     assert snapshot(run) == before
 
 
+def test_unreadable_checkpoint_content_refused(tmp_path, capsys, stopped_run):
+    def tear(ckpt):  # a whole zip, so it passes the completeness check, but no torch payload
+        (ckpt / "optimizer.pt").unlink()
+        with zipfile.ZipFile(ckpt / "optimizer.pt", "w") as zf:
+            zf.writestr("junk", b"not a state dict")
+
+    run = torn_copy(stopped_run, tmp_path, tear)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        train.main(["--resume", str(run)])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "checkpoint is unreadable" in errors[0] and "step-2" in errors[0], err
+    assert "Traceback" not in err
+    assert not (run / "export").exists()
+
+
+def test_corrupt_run_config_refused(tmp_path, capsys, stopped_run):
+    run = torn_copy(stopped_run, tmp_path, lambda ckpt: None)
+    (run / "config.json").write_text("{" * 50_000)
+    refused(capsys, train.main, ["--resume", run], contains="config.json")
+
+
 # --- 3. signals: subprocesses ------------------------------------------------------------------
 
 

@@ -8,6 +8,7 @@ is written to a temporary folder and renamed, so a crash never leaves half of on
 from __future__ import annotations
 
 import json
+import pickle
 import random
 import re
 import shutil
@@ -20,6 +21,7 @@ import numpy as np
 import torch
 
 from data.atomic import fsync_tree
+from data.errors import InputError
 from heads.alignment import load_head, save_head
 
 STATE_FILE = "trainer_state.json"
@@ -142,10 +144,23 @@ def save_checkpoint(run_dir: str | Path, step: int, model, accelerator, optimize
 
 def load_checkpoint(ckpt: str | Path, model, optimizer, scheduler) -> dict:
     """Restore adapter, head, optimizer and scheduler into live objects; return the trainer state."""
+    from safetensors import SafetensorError
+
+    ckpt = Path(ckpt)
+    try:
+        return _load_checkpoint(ckpt, model, optimizer, scheduler)
+    except (OSError, EOFError, ValueError, KeyError, RuntimeError, pickle.UnpicklingError, SafetensorError) as err:
+        if isinstance(err, torch.OutOfMemoryError):
+            raise
+        # Passed the completeness check yet unreadable (bit rot, edited by hand): say which.
+        raise InputError(f"checkpoint is unreadable ({type(err).__name__}: {str(err).splitlines()[0][:100]}); "
+                         "delete it to resume from the previous one", ckpt) from None
+
+
+def _load_checkpoint(ckpt: Path, model, optimizer, scheduler) -> dict:
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
-    ckpt = Path(ckpt)
     adapter = load_file(str(ckpt / "adapter" / "adapter_model.safetensors"))
     result = set_peft_model_state_dict(model.backbone, adapter)
     missing_lora = [k for k in getattr(result, "missing_keys", []) if "lora_" in k]

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, get_type_hints
 
-from data.errors import InputError
+from data.errors import InputError, parse_json, read_text_file
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -229,4 +229,7 @@ def load_run_config(run_dir: str | Path) -> dict:
     path = Path(run_dir) / "config.json"
     if not path.is_file():
         raise InputError("not a training run folder (no config.json)", run_dir)
-    return json.loads(path.read_text(encoding="utf-8"))
+    config = parse_json(read_text_file(path), path)
+    if not isinstance(config, dict):
+        raise InputError("config.json must be a JSON object", path)
+    return config
