@@ -161,6 +161,18 @@ def test_diverging_run_stops_names_step_keeps_checkpoint_never_exports(tmp_path,
     assert "diverged" in rows[-1]  # recorded in the run's log, not only on screen
 
 
+def test_non_finite_gradient_norm_stops_training(tmp_path):
+    from types import SimpleNamespace
+
+    from training.interrupt import TrainingDiverged, check_finite
+
+    one = SimpleNamespace(num_processes=1)
+    check_finite(3, [], 1.5, one, lambda: None, tmp_path)  # finite: nothing happens
+    with pytest.raises(TrainingDiverged, match=r"diverged at step 3: non-finite gradient norm \(inf\); "
+                                               r"no checkpoint was saved; nothing exported"):
+        check_finite(3, [], math.inf, one, lambda: None, tmp_path)
+
+
 # --- load_export: manifest, head layer, weights, base model ---------------------------------
 
 
