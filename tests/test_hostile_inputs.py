@@ -506,6 +506,15 @@ def test_truncated_adapter_falls_back_to_previous_checkpoint(tmp_path, capsys, s
     assert "warning: skipping checkpoint" in capsys.readouterr().err
 
 
+def test_resume_after_torn_checkpoint_continues_from_the_previous_one(tmp_path, capsys, stopped_run):
+    run = torn_copy(stopped_run, tmp_path, lambda ckpt: (ckpt / "optimizer.pt").write_bytes(b""))
+    assert train.main(["--resume", str(run), "--stop_after_steps", "0"]) == 0
+    assert "warning: skipping checkpoint" in capsys.readouterr().err
+    rows = [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines()]
+    assert {"step": 1, "resumed_from": "step-1", "skipped_torn": ["step-2"]} in rows  # recorded, not only said
+    assert (run / "export" / "manifest.json").is_file()
+
+
 def test_empty_optimizer_falls_back_to_previous_checkpoint(tmp_path, capsys, stopped_run):
     run = torn_copy(stopped_run, tmp_path, lambda ckpt: (ckpt / "optimizer.pt").write_bytes(b""))
     assert latest_checkpoint(run).name == "step-1"

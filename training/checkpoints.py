@@ -72,6 +72,12 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return None
 
 
+def skipped_newer(run_dir: str | Path, used: Path) -> list[str]:
+    """Checkpoints newer than ``used`` (torn ones a resume skipped), by name."""
+    dirs = checkpoint_dirs(run_dir)
+    return [d.name for d in dirs[dirs.index(used) + 1:]] if used in dirs else []
+
+
 def _safetensors_problem(path: Path) -> str | None:
     """Whether ``path`` holds a whole safetensors file (header parses, data not cut short)."""
     if not path.is_file():

@@ -370,6 +370,10 @@ def run_training(cfg: TrainConfig, resume: bool = False) -> RunResult:
         step, epoch, position, tokens_seen = state["step"], state["epoch"], state["position"], state["tokens"]
         if accelerator.is_main_process:
             _truncate_log(out / LOG_FILE, step)
+            if ckpts.skipped_newer(out, resume_from):  # never silent: the fallback goes in the run's log
+                with (out / LOG_FILE).open("a", encoding="utf-8") as fh:
+                    fh.write(json.dumps({"step": step, "resumed_from": resume_from.name,
+                                         "skipped_torn": ckpts.skipped_newer(out, resume_from)}) + "\n")
 
     from tqdm.auto import tqdm
 
