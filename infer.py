@@ -4,7 +4,9 @@
     python infer.py notes.xml --out DIR --checkpoint RUN/export
     python infer.py notes.xml --out DIR --key key.json        # also print scores
 
-Writes DIR/subtask{2,3,4}/submission.json, DIR/subtask{2,3,4}.zip and DIR/run.json. Tune a retrieval ensemble with
+Writes DIR/subtask{2,3,4}/submission.json, DIR/subtask{2,3,4}.zip and DIR/run.json, all or
+nothing (an earlier run in DIR is refused unless --overwrite, which replaces the whole set).
+Tune a retrieval ensemble with
 ``python -m baselines.fit`` and pass it with ``--ensemble``.
 """
 from __future__ import annotations
@@ -13,7 +15,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from data.errors import exit_on_input_error
+from data.errors import InputError, exit_on_input_error, exit_on_interrupt
 
 
 def _subtasks(value: str) -> tuple[int, ...]:
@@ -56,7 +58,8 @@ def _positive_float(value: str) -> float:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="infer.py", description=__doc__.split("\n\n")[0])
     p.add_argument("xml", type=Path, help="official cases XML (with <answer_sentences> for Subtask 4, or give --key)")
-    p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.add_argument("--out", required=True, help="output folder (refused if it holds an earlier run, unless --overwrite)")
+    p.add_argument("--overwrite", action="store_true", help="replace the whole output set of an earlier run in --out")
     p.add_argument("--checkpoint", type=Path, help="exported checkpoint folder (RUN/export); omit for the baseline")
     p.add_argument("--key", type=Path, help="key JSON: answer sentences for Subtask 4, and scores after writing")
     p.add_argument("--subtasks", type=_subtasks,
@@ -86,17 +89,20 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@exit_on_interrupt
 @exit_on_input_error
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if not args.out.strip():
+        raise InputError("--out must name a folder (got ''); the working directory is not used")
     from inference.pipeline import InferenceOptions, run_inference  # after --help stays fast
 
     run_inference(InferenceOptions(
-        xml=args.xml, out=args.out, checkpoint=args.checkpoint, key=args.key, subtasks=args.subtasks,
+        xml=args.xml, out=Path(args.out), checkpoint=args.checkpoint, key=args.key, subtasks=args.subtasks,
         aligner=args.aligner, ensemble=args.ensemble, max_links_per_answer=args.max_links_per_answer,
         top1_fallback=args.top1_fallback, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
         base=args.base, device=args.device, progress=not args.no_progress, allow_train_cases=args.allow_train_cases,
-        relevance_threshold=args.relevance_threshold, max_memory_gb=args.max_memory_gb,
+        relevance_threshold=args.relevance_threshold, max_memory_gb=args.max_memory_gb, overwrite=args.overwrite,
     ))
     return 0
 

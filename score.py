@@ -20,8 +20,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from data.atomic import write_json_atomic
-from data.errors import exit_on_input_error
+from data.atomic import check_file_target, write_json_atomic
+from data.errors import exit_on_input_error, exit_on_interrupt
 from data.submission import MAX_WORDS
 from metrics.alignment import SCORE_KEYS
 from metrics.case_sets import same_cases as _same_cases  # noqa: F401  (kept for callers of score.py)
@@ -99,6 +99,7 @@ def _add_cv_parser(commands) -> None:
     cv.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
+@exit_on_interrupt
 @exit_on_input_error
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
@@ -128,6 +129,8 @@ def _cv_command(args: argparse.Namespace) -> int:
 def _score_command(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     if args.subtask is None or args.submission is None or args.key is None:
         parser.error("--subtask, --submission and --key are required")
+    if args.json_out is not None:  # before scoring: never the submission (or key) it scores
+        check_file_target(args.json_out, [args.submission, args.key, args.xml], "--json")
     if args.subtask == 3 and args.xml is None:
         parser.error("--subtask 3 needs --xml (the patient narrative is the SARI source)")
     training = _training_cases_scored(args)  # refused here, before any scoring or writing

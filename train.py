@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import sys
 
-from data.errors import InputError, exit_on_input_error
+from data.errors import InputError, exit_on_input_error, exit_on_interrupt
 from training.config import build_config, load_run_config, parse_overrides
 
 
@@ -38,6 +38,7 @@ def split_meta(argv: list[str]) -> tuple[str | None, str | None, list[str]]:
     return config, resume, rest
 
 
+@exit_on_interrupt
 @exit_on_input_error
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
@@ -51,9 +52,13 @@ def main(argv: list[str] | None = None) -> int:
         cfg = build_config(overrides, base=load_run_config(resume))
     else:
         cfg = build_config(overrides, config_file=config_file)
+    from training.interrupt import deferred_stops, interrupted_message
     from training.loop import run_training
 
-    result = run_training(cfg, resume=bool(resume))
+    with deferred_stops() as stops:  # SIGINT/SIGTERM: checkpoint after the current step, exit 130
+        result = run_training(cfg, resume=bool(resume))
+    if result.interrupted and stops.requested is not None:
+        raise interrupted_message(result.steps, cfg.out)
     if result.export_dir is not None:
         print(f"export: {result.export_dir}")
     return 0

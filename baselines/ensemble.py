@@ -100,8 +100,8 @@ class EnsembleConfig:
             raise InputError("ensemble file not found", path)
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as err:
-            raise InputError(f"invalid JSON ({err.msg} at line {err.lineno})", path) from None
+        except (json.JSONDecodeError, RecursionError, UnicodeDecodeError):
+            raise InputError("invalid JSON", path) from None
         if not isinstance(data, dict) or data.get("format") != FORMAT:
             raise InputError(f"not an ensemble file (expected \"format\": \"{FORMAT}\")", path)
         known = {f for f in cls.__dataclass_fields__}

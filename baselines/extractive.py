@@ -13,7 +13,8 @@ from dataclasses import replace
 import numpy as np
 
 from data.records import AnswerSentence, Case
-from data.submission import MAX_WORDS, count_words, has_13a_tokens, truncate_words
+from data.errors import InputError
+from data.submission import MAX_WORDS, count_words, has_13a_tokens, strip_citation_markers, truncate_words
 
 from .aligners import BM25Aligner, TfidfAligner, combine_scores
 
@@ -28,10 +29,11 @@ def question_scores(case: Case) -> np.ndarray:
 
 def extractive_answer(case: Case, max_words: int = MAX_WORDS) -> str:
     """The highest-scoring note sentences that fit in ``max_words`` words, in note order."""
-    # A sentence the official BLEU cannot tokenize (e.g. "<skipped>") is never used.
-    texts = [t if has_13a_tokens(t) else "" for t in (" ".join(s.text.split()) for s in case.note_sentences)]
+    # A note may hold "[2]" or "| 3 |" (references, tables); an answer may not. A sentence the
+    # official BLEU cannot tokenize (e.g. "<skipped>") is never used.
+    texts = [t if has_13a_tokens(t) else "" for t in (strip_citation_markers(s.text) for s in case.note_sentences)]
     if not any(texts):
-        raise ValueError(f"case {case.case_id}: every note sentence is empty")
+        raise InputError("no note sentence has text for an extractive answer", case_id=case.case_id)
     scores = question_scores(case)
     # Best first; ties keep note order. A zero-score sentence shares nothing with the
     # question, so it is used only when nothing scores (then the note's first sentence).

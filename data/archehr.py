@@ -19,7 +19,7 @@ from xml.etree.ElementTree import Element, ElementTree, ParseError, SubElement
 import defusedxml.ElementTree as SafeET
 from defusedxml import DefusedXmlException
 
-from .errors import InputError, read_text_file
+from .errors import InputError, parse_json, read_text_file
 from .records import RELEVANCE_LABELS, AnswerSentence, Case, NoteSentence, QuestionPhrase
 
 
@@ -165,10 +165,7 @@ def normalise_citations(value: object, path: Path, case_id: str, answer_id: str)
 
 def _load_json(path: Path) -> object:
     text = read_text_file(path)
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as err:
-        raise InputError(f"invalid JSON ({err.msg} at line {err.lineno})", path) from None
+    return parse_json(text, path)
 
 
 def load_key(key_path: str | Path) -> dict[str, KeyCase]:

@@ -1,15 +1,65 @@
-"""Atomic file writes: a temp file beside the target, then a rename.
+"""The one writer: atomic files and all-or-nothing output sets.
 
-A crash or a validation error part-way never leaves a half-written submission,
-score file or run record behind under the final name.
+* :func:`atomic_write`: a temp file beside the target, fsynced, then renamed; a crash or
+  a validation error part-way never leaves a half-written file under the final name.
+* :class:`OutputSet`: a whole folder of outputs (``infer.py``'s submissions, zips and
+  ``run.json``) built in a hidden sibling folder, fsynced, then swapped into place in one
+  rename; the folder holds either the complete new set or the untouched previous one,
+  never a mix. A reused folder is refused unless ``overwrite``; then the whole set is
+  replaced.
+* :func:`fsync_tree`: for writers that fill a temporary folder themselves (checkpoints,
+  exports) before renaming it.
+
+Everything written here gets the permissions of the user's umask (``tempfile`` alone
+would make files 0600 and folders 0700, unreadable to teammates).
 """
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import json
 import os
+import re
+import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import BinaryIO, Callable
+
+from .errors import InputError
+
+# Names infer.py may leave in its output folder (subtask2/ etc. included): anything else
+# in a folder we are asked to replace is the user's, and we refuse to delete it.
+OUTPUT_SET_NAMES = re.compile(r"^(subtask\d+(\.zip)?|run\.json)$")
+# Test-only hook (never documented to users): pause before the final rename, after
+# touching this marker file, so a test can kill the process mid-write.
+_PAUSE_ENV = "ARCHEHR_TEST_PAUSE_BEFORE_COMMIT"
+
+
+def current_umask() -> int:
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)  # no /proc: read it by setting it (and put it back at once)
+    os.umask(mask)
+    return mask
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some filesystems refuse directory fsync; the data is still synced
+        pass
+    finally:
+        os.close(fd)
 
 
 def atomic_write(target: Path, write: Callable[[BinaryIO], object]) -> None:
@@ -18,11 +68,13 @@ def atomic_write(target: Path, write: Callable[[BinaryIO], object]) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~current_umask())
         with os.fdopen(fd, "wb") as fh:
             write(fh)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, target)
+        _fsync_dir(target.parent)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -36,3 +88,185 @@ def write_text_atomic(path: Path, text: str) -> None:
 def write_json_atomic(path: Path, data: object) -> None:
     """Indented UTF-8 JSON; values JSON lacks (paths, dates) are written as strings."""
     write_text_atomic(path, json.dumps(data, indent=2, ensure_ascii=False, default=str) + "\n")
+
+
+def fsync_tree(root: Path) -> None:
+    """fsync every file and folder under ``root`` (before renaming it into place)."""
+    root = Path(root)
+    for dirpath, _, filenames in os.walk(root):
+        for name in filenames:
+            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(Path(dirpath))
+
+
+def same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+# --- output folders ---------------------------------------------------------------------
+
+
+def check_out_folder(out: Path, flag: str = "--out") -> None:
+    """``out`` can become a folder: not empty text, not a file, not a dangling link, and
+    its nearest existing ancestor a writable folder. Checked before any work starts."""
+    if str(out).strip() in ("", "."):
+        raise InputError(f"{flag} must name a folder (got {str(out)!r}); the working directory is not used")
+    if out.is_symlink() and not out.exists():
+        raise InputError(f"{flag} is a dangling symbolic link", out)
+    if out.exists():
+        if not out.is_dir():
+            raise InputError(f"{flag} exists and is not a folder", out)
+        probe = out.resolve().parent
+    else:
+        probe = out.absolute().parent
+        while not probe.exists():
+            if probe.is_symlink():
+                raise InputError(f"{flag} lies under a dangling symbolic link", out)
+            probe = probe.parent
+        if not probe.is_dir():
+            raise InputError(f"{flag} lies under {probe}, which is not a folder", out)
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise InputError(f"{flag}: folder {probe} is not writable", out)
+
+
+def check_output_set_target(out: Path, overwrite: bool, names: re.Pattern = OUTPUT_SET_NAMES) -> None:
+    """Before the work: ``out`` is writable, and reusable (empty, or our previous set with ``overwrite``)."""
+    out = Path(out)
+    check_out_folder(out)
+    if not out.is_dir():
+        return
+    entries = sorted(p.name for p in out.iterdir())
+    if not entries:
+        return
+    foreign = [n for n in entries if not names.match(n)]
+    if foreign:
+        raise InputError(f"output folder holds files that are not ours ({foreign[0]}, ...); "
+                         "give an empty or new --out", out)
+    if not overwrite:
+        raise InputError("output folder already holds a run; pass --overwrite to replace it or use another --out",
+                         out)
+
+
+class OutputSet:
+    """Build a folder's whole content aside, then put it in place in one rename.
+
+    ``with OutputSet(out, overwrite) as stage:`` write every file under ``stage``; on a
+    clean exit the set is fsynced and swapped with ``out``; on any exception (Ctrl-C
+    included) the staging folder is removed and ``out`` is untouched.
+    """
+
+    def __init__(self, out: Path, overwrite: bool = False, names: re.Pattern = OUTPUT_SET_NAMES):
+        self.out = Path(out)
+        self.overwrite = overwrite
+        self.names = names
+        self.stage: Path | None = None
+
+    def __enter__(self) -> Path:
+        check_output_set_target(self.out, self.overwrite, self.names)
+        target = self.out.resolve() if self.out.is_symlink() else self.out.absolute()
+        self.target = target
+        target.parent.mkdir(parents=True, exist_ok=True)
+        self._remove_stale(target)
+        self.stage = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.partial-{_owner()}"))
+        os.chmod(self.stage, 0o777 & ~current_umask())
+        return self.stage
+
+    @staticmethod
+    def _remove_stale(target: Path, older_than_s: float = 3600.0) -> None:
+        """Staging folders a killed run (SIGKILL) left beside ``target``: those of a process
+        that no longer runs, or (another host's) an hour old."""
+        now = time.time()
+        for p in target.parent.glob(f".{target.name}.partial-*"):
+            pid, _, host = p.name[len(f".{target.name}.partial-"):].partition("@")
+            ours = host.startswith(_owner().partition("@")[2])  # same host: the pid says if it still runs
+            try:
+                if (ours and pid.isdigit() and not _alive(int(pid))) or now - p.stat().st_mtime > older_than_s:
+                    shutil.rmtree(p, ignore_errors=True)
+            except OSError:
+                pass
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        assert self.stage is not None
+        if exc_type is not None:
+            shutil.rmtree(self.stage, ignore_errors=True)
+            return
+        try:
+            fsync_tree(self.stage)
+            pause = os.environ.get(_PAUSE_ENV)
+            if pause:
+                Path(pause).touch()
+                time.sleep(60)
+            self._swap()
+        except BaseException:
+            shutil.rmtree(self.stage, ignore_errors=True)
+            raise
+
+    def _swap(self) -> None:
+        assert self.stage is not None
+        target = self.target
+        if not target.exists():
+            os.rename(self.stage, target)
+        elif _exchange(self.stage, target):
+            shutil.rmtree(self.stage, ignore_errors=True)  # now holds the previous set
+        else:  # no renameat2: a rename aside, then into place (a microsecond-wide window)
+            old = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.old-"))
+            os.rename(target, old / "set")
+            os.rename(self.stage, target)
+            shutil.rmtree(old, ignore_errors=True)
+        _fsync_dir(target.parent)
+
+
+def _owner() -> str:
+    """``PID@HOST@``: whose staging folder it is (shared filesystems span hosts)."""
+    import socket
+
+    host = re.sub(r"[^A-Za-z0-9.]", "_", socket.gethostname())
+    return f"{os.getpid()}@{host}@"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    rc = renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE)
+    return rc == 0
+
+
+def check_file_target(target: Path, inputs: list[Path | None], flag: str) -> None:
+    """Before the work: ``target`` can be written atomically and is none of the ``inputs``."""
+    target = Path(target)
+    if not str(target).strip() or str(target) == ".":
+        raise InputError(f"{flag} must name a file")
+    for source in inputs:
+        if source is not None and (same_file(target, source) or target.absolute() == Path(source).absolute()):
+            raise InputError(f"{flag} would overwrite an input file; choose another path", target)
+    if target.is_symlink() and not target.exists():
+        raise InputError(f"{flag} is a dangling symbolic link", target)
+    if target.is_dir():
+        raise InputError(f"{flag} is a folder, not a file", target)
+    check_out_folder(target.absolute().parent, flag)

@@ -20,13 +20,12 @@ and returned in their file order (the same ``n`` and ``seed`` always give the sa
 """
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from .errors import InputError, read_text_file
+from .errors import InputError, parse_json, read_text_file
 from .prompts import PromptExample
 from .sentences import split_sentences
 
@@ -116,15 +115,9 @@ def _read_local_json(path: Path) -> Iterator[object]:
         for lineno, line in enumerate(text.splitlines(), 1):
             if not line.strip():
                 continue
-            try:
-                yield json.loads(line)
-            except json.JSONDecodeError as err:
-                raise InputError(f"line {lineno}: invalid JSON ({err.msg})", path) from None
+            yield parse_json(line, path, f"line {lineno}")
         return
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise InputError(f"invalid JSON ({err.msg} at line {err.lineno})", path) from None
+    data = parse_json(text, path)
     yield from _json_records(data, path)
 
 

@@ -61,3 +61,57 @@ def exit_on_input_error(main: F) -> F:
             raise SystemExit(EXIT_BAD_INPUT) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+EXIT_INTERRUPTED = 130
+
+
+class Interrupted(Exception):
+    """A run stopped by SIGINT/SIGTERM after saving what can be resumed; ``message`` says how."""
+
+    def __init__(self, message: str):
+        self.message = message
+        super().__init__(message)
+
+
+def _raise_keyboard_interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
+def exit_on_interrupt(main: F) -> F:
+    """Decorate a CLI ``main``: SIGTERM behaves as Ctrl-C, and either one ends the command
+    with one stderr line and exit code 130 (writers clean their temp files on the way out)."""
+
+    @functools.wraps(main)
+    def wrapper(*args, **kwargs):
+        import signal
+        import threading
+
+        in_main_thread = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt) if in_main_thread else None
+        try:
+            return main(*args, **kwargs)
+        except Interrupted as stop:
+            print(stop.message, file=sys.stderr)
+            raise SystemExit(EXIT_INTERRUPTED) from None
+        except KeyboardInterrupt:
+            print("interrupted: no half-written file was left", file=sys.stderr)
+            raise SystemExit(EXIT_INTERRUPTED) from None
+        finally:
+            if in_main_thread:
+                signal.signal(signal.SIGTERM, previous)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def parse_json(text: str | bytes, path: str | Path, where: str = "") -> object:
+    """JSON from a user's file; malformed or absurdly deep JSON -> one InputError line."""
+    import json
+
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        at = f"{where}: " if where else ""
+        raise InputError(f"{at}invalid JSON ({err.msg} at line {err.lineno})", path) from None
+    except RecursionError:
+        raise InputError(f"{where + ': ' if where else ''}JSON nested too deeply", path) from None

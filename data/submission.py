@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import re
 import zipfile
+import zlib
 from pathlib import Path
 
 from .atomic import atomic_write
@@ -28,6 +29,10 @@ from .records import Case
 
 MAX_WORDS = 75
 SUBMISSION_NAME = "submission.json"
+# A real submission is well under 1 MB; refuse to inflate anything far bigger or a zip
+# bomb (a member that decompresses to over MAX_RATIO times its stored size).
+MAX_SUBMISSION_BYTES = 64 * 2**20
+MAX_RATIO = 200
 
 # "|3|", "|3,5|", "[3]", "[3, 7a]": the citation styles of the key and of common prompts.
 _ID = r"[0-9][0-9A-Za-z]*"
@@ -35,6 +40,12 @@ CITATION_MARKER = re.compile(
     rf"\|\s*{_ID}(?:\s*,\s*{_ID})*\s*\||\[\s*{_ID}(?:\s*,\s*{_ID})*\s*\]"
 )
 _SENTENCE_END = re.compile(r"""[.!?]["')\]]*$""")
+
+
+def strip_citation_markers(text: str) -> str:
+    """``text`` without "[3]" / "|3|"-style markers (which a Subtask 3 answer may not hold),
+    whitespace collapsed. For text we generate or extract from notes, never the user's input."""
+    return " ".join(CITATION_MARKER.sub(" ", text).split())
 
 
 def count_words(text: str) -> int:
@@ -248,6 +259,33 @@ def _decode(raw: bytes, path: Path) -> object:
         raise InputError("not UTF-8 text", path) from None
     except json.JSONDecodeError as err:
         raise InputError(f"invalid JSON ({err.msg} at line {err.lineno})", path) from None
+    except RecursionError:
+        raise InputError("JSON nested too deeply", path) from None
+
+
+def _read_zip_member(path: Path) -> bytes:
+    """``submission.json`` from the zip root: exactly one such member, size and ratio capped."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            members = [i for i in zf.infolist() if i.filename == SUBMISSION_NAME]
+            if not members:
+                raise InputError(f"zip has no {SUBMISSION_NAME} at its root", path)
+            if len(members) > 1:
+                raise InputError(f"zip holds {len(members)} members named {SUBMISSION_NAME}; keep one", path)
+            info = members[0]
+            if info.file_size > MAX_SUBMISSION_BYTES:
+                raise InputError(f"{SUBMISSION_NAME} in the zip is {info.file_size} bytes, more than "
+                                 f"{MAX_SUBMISSION_BYTES}", path)
+            if info.file_size > 2**20 and info.file_size > MAX_RATIO * max(info.compress_size, 1):
+                raise InputError(f"{SUBMISSION_NAME} in the zip expands {info.file_size // max(info.compress_size, 1)}"
+                                 f"-fold (a zip bomb?)", path)
+            with zf.open(info) as fh:  # the header's size may lie: never read past the cap
+                raw = fh.read(MAX_SUBMISSION_BYTES + 1)
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, NotImplementedError, EOFError, zlib.error):
+        raise InputError("not a valid zip file", path) from None
+    if len(raw) > MAX_SUBMISSION_BYTES:
+        raise InputError(f"{SUBMISSION_NAME} in the zip is more than {MAX_SUBMISSION_BYTES} bytes", path)
+    return raw
 
 
 def read_submission(path: str | Path, subtask: int) -> list[dict]:
@@ -261,13 +299,9 @@ def read_submission(path: str | Path, subtask: int) -> list[dict]:
     if path.stat().st_size == 0:
         raise InputError("file is empty", path)
     if path.suffix.lower() == ".zip":
-        try:
-            with zipfile.ZipFile(path) as zf:
-                if SUBMISSION_NAME not in zf.namelist():
-                    raise InputError(f"zip has no {SUBMISSION_NAME} at its root", path)
-                raw = zf.read(SUBMISSION_NAME)
-        except zipfile.BadZipFile:
-            raise InputError("not a valid zip file", path) from None
+        raw = _read_zip_member(path)
     else:
+        if path.stat().st_size > MAX_SUBMISSION_BYTES:
+            raise InputError(f"file is more than {MAX_SUBMISSION_BYTES} bytes; not a submission", path)
         raw = path.read_bytes()
     return check_entry_types(_decode(raw, path), subtask, path)

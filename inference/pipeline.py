@@ -22,7 +22,7 @@ from baselines.ensemble import EnsembleConfig
 from baselines.extractive import extractive_answer
 from baselines.linking import link_pairs
 from data.archehr import load_cases
-from data.atomic import write_json_atomic
+from data.atomic import OutputSet, check_output_set_target, write_json_atomic
 from data.errors import InputError
 from data.records import Case
 from data.submission import (
@@ -76,6 +76,7 @@ class InferenceOptions:
     relevance_threshold: float | None = None  # Subtask 2; None = the manifest's (checkpoint) or the default
     max_memory_gb: float | None = None  # cap on this process's GPU memory (shared or small cards)
     fast: bool = True  # static-cache / CUDA-graph decoding and token-budget alignment (inference/fast.py)
+    overwrite: bool = False  # replace the whole previous output set in `out`
 
 
 @dataclass
@@ -132,8 +133,7 @@ def _check_options(opts: InferenceOptions) -> None:
         raise InputError("--max-memory-gb must be > 0")
     if opts.checkpoint is not None and not Path(opts.checkpoint).is_dir():
         raise InputError("checkpoint folder not found", opts.checkpoint)
-    if opts.out.exists() and not opts.out.is_dir():
-        raise InputError("output path exists and is not a folder", opts.out)
+    check_output_set_target(opts.out, opts.overwrite)  # writable, and never mixed with an earlier run
 
 
 def _load_ensemble(path: Path | None) -> tuple[EnsembleConfig, str]:
@@ -324,39 +324,42 @@ def run_inference(opts: InferenceOptions, log: Log = _stderr) -> InferenceResult
             run["subtask4"]["not_written"] = "no case has answer sentences"
             log("warning: no case has answer sentences: Subtask 4 submission not written")
 
-    # --- write (each file validated again by write_submission, then written atomically)
+    # --- write: the whole set (submissions, zips, run.json) built aside, scored there,
+    # then renamed into place in one step (data.atomic.OutputSet): all or nothing
     t = time.perf_counter()
     written: dict[int, tuple[Path, Path]] = {}
-    if 2 in entries:
-        written[2] = write_submission(entries[2], opts.out, 2, cases)
-    if 3 in entries:
-        written[3] = write_submission(entries[3], opts.out, 3, cases)
-    if 4 in entries:
-        written[4] = write_submission(entries[4], opts.out, 4, with_answers)
-    timings["write"] = time.perf_counter() - t
+    with OutputSet(opts.out, opts.overwrite) as stage:
+        staged: dict[int, tuple[Path, Path]] = {}
+        if 2 in entries:
+            staged[2] = write_submission(entries[2], stage, 2, cases)
+        if 3 in entries:
+            staged[3] = write_submission(entries[3], stage, 3, cases)
+        if 4 in entries:
+            staged[4] = write_submission(entries[4], stage, 4, with_answers)
+        written = {n: (opts.out / j.relative_to(stage), opts.out / z.relative_to(stage))
+                   for n, (j, z) in staged.items()}
+        timings["write"] = time.perf_counter() - t
+
+        scores: dict = {}
+        if opts.key is not None and staged:
+            t = time.perf_counter()
+            scores = score_written(staged, opts, log, on_training)
+            timings["score"] = time.perf_counter() - t
+
+        timings["total"] = time.perf_counter() - t_start
+        if checkpoint is not None:
+            run["memory"] = memory
+            run["fast_inference"] = checkpoint.report() if hasattr(checkpoint, "report") else None
+        run.update({
+            "outputs": {f"subtask{n}": {"json": str(j), "zip": str(z)} for n, (j, z) in written.items()},
+            "skipped_cases_subtask4": skipped,
+            "scores": scores or None,
+            "timings_s": {k: round(v, 3) for k, v in timings.items()},
+            "versions": package_versions(),
+        })
+        write_json_atomic(stage / "run.json", run)
     for n, (json_path, zip_path) in written.items():
         log(f"wrote Subtask {n}: {json_path} and {zip_path}")
-
-    scores: dict = {}
-    if opts.key is not None and written:
-        t = time.perf_counter()
-        scores = score_written(written, opts, log, on_training)
-        timings["score"] = time.perf_counter() - t
-
-    timings["total"] = time.perf_counter() - t_start
-    if checkpoint is not None:
-        run["memory"] = memory
-        run["fast_inference"] = checkpoint.report() if hasattr(checkpoint, "report") else None
-    run.update({
-        "outputs": {f"subtask{n}": {"json": str(j), "zip": str(z)} for n, (j, z) in written.items()},
-        "skipped_cases_subtask4": skipped,
-        "scores": scores or None,
-        "timings_s": {k: round(v, 3) for k, v in timings.items()},
-        "versions": package_versions(),
-    })
-    opts.out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(opts.out / "run.json", run)
-
     log(f"wrote {opts.out / 'run.json'}")
     log("times: " + ", ".join(f"{k} {v:.1f}s" for k, v in timings.items()))
     if skipped:

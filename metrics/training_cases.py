@@ -43,7 +43,7 @@ def export_training_case_ids(export_dir: str | Path) -> list[str] | None:
         root = root / "export"
     try:
         manifest = json.loads((root / MANIFEST).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return None  # the loader reports a missing or broken manifest with its own message
     return manifest_training_case_ids(manifest if isinstance(manifest, dict) else None)
 

@@ -152,11 +152,14 @@ def load_export(
         raise InputError("not an export folder (no manifest.json)", root)
     try:
         manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise InputError(f"invalid manifest.json ({err.msg})", manifest_path) from None
+    except (json.JSONDecodeError, RecursionError, UnicodeDecodeError) as err:
+        raise InputError(f"invalid manifest.json ({getattr(err, 'msg', 'not JSON')})", manifest_path) from None
     for required in ("adapter_config.json", "adapter_model.safetensors", "head.safetensors", "head_config.json"):
         if not (root / required).is_file():
             raise InputError(f"export is missing {required}", root)
+    from .export_checks import check_export  # manifest, head layer, finite weights, base reachable
+
+    check_export(root, manifest, base)
     preset = _preset_from_manifest(manifest)
     base_record = manifest.get("base_model", {})
     base_path = base or base_record.get("path") or None

@@ -14,14 +14,19 @@ adapter and head (training.gather) and saves its own optimizer shard
 from __future__ import annotations
 
 import json
+import pickle
 import random
 import re
 import shutil
+import struct
+import sys
+import zipfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from data.atomic import fsync_tree
 from data.errors import InputError
 from heads.alignment import HEAD_WEIGHTS, load_head, save_head
 
@@ -65,8 +70,60 @@ def checkpoint_dirs(run_dir: str | Path) -> list[Path]:
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    dirs = [d for d in checkpoint_dirs(run_dir) if (d / STATE_FILE).is_file()]
-    return dirs[-1] if dirs else None
+    """The newest complete checkpoint; a torn newer one (disk full, killed copy) is skipped
+    with a warning, so a resume falls back to the previous complete one."""
+    for d in reversed(checkpoint_dirs(run_dir)):
+        problem = checkpoint_problem(d)
+        if problem is None:
+            return d
+        print(f"warning: skipping checkpoint {d}: {problem}", file=sys.stderr)
+    return None
+
+
+def skipped_newer(run_dir: str | Path, used: Path) -> list[str]:
+    """Checkpoints newer than ``used`` (torn ones a resume skipped), by name."""
+    dirs = checkpoint_dirs(run_dir)
+    return [d.name for d in dirs[dirs.index(used) + 1:]] if used in dirs else []
+
+
+def _safetensors_problem(path: Path) -> str | None:
+    """Whether ``path`` holds a whole safetensors file (header parses, data not cut short)."""
+    if not path.is_file():
+        return f"{path.name} is missing"
+    size = path.stat().st_size
+    try:
+        with path.open("rb") as fh:
+            (n,) = struct.unpack("<Q", fh.read(8))
+            if n > size - 8:
+                raise ValueError
+            header = json.loads(fh.read(n))
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    except (struct.error, ValueError, KeyError, TypeError, IndexError):
+        return f"{path.name} is truncated or not safetensors"
+    if 8 + n + end > size:
+        return f"{path.name} is truncated ({size} bytes, needs {8 + n + end})"
+    return None
+
+
+def checkpoint_problem(ckpt: Path) -> str | None:
+    """What makes ``ckpt`` unusable for a resume (None: complete). Cheap: headers and sizes only."""
+    try:
+        state = json.loads((ckpt / STATE_FILE).read_text(encoding="utf-8"))
+        if not isinstance(state, dict) or "step" not in state:
+            raise ValueError
+    except (OSError, ValueError):
+        return f"{STATE_FILE} is missing or unreadable"
+    problem = _safetensors_problem(ckpt / "adapter" / "adapter_model.safetensors")
+    if problem is None and (ckpt / "head").exists():
+        problem = _safetensors_problem(ckpt / "head" / "head.safetensors")
+    if problem is not None:
+        return problem
+    # A sharded (FSDP) checkpoint holds one optimizer file per rank instead of optimizer.pt.
+    optimizers = sorted(ckpt.glob("optimizer-rank-*.pt")) or [ckpt / "optimizer.pt"]
+    for name in (*(p.name for p in optimizers), "scheduler.pt", "rng-0.pt"):
+        if not zipfile.is_zipfile(ckpt / name):  # torch.save's format is a zip: a cut one has no directory
+            return f"{name} is missing, empty or truncated"
+    return None
 
 
 def save_checkpoint(run_dir: str | Path, step: int, model, accelerator, optimizer, scheduler, state: dict,
@@ -103,6 +160,7 @@ def save_checkpoint(run_dir: str | Path, step: int, model, accelerator, optimize
         (tmp / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n", encoding="utf-8")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        fsync_tree(tmp)  # on disk before the rename makes it the checkpoint a resume trusts
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
         for old in checkpoint_dirs(run_dir)[:-keep] if keep > 0 else []:
@@ -113,10 +171,23 @@ def save_checkpoint(run_dir: str | Path, step: int, model, accelerator, optimize
 
 def load_checkpoint(ckpt: str | Path, model, optimizer, scheduler, accelerator=None, wrapped=None) -> dict:
     """Restore adapter, head, optimizer and scheduler into live objects; return the trainer state."""
+    from safetensors import SafetensorError
+
+    ckpt = Path(ckpt)
+    try:
+        return _load_checkpoint(ckpt, model, optimizer, scheduler, accelerator, wrapped)
+    except (OSError, EOFError, ValueError, KeyError, RuntimeError, pickle.UnpicklingError, SafetensorError) as err:
+        if isinstance(err, torch.OutOfMemoryError):
+            raise
+        # Passed the completeness check yet unreadable (bit rot, edited by hand): say which.
+        raise InputError(f"checkpoint is unreadable ({type(err).__name__}: {str(err).splitlines()[0][:100]}); "
+                         "delete it to resume from the previous one", ckpt) from None
+
+
+def _load_checkpoint(ckpt: Path, model, optimizer, scheduler, accelerator=None, wrapped=None) -> dict:
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
-    ckpt = Path(ckpt)
     adapter = load_file(str(ckpt / "adapter" / "adapter_model.safetensors"))
     if accelerator is not None and gather.is_fsdp(accelerator):
         return _load_fsdp_checkpoint(ckpt, adapter, model, optimizer, scheduler, accelerator, wrapped)

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, get_type_hints
 
-from data.errors import InputError
+from data.errors import InputError, parse_json, read_text_file
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -93,25 +93,9 @@ class TrainConfig:
     record_batches: str = ""
 
     def validate(self) -> "TrainConfig":
-        if self.stage not in STAGES:
-            raise InputError(f"--stage must be one of {STAGES}, got {self.stage!r}")
-        if self.schedule not in ("cosine", "linear", "constant"):
-            raise InputError(f"--schedule must be cosine, linear or constant, got {self.schedule!r}")
-        if self.load_in_4bit not in ("auto", "true", "false"):
-            raise InputError(f"--load_in_4bit must be auto, true or false, got {self.load_in_4bit!r}")
-        if self.quant_storage not in ("uint8", "bfloat16", "float16", "float32"):
-            raise InputError(f"--quant_storage must be uint8, bfloat16, float16 or float32, got {self.quant_storage!r}")
-        if self.head_pooling not in ("mean", "attention"):
-            raise InputError(f"--head_pooling must be mean or attention, got {self.head_pooling!r}")
-        for name in ("batch_size", "grad_accum", "epochs", "max_length", "log_every", "lora_r"):
-            if getattr(self, name) < 1:
-                raise InputError(f"--{name} must be >= 1")
-        if self.batch_tokens < 0:
-            raise InputError("--batch_tokens must be >= 0")
-        if self.batch_tokens and self.batch_tokens < self.max_length:
-            raise InputError(f"--batch_tokens ({self.batch_tokens}) must be at least --max_length ({self.max_length})")
-        if self.lr <= 0:
-            raise InputError("--lr must be > 0")
+        from .validation import check_config  # the rules, one per field, as data
+
+        check_config(self)
         return self
 
     def quantise(self) -> bool | None:
@@ -271,4 +255,7 @@ def load_run_config(run_dir: str | Path) -> dict:
     path = Path(run_dir) / "config.json"
     if not path.is_file():
         raise InputError("not a training run folder (no config.json)", run_dir)
-    return json.loads(path.read_text(encoding="utf-8"))
+    config = parse_json(read_text_file(path), path)
+    if not isinstance(config, dict):
+        raise InputError("config.json must be a JSON object", path)
+    return config

@@ -175,6 +175,9 @@ def export_run(
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    from data.atomic import fsync_tree
+
+    fsync_tree(tmp)  # on disk before the rename
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
     return final

@@ -40,6 +40,7 @@ from model.backbone import LoraSettings, compile_decoder_layers, load_backbone, 
 from . import checkpoints as ckpts
 from . import gather
 from .config import TrainConfig
+from .interrupt import TrainingDiverged, check_finite, non_finite, stop_requested
 from .data import (
     EpochBatches,
     TokenBudgetBatches,
@@ -261,6 +262,11 @@ def run_training(cfg: TrainConfig, resume: bool = False) -> RunResult:
         raise InputError("--preset is required")
     init_export = resolve_init(cfg.init) if cfg.stage == "task" and cfg.init else None
     init_manifest = read_manifest(init_export) if init_export is not None else None
+    if preset.source is not None:  # a hub id neither cached nor reachable: one line in seconds
+        from model.export_checks import check_base_available
+
+        check_base_available(cfg.base_path or (init_manifest or {}).get("base_model", {}).get("path")
+                             or preset.source, "--base_path")
     if init_manifest is not None and init_manifest.get("preset") != preset.name:
         raise InputError(
             f"--init was trained with preset {init_manifest.get('preset')!r}, not {preset.name!r}", init_export
@@ -346,6 +352,10 @@ def run_training(cfg: TrainConfig, resume: bool = False) -> RunResult:
         step, epoch, position, tokens_seen = state["step"], state["epoch"], state["position"], state["tokens"]
         if accelerator.is_main_process:
             _truncate_log(out / LOG_FILE, step)
+            if ckpts.skipped_newer(out, resume_from):  # never silent: the fallback goes in the run's log
+                with (out / LOG_FILE).open("a", encoding="utf-8") as fh:
+                    fh.write(json.dumps({"step": step, "resumed_from": resume_from.name,
+                                         "skipped_torn": ckpts.skipped_newer(out, resume_from)}) + "\n")
 
     from tqdm.auto import tqdm
 
@@ -356,6 +366,7 @@ def run_training(cfg: TrainConfig, resume: bool = False) -> RunResult:
     window_micro, window_tokens, window_start = 0, 0, time.perf_counter()
     params = [p for group in optimizer.param_groups for p in group["params"]]
     interrupted = False
+    bad_losses: list[str] = []  # loss parts that were not finite in this optimizer step
     model.train()
 
     while step < total_steps:
@@ -377,6 +388,7 @@ def run_training(cfg: TrainConfig, resume: bool = False) -> RunResult:
             sync = contextlib.nullcontext() if boundary else accelerator.no_sync(model)
             with sync:
                 losses = train_step(model, batch, accelerator, cfg.grad_accum, micro_batch.weight)
+            bad_losses += non_finite(losses)
             if real:
                 for k, v in losses.items():
                     window[k] = window.get(k, 0.0) + v
@@ -384,11 +396,20 @@ def run_training(cfg: TrainConfig, resume: bool = False) -> RunResult:
                 window_tokens += sum(lengths[i] for i in micro_batch.indices)
             if not boundary:
                 continue
+            grad_norm = None
             if cfg.max_grad_norm > 0:
                 # FSDP: the root's own clip (global norm over all shards) is used only when handed
                 # all of the model's parameters; a subset would clip each rank's shard by its own norm.
-                accelerator.clip_grad_norm_(model.parameters() if gather.is_fsdp(accelerator) else params,
-                                            cfg.max_grad_norm)
+                norm = accelerator.clip_grad_norm_(model.parameters() if gather.is_fsdp(accelerator) else params,
+                                                   cfg.max_grad_norm)
+                grad_norm = float(norm) if norm is not None else None
+            try:  # before optimizer.step: a NaN never reaches the weights or a checkpoint
+                check_finite(step + 1, bad_losses, grad_norm, accelerator, lambda: ckpts.latest_checkpoint(out), out)
+            except TrainingDiverged as err:
+                if accelerator.is_main_process:
+                    with (out / LOG_FILE).open("a", encoding="utf-8") as fh:
+                        fh.write(json.dumps({"step": step + 1, "epoch": epoch, "diverged": err.problem}) + "\n")
+                raise
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -418,6 +439,7 @@ def run_training(cfg: TrainConfig, resume: bool = False) -> RunResult:
                     bar.set_postfix(loss=f"{row['loss']:.3f}")
                 window, window_micro, window_tokens, window_start = {}, 0, 0, time.perf_counter()
             stopping = cfg.stop_after_steps > 0 and step >= cfg.stop_after_steps and step < total_steps
+            stopping = stopping or (stop_requested(accelerator) and step < total_steps)  # SIGINT/SIGTERM
             if (cfg.save_every > 0 and step % cfg.save_every == 0) or stopping:
                 next_epoch, next_position = ((epoch + 1, 0) if micro_batch.end_of_epoch
                                              else (epoch, micro_batch.consumed))
