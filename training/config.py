@@ -234,9 +234,10 @@ def build_config(overrides: dict, config_file: str | Path | None = None, base: d
         values.update({k: coerce(k, v) for k, v in base.items()})
     else:
         stage = overrides.get("stage", "domain")
-        path = config_file or default_config_path(stage)
-        if config_file is not None or Path(path).is_file():
-            values.update(read_toml(path))
+        if config_file is None and stage not in STAGES:
+            raise InputError(f"--stage must be one of {STAGES}, got {stage!r}")
+        # A missing preset is an error, never a silent fall back to the dataclass defaults.
+        values.update(read_toml(config_file or default_config_path(stage)))
     values.update(overrides)
     return TrainConfig(**values).validate()
 
