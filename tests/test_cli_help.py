@@ -1,0 +1,57 @@
+"""train.py explains itself: every config key in --help, the resolved config with --print-config."""
+from __future__ import annotations
+
+import subprocess
+import sys
+import tomllib
+from dataclasses import fields
+from pathlib import Path
+
+from training.config import TrainConfig, build_config
+from training.config_docs import FIELD_HELP
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_train(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_every_config_key_has_a_meaning():
+    names = [f.name for f in fields(TrainConfig)]
+    assert sorted(FIELD_HELP) == sorted(names)
+    assert all(FIELD_HELP[n].strip() for n in names)
+
+
+def test_help_lists_every_key_with_type_default_and_meaning():
+    proc = run_train("--help")
+    assert proc.returncode == 0 and proc.stderr == ""
+    lines = {line.split()[0]: line for line in proc.stdout.splitlines() if line.startswith("  --")}
+    for field in fields(TrainConfig):
+        line = lines[f"--{field.name}"]
+        assert f" {field.type} " in line and repr(field.default) in line and FIELD_HELP[field.name] in line
+    for flag in ("--print-config", "--no-progress", "--verbose", "--config", "--resume"):
+        assert flag in proc.stdout
+
+
+def test_print_config_shows_the_resolved_config_and_writes_nothing(tmp_path):
+    out = tmp_path / "run"
+    proc = run_train("--stage", "task", "--preset", "tiny", "--lr", "3e-4", "--joint", "--out", str(out),
+                     "--print-config", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    printed = tomllib.loads(proc.stdout)
+    expected = build_config(dict(stage="task", preset="tiny", lr=3e-4, joint=True, out=str(out))).to_dict()
+    assert printed == expected
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_no_progress_sets_progress_false(tmp_path):
+    proc = run_train("--stage", "domain", "--no-progress", "--print-config", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert tomllib.loads(proc.stdout)["progress"] is False
+
+
+def test_unknown_key_is_one_line_exit_2(tmp_path):
+    proc = run_train("--no_such_key", "1", "--print-config", cwd=tmp_path)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1 and proc.stdout == ""
