@@ -21,6 +21,7 @@ from baselines.aligners import Aligner
 from baselines.ensemble import EnsembleConfig
 from baselines.extractive import extractive_answer
 from baselines.linking import link_pairs
+from data.answers import clean_generated_answer
 from data.archehr import load_cases
 from data.atomic import write_json_atomic
 from data.errors import InputError
@@ -32,8 +33,7 @@ from data.submission import (
     validate_subtask4,
     write_submission,
 )
-
-from .answers import clean_generated_answer
+from model.export_folder import package_versions as installed_versions
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_ENSEMBLE = ROOT / "configs" / "retrieval.json"
@@ -133,8 +133,6 @@ def _load_ensemble(path: Path | None) -> tuple[EnsembleConfig, str]:
 
 
 def package_versions() -> dict[str, str | None]:
-    from training.export import package_versions as installed_versions
-
     return installed_versions(VERSIONED_PACKAGES)
 
 

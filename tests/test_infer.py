@@ -16,7 +16,7 @@ from baselines.extractive import extractive_answer
 from baselines.linking import link_pairs
 from data.archehr import load_cases
 from data.submission import count_words, validate_subtask3, validate_subtask4
-from inference.answers import clean_generated_answer
+from data.answers import clean_generated_answer
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE_XML = ROOT / "examples" / "archehr-qa.xml"

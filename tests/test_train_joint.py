@@ -11,9 +11,9 @@ import pytest
 from accelerate.utils import set_seed
 
 from data.prompts import encode_example, example_from_case
-from heads.scoring import pair_probabilities
 from model.backbone import LoraSettings, load_backbone
 from model.checkpoint import load_export
+from model.head_scoring import pair_probabilities
 from training.calibration import calibrate_threshold, pair_f1
 from training.config import build_config
 from training.loop import build_head, run_training

@@ -36,6 +36,7 @@ from data.errors import InputError
 from heads.alignment import NotePairHead, load_head
 from heads.config import HeadConfig
 from model.backbone import LoraSettings, compile_decoder_layers, load_backbone, load_tokenizer, resolve_preset
+from model.export_folder import find_export, read_manifest
 
 from . import checkpoints as ckpts
 from .config import TrainConfig
@@ -73,15 +74,7 @@ class RunResult:
 
 def resolve_init(init: str | Path) -> Path:
     """An export folder, given a run folder (uses RUN/export) or the export folder itself."""
-    p = Path(init)
-    for candidate in (p / "export", p):
-        if (candidate / "manifest.json").is_file():
-            return candidate
-    raise InputError("not a run folder or export folder (no manifest.json)", p)
-
-
-def read_manifest(export_dir: Path) -> dict:
-    return json.loads((export_dir / "manifest.json").read_text(encoding="utf-8"))
+    return find_export(init)
 
 
 def stage_data(cfg: TrainConfig, tokenizer) -> tuple[list[TrainItem], list[str]]:
