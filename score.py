@@ -22,6 +22,7 @@ from data.errors import InputError, exit_on_input_error
 from data.submission import MAX_WORDS, count_words, read_submission
 from metrics.alignment import SCORE_KEYS, score_alignment
 from metrics.generation import GenerationScores, score_generation
+from training.config import parse_overrides
 
 
 def _unique_case_ids(entries: list[dict], path: Path) -> list[str]:
@@ -121,7 +122,9 @@ def _add_cv_parser(commands) -> None:
     cv = commands.add_parser(
         "cv", help="case-grouped cross-validation of the baseline ladder and the joint head",
         description="Case-grouped k-fold cross-validation: every system trains and chooses its thresholds on the "
-                    "training folds only and is scored once on the pooled held-out predictions.",
+                    "training folds only and is scored once on the pooled held-out predictions. Any training "
+                    "config key is accepted as --key value, as in train.py (python train.py --help lists them).",
+        allow_abbrev=False,
     )
     cv.add_argument("--xml", type=Path, required=True, help="the cases XML")
     cv.add_argument("--key", type=Path, required=True, help="their key JSON")
@@ -131,7 +134,7 @@ def _add_cv_parser(commands) -> None:
     cv.add_argument("--init", help="domain-stage run or export folder to start each fold from (default: fresh)")
     cv.add_argument("--config", type=Path, help="task-stage TOML (default: configs/task.toml)")
     cv.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE",
-                    help="override a training setting, e.g. --set max_steps=2 (repeatable)")
+                    help="override a training setting, e.g. --set max_steps=2 (repeatable; same as --max_steps 2)")
     cv.add_argument("--systems", nargs="+", default=list(ALL_SYSTEMS), choices=list(ALL_SYSTEMS),
                     metavar="SYSTEM", help=f"systems to evaluate (default: all of {', '.join(ALL_SYSTEMS)})")
     cv.add_argument("--seed", type=int, default=0, help="fold assignment, training and bootstrap seed")
@@ -149,7 +152,11 @@ def _add_cv_parser(commands) -> None:
 @exit_on_input_error
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if args.command == "cv":  # training keys as in train.py: --max_steps 2 --lr 1e-4 --joint false
+        args.settings = list(args.settings) + [f"{k}={v}" for k, v in parse_overrides(extra).items()]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.command is None:
         return _score_command(parser, args)
     if args.command == "cv":

@@ -55,3 +55,33 @@ def test_no_progress_sets_progress_false(tmp_path):
 def test_unknown_key_is_one_line_exit_2(tmp_path):
     proc = run_train("--no_such_key", "1", "--print-config", cwd=tmp_path)
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1 and proc.stdout == ""
+
+
+def test_score_cv_takes_training_keys_like_train_py(tmp_path, monkeypatch):
+    """`score.py cv --max_steps 2 ...` means what `--set max_steps=2` means (one override parser)."""
+    import evaluation.cv
+    import score
+    from evaluation.head import parse_settings
+
+    seen = {}
+    monkeypatch.setattr(evaluation.cv, "run_cv", lambda opts: seen.setdefault("opts", opts))
+    monkeypatch.setattr(evaluation.cv, "print_summary", lambda result: None)
+    base = ["cv", "--xml", "x.xml", "--key", "k.json", "--out", str(tmp_path / "cv"), "--seed", "3"]
+    assert score.main(base + ["--max_steps", "2", "--lr", "1e-3", "--gradient_checkpointing", "false",
+                              "--head_layer", "-2", "--set", "log_every=1"]) == 0
+    opts = seen["opts"]
+    assert opts.seed == 3
+    assert parse_settings(opts.settings) == {"log_every": 1, "max_steps": 2, "lr": 1e-3,
+                                             "gradient_checkpointing": False, "head_layer": -2}
+
+
+def test_score_cv_unknown_key_is_one_line_exit_2(tmp_path, capsys):
+    import pytest
+
+    import score
+
+    with pytest.raises(SystemExit) as exit_info:
+        score.main(["cv", "--xml", "x.xml", "--key", "k.json", "--out", str(tmp_path / "cv"), "--no_such_key", "1"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "no_such_key" in err
