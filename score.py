@@ -18,6 +18,7 @@ from pathlib import Path
 
 from data.archehr import load_cases, load_key
 from data.atomic import write_json_atomic
+from data.console import hide_progress_bars
 from data.errors import InputError, exit_on_input_error
 from data.submission import MAX_WORDS, count_words, read_submission
 from metrics.alignment import SCORE_KEYS, score_alignment
@@ -168,6 +169,8 @@ def main(argv: list[str] | None = None) -> int:
 def _cv_command(args: argparse.Namespace) -> int:
     from evaluation.cv import CVOptions, print_summary, run_cv
 
+    if args.no_progress:
+        hide_progress_bars()  # model loading's bars too, not only ours
     opts = CVOptions(
         xml=args.xml, key=args.key, out=args.out, folds=args.folds, preset=args.preset, init=args.init,
         config=args.config, settings=args.settings, systems=args.systems, allow_train_cases=args.allow_train_cases,

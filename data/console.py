@@ -8,20 +8,16 @@ import warnings
 
 
 def quiet_library_noise(verbose: bool) -> None:
-    """Hide warnings that say nothing about the user's run (FutureWarnings from transformers,
-    bitsandbytes' note that its CPU build has no GPU gemm); ``verbose`` keeps them."""
+    """Hide messages that say nothing about the user's run; ``verbose`` keeps them. Call it before
+    bitsandbytes is imported (its note is logged at import)."""
     if verbose:
         return
-    warnings.filterwarnings("ignore", category=FutureWarning, module=r"(transformers|peft|accelerate)(\.|$)")
+    # Deprecation notices of the libraries' own internals (e.g. transformers' is_gradient_checkpointing):
+    # nothing a user of this toolkit can act on. Our code raises no FutureWarning of its own.
+    warnings.filterwarnings("ignore", category=FutureWarning)
     # "Failed to load CPU gemm_4bit_forward from kernels-community" is logged when bitsandbytes is
-    # imported on a CPU without the optional `kernels` package; its slower fallback is correct.
+    # imported on a CPU without the optional `kernels` package; its fallback is correct.
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
-    try:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.set_verbosity_error()
-    except ImportError:  # pragma: no cover
-        pass
 
 
 def hide_progress_bars() -> None:

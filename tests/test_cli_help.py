@@ -85,3 +85,35 @@ def test_score_cv_unknown_key_is_one_line_exit_2(tmp_path, capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "no_such_key" in err
+
+
+def _import_bitsandbytes(verbose: bool) -> str:
+    code = ("import warnings; from data.console import quiet_library_noise; "
+            f"quiet_library_noise({verbose}); import bitsandbytes; "
+            "warnings.warn('library internals moved', FutureWarning)")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stderr
+
+
+def test_library_noise_hidden_unless_verbose():
+    loud, quiet = _import_bitsandbytes(True), _import_bitsandbytes(False)
+    assert "library internals moved" in loud and "library internals moved" not in quiet
+    assert "gemm_4bit_forward" not in quiet  # present in `loud` only on CPUs where bitsandbytes says it
+
+
+def test_no_progress_hides_loading_bars(monkeypatch):
+    from huggingface_hub.utils import are_progress_bars_disabled, enable_progress_bars
+    from transformers.utils import logging as hf_logging
+
+    from data.console import hide_progress_bars
+
+    monkeypatch.delenv("HF_HUB_DISABLE_PROGRESS_BARS", raising=False)
+    monkeypatch.delenv("HF_DATASETS_DISABLE_PROGRESS_BARS", raising=False)
+    try:
+        hide_progress_bars()
+        assert not hf_logging.is_progress_bar_enabled()
+        assert are_progress_bars_disabled()
+    finally:
+        hf_logging.enable_progress_bar()
+        enable_progress_bars()
