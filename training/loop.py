@@ -138,7 +138,12 @@ def train_step(model, batch: dict, accelerator, grad_accum: int = 1) -> dict[str
     return {k: float(v.detach()) for k, v in losses.items()}
 
 
-def plot_losses(log_path: Path, out_png: Path) -> None:
+LOSS_PARTS = {"loss": "total (weighted sum)", "lm": "answer tokens (LM)", "align": "alignment pairs",
+              "relevance": "note-sentence relevance"}
+
+
+def plot_losses(log_path: Path, out_png: Path) -> list[str]:
+    """Every logged loss part against the step; returns the parts drawn (for tests)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -146,20 +151,24 @@ def plot_losses(log_path: Path, out_png: Path) -> None:
 
     rows = [json.loads(line) for line in log_path.read_text(encoding="utf-8").splitlines() if line.strip()]
     if not rows:
-        return
+        return []
     fig, ax = plt.subplots(figsize=(6, 4))
     steps = [r["step"] for r in rows]
-    for key in ("loss", "lm", "align"):
+    drawn = []
+    for key, meaning in LOSS_PARTS.items():
         values = [r.get(key) for r in rows]
         if any(v is not None for v in values):
-            ax.plot(steps, values, label=key, marker="." if len(rows) < 30 else None)
+            # Markers keep a short run (one or a few logged points) visible; long runs stay lines.
+            ax.plot(steps, values, label=f"{key}: {meaning}", marker="o" if len(rows) <= 50 else None, markersize=4)
+            drawn.append(key)
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss")
-    ax.legend()
+    ax.set_ylabel("loss (mean over the logging window)")
+    ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(out_png, dpi=100)
     plt.close(fig)
+    return drawn
 
 
 def merged_window(accelerator, window: dict[str, float], window_micro: int) -> tuple[dict[str, float], int]:
@@ -398,6 +407,7 @@ def run_training(cfg: TrainConfig, resume: bool = False) -> RunResult:
             if cfg.max_grad_norm > 0:
                 accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
             optimizer.step()
+            step_lr = scheduler.get_last_lr()[0]  # the rate this step used (step() moves on to the next)
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
@@ -410,7 +420,7 @@ def run_training(cfg: TrainConfig, resume: bool = False) -> RunResult:
                 elapsed = max(time.perf_counter() - window_start, 1e-9)
                 row = {"step": step, "epoch": epoch}
                 row.update({k: round(v / window_micro, 5) for k, v in window.items() if k != "answer_tokens"})
-                row.update(lr=scheduler.get_last_lr()[0], tokens=tokens_seen, tokens_per_s=round(tokens / elapsed, 1))
+                row.update(lr=step_lr, tokens=tokens_seen, tokens_per_s=round(tokens / elapsed, 1))
                 if torch.cuda.is_available():
                     row["max_mem_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
                 history.append(row)
