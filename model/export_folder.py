@@ -67,3 +67,70 @@ def package_versions(names: tuple[str, ...] = MANIFEST_PACKAGES) -> dict[str, st
         except metadata.PackageNotFoundError:
             out[name] = None
     return out
+
+
+def model_card(manifest: dict) -> str:
+    """``export/README.md``: what the export is, what it was trained on, and what it is for."""
+    base = manifest.get("base_model") or {}
+    if base.get("random_init"):
+        base_line = (f"randomly initialised `{base.get('preset')}` (seed {base['random_init'].get('seed')}): "
+                     "a test model, it generates noise")
+    else:
+        base_line = f"`{base.get('id')}` (preset `{base.get('preset')}`, 4-bit NF4: {base.get('load_in_4bit')})"
+    lora = manifest.get("lora") or {}
+    alignment = manifest.get("alignment") or {}
+    lines = [
+        "# archehr export",
+        "",
+        "A LoRA adapter and an evidence-alignment head for ArchEHR-QA (answering patients' questions about "
+        "their hospital records, and linking each answer sentence to the note sentences that support it).",
+        "",
+        "**Intended use: research only.** Not for clinical decisions, and not to be shown to patients "
+        "without review by a clinician.",
+        "",
+        "## Base model",
+        f"- {base_line}",
+        f"- LoRA: r={lora.get('r')}, alpha={lora.get('alpha')}, dropout={lora.get('dropout')}, "
+        f"on {', '.join(lora.get('targets') or [])}",
+        "",
+        "## Training stages",
+    ]
+    for i, stage in enumerate(manifest.get("stages") or [], 1):
+        lines.append(f"{i}. `{stage.get('stage')}`{' (joint head)' if stage.get('joint') else ''}: "
+                     f"{stage.get('examples')} examples, {stage.get('steps')} steps, seed {stage.get('seed')}, "
+                     f"final loss {stage.get('final_loss')}, finished {stage.get('finished')}")
+        for data in stage.get("data") or []:
+            lines.append(f"   - data `{Path(str(data.get('path'))).name}` sha256 `{data.get('sha256')}`")
+    lines += [
+        "",
+        "## Thresholds",
+        f"- alignment probability threshold {alignment.get('threshold')} ({alignment.get('calibrated_on')}; "
+        f"pair F1 there {alignment.get('train_pair_f1')}, {alignment.get('n_examples')} examples). "
+        "Chosen on training cases: it is not a held-out score.",
+    ]
+    for key, value in sorted(manifest.items()):
+        if key.endswith("_threshold") and value is not None:
+            lines.append(f"- {key.replace('_', ' ')}: {value}")
+    lines += ["", "## Evaluation"]
+    cv = manifest.get("cv")
+    if cv:
+        lines.append("Case-grouped cross-validation (held-out cases):")
+        lines += [f"- {name}: {value}" for name, value in sorted(cv.items())]
+    else:
+        lines.append("No cross-validation scores are recorded with this export; `python score.py cv` "
+                     "measures them on held-out cases.")
+    lines += [
+        "",
+        "## Loading",
+        "```python",
+        "import sys",
+        'sys.path.insert(0, "/path/to/archehr")',
+        "from model.checkpoint import load_export",
+        'checkpoint = load_export("path/to/export")',
+        "```",
+        "The adapter also loads with plain PEFT: `PeftModel.from_pretrained(base_model, \"path/to/export\")`.",
+        "",
+        f"Packages: {', '.join(f'{k} {v}' for k, v in (manifest.get('packages') or {}).items() if v)}. "
+        f"Created {manifest.get('created')}.",
+    ]
+    return "\n".join(lines) + "\n"

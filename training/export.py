@@ -22,7 +22,7 @@ import numpy as np
 
 from heads.alignment import HEAD_CONFIG, HEAD_WEIGHTS, NotePairHead, save_head
 from model.backbone import RANDOM_INIT_SEED, is_quantised, is_random_preset, resolve_preset
-from model.export_folder import DEFAULT_THRESHOLD, EXPORT_FORMAT, package_versions, write_manifest
+from model.export_folder import DEFAULT_THRESHOLD, EXPORT_FORMAT, model_card, package_versions, write_manifest
 from model.head_scoring import pair_probabilities
 
 from .calibration import calibrate_threshold
@@ -115,6 +115,8 @@ def export_run(
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     write_manifest(tmp, manifest)
+    # Replaces the blank template PEFT's save_pretrained leaves there.
+    (tmp / "README.md").write_text(model_card(manifest), encoding="utf-8")
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
     return final
