@@ -51,6 +51,7 @@ from .data import (
     task_cases,
     task_examples,
 )
+from .init_settings import adopt_init_settings
 from .joint import JointModel, LossSettings
 
 LOG_FILE = "log.jsonl"
@@ -276,6 +277,8 @@ def run_training(cfg: TrainConfig, resume: bool = False) -> RunResult:
         raise InputError("--preset is required")
     init_export = resolve_init(cfg.init) if cfg.stage == "task" and cfg.init else None
     init_manifest = read_manifest(init_export) if init_export is not None else None
+    if init_manifest is not None:  # the adapter and head load as trained: record their real settings
+        cfg = adopt_init_settings(cfg, init_manifest)
     if init_manifest is not None and init_manifest.get("preset") != preset.name:
         raise InputError(
             f"--init was trained with preset {init_manifest.get('preset')!r}, not {preset.name!r}", init_export
