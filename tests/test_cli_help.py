@@ -117,3 +117,24 @@ def test_no_progress_hides_loading_bars(monkeypatch):
     finally:
         hf_logging.enable_progress_bar()
         enable_progress_bars()
+
+
+def test_lora_head_and_loss_defaults_have_one_source():
+    """TrainConfig reads LoRA and head defaults from their classes; LossSettings reads TrainConfig."""
+    import inspect
+
+    from heads.alignment import NotePairHead
+    from heads.config import HeadConfig
+    from model.presets import LoraSettings
+    from training.joint import LossSettings
+
+    cfg, lora, loss = TrainConfig(), LoraSettings(), LossSettings()
+    assert (cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout) == (lora.r, lora.alpha, lora.dropout)
+    head = HeadConfig(hidden_size=8)
+    for name in ("proj_dim", "mlp_dim", "pooling", "layer", "relevance", "dropout"):
+        assert getattr(cfg, f"head_{name}") == getattr(head, name), name
+    assert NotePairHead(8).config == HeadConfig(hidden_size=8)
+    assert (loss.align_weight, loss.pos_weight, loss.relevance_weight) == (
+        cfg.align_weight, cfg.pos_weight, cfg.relevance_weight)
+    source = inspect.getsource(LossSettings) + inspect.getsource(TrainConfig)
+    assert "lora_r: int = LoraSettings.r" in source and "align_weight: float = TrainConfig.align_weight" in source
