@@ -66,7 +66,6 @@ class InferenceOptions:
     max_new_tokens: int = 100
     base: str | None = None  # base model id/path for the checkpoint (None = the manifest's)
     device: str | None = None
-    load_in_4bit: bool | None = None
     progress: bool = True
 
 
@@ -77,10 +76,6 @@ class InferenceResult:
     written: dict[int, tuple[Path, Path]] = field(default_factory=dict)
     skipped_subtask4: list[str] = field(default_factory=list)
     scores: dict = field(default_factory=dict)
-
-    @property
-    def run_json(self) -> Path:
-        return self.out_dir / "run.json"
 
 
 class HeadAligner:
@@ -211,7 +206,7 @@ def run_inference(opts: InferenceOptions, log: Log = _stderr) -> InferenceResult
         t = time.perf_counter()
         from model.checkpoint import load_export  # heavy import, only with a checkpoint
 
-        checkpoint = load_export(opts.checkpoint, base=opts.base, device=opts.device, load_in_4bit=opts.load_in_4bit)
+        checkpoint = load_export(opts.checkpoint, base=opts.base, device=opts.device)
         manifest = checkpoint.manifest
         timings["load_checkpoint"] = time.perf_counter() - t
         # Announced once loaded, so that a folder that is not an export fails with one line.

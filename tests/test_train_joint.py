@@ -1,6 +1,6 @@
 """The joint task stage teaches the head an alignment that word overlap gets wrong.
 
-Synthetic cases (training/synthetic.py): answers use lay words, their supports use
+Synthetic cases (tests/synthetic.py): answers use lay words, their supports use
 codes from a fixed lexicon, and each answer has a distractor note sentence that
 repeats its words. Held-out cases are generated with another seed (not in training).
 """
@@ -17,7 +17,7 @@ from model.head_scoring import pair_probabilities
 from training.calibration import calibrate_threshold, pair_f1
 from training.config import build_config
 from training.loop import build_head, run_training
-from training.synthetic import make_cases, word_overlap_top1, write_archehr
+from synthetic import make_cases, word_overlap_top1, write_archehr
 
 N_TRAIN, N_HELD_OUT = 24, 16
 
