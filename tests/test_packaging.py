@@ -108,3 +108,24 @@ def test_notebook_recipe_loads_an_export(tmp_path):
                           timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip().endswith("True")
+
+
+def test_domain_stage_runs_from_another_folder_with_the_checkout_config(tmp_path):
+    """The acceptance run: tiny domain stage from a neutral folder; the config it records is the
+    one --print-config resolves in the checkout; stdout holds only the result, logs go to stderr."""
+    out = tmp_path / "run"
+    args = ("--stage", "domain", "--preset", "tiny", "--data", str(ROOT / "examples" / "emrqa_sample.jsonl"),
+            "--out", str(out), "--max_steps", "2", "--batch_tokens", "0", "--batch_size", "2", "--log_every", "1",
+            "--save_every", "0", "--plot", "false", "--no-progress")
+    expected = _print_config(ROOT, *args)
+    assert expected.returncode == 0, expected.stderr
+    neutral = tmp_path / "elsewhere"
+    neutral.mkdir()
+    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=neutral, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout == f"export: {out / 'export'}\n"
+    assert "step 1/2" in proc.stderr and "step 2/2" in proc.stderr
+    assert "FutureWarning" not in proc.stderr and "gemm_4bit_forward" not in proc.stderr  # hidden without --verbose
+    assert (out / "config.toml").read_text(encoding="utf-8") == expected.stdout
+    assert list(neutral.iterdir()) == []

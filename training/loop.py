@@ -430,9 +430,9 @@ def run_training(cfg: TrainConfig, resume: bool = False) -> RunResult:
                 if accelerator.is_main_process:
                     with (out / LOG_FILE).open("a", encoding="utf-8") as fh:
                         fh.write(json.dumps(row) + "\n")
-                    bar.write(
+                    bar.write(  # a log line: stderr (tqdm.write defaults to stdout, which holds results)
                         f"step {step}/{total_steps} loss {row['loss']:.4f} lr {row['lr']:.2e} "
-                        f"tok/s {row['tokens_per_s']:.0f}"
+                        f"tok/s {row['tokens_per_s']:.0f}", file=sys.stderr
                     )
                     bar.set_postfix(loss=f"{row['loss']:.3f}")
                 window, window_micro, window_tokens, window_start = {}, 0, 0, time.perf_counter()
