@@ -18,7 +18,7 @@ from pathlib import Path
 
 from data.archehr import load_cases, load_key
 from data.atomic import write_json_atomic
-from data.console import hide_progress_bars
+from data.console import hide_progress_bars, quiet_library_noise
 from data.errors import InputError, exit_on_input_error
 from data.submission import MAX_WORDS, count_words, read_submission
 from metrics.alignment import SCORE_KEYS, score_alignment
@@ -147,7 +147,8 @@ def _add_cv_parser(commands) -> None:
                     help="train on all cases and score the same cases (refused without --allow-train-cases)")
     cv.add_argument("--allow-train-cases", action="store_true",
                     help='allow scoring on training cases; every output is then labelled "TRAINING CASES"')
-    cv.add_argument("--no-progress", action="store_true", help="no progress bars")
+    cv.add_argument("--no-progress", action="store_true", help="no progress bars (model loading's included)")
+    cv.add_argument("--verbose", action="store_true", help="show library warnings that are hidden by default")
 
 
 @exit_on_input_error
@@ -169,6 +170,7 @@ def main(argv: list[str] | None = None) -> int:
 def _cv_command(args: argparse.Namespace) -> int:
     from evaluation.cv import CVOptions, print_summary, run_cv
 
+    quiet_library_noise(verbose=args.verbose)
     if args.no_progress:
         hide_progress_bars()  # model loading's bars too, not only ours
     opts = CVOptions(
