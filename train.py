@@ -60,7 +60,8 @@ def check_init_settings(cfg, explicit: dict):
     from training.init_settings import adopt_init_settings
 
     export = find_export(cfg.init)
-    return adopt_init_settings(cfg, read_manifest(export), explicit=set(explicit), init_path=export)
+    return adopt_init_settings(cfg, read_manifest(export), explicit=set(explicit), init_path=export,
+                               note=lambda line: print(line, file=sys.stderr))
 
 
 def usage() -> str:

@@ -40,6 +40,7 @@ def test_resolved_config_takes_the_init_adapter_settings(domain_run):
     assert proc.returncode == 0, proc.stderr
     cfg = tomllib.loads(proc.stdout)
     assert (cfg["lora_r"], cfg["lora_alpha"], cfg["head_proj_dim"]) == (4, 8, 16)
+    assert "lora_r 16 -> 4" in proc.stderr  # said on screen, not silent
     assert task_cli(domain_run, "--lora_r", "4").returncode == 0  # the same value is fine
 
 

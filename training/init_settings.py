@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 from data.errors import InputError
 
@@ -31,12 +31,17 @@ def inherited_settings(manifest: dict) -> dict:
 
 
 def adopt_init_settings(cfg: TrainConfig, manifest: dict, explicit: Iterable[str] = (),
-                        init_path: str | Path | None = None) -> TrainConfig:
+                        init_path: str | Path | None = None,
+                        note: Callable[[str], None] | None = None) -> TrainConfig:
     """``cfg`` with the init export's adapter/head settings; a key in ``explicit`` (given by the
-    user) whose value differs from the export's -> InputError."""
+    user) whose value differs from the export's -> InputError. ``note`` hears which preset values
+    (not given by the user) were replaced."""
     inherited = inherited_settings(manifest)
     for key in explicit:
         if key in inherited and getattr(cfg, key) != inherited[key]:
             raise InputError(f"--{key} {getattr(cfg, key)!r} differs from the --init export's {inherited[key]!r}: "
                              f"its adapter and head are loaded as trained (drop --{key})", init_path)
+    changed = [f"{k} {getattr(cfg, k)!r} -> {v!r}" for k, v in inherited.items() if getattr(cfg, k) != v]
+    if changed and note is not None:
+        note(f"note: the --init export fixes {', '.join(changed)} (its adapter and head load as trained)")
     return dataclasses.replace(cfg, **inherited)
