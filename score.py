@@ -37,6 +37,8 @@ from metrics.training_cases import (
     run_record_beside,
     run_record_training_case_ids,
 )
+from data.console import hide_progress_bars, quiet_library_noise
+from training.config import parse_overrides
 
 
 def _print_table(rows: list[tuple[str, str]]) -> None:
@@ -74,7 +76,9 @@ def _add_cv_parser(commands) -> None:
     cv = commands.add_parser(
         "cv", help="case-grouped cross-validation of the baseline ladder and the joint head",
         description="Case-grouped k-fold cross-validation: every system trains and chooses its thresholds on the "
-                    "training folds only and is scored once on the pooled held-out predictions.",
+                    "training folds only and is scored once on the pooled held-out predictions. Any training "
+                    "config key is accepted as --key value, as in train.py (python train.py --help lists them).",
+        allow_abbrev=False,
     )
     cv.add_argument("--xml", type=Path, required=True, help="the cases XML")
     cv.add_argument("--key", type=Path, required=True, help="their key JSON")
@@ -84,7 +88,7 @@ def _add_cv_parser(commands) -> None:
     cv.add_argument("--init", help="domain-stage run or export folder to start each fold from (default: fresh)")
     cv.add_argument("--config", type=Path, help="task-stage TOML (default: configs/task.toml)")
     cv.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE",
-                    help="override a training setting, e.g. --set max_steps=2 (repeatable)")
+                    help="override a training setting, e.g. --set max_steps=2 (repeatable; same as --max_steps 2)")
     cv.add_argument("--systems", nargs="+", default=list(ALL_SYSTEMS), choices=list(ALL_SYSTEMS),
                     metavar="SYSTEM", help=f"systems to evaluate (default: all of {', '.join(ALL_SYSTEMS)})")
     cv.add_argument("--seed", type=int, default=0, help="fold assignment, training and bootstrap seed")
@@ -96,14 +100,19 @@ def _add_cv_parser(commands) -> None:
                     help="train on all cases and score the same cases (refused without --allow-train-cases)")
     cv.add_argument("--allow-train-cases", action="store_true",
                     help='allow scoring on training cases; every output is then labelled "TRAINING CASES"')
-    cv.add_argument("--no-progress", action="store_true", help="no progress bars")
+    cv.add_argument("--no-progress", action="store_true", help="no progress bars (model loading's included)")
+    cv.add_argument("--verbose", action="store_true", help="show library warnings that are hidden by default")
 
 
 @exit_on_interrupt
 @exit_on_input_error
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if args.command == "cv":  # training keys as in train.py: --max_steps 2 --lr 1e-4 --joint false
+        args.settings = list(args.settings) + [f"{k}={v}" for k, v in parse_overrides(extra).items()]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.command is None:
         return _score_command(parser, args)
     if args.command == "cv":
@@ -115,6 +124,9 @@ def main(argv: list[str] | None = None) -> int:
 def _cv_command(args: argparse.Namespace) -> int:
     from evaluation.cv import CVOptions, print_summary, run_cv
 
+    quiet_library_noise(verbose=args.verbose)
+    if args.no_progress:
+        hide_progress_bars()  # model loading's bars too, not only ours
     opts = CVOptions(
         xml=args.xml, key=args.key, out=args.out, folds=args.folds, preset=args.preset, init=args.init,
         config=args.config, settings=args.settings, systems=args.systems, allow_train_cases=args.allow_train_cases,

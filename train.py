@@ -5,12 +5,20 @@
         --xml archehr-qa.xml --key archehr-qa_key.json --out runs/task
     python train.py --resume runs/task            # continue from the latest checkpoint
 
-Every TrainConfig field can be overridden as ``--name value`` (see configs/*.toml).
+Each stage starts from its preset TOML (configs/STAGE.toml, next to this file; ``--config FILE``
+for your own) and any key below can be overridden as ``--key value`` (``--flag`` alone = true).
+
+    --config FILE     the stage's TOML instead of configs/STAGE.toml
+    --resume DIR      continue a run from its latest checkpoint
+    --print-config    print the resolved config (TOML) on stdout and exit; writes nothing
+    --no-progress     hide every progress bar, model loading included (= --progress false)
+    --verbose         show library warnings that are hidden by default
 """
 from __future__ import annotations
 
 import sys
 
+from data.console import hide_progress_bars, quiet_library_noise
 from data.errors import InputError, exit_on_input_error, exit_on_interrupt
 from training.config import build_config, load_run_config, parse_overrides
 
@@ -38,20 +46,58 @@ def split_meta(argv: list[str]) -> tuple[str | None, str | None, list[str]]:
     return config, resume, rest
 
 
+CLI_FLAGS = ("--print-config", "--no-progress", "--verbose")
+
+
+def split_flags(argv: list[str]) -> tuple[set[str], list[str]]:
+    """Pull the CLI's own switches (not config keys) out of the argument list."""
+    return {a for a in argv if a in CLI_FLAGS}, [a for a in argv if a not in CLI_FLAGS]
+
+
+def check_init_settings(cfg, explicit: dict):
+    """The --init export's adapter/head settings; an explicit different --lora_* / --head_* is exit 2."""
+    from model.export_folder import find_export, read_manifest
+    from training.init_settings import adopt_init_settings
+
+    export = find_export(cfg.init)
+    return adopt_init_settings(cfg, read_manifest(export), explicit=set(explicit), init_path=export,
+                               note=lambda line: print(line, file=sys.stderr))
+
+
+def usage() -> str:
+    from training.config_docs import config_keys_help
+
+    return (f"{__doc__.rstrip()}\n\nconfig keys (type, dataclass default, meaning; the stage's TOML sets some, "
+            f"--print-config shows the resolved values):\n{config_keys_help()}\n")
+
+
 @exit_on_interrupt
 @exit_on_input_error
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] in ("-h", "--help"):
-        print(__doc__)
+    if not argv or "-h" in argv or "--help" in argv:
+        print(usage())
         return 0
     config_file, resume, rest = split_meta(argv)
+    flags, rest = split_flags(rest)
     overrides = parse_overrides(rest)
+    if "--no-progress" in flags:
+        overrides["progress"] = False
     if resume:
         overrides["out"] = resume
         cfg = build_config(overrides, base=load_run_config(resume))
     else:
         cfg = build_config(overrides, config_file=config_file)
+        if cfg.init and cfg.stage == "task":
+            cfg = check_init_settings(cfg, explicit=overrides)
+    if "--print-config" in flags:
+        from training.config_docs import config_as_toml
+
+        sys.stdout.write(config_as_toml(cfg))
+        return 0
+    quiet_library_noise(verbose="--verbose" in flags)
+    if not cfg.progress:
+        hide_progress_bars()
     from training.interrupt import deferred_stops, interrupted_message
     from training.loop import run_training
 
@@ -60,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     if result.interrupted and stops.requested is not None:
         raise interrupted_message(result.steps, cfg.out)
     if result.export_dir is not None:
-        print(f"export: {result.export_dir}")
+        print(f"export: {result.export_dir}")  # the result, on stdout
     return 0
 
 

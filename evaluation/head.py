@@ -9,7 +9,6 @@ here on the same training cases. Held-out cases reach the model blinded (no key)
 from __future__ import annotations
 
 import gc
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -96,7 +95,7 @@ def _relevance_probabilities(ck, case: Case) -> np.ndarray | None:
     import torch
 
     from data.prompts import encode_example, example_from_case
-    from heads.scoring import head_outputs
+    from model.head_scoring import head_outputs
 
     enc = encode_example(ck.tokenizer, example_from_case(case, with_answer=True))
     out = head_outputs(ck.model, ck.head, enc)
@@ -106,8 +105,9 @@ def _relevance_probabilities(ck, case: Case) -> np.ndarray | None:
 
 
 def _files_trained_on(export_dir: Path) -> list[dict]:
-    manifest = json.loads((export_dir / "manifest.json").read_text(encoding="utf-8"))
-    return manifest["stages"][-1]["data"]
+    from model.export_folder import read_manifest
+
+    return read_manifest(export_dir)["stages"][-1]["data"]
 
 
 def run_head_fold(fold_dir: Path, train: Sequence[Case], held_out: Sequence[Case], *, preset: str,
@@ -118,7 +118,7 @@ def run_head_fold(fold_dir: Path, train: Sequence[Case], held_out: Sequence[Case
     from training.data import file_sha256
     from training.loop import run_training
 
-    from inference.answers import clean_generated_answer
+    from data.answers import clean_generated_answer
 
     fold_dir.mkdir(parents=True, exist_ok=True)
     write_case_files(train, fold_dir / TRAIN_XML, fold_dir / TRAIN_KEY)

@@ -106,12 +106,12 @@ def plot_losses(logs: Mapping[str, Path], out_png: Path, title: str) -> None:
     for label, path in logs.items():
         rows = [r for r in read_log(path) if "loss" in r]
         if rows:
-            ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], marker=".", label=label)
+            ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], marker="o", markersize=4, label=label)
             drawn += 1
     if not drawn:
         ax.text(0.5, 0.5, "no training logs (head not trained)", ha="center", va="center", transform=ax.transAxes)
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel("training loss (LM + alignment)")
+    ax.set_ylabel("total training loss (LM + alignment + relevance)")
     ax.set_title(title, fontsize=9)
     if drawn:
         ax.legend(fontsize=7)

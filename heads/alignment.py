@@ -52,12 +52,12 @@ class NotePairHead(nn.Module):
     def __init__(
         self,
         hidden_size: int | HeadConfig,
-        proj_dim: int = 256,
-        pooling: str = "mean",
-        relevance: bool = True,
+        proj_dim: int = HeadConfig.proj_dim,
+        pooling: str = HeadConfig.pooling,
+        relevance: bool = HeadConfig.relevance,
         mlp_dim: int | None = None,
-        dropout: float = 0.0,
-        layer: int = -1,
+        dropout: float = HeadConfig.dropout,
+        layer: int = HeadConfig.layer,
     ):
         super().__init__()
         if isinstance(hidden_size, HeadConfig):

@@ -10,6 +10,9 @@ POOLINGS = ("mean", "attention")
 
 @dataclass
 class HeadConfig:
+    """The head's shape. The one place its defaults are written: TrainConfig's head_* and
+    NotePairHead's arguments read them."""
+
     hidden_size: int
     proj_dim: int = 256
     mlp_dim: int = 256

@@ -37,7 +37,7 @@ def checkpoint_threshold(manifest: dict, override: float | None) -> tuple[float,
 def checkpoint_probabilities(checkpoint, cases: list[Case], progress: bool = True) -> dict[str, np.ndarray]:
     """``case_id -> [n_note]`` relevance probabilities from the checkpoint's head."""
     from data.prompts import encode_example, example_from_case
-    from heads.scoring import relevance_probabilities
+    from model.head_scoring import relevance_probabilities
 
     out: dict[str, np.ndarray] = {}
     for case in tqdm(cases, desc="subtask 2 (head)", unit="case", disable=not progress):

@@ -21,6 +21,7 @@ from baselines.aligners import Aligner
 from baselines.ensemble import EnsembleConfig
 from baselines.extractive import extractive_answer
 from baselines.linking import link_pairs
+from data.answers import clean_generated_answer
 from data.archehr import load_cases
 from data.atomic import OutputSet, check_output_set_target, write_json_atomic
 from data.errors import InputError
@@ -34,8 +35,8 @@ from data.submission import (
     validate_subtask4,
     write_submission,
 )
+from model.export_folder import package_versions as installed_versions
 
-from .answers import clean_generated_answer
 from .evidence import checkpoint_threshold, has_relevance_threshold, predict_evidence
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -70,7 +71,6 @@ class InferenceOptions:
     max_new_tokens: int = 100
     base: str | None = None  # base model id/path for the checkpoint (None = the manifest's)
     device: str | None = None
-    load_in_4bit: bool | None = None
     progress: bool = True
     allow_train_cases: bool = False  # score an export on its own training cases (labelled TRAINING CASES)
     relevance_threshold: float | None = None  # Subtask 2; None = the manifest's (checkpoint) or the default
@@ -86,10 +86,6 @@ class InferenceResult:
     written: dict[int, tuple[Path, Path]] = field(default_factory=dict)
     skipped_subtask4: list[str] = field(default_factory=list)
     scores: dict = field(default_factory=dict)
-
-    @property
-    def run_json(self) -> Path:
-        return self.out_dir / "run.json"
 
 
 class HeadAligner:
@@ -145,8 +141,6 @@ def _load_ensemble(path: Path | None) -> tuple[EnsembleConfig, str]:
 
 
 def package_versions() -> dict[str, str | None]:
-    from training.export import package_versions as installed_versions
-
     return installed_versions(VERSIONED_PACKAGES)
 
 
@@ -230,8 +224,7 @@ def run_inference(opts: InferenceOptions, log: Log = _stderr) -> InferenceResult
         from inference.fast import load_checkpoint  # heavy import, only with a checkpoint
 
         checkpoint, memory = load_checkpoint(opts.checkpoint, base=opts.base, device=opts.device,
-                                             load_in_4bit=opts.load_in_4bit, max_memory_gb=opts.max_memory_gb,
-                                             fast=opts.fast, log=log)
+                                             max_memory_gb=opts.max_memory_gb, fast=opts.fast, log=log)
         manifest = checkpoint.manifest
         timings["load_checkpoint"] = time.perf_counter() - t
         # Announced once loaded, so that a folder that is not an export fails with one line.

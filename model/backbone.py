@@ -27,23 +27,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .presets import ModelPreset, bundled_tokenizer_dir, get_preset
+from .presets import LORA_TARGETS, LoraSettings, ModelPreset, bundled_tokenizer_dir, get_preset  # noqa: F401
 
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 RANDOM_INIT_SEED = 0
-
-
-@dataclass
-class LoraSettings:
-    r: int = 16
-    alpha: int = 32
-    dropout: float = 0.05
-    targets: tuple[str, ...] = field(default=LORA_TARGETS)
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["targets"] = list(self.targets)
-        return d
 
 
 def resolve_preset(preset: ModelPreset | str) -> ModelPreset:

@@ -6,7 +6,6 @@ shape recorded in the manifest, so tiny checkpoints reload on any machine.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +17,9 @@ from data.prompts import chat_prompt, encode_example, example_from_case
 from data.records import Case
 from heads.alignment import NotePairHead, load_head
 
-from .backbone import RANDOM_INIT_SEED, backbone_hidden, default_device, load_backbone, load_merged, load_tokenizer
+from .backbone import RANDOM_INIT_SEED, default_device, load_backbone, load_merged, load_tokenizer
+from .export_folder import MANIFEST, manifest_threshold, read_manifest
+from .head_scoring import pair_probabilities
 from .presets import PRESETS, ModelPreset
 
 
@@ -87,20 +88,10 @@ class LoadedCheckpoint:
                 out[i] = np.zeros((0, len(case.note_sentences)), dtype=np.float32)
             else:
                 encoded.append((i, encode_example(self.tokenizer, example_from_case(case, with_answer=True))))
-        encoded.sort(key=lambda item: -len(item[1]))
-        pad = self.tokenizer.pad_token_id
-        for start in range(0, len(encoded), batch_size):
-            group = encoded[start : start + batch_size]
-            width = max(len(enc) for _, enc in group)
-            ids = torch.full((len(group), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(group), width), dtype=torch.long)
-            for row, (_, enc) in enumerate(group):
-                ids[row, : len(enc)] = torch.tensor(enc.input_ids)
-                mask[row, : len(enc)] = 1
-            _, hidden = backbone_hidden(self.model, ids.to(self.device), mask.to(self.device), self.head.config.layer)
-            for row, (i, enc) in enumerate(group):
-                logits = self.head(hidden[row], enc.note_spans, enc.answer_spans).pair_logits
-                out[i] = torch.sigmoid(logits.float()).cpu().numpy()
+        probs = pair_probabilities(self.model, self.head, [enc for _, enc in encoded], batch_size=batch_size,
+                                   pad_id=self.tokenizer.pad_token_id)
+        for (i, _), p in zip(encoded, probs):
+            out[i] = p
         return out  # type: ignore[return-value]
 
 
@@ -145,15 +136,9 @@ def load_export(
     decoding; ``merge=False`` keeps NF4 + LoRA for small cards.
     """
     root = Path(export_dir)
-    if (root / "export" / "manifest.json").is_file():
+    if (root / "export" / MANIFEST).is_file():
         root = root / "export"
-    manifest_path = root / "manifest.json"
-    if not manifest_path.is_file():
-        raise InputError("not an export folder (no manifest.json)", root)
-    try:
-        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, RecursionError, UnicodeDecodeError) as err:
-        raise InputError(f"invalid manifest.json ({getattr(err, 'msg', 'not JSON')})", manifest_path) from None
+    manifest = read_manifest(root)
     for required in ("adapter_config.json", "adapter_model.safetensors", "head.safetensors", "head_config.json"):
         if not (root / required).is_file():
             raise InputError(f"export is missing {required}", root)
@@ -178,5 +163,5 @@ def load_export(
         model = load_backbone(preset, load_in_4bit=load_in_4bit, device=device, base_path=base_path,
                               adapter_dir=root, trainable=False, random_seed=seed)
     head = load_head(root, device=device).eval()
-    threshold = float(manifest.get("alignment", {}).get("threshold", 0.5))
+    threshold = manifest_threshold(manifest)
     return LoadedCheckpoint(manifest=manifest, threshold=threshold, tokenizer=tokenizer, model=model, head=head)

@@ -240,6 +240,23 @@ def test_journey_tiny_runs_every_stage_on_cpu(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
+def test_journey_split_over_two_calls_continues_in_the_same_work_folder(tmp_path, monkeypatch):
+    """What two device commands on one warm machine do: domain first, then task and infer."""
+    import json
+
+    from bench import journey
+
+    monkeypatch.setenv("ARCHEHR_CACHE", str(tmp_path / "cache"))
+    common = ["--preset", "tiny", "--tiny", "--work", str(tmp_path / "work")]
+    with pytest.raises(SystemExit):  # nothing to continue yet
+        journey.main([*common, "--out", str(tmp_path / "none"), "--stages", "task,infer"])
+    assert journey.main([*common, "--out", str(tmp_path / "a"), "--stages", "domain"]) == 0
+    assert journey.main([*common, "--out", str(tmp_path / "b"), "--stages", "task,infer"]) == 0
+    second = json.loads(next((tmp_path / "b").glob("journey-*.json")).read_text())
+    assert [r["stage"] for r in second["stages"]] == ["task", "infer"] and second["passed"]
+
+
+@pytest.mark.slow
 def test_bench_run_smoke_has_old_and_fast_inference_rows(tmp_path, monkeypatch):
     import json
 

@@ -596,7 +596,7 @@ def export_weights(export_dir: Path) -> dict[str, torch.Tensor]:
     pytest.param(signal.SIGTERM, True, marks=pytest.mark.slow),  # ~25 s: and the bit-identical resume
 ])
 def test_signal_mid_training_checkpoints_and_resumes_bit_identical(tmp_path, sig, resume):
-    from training.synthetic import make_cases, write_archehr
+    from synthetic import make_cases, write_archehr
 
     write_archehr(make_cases(6, seed=3), tmp_path / "c.xml", tmp_path / "k.json")
     part = tmp_path / "part"

@@ -15,8 +15,8 @@ import infer
 from baselines.extractive import extractive_answer
 from baselines.linking import link_pairs
 from data.archehr import load_cases
+from data.answers import clean_generated_answer
 from data.submission import count_words, validate_subtask2, validate_subtask3, validate_subtask4
-from inference.answers import clean_generated_answer
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE_XML = ROOT / "examples" / "archehr-qa.xml"

@@ -11,7 +11,7 @@ import train
 from training.checkpoints import checkpoint_dirs
 from training.config import build_config
 from training.loop import run_training
-from training.synthetic import make_cases, write_archehr
+from synthetic import make_cases, write_archehr
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -1,6 +1,6 @@
 """The joint task stage teaches the head an alignment that word overlap gets wrong.
 
-Synthetic cases (training/synthetic.py): answers use lay words, their supports use
+Synthetic cases (tests/synthetic.py): answers use lay words, their supports use
 codes from a fixed lexicon, and each answer has a distractor note sentence that
 repeats its words. Held-out cases are generated with another seed (not in training).
 """
@@ -11,13 +11,13 @@ import pytest
 from accelerate.utils import set_seed
 
 from data.prompts import encode_example, example_from_case
-from heads.scoring import pair_probabilities
 from model.backbone import LoraSettings, load_backbone
 from model.checkpoint import load_export
+from model.head_scoring import pair_probabilities
 from training.calibration import calibrate_threshold, pair_f1
 from training.config import build_config
 from training.loop import build_head, run_training
-from training.synthetic import make_cases, word_overlap_top1, write_archehr
+from synthetic import make_cases, word_overlap_top1, write_archehr
 
 N_TRAIN, N_HELD_OUT = 24, 16
 

@@ -18,7 +18,7 @@ from data.archehr import load_cases
 from data.errors import InputError
 from data.records import Case
 from data.submission import subtask3_entries, validate_subtask3, write_submission
-from inference.answers import clean_generated_answer
+from data.answers import clean_generated_answer
 from metrics import bertscore
 from metrics.generation import score_generation
 from metrics.training_cases import TRAINING_CASES_LABEL

@@ -5,7 +5,7 @@ from typing import Sequence
 
 import numpy as np
 
-DEFAULT_THRESHOLD = 0.5
+from model.export_folder import DEFAULT_THRESHOLD
 GRID = tuple(round(x, 2) for x in np.arange(0.05, 0.951, 0.05))
 
 

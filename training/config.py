@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Any, get_type_hints
 
 from data.errors import InputError, parse_json, read_text_file
+from heads.config import HeadConfig
+from model.presets import LoraSettings
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -66,17 +68,17 @@ class TrainConfig:
     # the first steps pay the compile time. Off on CPU.
     compile: bool = True
     gradient_checkpointing: bool = True
-    # LoRA
-    lora_r: int = 16
-    lora_alpha: int = 32
-    lora_dropout: float = 0.05
-    # Alignment head and joint loss
-    head_proj_dim: int = 256
-    head_mlp_dim: int = 256
-    head_pooling: str = "mean"
-    head_layer: int = -1
-    head_relevance: bool = True
-    head_dropout: float = 0.0
+    # LoRA (defaults: model.presets.LoraSettings, the one place they are written)
+    lora_r: int = LoraSettings.r
+    lora_alpha: int = LoraSettings.alpha
+    lora_dropout: float = LoraSettings.dropout
+    # Alignment head (defaults: heads.config.HeadConfig) and joint loss (LossSettings reads these)
+    head_proj_dim: int = HeadConfig.proj_dim
+    head_mlp_dim: int = HeadConfig.mlp_dim
+    head_pooling: str = HeadConfig.pooling
+    head_layer: int = HeadConfig.layer
+    head_relevance: bool = HeadConfig.relevance
+    head_dropout: float = HeadConfig.dropout
     align_weight: float = 1.0
     pos_weight: float = 5.0
     relevance_weight: float = 0.5
@@ -244,9 +246,10 @@ def build_config(overrides: dict, config_file: str | Path | None = None, base: d
         values.update({k: coerce(k, v) for k, v in base.items()})
     else:
         stage = overrides.get("stage", "domain")
-        path = config_file or default_config_path(stage)
-        if config_file is not None or Path(path).is_file():
-            values.update(read_toml(path))
+        if config_file is None and stage not in STAGES:
+            raise InputError(f"--stage must be one of {STAGES}, got {stage!r}")
+        # A missing preset is an error, never a silent fall back to the dataclass defaults.
+        values.update(read_toml(config_file or default_config_path(stage)))
     values.update(overrides)
     return TrainConfig(**values).validate()
 

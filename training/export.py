@@ -14,41 +14,23 @@ never looks complete.
 """
 from __future__ import annotations
 
-import json
-import platform
 import shutil
 import sys
 from datetime import datetime, timezone
-from importlib import metadata
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
 from heads.alignment import HEAD_CONFIG, HEAD_WEIGHTS, NotePairHead, save_head
-from heads.scoring import pair_probabilities, relevance_probabilities
 from model.backbone import RANDOM_INIT_SEED, is_quantised, is_random_preset, resolve_preset
+from model.export_folder import DEFAULT_THRESHOLD, EXPORT_FORMAT, model_card, package_versions, write_manifest
+from model.head_scoring import pair_probabilities, relevance_probabilities
 
-from .calibration import DEFAULT_THRESHOLD, calibrate_threshold
+from .calibration import calibrate_threshold
 from .config import TrainConfig
 from .data import TrainItem, file_sha256, task_file_records
 from .gather import save_adapter
-
-MANIFEST = "manifest.json"
-EXPORT_FORMAT = "archehr-export/1"
-PACKAGES = ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "safetensors", "numpy", "archehr")
-
-
-def package_versions(names: tuple[str, ...] = PACKAGES) -> dict[str, str | None]:
-    """Installed versions of ``names`` (None where absent), for manifests and run records."""
-    out: dict[str, str | None] = {"python": platform.python_version()}
-    for name in names:
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            out[name] = None
-    return out
-
 
 def base_model_record(cfg: TrainConfig, init_manifest: dict | None, backbone) -> dict:
     preset = resolve_preset(cfg.preset)
@@ -71,7 +53,8 @@ def calibrate(backbone, head: NotePairHead, items: Sequence[TrainItem], max_exam
     cited = [it.encoded for it in items if it.encoded.pairs and it.encoded.answer_spans][:max_examples]
     if not cited:
         return None
-    probs = pair_probabilities(backbone, head, cited)
+    # One example per forward: the training run still holds its optimizer state and activations.
+    probs = pair_probabilities(backbone, head, cited, batch_size=1)
     targets = [np.asarray(enc.pair_targets(), dtype=np.float32) for enc in cited]
     threshold, f1 = calibrate_threshold(probs, targets)
     return {"threshold": threshold, "train_pair_f1": round(f1, 4), "calibrated_on": "training cases",
@@ -174,7 +157,9 @@ def export_run(
         "packages": package_versions(),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    write_manifest(tmp, manifest)
+    # Replaces the blank template PEFT's save_pretrained leaves there.
+    (tmp / "README.md").write_text(model_card(manifest), encoding="utf-8")
     from data.atomic import fsync_tree
 
     fsync_tree(tmp)  # on disk before the rename

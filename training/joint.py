@@ -22,12 +22,15 @@ from torch import nn
 from data.prompts import IGNORE_INDEX
 from model.backbone import backbone_hidden, lm_head
 
+from .config import TrainConfig
+
 
 @dataclass
 class LossSettings:
-    align_weight: float = 1.0
-    pos_weight: float = 5.0
-    relevance_weight: float = 0.5
+    # Defaults are TrainConfig's (one source); training passes the run's values.
+    align_weight: float = TrainConfig.align_weight
+    pos_weight: float = TrainConfig.pos_weight
+    relevance_weight: float = TrainConfig.relevance_weight
 
 
 LM_CHUNK_TOKENS = 1024

@@ -36,6 +36,7 @@ from data.errors import InputError
 from heads.alignment import NotePairHead, load_head
 from heads.config import HeadConfig
 from model.backbone import LoraSettings, compile_decoder_layers, load_backbone, load_tokenizer, resolve_preset
+from model.export_folder import find_export, read_manifest
 
 from . import checkpoints as ckpts
 from . import gather
@@ -54,6 +55,7 @@ from .data import (
     task_examples,
     task_sources,
 )
+from .init_settings import adopt_init_settings
 from .joint import JointModel, LossSettings
 from .sharding import rank_micro_batches, steps_in_epoch
 
@@ -78,15 +80,7 @@ class RunResult:
 
 def resolve_init(init: str | Path) -> Path:
     """An export folder, given a run folder (uses RUN/export) or the export folder itself."""
-    p = Path(init)
-    for candidate in (p / "export", p):
-        if (candidate / "manifest.json").is_file():
-            return candidate
-    raise InputError("not a run folder or export folder (no manifest.json)", p)
-
-
-def read_manifest(export_dir: Path) -> dict:
-    return json.loads((export_dir / "manifest.json").read_text(encoding="utf-8"))
+    return find_export(init)
 
 
 def stage_data(cfg: TrainConfig, tokenizer) -> tuple[list[TrainItem], list[str]]:
@@ -152,7 +146,12 @@ def train_step(model, batch: dict, accelerator, grad_accum: int = 1, weight: flo
     return {k: float(v.detach()) for k, v in losses.items()}
 
 
-def plot_losses(log_path: Path, out_png: Path) -> None:
+LOSS_PARTS = {"loss": "total (weighted sum)", "lm": "answer tokens (LM)", "align": "alignment pairs",
+              "relevance": "note-sentence relevance"}
+
+
+def plot_losses(log_path: Path, out_png: Path) -> list[str]:
+    """Every logged loss part against the step; returns the parts drawn (for tests)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -160,20 +159,24 @@ def plot_losses(log_path: Path, out_png: Path) -> None:
 
     rows = [json.loads(line) for line in log_path.read_text(encoding="utf-8").splitlines() if line.strip()]
     if not rows:
-        return
+        return []
     fig, ax = plt.subplots(figsize=(6, 4))
     steps = [r["step"] for r in rows]
-    for key in ("loss", "lm", "align"):
+    drawn = []
+    for key, meaning in LOSS_PARTS.items():
         values = [r.get(key) for r in rows]
         if any(v is not None for v in values):
-            ax.plot(steps, values, label=key, marker="." if len(rows) < 30 else None)
+            # Markers keep a short run (one or a few logged points) visible; long runs stay lines.
+            ax.plot(steps, values, label=f"{key}: {meaning}", marker="o" if len(rows) <= 50 else None, markersize=4)
+            drawn.append(key)
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss")
-    ax.legend()
+    ax.set_ylabel("loss (mean over the logging window)")
+    ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(out_png, dpi=100)
     plt.close(fig)
+    return drawn
 
 
 def merged_window(accelerator, window: dict[str, float], window_micro: int) -> tuple[dict[str, float], int]:
@@ -267,6 +270,8 @@ def run_training(cfg: TrainConfig, resume: bool = False) -> RunResult:
 
         check_base_available(cfg.base_path or (init_manifest or {}).get("base_model", {}).get("path")
                              or preset.source, "--base_path")
+    if init_manifest is not None:  # the adapter and head load as trained: record their real settings
+        cfg = adopt_init_settings(cfg, init_manifest)
     if init_manifest is not None and init_manifest.get("preset") != preset.name:
         raise InputError(
             f"--init was trained with preset {init_manifest.get('preset')!r}, not {preset.name!r}", init_export
@@ -411,6 +416,7 @@ def run_training(cfg: TrainConfig, resume: bool = False) -> RunResult:
                         fh.write(json.dumps({"step": step + 1, "epoch": epoch, "diverged": err.problem}) + "\n")
                 raise
             optimizer.step()
+            step_lr = scheduler.get_last_lr()[0]  # the rate this step used (step() moves on to the next)
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
@@ -422,7 +428,7 @@ def run_training(cfg: TrainConfig, resume: bool = False) -> RunResult:
                 elapsed = max(time.perf_counter() - window_start, 1e-9)
                 row = {"step": step, "epoch": epoch}
                 row.update({k: round(v / window_micro, 5) for k, v in window.items() if k != "answer_tokens"})
-                row.update(lr=scheduler.get_last_lr()[0], tokens=tokens_seen, tokens_per_s=round(tokens / elapsed, 1))
+                row.update(lr=step_lr, tokens=tokens_seen, tokens_per_s=round(tokens / elapsed, 1))
                 if torch.cuda.is_available():
                     row["max_mem_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
                     if procs > 1:  # every rank's peak, in global rank order
@@ -432,9 +438,9 @@ def run_training(cfg: TrainConfig, resume: bool = False) -> RunResult:
                 if accelerator.is_main_process:
                     with (out / LOG_FILE).open("a", encoding="utf-8") as fh:
                         fh.write(json.dumps(row) + "\n")
-                    bar.write(
+                    bar.write(  # a log line: stderr (tqdm.write defaults to stdout, which holds results)
                         f"step {step}/{total_steps} loss {row['loss']:.4f} lr {row['lr']:.2e} "
-                        f"tok/s {row['tokens_per_s']:.0f}"
+                        f"tok/s {row['tokens_per_s']:.0f}", file=sys.stderr
                     )
                     bar.set_postfix(loss=f"{row['loss']:.3f}")
                 window, window_micro, window_tokens, window_start = {}, 0, 0, time.perf_counter()

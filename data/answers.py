@@ -1,9 +1,10 @@
-"""Subtask 3 answer post-processing: what a generated text must become before submission."""
+"""Subtask 3 answer post-processing: what a generated text must become before submission
+(used by inference and cross-validation alike, so it lives below both)."""
 from __future__ import annotations
 
 import re
 
-from data.submission import CITATION_MARKER, MAX_WORDS, has_13a_tokens, truncate_words
+from .submission import CITATION_MARKER, MAX_WORDS, has_13a_tokens, truncate_words
 
 _THINK_BLOCK = re.compile(r"<think>.*?(</think>|$)", re.DOTALL)
 _SPECIAL_TOKEN = re.compile(r"<\|[^|>]*\|>")

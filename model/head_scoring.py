@@ -1,0 +1,86 @@
+"""Backbone + alignment head over encoded examples: the one pair scorer, used by inference
+(:meth:`model.checkpoint.LoadedCheckpoint.score_all`), cross-validation and export calibration.
+
+It lives in ``model/`` because it runs the backbone: ``model`` may use ``heads``, never the reverse.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from data.prompts import EncodedExample
+from heads.alignment import HeadOutput, NotePairHead
+
+from .backbone import backbone_hidden
+
+
+@torch.no_grad()
+def head_outputs(backbone, head: NotePairHead, enc: EncodedExample) -> HeadOutput:
+    """Raw head logits for one encoded example (prompt + its answer sentences)."""
+    device = next(head.parameters()).device
+    ids = torch.tensor([enc.input_ids], dtype=torch.long, device=device)
+    mask = torch.ones_like(ids)
+    _, hidden = backbone_hidden(backbone, ids, mask, head.config.layer)
+    return head(hidden[0], enc.note_spans, enc.answer_spans)
+
+
+@torch.no_grad()
+def pair_probabilities(backbone, head: NotePairHead, examples: Sequence[EncodedExample], batch_size: int = 8,
+                       pad_id: int = 0) -> list[np.ndarray]:
+    """[n_answer, n_note] sigmoid probabilities per example, in eval mode (restored after).
+
+    Several examples share a forward, longest first and right-padded: causal attention keeps
+    every real token's state independent of the padding (and of the pad id).
+    """
+    out: list[np.ndarray | None] = [None] * len(examples)
+    todo = []
+    for i, enc in enumerate(examples):
+        if enc.answer_spans:
+            todo.append((i, enc))
+        else:
+            out[i] = np.zeros((0, len(enc.note_spans)), dtype=np.float32)
+    todo.sort(key=lambda item: -len(item[1].input_ids))
+    device = next(head.parameters()).device
+    was_training = (backbone.training, head.training)
+    backbone.eval()
+    head.eval()
+    try:
+        for start in range(0, len(todo), batch_size):
+            group = todo[start : start + batch_size]
+            width = max(len(enc.input_ids) for _, enc in group)
+            ids = torch.full((len(group), width), pad_id, dtype=torch.long)
+            mask = torch.zeros((len(group), width), dtype=torch.long)
+            for row, (_, enc) in enumerate(group):
+                ids[row, : len(enc.input_ids)] = torch.tensor(enc.input_ids)
+                mask[row, : len(enc.input_ids)] = 1
+            _, hidden = backbone_hidden(backbone, ids.to(device), mask.to(device), head.config.layer)
+            for row, (i, enc) in enumerate(group):
+                logits = head(hidden[row], enc.note_spans, enc.answer_spans).pair_logits
+                out[i] = torch.sigmoid(logits.float()).cpu().numpy()
+    finally:
+        backbone.train(was_training[0])
+        head.train(was_training[1])
+    return out  # type: ignore[return-value]
+
+
+@torch.no_grad()
+def relevance_probabilities(backbone, head: NotePairHead,
+                            examples: Sequence[EncodedExample]) -> list[np.ndarray] | None:
+    """[n_note] sigmoid relevance probabilities per example (None if the head has no relevance output).
+
+    Only the note sentences' states feed the relevance logit, and the backbone is causal,
+    so whether the example holds the answer sentences after the note does not matter.
+    """
+    if getattr(head, "relevance_mlp", None) is None:
+        return None
+    was_training = (backbone.training, head.training)
+    backbone.eval()
+    head.eval()
+    try:
+        return [torch.sigmoid(head_outputs(backbone, head, enc).relevance_logits.float()).cpu().numpy()
+                for enc in examples]
+    finally:
+        backbone.train(was_training[0])
+        head.train(was_training[1])

@@ -1,0 +1,84 @@
+"""One line of meaning per TrainConfig key, and the ``train.py --help`` text built from them.
+
+The table sits beside ``training/config.py`` rather than in field metadata so the dataclass keeps
+its plain ``name: type = default`` shape; ``tests/test_cli_help.py`` fails when a field has no line.
+"""
+from __future__ import annotations
+
+from dataclasses import MISSING, fields
+
+from training.config import TrainConfig, to_toml
+
+FIELD_HELP: dict[str, str] = {
+    "stage": "domain (emrQA, answer loss) or task (ArchEHR-QA cases); picks configs/STAGE.toml",
+    "preset": "model preset from model/presets.py: qwen3-4b, qwen3-4b-random or tiny",
+    "out": "run folder (config, log.jsonl, checkpoints/, export/)",
+    "data": "domain stage: hub id or local .jsonl/.json/.parquet in SQuAD v2 layout",
+    "n_examples": "domain stage: use the first N records (0 = all)",
+    "unanswerable": "domain stage: abstain (fixed 'not in the note' target) or skip unanswerable questions",
+    "xml": "task stage: the official cases XML",
+    "key": "task stage: the official key JSON",
+    "init": "run or export folder whose adapter (and head) the stage starts from",
+    "base_path": "local folder or hub id overriding the preset's base weights",
+    "load_in_4bit": "auto (the preset's default), true or false: NF4-quantise the base model",
+    "quant_storage": "dtype holding the packed NF4 weights: uint8, or bfloat16 to shard them with FSDP",
+    "joint": "train the alignment head jointly (alignment + relevance losses)",
+    "seed": "seed of data order, LoRA/head initialisation and dropout",
+    "epochs": "passes over the training data (ignored when max_steps > 0)",
+    "max_steps": "cap on optimizer steps (0 = run the epochs)",
+    "batch_size": "rows per micro-batch (when batch_tokens = 0)",
+    "grad_accum": "micro-batches accumulated per optimizer step",
+    "lr": "peak learning rate of the LoRA weights",
+    "head_lr": "peak learning rate of the alignment head",
+    "weight_decay": "AdamW weight decay",
+    "warmup_ratio": "fraction of the steps spent in linear warm-up",
+    "schedule": "learning-rate schedule after warm-up: cosine, linear or constant",
+    "max_grad_norm": "gradient-norm clip (0 = off)",
+    "max_length": "longest tokenised example; longer ones are truncated",
+    "group_by_length": "batch rows of similar length together (less padding)",
+    "batch_tokens": "> 0: fill batches to this many padded tokens instead of batch_size rows",
+    "bf16": "bf16 autocast and bf16 embeddings/lm_head on CUDA (CPU stays fp32)",
+    "compile": "torch.compile each decoder layer on CUDA (off on CPU)",
+    "gradient_checkpointing": "recompute activations in the backward pass (less memory, more time)",
+    "lora_r": "LoRA rank on every attention and MLP projection",
+    "lora_alpha": "LoRA scaling numerator (scale = alpha / r)",
+    "lora_dropout": "dropout on the LoRA input",
+    "head_proj_dim": "alignment head: projection size of each pooled sentence",
+    "head_mlp_dim": "alignment head: hidden size of the pair-scoring MLP",
+    "head_pooling": "alignment head: mean or attention pooling over a sentence's tokens",
+    "head_layer": "alignment head: which hidden layer it reads (-1 = last)",
+    "head_relevance": "alignment head: also predict a relevance logit per note sentence",
+    "head_dropout": "alignment head: dropout on pooled sentence vectors",
+    "align_weight": "weight of the alignment BCE in the joint loss",
+    "pos_weight": "BCE weight of positive (supporting) answer x note pairs",
+    "relevance_weight": "weight of the relevance BCE in the joint loss",
+    "calibration_max_examples": "training cases used to calibrate the exported alignment threshold",
+    "log_every": "log loss parts, lr and tokens/s every N optimizer steps",
+    "save_every": "checkpoint every N optimizer steps (0 = only the final export)",
+    "keep_checkpoints": "how many intermediate checkpoints to keep",
+    "stop_after_steps": "tests: stop after N steps (after checkpointing) as if interrupted",
+    "progress": "show progress bars",
+    "plot": "write loss_curve.png at the end",
+    "record_batches": "debugging: folder where each process appends its micro-batches' dataset indices",
+}
+
+
+def _type_name(field) -> str:
+    return field.type if isinstance(field.type, str) else getattr(field.type, "__name__", str(field.type))
+
+
+def config_keys_help() -> str:
+    """Every TrainConfig key with its type, default and meaning, one line each."""
+    rows = []
+    for field in fields(TrainConfig):
+        default = "" if field.default is MISSING else repr(field.default)
+        rows.append((f"--{field.name}", _type_name(field), default, FIELD_HELP.get(field.name, "")))
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    return "\n".join(
+        f"  {a:<{widths[0]}}  {b:<{widths[1]}}  {c:<{widths[2]}}  {d}".rstrip() for a, b, c, d in rows
+    )
+
+
+def config_as_toml(cfg: TrainConfig) -> str:
+    """The resolved config as ``--print-config`` shows it (the same text as ``RUN/config.toml``)."""
+    return to_toml(cfg.to_dict())
