@@ -4,8 +4,9 @@
 the task stage), builds AdamW over the LoRA and head parameters with a warmup +
 cosine/linear schedule, and runs seeded, resumable optimisation under
 ``accelerate`` (single process by default; ``accelerate launch`` shards batches).
-Each optimizer step is :func:`train_step` calls over ``grad_accum`` micro-batches.
-Every ``log_every`` steps: loss parts, lr and non-padding tokens/s to stdout and
+Each optimizer step is :func:`~training.loop_state.train_step` calls over ``grad_accum``
+micro-batches (the loop, its state, logging and checkpoints: :mod:`training.loop_state`).
+Every ``log_every`` steps: loss parts, lr and non-padding tokens/s to stderr and
 ``RUN/log.jsonl``; every ``save_every`` steps a checkpoint; at the end a loss-curve
 PNG and ``RUN/export/``.
 
