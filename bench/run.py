@@ -139,7 +139,8 @@ def load_ours(model_dir: str, preset: str, device: torch.device, quantise: bool,
 @torch.no_grad()
 def our_reference_loss(model, examples, device) -> float:
     """LM loss of our step's forward on the rows the textbook reference used (fresh LoRA)."""
-    from training.data import TrainItem, collate
+    from training.batching import collate
+    from training.data import TrainItem
 
     batch = {k: v.to(device) for k, v in collate([TrainItem(e) for e in examples], pad_id=0).items()}
     with torch.autocast(device.type, dtype=torch.bfloat16):
@@ -147,7 +148,8 @@ def our_reference_loss(model, examples, device) -> float:
 
 
 def run_ours(model, examples, variant: StepVariant, seq_len: int, steps: int, warmup: int, device) -> dict:
-    from training.data import TrainItem, collate
+    from training.batching import collate
+    from training.data import TrainItem
 
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
@@ -344,8 +346,7 @@ def run_fast_inference(model_dir: str, preset: str, device, n_answers: int, n_al
 # --- main -----------------------------------------------------------------------------
 
 
-def main(argv: list[str] | None = None) -> int:
-    global ARCH
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="bench/results", help="folder for the JSON results")
     p.add_argument("--smoke", action="store_true", help="tiny preset on CPU, few steps: checks the script")
@@ -362,18 +363,44 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--skip-infer", default="", help="comma list of inference config indices to skip")
     p.add_argument("--fast-caps", default="0,24,16",
                    help="fast inference path under these memory caps in GB (0 = the whole card); '' = none")
-    args = p.parse_args(argv)
+    return p
 
+
+@dataclass
+class Bench:
+    """One benchmark run: its settings, the random base on disk and the result saved after every row."""
+
+    args: argparse.Namespace
+    preset: str
+    device: torch.device
+    model_dir: str
+    steps: int
+    warmup: int
+    seqs: list[int]
+    path: Path
+    result: dict
+
+    def add(self, table: str, row: dict) -> None:
+        """One result row, printed and saved at once: a run cut short still leaves its numbers."""
+        self.result.setdefault(table, []).append(row)
+        print(json.dumps(row), flush=True)
+        self.save()
+
+    def save(self) -> None:
+        self.path.write_text(json.dumps(self.result, indent=2), encoding="utf-8")
+
+
+def set_up(args: argparse.Namespace) -> Bench | None:
+    """Preset, device and the random base (built once); None without a GPU outside --smoke."""
+    global ARCH
     from model.backbone import random_base_cache_dir, save_random_base
     from model.presets import get_preset
 
     preset = "tiny" if args.smoke else "qwen3-4b-random"
     device = torch.device("cpu" if args.smoke or not torch.cuda.is_available() else "cuda")
     if device.type != "cuda" and not args.smoke:
-        print("bench needs a CUDA GPU (use --smoke for a CPU check)", file=sys.stderr)
-        return 2
+        return None
     ARCH = dict(get_preset(preset).arch)
-    skip = set(filter(None, args.skip.split(",")))
     steps, warmup = (2, 1) if args.smoke else (args.steps, args.warmup)
     seqs = [256] if args.smoke else args.seq
     t0 = time.perf_counter()
@@ -386,91 +413,108 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S")
     name = f"{'smoke' if args.smoke else 'h'}-{stamp}.json"
-
-    def save(res: dict) -> None:  # after every row: a run cut short still leaves its numbers
-        (out / name).write_text(json.dumps(res, indent=2), encoding="utf-8")
-
     result = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "preset": preset,
               "machine": platform.node(), "versions": versions(), "train": [], "infer": [],
               "flops_note": "model FLOPs = 2 x forward (dense + causal attention + lm_head on labelled tokens); "
                             "recompute not counted; peak 790 TFLOP/s bf16"}
-    n_examples = 400 if not args.smoke else 24
+    return Bench(args, preset, device, model_dir, steps, warmup, seqs, out / name, result)
+
+
+def chosen_variants(args: argparse.Namespace) -> list[StepVariant]:
     variants = VARIANTS if args.variants == "all" else [VARIANTS[int(i)] for i in args.variants.split(",")]
     for v in variants:
         if args.smoke:
             v.max_tokens = 1024
         elif args.max_tokens:
             v.max_tokens = args.max_tokens
-    data = {s: training_examples(n_examples, s, ARCH["vocab_size"], seed=s) for s in seqs}
+    return variants
 
+
+def textbook_rows(b: Bench, data: dict) -> None:
+    """(b) the textbook QLoRA step (HF Trainer + PEFT, rows padded to the maximum length)."""
+    from bench.textbook import load_textbook_model
+
+    textbook = load_textbook_model(b.model_dir, b.device)
+    for s in b.seqs:
+        row = run_textbook_column(textbook, data[s], s, 4, b.steps, b.warmup, b.device)
+        b.result.setdefault("numerics", []).append({"variant": "textbook", "seq": s,
+                                                    "hf_loss_first_4_rows": row["first_lm_loss"]})
+        row.update(column="textbook", variant="HF Trainer + PEFT, padded to max length", seq=s)
+        b.add("train", row)
+    del textbook
+    release()
+
+
+def our_rows(b: Bench, data: dict, variants: list[StepVariant]) -> None:
+    """(a) our task-stage step, one row per variant and sequence length (a model per load setting)."""
+    loaded_key, model = None, None
+    for v in variants:
+        key = (v.keep_bf16, v.checkpointing, v.lora_dropout, v.compile_layers)
+        if key != loaded_key:
+            if model is not None:
+                model = None
+                release()
+            model = load_ours(b.model_dir, b.preset, b.device, True, v.keep_bf16, v.checkpointing, v.lora_dropout,
+                              v.compile_layers)
+            loaded_key = key
+            b.result.setdefault("numerics", []).append({
+                "variant": v.name, "seq": b.seqs[-1],
+                "our_lm_loss_first_4_rows": our_reference_loss(model, data[b.seqs[-1]][:4], b.device)})
+        for s in b.seqs:
+            try:
+                row = run_ours(model, data[s], v, s, b.steps, b.warmup, b.device)
+            except torch.OutOfMemoryError:
+                row = {"error": "out of memory"}
+                torch.cuda.empty_cache()
+            row.update(column="ours", variant=v.name, seq=s)
+            b.add("train", row)
+    model = None
+    release()
+
+
+def inference_rows(b: Bench) -> None:
+    """The plain inference path in its configurations, then the fast path under each memory cap."""
+    args = b.args
+    n_ans, n_align, new_tok = (3, 4, 8) if args.smoke else (47, 147, 100)
+    adapter_dir = str(Path(b.model_dir).parent / "bench-adapter")
+    configs = [(False, 8, 1, None, "NF4 + LoRA (before: batch 8, one case per forward)")] if args.infer_before else []
+    configs += [(False, args.gen_batch, args.align_batch, None, "NF4 + LoRA"),
+                (True, args.gen_batch, args.align_batch, None, "merged dense (from NF4)")]
+    if args.static_cache:
+        configs.append((True, args.gen_batch, args.align_batch, "static",
+                        "merged dense (from NF4), static KV cache (compiled decode, compile time included)"))
+    configs = [c for i, c in enumerate(configs) if str(i) not in set(args.skip_infer.split(","))]
+    for merged, gen_batch, align_batch, cache, label in configs:
+        row = run_inference(b.model_dir, b.preset, b.device, merged, n_ans, n_align, new_tok, gen_batch,
+                            align_batch, adapter_dir, cache)
+        row.update(weights=label)
+        b.add("infer", row)
+    for cap in [float(c) for c in args.fast_caps.split(",") if c.strip()]:
+        row = run_fast_inference(b.model_dir, b.preset, b.device, n_ans, n_align, new_tok, adapter_dir,
+                                 cap_gb=cap or None)
+        row.update(weights=f"fast path{'' if not cap else f', {cap:g} GB cap'}")
+        b.add("infer_fast", row)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    b = set_up(args)
+    if b is None:
+        print("bench needs a CUDA GPU (use --smoke for a CPU check)", file=sys.stderr)
+        return 2
+    skip = set(filter(None, args.skip.split(",")))
+    n_examples = 400 if not args.smoke else 24
+    variants = chosen_variants(args)
+    data = {s: training_examples(n_examples, s, ARCH["vocab_size"], seed=s) for s in b.seqs}
     if "textbook" not in skip:
-        from bench.textbook import load_textbook_model
-
-        textbook = load_textbook_model(model_dir, device)
-        for s in seqs:
-            row = run_textbook_column(textbook, data[s], s, 4, steps, warmup, device)
-            result.setdefault("numerics", []).append({"variant": "textbook", "seq": s,
-                                                      "hf_loss_first_4_rows": row["first_lm_loss"]})
-            row.update(column="textbook", variant="HF Trainer + PEFT, padded to max length", seq=s)
-            result["train"].append(row)
-            print(json.dumps(row), flush=True)
-            save(result)
-        del textbook
-        release()
+        textbook_rows(b, data)
     if "ours" not in skip:
-        loaded_key, model = None, None
-        for v in variants:
-            key = (v.keep_bf16, v.checkpointing, v.lora_dropout, v.compile_layers)
-            if key != loaded_key:
-                if model is not None:
-                    model = None
-                    release()
-                model = load_ours(model_dir, preset, device, True, v.keep_bf16, v.checkpointing, v.lora_dropout,
-                                  v.compile_layers)
-                loaded_key = key
-                result.setdefault("numerics", []).append({
-                    "variant": v.name, "seq": seqs[-1],
-                    "our_lm_loss_first_4_rows": our_reference_loss(model, data[seqs[-1]][:4], device)})
-            for s in seqs:
-                try:
-                    row = run_ours(model, data[s], v, s, steps, warmup, device)
-                except torch.OutOfMemoryError:
-                    row = {"error": "out of memory"}
-                    torch.cuda.empty_cache()
-                row.update(column="ours", variant=v.name, seq=s)
-                result["train"].append(row)
-                print(json.dumps(row), flush=True)
-                save(result)
-        model = None
-        release()
+        our_rows(b, data, variants)
     if "infer" not in skip:
-        n_ans, n_align, new_tok = (3, 4, 8) if args.smoke else (47, 147, 100)
-        adapter_dir = str(Path(model_dir).parent / "bench-adapter")
-        configs = [(False, 8, 1, None, "NF4 + LoRA (before: batch 8, one case per forward)")] if args.infer_before else []
-        configs += [(False, args.gen_batch, args.align_batch, None, "NF4 + LoRA"),
-                    (True, args.gen_batch, args.align_batch, None, "merged dense (from NF4)")]
-        if args.static_cache:
-            configs.append((True, args.gen_batch, args.align_batch, "static",
-                            "merged dense (from NF4), static KV cache (compiled decode, compile time included)"))
-        configs = [c for i, c in enumerate(configs) if str(i) not in set(args.skip_infer.split(","))]
-        for merged, gen_batch, align_batch, cache, label in configs:
-            row = run_inference(model_dir, preset, device, merged, n_ans, n_align, new_tok, gen_batch,
-                                align_batch, adapter_dir, cache)
-            row.update(weights=label)
-            result["infer"].append(row)
-            print(json.dumps(row), flush=True)
-            save(result)
-        for cap in [float(c) for c in args.fast_caps.split(",") if c.strip()]:
-            row = run_fast_inference(model_dir, preset, device, n_ans, n_align, new_tok, adapter_dir,
-                                     cap_gb=cap or None)
-            row.update(weights=f"fast path{'' if not cap else f', {cap:g} GB cap'}")
-            result.setdefault("infer_fast", []).append(row)
-            print(json.dumps(row), flush=True)
-            save(result)
-
-    save(result)
-    print_table(result)
-    print(f"wrote {out / name}")
+        inference_rows(b)
+    b.save()
+    print_table(b.result)
+    print(f"wrote {b.path}")
     return 0
 
 

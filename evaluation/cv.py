@@ -182,9 +182,55 @@ def _round(d: dict) -> dict:
     return {k: (None if v is None else round(float(v), 4)) for k, v in d.items()}
 
 
-def run_cv(opts: CVOptions, log: Log = print) -> CVResult:
-    """Cross-validate the requested systems and write every output into ``opts.out``."""
-    started = time.perf_counter()
+@dataclass
+class _Plan:
+    """What a cross-validation run does, decided (and every input checked) before any work."""
+
+    opts: CVOptions
+    keyed: list[Case]
+    settings: dict
+    init: str | None
+    folds: list[Fold]
+    on_training: bool
+    notice: list[str]
+    systems: list[str]
+    out: Path
+
+    @property
+    def ids(self) -> list[str]:
+        return [c.case_id for c in self.keyed]
+
+    @property
+    def by_id(self) -> dict[str, Case]:
+        return {c.case_id: c for c in self.keyed}
+
+    @property
+    def retrieval(self) -> list[str]:
+        return [s for s in self.systems if s in RETRIEVAL_SYSTEMS]
+
+    @property
+    def use_head(self) -> bool:
+        return HEAD_SYSTEM in self.systems
+
+
+@dataclass
+class _Pooled:
+    """Every fold's held-out predictions and choices, pooled over the folds."""
+
+    predictions: dict[str, dict[str, Prediction]]
+    labelled: bool  # Subtask 2 needs every case's relevance labels
+    answers: dict[str, str] = field(default_factory=dict)
+    fallback: list[str] = field(default_factory=list)
+    relevance: dict[str, np.ndarray] = field(default_factory=dict)
+    relevance_threshold: dict[str, float] = field(default_factory=dict)
+    baseline_evidence: dict[str, list[str]] = field(default_factory=dict)
+    fold_of: dict[str, int] = field(default_factory=dict)
+    chosen_thresholds: dict[str, list[float]] = field(default_factory=lambda: {HEAD_SYSTEM: [], "ensemble": []})
+    logs: dict[str, Path] = field(default_factory=dict)
+    fold_records: list[dict] = field(default_factory=list)
+
+
+def _plan(opts: CVOptions, log: Log) -> _Plan:
     keyed, settings, init = _check_options(opts)
     ids = [c.case_id for c in keyed]
     folds = plan_folds(ids, opts.folds, opts.seed, eval_on_train=opts.eval_on_train,
@@ -193,89 +239,74 @@ def run_cv(opts: CVOptions, log: Log = print) -> CVResult:
     on_training = any(f.evaluates_on_training_cases for f in folds)
     notice = [TRAINING_NOTICE if on_training else HELD_OUT_NOTICE, data_provenance(opts.xml)]
     systems = [s for s in ALL_SYSTEMS if s in opts.systems]
-    retrieval = [s for s in systems if s in RETRIEVAL_SYSTEMS]
-    use_head = HEAD_SYSTEM in systems
-    if use_head:
+    if HEAD_SYSTEM in systems:
         notice.append(f"Task stage: preset {opts.preset}, " + (
             f"initialised from {init}." if init else
             "no --init: every fold's task stage starts from a FRESH adapter and head (no domain stage)."))
-
     out = Path(opts.out)
     out.mkdir(parents=True, exist_ok=True)
-    by_id = {c.case_id: c for c in keyed}
     for line in notice:
         log(line)
     log(f"{len(keyed)} keyed cases, {len(folds)} fold(s), systems: {', '.join(systems)}")
+    return _Plan(opts, keyed, settings, init, folds, on_training, notice, systems, out)
 
-    from tqdm.auto import tqdm
 
-    # Unsupervised per-case scores, computed once on blinded cases (nothing crosses cases).
-    component_scores = compute_component_scores([blind(c) for c in keyed], retrieval)
-    predictions: dict[str, dict[str, Prediction]] = {s: {} for s in systems}
-    answers: dict[str, str] = {}
-    fallback: list[str] = []
-    relevance: dict[str, np.ndarray] = {}
-    relevance_threshold: dict[str, float] = {}
-    labelled = all(c.relevance for c in keyed)  # Subtask 2 needs every case's relevance labels
-    baseline_evidence: dict[str, list[str]] = {}
-    fold_of: dict[str, int] = {}
-    chosen_thresholds: dict[str, list[float]] = {HEAD_SYSTEM: [], "ensemble": []}
-    logs: dict[str, Path] = {}
-    fold_records = []
+def _run_fold(plan: _Plan, fold: Fold, component_scores, pooled: _Pooled, log: Log) -> None:
+    """Fit every system on the fold's training cases and predict its held-out cases into ``pooled``."""
+    opts, by_id = plan.opts, plan.by_id
+    fold_dir = plan.out / "folds" / str(fold.index)
+    fold_dir.mkdir(parents=True, exist_ok=True)
+    train = [by_id[c] for c in fold.train_ids]
+    held_out = [blind(by_id[c]) for c in fold.test_ids]
+    fitted: dict[str, Fitted] = {}
+    for system in plan.retrieval:
+        f = fit_system(system, train, component_scores)
+        assert_chosen_on_training_cases(f.chosen_on, fold, f"{system} threshold")
+        fitted[system] = f
+        for case in held_out:
+            pooled.predictions[system][case.case_id] = predict_system(f, case, component_scores)
+    if "ensemble" in fitted and fitted["ensemble"].mode == "absolute":
+        pooled.chosen_thresholds["ensemble"].append(float(fitted["ensemble"].threshold))
+    head = None
+    if plan.use_head:
+        log(f"fold {fold.index}: training the task stage on {len(train)} case(s) -> {fold_dir / 'run'}")
+        head = run_head_fold(fold_dir, train, held_out, preset=opts.preset, init=plan.init, seed=opts.seed,
+                             settings=plan.settings, config_file=opts.config, max_new_tokens=opts.max_new_tokens,
+                             device=opts.device, progress=opts.progress, generate=opts.generate)
+        assert_chosen_on_training_cases(head.chosen_on, fold, "head threshold")
+        assert_chosen_on_training_cases(head.relevance_chosen_on, fold, "head relevance threshold")
+        pooled.predictions[HEAD_SYSTEM].update(head.predictions)
+        pooled.answers.update(head.answers)
+        pooled.fallback += head.extractive_fallback
+        pooled.relevance.update(head.relevance)
+        if head.relevance_threshold is not None:
+            pooled.relevance_threshold.update({c: head.relevance_threshold for c in fold.test_ids})
+        pooled.chosen_thresholds[HEAD_SYSTEM].append(head.threshold)
+        pooled.logs[f"fold {fold.index}"] = head.run_dir / "log.jsonl"
+    for cid in fold.test_ids:
+        pooled.fold_of[cid] = fold.index
+    record = _fold_record(fold, fitted, head)
+    if pooled.labelled:
+        fold_evidence, record["thresholds"][subtask2.BASELINE_SYSTEM] = subtask2.baseline_fold(train, held_out)
+        pooled.baseline_evidence.update(fold_evidence)
+    write_json_atomic(fold_dir / "fold.json", record)
+    pooled.fold_records.append(record)
 
-    for fold in tqdm(folds, desc="folds", unit="fold", disable=not opts.progress):
-        fold_dir = out / "folds" / str(fold.index)
-        fold_dir.mkdir(parents=True, exist_ok=True)
-        train = [by_id[c] for c in fold.train_ids]
-        held_out = [blind(by_id[c]) for c in fold.test_ids]
-        fitted: dict[str, Fitted] = {}
-        for system in retrieval:
-            f = fit_system(system, train, component_scores)
-            assert_chosen_on_training_cases(f.chosen_on, fold, f"{system} threshold")
-            fitted[system] = f
-            for case in held_out:
-                predictions[system][case.case_id] = predict_system(f, case, component_scores)
-        if "ensemble" in fitted and fitted["ensemble"].mode == "absolute":
-            chosen_thresholds["ensemble"].append(float(fitted["ensemble"].threshold))
-        head = None
-        if use_head:
-            log(f"fold {fold.index}: training the task stage on {len(train)} case(s) -> {fold_dir / 'run'}")
-            head = run_head_fold(fold_dir, train, held_out, preset=opts.preset, init=init, seed=opts.seed,
-                                 settings=settings, config_file=opts.config, max_new_tokens=opts.max_new_tokens,
-                                 device=opts.device, progress=opts.progress, generate=opts.generate)
-            assert_chosen_on_training_cases(head.chosen_on, fold, "head threshold")
-            assert_chosen_on_training_cases(head.relevance_chosen_on, fold, "head relevance threshold")
-            predictions[HEAD_SYSTEM].update(head.predictions)
-            answers.update(head.answers)
-            fallback += head.extractive_fallback
-            relevance.update(head.relevance)
-            if head.relevance_threshold is not None:
-                relevance_threshold.update({c: head.relevance_threshold for c in fold.test_ids})
-            chosen_thresholds[HEAD_SYSTEM].append(head.threshold)
-            logs[f"fold {fold.index}"] = head.run_dir / "log.jsonl"
-        for cid in fold.test_ids:
-            fold_of[cid] = fold.index
-        record = _fold_record(fold, fitted, head)
-        if labelled:
-            fold_evidence, record["thresholds"][subtask2.BASELINE_SYSTEM] = subtask2.baseline_fold(train, held_out)
-            baseline_evidence.update(fold_evidence)
-        write_json_atomic(fold_dir / "fold.json", record)
-        fold_records.append(record)
 
-    # --- pool and score once -------------------------------------------------------
-    gold = {c.case_id: c.gold_pairs() for c in keyed}
-    indices = resample_indices(len(keyed), opts.n_resamples, opts.seed)
-    labels = {**RETRIEVAL_SYSTEMS, HEAD_SYSTEM: HEAD_LABEL}
+def _subtask4(plan: _Plan, pooled: _Pooled, indices: np.ndarray, labels: dict[str, str]) -> list[dict]:
+    """Each system's pooled Subtask 4 submission and scores with intervals (and paired differences)."""
+    ids, by_id, systems, opts = plan.ids, plan.by_id, plan.systems, plan.opts
+    gold = {c.case_id: c.gold_pairs() for c in plan.keyed}
     st4_rows = []
     counts: dict[str, np.ndarray] = {}
     for system in systems:
-        pred = {cid: predictions[system][cid].pairs for cid in ids}
+        pred = {cid: pooled.predictions[system][cid].pairs for cid in ids}
         entries = subtask4_entries({
             cid: {aid: sorted((n for (a, n) in pred[cid] if a == aid), key=by_id[cid].note_ids.index)
                   for aid in by_id[cid].answer_ids}
             for cid in ids
         })
-        write_submission(entries, out / "submissions" / system, 4, keyed)
+        write_submission(entries, plan.out / "submissions" / system, 4, plan.keyed)
         scores = score_alignment(pred, gold)
         counts[system] = pair_counts(pred, gold, ids)
         ci = bootstrap_alignment(counts[system], indices, opts.level)
@@ -291,20 +322,26 @@ def run_cv(opts: CVOptions, log: Log = print) -> CVResult:
                 "value": round(row["scores"]["micro_f1"] - st4_rows[systems.index(REFERENCE_SYSTEM)]["scores"]
                                ["micro_f1"], 4),
                 "ci": [round(lo, 4), round(hi, 4)]}
+    return st4_rows
 
-    st3_rows = _subtask3(keyed, answers if (use_head and opts.generate) else None, fallback, indices, opts, out)
-    st2 = _subtask2(keyed, relevance, relevance_threshold, baseline_evidence, indices, opts, out)
 
-    ladder = {
-        "title": ("Baseline ladder — " + (TRAINING_CASES_LABEL if on_training else "held-out cases")),
-        "evaluated_on": TRAINING_CASES_LABEL if on_training else "held-out cases",
-        "notice": notice,
+def _ladder(plan: _Plan, st4_rows: list[dict], st3_rows, st2, fold_records: list[dict]) -> dict:
+    opts = plan.opts
+    return {
+        "title": ("Baseline ladder — " + (TRAINING_CASES_LABEL if plan.on_training else "held-out cases")),
+        "evaluated_on": TRAINING_CASES_LABEL if plan.on_training else "held-out cases",
+        "notice": plan.notice,
         "xml": str(opts.xml), "key": str(opts.key),
-        "n_cases": len(keyed), "n_folds": len(folds), "seed": opts.seed,
+        "n_cases": len(plan.keyed), "n_folds": len(plan.folds), "seed": opts.seed,
         "n_resamples": opts.n_resamples, "level": opts.level,
         "subtask4": st4_rows, "subtask3": st3_rows, "subtask2": st2,
         "folds": fold_records,
     }
+
+
+def _write_reports(plan: _Plan, pooled: _Pooled, ladder: dict, labels: dict[str, str]) -> dict[str, Path]:
+    """ladder.json/.md, errors.md and the plots (cv.json comes last, from run_cv)."""
+    out, systems = plan.out, plan.systems
     files = {"ladder_md": out / "ladder.md", "ladder_json": out / "ladder.json", "errors": out / "errors.md",
              "pr_curve": out / "pr_curve.png", "f1_vs_threshold": out / "f1_vs_threshold.png",
              "loss_curves": out / "loss_curves.png", "cv": out / "cv.json"}
@@ -313,18 +350,45 @@ def run_cv(opts: CVOptions, log: Log = print) -> CVResult:
 
     report_systems = [s for s in (HEAD_SYSTEM, "ensemble") if s in systems] or systems[-1:]
     write_text_atomic(files["errors"], error_report_markdown(
-        keyed, {s: predictions[s] for s in report_systems}, fold_of, labels, notice))
-    _plots(keyed, predictions, chosen_thresholds, logs, files, on_training, notice[1], f"data: {Path(opts.xml).name}")
+        plan.keyed, {s: pooled.predictions[s] for s in report_systems}, pooled.fold_of, labels, plan.notice))
+    _plots(plan.keyed, pooled.predictions, pooled.chosen_thresholds, pooled.logs, files, plan.on_training,
+           plan.notice[1], f"data: {Path(plan.opts.xml).name}")
+    return files
+
+
+def run_cv(opts: CVOptions, log: Log = print) -> CVResult:
+    """Cross-validate the requested systems and write every output into ``opts.out``."""
+    started = time.perf_counter()
+    plan = _plan(opts, log)
+
+    from tqdm.auto import tqdm
+
+    # Unsupervised per-case scores, computed once on blinded cases (nothing crosses cases).
+    component_scores = compute_component_scores([blind(c) for c in plan.keyed], plan.retrieval)
+    pooled = _Pooled({s: {} for s in plan.systems}, labelled=all(c.relevance for c in plan.keyed))
+    for fold in tqdm(plan.folds, desc="folds", unit="fold", disable=not opts.progress):
+        _run_fold(plan, fold, component_scores, pooled, log)
+
+    # --- pool and score once -------------------------------------------------------
+    indices = resample_indices(len(plan.keyed), opts.n_resamples, opts.seed)
+    labels = {**RETRIEVAL_SYSTEMS, HEAD_SYSTEM: HEAD_LABEL}
+    st4_rows = _subtask4(plan, pooled, indices, labels)
+    model_answers = pooled.answers if (plan.use_head and opts.generate) else None
+    st3_rows = _subtask3(plan.keyed, model_answers, pooled.fallback, indices, opts, plan.out)
+    st2 = _subtask2(plan.keyed, pooled.relevance, pooled.relevance_threshold, pooled.baseline_evidence, indices,
+                    opts, plan.out)
+    ladder = _ladder(plan, st4_rows, st3_rows, st2, pooled.fold_records)
+    files = _write_reports(plan, pooled, ladder, labels)
 
     seconds = time.perf_counter() - started
     write_json_atomic(files["cv"], {
-        "command": "score.py cv", "evaluated_on": ladder["evaluated_on"], "notice": notice,
+        "command": "score.py cv", "evaluated_on": ladder["evaluated_on"], "notice": plan.notice,
         "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(opts).items()},
-        "systems": systems, "folds": [{"index": f.index, "train_ids": list(f.train_ids),
-                                        "test_ids": list(f.test_ids)} for f in folds],
+        "systems": plan.systems, "folds": [{"index": f.index, "train_ids": list(f.train_ids),
+                                             "test_ids": list(f.test_ids)} for f in plan.folds],
         "seconds": round(seconds, 1), "files": {k: str(v) for k, v in files.items()},
     })
-    return CVResult(out, ladder, fold_records, seconds, files)
+    return CVResult(plan.out, ladder, pooled.fold_records, seconds, files)
 
 
 def _subtask3(keyed: list[Case], model_answers: dict[str, str] | None, fallback: list[str], indices: np.ndarray,

@@ -192,16 +192,38 @@ def align_cases(aligner: Aligner, cases: list[Case], link: Callable[[np.ndarray]
     return out
 
 
-def run_inference(opts: InferenceOptions, log: Log = _stderr) -> InferenceResult:
-    """Answer and/or align every case of ``opts.xml`` and write the submissions to ``opts.out``."""
+@dataclass
+class _Run:
+    """One inference run as it goes: the checked inputs, the model, the predictions and ``run.json``."""
+
+    opts: InferenceOptions
+    explicit_subtasks: bool  # --subtasks given (else Subtask 2 is dropped, said, for an uncalibrated export)
+    cases: list[Case]
+    with_answers: list[Case]  # the cases Subtask 4 aligns
+    skipped: list[str]  # the cases Subtask 4 skips (no answer sentences)
+    aligner_kind: str
+    ensemble: EnsembleConfig | None
+    ensemble_source: str | None
+    engine: str
+    trained_ids: list[str] | None
+    on_training: list[str]
+    t_start: float
+    timings: dict[str, float] = field(default_factory=dict)
+    checkpoint: object = None
+    memory: dict | None = None
+    subtask2_note: str | None = None
+    run: dict = field(default_factory=dict)  # what becomes run.json
+    entries: dict[int, list[dict]] = field(default_factory=dict)  # validated submission entries per subtask
+    fallback_summary: str = ""
+
+
+def _load_inputs(opts: InferenceOptions, log: Log) -> _Run:
+    """Options, cases, ensemble and the training-cases rule: every input error before any output or model."""
     t_start = time.perf_counter()
-    timings: dict[str, float] = {}
     explicit_subtasks = opts.subtasks is not None
     opts = InferenceOptions(**{**opts.__dict__, "xml": Path(opts.xml), "out": Path(opts.out),
                                "subtasks": tuple(opts.subtasks) if explicit_subtasks else DEFAULT_SUBTASKS})
     _check_options(opts)
-
-    # --- everything that can be wrong with the input is found before any output exists
     cases = load_cases(opts.xml, opts.key)
     aligner_kind = opts.aligner or ("head" if opts.checkpoint is not None else "retrieval")
     ensemble, ensemble_source = (None, None)
@@ -214,154 +236,182 @@ def run_inference(opts: InferenceOptions, log: Log = _stderr) -> InferenceResult
     with_answers = [c for c in cases if c.answer_sentences]
     skipped = [c.case_id for c in cases if not c.answer_sentences] if 4 in opts.subtasks else []
     trained_ids, on_training = _training_cases_check(opts, cases, log)
-    timings["load_inputs"] = time.perf_counter() - t_start
+    r = _Run(opts, explicit_subtasks, cases, with_answers, skipped, aligner_kind, ensemble, ensemble_source,
+             engine, trained_ids, on_training, t_start)
+    r.timings["load_inputs"] = time.perf_counter() - t_start
+    return r
 
-    checkpoint = None
-    manifest = None
-    subtask2_note = None
-    if opts.checkpoint is not None:
-        t = time.perf_counter()
-        from inference.fast import load_checkpoint  # heavy import, only with a checkpoint
 
-        checkpoint, memory = load_checkpoint(opts.checkpoint, base=opts.base, device=opts.device,
+def _load_model(r: _Run, log: Log) -> None:
+    """The checkpoint (with a checkpoint), and which subtasks it can write."""
+    opts = r.opts
+    t = time.perf_counter()
+    from inference.fast import load_checkpoint  # heavy import, only with a checkpoint
+
+    r.checkpoint, r.memory = load_checkpoint(opts.checkpoint, base=opts.base, device=opts.device,
                                              max_memory_gb=opts.max_memory_gb, fast=opts.fast, log=log)
-        manifest = checkpoint.manifest
-        timings["load_checkpoint"] = time.perf_counter() - t
-        # Announced once loaded, so that a folder that is not an export fails with one line.
-        log(f"engine: checkpoint {opts.checkpoint} (preset {manifest.get('preset')}, "
-            f"Subtask 4 aligner: {aligner_kind}, threshold {checkpoint.threshold:.3f})")
-        if 2 in opts.subtasks and not explicit_subtasks and not has_relevance_threshold(manifest):
-            opts = InferenceOptions(**{**opts.__dict__, "subtasks": tuple(s for s in opts.subtasks if s != 2)})
-            subtask2_note = ("not written: the checkpoint has no calibrated relevance threshold (trained without "
-                             "--joint or without relevance labels); pass --relevance-threshold to write it")
-            log(f"warning: Subtask 2 {subtask2_note}")
-        if 2 in opts.subtasks:
-            checkpoint_threshold(manifest, opts.relevance_threshold)  # a missing threshold fails before any work
-    for cid in skipped:
-        log(f"warning: case {cid} has no answer sentences (none in the XML"
-            f"{' or the key' if opts.key else '; pass --key'}): skipped for Subtask 4")
+    manifest = r.checkpoint.manifest
+    r.timings["load_checkpoint"] = time.perf_counter() - t
+    # Announced once loaded, so that a folder that is not an export fails with one line.
+    log(f"engine: checkpoint {opts.checkpoint} (preset {manifest.get('preset')}, "
+        f"Subtask 4 aligner: {r.aligner_kind}, threshold {r.checkpoint.threshold:.3f})")
+    if 2 in opts.subtasks and not r.explicit_subtasks and not has_relevance_threshold(manifest):
+        r.opts = InferenceOptions(**{**opts.__dict__, "subtasks": tuple(s for s in opts.subtasks if s != 2)})
+        r.subtask2_note = ("not written: the checkpoint has no calibrated relevance threshold (trained without "
+                           "--joint or without relevance labels); pass --relevance-threshold to write it")
+        log(f"warning: Subtask 2 {r.subtask2_note}")
+    if 2 in r.opts.subtasks:
+        checkpoint_threshold(manifest, opts.relevance_threshold)  # a missing threshold fails before any work
 
-    entries: dict[int, list[dict]] = {}
-    run: dict = {
-        "engine": engine,
+
+def _start_run_record(r: _Run) -> None:
+    opts = r.opts
+    r.run = {
+        "engine": r.engine,
         "engine_note": ("retrieval baseline: question-retrieval evidence, extractive answers and a "
-                        "lexical/neural retrieval ensemble, not the fine-tuned model" if engine == BASELINE_ENGINE else "fine-tuned checkpoint"),
+                        "lexical/neural retrieval ensemble, not the fine-tuned model" if r.engine == BASELINE_ENGINE else "fine-tuned checkpoint"),
         "xml": str(opts.xml),
         "key": str(opts.key) if opts.key else None,
         "checkpoint": str(opts.checkpoint) if opts.checkpoint else None,
-        "checkpoint_manifest": manifest,
+        "checkpoint_manifest": r.checkpoint.manifest if r.checkpoint is not None else None,
         "subtasks": list(opts.subtasks),
-        **({"subtask2": {"not_written": subtask2_note}} if subtask2_note else {}),
-        "n_cases": len(cases),
+        **({"subtask2": {"not_written": r.subtask2_note}} if r.subtask2_note else {}),
+        "n_cases": len(r.cases),
     }
     if opts.checkpoint is not None:
-        run["training_case_ids"] = trained_ids  # score.py applies the training-cases rule from this
+        r.run["training_case_ids"] = r.trained_ids  # score.py applies the training-cases rule from this
 
-    fallback_summary = ""
-    if 3 in opts.subtasks:
-        t = time.perf_counter()
-        if checkpoint is None:
-            answers, fell_back = baseline_answers(cases, opts.progress), []
-            run["subtask3"] = {"method": "extractive (BM25 + TF-IDF of the question vs note sentences)"}
-        else:
-            answers, fell_back = checkpoint_answers(checkpoint, cases, opts.batch_size or len(cases),
-                                                    opts.max_new_tokens, opts.progress)
-            run["subtask3"] = {"method": "generation", "max_new_tokens": opts.max_new_tokens,
-                               "batch_size": opts.batch_size or "auto (memory)",
-                               "decoding": "as the checkpoint's generate_answers"}
-            for cid in fell_back:
-                log(f"warning: case {cid}: the model's answer was empty; used the extractive answer")
-            fallback_summary = _fallback_summary(len(fell_back), len(cases))
-            if fallback_summary:
-                run["engine_note"] += "; " + fallback_summary
-                run["subtask3"]["model_answers"] = len(fell_back) < len(cases)
-        run["subtask3"]["extractive_fallback_cases"] = fell_back
-        entries[3] = subtask3_entries(answers)
-        validate_subtask3(entries[3], cases)
-        timings["subtask3"] = time.perf_counter() - t
 
-    if 2 in opts.subtasks:
-        t = time.perf_counter()
-        evidence, run["subtask2"] = predict_evidence(cases, checkpoint, opts.relevance_threshold, opts.progress, log)
-        entries[2] = subtask2_entries(evidence)
-        validate_subtask2(entries[2], cases)
-        timings["subtask2"] = time.perf_counter() - t
+def _predict_subtask3(r: _Run, log: Log) -> None:
+    opts, run, t = r.opts, r.run, time.perf_counter()
+    if r.checkpoint is None:
+        answers, fell_back = baseline_answers(r.cases, opts.progress), []
+        run["subtask3"] = {"method": "extractive (BM25 + TF-IDF of the question vs note sentences)"}
+    else:
+        answers, fell_back = checkpoint_answers(r.checkpoint, r.cases, opts.batch_size or len(r.cases),
+                                                opts.max_new_tokens, opts.progress)
+        run["subtask3"] = {"method": "generation", "max_new_tokens": opts.max_new_tokens,
+                           "batch_size": opts.batch_size or "auto (memory)",
+                           "decoding": "as the checkpoint's generate_answers"}
+        for cid in fell_back:
+            log(f"warning: case {cid}: the model's answer was empty; used the extractive answer")
+        r.fallback_summary = _fallback_summary(len(fell_back), len(r.cases))
+        if r.fallback_summary:
+            run["engine_note"] += "; " + r.fallback_summary
+            run["subtask3"]["model_answers"] = len(fell_back) < len(r.cases)
+    run["subtask3"]["extractive_fallback_cases"] = fell_back
+    r.entries[3] = subtask3_entries(answers)
+    validate_subtask3(r.entries[3], r.cases)
+    r.timings["subtask3"] = time.perf_counter() - t
 
-    if 4 in opts.subtasks and with_answers:
+
+def _predict_subtask2(r: _Run, log: Log) -> None:
+    t = time.perf_counter()
+    evidence, r.run["subtask2"] = predict_evidence(r.cases, r.checkpoint, r.opts.relevance_threshold,
+                                                   r.opts.progress, log)
+    r.entries[2] = subtask2_entries(evidence)
+    validate_subtask2(r.entries[2], r.cases)
+    r.timings["subtask2"] = time.perf_counter() - t
+
+
+def _predict_subtask4(r: _Run, log: Log) -> None:
+    opts, run = r.opts, r.run
+    if r.with_answers:
         t = time.perf_counter()
-        if aligner_kind == "head":
+        if r.aligner_kind == "head":
             cap = opts.max_links_per_answer
-            threshold = float(checkpoint.threshold)
-            aligner: Aligner = HeadAligner(checkpoint)
+            threshold = float(r.checkpoint.threshold)
+            aligner: Aligner = HeadAligner(r.checkpoint)
             link = lambda s: link_pairs(s, threshold, "absolute", cap, opts.top1_fallback)  # noqa: E731
             run["subtask4"] = {"aligner": "head", "threshold": threshold, "mode": "absolute",
                                "max_per_answer": cap, "top1_fallback": opts.top1_fallback}
         else:
+            ensemble = r.ensemble
             assert ensemble is not None
             cap = opts.max_links_per_answer if opts.max_links_per_answer is not None else ensemble.max_per_answer
             fallback = opts.top1_fallback or ensemble.top1_fallback
             aligner = ensemble.build()
             link = lambda s: ensemble.link(s, max_per_answer=cap, top1_fallback=fallback)  # noqa: E731
-            run["subtask4"] = {"aligner": "retrieval-ensemble", "ensemble_source": ensemble_source,
+            run["subtask4"] = {"aligner": "retrieval-ensemble", "ensemble_source": r.ensemble_source,
                                "ensemble": ensemble.to_json(), "threshold": ensemble.threshold,
                                "mode": ensemble.mode, "max_per_answer": cap, "top1_fallback": fallback}
-        links = align_cases(aligner, with_answers, link, opts.progress)
-        entries[4] = subtask4_entries(links)
-        validate_subtask4(entries[4], with_answers)
-        timings["subtask4"] = time.perf_counter() - t
-    if 4 in opts.subtasks:
-        run.setdefault("subtask4", {})
-        run["subtask4"]["skipped_cases"] = skipped
-        run["subtask4"]["n_cases_aligned"] = len(with_answers)
-        if not with_answers:
-            run["subtask4"]["not_written"] = "no case has answer sentences"
-            log("warning: no case has answer sentences: Subtask 4 submission not written")
+        links = align_cases(aligner, r.with_answers, link, opts.progress)
+        r.entries[4] = subtask4_entries(links)
+        validate_subtask4(r.entries[4], r.with_answers)
+        r.timings["subtask4"] = time.perf_counter() - t
+    run.setdefault("subtask4", {})
+    run["subtask4"]["skipped_cases"] = r.skipped
+    run["subtask4"]["n_cases_aligned"] = len(r.with_answers)
+    if not r.with_answers:
+        run["subtask4"]["not_written"] = "no case has answer sentences"
+        log("warning: no case has answer sentences: Subtask 4 submission not written")
 
-    # --- write: the whole set (submissions, zips, run.json) built aside, scored there,
-    # then renamed into place in one step (data.atomic.OutputSet): all or nothing
-    t = time.perf_counter()
-    written: dict[int, tuple[Path, Path]] = {}
+
+def _write_and_score(r: _Run, log: Log) -> tuple[dict[int, tuple[Path, Path]], dict]:
+    """The whole set (submissions, zips, run.json) built aside, scored there, then renamed into
+    place in one step (data.atomic.OutputSet): all or nothing. Returns the final paths and scores."""
+    opts, t = r.opts, time.perf_counter()
     with OutputSet(opts.out, opts.overwrite) as stage:
         staged: dict[int, tuple[Path, Path]] = {}
-        if 2 in entries:
-            staged[2] = write_submission(entries[2], stage, 2, cases)
-        if 3 in entries:
-            staged[3] = write_submission(entries[3], stage, 3, cases)
-        if 4 in entries:
-            staged[4] = write_submission(entries[4], stage, 4, with_answers)
+        for n in (2, 3, 4):
+            if n in r.entries:
+                staged[n] = write_submission(r.entries[n], stage, n, r.with_answers if n == 4 else r.cases)
         written = {n: (opts.out / j.relative_to(stage), opts.out / z.relative_to(stage))
                    for n, (j, z) in staged.items()}
-        timings["write"] = time.perf_counter() - t
+        r.timings["write"] = time.perf_counter() - t
 
         scores: dict = {}
         if opts.key is not None and staged:
             t = time.perf_counter()
-            scores = score_written(staged, opts, log, on_training)
-            timings["score"] = time.perf_counter() - t
+            scores = score_written(staged, opts, log, r.on_training)
+            r.timings["score"] = time.perf_counter() - t
 
-        timings["total"] = time.perf_counter() - t_start
-        if checkpoint is not None:
-            run["memory"] = memory
-            run["fast_inference"] = checkpoint.report() if hasattr(checkpoint, "report") else None
-        run.update({
+        r.timings["total"] = time.perf_counter() - r.t_start
+        if r.checkpoint is not None:
+            r.run["memory"] = r.memory
+            r.run["fast_inference"] = r.checkpoint.report() if hasattr(r.checkpoint, "report") else None
+        r.run.update({
             "outputs": {f"subtask{n}": {"json": str(j), "zip": str(z)} for n, (j, z) in written.items()},
-            "skipped_cases_subtask4": skipped,
+            "skipped_cases_subtask4": r.skipped,
             "scores": scores or None,
-            "timings_s": {k: round(v, 3) for k, v in timings.items()},
+            "timings_s": {k: round(v, 3) for k, v in r.timings.items()},
             "versions": package_versions(),
         })
-        write_json_atomic(stage / "run.json", run)
+        write_json_atomic(stage / "run.json", r.run)
+    return written, scores
+
+
+def _report(r: _Run, written: dict[int, tuple[Path, Path]], log: Log) -> None:
     for n, (json_path, zip_path) in written.items():
         log(f"wrote Subtask {n}: {json_path} and {zip_path}")
-    log(f"wrote {opts.out / 'run.json'}")
-    log("times: " + ", ".join(f"{k} {v:.1f}s" for k, v in timings.items()))
-    if skipped:
-        log(f"Subtask 4 skipped {len(skipped)} case(s) without answer sentences: {', '.join(skipped)}")
-    if engine == BASELINE_ENGINE:
+    log(f"wrote {r.opts.out / 'run.json'}")
+    log("times: " + ", ".join(f"{k} {v:.1f}s" for k, v in r.timings.items()))
+    if r.skipped:
+        log(f"Subtask 4 skipped {len(r.skipped)} case(s) without answer sentences: {', '.join(r.skipped)}")
+    if r.engine == BASELINE_ENGINE:
         log("note: these are RETRIEVAL BASELINE outputs (no --checkpoint)")
-    if fallback_summary:
-        log(fallback_summary)
-    return InferenceResult(opts.out, run, written, skipped, scores)
+    if r.fallback_summary:
+        log(r.fallback_summary)
+
+
+def run_inference(opts: InferenceOptions, log: Log = _stderr) -> InferenceResult:
+    """Answer and/or align every case of ``opts.xml`` and write the submissions to ``opts.out``."""
+    r = _load_inputs(opts, log)  # everything that can be wrong with the input, before any output exists
+    if r.opts.checkpoint is not None:
+        _load_model(r, log)
+    for cid in r.skipped:
+        log(f"warning: case {cid} has no answer sentences (none in the XML"
+            f"{' or the key' if r.opts.key else '; pass --key'}): skipped for Subtask 4")
+    _start_run_record(r)
+    if 3 in r.opts.subtasks:
+        _predict_subtask3(r, log)
+    if 2 in r.opts.subtasks:
+        _predict_subtask2(r, log)
+    if 4 in r.opts.subtasks:
+        _predict_subtask4(r, log)
+    written, scores = _write_and_score(r, log)
+    _report(r, written, log)
+    return InferenceResult(r.opts.out, r.run, written, r.skipped, scores)
 
 
 def _fallback_summary(k: int, n: int) -> str:

@@ -23,6 +23,7 @@ import torch
 from safetensors.torch import load_file
 
 from data.errors import InputError
+from hooks import train_hooks
 from training.config import TrainConfig, build_config, load_run_config
 from training.loop import resume_layout, run_training
 
@@ -172,10 +173,10 @@ def runs(tmp_path_factory):
     """One 2-process run (checkpoint every step) and one 1-process run on the same global batches."""
     root = tmp_path_factory.mktemp("dist")
     two = root / "two"
-    launch(root / "launch2", 2, cli_args(dict(COMMON, out=two, save_every=1, keep_checkpoints=0,
-                                              record_batches=root / "batches2")))
-    one = run_training(build_config(dict(COMMON, out=str(root / "one"), grad_accum=2,
-                                         record_batches=str(root / "batches1"))))
+    with train_hooks(record_batches=root / "batches2"):
+        launch(root / "launch2", 2, cli_args(dict(COMMON, out=two, save_every=1, keep_checkpoints=0)))
+    with train_hooks(record_batches=root / "batches1"):
+        one = run_training(build_config(dict(COMMON, out=str(root / "one"), grad_accum=2)))
     assert one.steps == TOTAL_STEPS and not one.interrupted
     return root
 
@@ -261,9 +262,10 @@ def test_resume_two_process_checkpoint_on_one_process(runs, tmp_path):
     assert (state["processes"], state["batches_per_step"]) == (2, 2)
 
     run = copy_run_at(src, tmp_path / "resumed", 3)
-    cfg = build_config({"out": str(run), "record_batches": str(tmp_path / "batches")}, base=load_run_config(run))
+    cfg = build_config({"out": str(run)}, base=load_run_config(run))
     assert cfg.grad_accum == 1
-    result = run_training(cfg, resume=True)
+    with train_hooks(record_batches=tmp_path / "batches"):
+        result = run_training(cfg, resume=True)
     assert result.steps == TOTAL_STEPS and not result.interrupted
 
     # Position mapping: the single process (grad_accum 2) trained on exactly what the two
@@ -289,7 +291,8 @@ def test_resume_two_process_checkpoint_on_one_process(runs, tmp_path):
 @pytest.mark.slow
 def test_resume_two_process_checkpoint_on_two_processes(runs, tmp_path):
     run = copy_run_at(runs / "two", tmp_path / "resumed", 3)
-    launch(tmp_path / "launch", 2, ["--resume", str(run), "--record_batches", str(tmp_path / "batches")])
+    with train_hooks(record_batches=tmp_path / "batches"):
+        launch(tmp_path / "launch", 2, ["--resume", str(run)])
     assert [r["step"] for r in read_log(run)] == list(range(1, TOTAL_STEPS + 1))
     assert {r["step"] for r in read_batches(tmp_path / "batches")} == {4, 5, 6}
     assert_close_weights(export_weights(run / "export"), export_weights(runs / "two" / "export"))
@@ -299,9 +302,10 @@ def test_resume_two_process_checkpoint_on_two_processes(runs, tmp_path):
 def test_resume_one_process_checkpoint_on_two_processes(runs, tmp_path):
     """The reverse: stop a grad_accum-2 single process after step 3, finish on two processes."""
     run = tmp_path / "part"
-    part = run_training(build_config(dict(COMMON, out=str(run), grad_accum=2, stop_after_steps=3)))
+    with train_hooks(stop_after_steps=3):
+        part = run_training(build_config(dict(COMMON, out=str(run), grad_accum=2)))
     assert part.interrupted and part.steps == 3
-    launch(tmp_path / "launch", 2, ["--resume", str(run), "--stop_after_steps", "0"])
+    launch(tmp_path / "launch", 2, ["--resume", str(run)])
     assert [r["step"] for r in read_log(run)] == list(range(1, TOTAL_STEPS + 1))
     assert_close_weights(export_weights(run / "export"), export_weights(runs / "one" / "export"))
 
@@ -313,7 +317,7 @@ def test_rank_micro_batches_keep_ranks_in_step(processes, grad_accum, n_batches,
     """Every rank runs the same micro-steps with the same step boundaries; together the real
     ones take each global batch exactly once, in the window of the step a single process
     with grad_accum P * G takes it in; fillers weigh 0."""
-    from training.sharding import rank_micro_batches, steps_in_epoch
+    from training.batching import rank_micro_batches, steps_in_epoch
 
     window = processes * grad_accum
     start = min(start_steps * window, n_batches)
@@ -335,11 +339,11 @@ def test_rank_micro_batches_keep_ranks_in_step(processes, grad_accum, n_batches,
 
 
 def test_accelerate_batch_sharding_breaks_token_budget_batches():
-    """Why training.sharding exists (issue 13): accelerate's BatchSamplerShard, handed our
+    """Why training.batching.rank_micro_batches exists (issue 13): accelerate's BatchSamplerShard, handed our
     token-budget sampler, yields one oversized batch per rank per epoch, or an empty one."""
     from accelerate.data_loader import BatchSamplerShard
 
-    from training.data import TokenBudgetBatches
+    from training.batching import TokenBudgetBatches
 
     lengths = [150 + (i * 37) % 1850 for i in range(280)]
     sampler = TokenBudgetBatches(lengths, 16384, seed=0)
@@ -476,7 +480,7 @@ from heads.config import HeadConfig
 from model.backbone import LoraSettings, build_random_base, load_backbone, load_tokenizer
 from training import gather
 from training.config import build_config
-from training.data import collate
+from training.batching import collate
 from training.joint import JointModel, LossSettings
 from training.loop import fsdp_wrap_policy, make_optimizer, stage_data
 

@@ -15,7 +15,8 @@ def test_cuda_joint_step_nf4_bf16_compiled():
     from heads.alignment import NotePairHead
     from heads.config import HeadConfig
     from model.backbone import compile_decoder_layers, load_backbone
-    from training.data import TrainItem, collate
+    from training.batching import collate
+    from training.data import TrainItem
     from training.joint import JointModel, LossSettings
 
     backbone = load_backbone("tiny", load_in_4bit=True, device="cuda", keep_bf16=True)

@@ -26,6 +26,7 @@ import infer
 import score
 import train
 from data.atomic import OutputSet, write_json_atomic
+from hooks import train_hooks
 from training.checkpoints import checkpoint_dirs, latest_checkpoint
 
 # Heavy imports up front: their one-off library notices must not land in a test's stderr.
@@ -480,9 +481,10 @@ def test_score_json_dangling_symlink(tmp_path, capsys):
 def stopped_run(tmp_path_factory) -> Path:
     """A tiny domain run stopped at step 2 with checkpoints step-1 and step-2."""
     out = tmp_path_factory.mktemp("torn") / "run"
-    assert train.main([str(a) for a in domain_args(
-        out, "--max_steps", "4", "--save_every", "1", "--stop_after_steps", "2", "--batch_tokens", "0",
-        "--batch_size", "2", "--max_length", "512", "--compile", "false")]) == 0
+    with train_hooks(stop_after_steps=2):
+        assert train.main([str(a) for a in domain_args(
+            out, "--max_steps", "4", "--save_every", "1", "--batch_tokens", "0",
+            "--batch_size", "2", "--max_length", "512", "--compile", "false")]) == 0
     assert [d.name for d in checkpoint_dirs(out)] == ["step-1", "step-2"]
     return out
 
@@ -508,7 +510,7 @@ def test_truncated_adapter_falls_back_to_previous_checkpoint(tmp_path, capsys, s
 
 def test_resume_after_torn_checkpoint_continues_from_the_previous_one(tmp_path, capsys, stopped_run):
     run = torn_copy(stopped_run, tmp_path, lambda ckpt: (ckpt / "optimizer.pt").write_bytes(b""))
-    assert train.main(["--resume", str(run), "--stop_after_steps", "0"]) == 0
+    assert train.main(["--resume", str(run)]) == 0
     assert "warning: skipping checkpoint" in capsys.readouterr().err
     rows = [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines()]
     assert {"step": 1, "resumed_from": "step-1", "skipped_torn": ["step-2"]} in rows  # recorded, not only said

@@ -19,7 +19,8 @@ from model.backbone import (
     load_tokenizer,
     save_random_base,
 )
-from training.data import TrainItem, collate
+from training.batching import collate
+from training.data import TrainItem
 from training.joint import JointModel, LossSettings
 
 

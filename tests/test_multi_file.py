@@ -11,9 +11,9 @@ import torch
 from data.archehr import load_cases, write_cases
 from data.errors import InputError
 from training.config import build_config, parse_overrides, read_toml
+from training.batching import collate
 from training.data import (
     ESSENTIAL_LABELS,
-    collate,
     encode_items,
     load_task_files,
     relevance_targets,

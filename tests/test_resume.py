@@ -11,6 +11,7 @@ import train
 from training.checkpoints import checkpoint_dirs
 from training.config import build_config
 from training.loop import run_training
+from hooks import train_hooks
 from synthetic import make_cases, write_archehr
 
 
@@ -34,7 +35,8 @@ def test_resume_matches_uninterrupted_run(tmp_path):
     full = run_training(build_config(dict(common, out=str(tmp_path / "full"))))
     assert full.steps == 6 and not full.interrupted
 
-    part = run_training(build_config(dict(common, out=str(tmp_path / "part"), stop_after_steps=3)))
+    with train_hooks(stop_after_steps=3):
+        part = run_training(build_config(dict(common, out=str(tmp_path / "part"))))
     assert part.interrupted and part.steps == 3 and part.export_dir is None
     assert not (tmp_path / "part" / "export").exists()
     [ckpt] = checkpoint_dirs(tmp_path / "part")
@@ -45,8 +47,8 @@ def test_resume_matches_uninterrupted_run(tmp_path):
     state = json.loads((ckpt / "trainer_state.json").read_text())
     assert (state["step"], state["epoch"], state["position"]) == (3, 1, 2)
 
-    # Resume through the CLI, as a user would (the stop flag is cleared by the override).
-    assert train.main(["--resume", str(tmp_path / "part"), "--stop_after_steps", "0", "--progress", "false"]) == 0
+    # Resume through the CLI, as a user would (the stop hook is not set any more).
+    assert train.main(["--resume", str(tmp_path / "part"), "--progress", "false"]) == 0
     expected, got = weights(full.export_dir), weights(tmp_path / "part" / "export")
     assert expected.keys() == got.keys()
     different = [k for k in expected if not torch.equal(expected[k], got[k])]
@@ -59,3 +61,26 @@ def test_resume_matches_uninterrupted_run(tmp_path):
     part_log = [json.loads(x) for x in (tmp_path / "part" / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in part_log] == [r["step"] for r in full_log] == list(range(1, 7))
     assert [r["loss"] for r in part_log] == [r["loss"] for r in full_log]
+
+
+def test_test_hooks_are_not_config_keys(monkeypatch, tmp_path):
+    """stop_after_steps / record_batches are environment variables (training.hooks), not TrainConfig:
+    refused on the command line, never saved, and dropped from a run saved when they were keys."""
+    import dataclasses
+
+    from data.errors import InputError
+    from training.config import TrainConfig, parse_overrides
+    from training.hooks import train_hooks as read_hooks
+
+    assert not {"stop_after_steps", "record_batches"} & {f.name for f in dataclasses.fields(TrainConfig)}
+    for key in ("stop_after_steps", "record_batches"):
+        with pytest.raises(InputError, match="unknown config key"):
+            parse_overrides([f"--{key}", "3"])
+    old_run = dict(dataclasses.asdict(build_config({"stage": "domain"})), stop_after_steps=3, record_batches="b")
+    assert build_config({"out": "o"}, base=old_run).out == "o"
+
+    assert read_hooks().stop_after_steps == 0 and read_hooks().record_batches is None
+    with train_hooks(stop_after_steps=3, record_batches=tmp_path / "b"):
+        hooks = read_hooks()
+        assert hooks.stops_at(3) and not hooks.stops_at(2) and hooks.record_batches == tmp_path / "b"
+    assert read_hooks().stop_after_steps == 0

@@ -12,7 +12,8 @@ from data.prompts import IGNORE_INDEX, encode_example
 from model.backbone import backbone_hidden, load_backbone
 from model.checkpoint import load_export
 from training.config import build_config
-from training.data import TrainItem, collate, emrqa_evidence_pairs
+from training.batching import collate
+from training.data import TrainItem, emrqa_evidence_pairs
 from training.joint import answer_token_loss
 from training.loop import run_training
 

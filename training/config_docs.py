@@ -56,10 +56,8 @@ FIELD_HELP: dict[str, str] = {
     "log_every": "log loss parts, lr and tokens/s every N optimizer steps",
     "save_every": "checkpoint every N optimizer steps (0 = only the final export)",
     "keep_checkpoints": "how many intermediate checkpoints to keep",
-    "stop_after_steps": "tests: stop after N steps (after checkpointing) as if interrupted",
     "progress": "show progress bars",
     "plot": "write loss_curve.png at the end",
-    "record_batches": "debugging: folder where each process appends its micro-batches' dataset indices",
 }
 
 

@@ -4,14 +4,15 @@
 the task stage), builds AdamW over the LoRA and head parameters with a warmup +
 cosine/linear schedule, and runs seeded, resumable optimisation under
 ``accelerate`` (single process by default; ``accelerate launch`` shards batches).
-Each optimizer step is :func:`train_step` calls over ``grad_accum`` micro-batches.
-Every ``log_every`` steps: loss parts, lr and non-padding tokens/s to stdout and
+Each optimizer step is :func:`~training.loop_state.train_step` calls over ``grad_accum``
+micro-batches (the loop, its state, logging and checkpoints: :mod:`training.loop_state`).
+Every ``log_every`` steps: loss parts, lr and non-padding tokens/s to stderr and
 ``RUN/log.jsonl``; every ``save_every`` steps a checkpoint; at the end a loss-curve
 PNG and ``RUN/export/``.
 
 Several processes (``accelerate launch``, DDP; gloo on CPU, NCCL on GPUs): each
 rank trains on every P-th global batch of the same deterministic epoch order, every
-rank running the same number of micro-steps (:mod:`training.sharding`, not
+rank running the same number of micro-steps (:mod:`training.batching`, not
 accelerate's batch-sampler sharding), gradients are averaged, logged losses are
 averaged over ranks, and only the main process writes the log, checkpoints (apart
 from its own ``rng-R`` files per rank) and the export. The data position in a
@@ -22,11 +23,9 @@ total steps and data position carry over unchanged.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,13 +39,10 @@ from model.export_folder import find_export, read_manifest
 
 from . import checkpoints as ckpts
 from . import gather
+from .batching import EpochBatches, TokenBudgetBatches, steps_in_epoch
 from .config import TrainConfig
-from .interrupt import TrainingDiverged, check_finite, non_finite, stop_requested
 from .data import (
-    EpochBatches,
-    TokenBudgetBatches,
     TrainItem,
-    collate,
     domain_examples,
     encode_items,
     ESSENTIAL_LABELS,
@@ -55,11 +51,11 @@ from .data import (
     task_examples,
     task_sources,
 )
+from .hooks import train_hooks
 from .init_settings import adopt_init_settings
 from .joint import JointModel, LossSettings
-from .sharding import rank_micro_batches, steps_in_epoch
+from .loop_state import LOG_FILE, LoopState, Trainer, run_epochs, start_state
 
-LOG_FILE = "log.jsonl"
 CURVE_FILE = "loss_curve.png"
 
 
@@ -138,14 +134,6 @@ def make_scheduler(optimizer, cfg: TrainConfig, total_steps: int):
     return make(optimizer, warmup, total_steps)
 
 
-def train_step(model, batch: dict, accelerator, grad_accum: int = 1, weight: float = 1.0) -> dict[str, float]:
-    """Forward + backward of one micro-batch; returns the (unscaled) loss parts as floats.
-    ``weight`` 0 is a filler micro-step (training.sharding): it only keeps ranks in step."""
-    losses = model(batch)
-    accelerator.backward(losses["loss"] / grad_accum if weight == 1.0 else losses["loss"] * (weight / grad_accum))
-    return {k: float(v.detach()) for k, v in losses.items()}
-
-
 LOSS_PARTS = {"loss": "total (weighted sum)", "lm": "answer tokens (LM)", "align": "alignment pairs",
               "relevance": "note-sentence relevance"}
 
@@ -177,21 +165,6 @@ def plot_losses(log_path: Path, out_png: Path) -> list[str]:
     fig.savefig(out_png, dpi=100)
     plt.close(fig)
     return drawn
-
-
-def merged_window(accelerator, window: dict[str, float], window_micro: int) -> tuple[dict[str, float], int]:
-    """Sum the loss windows of all processes (so logged losses are global means)."""
-    if accelerator.num_processes == 1:
-        return window, window_micro
-    from accelerate.utils import gather_object
-
-    merged: dict[str, float] = {}
-    total = 0
-    for part, micro in gather_object([(window, window_micro)]):
-        for k, v in part.items():
-            merged[k] = merged.get(k, 0.0) + v
-        total += micro
-    return merged, total
 
 
 def resume_layout(state: dict, cfg: TrainConfig, processes: int) -> TrainConfig:
@@ -239,22 +212,25 @@ def fsdp_wrap_policy(model: JointModel):
     return policy
 
 
-def _truncate_log(log_path: Path, last_step: int) -> None:
-    """On resume, drop log lines written after the checkpoint (they will be written again)."""
-    if not log_path.is_file():
-        return
-    rows = [line for line in log_path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    kept = [line for line in rows if json.loads(line).get("step", 0) <= last_step]
-    log_path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+# --- the run, step by step ---------------------------------------------------------------
 
 
-# --- the loop ------------------------------------------------------------------------
+@dataclass
+class RunSetup:
+    """What the set-up step resolved before any model exists."""
+
+    cfg: TrainConfig  # with the init export's settings and a resumed run's layout adopted
+    out: Path
+    preset: object
+    init_export: Path | None
+    init_manifest: dict | None
+    accelerator: object
+    use_bf16: bool
+    resume_from: Path | None  # the checkpoint to resume from
 
 
-def run_training(cfg: TrainConfig, resume: bool = False) -> RunResult:
-    from accelerate import Accelerator
-    from accelerate.utils import set_seed
-
+def check_run_inputs(cfg: TrainConfig, resume: bool):
+    """Refuse a bad run before anything loads: output folder, preset, base model, init export."""
     if not cfg.out:
         raise InputError("--out is required")
     out = Path(cfg.out)
@@ -276,10 +252,15 @@ def run_training(cfg: TrainConfig, resume: bool = False) -> RunResult:
         raise InputError(
             f"--init was trained with preset {init_manifest.get('preset')!r}, not {preset.name!r}", init_export
         )
+    return cfg, out, preset, init_export, init_manifest
 
-    use_bf16 = cfg.bf16 and torch.cuda.is_available()
+
+def make_accelerator(cfg: TrainConfig):
+    """The ``accelerate`` state (one process, or this rank of a launched job) and whether bf16 is on."""
+    from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs
 
+    use_bf16 = cfg.bf16 and torch.cuda.is_available()
     accelerator = Accelerator(
         mixed_precision="bf16" if use_bf16 else "no",
         # Without CUDA, say so: accelerate then runs a launched multi-process job as
@@ -289,197 +270,119 @@ def run_training(cfg: TrainConfig, resume: bool = False) -> RunResult:
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=cfg.joint)],
     )
     gather.check_fsdp_version(accelerator)
+    return accelerator, use_bf16
+
+
+def resume_point(cfg: TrainConfig, out: Path, resume: bool, accelerator) -> tuple[TrainConfig, Path | None]:
+    """The checkpoint to resume from, and ``cfg`` with the grad_accum that keeps its global batches per step."""
     resume_from = ckpts.latest_checkpoint(out) if resume else None
     if resume and resume_from is None:
         raise InputError("no checkpoint to resume from (checkpoints/step-N)", out)
-    if resume_from is not None:
-        resumed = resume_layout(ckpts.read_state(resume_from), cfg, accelerator.num_processes)
-        if resumed.grad_accum != cfg.grad_accum and accelerator.is_main_process:
-            print(f"note: resuming on {accelerator.num_processes} process(es) with grad_accum "
-                  f"{resumed.grad_accum} (was {cfg.grad_accum}): same global batches per step", file=sys.stderr)
-        cfg = resumed
-    set_seed(cfg.seed)
-    tokenizer = load_tokenizer(cfg.base_path or preset)
-    items, sources = stage_data(cfg, tokenizer)
-    if accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        if not resume:
-            cfg.save(out)
+    if resume_from is None:
+        return cfg, None
+    resumed = resume_layout(ckpts.read_state(resume_from), cfg, accelerator.num_processes)
+    if resumed.grad_accum != cfg.grad_accum and accelerator.is_main_process:
+        print(f"note: resuming on {accelerator.num_processes} process(es) with grad_accum "
+              f"{resumed.grad_accum} (was {cfg.grad_accum}): same global batches per step", file=sys.stderr)
+    return resumed, resume_from
 
-    base_path = cfg.base_path or (init_manifest or {}).get("base_model", {}).get("path") or None
+
+def set_up_run(cfg: TrainConfig, resume: bool) -> RunSetup:
+    from accelerate.utils import set_seed
+
+    cfg, out, preset, init_export, init_manifest = check_run_inputs(cfg, resume)
+    accelerator, use_bf16 = make_accelerator(cfg)
+    cfg, resume_from = resume_point(cfg, out, resume, accelerator)
+    set_seed(cfg.seed)
+    return RunSetup(cfg, out, preset, init_export, init_manifest, accelerator, use_bf16, resume_from)
+
+
+def save_run_config(setup: RunSetup, resume: bool) -> None:
+    if setup.accelerator.is_main_process:
+        setup.out.mkdir(parents=True, exist_ok=True)
+        if not resume:
+            setup.cfg.save(setup.out)
+
+
+def build_model(setup: RunSetup) -> tuple[JointModel, NotePairHead]:
+    """Backbone (+ the init export's adapter) and head; the head joins the model only for ``joint``."""
+    cfg, device = setup.cfg, setup.accelerator.device
+    base_path = cfg.base_path or (setup.init_manifest or {}).get("base_model", {}).get("path") or None
     backbone = load_backbone(
-        preset,
+        setup.preset,
         load_in_4bit=cfg.quantise(),
-        device=accelerator.device,
+        device=device,
         lora=LoraSettings(r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout),
         gradient_checkpointing=cfg.gradient_checkpointing,
         base_path=base_path,
-        adapter_dir=init_export,
-        keep_bf16=use_bf16,
+        adapter_dir=setup.init_export,
+        keep_bf16=setup.use_bf16,
         quant_storage=cfg.quant_storage,
     )
     if cfg.compile and torch.cuda.is_available():
         compile_decoder_layers(backbone)
     hidden_size = backbone.get_base_model().config.hidden_size
-    head = build_head(cfg, hidden_size, init_export, accelerator.device)
-    model = JointModel(
-        backbone,
-        head if cfg.joint else None,
-        LossSettings(cfg.align_weight, cfg.pos_weight, cfg.relevance_weight),
-    )
-    optimizer = make_optimizer(model, cfg)
+    head = build_head(cfg, hidden_size, setup.init_export, device)
+    losses = LossSettings(cfg.align_weight, cfg.pos_weight, cfg.relevance_weight)
+    return JointModel(backbone, head if cfg.joint else None, losses), head
 
+
+def make_sampler(items: list[TrainItem], cfg: TrainConfig) -> EpochBatches:
     lengths = [len(it) for it in items]
     if cfg.batch_tokens:
-        sampler = TokenBudgetBatches(lengths, cfg.batch_tokens, cfg.seed, True)
-    else:
-        sampler = EpochBatches(lengths, cfg.batch_size, cfg.seed, True, cfg.group_by_length)
-    pad_id = tokenizer.pad_token_id
-    record = Path(cfg.record_batches) if cfg.record_batches else None
-    procs = accelerator.num_processes
-    steps_per_epoch = steps_in_epoch(sampler.num_batches(), 0, procs, cfg.grad_accum)
+        return TokenBudgetBatches(lengths, cfg.batch_tokens, cfg.seed, True)
+    return EpochBatches(lengths, cfg.batch_size, cfg.seed, True, cfg.group_by_length)
+
+
+def prepare_trainer(setup: RunSetup, model: JointModel, items: list[TrainItem], pad_id: int) -> Trainer:
+    """Optimizer, batches and schedule, then ``accelerate.prepare`` (DDP / FSDP wrapping)."""
+    from accelerate.utils import DistributedType
+
+    cfg, accelerator = setup.cfg, setup.accelerator
+    optimizer = make_optimizer(model, cfg)
+    sampler = make_sampler(items, cfg)
+    steps_per_epoch = steps_in_epoch(sampler.num_batches(), 0, accelerator.num_processes, cfg.grad_accum)
     total_steps = cfg.max_steps if cfg.max_steps > 0 else cfg.epochs * steps_per_epoch
     scheduler = make_scheduler(optimizer, cfg, total_steps)
-    from accelerate.utils import DistributedType, send_to_device
-
     if accelerator.distributed_type == DistributedType.FSDP:
         accelerator.state.fsdp_plugin.auto_wrap_policy = fsdp_wrap_policy(model)
-    # No data loader through accelerate: training.sharding splits the batches itself.
-    model, optimizer = accelerator.prepare(model, optimizer)
-    plain = accelerator.unwrap_model(model)
+    # No data loader through accelerate: training.batching splits the batches itself.
+    wrapped, optimizer = accelerator.prepare(model, optimizer)
+    return Trainer(cfg, setup.out, accelerator, wrapped, accelerator.unwrap_model(wrapped), optimizer, scheduler,
+                   sampler, items, pad_id, total_steps, train_hooks())
 
-    step, epoch, position, tokens_seen = 0, 0, 0, 0
-    if record is not None:
-        record.mkdir(parents=True, exist_ok=True)
-        record_file = record / f"batches-rank{accelerator.process_index}.jsonl"
-    if resume_from is not None:
-        state = ckpts.load_checkpoint(resume_from, plain, optimizer, scheduler, accelerator, model)
-        step, epoch, position, tokens_seen = state["step"], state["epoch"], state["position"], state["tokens"]
+
+def finish_run(setup: RunSetup, t: Trainer, state: LoopState, head: NotePairHead, tokenizer,
+               sources: list[str]) -> Path | None:
+    """Loss curve and ``RUN/export`` (main process; every rank joins FSDP's weight gather)."""
+    accelerator, export_dir = t.accelerator, None
+    accelerator.wait_for_everyone()
+    with gather.full_parameters(accelerator, t.model):  # every rank: FSDP gathers the weights
         if accelerator.is_main_process:
-            _truncate_log(out / LOG_FILE, step)
-            if ckpts.skipped_newer(out, resume_from):  # never silent: the fallback goes in the run's log
-                with (out / LOG_FILE).open("a", encoding="utf-8") as fh:
-                    fh.write(json.dumps({"step": step, "resumed_from": resume_from.name,
-                                         "skipped_torn": ckpts.skipped_newer(out, resume_from)}) + "\n")
+            from .export import export_run
 
-    from tqdm.auto import tqdm
+            if t.cfg.plot and (t.out / LOG_FILE).is_file():
+                plot_losses(t.out / LOG_FILE, t.out / CURVE_FILE)
+            fsdp = gather.is_fsdp(accelerator)
+            export_dir = export_run(
+                t.out, t.plain.backbone, head, tokenizer, t.cfg, t.items, sources, setup.init_export,
+                setup.init_manifest, steps=state.step,
+                final_loss=state.history[-1]["loss"] if state.history else None,
+                adapter_state=gather.trainable_state(t.plain.backbone, None)[0] if fsdp else None,
+                calibrate_alignment=not fsdp,
+            )
+    accelerator.wait_for_everyone()
+    return export_dir
 
-    bar = tqdm(total=total_steps, initial=step, desc=f"{cfg.stage}", unit="step",
-               disable=not (cfg.progress and accelerator.is_main_process), dynamic_ncols=True)
-    history: list[dict] = []
-    window: dict[str, float] = {}
-    window_micro, window_tokens, window_start = 0, 0, time.perf_counter()
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    interrupted = False
-    bad_losses: list[str] = []  # loss parts that were not finite in this optimizer step
-    model.train()
 
-    while step < total_steps:
-        micro_batches = rank_micro_batches(sampler.batches(epoch), position, procs, accelerator.process_index,
-                                           cfg.grad_accum)
-        if resume_from is not None:
-            # After the iterator exists: the RNG stream continues exactly where it was saved.
-            ckpts.load_rng(resume_from, accelerator.process_index)
-            resume_from = None
-        for micro_batch in micro_batches:
-            real = micro_batch.weight > 0
-            if record is not None and real:
-                seen = {"rank": accelerator.process_index, "step": step + 1, "epoch": epoch,
-                        "index": micro_batch.indices}
-                with record_file.open("a", encoding="utf-8") as fh:
-                    fh.write(json.dumps(seen) + "\n")
-            batch = send_to_device(collate([items[i] for i in micro_batch.indices], pad_id), accelerator.device)
-            boundary = micro_batch.last_of_step
-            sync = contextlib.nullcontext() if boundary else accelerator.no_sync(model)
-            with sync:
-                losses = train_step(model, batch, accelerator, cfg.grad_accum, micro_batch.weight)
-            bad_losses += non_finite(losses)
-            if real:
-                for k, v in losses.items():
-                    window[k] = window.get(k, 0.0) + v
-                window_micro += 1
-                window_tokens += sum(lengths[i] for i in micro_batch.indices)
-            if not boundary:
-                continue
-            grad_norm = None
-            if cfg.max_grad_norm > 0:
-                # FSDP: the root's own clip (global norm over all shards) is used only when handed
-                # all of the model's parameters; a subset would clip each rank's shard by its own norm.
-                norm = accelerator.clip_grad_norm_(model.parameters() if gather.is_fsdp(accelerator) else params,
-                                                   cfg.max_grad_norm)
-                grad_norm = float(norm) if norm is not None else None
-            try:  # before optimizer.step: a NaN never reaches the weights or a checkpoint
-                check_finite(step + 1, bad_losses, grad_norm, accelerator, lambda: ckpts.latest_checkpoint(out), out)
-            except TrainingDiverged as err:
-                if accelerator.is_main_process:
-                    with (out / LOG_FILE).open("a", encoding="utf-8") as fh:
-                        fh.write(json.dumps({"step": step + 1, "epoch": epoch, "diverged": err.problem}) + "\n")
-                raise
-            optimizer.step()
-            step_lr = scheduler.get_last_lr()[0]  # the rate this step used (step() moves on to the next)
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            bar.update(1)
-            if step % cfg.log_every == 0 or step == total_steps:
-                tokens = int(accelerator.reduce(torch.tensor(window_tokens, device=accelerator.device), "sum"))
-                window, window_micro = merged_window(accelerator, window, window_micro)
-                tokens_seen += tokens
-                elapsed = max(time.perf_counter() - window_start, 1e-9)
-                row = {"step": step, "epoch": epoch}
-                row.update({k: round(v / window_micro, 5) for k, v in window.items() if k != "answer_tokens"})
-                row.update(lr=step_lr, tokens=tokens_seen, tokens_per_s=round(tokens / elapsed, 1))
-                if torch.cuda.is_available():
-                    row["max_mem_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
-                    if procs > 1:  # every rank's peak, in global rank order
-                        peak = torch.tensor([row["max_mem_gb"]], device=accelerator.device)
-                        row["max_mem_gb_ranks"] = [round(x, 2) for x in accelerator.gather(peak).tolist()]
-                history.append(row)
-                if accelerator.is_main_process:
-                    with (out / LOG_FILE).open("a", encoding="utf-8") as fh:
-                        fh.write(json.dumps(row) + "\n")
-                    bar.write(  # a log line: stderr (tqdm.write defaults to stdout, which holds results)
-                        f"step {step}/{total_steps} loss {row['loss']:.4f} lr {row['lr']:.2e} "
-                        f"tok/s {row['tokens_per_s']:.0f}", file=sys.stderr
-                    )
-                    bar.set_postfix(loss=f"{row['loss']:.3f}")
-                window, window_micro, window_tokens, window_start = {}, 0, 0, time.perf_counter()
-            stopping = cfg.stop_after_steps > 0 and step >= cfg.stop_after_steps and step < total_steps
-            stopping = stopping or (stop_requested(accelerator) and step < total_steps)  # SIGINT/SIGTERM
-            if (cfg.save_every > 0 and step % cfg.save_every == 0) or stopping:
-                next_epoch, next_position = ((epoch + 1, 0) if micro_batch.end_of_epoch
-                                             else (epoch, micro_batch.consumed))
-                state = {"step": step, "epoch": next_epoch, "position": next_position, "tokens": tokens_seen,
-                         "total_steps": total_steps, "processes": procs,
-                         "batches_per_step": procs * cfg.grad_accum}
-                ckpts.save_checkpoint(out, step, plain, accelerator, optimizer, scheduler, state,
-                                      keep=cfg.keep_checkpoints, wrapped=model)
-            if stopping:
-                interrupted = True
-                break
-            if step >= total_steps:
-                break
-        if interrupted:
-            break
-        epoch += 1
-        position = 0
-    bar.close()
-
-    export_dir = None
-    if not interrupted:
-        accelerator.wait_for_everyone()
-        with gather.full_parameters(accelerator, model):  # every rank: FSDP gathers the weights
-            if accelerator.is_main_process:
-                from .export import export_run
-
-                if cfg.plot and (out / LOG_FILE).is_file():
-                    plot_losses(out / LOG_FILE, out / CURVE_FILE)
-                fsdp = gather.is_fsdp(accelerator)
-                export_dir = export_run(
-                    out, plain.backbone, head, tokenizer, cfg, items, sources, init_export, init_manifest,
-                    steps=step, final_loss=history[-1]["loss"] if history else None,
-                    adapter_state=gather.trainable_state(plain.backbone, None)[0] if fsdp else None,
-                    calibrate_alignment=not fsdp,
-                )
-        accelerator.wait_for_everyone()
-    return RunResult(out, step, interrupted, export_dir, history, plain.backbone, head)
+def run_training(cfg: TrainConfig, resume: bool = False) -> RunResult:
+    setup = set_up_run(cfg, resume)
+    tokenizer = load_tokenizer(setup.cfg.base_path or setup.preset)
+    items, sources = stage_data(setup.cfg, tokenizer)
+    save_run_config(setup, resume)
+    model, head = build_model(setup)
+    trainer = prepare_trainer(setup, model, items, tokenizer.pad_token_id)
+    state = start_state(trainer, setup.resume_from)
+    run_epochs(trainer, state, setup.resume_from)
+    export_dir = None if state.interrupted else finish_run(setup, trainer, state, head, tokenizer, sources)
+    return RunResult(setup.out, state.step, state.interrupted, export_dir, state.history, trainer.plain.backbone, head)

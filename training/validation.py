@@ -115,10 +115,8 @@ RULES: dict[str, Rule] = {
     "log_every": integer(1),
     "save_every": integer(0),
     "keep_checkpoints": integer(0),  # 0 = keep all
-    "stop_after_steps": integer(0),
     "progress": BOOL,
     "plot": BOOL,
-    "record_batches": ANY_TEXT,
 }
 
 

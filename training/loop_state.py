@@ -1,0 +1,246 @@
+"""The optimisation loop of one run: its state, micro- and optimizer steps, logging, checkpoints.
+
+:func:`training.loop.run_training` sets up a :class:`Trainer` (the prepared model,
+optimizer, schedule and batches) and hands it to :func:`run_epochs`, which walks the
+epochs from :func:`start_state` (a fresh run or a checkpoint) until the last step, an
+interrupt, or the ``ARCHEHR_TEST_STOP_AFTER_STEPS`` hook (:mod:`training.hooks`).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import checkpoints as ckpts
+from . import gather
+from .batching import EpochBatches, MicroBatch, collate, rank_micro_batches
+from .config import TrainConfig
+from .data import TrainItem
+from .hooks import TrainHooks
+from .interrupt import TrainingDiverged, check_finite, non_finite, stop_requested
+from .joint import JointModel
+
+LOG_FILE = "log.jsonl"
+
+
+@dataclass
+class Trainer:
+    """What the loop works with (built by training.loop's set-up steps)."""
+
+    cfg: TrainConfig
+    out: Path
+    accelerator: object
+    model: object  # what accelerate.prepare returned (DDP / FSDP wrapper or the JointModel itself)
+    plain: JointModel  # the unwrapped model
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    sampler: EpochBatches
+    items: list[TrainItem]
+    pad_id: int
+    total_steps: int
+    hooks: TrainHooks
+
+    @property
+    def procs(self) -> int:
+        return self.accelerator.num_processes
+
+    @property
+    def rank(self) -> int:
+        return self.accelerator.process_index
+
+
+@dataclass
+class LoopState:
+    step: int = 0
+    epoch: int = 0
+    position: int = 0  # global batches of ``epoch`` already trained on
+    tokens_seen: int = 0
+    history: list[dict] = field(default_factory=list)
+    # The logging window: summed loss parts, real micro-batches and tokens since the last log line.
+    window: dict[str, float] = field(default_factory=dict)
+    window_micro: int = 0
+    window_tokens: int = 0
+    window_start: float = 0.0
+    bad_losses: list[str] = field(default_factory=list)  # loss parts that were not finite
+    interrupted: bool = False
+
+    def reset_window(self) -> None:
+        self.window, self.window_micro, self.window_tokens, self.window_start = {}, 0, 0, time.perf_counter()
+
+
+def train_step(model, batch: dict, accelerator, grad_accum: int = 1, weight: float = 1.0) -> dict[str, float]:
+    """Forward + backward of one micro-batch; returns the (unscaled) loss parts as floats.
+    ``weight`` 0 is a filler micro-step (training.batching): it only keeps ranks in step."""
+    losses = model(batch)
+    accelerator.backward(losses["loss"] / grad_accum if weight == 1.0 else losses["loss"] * (weight / grad_accum))
+    return {k: float(v.detach()) for k, v in losses.items()}
+
+
+def merged_window(accelerator, window: dict[str, float], window_micro: int) -> tuple[dict[str, float], int]:
+    """Sum the loss windows of all processes (so logged losses are global means)."""
+    if accelerator.num_processes == 1:
+        return window, window_micro
+    from accelerate.utils import gather_object
+
+    merged: dict[str, float] = {}
+    total = 0
+    for part, micro in gather_object([(window, window_micro)]):
+        for k, v in part.items():
+            merged[k] = merged.get(k, 0.0) + v
+        total += micro
+    return merged, total
+
+
+def _truncate_log(log_path: Path, last_step: int) -> None:
+    """On resume, drop log lines written after the checkpoint (they will be written again)."""
+    if not log_path.is_file():
+        return
+    rows = [line for line in log_path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    kept = [line for line in rows if json.loads(line).get("step", 0) <= last_step]
+    log_path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+
+
+def _append_log(t: Trainer, row: dict) -> None:
+    with (t.out / LOG_FILE).open("a", encoding="utf-8") as fh:
+        fh.write(json.dumps(row) + "\n")
+
+
+def start_state(t: Trainer, resume_from: Path | None) -> LoopState:
+    """A fresh state, or the checkpoint's (weights, optimizer and schedule restored into ``t``)."""
+    state = LoopState()
+    if resume_from is None:
+        return state
+    saved = ckpts.load_checkpoint(resume_from, t.plain, t.optimizer, t.scheduler, t.accelerator, t.model)
+    state.step, state.epoch, state.position, state.tokens_seen = (
+        saved["step"], saved["epoch"], saved["position"], saved["tokens"])
+    if t.accelerator.is_main_process:
+        _truncate_log(t.out / LOG_FILE, state.step)
+        if ckpts.skipped_newer(t.out, resume_from):  # never silent: the fallback goes in the run's log
+            _append_log(t, {"step": state.step, "resumed_from": resume_from.name,
+                            "skipped_torn": ckpts.skipped_newer(t.out, resume_from)})
+    return state
+
+
+def micro_step(t: Trainer, state: LoopState, micro_batch: MicroBatch) -> None:
+    """Forward + backward of one micro-batch; its losses and tokens join the logging window."""
+    from accelerate.utils import send_to_device
+
+    real = micro_batch.weight > 0
+    if real:
+        t.hooks.record(t.rank, state.step + 1, state.epoch, micro_batch.indices)
+    batch = send_to_device(collate([t.items[i] for i in micro_batch.indices], t.pad_id), t.accelerator.device)
+    sync = contextlib.nullcontext() if micro_batch.last_of_step else t.accelerator.no_sync(t.model)
+    with sync:
+        losses = train_step(t.model, batch, t.accelerator, t.cfg.grad_accum, micro_batch.weight)
+    state.bad_losses += non_finite(losses)
+    if real:
+        for k, v in losses.items():
+            state.window[k] = state.window.get(k, 0.0) + v
+        state.window_micro += 1
+        state.window_tokens += sum(t.sampler.lengths[i] for i in micro_batch.indices)
+
+
+def optimizer_step(t: Trainer, state: LoopState, params: list) -> float:
+    """Clip, refuse a non-finite step, step optimizer and schedule; returns the lr the step used."""
+    grad_norm = None
+    if t.cfg.max_grad_norm > 0:
+        # FSDP: the root's own clip (global norm over all shards) is used only when handed
+        # all of the model's parameters; a subset would clip each rank's shard by its own norm.
+        norm = t.accelerator.clip_grad_norm_(t.model.parameters() if gather.is_fsdp(t.accelerator) else params,
+                                             t.cfg.max_grad_norm)
+        grad_norm = float(norm) if norm is not None else None
+    try:  # before optimizer.step: a NaN never reaches the weights or a checkpoint
+        check_finite(state.step + 1, state.bad_losses, grad_norm, t.accelerator,
+                     lambda: ckpts.latest_checkpoint(t.out), t.out)
+    except TrainingDiverged as err:
+        if t.accelerator.is_main_process:
+            _append_log(t, {"step": state.step + 1, "epoch": state.epoch, "diverged": err.problem})
+        raise
+    t.optimizer.step()
+    step_lr = t.scheduler.get_last_lr()[0]  # the rate this step used (step() moves on to the next)
+    t.scheduler.step()
+    t.optimizer.zero_grad(set_to_none=True)
+    state.step += 1
+    return step_lr
+
+
+def log_window(t: Trainer, state: LoopState, step_lr: float, bar) -> None:
+    """One log row (global means over the window and the ranks) to the history, log.jsonl and stderr."""
+    accelerator = t.accelerator
+    tokens = int(accelerator.reduce(torch.tensor(state.window_tokens, device=accelerator.device), "sum"))
+    window, window_micro = merged_window(accelerator, state.window, state.window_micro)
+    state.tokens_seen += tokens
+    elapsed = max(time.perf_counter() - state.window_start, 1e-9)
+    row = {"step": state.step, "epoch": state.epoch}
+    row.update({k: round(v / window_micro, 5) for k, v in window.items() if k != "answer_tokens"})
+    row.update(lr=step_lr, tokens=state.tokens_seen, tokens_per_s=round(tokens / elapsed, 1))
+    if torch.cuda.is_available():
+        row["max_mem_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+        if t.procs > 1:  # every rank's peak, in global rank order
+            peak = torch.tensor([row["max_mem_gb"]], device=accelerator.device)
+            row["max_mem_gb_ranks"] = [round(x, 2) for x in accelerator.gather(peak).tolist()]
+    state.history.append(row)
+    if accelerator.is_main_process:
+        _append_log(t, row)
+        bar.write(  # a log line: stderr (tqdm.write defaults to stdout, which holds results)
+            f"step {state.step}/{t.total_steps} loss {row['loss']:.4f} lr {row['lr']:.2e} "
+            f"tok/s {row['tokens_per_s']:.0f}", file=sys.stderr
+        )
+        bar.set_postfix(loss=f"{row['loss']:.3f}")
+    state.reset_window()
+
+
+def save_state(t: Trainer, state: LoopState, micro_batch: MicroBatch) -> None:
+    """A checkpoint after this optimizer step, with the data position the next step starts at."""
+    next_epoch, next_position = ((state.epoch + 1, 0) if micro_batch.end_of_epoch
+                                 else (state.epoch, micro_batch.consumed))
+    saved = {"step": state.step, "epoch": next_epoch, "position": next_position, "tokens": state.tokens_seen,
+             "total_steps": t.total_steps, "processes": t.procs, "batches_per_step": t.procs * t.cfg.grad_accum}
+    ckpts.save_checkpoint(t.out, state.step, t.plain, t.accelerator, t.optimizer, t.scheduler, saved,
+                          keep=t.cfg.keep_checkpoints, wrapped=t.model)
+
+
+def run_epochs(t: Trainer, state: LoopState, resume_from: Path | None) -> None:
+    """Optimizer steps from ``state`` on until ``t.total_steps`` or a stop (``state.interrupted``)."""
+    from tqdm.auto import tqdm
+
+    cfg = t.cfg
+    bar = tqdm(total=t.total_steps, initial=state.step, desc=f"{cfg.stage}", unit="step",
+               disable=not (cfg.progress and t.accelerator.is_main_process), dynamic_ncols=True)
+    state.reset_window()
+    params = [p for group in t.optimizer.param_groups for p in group["params"]]
+    t.model.train()
+    while state.step < t.total_steps:
+        micro_batches = rank_micro_batches(t.sampler.batches(state.epoch), state.position, t.procs, t.rank,
+                                           cfg.grad_accum)
+        if resume_from is not None:
+            # After the iterator exists: the RNG stream continues exactly where it was saved.
+            ckpts.load_rng(resume_from, t.rank)
+            resume_from = None
+        for micro_batch in micro_batches:
+            micro_step(t, state, micro_batch)
+            if not micro_batch.last_of_step:
+                continue
+            step_lr = optimizer_step(t, state, params)
+            bar.update(1)
+            if state.step % cfg.log_every == 0 or state.step == t.total_steps:
+                log_window(t, state, step_lr, bar)
+            stopping = t.hooks.stops_at(state.step) and state.step < t.total_steps
+            stopping = stopping or (stop_requested(t.accelerator) and state.step < t.total_steps)  # SIGINT/SIGTERM
+            if (cfg.save_every > 0 and state.step % cfg.save_every == 0) or stopping:
+                save_state(t, state, micro_batch)
+            if stopping:
+                state.interrupted = True
+                break
+            if state.step >= t.total_steps:
+                break
+        if state.interrupted:
+            break
+        state.epoch += 1
+        state.position = 0
+    bar.close()
