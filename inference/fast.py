@@ -172,11 +172,10 @@ def load_checkpoint(export_dir, *, base: str | None = None, device: str | None =
     """``load_export`` under the memory budget: cap the process at ``max_memory_gb``, merge
     the adapter into dense weights only where they fit, wrap in :class:`FastCheckpoint`.
     Returns (checkpoint, memory record for run.json)."""
-    import json
-    from pathlib import Path
-
+    from data.errors import InputError
     from model import checkpoint as ckpt_module
     from model.backbone import default_device
+    from model.export_folder import find_export, read_manifest
 
     from .memory import GB, apply_memory_cap, available_bytes, should_merge
 
@@ -190,12 +189,9 @@ def load_checkpoint(export_dir, *, base: str | None = None, device: str | None =
     budget = available_bytes(device, max_memory_gb)
     if budget is not None:
         arch = {}
-        manifest = Path(export_dir) / "manifest.json"
-        if not manifest.is_file():
-            manifest = Path(export_dir) / "export" / "manifest.json"
         try:
-            arch = ckpt_module._preset_from_manifest(json.loads(manifest.read_text(encoding="utf-8"))).arch
-        except (OSError, ValueError):
+            arch = ckpt_module._preset_from_manifest(read_manifest(find_export(export_dir))).arch
+        except (InputError, OSError):
             pass  # load_export reports a bad folder with its own one-line error
         if arch:
             merge, reason = should_merge(arch, budget)

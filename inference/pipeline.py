@@ -19,9 +19,8 @@ from tqdm.auto import tqdm
 
 from baselines.aligners import Aligner
 from baselines.ensemble import EnsembleConfig
-from baselines.extractive import extractive_answer
+from baselines.extractive import answer_or_extractive, extractive_answer
 from baselines.linking import link_pairs
-from data.answers import clean_generated_answer
 from data.archehr import load_cases
 from data.atomic import OutputSet, check_output_set_target, write_json_atomic
 from data.errors import InputError
@@ -163,11 +162,9 @@ def checkpoint_answers(checkpoint, cases: list[Case], batch_size: int, max_new_t
         if len(raw) != len(batch):
             raise RuntimeError(f"generate_answers returned {len(raw)} answers for {len(batch)} cases")
         for case, text in zip(batch, raw):
-            answer = clean_generated_answer(text or "")
-            if not answer:
-                answer = extractive_answer(case)
+            answers[case.case_id], replaced = answer_or_extractive(case, text)
+            if replaced:
                 fell_back.append(case.case_id)
-            answers[case.case_id] = answer
         bar.update(len(batch))
     bar.close()
     return answers, fell_back

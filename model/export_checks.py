@@ -16,6 +16,7 @@ from pathlib import Path
 
 from data.errors import InputError
 
+from .export_folder import MANIFEST
 from .presets import PRESETS
 
 WEIGHT_FILES = ("adapter_model.safetensors", "head.safetensors")
@@ -100,7 +101,7 @@ def check_base_available(source: str | None, flag: str = "--base") -> None:
 
 
 def check_export(root: Path, manifest: object, base: str | None) -> None:
-    check_manifest(manifest, root / "manifest.json")
+    check_manifest(manifest, root / MANIFEST)
     preset = PRESETS[manifest.get("preset") or manifest["base_model"].get("preset")]  # type: ignore[union-attr]
     random_init = manifest.get("base_model", {}).get("random_init") or {}  # type: ignore[union-attr]
     arch = random_init.get("arch") or preset.arch
