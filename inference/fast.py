@@ -14,10 +14,10 @@ from typing import Callable
 import numpy as np
 import torch
 
-from data.prompts import chat_prompt, encode_example, example_from_case
+from data.prompts import chat_prompt, example_from_case
 from data.records import Case
-from model.backbone import backbone_hidden
 from model.decoding import DecodeStats, greedy_decode, supports_fast_decode
+from model.head_scoring import encode_for_scoring, group_pair_probabilities
 
 from .memory import BatchPlan, plan_batches, token_budget_groups
 
@@ -99,14 +99,7 @@ class FastCheckpoint:
         by length so that each forward holds at most ``max_tokens`` (padded) tokens; the
         budget comes from free memory. ``batch_size`` is accepted for the LoadedCheckpoint
         interface (the pipeline passes its old fixed size); the token budget decides."""
-        inner = self.inner
-        out: list[np.ndarray | None] = [None] * len(cases)
-        encoded = []
-        for i, case in enumerate(cases):
-            if not case.answer_sentences:
-                out[i] = np.zeros((0, len(case.note_sentences)), dtype=np.float32)
-            else:
-                encoded.append((i, encode_example(inner.tokenizer, example_from_case(case, with_answer=True))))
+        out, encoded = encode_for_scoring(self.inner.tokenizer, cases)
         if not encoded:
             return out  # type: ignore[return-value]
         lengths = [len(enc) for _, enc in encoded]
@@ -133,18 +126,11 @@ class FastCheckpoint:
         pad = inner.tokenizer.pad_token_id
         device = inner.device
         for group in token_budget_groups(lengths, max_tokens):
-            width = lengths[group[0]]
-            ids = torch.full((len(group), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(group), width), dtype=torch.long)
-            for row, g in enumerate(group):
-                enc = encoded[g][1]
-                ids[row, : len(enc)] = torch.tensor(enc.input_ids)
-                mask[row, : len(enc)] = 1
-            _, hidden = backbone_hidden(inner.model, ids.to(device), mask.to(device), inner.head.config.layer)
-            for row, g in enumerate(group):
-                i, enc = encoded[g]
-                logits = inner.head(hidden[row], enc.note_spans, enc.answer_spans).pair_logits
-                out[i] = torch.sigmoid(logits.float()).cpu().numpy()
+            width = lengths[group[0]]  # the longest: groups come longest first
+            probs = group_pair_probabilities(inner.model, inner.head, [encoded[g][1] for g in group], pad, device,
+                                             width)
+            for g, p in zip(group, probs):
+                out[encoded[g][0]] = p
             self.alignment["forwards"] += 1
             self.alignment["tokens"] += sum(lengths[g] for g in group)
             self.alignment["padded_tokens"] += len(group) * width

@@ -55,6 +55,10 @@ def _stderr(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+def _stdout(message: str) -> None:
+    print(message, flush=True)
+
+
 @dataclass
 class InferenceOptions:
     xml: Path
@@ -189,8 +193,9 @@ def align_cases(aligner: Aligner, cases: list[Case], link: Callable[[np.ndarray]
     return out
 
 
-def run_inference(opts: InferenceOptions, log: Log = _stderr) -> InferenceResult:
-    """Answer and/or align every case of ``opts.xml`` and write the submissions to ``opts.out``."""
+def run_inference(opts: InferenceOptions, log: Log = _stderr, show: Log = _stdout) -> InferenceResult:
+    """Answer and/or align every case of ``opts.xml`` and write the submissions to ``opts.out``.
+    ``show`` gets the results (files written, scores), ``log`` everything else."""
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
     explicit_subtasks = opts.subtasks is not None
@@ -333,7 +338,7 @@ def run_inference(opts: InferenceOptions, log: Log = _stderr) -> InferenceResult
         scores: dict = {}
         if opts.key is not None and staged:
             t = time.perf_counter()
-            scores = score_written(staged, opts, log, on_training)
+            scores = score_written(staged, opts, log, on_training, show)
             timings["score"] = time.perf_counter() - t
 
         timings["total"] = time.perf_counter() - t_start
@@ -349,8 +354,8 @@ def run_inference(opts: InferenceOptions, log: Log = _stderr) -> InferenceResult
         })
         write_json_atomic(stage / "run.json", run)
     for n, (json_path, zip_path) in written.items():
-        log(f"wrote Subtask {n}: {json_path} and {zip_path}")
-    log(f"wrote {opts.out / 'run.json'}")
+        show(f"wrote Subtask {n}: {json_path} and {zip_path}")
+    show(f"wrote {opts.out / 'run.json'}")
     log("times: " + ", ".join(f"{k} {v:.1f}s" for k, v in timings.items()))
     if skipped:
         log(f"Subtask 4 skipped {len(skipped)} case(s) without answer sentences: {', '.join(skipped)}")
@@ -395,8 +400,9 @@ def _training_cases_check(opts: InferenceOptions, cases: list[Case], log: Log) -
 
 
 def score_written(written: dict[int, tuple[Path, Path]], opts: InferenceOptions, log: Log,
-                  on_training: list[str] | None = None) -> dict:
-    """Score the written files against ``--key`` with the metrics/ scorers and print them."""
+                  on_training: list[str] | None = None, show: Log = _stdout) -> dict:
+    """Score the written files against ``--key`` with the metrics/ scorers; the scores go to
+    ``show``, a file that cannot be scored is a warning to ``log``."""
     from metrics.alignment import SCORE_KEYS
     from metrics.subtask2 import score_subtask2
     from metrics.subtask3 import score_subtask3
@@ -412,7 +418,7 @@ def score_written(written: dict[int, tuple[Path, Path]], opts: InferenceOptions,
             log(f"warning: Subtask 2 not scored: {err.one_line()}")
         else:
             scores["subtask2"] = s2
-            log(f"{label}Subtask 2 scores: " + ", ".join(f"{k} {v:.2f}" for k, v in s2.items()))
+            show(f"{label}Subtask 2 scores: " + ", ".join(f"{k} {v:.2f}" for k, v in s2.items()))
     if 4 in written:
         try:
             s4 = score_subtask4(written[4][0], opts.key)
@@ -420,7 +426,7 @@ def score_written(written: dict[int, tuple[Path, Path]], opts: InferenceOptions,
             log(f"warning: Subtask 4 not scored: {err.one_line()}")
         else:
             scores["subtask4"] = {k: s4[k] for k in SCORE_KEYS}
-            log(f"{label}Subtask 4 scores: " + ", ".join(f"{k} {s4[k]:.2f}" for k in SCORE_KEYS))
+            show(f"{label}Subtask 4 scores: " + ", ".join(f"{k} {s4[k]:.2f}" for k in SCORE_KEYS))
     if 3 in written:
         try:
             s3, truncated = score_subtask3(written[3][0], opts.key, opts.xml)
@@ -429,7 +435,7 @@ def score_written(written: dict[int, tuple[Path, Path]], opts: InferenceOptions,
         else:
             scores["subtask3"] = s3.to_json()
             computed = {k: v for k, v in s3.scores.items() if v is not None}
-            log(f"{label}Subtask 3 scores: " + ", ".join(f"{k} {v:.2f}" for k, v in computed.items())
+            show(f"{label}Subtask 3 scores: " + ", ".join(f"{k} {v:.2f}" for k, v in computed.items())
                 + f"; {s3.overall_name}: {s3.overall_mean:.2f}")
     if on_training and scores:
         for per_subtask in scores.values():

@@ -13,13 +13,13 @@ import numpy as np
 import torch
 
 from data.errors import InputError
-from data.prompts import chat_prompt, encode_example, example_from_case
+from data.prompts import chat_prompt, example_from_case
 from data.records import Case
 from heads.alignment import NotePairHead, load_head
 
-from .backbone import RANDOM_INIT_SEED, default_device, load_backbone, load_merged, load_tokenizer
-from .export_folder import MANIFEST, manifest_threshold, read_manifest
-from .head_scoring import pair_probabilities
+from .backbone import RANDOM_INIT_SEED, default_device, load_adapted, load_tokenizer
+from .export_folder import MANIFEST, manifest_preset_name, manifest_threshold, read_manifest
+from .head_scoring import encode_for_scoring, pair_probabilities
 from .presets import PRESETS, ModelPreset
 
 
@@ -81,13 +81,7 @@ class LoadedCheckpoint:
     def score_all(self, cases: list[Case], batch_size: int = 8) -> list[np.ndarray]:
         """Link probabilities for many cases, several cases per forward (right-padded:
         causal attention keeps every real token's state independent of the padding)."""
-        out: list[np.ndarray | None] = [None] * len(cases)
-        encoded = []
-        for i, case in enumerate(cases):
-            if not case.answer_sentences:
-                out[i] = np.zeros((0, len(case.note_sentences)), dtype=np.float32)
-            else:
-                encoded.append((i, encode_example(self.tokenizer, example_from_case(case, with_answer=True))))
+        out, encoded = encode_for_scoring(self.tokenizer, cases)
         probs = pair_probabilities(self.model, self.head, [enc for _, enc in encoded], batch_size=batch_size,
                                    pad_id=self.tokenizer.pad_token_id)
         for (i, _), p in zip(encoded, probs):
@@ -105,7 +99,7 @@ def _stop_ids(tok) -> list[int]:
 
 def _preset_from_manifest(manifest: dict) -> ModelPreset:
     base = manifest.get("base_model", {})
-    name = manifest.get("preset") or base.get("preset")
+    name = manifest_preset_name(manifest)
     if name in PRESETS:
         preset = PRESETS[name]
         random_init = base.get("random_init")
@@ -156,12 +150,8 @@ def load_export(
     seed = int(random_init.get("seed", RANDOM_INIT_SEED))
     if merge is None:  # dense merged weights decode several times faster; default where memory is plentiful
         merge = torch.device(device).type == "cuda"
-    if merge:
-        model = load_merged(preset, root, load_in_4bit=load_in_4bit, device=device, base_path=base_path,
-                            random_seed=seed)
-    else:
-        model = load_backbone(preset, load_in_4bit=load_in_4bit, device=device, base_path=base_path,
-                              adapter_dir=root, trainable=False, random_seed=seed)
+    model = load_adapted(preset, root, merge=merge, load_in_4bit=load_in_4bit, device=device, base_path=base_path,
+                         random_seed=seed)
     head = load_head(root, device=device).eval()
     threshold = manifest_threshold(manifest)
     return LoadedCheckpoint(manifest=manifest, threshold=threshold, tokenizer=tokenizer, model=model, head=head)
