@@ -81,21 +81,13 @@ class HeadFold:
 
 
 def _relevance_probabilities(ck, case: Case) -> np.ndarray | None:
-    """The head's per-note relevance probabilities (None if the head has no relevance output).
-
-    The prompt holds the answer sentences after the note, and the backbone is causal,
-    so the note sentences' states (all the relevance logit sees) do not depend on them.
-    """
-    import torch
-
+    """The head's per-note relevance probabilities (None if the head has no relevance output)."""
     from data.prompts import encode_example, example_from_case
-    from model.head_scoring import head_outputs
+    from model.head_scoring import relevance_probabilities
 
     enc = encode_example(ck.tokenizer, example_from_case(case, with_answer=True))
-    out = head_outputs(ck.model, ck.head, enc)
-    if out.relevance_logits is None:
-        return None
-    return torch.sigmoid(out.relevance_logits.float()).cpu().numpy()
+    probs = relevance_probabilities(ck.model, ck.head, [enc])
+    return None if probs is None else probs[0]
 
 
 def _files_trained_on(export_dir: Path) -> list[dict]:
