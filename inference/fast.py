@@ -16,16 +16,11 @@ import torch
 
 from data.prompts import chat_prompt, example_from_case
 from data.records import Case
+from model.checkpoint import stop_ids  # the one definition of the stop set
 from model.decoding import DecodeStats, greedy_decode, supports_fast_decode
 from model.head_scoring import encode_for_scoring, group_pair_probabilities
 
 from .memory import BatchPlan, plan_batches, token_budget_groups
-
-
-def _stop_ids(tok) -> list[int]:
-    from model.checkpoint import _stop_ids as checkpoint_stop_ids  # the one definition of the stop set
-
-    return checkpoint_stop_ids(tok)
 
 
 def _release() -> None:
@@ -77,7 +72,7 @@ class FastCheckpoint:
         rows, prefill = plan.gen_rows, plan.prefill_tokens
         while True:
             try:
-                new = greedy_decode(self.inner.model, ids, max_new_tokens=max_new_tokens, stop_ids=_stop_ids(tok),
+                new = greedy_decode(self.inner.model, ids, max_new_tokens=max_new_tokens, stop_ids=stop_ids(tok),
                                     pad_id=tok.pad_token_id, batch_rows=rows, prefill_tokens=prefill,
                                     use_cuda_graph=self.use_cuda_graph, stats=self.decode, log=self.log)
                 break
@@ -176,7 +171,7 @@ def load_checkpoint(export_dir, *, base: str | None = None, device: str | None =
     if budget is not None:
         arch = {}
         try:
-            arch = ckpt_module._preset_from_manifest(read_manifest(find_export(export_dir))).arch
+            arch = ckpt_module.preset_from_manifest(read_manifest(find_export(export_dir))).arch
         except (InputError, OSError):
             pass  # load_export reports a bad folder with its own one-line error
         if arch:

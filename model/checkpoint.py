@@ -60,7 +60,7 @@ class LoadedCheckpoint:
                     max_new_tokens=max_new_tokens,
                     do_sample=False,
                     pad_token_id=tok.pad_token_id,
-                    eos_token_id=_stop_ids(tok),
+                    eos_token_id=stop_ids(tok),
                     # "static" pre-allocates the KV cache, which lets transformers compile the
                     # decode step (CUDA graphs); None keeps the default dynamic cache.
                     **({"cache_implementation": cache_implementation} if cache_implementation else {}),
@@ -89,7 +89,8 @@ class LoadedCheckpoint:
         return out  # type: ignore[return-value]
 
 
-def _stop_ids(tok) -> list[int]:
+def stop_ids(tok) -> list[int]:
+    """Token ids that end an answer: the tokenizer's EOS and Qwen's ``<|im_end|>``."""
     ids = {tok.eos_token_id}
     im_end = tok.convert_tokens_to_ids("<|im_end|>")
     if isinstance(im_end, int) and im_end != tok.unk_token_id:
@@ -97,7 +98,8 @@ def _stop_ids(tok) -> list[int]:
     return sorted(i for i in ids if i is not None)
 
 
-def _preset_from_manifest(manifest: dict) -> ModelPreset:
+def preset_from_manifest(manifest: dict) -> ModelPreset:
+    """The preset an export was trained with, its random-init shape as recorded (not today's table)."""
     base = manifest.get("base_model", {})
     name = manifest_preset_name(manifest)
     if name in PRESETS:
@@ -139,7 +141,7 @@ def load_export(
     from .export_checks import check_export  # manifest, head layer, finite weights, base reachable
 
     check_export(root, manifest, base)
-    preset = _preset_from_manifest(manifest)
+    preset = preset_from_manifest(manifest)
     base_record = manifest.get("base_model", {})
     base_path = base or base_record.get("path") or None
     random_init = base_record.get("random_init") or {}
