@@ -4,7 +4,8 @@ Parses every module of the program (imports inside functions included) and fails
 higher layer, or of another package of the same layer (the only sideways reach allowed: ``model``
 loads and runs the head, so ``model`` may import ``heads``; never the reverse). The three CLIs
 (train.py, infer.py, score.py) import nothing from each other. ``bench/`` sits on top: it may import
-any layer, and a CLI only through its public entry points (``main``, ``build_parser``).
+any layer, and a CLI only through its public entry points (``main``, ``build_parser``). No module
+imports another package's private (``_``) names.
 """
 from __future__ import annotations
 
@@ -125,6 +126,15 @@ def test_the_clis_import_nothing_from_each_other():
         tops = {i.top for i in imports_of(MODULES[cli].read_text(encoding="utf-8"), cli)}
         assert tops & (set(CLIS) - {cli}) == set(), cli
         assert "bench" not in tops, cli
+
+
+def test_no_module_imports_another_packages_private_names():
+    reached = [f"{module}:{imp.line} imports {imp.module}.{name}"
+               for module, path in MODULES.items()
+               for imp in imports_of(path.read_text(encoding="utf-8"), module)
+               if imp.top in LAYER and imp.top != module.split(".")[0]
+               for name in imp.names if name.startswith("_")]
+    assert reached == []
 
 
 # The checker itself: each rule is seen, including imports inside functions and relative ones.
