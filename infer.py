@@ -6,6 +6,7 @@
 
 Writes DIR/subtask{2,3,4}/submission.json, DIR/subtask{2,3,4}.zip and DIR/run.json, all or
 nothing (an earlier run in DIR is refused unless --overwrite, which replaces the whole set).
+The results (files written, scores) go to stdout; progress, warnings and notes to stderr.
 Tune a retrieval ensemble with
 ``python -m baselines.fit`` and pass it with ``--ensemble``.
 """
@@ -15,6 +16,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from data.console import hide_progress_bars, quiet_library_noise
 from data.errors import InputError, exit_on_input_error, exit_on_interrupt
 
 
@@ -82,7 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="use at most this much GPU memory (a shared or smaller card); batch sizes and whether "
                         "the adapter is merged into dense weights follow from it")
     p.add_argument("--device", help="torch device for the checkpoint (default: cuda if available)")
-    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.add_argument("--no-progress", action="store_true", help="hide every progress bar, model loading included")
+    p.add_argument("--verbose", action="store_true", help="show library warnings that are hidden by default")
     p.add_argument("--allow-train-cases", action="store_true",
                    help="with --key: score an export on cases it trained on (refused otherwise); every score "
                         'is then labelled "TRAINING CASES"')
@@ -95,6 +98,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if not args.out.strip():
         raise InputError("--out must name a folder (got ''); the working directory is not used")
+    quiet_library_noise(verbose=args.verbose)  # before bitsandbytes is imported (it logs at import)
+    if args.no_progress:
+        hide_progress_bars()
     from inference.pipeline import InferenceOptions, run_inference  # after --help stays fast
 
     run_inference(InferenceOptions(

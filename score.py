@@ -41,6 +41,11 @@ from data.console import hide_progress_bars, quiet_library_noise
 from training.config import parse_overrides
 
 
+def _note(message: str) -> None:
+    """Notes and warnings go to stderr; stdout holds only the scores."""
+    print(message, file=sys.stderr, flush=True)
+
+
 def _print_table(rows: list[tuple[str, str]]) -> None:
     width = max(len(name) for name, _ in rows)
     for name, value in rows:
@@ -134,7 +139,7 @@ def _cv_command(args: argparse.Namespace) -> int:
         max_new_tokens=args.max_new_tokens, generate=not args.no_generate, device=args.device,
         progress=not args.no_progress,
     )
-    print_summary(run_cv(opts))
+    print_summary(run_cv(opts))  # progress on stderr, the summary on stdout
     return 0
 
 
@@ -177,7 +182,7 @@ def _with_training_label(payload: dict, training: list[str]) -> dict:
 
 def _print_training_notice(training: list[str]) -> None:
     if training:
-        print(f"{TRAINING_CASES_LABEL}: {len(training)} scored case(s) are cases this export trained on")
+        _note(f"{TRAINING_CASES_LABEL}: {len(training)} scored case(s) are cases this export trained on")
 
 
 def _print_per_case(per_case: dict[str, dict[str, float]], training: list[str]) -> None:
@@ -229,7 +234,7 @@ def _score_subtask3_command(args: argparse.Namespace, training: list[str]) -> in
     _print_table(rows)
     print(f"{overall_key} = {result.overall_name}")
     if truncated:
-        print(f"note: {truncated} prediction(s) over {MAX_WORDS} words were truncated, as the official scorer does")
+        _note(f"note: {truncated} prediction(s) over {MAX_WORDS} words were truncated, as the official scorer does")
     if args.per_case:
         _print_per_case(result.per_case, training)
     if args.json_out:

@@ -13,13 +13,14 @@ import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 
 from data.atomic import write_json_atomic
 from data.errors import InputError
 from data.records import Case
+from model.calibration import pooled_micro_f1
 
 from .aligners import COMPONENTS, EnsembleAligner, combine_scores, make_component
 from .linking import MODES, link_pairs
@@ -141,19 +142,6 @@ def links_matrix(links: list[list[int]], shape: tuple[int, int]) -> np.ndarray:
     for i, cols in enumerate(links):
         out[i, cols] = True
     return out
-
-
-def pooled_micro_f1(predicted: Iterable[np.ndarray], gold: Iterable[np.ndarray]) -> float:
-    """Micro F1 (0..1) over (answer, evidence) pairs pooled across cases."""
-    tp = n_pred = n_gold = 0
-    for p, g in zip(predicted, gold):
-        tp += int(np.sum(p & g))
-        n_pred += int(p.sum())
-        n_gold += int(g.sum())
-    if tp == 0:
-        return 0.0
-    precision, recall = tp / n_pred, tp / n_gold
-    return 2 * precision * recall / (precision + recall)
 
 
 class _RankedScores:

@@ -12,6 +12,7 @@ from dataclasses import replace
 
 import numpy as np
 
+from data.answers import clean_generated_answer
 from data.records import AnswerSentence, Case
 from data.errors import InputError
 from data.submission import MAX_WORDS, count_words, has_13a_tokens, strip_citation_markers, truncate_words
@@ -50,3 +51,12 @@ def extractive_answer(case: Case, max_words: int = MAX_WORDS) -> str:
     if not chosen:  # even the best sentence is longer than the limit
         return truncate_words(texts[ranked[0]], max_words)
     return " ".join(texts[i] for i in sorted(chosen))
+
+
+def answer_or_extractive(case: Case, generated: str | None) -> tuple[str, bool]:
+    """The cleaned generated answer, or the extractive answer when nothing usable was generated
+    (second value True then, so the caller can say so). The one rule for what is submitted."""
+    answer = clean_generated_answer(generated or "")
+    if answer:
+        return answer, False
+    return extractive_answer(case), True

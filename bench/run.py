@@ -81,14 +81,9 @@ def peaks(device: torch.device) -> dict:
 
 
 def versions() -> dict:
-    import importlib.metadata as md
+    from model.export_folder import package_versions
 
-    out = {"python": platform.python_version(), "torch": torch.__version__}
-    for name in ("transformers", "peft", "bitsandbytes", "accelerate"):
-        try:
-            out[name] = md.version(name)
-        except md.PackageNotFoundError:
-            out[name] = None
+    out = {**package_versions(("transformers", "peft", "bitsandbytes", "accelerate")), "torch": torch.__version__}
     if torch.cuda.is_available():
         out["gpu"] = torch.cuda.get_device_name(0)
         out["cuda"] = torch.version.cuda
@@ -219,7 +214,7 @@ def run_inference(model_dir: str, preset: str, device, merged: bool, n_answers: 
                   cache: str | None = None) -> dict:
     from heads.alignment import NotePairHead
     from heads.config import HeadConfig
-    from model.backbone import load_backbone, load_merged, load_tokenizer
+    from model.backbone import load_adapted, load_backbone, load_tokenizer
     from model.checkpoint import LoadedCheckpoint
 
     if not Path(adapter_dir, "adapter_config.json").is_file():  # a fresh LoRA, saved as a user's would be
@@ -230,12 +225,8 @@ def run_inference(model_dir: str, preset: str, device, merged: bool, n_answers: 
     sync(device)
     t0 = time.perf_counter()
     load_times: dict = {}
-    if merged:
-        backbone = load_merged(preset, adapter_dir, load_in_4bit=True, device=device, base_path=model_dir,
-                               timings=load_times)
-    else:
-        backbone = load_backbone(preset, load_in_4bit=True, device=device, base_path=model_dir,
-                                 adapter_dir=adapter_dir, trainable=False)
+    backbone = load_adapted(preset, adapter_dir, merge=merged, load_in_4bit=True, device=device, base_path=model_dir,
+                            timings=load_times)
     hidden = backbone.config.hidden_size
     head = NotePairHead(HeadConfig(hidden_size=hidden)).to(device).eval()
     ckpt = LoadedCheckpoint(manifest={}, threshold=0.5, tokenizer=load_tokenizer(preset), model=backbone, head=head)
@@ -275,7 +266,7 @@ def run_fast_inference(model_dir: str, preset: str, device, n_answers: int, n_al
     from heads.config import HeadConfig
     from inference.fast import FastCheckpoint
     from inference.memory import GB, apply_memory_cap, available_bytes, should_merge
-    from model.backbone import load_backbone, load_merged, load_tokenizer
+    from model.backbone import load_adapted, load_tokenizer
     from model.checkpoint import LoadedCheckpoint
     from model.presets import get_preset
 
@@ -290,12 +281,8 @@ def run_fast_inference(model_dir: str, preset: str, device, n_answers: int, n_al
         load_times: dict = {}
         sync(device)
         t0 = time.perf_counter()
-        if merge:
-            backbone = load_merged(preset, adapter_dir, load_in_4bit=True, device=device, base_path=model_dir,
-                                   timings=load_times)
-        else:
-            backbone = load_backbone(preset, load_in_4bit=True, device=device, base_path=model_dir,
-                                     adapter_dir=adapter_dir, trainable=False)
+        backbone = load_adapted(preset, adapter_dir, merge=merge, load_in_4bit=True, device=device,
+                                base_path=model_dir, timings=load_times)
         head = NotePairHead(HeadConfig(hidden_size=backbone.config.hidden_size)).to(device).eval()
         ckpt = LoadedCheckpoint(manifest={}, threshold=0.5, tokenizer=load_tokenizer(preset), model=backbone, head=head)
         sync(device)

@@ -19,7 +19,7 @@ from xml.etree.ElementTree import Element, ElementTree, ParseError, SubElement
 import defusedxml.ElementTree as SafeET
 from defusedxml import DefusedXmlException
 
-from .errors import InputError, parse_json, read_text_file
+from .errors import InputError, check_input_file, parse_json, read_text_file
 from .records import RELEVANCE_LABELS, AnswerSentence, Case, NoteSentence, QuestionPhrase
 
 
@@ -54,10 +54,7 @@ def _optional_int(value: str | None, path: Path, case_id: str, what: str) -> int
 
 
 def _parse_xml(path: Path) -> Element:
-    if not path.is_file():
-        raise InputError("file not found", path)
-    if path.stat().st_size == 0:
-        raise InputError("file is empty", path)
+    check_input_file(path)
     try:
         return SafeET.parse(str(path), forbid_dtd=True).getroot()
     except DefusedXmlException as err:

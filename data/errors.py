@@ -33,6 +33,14 @@ class InputError(ValueError):
         return ": ".join(parts).replace("\n", " ")
 
 
+def check_input_file(path: Path) -> None:
+    """A user's input file exists and is not empty (InputError naming it otherwise)."""
+    if not path.is_file():
+        raise InputError("file not found", path)
+    if path.stat().st_size == 0:
+        raise InputError("file is empty", path)
+
+
 def read_text_file(path: Path) -> str:
     """A user's text file as str; missing, non-UTF-8 or empty -> InputError naming it."""
     if not path.is_file():

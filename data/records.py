@@ -2,8 +2,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Sequence
 
 RELEVANCE_LABELS = ("essential", "supplementary", "not-relevant")
+RELEVANT_LABELS = ("essential", "supplementary")
+ESSENTIAL_LABELS = ("essential",)  # Subtask 2's strict gold: what its threshold is calibrated on
 
 
 @dataclass(frozen=True)
@@ -64,3 +67,10 @@ class Case:
 
     def has_citations(self) -> bool:
         return any(a.citations for a in self.answer_sentences)
+
+
+def relevance_targets(case: Case, labels: Sequence[str] = RELEVANT_LABELS) -> list[float] | None:
+    """1 per note sentence labelled with one of ``labels``, else 0 (None when the case has no labels)."""
+    if not case.relevance:
+        return None
+    return [1.0 if case.relevance.get(sid) in labels else 0.0 for sid in case.note_ids]

@@ -24,7 +24,7 @@ import zlib
 from pathlib import Path
 
 from .atomic import atomic_write
-from .errors import InputError
+from .errors import InputError, check_input_file
 from .records import Case
 
 MAX_WORDS = 75
@@ -294,10 +294,7 @@ def read_submission(path: str | Path, subtask: int) -> list[dict]:
     Only JSON types are checked here; check against cases with ``validate_subtask{N}``.
     """
     path = Path(path)
-    if not path.is_file():
-        raise InputError("file not found", path)
-    if path.stat().st_size == 0:
-        raise InputError("file is empty", path)
+    check_input_file(path)
     if path.suffix.lower() == ".zip":
         raw = _read_zip_member(path)
     else:

@@ -34,6 +34,19 @@ def _f1(p: np.ndarray, r: np.ndarray) -> np.ndarray:
     return _safe_div(2 * p * r, p + r)
 
 
+def count_prf(tp: np.ndarray, pred: np.ndarray, gold: np.ndarray,
+              empty_is_perfect: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Precision, recall, F1 (0..1) of (true positive, predicted, gold) count arrays, elementwise; a
+    zero denominator scores 0, and nothing predicted with nothing to find scores 1 where
+    ``empty_is_perfect`` (the Subtask 2 rule; Subtask 4 scores it 0)."""
+    p, r = _safe_div(tp, pred), _safe_div(tp, gold)
+    f = _f1(p, r)
+    if not empty_is_perfect:
+        return p, r, f
+    both_empty = (np.asarray(pred) == 0) & (np.asarray(gold) == 0)
+    return tuple(np.where(both_empty, 1.0, x) for x in (p, r, f))  # type: ignore[return-value]
+
+
 def pair_counts(predicted: Mapping[str, Pairs], gold: Mapping[str, Pairs], case_ids: Sequence[str]) -> np.ndarray:
     """[n_cases, 3] (true positives, predicted, gold) pair counts per case."""
     return np.array([[len(set(predicted[c]) & set(gold[c])), len(set(predicted[c])), len(set(gold[c]))]
@@ -42,23 +55,21 @@ def pair_counts(predicted: Mapping[str, Pairs], gold: Mapping[str, Pairs], case_
 
 def micro_from_counts(counts: np.ndarray) -> dict[str, np.ndarray]:
     """Micro P/R/F1 (x100) from [..., n_cases, 3] counts, summed over the case axis."""
-    tp, pred, gold = counts[..., 0].sum(-1), counts[..., 1].sum(-1), counts[..., 2].sum(-1)
-    p, r = _safe_div(tp, pred), _safe_div(tp, gold)
-    return {"precision": 100 * p, "recall": 100 * r, "f1": 100 * _f1(p, r)}
+    p, r, f = count_prf(counts[..., 0].sum(-1), counts[..., 1].sum(-1), counts[..., 2].sum(-1))
+    return {"precision": 100 * p, "recall": 100 * r, "f1": 100 * f}
 
 
 def alignment_from_counts(counts: np.ndarray) -> dict[str, np.ndarray]:
     """The six Subtask 4 scores (x100) from [..., n_cases, 3] counts, as the official scorer defines them."""
     micro = micro_from_counts(counts)
-    p = _safe_div(counts[..., 0], counts[..., 1])
-    r = _safe_div(counts[..., 0], counts[..., 2])
+    p, r, f = count_prf(counts[..., 0], counts[..., 1], counts[..., 2])
     return {
         "micro_precision": micro["precision"],
         "micro_recall": micro["recall"],
         "micro_f1": micro["f1"],
         "macro_precision": 100 * p.mean(-1),
         "macro_recall": 100 * r.mean(-1),
-        "macro_f1": 100 * _f1(p, r).mean(-1),
+        "macro_f1": 100 * f.mean(-1),
     }
 
 

@@ -82,6 +82,11 @@ TRAINING_NOTICE = (f"{TRAINING_CASES_LABEL}: these systems were trained and tune
 Log = Callable[[str], None]
 
 
+def _stderr(message: str) -> None:
+    """Progress and notes; the summary (:func:`print_summary`) is what goes to stdout."""
+    print(message, file=sys.stderr, flush=True)
+
+
 @dataclass
 class CVOptions:
     xml: Path
@@ -356,7 +361,7 @@ def _write_reports(plan: _Plan, pooled: _Pooled, ladder: dict, labels: dict[str,
     return files
 
 
-def run_cv(opts: CVOptions, log: Log = print) -> CVResult:
+def run_cv(opts: CVOptions, log: Log = _stderr) -> CVResult:
     """Cross-validate the requested systems and write every output into ``opts.out``."""
     started = time.perf_counter()
     plan = _plan(opts, log)
@@ -457,8 +462,10 @@ def _plots(keyed: list[Case], predictions: dict[str, dict[str, Prediction]], cho
     plots.plot_losses(logs, files["loss_curves"], "Task-stage training loss per fold\n(each fold's training cases)")
 
 
-def print_summary(result: CVResult, stream=sys.stdout) -> None:
-    """The console summary: notice, the Subtask 4 ladder (ids and numbers only), where the files are."""
+def print_summary(result: CVResult, stream=None) -> None:
+    """The console summary: notice, the Subtask 4 ladder (ids and numbers only), where the files are.
+    ``stream`` defaults to the current ``sys.stdout`` (looked up at the call, not at import)."""
+    stream = sys.stdout if stream is None else stream
     ladder = result.ladder
     print("", file=stream)
     for line in ladder["notice"]:

@@ -16,7 +16,7 @@ from baselines import relevance as question_baseline
 from data.records import Case
 from metrics.relevance import SCORE_KEYS, VIEWS, case_counts, gold_from_cases, score_evidence
 
-from .bootstrap import percentile_interval
+from .bootstrap import count_prf, percentile_interval
 
 BASELINE_SYSTEM = "question-retrieval"
 BASELINE_LABEL = question_baseline.LABEL + "; threshold tuned (strict micro F1) on training folds"
@@ -31,22 +31,13 @@ def evidence_counts(predicted: Mapping[str, Sequence[str]], cases: Sequence[Case
     return {v: np.array([p[v] for p in per], dtype=np.float64).reshape(len(cases), 3) for v in VIEWS}
 
 
-def _prf(tp: np.ndarray, pred: np.ndarray, gold: np.ndarray) -> tuple[np.ndarray, ...]:
-    both_empty = (pred == 0) & (gold == 0)
-    ok = (pred > 0) & (gold > 0)
-    p = np.where(ok, tp / np.where(pred > 0, pred, 1), 0.0)
-    r = np.where(ok, tp / np.where(gold > 0, gold, 1), 0.0)
-    f = np.where(p + r > 0, 2 * p * r / np.where(p + r > 0, p + r, 1), 0.0)
-    return tuple(np.where(both_empty, 1.0, x) for x in (p, r, f))
-
-
 def evidence_from_counts(counts: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """The twelve interval scores (x100) from ``view -> [..., n_cases, 3]`` counts."""
     out = {}
     for view in VIEWS:
         c = counts[view]
-        per = _prf(c[..., 0], c[..., 1], c[..., 2])
-        micro = _prf(c[..., 0].sum(-1), c[..., 1].sum(-1), c[..., 2].sum(-1))
+        per = count_prf(c[..., 0], c[..., 1], c[..., 2], empty_is_perfect=True)
+        micro = count_prf(c[..., 0].sum(-1), c[..., 1].sum(-1), c[..., 2].sum(-1), empty_is_perfect=True)
         for j, name in enumerate(("precision", "recall", "f1")):
             out[f"{view}_macro_{name}"] = 100 * per[j].mean(-1)
             out[f"{view}_micro_{name}"] = 100 * micro[j]

@@ -15,11 +15,11 @@ from typing import Sequence
 
 import numpy as np
 
-from baselines.extractive import extractive_answer
+from baselines.extractive import answer_or_extractive
 from baselines.linking import link_pairs, links_to_pairs
+from baselines.relevance import fit_threshold
 from data.errors import InputError
 from data.records import Case
-from training.calibration import calibrate_threshold
 from training.config import TrainConfig, build_config, coerce
 
 from .folds import write_case_files
@@ -30,8 +30,6 @@ TRAIN_KEY = "train_key.json"
 RUN_DIR = "run"
 # The fold loop decides these; a --set of them would break the train/held-out split.
 CV_CONTROLLED = ("stage", "xml", "key", "out", "joint", "init", "preset", "seed")
-ESSENTIAL = ("essential",)
-RELEVANT = ("essential", "supplementary")
 
 
 def parse_settings(pairs: Sequence[str]) -> dict:
@@ -54,10 +52,6 @@ def fold_config(fold_dir: Path, *, preset: str, init: str | None, seed: int, set
     overrides.update(stage="task", joint=True, preset=preset, init=str(init or ""), seed=seed,
                      xml=str(fold_dir / TRAIN_XML), key=str(fold_dir / TRAIN_KEY), out=str(fold_dir / RUN_DIR))
     return build_config(overrides, config_file)
-
-
-def relevance_targets(case: Case, labels: Sequence[str]) -> np.ndarray:
-    return np.array([1.0 if case.relevance.get(sid) in labels else 0.0 for sid in case.note_ids], dtype=np.float32)
 
 
 @dataclass
@@ -87,21 +81,13 @@ class HeadFold:
 
 
 def _relevance_probabilities(ck, case: Case) -> np.ndarray | None:
-    """The head's per-note relevance probabilities (None if the head has no relevance output).
-
-    The prompt holds the answer sentences after the note, and the backbone is causal,
-    so the note sentences' states (all the relevance logit sees) do not depend on them.
-    """
-    import torch
-
+    """The head's per-note relevance probabilities (None if the head has no relevance output)."""
     from data.prompts import encode_example, example_from_case
-    from model.head_scoring import head_outputs
+    from model.head_scoring import relevance_probabilities
 
     enc = encode_example(ck.tokenizer, example_from_case(case, with_answer=True))
-    out = head_outputs(ck.model, ck.head, enc)
-    if out.relevance_logits is None:
-        return None
-    return torch.sigmoid(out.relevance_logits.float()).cpu().numpy()
+    probs = relevance_probabilities(ck.model, ck.head, [enc])
+    return None if probs is None else probs[0]
 
 
 def _files_trained_on(export_dir: Path) -> list[dict]:
@@ -117,8 +103,6 @@ def run_head_fold(fold_dir: Path, train: Sequence[Case], held_out: Sequence[Case
     from model.checkpoint import load_export
     from training.data import file_sha256
     from training.loop import run_training
-
-    from data.answers import clean_generated_answer
 
     fold_dir.mkdir(parents=True, exist_ok=True)
     write_case_files(train, fold_dir / TRAIN_XML, fold_dir / TRAIN_KEY)
@@ -146,7 +130,7 @@ def run_head_fold(fold_dir: Path, train: Sequence[Case], held_out: Sequence[Case
 
     train_rel = [_relevance_probabilities(ck, c) for c in train]
     if all(p is not None for p in train_rel) and any(c.relevance for c in train):
-        threshold, _ = calibrate_threshold(train_rel, [relevance_targets(c, ESSENTIAL) for c in train])
+        threshold, _ = fit_threshold(train, train_rel)  # strict (essential) micro F1, as for the baseline
         out.relevance_threshold, out.relevance_chosen_on = threshold, train_ids
 
     for case, probs in zip(held_out, ck.score_all(list(held_out))):
@@ -158,12 +142,10 @@ def run_head_fold(fold_dir: Path, train: Sequence[Case], held_out: Sequence[Case
             out.relevance[case.case_id] = rel
     if generate:
         raw = ck.generate_answers(list(held_out), max_new_tokens=max_new_tokens)
-        for case, text in zip(held_out, raw):
-            answer = clean_generated_answer(text or "")
-            if not answer:  # what infer.py submits in that case, so the score is of a real submission
-                answer = extractive_answer(case)
+        for case, text in zip(held_out, raw):  # what infer.py submits, so the score is of a real submission
+            out.answers[case.case_id], replaced = answer_or_extractive(case, text)
+            if replaced:
                 out.extractive_fallback.append(case.case_id)
-            out.answers[case.case_id] = answer
     del ck
     gc.collect()
     return out

@@ -26,6 +26,17 @@ def _pyplot():
     return plt
 
 
+def _finish(plt, fig, ax, out_png: Path, title: str, legend: bool = True) -> None:
+    """The style every plot here shares: small title and legend, light grid; written, then closed."""
+    ax.set_title(title, fontsize=9)
+    if legend:
+        ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=100)
+    plt.close(fig)
+
+
 def pooled_pairs(scores: Mapping[str, np.ndarray], golds: Mapping[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     """Flattened scores and 0/1 labels over all cases' pairs (case order of ``golds``)."""
     s = [np.asarray(scores[c], dtype=np.float64).ravel() for c in golds]
@@ -64,12 +75,7 @@ def plot_pr(curves: Mapping[str, tuple[np.ndarray, np.ndarray]], points: Mapping
     ax.set_ylabel("precision")
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1.02)
-    ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out_png, dpi=100)
-    plt.close(fig)
+    _finish(plt, fig, ax, out_png, title)
 
 
 def plot_f1_vs_threshold(curves: Mapping[str, tuple[np.ndarray, np.ndarray]],
@@ -84,12 +90,7 @@ def plot_f1_vs_threshold(curves: Mapping[str, tuple[np.ndarray, np.ndarray]],
             ax.axvline(t, color=line.get_color(), linestyle="--", alpha=0.5)
     ax.set_xlabel("threshold on the system's score (dashed: chosen on training folds)")
     ax.set_ylabel("held-out pair F1 (x100)")
-    ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out_png, dpi=100)
-    plt.close(fig)
+    _finish(plt, fig, ax, out_png, title)
 
 
 def read_log(log_path: Path) -> list[dict]:
@@ -112,10 +113,4 @@ def plot_losses(logs: Mapping[str, Path], out_png: Path, title: str) -> None:
         ax.text(0.5, 0.5, "no training logs (head not trained)", ha="center", va="center", transform=ax.transAxes)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("total training loss (LM + alignment + relevance)")
-    ax.set_title(title, fontsize=9)
-    if drawn:
-        ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out_png, dpi=100)
-    plt.close(fig)
+    _finish(plt, fig, ax, out_png, title, legend=bool(drawn))

@@ -23,11 +23,11 @@ from baselines.ensemble import (
     fit_ensemble,
     gold_matrix,
     links_matrix,
-    pooled_micro_f1,
     score_components,
 )
 from baselines.linking import link_pairs, links_to_pairs
 from data.records import Case
+from model.calibration import pooled_micro_f1
 
 # (name, what the ladder calls it); the order is the ladder's order.
 RETRIEVAL_SYSTEMS: dict[str, str] = {

@@ -14,18 +14,13 @@ from typing import Callable
 import numpy as np
 import torch
 
-from data.prompts import chat_prompt, encode_example, example_from_case
+from data.prompts import chat_prompt, example_from_case
 from data.records import Case
-from model.backbone import backbone_hidden
+from model.checkpoint import stop_ids  # the one definition of the stop set
 from model.decoding import DecodeStats, greedy_decode, supports_fast_decode
+from model.head_scoring import encode_for_scoring, group_pair_probabilities
 
 from .memory import BatchPlan, plan_batches, token_budget_groups
-
-
-def _stop_ids(tok) -> list[int]:
-    from model.checkpoint import _stop_ids as checkpoint_stop_ids  # the one definition of the stop set
-
-    return checkpoint_stop_ids(tok)
 
 
 def _release() -> None:
@@ -77,7 +72,7 @@ class FastCheckpoint:
         rows, prefill = plan.gen_rows, plan.prefill_tokens
         while True:
             try:
-                new = greedy_decode(self.inner.model, ids, max_new_tokens=max_new_tokens, stop_ids=_stop_ids(tok),
+                new = greedy_decode(self.inner.model, ids, max_new_tokens=max_new_tokens, stop_ids=stop_ids(tok),
                                     pad_id=tok.pad_token_id, batch_rows=rows, prefill_tokens=prefill,
                                     use_cuda_graph=self.use_cuda_graph, stats=self.decode, log=self.log)
                 break
@@ -99,14 +94,7 @@ class FastCheckpoint:
         by length so that each forward holds at most ``max_tokens`` (padded) tokens; the
         budget comes from free memory. ``batch_size`` is accepted for the LoadedCheckpoint
         interface (the pipeline passes its old fixed size); the token budget decides."""
-        inner = self.inner
-        out: list[np.ndarray | None] = [None] * len(cases)
-        encoded = []
-        for i, case in enumerate(cases):
-            if not case.answer_sentences:
-                out[i] = np.zeros((0, len(case.note_sentences)), dtype=np.float32)
-            else:
-                encoded.append((i, encode_example(inner.tokenizer, example_from_case(case, with_answer=True))))
+        out, encoded = encode_for_scoring(self.inner.tokenizer, cases)
         if not encoded:
             return out  # type: ignore[return-value]
         lengths = [len(enc) for _, enc in encoded]
@@ -133,18 +121,11 @@ class FastCheckpoint:
         pad = inner.tokenizer.pad_token_id
         device = inner.device
         for group in token_budget_groups(lengths, max_tokens):
-            width = lengths[group[0]]
-            ids = torch.full((len(group), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(group), width), dtype=torch.long)
-            for row, g in enumerate(group):
-                enc = encoded[g][1]
-                ids[row, : len(enc)] = torch.tensor(enc.input_ids)
-                mask[row, : len(enc)] = 1
-            _, hidden = backbone_hidden(inner.model, ids.to(device), mask.to(device), inner.head.config.layer)
-            for row, g in enumerate(group):
-                i, enc = encoded[g]
-                logits = inner.head(hidden[row], enc.note_spans, enc.answer_spans).pair_logits
-                out[i] = torch.sigmoid(logits.float()).cpu().numpy()
+            width = lengths[group[0]]  # the longest: groups come longest first
+            probs = group_pair_probabilities(inner.model, inner.head, [encoded[g][1] for g in group], pad, device,
+                                             width)
+            for g, p in zip(group, probs):
+                out[encoded[g][0]] = p
             self.alignment["forwards"] += 1
             self.alignment["tokens"] += sum(lengths[g] for g in group)
             self.alignment["padded_tokens"] += len(group) * width
@@ -172,11 +153,10 @@ def load_checkpoint(export_dir, *, base: str | None = None, device: str | None =
     """``load_export`` under the memory budget: cap the process at ``max_memory_gb``, merge
     the adapter into dense weights only where they fit, wrap in :class:`FastCheckpoint`.
     Returns (checkpoint, memory record for run.json)."""
-    import json
-    from pathlib import Path
-
+    from data.errors import InputError
     from model import checkpoint as ckpt_module
     from model.backbone import default_device
+    from model.export_folder import find_export, read_manifest
 
     from .memory import GB, apply_memory_cap, available_bytes, should_merge
 
@@ -190,12 +170,9 @@ def load_checkpoint(export_dir, *, base: str | None = None, device: str | None =
     budget = available_bytes(device, max_memory_gb)
     if budget is not None:
         arch = {}
-        manifest = Path(export_dir) / "manifest.json"
-        if not manifest.is_file():
-            manifest = Path(export_dir) / "export" / "manifest.json"
         try:
-            arch = ckpt_module._preset_from_manifest(json.loads(manifest.read_text(encoding="utf-8"))).arch
-        except (OSError, ValueError):
+            arch = ckpt_module.preset_from_manifest(read_manifest(find_export(export_dir))).arch
+        except (InputError, OSError):
             pass  # load_export reports a bad folder with its own one-line error
         if arch:
             merge, reason = should_merge(arch, budget)

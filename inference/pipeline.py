@@ -19,9 +19,8 @@ from tqdm.auto import tqdm
 
 from baselines.aligners import Aligner
 from baselines.ensemble import EnsembleConfig
-from baselines.extractive import extractive_answer
+from baselines.extractive import answer_or_extractive, extractive_answer
 from baselines.linking import link_pairs
-from data.answers import clean_generated_answer
 from data.archehr import load_cases
 from data.atomic import OutputSet, check_output_set_target, write_json_atomic
 from data.errors import InputError
@@ -54,6 +53,10 @@ Log = Callable[[str], None]
 
 def _stderr(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
+
+
+def _stdout(message: str) -> None:
+    print(message, flush=True)
 
 
 @dataclass
@@ -163,11 +166,9 @@ def checkpoint_answers(checkpoint, cases: list[Case], batch_size: int, max_new_t
         if len(raw) != len(batch):
             raise RuntimeError(f"generate_answers returned {len(raw)} answers for {len(batch)} cases")
         for case, text in zip(batch, raw):
-            answer = clean_generated_answer(text or "")
-            if not answer:
-                answer = extractive_answer(case)
+            answers[case.case_id], replaced = answer_or_extractive(case, text)
+            if replaced:
                 fell_back.append(case.case_id)
-            answers[case.case_id] = answer
         bar.update(len(batch))
     bar.close()
     return answers, fell_back
@@ -347,7 +348,7 @@ def _predict_subtask4(r: _Run, log: Log) -> None:
         log("warning: no case has answer sentences: Subtask 4 submission not written")
 
 
-def _write_and_score(r: _Run, log: Log) -> tuple[dict[int, tuple[Path, Path]], dict]:
+def _write_and_score(r: _Run, log: Log, show: Log) -> tuple[dict[int, tuple[Path, Path]], dict]:
     """The whole set (submissions, zips, run.json) built aside, scored there, then renamed into
     place in one step (data.atomic.OutputSet): all or nothing. Returns the final paths and scores."""
     opts, t = r.opts, time.perf_counter()
@@ -363,7 +364,7 @@ def _write_and_score(r: _Run, log: Log) -> tuple[dict[int, tuple[Path, Path]], d
         scores: dict = {}
         if opts.key is not None and staged:
             t = time.perf_counter()
-            scores = score_written(staged, opts, log, r.on_training)
+            scores = score_written(staged, opts, log, r.on_training, show)
             r.timings["score"] = time.perf_counter() - t
 
         r.timings["total"] = time.perf_counter() - r.t_start
@@ -381,10 +382,10 @@ def _write_and_score(r: _Run, log: Log) -> tuple[dict[int, tuple[Path, Path]], d
     return written, scores
 
 
-def _report(r: _Run, written: dict[int, tuple[Path, Path]], log: Log) -> None:
+def _report(r: _Run, written: dict[int, tuple[Path, Path]], log: Log, show: Log) -> None:
     for n, (json_path, zip_path) in written.items():
-        log(f"wrote Subtask {n}: {json_path} and {zip_path}")
-    log(f"wrote {r.opts.out / 'run.json'}")
+        show(f"wrote Subtask {n}: {json_path} and {zip_path}")
+    show(f"wrote {r.opts.out / 'run.json'}")
     log("times: " + ", ".join(f"{k} {v:.1f}s" for k, v in r.timings.items()))
     if r.skipped:
         log(f"Subtask 4 skipped {len(r.skipped)} case(s) without answer sentences: {', '.join(r.skipped)}")
@@ -394,8 +395,9 @@ def _report(r: _Run, written: dict[int, tuple[Path, Path]], log: Log) -> None:
         log(r.fallback_summary)
 
 
-def run_inference(opts: InferenceOptions, log: Log = _stderr) -> InferenceResult:
-    """Answer and/or align every case of ``opts.xml`` and write the submissions to ``opts.out``."""
+def run_inference(opts: InferenceOptions, log: Log = _stderr, show: Log = _stdout) -> InferenceResult:
+    """Answer and/or align every case of ``opts.xml`` and write the submissions to ``opts.out``.
+    ``show`` gets the results (files written, scores), ``log`` everything else."""
     r = _load_inputs(opts, log)  # everything that can be wrong with the input, before any output exists
     if r.opts.checkpoint is not None:
         _load_model(r, log)
@@ -409,8 +411,8 @@ def run_inference(opts: InferenceOptions, log: Log = _stderr) -> InferenceResult
         _predict_subtask2(r, log)
     if 4 in r.opts.subtasks:
         _predict_subtask4(r, log)
-    written, scores = _write_and_score(r, log)
-    _report(r, written, log)
+    written, scores = _write_and_score(r, log, show)
+    _report(r, written, log, show)
     return InferenceResult(r.opts.out, r.run, written, r.skipped, scores)
 
 
@@ -448,8 +450,9 @@ def _training_cases_check(opts: InferenceOptions, cases: list[Case], log: Log) -
 
 
 def score_written(written: dict[int, tuple[Path, Path]], opts: InferenceOptions, log: Log,
-                  on_training: list[str] | None = None) -> dict:
-    """Score the written files against ``--key`` with the metrics/ scorers and print them."""
+                  on_training: list[str] | None = None, show: Log = _stdout) -> dict:
+    """Score the written files against ``--key`` with the metrics/ scorers; the scores go to
+    ``show``, a file that cannot be scored is a warning to ``log``."""
     from metrics.alignment import SCORE_KEYS
     from metrics.subtask2 import score_subtask2
     from metrics.subtask3 import score_subtask3
@@ -465,7 +468,7 @@ def score_written(written: dict[int, tuple[Path, Path]], opts: InferenceOptions,
             log(f"warning: Subtask 2 not scored: {err.one_line()}")
         else:
             scores["subtask2"] = s2
-            log(f"{label}Subtask 2 scores: " + ", ".join(f"{k} {v:.2f}" for k, v in s2.items()))
+            show(f"{label}Subtask 2 scores: " + ", ".join(f"{k} {v:.2f}" for k, v in s2.items()))
     if 4 in written:
         try:
             s4 = score_subtask4(written[4][0], opts.key)
@@ -473,7 +476,7 @@ def score_written(written: dict[int, tuple[Path, Path]], opts: InferenceOptions,
             log(f"warning: Subtask 4 not scored: {err.one_line()}")
         else:
             scores["subtask4"] = {k: s4[k] for k in SCORE_KEYS}
-            log(f"{label}Subtask 4 scores: " + ", ".join(f"{k} {s4[k]:.2f}" for k in SCORE_KEYS))
+            show(f"{label}Subtask 4 scores: " + ", ".join(f"{k} {s4[k]:.2f}" for k in SCORE_KEYS))
     if 3 in written:
         try:
             s3, truncated = score_subtask3(written[3][0], opts.key, opts.xml)
@@ -482,7 +485,7 @@ def score_written(written: dict[int, tuple[Path, Path]], opts: InferenceOptions,
         else:
             scores["subtask3"] = s3.to_json()
             computed = {k: v for k, v in s3.scores.items() if v is not None}
-            log(f"{label}Subtask 3 scores: " + ", ".join(f"{k} {v:.2f}" for k, v in computed.items())
+            show(f"{label}Subtask 3 scores: " + ", ".join(f"{k} {v:.2f}" for k, v in computed.items())
                 + f"; {s3.overall_name}: {s3.overall_mean:.2f}")
     if on_training and scores:
         for per_subtask in scores.values():

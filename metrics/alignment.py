@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from data.submission import check_entry_types
 
+from .case_sets import check_same_case_sets
+
 SCORE_KEYS = (
     "micro_precision",
     "micro_recall",
@@ -40,10 +42,7 @@ def pairs_from_submission(entries: list[dict]) -> dict[str, Pairs]:
 
 def score_alignment(predicted: dict[str, Pairs], gold: dict[str, Pairs]) -> dict[str, float]:
     """The seven official Subtask 4 scores; the two case sets must be equal."""
-    if set(predicted) != set(gold):
-        extra = sorted(set(predicted) - set(gold))
-        missing = sorted(set(gold) - set(predicted))
-        raise ValueError(f"case sets differ: extra {extra[:5]}, missing {missing[:5]}")
+    check_same_case_sets(predicted, gold)
     if not gold:
         raise ValueError("no cases to score")
     tp_all = pred_all = gold_all = 0

@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Iterable
 
 from data.errors import InputError
+from data.submission import read_submission
 
 
 def unique_case_ids(entries: list[dict], path: Path) -> list[str]:
@@ -24,3 +26,18 @@ def same_cases(submitted: list[str], expected: list[str], path: Path) -> None:
     missing = [c for c in expected if c not in set(submitted)]
     if missing:
         raise InputError(f"case of the key missing from the submission ({len(missing)} missing)", path, missing[0])
+
+
+def check_same_case_sets(predicted: Iterable[str], gold: Iterable[str]) -> None:
+    """``ValueError`` naming the first few extra and missing cases when the two sets differ."""
+    predicted, gold = set(predicted), set(gold)
+    if predicted != gold:
+        extra, missing = sorted(predicted - gold), sorted(gold - predicted)
+        raise ValueError(f"case sets differ: extra {extra[:5]}, missing {missing[:5]}")
+
+
+def read_scored_submission(path: Path, subtask: int, expected: list[str]) -> list[dict]:
+    """A submission's entries, each case once and exactly the ``expected`` (key's) cases."""
+    entries = read_submission(path, subtask)
+    same_cases(unique_case_ids(entries, path), expected, path)
+    return entries

@@ -20,6 +20,7 @@ from typing import Iterable, Mapping
 from data.records import Case
 
 from .alignment import _f1
+from .case_sets import check_same_case_sets
 
 SCORE_KEYS = (
     "strict_macro_precision",
@@ -83,10 +84,7 @@ def prf(tp: int | float, n_pred: int | float, n_gold: int | float) -> tuple[floa
 
 def check_evidence_ids(predicted: Mapping[str, Iterable[str]], gold: Mapping[str, EvidenceGold]) -> None:
     """Raise ``ValueError`` naming the first case set difference or unknown sentence id."""
-    if set(predicted) != set(gold):
-        extra = sorted(set(predicted) - set(gold))
-        missing = sorted(set(gold) - set(predicted))
-        raise ValueError(f"case sets differ: extra {extra[:5]}, missing {missing[:5]}")
+    check_same_case_sets(predicted, gold)
     for cid, ids in predicted.items():
         unknown = sorted(set(ids) - gold[cid].sentence_ids)
         if unknown:

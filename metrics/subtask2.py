@@ -9,9 +9,8 @@ from pathlib import Path
 
 from data.archehr import load_key
 from data.errors import InputError
-from data.submission import read_submission
 
-from .case_sets import same_cases, unique_case_ids
+from .case_sets import read_scored_submission
 from .relevance import gold_from_relevance, score_evidence
 
 
@@ -19,8 +18,7 @@ def score_subtask2(submission: str | Path, key: str | Path) -> dict[str, float]:
     """The thirteen official Subtask 2 scores of a submission against a key."""
     sub_path = Path(submission)
     key_cases = load_key(key)
-    entries = read_submission(sub_path, 2)
-    same_cases(unique_case_ids(entries, sub_path), list(key_cases), sub_path)
+    entries = read_scored_submission(sub_path, 2, list(key_cases))
     for kc in key_cases.values():
         if not kc.relevance:
             raise InputError("key case has no relevance labels ('answers') to score against", key, kc.case_id)

@@ -11,9 +11,9 @@ from pathlib import Path
 from data.archehr import load_cases
 from data.errors import InputError
 from data.records import Case
-from data.submission import MAX_WORDS, count_words, has_13a_tokens, read_submission
+from data.submission import MAX_WORDS, count_words, has_13a_tokens
 
-from .case_sets import same_cases, unique_case_ids
+from .case_sets import read_scored_submission
 from .generation import GenerationScores, score_generation
 
 
@@ -33,8 +33,7 @@ def score_subtask3(
     """Subtask 3 metrics and the number of predictions truncated to 75 words."""
     sub_path = Path(submission)
     cases = [c for c in load_cases(xml, key) if c.has_key]
-    entries = read_submission(sub_path, 3)
-    same_cases(unique_case_ids(entries, sub_path), [c.case_id for c in cases], sub_path)
+    entries = read_scored_submission(sub_path, 3, [c.case_id for c in cases])
     by_id = {c.case_id: c for c in cases}
     predictions, references, sources = {}, {}, {}
     truncated = 0

@@ -9,18 +9,16 @@ from pathlib import Path
 
 from data.archehr import load_key
 from data.errors import InputError
-from data.submission import read_submission
 
 from .alignment import Pairs, per_case_alignment, score_alignment
-from .case_sets import same_cases, unique_case_ids
+from .case_sets import read_scored_submission
 
 
 def subtask4_pairs(submission: str | Path, key: str | Path) -> tuple[dict[str, Pairs], dict[str, Pairs]]:
     """Predicted and gold ``(answer_id, evidence_id)`` pairs per case, ids checked against the key."""
     sub_path = Path(submission)
     key_cases = load_key(key)
-    entries = read_submission(sub_path, 4)
-    same_cases(unique_case_ids(entries, sub_path), list(key_cases), sub_path)
+    entries = read_scored_submission(sub_path, 4, list(key_cases))
     predicted: dict[str, Pairs] = {}
     for entry in entries:
         kc = key_cases[entry["case_id"]]

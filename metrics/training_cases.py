@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Iterable
 
 from data.errors import InputError
+from model.export_folder import find_export, read_manifest
 
 TRAINING_CASES_LABEL = "TRAINING CASES — optimistic"
-MANIFEST = "manifest.json"
 RUN_RECORD = "run.json"
 
 
@@ -38,14 +38,11 @@ def manifest_training_case_ids(manifest: dict | None) -> list[str] | None:
 
 def export_training_case_ids(export_dir: str | Path) -> list[str] | None:
     """Read an export's training case ids without loading the model (None when unknown)."""
-    root = Path(export_dir)
-    if (root / "export" / MANIFEST).is_file():
-        root = root / "export"
     try:
-        manifest = json.loads((root / MANIFEST).read_text(encoding="utf-8"))
-    except (OSError, ValueError, RecursionError):
+        manifest = read_manifest(find_export(export_dir))
+    except (InputError, OSError):
         return None  # the loader reports a missing or broken manifest with its own message
-    return manifest_training_case_ids(manifest if isinstance(manifest, dict) else None)
+    return manifest_training_case_ids(manifest)
 
 
 def run_record_beside(submission: str | Path) -> Path | None:

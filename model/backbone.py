@@ -380,6 +380,18 @@ def load_merged(
     return model.eval()
 
 
+def load_adapted(preset: ModelPreset | str, adapter_dir: str | Path, *, merge: bool, load_in_4bit: bool | None = None,
+                 device: str | torch.device | None = None, base_path: str | None = None,
+                 random_seed: int = RANDOM_INIT_SEED, timings: dict | None = None):
+    """The base model with a trained adapter, for inference: merged into dense weights
+    (:func:`load_merged`, ``timings`` filled) or kept as NF4 + LoRA (less memory)."""
+    if merge:
+        return load_merged(preset, adapter_dir, load_in_4bit=load_in_4bit, device=device, base_path=base_path,
+                           random_seed=random_seed, timings=timings)
+    return load_backbone(preset, load_in_4bit=load_in_4bit, device=device, base_path=base_path,
+                         adapter_dir=adapter_dir, trainable=False, random_seed=random_seed)
+
+
 class _StepClock:
     """Seconds since the previous call, recorded under a name (GPU work finished first)."""
 

@@ -13,13 +13,13 @@ import numpy as np
 import torch
 
 from data.errors import InputError
-from data.prompts import chat_prompt, encode_example, example_from_case
+from data.prompts import chat_prompt, example_from_case
 from data.records import Case
 from heads.alignment import NotePairHead, load_head
 
-from .backbone import RANDOM_INIT_SEED, default_device, load_backbone, load_merged, load_tokenizer
-from .export_folder import MANIFEST, manifest_threshold, read_manifest
-from .head_scoring import pair_probabilities
+from .backbone import RANDOM_INIT_SEED, default_device, load_adapted, load_tokenizer
+from .export_folder import MANIFEST, manifest_preset_name, manifest_threshold, read_manifest
+from .head_scoring import encode_for_scoring, pair_probabilities
 from .presets import PRESETS, ModelPreset
 
 
@@ -60,7 +60,7 @@ class LoadedCheckpoint:
                     max_new_tokens=max_new_tokens,
                     do_sample=False,
                     pad_token_id=tok.pad_token_id,
-                    eos_token_id=_stop_ids(tok),
+                    eos_token_id=stop_ids(tok),
                     # "static" pre-allocates the KV cache, which lets transformers compile the
                     # decode step (CUDA graphs); None keeps the default dynamic cache.
                     **({"cache_implementation": cache_implementation} if cache_implementation else {}),
@@ -81,13 +81,7 @@ class LoadedCheckpoint:
     def score_all(self, cases: list[Case], batch_size: int = 8) -> list[np.ndarray]:
         """Link probabilities for many cases, several cases per forward (right-padded:
         causal attention keeps every real token's state independent of the padding)."""
-        out: list[np.ndarray | None] = [None] * len(cases)
-        encoded = []
-        for i, case in enumerate(cases):
-            if not case.answer_sentences:
-                out[i] = np.zeros((0, len(case.note_sentences)), dtype=np.float32)
-            else:
-                encoded.append((i, encode_example(self.tokenizer, example_from_case(case, with_answer=True))))
+        out, encoded = encode_for_scoring(self.tokenizer, cases)
         probs = pair_probabilities(self.model, self.head, [enc for _, enc in encoded], batch_size=batch_size,
                                    pad_id=self.tokenizer.pad_token_id)
         for (i, _), p in zip(encoded, probs):
@@ -95,7 +89,8 @@ class LoadedCheckpoint:
         return out  # type: ignore[return-value]
 
 
-def _stop_ids(tok) -> list[int]:
+def stop_ids(tok) -> list[int]:
+    """Token ids that end an answer: the tokenizer's EOS and Qwen's ``<|im_end|>``."""
     ids = {tok.eos_token_id}
     im_end = tok.convert_tokens_to_ids("<|im_end|>")
     if isinstance(im_end, int) and im_end != tok.unk_token_id:
@@ -103,9 +98,10 @@ def _stop_ids(tok) -> list[int]:
     return sorted(i for i in ids if i is not None)
 
 
-def _preset_from_manifest(manifest: dict) -> ModelPreset:
+def preset_from_manifest(manifest: dict) -> ModelPreset:
+    """The preset an export was trained with, its random-init shape as recorded (not today's table)."""
     base = manifest.get("base_model", {})
-    name = manifest.get("preset") or base.get("preset")
+    name = manifest_preset_name(manifest)
     if name in PRESETS:
         preset = PRESETS[name]
         random_init = base.get("random_init")
@@ -145,7 +141,7 @@ def load_export(
     from .export_checks import check_export  # manifest, head layer, finite weights, base reachable
 
     check_export(root, manifest, base)
-    preset = _preset_from_manifest(manifest)
+    preset = preset_from_manifest(manifest)
     base_record = manifest.get("base_model", {})
     base_path = base or base_record.get("path") or None
     random_init = base_record.get("random_init") or {}
@@ -156,12 +152,8 @@ def load_export(
     seed = int(random_init.get("seed", RANDOM_INIT_SEED))
     if merge is None:  # dense merged weights decode several times faster; default where memory is plentiful
         merge = torch.device(device).type == "cuda"
-    if merge:
-        model = load_merged(preset, root, load_in_4bit=load_in_4bit, device=device, base_path=base_path,
-                            random_seed=seed)
-    else:
-        model = load_backbone(preset, load_in_4bit=load_in_4bit, device=device, base_path=base_path,
-                              adapter_dir=root, trainable=False, random_seed=seed)
+    model = load_adapted(preset, root, merge=merge, load_in_4bit=load_in_4bit, device=device, base_path=base_path,
+                         random_seed=seed)
     head = load_head(root, device=device).eval()
     threshold = manifest_threshold(manifest)
     return LoadedCheckpoint(manifest=manifest, threshold=threshold, tokenizer=tokenizer, model=model, head=head)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from data.errors import InputError
 
+from .export_folder import MANIFEST, manifest_preset_name
 from .presets import PRESETS
 
 WEIGHT_FILES = ("adapter_model.safetensors", "head.safetensors")
@@ -33,7 +34,7 @@ def check_manifest(manifest: object, path: Path) -> None:
     base = manifest.get("base_model", {})
     if not isinstance(base, dict):
         raise InputError("manifest 'base_model' must be an object", path)
-    name = manifest.get("preset") or base.get("preset")
+    name = manifest_preset_name(manifest)
     if name not in PRESETS:
         raise InputError(f"manifest preset {name!r} is unknown (known: {', '.join(sorted(PRESETS))})", path)
     alignment = manifest.get("alignment", {})
@@ -100,8 +101,8 @@ def check_base_available(source: str | None, flag: str = "--base") -> None:
 
 
 def check_export(root: Path, manifest: object, base: str | None) -> None:
-    check_manifest(manifest, root / "manifest.json")
-    preset = PRESETS[manifest.get("preset") or manifest["base_model"].get("preset")]  # type: ignore[union-attr]
+    check_manifest(manifest, root / MANIFEST)
+    preset = PRESETS[manifest_preset_name(manifest)]  # type: ignore[arg-type,index]
     random_init = manifest.get("base_model", {}).get("random_init") or {}  # type: ignore[union-attr]
     arch = random_init.get("arch") or preset.arch
     check_head_config(root, arch.get("num_hidden_layers"))

@@ -43,6 +43,12 @@ def read_manifest(export_dir: str | Path) -> dict:
     return manifest
 
 
+def manifest_preset_name(manifest: dict) -> str | None:
+    """The preset an export was trained with (top level, or under ``base_model`` in older manifests)."""
+    base = manifest.get("base_model")
+    return manifest.get("preset") or (base.get("preset") if isinstance(base, dict) else None)
+
+
 def manifest_threshold(manifest: dict) -> float:
     """The calibrated alignment threshold recorded in a manifest (the default when absent)."""
     return float((manifest.get("alignment") or {}).get("threshold", DEFAULT_THRESHOLD))

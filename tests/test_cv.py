@@ -330,3 +330,10 @@ def test_leave_one_case_out_on_the_shared_fixtures(shared_fixtures, tmp_path, ca
     assert code == 0, err
     ladder = json.loads((out / "ladder.json").read_text())
     assert ladder["n_folds"] == 12 and all(len(f["test_ids"]) == 1 for f in ladder["folds"])
+
+
+def test_cv_summary_on_stdout_progress_on_stderr(tmp_path, capsys):
+    code, stdout, err = run_cv_cli(cv_args(tmp_path / "cv", "--systems", "none", "bm25"), capsys)
+    assert code == 0, err
+    assert "keyed cases, 3 fold(s)" in err and "keyed cases" not in stdout  # progress
+    assert "micro F1 [CI]" in stdout and "micro F1 [CI]" not in err  # the results

@@ -154,7 +154,7 @@ def test_cuda_fast_paths_numerics_qwen3_4b_shape():
     from heads.config import HeadConfig
     from inference.fast import FastCheckpoint
     from model.backbone import build_random_base, load_tokenizer
-    from model.checkpoint import LoadedCheckpoint, _stop_ids
+    from model.checkpoint import LoadedCheckpoint, stop_ids
     from model.decoding import DecodeStats, greedy_decode
 
     preset = os.environ.get("ARCHEHR_NUMERICS_PRESET", "qwen3-4b-random")
@@ -165,7 +165,7 @@ def test_cuda_fast_paths_numerics_qwen3_4b_shape():
     cases = inference_cases(n_prompts, seed=5)
     prompts = [tok(chat_prompt(tok, example_from_case(c, with_answer=False))[0], add_special_tokens=False)["input_ids"]
                for c in cases]
-    stops = _stop_ids(tok)
+    stops = stop_ids(tok)
     stats = DecodeStats()
     fast = greedy_decode(model, prompts, max_new_tokens=new_tokens, stop_ids=stops, pad_id=tok.pad_token_id,
                          batch_rows=n_prompts, stats=stats)

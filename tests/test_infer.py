@@ -27,7 +27,7 @@ def run_infer(capsys, *args: str) -> tuple[dict, str]:
     assert infer.main([*map(str, args), "--no-progress"]) == 0
     captured = capsys.readouterr()
     out_dir = Path(args[args.index("--out") + 1])
-    return json.loads((out_dir / "run.json").read_text()), captured.out + captured.err
+    return json.loads((out_dir / "run.json").read_text()), captured.err + captured.out  # log first, then results
 
 
 def check_outputs(out_dir: Path, cases, subtasks=(2, 3, 4)) -> dict[int, list]:
@@ -347,3 +347,55 @@ def test_checkpoint_without_relevance_threshold(tmp_path, capsys, fake_checkpoin
     assert err.value.code == 2
     assert "--relevance-threshold" in capsys.readouterr().err
     assert not out.exists() and fake.calls == []
+
+
+# ---------------------------------------------------------------- stdout / stderr
+
+def test_results_on_stdout_everything_else_on_stderr(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert infer.main([str(EXAMPLE_XML), "--out", str(out), "--key", str(EXAMPLE_KEY), "--no-progress"]) == 0
+    captured = capsys.readouterr()
+    stdout = captured.out.strip().splitlines()
+    assert all(line.startswith("wrote ") or " scores: " in line for line in stdout), stdout
+    assert [line for line in stdout if line.startswith("wrote ")] == [
+        *(f"wrote Subtask {n}: {out / f'subtask{n}' / 'submission.json'} and {out / f'subtask{n}.zip'}"
+          for n in (2, 3, 4)),
+        f"wrote {out / 'run.json'}",
+    ]
+    assert sorted(line.split(" scores: ")[0] for line in stdout if " scores: " in line) == [
+        "Subtask 2", "Subtask 3", "Subtask 4"]
+    assert "engine: RETRIEVAL BASELINE" in captured.err and "times: " in captured.err
+    assert "wrote " not in captured.err and " scores: " not in captured.err
+
+
+@pytest.mark.parametrize("flags, hidden, verbose", [([], False, False), (["--no-progress", "--verbose"], True, True)])
+def test_no_progress_hides_every_bar_and_verbose_shows_library_noise(tmp_path, monkeypatch, flags, hidden, verbose):
+    import inference.pipeline
+
+    calls = []
+    monkeypatch.setattr(infer, "hide_progress_bars", lambda: calls.append("hide"))
+    monkeypatch.setattr(infer, "quiet_library_noise", lambda verbose: calls.append(("quiet", verbose)))
+    monkeypatch.setattr(inference.pipeline, "run_inference", lambda opts: calls.append(("run", opts.progress)))
+    assert infer.main([str(EXAMPLE_XML), "--out", str(tmp_path / "run"), *flags]) == 0
+    # the library is told before anything loads (bitsandbytes logs at import, the model's bars at load)
+    assert calls == [("quiet", verbose), *(["hide"] if hidden else []), ("run", not hidden)]
+
+
+def test_hide_progress_bars_turns_off_the_model_loading_bars(monkeypatch):
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+    from transformers.utils import logging as hf_logging
+
+    from data.console import hide_progress_bars
+
+    was_hidden = (not hf_logging.is_progress_bar_enabled(), are_progress_bars_disabled())
+    for name in ("HF_HUB_DISABLE_PROGRESS_BARS", "HF_DATASETS_DISABLE_PROGRESS_BARS"):
+        monkeypatch.delenv(name, raising=False)  # restored after the test
+    hf_logging.enable_progress_bar()
+    assert hf_logging.is_progress_bar_enabled()
+    try:
+        hide_progress_bars()
+        assert not hf_logging.is_progress_bar_enabled() and are_progress_bars_disabled()
+    finally:  # leave the process as it was
+        monkeypatch.delenv("HF_HUB_DISABLE_PROGRESS_BARS", raising=False)
+        (hf_logging.disable_progress_bar if was_hidden[0] else hf_logging.enable_progress_bar)()
+        (disable_progress_bars if was_hidden[1] else enable_progress_bars)()

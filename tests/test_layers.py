@@ -1,52 +1,165 @@
-"""Imports run one way: data -> model/heads -> training/baselines/metrics -> inference/evaluation -> CLIs.
+"""Imports run one way: data -> model/heads -> training/baselines/metrics -> inference/evaluation -> CLIs -> bench.
 
-Parses every module of the lower layers (function-local imports included) and fails on an import of
-a higher layer: the lower layers are where a cycle or an upward reach hurts first.
+Parses every module of the program (imports inside functions included) and fails on an import of a
+higher layer, or of another package of the same layer (the only sideways reach allowed: ``model``
+loads and runs the head, so ``model`` may import ``heads``; never the reverse). The three CLIs
+(train.py, infer.py, score.py) import nothing from each other. ``bench/`` sits on top: it may import
+any layer, and a CLI only through its public entry points (``main``, ``build_parser``). No module
+imports another package's private (``_``) names.
 """
 from __future__ import annotations
 
 import ast
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 LAYER = {"data": 0, "model": 1, "heads": 1, "training": 2, "baselines": 2, "metrics": 2, "inference": 3,
-         "evaluation": 3, "bench": 4, "train": 4, "infer": 4, "score": 4}
+         "evaluation": 3, "train": 4, "infer": 4, "score": 4, "bench": 5}
+CLIS = ("train", "infer", "score")
 # Within a layer only these reach sideways (model loads and runs the head; never the reverse).
 SIDEWAYS = {("model", "heads")}
+# What bench may use of a CLI module: its public entry points, never its internals.
+CLI_ENTRY_POINTS = {"main", "build_parser"}
 
 
-def imported_tops(path: Path) -> set[str]:
-    tops = set()
-    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+@dataclass(frozen=True)
+class Import:
+    line: int
+    module: str  # absolute dotted name
+    names: tuple[str, ...] = ()  # what ``from module import ...`` took ("" for ``import module``)
+
+    @property
+    def top(self) -> str:
+        return self.module.split(".")[0]
+
+
+def program_modules() -> dict[str, Path]:
+    """Dotted module name -> file, for every module of the program (tests excluded)."""
+    out = {}
+    for path in sorted(ROOT.rglob("*.py")):
+        rel = path.relative_to(ROOT)
+        if rel.parts[0] in ("tests", ".venv") or any(p.startswith(".") for p in rel.parts):
+            continue
+        out[".".join(rel.with_suffix("").parts)] = path
+    return out
+
+
+def imports_of(source: str, module: str) -> list[Import]:
+    """Every import statement in ``source`` (any depth: functions, classes, try blocks), relative
+    ones resolved against ``module`` (a dotted name; a package's ``__init__`` counts as the package)."""
+    package = module.split(".")[:-1]
+    found = []
+    for node in ast.walk(ast.parse(source)):
         if isinstance(node, ast.Import):
-            tops |= {a.name.split(".")[0] for a in node.names}
-        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            tops.add(node.module.split(".")[0])
-    return tops & set(LAYER)
+            found += [Import(node.lineno, a.name) for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package[: len(package) - (node.level - 1)] if node.level > 1 else package
+                target = ".".join([*base, node.module] if node.module else base)
+            else:
+                target = node.module or ""
+            if target:
+                found.append(Import(node.lineno, target, tuple(a.name for a in node.names)))
+    return found
 
 
-def upward_imports(package: str) -> list[str]:
+def layer_violations(module: str, source: str) -> list[str]:
+    """Why each import of ``module`` breaks the layering ([] when none does)."""
+    own = module.split(".")[0]
+    if own not in LAYER:
+        return [f"{module}: top-level package {own!r} has no layer in tests/test_layers.py"]
     bad = []
-    for path in sorted((ROOT / package).glob("*.py")):
-        for top in imported_tops(path):
-            sideways = LAYER[top] == LAYER[package] and top != package and (package, top) not in SIDEWAYS
-            if LAYER[top] > LAYER[package] or sideways:
-                bad.append(f"{path.relative_to(ROOT)} imports {top}")
+    for imp in imports_of(source, module):
+        top = imp.top
+        if top not in LAYER or top == own:
+            continue
+        where = f"{module}:{imp.line} imports {imp.module}"
+        if LAYER[top] > LAYER[own]:
+            bad.append(f"{where} (a higher layer)")
+        elif LAYER[top] == LAYER[own] and (own, top) not in SIDEWAYS:
+            bad.append(f"{where} (sideways within a layer)")
+        elif own == "bench" and top in CLIS:
+            internals = sorted(set(imp.names) - CLI_ENTRY_POINTS) if imp.names else []
+            if internals:
+                bad.append(f"{where} (CLI internals {internals}; only {sorted(CLI_ENTRY_POINTS)})")
+    if own == "bench":
+        bad += cli_attribute_violations(module, source)
     return bad
 
 
-@pytest.mark.parametrize("package", ["data", "heads", "model"])
-def test_lower_layers_import_nothing_above_them(package):
-    assert upward_imports(package) == []
+def cli_attribute_violations(module: str, source: str) -> list[str]:
+    """``import train`` then ``train.something``: only the entry points may be used."""
+    tree = ast.parse(source)
+    bound = {a.asname or a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names
+             if a.name in CLIS}
+    return [f"{module}:{n.lineno} uses {n.value.id}.{n.attr} (a CLI's internals)"
+            for n in ast.walk(tree)
+            if isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name) and n.value.id in bound
+            and n.attr not in CLI_ENTRY_POINTS]
 
 
-def test_evaluation_and_inference_do_not_reach_each_other_or_training_export():
-    for package in ("evaluation", "inference"):
-        for path in (ROOT / package).glob("*.py"):
-            tree = ast.parse(path.read_text(encoding="utf-8"))
-            modules = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
-            assert "training.export" not in modules, path
-            other = "inference" if package == "evaluation" else "evaluation"
-            assert not any(m.split(".")[0] == other for m in modules), path
+MODULES = program_modules()
+
+
+def test_every_top_level_package_has_a_layer():
+    tops = {name.split(".")[0] for name in MODULES}
+    assert tops - set(LAYER) == set()
+    assert {"data", "model", "heads", "training", "inference", "train", "infer", "score"} <= tops
+
+
+@pytest.mark.parametrize("module", sorted(MODULES))
+def test_no_module_imports_a_higher_layer_or_sideways(module):
+    assert layer_violations(module, MODULES[module].read_text(encoding="utf-8")) == []
+
+
+def test_heads_never_import_model():
+    for module, path in MODULES.items():
+        if module.split(".")[0] == "heads":
+            assert not [i for i in imports_of(path.read_text(encoding="utf-8"), module) if i.top == "model"], module
+
+
+def test_the_clis_import_nothing_from_each_other():
+    for cli in CLIS:
+        tops = {i.top for i in imports_of(MODULES[cli].read_text(encoding="utf-8"), cli)}
+        assert tops & (set(CLIS) - {cli}) == set(), cli
+        assert "bench" not in tops, cli
+
+
+def test_no_module_imports_another_packages_private_names():
+    reached = [f"{module}:{imp.line} imports {imp.module}.{name}"
+               for module, path in MODULES.items()
+               for imp in imports_of(path.read_text(encoding="utf-8"), module)
+               if imp.top in LAYER and imp.top != module.split(".")[0]
+               for name in imp.names if name.startswith("_")]
+    assert reached == []
+
+
+# The checker itself: each rule is seen, including imports inside functions and relative ones.
+@pytest.mark.parametrize("module, source, expected", [
+    ("metrics.x", "def f():\n    from inference.pipeline import run_inference\n", "a higher layer"),
+    ("training.x", "import metrics.subtask4\n", "sideways"),
+    ("heads.x", "def f():\n    import model.backbone\n", "sideways"),
+    ("score", "from train import main\n", "sideways"),
+    ("data.x", "try:\n    from score import main\nexcept ImportError:\n    pass\n", "a higher layer"),
+    ("evaluation.sub.x", "from ...inference import fast\n", "sideways"),
+    ("bench.x", "from infer import _subtasks\n", "CLI internals"),
+    ("bench.x", "import train\ntrain.build_parser()\ntrain.usage()\n", "internals"),
+    ("newpkg.x", "import data\n", "has no layer"),
+])
+def test_the_checker_finds_each_kind_of_violation(module, source, expected):
+    found = layer_violations(module, source)
+    assert len(found) == 1 and expected in found[0], found
+
+
+@pytest.mark.parametrize("module, source", [
+    ("model.x", "from heads.alignment import NotePairHead\n"),
+    ("inference.x", "from .memory import plan\nfrom model.export_folder import read_manifest\n"),
+    ("evaluation.x", "def f():\n    from training.loop import run_training\n"),
+    ("bench.x", "import infer\ninfer.main([])\nfrom train import build_parser\n"),
+    ("train", "from training.config import build_config\n"),
+])
+def test_the_checker_allows_downward_imports(module, source):
+    assert layer_violations(module, source) == []

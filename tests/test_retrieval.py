@@ -22,7 +22,6 @@ from baselines.ensemble import (
     fit_ensemble,
     gold_matrix,
     links_matrix,
-    pooled_micro_f1,
     score_components,
 )
 from baselines.extractive import extractive_answer
@@ -32,6 +31,7 @@ from data.archehr import load_cases
 from data.errors import InputError
 from data.records import AnswerSentence, Case, NoteSentence, QuestionPhrase
 from data.submission import count_words
+from model.calibration import pooled_micro_f1
 from metrics.alignment import score_alignment
 
 from pathlib import Path

@@ -104,7 +104,8 @@ def test_subtask3_truncates_long_predictions_like_the_official_scorer(tmp_path, 
     result, truncated = score.score_subtask3(path, KEY, XML)
     assert truncated == 3
     proc = run_score("--subtask", 3, "--submission", path, "--key", KEY, "--xml", XML)
-    assert proc.returncode == 0 and "3 prediction(s) over 75 words were truncated" in proc.stdout
+    assert proc.returncode == 0 and "3 prediction(s) over 75 words were truncated" in proc.stderr
+    assert "truncated" not in proc.stdout  # stdout holds only the scores
 
 
 def test_main_is_callable_and_parser_is_reusable(tmp_path, cases, capsys):
@@ -117,3 +118,27 @@ def test_main_is_callable_and_parser_is_reusable(tmp_path, cases, capsys):
     with pytest.raises(SystemExit) as err:  # ST3 without --xml is a usage error
         score.main(["--subtask", "3", "--submission", str(path), "--key", str(KEY)])
     assert err.value.code == 2
+
+
+def test_scores_on_stdout_notes_on_stderr(tmp_path, cases, capsys):
+    path = tmp_path / "long.json"
+    path.write_text(json.dumps(subtask3_entries({c.case_id: "word " * 80 for c in cases})))
+    assert score.main(["--subtask", "3", "--submission", str(path), "--key", str(KEY), "--xml", str(XML)]) == 0
+    captured = capsys.readouterr()
+    assert "note: 3 prediction(s) over 75 words were truncated, as the official scorer does" in captured.err
+    rows = captured.out.strip().splitlines()
+    assert [row.split()[0] for row in rows[:3]] == ["bleu", "rouge1", "rouge2"]
+    assert rows[-1].startswith("mean_of_computed = ") and "note" not in captured.out
+
+
+def test_training_cases_notice_on_stderr_labelled_scores_on_stdout(tmp_path, cases, capsys):
+    links = {c.case_id: {a.sentence_id: list(a.citations) for a in c.answer_sentences} for c in cases}
+    _, zip_path = write_submission(subtask4_entries(links), tmp_path, 4, cases)
+    (tmp_path / "run.json").write_text(json.dumps({"training_case_ids": [cases[0].case_id]}))
+    argv = ["--subtask", "4", "--submission", str(zip_path), "--key", str(KEY), "--allow-train-cases"]
+    assert score.main(argv) == 0
+    captured = capsys.readouterr()
+    assert "1 scored case(s) are cases this export trained on" in captured.err
+    rows = captured.out.strip().splitlines()
+    assert [row.split()[0] for row in rows] == list(SCORE_KEYS)
+    assert all("TRAINING CASES" in row for row in rows)

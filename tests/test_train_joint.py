@@ -14,7 +14,7 @@ from data.prompts import encode_example, example_from_case
 from model.backbone import LoraSettings, load_backbone
 from model.checkpoint import load_export
 from model.head_scoring import pair_probabilities
-from training.calibration import calibrate_threshold, pair_f1
+from model.calibration import calibrate_threshold, pair_f1
 from training.config import build_config
 from training.loop import build_head, run_training
 from synthetic import make_cases, word_overlap_top1, write_archehr

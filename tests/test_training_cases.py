@@ -79,7 +79,7 @@ def test_infer_with_allow_train_cases_labels_every_score(tmp_path, monkeypatch, 
     export, _ = make_export(tmp_path, monkeypatch, trained=["102"])
     out = tmp_path / "run"
     assert run_infer(XML, "--out", out, "--checkpoint", export, "--key", KEY, "--allow-train-cases") == 0
-    log = capsys.readouterr().err
+    log = capsys.readouterr().out  # the scores are results: stdout
     run = json.loads((out / "run.json").read_text())
     assert run["training_case_ids"] == ["102"]
     assert run["scores"]["evaluated_on"] == TRAINING_CASES_LABEL

@@ -12,10 +12,7 @@ from typing import Sequence
 
 from data.errors import InputError
 from data.prompts import EncodedExample, PromptExample, encode_example, example_from_case
-from data.records import Case
-
-RELEVANT_LABELS = ("essential", "supplementary")
-ESSENTIAL_LABELS = ("essential",)  # Subtask 2's strict gold: what its threshold is calibrated on
+from data.records import ESSENTIAL_LABELS, RELEVANT_LABELS, Case, relevance_targets  # noqa: F401  (one source)
 
 
 @dataclass
@@ -28,13 +25,6 @@ class TrainItem:
 
     def __len__(self) -> int:
         return len(self.encoded)
-
-
-def relevance_targets(case: Case, labels: Sequence[str] = RELEVANT_LABELS) -> list[float] | None:
-    """1 per note sentence labelled with one of ``labels``, else 0 (None when the case has no labels)."""
-    if not case.relevance:
-        return None
-    return [1.0 if case.relevance.get(sid) in labels else 0.0 for sid in case.note_ids]
 
 
 def encode_items(

@@ -24,10 +24,10 @@ import numpy as np
 
 from heads.alignment import HEAD_CONFIG, HEAD_WEIGHTS, NotePairHead, save_head
 from model.backbone import RANDOM_INIT_SEED, is_quantised, is_random_preset, resolve_preset
+from model.calibration import calibrate_threshold
 from model.export_folder import DEFAULT_THRESHOLD, EXPORT_FORMAT, model_card, package_versions, write_manifest
 from model.head_scoring import pair_probabilities, relevance_probabilities
 
-from .calibration import calibrate_threshold
 from .config import TrainConfig
 from .data import TrainItem, file_sha256, task_file_records
 from .gather import save_adapter
