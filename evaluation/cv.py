@@ -129,6 +129,20 @@ def data_provenance(xml: Path) -> str:
             "own fixtures are invented and say nothing about real clinical data.")
 
 
+def _check_init_settings(init: str, settings: dict) -> None:
+    """An explicit --lora_* / --head_* that differs from the --init export's is refused, as train.py does:
+    every fold loads that adapter and head as trained."""
+    import dataclasses
+
+    from model.export_folder import read_manifest
+    from training.config import TrainConfig
+    from training.init_settings import adopt_init_settings
+
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    given = {k: v for k, v in settings.items() if k in known}
+    adopt_init_settings(dataclasses.replace(TrainConfig(), **given), read_manifest(init), explicit=given, init_path=init)
+
+
 def _check_options(opts: CVOptions) -> tuple[list[Case], dict, str | None]:
     unknown = [s for s in opts.systems if s not in ALL_SYSTEMS]
     if unknown or not opts.systems:
@@ -143,6 +157,7 @@ def _check_options(opts: CVOptions) -> tuple[list[Case], dict, str | None]:
         from training.loop import resolve_init
 
         init = str(resolve_init(opts.init))
+        _check_init_settings(init, settings)
     if opts.config is not None and not Path(opts.config).is_file():
         raise InputError("config file not found", opts.config)
     cases = load_cases(opts.xml, opts.key)

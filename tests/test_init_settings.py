@@ -61,3 +61,15 @@ def test_run_config_records_the_adapter_it_trained(domain_run, tmp_path):
     assert (recorded["lora_r"], recorded["lora_alpha"], recorded["head_proj_dim"]) == (4, 8, 16)
     adapter = json.loads((tmp_path / "task" / "export" / "adapter_config.json").read_text())
     assert adapter["r"] == 4
+
+
+def test_cv_refuses_an_explicit_setting_that_differs_from_the_init_export(domain_run, tmp_path):
+    """score.py cv starts every fold from --init: the same rule as train.py, before anything is written."""
+    out = tmp_path / "cv"
+    proc = subprocess.run([sys.executable, str(ROOT / "score.py"), "cv", "--xml", str(XML), "--key", str(KEY),
+                           "--folds", "2", "--preset", "tiny", "--init", str(domain_run), "--out", str(out),
+                           "--lora_r", "32"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stdout == ""
+    [line] = proc.stderr.strip().splitlines()
+    assert "--lora_r" in line and "--init" in line
+    assert not out.exists()
