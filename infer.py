@@ -13,6 +13,7 @@ Tune a retrieval ensemble with
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -37,24 +38,24 @@ def _positive(value: str) -> int:
     return n
 
 
-def _probability(value: str) -> float:
-    try:
-        x = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {value!r}") from None
-    if not 0.0 <= x <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {value!r}")
-    return x
+def _finite_number(low: float, high: float = math.inf, *, above_low: bool = False):
+    """An argparse type: a finite float in [low, high] (in (low, high] with ``above_low``)."""
+    bounds = f"{'(' if above_low else '['}{low:g}, {high:g}]"
+
+    def parse(value: str) -> float:
+        try:
+            x = float(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number in {bounds}, got {value!r}") from None
+        if not (math.isfinite(x) and (x > low if above_low else x >= low) and x <= high):
+            raise argparse.ArgumentTypeError(f"must be a finite number in {bounds}, got {value!r}")
+        return x
+
+    return parse
 
 
-def _positive_float(value: str) -> float:
-    try:
-        x = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {value!r}") from None
-    if not x > 0:
-        raise argparse.ArgumentTypeError("must be > 0")
-    return x
+_probability = _finite_number(0.0, 1.0)
+_positive_float = _finite_number(0.0, above_low=True)
 
 
 def build_parser() -> argparse.ArgumentParser:

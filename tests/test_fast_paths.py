@@ -271,7 +271,7 @@ def test_bench_run_smoke_has_old_and_fast_inference_rows(tmp_path, monkeypatch):
         assert row["new_tokens"] > 0 and set(row["load_steps_s"]) == {"base_s", "dequantise_s", "adapter_merge_s"}
 
 
-@pytest.mark.parametrize("value", ["0", "-3", "lots"])
+@pytest.mark.parametrize("value", ["0", "-3", "lots", "inf", "nan"])
 def test_infer_max_memory_gb_must_be_a_positive_number(value, capsys):
     import infer
 
