@@ -24,9 +24,6 @@ from data.atomic import check_file_target, write_json_atomic
 from data.errors import exit_on_input_error, exit_on_interrupt
 from data.submission import MAX_WORDS
 from metrics.alignment import SCORE_KEYS
-from metrics.case_sets import same_cases as _same_cases  # noqa: F401  (kept for callers of score.py)
-from metrics.case_sets import unique_case_ids as _unique_case_ids  # noqa: F401
-from metrics.generation import GenerationScores  # noqa: F401
 from metrics.relevance import SCORE_KEYS as ST2_SCORE_KEYS
 from metrics.subtask2 import score_subtask2
 from metrics.subtask3 import score_subtask3

@@ -54,16 +54,6 @@ def split_flags(argv: list[str]) -> tuple[set[str], list[str]]:
     return {a for a in argv if a in CLI_FLAGS}, [a for a in argv if a not in CLI_FLAGS]
 
 
-def check_init_settings(cfg, explicit: dict):
-    """The --init export's adapter/head settings; an explicit different --lora_* / --head_* is exit 2."""
-    from model.export_folder import find_export, read_manifest
-    from training.init_settings import adopt_init_settings
-
-    export = find_export(cfg.init)
-    return adopt_init_settings(cfg, read_manifest(export), explicit=set(explicit), init_path=export,
-                               note=lambda line: print(line, file=sys.stderr))
-
-
 def usage() -> str:
     from training.config_docs import config_keys_help
 
@@ -89,7 +79,10 @@ def main(argv: list[str] | None = None) -> int:
     else:
         cfg = build_config(overrides, config_file=config_file)
         if cfg.init and cfg.stage == "task":
-            cfg = check_init_settings(cfg, explicit=overrides)
+            from training.init_settings import check_init_settings
+
+            cfg = check_init_settings(cfg, cfg.init, explicit=overrides,
+                                      note=lambda line: print(line, file=sys.stderr))
     if "--print-config" in flags:
         from training.config_docs import config_as_toml
 

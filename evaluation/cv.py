@@ -33,6 +33,7 @@ from data.records import Case
 from data.submission import subtask2_entries, subtask3_entries, subtask4_entries, write_submission
 from metrics.alignment import score_alignment
 from metrics.generation import score_generation
+from metrics.training_cases import TRAINING_CASES_LABEL
 
 from . import plots
 from .bootstrap import (
@@ -47,7 +48,6 @@ from .bootstrap import (
     resample_indices,
 )
 from .folds import (
-    TRAINING_CASES_LABEL,
     Fold,
     assert_chosen_on_training_cases,
     blind,
@@ -134,13 +134,12 @@ def _check_init_settings(init: str, settings: dict) -> None:
     every fold loads that adapter and head as trained."""
     import dataclasses
 
-    from model.export_folder import read_manifest
     from training.config import TrainConfig
-    from training.init_settings import adopt_init_settings
+    from training.init_settings import check_init_settings
 
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     given = {k: v for k, v in settings.items() if k in known}
-    adopt_init_settings(dataclasses.replace(TrainConfig(), **given), read_manifest(init), explicit=given, init_path=init)
+    check_init_settings(dataclasses.replace(TrainConfig(), **given), init, explicit=given)
 
 
 def _check_options(opts: CVOptions) -> tuple[list[Case], dict, str | None]:

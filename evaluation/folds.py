@@ -16,7 +16,7 @@ from baselines.crossval import case_folds
 from data.archehr import load_cases, write_cases
 from data.errors import InputError
 from data.records import AnswerSentence, Case
-from metrics.training_cases import TRAINING_CASES_LABEL, TrainingCaseLeak  # noqa: F401  (one wording, one error)
+from metrics.training_cases import TrainingCaseLeak
 
 
 @dataclass(frozen=True)

@@ -23,9 +23,7 @@ from evaluation.bootstrap import (
     resample_indices,
 )
 from evaluation.folds import (
-    TRAINING_CASES_LABEL,
     Fold,
-    TrainingCaseLeak,
     assert_chosen_on_training_cases,
     blind,
     check_folds,
@@ -33,6 +31,7 @@ from evaluation.folds import (
     write_case_files,
 )
 from metrics.alignment import score_alignment
+from metrics.training_cases import TRAINING_CASES_LABEL, TrainingCaseLeak
 
 ROOT = Path(__file__).resolve().parents[1]
 XML = ROOT / "examples" / "archehr-qa.xml"

@@ -84,7 +84,7 @@ def test_baseline_writes_valid_submissions_and_says_it_is_the_baseline(tmp_path,
 
 
 def test_baseline_with_key_prints_and_records_scores(tmp_path, capsys, shared_fixtures):
-    from score import score_subtask4
+    from metrics.subtask4 import score_subtask4
 
     xml, key = shared_fixtures / "setA" / "archehr-qa.xml", shared_fixtures / "setA" / "archehr-qa_key.json"
     ensemble = tmp_path / "bm25.json"

@@ -12,14 +12,8 @@ from data.archehr import load_cases, write_cases
 from data.errors import InputError
 from training.config import build_config, parse_overrides, read_toml
 from training.batching import collate
-from training.data import (
-    ESSENTIAL_LABELS,
-    encode_items,
-    load_task_files,
-    relevance_targets,
-    task_cases,
-    task_examples,
-)
+from data.records import ESSENTIAL_LABELS, relevance_targets
+from training.data import encode_items, load_task_files, task_cases, task_examples
 from training.joint import LossSettings, joint_losses
 from training.loop import run_training
 

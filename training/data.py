@@ -12,7 +12,7 @@ from typing import Sequence
 
 from data.errors import InputError
 from data.prompts import EncodedExample, PromptExample, encode_example, example_from_case
-from data.records import ESSENTIAL_LABELS, RELEVANT_LABELS, Case, relevance_targets  # noqa: F401  (one source)
+from data.records import Case, relevance_targets
 
 
 @dataclass
@@ -212,5 +212,3 @@ def file_sha256(path: str | Path) -> str | None:
     return digest.hexdigest()
 
 
-# Moved to training.batching (samplers and collate live together); the old import path keeps working.
-from .batching import EpochBatches, TokenBudgetBatches, collate  # noqa: E402,F401

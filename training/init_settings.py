@@ -45,3 +45,13 @@ def adopt_init_settings(cfg: TrainConfig, manifest: dict, explicit: Iterable[str
     if changed and note is not None:
         note(f"note: the --init export fixes {', '.join(changed)} (its adapter and head load as trained)")
     return dataclasses.replace(cfg, **inherited)
+
+
+def check_init_settings(cfg: TrainConfig, init: str | Path, explicit: Iterable[str],
+                        note: Callable[[str], None] | None = None) -> TrainConfig:
+    """``cfg`` with the settings of the export at ``init`` (a run or export folder); an explicit
+    (``explicit``) different --lora_* / --head_* is an InputError. Used by train.py and score.py cv."""
+    from model.export_folder import find_export, read_manifest
+
+    export = find_export(init)
+    return adopt_init_settings(cfg, read_manifest(export), explicit=explicit, init_path=export, note=note)

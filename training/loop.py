@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 
 from data.errors import InputError
+from data.records import ESSENTIAL_LABELS, relevance_targets
 from heads.alignment import NotePairHead, load_head
 from heads.config import HeadConfig
 from model.backbone import LoraSettings, compile_decoder_layers, load_backbone, load_tokenizer, resolve_preset
@@ -45,8 +46,6 @@ from .data import (
     TrainItem,
     domain_examples,
     encode_items,
-    ESSENTIAL_LABELS,
-    relevance_targets,
     task_cases,
     task_examples,
     task_sources,
