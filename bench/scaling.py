@@ -135,7 +135,8 @@ def main(argv: list[str] | None = None) -> int:
         logs = collect_rank_logs(log_dir, Path(args.out) / "logs", f"{n}gpu") if n > 1 else []
         log_rows = read_rows(out / "log.jsonl")
         row = {"gpus": n, "wall_s": round(time.perf_counter() - start, 1), "steps_logged": len(log_rows),
-               "epochs_seen": sorted({r["epoch"] for r in log_rows}), "rank_logs": logs}
+               "epochs_seen": sorted({r["epoch"] for r in log_rows}), "rank_logs": logs,
+               "tokens_per_s_by_step": [r.get("tokens_per_s") for r in log_rows]}
         if log_rows:
             last = log_rows[-1]
             row["max_mem_gb_ranks"] = last.get("max_mem_gb_ranks", [last.get("max_mem_gb")])

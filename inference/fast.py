@@ -86,6 +86,8 @@ class FastCheckpoint:
                 _release()
         if self.decode.graph_fallback and f"graph: {self.decode.graph_fallback}" not in self.fallbacks:
             self.fallbacks.append(f"graph: {self.decode.graph_fallback}")
+        if self.decode.attention_fallback and f"attention: {self.decode.attention_fallback}" not in self.fallbacks:
+            self.fallbacks.append(f"attention: {self.decode.attention_fallback}")
         return [t.strip() for t in tok.batch_decode(new, skip_special_tokens=True)]
 
     @torch.no_grad()
@@ -142,7 +144,8 @@ class FastCheckpoint:
     def report(self) -> dict:
         """What ran, for run.json: plans, decoding (CUDA graph or why not), alignment batches."""
         align = dict(self.alignment, seconds=round(self.alignment["seconds"], 3))
-        return {"engine": "fast (static KV cache, greedy on device, CUDA-graphed decode step)",
+        return {"engine": "fast (static KV cache, greedy on device, CUDA-graphed decode step, "
+                                  "cuDNN decode attention where it runs)",
                 "max_memory_gb": self.max_memory_gb, "plans": self.plans, "decode": self.decode.to_dict(),
                 "alignment": align, "fallbacks": self.fallbacks}
 

@@ -164,6 +164,42 @@ def test_fast_greedy_decode_equals_generate_token_for_token(graphs):
     assert not stats.cuda_graph  # no CUDA here: the same step, eager
 
 
+def test_decode_attention_matches_grouped_reference_with_padding_and_unwritten_slots():
+    from model.decoding import MATMUL, choose_decode_attention, decode_attention
+
+    gen = torch.Generator().manual_seed(3)
+    b, heads, n_kv, slots, d = 3, 8, 2, 11, 16
+    q = torch.randn(b, heads, 1, d, generator=gen)
+    k = torch.randn(b, n_kv, slots, d, generator=gen)
+    v = torch.randn(b, n_kv, slots, d, generator=gen)
+    keep = torch.ones(b, 1, 1, slots, dtype=torch.bool)
+    keep[0, ..., :4] = False  # left padding of a shorter prompt
+    keep[:, ..., 9:] = False  # slots the decode has not written yet
+    got = decode_attention(q, k, v, keep, d ** -0.5, MATMUL)
+    want = torch.empty_like(got)
+    for row in range(b):  # query head h reads KV head h // (heads // n_kv), real slots only
+        real = keep[row, 0, 0]
+        for h in range(heads):
+            kv = h // (heads // n_kv)
+            weights = torch.softmax(k[row, kv, real] @ q[row, h, 0] * d ** -0.5, dim=0)
+            want[row, h, 0] = weights @ v[row, kv, real]
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert choose_decode_attention(torch.device("cpu"), torch.float32, heads, n_kv, d) == (MATMUL, None)
+
+
+def test_fast_decode_records_its_attention_and_refuses_an_unknown_one():
+    from model.backbone import build_random_base
+    from model.decoding import DecodeStats, greedy_decode
+
+    model = build_random_base("tiny").eval()
+    stats = DecodeStats()
+    greedy_decode(model, [[11, 12, 13]], max_new_tokens=2, stop_ids=[], pad_id=0, batch_rows=1, stats=stats)
+    assert stats.attention == "matmul" and stats.attention_fallback is None
+    with pytest.raises(ValueError, match="attention must be"):
+        greedy_decode(model, [[11, 12, 13]], max_new_tokens=2, stop_ids=[], pad_id=0, batch_rows=1,
+                      attention="flash")
+
+
 def test_fast_decode_stops_early_when_every_row_is_done():
     from model.backbone import build_random_base
     from model.decoding import DecodeStats, greedy_decode
