@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     from model.backbone import build_random_base, decoder, resolve_preset
-    from model.decoding import MATMUL, _Batch, bucket_width, choose_decode_attention, kv_bytes_per_token
+    from model.decoding import MATMUL, DecodeBatch, bucket_width, choose_decode_attention, kv_bytes_per_token
     from inference.memory import dense_weight_bytes
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -172,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
         pad = int(torch.randint(0, max(1, width // 4), (1,), generator=gen))
         mask[r, :pad] = 0
         ids[r, :pad] = 0
-    batch = _Batch(model, args.rows, width, args.new, [cfg.vocab_size - 1], 0, device, dtype, MATMUL)
+    batch = DecodeBatch(model, args.rows, width, args.new, [cfg.vocab_size - 1], 0, device, dtype, MATMUL)
     result: dict = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
                     "device": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu",
                     "torch": torch.__version__, "preset": args.preset, "rows": args.rows, "width": width,

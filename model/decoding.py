@@ -140,7 +140,7 @@ def supports_fast_decode(model) -> str | None:
     return None
 
 
-class _Batch:
+class DecodeBatch:
     """Static buffers and (on CUDA) the captured decode step for one (rows, width) bucket."""
 
     def __init__(self, model, rows: int, width: int, max_new_tokens: int, stop_ids: list[int], pad_id: int,
@@ -335,7 +335,7 @@ def greedy_decode(
             ids[r, width - len(p):] = torch.tensor(p, dtype=torch.long)
             mask[r, width - len(p):] = 1
         t0 = time.perf_counter()
-        batch = _Batch(model, rows, width, max_new_tokens, stop_ids, pad_id, device, dtype, attention)
+        batch = DecodeBatch(model, rows, width, max_new_tokens, stop_ids, pad_id, device, dtype, attention)
         chunk_rows = max(1, prefill_tokens // width)
         batch.prefill(ids.to(device), mask.to(device), chunk_rows)
         _sync(device)
@@ -357,7 +357,7 @@ def greedy_decode(
                 if attention != MATMUL:  # the conservative step from here on, said in run.json
                     stats.attention_fallback = f"after the failed capture ({stats.graph_fallback[:80]})"
                     attention = stats.attention = MATMUL
-                batch = _Batch(model, rows, width, max_new_tokens, stop_ids, pad_id, device, dtype, attention)
+                batch = DecodeBatch(model, rows, width, max_new_tokens, stop_ids, pad_id, device, dtype, attention)
                 batch.prefill(ids.to(device), mask.to(device), chunk_rows)
             _sync(device)
             stats.capture_s += time.perf_counter() - t0
