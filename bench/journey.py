@@ -232,6 +232,7 @@ def _infer_stage(args, work: Path, task: Path, cap, device) -> dict:
                    if new_tokens and timings.get("subtask3") else None,
                    cuda_graph=(fast.get("decode") or {}).get("cuda_graph"),
                    gen_batches=(fast.get("decode") or {}).get("batches"),
+                   alignment=fast.get("alignment"), relevance=fast.get("relevance"),
                    written=sorted(p.name for p in sub.iterdir()))
     return row
 

@@ -256,6 +256,27 @@ def run_inference(model_dir: str, preset: str, device, merged: bool, n_answers: 
     }
 
 
+def relevance_row(fast, cases, device, n_check: int = 8) -> dict:
+    """Subtask 2 relevance of ``cases`` in token-budget groups (as infer.py runs it), timed,
+    and its largest difference from one forward per case on the first ``n_check`` cases."""
+    import numpy as np
+
+    from data.prompts import encode_example, example_from_case
+    from model.head_scoring import relevance_probabilities
+
+    sync(device)
+    t0 = time.perf_counter()
+    batched = fast.score_relevance_all(cases)
+    sync(device)
+    seconds = time.perf_counter() - t0
+    inner = fast.inner
+    one = [relevance_probabilities(inner.model, inner.head,
+                                   [encode_example(inner.tokenizer, example_from_case(c, with_answer=False))])[0]
+           for c in cases[:n_check]]
+    diff = max(float(np.abs(a - b).max()) for a, b in zip(batched, one))
+    return {"relevance_s": round(seconds, 2), "relevance_max_abs_diff": diff, "relevance_checked_cases": len(one)}
+
+
 def run_fast_inference(model_dir: str, preset: str, device, n_answers: int, n_align: int, max_new_tokens: int,
                        adapter_dir: str, cap_gb: float | None = None) -> dict:
     """The fast path (inference/fast.py) as infer.py runs it: under ``cap_gb`` (the process's
@@ -302,6 +323,7 @@ def run_fast_inference(model_dir: str, preset: str, device, n_answers: int, n_al
         sync(device)
         align_s = time.perf_counter() - t0
         assert len(scores) == n_align and len(answers) == n_answers
+        relevance = relevance_row(fast, align_cases, device)  # Subtask 2, apart from total_s
         new_tokens = sum(len(ckpt.tokenizer(a, add_special_tokens=False)["input_ids"]) for a in answers)
         report = fast.report()
         decode = report["decode"]
@@ -318,7 +340,7 @@ def run_fast_inference(model_dir: str, preset: str, device, n_answers: int, n_al
             "decode_tokens_per_s": round(decode["new_tokens"] / gen_s, 1),
             "decode_only_tokens_per_s": round(decode["new_tokens"] / max(decode["decode_s"], 1e-9), 1),
             "gen_batches": decode["batches"], "plans": report["plans"], "alignment": report["alignment"],
-            **peaks(device),
+            **relevance, "relevance": report["relevance"], **peaks(device),
         }
         del fast, ckpt, backbone, head
     except torch.OutOfMemoryError as err:

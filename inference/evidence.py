@@ -34,11 +34,22 @@ def checkpoint_threshold(manifest: dict, override: float | None) -> tuple[float,
     return float(record["threshold"]), f"manifest ({record.get('calibrated_on', 'unknown')})"
 
 
+NO_RELEVANCE_OUTPUT = ("the checkpoint's head has no relevance output (head_relevance = false): "
+                       "use --subtasks 3,4")
+
+
 def checkpoint_probabilities(checkpoint, cases: list[Case], progress: bool = True) -> dict[str, np.ndarray]:
-    """``case_id -> [n_note]`` relevance probabilities from the checkpoint's head."""
+    """``case_id -> [n_note]`` relevance probabilities from the checkpoint's head: all cases
+    at once in token-budget groups where the checkpoint can (``score_relevance_all``, the
+    fast engine), else one forward per case."""
     from data.prompts import encode_example, example_from_case
     from model.head_scoring import relevance_probabilities
 
+    if hasattr(checkpoint, "score_relevance_all") and not hasattr(checkpoint, "score_relevance"):
+        probs = checkpoint.score_relevance_all(cases)
+        if probs is None:
+            raise InputError(NO_RELEVANCE_OUTPUT)
+        return {case.case_id: np.asarray(p, dtype=np.float64) for case, p in zip(cases, probs)}
     out: dict[str, np.ndarray] = {}
     for case in tqdm(cases, desc="subtask 2 (head)", unit="case", disable=not progress):
         if hasattr(checkpoint, "score_relevance"):  # a checkpoint object that scores relevance itself
@@ -47,8 +58,7 @@ def checkpoint_probabilities(checkpoint, cases: list[Case], progress: bool = Tru
         enc = encode_example(checkpoint.tokenizer, example_from_case(case, with_answer=False))
         probs = relevance_probabilities(checkpoint.model, checkpoint.head, [enc])
         if probs is None:
-            raise InputError("the checkpoint's head has no relevance output (head_relevance = false): "
-                             "use --subtasks 3,4")
+            raise InputError(NO_RELEVANCE_OUTPUT)
         out[case.case_id] = np.asarray(probs[0], dtype=np.float64)
     return out
 

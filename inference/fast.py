@@ -1,6 +1,7 @@
 """The fast inference engine around a loaded checkpoint: memory-planned batches, greedy
 decoding with a static cache and CUDA graphs (:mod:`model.decoding`), alignment forwards
-grouped by length under a token budget.
+grouped by length under a token budget, and the Subtask 2 relevance forwards the same way
+(``score_relevance_all``).
 
 :class:`FastCheckpoint` keeps the :class:`model.checkpoint.LoadedCheckpoint` interface
 (``generate_answers``, ``score_all``, ``score_pairs``, ``threshold``, ``manifest``), so the
@@ -14,11 +15,11 @@ from typing import Callable
 import numpy as np
 import torch
 
-from data.prompts import chat_prompt, example_from_case
+from data.prompts import chat_prompt, encode_example, example_from_case
 from data.records import Case
 from model.checkpoint import stop_ids  # the one definition of the stop set
 from model.decoding import DecodeStats, greedy_decode, supports_fast_decode
-from model.head_scoring import encode_for_scoring, group_pair_probabilities
+from model.head_scoring import encode_for_scoring, group_pair_probabilities, group_relevance_probabilities
 
 from .memory import BatchPlan, plan_batches, token_budget_groups
 
@@ -43,6 +44,7 @@ class FastCheckpoint:
         self.plans: list[dict] = []
         self.decode = DecodeStats()
         self.alignment: dict = {"forwards": 0, "tokens": 0, "padded_tokens": 0, "seconds": 0.0}
+        self.relevance: dict = {"forwards": 0, "tokens": 0, "padded_tokens": 0, "seconds": 0.0}  # Subtask 2
         self.fallbacks: list[str] = []
 
     # the LoadedCheckpoint attributes the pipeline reads
@@ -97,40 +99,62 @@ class FastCheckpoint:
         budget comes from free memory. ``batch_size`` is accepted for the LoadedCheckpoint
         interface (the pipeline passes its old fixed size); the token budget decides."""
         out, encoded = encode_for_scoring(self.inner.tokenizer, cases)
-        if not encoded:
-            return out  # type: ignore[return-value]
+        if encoded:
+            self._score_in_groups("alignment", group_pair_probabilities, encoded, max_tokens, out)
+        return out  # type: ignore[return-value]
+
+    @torch.no_grad()
+    def score_relevance_all(self, cases: list[Case], max_tokens: int | None = None) -> list[np.ndarray] | None:
+        """[n_note] relevance probabilities per case as :func:`model.head_scoring.relevance_probabilities`
+        computes them one case at a time (question + note, no answer), grouped by length under
+        the same token budget as :meth:`score_all`. None if the head has no relevance output."""
+        if getattr(self.inner.head, "relevance_mlp", None) is None:
+            return None
+        tok = self.inner.tokenizer
+        encoded = [(i, encode_example(tok, example_from_case(case, with_answer=False)))
+                   for i, case in enumerate(cases)]
+        out: list[np.ndarray | None] = [None] * len(cases)
+        if encoded:
+            self._score_in_groups("relevance", group_relevance_probabilities, encoded, max_tokens, out)
+        return out  # type: ignore[return-value]
+
+    def _score_in_groups(self, what: str, score_group: Callable, encoded: list, max_tokens: int | None,
+                         out: list) -> None:
+        """``out[i] = score_group(...)`` for every encoded (i, example), longest first in
+        token-budget groups; an out-of-memory halves the budget (said, recorded) and retries.
+        Forwards, tokens and seconds go to ``self.<what>`` (``alignment`` or ``relevance``)."""
+        stats = getattr(self, what)
         lengths = [len(enc) for _, enc in encoded]
         if max_tokens is None:
             max_tokens = self.plan(max(lengths), 0, None).align_tokens
         t0 = time.perf_counter()
         while True:
             try:
-                self._score_groups(encoded, lengths, max_tokens, out)
+                self._score_groups(score_group, encoded, lengths, max_tokens, out, stats)
                 break
             except torch.OutOfMemoryError:
                 if max_tokens <= max(lengths):
                     raise
-                self._fallback(f"alignment ran out of memory at {max_tokens} tokens a forward; "
+                self._fallback(f"{what} ran out of memory at {max_tokens} tokens a forward; "
                                f"retried with {max_tokens // 2}")
                 max_tokens //= 2
                 _release()
-        self.alignment["seconds"] += time.perf_counter() - t0
-        self.alignment["max_tokens"] = max_tokens
-        return out  # type: ignore[return-value]
+        stats["seconds"] += time.perf_counter() - t0
+        stats["max_tokens"] = max_tokens
 
-    def _score_groups(self, encoded: list, lengths: list[int], max_tokens: int, out: list) -> None:
+    def _score_groups(self, score_group: Callable, encoded: list, lengths: list[int], max_tokens: int, out: list,
+                      stats: dict) -> None:
         inner = self.inner
         pad = inner.tokenizer.pad_token_id
         device = inner.device
         for group in token_budget_groups(lengths, max_tokens):
             width = lengths[group[0]]  # the longest: groups come longest first
-            probs = group_pair_probabilities(inner.model, inner.head, [encoded[g][1] for g in group], pad, device,
-                                             width)
+            probs = score_group(inner.model, inner.head, [encoded[g][1] for g in group], pad, device, width)
             for g, p in zip(group, probs):
                 out[encoded[g][0]] = p
-            self.alignment["forwards"] += 1
-            self.alignment["tokens"] += sum(lengths[g] for g in group)
-            self.alignment["padded_tokens"] += len(group) * width
+            stats["forwards"] += 1
+            stats["tokens"] += sum(lengths[g] for g in group)
+            stats["padded_tokens"] += len(group) * width
 
     def score_pairs(self, case: Case) -> np.ndarray:
         return self.score_all([case])[0]
@@ -142,12 +166,14 @@ class FastCheckpoint:
                 self.log(f"warning: {message}")
 
     def report(self) -> dict:
-        """What ran, for run.json: plans, decoding (CUDA graph or why not), alignment batches."""
+        """What ran, for run.json: plans, decoding (CUDA graph or why not), alignment and
+        relevance batches."""
         align = dict(self.alignment, seconds=round(self.alignment["seconds"], 3))
+        relevance = dict(self.relevance, seconds=round(self.relevance["seconds"], 3))
         return {"engine": "fast (static KV cache, greedy on device, CUDA-graphed decode step, "
                                   "cuDNN decode attention where it runs)",
                 "max_memory_gb": self.max_memory_gb, "plans": self.plans, "decode": self.decode.to_dict(),
-                "alignment": align, "fallbacks": self.fallbacks}
+                "alignment": align, "relevance": relevance, "fallbacks": self.fallbacks}
 
 
 def load_checkpoint(export_dir, *, base: str | None = None, device: str | None = None,

@@ -1,6 +1,7 @@
 """Backbone + alignment head over encoded examples: the one pair scorer, used by inference
 (:meth:`model.checkpoint.LoadedCheckpoint.score_all`, and the token-budget groups of
-:class:`inference.fast.FastCheckpoint` through :func:`group_pair_probabilities`),
+:class:`inference.fast.FastCheckpoint` through :func:`group_pair_probabilities` and
+:func:`group_relevance_probabilities`),
 cross-validation and export calibration.
 
 It lives in ``model/`` because it runs the backbone: ``model`` may use ``heads``, never the reverse.
@@ -43,10 +44,11 @@ def encode_for_scoring(tokenizer, cases: Sequence[Case]) -> tuple[list[np.ndarra
 
 
 @torch.no_grad()
-def group_pair_probabilities(backbone, head: NotePairHead, group: Sequence[EncodedExample], pad_id: int,
-                             device: torch.device, width: int | None = None) -> list[np.ndarray]:
+def group_head_outputs(backbone, head: NotePairHead, group: Sequence[EncodedExample], pad_id: int,
+                       device: torch.device, width: int | None = None) -> list[HeadOutput]:
     """One forward over ``group``, right-padded to ``width`` (default: its longest example):
-    [n_answer, n_note] sigmoid probabilities per example. Callers choose the groups and the mode."""
+    the head's raw outputs per example. Causal attention keeps every real token's state
+    independent of the padding after it. Callers choose the groups and the mode."""
     width = width or max(len(enc.input_ids) for enc in group)
     ids = torch.full((len(group), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(group), width), dtype=torch.long)
@@ -54,8 +56,27 @@ def group_pair_probabilities(backbone, head: NotePairHead, group: Sequence[Encod
         ids[row, : len(enc.input_ids)] = torch.tensor(enc.input_ids)
         mask[row, : len(enc.input_ids)] = 1
     _, hidden = backbone_hidden(backbone, ids.to(device), mask.to(device), head.config.layer)
-    return [torch.sigmoid(head(hidden[row], enc.note_spans, enc.answer_spans).pair_logits.float()).cpu().numpy()
-            for row, enc in enumerate(group)]
+    return [head(hidden[row], enc.note_spans, enc.answer_spans) for row, enc in enumerate(group)]
+
+
+@torch.no_grad()
+def group_pair_probabilities(backbone, head: NotePairHead, group: Sequence[EncodedExample], pad_id: int,
+                             device: torch.device, width: int | None = None) -> list[np.ndarray]:
+    """[n_answer, n_note] sigmoid probabilities per example of one padded forward
+    (:func:`group_head_outputs`)."""
+    return [torch.sigmoid(out.pair_logits.float()).cpu().numpy()
+            for out in group_head_outputs(backbone, head, group, pad_id, device, width)]
+
+
+@torch.no_grad()
+def group_relevance_probabilities(backbone, head: NotePairHead, group: Sequence[EncodedExample], pad_id: int,
+                                  device: torch.device, width: int | None = None) -> list[np.ndarray] | None:
+    """[n_note] sigmoid relevance probabilities per example of one padded forward
+    (:func:`group_head_outputs`); None, with no forward, if the head has no relevance output."""
+    if getattr(head, "relevance_mlp", None) is None:
+        return None
+    return [torch.sigmoid(out.relevance_logits.float()).cpu().numpy()
+            for out in group_head_outputs(backbone, head, group, pad_id, device, width)]
 
 
 @torch.no_grad()

@@ -305,6 +305,7 @@ def test_bench_run_smoke_has_old_and_fast_inference_rows(tmp_path, monkeypatch):
     assert len(result["infer"]) == 1 and [r["cap_gb"] for r in result["infer_fast"]] == [None, 16.0]
     for row in result["infer_fast"]:
         assert row["new_tokens"] > 0 and set(row["load_steps_s"]) == {"base_s", "dequantise_s", "adapter_merge_s"}
+        assert row["relevance"]["forwards"] >= 1 and row["relevance_max_abs_diff"] < 1e-2  # Subtask 2, batched
 
 
 @pytest.mark.parametrize("value", ["0", "-3", "lots", "inf", "nan"])
@@ -372,3 +373,88 @@ def test_fast_checkpoint_retries_smaller_after_out_of_memory(monkeypatch):
         plain.generate_answers(cases, max_new_tokens=4, batch_size=3)
     assert seen == [8, 4, 2]
     assert len(fast.report()["fallbacks"]) == 2 and all("out of memory" in m for m in said)
+
+
+# --- Subtask 2 relevance in token-budget groups (issue 12) ---------------------------------
+
+
+def _tiny_checkpoint(adapter_dir, relevance: bool = True):
+    from heads.alignment import NotePairHead
+    from heads.config import HeadConfig
+    from model.backbone import load_backbone, load_tokenizer
+    from model.checkpoint import LoadedCheckpoint
+
+    torch.manual_seed(0)
+    model = load_backbone("tiny", load_in_4bit=False, device="cpu", adapter_dir=adapter_dir, trainable=False)
+    head = NotePairHead(HeadConfig(hidden_size=64, relevance=relevance)).eval()
+    return LoadedCheckpoint(manifest={}, threshold=0.5, tokenizer=load_tokenizer("tiny"), model=model, head=head)
+
+
+def test_batched_relevance_equals_one_case_at_a_time(tiny_adapter):
+    from bench.synthetic import inference_cases
+    from data.prompts import encode_example, example_from_case
+    from inference.evidence import checkpoint_probabilities
+    from inference.fast import FastCheckpoint
+    from model.head_scoring import relevance_probabilities
+
+    plain = _tiny_checkpoint(tiny_adapter)
+    cases = inference_cases(6, seed=3)  # 837 to 1254 tokens without answers
+    encoded = [encode_example(plain.tokenizer, example_from_case(c, with_answer=False)) for c in cases]
+    want = [relevance_probabilities(plain.model, plain.head, [enc])[0] for enc in encoded]
+    fast = FastCheckpoint(plain)
+    got = fast.score_relevance_all(cases, max_tokens=2600)  # three groups of two rows, padded
+    assert len(got) == len(cases)
+    for g, w, case in zip(got, want, cases):
+        assert g.shape == (len(case.note_sentences),)
+        np.testing.assert_allclose(g, w, rtol=0, atol=1e-5)
+    stats = fast.report()["relevance"]
+    assert stats["forwards"] == 3 and stats["max_tokens"] == 2600
+    assert stats["tokens"] == sum(len(e.input_ids) for e in encoded) < stats["padded_tokens"]
+    assert fast.report()["alignment"]["forwards"] == 0  # its own record, not the alignment's
+    # The pipeline's entry point takes the batched path (one call for all cases, CPU plan's budget).
+    scores = checkpoint_probabilities(fast, cases, progress=False)
+    assert list(scores) == [c.case_id for c in cases] and fast.relevance["forwards"] == 4
+    for case, w in zip(cases, want):
+        assert scores[case.case_id].dtype == np.float64
+        np.testing.assert_allclose(scores[case.case_id], w, rtol=0, atol=1e-5)
+    assert checkpoint_probabilities(fast, [], progress=False) == {}
+
+
+def test_batched_relevance_without_relevance_output_is_refused(tiny_adapter):
+    from bench.synthetic import inference_cases
+    from data.errors import InputError
+    from inference.evidence import checkpoint_probabilities
+    from inference.fast import FastCheckpoint
+
+    plain = _tiny_checkpoint(tiny_adapter, relevance=False)
+    fast = FastCheckpoint(plain)
+    cases = inference_cases(2, seed=3)
+    assert fast.score_relevance_all(cases) is None and fast.relevance["forwards"] == 0
+    for ckpt in (fast, plain):  # batched and per-case paths: the same one-line error
+        with pytest.raises(InputError, match="no relevance output"):
+            checkpoint_probabilities(ckpt, cases, progress=False)
+
+
+def test_batched_relevance_halves_its_budget_after_out_of_memory(tiny_adapter, monkeypatch):
+    from bench.synthetic import inference_cases
+    from inference import fast as fast_module
+
+    real = fast_module.group_relevance_probabilities
+    sizes = []
+
+    def flaky(backbone, head, group, *args):
+        sizes.append(len(group))
+        if len(group) > 1:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(backbone, head, group, *args)
+
+    monkeypatch.setattr(fast_module, "group_relevance_probabilities", flaky)
+    said = []
+    plain = _tiny_checkpoint(tiny_adapter)
+    fast = fast_module.FastCheckpoint(plain, log=said.append)
+    cases = inference_cases(3, seed=3)
+    got = fast.score_relevance_all(cases, max_tokens=4000)
+    assert all(g is not None and g.shape == (len(c.note_sentences),) for g, c in zip(got, cases))
+    assert fast.relevance["max_tokens"] == 1000 and sizes[-3:] == [1, 1, 1]
+    assert len(said) == 2 and all(m.startswith("warning: relevance ran out of memory") for m in said)
+    assert fast.report()["fallbacks"] == [m.removeprefix("warning: ") for m in said]

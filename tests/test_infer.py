@@ -305,6 +305,35 @@ def test_tiny_checkpoint_end_to_end(tmp_path, capsys, tiny_export):
         assert [p["evidence_id"] for p in entry["prediction"]] == expected
 
 
+def test_tiny_checkpoint_subtask2_batched_equals_one_case_at_a_time(tmp_path, capsys, tiny_export, monkeypatch):
+    """The fast engine's token-budget relevance groups write the same Subtask 2 file as the
+    plain checkpoint's one forward per case."""
+    import inference.fast
+    from data.prompts import encode_example, example_from_case
+    from model.checkpoint import load_export
+    from model.head_scoring import relevance_probabilities
+
+    cases = load_cases(EXAMPLE_XML)
+    ckpt = load_export(tiny_export, device="cpu")
+    probs = [relevance_probabilities(ckpt.model, ckpt.head, [encode_example(ckpt.tokenizer,
+                                                                           example_from_case(c, with_answer=False))])[0]
+             for c in cases]
+    threshold = float(np.median(np.concatenate(probs)))  # some notes in, some out
+    args = [EXAMPLE_XML, "--checkpoint", tiny_export, "--subtasks", "2", "--device", "cpu",
+            "--relevance-threshold", repr(threshold)]
+    fast_run, _ = run_infer(capsys, *args, "--out", tmp_path / "fast")
+    load = inference.fast.load_checkpoint
+    monkeypatch.setattr(inference.fast, "load_checkpoint", lambda *a, **k: load(*a, **{**k, "fast": False}))
+    plain_run, _ = run_infer(capsys, *args, "--out", tmp_path / "plain")
+    assert fast_run["fast_inference"]["relevance"]["forwards"] >= 1 and plain_run["fast_inference"] is None
+    written = (tmp_path / "fast" / "subtask2" / "submission.json").read_bytes()
+    assert written == (tmp_path / "plain" / "subtask2" / "submission.json").read_bytes()
+    entries = check_outputs(tmp_path / "fast", cases, subtasks=(2,))[2]
+    for entry, case, p in zip(entries, cases, probs):
+        assert entry["prediction"] == [s for s, x in zip(case.note_ids, p) if x >= threshold]
+    assert 0 < sum(len(e["prediction"]) for e in entries) < sum(len(c.note_ids) for c in cases)
+
+
 def test_tiny_checkpoint_on_its_training_cases_is_refused(tmp_path, capsys, tiny_export):
     out = tmp_path / "run"
     with pytest.raises(SystemExit) as err:
