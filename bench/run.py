@@ -256,9 +256,9 @@ def run_inference(model_dir: str, preset: str, device, merged: bool, n_answers: 
     }
 
 
-def relevance_row(fast, cases, device, n_check: int = 8) -> dict:
+def relevance_row(fast, cases, device) -> dict:
     """Subtask 2 relevance of ``cases`` in token-budget groups (as infer.py runs it), timed,
-    and its largest difference from one forward per case on the first ``n_check`` cases."""
+    beside the baseline of one forward per case (the path before batching), also timed."""
     import numpy as np
 
     from data.prompts import encode_example, example_from_case
@@ -270,11 +270,15 @@ def relevance_row(fast, cases, device, n_check: int = 8) -> dict:
     sync(device)
     seconds = time.perf_counter() - t0
     inner = fast.inner
+    t0 = time.perf_counter()
     one = [relevance_probabilities(inner.model, inner.head,
                                    [encode_example(inner.tokenizer, example_from_case(c, with_answer=False))])[0]
-           for c in cases[:n_check]]
+           for c in cases]
+    sync(device)
+    per_case_s = time.perf_counter() - t0
     diff = max(float(np.abs(a - b).max()) for a, b in zip(batched, one))
-    return {"relevance_s": round(seconds, 2), "relevance_max_abs_diff": diff, "relevance_checked_cases": len(one)}
+    return {"relevance_s": round(seconds, 2), "relevance_per_case_s": round(per_case_s, 2),
+            "relevance_max_abs_diff": diff, "relevance_checked_cases": len(one)}
 
 
 def run_fast_inference(model_dir: str, preset: str, device, n_answers: int, n_align: int, max_new_tokens: int,
