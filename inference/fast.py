@@ -19,7 +19,7 @@ from data.prompts import chat_prompt, encode_example, example_from_case
 from data.records import Case
 from model.checkpoint import stop_ids  # the one definition of the stop set
 from model.decoding import DecodeStats, greedy_decode, supports_fast_decode
-from model.head_scoring import encode_for_scoring, group_pair_probabilities, group_relevance_probabilities
+from model.head_scoring import encode_for_scoring, group_head_outputs, group_relevance_probabilities
 
 from .memory import BatchPlan, plan_batches, token_budget_groups
 
@@ -30,6 +30,13 @@ def _release() -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+
+
+def _note_prefix(enc) -> tuple:
+    """What an example's note-sentence states depend on: its tokens up to the last note
+    sentence's end, and the note spans."""
+    end = max((stop for _, stop in enc.note_spans), default=0)
+    return tuple(enc.input_ids[:end]), tuple(tuple(span) for span in enc.note_spans)
 
 
 class FastCheckpoint:
@@ -44,8 +51,12 @@ class FastCheckpoint:
         self.plans: list[dict] = []
         self.decode = DecodeStats()
         self.alignment: dict = {"forwards": 0, "tokens": 0, "padded_tokens": 0, "seconds": 0.0}
-        self.relevance: dict = {"forwards": 0, "tokens": 0, "padded_tokens": 0, "seconds": 0.0}  # Subtask 2
+        self.relevance: dict = {"forwards": 0, "tokens": 0, "padded_tokens": 0, "seconds": 0.0,  # Subtask 2
+                                "reused_from_alignment": 0}
         self.fallbacks: list[str] = []
+        # case id -> (the tokens and spans the note states depend on, relevance probabilities)
+        # from the alignment forwards, for Subtask 2 to reuse (see score_relevance_all)
+        self._relevance_seen: dict[str, tuple[tuple, np.ndarray]] = {}
 
     # the LoadedCheckpoint attributes the pipeline reads
     def __getattr__(self, name):
@@ -100,7 +111,17 @@ class FastCheckpoint:
         interface (the pipeline passes its old fixed size); the token budget decides."""
         out, encoded = encode_for_scoring(self.inner.tokenizer, cases)
         if encoded:
-            self._score_in_groups("alignment", group_pair_probabilities, encoded, max_tokens, out)
+            case_of = {id(enc): cases[i].case_id for i, enc in encoded}
+
+            def pairs_keeping_relevance(backbone, head, group, pad_id, device, width):
+                outputs = group_head_outputs(backbone, head, group, pad_id, device, width)
+                for enc, output in zip(group, outputs):
+                    if output.relevance_logits is not None:
+                        self._relevance_seen[case_of[id(enc)]] = (
+                            _note_prefix(enc), torch.sigmoid(output.relevance_logits.float()).cpu().numpy())
+                return [torch.sigmoid(output.pair_logits.float()).cpu().numpy() for output in outputs]
+
+            self._score_in_groups("alignment", pairs_keeping_relevance, encoded, max_tokens, out)
         return out  # type: ignore[return-value]
 
     @torch.no_grad()
@@ -111,11 +132,21 @@ class FastCheckpoint:
         if getattr(self.inner.head, "relevance_mlp", None) is None:
             return None
         tok = self.inner.tokenizer
-        encoded = [(i, encode_example(tok, example_from_case(case, with_answer=False)))
-                   for i, case in enumerate(cases)]
         out: list[np.ndarray | None] = [None] * len(cases)
-        if encoded:
-            self._score_in_groups("relevance", group_relevance_probabilities, encoded, max_tokens, out)
+        todo = []
+        for i, case in enumerate(cases):
+            enc = encode_example(tok, example_from_case(case, with_answer=False))
+            seen = self._relevance_seen.get(case.case_id)
+            # The relevance logits read only the note sentences' states, and attention is
+            # causal: an alignment forward whose tokens up to the last note sentence are these
+            # tokens (the answer sentences come after) already computed them.
+            if seen is not None and seen[0] == _note_prefix(enc):
+                out[i] = seen[1]
+                self.relevance["reused_from_alignment"] += 1
+            else:
+                todo.append((i, enc))
+        if todo:
+            self._score_in_groups("relevance", group_relevance_probabilities, todo, max_tokens, out)
         return out  # type: ignore[return-value]
 
     def _score_in_groups(self, what: str, score_group: Callable, encoded: list, max_tokens: int | None,

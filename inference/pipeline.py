@@ -407,10 +407,10 @@ def run_inference(opts: InferenceOptions, log: Log = _stderr, show: Log = _stdou
     _start_run_record(r)
     if 3 in r.opts.subtasks:
         _predict_subtask3(r, log)
+    if 4 in r.opts.subtasks:  # before Subtask 2: the fast engine reuses its forwards' relevance
+        _predict_subtask4(r, log)
     if 2 in r.opts.subtasks:
         _predict_subtask2(r, log)
-    if 4 in r.opts.subtasks:
-        _predict_subtask4(r, log)
     written, scores = _write_and_score(r, log, show)
     _report(r, written, log, show)
     return InferenceResult(r.opts.out, r.run, written, r.skipped, scores)

@@ -305,7 +305,9 @@ def test_bench_run_smoke_has_old_and_fast_inference_rows(tmp_path, monkeypatch):
     assert len(result["infer"]) == 1 and [r["cap_gb"] for r in result["infer_fast"]] == [None, 16.0]
     for row in result["infer_fast"]:
         assert row["new_tokens"] > 0 and set(row["load_steps_s"]) == {"base_s", "dequantise_s", "adapter_merge_s"}
-        assert row["relevance"]["forwards"] >= 1 and row["relevance_max_abs_diff"] < 1e-2  # Subtask 2, batched
+        # Subtask 2: read off the alignment forwards, and batched on its own; both near per-case
+        assert row["relevance_reused_cases"] >= 1 and row["relevance"]["forwards"] == 0
+        assert row["relevance_max_abs_diff"] < 1e-2 and row["relevance_reused_max_abs_diff"] < 1e-2
 
 
 @pytest.mark.parametrize("value", ["0", "-3", "lots", "inf", "nan"])
@@ -418,6 +420,31 @@ def test_batched_relevance_equals_one_case_at_a_time(tiny_adapter):
         assert scores[case.case_id].dtype == np.float64
         np.testing.assert_allclose(scores[case.case_id], w, rtol=0, atol=1e-5)
     assert checkpoint_probabilities(fast, [], progress=False) == {}
+
+
+def test_relevance_is_read_from_the_alignment_forwards_when_the_note_prefix_matches(tiny_adapter):
+    """After Subtask 4's forwards (question + note + answer), Subtask 2 reuses their relevance
+    logits (they read only the note's states, and attention is causal) and equals a fresh
+    computation without answers; a case whose note differs under the same id is recomputed."""
+    import dataclasses
+
+    from bench.synthetic import inference_cases
+    from inference.fast import FastCheckpoint
+
+    plain = _tiny_checkpoint(tiny_adapter)
+    cases = inference_cases(4, seed=5)
+    want = FastCheckpoint(plain).score_relevance_all(cases, max_tokens=2600)
+    fast = FastCheckpoint(plain)
+    fast.score_all(cases, max_tokens=2600)
+    changed = dataclasses.replace(cases[2], note_sentences=cases[2].note_sentences[:-1])
+    got = fast.score_relevance_all([*cases[:2], changed, cases[3]], max_tokens=2600)
+    stats = fast.report()["relevance"]
+    assert stats["reused_from_alignment"] == 3 and stats["forwards"] == 1
+    for i in (0, 1, 3):
+        np.testing.assert_allclose(got[i], want[i], rtol=0, atol=1e-5)
+    fresh = FastCheckpoint(plain).score_relevance_all([changed], max_tokens=2600)[0]
+    assert got[2].shape == (len(changed.note_sentences),)
+    np.testing.assert_allclose(got[2], fresh, rtol=0, atol=1e-5)
 
 
 def test_batched_relevance_without_relevance_output_is_refused(tiny_adapter):

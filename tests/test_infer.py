@@ -305,9 +305,12 @@ def test_tiny_checkpoint_end_to_end(tmp_path, capsys, tiny_export):
         assert [p["evidence_id"] for p in entry["prediction"]] == expected
 
 
-def test_tiny_checkpoint_subtask2_batched_equals_one_case_at_a_time(tmp_path, capsys, tiny_export, monkeypatch):
-    """The fast engine's token-budget relevance groups write the same Subtask 2 file as the
-    plain checkpoint's one forward per case."""
+@pytest.mark.parametrize("subtasks", ["2", "2,4"])
+def test_tiny_checkpoint_subtask2_batched_equals_one_case_at_a_time(tmp_path, capsys, tiny_export, monkeypatch,
+                                                                    subtasks):
+    """The fast engine's token-budget relevance groups (or, with Subtask 4, the relevance read
+    from its alignment forwards) write the same Subtask 2 file as the plain checkpoint's one
+    forward per case."""
     import inference.fast
     from data.prompts import encode_example, example_from_case
     from model.checkpoint import load_export
@@ -319,13 +322,18 @@ def test_tiny_checkpoint_subtask2_batched_equals_one_case_at_a_time(tmp_path, ca
                                                                            example_from_case(c, with_answer=False))])[0]
              for c in cases]
     threshold = float(np.median(np.concatenate(probs)))  # some notes in, some out
-    args = [EXAMPLE_XML, "--checkpoint", tiny_export, "--subtasks", "2", "--device", "cpu",
+    args = [EXAMPLE_XML, "--checkpoint", tiny_export, "--subtasks", subtasks, "--device", "cpu",
             "--relevance-threshold", repr(threshold)]
     fast_run, _ = run_infer(capsys, *args, "--out", tmp_path / "fast")
     load = inference.fast.load_checkpoint
     monkeypatch.setattr(inference.fast, "load_checkpoint", lambda *a, **k: load(*a, **{**k, "fast": False}))
     plain_run, _ = run_infer(capsys, *args, "--out", tmp_path / "plain")
-    assert fast_run["fast_inference"]["relevance"]["forwards"] >= 1 and plain_run["fast_inference"] is None
+    relevance = fast_run["fast_inference"]["relevance"]
+    if subtasks == "2":
+        assert relevance["forwards"] >= 1 and relevance["reused_from_alignment"] == 0
+    else:  # every example case has answer sentences: no forward of its own
+        assert relevance["forwards"] == 0 and relevance["reused_from_alignment"] == len(cases)
+    assert plain_run["fast_inference"] is None
     written = (tmp_path / "fast" / "subtask2" / "submission.json").read_bytes()
     assert written == (tmp_path / "plain" / "subtask2" / "submission.json").read_bytes()
     entries = check_outputs(tmp_path / "fast", cases, subtasks=(2,))[2]
