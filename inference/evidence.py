@@ -40,8 +40,8 @@ NO_RELEVANCE_OUTPUT = ("the checkpoint's head has no relevance output (head_rele
 
 def checkpoint_probabilities(checkpoint, cases: list[Case], progress: bool = True) -> dict[str, np.ndarray]:
     """``case_id -> [n_note]`` relevance probabilities from the checkpoint's head: all cases
-    at once in token-budget groups where the checkpoint can (``score_relevance_all``, the
-    fast engine), else one forward per case."""
+    at once where the checkpoint can (``score_relevance_all``, the fast engine: read off its
+    Subtask 4 forwards, else in token-budget groups), else one forward per case."""
     from data.prompts import encode_example, example_from_case
     from model.head_scoring import relevance_probabilities
 
