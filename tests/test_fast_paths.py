@@ -292,6 +292,28 @@ def test_journey_split_over_two_calls_continues_in_the_same_work_folder(tmp_path
     assert [r["stage"] for r in second["stages"]] == ["task", "infer"] and second["passed"]
 
 
+def test_decode_profile_runs_on_cpu_and_states_the_floor(tmp_path, capsys):
+    import json
+
+    from bench import decode_profile
+    from inference.memory import dense_weight_bytes
+    from model.backbone import build_random_base, decoder, resolve_preset
+    from model.decoding import kv_bytes_per_token
+
+    assert decode_profile.main(["--preset", "tiny", "--rows", "3", "--width", "64", "--new", "4",
+                                "--bandwidth-tbs", "1", "--out", str(tmp_path)]) == 0
+    (path,) = tmp_path.glob("decode-profile-*.json")
+    result = json.loads(path.read_text())
+    assert result["width"] == 64 and result["cache_slots"] == 64 + 3
+    assert result["chosen_attention"] == "matmul" and result["attention_fallback"] is None  # CPU
+    assert result["step_ms_graph"] > 0 and result["step_ms_graph_chosen"] > 0
+    assert any(op["name"] == "aten::matmul" for op in result["profile"]["aten_ops"])
+    arch = resolve_preset("tiny").arch
+    cache = kv_bytes_per_token(decoder(build_random_base("tiny")).config) * 3 * 67
+    assert result["floor"]["ms_at_bandwidth"] == round(1e3 * (dense_weight_bytes(arch) + cache) / 1e12, 2)
+    assert "wrote" in capsys.readouterr().out
+
+
 @pytest.mark.slow
 def test_bench_run_smoke_has_old_and_fast_inference_rows(tmp_path, monkeypatch):
     import json
