@@ -67,6 +67,8 @@ def choose_decode_attention(device: torch.device, dtype: torch.dtype, heads: int
     with the matmul formulation on a small probe (cached per shape); else the matmul one."""
     if device.type != "cuda":
         return MATMUL, None
+    if dtype not in (torch.bfloat16, torch.float16):
+        return MATMUL, f"cuDNN attention takes bf16 or fp16, the model runs in {dtype}"
     key = (str(device), dtype, heads, n_kv, head_dim)
     if key not in _CUDNN_PROBES:
         gen = torch.Generator(device=device).manual_seed(0)
