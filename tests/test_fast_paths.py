@@ -185,6 +185,9 @@ def test_decode_attention_matches_grouped_reference_with_padding_and_unwritten_s
             want[row, h, 0] = weights @ v[row, kv, real]
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     assert choose_decode_attention(torch.device("cpu"), torch.float32, heads, n_kv, d) == (MATMUL, None)
+    # an fp32 model on CUDA keeps the matmul attention, with the reason (no probe needed to know)
+    impl, why = choose_decode_attention(torch.device("cuda"), torch.float32, heads, n_kv, d)
+    assert impl == MATMUL and "bf16 or fp16" in why
 
 
 def test_fast_decode_records_its_attention_and_refuses_an_unknown_one():
