@@ -127,8 +127,9 @@ class FastCheckpoint:
     @torch.no_grad()
     def score_relevance_all(self, cases: list[Case], max_tokens: int | None = None) -> list[np.ndarray] | None:
         """[n_note] relevance probabilities per case as :func:`model.head_scoring.relevance_probabilities`
-        computes them one case at a time (question + note, no answer), grouped by length under
-        the same token budget as :meth:`score_all`. None if the head has no relevance output."""
+        computes them one case at a time (question + note, no answer): read off an earlier
+        :meth:`score_all` forward of the same case where its note tokens match, the other cases
+        grouped by length under the same token budget. None if the head has no relevance output."""
         if getattr(self.inner.head, "relevance_mlp", None) is None:
             return None
         tok = self.inner.tokenizer
