@@ -77,8 +77,10 @@ def should_merge(arch: dict, budget_bytes: int | None) -> tuple[bool, str]:
 def activation_bytes_per_token(config) -> int:
     """A forward's live activations per token (no cache): residual, attention and MLP
     temporaries in bf16, with room for the mask and the head's captured hidden state."""
+    from model.decoding import head_dim_of
+
     h, inter = config.hidden_size, config.intermediate_size
-    head_dim = getattr(config, "head_dim", None) or h // config.num_attention_heads
+    head_dim = head_dim_of(config)
     qkv = head_dim * (config.num_attention_heads + 2 * config.num_key_value_heads)
     return int(2 * (6 * h + 3 * inter + 2 * qkv) * 1.5)
 

@@ -100,10 +100,14 @@ def bucket_width(n: int) -> int:
     return int(math.ceil(n / WIDTH_BUCKET) * WIDTH_BUCKET)
 
 
+def head_dim_of(config) -> int:
+    """A Qwen3-style config's attention head size (``head_dim``, else hidden / heads)."""
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
 def kv_bytes_per_token(config, dtype_bytes: int = 2) -> int:
     """Bytes of K and V cache one token takes over all layers."""
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    return 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * dtype_bytes
+    return 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim_of(config) * dtype_bytes
 
 
 @dataclass
@@ -153,7 +157,7 @@ class DecodeBatch:
         cfg = self.dec.config
         self.n_layers = cfg.num_hidden_layers
         self.n_kv = cfg.num_key_value_heads
-        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.head_dim = head_dim_of(cfg)
         self.rows, self.width, self.max_new = rows, width, max_new_tokens
         total = width + max(max_new_tokens - 1, 0)
         self.total = total
@@ -311,9 +315,8 @@ def greedy_decode(
     use_cuda_graph = use_cuda_graph and device.type == "cuda"
     if attention is None:
         cfg = decoder(model).config
-        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         attention, why_not = choose_decode_attention(device, dtype, cfg.num_attention_heads,
-                                                     cfg.num_key_value_heads, head_dim)
+                                                     cfg.num_key_value_heads, head_dim_of(cfg))
         if why_not and stats.attention_fallback != why_not:
             stats.attention_fallback = why_not
             if log:
