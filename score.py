@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 from data.atomic import check_file_target, write_json_atomic
-from data.errors import exit_on_input_error, exit_on_interrupt
+from data.errors import CliParser, exit_on_input_error, exit_on_interrupt
 from data.submission import MAX_WORDS
 from metrics.alignment import SCORE_KEYS
 from metrics.relevance import SCORE_KEYS as ST2_SCORE_KEYS
@@ -50,7 +50,7 @@ def _print_table(rows: list[tuple[str, str]]) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = CliParser(
         prog="score.py", description="Score ArchEHR-QA Subtask 2 / 3 / 4 submissions locally."
     )
     parser.add_argument("--subtask", type=int, choices=(2, 3, 4), help="which subtask to score")
