@@ -14,6 +14,8 @@ from data.errors import InputError
 from data.prompts import EncodedExample, PromptExample, encode_example, example_from_case
 from data.records import Case, relevance_targets
 
+from .config import FILE_SEPARATOR
+
 
 @dataclass
 class TrainItem:
@@ -85,11 +87,17 @@ def domain_examples(cfg) -> tuple[list[PromptExample], list[Path | str]]:
     return examples, [cfg.data]
 
 
-FILE_SEPARATOR = "\n"  # several task files in one config string (repeated --xml/--key, [[task.data]])
-
-
 def split_files(value: str) -> list[str]:
-    return [v for v in value.split(FILE_SEPARATOR) if v.strip()] if value else []
+    """The task files held in one config string (repeated --xml/--key, [[task.data]]): NUL-separated.
+    A run saved before that separated them by newlines; such a value that is not itself an existing
+    path is read that way, so old runs still resume."""
+    if not value:
+        return []
+    if FILE_SEPARATOR in value:
+        return [v for v in value.split(FILE_SEPARATOR) if v]
+    if "\n" in value and not Path(value).exists():
+        return [v for v in value.split("\n") if v.strip()]
+    return [value]
 
 
 @dataclass
