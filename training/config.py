@@ -264,4 +264,8 @@ def load_run_config(run_dir: str | Path) -> dict:
     config = parse_json(read_text_file(path), path)
     if not isinstance(config, dict):
         raise InputError("config.json must be a JSON object", path)
+    for name in MULTI_FILE_KEYS:  # a run saved before NUL separated its task files used newlines
+        value = config.get(name)
+        if isinstance(value, str) and "\n" in value and FILE_SEPARATOR not in value and not Path(value).exists():
+            config[name] = value.replace("\n", FILE_SEPARATOR)
     return config

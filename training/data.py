@@ -88,16 +88,9 @@ def domain_examples(cfg) -> tuple[list[PromptExample], list[Path | str]]:
 
 
 def split_files(value: str) -> list[str]:
-    """The task files held in one config string (repeated --xml/--key, [[task.data]]): NUL-separated.
-    A run saved before that separated them by newlines; such a value that is not itself an existing
-    path is read that way, so old runs still resume."""
-    if not value:
-        return []
-    if FILE_SEPARATOR in value:
-        return [v for v in value.split(FILE_SEPARATOR) if v]
-    if "\n" in value and not Path(value).exists():
-        return [v for v in value.split("\n") if v.strip()]
-    return [value]
+    """The task files held in one config string (repeated --xml/--key, [[task.data]]): NUL-separated
+    (runs saved with newlines between them are converted by ``training.config.load_run_config``)."""
+    return [v for v in value.split(FILE_SEPARATOR) if v] if value else []
 
 
 @dataclass

@@ -85,7 +85,7 @@ def resume_config(run_dir: str, overrides: dict, config_file: str | None) -> Tra
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
+    except (ProcessLookupError, OverflowError):  # no such process (a pid past the range: none either)
         return False
     except PermissionError:
         return True
@@ -105,8 +105,8 @@ def lock_holder(out: Path) -> tuple[str, bool] | None:
     except (OSError, UnicodeDecodeError):
         return "unreadable", True
     pid, _, host = text.partition("@")
-    if host != socket.gethostname() or not pid.isdigit():
-        return text or "unknown", True
+    if host != socket.gethostname() or not pid.isdigit() or int(pid) == 0:
+        return one_line(text) or "unknown", True
     return text, _alive(int(pid))
 
 
