@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Sequence
 
 from data.archehr import load_cases
-from data.atomic import check_file_target
-from data.errors import CliParser, InputError, exit_on_input_error
+from plumbing.atomic import check_file_target
+from plumbing.errors import CliParser, InputError, exit_on_input_error
 from data.records import Case
 
 from .aligners import CrossEncoderAligner

@@ -29,8 +29,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from data.atomic import check_out_folder
-from data.errors import CliParser, exit_on_input_error
+from plumbing.atomic import check_out_folder
+from plumbing.errors import CliParser, exit_on_input_error
 
 def _time_graph(fn, reps: int, device: torch.device) -> float:
     """Milliseconds per call of ``fn`` replayed as a CUDA graph (eager timing on CPU)."""

@@ -30,8 +30,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from data.atomic import check_out_folder  # noqa: E402
-from data.errors import CliParser, exit_on_input_error  # noqa: E402
+from plumbing.atomic import check_out_folder  # noqa: E402
+from plumbing.errors import CliParser, exit_on_input_error  # noqa: E402
 from bench.scaling import NCCL_ENV, collect_rank_logs, launch_prefix, read_rows, run_with_timeout  # noqa: E402
 
 TINY = ["--stage", "domain", "--preset", "tiny", "--data", str(ROOT / "examples" / "emrqa_sample.jsonl"),

@@ -26,8 +26,8 @@ import time
 from pathlib import Path
 
 
-from data.atomic import check_out_folder
-from data.errors import CliParser, exit_on_input_error
+from plumbing.atomic import check_out_folder
+from plumbing.errors import CliParser, exit_on_input_error
 
 ROOT = Path(__file__).resolve().parents[1]
 WORDS = ("patient admitted with chest pain troponin elevated heparin aspirin stent discharged home follow up "

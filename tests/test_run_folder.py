@@ -2,7 +2,7 @@
 frictions 5 and 6: each mechanism over a table of generated inputs, then the CLIs end to end.
 
 * class 7: ``training.run_folder`` (the run lock, ``resume_config``, ``finished_export``);
-* class 8: ``data.atomic.fsync_tree``, which seals every folder we build aside with the umask's modes;
+* class 8: ``plumbing.atomic.fsync_tree``, which seals every folder we build aside with the umask's modes;
 * class 10: ``training.config`` / ``training.data.split_files`` (NUL-separated task files) and the
   output preflight, over path names with newlines, tabs, quotes and the like.
 """
@@ -24,8 +24,8 @@ from safetensors.torch import save_file
 
 import score
 import train
-from data.atomic import check_file_target, check_out_folder, fsync_tree
-from data.errors import InputError
+from plumbing.atomic import check_file_target, check_out_folder, fsync_tree
+from plumbing.errors import InputError
 from training.config import TrainConfig, build_config, parse_overrides
 from training.data import split_files
 from training.run_folder import FREE_ON_RESUME, LOCK_FILE, RunLock, check_not_locked, resume_config

@@ -18,7 +18,7 @@ import socket
 from pathlib import Path
 from typing import Callable
 
-from data.errors import InputError, one_line
+from plumbing.errors import InputError, one_line
 
 from .config import RETIRED_KEYS, TrainConfig, build_config, coerce, load_run_config
 
