@@ -226,6 +226,8 @@ def check_export(root: Path, base: str | None) -> ExportManifest:
         if not (root / required).is_file():
             raise InputError(f"export is missing {required}", root)
     preset = PRESETS[manifest.preset]
+    if preset.source is not None:  # first: a missing hub model is the likeliest problem on a new machine
+        check_base_available(base or manifest.base_model.path or preset.source)
     random_init = manifest.base_model.random_init
     arch = dict(random_init.arch) if random_init is not None else dict(preset.arch)
     head_config = check_head_config(root, arch.get("num_hidden_layers"), arch.get("hidden_size"))
@@ -233,6 +235,4 @@ def check_export(root: Path, base: str | None) -> ExportManifest:
     check_weights(root)
     check_head_tensors(root, head_config)
     check_adapter_tensors(root, adapter_config["r"], arch)
-    if preset.source is not None:
-        check_base_available(base or manifest.base_model.path or preset.source)
     return manifest
