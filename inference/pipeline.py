@@ -35,6 +35,8 @@ from data.submission import (
     write_submission,
 )
 from model.export_folder import package_versions as installed_versions
+from reports.infer_page import inference_page
+from reports.page import REPORT_NAME, write_report
 
 from .evidence import checkpoint_threshold, has_relevance_threshold, predict_evidence
 
@@ -378,6 +380,8 @@ def _write_and_score(r: _Run, log: Log, show: Log) -> tuple[dict[int, tuple[Path
             "timings_s": {k: round(v, 3) for k, v in r.timings.items()},
             "versions": package_versions(),
         })
+        r.run["outputs"]["report"] = str(opts.out / REPORT_NAME)  # the cases read side by side; holds note text
+        write_report(stage / REPORT_NAME, inference_page(r.cases, r.entries, r.run, scores))
         write_json_atomic(stage / "run.json", r.run)
     return written, scores
 
@@ -386,6 +390,7 @@ def _report(r: _Run, written: dict[int, tuple[Path, Path]], log: Log, show: Log)
     for n, (json_path, zip_path) in written.items():
         show(f"wrote Subtask {n}: {json_path} and {zip_path}")
     show(f"wrote {r.opts.out / 'run.json'}")
+    show(f"wrote {r.opts.out / REPORT_NAME}")
     log("times: " + ", ".join(f"{k} {v:.1f}s" for k, v in r.timings.items()))
     if r.skipped:
         log(f"Subtask 4 skipped {len(r.skipped)} case(s) without answer sentences: {', '.join(r.skipped)}")
