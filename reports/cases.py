@@ -124,7 +124,8 @@ def _scores(case: Case, pred: CasePrediction) -> dict[str, dict[str, float]]:
         reference = reference_answer(case)
         if reference.strip():
             answer = official_truncation(pred.answer)
-            out["Subtask 3"] = {"BLEU": case_bleu(answer, reference), "ROUGE-L": case_rouge(answer, reference)["rougeL"]}
+            out["Subtask 3"] = {"BLEU": case_bleu(answer, reference),
+                                "ROUGE-L": case_rouge(answer, reference)["rougeL"]}
     if pred.links is not None and case.has_citations():
         pairs = {(a, n) for a, ns in pred.links.items() for n in ns}
         s = per_case_alignment({case.case_id: pairs}, {case.case_id: case.gold_pairs()})[case.case_id]

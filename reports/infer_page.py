@@ -25,7 +25,7 @@ def predictions_from_entries(entries: Mapping[int, Sequence[dict]]) -> dict[str,
 
 
 def _facts(run: Mapping) -> list[tuple[str, str]]:
-    facts = [("engine", f"{run.get('engine')}: {run.get('engine_note', '')}"), ("cases XML", str(run.get("xml"))),
+    facts = [("engine", str(run.get("engine"))), ("cases XML", str(run.get("xml"))),
              ("key", str(run.get("key") or "none (no gold shown)"))]
     if run.get("checkpoint"):
         facts.append(("checkpoint", str(run["checkpoint"])))
@@ -59,9 +59,11 @@ def _overall_scores(scores: Mapping | None) -> dict[str, dict[str, float]]:
 def inference_page(cases: Sequence[Case], entries: Mapping[int, Sequence[dict]], run: Mapping,
                    scores: Mapping | None = None) -> ReportPage:
     """The page of one inference run: overall scores (with a key), then every case."""
-    label = f"{scores['evaluated_on']}: " if scores and scores.get("evaluated_on") else ""
-    notices = [f"{label}{line}" for line in ([run["engine_note"]] if run.get("engine") == "retrieval-baseline"
-                                             else [])]
+    notices = [f"Engine: {run.get('engine_note') or run.get('engine')}."]
+    if scores and scores.get("evaluated_on"):
+        trained = len(scores.get("training_cases_scored", []))
+        notices.append(f"{scores['evaluated_on']}: the export trained on {trained} of the scored cases "
+                       "(--allow-train-cases); every score here overstates new cases.")
     if any(c.has_key for c in cases):
         notices.append("Gold from the key is shown beside every prediction, with each case's official per-case "
                        "scores.")

@@ -97,7 +97,7 @@ def _answer_sentence(a: AnswerView) -> str:
     if not a.citations:
         cites = '<span class="cite cite-none">no citation</span>'
     cited = " ".join(c.anchor for c in a.citations)
-    return (f'<li class="ans" id="{a.anchor}" tabindex="0" data-cites="{cited}"{data}>'
+    return (f'<li class="ans" id="{a.anchor}" tabindex="0" data-aid="{e(a.sentence_id)}" data-cites="{cited}"{data}>'
             f'<span class="aid">{e(a.sentence_id)}</span><span class="text">{e(a.text)}</span>'
             f'<span class="cites">{cites}</span></li>')
 
@@ -112,7 +112,8 @@ def _case(c: CaseView) -> str:
     answer = (f'<h4>Generated answer (Subtask 3)</h4><p class="answer">{e(c.answer)}</p>'
               if c.answer is not None else '<h4>Generated answer (Subtask 3)</h4><p class="none">not generated</p>')
     if c.reference_answer:
-        answer += f'<details><summary>Clinician answer (key)</summary><p class="answer">{e(c.reference_answer)}</p></details>'
+        answer += ('<details><summary>Clinician answer (key)</summary>'
+                   f'<p class="answer">{e(c.reference_answer)}</p></details>')
     if c.answer_sentences:
         which = ("predicted links, marked against the key" if c.has_key and c.links_predicted and
                  any(x.outcome != "predicted" for a in c.answer_sentences for x in a.citations) else
@@ -207,15 +208,16 @@ CSS = """
 *{box-sizing:border-box}
 body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;color:var(--ink);margin:0 auto;
  max-width:1360px;padding:12px 20px 60px;background:#fafafa}
-h1{font-size:22px;margin:8px 0}h2{font-size:18px;margin:22px 0 8px}h3{font-size:15px}h4{font-size:13px;margin:10px 0 4px;
- color:var(--mute);text-transform:uppercase;letter-spacing:.03em}
+h1{font-size:22px;margin:8px 0}h2{font-size:18px;margin:22px 0 8px}h3{font-size:15px}
+h4{font-size:13px;margin:10px 0 4px;color:var(--mute);text-transform:uppercase;letter-spacing:.03em}
 .notice{background:#eef3fb;border-left:4px solid #6b8fd6;padding:6px 10px;margin:6px 0}
 .private{color:var(--mute);font-size:12px}
-table{border-collapse:collapse;font-size:12.5px;margin:6px 0}th,td{border:1px solid #dde;padding:3px 7px;text-align:left;
- vertical-align:top}th{background:#f0f1f5}.table{overflow-x:auto}
+table{border-collapse:collapse;font-size:12.5px;margin:6px 0}
+th,td{border:1px solid #dde;padding:3px 7px;text-align:left;vertical-align:top}
+th{background:#f0f1f5}.table{overflow-x:auto}
 table.scores{margin:4px 0 8px}table.scores th{font-weight:600}
 blockquote{margin:6px 0;padding:6px 10px;background:#fff8e6;border-left:4px solid #e0b040}
-code{background:#eef;padding:0 3px;border-radius:3px}
+code{background:#eef;padding:0 3px;border-radius:3px}.summary td:not(:first-child){white-space:nowrap}
 .figures{display:flex;flex-wrap:wrap;gap:12px}figure{margin:0;background:#fff;border:1px solid #dde;padding:6px}
 figure img{max-width:560px;width:100%}figcaption{font-size:12px;color:var(--mute)}
 .legend{display:flex;flex-wrap:wrap;gap:6px 16px;font-size:12px;background:#fff;border:1px solid #dde;padding:6px 10px;
@@ -227,8 +229,8 @@ section.case h2{margin:4px 0 6px}.spec{font-size:12px;font-weight:normal;color:v
 .q{margin:3px 0}details{margin:4px 0;font-size:13px}summary{cursor:pointer;color:#345}
 .cols{display:grid;grid-template-columns:minmax(0,1.35fr) minmax(0,1fr);gap:18px}
 .anscol{position:sticky;top:6px;align-self:start}
-.note{display:flex;align-items:flex-start;gap:6px;padding:3px 6px;margin:1px 0;border-radius:4px;border:2px solid transparent;
- background:rgba(var(--rel),calc(var(--r,0) * .22))}
+.note{display:flex;align-items:flex-start;gap:6px;padding:3px 6px;margin:1px 0;border-radius:4px;
+ border:2px solid transparent;background:rgba(var(--rel),calc(var(--r,0) * .22))}
 .note.pred-yes{background:rgba(var(--rel),calc(.30 + var(--r,1) * .40))}
 .note.para{margin-top:9px}
 .note .text{flex:1}
@@ -250,8 +252,8 @@ section.case h2{margin:4px 0 6px}.spec{font-size:12px;font-weight:normal;color:v
 .note.hl-missed::after{content:"gold, missed";background:rgb(var(--miss))}
 .answer{background:#f4f6fb;border-radius:4px;padding:6px 9px;margin:4px 0}
 ol.answers{list-style:none;padding:0;margin:4px 0}
-.ans{display:flex;flex-wrap:wrap;align-items:flex-start;gap:4px 8px;padding:5px 8px;margin:3px 0;border:2px solid #e3e6ee;border-radius:5px;
- cursor:pointer;background:#fff}
+.ans{display:flex;flex-wrap:wrap;align-items:flex-start;gap:4px 8px;padding:5px 8px;margin:3px 0;
+ border:2px solid #e3e6ee;border-radius:5px;cursor:pointer;background:#fff}
 .ans:hover,.ans:focus{border-color:#9ab;outline:none}.ans.active{border-color:rgb(var(--pred));background:#eef3ff}
 .ans.pinned{box-shadow:0 0 0 3px rgba(var(--pred),.3)}
 .ans .text{flex:1 1 70%}.cites{display:flex;flex-wrap:wrap;align-items:flex-start;gap:3px}
