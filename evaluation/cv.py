@@ -10,7 +10,8 @@ into one submission per system (``DIR/submissions/<system>/``) and scored once, 
 the official scorer would; bootstrap intervals resample cases.
 
 Outputs: ``ladder.md`` / ``ladder.json``, ``errors.md``, ``pr_curve.png``,
-``f1_vs_threshold.png``, ``loss_curves.png``, ``folds/k/fold.json`` (what each fold
+``f1_vs_threshold.png``, ``loss_curves.png``, ``report.html`` (all of it and every held-out case, to
+read in a browser), ``folds/k/fold.json`` (what each fold
 chose and on which case ids) and ``cv.json``. Every input is checked, and a request
 to score on training cases refused, before anything is written.
 """
@@ -401,6 +402,8 @@ def _case_predictions(plan: _Plan, pooled: _Pooled, system: str,
     relevance_by = (HEAD_SYSTEM if head_relevance else subtask2.BASELINE_SYSTEM if pooled.baseline_evidence
                     else None)
     answers = "the model's generated answers" if pooled.answers else "not generated"
+    if pooled.fallback:
+        answers += f" ({len(pooled.fallback)} of {len(ids)} empty, shown with the extractive answer given instead)"
     shown = (f"Each case as predicted in the fold that held it out. Subtask 4: {system} ({labels[system]}); "
              f"Subtask 2: {relevance_by or 'not available (no relevance labels)'}; Subtask 3: {answers}.")
     return out, shown

@@ -194,7 +194,8 @@ def write_report(path: Path, page: ReportPage) -> Path:
 
 
 LEGEND = """<div class="legend">
-<span><span class="sw sw-rel"></span>predicted relevant (Subtask 2; ● yes, ○ no; shade = score)</span>
+<span><span class="sw sw-rel"></span>predicted relevant (Subtask 2: ● yes, ○ no; graded shade: the relevance
+score, where the run keeps one)</span>
 <span><span class="mark gold">E</span>/<span class="mark gold">S</span>/<span class="mark gold">–</span>
 gold essential / supplementary / not relevant</span>
 <span><span class="cite cite-correct">✓</span> correct link</span>

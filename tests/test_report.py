@@ -201,3 +201,11 @@ def test_chromium_highlights_the_cited_note_sentences(example_run, tmp_path):
         return sum(1 for px in img.getdata() if any(all(abs(a - b) < 12 for a, b in zip(px, c)) for c in frames))
 
     assert count(shots["focus"]) > count(shots["plain"]) + 1000
+
+
+def test_readme_shows_the_report_screenshot():
+    """docs/report.png (made as in the Chromium test: infer.py on the example with --key, opened at
+    ``report.html#focus=c0-a0``, window 1200 wide, cropped to the cases) stays small and in the README."""
+    png = ROOT / "docs" / "report.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size < 300_000
+    assert "](docs/report.png)" in (ROOT / "README.md").read_text(encoding="utf-8")
