@@ -52,7 +52,9 @@ class NoteView:
 class Citation:
     anchor: str  # the note sentence's HTML id
     sentence_id: str
-    outcome: str  # "predicted" (no key) | "correct" | "wrong" (predicted, not gold) | "missed" (gold, not predicted)
+    # "predicted" (no key) | "correct" | "wrong" (predicted, not gold) | "missed" (gold, not predicted)
+    # | "gold" (the key's, when Subtask 4 was not predicted)
+    outcome: str
 
 
 @dataclass
@@ -101,7 +103,9 @@ def _answer_sentences(case: Case, anchor: str, links: Mapping[str, Sequence[str]
     for i, a in enumerate(case.answer_sentences):
         predicted = set((links or {}).get(a.sentence_id, ()))
         gold = set(a.citations) if keyed else set()
-        if keyed:
+        if links is None:
+            outcome = {n: "gold" for n in gold}
+        elif keyed:
             outcome = {n: ("correct" if n in gold else "wrong") for n in predicted}
             outcome.update({n: "missed" for n in gold - predicted})
         else:

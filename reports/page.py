@@ -25,9 +25,10 @@ REPORT_NAME = "report.html"
 CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'; script-src 'unsafe-inline'"
 GOLD_MARK = {"essential": ("E", "essential"), "supplementary": ("S", "supplementary"),
              "not-relevant": ("–", "not relevant")}
-CITE_MARK = {"predicted": "", "correct": " ✓", "wrong": " ✗", "missed": " ?"}
+CITE_MARK = {"predicted": "", "correct": " ✓", "wrong": " ✗", "missed": " ?", "gold": ""}
 CITE_TITLE = {"predicted": "predicted link", "correct": "correct: predicted and gold",
-              "wrong": "wrong: predicted, not gold", "missed": "missed: gold, not predicted"}
+              "wrong": "wrong: predicted, not gold", "missed": "missed: gold, not predicted",
+              "gold": "gold link (Subtask 4 not predicted)"}
 
 
 @dataclass
@@ -202,6 +203,7 @@ gold essential / supplementary / not relevant</span>
 <span><span class="cite cite-wrong">✗</span> wrong link (not gold)</span>
 <span><span class="cite cite-missed">?</span> missed (gold, not predicted)</span>
 <span><span class="cite cite-predicted">n</span> predicted link (no key)</span>
+<span><span class="cite cite-gold">n</span> gold link (Subtask 4 not predicted)</span>
 </div>"""
 
 CSS = """
@@ -248,6 +250,7 @@ section.case h2{margin:4px 0 6px}.spec{font-size:12px;font-weight:normal;color:v
 .note.hl-missed{border-color:rgb(var(--miss));border-style:dashed}
 .note.hl::after{font:bold 11px/18px system-ui;padding:0 4px;border-radius:3px;color:#fff;white-space:nowrap}
 .note.hl-predicted::after{content:"cited";background:rgb(var(--pred))}
+.note.hl-gold{border-color:#445}.note.hl-gold::after{content:"gold";background:#445}
 .note.hl-correct::after{content:"cited ✓";background:rgb(var(--ok))}
 .note.hl-wrong::after{content:"cited, not gold ✗";background:rgb(var(--bad))}
 .note.hl-missed::after{content:"gold, missed";background:rgb(var(--miss))}
@@ -264,14 +267,14 @@ ol.answers{list-style:none;padding:0;margin:4px 0}
 .cite-correct{color:#fff;background:rgb(var(--ok));border-color:rgb(var(--ok))}
 .cite-wrong{color:#fff;background:rgb(var(--bad));border-color:rgb(var(--bad))}
 .cite-missed{color:rgb(var(--miss));border-color:rgb(var(--miss));border-style:dashed}
-.cite-none{color:var(--mute);border-color:#ccd}
+.cite-none{color:var(--mute);border-color:#ccd}.cite-gold{color:#334;border-color:#445}
 .hint,.none{color:var(--mute);font-size:12px;margin:2px 0}
 @media (max-width:900px){.cols{grid-template-columns:1fr}.anscol{position:static}}
 """
 
 JS = """
 (function(){
-  var KINDS=['predicted','correct','wrong','missed'];var pinned=null;
+  var KINDS=['predicted','correct','wrong','missed','gold'];var pinned=null;
   function clear(){
     document.querySelectorAll('.note.hl').forEach(function(n){
       n.classList.remove('hl');KINDS.forEach(function(k){n.classList.remove('hl-'+k);});});

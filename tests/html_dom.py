@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 from html.parser import HTMLParser
 
 VOID = {"meta", "br", "img", "input", "link", "hr", "col", "source", "wbr"}
-KINDS = ("predicted", "correct", "wrong", "missed")
+KINDS = ("predicted", "correct", "wrong", "missed", "gold")
 
 
 @dataclass

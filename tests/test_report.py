@@ -209,3 +209,13 @@ def test_readme_shows_the_report_screenshot():
     png = ROOT / "docs" / "report.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size < 300_000
     assert "](docs/report.png)" in (ROOT / "README.md").read_text(encoding="utf-8")
+
+
+def test_without_a_subtask4_prediction_the_key_links_are_shown_as_gold_not_missed():
+    case = hostile_case("x")
+    dom = Dom(render_report(ReportPage(title="t", cases=case_views([case], {case.case_id: CasePrediction(
+        answer="An answer.")}))))
+    links = check_links(dom)
+    assert links["9"]["1"]["gold"] == {"1"} and links["9"]["2 '"]["gold"] == {'2" x="y', "3 <u>"}
+    assert not any(a[k] for a in links["9"].values() for k in KINDS if k != "gold")
+    assert "Subtask 4" not in " ".join(t.content for t in dom.find("table", "scores"))
