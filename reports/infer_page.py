@@ -27,8 +27,8 @@ def predictions_from_entries(entries: Mapping[int, Sequence[dict]]) -> dict[str,
 def _facts(run: Mapping) -> list[tuple[str, str]]:
     facts = [("engine", str(run.get("engine"))), ("cases XML", str(run.get("xml"))),
              ("key", str(run.get("key") or "none (no gold shown)"))]
-    if run.get("checkpoint"):
-        facts.append(("checkpoint", str(run["checkpoint"])))
+    if run.get("export") or run.get("checkpoint"):
+        facts.append(("export", str(run.get("export") or run.get("checkpoint"))))
     facts.append(("subtasks", ", ".join(str(s) for s in run.get("subtasks", ()))))
     s2, s4 = run.get("subtask2") or {}, run.get("subtask4") or {}
     if s2.get("threshold") is not None:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from data.atomic import write_text_atomic
+from plumbing.atomic import write_text_atomic
 
 from .cases import AnswerView, CaseView, NoteView
 from .markdown import markdown_to_html

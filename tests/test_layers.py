@@ -1,5 +1,5 @@
-"""Imports run one way: data -> model/heads -> training/baselines/metrics -> reports -> inference/evaluation -> CLIs
--> bench.
+"""Imports run one way: plumbing -> data -> model/heads -> training/baselines/metrics -> reports -> inference/evaluation
+-> CLIs -> bench.
 
 ``reports`` (``report.html``) has a floor of its own: inference and evaluation both write the page, so it lies
 below them, and it scores each case with the official per-case terms of ``metrics``, so it lies above that.
@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-LAYER = {"data": 0, "model": 1, "heads": 1, "training": 2, "baselines": 2, "metrics": 2, "reports": 2.5,
-         "inference": 3, "evaluation": 3, "train": 4, "infer": 4, "score": 4, "bench": 5}
+LAYER = {"plumbing": 0, "data": 1, "model": 2, "heads": 2, "training": 3, "baselines": 3, "metrics": 3,
+         "reports": 3.5, "inference": 4, "evaluation": 4, "train": 5, "infer": 5, "score": 5, "bench": 6}
 CLIS = ("train", "infer", "score")
 # Within a layer only these reach sideways (model loads and runs the head; never the reverse).
 SIDEWAYS = {("model", "heads")}
@@ -111,7 +111,7 @@ MODULES = program_modules()
 def test_every_top_level_package_has_a_layer():
     tops = {name.split(".")[0] for name in MODULES}
     assert tops - set(LAYER) == set()
-    assert {"data", "model", "heads", "training", "inference", "train", "infer", "score"} <= tops
+    assert {"plumbing", "data", "model", "heads", "training", "inference", "train", "infer", "score"} <= tops
 
 
 @pytest.mark.parametrize("module", sorted(MODULES))
@@ -154,6 +154,7 @@ def test_no_module_imports_another_packages_private_names():
     ("newpkg.x", "import data\n", "has no layer"),
     ("reports.x", "from inference.pipeline import run_inference\n", "a higher layer"),
     ("metrics.x", "from reports.page import render_report\n", "a higher layer"),
+    ("plumbing.x", "def f():\n    from data.records import Case\n", "a higher layer"),
 ])
 def test_the_checker_finds_each_kind_of_violation(module, source, expected):
     found = layer_violations(module, source)
@@ -168,6 +169,7 @@ def test_the_checker_finds_each_kind_of_violation(module, source, expected):
     ("train", "from training.config import build_config\n"),
     ("reports.x", "from metrics.alignment import per_case_alignment\n"),
     ("evaluation.x", "from reports.page import write_report\n"),
+    ("data.x", "from plumbing.errors import InputError\n"),
 ])
 def test_the_checker_allows_downward_imports(module, source):
     assert layer_violations(module, source) == []
