@@ -390,14 +390,14 @@ def _case_predictions(plan: _Plan, pooled: _Pooled, system: str,
     question baseline's) and the model's answers; and a line saying so."""
     ids = plan.ids
     head_relevance = all(c in pooled.relevance and c in pooled.relevance_threshold for c in ids)
-    evidence = (subtask2.head_predictions(plan.keyed, pooled.relevance, pooled.relevance_threshold)
+    relevant = (subtask2.head_predictions(plan.keyed, pooled.relevance, pooled.relevance_threshold)
                 if head_relevance else pooled.baseline_relevance)
     out = {}
     for case in plan.keyed:
         pairs = pooled.predictions[system][case.case_id].pairs
         out[case.case_id] = CasePrediction(
-            answer=pooled.answers.get(case.case_id), evidence=evidence.get(case.case_id),
-            relevance=pooled.relevance[case.case_id] if head_relevance else None,
+            answer=pooled.answers.get(case.case_id), relevant_ids=relevant.get(case.case_id),
+            relevance_scores=pooled.relevance[case.case_id] if head_relevance else None,
             links={a: [n for n in case.note_ids if (a, n) in pairs] for a in case.answer_ids})
     relevance_by = (HEAD_SYSTEM if head_relevance else subtask2.BASELINE_SYSTEM if pooled.baseline_relevance
                     else None)

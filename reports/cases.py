@@ -1,7 +1,7 @@
 """What the report shows of one case: a plain record built from the case and a system's predictions.
 
 Everything the page needs is decided here (which note sentences are predicted or gold
-evidence, which links are correct, missed or wrong, the per-case scores), so that the
+relevant, which links are correct, missed or wrong, the per-case scores), so that the
 HTML writer only lays it out. Per-case scores are the official per-case terms
 (:mod:`metrics.alignment`, :mod:`metrics.relevance`, :mod:`metrics.rouge`, :mod:`metrics.bleu`).
 """
@@ -13,7 +13,7 @@ from typing import Mapping, Sequence
 from data.records import Case
 from metrics.alignment import per_case_alignment
 from metrics.bleu import case_bleu
-from metrics.relevance import EvidenceGold, case_counts, prf
+from metrics.relevance import RelevanceGold, case_counts, prf
 from metrics.rouge import case_rouge
 from metrics.subtask3 import official_truncation, reference_answer
 
@@ -23,8 +23,8 @@ class CasePrediction:
     """One system's predictions for one case; any part may be missing (subtask not run)."""
 
     answer: str | None = None  # Subtask 3: the generated (or extractive) answer
-    evidence: Sequence[str] | None = None  # Subtask 2: note ids predicted relevant
-    relevance: Sequence[float] | None = None  # Subtask 2: a score per note sentence (shading), note order
+    relevant_ids: Sequence[str] | None = None  # Subtask 2: note ids predicted relevant
+    relevance_scores: Sequence[float] | None = None  # Subtask 2: a score per note sentence (shading), note order
     links: Mapping[str, Sequence[str]] | None = None  # Subtask 4: answer id -> cited note ids
 
 
@@ -83,13 +83,13 @@ class CaseView:
 
 
 def _notes(case: Case, anchor: str, pred: CasePrediction) -> list[NoteView]:
-    evidence = None if pred.evidence is None else set(pred.evidence)
-    scores = list(pred.relevance) if pred.relevance is not None else None
+    relevant = None if pred.relevant_ids is None else set(pred.relevant_ids)
+    scores = list(pred.relevance_scores) if pred.relevance_scores is not None else None
     if scores is not None and len(scores) != len(case.note_sentences):
         raise ValueError(f"case {case.case_id}: {len(scores)} relevance scores for {len(case.note_sentences)} "
                          "note sentences")
     return [NoteView(f"{anchor}-n{j}", s.sentence_id, s.text, s.paragraph_id,
-                     None if evidence is None else s.sentence_id in evidence,
+                     None if relevant is None else s.sentence_id in relevant,
                      None if scores is None else float(scores[j]),
                      case.relevance.get(s.sentence_id) if case.relevance else None)
             for j, s in enumerate(case.note_sentences)]
@@ -119,9 +119,9 @@ def _answer_sentences(case: Case, anchor: str, links: Mapping[str, Sequence[str]
 def _scores(case: Case, pred: CasePrediction) -> dict[str, dict[str, float]]:
     """The official per-case terms of each subtask that was predicted and has gold."""
     out: dict[str, dict[str, float]] = {}
-    if pred.evidence is not None and case.relevance:
-        gold = EvidenceGold.from_relevance(case.relevance)
-        for view, counts in case_counts(pred.evidence, gold).items():
+    if pred.relevant_ids is not None and case.relevance:
+        gold = RelevanceGold.from_relevance(case.relevance)
+        for view, counts in case_counts(pred.relevant_ids, gold).items():
             p, r, f = prf(*counts)
             out[f"Subtask 2 ({view})"] = {"P": 100 * p, "R": 100 * r, "F1": 100 * f}
     if pred.answer is not None and case.has_key:

@@ -17,7 +17,7 @@ def predictions_from_entries(entries: Mapping[int, Sequence[dict]]) -> dict[str,
     for entry in entries.get(3, ()):
         out.setdefault(entry["case_id"], CasePrediction()).answer = entry["prediction"]
     for entry in entries.get(2, ()):
-        out.setdefault(entry["case_id"], CasePrediction()).evidence = list(entry["prediction"])
+        out.setdefault(entry["case_id"], CasePrediction()).relevant_ids = list(entry["prediction"])
     for entry in entries.get(4, ()):
         out.setdefault(entry["case_id"], CasePrediction()).links = {
             item["answer_id"]: list(item["evidence_id"]) for item in entry["prediction"]}

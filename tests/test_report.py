@@ -111,7 +111,8 @@ def hostile_case(text: str, case_id: str = "9") -> Case:
 @pytest.mark.parametrize("text", HOSTILE)
 def test_every_string_from_the_data_is_escaped(text):
     case = hostile_case(text, case_id=text)
-    pred = CasePrediction(answer=f"Generated {text}.", evidence=["1", "3 <u>"], relevance=[0.9, 0.2, 0.7],
+    pred = CasePrediction(answer=f"Generated {text}.", relevant_ids=["1", "3 <u>"],
+                          relevance_scores=[0.9, 0.2, 0.7],
                           links={"1": ["1", '2" x="y'], "2 '": ["3 <u>"]})
     ladder = f"# {text}\n\n| a | {text} |\n|---|---|\n| `{text}` | {text} |\n"
     page = render_report(ReportPage(title=f"Title {text}", notices=[f"Notice {text}"], facts=[(text, text)],
@@ -136,7 +137,7 @@ def test_relevance_scores_shade_and_no_key_means_plain_predicted_links():
     case = hostile_case("x")
     case.relevance, case.has_key = {}, False
     case.answer_sentences = [AnswerSentence(a.sentence_id, a.text) for a in case.answer_sentences]
-    pred = CasePrediction(evidence=["1"], relevance=[0.9, 0.25, 0.0], links={"1": ["1"], "2 '": []})
+    pred = CasePrediction(relevant_ids=["1"], relevance_scores=[0.9, 0.25, 0.0], links={"1": ["1"], "2 '": []})
     dom = Dom(render_report(ReportPage(title="t", cases=case_views([case], {case.case_id: pred}))))
     notes = dom.find("div", "note")
     assert [n.attrs.get("style") for n in notes] == ["--r:0.900", "--r:0.250", "--r:0.000"]
