@@ -218,6 +218,7 @@ class _Run:
     run: dict = field(default_factory=dict)  # what becomes run.json
     entries: dict[int, list[dict]] = field(default_factory=dict)  # validated submission entries per subtask
     fallback_summary: str = ""
+    relevance_scores: dict[str, np.ndarray] = field(default_factory=dict)  # Subtask 2 scores (report shading)
 
 
 def _load_inputs(opts: InferenceOptions, log: Log) -> _Run:
@@ -311,7 +312,7 @@ def _predict_subtask3(r: _Run, log: Log) -> None:
 def _predict_subtask2(r: _Run, log: Log) -> None:
     t = time.perf_counter()
     evidence, r.run["subtask2"] = predict_relevance(r.cases, r.loaded, r.opts.relevance_threshold,
-                                                   r.opts.progress, log)
+                                                   r.opts.progress, log, scores_out=r.relevance_scores)
     r.entries[2] = subtask2_entries(evidence)
     validate_subtask2(r.entries[2], r.cases)
     r.timings["subtask2"] = time.perf_counter() - t
@@ -381,7 +382,7 @@ def _write_and_score(r: _Run, log: Log, show: Log) -> tuple[dict[int, tuple[Path
             "versions": package_versions(),
         })
         r.run["outputs"]["report"] = str(opts.out / REPORT_NAME)  # the cases read side by side; holds note text
-        write_report(stage / REPORT_NAME, inference_page(r.cases, r.entries, r.run, scores))
+        write_report(stage / REPORT_NAME, inference_page(r.cases, r.entries, r.run, scores, r.relevance_scores))
         write_json_atomic(stage / "run.json", r.run)
     return written, scores
 

@@ -11,9 +11,14 @@ from .page import ReportPage
 SCORE_GROUPS = {"subtask2": "Subtask 2", "subtask3": "Subtask 3", "subtask4": "Subtask 4"}
 
 
-def predictions_from_entries(entries: Mapping[int, Sequence[dict]]) -> dict[str, CasePrediction]:
-    """``case_id -> CasePrediction`` from official-format entries per subtask (2, 3, 4; any may be absent)."""
+def predictions_from_entries(
+        entries: Mapping[int, Sequence[dict]],
+        relevance_scores: Mapping[str, Sequence[float]] | None = None) -> dict[str, CasePrediction]:
+    """``case_id -> CasePrediction`` from official-format entries per subtask (2, 3, 4; any may be absent)
+    and the Subtask 2 scores behind the entries, where kept."""
     out: dict[str, CasePrediction] = {}
+    for case_id, scores in (relevance_scores or {}).items():
+        out.setdefault(case_id, CasePrediction()).relevance_scores = list(scores)
     for entry in entries.get(3, ()):
         out.setdefault(entry["case_id"], CasePrediction()).answer = entry["prediction"]
     for entry in entries.get(2, ()):
@@ -57,7 +62,8 @@ def _overall_scores(scores: Mapping | None) -> dict[str, dict[str, float]]:
 
 
 def inference_page(cases: Sequence[Case], entries: Mapping[int, Sequence[dict]], run: Mapping,
-                   scores: Mapping | None = None) -> ReportPage:
+                   scores: Mapping | None = None,
+                   relevance_scores: Mapping[str, Sequence[float]] | None = None) -> ReportPage:
     """The page of one inference run: overall scores (with a key), then every case."""
     notices = [f"Engine: {run.get('engine_note') or run.get('engine')}."]
     if scores and scores.get("evaluated_on"):
@@ -69,4 +75,4 @@ def inference_page(cases: Sequence[Case], entries: Mapping[int, Sequence[dict]],
                        "scores.")
     return ReportPage(
         title="archehr inference report", notices=notices, facts=_facts(run), scores=_overall_scores(scores),
-        cases_note=None, cases=case_views(cases, predictions_from_entries(entries)))
+        cases_note=None, cases=case_views(cases, predictions_from_entries(entries, relevance_scores)))

@@ -233,7 +233,7 @@ section.case h2{margin:4px 0 6px}.spec{font-size:12px;font-weight:normal;color:v
 .cols{display:grid;grid-template-columns:minmax(0,1.35fr) minmax(0,1fr);gap:18px}
 .anscol{position:sticky;top:6px;align-self:start}
 .note{display:flex;align-items:flex-start;gap:6px;padding:3px 6px;margin:1px 0;border-radius:4px;
- border:2px solid transparent;background:rgba(var(--rel),calc(var(--r,0) * .22))}
+ border:2px solid transparent;background:rgba(var(--rel),calc(var(--r,0) * .32))}
 .note.pred-yes{background:rgba(var(--rel),calc(.30 + var(--r,1) * .40))}
 .note.para{margin-top:9px}
 .note .text{flex:1}

@@ -79,9 +79,12 @@ def test_infer_report_has_a_section_per_case_with_the_submissions_links(example_
     for case in cases:
         notes = [n for n in dom.find("div", "note") if n.section == section_of[case.case_id]]
         assert [n.attrs["data-sid"] for n in notes] == case.note_ids
+        threshold = run["subtask2"]["threshold"]
         for n in notes:
             sid = n.attrs["data-sid"]
             assert ("pred-yes" if sid in submitted2[case.case_id] else "pred-no") in n.classes
+            shade = float(n.attrs["style"].removeprefix("--r:"))  # graded by the score behind the prediction
+            assert (shade >= threshold - 1e-3) == (sid in submitted2[case.case_id]), (case.case_id, sid, shade)
             assert f"gold-{case.relevance[sid]}" in n.classes
             assert n.content.endswith(dict((s.sentence_id, s.text) for s in case.note_sentences)[sid])
     assert dom.find(cls="pred-yes") and dom.find(cls="pred-no")
