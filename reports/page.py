@@ -132,13 +132,13 @@ def _case(c: CaseView) -> str:
 
 
 def _overview(cases: Sequence[CaseView]) -> str:
-    groups = list(dict.fromkeys(g for c in cases for g in c.scores))
-    head = "".join(f"<th>{e(g)} F1</th>" for g in groups if "F1" in next(c.scores[g] for c in cases if g in c.scores))
+    """The cases in a table (each links to its section) with the F1 of each subtask scored per case."""
+    groups = list(dict.fromkeys(g for c in cases for g, values in c.scores.items() if "F1" in values))
+    head = "".join(f"<th>{e(g)} F1</th>" for g in groups)
     rows = []
     for c in cases:
         n_pred = sum(1 for n in c.notes if n.predicted)
-        cells = "".join(f"<td>{_num(c.scores[g]['F1']) if g in c.scores else '–'}</td>" for g in groups
-                        if "F1" in next(x.scores[g] for x in cases if g in x.scores))
+        cells = "".join(f"<td>{_num(c.scores[g]['F1']) if g in c.scores else '–'}</td>" for g in groups)
         rows.append(f'<tr><td><a href="#{c.anchor}">{e(c.case_id)}</a></td><td>{e(c.specialty or "")}</td>'
                     f"<td>{len(c.notes)}</td><td>{n_pred}</td><td>{len(c.answer_sentences)}</td>{cells}</tr>")
     return ('<div class="table"><table class="overview"><thead><tr><th>case</th><th>specialty</th>'
