@@ -22,8 +22,9 @@ from pathlib import Path
 
 from data.atomic import check_file_target, write_json_atomic
 from data.errors import exit_on_input_error, exit_on_interrupt
-from data.submission import MAX_WORDS
+from data.submission import MAX_WORDS, read_submission
 from metrics.alignment import SCORE_KEYS
+from metrics.case_sets import same_cases, unique_case_ids
 from metrics.relevance import SCORE_KEYS as ST2_SCORE_KEYS
 from metrics.subtask2 import score_subtask2
 from metrics.subtask3 import score_subtask3
@@ -147,12 +148,25 @@ def _score_command(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
         check_file_target(args.json_out, [args.submission, args.key, args.xml], "--json")
     if args.subtask == 3 and args.xml is None:
         parser.error("--subtask 3 needs --xml (the patient narrative is the SARI source)")
+    _check_case_sets(args)  # first: a test-set submission against the dev key is not about training cases
     training = _training_cases_scored(args)  # refused here, before any scoring or writing
     if args.subtask == 2:
         return _score_subtask2_command(args, training)
     if args.subtask == 4:
         return _score_subtask4_command(args, training)
     return _score_subtask3_command(args, training)
+
+
+def _check_case_sets(args: argparse.Namespace) -> None:
+    """The submission's case ids are the key's (one line with counts and first ids otherwise)."""
+    from data.archehr import load_cases, load_key
+
+    if args.subtask == 3:  # the cases scored are the key's, read with their XML (which must hold them)
+        expected = [c.case_id for c in load_cases(args.xml, args.key) if c.has_key]
+    else:
+        expected = list(load_key(args.key))
+    entries = read_submission(args.submission, args.subtask)
+    same_cases(unique_case_ids(entries, args.submission), expected, args.submission, args.key)
 
 
 def _training_cases_scored(args: argparse.Namespace) -> list[str]:
