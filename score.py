@@ -54,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="score.py", description="Score ArchEHR-QA Subtask 2 / 3 / 4 submissions locally."
     )
-    parser.add_argument("--subtask", type=int, choices=(2, 3, 4), help="which subtask to score")
+    parser.add_argument("--subtask", type=int, choices=(2, 3, 4), help="which subtask to score (required to score a submission)")
     parser.add_argument("--submission", type=Path, help="submission.json or the .zip holding it")
     parser.add_argument("--key", type=Path, help="the key JSON (archehr-qa_key.json)")
     parser.add_argument("--xml", type=Path, help="the cases XML (Subtask 3: narratives are the SARI source)")
@@ -86,17 +86,20 @@ def _add_cv_parser(commands) -> None:
     cv.add_argument("--xml", type=Path, required=True, help="the cases XML")
     cv.add_argument("--key", type=Path, required=True, help="their key JSON")
     cv.add_argument("--out", type=Path, required=True, help="output folder (ladder, error report, plots, folds)")
-    cv.add_argument("--folds", type=int, default=5, help="number of folds (= number of cases: leave-one-case-out)")
-    cv.add_argument("--preset", default="tiny", help="model preset of the task stage (default: tiny)")
+    cv.add_argument("--folds", type=int, default=5,
+                    help="number of folds; the number of cases = leave-one-case-out (default: %(default)s)")
+    cv.add_argument("--preset", default="tiny", help="model preset of the task stage (default: %(default)s)")
     cv.add_argument("--init", help="domain-stage run or export folder to start each fold from (default: fresh)")
     cv.add_argument("--config", type=Path, help="task-stage TOML (default: configs/task.toml)")
     cv.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE",
                     help="override a training setting, e.g. --set max_steps=2 (repeatable; same as --max_steps 2)")
     cv.add_argument("--systems", nargs="+", default=list(ALL_SYSTEMS), choices=list(ALL_SYSTEMS),
                     metavar="SYSTEM", help=f"systems to evaluate (default: all of {', '.join(ALL_SYSTEMS)})")
-    cv.add_argument("--seed", type=int, default=0, help="fold assignment, training and bootstrap seed")
-    cv.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples (default 1000)")
-    cv.add_argument("--max-new-tokens", type=int, default=100, help="generation length of the model's answers")
+    cv.add_argument("--seed", type=int, default=0,
+                    help="fold assignment, training and bootstrap seed (default: %(default)s)")
+    cv.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples (default: %(default)s)")
+    cv.add_argument("--max-new-tokens", type=int, default=100,
+                    help="generation budget in tokens of the model's answers (default: %(default)s)")
     cv.add_argument("--no-generate", action="store_true", help="skip the model's Subtask 3 answers")
     cv.add_argument("--device", help="device for the trained model (default: cuda if available)")
     cv.add_argument("--eval-on-train", action="store_true",
