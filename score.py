@@ -54,7 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="score.py", description="Score ArchEHR-QA Subtask 2 / 3 / 4 submissions locally."
     )
-    parser.add_argument("--subtask", type=int, choices=(2, 3, 4), help="which subtask to score (required to score a submission)")
+    parser.add_argument("--subtask", type=int, choices=(2, 3, 4),
+                        help="which subtask to score (required to score a submission)")
     parser.add_argument("--submission", type=Path, help="submission.json or the .zip holding it")
     parser.add_argument("--key", type=Path, help="the key JSON (archehr-qa_key.json)")
     parser.add_argument("--xml", type=Path, help="the cases XML (Subtask 3: narratives are the SARI source)")
