@@ -1,5 +1,5 @@
 """A normal run's stderr holds what the user needs and no known-harmless library noise; --verbose
-shows that noise again (data/console.py names each kind and why it is harmless)."""
+shows that noise again (plumbing/console.py names each kind and why it is harmless)."""
 from __future__ import annotations
 
 import os
@@ -81,7 +81,7 @@ def test_verbose_shows_the_library_noise(tmp_path):
 def _emit_through_the_libraries_loggers(verbose: bool) -> str:
     """The kernels note and hub retry lines sent through the loggers that send them, after the
     CLIs' filter: independent of this CPU's features."""
-    code = ("import logging; from data.console import quiet_library_noise; "
+    code = ("import logging; from plumbing.console import quiet_library_noise; "
             f"quiet_library_noise({verbose}); import bitsandbytes; "
             "from huggingface_hub.utils import _http; "
             "logging.getLogger('bitsandbytes.backends.cpu.ops').warning("
