@@ -85,17 +85,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--aligner", choices=("retrieval", "head"),
                    help="Subtask 4 aligner (default: head with --export, retrieval without)")
     p.add_argument("--ensemble", type=Path, help="retrieval ensemble JSON (default configs/retrieval.json)")
-    p.add_argument("--max-links-per-answer", type=_positive, help="cap on evidence sentences per answer sentence")
+    p.add_argument("--max-links-per-answer", type=_positive,
+                   help="cap on evidence sentences per answer sentence (default: no cap)")
     p.add_argument("--top1-fallback", action="store_true",
                    help="link an answer sentence's best note sentence when nothing passes the threshold")
     p.add_argument("--batch-size", type=_positive, default=None,
                    help="at most this many prompts generated together (with --export only; default: as many as "
                         "GPU memory allows)")
-    p.add_argument("--max-new-tokens", type=_positive, default=100, help="generation budget (with --export only)")
+    p.add_argument("--max-new-tokens", type=_positive, default=100,
+                   help="generation budget in tokens (with --export only; default: %(default)s)")
     p.add_argument("--base", help="base model id or folder for the export (default: the manifest's)")
     p.add_argument("--max-memory-gb", type=_positive_float, default=None,
                    help="use at most this much GPU memory (a shared or smaller card); batch sizes and whether "
-                        "the adapter is merged into dense weights follow from it")
+                        "the adapter is merged into dense weights follow from it (default: all the card's free memory)")
     p.add_argument("--device", help="torch device for the export (default: cuda if available)")
     p.add_argument("--no-progress", action="store_true", help="hide every progress bar, model loading included")
     p.add_argument("--verbose", action="store_true", help="show library warnings that are hidden by default")

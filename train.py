@@ -58,8 +58,8 @@ def split_flags(argv: list[str]) -> tuple[set[str], list[str]]:
 def usage() -> str:
     from training.config_docs import config_keys_help
 
-    return (f"{__doc__.rstrip()}\n\nconfig keys (type, dataclass default, meaning; the stage's TOML sets some, "
-            f"--print-config shows the resolved values):\n{config_keys_help()}\n")
+    return (f"{__doc__.rstrip()}\n\nconfig keys (type, the default of each stage: configs/STAGE.toml over the "
+            f"built-in value; --print-config shows a run's resolved values):\n{config_keys_help()}\n")
 
 
 @exit_on_interrupt

@@ -72,8 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--key", type=Path, required=True, help="their key JSON")
     p.add_argument("--out", type=Path, required=True, help="ensemble JSON to write")
     p.add_argument("--cross-encoder", action="store_true", help="also fine-tune a MiniLM cross-encoder (slower)")
-    p.add_argument("--epochs", type=int, default=6, help="cross-encoder epochs")
-    p.add_argument("--folds", type=int, default=3, help="folds for the cross-encoder's out-of-fold scores")
+    p.add_argument("--epochs", type=int, default=6, help="cross-encoder epochs (default: %(default)s)")
+    p.add_argument("--folds", type=int, default=3,
+                   help="folds for the cross-encoder's out-of-fold scores (default: %(default)s)")
     return p
 
 

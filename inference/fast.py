@@ -3,7 +3,7 @@ decoding with a static cache and CUDA graphs (:mod:`model.decoding`), alignment 
 grouped by length under a token budget, and the Subtask 2 relevance forwards the same way
 (``score_relevance_all``).
 
-:class:`FastCheckpoint` keeps the :class:`model.checkpoint.LoadedCheckpoint` interface
+:class:`FastCheckpoint` keeps the :class:`model.loaded_export.LoadedExport` interface
 (``generate_answers``, ``score_all``, ``score_pairs``, ``threshold``, ``manifest``), so the
 pipeline uses it unchanged; what it did (plan, fallbacks, timings) is in :meth:`report`.
 """
@@ -18,7 +18,7 @@ import torch
 from data.prompts import chat_prompt, encode_example, example_from_case
 from data.records import Case
 from model.loaded_export import stop_ids  # the one definition of the stop set
-from model.decoding import DecodeStats, greedy_decode, supports_fast_decode
+from model.decoding import MATMUL, SDPA_CUDNN, DecodeStats, greedy_decode, supports_fast_decode
 from model.head_scoring import encode_for_scoring, group_head_outputs, group_relevance_probabilities
 
 from .memory import BatchPlan, plan_batches, token_budget_groups
@@ -197,13 +197,25 @@ class FastCheckpoint:
             if self.log:
                 self.log(f"warning: {message}")
 
+    def engine_used(self) -> str:
+        """The decoding that actually ran, in words (a CPU run has no CUDA graph to claim)."""
+        device = str(self.inner.device)
+        generate = next((f for f in self.fallbacks if f.startswith("generation: ")), None)
+        if generate is not None:
+            return f"model.generate on {device} ({generate.removeprefix('generation: ')})"
+        if not self.decode.batches:
+            return f"fast engine on {device}; no answers decoded (alignment and relevance forwards only)"
+        step = "CUDA-graphed decode step" if self.decode.cuda_graph else "eager decode step (no CUDA graph)"
+        attention = {SDPA_CUDNN: "cuDNN fused attention", MATMUL: "matmul attention"}.get(
+            self.decode.attention, f"{self.decode.attention} attention")
+        return f"fast engine on {device}: static KV cache, greedy on device, {step}, {attention} over the cache"
+
     def report(self) -> dict:
         """What ran, for run.json: plans, decoding (CUDA graph or why not), alignment and
         relevance batches."""
         align = dict(self.alignment, seconds=round(self.alignment["seconds"], 3))
         relevance = dict(self.relevance, seconds=round(self.relevance["seconds"], 3))
-        return {"engine": "fast (static KV cache, greedy on device, CUDA-graphed decode step, "
-                                  "cuDNN decode attention where it runs)",
+        return {"engine": self.engine_used(),
                 "max_memory_gb": self.max_memory_gb, "plans": self.plans, "decode": self.decode.to_dict(),
                 "alignment": align, "relevance": relevance, "fallbacks": self.fallbacks}
 

@@ -28,9 +28,15 @@ def test_help_lists_every_key_with_type_default_and_meaning():
     proc = run_train("--help")
     assert proc.returncode == 0 and proc.stderr == ""
     lines = {line.split()[0]: line for line in proc.stdout.splitlines() if line.startswith("  --")}
+    stages = {stage: build_config({"stage": stage}) for stage in ("domain", "task")}
     for field in fields(TrainConfig):
         line = lines[f"--{field.name}"]
-        assert f" {field.type} " in line and repr(field.default) in line and FIELD_HELP[field.name] in line
+        shown = [repr(getattr(cfg, field.name)) for cfg in stages.values()]
+        assert line.split()[1:4] == [field.type, *shown], line  # type, then each stage's own default
+        assert FIELD_HELP[field.name] in line
+    # the defaults a user gets, not the dataclass's: the domain stage's TOML turns these on
+    assert lines["--batch_tokens"].split()[2:4] == ["16384", "0"]
+    assert lines["--joint"].split()[2:4] == ["True", "False"]
     for flag in ("--print-config", "--no-progress", "--verbose", "--config", "--resume"):
         assert flag in proc.stdout
 

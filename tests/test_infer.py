@@ -307,6 +307,11 @@ def test_tiny_export_end_to_end(tmp_path, capsys, tiny_export):
     threshold = manifest["alignment"]["threshold"]
     assert run["subtask4"]["threshold"] == threshold
     assert "load_export" in run["timings_s"] and "Subtask 4 scores:" in log
+    # run.json names the decoding that ran: on CPU no CUDA graph (issue 23 found one claimed)
+    engine = run["fast_inference"]["engine"]
+    assert run["fast_inference"]["decode"]["cuda_graph"] is False
+    assert engine == ("fast engine on cpu: static KV cache, greedy on device, eager decode step (no CUDA graph), "
+                      "matmul attention over the cache"), engine
     fell_back = set(run["subtask3"]["extractive_fallback_cases"])
     for entry, case in zip(entries[3], cases):
         assert 0 < count_words(entry["prediction"]) <= 75
@@ -349,6 +354,8 @@ def test_tiny_checkpoint_subtask2_batched_equals_one_case_at_a_time(tmp_path, ca
     else:  # every example case has answer sentences: no forward of its own
         assert relevance["forwards"] == 0 and relevance["reused_from_alignment"] == len(cases)
     assert plain_run["fast_inference"] is None
+    assert fast_run["fast_inference"]["engine"] == (
+        "fast engine on cpu; no answers decoded (alignment and relevance forwards only)")
     written = (tmp_path / "fast" / "subtask2" / "submission.json").read_bytes()
     assert written == (tmp_path / "plain" / "subtask2" / "submission.json").read_bytes()
     entries = check_outputs(tmp_path / "fast", cases, subtasks=(2,))[2]
@@ -452,3 +459,18 @@ def test_hide_progress_bars_turns_off_the_model_loading_bars(monkeypatch):
         monkeypatch.delenv("HF_HUB_DISABLE_PROGRESS_BARS", raising=False)
         (hf_logging.disable_progress_bar if was_hidden[0] else hf_logging.enable_progress_bar)()
         (disable_progress_bars if was_hidden[1] else enable_progress_bars)()
+
+
+def test_engine_used_names_graphs_attention_and_generate_fallback():
+    """What FastCheckpoint.report() says for each way decoding can go (no model needed)."""
+    from types import SimpleNamespace
+
+    from inference.fast import FastCheckpoint
+    from model.decoding import SDPA_CUDNN, DecodeStats
+
+    engine = FastCheckpoint(SimpleNamespace(device="cuda:0"))
+    engine.decode = DecodeStats(batches=[{"rows": 2}], cuda_graph=True, attention=SDPA_CUDNN)
+    assert engine.engine_used() == ("fast engine on cuda:0: static KV cache, greedy on device, CUDA-graphed "
+                                    "decode step, cuDNN fused attention over the cache")
+    engine.fallbacks = ["generation: model type 'llama' is not qwen3; using model.generate"]
+    assert engine.engine_used() == "model.generate on cuda:0 (model type 'llama' is not qwen3; using model.generate)"

@@ -65,15 +65,28 @@ def _type_name(field) -> str:
     return field.type if isinstance(field.type, str) else getattr(field.type, "__name__", str(field.type))
 
 
+def stage_defaults() -> dict[str, TrainConfig]:
+    """What each stage runs with when the command line sets nothing: its TOML over the dataclass."""
+    from training.config import STAGES, build_config
+
+    return {stage: build_config({"stage": stage}) for stage in STAGES}
+
+
+def _shown(value) -> str:
+    return repr(value) if not isinstance(value, str) or value else "''"
+
+
 def config_keys_help() -> str:
-    """Every TrainConfig key with its type, default and meaning, one line each."""
-    rows = []
+    """Every TrainConfig key with its type, its default in each stage (the stage's TOML over the
+    dataclass: what a run without that option uses) and its meaning, one line each."""
+    stages = stage_defaults()
+    rows = [("key", "type", *(f"{stage}" for stage in stages), "meaning")]
     for field in fields(TrainConfig):
-        default = "" if field.default is MISSING else repr(field.default)
-        rows.append((f"--{field.name}", _type_name(field), default, FIELD_HELP.get(field.name, "")))
-    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+        values = ["" if field.default is MISSING else _shown(getattr(cfg, field.name)) for cfg in stages.values()]
+        rows.append((f"--{field.name}", _type_name(field), *values, FIELD_HELP.get(field.name, "")))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
     return "\n".join(
-        f"  {a:<{widths[0]}}  {b:<{widths[1]}}  {c:<{widths[2]}}  {d}".rstrip() for a, b, c, d in rows
+        ("  " + "  ".join(f"{cell:<{w}}" for cell, w in zip(row, widths)) + "  " + row[-1]).rstrip() for row in rows
     )
 
 

@@ -24,7 +24,6 @@ total steps and data position carry over unchanged.
 from __future__ import annotations
 
 import dataclasses
-import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,6 +52,7 @@ from .data import (
 from .hooks import train_hooks
 from .init_settings import adopt_init_settings
 from .joint import JointModel, LossSettings
+from .loss_plot import plot_losses
 from .loop_state import LOG_FILE, LoopState, Trainer, run_epochs, start_state
 from .run_folder import RunLock, check_new_run_folder, check_not_locked
 
@@ -132,39 +132,6 @@ def make_scheduler(optimizer, cfg: TrainConfig, total_steps: int):
         return get_constant_schedule_with_warmup(optimizer, warmup)
     make = get_cosine_schedule_with_warmup if cfg.schedule == "cosine" else get_linear_schedule_with_warmup
     return make(optimizer, warmup, total_steps)
-
-
-LOSS_PARTS = {"loss": "total (weighted sum)", "lm": "answer tokens (LM)", "align": "alignment pairs",
-              "relevance": "note-sentence relevance"}
-
-
-def plot_losses(log_path: Path, out_png: Path) -> list[str]:
-    """Every logged loss part against the step; returns the parts drawn (for tests)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = [json.loads(line) for line in log_path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    if not rows:
-        return []
-    fig, ax = plt.subplots(figsize=(6, 4))
-    steps = [r["step"] for r in rows]
-    drawn = []
-    for key, meaning in LOSS_PARTS.items():
-        values = [r.get(key) for r in rows]
-        if any(v is not None for v in values):
-            # Markers keep a short run (one or a few logged points) visible; long runs stay lines.
-            ax.plot(steps, values, label=f"{key}: {meaning}", marker="o" if len(rows) <= 50 else None, markersize=4)
-            drawn.append(key)
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss (mean over the logging window)")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out_png, dpi=100)
-    plt.close(fig)
-    return drawn
 
 
 def resume_layout(state: dict, cfg: TrainConfig, processes: int) -> TrainConfig:
@@ -389,7 +356,8 @@ def finish_run(setup: RunSetup, t: Trainer, state: LoopState, head: NotePairHead
             from .export import export_run
 
             if t.cfg.plot and (t.out / LOG_FILE).is_file():
-                plot_losses(t.out / LOG_FILE, t.out / CURVE_FILE)
+                plot_losses(t.out / LOG_FILE, t.out / CURVE_FILE,
+                            f"Training losses: {t.cfg.stage} stage, preset {t.cfg.preset} ({t.out.name})")
             fsdp = gather.is_fsdp(accelerator)
             export_dir = export_run(
                 t.out, t.plain.backbone, head, tokenizer, t.cfg, t.items, sources, setup.init_export,
