@@ -192,3 +192,27 @@ def test_cv_scores_reach_both_cards(run, tmp_path, capsys):
     with pytest.raises(SystemExit) as stop:
         train.main(["export", str(run), "--merged", "--cv", str(tmp_path / "nowhere"), "--out", str(tmp_path / "m")])
     assert stop.value.code == 2
+
+
+def test_an_nf4_trained_adapter_is_merged_into_the_dequantised_base(tmp_path, capsys):
+    """QLoRA: the adapter was trained against the NF4 base, so the merge dequantises that base (as
+    the training forward computed it) instead of loading full-precision weights it never saw."""
+    from transformers import AutoModelForCausalLM
+
+    run = tmp_path / "run"
+    run_training(build_config(dict(stage="task", preset="tiny", xml=str(XML), key=str(KEY), out=str(run),
+                                   max_steps=1, batch_size=1, log_every=1, progress=False, plot=False,
+                                   load_in_4bit="true")))
+    folder = _export(capsys, str(run), "--merged", "--dtype", "float32")
+    assert json.loads((folder / MERGED_RECORD).read_text())["merged_into"] == "the NF4 base dequantised as trained"
+    assert "quantization_config" not in json.loads((folder / "config.json").read_text())
+    adapter = load_export(run, device="cpu", merge=False, load_in_4bit=True)
+    merged = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    unquantised = load_base_model("tiny", device="cpu", load_in_4bit=False)  # what a naive merge would start from
+    [ids] = _prompt_ids(adapter.tokenizer)[:1]
+    with torch.no_grad():
+        want = adapter.model(input_ids=ids).logits.float()
+        got = merged(input_ids=ids).logits.float()
+        naive = unquantised(input_ids=ids).logits.float()
+    scale = want.abs().max()
+    assert float((got - want).abs().max() / scale) < 0.02 < float((naive - want).abs().max() / scale)
