@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
 from datetime import datetime, timezone
 from pathlib import Path
@@ -33,6 +34,7 @@ MERGED_RECORD = "archehr_merged.json"
 MERGED_FORMAT = "archehr-merged/1"
 DEFAULT_SHARD_SIZE = "5GB"  # transformers' default; Qwen3-4B in bf16 (8 GB) is two shards
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+SHARD_SIZE = re.compile(r"^[1-9][0-9]*(KB|MB|GB|KiB|MiB|GiB)$")
 
 
 def merged_out(export_dir: Path, out: str | Path | None) -> Path:
@@ -72,6 +74,8 @@ def export_merged(export_dir: str | Path, out: str | Path | None = None, *, base
     target = merged_out(root, out)
     if dtype not in DTYPES:
         raise InputError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if not SHARD_SIZE.match(str(max_shard_size)):
+        raise InputError(f"--max_shard_size must be a size such as 5GB or 500MB, got {max_shard_size!r}")
     trained_in_4bit = bool((manifest.get("base_model") or {}).get("load_in_4bit"))
     # The base as trained (NF4 -> dequantised when it was), the adapter merged into it.
     loaded = load_export(root, base=base, device=device, load_in_4bit=trained_in_4bit, merge=True)

@@ -140,6 +140,10 @@ def test_export_again_replaces_the_merged_folder_and_refuses_a_foreign_one(run, 
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "holds other files" in err[0]
     assert sorted(p.name for p in foreign.iterdir()) == ["notes.txt"]
+    with pytest.raises(SystemExit) as stop:
+        train.main(["export", str(run), "--merged", "--max_shard_size", "lots", "--out", str(tmp_path / "n")])
+    assert stop.value.code == 2 and "--max_shard_size must be a size" in capsys.readouterr().err
+    assert not (tmp_path / "n").exists()
 
 
 LADDER = {
