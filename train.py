@@ -72,7 +72,7 @@ def export_parser():
         "Write a merged model folder of a finished run: the adapter merged into the base (NF4 bases "
         "dequantised as trained), config, tokenizer, greedy generation config and sharded safetensors; "
         "loads with AutoModelForCausalLM.from_pretrained and serves with vLLM or SGLang. The alignment "
-        "head stays in the export (infer.py --checkpoint applies it)."))
+        "head stays in the export (infer.py --export applies it)."))
     p.add_argument("run", help="run folder (uses RUN/export) or export folder")
     p.add_argument("--merged", action="store_true", required=True, help="write the merged model folder")
     p.add_argument("--out", help="output folder (default: EXPORT/merged; an earlier merged folder is replaced)")

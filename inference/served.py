@@ -10,7 +10,7 @@ text (so the server's chat handling cannot change them), greedy (temperature 0),
 ``<|im_end|>``. The answers then go through our cleaning, 75-word cut, extractive fallback for an
 empty answer (named on stderr) and the official validation, and are written as
 ``OUT/subtask3/submission.json`` + ``OUT/subtask3.zip``, all or nothing. The alignment head is not
-served: Subtasks 2 and 4 come from ``infer.py --checkpoint RUN/export --subtasks 2,4``.
+served: Subtasks 2 and 4 come from ``infer.py --export RUN/export --subtasks 2,4``.
 """
 from __future__ import annotations
 
@@ -21,14 +21,14 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from data.errors import InputError, exit_on_input_error, exit_on_interrupt
+from plumbing.errors import InputError, exit_on_input_error, exit_on_interrupt
 from data.records import Case
 
 STOP = ["<|im_end|>", "<|endoftext|>"]
 
 
 class ServedGenerator:
-    """``generate_answers`` (as :class:`model.checkpoint.LoadedCheckpoint` has it) over HTTP."""
+    """``generate_answers`` (as :class:`model.loaded_export.LoadedExport` has it) over HTTP."""
 
     def __init__(self, url: str, model: str, tokenizer, timeout_s: float = 600.0):
         self.url = url.rstrip("/") + "/completions"
@@ -89,9 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from data.archehr import load_xml
-    from data.atomic import OutputSet, check_output_set_target
+    from plumbing.atomic import OutputSet, check_output_set_target
     from data.submission import subtask3_entries, write_submission
-    from inference.pipeline import checkpoint_answers
+    from inference.pipeline import export_answers
     from model.backbone import load_tokenizer
     from model.export_folder import MANIFEST
 
@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         hint = " (an export folder: pass its merged/ folder)" if (args.tokenizer / MANIFEST).is_file() else ""
         raise InputError(f"no tokenizer here{hint}", args.tokenizer)
     generator = ServedGenerator(args.url, args.model, load_tokenizer(str(args.tokenizer)))
-    answers, fell_back = checkpoint_answers(generator, cases, args.batch_size, args.max_new_tokens, progress=False)
+    answers, fell_back = export_answers(generator, cases, args.batch_size, args.max_new_tokens, progress=False)
     for case_id in fell_back:
         print(f"warning: case {case_id}: the served answer was empty; the extractive answer replaces it",
               file=sys.stderr)

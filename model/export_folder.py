@@ -234,7 +234,7 @@ def model_card(manifest: dict, ladder: dict | None = None, merged: bool = False)
                   "The export's LoRA adapter merged into its base model (the base dequantised as trained), bf16: "
                   "a standard Hugging Face model folder. `AutoModelForCausalLM.from_pretrained(\"this/folder\")` "
                   "loads it, and vLLM or SGLang serve it (Subtask 3 answers). The alignment head is not in it: "
-                  "`infer.py --checkpoint` on the export folder above applies it (Subtasks 2 and 4)."]
+                  "`infer.py --export` on the export folder above applies it (Subtasks 2 and 4)."]
     lines += [
         "",
         "## Loading",
@@ -254,7 +254,7 @@ def model_card(manifest: dict, ladder: dict | None = None, merged: bool = False)
 
 def refresh_model_card(export_dir: str | Path, ladder: dict | None) -> Path:
     """Rewrite an export's README.md from its manifest (and a cv ladder's scores); returns its path."""
-    from data.atomic import write_text_atomic
+    from plumbing.atomic import write_text_atomic
 
     root = find_export(export_dir)
     write_text_atomic(root / "README.md", model_card(read_manifest(root), ladder))

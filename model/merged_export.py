@@ -8,7 +8,7 @@ included) and a greedy ``generation_config.json``. It loads with plain
 ``AutoModelForCausalLM.from_pretrained(folder)``: no PEFT, no archehr code, no remote code.
 
 The alignment head is not part of it: a serving engine only generates (Subtask 3); relevance and
-alignment (Subtasks 2 and 4) stay with ``infer.py --checkpoint RUN/export``. ``archehr_merged.json``
+alignment (Subtasks 2 and 4) stay with ``infer.py --export RUN/export``. ``archehr_merged.json``
 says which export (and which manifest, by sha256) the folder was built from.
 
 Built under a hidden sibling name, fsynced and renamed into place: the folder is complete or absent.
@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from data.errors import InputError
+from plumbing.errors import InputError
 
 from .export_folder import MANIFEST, find_export, model_card, package_versions, read_manifest
 
@@ -52,7 +52,7 @@ def greedy_generation_config(tokenizer, max_new_tokens: int):
     """What infer.py decodes with: greedy, stopping at EOS or ``<|im_end|>``."""
     from transformers import GenerationConfig
 
-    from .checkpoint import stop_ids
+    from .loaded_export import stop_ids
 
     return GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=stop_ids(tokenizer),
                             pad_token_id=tokenizer.pad_token_id)
@@ -67,7 +67,7 @@ def export_merged(export_dir: str | Path, out: str | Path | None = None, *, base
                   max_new_tokens: int = 100, ladder: dict | None = None) -> Path:
     """Write the merged model folder of ``export_dir`` (a run or export folder); returns its path.
     ``ladder``: a ``score.py cv`` run's scores (``read_cv_ladder``) for the model card's ``model-index``."""
-    from .checkpoint import load_export
+    from .loaded_export import load_export
 
     root = find_export(export_dir)
     manifest = read_manifest(root)
@@ -96,13 +96,13 @@ def export_merged(export_dir: str | Path, out: str | Path | None = None, *, base
         "merged_into": "the NF4 base dequantised as trained" if trained_in_4bit else "the unquantised base",
         "dtype": dtype,
         "cv_scores_from": (ladder or {}).get("source"),
-        "head": "not included: relevance and alignment run with infer.py --checkpoint on the export",
+        "head": "not included: relevance and alignment run with infer.py --export on the export",
         "packages": package_versions(),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     (tmp / "README.md").write_text(model_card(manifest, ladder, merged=True), encoding="utf-8")
     (tmp / MERGED_RECORD).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
-    from data.atomic import fsync_tree
+    from plumbing.atomic import fsync_tree
 
     fsync_tree(tmp)
     shutil.rmtree(target, ignore_errors=True)

@@ -14,7 +14,7 @@ import train
 from data.archehr import load_xml
 from data.prompts import chat_prompt, example_from_case
 from model.backbone import load_base_model
-from model.checkpoint import load_export, stop_ids
+from model.loaded_export import load_export, stop_ids
 from model.export_folder import model_card
 from model.merged_export import MERGED_RECORD
 from training.config import build_config

@@ -19,7 +19,7 @@ import importlib.util
 import math
 from pathlib import Path
 
-from data.errors import InputError
+from plumbing.errors import InputError
 
 # --report_to value -> the packages (any one of them) accelerate's tracker imports.
 TRACKER_PACKAGES: dict[str, tuple[str, ...]] = {
