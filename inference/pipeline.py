@@ -254,7 +254,7 @@ def _load_model(r: _Run, log: Log) -> None:
     manifest = r.loaded.manifest
     r.timings["load_export"] = time.perf_counter() - t
     # Announced once loaded, so that a folder that is not an export fails with one line.
-    log(f"engine: export {opts.export} (preset {manifest.get('preset')}, "
+    log(f"engine: export {opts.export} (preset {manifest.preset}, "
         f"Subtask 4 aligner: {r.aligner_kind}, threshold {r.loaded.threshold:.3f})")
     if 2 in opts.subtasks and not r.explicit_subtasks and not has_relevance_threshold(manifest):
         r.opts = InferenceOptions(**{**opts.__dict__, "subtasks": tuple(s for s in opts.subtasks if s != 2)})
@@ -274,7 +274,7 @@ def _start_run_record(r: _Run) -> None:
         "xml": str(opts.xml),
         "key": str(opts.key) if opts.key else None,
         "export": str(opts.export) if opts.export else None,
-        "export_manifest": r.loaded.manifest if r.loaded is not None else None,
+        "export_manifest": r.loaded.manifest.to_dict() if r.loaded is not None else None,
         "subtasks": list(opts.subtasks),
         **({"subtask2": {"not_written": r.subtask2_note}} if r.subtask2_note else {}),
         "n_cases": len(r.cases),

@@ -1,7 +1,7 @@
 """Subtask 2 predictions: which note sentences are evidence for the question.
 
 With an export: the head's relevance probability per note sentence, at or above the
-threshold calibrated at export on the training cases (``manifest["relevance"]``) or the
+threshold calibrated at export on the training cases (the manifest's ``relevance`` record) or the
 user's ``--relevance-threshold``. Without one: the question-retrieval baseline
 (:mod:`baselines.relevance`), at its untuned default threshold.
 """
@@ -15,23 +15,24 @@ from tqdm.auto import tqdm
 from baselines import relevance as question_baseline
 from plumbing.errors import InputError
 from data.records import Case
+from model.manifest import ExportManifest
 
 Log = Callable[[str], None]
 
 
-def has_relevance_threshold(manifest: dict) -> bool:
-    return (manifest.get("relevance") or {}).get("threshold") is not None
+def has_relevance_threshold(manifest: ExportManifest) -> bool:
+    return manifest.relevance_threshold is not None
 
 
-def export_relevance_threshold(manifest: dict, override: float | None) -> tuple[float, str]:
+def export_relevance_threshold(manifest: ExportManifest, override: float | None) -> tuple[float, str]:
     """(threshold, where it came from); an export without a relevance threshold needs ``override``."""
     if override is not None:
         return float(override), "--relevance-threshold"
-    record = manifest.get("relevance") or {}
-    if record.get("threshold") is None:
+    record = manifest.relevance
+    if record is None or record.threshold is None:
         raise InputError("the export has no calibrated relevance threshold (no relevance labels in its training "
                          "data, or head_relevance = false): pass --relevance-threshold or --subtasks 3,4")
-    return float(record["threshold"]), f"manifest ({record.get('calibrated_on', 'unknown')})"
+    return float(record.threshold), f"manifest ({record.calibrated_on or 'unknown'})"
 
 
 NO_RELEVANCE_OUTPUT = ("the export's head has no relevance output (head_relevance = false): "

@@ -70,7 +70,8 @@ def export_merged(export_dir: str | Path, out: str | Path | None = None, *, base
     from .loaded_export import load_export
 
     root = find_export(export_dir)
-    manifest = read_manifest(root)
+    record_in = read_manifest(root)
+    manifest = record_in.to_dict()
     target = merged_out(root, out)
     if dtype not in DTYPES:
         raise InputError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
@@ -100,7 +101,7 @@ def export_merged(export_dir: str | Path, out: str | Path | None = None, *, base
         "packages": package_versions(),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-    (tmp / "README.md").write_text(model_card(manifest, ladder, merged=True), encoding="utf-8")
+    (tmp / "README.md").write_text(model_card(record_in, ladder, merged=True), encoding="utf-8")
     (tmp / MERGED_RECORD).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
     from plumbing.atomic import fsync_tree
 

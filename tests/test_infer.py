@@ -1,6 +1,7 @@
 """infer.py end to end: the retrieval baseline, a (fake and a real tiny) checkpoint, skips, bad input."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import subprocess
@@ -12,6 +13,7 @@ import numpy as np
 import pytest
 
 import infer
+from model.manifest import ExportManifest
 from baselines.extractive import extractive_answer
 from baselines.linking import link_pairs
 from data.archehr import load_cases
@@ -200,8 +202,8 @@ class FakeCheckpoint:
     """The LoadedExport interface with scripted outputs (pipeline logic without a model)."""
 
     threshold = 0.6
-    manifest = {"format": "archehr-export/1", "preset": "fake", "alignment": {"threshold": 0.6},
-                "relevance": {"threshold": 0.55, "calibrated_on": "training cases"}}
+    manifest = ExportManifest.from_dict({"format": "archehr-export/1", "preset": "fake", "alignment": {"threshold": 0.6},
+                                         "relevance": {"threshold": 0.55, "calibrated_on": "training cases"}})
 
     def __init__(self, answers: dict[str, str]):
         self.answers = answers
@@ -244,7 +246,7 @@ def test_checkpoint_path_generation_and_head_linking(tmp_path, capsys, fake_chec
                          "--max-new-tokens", "33")
     cases = load_cases(EXAMPLE_XML)
     entries = check_outputs(out, cases)
-    assert run["engine"] == "export" and run["export_manifest"] == fake.manifest
+    assert run["engine"] == "export" and run["export_manifest"] == fake.manifest.to_dict()
     assert "RETRIEVAL BASELINE" not in log
     assert fake.calls == [(["101", "102"], 33, 2), (["103"], 33, 2)]
     answers = {e["case_id"]: e["prediction"] for e in entries[3]}
@@ -381,7 +383,7 @@ def test_checkpoint_subtask2_uses_the_manifest_threshold_or_the_override(tmp_pat
 
 def test_checkpoint_without_relevance_threshold(tmp_path, capsys, fake_checkpoint):
     fake, export = fake_checkpoint
-    fake.manifest = {k: v for k, v in fake.manifest.items() if k != "relevance"}
+    fake.manifest = dataclasses.replace(fake.manifest, relevance=None)
     # By default Subtask 2 is skipped, said on screen and in run.json ...
     run, log = run_infer(capsys, EXAMPLE_XML, "--out", tmp_path / "default", "--export", export)
     assert not (tmp_path / "default" / "subtask2.zip").exists() and (tmp_path / "default" / "subtask4.zip").is_file()

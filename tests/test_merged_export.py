@@ -15,7 +15,7 @@ from data.archehr import load_xml
 from data.prompts import chat_prompt, example_from_case
 from model.backbone import load_base_model
 from model.loaded_export import load_export, stop_ids
-from model.export_folder import model_card
+from model.export_folder import ExportManifest, model_card
 from model.merged_export import MERGED_RECORD
 from training.config import build_config
 from training.loop import run_training
@@ -163,7 +163,7 @@ LADDER = {
 def test_model_card_front_matter_holds_hub_metadata_and_cv_scores():
     manifest = {"preset": "qwen3-4b", "base_model": {"id": "Qwen/Qwen3-4B", "preset": "qwen3-4b"},
                 "stages": [{"stage": "domain"}, {"stage": "task", "joint": True}]}
-    meta = _front_matter(model_card(manifest, dict(LADDER, source="runs/cv/ladder.json")))
+    meta = _front_matter(model_card(ExportManifest.from_dict(manifest), dict(LADDER, source="runs/cv/ladder.json")))
     assert meta["base_model"] == "Qwen/Qwen3-4B" and meta["library_name"] == "peft"
     assert {"archehr", "clinical-nlp", "qlora"} <= set(meta["tags"])
     [entry] = meta["model-index"]
@@ -176,9 +176,11 @@ def test_model_card_front_matter_holds_hub_metadata_and_cv_scores():
     }
     assert all(r["dataset"]["split"] == "held-out folds of archehr-qa_key.json" for r in entry["results"])
     # A local base folder is not a hub id: no base_model claim; no cv run: no model-index.
-    local = _front_matter(model_card({"base_model": {"id": "/models/qwen3-4b"}, "stages": []}))
+    local = _front_matter(model_card(ExportManifest.from_dict({"preset": "qwen3-4b", "stages": [],
+                                                              "base_model": {"id": "/models/qwen3-4b"}})))
     assert "base_model" not in local and "model-index" not in local and local["library_name"] == "peft"
-    training = _front_matter(model_card(manifest, dict(LADDER, evaluated_on="TRAINING CASES", source="x")))
+    training = _front_matter(model_card(ExportManifest.from_dict(manifest),
+                                        dict(LADDER, evaluated_on="TRAINING CASES", source="x")))
     assert "TRAINING CASES" in training["model-index"][0]["results"][0]["dataset"]["split"]
 
 
