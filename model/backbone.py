@@ -343,6 +343,8 @@ def dequantize_model(model) -> None:
             setattr(model, attr, False)
     if getattr(model, "hf_quantizer", None) is not None:
         model.hf_quantizer = None
+    if getattr(model, "quantization_method", None) is not None:  # else .to(dtype) is refused as bitsandbytes
+        model.quantization_method = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     if torch.cuda.is_available():

@@ -89,6 +89,7 @@ class TrainConfig:
     keep_checkpoints: int = 2
     progress: bool = True
     plot: bool = True
+    report_to: str = "none"  # none | tensorboard | wandb | mlflow | trackio (training.trackers)
 
     def validate(self) -> "TrainConfig":
         from .validation import check_config  # the rules, one per field, as data

@@ -58,6 +58,7 @@ FIELD_HELP: dict[str, str] = {
     "keep_checkpoints": "how many intermediate checkpoints to keep",
     "progress": "show progress bars",
     "plot": "write loss_curve.png at the end",
+    "report_to": "also send log.jsonl's series to none, tensorboard (RUN/tensorboard), wandb, mlflow or trackio",
 }
 
 

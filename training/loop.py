@@ -55,6 +55,7 @@ from .joint import JointModel, LossSettings
 from .loss_plot import plot_losses
 from .loop_state import LOG_FILE, LoopState, Trainer, run_epochs, start_state
 from .run_folder import RunLock, check_new_run_folder, check_not_locked
+from .trackers import accelerator_kwargs, finish_trackers, start_trackers
 
 CURVE_FILE = "loss_curve.png"
 
@@ -237,6 +238,7 @@ def make_accelerator(cfg: TrainConfig):
         cpu=not torch.cuda.is_available(),
         # The head's parts can sit out a batch (no citations, no relevance labels).
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=cfg.joint)],
+        **accelerator_kwargs(cfg.report_to, cfg.out),  # --report_to: accelerate's tracker
     )
     gather.check_fsdp_version(accelerator)
     return accelerator, use_bf16
@@ -386,6 +388,8 @@ def train_and_export(setup: RunSetup, resume: bool) -> RunResult:
     model, head = build_model(setup)
     trainer = prepare_trainer(setup, model, items, tokenizer.pad_token_id)
     state = start_state(trainer, setup.resume_from)
+    start_trackers(setup.accelerator, setup.cfg.report_to, setup.cfg.to_dict(), state.step)
     run_epochs(trainer, state, setup.resume_from)
     export_dir = None if state.interrupted else finish_run(setup, trainer, state, head, tokenizer, sources)
+    finish_trackers(setup.accelerator)
     return RunResult(setup.out, state.step, state.interrupted, export_dir, state.history, trainer.plain.backbone, head)

@@ -24,6 +24,7 @@ from .data import TrainItem
 from .hooks import TrainHooks
 from .interrupt import TrainingDiverged, check_finite, non_finite, stop_requested
 from .joint import JointModel
+from .trackers import log_row
 
 LOG_FILE = "log.jsonl"
 
@@ -68,6 +69,7 @@ class LoopState:
     window_start: float = 0.0
     bad_losses: list[str] = field(default_factory=list)  # loss parts that were not finite
     interrupted: bool = False
+    grad_norm: float | None = None  # global norm before clipping, of the latest optimizer step
 
     def reset_window(self) -> None:
         self.window, self.window_micro, self.window_tokens, self.window_start = {}, 0, 0, time.perf_counter()
@@ -108,6 +110,7 @@ def _truncate_log(log_path: Path, last_step: int) -> None:
 def _append_log(t: Trainer, row: dict) -> None:
     with (t.out / LOG_FILE).open("a", encoding="utf-8") as fh:
         fh.write(json.dumps(row) + "\n")
+    log_row(t.accelerator, row)  # --report_to: the same row to the tracker (training.trackers)
 
 
 def start_state(t: Trainer, resume_from: Path | None) -> LoopState:
@@ -154,6 +157,7 @@ def optimizer_step(t: Trainer, state: LoopState, params: list) -> float:
         norm = t.accelerator.clip_grad_norm_(t.model.parameters() if gather.is_fsdp(t.accelerator) else params,
                                              t.cfg.max_grad_norm)
         grad_norm = float(norm) if norm is not None else None
+        state.grad_norm = grad_norm
     try:  # before optimizer.step: a NaN never reaches the weights or a checkpoint
         check_finite(state.step + 1, state.bad_losses, grad_norm, t.accelerator,
                      lambda: ckpts.latest_checkpoint(t.out), t.out)
@@ -179,6 +183,8 @@ def log_window(t: Trainer, state: LoopState, step_lr: float, bar) -> None:
     row = {"step": state.step, "epoch": state.epoch}
     row.update({k: round(v / window_micro, 5) for k, v in window.items() if k != "answer_tokens"})
     row.update(lr=step_lr, tokens=state.tokens_seen, tokens_per_s=round(tokens / elapsed, 1))
+    if state.grad_norm is not None:  # only computed when clipping is on (max_grad_norm > 0)
+        row["grad_norm"] = round(state.grad_norm, 5)
     if torch.cuda.is_available():
         row["max_mem_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
         if t.procs > 1:  # every rank's peak, in global rank order

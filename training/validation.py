@@ -18,6 +18,8 @@ from plumbing.atomic import check_out_folder
 from data.emrqa import UNANSWERABLE_RULES
 from plumbing.errors import InputError
 
+from .trackers import TRACKERS, check_tracker_installed
+
 
 @dataclass(frozen=True)
 class Rule:
@@ -117,6 +119,7 @@ RULES: dict[str, Rule] = {
     "keep_checkpoints": integer(0),  # 0 = keep all
     "progress": BOOL,
     "plot": BOOL,
+    "report_to": one_of(*TRACKERS),
 }
 
 
@@ -147,6 +150,7 @@ def check_config(cfg) -> None:
         raise InputError(f"--head_layer must be -1 or 0..{layers} for preset {cfg.preset!r}, got {cfg.head_layer}")
     if cfg.out:
         check_out_folder(Path(cfg.out), "--out")
+    check_tracker_installed(cfg.report_to)  # a missing package: one line now, not a silent no-op later
 
 
 def preset_layers(name: str) -> int | None:
