@@ -32,7 +32,7 @@ from training.checkpoints import checkpoint_dirs, latest_checkpoint
 # Heavy imports up front: their one-off library notices must not land in a test's stderr.
 import inference.pipeline  # noqa: F401,E402
 import model.checkpoint  # noqa: F401,E402
-import training.loop  # noqa: F401,E402
+import training.run  # noqa: F401,E402
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"

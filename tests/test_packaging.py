@@ -94,7 +94,7 @@ def test_missing_config_file_is_exit_2(tmp_path):
 def test_notebook_recipe_loads_an_export(tmp_path):
     """The README's notebook recipe, verbatim, from a folder outside the checkout."""
     from training.config import build_config
-    from training.loop import run_training
+    from training.run import run_training
 
     examples = ROOT / "examples"
     cfg = build_config(dict(stage="task", joint=True, preset="tiny", xml=str(examples / "archehr-qa.xml"),

@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 import train
 from training.checkpoints import checkpoint_dirs
 from training.config import build_config
-from training.loop import run_training
+from training.run import run_training
 from hooks import train_hooks
 from synthetic import make_cases, write_archehr
 

@@ -16,7 +16,7 @@ from model.checkpoint import load_export
 from model.head_scoring import pair_probabilities
 from model.calibration import calibrate_threshold, pair_f1
 from training.config import build_config
-from training.loop import build_head, run_training
+from training.run import build_head, run_training
 from synthetic import make_cases, word_overlap_top1, write_archehr
 
 N_TRAIN, N_HELD_OUT = 24, 16
