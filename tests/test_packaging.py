@@ -133,3 +133,16 @@ def test_domain_stage_runs_from_another_folder_with_the_checkout_config(tmp_path
     assert "FutureWarning" not in proc.stderr and "gemm_4bit_forward" not in proc.stderr  # hidden without --verbose
     assert (out / "config.toml").read_text(encoding="utf-8") == expected.stdout
     assert list(neutral.iterdir()) == []
+
+
+def test_stage_presets_hold_no_copy_of_a_default():
+    """One source for each default: a stage TOML sets only what differs from TrainConfig's defaults."""
+    from dataclasses import fields
+
+    from training.config import TrainConfig
+
+    defaults = {f.name: f.default for f in fields(TrainConfig)}
+    for path in sorted((ROOT / "configs").glob("*.toml")):
+        preset = tomllib.loads(path.read_text(encoding="utf-8"))
+        copies = [k for k, v in preset.items() if k != "stage" and defaults.get(k) == v]
+        assert copies == [], f"{path.name} repeats TrainConfig's defaults for {copies}"
