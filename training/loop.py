@@ -13,6 +13,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterable, Iterator, Sequence
 
 import torch
 
@@ -54,6 +55,43 @@ class Trainer:
         return self.accelerator.process_index
 
 
+def compiled_graphs() -> int:
+    """Graphs ``torch.compile`` has built in this process so far (``torch._dynamo`` counters)."""
+    try:
+        from torch._dynamo.utils import counters
+    except ImportError:  # pragma: no cover - torch without dynamo
+        return 0
+    return int(counters["stats"].get("unique_graphs", 0))
+
+
+@dataclass
+class CompileWatch:
+    """Which optimizer steps compiled graphs, and how long they took: the fixed warm-up cost,
+    reported apart from the steady tokens/s (log line, ``log.jsonl`` and :class:`RunResult`)."""
+
+    seconds: float = 0.0  # wall time of the steps that compiled (their own compute included)
+    steps: list[int] = field(default_factory=list)
+    graphs: int = 0
+    after_first_epoch: int = 0  # graphs compiled after epoch 0: a new shape the first epoch did not have
+
+    def after_step(self, state: "LoopState", graphs_before: int, started: float) -> float:
+        """Note the step just taken if it compiled; returns its wall seconds (0 if it did not compile)."""
+        new = compiled_graphs() - graphs_before
+        if new <= 0:
+            return 0.0
+        took = time.perf_counter() - started
+        self.seconds += took
+        self.steps.append(state.step)
+        self.graphs += new
+        if state.epoch > 0:
+            self.after_first_epoch += new
+        return took
+
+    def summary(self) -> dict:
+        return {"compile_s": round(self.seconds, 1), "compile_steps": self.steps, "compiled_graphs": self.graphs,
+                "recompiles_after_first_epoch": self.after_first_epoch}
+
+
 @dataclass
 class LoopState:
     step: int = 0
@@ -68,17 +106,19 @@ class LoopState:
     window_start: float = 0.0
     bad_losses: list[str] = field(default_factory=list)  # loss parts that were not finite
     interrupted: bool = False
+    compile_watch: CompileWatch = field(default_factory=CompileWatch)
 
     def reset_window(self) -> None:
         self.window, self.window_micro, self.window_tokens, self.window_start = {}, 0, 0, time.perf_counter()
 
 
-def train_step(model, batch: dict, accelerator, grad_accum: int = 1, weight: float = 1.0) -> dict[str, float]:
-    """Forward + backward of one micro-batch; returns the (unscaled) loss parts as floats.
+def forward_backward(model, batch: dict, accelerator, grad_accum: int = 1, weight: float = 1.0) -> dict:
+    """Forward + backward of one micro-batch; returns the (unscaled) loss parts as detached tensors
+    (read back once per optimizer step, so the host never waits on the GPU between micro-batches).
     ``weight`` 0 is a filler micro-step (training.batching): it only keeps ranks in step."""
     losses = model(batch)
     accelerator.backward(losses["loss"] / grad_accum if weight == 1.0 else losses["loss"] * (weight / grad_accum))
-    return {k: float(v.detach()) for k, v in losses.items()}
+    return {k: v.detach() for k, v in losses.items() if k != "answer_tokens"}
 
 
 def merged_window(accelerator, window: dict[str, float], window_micro: int) -> tuple[dict[str, float], int]:
@@ -126,8 +166,8 @@ def start_state(t: Trainer, resume_from: Path | None) -> LoopState:
     return state
 
 
-def micro_step(t: Trainer, state: LoopState, micro_batch: MicroBatch) -> None:
-    """Forward + backward of one micro-batch; its losses and tokens join the logging window."""
+def micro_step(t: Trainer, state: LoopState, micro_batch: MicroBatch) -> dict:
+    """Forward + backward of one micro-batch; returns its loss parts (device tensors) and counts its tokens."""
     from accelerate.utils import send_to_device
 
     real = micro_batch.weight > 0
@@ -136,13 +176,42 @@ def micro_step(t: Trainer, state: LoopState, micro_batch: MicroBatch) -> None:
     batch = send_to_device(collate([t.items[i] for i in micro_batch.indices], t.pad_id), t.accelerator.device)
     sync = contextlib.nullcontext() if micro_batch.last_of_step else t.accelerator.no_sync(t.model)
     with sync:
-        losses = train_step(t.model, batch, t.accelerator, t.cfg.grad_accum, micro_batch.weight)
-    state.bad_losses += non_finite(losses)
+        losses = forward_backward(t.model, batch, t.accelerator, t.cfg.grad_accum, micro_batch.weight)
     if real:
-        for k, v in losses.items():
-            state.window[k] = state.window.get(k, 0.0) + v
         state.window_micro += 1
         state.window_tokens += sum(t.sampler.lengths[i] for i in micro_batch.indices)
+    return losses
+
+
+def fold_losses(state: LoopState, step_losses: list[tuple[dict, bool]]) -> None:
+    """The step's loss parts read back in one transfer: non-finite parts noted (fillers too),
+    real micro-batches' parts added to the logging window."""
+    keys = [(i, k) for i, (losses, _) in enumerate(step_losses) for k in losses]
+    if not keys:
+        return
+    values = torch.stack([step_losses[i][0][k].float().reshape(()) for i, k in keys]).tolist()
+    for (i, k), v in zip(keys, values):
+        state.bad_losses += non_finite({k: v})
+        if step_losses[i][1]:
+            state.window[k] = state.window.get(k, 0.0) + v
+
+
+def train_step(t: Trainer, state: LoopState, micro_batches: Sequence[MicroBatch], params: list) -> float:
+    """One optimizer step: forward + backward of each of this rank's micro-batches, then clip and
+    step. Returns the lr the step used. ``train.py``'s loop and ``bench/run.py`` both time this."""
+    step_losses = [(micro_step(t, state, mb), mb.weight > 0) for mb in micro_batches]
+    fold_losses(state, step_losses)
+    return optimizer_step(t, state, params)
+
+
+def optimizer_steps(micro_batches: Iterable[MicroBatch]) -> Iterator[list[MicroBatch]]:
+    """Micro-batches grouped into optimizer steps (a group ends with ``last_of_step``)."""
+    group: list[MicroBatch] = []
+    for micro_batch in micro_batches:
+        group.append(micro_batch)
+        if micro_batch.last_of_step:
+            yield group
+            group = []
 
 
 def optimizer_step(t: Trainer, state: LoopState, params: list) -> float:
@@ -199,7 +268,11 @@ def save_state(t: Trainer, state: LoopState, micro_batch: MicroBatch) -> None:
     """A checkpoint after this optimizer step, with the data position the next step starts at."""
     next_epoch, next_position = ((state.epoch + 1, 0) if micro_batch.end_of_epoch
                                  else (state.epoch, micro_batch.consumed))
-    saved = {"step": state.step, "epoch": next_epoch, "position": next_position, "tokens": state.tokens_seen,
+    # Tokens of the window not logged yet count too: a resumed run starts a fresh window, and
+    # its first log line must carry on from the tokens trained on, not from the last log line.
+    pending = int(t.accelerator.reduce(torch.tensor(state.window_tokens, device=t.accelerator.device), "sum"))
+    saved = {"step": state.step, "epoch": next_epoch, "position": next_position,
+             "tokens": state.tokens_seen + pending,
              "total_steps": t.total_steps, "processes": t.procs, "batches_per_step": t.procs * t.cfg.grad_accum}
     ckpts.save_checkpoint(t.out, state.step, t.plain, t.accelerator, t.optimizer, t.scheduler, saved,
                           keep=t.cfg.keep_checkpoints, wrapped=t.model)
@@ -222,11 +295,15 @@ def run_epochs(t: Trainer, state: LoopState, resume_from: Path | None) -> None:
             # After the iterator exists: the RNG stream continues exactly where it was saved.
             ckpts.load_rng(resume_from, t.rank)
             resume_from = None
-        for micro_batch in micro_batches:
-            micro_step(t, state, micro_batch)
-            if not micro_batch.last_of_step:
-                continue
-            step_lr = optimizer_step(t, state, params)
+        for step_batches in optimizer_steps(micro_batches):
+            graphs = compiled_graphs()
+            started = time.perf_counter()
+            step_lr = train_step(t, state, step_batches, params)
+            took = state.compile_watch.after_step(state, graphs, started)
+            if took and t.accelerator.is_main_process:
+                bar.write(f"compiling: {took:.0f} s at step {state.step} "
+                          f"(once per shape bucket; {state.compile_watch.graphs} graph(s) so far)", file=sys.stderr)
+            micro_batch = step_batches[-1]
             bar.update(1)
             if state.step % cfg.log_every == 0 or state.step == t.total_steps:
                 log_window(t, state, step_lr, bar)
@@ -244,3 +321,5 @@ def run_epochs(t: Trainer, state: LoopState, resume_from: Path | None) -> None:
         state.epoch += 1
         state.position = 0
     bar.close()
+    if state.compile_watch.graphs and t.accelerator.is_main_process:
+        _append_log(t, {"step": state.step, **state.compile_watch.summary()})
