@@ -17,6 +17,8 @@ ORCHESTRATION = [
     ("inference/pipeline.py", "run_inference"),
     ("evaluation/cv.py", "run_cv"),
     ("bench/run.py", "main"),
+    ("bench/journey.py", "main"),
+    ("training/export.py", "export_run"),
 ]
 
 
