@@ -146,3 +146,12 @@ def test_stage_presets_hold_no_copy_of_a_default():
         preset = tomllib.loads(path.read_text(encoding="utf-8"))
         copies = [k for k, v in preset.items() if k != "stage" and defaults.get(k) == v]
         assert copies == [], f"{path.name} repeats TrainConfig's defaults for {copies}"
+
+
+def test_batch_size_unused_under_a_token_budget_is_said(capsys):
+    from training.config import build_config
+
+    build_config({"stage": "task", "batch_size": 2})
+    assert "--batch_size is not used while batch_tokens = 8192" in capsys.readouterr().err
+    build_config({"stage": "task", "batch_size": 2, "batch_tokens": 0})
+    assert capsys.readouterr().err == ""
