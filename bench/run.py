@@ -268,7 +268,7 @@ def run_inference(model_dir: str, preset: str, device, merged: bool, n_answers: 
     from heads.alignment import NotePairHead
     from heads.config import HeadConfig
     from model.backbone import load_adapted, load_backbone, load_tokenizer
-    from model.checkpoint import LoadedCheckpoint
+    from model.loaded_export import LoadedExport
 
     if not Path(adapter_dir, "adapter_config.json").is_file():  # a fresh LoRA, saved as a user's would be
         fresh = load_backbone(preset, load_in_4bit=True, device=device, base_path=model_dir, trainable=False)
@@ -282,7 +282,7 @@ def run_inference(model_dir: str, preset: str, device, merged: bool, n_answers: 
                             timings=load_times)
     hidden = backbone.config.hidden_size
     head = NotePairHead(HeadConfig(hidden_size=hidden)).to(device).eval()
-    ckpt = LoadedCheckpoint(manifest={}, threshold=0.5, tokenizer=load_tokenizer(preset), model=backbone, head=head)
+    ckpt = LoadedExport(manifest={}, threshold=0.5, tokenizer=load_tokenizer(preset), model=backbone, head=head)
     sync(device)
     load_s = time.perf_counter() - t0
     answer_cases = inference_cases(n_answers, seed=1)
@@ -357,7 +357,7 @@ def run_fast_inference(model_dir: str, preset: str, device, n_answers: int, n_al
     from inference.fast import FastCheckpoint
     from inference.memory import GB, apply_memory_cap, available_bytes, should_merge
     from model.backbone import load_adapted, load_tokenizer
-    from model.checkpoint import LoadedCheckpoint
+    from model.loaded_export import LoadedExport
     from model.presets import get_preset
 
     release()
@@ -374,7 +374,7 @@ def run_fast_inference(model_dir: str, preset: str, device, n_answers: int, n_al
         backbone = load_adapted(preset, adapter_dir, merge=merge, load_in_4bit=True, device=device,
                                 base_path=model_dir, timings=load_times)
         head = NotePairHead(HeadConfig(hidden_size=backbone.config.hidden_size)).to(device).eval()
-        ckpt = LoadedCheckpoint(manifest={}, threshold=0.5, tokenizer=load_tokenizer(preset), model=backbone, head=head)
+        ckpt = LoadedExport(manifest={}, threshold=0.5, tokenizer=load_tokenizer(preset), model=backbone, head=head)
         sync(device)
         load_s = time.perf_counter() - t0
         load_peak = peaks(device)["peak_allocated_gb"]
@@ -630,7 +630,7 @@ def export_rows(b: Bench, model, domain_items, task_cfg, task_items, sources, to
             sync(b.device)
             export_s = time.perf_counter() - t0
             t0 = time.perf_counter()
-            calibrated_thresholds(model.backbone, model.head, cfg, stage_items, None, True)
+            calibrated_thresholds(model.backbone, model.head, stage_items, cfg.calibration_max_examples)
             sync(b.device)
             shutil.rmtree(folder, ignore_errors=True)
             return {"export_s": round(export_s, 2), "calibration_s": round(time.perf_counter() - t0, 2)}

@@ -27,25 +27,24 @@ from heads.alignment import HEAD_CONFIG, HEAD_WEIGHTS, NotePairHead, save_head
 from model.backbone import RANDOM_INIT_SEED, is_quantised, is_random_preset, resolve_preset
 from model.calibration import calibrate_threshold
 from model.export_folder import DEFAULT_THRESHOLD, EXPORT_FORMAT, model_card, package_versions, write_manifest
+from model.manifest import BaseModel, Calibration, ExportManifest, Lora, RandomInit, Stage, portable_tokenizer_name
 
 from .config import TrainConfig
 from .data import TrainItem, file_sha256, task_file_records
 from .gather import save_adapter
 
-def base_model_record(cfg: TrainConfig, init_manifest: dict | None, backbone) -> dict:
+def base_model_record(cfg: TrainConfig, init_manifest: ExportManifest | None, backbone) -> BaseModel:
     preset = resolve_preset(cfg.preset)
-    inherited = (init_manifest or {}).get("base_model", {})
-    path = cfg.base_path or inherited.get("path") or None
-    record = {
-        "preset": preset.name,
-        "id": path or preset.source,  # hub id or local path; None = random init below
-        "path": path,
-        "load_in_4bit": is_quantised(backbone),
-        "random_init": None,
-    }
-    if record["id"] is None and is_random_preset(preset):
-        record["random_init"] = {"seed": RANDOM_INIT_SEED, "arch": dict(preset.arch)}
-    return record
+    path = cfg.base_path or (init_manifest.base_model.path if init_manifest else None) or None
+    source = path or preset.source  # hub id or local path; None = random init
+    random_init = RandomInit(RANDOM_INIT_SEED, dict(preset.arch)) if source is None and is_random_preset(preset) else None
+    return BaseModel(preset=preset.name, id=source, path=path, load_in_4bit=is_quantised(backbone),
+                     random_init=random_init)
+
+
+def as_calibration(record: dict | None) -> Calibration | None:
+    """A calibration result (or an inherited/default record) as the manifest's typed record."""
+    return None if record is None else Calibration.from_dict(record)
 
 
 # Tokens per calibration forward: no gradients and no activations kept, so a group costs
@@ -85,9 +84,18 @@ def calibration_outputs(backbone, head: NotePairHead, encoded: Sequence) -> list
     return out
 
 
+def cited_examples(items: Sequence[TrainItem], max_examples: int) -> list:
+    return [it.encoded for it in items if it.encoded.pairs and it.encoded.answer_spans][:max_examples]
+
+
+def relevance_examples(items: Sequence[TrainItem], max_examples: int) -> list[TrainItem]:
+    labelled = [it for it in items if it.essential is not None and len(it.essential) == len(it.encoded.note_spans)]
+    return labelled[:max_examples]
+
+
 def calibrate(head_outputs: dict, items: Sequence[TrainItem], max_examples: int) -> dict | None:
     """Best-F1 probability threshold over the training examples with gold pairs (None if none)."""
-    cited = [it.encoded for it in items if it.encoded.pairs and it.encoded.answer_spans][:max_examples]
+    cited = cited_examples(items, max_examples)
     if not cited:
         return None
     probs = [torch.sigmoid(head_outputs[id(enc)].pair_logits.float()).cpu().numpy() for enc in cited]
@@ -95,11 +103,6 @@ def calibrate(head_outputs: dict, items: Sequence[TrainItem], max_examples: int)
     threshold, f1 = calibrate_threshold(probs, targets)
     return {"threshold": threshold, "train_pair_f1": round(f1, 4), "calibrated_on": "training cases",
             "n_examples": len(cited)}
-
-
-def relevance_examples(items: Sequence[TrainItem], max_examples: int) -> list[TrainItem]:
-    labelled = [it for it in items if it.essential is not None and len(it.essential) == len(it.encoded.note_spans)]
-    return labelled[:max_examples]
 
 
 def calibrate_relevance(head_outputs: dict, items: Sequence[TrainItem], max_examples: int) -> dict | None:
@@ -113,101 +116,85 @@ def calibrate_relevance(head_outputs: dict, items: Sequence[TrainItem], max_exam
             "calibrated_for": "strict micro F1 (essential sentences)", "n_examples": len(labelled)}
 
 
-def calibrated_thresholds(backbone, head: NotePairHead, cfg: TrainConfig, items: Sequence[TrainItem],
-                          init_manifest: dict | None, calibrate_alignment: bool) -> tuple[dict, dict | None]:
-    """The alignment and Subtask 2 thresholds: calibrated on the training examples (one set of
-    forwards serves both), else inherited from the init export, else the default."""
-    calibrating = cfg.joint and calibrate_alignment
-    alignment = relevance = None
-    if calibrating:
-        n = cfg.calibration_max_examples
-        cited = [it.encoded for it in items if it.encoded.pairs and it.encoded.answer_spans][:n]
-        wanted = {id(enc): enc for enc in cited + [it.encoded for it in relevance_examples(items, n)]}
-        encoded = list(wanted.values())
-        outputs = dict(zip(wanted, calibration_outputs(backbone, head, encoded))) if encoded else {}
-        alignment = calibrate(outputs, items, n)
-        relevance = calibrate_relevance(outputs, items, n)
-    if alignment is None:
-        inherited = (init_manifest or {}).get("alignment")
-        alignment = dict(inherited, calibrated_on="inherited") if inherited else {
-            "threshold": DEFAULT_THRESHOLD, "train_pair_f1": None, "calibrated_on": "default", "n_examples": 0}
-        if cfg.joint and not calibrate_alignment:
-            alignment["not_calibrated"] = "sharded (FSDP) run: calibrate after loading the export"
-            print(f"note: alignment threshold not calibrated (FSDP run); using {alignment['calibrated_on']} "
-                  f"threshold {alignment['threshold']}", file=sys.stderr)
-    if relevance is None and (init_manifest or {}).get("relevance"):
-        relevance = dict(init_manifest["relevance"], calibrated_on="inherited")
-    return alignment, relevance
+def calibrated_thresholds(backbone, head: NotePairHead, items: Sequence[TrainItem],
+                          max_examples: int) -> tuple[dict | None, dict | None]:
+    """The alignment and Subtask 2 thresholds calibrated on the training examples: one set of
+    forwards serves both (None where no example has what a threshold needs)."""
+    wanted = {id(enc): enc for enc in cited_examples(items, max_examples)}
+    wanted.update({id(it.encoded): it.encoded for it in relevance_examples(items, max_examples)})
+    if not wanted:
+        return None, None
+    outputs = dict(zip(wanted, calibration_outputs(backbone, head, list(wanted.values()))))
+    return calibrate(outputs, items, max_examples), calibrate_relevance(outputs, items, max_examples)
 
 
-def write_weights(folder: Path, backbone, head: NotePairHead, adapter_state: dict | None) -> None:
-    """The PEFT adapter (gathered weights when sharded) and the head."""
-    if adapter_state is not None:
-        save_adapter(backbone, folder, adapter_state)
-    else:
-        backbone.save_pretrained(str(folder))
-    save_head(head, folder)
+def alignment_record(cfg: TrainConfig, calibrated: dict | None, init_manifest: ExportManifest | None,
+                     calibrate_alignment: bool) -> Calibration:
+    """The Subtask 4 threshold: calibrated here, else inherited from --init, else the default."""
+    if calibrated is not None:
+        return Calibration.from_dict(calibrated)
+    inherited = init_manifest.alignment if init_manifest is not None else None
+    record = dict(inherited.to_dict(), calibrated_on="inherited") if inherited else {
+        "threshold": DEFAULT_THRESHOLD, "train_pair_f1": None, "calibrated_on": "default", "n_examples": 0}
+    if cfg.joint and not calibrate_alignment:
+        record["not_calibrated"] = "sharded (FSDP) run: calibrate after loading the export"
+        print(f"note: alignment threshold not calibrated (FSDP run); using {record['calibrated_on']} "
+              f"threshold {record['threshold']}", file=sys.stderr)
+    return Calibration.from_dict(record)
+
+
+def relevance_record(calibrated: dict | None, init_manifest: ExportManifest | None) -> Calibration | None:
+    """The Subtask 2 threshold (None: no relevance output or no labelled case), else inherited."""
+    if calibrated is not None:
+        return Calibration.from_dict(calibrated)
+    inherited = init_manifest.relevance if init_manifest is not None else None
+    return Calibration.from_dict(dict(inherited.to_dict(), calibrated_on="inherited")) if inherited else None
 
 
 def stage_record(cfg: TrainConfig, items: Sequence[TrainItem], sources: Sequence[str], init_export: Path | None,
-                 steps: int, final_loss: float | None) -> dict:
-    """This stage's entry in the manifest's stage history."""
+                 steps: int, final_loss: float | None) -> Stage:
     if cfg.stage == "task":  # each annotated file with the case ids it contributed
         data_files = task_file_records(cfg)
     else:
         data_files = [{"path": str(s), "sha256": file_sha256(s)} for s in sources]
-    return {
-        "stage": cfg.stage,
-        "joint": cfg.joint,
+    details = {
         "head_trained": cfg.joint,
         "init": str(init_export) if init_export is not None else None,
-        "data": data_files,
         "examples": len(items),
-        # ArchEHR cases this stage trained on (the domain stage trains on emrQA: none), so that
-        # scoring an export on its own training cases can be refused (metrics/training_cases.py).
-        "case_ids": sorted({it.encoded.example_id for it in items}) if cfg.stage == "task" else [],
-        "steps": steps,
         "final_loss": final_loss,
         "seed": cfg.seed,
         "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "config": cfg.to_dict(),
     }
+    # ArchEHR cases this stage trained on (the domain stage trains on emrQA: none), so that
+    # scoring an export on its own training cases can be refused (metrics/training_cases.py).
+    case_ids = sorted({it.encoded.example_id for it in items}) if cfg.stage == "task" else []
+    return Stage(stage=cfg.stage, joint=cfg.joint, steps=steps, data=data_files, case_ids=case_ids, details=details)
 
 
-def manifest_record(cfg: TrainConfig, backbone, head: NotePairHead, tokenizer, init_manifest: dict | None,
-                    stage: dict, alignment: dict, relevance: dict | None) -> dict:
-    history = list((init_manifest or {}).get("stages", [])) + [stage]
+def build_manifest(cfg: TrainConfig, backbone, head: NotePairHead, tokenizer, history: list[Stage],
+                   init_manifest: ExportManifest | None, alignment: Calibration,
+                   relevance: Calibration | None) -> ExportManifest:
     peft_cfg = backbone.peft_config["default"]
-    return {
-        "format": EXPORT_FORMAT,
-        "preset": cfg.preset,
-        "base_model": base_model_record(cfg, init_manifest, backbone),
-        "lora": {"r": peft_cfg.r, "alpha": peft_cfg.lora_alpha, "dropout": peft_cfg.lora_dropout,
-                 "targets": sorted(peft_cfg.target_modules)},
-        "head": {"weights": HEAD_WEIGHTS, "config": HEAD_CONFIG, **head.config.to_dict()},
-        "alignment": alignment,
-        "relevance": relevance,  # Subtask 2 threshold (None: no relevance output or no labelled case)
-        "stages": history,
-        "training_data": [d for s in history for d in s["data"]],
-        # None = unknown: an inherited task stage from before the record existed.
-        "training_case_ids": None if any(s.get("stage") == "task" and "case_ids" not in s for s in history)
-        else sorted({c for s in history for c in s.get("case_ids", [])}),
-        "tokenizer": getattr(tokenizer, "name_or_path", None),
-        "packages": package_versions(),
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    }
-
-
-def publish(tmp: Path, final: Path, manifest: dict) -> None:
-    """Manifest and model card into ``tmp``, fsynced, then renamed to ``final`` in one step."""
-    write_manifest(tmp, manifest)
-    # Replaces the blank template PEFT's save_pretrained leaves there.
-    (tmp / "README.md").write_text(model_card(manifest), encoding="utf-8")
-    from data.atomic import fsync_tree
-
-    fsync_tree(tmp)  # on disk before the rename
-    shutil.rmtree(final, ignore_errors=True)
-    tmp.rename(final)
+    # None = unknown: an inherited task stage from before the record existed.
+    unknown = any(s.stage == "task" and s.case_ids is None for s in history)
+    return ExportManifest(
+        format=EXPORT_FORMAT,
+        preset=cfg.preset,
+        base_model=base_model_record(cfg, init_manifest, backbone),
+        lora=Lora(r=peft_cfg.r, alpha=peft_cfg.lora_alpha, dropout=peft_cfg.lora_dropout,
+                  targets=sorted(peft_cfg.target_modules)),
+        head={"weights": HEAD_WEIGHTS, "config": HEAD_CONFIG, **head.config.to_dict()},
+        alignment=alignment,
+        relevance=relevance,
+        stages=history,
+        training_data=[d for s in history for d in s.data],
+        training_case_ids=None if unknown else sorted({c for s in history for c in s.case_ids or []}),
+        # Portable: a hub id, the packaged tokenizer's marker or a folder's name, never a local path.
+        tokenizer=portable_tokenizer_name(getattr(tokenizer, "name_or_path", None)),
+        packages=package_versions(),
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    )
 
 
 def export_run(
@@ -219,7 +206,7 @@ def export_run(
     items: Sequence[TrainItem],
     sources: Sequence[str],
     init_export: Path | None,
-    init_manifest: dict | None,
+    init_manifest: ExportManifest | None,
     steps: int,
     final_loss: float | None,
     adapter_state: dict | None = None,
@@ -233,8 +220,26 @@ def export_run(
     tmp = run / ".export.partial"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    write_weights(tmp, backbone, head, adapter_state)
-    alignment, relevance = calibrated_thresholds(backbone, head, cfg, items, init_manifest, calibrate_alignment)
-    stage = stage_record(cfg, items, sources, init_export, steps, final_loss)
-    publish(tmp, final, manifest_record(cfg, backbone, head, tokenizer, init_manifest, stage, alignment, relevance))
+    if adapter_state is not None:
+        save_adapter(backbone, tmp, adapter_state)
+    else:
+        backbone.save_pretrained(str(tmp))
+    save_head(head, tmp)
+
+    calibrating = cfg.joint and calibrate_alignment
+    pair_t, relevance_t = (calibrated_thresholds(backbone, head, items, cfg.calibration_max_examples)
+                           if calibrating else (None, None))
+    alignment = alignment_record(cfg, pair_t, init_manifest, calibrate_alignment)
+    relevance = relevance_record(relevance_t, init_manifest)
+    history = list(init_manifest.stages if init_manifest is not None else []) + [
+        stage_record(cfg, items, sources, init_export, steps, final_loss)]
+    manifest = build_manifest(cfg, backbone, head, tokenizer, history, init_manifest, alignment, relevance)
+    write_manifest(tmp, manifest)
+    # Replaces the blank template PEFT's save_pretrained leaves there.
+    (tmp / "README.md").write_text(model_card(manifest), encoding="utf-8")
+    from plumbing.atomic import fsync_tree
+
+    fsync_tree(tmp)  # on disk before the rename
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
     return final
