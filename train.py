@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     if not cfg.progress:
         hide_progress_bars()
     from training.interrupt import deferred_stops, interrupted_message
-    from training.loop import run_training
+    from training.run import run_training
 
     with deferred_stops() as stops:  # SIGINT/SIGTERM: checkpoint after the current step, exit 130
         result = run_training(cfg, resume=bool(resume))

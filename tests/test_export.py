@@ -17,7 +17,7 @@ from data.prompts import encode_example, example_from_case
 from model.loaded_export import load_export
 from model.head_scoring import head_outputs
 from training.config import build_config
-from training.loop import run_training
+from training.run import run_training
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"

@@ -104,7 +104,7 @@ def test_training_loop_uses_token_budget_batches(tmp_path):
     from model.backbone import load_tokenizer
     from training.config import build_config
     from training.data import encode_items
-    from training.loop import run_training
+    from training.run import run_training
 
     from conftest import EXAMPLES
 

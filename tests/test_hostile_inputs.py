@@ -32,7 +32,7 @@ from training.checkpoints import checkpoint_dirs, latest_checkpoint
 # Heavy imports up front: their one-off library notices must not land in a test's stderr.
 import inference.pipeline  # noqa: F401,E402
 import model.loaded_export  # noqa: F401,E402
-import training.loop  # noqa: F401,E402
+import training.run  # noqa: F401,E402
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
@@ -582,7 +582,7 @@ def wait_for(predicate, proc: subprocess.Popen, timeout: float = 240) -> None:
 
 def task_args(tmp_path: Path, out: Path) -> list:
     return ["train.py", "--stage", "task", "--joint", "--preset", "tiny", "--xml", tmp_path / "c.xml",
-            "--key", tmp_path / "k.json", "--out", out, "--batch_size", "2", "--grad_accum", "1",
+            "--key", tmp_path / "k.json", "--out", out, "--batch_size", "2", "--batch_tokens", "0", "--grad_accum", "1",
             "--epochs", "5", "--lr", "1e-3", "--head_lr", "3e-3", "--lora_dropout", "0.1",
             "--head_dropout", "0.1", "--log_every", "1", "--progress", "false", "--plot", "false",
             "--gradient_checkpointing", "false", "--compile", "false", "--save_every", "0"]

@@ -18,7 +18,7 @@ from model.loaded_export import load_export, stop_ids
 from model.export_folder import ExportManifest, model_card
 from model.merged_export import MERGED_RECORD
 from training.config import build_config
-from training.loop import run_training
+from training.run import run_training
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 XML, KEY = EXAMPLES / "archehr-qa.xml", EXAMPLES / "archehr-qa_key.json"

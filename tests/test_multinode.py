@@ -18,7 +18,7 @@ import torch
 from hooks import train_hooks
 from test_distributed import WRAPPER, assert_close_weights, cli_args, export_weights, free_port, read_log
 from training.config import build_config, load_run_config
-from training.loop import run_training
+from training.run import run_training
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"

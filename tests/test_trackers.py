@@ -12,7 +12,7 @@ import pytest
 import train
 from tests.hooks import train_hooks
 from training.config import build_config
-from training.loop import run_training
+from training.run import run_training
 from training.trackers import TENSORBOARD_DIR, check_tracker_installed, tracker_values
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"

@@ -255,7 +255,12 @@ def build_config(overrides: dict, config_file: str | Path | None = None, base: d
         # A missing preset is an error, never a silent fall back to the dataclass defaults.
         values.update(read_toml(config_file or default_config_path(stage)))
     values.update(overrides)
-    return TrainConfig(**values).validate()
+    cfg = TrainConfig(**values).validate()
+    if "batch_size" in overrides and "batch_tokens" not in overrides and cfg.batch_tokens > 0:
+        # Never silent: token-budget batches (the stage presets' default) leave batch_size unused.
+        print(f"note: --batch_size is not used while batch_tokens = {cfg.batch_tokens} (token-budget batches); "
+              "add --batch_tokens 0 for batches of batch_size rows", file=sys.stderr)
+    return cfg
 
 
 def load_run_config(run_dir: str | Path) -> dict:
