@@ -95,12 +95,13 @@ def argparse_parsers() -> dict[str, "argparse.ArgumentParser"]:
 
     import infer
     import score
+    import train
     from baselines import fit
 
     score_parser = score.build_parser()
     [commands] = [a for a in score_parser._actions if isinstance(a, argparse._SubParsersAction)]
     return {"infer.py": infer.build_parser(), "score.py": score_parser, "score.py cv": commands.choices["cv"],
-            "-m baselines.fit": fit.build_parser()}
+            "-m baselines.fit": fit.build_parser(), "train.py export": train.export_parser()}
 
 
 def train_options() -> set[str]:
@@ -124,7 +125,7 @@ def readme_commands() -> list[tuple[str, str]]:
     segments = spans + [line for block in bash_blocks(text) for line in block]
     found = []
     for segment in segments:
-        for match in re.finditer(r"python (?:\S*/)?(train\.py|infer\.py|score\.py(?: cv)?|-m baselines\.fit)"
+        for match in re.finditer(r"python (?:\S*/)?(train\.py(?: export)?|infer\.py|score\.py(?: cv)?|-m baselines\.fit)"
                                  r"((?:(?!&&|python ).)*)", segment):
             found.append((match.group(1), match.group(2)))
     return found
