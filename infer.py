@@ -13,12 +13,13 @@ Tune a retrieval ensemble with
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from pathlib import Path
 
 from data.console import hide_progress_bars, quiet_library_noise
 from data.errors import InputError, exit_on_input_error, exit_on_interrupt
+from model.locate import check_model_options
+from data.ranges import GENERATION_BATCH, LINKS_PER_ANSWER, MAX_NEW_TOKENS, MEMORY_GB, PROBABILITY
 
 
 def _subtasks(value: str) -> tuple[int, ...]:
@@ -31,33 +32,6 @@ def _subtasks(value: str) -> tuple[int, ...]:
     return items
 
 
-def _positive(value: str) -> int:
-    n = int(value)
-    if n < 1:
-        raise argparse.ArgumentTypeError("must be >= 1")
-    return n
-
-
-def _finite_number(low: float, high: float = math.inf, *, above_low: bool = False):
-    """An argparse type: a finite float in [low, high] (in (low, high] with ``above_low``)."""
-    bounds = f"{'(' if above_low else '['}{low:g}, {high:g}]"
-
-    def parse(value: str) -> float:
-        try:
-            x = float(value)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a number in {bounds}, got {value!r}") from None
-        if not (math.isfinite(x) and (x > low if above_low else x >= low) and x <= high):
-            raise argparse.ArgumentTypeError(f"must be a finite number in {bounds}, got {value!r}")
-        return x
-
-    return parse
-
-
-_probability = _finite_number(0.0, 1.0)
-_positive_float = _finite_number(0.0, above_low=True)
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="infer.py", description=__doc__.split("\n\n")[0])
     p.add_argument("xml", type=Path, help="official cases XML (with <answer_sentences> for Subtask 4, or give --key)")
@@ -68,22 +42,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--subtasks", type=_subtasks,
                    help="comma-separated, default 2,3,4 (2 skipped, with a warning, for a checkpoint without a "
                         "calibrated relevance threshold)")
-    p.add_argument("--relevance-threshold", type=_probability,
-                   help="Subtask 2 threshold (default: the checkpoint's calibrated one; baseline 0.5)")
+    p.add_argument("--relevance-threshold", type=PROBABILITY.argtype(),
+                   help=PROBABILITY.help("Subtask 2 threshold (default: the checkpoint's calibrated one; "
+                                         "baseline 0.5)"))
     p.add_argument("--aligner", choices=("retrieval", "head"),
                    help="Subtask 4 aligner (default: head with --checkpoint, retrieval without)")
     p.add_argument("--ensemble", type=Path, help="retrieval ensemble JSON (default configs/retrieval.json)")
-    p.add_argument("--max-links-per-answer", type=_positive, help="cap on evidence sentences per answer sentence")
+    p.add_argument("--max-links-per-answer", type=LINKS_PER_ANSWER.argtype(),
+                   help=LINKS_PER_ANSWER.help("cap on evidence sentences per answer sentence"))
     p.add_argument("--top1-fallback", action="store_true",
                    help="link an answer sentence's best note sentence when nothing passes the threshold")
-    p.add_argument("--batch-size", type=_positive, default=None,
-                   help="at most this many prompts generated together (checkpoint only; default: as many as "
-                        "GPU memory allows)")
-    p.add_argument("--max-new-tokens", type=_positive, default=100, help="generation budget (checkpoint only)")
-    p.add_argument("--base", help="base model id or folder for the checkpoint (default: the manifest's)")
-    p.add_argument("--max-memory-gb", type=_positive_float, default=None,
-                   help="use at most this much GPU memory (a shared or smaller card); batch sizes and whether "
-                        "the adapter is merged into dense weights follow from it")
+    p.add_argument("--batch-size", type=GENERATION_BATCH.argtype(), default=None,
+                   help=GENERATION_BATCH.help("at most this many prompts generated together (checkpoint only; "
+                                              "default: as many as GPU memory allows)"))
+    p.add_argument("--max-new-tokens", type=MAX_NEW_TOKENS.argtype(), default=100,
+                   help=MAX_NEW_TOKENS.help("generation budget (checkpoint only; default 100)"))
+    p.add_argument("--base", help="base model: a local folder or a cached hub id, for the checkpoint (default: the "
+                                  "manifest's); train.py and score.py cv spell it --base too")
+    p.add_argument("--base_path", "--base-path", dest="base_path", help=argparse.SUPPRESS)  # deprecated spelling
+    p.add_argument("--max-memory-gb", type=MEMORY_GB.argtype(), default=None,
+                   help=MEMORY_GB.help("use at most this much GPU memory (a shared or smaller card); batch sizes "
+                                       "and whether the adapter is merged into dense weights follow from it"))
     p.add_argument("--device", help="torch device for the checkpoint (default: cuda if available)")
     p.add_argument("--no-progress", action="store_true", help="hide every progress bar, model loading included")
     p.add_argument("--verbose", action="store_true", help="show library warnings that are hidden by default")
@@ -99,6 +78,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if not args.out.strip():
         raise InputError("--out must name a folder (got ''); the working directory is not used")
+    if args.base_path is not None:
+        print("note: --base_path is deprecated; use --base (the spelling every CLI uses)", file=sys.stderr)
+        args.base = args.base or args.base_path
+    check_model_options(args.device, args.base)  # one line in seconds, before any work
     quiet_library_noise(verbose=args.verbose)  # before bitsandbytes is imported (it logs at import)
     if args.no_progress:
         hide_progress_bars()

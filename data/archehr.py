@@ -170,6 +170,7 @@ def load_key(key_path: str | Path) -> dict[str, KeyCase]:
     path = Path(key_path)
     data = _load_json(path)
     _expect(isinstance(data, list), "key must be a JSON list of cases", path, None)
+    _expect(bool(data), "key holds no cases (an empty list)", path, None)
     out: dict[str, KeyCase] = {}
     for item in data:
         _expect(isinstance(item, dict), "each key entry must be an object", path, None)
@@ -187,7 +188,9 @@ def load_key(key_path: str | Path) -> dict[str, KeyCase]:
             _expect(isinstance(a, dict), "each 'answers' entry must be an object", path, case_id)
             sid, label = a.get("sentence_id"), a.get("relevance")
             _expect(isinstance(sid, str), f"sentence_id {sid!r} is not a string", path, case_id)
-            _expect(label in RELEVANCE_LABELS, f"sentence {sid}: unknown relevance {label!r}", path, case_id)
+            _expect(isinstance(label, str) and label in RELEVANCE_LABELS,
+                    f"sentence {sid}: unknown relevance {label!r} (official labels: {', '.join(RELEVANCE_LABELS)})",
+                    path, case_id)
             _expect(sid not in relevance, f"duplicate sentence_id {sid!r} in answers", path, case_id)
             relevance[sid] = label
         sentences = []

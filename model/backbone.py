@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .locate import default_device  # noqa: F401  (re-exported: callers import it from here)
 from .presets import LORA_TARGETS, LoraSettings, ModelPreset, bundled_tokenizer_dir, get_preset  # noqa: F401
 
 RANDOM_INIT_SEED = 0
@@ -113,10 +114,6 @@ def _write_random_base(preset: ModelPreset | str, out: Path, seed: int) -> Path:
         if not (out / "config.json").is_file():
             raise
     return out
-
-
-def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 QUANT_STORAGE = {"uint8": torch.uint8, "bfloat16": torch.bfloat16, "float16": torch.float16,

@@ -17,7 +17,8 @@ from data.prompts import chat_prompt, example_from_case
 from data.records import Case
 from heads.alignment import NotePairHead, load_head
 
-from .backbone import RANDOM_INIT_SEED, default_device, load_adapted, load_tokenizer
+from .backbone import RANDOM_INIT_SEED, load_adapted, load_tokenizer
+from .locate import resolve_device
 from .export_folder import MANIFEST, manifest_preset_name, manifest_threshold, read_manifest
 from .head_scoring import encode_for_scoring, pair_probabilities
 from .presets import PRESETS, ModelPreset
@@ -145,7 +146,7 @@ def load_export(
     base_record = manifest.get("base_model", {})
     base_path = base or base_record.get("path") or None
     random_init = base_record.get("random_init") or {}
-    device = device or default_device()
+    device = resolve_device(device)
     if load_in_4bit is None:
         load_in_4bit = preset.load_in_4bit and torch.device(device).type == "cuda"
     tokenizer = load_tokenizer(base_path or preset)

@@ -19,7 +19,7 @@ FIELD_HELP: dict[str, str] = {
     "xml": "task stage: the official cases XML",
     "key": "task stage: the official key JSON",
     "init": "run or export folder whose adapter (and head) the stage starts from",
-    "base_path": "local folder or hub id overriding the preset's base weights",
+    "base": "local folder or hub id overriding the preset's base weights",
     "load_in_4bit": "auto (the preset's default), true or false: NF4-quantise the base model",
     "quant_storage": "dtype holding the packed NF4 weights: uint8, or bfloat16 to shard them with FSDP",
     "joint": "train the alignment head jointly (alignment + relevance losses)",
@@ -67,10 +67,16 @@ def _type_name(field) -> str:
 
 def config_keys_help() -> str:
     """Every TrainConfig key with its type, default and meaning, one line each."""
+    from training.validation import RULES
+
     rows = []
     for field in fields(TrainConfig):
         default = "" if field.default is MISSING else repr(field.default)
-        rows.append((f"--{field.name}", _type_name(field), default, FIELD_HELP.get(field.name, "")))
+        meaning = FIELD_HELP.get(field.name, "")
+        rule = RULES.get(field.name)
+        if rule is not None and _type_name(field) in ("int", "float"):  # the range, as the refusal words it
+            meaning += f"; {rule.expect}"
+        rows.append((f"--{field.name}", _type_name(field), default, meaning))
     widths = [max(len(r[i]) for r in rows) for i in range(3)]
     return "\n".join(
         f"  {a:<{widths[0]}}  {b:<{widths[1]}}  {c:<{widths[2]}}  {d}".rstrip() for a, b, c, d in rows

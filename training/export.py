@@ -35,7 +35,7 @@ from .gather import save_adapter
 def base_model_record(cfg: TrainConfig, init_manifest: dict | None, backbone) -> dict:
     preset = resolve_preset(cfg.preset)
     inherited = (init_manifest or {}).get("base_model", {})
-    path = cfg.base_path or inherited.get("path") or None
+    path = cfg.base or inherited.get("path") or None
     record = {
         "preset": preset.name,
         "id": path or preset.source,  # hub id or local path; None = random init below
