@@ -274,6 +274,20 @@ def _set(el: Element, name: str, value: object) -> None:
         el.set(name, str(value))
 
 
+def xml_bytes(root: Element) -> bytes:
+    """``root`` serialised so that :func:`load_xml` reads back exactly the text it holds.
+
+    ElementTree escapes CR, LF and TAB inside attributes but writes a CR in text as it is,
+    and every XML parser turns a raw CR (or CR LF) into LF: a note holding ``&#13;`` would
+    come back changed. After serialisation a raw CR can only be text, so it becomes ``&#13;``.
+    """
+    import io
+
+    buffer = io.BytesIO()
+    ElementTree(root).write(buffer, encoding="utf-8", xml_declaration=True)
+    return buffer.getvalue().replace(b"\r", b"&#13;")
+
+
 def write_cases(cases: Sequence[Case], xml_path: str | Path, key_path: str | Path) -> None:
     """Write cases as an official 2026-layout XML file and key JSON (what :func:`load_cases` reads)."""
     xml_path, key_path = Path(xml_path), Path(key_path)
@@ -297,7 +311,7 @@ def write_cases(cases: Sequence[Case], xml_path: str | Path, key_path: str | Pat
             _set(sent, "start_char_index", s.start_char_index)
             sent.text = s.text
     xml_path.parent.mkdir(parents=True, exist_ok=True)
-    ElementTree(root).write(str(xml_path), encoding="utf-8", xml_declaration=True)
+    xml_path.write_bytes(xml_bytes(root))
     key = [
         {
             "case_id": c.case_id,

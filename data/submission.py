@@ -24,7 +24,7 @@ import zlib
 from pathlib import Path
 
 from .atomic import atomic_write
-from .errors import InputError, check_input_file
+from .errors import InputError, check_input_file, parse_json
 from .records import Case
 
 MAX_WORDS = 75
@@ -254,13 +254,10 @@ def _decode(raw: bytes, path: Path) -> object:
     if not raw.strip():
         raise InputError("file is empty", path)
     try:
-        return json.loads(raw.decode("utf-8"))
+        text = raw.decode("utf-8")
     except UnicodeDecodeError:
         raise InputError("not UTF-8 text", path) from None
-    except json.JSONDecodeError as err:
-        raise InputError(f"invalid JSON ({err.msg} at line {err.lineno})", path) from None
-    except RecursionError:
-        raise InputError("JSON nested too deeply", path) from None
+    return parse_json(text, path)  # malformed, too deep or a lone surrogate: one line
 
 
 def _read_zip_member(path: Path) -> bytes:
