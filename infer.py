@@ -19,7 +19,7 @@ from pathlib import Path
 from data.console import hide_progress_bars, quiet_library_noise
 from data.errors import InputError, exit_on_input_error, exit_on_interrupt
 from model.locate import check_model_options
-from data.ranges import GENERATION_BATCH, LINKS_PER_ANSWER, MAX_NEW_TOKENS, MEMORY_GB, PROBABILITY
+from data.ranges import GENERATION_BATCH, LINKS_PER_ANSWER, MAX_NEW_TOKENS, MEMORY_GB, PROBABILITY, PROMPT_TOKENS
 
 
 def _subtasks(value: str) -> tuple[int, ...]:
@@ -57,6 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
                                               "default: as many as GPU memory allows)"))
     p.add_argument("--max-new-tokens", type=MAX_NEW_TOKENS.argtype(), default=100,
                    help=MAX_NEW_TOKENS.help("generation budget (checkpoint only; default 100)"))
+    p.add_argument("--max-prompt-tokens", type=PROMPT_TOKENS.argtype(), default=None,
+                   help=PROMPT_TOKENS.help("tokens one case may take, prompt plus answer (checkpoint only; default: "
+                                           "the model's context); a longer note is cut to the sentences that fit, "
+                                           "said and recorded in run.json"))
     p.add_argument("--base", help="base model: a local folder or a cached hub id, for the checkpoint (default: the "
                                   "manifest's); train.py and score.py cv spell it --base too")
     p.add_argument("--base_path", "--base-path", dest="base_path", help=argparse.SUPPRESS)  # deprecated spelling
@@ -93,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         top1_fallback=args.top1_fallback, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
         base=args.base, device=args.device, progress=not args.no_progress, allow_train_cases=args.allow_train_cases,
         relevance_threshold=args.relevance_threshold, max_memory_gb=args.max_memory_gb, overwrite=args.overwrite,
+        max_prompt_tokens=args.max_prompt_tokens,
     ))
     return 0
 

@@ -122,6 +122,7 @@ PROBABILITY = number(0, 1)
 # stops a typo from decoding for hours.
 MAX_NEW_TOKENS = integer(1, 8192)
 GENERATION_BATCH = integer(1, 4096)
+PROMPT_TOKENS = integer(256, 1_048_576)
 MEMORY_GB = number(0, 4096, lo_open=True)
 LINKS_PER_ANSWER = integer(1, 10_000)
 FOLDS = integer(2, 100_000)

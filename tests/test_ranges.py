@@ -124,6 +124,7 @@ def _out_of_range(r: Range) -> list[str]:
 
 
 INFER_OPTIONS = {"--max-new-tokens": "MAX_NEW_TOKENS", "--batch-size": "GENERATION_BATCH",
+                 "--max-prompt-tokens": "PROMPT_TOKENS",
                  "--max-memory-gb": "MEMORY_GB", "--max-links-per-answer": "LINKS_PER_ANSWER",
                  "--relevance-threshold": "PROBABILITY"}
 CV_OPTIONS = {"--folds": "FOLDS", "--seed": "SEED", "--resamples": "RESAMPLES", "--max-new-tokens": "MAX_NEW_TOKENS"}

@@ -34,7 +34,7 @@ FIELD_HELP: dict[str, str] = {
     "warmup_ratio": "fraction of the steps spent in linear warm-up",
     "schedule": "learning-rate schedule after warm-up: cosine, linear or constant",
     "max_grad_norm": "gradient-norm clip (0 = off)",
-    "max_length": "longest tokenised example; longer ones are truncated",
+    "max_length": "longest tokenised training example; longer ones are skipped (said on screen)",
     "group_by_length": "batch rows of similar length together (less padding)",
     "batch_tokens": "> 0: fill batches to this many padded tokens instead of batch_size rows",
     "bf16": "bf16 autocast and bf16 embeddings/lm_head on CUDA (CPU stays fp32)",
