@@ -97,9 +97,13 @@ class Range:
         parse.__name__ = "integer" if self.integer else "number"  # argparse's fallback wording
         return parse
 
-    def help(self, text: str) -> str:
-        """``text`` plus the range, for an option's ``--help`` line (``%%`` kept for argparse)."""
-        return f"{text}; {self.words()}"
+    def help(self, text: str = "") -> str:
+        """``text`` plus the range, for an option's ``--help`` line."""
+        return f"{text}; {self.words()}" if text else self.words()
+
+    def option(self, text: str = "") -> dict:
+        """``type=`` and ``help=`` for ``add_argument``: ``p.add_argument("--steps", **STEPS.option("..."))``."""
+        return {"type": self.argtype(), "help": self.help(text)}
 
 
 def _fmt(x: float) -> str:

@@ -105,6 +105,24 @@ def test_no_option_takes_a_bare_int_or_float():
     assert bare == []
 
 
+def test_no_program_file_declares_a_bare_numeric_option():
+    """Every CLI of the program (bench scripts and baselines.fit included) takes numbers through the factory."""
+    import ast
+
+    bare = []
+    for path in sorted(ROOT.rglob("*.py")):
+        rel = path.relative_to(ROOT)
+        if rel.parts[0] in ("tests", ".venv", "build") or any(p.startswith(".") for p in rel.parts):
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Call) and getattr(node.func, "attr", "") == "add_argument":
+                for kw in node.keywords:
+                    if kw.arg == "type" and isinstance(kw.value, ast.Name) and kw.value.id in ("int", "float"):
+                        if not any(k.arg == "choices" for k in node.keywords):
+                            bare.append(f"{rel}:{node.lineno}")
+    assert bare == []
+
+
 def test_every_numeric_option_shows_its_range_in_help():
     options = [(n, a) for n, a in _numeric_options() if a.type not in (int, float)]
     assert len(options) >= 8
