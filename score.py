@@ -130,9 +130,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _cv_command(args: argparse.Namespace) -> int:
+    check_model_options(args.device, None)  # one line in seconds, before any work (or heavy import)
     from evaluation.cv import CVOptions, print_summary, run_cv
 
-    check_model_options(args.device, None)  # one line in seconds, before any work
     quiet_library_noise(verbose=args.verbose)
     if args.no_progress:
         hide_progress_bars()  # model loading's bars too, not only ours

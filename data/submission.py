@@ -287,7 +287,7 @@ def _read_zip_member(path: Path) -> bytes:
     except (zipfile.BadZipFile, zipfile.LargeZipFile, NotImplementedError, EOFError, zlib.error, OSError,
             RuntimeError, ValueError) as err:  # RuntimeError: encrypted; ValueError: a corrupt header
         detail = str(err).splitlines()[0][:80] if str(err) else type(err).__name__
-        raise InputError(f"not a readable zip file ({detail})", path) from None
+        raise InputError(f"not a valid zip file ({detail})", path) from None
     if len(raw) > MAX_SUBMISSION_BYTES:
         raise InputError(f"{SUBMISSION_NAME} in the zip is more than {MAX_SUBMISSION_BYTES} bytes", path)
     return raw

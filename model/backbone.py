@@ -56,7 +56,10 @@ def load_tokenizer(preset_or_path: ModelPreset | str):
         location = None
     if preset is not None:
         location = preset.tokenizer or preset.source or str(bundled_tokenizer_dir())
-    tok = AutoTokenizer.from_pretrained(location)
+    try:
+        tok = AutoTokenizer.from_pretrained(location)
+    except OSError as err:
+        raise base_load_error(str(location), err) from None
     if tok.pad_token is None:  # Qwen ships <|endoftext|> as pad; keep a fallback for other folders
         tok.pad_token = tok.eos_token
     return tok
@@ -165,8 +168,20 @@ def load_base_model(
         kwargs.update(quantization_config=nf4_config(quant_storage), device_map={"": device}, dtype=torch.bfloat16)
     else:
         kwargs.update(dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
-    model = AutoModelForCausalLM.from_pretrained(location, **kwargs)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(location, **kwargs)
+    except OSError as err:  # no such repo, a download that failed, files missing: one line, not a traceback
+        raise base_load_error(location, err) from None
     return model if quantise else model.to(device)
+
+
+def base_load_error(location: str, err: OSError):
+    """The one line a base model that cannot be loaded ends with (InputError, exit 2)."""
+    from data.errors import InputError
+
+    first = next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)
+    return InputError(f"--base {location}: cannot load the model ({first[:160]}); check the id or folder, "
+                      f"or download it first (hf download {location})")
 
 
 def _enable_checkpointing(model) -> None:

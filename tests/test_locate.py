@@ -228,3 +228,28 @@ def test_base_is_one_spelling_and_base_path_a_deprecated_alias(tmp_path, capsys)
     keys = [line.split()[0] for line in config_keys_help().splitlines()]
     assert "--base" in keys and "--base_path" not in keys
     json.dumps(keys)
+
+
+@pytest.mark.parametrize("error", [
+    OSError("Qwen/Qwen3-4C is not a local folder and is not a valid model identifier listed on "
+            "'https://huggingface.co/models'\nIf this is a private repository, make sure to pass a token"),
+    OSError("[Errno 28] No space left on device"),
+    OSError(""),
+])
+def test_a_base_that_fails_to_load_is_one_line(monkeypatch, error):
+    """Past the checks (e.g. online, the id mistyped): the loader's error is one line, not a traceback."""
+    import transformers
+
+    from model.backbone import load_base_model, load_tokenizer
+
+    def fail(*a, **k):
+        raise error
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", fail)
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", fail)
+    for load in (lambda: load_base_model("qwen3-4b", base_path="Qwen/Qwen3-4C", load_in_4bit=False, device="cpu"),
+                 lambda: load_tokenizer("Qwen/Qwen3-4C")):
+        with pytest.raises(InputError) as err:
+            load()
+        line = one_line(err.value)
+        assert "--base Qwen/Qwen3-4C: cannot load the model" in line and "hf download" in line
