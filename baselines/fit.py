@@ -17,13 +17,13 @@ from pathlib import Path
 from typing import Sequence
 
 from data.archehr import load_cases
-from data.errors import InputError, exit_on_input_error
+from plumbing.errors import InputError, exit_on_input_error
 from data.records import Case
 
 from .aligners import CrossEncoderAligner
 from .crossval import case_folds
 from .ensemble import DEFAULT_COMPONENTS, EnsembleConfig, fit_ensemble, score_components
-from data.ranges import integer
+from plumbing.ranges import integer
 
 
 def out_of_fold_cross_scores(cases: Sequence[Case], n_folds: int = 3, epochs: int = 6, seed: int = 0) -> dict:

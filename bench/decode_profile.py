@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from data.ranges import integer, number
+from plumbing.ranges import integer, number
 
 
 def _time_graph(fn, reps: int, device: torch.device) -> float:

@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.scaling import NCCL_ENV, collect_rank_logs, launch_prefix, read_rows, run_with_timeout  # noqa: E402
-from data.ranges import integer, number
+from plumbing.ranges import integer, number
 
 TINY = ["--stage", "domain", "--preset", "tiny", "--data", str(ROOT / "examples" / "emrqa_sample.jsonl"),
         "--batch_tokens", "1000", "--max_length", "512", "--epochs", "3", "--joint", "true",

@@ -24,7 +24,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from data.ranges import integer, number
+from plumbing.ranges import integer, number
 
 ROOT = Path(__file__).resolve().parents[1]
 WORDS = ("patient admitted with chest pain troponin elevated heparin aspirin stent discharged home follow up "

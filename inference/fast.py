@@ -3,7 +3,7 @@ decoding with a static cache and CUDA graphs (:mod:`model.decoding`), alignment 
 grouped by length under a token budget, and the Subtask 2 relevance forwards the same way
 (``score_relevance_all``).
 
-:class:`FastCheckpoint` keeps the :class:`model.checkpoint.LoadedCheckpoint` interface
+:class:`FastCheckpoint` keeps the :class:`model.loaded_export.LoadedExport` interface
 (``generate_answers``, ``score_all``, ``score_pairs``, ``threshold``, ``manifest``), so the
 pipeline uses it unchanged; what it did (plan, fallbacks, timings) is in :meth:`report`.
 """
@@ -17,7 +17,7 @@ import torch
 
 from data.prompts import chat_prompt, encode_example, example_from_case
 from data.records import Case
-from model.checkpoint import stop_ids  # the one definition of the stop set
+from model.loaded_export import stop_ids  # the one definition of the stop set
 from model.decoding import DecodeStats, greedy_decode, supports_fast_decode
 from model.head_scoring import encode_for_scoring, group_head_outputs, group_relevance_probabilities
 
@@ -214,8 +214,8 @@ def load_checkpoint(export_dir, *, base: str | None = None, device: str | None =
     """``load_export`` under the memory budget: cap the process at ``max_memory_gb``, merge
     the adapter into dense weights only where they fit, wrap in :class:`FastCheckpoint`.
     Returns (checkpoint, memory record for run.json)."""
-    from data.errors import InputError
-    from model import checkpoint as ckpt_module
+    from plumbing.errors import InputError
+    from model import loaded_export as ckpt_module
     from model.locate import resolve_device
     from model.export_folder import find_export, read_manifest
 
@@ -242,6 +242,6 @@ def load_checkpoint(export_dir, *, base: str | None = None, device: str | None =
                 log(f"memory: {reason}")
     kwargs = {"merge": merge} if merge is not None else {}
     loaded = ckpt_module.load_export(export_dir, base=base, device=device, load_in_4bit=load_in_4bit, **kwargs)
-    if fast and isinstance(loaded, ckpt_module.LoadedCheckpoint):
+    if fast and isinstance(loaded, ckpt_module.LoadedExport):
         loaded = FastCheckpoint(loaded, max_memory_gb=max_memory_gb, log=log)
     return loaded, record

@@ -1,6 +1,6 @@
 """What ``infer.py`` does: load and check everything, answer, align, write, report.
 
-Order matters for the user: every input (XML, key, ensemble file, checkpoint folder)
+Order matters for the user: every input (XML, key, ensemble file, export folder)
 is read and checked before the output folder is touched, so a bad file exits with
 one line and leaves nothing behind. Both submissions are validated before either is
 written; ``run.json`` records what ran (engine, manifest, thresholds, timings,
@@ -22,8 +22,8 @@ from baselines.ensemble import EnsembleConfig
 from baselines.extractive import answer_or_extractive, extractive_answer
 from baselines.linking import link_pairs
 from data.archehr import load_cases
-from data.atomic import OutputSet, check_output_set_target, write_json_atomic
-from data.errors import InputError
+from plumbing.atomic import OutputSet, check_output_set_target, write_json_atomic
+from plumbing.errors import InputError
 from data.prompts import fit_case
 from data.records import Case
 from data.submission import (
@@ -37,12 +37,12 @@ from data.submission import (
 )
 from model.export_folder import package_versions as installed_versions
 
-from .evidence import checkpoint_threshold, has_relevance_threshold, predict_evidence
+from .relevance import export_relevance_threshold, has_relevance_threshold, predict_relevance
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_ENSEMBLE = ROOT / "configs" / "retrieval.json"
 BASELINE_ENGINE = "retrieval-baseline"
-CHECKPOINT_ENGINE = "checkpoint"
+EXPORT_ENGINE = "export"
 DEFAULT_SUBTASKS = (2, 3, 4)
 VERSIONED_PACKAGES = (
     "archehr", "torch", "transformers", "peft", "bitsandbytes", "sentence-transformers",
@@ -64,20 +64,20 @@ def _stdout(message: str) -> None:
 class InferenceOptions:
     xml: Path
     out: Path
-    checkpoint: Path | None = None
+    export: Path | None = None
     key: Path | None = None
     subtasks: tuple[int, ...] | None = None  # None = DEFAULT_SUBTASKS (Subtask 2 skipped, said, if uncalibrated)
-    aligner: str | None = None  # "retrieval" | "head"; None = head with a checkpoint, else retrieval
+    aligner: str | None = None  # "retrieval" | "head"; None = head with an export, else retrieval
     ensemble: Path | None = None  # None = configs/retrieval.json (or the built-in defaults)
     max_links_per_answer: int | None = None
     top1_fallback: bool = False
     batch_size: int | None = None  # prompts generated together; None = as many as memory allows
     max_new_tokens: int = 100
-    base: str | None = None  # base model id/path for the checkpoint (None = the manifest's)
+    base: str | None = None  # base model id/path for the export (None = the manifest's)
     device: str | None = None
     progress: bool = True
     allow_train_cases: bool = False  # score an export on its own training cases (labelled TRAINING CASES)
-    relevance_threshold: float | None = None  # Subtask 2; None = the manifest's (checkpoint) or the default
+    relevance_threshold: float | None = None  # Subtask 2; None = the manifest's (export) or the default
     max_memory_gb: float | None = None  # cap on this process's GPU memory (shared or small cards)
     fast: bool = True  # static-cache / CUDA-graph decoding and token-budget alignment (inference/fast.py)
     overwrite: bool = False  # replace the whole previous output set in `out`
@@ -96,26 +96,26 @@ class InferenceResult:
 
 
 class HeadAligner:
-    """The checkpoint's alignment head behind the common :class:`Aligner` protocol."""
+    """The export's alignment head behind the common :class:`Aligner` protocol."""
 
     name = "head"
 
-    def __init__(self, checkpoint, batch_size: int = 8):
-        self.checkpoint = checkpoint
+    def __init__(self, loaded, batch_size: int = 8):
+        self.loaded = loaded
         self.batch_size = batch_size
         self._cache: dict[str, np.ndarray] = {}
 
     def prepare(self, cases: list[Case]) -> None:
-        """Score all cases up front, several per forward (see LoadedCheckpoint.score_all)."""
-        if not hasattr(self.checkpoint, "score_all"):
+        """Score all cases up front, several per forward (see LoadedExport.score_all)."""
+        if not hasattr(self.loaded, "score_all"):
             return
-        scores = self.checkpoint.score_all(cases, batch_size=self.batch_size)
+        scores = self.loaded.score_all(cases, batch_size=self.batch_size)
         self._cache = {c.case_id: np.asarray(s, dtype=np.float64) for c, s in zip(cases, scores)}
 
     def score(self, case: Case) -> np.ndarray:
         if case.case_id in self._cache:
             return self._cache[case.case_id]
-        return np.asarray(self.checkpoint.score_pairs(case), dtype=np.float64)
+        return np.asarray(self.loaded.score_pairs(case), dtype=np.float64)
 
 
 def _check_options(opts: InferenceOptions) -> None:
@@ -124,8 +124,8 @@ def _check_options(opts: InferenceOptions) -> None:
         raise InputError(f"--subtasks must list some of 2, 3 and 4, got {list(opts.subtasks)}")
     if opts.aligner not in (None, "retrieval", "head"):
         raise InputError(f"--aligner must be 'retrieval' or 'head', not {opts.aligner!r}")
-    if opts.aligner == "head" and opts.checkpoint is None:
-        raise InputError("--aligner head needs --checkpoint")
+    if opts.aligner == "head" and opts.export is None:
+        raise InputError("--aligner head needs --export")
     if opts.max_links_per_answer is not None and opts.max_links_per_answer < 1:
         raise InputError("--max-links-per-answer must be >= 1")
     if opts.relevance_threshold is not None and not 0.0 <= opts.relevance_threshold <= 1.0:
@@ -134,8 +134,8 @@ def _check_options(opts: InferenceOptions) -> None:
         raise InputError("--batch-size and --max-new-tokens must be >= 1")
     if opts.max_memory_gb is not None and not opts.max_memory_gb > 0:
         raise InputError("--max-memory-gb must be > 0")
-    if opts.checkpoint is not None and not Path(opts.checkpoint).is_dir():
-        raise InputError("checkpoint folder not found", opts.checkpoint)
+    if opts.export is not None and not Path(opts.export).is_dir():
+        raise InputError("export folder not found", opts.export)
     check_output_set_target(opts.out, opts.overwrite)  # writable, and never mixed with an earlier run
 
 
@@ -157,7 +157,7 @@ def baseline_answers(cases: list[Case], progress: bool = True) -> dict[str, str]
             for c in tqdm(cases, desc="subtask 3 (extractive)", unit="case", disable=not progress)}
 
 
-def checkpoint_answers(checkpoint, cases: list[Case], batch_size: int, max_new_tokens: int,
+def export_answers(loaded, cases: list[Case], batch_size: int, max_new_tokens: int,
                        progress: bool = True) -> tuple[dict[str, str], list[str]]:
     """Generated, cleaned answers; cases whose generation came back empty get the extractive
     answer instead (returned as the second value, so the run can say so)."""
@@ -166,7 +166,7 @@ def checkpoint_answers(checkpoint, cases: list[Case], batch_size: int, max_new_t
     bar = tqdm(total=len(cases), desc="subtask 3 (generate)", unit="case", disable=not progress)
     for start in range(0, len(cases), batch_size):
         batch = cases[start:start + batch_size]
-        raw = checkpoint.generate_answers(batch, max_new_tokens=max_new_tokens, batch_size=batch_size)
+        raw = loaded.generate_answers(batch, max_new_tokens=max_new_tokens, batch_size=batch_size)
         if len(raw) != len(batch):
             raise RuntimeError(f"generate_answers returned {len(raw)} answers for {len(batch)} cases")
         for case, text in zip(batch, raw):
@@ -214,7 +214,7 @@ class _Run:
     on_training: list[str]
     t_start: float
     timings: dict[str, float] = field(default_factory=dict)
-    checkpoint: object = None
+    loaded: object = None
     memory: dict | None = None
     subtask2_note: str | None = None
     run: dict = field(default_factory=dict)  # what becomes run.json
@@ -231,13 +231,13 @@ def _load_inputs(opts: InferenceOptions, log: Log) -> _Run:
                                "subtasks": tuple(opts.subtasks) if explicit_subtasks else DEFAULT_SUBTASKS})
     _check_options(opts)
     cases = load_cases(opts.xml, opts.key)
-    aligner_kind = opts.aligner or ("head" if opts.checkpoint is not None else "retrieval")
+    aligner_kind = opts.aligner or ("head" if opts.export is not None else "retrieval")
     ensemble, ensemble_source = (None, None)
     if 4 in opts.subtasks and aligner_kind == "retrieval":
         ensemble, ensemble_source = _load_ensemble(opts.ensemble)
-    engine = CHECKPOINT_ENGINE if opts.checkpoint is not None else BASELINE_ENGINE
+    engine = EXPORT_ENGINE if opts.export is not None else BASELINE_ENGINE
     if engine == BASELINE_ENGINE:
-        log("engine: RETRIEVAL BASELINE (no --checkpoint): question-retrieval Subtask 2 evidence, extractive "
+        log("engine: RETRIEVAL BASELINE (no --export): question-retrieval Subtask 2 evidence, extractive "
             "Subtask 3 answers, retrieval-ensemble Subtask 4 alignment; not the fine-tuned model")
     with_answers = [c for c in cases if c.answer_sentences]
     skipped = [c.case_id for c in cases if not c.answer_sentences] if 4 in opts.subtasks else []
@@ -249,30 +249,30 @@ def _load_inputs(opts: InferenceOptions, log: Log) -> _Run:
 
 
 def _load_model(r: _Run, log: Log) -> None:
-    """The checkpoint (with a checkpoint), and which subtasks it can write."""
+    """The loaded export (with an export), and which subtasks it can write."""
     opts = r.opts
     t = time.perf_counter()
     from inference.fast import load_checkpoint  # heavy import, only with a checkpoint
 
-    r.checkpoint, r.memory = load_checkpoint(opts.checkpoint, base=opts.base, device=opts.device,
+    r.loaded, r.memory = load_checkpoint(opts.export, base=opts.base, device=opts.device,
                                              max_memory_gb=opts.max_memory_gb, fast=opts.fast, log=log)
-    manifest = r.checkpoint.manifest
-    r.timings["load_checkpoint"] = time.perf_counter() - t
+    manifest = r.loaded.manifest
+    r.timings["load_export"] = time.perf_counter() - t
     # Announced once loaded, so that a folder that is not an export fails with one line.
-    log(f"engine: checkpoint {opts.checkpoint} (preset {manifest.get('preset')}, "
-        f"Subtask 4 aligner: {r.aligner_kind}, threshold {r.checkpoint.threshold:.3f})")
+    log(f"engine: export {opts.export} (preset {manifest.preset}, "
+        f"Subtask 4 aligner: {r.aligner_kind}, threshold {r.loaded.threshold:.3f})")
     if 2 in opts.subtasks and not r.explicit_subtasks and not has_relevance_threshold(manifest):
         r.opts = InferenceOptions(**{**opts.__dict__, "subtasks": tuple(s for s in opts.subtasks if s != 2)})
-        r.subtask2_note = ("not written: the checkpoint has no calibrated relevance threshold (trained without "
+        r.subtask2_note = ("not written: the export has no calibrated relevance threshold (trained without "
                            "--joint or without relevance labels); pass --relevance-threshold to write it")
         log(f"warning: Subtask 2 {r.subtask2_note}")
     if 2 in r.opts.subtasks:
-        checkpoint_threshold(manifest, opts.relevance_threshold)  # a missing threshold fails before any work
+        export_relevance_threshold(manifest, opts.relevance_threshold)  # a missing threshold fails before any work
 
 
-def context_tokens(checkpoint) -> int | None:
-    """The model's context (``max_position_embeddings``), wherever the checkpoint keeps its config."""
-    for holder in (checkpoint, getattr(checkpoint, "inner", None)):
+def context_tokens(loaded) -> int | None:
+    """The model's context (``max_position_embeddings``), wherever the loaded export keeps its config."""
+    for holder in (loaded, getattr(loaded, "inner", None)):
         config = getattr(getattr(holder, "model", None), "config", None)
         value = getattr(config, "max_position_embeddings", None)
         if isinstance(value, int) and value > 0:
@@ -284,8 +284,8 @@ def _fit_to_context(r: _Run, log: Log) -> None:
     """Cut every note that does not fit the token limit (the model's context unless --max-prompt-tokens)
     to its longest fitting prefix: said per case on screen and recorded in run.json, never an
     out-of-memory traceback halfway through the run."""
-    tokenizer = getattr(r.checkpoint, "tokenizer", None)
-    limit = r.opts.max_prompt_tokens or context_tokens(r.checkpoint)
+    tokenizer = getattr(r.loaded, "tokenizer", None)
+    limit = r.opts.max_prompt_tokens or context_tokens(r.loaded)
     if tokenizer is None or limit is None:  # a stand-in checkpoint without a model
         return
     fitted, cuts = [], []
@@ -310,31 +310,31 @@ def _start_run_record(r: _Run) -> None:
     r.run = {
         "engine": r.engine,
         "engine_note": ("retrieval baseline: question-retrieval evidence, extractive answers and a "
-                        "lexical/neural retrieval ensemble, not the fine-tuned model" if r.engine == BASELINE_ENGINE else "fine-tuned checkpoint"),
+                        "lexical/neural retrieval ensemble, not the fine-tuned model" if r.engine == BASELINE_ENGINE else "fine-tuned export"),
         "xml": str(opts.xml),
         "key": str(opts.key) if opts.key else None,
-        "checkpoint": str(opts.checkpoint) if opts.checkpoint else None,
-        "checkpoint_manifest": r.checkpoint.manifest if r.checkpoint is not None else None,
+        "export": str(opts.export) if opts.export else None,
+        "export_manifest": r.loaded.manifest.to_dict() if r.loaded is not None else None,
         "subtasks": list(opts.subtasks),
         **({"subtask2": {"not_written": r.subtask2_note}} if r.subtask2_note else {}),
         "n_cases": len(r.cases),
         **({"context": r.context} if r.context is not None else {}),
     }
-    if opts.checkpoint is not None:
+    if opts.export is not None:
         r.run["training_case_ids"] = r.trained_ids  # score.py applies the training-cases rule from this
 
 
 def _predict_subtask3(r: _Run, log: Log) -> None:
     opts, run, t = r.opts, r.run, time.perf_counter()
-    if r.checkpoint is None:
+    if r.loaded is None:
         answers, fell_back = baseline_answers(r.cases, opts.progress), []
         run["subtask3"] = {"method": "extractive (BM25 + TF-IDF of the question vs note sentences)"}
     else:
-        answers, fell_back = checkpoint_answers(r.checkpoint, r.cases, opts.batch_size or len(r.cases),
+        answers, fell_back = export_answers(r.loaded, r.cases, opts.batch_size or len(r.cases),
                                                 opts.max_new_tokens, opts.progress)
         run["subtask3"] = {"method": "generation", "max_new_tokens": opts.max_new_tokens,
                            "batch_size": opts.batch_size or "auto (memory)",
-                           "decoding": "as the checkpoint's generate_answers"}
+                           "decoding": "as the export's generate_answers"}
         for cid in fell_back:
             log(f"warning: case {cid}: the model's answer was empty; used the extractive answer")
         r.fallback_summary = _fallback_summary(len(fell_back), len(r.cases))
@@ -349,7 +349,7 @@ def _predict_subtask3(r: _Run, log: Log) -> None:
 
 def _predict_subtask2(r: _Run, log: Log) -> None:
     t = time.perf_counter()
-    evidence, r.run["subtask2"] = predict_evidence(r.cases, r.checkpoint, r.opts.relevance_threshold,
+    evidence, r.run["subtask2"] = predict_relevance(r.cases, r.loaded, r.opts.relevance_threshold,
                                                    r.opts.progress, log)
     r.entries[2] = subtask2_entries(evidence)
     validate_subtask2(r.entries[2], r.cases)
@@ -362,8 +362,8 @@ def _predict_subtask4(r: _Run, log: Log) -> None:
         t = time.perf_counter()
         if r.aligner_kind == "head":
             cap = opts.max_links_per_answer
-            threshold = float(r.checkpoint.threshold)
-            aligner: Aligner = HeadAligner(r.checkpoint)
+            threshold = float(r.loaded.threshold)
+            aligner: Aligner = HeadAligner(r.loaded)
             link = lambda s: link_pairs(s, threshold, "absolute", cap, opts.top1_fallback)  # noqa: E731
             run["subtask4"] = {"aligner": "head", "threshold": threshold, "mode": "absolute",
                                "max_per_answer": cap, "top1_fallback": opts.top1_fallback}
@@ -391,7 +391,7 @@ def _predict_subtask4(r: _Run, log: Log) -> None:
 
 def _write_and_score(r: _Run, log: Log, show: Log) -> tuple[dict[int, tuple[Path, Path]], dict]:
     """The whole set (submissions, zips, run.json) built aside, scored there, then renamed into
-    place in one step (data.atomic.OutputSet): all or nothing. Returns the final paths and scores."""
+    place in one step (plumbing.atomic.OutputSet): all or nothing. Returns the final paths and scores."""
     opts, t = r.opts, time.perf_counter()
     with OutputSet(opts.out, opts.overwrite) as stage:
         staged: dict[int, tuple[Path, Path]] = {}
@@ -409,9 +409,9 @@ def _write_and_score(r: _Run, log: Log, show: Log) -> tuple[dict[int, tuple[Path
             r.timings["score"] = time.perf_counter() - t
 
         r.timings["total"] = time.perf_counter() - r.t_start
-        if r.checkpoint is not None:
+        if r.loaded is not None:
             r.run["memory"] = r.memory
-            r.run["fast_inference"] = r.checkpoint.report() if hasattr(r.checkpoint, "report") else None
+            r.run["fast_inference"] = r.loaded.report() if hasattr(r.loaded, "report") else None
         r.run.update({
             "outputs": {f"subtask{n}": {"json": str(j), "zip": str(z)} for n, (j, z) in written.items()},
             "skipped_cases_subtask4": r.skipped,
@@ -431,7 +431,7 @@ def _report(r: _Run, written: dict[int, tuple[Path, Path]], log: Log, show: Log)
     if r.skipped:
         log(f"Subtask 4 skipped {len(r.skipped)} case(s) without answer sentences: {', '.join(r.skipped)}")
     if r.engine == BASELINE_ENGINE:
-        log("note: these are RETRIEVAL BASELINE outputs (no --checkpoint)")
+        log("note: these are RETRIEVAL BASELINE outputs (no --export)")
     if r.fallback_summary:
         log(r.fallback_summary)
 
@@ -440,7 +440,7 @@ def run_inference(opts: InferenceOptions, log: Log = _stderr, show: Log = _stdou
     """Answer and/or align every case of ``opts.xml`` and write the submissions to ``opts.out``.
     ``show`` gets the results (files written, scores), ``log`` everything else."""
     r = _load_inputs(opts, log)  # everything that can be wrong with the input, before any output exists
-    if r.opts.checkpoint is not None:
+    if r.opts.export is not None:
         _load_model(r, log)
         _fit_to_context(r, log)  # long notes cut to the context (said, recorded), never an OOM
     for cid in r.skipped:
@@ -472,11 +472,11 @@ def _training_cases_check(opts: InferenceOptions, cases: list[Case], log: Log) -
     """The export's training case ids and the scored cases among them (refused without --allow-train-cases).
 
     Read from the manifest alone, before the model loads or anything is written."""
-    if opts.checkpoint is None:
+    if opts.export is None:
         return None, []
     from metrics.training_cases import TRAINING_CASES_LABEL, check_training_cases, export_training_case_ids
 
-    trained = export_training_case_ids(opts.checkpoint)
+    trained = export_training_case_ids(opts.export)
     if opts.key is None:
         return trained, []
     if trained is None:
@@ -484,7 +484,7 @@ def _training_cases_check(opts: InferenceOptions, cases: list[Case], log: Log) -
             "these scores cannot be checked for training cases")
         return None, []
     scored = [c.case_id for c in cases if c.has_key]
-    shared = check_training_cases(scored, trained, opts.allow_train_cases, opts.checkpoint)
+    shared = check_training_cases(scored, trained, opts.allow_train_cases, opts.export)
     if shared:
         log(f"{TRAINING_CASES_LABEL}: {len(shared)} of the {len(scored)} scored cases are training cases of "
             "this export; every score below is optimistic")

@@ -177,7 +177,7 @@ def load_base_model(
 
 def base_load_error(location: str, err: OSError):
     """The one line a base model that cannot be loaded ends with (InputError, exit 2)."""
-    from data.errors import InputError
+    from plumbing.errors import InputError
 
     first = next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)
     return InputError(f"--base {location}: cannot load the model ({first[:160]}); check the id or folder, "

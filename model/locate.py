@@ -13,7 +13,7 @@ import socket
 import threading
 from pathlib import Path
 
-from data.errors import InputError
+from plumbing.errors import InputError
 
 # What `--device` may name (torch accepts more, e.g. "meta", that cannot run a model).
 DEVICE_TYPES = ("cpu", "cuda", "mps")

@@ -85,13 +85,13 @@ def test_batched_alignment_scores_equal_one_case_at_a_time(tiny_adapter, shared_
     from heads.alignment import NotePairHead
     from heads.config import HeadConfig
     from model.backbone import load_backbone, load_tokenizer
-    from model.checkpoint import LoadedCheckpoint
+    from model.loaded_export import LoadedExport
 
     cases = load_cases(shared_fixtures / "setA" / "archehr-qa.xml", shared_fixtures / "setA" / "archehr-qa_key.json")[:5]
     torch.manual_seed(0)
     model = load_backbone("tiny", load_in_4bit=False, device="cpu", adapter_dir=tiny_adapter, trainable=False)
     head = NotePairHead(HeadConfig(hidden_size=model.get_base_model().config.hidden_size)).eval()
-    ckpt = LoadedCheckpoint(manifest={}, threshold=0.5, tokenizer=load_tokenizer("tiny"), model=model, head=head)
+    ckpt = LoadedExport(manifest={}, threshold=0.5, tokenizer=load_tokenizer("tiny"), model=model, head=head)
     one = [ckpt.score_pairs(c) for c in cases]
     batched = ckpt.score_all(cases, batch_size=4)
     for a, b, case in zip(one, batched, cases):
@@ -225,12 +225,12 @@ def test_fast_checkpoint_equals_loaded_checkpoint(tiny_adapter):
     from heads.config import HeadConfig
     from inference.fast import FastCheckpoint
     from model.backbone import load_backbone, load_tokenizer
-    from model.checkpoint import LoadedCheckpoint
+    from model.loaded_export import LoadedExport
 
     torch.manual_seed(0)
     model = load_backbone("tiny", load_in_4bit=False, device="cpu", adapter_dir=tiny_adapter, trainable=False)
     head = NotePairHead(HeadConfig(hidden_size=64)).eval()
-    plain = LoadedCheckpoint(manifest={}, threshold=0.5, tokenizer=load_tokenizer("tiny"), model=model, head=head)
+    plain = LoadedExport(manifest={}, threshold=0.5, tokenizer=load_tokenizer("tiny"), model=model, head=head)
     fast = FastCheckpoint(plain)
     cases = inference_cases(5, seed=3)
     cases[2].answer_sentences.clear()  # a case without answer sentences: an empty score matrix
@@ -378,10 +378,10 @@ def test_fast_checkpoint_retries_smaller_after_out_of_memory(monkeypatch):
     from heads.config import HeadConfig
     from inference import fast as fast_module
     from model.backbone import build_random_base, load_tokenizer
-    from model.checkpoint import LoadedCheckpoint
+    from model.loaded_export import LoadedExport
 
     torch.manual_seed(0)
-    plain = LoadedCheckpoint(manifest={}, threshold=0.5, tokenizer=load_tokenizer("tiny"),
+    plain = LoadedExport(manifest={}, threshold=0.5, tokenizer=load_tokenizer("tiny"),
                              model=build_random_base("tiny").eval(), head=NotePairHead(HeadConfig(hidden_size=64)).eval())
     real = fast_module.greedy_decode
     seen = []
@@ -409,18 +409,18 @@ def _tiny_checkpoint(adapter_dir, relevance: bool = True):
     from heads.alignment import NotePairHead
     from heads.config import HeadConfig
     from model.backbone import load_backbone, load_tokenizer
-    from model.checkpoint import LoadedCheckpoint
+    from model.loaded_export import LoadedExport
 
     torch.manual_seed(0)
     model = load_backbone("tiny", load_in_4bit=False, device="cpu", adapter_dir=adapter_dir, trainable=False)
     head = NotePairHead(HeadConfig(hidden_size=64, relevance=relevance)).eval()
-    return LoadedCheckpoint(manifest={}, threshold=0.5, tokenizer=load_tokenizer("tiny"), model=model, head=head)
+    return LoadedExport(manifest={}, threshold=0.5, tokenizer=load_tokenizer("tiny"), model=model, head=head)
 
 
 def test_batched_relevance_equals_one_case_at_a_time(tiny_adapter):
     from bench.synthetic import inference_cases
     from data.prompts import encode_example, example_from_case
-    from inference.evidence import checkpoint_probabilities
+    from inference.relevance import export_probabilities
     from inference.fast import FastCheckpoint
     from model.head_scoring import relevance_probabilities
 
@@ -439,12 +439,12 @@ def test_batched_relevance_equals_one_case_at_a_time(tiny_adapter):
     assert stats["tokens"] == sum(len(e.input_ids) for e in encoded) < stats["padded_tokens"]
     assert fast.report()["alignment"]["forwards"] == 0  # its own record, not the alignment's
     # The pipeline's entry point takes the batched path (one call for all cases, CPU plan's budget).
-    scores = checkpoint_probabilities(fast, cases, progress=False)
+    scores = export_probabilities(fast, cases, progress=False)
     assert list(scores) == [c.case_id for c in cases] and fast.relevance["forwards"] == 4
     for case, w in zip(cases, want):
         assert scores[case.case_id].dtype == np.float64
         np.testing.assert_allclose(scores[case.case_id], w, rtol=0, atol=1e-5)
-    assert checkpoint_probabilities(fast, [], progress=False) == {}
+    assert export_probabilities(fast, [], progress=False) == {}
 
 
 def test_relevance_is_read_from_the_alignment_forwards_when_the_note_prefix_matches(tiny_adapter):
@@ -474,8 +474,8 @@ def test_relevance_is_read_from_the_alignment_forwards_when_the_note_prefix_matc
 
 def test_batched_relevance_without_relevance_output_is_refused(tiny_adapter):
     from bench.synthetic import inference_cases
-    from data.errors import InputError
-    from inference.evidence import checkpoint_probabilities
+    from plumbing.errors import InputError
+    from inference.relevance import export_probabilities
     from inference.fast import FastCheckpoint
 
     plain = _tiny_checkpoint(tiny_adapter, relevance=False)
@@ -484,7 +484,7 @@ def test_batched_relevance_without_relevance_output_is_refused(tiny_adapter):
     assert fast.score_relevance_all(cases) is None and fast.relevance["forwards"] == 0
     for ckpt in (fast, plain):  # batched and per-case paths: the same one-line error
         with pytest.raises(InputError, match="no relevance output"):
-            checkpoint_probabilities(ckpt, cases, progress=False)
+            export_probabilities(ckpt, cases, progress=False)
 
 
 def test_batched_relevance_halves_its_budget_after_out_of_memory(tiny_adapter, monkeypatch):

@@ -25,13 +25,13 @@ from safetensors.torch import load_file, save_file
 import infer
 import score
 import train
-from data.atomic import OutputSet, write_json_atomic
+from plumbing.atomic import OutputSet, write_json_atomic
 from hooks import train_hooks
 from training.checkpoints import checkpoint_dirs, latest_checkpoint
 
 # Heavy imports up front: their one-off library notices must not land in a test's stderr.
 import inference.pipeline  # noqa: F401,E402
-import model.checkpoint  # noqa: F401,E402
+import model.loaded_export  # noqa: F401,E402
 import training.loop  # noqa: F401,E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -183,7 +183,8 @@ def fake_export(root: Path, manifest: dict | None = None, head_layer: object = -
     root.mkdir(parents=True)
     (root / "manifest.json").write_text(json.dumps(manifest if manifest is not None else {
         "preset": "tiny", "base_model": {"id": None, "path": None}, "alignment": {"threshold": 0.5}}))
-    (root / "adapter_config.json").write_text("{}")
+    (root / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 4,
+                                                           "lora_dropout": 0.0, "target_modules": ["q_proj"]}))
     (root / "head_config.json").write_text(json.dumps({"hidden_size": 64, "layer": head_layer}))
     save_file({"a": torch.zeros(2)}, str(root / "adapter_model.safetensors"))
     save_file(head or {"w": torch.zeros(2)}, str(root / "head.safetensors"))
@@ -192,15 +193,15 @@ def fake_export(root: Path, manifest: dict | None = None, head_layer: object = -
 
 def infer_checkpoint(capsys, tmp_path, export: Path, contains: str, *extra) -> None:
     out = tmp_path / "out"
-    refused(capsys, infer.main, [XML, "--out", out, "--checkpoint", export, "--subtasks", "3", "--no-progress",
+    refused(capsys, infer.main, [XML, "--out", out, "--export", export, "--subtasks", "3", "--no-progress",
                                  *extra], contains=contains)
     assert not out.exists()
 
 
 @pytest.mark.parametrize("alignment, message", [
-    ({"threshold": "high"}, "threshold must be a finite number in [0, 1], got 'high'"),
-    ({"threshold": float("nan")}, "threshold must be a finite number"),
-    ({"threshold": 7}, "threshold must be a finite number in [0, 1]"),
+    ({"threshold": "high"}, "field 'alignment.threshold' must be a finite number in [0, 1], got 'high'"),
+    ({"threshold": float("nan")}, "field 'alignment.threshold' must be a finite number"),
+    ({"threshold": 7}, "field 'alignment.threshold' must be a finite number in [0, 1]"),
 ])
 def test_manifest_bad_threshold(tmp_path, capsys, alignment, message):
     export = fake_export(tmp_path / "exp", {"preset": "tiny", "base_model": {}, "alignment": alignment})

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 import infer
 import score
 import train
-from data.errors import InputError
+from plumbing.errors import InputError
 from model.locate import available_devices, check_base, model_folder_problem, resolve_device
 from training.config import build_config, parse_overrides
 

@@ -1,6 +1,6 @@
 """Issue 20, class 3: every number a user gives has a range, said in --help, checked before work.
 
-One factory (``data/ranges.py``) makes the argparse types of infer.py / score.py and the numeric
+One factory (``plumbing/ranges.py``) makes the argparse types of infer.py / score.py and the numeric
 rules of ``training/validation.py``; these tests run the factory over generated text and every
 CLI's numeric options and config fields over generated out-of-range values (each refused with
 exit 2, one line, nothing written), plus the trainer state a resume reads, a key's relevance
@@ -22,8 +22,8 @@ import infer
 import score
 import train
 from data.archehr import load_key
-from data.errors import InputError
-from data.ranges import Range, integer, number
+from plumbing.errors import InputError
+from plumbing.ranges import Range, integer, number
 from data.records import RELEVANCE_LABELS
 from training.checkpoints import STATE_FILE, latest_checkpoint, state_problem
 from training.config import TrainConfig, read_toml
@@ -149,7 +149,7 @@ CV_OPTIONS = {"--folds": "FOLDS", "--seed": "SEED", "--resamples": "RESAMPLES", 
 
 
 def _cases(options: dict[str, str]) -> list[tuple[str, str]]:
-    import data.ranges as ranges
+    import plumbing.ranges as ranges
 
     return [(opt, bad) for opt, const in options.items() for bad in _out_of_range(getattr(ranges, const))]
 
@@ -172,7 +172,7 @@ def test_score_cv_refuses_out_of_range_numbers(tmp_path, capsys, option, value):
 
 
 def _field_cases() -> list[tuple[str, str]]:
-    import data.ranges as ranges
+    import plumbing.ranges as ranges
 
     cases = []
     for f in fields(TrainConfig):

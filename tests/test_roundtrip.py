@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from data.archehr import load_cases, load_xml, write_cases
-from data.errors import InputError, parse_json
+from plumbing.errors import InputError, parse_json
 from evaluation.folds import write_case_files
 
 # XML 1.0 characters (no surrogates, no U+FFFE/U+FFFF, no C0 controls but TAB/LF/CR).

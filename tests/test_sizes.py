@@ -18,10 +18,11 @@ from hypothesis import strategies as st
 
 import infer
 from data.archehr import load_key
-from data.errors import InputError
+from plumbing.errors import InputError
 from data.prompts import case_tokens, fit_case, keep_note_sentences
 from data.records import AnswerSentence, Case, NoteSentence
 from data.submission import read_submission
+from model.manifest import ExportManifest
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
@@ -83,8 +84,8 @@ class SmallContextCheckpoint:
     """A checkpoint stand-in with the real tokenizer and a 1024-token model context."""
 
     threshold = 0.5
-    manifest = {"format": "archehr-export/1", "preset": "fake", "alignment": {"threshold": 0.5},
-                "relevance": {"threshold": 0.5, "calibrated_on": "training cases"}}
+    manifest = ExportManifest.from_dict({"format": "archehr-export/1", "preset": "fake", "alignment": {"threshold": 0.5},
+                                         "relevance": {"threshold": 0.5, "calibrated_on": "training cases"}})
 
     def __init__(self, tokenizer, context: int = 1024):
         from types import SimpleNamespace
@@ -124,14 +125,14 @@ def long_xml(path: Path, n: int) -> Path:
 
 @pytest.mark.parametrize("extra, limit", [([], 1024), (["--max-prompt-tokens", "600"], 600)])
 def test_infer_cuts_a_long_note_says_so_and_records_it(tmp_path, capsys, monkeypatch, qwen_tokenizer, extra, limit):
-    import model.checkpoint
+    import model.loaded_export
 
     fake = SmallContextCheckpoint(qwen_tokenizer)
-    monkeypatch.setattr(model.checkpoint, "load_export", lambda *a, **k: fake)
+    monkeypatch.setattr(model.loaded_export, "load_export", lambda *a, **k: fake)
     (tmp_path / "export").mkdir()
     xml = long_xml(tmp_path / "long.xml", 400)
     out = tmp_path / "out"
-    assert infer.main([str(xml), "--out", str(out), "--checkpoint", str(tmp_path / "export"), "--no-progress",
+    assert infer.main([str(xml), "--out", str(out), "--export", str(tmp_path / "export"), "--no-progress",
                        "--max-new-tokens", "50", *extra]) == 0
     err = capsys.readouterr().err
     run = json.loads((out / "run.json").read_text())
@@ -146,14 +147,14 @@ def test_infer_cuts_a_long_note_says_so_and_records_it(tmp_path, capsys, monkeyp
 
 
 def test_infer_refuses_a_case_that_cannot_fit_at_all(tmp_path, capsys, monkeypatch, qwen_tokenizer):
-    import model.checkpoint
+    import model.loaded_export
 
-    monkeypatch.setattr(model.checkpoint, "load_export", lambda *a, **k: SmallContextCheckpoint(qwen_tokenizer, 300))
+    monkeypatch.setattr(model.loaded_export, "load_export", lambda *a, **k: SmallContextCheckpoint(qwen_tokenizer, 300))
     (tmp_path / "export").mkdir()
     xml = long_xml(tmp_path / "long.xml", 5)
     capsys.readouterr()
     with pytest.raises(SystemExit) as exc:
-        infer.main([str(xml), "--out", str(tmp_path / "out"), "--checkpoint", str(tmp_path / "export"),
+        infer.main([str(xml), "--out", str(tmp_path / "out"), "--export", str(tmp_path / "export"),
                     "--no-progress", "--max-new-tokens", "290"])
     assert exc.value.code == 2
     lines = [x for x in capsys.readouterr().err.splitlines() if x.startswith("error:")]

@@ -26,9 +26,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from data.atomic import fsync_tree
-from data.errors import InputError
-from data.ranges import integer
+from plumbing.atomic import fsync_tree
+from plumbing.errors import InputError
+from plumbing.ranges import integer
 from heads.alignment import HEAD_WEIGHTS, load_head, save_head
 
 from . import gather

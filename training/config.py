@@ -13,8 +13,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, get_type_hints
 
-from data.errors import InputError, parse_json, read_text_file
-from data.ranges import integer
+from plumbing.errors import InputError, parse_json, read_text_file
+from plumbing.ranges import integer
 from heads.config import HeadConfig
 from model.presets import LoraSettings
 

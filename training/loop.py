@@ -31,12 +31,12 @@ from pathlib import Path
 
 import torch
 
-from data.errors import InputError
+from plumbing.errors import InputError
 from data.records import ESSENTIAL_LABELS, relevance_targets
 from heads.alignment import NotePairHead, load_head
 from heads.config import HeadConfig
 from model.backbone import LoraSettings, compile_decoder_layers, load_backbone, load_tokenizer, resolve_preset
-from model.export_folder import find_export, read_manifest
+from model.export_folder import ExportManifest, find_export, read_manifest
 from model.locate import check_base
 
 from . import checkpoints as ckpts
@@ -223,7 +223,7 @@ class RunSetup:
     out: Path
     preset: object
     init_export: Path | None
-    init_manifest: dict | None
+    init_manifest: ExportManifest | None
     accelerator: object
     use_bf16: bool
     resume_from: Path | None  # the checkpoint to resume from
@@ -242,12 +242,12 @@ def check_run_inputs(cfg: TrainConfig, resume: bool):
     init_export = resolve_init(cfg.init) if cfg.stage == "task" and cfg.init else None
     init_manifest = read_manifest(init_export) if init_export is not None else None
     # A hub id neither cached nor reachable, or a folder that is not a model: one line in seconds.
-    check_base(cfg.base or (init_manifest or {}).get("base_model", {}).get("path") or preset.source, "--base")
+    check_base(cfg.base or (init_manifest.base_model.path if init_manifest else None) or preset.source, "--base")
     if init_manifest is not None:  # the adapter and head load as trained: record their real settings
         cfg = adopt_init_settings(cfg, init_manifest)
-    if init_manifest is not None and init_manifest.get("preset") != preset.name:
+    if init_manifest is not None and init_manifest.preset != preset.name:
         raise InputError(
-            f"--init was trained with preset {init_manifest.get('preset')!r}, not {preset.name!r}", init_export
+            f"--init was trained with preset {init_manifest.preset!r}, not {preset.name!r}", init_export
         )
     return cfg, out, preset, init_export, init_manifest
 
@@ -304,7 +304,7 @@ def save_run_config(setup: RunSetup, resume: bool) -> None:
 def build_model(setup: RunSetup) -> tuple[JointModel, NotePairHead]:
     """Backbone (+ the init export's adapter) and head; the head joins the model only for ``joint``."""
     cfg, device = setup.cfg, setup.accelerator.device
-    base_path = cfg.base or (setup.init_manifest or {}).get("base_model", {}).get("path") or None
+    base_path = cfg.base or (setup.init_manifest.base_model.path if setup.init_manifest else None) or None
     backbone = load_backbone(
         setup.preset,
         load_in_4bit=cfg.quantise(),

@@ -13,10 +13,10 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Callable
 
-from data.atomic import check_out_folder
+from plumbing.atomic import check_out_folder
 from data.emrqa import UNANSWERABLE_RULES
-from data.errors import InputError
-from data.ranges import SEED, Range, integer, number
+from plumbing.errors import InputError
+from plumbing.ranges import SEED, Range, integer, number
 
 
 @dataclass(frozen=True)

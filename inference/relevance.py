@@ -1,7 +1,7 @@
 """Subtask 2 predictions: which note sentences are evidence for the question.
 
-With a checkpoint: the head's relevance probability per note sentence, at or above the
-threshold calibrated at export on the training cases (``manifest["relevance"]``) or the
+With an export: the head's relevance probability per note sentence, at or above the
+threshold calibrated at export on the training cases (the manifest's ``relevance`` record) or the
 user's ``--relevance-threshold``. Without one: the question-retrieval baseline
 (:mod:`baselines.relevance`), at its untuned default threshold.
 """
@@ -13,65 +13,66 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from baselines import relevance as question_baseline
-from data.errors import InputError
+from plumbing.errors import InputError
 from data.records import Case
+from model.manifest import ExportManifest
 
 Log = Callable[[str], None]
 
 
-def has_relevance_threshold(manifest: dict) -> bool:
-    return (manifest.get("relevance") or {}).get("threshold") is not None
+def has_relevance_threshold(manifest: ExportManifest) -> bool:
+    return manifest.relevance_threshold is not None
 
 
-def checkpoint_threshold(manifest: dict, override: float | None) -> tuple[float, str]:
+def export_relevance_threshold(manifest: ExportManifest, override: float | None) -> tuple[float, str]:
     """(threshold, where it came from); an export without a relevance threshold needs ``override``."""
     if override is not None:
         return float(override), "--relevance-threshold"
-    record = manifest.get("relevance") or {}
-    if record.get("threshold") is None:
-        raise InputError("the checkpoint has no calibrated relevance threshold (no relevance labels in its training "
+    record = manifest.relevance
+    if record is None or record.threshold is None:
+        raise InputError("the export has no calibrated relevance threshold (no relevance labels in its training "
                          "data, or head_relevance = false): pass --relevance-threshold or --subtasks 3,4")
-    return float(record["threshold"]), f"manifest ({record.get('calibrated_on', 'unknown')})"
+    return float(record.threshold), f"manifest ({record.calibrated_on or 'unknown'})"
 
 
-NO_RELEVANCE_OUTPUT = ("the checkpoint's head has no relevance output (head_relevance = false): "
+NO_RELEVANCE_OUTPUT = ("the export's head has no relevance output (head_relevance = false): "
                        "use --subtasks 3,4")
 
 
-def checkpoint_probabilities(checkpoint, cases: list[Case], progress: bool = True) -> dict[str, np.ndarray]:
-    """``case_id -> [n_note]`` relevance probabilities from the checkpoint's head: all cases
-    at once where the checkpoint can (``score_relevance_all``, the fast engine: read off its
+def export_probabilities(export, cases: list[Case], progress: bool = True) -> dict[str, np.ndarray]:
+    """``case_id -> [n_note]`` relevance probabilities from the export's head: all cases
+    at once where the export can (``score_relevance_all``, the fast engine: read off its
     Subtask 4 forwards, else in token-budget groups), else one forward per case."""
     from data.prompts import encode_example, example_from_case
     from model.head_scoring import relevance_probabilities
 
-    if hasattr(checkpoint, "score_relevance_all") and not hasattr(checkpoint, "score_relevance"):
-        probs = checkpoint.score_relevance_all(cases)
+    if hasattr(export, "score_relevance_all") and not hasattr(export, "score_relevance"):
+        probs = export.score_relevance_all(cases)
         if probs is None:
             raise InputError(NO_RELEVANCE_OUTPUT)
         return {case.case_id: np.asarray(p, dtype=np.float64) for case, p in zip(cases, probs)}
     out: dict[str, np.ndarray] = {}
     for case in tqdm(cases, desc="subtask 2 (head)", unit="case", disable=not progress):
-        if hasattr(checkpoint, "score_relevance"):  # a checkpoint object that scores relevance itself
-            out[case.case_id] = np.asarray(checkpoint.score_relevance(case), dtype=np.float64)
+        if hasattr(export, "score_relevance"):  # an export object that scores relevance itself
+            out[case.case_id] = np.asarray(export.score_relevance(case), dtype=np.float64)
             continue
-        enc = encode_example(checkpoint.tokenizer, example_from_case(case, with_answer=False))
-        probs = relevance_probabilities(checkpoint.model, checkpoint.head, [enc])
+        enc = encode_example(export.tokenizer, example_from_case(case, with_answer=False))
+        probs = relevance_probabilities(export.model, export.head, [enc])
         if probs is None:
             raise InputError(NO_RELEVANCE_OUTPUT)
         out[case.case_id] = np.asarray(probs[0], dtype=np.float64)
     return out
 
 
-def threshold_evidence(cases: list[Case], scores: dict[str, np.ndarray], threshold: float) -> dict[str, list[str]]:
+def threshold_relevance(cases: list[Case], scores: dict[str, np.ndarray], threshold: float) -> dict[str, list[str]]:
     """``case_id -> note ids`` scoring at least ``threshold``, in note order."""
     return {c.case_id: question_baseline.predict_relevant(c, scores[c.case_id], threshold) for c in cases}
 
 
-def predict_evidence(cases: list[Case], checkpoint, override: float | None, progress: bool,
+def predict_relevance(cases: list[Case], export, override: float | None, progress: bool,
                      log: Log) -> tuple[dict[str, list[str]], dict]:
     """Subtask 2 predictions for every case and the run record saying how they were made."""
-    if checkpoint is None:
+    if export is None:
         threshold = question_baseline.DEFAULT_THRESHOLD if override is None else float(override)
         scores = {c.case_id: question_baseline.relevance_scores(c)
                   for c in tqdm(cases, desc="subtask 2 (baseline)", unit="case", disable=not progress)}
@@ -79,10 +80,10 @@ def predict_evidence(cases: list[Case], checkpoint, override: float | None, prog
                   "threshold_source": "--relevance-threshold" if override is not None else "untuned default"}
         log(f"Subtask 2: RETRIEVAL BASELINE ({question_baseline.LABEL}, threshold {threshold:g}); not the model")
     else:
-        threshold, source = checkpoint_threshold(checkpoint.manifest, override)
-        scores = checkpoint_probabilities(checkpoint, cases, progress)
+        threshold, source = export_relevance_threshold(export.manifest, override)
+        scores = export_probabilities(export, cases, progress)
         record = {"method": "head relevance probability", "threshold": threshold, "threshold_source": source}
         log(f"Subtask 2: head relevance probabilities, threshold {threshold:.3f} ({source})")
-    evidence = threshold_evidence(cases, scores, threshold)
+    evidence = threshold_relevance(cases, scores, threshold)
     record["n_cases_without_evidence"] = sum(1 for ids in evidence.values() if not ids)
     return evidence, record
