@@ -108,7 +108,7 @@ def _hub_reachable(timeout: float | None = None) -> bool:
         try:
             socket.create_connection(HUB_HOST, timeout=timeout).close()
             result.append(True)
-        except OSError:
+        except Exception:  # noqa: BLE001 - in a daemon thread: any failure means "not reachable"
             result.append(False)
 
     thread = threading.Thread(target=probe, daemon=True)

@@ -149,7 +149,11 @@ def test_unreachable_hub_fails_within_the_probe(monkeypatch):
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", lambda *a, **k: None)
     monkeypatch.setattr("model.locate.HUB_PROBE_SECONDS", 0.5)
-    monkeypatch.setattr(socket, "create_connection", lambda *a, **k: time.sleep(30))
+    def silent_hub(*a, **k):  # DNS that hangs, then gives up
+        time.sleep(3)
+        raise OSError("timed out")
+
+    monkeypatch.setattr(socket, "create_connection", silent_hub)
     start = time.perf_counter()
     with pytest.raises(InputError, match="the hub is not reachable"):
         check_base("Qwen/Qwen3-4B")
