@@ -4,8 +4,9 @@
     python infer.py notes.xml --out DIR --export RUN/export
     python infer.py notes.xml --out DIR --key key.json        # also print scores
 
-Writes DIR/subtask{2,3,4}/submission.json, DIR/subtask{2,3,4}.zip and DIR/run.json, all or
-nothing (an earlier run in DIR is refused unless --overwrite, which replaces the whole set).
+Writes DIR/subtask{2,3,4}/submission.json, DIR/subtask{2,3,4}.zip, DIR/run.json and
+DIR/report.html (every case to read in a browser), all or nothing (an earlier run in DIR is
+refused unless --overwrite, which replaces the whole set).
 The results (files written, scores) go to stdout; progress, warnings and notes to stderr.
 Tune a retrieval ensemble with
 ``python -m baselines.fit`` and pass it with ``--ensemble``.

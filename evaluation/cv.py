@@ -10,7 +10,8 @@ into one submission per system (``DIR/submissions/<system>/``) and scored once, 
 the official scorer would; bootstrap intervals resample cases.
 
 Outputs: ``ladder.md`` / ``ladder.json``, ``errors.md``, ``pr_curve.png``,
-``f1_vs_threshold.png``, ``loss_curves.png``, ``folds/k/fold.json`` (what each fold
+``f1_vs_threshold.png``, ``loss_curves.png``, ``report.html`` (all of it and every held-out case, to
+read in a browser), ``folds/k/fold.json`` (what each fold
 chose and on which case ids) and ``cv.json``. Every input is checked, and a request
 to score on training cases refused, before anything is written.
 """
@@ -34,6 +35,8 @@ from data.submission import subtask2_entries, subtask3_entries, subtask4_entries
 from metrics.alignment import score_alignment
 from metrics.generation import score_generation
 from metrics.training_cases import TRAINING_CASES_LABEL
+from reports.cases import CasePrediction
+from reports.page import REPORT_NAME, write_report
 
 from . import plots
 from .bootstrap import (
@@ -57,7 +60,7 @@ from .folds import (
 from . import relevance as subtask2
 from .head import HeadFold, parse_settings, run_head_fold
 from .ladder import ladder_markdown
-from .report import error_report_markdown
+from .report import cv_report_page, error_report_markdown
 from .systems import (
     ALL_SYSTEMS,
     HEAD_LABEL,
@@ -363,16 +366,47 @@ def _write_reports(plan: _Plan, pooled: _Pooled, ladder: dict, labels: dict[str,
     out, systems = plan.out, plan.systems
     files = {"ladder_md": out / "ladder.md", "ladder_json": out / "ladder.json", "errors": out / "errors.md",
              "pr_curve": out / "pr_curve.png", "f1_vs_threshold": out / "f1_vs_threshold.png",
-             "loss_curves": out / "loss_curves.png", "cv": out / "cv.json"}
+             "loss_curves": out / "loss_curves.png", "report": out / REPORT_NAME, "cv": out / "cv.json"}
     write_json_atomic(files["ladder_json"], ladder)
-    write_text_atomic(files["ladder_md"], ladder_markdown(ladder))
+    ladder_md = ladder_markdown(ladder)
+    write_text_atomic(files["ladder_md"], ladder_md)
 
     report_systems = [s for s in (HEAD_SYSTEM, "ensemble") if s in systems] or systems[-1:]
     write_text_atomic(files["errors"], error_report_markdown(
         plan.keyed, {s: pooled.predictions[s] for s in report_systems}, pooled.fold_of, labels, plan.notice))
     _plots(plan.keyed, pooled.predictions, pooled.chosen_thresholds, pooled.logs, files, plan.on_training,
            plan.notice[1], f"data: {Path(plan.opts.xml).name}")
+    predictions, shown = _case_predictions(plan, pooled, report_systems[0], labels)
+    images = [("Precision-recall over held-out (answer, note) pairs", files["pr_curve"]),
+              ("Held-out pair F1 against the threshold", files["f1_vs_threshold"]),
+              ("Task-stage training loss per fold", files["loss_curves"])]
+    write_report(files["report"], cv_report_page(plan.keyed, predictions, shown, ladder_md, images))
     return files
+
+
+def _case_predictions(plan: _Plan, pooled: _Pooled, system: str,
+                      labels: dict[str, str]) -> tuple[dict[str, CasePrediction], str]:
+    """What report.html shows of each held-out case: ``system``'s links, the head's relevance (else the
+    question baseline's) and the model's answers; and a line saying so."""
+    ids = plan.ids
+    head_relevance = all(c in pooled.relevance and c in pooled.relevance_threshold for c in ids)
+    relevant = (subtask2.head_predictions(plan.keyed, pooled.relevance, pooled.relevance_threshold)
+                if head_relevance else pooled.baseline_relevance)
+    out = {}
+    for case in plan.keyed:
+        pairs = pooled.predictions[system][case.case_id].pairs
+        out[case.case_id] = CasePrediction(
+            answer=pooled.answers.get(case.case_id), relevant_ids=relevant.get(case.case_id),
+            relevance_scores=pooled.relevance[case.case_id] if head_relevance else None,
+            links={a: [n for n in case.note_ids if (a, n) in pairs] for a in case.answer_ids})
+    relevance_by = (HEAD_SYSTEM if head_relevance else subtask2.BASELINE_SYSTEM if pooled.baseline_relevance
+                    else None)
+    answers = "the model's generated answers" if pooled.answers else "not generated"
+    if pooled.fallback:
+        answers += f" ({len(pooled.fallback)} of {len(ids)} empty, shown with the extractive answer given instead)"
+    shown = (f"Each case as predicted in the fold that held it out. Subtask 4: {system} ({labels[system]}); "
+             f"Subtask 2: {relevance_by or 'not available (no relevance labels)'}; Subtask 3: {answers}.")
+    return out, shown
 
 
 def run_cv(opts: CVOptions, log: Log = _stderr) -> CVResult:

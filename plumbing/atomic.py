@@ -28,9 +28,9 @@ from typing import BinaryIO, Callable
 
 from .errors import InputError
 
-# Names infer.py may leave in its output folder (subtask2/ etc. included): anything else
+# Names infer.py may leave in its output folder (subtask2/ etc. and report.html included): anything else
 # in a folder we are asked to replace is the user's, and we refuse to delete it.
-OUTPUT_SET_NAMES = re.compile(r"^(subtask\d+(\.zip)?|run\.json)$")
+OUTPUT_SET_NAMES = re.compile(r"^(subtask\d+(\.zip)?|run\.json|report\.html)$")
 # Test-only hook (never documented to users): pause before the final rename, after
 # touching this marker file, so a test can kill the process mid-write.
 _PAUSE_ENV = "ARCHEHR_TEST_PAUSE_BEFORE_COMMIT"

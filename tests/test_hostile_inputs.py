@@ -348,7 +348,7 @@ def test_infer_overwrite_replaces_the_whole_set(tmp_path, capsys, previous_set):
     assert infer.main(infer_args(out, "--overwrite")) == 0
     files = snapshot(out)
     # Subtask 3 alone now: no stale subtask4 files from the earlier run beside it
-    assert set(files) == {"run.json", "subtask3", "subtask3/submission.json", "subtask3.zip"}
+    assert set(files) == {"run.json", "report.html", "subtask3", "subtask3/submission.json", "subtask3.zip"}
     assert json.loads(files["run.json"])["subtasks"] == [3]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no staging folder left
 
@@ -650,5 +650,5 @@ def test_infer_killed_while_writing_leaves_the_previous_set(tmp_path, previous_s
     proc = start(["infer.py", *infer_args(out, "--overwrite")])
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err[-3000:]
-    assert set(snapshot(out)) == {"run.json", "subtask3", "subtask3/submission.json", "subtask3.zip"}
+    assert set(snapshot(out)) == {"run.json", "report.html", "subtask3", "subtask3/submission.json", "subtask3.zip"}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "paused"]  # the killed run's staging cleared
