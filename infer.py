@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 from plumbing.console import hide_progress_bars, quiet_library_noise
-from plumbing.errors import InputError, exit_on_input_error, exit_on_interrupt
+from plumbing.errors import CliParser, InputError, exit_on_input_error, exit_on_interrupt
 from plumbing.ranges import GENERATION_BATCH, LINKS_PER_ANSWER, MAX_NEW_TOKENS, MEMORY_GB, PROBABILITY, PROMPT_TOKENS
 from model.locate import check_model_options
 
@@ -43,7 +43,7 @@ class _DeprecatedAlias(argparse.Action):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="infer.py", description=__doc__.split("\n\n")[0])
+    p = CliParser(prog="infer.py", description=__doc__.split("\n\n")[0])
     p.add_argument("xml", type=Path, help="official cases XML (with <answer_sentences> for Subtask 4, or give --key)")
     p.add_argument("--out", required=True, help="output folder (refused if it holds an earlier run, unless --overwrite)")
     p.add_argument("--overwrite", action="store_true", help="replace the whole output set of an earlier run in --out")

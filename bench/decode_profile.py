@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from plumbing.ranges import integer, number
 
+from plumbing.atomic import check_out_folder
+from plumbing.errors import CliParser, exit_on_input_error
 
 def _time_graph(fn, reps: int, device: torch.device) -> float:
     """Milliseconds per call of ``fn`` replayed as a CUDA graph (eager timing on CPU)."""
@@ -144,8 +146,9 @@ def profile_table(step, device: torch.device, reps: int = 3) -> dict:
             "kernel_ms_per_step": round(total_kernel_ms, 3), "kernels_per_step": kernel_launches}
 
 
+@exit_on_input_error
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = CliParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="qwen3-4b-random")
     p.add_argument("--rows", default=48, **integer(1, 4096).option())
     p.add_argument("--width", default=1600,
@@ -155,6 +158,7 @@ def main(argv: list[str] | None = None) -> int:
                    **number(0, 100, lo_open=True).option("memory bandwidth for the floor (H100 SXM)"))
     p.add_argument("--out", default="bench/results")
     args = p.parse_args(argv)
+    check_out_folder(Path(args.out))  # before any work
 
     from model.backbone import build_random_base, decoder, resolve_preset
     from model.decoding import MATMUL, DecodeBatch, bucket_width, choose_decode_attention, kv_bytes_per_token

@@ -30,6 +30,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from plumbing.atomic import check_out_folder  # noqa: E402
+from plumbing.errors import CliParser, exit_on_input_error  # noqa: E402
 from bench.scaling import NCCL_ENV, collect_rank_logs, launch_prefix, read_rows, run_with_timeout  # noqa: E402
 from plumbing.ranges import integer, number
 
@@ -108,8 +110,9 @@ def fsdp_check(logs: Path, env: dict, timeout: float) -> dict:
     return {"rc": rc, "summary": "timed out" if rc == 124 else (lines or [""])[-1]}
 
 
+@exit_on_input_error
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = CliParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=os.environ.get("OUT", "bench/results"))
     p.add_argument("--work", default="/tmp/multigpu")
     p.add_argument("--parts", nargs="+", default=["scaling", "resume", "fsdp"])
@@ -119,6 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--skip", default=8, **integer(0, 10**6).option("scaling: first steps dropped (compile, warm-up)"))
     p.add_argument("--records", default=1200, **integer(1, 10**7).option())
     args = p.parse_args(argv)
+    check_out_folder(Path(args.out))  # before any work
 
     out = Path(args.out)
     logs = out / "logs"

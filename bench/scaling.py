@@ -26,6 +26,10 @@ import time
 from pathlib import Path
 from plumbing.ranges import integer, number
 
+
+from plumbing.atomic import check_out_folder
+from plumbing.errors import CliParser, exit_on_input_error
+
 ROOT = Path(__file__).resolve().parents[1]
 WORDS = ("patient admitted with chest pain troponin elevated heparin aspirin stent discharged home follow up "
          "cardiology blood pressure metoprolol lisinopril daily mg ct scan showed no acute findings labs anemia "
@@ -98,8 +102,9 @@ def run_with_timeout(cmd: list[str], timeout: float | None, **kwargs) -> int:
 NCCL_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 
 
+@exit_on_input_error
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = CliParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--gpus", nargs="+", default=[1, 2], **integer(1, 1024).option())
     p.add_argument("--steps", default=12, **integer(1, 10**6).option())
     p.add_argument("--skip", default=4, **integer(0, 10**6).option("optimizer steps dropped as warm-up"))
@@ -112,6 +117,7 @@ def main(argv: list[str] | None = None) -> int:
                    **number(0, 86_400, lo_open=True).option("per run; a run past it is stopped and measured on "
                                                             "the steps it logged"))
     args = p.parse_args(argv)
+    check_out_folder(Path(args.out))  # before any work
 
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)

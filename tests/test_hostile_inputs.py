@@ -118,7 +118,7 @@ def test_train_toml_nan_lr_refused(tmp_path, capsys):
 
 def test_train_out_is_a_file(tmp_path, capsys):
     (tmp_path / "f").write_text("mine")
-    refused(capsys, train.main, domain_args(tmp_path / "f"), contains="exists and is not a folder")
+    refused(capsys, train.main, domain_args(tmp_path / "f"), contains="exists and is a file, not a folder")
     assert snapshot(tmp_path) == {"f": b"mine"}
 
 
@@ -140,7 +140,7 @@ def test_train_out_read_only_parent(tmp_path, capsys):
     ro.mkdir()
     ro.chmod(0o555)
     try:
-        refused(capsys, train.main, domain_args(ro / "run"), contains="not writable")
+        refused(capsys, train.main, domain_args(ro / "run"), contains="cannot create files in")
         assert list(ro.iterdir()) == []
     finally:
         ro.chmod(0o755)
@@ -297,7 +297,7 @@ def test_infer_out_empty_string(tmp_path, capsys, monkeypatch):
 
 def test_infer_out_is_a_file(tmp_path, capsys):
     (tmp_path / "f").write_text("mine")
-    refused(capsys, infer.main, infer_args(tmp_path / "f"), contains="exists and is not a folder")
+    refused(capsys, infer.main, infer_args(tmp_path / "f"), contains="exists and is a file, not a folder")
     assert snapshot(tmp_path) == {"f": b"mine"}
 
 
@@ -319,7 +319,7 @@ def test_infer_out_read_only(tmp_path, capsys):
     ro.mkdir()
     ro.chmod(0o555)
     try:
-        refused(capsys, infer.main, infer_args(ro / "out"), contains="not writable")
+        refused(capsys, infer.main, infer_args(ro / "out"), contains="cannot create files in")
     finally:
         ro.chmod(0o755)
     assert list(ro.iterdir()) == []
