@@ -22,6 +22,8 @@ from pathlib import Path
 
 from plumbing.atomic import check_file_target, write_json_atomic
 from plumbing.errors import CliParser, exit_on_input_error, exit_on_interrupt
+from plumbing.ranges import FOLDS, MAX_NEW_TOKENS, RESAMPLES, SEED
+from model.locate import check_model_options
 from data.submission import MAX_WORDS, read_submission
 from metrics.alignment import SCORE_KEYS
 from metrics.case_sets import same_cases, unique_case_ids
@@ -91,8 +93,8 @@ def _add_cv_parser(commands) -> None:
                          "cross-validation there is refused unless --overwrite")
     cv.add_argument("--overwrite", action="store_true",
                     help="replace the whole output set of an earlier cross-validation in --out")
-    cv.add_argument("--folds", type=int, default=5,
-                    help="number of folds; the number of cases = leave-one-case-out (default: %(default)s)")
+    cv.add_argument("--folds", type=FOLDS.argtype(), default=5,
+                    help=FOLDS.help("number of folds (= number of cases: leave-one-case-out; default 5)"))
     cv.add_argument("--preset", default="tiny", help="model preset of the task stage (default: %(default)s)")
     cv.add_argument("--init", help="domain-stage run or export folder to start each fold from (default: fresh)")
     cv.add_argument("--config", type=Path, help="task-stage TOML (default: configs/task.toml)")
@@ -100,11 +102,12 @@ def _add_cv_parser(commands) -> None:
                     help="override a training setting, e.g. --set max_steps=2 (repeatable; same as --max_steps 2)")
     cv.add_argument("--systems", nargs="+", default=list(ALL_SYSTEMS), choices=list(ALL_SYSTEMS),
                     metavar="SYSTEM", help=f"systems to evaluate (default: all of {', '.join(ALL_SYSTEMS)})")
-    cv.add_argument("--seed", type=int, default=0,
-                    help="fold assignment, training and bootstrap seed (default: %(default)s)")
-    cv.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples (default: %(default)s)")
-    cv.add_argument("--max-new-tokens", type=int, default=100,
-                    help="generation budget in tokens of the model's answers (default: %(default)s)")
+    cv.add_argument("--seed", type=SEED.argtype(), default=0,
+                    help=SEED.help("fold assignment, training and bootstrap seed (default 0)"))
+    cv.add_argument("--resamples", type=RESAMPLES.argtype(), default=1000,
+                    help=RESAMPLES.help("bootstrap resamples (default 1000)"))
+    cv.add_argument("--max-new-tokens", type=MAX_NEW_TOKENS.argtype(), default=100,
+                    help=MAX_NEW_TOKENS.help("generation length of the model's answers (default 100)"))
     cv.add_argument("--no-generate", action="store_true", help="skip the model's Subtask 3 answers")
     cv.add_argument("--device", help="device for the trained model (default: cuda if available)")
     cv.add_argument("--eval-on-train", action="store_true",
@@ -133,6 +136,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _cv_command(args: argparse.Namespace) -> int:
+    check_model_options(args.device, None)  # one line in seconds, before any work (or heavy import)
     from evaluation.cv import CVOptions, print_summary, run_cv
 
     quiet_library_noise(verbose=args.verbose)

@@ -24,7 +24,7 @@ from __future__ import annotations
 import sys
 
 from plumbing.console import hide_progress_bars, quiet_library_noise
-from plumbing.errors import InputError, exit_on_input_error, exit_on_interrupt
+from plumbing.errors import CliParser, DeprecatedAlias, InputError, exit_on_input_error, exit_on_interrupt
 from training.config import build_config, parse_overrides
 
 
@@ -69,7 +69,7 @@ def usage() -> str:
 def export_parser():
     import argparse
 
-    p = argparse.ArgumentParser(prog="train.py export", description=(
+    p = CliParser(prog="train.py export", description=(
         "Write a merged model folder of a finished run: the adapter merged into the base (NF4 bases "
         "dequantised as trained), config, tokenizer, greedy generation config and sharded safetensors; "
         "loads with AutoModelForCausalLM.from_pretrained and serves with vLLM or SGLang. The alignment "
@@ -80,7 +80,8 @@ def export_parser():
     p.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16",
                    help="weights dtype (default: %(default)s)")
     p.add_argument("--max_shard_size", default="5GB", help="largest safetensors shard (default: %(default)s)")
-    p.add_argument("--base_path", help="local folder or hub id of the base (default: the manifest's)")
+    p.add_argument("--base", help="local folder or hub id of the base (default: the manifest's)")
+    p.add_argument("--base_path", "--base-path", dest="base", action=DeprecatedAlias, help=argparse.SUPPRESS)
     p.add_argument("--device", help="torch device for the merge (default: cuda if available)")
     p.add_argument("--cv", help="a score.py cv run folder: its held-out scores go into the model cards' "
                                 "model-index (merged/README.md and the export's README.md)")
@@ -94,7 +95,7 @@ def export_main(argv: list[str]) -> int:
     from model.merged_export import export_merged
 
     ladder = read_cv_ladder(args.cv) if args.cv else None
-    folder = export_merged(args.run, args.out, base=args.base_path, device=args.device, dtype=args.dtype,
+    folder = export_merged(args.run, args.out, base=args.base, device=args.device, dtype=args.dtype,
                            max_shard_size=args.max_shard_size, ladder=ladder)
     if ladder is not None:
         refresh_model_card(args.run, ladder)

@@ -14,12 +14,12 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import os
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+from plumbing.ranges import MAX_NEW_TOKENS, integer, number
 
 from plumbing.atomic import check_out_folder
 from plumbing.errors import CliParser, exit_on_input_error
@@ -108,14 +108,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="bench/results", help="folder for the JSON result")
     p.add_argument("--work", default="/tmp/journey", help="scratch folder for data and runs (emptied first)")
     p.add_argument("--preset", default="qwen3-4b-random")
-    p.add_argument("--cap-gb", type=float, default=16.0, help="memory cap per process (0 = none)")
-    p.add_argument("--domain-steps", type=int, default=200)
-    p.add_argument("--batch-tokens", type=int, default=16384)
-    p.add_argument("--records", type=int, default=5200, help="synthetic emrQA records")
-    p.add_argument("--task-cases", type=int, default=120)
-    p.add_argument("--task-epochs", type=int, default=1)
-    p.add_argument("--infer-cases", type=int, default=147)
-    p.add_argument("--max-new-tokens", type=int, default=100)
+    p.add_argument("--cap-gb", default=16.0, **number(0, 4096).option("memory cap per process (0 = none)"))
+    p.add_argument("--domain-steps", default=200, **integer(1, 10**6).option())
+    p.add_argument("--batch-tokens", default=16384, **integer(1, 2**24).option())
+    p.add_argument("--records", default=5200, **integer(1, 10**7).option("synthetic emrQA records"))
+    p.add_argument("--task-cases", default=120, **integer(1, 10**6).option())
+    p.add_argument("--task-epochs", default=1, **integer(1, 10_000).option())
+    p.add_argument("--infer-cases", default=147, **integer(1, 10**6).option())
+    p.add_argument("--max-new-tokens", default=100, **MAX_NEW_TOKENS.option())
     p.add_argument("--tiny", action="store_true", help="tiny sizes (with --preset tiny: a CPU check)")
     p.add_argument("--stages", default="domain,task,infer",
                    help="stages to run; without domain, --work must hold an earlier call's data and runs "

@@ -16,7 +16,6 @@ cards (``torch.cuda.set_per_process_memory_fraction``), with load, capture and d
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime as dt
 import gc
 import json
@@ -33,6 +32,7 @@ from bench.synthetic import inference_cases, training_examples
 from plumbing.atomic import check_out_folder
 from plumbing.errors import CliParser, exit_on_input_error
 from data.prompts import IGNORE_INDEX
+from plumbing.ranges import integer
 
 
 @dataclass
@@ -444,18 +444,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = CliParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="bench/results", help="folder for the JSON results")
     p.add_argument("--smoke", action="store_true", help="tiny preset on CPU, few steps: checks the script")
-    p.add_argument("--seq", type=int, nargs="+", default=[1024, 2048])
-    p.add_argument("--steps", type=int, default=6)
-    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--seq", nargs="+", default=[1024, 2048], **integer(16, 131_072).option())
+    p.add_argument("--steps", default=6, **integer(1, 10**6).option())
+    p.add_argument("--warmup", default=2, **integer(0, 10**6).option())
     p.add_argument("--variants", default="all", help="comma-separated indices of VARIANTS, or 'all'")
     p.add_argument("--task-variants", default="",
                    help="comma-separated indices of TASK_VARIANTS (the task stage, --joint), 'all', or '' for none")
-    p.add_argument("--task-cases", type=int, default=120, help="synthetic ArchEHR-QA cases for the task stage")
+    p.add_argument("--task-cases", default=120, **integer(1, 10**6).option("synthetic ArchEHR-QA cases for the task stage"))
     p.add_argument("--export", action="store_true", help="also time export_run after each stage")
-    p.add_argument("--max-tokens", type=int, default=0, help="override every variant's token budget")
+    p.add_argument("--max-tokens", default=0, **integer(0, 2**24).option("override every variant's token budget"))
     p.add_argument("--skip", default="", help="comma list of: textbook,ours,infer")
-    p.add_argument("--gen-batch", type=int, default=48)
-    p.add_argument("--align-batch", type=int, default=16)
+    p.add_argument("--gen-batch", default=48, **integer(1, 4096).option())
+    p.add_argument("--align-batch", default=16, **integer(1, 4096).option())
     p.add_argument("--infer-before", action="store_true", help="also time the first inference settings")
     p.add_argument("--static-cache", action="store_true", help="also time generation with a static KV cache")
     p.add_argument("--skip-infer", default="", help="comma list of inference config indices to skip")

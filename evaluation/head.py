@@ -20,7 +20,7 @@ from baselines.linking import link_pairs, links_to_pairs
 from baselines.relevance import fit_threshold
 from plumbing.errors import InputError
 from data.records import Case
-from training.config import TrainConfig, build_config, coerce
+from training.config import TrainConfig, build_config, canonical_key, coerce
 
 from .folds import write_case_files
 from .systems import Prediction
@@ -37,7 +37,7 @@ def parse_settings(pairs: Sequence[str]) -> dict:
     out = {}
     for item in pairs:
         name, sep, value = item.partition("=")
-        name = name.strip().replace("-", "_")
+        name = canonical_key(name.strip())
         if not sep or not name:
             raise InputError(f"--set expects key=value, got {item!r}")
         if name in CV_CONTROLLED:

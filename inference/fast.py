@@ -228,12 +228,12 @@ def load_checkpoint(export_dir, *, base: str | None = None, device: str | None =
     Returns (checkpoint, memory record for run.json)."""
     from plumbing.errors import InputError
     from model import loaded_export as ckpt_module
-    from model.backbone import default_device
+    from model.locate import resolve_device
     from model.export_folder import find_export, read_manifest
 
     from .memory import GB, apply_memory_cap, available_bytes, should_merge
 
-    device = device or default_device()
+    device = resolve_device(device)
     record: dict = {"max_memory_gb": apply_memory_cap(max_memory_gb, device), "merge": None}
     if max_memory_gb is not None and record["max_memory_gb"] is None:
         record["note"] = f"--max-memory-gb ignored: device {device} is not CUDA"

@@ -24,6 +24,7 @@ from baselines.linking import link_pairs
 from data.archehr import load_cases
 from plumbing.atomic import OutputSet, check_output_set_target, write_json_atomic
 from plumbing.errors import InputError
+from data.prompts import fit_case
 from data.records import Case
 from data.submission import (
     subtask2_entries,
@@ -82,6 +83,9 @@ class InferenceOptions:
     max_memory_gb: float | None = None  # cap on this process's GPU memory (shared or small cards)
     fast: bool = True  # static-cache / CUDA-graph decoding and token-budget alignment (inference/fast.py)
     overwrite: bool = False  # replace the whole previous output set in `out`
+    max_prompt_tokens: int | None = None  # tokens a case may take; None = the model's context
+
+
 
 
 @dataclass
@@ -219,6 +223,7 @@ class _Run:
     entries: dict[int, list[dict]] = field(default_factory=dict)  # validated submission entries per subtask
     fallback_summary: str = ""
     relevance_scores: dict[str, np.ndarray] = field(default_factory=dict)  # Subtask 2 scores (report shading)
+    context: dict | None = None  # the token limit cases were fitted to, and the notes cut (run.json)
 
 
 def _load_inputs(opts: InferenceOptions, log: Log) -> _Run:
@@ -268,6 +273,41 @@ def _load_model(r: _Run, log: Log) -> None:
         export_relevance_threshold(manifest, opts.relevance_threshold)  # a missing threshold fails before any work
 
 
+def context_tokens(loaded) -> int | None:
+    """The model's context (``max_position_embeddings``), wherever the loaded export keeps its config."""
+    for holder in (loaded, getattr(loaded, "inner", None)):
+        config = getattr(getattr(holder, "model", None), "config", None)
+        value = getattr(config, "max_position_embeddings", None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def _fit_to_context(r: _Run, log: Log) -> None:
+    """Cut every note that does not fit the token limit (the model's context unless --max-prompt-tokens)
+    to its longest fitting prefix: said per case on screen and recorded in run.json, never an
+    out-of-memory traceback halfway through the run."""
+    tokenizer = getattr(r.loaded, "tokenizer", None)
+    limit = r.opts.max_prompt_tokens or context_tokens(r.loaded)
+    if tokenizer is None or limit is None:  # a stand-in checkpoint without a model
+        return
+    fitted, cuts = [], []
+    for case in r.cases:
+        try:
+            case, cut = fit_case(tokenizer, case, limit, reserve=r.opts.max_new_tokens)
+        except ValueError as err:
+            raise InputError(str(err), r.opts.xml) from None
+        fitted.append(case)
+        if cut is not None:
+            cuts.append(cut)
+            log(f"warning: {cut.message()}; recorded in run.json")
+    source = "--max-prompt-tokens" if r.opts.max_prompt_tokens else "the model's context"
+    r.context = {"limit_tokens": limit, "limit_from": source, "notes_cut": [c.to_json() for c in cuts]}
+    r.cases = fitted
+    keep = {c.case_id for c in r.with_answers}
+    r.with_answers = [c for c in fitted if c.case_id in keep]
+
+
 def _start_run_record(r: _Run) -> None:
     opts = r.opts
     r.run = {
@@ -281,6 +321,7 @@ def _start_run_record(r: _Run) -> None:
         "subtasks": list(opts.subtasks),
         **({"subtask2": {"not_written": r.subtask2_note}} if r.subtask2_note else {}),
         "n_cases": len(r.cases),
+        **({"context": r.context} if r.context is not None else {}),
     }
     if opts.export is not None:
         r.run["training_case_ids"] = r.trained_ids  # score.py applies the training-cases rule from this
@@ -407,6 +448,7 @@ def run_inference(opts: InferenceOptions, log: Log = _stderr, show: Log = _stdou
     r = _load_inputs(opts, log)  # everything that can be wrong with the input, before any output exists
     if r.opts.export is not None:
         _load_model(r, log)
+        _fit_to_context(r, log)  # long notes cut to the context (said, recorded), never an OOM
     for cid in r.skipped:
         log(f"warning: case {cid} has no answer sentences (none in the XML"
             f"{' or the key' if r.opts.key else '; pass --key'}): skipped for Subtask 4")

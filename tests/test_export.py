@@ -124,7 +124,7 @@ def test_cli_two_stages_chain_exports(tmp_path):
     [
         (["--stage", "domain", "--preset", "tiny", "--data", "missing.jsonl", "--out", "{tmp}/x"], "file not found"),
         (["--stage", "domain", "--preset", "tiny", "--data", str(EMRQA), "--out", "{tmp}/x", "--lr", "fast"],
-         "not a valid float"),
+         "--lr must be a finite number in (0, 1000], got 'fast'"),
         (["--stage", "domain", "--preset", "tiny", "--colour", "red"], "unknown config key"),
         (["--stage", "task", "--preset", "tiny", "--xml", str(XML), "--key", str(KEY), "--init", "{tmp}",
           "--out", "{tmp}/x"], "no manifest.json"),

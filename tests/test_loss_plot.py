@@ -3,10 +3,8 @@ no flat line where a loss had no data, a dot for a one-step run, integer step ti
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
-import pytest
 
 from training.loss_plot import loss_figure, plot_losses
 

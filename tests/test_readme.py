@@ -6,7 +6,6 @@ import re
 import shlex
 from pathlib import Path
 
-import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
@@ -90,7 +89,7 @@ OTHER_TOOLS_OPTIONS = {  # options of commands that are not ours (accelerate lau
 }
 
 
-def argparse_parsers() -> dict[str, "argparse.ArgumentParser"]:
+def argparse_parsers() -> dict[str, object]:
     import argparse
 
     import infer

@@ -19,7 +19,7 @@ FIELD_HELP: dict[str, str] = {
     "xml": "task stage: the official cases XML",
     "key": "task stage: the official key JSON",
     "init": "run or export folder whose adapter (and head) the stage starts from",
-    "base_path": "local folder or hub id overriding the preset's base weights",
+    "base": "local folder or hub id overriding the preset's base weights",
     "load_in_4bit": "auto (the preset's default), true or false: NF4-quantise the base model",
     "quant_storage": "dtype holding the packed NF4 weights: uint8, or bfloat16 to shard them with FSDP",
     "joint": "train the alignment head jointly (alignment + relevance losses)",
@@ -34,7 +34,7 @@ FIELD_HELP: dict[str, str] = {
     "warmup_ratio": "fraction of the steps spent in linear warm-up",
     "schedule": "learning-rate schedule after warm-up: cosine, linear or constant",
     "max_grad_norm": "gradient-norm clip (0 = off)",
-    "max_length": "longest tokenised example; longer ones are truncated",
+    "max_length": "longest tokenised training example; longer ones are skipped (said on screen)",
     "group_by_length": "batch rows of similar length together (less padding)",
     "batch_tokens": "> 0: fill batches to this many padded tokens instead of batch_size rows",
     "bf16": "bf16 autocast and bf16 embeddings/lm_head on CUDA (CPU stays fp32)",
@@ -79,12 +79,19 @@ def _shown(value) -> str:
 
 def config_keys_help() -> str:
     """Every TrainConfig key with its type, its default in each stage (the stage's TOML over the
-    dataclass: what a run without that option uses) and its meaning, one line each."""
+    dataclass: what a run without that option uses) and its meaning (with its range for numbers),
+    one line each."""
+    from training.validation import RULES
+
     stages = stage_defaults()
     rows = [("key", "type", *(f"{stage}" for stage in stages), "meaning")]
     for field in fields(TrainConfig):
         values = ["" if field.default is MISSING else _shown(getattr(cfg, field.name)) for cfg in stages.values()]
-        rows.append((f"--{field.name}", _type_name(field), *values, FIELD_HELP.get(field.name, "")))
+        meaning = FIELD_HELP.get(field.name, "")
+        rule = RULES.get(field.name)
+        if rule is not None and _type_name(field) in ("int", "float"):  # the range, as the refusal words it
+            meaning += f"; {rule.expect}"
+        rows.append((f"--{field.name}", _type_name(field), *values, meaning))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
     return "\n".join(
         ("  " + "  ".join(f"{cell:<{w}}" for cell, w in zip(row, widths)) + "  " + row[-1]).rstrip() for row in rows

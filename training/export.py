@@ -35,7 +35,7 @@ from .gather import save_adapter
 
 def base_model_record(cfg: TrainConfig, init_manifest: ExportManifest | None, backbone) -> BaseModel:
     preset = resolve_preset(cfg.preset)
-    path = cfg.base_path or (init_manifest.base_model.path if init_manifest else None) or None
+    path = cfg.base or (init_manifest.base_model.path if init_manifest else None) or None
     source = path or preset.source  # hub id or local path; None = random init
     random_init = RandomInit(RANDOM_INIT_SEED, dict(preset.arch)) if source is None and is_random_preset(preset) else None
     return BaseModel(preset=preset.name, id=source, path=path, load_in_4bit=is_quantised(backbone),

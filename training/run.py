@@ -36,6 +36,7 @@ from heads.alignment import NotePairHead, load_head
 from heads.config import HeadConfig
 from model.backbone import LoraSettings, compile_decoder_layers, load_backbone, load_tokenizer, resolve_preset
 from model.export_folder import ExportManifest, find_export, read_manifest
+from model.locate import check_base
 
 from . import checkpoints as ckpts
 from . import gather
@@ -211,11 +212,8 @@ def check_run_inputs(cfg: TrainConfig, resume: bool):
         raise InputError("--preset is required")
     init_export = resolve_init(cfg.init) if cfg.stage == "task" and cfg.init else None
     init_manifest = read_manifest(init_export) if init_export is not None else None
-    if preset.source is not None:  # a hub id neither cached nor reachable: one line in seconds
-        from model.export_checks import check_base_available
-
-        check_base_available(cfg.base_path or (init_manifest.base_model.path if init_manifest else None)
-                             or preset.source, "--base_path")
+    # A hub id neither cached nor reachable, or a folder that is not a model: one line in seconds.
+    check_base(cfg.base or (init_manifest.base_model.path if init_manifest else None) or preset.source, "--base")
     if init_manifest is not None:  # the adapter and head load as trained: record their real settings
         cfg = adopt_init_settings(cfg, init_manifest)
     if init_manifest is not None and init_manifest.preset != preset.name:
@@ -303,7 +301,7 @@ def save_run_config(setup: RunSetup, resume: bool) -> None:
 def build_model(setup: RunSetup) -> tuple[JointModel, NotePairHead]:
     """Backbone (+ the init export's adapter) and head; the head joins the model only for ``joint``."""
     cfg, device = setup.cfg, setup.accelerator.device
-    base_path = cfg.base_path or (setup.init_manifest.base_model.path if setup.init_manifest else None) or None
+    base_path = cfg.base or (setup.init_manifest.base_model.path if setup.init_manifest else None) or None
     backbone = load_backbone(
         setup.preset,
         load_in_4bit=cfg.quantise(),
@@ -382,7 +380,7 @@ def run_training(cfg: TrainConfig, resume: bool = False) -> RunResult:
 
 
 def train_and_export(setup: RunSetup, resume: bool) -> RunResult:
-    tokenizer = load_tokenizer(setup.cfg.base_path or setup.preset)
+    tokenizer = load_tokenizer(setup.cfg.base or setup.preset)
     items, sources = stage_data(setup.cfg, tokenizer)
     save_run_config(setup, resume)
     model, head = build_model(setup)
