@@ -1,6 +1,6 @@
 """Backbone + alignment head over encoded examples: the one pair scorer, used by inference
 (:meth:`model.checkpoint.LoadedCheckpoint.score_all`, and the token-budget groups of
-:class:`inference.fast.FastCheckpoint` through :func:`group_head_outputs` and
+:class:`inference.fast.FastEngine` through :func:`group_head_outputs` and
 :func:`group_relevance_probabilities`),
 cross-validation and export calibration.
 
