@@ -209,19 +209,26 @@ def run_textbook_column(model, examples, seq_len: int, rows: int, steps: int, wa
 # --- inference ------------------------------------------------------------------------
 
 
+def ensure_adapter(model_dir: str, preset: str, device, adapter_dir: str) -> None:
+    """A fresh LoRA saved as a user's would be, once (every inference column loads it)."""
+    from model.backbone import load_backbone
+
+    if not Path(adapter_dir, "adapter_config.json").is_file():
+        fresh = load_backbone(preset, load_in_4bit=True, device=device, base_path=model_dir, trainable=False)
+        fresh.save_pretrained(adapter_dir)
+        del fresh
+        release()
+
+
 def run_inference(model_dir: str, preset: str, device, merged: bool, n_answers: int, n_align: int,
                   max_new_tokens: int, gen_batch: int, align_batch: int, adapter_dir: str,
                   cache: str | None = None) -> dict:
     from heads.alignment import NotePairHead
     from heads.config import HeadConfig
-    from model.backbone import load_adapted, load_backbone, load_tokenizer
+    from model.backbone import load_adapted, load_tokenizer
     from model.checkpoint import LoadedCheckpoint
 
-    if not Path(adapter_dir, "adapter_config.json").is_file():  # a fresh LoRA, saved as a user's would be
-        fresh = load_backbone(preset, load_in_4bit=True, device=device, base_path=model_dir, trainable=False)
-        fresh.save_pretrained(adapter_dir)
-        del fresh
-        release()
+    ensure_adapter(model_dir, preset, device, adapter_dir)
     sync(device)
     t0 = time.perf_counter()
     load_times: dict = {}
@@ -315,6 +322,7 @@ def run_fast_inference(model_dir: str, preset: str, device, n_answers: int, n_al
     from model.checkpoint import LoadedCheckpoint
     from model.presets import get_preset
 
+    ensure_adapter(model_dir, preset, device, adapter_dir)  # before the cap: not part of the user's load
     release()
     if device.type == "cuda":
         torch.cuda.set_per_process_memory_fraction(1.0)
