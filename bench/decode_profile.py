@@ -153,11 +153,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="bench/results")
     args = p.parse_args(argv)
 
-    from model.backbone import build_random_base, decoder, resolve_preset
-    from model.decoding import (MATMUL, DecodeBatch, bucket_width, choose_decode_attention, head_dim_of,
-                                kv_bytes_per_token)
-    from model.packed import choose_packed_attention
     from inference.memory import dense_weight_bytes
+    from model.backbone import build_random_base, decoder, resolve_preset
+    from model.decoding import (
+        MATMUL,
+        DecodeBatch,
+        bucket_width,
+        choose_decode_attention,
+        head_dim_of,
+        kv_bytes_per_token,
+    )
+    from model.packed import choose_packed_attention
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32

@@ -19,21 +19,25 @@ are :meth:`predict` asked for one thing. What ran (plans, fallbacks, timings): :
 from __future__ import annotations
 
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch
 
+from data.errors import InputError
 from data.prompts import EncodedExample, chat_prompt, encode_example, example_from_case
 from data.records import Case
-from model.checkpoint import stop_ids  # the one definition of the stop set
 from model.backbone import decoder
+from model.checkpoint import stop_ids  # the one definition of the stop set
 from model.decoding import DecodeStats, greedy_decode, head_dim_of, supports_fast_decode
-from model.packed import choose_packed_attention, pack, packed_forward, token_budget_packs
+from model.packed import (
+    choose_packed_attention,
+    pack,
+    packed_forward,
+    token_budget_packs,
+)
 
 from .memory import BatchPlan, plan_batches
-from data.errors import InputError
-
 from .predictions import NO_RELEVANCE_OUTPUT, ModelOutputs
 
 

@@ -136,22 +136,3 @@ def plan_batches(model, *, prompt_tokens: int, max_new_tokens: int, max_rows: in
     note = (f"{budget / GB:.1f} GB free for inference after loading: {rows} rows at the longest prompt, "
             f"{prefill} tokens a prefill, {tokens} tokens an alignment forward")
     return BatchPlan(round(budget / GB, 2), int(rows), int(prefill), int(tokens), kv, kv_budget, note)
-
-
-def token_budget_groups(lengths: list[int], max_tokens: int, max_rows: int = 256,
-                        min_fill: float = 0.5) -> list[list[int]]:
-    """Indices grouped longest first so that rows x longest row <= ``max_tokens`` (a row
-    longer than the budget goes alone) and no row is shorter than ``min_fill`` of its
-    group's longest: neighbours in length, little padding."""
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    groups: list[list[int]] = []
-    for i in order:
-        if groups:
-            group = groups[-1]
-            width = lengths[group[0]]  # the longest, first in the group
-            fits = (len(group) + 1) * width <= max_tokens and len(group) < max_rows
-            if fits and lengths[i] >= min_fill * width:
-                group.append(i)
-                continue
-        groups.append([i])
-    return groups

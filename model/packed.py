@@ -16,8 +16,8 @@ are asked for, and the LM head runs only on the positions asked for.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F

@@ -246,16 +246,17 @@ def test_fast_checkpoint_equals_loaded_checkpoint(tiny_adapter):
     assert report["plans"][0]["budget_gb"] is None  # CPU: fixed sizes, said so
 
 
-def test_token_budget_groups_and_memory_plan_arithmetic():
-    from inference.memory import dense_weight_bytes, should_merge, token_budget_groups
+def test_token_budget_packs_and_memory_plan_arithmetic():
+    from inference.memory import dense_weight_bytes, should_merge
+    from model.packed import token_budget_packs
     from model.presets import QWEN3_4B_ARCH
 
     lengths = [900, 120, 1500, 880, 130, 1490, 5000]
-    groups = token_budget_groups(lengths, 3000)
-    assert sorted(i for g in groups for i in g) == list(range(7))
-    assert groups[0] == [6]  # longer than the budget: alone
-    assert all(len(g) * max(lengths[i] for i in g) <= 3000 for g in groups[1:])
-    assert [2, 5] in groups and [0, 3] in groups and [4, 1] in groups  # neighbours in length, little padding
+    packs = token_budget_packs(lengths, 3000)
+    assert sorted(i for g in packs for i in g) == list(range(7))
+    assert packs[0] == [6]  # longer than the budget: alone
+    assert all(sum(lengths[i] for i in g) <= 3000 for g in packs[1:])  # real tokens, no padding
+    assert packs[1:] == [[2, 5], [0, 3, 4, 1]]  # longest first, each pack filled in order
     # Qwen3-4B in bf16: about 8 GB (tied embeddings once)
     assert 7.5e9 < dense_weight_bytes(QWEN3_4B_ARCH) < 8.3e9
     assert should_merge(QWEN3_4B_ARCH, int(14e9))[0] and not should_merge(QWEN3_4B_ARCH, int(9e9))[0]
