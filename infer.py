@@ -1,7 +1,7 @@
 """Write the official Subtask 2, 3 and 4 submissions for an ArchEHR-QA XML file.
 
     python infer.py notes.xml --out DIR                       # retrieval baseline (CPU, offline)
-    python infer.py notes.xml --out DIR --checkpoint RUN/export
+    python infer.py notes.xml --out DIR --export RUN/export
     python infer.py notes.xml --out DIR --key key.json        # also print scores
 
 Writes DIR/subtask{2,3,4}/submission.json, DIR/subtask{2,3,4}.zip and DIR/run.json, all or
@@ -17,8 +17,8 @@ import math
 import sys
 from pathlib import Path
 
-from data.console import hide_progress_bars, quiet_library_noise
-from data.errors import InputError, exit_on_input_error, exit_on_interrupt
+from plumbing.console import hide_progress_bars, quiet_library_noise
+from plumbing.errors import InputError, exit_on_input_error, exit_on_interrupt
 
 
 def _subtasks(value: str) -> tuple[int, ...]:
@@ -58,33 +58,44 @@ _probability = _finite_number(0.0, 1.0)
 _positive_float = _finite_number(0.0, above_low=True)
 
 
+class _DeprecatedAlias(argparse.Action):
+    """An old option name that still works for one release and says so once on stderr."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(f"note: {option_string} is deprecated; use --export (the old name goes in the next release)",
+              file=sys.stderr)
+        setattr(namespace, self.dest, values)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="infer.py", description=__doc__.split("\n\n")[0])
     p.add_argument("xml", type=Path, help="official cases XML (with <answer_sentences> for Subtask 4, or give --key)")
     p.add_argument("--out", required=True, help="output folder (refused if it holds an earlier run, unless --overwrite)")
     p.add_argument("--overwrite", action="store_true", help="replace the whole output set of an earlier run in --out")
-    p.add_argument("--checkpoint", type=Path, help="exported checkpoint folder (RUN/export); omit for the baseline")
+    p.add_argument("--export", type=Path, help="export folder (RUN/export, or the run folder); omit for the baseline")
+    p.add_argument("--checkpoint", type=Path, dest="export", action=_DeprecatedAlias,
+                   help="deprecated alias of --export (removed in the next release)")
     p.add_argument("--key", type=Path, help="key JSON: answer sentences for Subtask 4, and scores after writing")
     p.add_argument("--subtasks", type=_subtasks,
-                   help="comma-separated, default 2,3,4 (2 skipped, with a warning, for a checkpoint without a "
+                   help="comma-separated, default 2,3,4 (2 skipped, with a warning, for an export without a "
                         "calibrated relevance threshold)")
     p.add_argument("--relevance-threshold", type=_probability,
-                   help="Subtask 2 threshold (default: the checkpoint's calibrated one; baseline 0.5)")
+                   help="Subtask 2 threshold (default: the export's calibrated one; baseline 0.5)")
     p.add_argument("--aligner", choices=("retrieval", "head"),
-                   help="Subtask 4 aligner (default: head with --checkpoint, retrieval without)")
+                   help="Subtask 4 aligner (default: head with --export, retrieval without)")
     p.add_argument("--ensemble", type=Path, help="retrieval ensemble JSON (default configs/retrieval.json)")
     p.add_argument("--max-links-per-answer", type=_positive, help="cap on evidence sentences per answer sentence")
     p.add_argument("--top1-fallback", action="store_true",
                    help="link an answer sentence's best note sentence when nothing passes the threshold")
     p.add_argument("--batch-size", type=_positive, default=None,
-                   help="at most this many prompts generated together (checkpoint only; default: as many as "
+                   help="at most this many prompts generated together (with --export only; default: as many as "
                         "GPU memory allows)")
-    p.add_argument("--max-new-tokens", type=_positive, default=100, help="generation budget (checkpoint only)")
-    p.add_argument("--base", help="base model id or folder for the checkpoint (default: the manifest's)")
+    p.add_argument("--max-new-tokens", type=_positive, default=100, help="generation budget (with --export only)")
+    p.add_argument("--base", help="base model id or folder for the export (default: the manifest's)")
     p.add_argument("--max-memory-gb", type=_positive_float, default=None,
                    help="use at most this much GPU memory (a shared or smaller card); batch sizes and whether "
                         "the adapter is merged into dense weights follow from it")
-    p.add_argument("--device", help="torch device for the checkpoint (default: cuda if available)")
+    p.add_argument("--device", help="torch device for the export (default: cuda if available)")
     p.add_argument("--no-progress", action="store_true", help="hide every progress bar, model loading included")
     p.add_argument("--verbose", action="store_true", help="show library warnings that are hidden by default")
     p.add_argument("--allow-train-cases", action="store_true",
@@ -105,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     from inference.pipeline import InferenceOptions, run_inference  # after --help stays fast
 
     run_inference(InferenceOptions(
-        xml=args.xml, out=Path(args.out), checkpoint=args.checkpoint, key=args.key, subtasks=args.subtasks,
+        xml=args.xml, out=Path(args.out), export=args.export, key=args.key, subtasks=args.subtasks,
         aligner=args.aligner, ensemble=args.ensemble, max_links_per_answer=args.max_links_per_answer,
         top1_fallback=args.top1_fallback, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
         base=args.base, device=args.device, progress=not args.no_progress, allow_train_cases=args.allow_train_cases,

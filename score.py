@@ -20,8 +20,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from data.atomic import check_file_target, write_json_atomic
-from data.errors import exit_on_input_error, exit_on_interrupt
+from plumbing.atomic import check_file_target, write_json_atomic
+from plumbing.errors import exit_on_input_error, exit_on_interrupt
 from data.submission import MAX_WORDS
 from metrics.alignment import SCORE_KEYS
 from metrics.relevance import SCORE_KEYS as ST2_SCORE_KEYS
@@ -34,7 +34,7 @@ from metrics.training_cases import (
     run_record_beside,
     run_record_training_case_ids,
 )
-from data.console import hide_progress_bars, quiet_library_noise
+from plumbing.console import hide_progress_bars, quiet_library_noise
 from training.config import parse_overrides
 
 

@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import sys
 
-from data.console import hide_progress_bars, quiet_library_noise
-from data.errors import InputError, exit_on_input_error, exit_on_interrupt
+from plumbing.console import hide_progress_bars, quiet_library_noise
+from plumbing.errors import InputError, exit_on_input_error, exit_on_interrupt
 from training.config import build_config, load_run_config, parse_overrides
 
 

@@ -17,8 +17,8 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from data.atomic import write_json_atomic
-from data.errors import InputError
+from plumbing.atomic import write_json_atomic
+from plumbing.errors import InputError
 from data.records import Case
 from model.calibration import pooled_micro_f1
 

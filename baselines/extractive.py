@@ -14,7 +14,7 @@ import numpy as np
 
 from data.answers import clean_generated_answer
 from data.records import AnswerSentence, Case
-from data.errors import InputError
+from plumbing.errors import InputError
 from data.submission import MAX_WORDS, count_words, has_13a_tokens, strip_citation_markers, truncate_words
 
 from .aligners import BM25Aligner, TfidfAligner, combine_scores

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Sequence
 
 from data.archehr import load_cases
-from data.errors import InputError, exit_on_input_error
+from plumbing.errors import InputError, exit_on_input_error
 from data.records import Case
 
 from .aligners import CrossEncoderAligner

@@ -6,7 +6,7 @@
 Stages, each in its own process (as a user runs them) with the cap set as the process's
 CUDA memory fraction: ``train.py`` domain stage on synthetic emrQA-length records
 (16k-token batches), ``train.py`` task stage ``--joint`` on synthetic ArchEHR-QA cases
-(export timed apart), ``infer.py --checkpoint`` on held-out synthetic cases with
+(export timed apart), ``infer.py --export`` on held-out synthetic cases with
 ``--max-memory-gb``. Reports wall time, tokens/s and peak memory of each stage as JSON.
 """
 from __future__ import annotations
@@ -216,7 +216,7 @@ def _task_stage(args, work: Path, domain: Path, task: Path, common: list[str], c
 
 def _infer_stage(args, work: Path, task: Path, cap, device) -> dict:
     sub = work / "submission"
-    infer_argv = [str(work / "test.xml"), "--checkpoint", str(task / "export"), "--out", str(sub),
+    infer_argv = [str(work / "test.xml"), "--export", str(task / "export"), "--out", str(sub),
                   "--max-new-tokens", str(args.max_new_tokens), "--no-progress", "--overwrite"]
     if cap:
         infer_argv += ["--max-memory-gb", f"{cap:g}"]

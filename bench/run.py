@@ -226,7 +226,7 @@ def run_inference(model_dir: str, preset: str, device, merged: bool, n_answers: 
     from heads.alignment import NotePairHead
     from heads.config import HeadConfig
     from model.backbone import load_adapted, load_tokenizer
-    from model.checkpoint import LoadedCheckpoint
+    from model.loaded_export import LoadedExport
 
     ensure_adapter(model_dir, preset, device, adapter_dir)
     sync(device)
@@ -236,7 +236,7 @@ def run_inference(model_dir: str, preset: str, device, merged: bool, n_answers: 
                             timings=load_times)
     hidden = backbone.config.hidden_size
     head = NotePairHead(HeadConfig(hidden_size=hidden)).to(device).eval()
-    ckpt = LoadedCheckpoint(manifest={}, threshold=0.5, tokenizer=load_tokenizer(preset), model=backbone, head=head)
+    ckpt = LoadedExport(manifest={}, threshold=0.5, tokenizer=load_tokenizer(preset), model=backbone, head=head)
     sync(device)
     load_s = time.perf_counter() - t0
     answer_cases = inference_cases(n_answers, seed=1)
@@ -319,7 +319,7 @@ def run_fast_inference(model_dir: str, preset: str, device, n_answers: int, n_al
     from inference.fast import FastEngine
     from inference.memory import GB, apply_memory_cap, available_bytes, should_merge
     from model.backbone import load_adapted, load_tokenizer
-    from model.checkpoint import LoadedCheckpoint
+    from model.loaded_export import LoadedExport
     from model.presets import get_preset
 
     ensure_adapter(model_dir, preset, device, adapter_dir)  # before the cap: not part of the user's load
@@ -337,7 +337,7 @@ def run_fast_inference(model_dir: str, preset: str, device, n_answers: int, n_al
         backbone = load_adapted(preset, adapter_dir, merge=merge, load_in_4bit=True, device=device,
                                 base_path=model_dir, timings=load_times)
         head = NotePairHead(HeadConfig(hidden_size=backbone.config.hidden_size)).to(device).eval()
-        ckpt = LoadedCheckpoint(manifest={}, threshold=0.5, tokenizer=load_tokenizer(preset), model=backbone, head=head)
+        ckpt = LoadedExport(manifest={}, threshold=0.5, tokenizer=load_tokenizer(preset), model=backbone, head=head)
         sync(device)
         load_s = time.perf_counter() - t0
         load_peak = peaks(device)["peak_allocated_gb"]

@@ -1,6 +1,6 @@
 """Reading ArchEHR-QA and emrQA-MedSQuAD data, building prompts, writing submissions."""
 from .archehr import KeyCase, load_cases, load_key, load_xml
-from .errors import InputError
+from plumbing.errors import InputError
 from .records import AnswerSentence, Case, NoteSentence, QuestionPhrase
 
 __all__ = [

@@ -19,7 +19,7 @@ from xml.etree.ElementTree import Element, ElementTree, ParseError, SubElement
 import defusedxml.ElementTree as SafeET
 from defusedxml import DefusedXmlException
 
-from .errors import InputError, check_input_file, parse_json, read_text_file
+from plumbing.errors import InputError, check_input_file, parse_json, read_text_file
 from .records import RELEVANCE_LABELS, AnswerSentence, Case, NoteSentence, QuestionPhrase
 
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from .errors import InputError, parse_json, read_text_file
+from plumbing.errors import InputError, parse_json, read_text_file
 from .prompts import PromptExample
 from .sentences import split_sentences
 

@@ -23,8 +23,8 @@ import zipfile
 import zlib
 from pathlib import Path
 
-from .atomic import atomic_write
-from .errors import InputError, check_input_file
+from plumbing.atomic import atomic_write
+from plumbing.errors import InputError, check_input_file
 from .records import Case
 
 MAX_WORDS = 75

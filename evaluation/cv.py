@@ -27,8 +27,8 @@ import numpy as np
 from baselines.ensemble import gold_matrix
 from baselines.extractive import extractive_answer
 from data.archehr import load_cases
-from data.atomic import write_json_atomic, write_text_atomic
-from data.errors import InputError
+from plumbing.atomic import write_json_atomic, write_text_atomic
+from plumbing.errors import InputError
 from data.records import Case
 from data.submission import subtask2_entries, subtask3_entries, subtask4_entries, write_submission
 from metrics.alignment import score_alignment
@@ -54,7 +54,7 @@ from .folds import (
     check_folds,
     plan_folds,
 )
-from . import evidence as subtask2
+from . import relevance as subtask2
 from .head import HeadFold, parse_settings, run_head_fold
 from .ladder import ladder_markdown
 from .report import error_report_markdown
@@ -242,7 +242,7 @@ class _Pooled:
     fallback: list[str] = field(default_factory=list)
     relevance: dict[str, np.ndarray] = field(default_factory=dict)
     relevance_threshold: dict[str, float] = field(default_factory=dict)
-    baseline_evidence: dict[str, list[str]] = field(default_factory=dict)
+    baseline_relevance: dict[str, list[str]] = field(default_factory=dict)
     fold_of: dict[str, int] = field(default_factory=dict)
     chosen_thresholds: dict[str, list[float]] = field(default_factory=lambda: {HEAD_SYSTEM: [], "ensemble": []})
     logs: dict[str, Path] = field(default_factory=dict)
@@ -306,8 +306,8 @@ def _run_fold(plan: _Plan, fold: Fold, component_scores, pooled: _Pooled, log: L
         pooled.fold_of[cid] = fold.index
     record = _fold_record(fold, fitted, head)
     if pooled.labelled:
-        fold_evidence, record["thresholds"][subtask2.BASELINE_SYSTEM] = subtask2.baseline_fold(train, held_out)
-        pooled.baseline_evidence.update(fold_evidence)
+        fold_relevance, record["thresholds"][subtask2.BASELINE_SYSTEM] = subtask2.baseline_fold(train, held_out)
+        pooled.baseline_relevance.update(fold_relevance)
     write_json_atomic(fold_dir / "fold.json", record)
     pooled.fold_records.append(record)
 
@@ -394,7 +394,7 @@ def run_cv(opts: CVOptions, log: Log = _stderr) -> CVResult:
     st4_rows = _subtask4(plan, pooled, indices, labels)
     model_answers = pooled.answers if (plan.use_head and opts.generate) else None
     st3_rows = _subtask3(plan.keyed, model_answers, pooled.fallback, indices, opts, plan.out)
-    st2 = _subtask2(plan.keyed, pooled.relevance, pooled.relevance_threshold, pooled.baseline_evidence, indices,
+    st2 = _subtask2(plan.keyed, pooled.relevance, pooled.relevance_threshold, pooled.baseline_relevance, indices,
                     opts, plan.out)
     ladder = _ladder(plan, st4_rows, st3_rows, st2, pooled.fold_records)
     files = _write_reports(plan, pooled, ladder, labels)
@@ -451,7 +451,7 @@ def _subtask2(keyed: list[Case], relevance: dict, thresholds: dict, baseline: di
     for system, (predicted, label) in runs.items():
         write_submission(subtask2_entries({c.case_id: predicted[c.case_id] for c in keyed}),
                          out / "submissions" / system, 2, keyed)
-        rows.append(subtask2.evidence_row(system, label, predicted, keyed, indices, opts.level))
+        rows.append(subtask2.relevance_row(system, label, predicted, keyed, indices, opts.level))
     note = None if HEAD_SYSTEM in runs else ("head not run, or it has no relevance output (head_relevance = false)")
     return {"available": True, "rows": rows, "head_missing": note}
 

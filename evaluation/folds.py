@@ -14,7 +14,7 @@ from typing import Sequence
 
 from baselines.crossval import case_folds
 from data.archehr import load_cases, write_cases
-from data.errors import InputError
+from plumbing.errors import InputError
 from data.records import AnswerSentence, Case
 from metrics.training_cases import TrainingCaseLeak
 

@@ -18,7 +18,7 @@ import numpy as np
 from baselines.extractive import answer_or_extractive
 from baselines.linking import link_pairs, links_to_pairs
 from baselines.relevance import fit_threshold
-from data.errors import InputError
+from plumbing.errors import InputError
 from data.records import Case
 from training.config import TrainConfig, build_config, coerce
 
@@ -100,7 +100,7 @@ def run_head_fold(fold_dir: Path, train: Sequence[Case], held_out: Sequence[Case
                   init: str | None, seed: int, settings: dict, config_file: str | Path | None,
                   max_new_tokens: int, device: str | None, progress: bool, generate: bool = True) -> HeadFold:
     """Train on ``train`` (keyed cases), predict the blinded ``held_out`` cases."""
-    from model.checkpoint import load_export
+    from model.loaded_export import load_export
     from training.data import file_sha256
     from training.loop import run_training
 

@@ -12,7 +12,7 @@ the pass that already runs over its tokens:
   cases a forward under a token budget, stopping at the head's layer.
 
 Decoding itself: static KV cache, greedy on the device, CUDA-graphed step, rows per batch
-from the memory plan (:mod:`inference.memory`). The :class:`model.checkpoint.LoadedCheckpoint`
+from the memory plan (:mod:`inference.memory`). The :class:`model.loaded_export.LoadedExport`
 methods the bench and tests call (``generate_answers``, ``score_all``, ``score_pairs``)
 are :meth:`predict` asked for one thing. What ran (plans, fallbacks, timings): :meth:`report`.
 """
@@ -24,11 +24,11 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from data.errors import InputError
+from plumbing.errors import InputError
 from data.prompts import EncodedExample, chat_prompt, encode_example, example_from_case
 from data.records import Case
 from model.backbone import decoder
-from model.checkpoint import stop_ids  # the one definition of the stop set
+from model.loaded_export import stop_ids  # the one definition of the stop set
 from model.decoding import DecodeStats, greedy_decode, head_dim_of, supports_fast_decode
 from model.packed import (
     choose_packed_attention,
@@ -91,7 +91,7 @@ class FastEngine:
         self.head_cases = {"prefill_shared": 0, "own_forwards": 0}
         self.fallbacks: list[str] = []
 
-    # the LoadedCheckpoint attributes the pipeline reads (manifest, threshold, tokenizer, model, head)
+    # the LoadedExport attributes the pipeline reads (manifest, threshold, tokenizer, model, head)
     def __getattr__(self, name):
         if name == "inner":
             raise AttributeError(name)
@@ -107,7 +107,7 @@ class FastEngine:
     def predict(self, cases: list[Case], *, answers: bool = False, pairs: bool = False, relevance: bool = False,
                 max_new_tokens: int = 100, batch_size: int | None = None,
                 max_tokens: int | None = None) -> ModelOutputs:
-        """Answers (raw text, as ``LoadedCheckpoint.generate_answers``), pair probabilities
+        """Answers (raw text, as ``LoadedExport.generate_answers``), pair probabilities
         (cases with answer sentences) and relevance probabilities, each where asked. A case
         that is generated gets its head outputs from its prefill forward; the others from
         packed forwards of at most ``max_tokens`` tokens (None: from free memory)."""
@@ -125,13 +125,13 @@ class FastEngine:
         return out
 
     def generate_answers(self, cases: list[Case], max_new_tokens: int = 100, batch_size: int | None = None) -> list[str]:
-        """Greedy answers as :meth:`LoadedCheckpoint.generate_answers` gives them; ``batch_size``
+        """Greedy answers as :meth:`LoadedExport.generate_answers` gives them; ``batch_size``
         caps the rows decoded together (None: as many as memory allows)."""
         got = self.predict(cases, answers=True, max_new_tokens=max_new_tokens, batch_size=batch_size).answers
         return [got[c.case_id] for c in cases]
 
     def score_all(self, cases: list[Case], batch_size: int | None = None, max_tokens: int | None = None) -> list[np.ndarray]:
-        """Link probabilities as :meth:`LoadedCheckpoint.score_all` computes them, in packed
+        """Link probabilities as :meth:`LoadedExport.score_all` computes them, in packed
         forwards (``batch_size``, the plain path's rows a forward, is accepted and unused)."""
         got = self.predict(cases, pairs=True, max_tokens=max_tokens).pairs
         return [got[c.case_id] if c.answer_sentences else np.zeros((0, len(c.note_sentences)), dtype=np.float32)
@@ -255,8 +255,8 @@ def load_for_inference(export_dir, *, base: str | None = None, device: str | Non
                        log: Callable[[str], None] | None = None):
     """``load_export`` under the memory budget: cap the process at ``max_memory_gb``, merge
     the adapter into dense weights only where they fit, wrap in :class:`FastEngine`.
-    Returns (checkpoint, memory record for run.json)."""
-    from model import checkpoint as ckpt_module
+    Returns (the loaded export, memory record for run.json)."""
+    from model import loaded_export as export_module
     from model.backbone import default_device
     from model.export_folder import find_export, read_manifest
 
@@ -273,7 +273,7 @@ def load_for_inference(export_dir, *, base: str | None = None, device: str | Non
     if budget is not None:
         arch = {}
         try:
-            arch = ckpt_module.preset_from_manifest(read_manifest(find_export(export_dir))).arch
+            arch = export_module.preset_from_manifest(read_manifest(find_export(export_dir))).arch
         except (InputError, OSError):
             pass  # load_export reports a bad folder with its own one-line error
         if arch:
@@ -282,7 +282,7 @@ def load_for_inference(export_dir, *, base: str | None = None, device: str | Non
             if not merge and log:
                 log(f"memory: {reason}")
     kwargs = {"merge": merge} if merge is not None else {}
-    loaded = ckpt_module.load_export(export_dir, base=base, device=device, load_in_4bit=load_in_4bit, **kwargs)
-    if fast and isinstance(loaded, ckpt_module.LoadedCheckpoint):
+    loaded = export_module.load_export(export_dir, base=base, device=device, load_in_4bit=load_in_4bit, **kwargs)
+    if fast and isinstance(loaded, export_module.LoadedExport):
         loaded = FastEngine(loaded, max_memory_gb=max_memory_gb, log=log)
     return loaded, record

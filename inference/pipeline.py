@@ -1,6 +1,6 @@
 """What ``infer.py`` does: load and check everything, answer, align, write, report.
 
-Order matters for the user: every input (XML, key, ensemble file, checkpoint folder)
+Order matters for the user: every input (XML, key, ensemble file, export folder)
 is read and checked before the output folder is touched, so a bad file exits with
 one line and leaves nothing behind. Each submission is validated once, as it is written
 into the staged output set, which lands all at once or not at all; ``run.json`` records what ran (engine, manifest, thresholds, timings,
@@ -22,19 +22,19 @@ from baselines.ensemble import EnsembleConfig
 from baselines.extractive import answer_or_extractive, extractive_answer
 from baselines.linking import link_pairs
 from data.archehr import load_cases
-from data.atomic import OutputSet, check_output_set_target, write_json_atomic
-from data.errors import InputError
+from plumbing.atomic import OutputSet, check_output_set_target, write_json_atomic
+from plumbing.errors import InputError
 from data.records import Case
 from data.submission import subtask2_entries, subtask3_entries, subtask4_entries, write_submission
 from model.export_folder import package_versions as installed_versions
 
-from .evidence import checkpoint_threshold, has_relevance_threshold, predict_evidence
 from .predictions import ModelOutputs, model_outputs
+from .relevance import export_relevance_threshold, has_relevance_threshold, predict_relevance
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_ENSEMBLE = ROOT / "configs" / "retrieval.json"
 BASELINE_ENGINE = "retrieval-baseline"
-CHECKPOINT_ENGINE = "checkpoint"
+EXPORT_ENGINE = "export"
 DEFAULT_SUBTASKS = (2, 3, 4)
 VERSIONED_PACKAGES = (
     "archehr", "torch", "transformers", "peft", "bitsandbytes", "sentence-transformers",
@@ -56,20 +56,20 @@ def _stdout(message: str) -> None:
 class InferenceOptions:
     xml: Path
     out: Path
-    checkpoint: Path | None = None
+    export: Path | None = None
     key: Path | None = None
     subtasks: tuple[int, ...] | None = None  # None = DEFAULT_SUBTASKS (Subtask 2 skipped, said, if uncalibrated)
-    aligner: str | None = None  # "retrieval" | "head"; None = head with a checkpoint, else retrieval
+    aligner: str | None = None  # "retrieval" | "head"; None = head with an export, else retrieval
     ensemble: Path | None = None  # None = configs/retrieval.json (or the built-in defaults)
     max_links_per_answer: int | None = None
     top1_fallback: bool = False
     batch_size: int | None = None  # prompts generated together; None = as many as memory allows
     max_new_tokens: int = 100
-    base: str | None = None  # base model id/path for the checkpoint (None = the manifest's)
+    base: str | None = None  # base model id/path for the export (None = the manifest's)
     device: str | None = None
     progress: bool = True
     allow_train_cases: bool = False  # score an export on its own training cases (labelled TRAINING CASES)
-    relevance_threshold: float | None = None  # Subtask 2; None = the manifest's (checkpoint) or the default
+    relevance_threshold: float | None = None  # Subtask 2; None = the manifest's (export) or the default
     max_memory_gb: float | None = None  # cap on this process's GPU memory (shared or small cards)
     fast: bool = True  # static-cache / CUDA-graph decoding and token-budget alignment (inference/fast.py)
     overwrite: bool = False  # replace the whole previous output set in `out`
@@ -85,7 +85,7 @@ class InferenceResult:
 
 
 class HeadAligner:
-    """The checkpoint's alignment head behind the common :class:`Aligner` protocol: the pair
+    """The export's alignment head behind the common :class:`Aligner` protocol: the pair
     probabilities the model pass computed (:func:`inference.predictions.model_outputs`)."""
 
     name = "head"
@@ -103,8 +103,8 @@ def _check_options(opts: InferenceOptions) -> None:
         raise InputError(f"--subtasks must list some of 2, 3 and 4, got {list(opts.subtasks)}")
     if opts.aligner not in (None, "retrieval", "head"):
         raise InputError(f"--aligner must be 'retrieval' or 'head', not {opts.aligner!r}")
-    if opts.aligner == "head" and opts.checkpoint is None:
-        raise InputError("--aligner head needs --checkpoint")
+    if opts.aligner == "head" and opts.export is None:
+        raise InputError("--aligner head needs --export")
     if opts.max_links_per_answer is not None and opts.max_links_per_answer < 1:
         raise InputError("--max-links-per-answer must be >= 1")
     if opts.relevance_threshold is not None and not 0.0 <= opts.relevance_threshold <= 1.0:
@@ -113,8 +113,8 @@ def _check_options(opts: InferenceOptions) -> None:
         raise InputError("--batch-size and --max-new-tokens must be >= 1")
     if opts.max_memory_gb is not None and not opts.max_memory_gb > 0:
         raise InputError("--max-memory-gb must be > 0")
-    if opts.checkpoint is not None and not Path(opts.checkpoint).is_dir():
-        raise InputError("checkpoint folder not found", opts.checkpoint)
+    if opts.export is not None and not Path(opts.export).is_dir():
+        raise InputError("export folder not found", opts.export)
     check_output_set_target(opts.out, opts.overwrite)  # writable, and never mixed with an earlier run
 
 
@@ -172,13 +172,13 @@ class _Run:
     on_training: list[str]
     t_start: float
     timings: dict[str, float] = field(default_factory=dict)
-    checkpoint: object = None
+    loaded: object = None
     memory: dict | None = None
     subtask2_note: str | None = None
     run: dict = field(default_factory=dict)  # what becomes run.json
     entries: dict[int, list[dict]] = field(default_factory=dict)  # validated submission entries per subtask
     fallback_summary: str = ""
-    outputs: ModelOutputs = field(default_factory=ModelOutputs)  # what the model said (with a checkpoint)
+    outputs: ModelOutputs = field(default_factory=ModelOutputs)  # what the model said (with an export)
 
 
 def _load_inputs(opts: InferenceOptions, log: Log) -> _Run:
@@ -189,13 +189,13 @@ def _load_inputs(opts: InferenceOptions, log: Log) -> _Run:
                                "subtasks": tuple(opts.subtasks) if explicit_subtasks else DEFAULT_SUBTASKS})
     _check_options(opts)
     cases = load_cases(opts.xml, opts.key)
-    aligner_kind = opts.aligner or ("head" if opts.checkpoint is not None else "retrieval")
+    aligner_kind = opts.aligner or ("head" if opts.export is not None else "retrieval")
     ensemble, ensemble_source = (None, None)
     if 4 in opts.subtasks and aligner_kind == "retrieval":
         ensemble, ensemble_source = _load_ensemble(opts.ensemble)
-    engine = CHECKPOINT_ENGINE if opts.checkpoint is not None else BASELINE_ENGINE
+    engine = EXPORT_ENGINE if opts.export is not None else BASELINE_ENGINE
     if engine == BASELINE_ENGINE:
-        log("engine: RETRIEVAL BASELINE (no --checkpoint): question-retrieval Subtask 2 evidence, extractive "
+        log("engine: RETRIEVAL BASELINE (no --export): question-retrieval Subtask 2 evidence, extractive "
             "Subtask 3 answers, retrieval-ensemble Subtask 4 alignment; not the fine-tuned model")
     with_answers = [c for c in cases if c.answer_sentences]
     skipped = [c.case_id for c in cases if not c.answer_sentences] if 4 in opts.subtasks else []
@@ -207,25 +207,25 @@ def _load_inputs(opts: InferenceOptions, log: Log) -> _Run:
 
 
 def _load_model(r: _Run, log: Log) -> None:
-    """The checkpoint (with a checkpoint), and which subtasks it can write."""
+    """The loaded export (with an export), and which subtasks it can write."""
     opts = r.opts
     t = time.perf_counter()
-    from inference.fast import load_for_inference  # heavy import, only with a checkpoint
+    from inference.fast import load_for_inference  # heavy import, only with an export
 
-    r.checkpoint, r.memory = load_for_inference(opts.checkpoint, base=opts.base, device=opts.device,
+    r.loaded, r.memory = load_for_inference(opts.export, base=opts.base, device=opts.device,
                                              max_memory_gb=opts.max_memory_gb, fast=opts.fast, log=log)
-    manifest = r.checkpoint.manifest
-    r.timings["load_checkpoint"] = time.perf_counter() - t
+    manifest = r.loaded.manifest
+    r.timings["load_export"] = time.perf_counter() - t
     # Announced once loaded, so that a folder that is not an export fails with one line.
-    log(f"engine: checkpoint {opts.checkpoint} (preset {manifest.get('preset')}, "
-        f"Subtask 4 aligner: {r.aligner_kind}, threshold {r.checkpoint.threshold:.3f})")
+    log(f"engine: export {opts.export} (preset {manifest.get('preset')}, "
+        f"Subtask 4 aligner: {r.aligner_kind}, threshold {r.loaded.threshold:.3f})")
     if 2 in opts.subtasks and not r.explicit_subtasks and not has_relevance_threshold(manifest):
         r.opts = InferenceOptions(**{**opts.__dict__, "subtasks": tuple(s for s in opts.subtasks if s != 2)})
-        r.subtask2_note = ("not written: the checkpoint has no calibrated relevance threshold (trained without "
+        r.subtask2_note = ("not written: the export has no calibrated relevance threshold (trained without "
                            "--joint or without relevance labels); pass --relevance-threshold to write it")
         log(f"warning: Subtask 2 {r.subtask2_note}")
     if 2 in r.opts.subtasks:
-        checkpoint_threshold(manifest, opts.relevance_threshold)  # a missing threshold fails before any work
+        export_relevance_threshold(manifest, opts.relevance_threshold)  # a missing threshold fails before any work
 
 
 def _start_run_record(r: _Run) -> None:
@@ -233,16 +233,16 @@ def _start_run_record(r: _Run) -> None:
     r.run = {
         "engine": r.engine,
         "engine_note": ("retrieval baseline: question-retrieval evidence, extractive answers and a "
-                        "lexical/neural retrieval ensemble, not the fine-tuned model" if r.engine == BASELINE_ENGINE else "fine-tuned checkpoint"),
+                        "lexical/neural retrieval ensemble, not the fine-tuned model" if r.engine == BASELINE_ENGINE else "fine-tuned export"),
         "xml": str(opts.xml),
         "key": str(opts.key) if opts.key else None,
-        "checkpoint": str(opts.checkpoint) if opts.checkpoint else None,
-        "checkpoint_manifest": r.checkpoint.manifest if r.checkpoint is not None else None,
+        "export": str(opts.export) if opts.export else None,
+        "export_manifest": r.loaded.manifest if r.loaded is not None else None,
         "subtasks": list(opts.subtasks),
         **({"subtask2": {"not_written": r.subtask2_note}} if r.subtask2_note else {}),
         "n_cases": len(r.cases),
     }
-    if opts.checkpoint is not None:
+    if opts.export is not None:
         r.run["training_case_ids"] = r.trained_ids  # score.py applies the training-cases rule from this
 
 
@@ -250,7 +250,7 @@ def _ask_model(r: _Run) -> None:
     """Everything the model must say for the chosen subtasks, asked for at once: the fast engine
     then runs one forward per case for Subtasks 2, 3 and 4 where it can."""
     opts, t = r.opts, time.perf_counter()
-    r.outputs = model_outputs(r.checkpoint, r.cases, answers=3 in opts.subtasks,
+    r.outputs = model_outputs(r.loaded, r.cases, answers=3 in opts.subtasks,
                               pairs=4 in opts.subtasks and r.aligner_kind == "head" and bool(r.with_answers),
                               relevance=2 in opts.subtasks, max_new_tokens=opts.max_new_tokens,
                               batch_size=opts.batch_size, progress=opts.progress)
@@ -259,7 +259,7 @@ def _ask_model(r: _Run) -> None:
 
 def _predict_subtask3(r: _Run, log: Log) -> None:
     opts, run, t = r.opts, r.run, time.perf_counter()
-    if r.checkpoint is None:
+    if r.loaded is None:
         answers, fell_back = baseline_answers(r.cases, opts.progress), []
         run["subtask3"] = {"method": "extractive (BM25 + TF-IDF of the question vs note sentences)"}
     else:
@@ -270,7 +270,7 @@ def _predict_subtask3(r: _Run, log: Log) -> None:
                 fell_back.append(case.case_id)
         run["subtask3"] = {"method": "generation", "max_new_tokens": opts.max_new_tokens,
                            "batch_size": opts.batch_size or "auto (memory)",
-                           "decoding": "as the checkpoint's generate_answers"}
+                           "decoding": "as the export's generate_answers"}
         for cid in fell_back:
             log(f"warning: case {cid}: the model's answer was empty; used the extractive answer")
         r.fallback_summary = _fallback_summary(len(fell_back), len(r.cases))
@@ -284,7 +284,7 @@ def _predict_subtask3(r: _Run, log: Log) -> None:
 
 def _predict_subtask2(r: _Run, log: Log) -> None:
     t = time.perf_counter()
-    evidence, r.run["subtask2"] = predict_evidence(r.cases, r.checkpoint, r.opts.relevance_threshold,
+    evidence, r.run["subtask2"] = predict_relevance(r.cases, r.loaded, r.opts.relevance_threshold,
                                                    r.opts.progress, log, scores=r.outputs.relevance)
     r.entries[2] = subtask2_entries(evidence)
     r.timings["subtask2"] = time.perf_counter() - t
@@ -296,7 +296,7 @@ def _predict_subtask4(r: _Run, log: Log) -> None:
         t = time.perf_counter()
         if r.aligner_kind == "head":
             cap = opts.max_links_per_answer
-            threshold = float(r.checkpoint.threshold)
+            threshold = float(r.loaded.threshold)
             aligner: Aligner = HeadAligner(r.outputs.pairs)
             link = lambda s: link_pairs(s, threshold, "absolute", cap, opts.top1_fallback)  # noqa: E731
             run["subtask4"] = {"aligner": "head", "threshold": threshold, "mode": "absolute",
@@ -324,7 +324,7 @@ def _predict_subtask4(r: _Run, log: Log) -> None:
 
 def _write_and_score(r: _Run, log: Log, show: Log) -> tuple[dict[int, tuple[Path, Path]], dict]:
     """The whole set (submissions, zips, run.json) built aside, scored there, then renamed into
-    place in one step (data.atomic.OutputSet): all or nothing. Returns the final paths and scores."""
+    place in one step (plumbing.atomic.OutputSet): all or nothing. Returns the final paths and scores."""
     opts, t = r.opts, time.perf_counter()
     with OutputSet(opts.out, opts.overwrite) as stage:
         staged: dict[int, tuple[Path, Path]] = {}
@@ -342,9 +342,9 @@ def _write_and_score(r: _Run, log: Log, show: Log) -> tuple[dict[int, tuple[Path
             r.timings["score"] = time.perf_counter() - t
 
         r.timings["total"] = time.perf_counter() - r.t_start
-        if r.checkpoint is not None:
+        if r.loaded is not None:
             r.run["memory"] = r.memory
-            r.run["fast_inference"] = r.checkpoint.report() if hasattr(r.checkpoint, "report") else None
+            r.run["fast_inference"] = r.loaded.report() if hasattr(r.loaded, "report") else None
         r.run.update({
             "outputs": {f"subtask{n}": {"json": str(j), "zip": str(z)} for n, (j, z) in written.items()},
             "skipped_cases_subtask4": r.skipped,
@@ -364,7 +364,7 @@ def _report(r: _Run, written: dict[int, tuple[Path, Path]], log: Log, show: Log)
     if r.skipped:
         log(f"Subtask 4 skipped {len(r.skipped)} case(s) without answer sentences: {', '.join(r.skipped)}")
     if r.engine == BASELINE_ENGINE:
-        log("note: these are RETRIEVAL BASELINE outputs (no --checkpoint)")
+        log("note: these are RETRIEVAL BASELINE outputs (no --export)")
     if r.fallback_summary:
         log(r.fallback_summary)
 
@@ -373,13 +373,13 @@ def run_inference(opts: InferenceOptions, log: Log = _stderr, show: Log = _stdou
     """Answer and/or align every case of ``opts.xml`` and write the submissions to ``opts.out``.
     ``show`` gets the results (files written, scores), ``log`` everything else."""
     r = _load_inputs(opts, log)  # everything that can be wrong with the input, before any output exists
-    if r.opts.checkpoint is not None:
+    if r.opts.export is not None:
         _load_model(r, log)
     for cid in r.skipped:
         log(f"warning: case {cid} has no answer sentences (none in the XML"
             f"{' or the key' if r.opts.key else '; pass --key'}): skipped for Subtask 4")
     _start_run_record(r)
-    if r.checkpoint is not None:
+    if r.loaded is not None:
         _ask_model(r)
     if 3 in r.opts.subtasks:
         _predict_subtask3(r, log)
@@ -406,11 +406,11 @@ def _training_cases_check(opts: InferenceOptions, cases: list[Case], log: Log) -
     """The export's training case ids and the scored cases among them (refused without --allow-train-cases).
 
     Read from the manifest alone, before the model loads or anything is written."""
-    if opts.checkpoint is None:
+    if opts.export is None:
         return None, []
     from metrics.training_cases import TRAINING_CASES_LABEL, check_training_cases, export_training_case_ids
 
-    trained = export_training_case_ids(opts.checkpoint)
+    trained = export_training_case_ids(opts.export)
     if opts.key is None:
         return trained, []
     if trained is None:
@@ -418,7 +418,7 @@ def _training_cases_check(opts: InferenceOptions, cases: list[Case], log: Log) -
             "these scores cannot be checked for training cases")
         return None, []
     scored = [c.case_id for c in cases if c.has_key]
-    shared = check_training_cases(scored, trained, opts.allow_train_cases, opts.checkpoint)
+    shared = check_training_cases(scored, trained, opts.allow_train_cases, opts.export)
     if shared:
         log(f"{TRAINING_CASES_LABEL}: {len(shared)} of the {len(scored)} scored cases are training cases of "
             "this export; every score below is optimistic")

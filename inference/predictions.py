@@ -14,10 +14,10 @@ from dataclasses import dataclass, field
 import numpy as np
 from tqdm.auto import tqdm
 
-from data.errors import InputError
+from plumbing.errors import InputError
 from data.records import Case
 
-NO_RELEVANCE_OUTPUT = ("the checkpoint's head has no relevance output (head_relevance = false): "
+NO_RELEVANCE_OUTPUT = ("the export's head has no relevance output (head_relevance = false): "
                        "use --subtasks 3,4")
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterable
 
-from data.errors import InputError
+from plumbing.errors import InputError
 from data.submission import read_submission
 
 

@@ -41,7 +41,7 @@ VIEWS = ("strict", "lenient")
 
 
 @dataclass(frozen=True)
-class EvidenceGold:
+class RelevanceGold:
     """One case's relevance labels: the essential ids, the supplementary ids and every labelled id."""
 
     essential: frozenset[str]
@@ -49,22 +49,22 @@ class EvidenceGold:
     sentence_ids: frozenset[str]
 
     @classmethod
-    def from_relevance(cls, relevance: Mapping[str, str]) -> "EvidenceGold":
+    def from_relevance(cls, relevance: Mapping[str, str]) -> "RelevanceGold":
         return cls(frozenset(s for s, lab in relevance.items() if lab == "essential"),
                    frozenset(s for s, lab in relevance.items() if lab == "supplementary"),
                    frozenset(relevance))
 
 
-def gold_from_relevance(relevance: Mapping[str, Mapping[str, str]]) -> dict[str, EvidenceGold]:
-    """``case_id -> EvidenceGold`` from ``case_id -> {sentence_id: label}`` (a key's or cases' ``relevance``)."""
-    return {cid: EvidenceGold.from_relevance(rel) for cid, rel in relevance.items()}
+def gold_from_relevance(relevance: Mapping[str, Mapping[str, str]]) -> dict[str, RelevanceGold]:
+    """``case_id -> RelevanceGold`` from ``case_id -> {sentence_id: label}`` (a key's or cases' ``relevance``)."""
+    return {cid: RelevanceGold.from_relevance(rel) for cid, rel in relevance.items()}
 
 
-def gold_from_cases(cases: Iterable[Case]) -> dict[str, EvidenceGold]:
+def gold_from_cases(cases: Iterable[Case]) -> dict[str, RelevanceGold]:
     return gold_from_relevance({c.case_id: c.relevance for c in cases})
 
 
-def case_counts(predicted: Iterable[str], gold: EvidenceGold) -> dict[str, tuple[int, int, int]]:
+def case_counts(predicted: Iterable[str], gold: RelevanceGold) -> dict[str, tuple[int, int, int]]:
     """``view -> (true positives, predicted, gold)`` of one case."""
     pred = set(predicted)
     lenient = pred - gold.supplementary
@@ -82,7 +82,7 @@ def prf(tp: int | float, n_pred: int | float, n_gold: int | float) -> tuple[floa
     return p, r, _f1(p, r)
 
 
-def check_evidence_ids(predicted: Mapping[str, Iterable[str]], gold: Mapping[str, EvidenceGold]) -> None:
+def check_relevance_ids(predicted: Mapping[str, Iterable[str]], gold: Mapping[str, RelevanceGold]) -> None:
     """Raise ``ValueError`` naming the first case set difference or unknown sentence id."""
     check_same_case_sets(predicted, gold)
     for cid, ids in predicted.items():
@@ -91,9 +91,9 @@ def check_evidence_ids(predicted: Mapping[str, Iterable[str]], gold: Mapping[str
             raise ValueError(f"case {cid}: unknown sentence id {unknown[0]!r}")
 
 
-def score_evidence(predicted: Mapping[str, Iterable[str]], gold: Mapping[str, EvidenceGold]) -> dict[str, float]:
+def score_relevance(predicted: Mapping[str, Iterable[str]], gold: Mapping[str, RelevanceGold]) -> dict[str, float]:
     """The thirteen official Subtask 2 scores (x100)."""
-    check_evidence_ids(predicted, gold)
+    check_relevance_ids(predicted, gold)
     if not gold:
         raise ValueError("no cases to score")
     scores: dict[str, float] = {}

@@ -8,10 +8,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from data.archehr import load_key
-from data.errors import InputError
+from plumbing.errors import InputError
 
 from .case_sets import read_scored_submission
-from .relevance import gold_from_relevance, score_evidence
+from .relevance import gold_from_relevance, score_relevance
 
 
 def score_subtask2(submission: str | Path, key: str | Path) -> dict[str, float]:
@@ -29,4 +29,4 @@ def score_subtask2(submission: str | Path, key: str | Path) -> dict[str, float]:
         if unknown:
             raise InputError(f"unknown sentence id {unknown[0]!r}", sub_path, kc.case_id)
         predicted[kc.case_id] = set(entry["prediction"])
-    return score_evidence(predicted, gold_from_relevance({cid: kc.relevance for cid, kc in key_cases.items()}))
+    return score_relevance(predicted, gold_from_relevance({cid: kc.relevance for cid, kc in key_cases.items()}))

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from data.archehr import load_cases
-from data.errors import InputError
+from plumbing.errors import InputError
 from data.records import Case
 from data.submission import MAX_WORDS, count_words, has_13a_tokens
 

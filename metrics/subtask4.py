@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from data.archehr import load_key
-from data.errors import InputError
+from plumbing.errors import InputError
 
 from .alignment import Pairs, per_case_alignment, score_alignment
 from .case_sets import read_scored_submission

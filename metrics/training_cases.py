@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Iterable
 
-from data.errors import InputError
+from plumbing.errors import InputError
 from model.export_folder import find_export, read_manifest
 
 TRAINING_CASES_LABEL = "TRAINING CASES — optimistic"
@@ -65,7 +65,8 @@ def run_record_training_case_ids(run_json: Path) -> list[str] | None:
     if "training_case_ids" in record:
         ids = record["training_case_ids"]
         return None if ids is None else [str(c) for c in ids]
-    return manifest_training_case_ids(record.get("checkpoint_manifest"))
+    # "checkpoint_manifest": the name in run.json files written before the export rename.
+    return manifest_training_case_ids(record.get("export_manifest") or record.get("checkpoint_manifest"))
 
 
 def check_training_cases(scored: Iterable[str], trained: Iterable[str] | None, allow: bool,

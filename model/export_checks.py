@@ -14,7 +14,7 @@ import os
 import socket
 from pathlib import Path
 
-from data.errors import InputError
+from plumbing.errors import InputError
 
 from .export_folder import MANIFEST, manifest_preset_name
 from .presets import PRESETS

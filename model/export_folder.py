@@ -1,6 +1,6 @@
 """The export folder (``RUN/export``): where it is, its ``manifest.json``, the alignment threshold
 it carries and the package versions recorded in it and in run records. The one owner of these
-rules; ``training/export.py`` builds the manifest's content, ``model/checkpoint.py`` loads the
+rules; ``training/export.py`` builds the manifest's content, ``model/loaded_export.py`` loads the
 weights, ``inference`` and ``evaluation`` read what they need through here.
 """
 from __future__ import annotations
@@ -11,7 +11,7 @@ import platform
 from importlib import metadata
 from pathlib import Path
 
-from data.errors import InputError
+from plumbing.errors import InputError
 
 MANIFEST = "manifest.json"
 EXPORT_FORMAT = "archehr-export/1"
@@ -131,8 +131,8 @@ def model_card(manifest: dict) -> str:
         "```python",
         "import sys",
         'sys.path.insert(0, "/path/to/archehr")',
-        "from model.checkpoint import load_export",
-        'checkpoint = load_export("path/to/export")',
+        "from model.loaded_export import load_export",
+        'loaded = load_export("path/to/export")',
         "```",
         "The adapter also loads with plain PEFT: `PeftModel.from_pretrained(base_model, \"path/to/export\")`.",
         "",

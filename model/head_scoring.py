@@ -1,5 +1,5 @@
 """Backbone + alignment head over encoded examples, padded batches through the model's own
-forward: the plain path's pair scorer (:meth:`model.checkpoint.LoadedCheckpoint.score_all`),
+forward: the plain path's pair scorer (:meth:`model.loaded_export.LoadedExport.score_all`),
 cross-validation and export calibration. The fast engine runs the same head over packed
 forwards (:mod:`model.packed`, :mod:`inference.fast`).
 

@@ -8,7 +8,7 @@ import pytest
 
 from data.archehr import load_cases, load_key, load_xml
 from data.emrqa import ABSTAIN_ANSWER, EmrqaRecord, emrqa_to_prompt_example, load_emrqa
-from data.errors import InputError
+from plumbing.errors import InputError
 from data.sentences import split_sentences
 
 ROOT = Path(__file__).resolve().parents[1]

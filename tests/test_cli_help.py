@@ -88,7 +88,7 @@ def test_score_cv_unknown_key_is_one_line_exit_2(tmp_path, capsys):
 
 
 def _import_bitsandbytes(verbose: bool) -> str:
-    code = ("import warnings; from data.console import quiet_library_noise; "
+    code = ("import warnings; from plumbing.console import quiet_library_noise; "
             f"quiet_library_noise({verbose}); import bitsandbytes; "
             "warnings.warn('library internals moved', FutureWarning)")
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
@@ -106,7 +106,7 @@ def test_no_progress_hides_loading_bars(monkeypatch):
     from huggingface_hub.utils import are_progress_bars_disabled, enable_progress_bars
     from transformers.utils import logging as hf_logging
 
-    from data.console import hide_progress_bars
+    from plumbing.console import hide_progress_bars
 
     monkeypatch.delenv("HF_HUB_DISABLE_PROGRESS_BARS", raising=False)
     monkeypatch.delenv("HF_DATASETS_DISABLE_PROGRESS_BARS", raising=False)

@@ -22,7 +22,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from data.errors import InputError
+from plumbing.errors import InputError
 from hooks import train_hooks
 from training.config import TrainConfig, build_config, load_run_config
 from training.loop import resume_layout, run_training

@@ -14,7 +14,7 @@ import torch
 
 from data.archehr import load_cases
 from data.prompts import encode_example, example_from_case
-from model.checkpoint import load_export
+from model.loaded_export import load_export
 from model.head_scoring import head_outputs
 from training.config import build_config
 from training.loop import run_training

@@ -85,13 +85,13 @@ def test_batched_alignment_scores_equal_one_case_at_a_time(tiny_adapter, shared_
     from heads.alignment import NotePairHead
     from heads.config import HeadConfig
     from model.backbone import load_backbone, load_tokenizer
-    from model.checkpoint import LoadedCheckpoint
+    from model.loaded_export import LoadedExport
 
     cases = load_cases(shared_fixtures / "setA" / "archehr-qa.xml", shared_fixtures / "setA" / "archehr-qa_key.json")[:5]
     torch.manual_seed(0)
     model = load_backbone("tiny", load_in_4bit=False, device="cpu", adapter_dir=tiny_adapter, trainable=False)
     head = NotePairHead(HeadConfig(hidden_size=model.get_base_model().config.hidden_size)).eval()
-    ckpt = LoadedCheckpoint(manifest={}, threshold=0.5, tokenizer=load_tokenizer("tiny"), model=model, head=head)
+    ckpt = LoadedExport(manifest={}, threshold=0.5, tokenizer=load_tokenizer("tiny"), model=model, head=head)
     one = [ckpt.score_pairs(c) for c in cases]
     batched = ckpt.score_all(cases, batch_size=4)
     for a, b, case in zip(one, batched, cases):
@@ -225,12 +225,12 @@ def test_fast_checkpoint_equals_loaded_checkpoint(tiny_adapter):
     from heads.config import HeadConfig
     from inference.fast import FastEngine
     from model.backbone import load_backbone, load_tokenizer
-    from model.checkpoint import LoadedCheckpoint
+    from model.loaded_export import LoadedExport
 
     torch.manual_seed(0)
     model = load_backbone("tiny", load_in_4bit=False, device="cpu", adapter_dir=tiny_adapter, trainable=False)
     head = NotePairHead(HeadConfig(hidden_size=64)).eval()
-    plain = LoadedCheckpoint(manifest={}, threshold=0.5, tokenizer=load_tokenizer("tiny"), model=model, head=head)
+    plain = LoadedExport(manifest={}, threshold=0.5, tokenizer=load_tokenizer("tiny"), model=model, head=head)
     fast = FastEngine(plain)
     cases = inference_cases(5, seed=3)
     cases[2].answer_sentences.clear()  # a case without answer sentences: an empty score matrix
@@ -389,10 +389,10 @@ def test_fast_checkpoint_retries_smaller_after_out_of_memory(monkeypatch):
     from heads.config import HeadConfig
     from inference import fast as fast_module
     from model.backbone import build_random_base, load_tokenizer
-    from model.checkpoint import LoadedCheckpoint
+    from model.loaded_export import LoadedExport
 
     torch.manual_seed(0)
-    plain = LoadedCheckpoint(manifest={}, threshold=0.5, tokenizer=load_tokenizer("tiny"),
+    plain = LoadedExport(manifest={}, threshold=0.5, tokenizer=load_tokenizer("tiny"),
                              model=build_random_base("tiny").eval(), head=NotePairHead(HeadConfig(hidden_size=64)).eval())
     real = fast_module.greedy_decode
     seen = []
@@ -420,12 +420,12 @@ def _tiny_checkpoint(adapter_dir, relevance: bool = True):
     from heads.alignment import NotePairHead
     from heads.config import HeadConfig
     from model.backbone import load_backbone, load_tokenizer
-    from model.checkpoint import LoadedCheckpoint
+    from model.loaded_export import LoadedExport
 
     torch.manual_seed(0)
     model = load_backbone("tiny", load_in_4bit=False, device="cpu", adapter_dir=adapter_dir, trainable=False)
     head = NotePairHead(HeadConfig(hidden_size=64, relevance=relevance)).eval()
-    return LoadedCheckpoint(manifest={}, threshold=0.5, tokenizer=load_tokenizer("tiny"), model=model, head=head)
+    return LoadedExport(manifest={}, threshold=0.5, tokenizer=load_tokenizer("tiny"), model=model, head=head)
 
 
 def test_packed_relevance_equals_one_case_at_a_time(tiny_adapter):
@@ -495,7 +495,7 @@ def test_packed_forward_equals_the_model_forward_at_every_tapped_layer():
 
 def test_packed_relevance_is_refused_without_relevance_output(tiny_adapter):
     from bench.synthetic import inference_cases
-    from data.errors import InputError
+    from plumbing.errors import InputError
     from inference.fast import FastEngine
     from inference.predictions import model_outputs
 

@@ -75,11 +75,11 @@ def test_cuda_train_and_infer_end_to_end(tmp_path):
                        "--xml", str(EXAMPLES / "archehr-qa.xml"), "--key", str(EXAMPLES / "archehr-qa_key.json"),
                        "--out", str(task), "--max_steps", "2", "--progress", "false"]) in (0, None)
     out = tmp_path / "sub"
-    assert infer.main([str(EXAMPLES / "archehr-qa.xml"), "--checkpoint", str(task / "export"), "--out", str(out),
+    assert infer.main([str(EXAMPLES / "archehr-qa.xml"), "--export", str(task / "export"), "--out", str(out),
                        "--no-progress"]) in (0, None)
     run = json.loads((out / "run.json").read_text())
     assert (out / "subtask3.zip").is_file() and (out / "subtask4.zip").is_file()
-    assert "checkpoint" in json.dumps(run).lower()
+    assert "export" in json.dumps(run).lower()
 
 
 # --- fast inference paths (issue 12) ----------------------------------------------------------
@@ -157,11 +157,11 @@ def test_cuda_fast_decode_nf4_lora_runs():
     from heads.config import HeadConfig
     from inference.fast import FastEngine
     from model.backbone import load_backbone, load_tokenizer
-    from model.checkpoint import LoadedCheckpoint
+    from model.loaded_export import LoadedExport
 
     model = load_backbone("tiny", load_in_4bit=True, device="cuda", trainable=False)
     head = NotePairHead(HeadConfig(hidden_size=64)).cuda().eval()
-    plain = LoadedCheckpoint(manifest={}, threshold=0.5, tokenizer=load_tokenizer("tiny"), model=model, head=head)
+    plain = LoadedExport(manifest={}, threshold=0.5, tokenizer=load_tokenizer("tiny"), model=model, head=head)
     fast = FastEngine(plain)
     cases = inference_cases(6, seed=4)
     got = fast.generate_answers(cases, max_new_tokens=12)
@@ -198,7 +198,7 @@ def test_cuda_fast_paths_numerics_qwen3_4b_shape(attention):
     from heads.config import HeadConfig
     from inference.fast import FastEngine
     from model.backbone import build_random_base, load_tokenizer
-    from model.checkpoint import LoadedCheckpoint, stop_ids
+    from model.loaded_export import LoadedExport, stop_ids
     from model.decoding import DecodeStats, greedy_decode
 
     preset = os.environ.get("ARCHEHR_NUMERICS_PRESET", "qwen3-4b-random")
@@ -253,7 +253,7 @@ def test_cuda_fast_paths_numerics_qwen3_4b_shape(attention):
                 tie_aside += 1
     # Alignment: token-budget groups vs the plain path (16 cases a forward), same model and head.
     head = NotePairHead(HeadConfig(hidden_size=model.config.hidden_size)).cuda().eval()
-    plain = LoadedCheckpoint(manifest={}, threshold=0.5, tokenizer=tok, model=model, head=head)
+    plain = LoadedExport(manifest={}, threshold=0.5, tokenizer=tok, model=model, head=head)
     align_cases = inference_cases(32, seed=6)
     want = plain.score_all(align_cases, batch_size=16)
     got = FastEngine(plain).score_all(align_cases)

@@ -25,13 +25,13 @@ from safetensors.torch import load_file, save_file
 import infer
 import score
 import train
-from data.atomic import OutputSet, write_json_atomic
+from plumbing.atomic import OutputSet, write_json_atomic
 from hooks import train_hooks
 from training.checkpoints import checkpoint_dirs, latest_checkpoint
 
 # Heavy imports up front: their one-off library notices must not land in a test's stderr.
 import inference.pipeline  # noqa: F401,E402
-import model.checkpoint  # noqa: F401,E402
+import model.loaded_export  # noqa: F401,E402
 import training.loop  # noqa: F401,E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -192,7 +192,7 @@ def fake_export(root: Path, manifest: dict | None = None, head_layer: object = -
 
 def infer_checkpoint(capsys, tmp_path, export: Path, contains: str, *extra) -> None:
     out = tmp_path / "out"
-    refused(capsys, infer.main, [XML, "--out", out, "--checkpoint", export, "--subtasks", "3", "--no-progress",
+    refused(capsys, infer.main, [XML, "--out", out, "--export", export, "--subtasks", "3", "--no-progress",
                                  *extra], contains=contains)
     assert not out.exists()
 

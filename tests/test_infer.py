@@ -68,7 +68,7 @@ def test_baseline_writes_valid_submissions_and_says_it_is_the_baseline(tmp_path,
     assert log.splitlines()[0].startswith("engine: RETRIEVAL BASELINE")
     assert "RETRIEVAL BASELINE outputs" in log and "times:" in log
     assert run["engine"] == "retrieval-baseline" and "not the fine-tuned model" in run["engine_note"]
-    assert run["checkpoint"] is None and run["checkpoint_manifest"] is None
+    assert run["export"] is None and run["export_manifest"] is None
     assert run["subtask4"]["aligner"] == "retrieval-ensemble"
     assert run["subtask4"]["ensemble"]["tuned_on"].startswith("hand-set")
     assert run["skipped_cases_subtask4"] == []
@@ -155,10 +155,10 @@ def test_bad_xml_exits_2_with_one_line_and_writes_nothing(tmp_path):
 
 @pytest.mark.parametrize("problem, args, message", [
     ("ensemble", ["--ensemble", "{missing}"], "ensemble file not found"),
-    ("checkpoint", ["--checkpoint", "{missing}"], "checkpoint folder not found"),
-    ("head", ["--aligner", "head"], "--aligner head needs --checkpoint"),
+    ("export", ["--export", "{missing}"], "export folder not found"),
+    ("head", ["--aligner", "head"], "--aligner head needs --export"),
     ("key", ["--key", "{missing}"], "file not found"),
-    ("not-an-export", ["--checkpoint", "{empty}"], "not an export folder (no manifest.json)"),
+    ("not-an-export", ["--export", "{empty}"], "not an export folder (no manifest.json)"),
 ])
 def test_bad_arguments_exit_2_and_write_nothing(tmp_path, capsys, problem, args, message):
     out = tmp_path / "run"
@@ -172,7 +172,19 @@ def test_bad_arguments_exit_2_and_write_nothing(tmp_path, capsys, problem, args,
     assert not out.exists()
 
 
-# ---------------------------------------------------------------- checkpoint path
+def test_checkpoint_is_a_deprecated_alias_of_export(tmp_path, capsys):
+    """--checkpoint still reaches the export loader for one release, with one note on stderr."""
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as err:
+        infer.main([str(EXAMPLE_XML), "--out", str(out), "--checkpoint", str(tmp_path / "nowhere")])
+    assert err.value.code == 2
+    stderr = capsys.readouterr().err.strip().splitlines()
+    assert len(stderr) == 2 and "--checkpoint is deprecated; use --export" in stderr[0]
+    assert "export folder not found" in stderr[1] and not out.exists()
+    assert infer.build_parser().parse_args([str(EXAMPLE_XML), "--out", "o", "--checkpoint", "E"]).export == Path("E")
+
+
+# ---------------------------------------------------------------- export path
 
 def test_clean_generated_answer():
     assert clean_generated_answer("<think>\nhmm\n</think>\n\nIt is a stent [3]. Keep it |2,4|.") == "It is a stent. Keep it."
@@ -185,7 +197,7 @@ def test_clean_generated_answer():
 
 
 class FakeCheckpoint:
-    """The LoadedCheckpoint interface with scripted outputs (pipeline logic without a model)."""
+    """The LoadedExport interface with scripted outputs (pipeline logic without a model)."""
 
     threshold = 0.6
     manifest = {"format": "archehr-export/1", "preset": "fake", "alignment": {"threshold": 0.6},
@@ -215,11 +227,11 @@ class FakeCheckpoint:
 
 @pytest.fixture
 def fake_checkpoint(monkeypatch, tmp_path):
-    import model.checkpoint
+    import model.loaded_export
 
     long_answer = "The stent drains the kidney [4]. " + " ".join(["more"] * 90)
     fake = FakeCheckpoint({"101": long_answer, "102": "   ", "103": "<think>x</think>Redness can last weeks."})
-    monkeypatch.setattr(model.checkpoint, "load_export", lambda *a, **k: fake)
+    monkeypatch.setattr(model.loaded_export, "load_export", lambda *a, **k: fake)
     export = tmp_path / "export"
     export.mkdir()
     return fake, export
@@ -228,11 +240,11 @@ def fake_checkpoint(monkeypatch, tmp_path):
 def test_checkpoint_path_generation_and_head_linking(tmp_path, capsys, fake_checkpoint):
     fake, export = fake_checkpoint
     out = tmp_path / "run"
-    run, log = run_infer(capsys, EXAMPLE_XML, "--out", out, "--checkpoint", export, "--batch-size", "2",
+    run, log = run_infer(capsys, EXAMPLE_XML, "--out", out, "--export", export, "--batch-size", "2",
                          "--max-new-tokens", "33")
     cases = load_cases(EXAMPLE_XML)
     entries = check_outputs(out, cases)
-    assert run["engine"] == "checkpoint" and run["checkpoint_manifest"] == fake.manifest
+    assert run["engine"] == "export" and run["export_manifest"] == fake.manifest
     assert "RETRIEVAL BASELINE" not in log
     assert fake.calls == [(["101", "102"], 33, 2), (["103"], 33, 2)]
     answers = {e["case_id"]: e["prediction"] for e in entries[3]}
@@ -252,7 +264,7 @@ def test_checkpoint_path_generation_and_head_linking(tmp_path, capsys, fake_chec
 def test_checkpoint_path_cap_and_fallback(tmp_path, capsys, fake_checkpoint):
     _, export = fake_checkpoint
     out = tmp_path / "run"
-    run, _ = run_infer(capsys, EXAMPLE_XML, "--out", out, "--checkpoint", export, "--subtasks", "4",
+    run, _ = run_infer(capsys, EXAMPLE_XML, "--out", out, "--export", export, "--subtasks", "4",
                        "--max-links-per-answer", "1", "--top1-fallback")
     entries = check_outputs(out, load_cases(EXAMPLE_XML), subtasks=(4,))
     assert not (out / "subtask3.zip").exists()
@@ -277,21 +289,21 @@ def tiny_export(tmp_path_factory):
     return root / "task" / "export"
 
 
-def test_tiny_checkpoint_end_to_end(tmp_path, capsys, tiny_export):
-    from model.checkpoint import load_export
+def test_tiny_export_end_to_end(tmp_path, capsys, tiny_export):
+    from model.loaded_export import load_export
 
     out = tmp_path / "run"
     # The tiny export trained on these very cases: scoring them needs --allow-train-cases and is labelled.
-    run, log = run_infer(capsys, EXAMPLE_XML, "--out", out, "--checkpoint", tiny_export, "--key", EXAMPLE_KEY,
+    run, log = run_infer(capsys, EXAMPLE_XML, "--out", out, "--export", tiny_export, "--key", EXAMPLE_KEY,
                          "--max-new-tokens", "12", "--device", "cpu", "--allow-train-cases")
     assert run["training_case_ids"] == ["101", "102", "103"] and run["scores"]["evaluated_on"].startswith("TRAINING")
     cases = load_cases(EXAMPLE_XML, EXAMPLE_KEY)
     entries = check_outputs(out, cases)
     manifest = json.loads((tiny_export / "manifest.json").read_text())
-    assert run["engine"] == "checkpoint" and run["checkpoint_manifest"] == manifest
+    assert run["engine"] == "export" and run["export_manifest"] == manifest
     threshold = manifest["alignment"]["threshold"]
     assert run["subtask4"]["threshold"] == threshold
-    assert "load_checkpoint" in run["timings_s"] and "Subtask 4 scores:" in log
+    assert "load_export" in run["timings_s"] and "Subtask 4 scores:" in log
     fell_back = set(run["subtask3"]["extractive_fallback_cases"])
     for entry, case in zip(entries[3], cases):
         assert 0 < count_words(entry["prediction"]) <= 75
@@ -313,7 +325,7 @@ def test_tiny_checkpoint_subtask2_batched_equals_one_case_at_a_time(tmp_path, ca
     the plain checkpoint's one forward per case."""
     import inference.fast
     from data.prompts import encode_example, example_from_case
-    from model.checkpoint import load_export
+    from model.loaded_export import load_export
     from model.head_scoring import relevance_probabilities
 
     cases = load_cases(EXAMPLE_XML)
@@ -322,7 +334,7 @@ def test_tiny_checkpoint_subtask2_batched_equals_one_case_at_a_time(tmp_path, ca
                                                                            example_from_case(c, with_answer=False))])[0]
              for c in cases]
     threshold = float(np.median(np.concatenate(probs)))  # some notes in, some out
-    args = [EXAMPLE_XML, "--checkpoint", tiny_export, "--subtasks", subtasks, "--device", "cpu",
+    args = [EXAMPLE_XML, "--export", tiny_export, "--subtasks", subtasks, "--device", "cpu",
             "--relevance-threshold", repr(threshold)]
     fast_run, _ = run_infer(capsys, *args, "--out", tmp_path / "fast")
     load = inference.fast.load_for_inference
@@ -345,7 +357,7 @@ def test_tiny_checkpoint_subtask2_batched_equals_one_case_at_a_time(tmp_path, ca
 def test_tiny_checkpoint_on_its_training_cases_is_refused(tmp_path, capsys, tiny_export):
     out = tmp_path / "run"
     with pytest.raises(SystemExit) as err:
-        infer.main([str(EXAMPLE_XML), "--out", str(out), "--checkpoint", str(tiny_export), "--key", str(EXAMPLE_KEY),
+        infer.main([str(EXAMPLE_XML), "--out", str(out), "--export", str(tiny_export), "--key", str(EXAMPLE_KEY),
                     "--no-progress"])
     assert err.value.code == 2
     lines = capsys.readouterr().err.strip().splitlines()
@@ -358,7 +370,7 @@ def test_checkpoint_subtask2_uses_the_manifest_threshold_or_the_override(tmp_pat
     cases = load_cases(EXAMPLE_XML)
     for extra, threshold in (([], 0.55), (["--relevance-threshold", "0.9"], 0.9)):
         out = tmp_path / f"run{threshold}"
-        run, log = run_infer(capsys, EXAMPLE_XML, "--out", out, "--checkpoint", export, "--subtasks", "2", *extra)
+        run, log = run_infer(capsys, EXAMPLE_XML, "--out", out, "--export", export, "--subtasks", "2", *extra)
         entries = check_outputs(out, cases, subtasks=(2,))
         for entry, case in zip(entries[2], cases):
             probs = fake.score_relevance(case)
@@ -371,7 +383,7 @@ def test_checkpoint_without_relevance_threshold(tmp_path, capsys, fake_checkpoin
     fake, export = fake_checkpoint
     fake.manifest = {k: v for k, v in fake.manifest.items() if k != "relevance"}
     # By default Subtask 2 is skipped, said on screen and in run.json ...
-    run, log = run_infer(capsys, EXAMPLE_XML, "--out", tmp_path / "default", "--checkpoint", export)
+    run, log = run_infer(capsys, EXAMPLE_XML, "--out", tmp_path / "default", "--export", export)
     assert not (tmp_path / "default" / "subtask2.zip").exists() and (tmp_path / "default" / "subtask4.zip").is_file()
     assert "warning: Subtask 2 not written" in log and "not_written" in run["subtask2"]
     assert run["subtasks"] == [3, 4]
@@ -379,7 +391,7 @@ def test_checkpoint_without_relevance_threshold(tmp_path, capsys, fake_checkpoin
     # ... asked for explicitly, it is an error before any work.
     out = tmp_path / "run"
     with pytest.raises(SystemExit) as err:
-        infer.main([str(EXAMPLE_XML), "--out", str(out), "--checkpoint", str(export), "--subtasks", "2,3",
+        infer.main([str(EXAMPLE_XML), "--out", str(out), "--export", str(export), "--subtasks", "2,3",
                     "--no-progress"])
     assert err.value.code == 2
     assert "--relevance-threshold" in capsys.readouterr().err
@@ -422,7 +434,7 @@ def test_hide_progress_bars_turns_off_the_model_loading_bars(monkeypatch):
     from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
     from transformers.utils import logging as hf_logging
 
-    from data.console import hide_progress_bars
+    from plumbing.console import hide_progress_bars
 
     was_hidden = (not hf_logging.is_progress_bar_enabled(), are_progress_bars_disabled())
     for name in ("HF_HUB_DISABLE_PROGRESS_BARS", "HF_DATASETS_DISABLE_PROGRESS_BARS"):

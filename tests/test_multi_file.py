@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from data.archehr import load_cases, write_cases
-from data.errors import InputError
+from plumbing.errors import InputError
 from training.config import build_config, parse_overrides, read_toml
 from training.batching import collate
 from data.records import ESSENTIAL_LABELS, relevance_targets
@@ -152,7 +152,7 @@ def test_infer_writes_subtask2_from_the_trained_head(files, trained, tmp_path):
     from metrics.subtask2 import score_subtask2
 
     out = tmp_path / "infer"
-    assert infer.main([str(files["dev_xml"]), "--out", str(out), "--checkpoint", str(trained.export_dir),
+    assert infer.main([str(files["dev_xml"]), "--out", str(out), "--export", str(trained.export_dir),
                        "--key", str(files["dev_key"]), "--subtasks", "2", "--device", "cpu", "--no-progress",
                        "--allow-train-cases"]) == 0  # the export's own training cases: labelled, not refused
     cases = load_cases(files["dev_xml"], files["dev_key"])

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-GENERIC = ("data", "model", "heads", "metrics", "training", "evaluation", "inference", "baselines", "bench",
+GENERIC = ("plumbing", "data", "model", "heads", "metrics", "training", "evaluation", "inference", "baselines", "bench",
            "score", "train", "infer")
 
 

@@ -68,7 +68,7 @@ def test_test_hooks_are_not_config_keys(monkeypatch, tmp_path):
     refused on the command line, never saved, and dropped from a run saved when they were keys."""
     import dataclasses
 
-    from data.errors import InputError
+    from plumbing.errors import InputError
     from training.config import TrainConfig, parse_overrides
     from training.hooks import train_hooks as read_hooks
 

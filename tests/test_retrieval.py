@@ -28,7 +28,7 @@ from baselines.extractive import extractive_answer
 from baselines.models import load_bi_encoder, minilm_path
 from baselines.linking import link_pairs, links_to_pairs
 from data.archehr import load_cases
-from data.errors import InputError
+from plumbing.errors import InputError
 from data.records import AnswerSentence, Case, NoteSentence, QuestionPhrase
 from data.submission import count_words
 from model.calibration import pooled_micro_f1

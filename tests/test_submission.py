@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from data.archehr import load_cases
-from data.errors import InputError
+from plumbing.errors import InputError
 from data.submission import (
     count_words,
     read_submission,

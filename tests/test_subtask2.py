@@ -10,23 +10,23 @@ from pathlib import Path
 import pytest
 
 from data.archehr import load_cases, load_key
-from data.errors import InputError
+from plumbing.errors import InputError
 from data.submission import read_submission, subtask2_entries, validate_subtask2, write_submission
-from metrics.relevance import SCORE_KEYS, EvidenceGold, gold_from_relevance, score_evidence
+from metrics.relevance import SCORE_KEYS, RelevanceGold, gold_from_relevance, score_relevance
 
 ROOT = Path(__file__).resolve().parents[1]
 XML = ROOT / "examples" / "archehr-qa.xml"
 KEY = ROOT / "examples" / "archehr-qa_key.json"
 
 
-def _gold(**cases: dict[str, str]) -> dict[str, EvidenceGold]:
+def _gold(**cases: dict[str, str]) -> dict[str, RelevanceGold]:
     return gold_from_relevance(cases)
 
 
 def test_strict_and_lenient_by_hand():
     # gold: essential {1, 2}, supplementary {3}; predict {1, 3, 4}
     gold = _gold(a={"1": "essential", "2": "essential", "3": "supplementary", "4": "not-relevant"})
-    s = score_evidence({"a": {"1", "3", "4"}}, gold)
+    s = score_relevance({"a": {"1", "3", "4"}}, gold)
     # strict: tp 1, pred 3, gold 2 -> P 1/3, R 1/2, F1 0.4
     assert s["strict_micro_precision"] == pytest.approx(100 / 3)
     assert s["strict_micro_recall"] == pytest.approx(50)
@@ -43,11 +43,11 @@ def test_macro_and_micro_differ_and_empty_empty_is_one():
     gold = _gold(a={"1": "essential", "2": "not-relevant"},
                  b={"1": "supplementary", "2": "not-relevant"},  # nothing essential
                  c={"1": "essential", "2": "essential"})
-    s = score_evidence({"a": {"1"}, "b": set(), "c": {"1", "2"}}, gold)
+    s = score_relevance({"a": {"1"}, "b": set(), "c": {"1", "2"}}, gold)
     # per case strict F1: a 1, b (empty/empty) 1, c 1 -> macro 100; micro tp 3 / pred 3 / gold 3
     assert s["strict_macro_f1"] == pytest.approx(100)
     assert s["strict_micro_f1"] == pytest.approx(100)
-    s = score_evidence({"a": {"2"}, "b": {"1"}, "c": {"1"}}, gold)
+    s = score_relevance({"a": {"2"}, "b": {"1"}, "c": {"1"}}, gold)
     # strict per case: a P0 R0, b gold empty -> 0, c P1 R.5 F1 2/3
     assert s["strict_macro_precision"] == pytest.approx(100 / 3)
     assert s["strict_macro_recall"] == pytest.approx(50 / 3)
@@ -58,17 +58,17 @@ def test_macro_and_micro_differ_and_empty_empty_is_one():
     assert s["lenient_macro_f1"] == pytest.approx(100 * (0 + 1 + 2 / 3) / 3)
     assert s["lenient_micro_precision"] == pytest.approx(50)  # tp 1 / pred 2
     # all pooled counts zero: 1.0 as well
-    assert score_evidence({"b": set()}, {"b": gold["b"]})["strict_micro_f1"] == 100.0
+    assert score_relevance({"b": set()}, {"b": gold["b"]})["strict_micro_f1"] == 100.0
 
 
 def test_unknown_id_and_case_set_are_errors():
     gold = _gold(a={"1": "essential"})
     with pytest.raises(ValueError, match="unknown sentence id '9'"):
-        score_evidence({"a": {"9"}}, gold)
+        score_relevance({"a": {"9"}}, gold)
     with pytest.raises(ValueError, match="case sets differ"):
-        score_evidence({"a": set(), "b": set()}, gold)
+        score_relevance({"a": set(), "b": set()}, gold)
     with pytest.raises(ValueError, match="case sets differ"):
-        score_evidence({}, gold)
+        score_relevance({}, gold)
 
 
 def _reference(predicted: dict[str, list[str]], key: list[dict]) -> dict[str, float]:
@@ -118,7 +118,7 @@ def test_random_submissions_match_an_independent_implementation(tmp_path):
                                                         for j in range(1, n + 1)]})
         predicted = {c["case_id"]: rng.sample([a["sentence_id"] for a in c["answers"]],
                                               rng.randint(0, len(c["answers"]))) for c in key}
-        ours = score_evidence({k: set(v) for k, v in predicted.items()},
+        ours = score_relevance({k: set(v) for k, v in predicted.items()},
                               gold_from_relevance({c["case_id"]: {a["sentence_id"]: a["relevance"]
                                                                   for a in c["answers"]} for c in key}))
         ref = _reference(predicted, key)
@@ -179,7 +179,7 @@ def test_ladder_counts_reproduce_official_scores():
     import numpy as np
 
     from data.records import Case, NoteSentence
-    from evaluation.evidence import evidence_counts, evidence_from_counts
+    from evaluation.relevance import relevance_counts, relevance_from_counts
 
     rng = random.Random(3)
     labels = ["essential", "supplementary", "not-relevant"]
@@ -191,22 +191,22 @@ def test_ladder_counts_reproduce_official_scores():
         cases.append(Case(case_id=str(i), patient_narrative="", clinician_question="", note_sentences=notes,
                           relevance=rel))
         predicted[str(i)] = rng.sample(list(rel), rng.randint(0, n))
-    official = score_evidence({k: set(v) for k, v in predicted.items()},
+    official = score_relevance({k: set(v) for k, v in predicted.items()},
                               gold_from_relevance({c.case_id: c.relevance for c in cases}))
-    counts = evidence_counts(predicted, cases)
+    counts = relevance_counts(predicted, cases)
     every_case_once = np.arange(len(cases))[None, :]
-    from_counts = evidence_from_counts({v: c[every_case_once] for v, c in counts.items()})
+    from_counts = relevance_from_counts({v: c[every_case_once] for v, c in counts.items()})
     for k, v in from_counts.items():
         assert abs(float(v[0]) - official[k]) <= 1e-9, k
 
 
 def test_baseline_predictions_and_threshold_fit():
     from baselines import relevance as rb
-    from inference.evidence import predict_evidence
+    from inference.relevance import predict_relevance
 
     cases = load_cases(XML, KEY)
     logs = []
-    evidence, record = predict_evidence(cases, None, None, False, logs.append)
+    evidence, record = predict_relevance(cases, None, None, False, logs.append)
     assert "RETRIEVAL BASELINE" in logs[0] and record["threshold"] == rb.DEFAULT_THRESHOLD
     for c in cases:
         scores = rb.relevance_scores(c)
@@ -214,10 +214,10 @@ def test_baseline_predictions_and_threshold_fit():
         assert evidence[c.case_id] == [s for s, x in zip(c.note_ids, scores) if x >= 0.5]
     threshold, f1 = rb.fit_threshold(cases)
     # the chosen threshold is the best on these cases: no grid point scores higher
-    official = score_evidence({c.case_id: set(rb.predict_relevant(c, rb.relevance_scores(c), threshold))
+    official = score_relevance({c.case_id: set(rb.predict_relevant(c, rb.relevance_scores(c), threshold))
                                for c in cases}, gold_from_relevance({c.case_id: c.relevance for c in cases}))
     assert official["strict_micro_f1"] == pytest.approx(100 * f1)
     for t in (0.1, 0.3, 0.7, 0.9):
-        other = score_evidence({c.case_id: set(rb.predict_relevant(c, rb.relevance_scores(c), t)) for c in cases},
+        other = score_relevance({c.case_id: set(rb.predict_relevant(c, rb.relevance_scores(c), t)) for c in cases},
                                gold_from_relevance({c.case_id: c.relevance for c in cases}))
         assert other["strict_micro_f1"] <= official["strict_micro_f1"] + 1e-9

@@ -10,7 +10,7 @@ from accelerate.utils import set_seed
 from data.emrqa import emrqa_to_prompt_example, load_emrqa
 from data.prompts import IGNORE_INDEX, encode_example
 from model.backbone import backbone_hidden, load_backbone
-from model.checkpoint import load_export
+from model.loaded_export import load_export
 from training.config import build_config
 from training.batching import collate
 from training.data import TrainItem, emrqa_evidence_pairs

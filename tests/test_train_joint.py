@@ -12,7 +12,7 @@ from accelerate.utils import set_seed
 
 from data.prompts import encode_example, example_from_case
 from model.backbone import LoraSettings, load_backbone
-from model.checkpoint import load_export
+from model.loaded_export import load_export
 from model.head_scoring import pair_probabilities
 from model.calibration import calibrate_threshold, pair_f1
 from training.config import build_config

@@ -15,7 +15,7 @@ import pytest
 import infer
 from baselines.extractive import extractive_answer
 from data.archehr import load_cases
-from data.errors import InputError
+from plumbing.errors import InputError
 from data.records import Case
 from data.submission import subtask3_entries, validate_subtask3, write_submission
 from data.answers import clean_generated_answer
@@ -29,7 +29,7 @@ KEY = ROOT / "examples" / "archehr-qa_key.json"
 
 
 class ScriptedCheckpoint:
-    """The LoadedCheckpoint interface with scripted answers and constant pair scores."""
+    """The LoadedExport interface with scripted answers and constant pair scores."""
 
     threshold = 0.5
 
@@ -45,7 +45,7 @@ class ScriptedCheckpoint:
 
 
 def make_export(tmp_path: Path, monkeypatch, trained: list[str] | None, answers: dict[str, str] | None = None):
-    import model.checkpoint
+    import model.loaded_export
 
     manifest = {"format": "archehr-export/1", "preset": "fake"}
     if trained is not None:
@@ -55,7 +55,7 @@ def make_export(tmp_path: Path, monkeypatch, trained: list[str] | None, answers:
     (export / "manifest.json").write_text(json.dumps(manifest))
     fake = ScriptedCheckpoint(answers or {"101": "A stent.", "102": "Rest.", "103": "Redness fades."}, manifest)
     loads = []
-    monkeypatch.setattr(model.checkpoint, "load_export", lambda *a, **k: loads.append(1) or fake)
+    monkeypatch.setattr(model.loaded_export, "load_export", lambda *a, **k: loads.append(1) or fake)
     return export, loads
 
 
@@ -69,7 +69,7 @@ def run_infer(*args) -> int:
 def test_infer_refuses_an_exports_training_cases_before_any_work(tmp_path, monkeypatch, capsys):
     export, loads = make_export(tmp_path, monkeypatch, trained=["102", "999"])
     out = tmp_path / "run"
-    assert run_infer(XML, "--out", out, "--checkpoint", export, "--key", KEY) == 2
+    assert run_infer(XML, "--out", out, "--export", export, "--key", KEY) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "case 102" in err[0] and "--allow-train-cases" in err[0]
     assert not out.exists() and loads == []  # refused before the model loaded or anything was written
@@ -78,7 +78,7 @@ def test_infer_refuses_an_exports_training_cases_before_any_work(tmp_path, monke
 def test_infer_with_allow_train_cases_labels_every_score(tmp_path, monkeypatch, capsys):
     export, _ = make_export(tmp_path, monkeypatch, trained=["102"])
     out = tmp_path / "run"
-    assert run_infer(XML, "--out", out, "--checkpoint", export, "--key", KEY, "--allow-train-cases") == 0
+    assert run_infer(XML, "--out", out, "--export", export, "--key", KEY, "--allow-train-cases") == 0
     log = capsys.readouterr().out  # the scores are results: stdout
     run = json.loads((out / "run.json").read_text())
     assert run["training_case_ids"] == ["102"]
@@ -106,7 +106,7 @@ def test_infer_with_allow_train_cases_labels_every_score(tmp_path, monkeypatch, 
 def test_held_out_cases_are_not_labelled(tmp_path, monkeypatch, capsys):
     export, _ = make_export(tmp_path, monkeypatch, trained=["900", "901"])
     out = tmp_path / "run"
-    assert run_infer(XML, "--out", out, "--checkpoint", export, "--key", KEY) == 0
+    assert run_infer(XML, "--out", out, "--export", export, "--key", KEY) == 0
     run = json.loads((out / "run.json").read_text())
     assert "evaluated_on" not in run["scores"] and "TRAINING CASES" not in capsys.readouterr().err
     proc = subprocess.run([sys.executable, "score.py", "--subtask", "4", "--submission", str(out / "subtask4.zip"),
@@ -116,7 +116,7 @@ def test_held_out_cases_are_not_labelled(tmp_path, monkeypatch, capsys):
 
 def test_export_without_a_record_warns(tmp_path, monkeypatch, capsys):
     export, _ = make_export(tmp_path, monkeypatch, trained=None)
-    assert run_infer(XML, "--out", tmp_path / "run", "--checkpoint", export, "--key", KEY, "--subtasks", "4") == 0
+    assert run_infer(XML, "--out", tmp_path / "run", "--export", export, "--key", KEY, "--subtasks", "4") == 0
     assert "does not record its training cases" in capsys.readouterr().err
 
 
@@ -125,7 +125,7 @@ def test_fallback_summary_ends_the_console_and_the_engine_note(tmp_path, monkeyp
     answers = {cid: ("<skipped>" if cid in empty else "A real answer.") for cid in ("101", "102", "103")}
     export, _ = make_export(tmp_path, monkeypatch, trained=[], answers=answers)
     out = tmp_path / "run"
-    assert run_infer(XML, "--out", out, "--checkpoint", export, "--subtasks", "3") == 0
+    assert run_infer(XML, "--out", out, "--export", export, "--subtasks", "3") == 0
     last = capsys.readouterr().err.strip().splitlines()[-1]
     summary = f"{len(empty)} of 3 answers were empty and replaced by extractive answers"
     assert last.startswith(summary)
@@ -139,9 +139,9 @@ def test_fallback_summary_ends_the_console_and_the_engine_note(tmp_path, monkeyp
 def test_no_summary_when_nothing_fell_back(tmp_path, monkeypatch, capsys):
     export, _ = make_export(tmp_path, monkeypatch, trained=[])
     out = tmp_path / "run"
-    assert run_infer(XML, "--out", out, "--checkpoint", export, "--subtasks", "3") == 0
+    assert run_infer(XML, "--out", out, "--export", export, "--subtasks", "3") == 0
     assert "replaced by extractive" not in capsys.readouterr().err
-    assert json.loads((out / "run.json").read_text())["engine_note"] == "fine-tuned checkpoint"
+    assert json.loads((out / "run.json").read_text())["engine_note"] == "fine-tuned export"
 
 
 def test_validator_refuses_texts_without_13a_tokens(tmp_path):

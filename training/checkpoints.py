@@ -26,8 +26,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from data.atomic import fsync_tree
-from data.errors import InputError
+from plumbing.atomic import fsync_tree
+from plumbing.errors import InputError
 from heads.alignment import HEAD_WEIGHTS, load_head, save_head
 
 from . import gather

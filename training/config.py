@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, get_type_hints
 
-from data.errors import InputError, parse_json, read_text_file
+from plumbing.errors import InputError, parse_json, read_text_file
 from heads.config import HeadConfig
 from model.presets import LoraSettings
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from data.errors import InputError
+from plumbing.errors import InputError
 from data.prompts import EncodedExample, PromptExample, encode_example, example_from_case
 from data.records import Case, relevance_targets
 

@@ -160,7 +160,7 @@ def export_run(
     write_manifest(tmp, manifest)
     # Replaces the blank template PEFT's save_pretrained leaves there.
     (tmp / "README.md").write_text(model_card(manifest), encoding="utf-8")
-    from data.atomic import fsync_tree
+    from plumbing.atomic import fsync_tree
 
     fsync_tree(tmp)  # on disk before the rename
     shutil.rmtree(final, ignore_errors=True)

@@ -23,7 +23,7 @@ from typing import Iterator
 
 import torch
 
-from data.errors import InputError
+from plumbing.errors import InputError
 
 _WRAPPER_SEGMENTS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
 

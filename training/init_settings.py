@@ -7,7 +7,7 @@ import dataclasses
 from pathlib import Path
 from typing import Callable, Iterable
 
-from data.errors import InputError
+from plumbing.errors import InputError
 
 from .config import TrainConfig, coerce
 

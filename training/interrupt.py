@@ -2,7 +2,7 @@
 
 Inside :class:`StopRequests` a first SIGINT or SIGTERM (Ctrl-C, cluster preemption)
 only sets a flag; the loop checks it after each optimizer step, saves a checkpoint at
-that step and ends with :class:`~data.errors.Interrupted` (exit 130, one line saying
+that step and ends with :class:`~plumbing.errors.Interrupted` (exit 130, one line saying
 how to resume). A second signal gives up at once (exit 130; the previous checkpoint
 stands, a half-written one is never renamed into place).
 
@@ -20,7 +20,7 @@ from typing import Callable
 
 import torch
 
-from data.errors import EXIT_INTERRUPTED, InputError, Interrupted
+from plumbing.errors import EXIT_INTERRUPTED, InputError, Interrupted
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 

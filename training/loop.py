@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from data.errors import InputError
+from plumbing.errors import InputError
 from data.records import ESSENTIAL_LABELS, relevance_targets
 from heads.alignment import NotePairHead, load_head
 from heads.config import HeadConfig

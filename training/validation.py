@@ -14,9 +14,9 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Callable
 
-from data.atomic import check_out_folder
+from plumbing.atomic import check_out_folder
 from data.emrqa import UNANSWERABLE_RULES
-from data.errors import InputError
+from plumbing.errors import InputError
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """Subtask 2 predictions: which note sentences are evidence for the question.
 
-With a checkpoint: the head's relevance probability per note sentence
+With an export: the head's relevance probability per note sentence
 (:func:`inference.predictions.model_outputs`, the one place it is computed), at or above the
 threshold calibrated at export on the training cases (``manifest["relevance"]``) or the
 user's ``--relevance-threshold``. Without one: the question-retrieval baseline
@@ -14,7 +14,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from baselines import relevance as question_baseline
-from data.errors import InputError
+from plumbing.errors import InputError
 from data.records import Case
 
 from .predictions import model_outputs
@@ -26,28 +26,28 @@ def has_relevance_threshold(manifest: dict) -> bool:
     return (manifest.get("relevance") or {}).get("threshold") is not None
 
 
-def checkpoint_threshold(manifest: dict, override: float | None) -> tuple[float, str]:
+def export_relevance_threshold(manifest: dict, override: float | None) -> tuple[float, str]:
     """(threshold, where it came from); an export without a relevance threshold needs ``override``."""
     if override is not None:
         return float(override), "--relevance-threshold"
     record = manifest.get("relevance") or {}
     if record.get("threshold") is None:
-        raise InputError("the checkpoint has no calibrated relevance threshold (no relevance labels in its training "
+        raise InputError("the export has no calibrated relevance threshold (no relevance labels in its training "
                          "data, or head_relevance = false): pass --relevance-threshold or --subtasks 3,4")
     return float(record["threshold"]), f"manifest ({record.get('calibrated_on', 'unknown')})"
 
 
-def threshold_evidence(cases: list[Case], scores: dict[str, np.ndarray], threshold: float) -> dict[str, list[str]]:
+def threshold_relevance(cases: list[Case], scores: dict[str, np.ndarray], threshold: float) -> dict[str, list[str]]:
     """``case_id -> note ids`` scoring at least ``threshold``, in note order."""
     return {c.case_id: question_baseline.predict_relevant(c, scores[c.case_id], threshold) for c in cases}
 
 
-def predict_evidence(cases: list[Case], checkpoint, override: float | None, progress: bool, log: Log,
-                     scores: dict[str, np.ndarray] | None = None) -> tuple[dict[str, list[str]], dict]:
-    """Subtask 2 predictions for every case and the run record saying how they were made. With a
-    checkpoint, ``scores`` are its relevance probabilities where the caller already has them
-    (the pipeline's one model pass); else they are asked for here."""
-    if checkpoint is None:
+def predict_relevance(cases: list[Case], export, override: float | None, progress: bool, log: Log,
+                      scores: dict[str, np.ndarray] | None = None) -> tuple[dict[str, list[str]], dict]:
+    """Subtask 2 predictions for every case and the run record saying how they were made. With an
+    export, ``scores`` are its relevance probabilities where the caller already has them (the
+    pipeline's one model pass); else they are asked for here."""
+    if export is None:
         threshold = question_baseline.DEFAULT_THRESHOLD if override is None else float(override)
         scores = {c.case_id: question_baseline.relevance_scores(c)
                   for c in tqdm(cases, desc="subtask 2 (baseline)", unit="case", disable=not progress)}
@@ -55,11 +55,11 @@ def predict_evidence(cases: list[Case], checkpoint, override: float | None, prog
                   "threshold_source": "--relevance-threshold" if override is not None else "untuned default"}
         log(f"Subtask 2: RETRIEVAL BASELINE ({question_baseline.LABEL}, threshold {threshold:g}); not the model")
     else:
-        threshold, source = checkpoint_threshold(checkpoint.manifest, override)
+        threshold, source = export_relevance_threshold(export.manifest, override)
         if scores is None or any(c.case_id not in scores for c in cases):
-            scores = model_outputs(checkpoint, cases, relevance=True, progress=progress).relevance
+            scores = model_outputs(export, cases, relevance=True, progress=progress).relevance
         record = {"method": "head relevance probability", "threshold": threshold, "threshold_source": source}
         log(f"Subtask 2: head relevance probabilities, threshold {threshold:.3f} ({source})")
-    evidence = threshold_evidence(cases, scores, threshold)
+    evidence = threshold_relevance(cases, scores, threshold)
     record["n_cases_without_evidence"] = sum(1 for ids in evidence.values() if not ids)
     return evidence, record

@@ -1,6 +1,6 @@
 """Subtask 2 rows of the ladder: official scores and bootstrap intervals over cases.
 
-Point scores come from :func:`metrics.relevance.score_evidence` (the official
+Point scores come from :func:`metrics.relevance.score_relevance` (the official
 definition). Intervals resample per-case (true positive, predicted, gold) counts of
 the strict and lenient views, with the same rules (empty prediction and empty gold
 score 1 per case; all pooled counts zero score 1), so that a resample of every case
@@ -14,7 +14,7 @@ import numpy as np
 
 from baselines import relevance as question_baseline
 from data.records import Case
-from metrics.relevance import SCORE_KEYS, VIEWS, case_counts, gold_from_cases, score_evidence
+from metrics.relevance import SCORE_KEYS, VIEWS, case_counts, gold_from_cases, score_relevance
 
 from .bootstrap import count_prf, percentile_interval
 
@@ -24,14 +24,14 @@ HEAD_LABEL = "joint head's relevance probability; threshold calibrated (strict m
 INTERVAL_KEYS = tuple(k for k in SCORE_KEYS if k != "overall_score")
 
 
-def evidence_counts(predicted: Mapping[str, Sequence[str]], cases: Sequence[Case]) -> dict[str, np.ndarray]:
+def relevance_counts(predicted: Mapping[str, Sequence[str]], cases: Sequence[Case]) -> dict[str, np.ndarray]:
     """``view -> [n_cases, 3]`` counts, in ``cases`` order."""
     gold = gold_from_cases(cases)
     per = [case_counts(predicted[c.case_id], gold[c.case_id]) for c in cases]
     return {v: np.array([p[v] for p in per], dtype=np.float64).reshape(len(cases), 3) for v in VIEWS}
 
 
-def evidence_from_counts(counts: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+def relevance_from_counts(counts: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """The twelve interval scores (x100) from ``view -> [..., n_cases, 3]`` counts."""
     out = {}
     for view in VIEWS:
@@ -44,12 +44,12 @@ def evidence_from_counts(counts: Mapping[str, np.ndarray]) -> dict[str, np.ndarr
     return out
 
 
-def evidence_row(system: str, label: str, predicted: Mapping[str, Sequence[str]], cases: Sequence[Case],
+def relevance_row(system: str, label: str, predicted: Mapping[str, Sequence[str]], cases: Sequence[Case],
                  indices: np.ndarray, level: float) -> dict:
     """One ladder row: official scores of the pooled predictions and their bootstrap intervals."""
-    scores = score_evidence({c.case_id: set(predicted[c.case_id]) for c in cases}, gold_from_cases(cases))
-    counts = evidence_counts(predicted, cases)
-    samples = evidence_from_counts({v: c[indices] for v, c in counts.items()})
+    scores = score_relevance({c.case_id: set(predicted[c.case_id]) for c in cases}, gold_from_cases(cases))
+    counts = relevance_counts(predicted, cases)
+    samples = relevance_from_counts({v: c[indices] for v, c in counts.items()})
     ci = {k: [round(x, 4) for x in percentile_interval(samples[k], level)] for k in INTERVAL_KEYS}
     ci["overall_score"] = ci["strict_micro_f1"]
     return {"system": system, "label": label, "scores": {k: round(float(v), 4) for k, v in scores.items()},

@@ -1,8 +1,8 @@
-"""Load an export folder (``RUN/export``) for inference: backbone + adapter + head.
+"""Load an export folder (``RUN/export``) for inference: backbone + adapter + head (a :class:`LoadedExport`).
 
 The base model comes from the manifest (hub id or local path) unless ``base`` overrides
 it; a random-init preset (``tiny``, ``qwen3-4b-random``) is rebuilt from the seed and
-shape recorded in the manifest, so tiny checkpoints reload on any machine.
+shape recorded in the manifest, so tiny exports reload on any machine.
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from data.errors import InputError
+from plumbing.errors import InputError
 from data.prompts import chat_prompt, example_from_case
 from data.records import Case
 from heads.alignment import NotePairHead, load_head
@@ -24,7 +24,7 @@ from .presets import PRESETS, ModelPreset
 
 
 @dataclass
-class LoadedCheckpoint:
+class LoadedExport:
     manifest: dict
     threshold: float
     tokenizer: object
@@ -122,7 +122,7 @@ def load_export(
     device: str | None = None,
     load_in_4bit: bool | None = None,
     merge: bool | None = None,
-) -> LoadedCheckpoint:
+) -> LoadedExport:
     """Rebuild tokenizer, base model + LoRA adapter and head from an export folder.
 
     ``base`` overrides the manifest's base model id/path; ``load_in_4bit`` defaults to
@@ -156,4 +156,4 @@ def load_export(
                          random_seed=seed)
     head = load_head(root, device=device).eval()
     threshold = manifest_threshold(manifest)
-    return LoadedCheckpoint(manifest=manifest, threshold=threshold, tokenizer=tokenizer, model=model, head=head)
+    return LoadedExport(manifest=manifest, threshold=threshold, tokenizer=tokenizer, model=model, head=head)
