@@ -93,7 +93,7 @@ def _relevance_probabilities(ck, case: Case) -> np.ndarray | None:
 def _files_trained_on(export_dir: Path) -> list[dict]:
     from model.export_folder import read_manifest
 
-    return read_manifest(export_dir)["stages"][-1]["data"]
+    return read_manifest(export_dir).stages[-1].data
 
 
 def run_head_fold(fold_dir: Path, train: Sequence[Case], held_out: Sequence[Case], *, preset: str,
@@ -123,10 +123,10 @@ def run_head_fold(fold_dir: Path, train: Sequence[Case], held_out: Sequence[Case
     train_ids = [c.case_id for c in train]
 
     ck = load_export(export_dir, device=device)
-    calibration = dict(ck.manifest.get("alignment", {}))
+    calibration = ck.manifest.alignment.to_dict() if ck.manifest.alignment is not None else {}
     out = HeadFold(fold_dir / RUN_DIR, export_dir, float(ck.threshold), calibration,
                    train_ids if calibration.get("calibrated_on") == "training cases" else [],
-                   None, [], steps=int(ck.manifest["stages"][-1].get("steps", 0)))
+                   None, [], steps=ck.manifest.stages[-1].steps)
 
     train_rel = [_relevance_probabilities(ck, c) for c in train]
     if all(p is not None for p in train_rel) and any(c.relevance for c in train):

@@ -27,6 +27,8 @@ from plumbing.errors import InputError
 from data.records import Case
 from data.submission import subtask2_entries, subtask3_entries, subtask4_entries, write_submission
 from model.export_folder import package_versions as installed_versions
+from reports.infer_page import inference_page
+from reports.page import REPORT_NAME, write_report
 
 from .predictions import ModelOutputs, model_outputs
 from .relevance import export_relevance_threshold, has_relevance_threshold, predict_relevance
@@ -179,6 +181,7 @@ class _Run:
     entries: dict[int, list[dict]] = field(default_factory=dict)  # validated submission entries per subtask
     fallback_summary: str = ""
     outputs: ModelOutputs = field(default_factory=ModelOutputs)  # what the model said (with an export)
+    relevance_scores: dict[str, np.ndarray] = field(default_factory=dict)  # Subtask 2 scores (report shading)
 
 
 def _load_inputs(opts: InferenceOptions, log: Log) -> _Run:
@@ -217,7 +220,7 @@ def _load_model(r: _Run, log: Log) -> None:
     manifest = r.loaded.manifest
     r.timings["load_export"] = time.perf_counter() - t
     # Announced once loaded, so that a folder that is not an export fails with one line.
-    log(f"engine: export {opts.export} (preset {manifest.get('preset')}, "
+    log(f"engine: export {opts.export} (preset {manifest.preset}, "
         f"Subtask 4 aligner: {r.aligner_kind}, threshold {r.loaded.threshold:.3f})")
     if 2 in opts.subtasks and not r.explicit_subtasks and not has_relevance_threshold(manifest):
         r.opts = InferenceOptions(**{**opts.__dict__, "subtasks": tuple(s for s in opts.subtasks if s != 2)})
@@ -237,7 +240,7 @@ def _start_run_record(r: _Run) -> None:
         "xml": str(opts.xml),
         "key": str(opts.key) if opts.key else None,
         "export": str(opts.export) if opts.export else None,
-        "export_manifest": r.loaded.manifest if r.loaded is not None else None,
+        "export_manifest": r.loaded.manifest.to_dict() if r.loaded is not None else None,
         "subtasks": list(opts.subtasks),
         **({"subtask2": {"not_written": r.subtask2_note}} if r.subtask2_note else {}),
         "n_cases": len(r.cases),
@@ -285,7 +288,8 @@ def _predict_subtask3(r: _Run, log: Log) -> None:
 def _predict_subtask2(r: _Run, log: Log) -> None:
     t = time.perf_counter()
     evidence, r.run["subtask2"] = predict_relevance(r.cases, r.loaded, r.opts.relevance_threshold,
-                                                   r.opts.progress, log, scores=r.outputs.relevance)
+                                                   r.opts.progress, log, scores=r.outputs.relevance,
+                                                   scores_out=r.relevance_scores)
     r.entries[2] = subtask2_entries(evidence)
     r.timings["subtask2"] = time.perf_counter() - t
 
@@ -352,6 +356,8 @@ def _write_and_score(r: _Run, log: Log, show: Log) -> tuple[dict[int, tuple[Path
             "timings_s": {k: round(v, 3) for k, v in r.timings.items()},
             "versions": package_versions(),
         })
+        r.run["outputs"]["report"] = str(opts.out / REPORT_NAME)  # the cases read side by side; holds note text
+        write_report(stage / REPORT_NAME, inference_page(r.cases, r.entries, r.run, scores, r.relevance_scores))
         write_json_atomic(stage / "run.json", r.run)
     return written, scores
 
@@ -360,6 +366,7 @@ def _report(r: _Run, written: dict[int, tuple[Path, Path]], log: Log, show: Log)
     for n, (json_path, zip_path) in written.items():
         show(f"wrote Subtask {n}: {json_path} and {zip_path}")
     show(f"wrote {r.opts.out / 'run.json'}")
+    show(f"wrote {r.opts.out / REPORT_NAME}")
     log("times: " + ", ".join(f"{k} {v:.1f}s" for k, v in r.timings.items()))
     if r.skipped:
         log(f"Subtask 4 skipped {len(r.skipped)} case(s) without answer sentences: {', '.join(r.skipped)}")

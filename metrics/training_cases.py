@@ -14,6 +14,7 @@ from typing import Iterable
 
 from plumbing.errors import InputError
 from model.export_folder import find_export, read_manifest
+from model.manifest import ExportManifest, is_kind
 
 TRAINING_CASES_LABEL = "TRAINING CASES — optimistic"
 RUN_RECORD = "run.json"
@@ -23,26 +24,19 @@ class TrainingCaseLeak(InputError):
     """A request (or a bug) would score a system on cases it trained or was tuned on."""
 
 
-def manifest_training_case_ids(manifest: dict | None) -> list[str] | None:
+def manifest_training_case_ids(manifest: ExportManifest | None) -> list[str] | None:
     """Case ids the export trained on; None when the manifest predates the record."""
-    if not manifest:
-        return None
-    if "training_case_ids" in manifest:
-        ids = manifest["training_case_ids"]
-        return None if ids is None else [str(c) for c in ids]
-    stages = manifest.get("stages") or []
-    if stages and all("case_ids" in s for s in stages):
-        return sorted({c for s in stages for c in s["case_ids"]})
-    return None
+    return None if manifest is None else manifest.training_case_ids
 
 
 def export_training_case_ids(export_dir: str | Path) -> list[str] | None:
     """Read an export's training case ids without loading the model (None when unknown)."""
     try:
-        manifest = read_manifest(find_export(export_dir))
+        export = find_export(export_dir)
     except (InputError, OSError):
-        return None  # the loader reports a missing or broken manifest with its own message
-    return manifest_training_case_ids(manifest)
+        return None  # the loader reports a missing export with its own message
+    # A present but tampered manifest is refused here: unknown ids must never skip the refusal.
+    return manifest_training_case_ids(read_manifest(export))
 
 
 def run_record_beside(submission: str | Path) -> Path | None:
@@ -64,9 +58,12 @@ def run_record_training_case_ids(run_json: Path) -> list[str] | None:
         return None
     if "training_case_ids" in record:
         ids = record["training_case_ids"]
-        return None if ids is None else [str(c) for c in ids]
+        if ids is not None and not is_kind(ids, "str_list"):
+            raise InputError("field 'training_case_ids' must be a list of strings", run_json)
+        return ids
     # "checkpoint_manifest": the name in run.json files written before the export rename.
-    return manifest_training_case_ids(record.get("export_manifest") or record.get("checkpoint_manifest"))
+    manifest = record.get("export_manifest") or record.get("checkpoint_manifest")
+    return None if not manifest else manifest_training_case_ids(ExportManifest.from_dict(manifest, run_json))
 
 
 def check_training_cases(scored: Iterable[str], trained: Iterable[str] | None, allow: bool,

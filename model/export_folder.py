@@ -13,10 +13,11 @@ from pathlib import Path
 
 from plumbing.errors import InputError
 
+from .manifest import DEFAULT_THRESHOLD, EXPORT_FORMAT, ExportManifest
+
 MANIFEST = "manifest.json"
-EXPORT_FORMAT = "archehr-export/1"
-# The alignment threshold when nothing was calibrated (no cited training pairs, no head trained).
-DEFAULT_THRESHOLD = 0.5
+__all__ = ["DEFAULT_THRESHOLD", "EXPORT_FORMAT", "MANIFEST", "ExportManifest", "find_export", "model_card",
+           "package_versions", "read_manifest", "write_manifest"]
 MANIFEST_PACKAGES = ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "safetensors", "numpy", "archehr")
 
 
@@ -29,36 +30,26 @@ def find_export(path: str | Path) -> Path:
     raise InputError(f"not a run folder or export folder (no {MANIFEST})", p)
 
 
-def read_manifest(export_dir: str | Path) -> dict:
-    """``manifest.json`` of an export folder; missing or invalid -> InputError naming it."""
+def read_manifest(export_dir: str | Path) -> ExportManifest:
+    """The one reader of ``manifest.json``: missing, invalid JSON or any mistyped field -> InputError
+    naming the file (and the field)."""
     path = Path(export_dir) / MANIFEST
     if not path.is_file():
         raise InputError(f"not an export folder (no {MANIFEST})", export_dir)
     try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, RecursionError, UnicodeDecodeError) as err:
         raise InputError(f"invalid {MANIFEST} ({getattr(err, 'msg', 'nested too deeply')})", path) from None
-    if not isinstance(manifest, dict):
+    if not isinstance(data, dict):
         raise InputError(f"invalid {MANIFEST} (not a JSON object)", path)
-    return manifest
+    return ExportManifest.from_dict(data, path)
 
 
-def manifest_preset_name(manifest: dict) -> str | None:
-    """The preset an export was trained with (top level, or under ``base_model`` in older manifests)."""
-    base = manifest.get("base_model")
-    return manifest.get("preset") or (base.get("preset") if isinstance(base, dict) else None)
-
-
-def manifest_threshold(manifest: dict) -> float:
-    """The calibrated alignment threshold recorded in a manifest (the default when absent)."""
-    return float((manifest.get("alignment") or {}).get("threshold", DEFAULT_THRESHOLD))
-
-
-def write_manifest(export_dir: str | Path, manifest: dict) -> Path:
-    """Write ``manifest`` (any keys; callers add fields freely) into an export folder being built."""
+def write_manifest(export_dir: str | Path, manifest: ExportManifest) -> Path:
+    """The one writer of ``manifest.json``, into an export folder being built."""
     path = Path(export_dir) / MANIFEST
     with open(path, "w", encoding="utf-8") as f:
-        f.write(json.dumps(manifest, indent=2) + "\n")
+        f.write(json.dumps(manifest.to_dict(), indent=2) + "\n")
         f.flush()
         os.fsync(f.fileno())
     return path
@@ -75,8 +66,9 @@ def package_versions(names: tuple[str, ...] = MANIFEST_PACKAGES) -> dict[str, st
     return out
 
 
-def model_card(manifest: dict) -> str:
+def model_card(record: ExportManifest) -> str:
     """``export/README.md``: what the export is, what it was trained on, and what it is for."""
+    manifest = record.to_dict()
     base = manifest.get("base_model") or {}
     if base.get("random_init"):
         base_line = (f"randomly initialised `{base.get('preset')}` (seed {base['random_init'].get('seed')}): "

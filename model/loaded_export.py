@@ -12,20 +12,20 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from plumbing.errors import InputError
 from data.prompts import chat_prompt, example_from_case
 from data.records import Case
 from heads.alignment import NotePairHead, load_head
 
 from .backbone import RANDOM_INIT_SEED, default_device, load_adapted, load_tokenizer
-from .export_folder import MANIFEST, manifest_preset_name, manifest_threshold, read_manifest
+from .export_folder import MANIFEST
+from .manifest import ExportManifest
 from .head_scoring import encode_for_scoring, pair_probabilities
 from .presets import PRESETS, ModelPreset
 
 
 @dataclass
 class LoadedExport:
-    manifest: dict
+    manifest: ExportManifest
     threshold: float
     tokenizer: object
     model: object  # PeftModel in eval mode
@@ -98,21 +98,19 @@ def stop_ids(tok) -> list[int]:
     return sorted(i for i in ids if i is not None)
 
 
-def preset_from_manifest(manifest: dict) -> ModelPreset:
+def preset_from_manifest(manifest: ExportManifest) -> ModelPreset:
     """The preset an export was trained with, its random-init shape as recorded (not today's table)."""
-    base = manifest.get("base_model", {})
-    name = manifest_preset_name(manifest)
+    name = manifest.preset
+    random_init = manifest.base_model.random_init
     if name in PRESETS:
         preset = PRESETS[name]
-        random_init = base.get("random_init")
-        if random_init and dict(random_init.get("arch", {})) != dict(preset.arch):
+        if random_init and dict(random_init.arch) != dict(preset.arch):
             # The table changed since training: rebuild the recorded shape, not today's.
-            preset = ModelPreset(name, source=None, arch=dict(random_init["arch"]), load_in_4bit=preset.load_in_4bit)
+            preset = ModelPreset(name, source=None, arch=dict(random_init.arch), load_in_4bit=preset.load_in_4bit)
         return preset
-    random_init = base.get("random_init")
     if random_init:
-        return ModelPreset(str(name), source=None, arch=dict(random_init["arch"]), load_in_4bit=False)
-    return ModelPreset(str(name), source=base.get("id"))
+        return ModelPreset(str(name), source=None, arch=dict(random_init.arch), load_in_4bit=False)
+    return ModelPreset(str(name), source=manifest.base_model.id)
 
 
 def load_export(
@@ -134,26 +132,20 @@ def load_export(
     root = Path(export_dir)
     if (root / "export" / MANIFEST).is_file():
         root = root / "export"
-    manifest = read_manifest(root)
-    for required in ("adapter_config.json", "adapter_model.safetensors", "head.safetensors", "head_config.json"):
-        if not (root / required).is_file():
-            raise InputError(f"export is missing {required}", root)
-    from .export_checks import check_export  # manifest, head layer, finite weights, base reachable
+    from .export_checks import check_export  # every file and field, before anything is built
 
-    check_export(root, manifest, base)
+    manifest = check_export(root, base)
     preset = preset_from_manifest(manifest)
-    base_record = manifest.get("base_model", {})
-    base_path = base or base_record.get("path") or None
-    random_init = base_record.get("random_init") or {}
+    base_path = base or manifest.base_model.path or None
+    random_init = manifest.base_model.random_init
     device = device or default_device()
     if load_in_4bit is None:
         load_in_4bit = preset.load_in_4bit and torch.device(device).type == "cuda"
     tokenizer = load_tokenizer(base_path or preset)
-    seed = int(random_init.get("seed", RANDOM_INIT_SEED))
+    seed = random_init.seed if random_init is not None else RANDOM_INIT_SEED
     if merge is None:  # dense merged weights decode several times faster; default where memory is plentiful
         merge = torch.device(device).type == "cuda"
     model = load_adapted(preset, root, merge=merge, load_in_4bit=load_in_4bit, device=device, base_path=base_path,
                          random_seed=seed)
     head = load_head(root, device=device).eval()
-    threshold = manifest_threshold(manifest)
-    return LoadedExport(manifest=manifest, threshold=threshold, tokenizer=tokenizer, model=model, head=head)
+    return LoadedExport(manifest=manifest, threshold=manifest.threshold, tokenizer=tokenizer, model=model, head=head)

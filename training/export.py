@@ -26,26 +26,25 @@ from heads.alignment import HEAD_CONFIG, HEAD_WEIGHTS, NotePairHead, save_head
 from model.backbone import RANDOM_INIT_SEED, is_quantised, is_random_preset, resolve_preset
 from model.calibration import calibrate_threshold
 from model.export_folder import DEFAULT_THRESHOLD, EXPORT_FORMAT, model_card, package_versions, write_manifest
+from model.manifest import BaseModel, Calibration, ExportManifest, Lora, RandomInit, Stage, portable_tokenizer_name
 from model.head_scoring import pair_probabilities, relevance_probabilities
 
 from .config import TrainConfig
 from .data import TrainItem, file_sha256, task_file_records
 from .gather import save_adapter
 
-def base_model_record(cfg: TrainConfig, init_manifest: dict | None, backbone) -> dict:
+def base_model_record(cfg: TrainConfig, init_manifest: ExportManifest | None, backbone) -> BaseModel:
     preset = resolve_preset(cfg.preset)
-    inherited = (init_manifest or {}).get("base_model", {})
-    path = cfg.base_path or inherited.get("path") or None
-    record = {
-        "preset": preset.name,
-        "id": path or preset.source,  # hub id or local path; None = random init below
-        "path": path,
-        "load_in_4bit": is_quantised(backbone),
-        "random_init": None,
-    }
-    if record["id"] is None and is_random_preset(preset):
-        record["random_init"] = {"seed": RANDOM_INIT_SEED, "arch": dict(preset.arch)}
-    return record
+    path = cfg.base_path or (init_manifest.base_model.path if init_manifest else None) or None
+    source = path or preset.source  # hub id or local path; None = random init
+    random_init = RandomInit(RANDOM_INIT_SEED, dict(preset.arch)) if source is None and is_random_preset(preset) else None
+    return BaseModel(preset=preset.name, id=source, path=path, load_in_4bit=is_quantised(backbone),
+                     random_init=random_init)
+
+
+def as_calibration(record: dict | None) -> Calibration | None:
+    """A calibration result (or an inherited/default record) as the manifest's typed record."""
+    return None if record is None else Calibration.from_dict(record)
 
 
 def calibrate(backbone, head: NotePairHead, items: Sequence[TrainItem], max_examples: int) -> dict | None:
@@ -75,6 +74,75 @@ def calibrate_relevance(backbone, head: NotePairHead, items: Sequence[TrainItem]
             "calibrated_for": "strict micro F1 (essential sentences)", "n_examples": len(labelled)}
 
 
+def alignment_record(cfg: TrainConfig, calibrated: dict | None, init_manifest: ExportManifest | None,
+                     calibrate_alignment: bool) -> Calibration:
+    """The Subtask 4 threshold: calibrated here, else inherited from --init, else the default."""
+    if calibrated is not None:
+        return Calibration.from_dict(calibrated)
+    inherited = init_manifest.alignment if init_manifest is not None else None
+    record = dict(inherited.to_dict(), calibrated_on="inherited") if inherited else {
+        "threshold": DEFAULT_THRESHOLD, "train_pair_f1": None, "calibrated_on": "default", "n_examples": 0}
+    if cfg.joint and not calibrate_alignment:
+        record["not_calibrated"] = "sharded (FSDP) run: calibrate after loading the export"
+        print(f"note: alignment threshold not calibrated (FSDP run); using {record['calibrated_on']} "
+              f"threshold {record['threshold']}", file=sys.stderr)
+    return Calibration.from_dict(record)
+
+
+def relevance_record(calibrated: dict | None, init_manifest: ExportManifest | None) -> Calibration | None:
+    """The Subtask 2 threshold (None: no relevance output or no labelled case), else inherited."""
+    if calibrated is not None:
+        return Calibration.from_dict(calibrated)
+    inherited = init_manifest.relevance if init_manifest is not None else None
+    return Calibration.from_dict(dict(inherited.to_dict(), calibrated_on="inherited")) if inherited else None
+
+
+def stage_record(cfg: TrainConfig, items: Sequence[TrainItem], sources: Sequence[str], init_export: Path | None,
+                 steps: int, final_loss: float | None) -> Stage:
+    if cfg.stage == "task":  # each annotated file with the case ids it contributed
+        data_files = task_file_records(cfg)
+    else:
+        data_files = [{"path": str(s), "sha256": file_sha256(s)} for s in sources]
+    details = {
+        "head_trained": cfg.joint,
+        "init": str(init_export) if init_export is not None else None,
+        "examples": len(items),
+        "final_loss": final_loss,
+        "seed": cfg.seed,
+        "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "config": cfg.to_dict(),
+    }
+    # ArchEHR cases this stage trained on (the domain stage trains on emrQA: none), so that
+    # scoring an export on its own training cases can be refused (metrics/training_cases.py).
+    case_ids = sorted({it.encoded.example_id for it in items}) if cfg.stage == "task" else []
+    return Stage(stage=cfg.stage, joint=cfg.joint, steps=steps, data=data_files, case_ids=case_ids, details=details)
+
+
+def build_manifest(cfg: TrainConfig, backbone, head: NotePairHead, tokenizer, history: list[Stage],
+                   init_manifest: ExportManifest | None, alignment: Calibration,
+                   relevance: Calibration | None) -> ExportManifest:
+    peft_cfg = backbone.peft_config["default"]
+    # None = unknown: an inherited task stage from before the record existed.
+    unknown = any(s.stage == "task" and s.case_ids is None for s in history)
+    return ExportManifest(
+        format=EXPORT_FORMAT,
+        preset=cfg.preset,
+        base_model=base_model_record(cfg, init_manifest, backbone),
+        lora=Lora(r=peft_cfg.r, alpha=peft_cfg.lora_alpha, dropout=peft_cfg.lora_dropout,
+                  targets=sorted(peft_cfg.target_modules)),
+        head={"weights": HEAD_WEIGHTS, "config": HEAD_CONFIG, **head.config.to_dict()},
+        alignment=alignment,
+        relevance=relevance,
+        stages=history,
+        training_data=[d for s in history for d in s.data],
+        training_case_ids=None if unknown else sorted({c for s in history for c in s.case_ids or []}),
+        # Portable: a hub id, the packaged tokenizer's marker or a folder's name, never a local path.
+        tokenizer=portable_tokenizer_name(getattr(tokenizer, "name_or_path", None)),
+        packages=package_versions(),
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    )
+
+
 def export_run(
     run_dir: str | Path,
     backbone,
@@ -84,7 +152,7 @@ def export_run(
     items: Sequence[TrainItem],
     sources: Sequence[str],
     init_export: Path | None,
-    init_manifest: dict | None,
+    init_manifest: ExportManifest | None,
     steps: int,
     final_loss: float | None,
     adapter_state: dict | None = None,
@@ -105,58 +173,14 @@ def export_run(
     save_head(head, tmp)
 
     calibrating = cfg.joint and calibrate_alignment
-    alignment = calibrate(backbone, head, items, cfg.calibration_max_examples) if calibrating else None
-    if alignment is None:
-        inherited = (init_manifest or {}).get("alignment")
-        alignment = dict(inherited, calibrated_on="inherited") if inherited else {
-            "threshold": DEFAULT_THRESHOLD, "train_pair_f1": None, "calibrated_on": "default", "n_examples": 0}
-        if cfg.joint and not calibrate_alignment:
-            alignment["not_calibrated"] = "sharded (FSDP) run: calibrate after loading the export"
-            print(f"note: alignment threshold not calibrated (FSDP run); using {alignment['calibrated_on']} "
-                  f"threshold {alignment['threshold']}", file=sys.stderr)
-    relevance = calibrate_relevance(backbone, head, items, cfg.calibration_max_examples) if calibrating else None
-    if relevance is None and (init_manifest or {}).get("relevance"):
-        relevance = dict(init_manifest["relevance"], calibrated_on="inherited")
-    if cfg.stage == "task":  # each annotated file with the case ids it contributed
-        data_files = task_file_records(cfg)
-    else:
-        data_files = [{"path": str(s), "sha256": file_sha256(s)} for s in sources]
-    stage = {
-        "stage": cfg.stage,
-        "joint": cfg.joint,
-        "head_trained": cfg.joint,
-        "init": str(init_export) if init_export is not None else None,
-        "data": data_files,
-        "examples": len(items),
-        # ArchEHR cases this stage trained on (the domain stage trains on emrQA: none), so that
-        # scoring an export on its own training cases can be refused (metrics/training_cases.py).
-        "case_ids": sorted({it.encoded.example_id for it in items}) if cfg.stage == "task" else [],
-        "steps": steps,
-        "final_loss": final_loss,
-        "seed": cfg.seed,
-        "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "config": cfg.to_dict(),
-    }
-    history = list((init_manifest or {}).get("stages", [])) + [stage]
-    peft_cfg = backbone.peft_config["default"]
-    manifest = {
-        "format": EXPORT_FORMAT,
-        "preset": cfg.preset,
-        "base_model": base_model_record(cfg, init_manifest, backbone),
-        "lora": {"r": peft_cfg.r, "alpha": peft_cfg.lora_alpha, "dropout": peft_cfg.lora_dropout,
-                 "targets": sorted(peft_cfg.target_modules)},
-        "head": {"weights": HEAD_WEIGHTS, "config": HEAD_CONFIG, **head.config.to_dict()},
-        "alignment": alignment,
-        "relevance": relevance,  # Subtask 2 threshold (None: no relevance output or no labelled case)
-        "stages": history,
-        "training_data": [d for s in history for d in s["data"]],
-        # None = unknown: an inherited task stage from before the record existed.
-        "training_case_ids": None if any(s.get("stage") == "task" and "case_ids" not in s for s in history)
-        else sorted({c for s in history for c in s.get("case_ids", [])}),
-        "tokenizer": getattr(tokenizer, "name_or_path", None),
-        "packages": package_versions(),
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    }
+    max_examples = cfg.calibration_max_examples
+    alignment = alignment_record(cfg, calibrate(backbone, head, items, max_examples) if calibrating else None,
+                                 init_manifest, calibrate_alignment)
+    relevance = relevance_record(calibrate_relevance(backbone, head, items, max_examples) if calibrating else None,
+                                 init_manifest)
+    history = list(init_manifest.stages if init_manifest is not None else []) + [
+        stage_record(cfg, items, sources, init_export, steps, final_loss)]
+    manifest = build_manifest(cfg, backbone, head, tokenizer, history, init_manifest, alignment, relevance)
     write_manifest(tmp, manifest)
     # Replaces the blank template PEFT's save_pretrained leaves there.
     (tmp / "README.md").write_text(model_card(manifest), encoding="utf-8")

@@ -7,6 +7,7 @@ import dataclasses
 from pathlib import Path
 from typing import Callable, Iterable
 
+from model.manifest import ExportManifest
 from plumbing.errors import InputError
 
 from .config import TrainConfig, coerce
@@ -20,17 +21,18 @@ INHERITED = {
 }
 
 
-def inherited_settings(manifest: dict) -> dict:
+def inherited_settings(manifest: ExportManifest) -> dict:
     """The TrainConfig values an init export fixes (keys its manifest records)."""
     out = {}
+    sections = {"lora": manifest.lora.to_dict() if manifest.lora is not None else {}, "head": manifest.head}
     for key, (section, name) in INHERITED.items():
-        record = manifest.get(section) or {}
+        record = sections[section]
         if name in record:
             out[key] = coerce(key, record[name])
     return out
 
 
-def adopt_init_settings(cfg: TrainConfig, manifest: dict, explicit: Iterable[str] = (),
+def adopt_init_settings(cfg: TrainConfig, manifest: ExportManifest, explicit: Iterable[str] = (),
                         init_path: str | Path | None = None,
                         note: Callable[[str], None] | None = None) -> TrainConfig:
     """``cfg`` with the init export's adapter/head settings; a key in ``explicit`` (given by the

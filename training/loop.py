@@ -36,7 +36,7 @@ from data.records import ESSENTIAL_LABELS, relevance_targets
 from heads.alignment import NotePairHead, load_head
 from heads.config import HeadConfig
 from model.backbone import LoraSettings, compile_decoder_layers, load_backbone, load_tokenizer, resolve_preset
-from model.export_folder import find_export, read_manifest
+from model.export_folder import ExportManifest, find_export, read_manifest
 
 from . import checkpoints as ckpts
 from . import gather
@@ -54,6 +54,7 @@ from .hooks import train_hooks
 from .init_settings import adopt_init_settings
 from .joint import JointModel, LossSettings
 from .loop_state import LOG_FILE, LoopState, Trainer, run_epochs, start_state
+from .run_folder import RunLock, check_new_run_folder, check_not_locked
 
 CURVE_FILE = "loss_curve.png"
 
@@ -222,10 +223,11 @@ class RunSetup:
     out: Path
     preset: object
     init_export: Path | None
-    init_manifest: dict | None
+    init_manifest: ExportManifest | None
     accelerator: object
     use_bf16: bool
     resume_from: Path | None  # the checkpoint to resume from
+    lock: RunLock | None = None  # held by the main process while it writes the run folder
 
 
 def check_run_inputs(cfg: TrainConfig, resume: bool):
@@ -233,8 +235,9 @@ def check_run_inputs(cfg: TrainConfig, resume: bool):
     if not cfg.out:
         raise InputError("--out is required")
     out = Path(cfg.out)
-    if not resume and ((out / "export").exists() or ckpts.checkpoint_dirs(out)):
-        raise InputError("output folder already holds a run; use --resume or another --out", out)
+    check_not_locked(out)  # another training writing this folder: refused before anything else
+    if not resume:
+        check_new_run_folder(out)
     preset = resolve_preset(cfg.preset) if cfg.preset else None
     if preset is None:
         raise InputError("--preset is required")
@@ -243,13 +246,13 @@ def check_run_inputs(cfg: TrainConfig, resume: bool):
     if preset.source is not None:  # a hub id neither cached nor reachable: one line in seconds
         from model.export_checks import check_base_available
 
-        check_base_available(cfg.base_path or (init_manifest or {}).get("base_model", {}).get("path")
+        check_base_available(cfg.base_path or (init_manifest.base_model.path if init_manifest else None)
                              or preset.source, "--base_path")
     if init_manifest is not None:  # the adapter and head load as trained: record their real settings
         cfg = adopt_init_settings(cfg, init_manifest)
-    if init_manifest is not None and init_manifest.get("preset") != preset.name:
+    if init_manifest is not None and init_manifest.preset != preset.name:
         raise InputError(
-            f"--init was trained with preset {init_manifest.get('preset')!r}, not {preset.name!r}", init_export
+            f"--init was trained with preset {init_manifest.preset!r}, not {preset.name!r}", init_export
         )
     return cfg, out, preset, init_export, init_manifest
 
@@ -291,9 +294,34 @@ def set_up_run(cfg: TrainConfig, resume: bool) -> RunSetup:
 
     cfg, out, preset, init_export, init_manifest = check_run_inputs(cfg, resume)
     accelerator, use_bf16 = make_accelerator(cfg)
-    cfg, resume_from = resume_point(cfg, out, resume, accelerator)
+    lock = take_run_lock(out, accelerator)
+    try:
+        cfg, resume_from = resume_point(cfg, out, resume, accelerator)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
     set_seed(cfg.seed)
-    return RunSetup(cfg, out, preset, init_export, init_manifest, accelerator, use_bf16, resume_from)
+    return RunSetup(cfg, out, preset, init_export, init_manifest, accelerator, use_bf16, resume_from, lock)
+
+
+def take_run_lock(out: Path, accelerator) -> RunLock | None:
+    """The main process locks the run folder; when it is refused, every process stops (exit 2)."""
+    lock = problem = None
+    if accelerator.is_main_process:
+        try:
+            lock = RunLock(out, note=lambda line: print(line, file=sys.stderr))
+        except InputError as err:
+            problem = err
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        refused = broadcast_object_list([problem is not None])[0]
+        if refused and not accelerator.is_main_process:
+            raise SystemExit(2)  # the main process says why
+    if problem is not None:
+        raise problem
+    return lock
 
 
 def save_run_config(setup: RunSetup, resume: bool) -> None:
@@ -306,7 +334,7 @@ def save_run_config(setup: RunSetup, resume: bool) -> None:
 def build_model(setup: RunSetup) -> tuple[JointModel, NotePairHead]:
     """Backbone (+ the init export's adapter) and head; the head joins the model only for ``joint``."""
     cfg, device = setup.cfg, setup.accelerator.device
-    base_path = cfg.base_path or (setup.init_manifest or {}).get("base_model", {}).get("path") or None
+    base_path = cfg.base_path or (setup.init_manifest.base_model.path if setup.init_manifest else None) or None
     backbone = load_backbone(
         setup.preset,
         load_in_4bit=cfg.quantise(),
@@ -376,6 +404,14 @@ def finish_run(setup: RunSetup, t: Trainer, state: LoopState, head: NotePairHead
 
 def run_training(cfg: TrainConfig, resume: bool = False) -> RunResult:
     setup = set_up_run(cfg, resume)
+    try:
+        return train_and_export(setup, resume)
+    finally:
+        if setup.lock is not None:
+            setup.lock.release()
+
+
+def train_and_export(setup: RunSetup, resume: bool) -> RunResult:
     tokenizer = load_tokenizer(setup.cfg.base_path or setup.preset)
     items, sources = stage_data(setup.cfg, tokenizer)
     save_run_config(setup, resume)
