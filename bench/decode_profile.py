@@ -160,9 +160,17 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     check_out_folder(Path(args.out))  # before any work
 
-    from model.backbone import build_random_base, decoder, resolve_preset
-    from model.decoding import MATMUL, DecodeBatch, bucket_width, choose_decode_attention, kv_bytes_per_token
     from inference.memory import dense_weight_bytes
+    from model.backbone import build_random_base, decoder, resolve_preset
+    from model.decoding import (
+        MATMUL,
+        DecodeBatch,
+        bucket_width,
+        choose_decode_attention,
+        head_dim_of,
+        kv_bytes_per_token,
+    )
+    from model.packed import choose_packed_attention
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -186,7 +194,10 @@ def main(argv: list[str] | None = None) -> int:
                     "cache_slots": batch.total, "build_s": round(build_s, 1)}
     with torch.no_grad():
         t0 = time.perf_counter()
-        batch.prefill(ids.to(device), mask.to(device), max(1, 16384 // width))
+        seqs = [row[m.bool()].tolist() for row, m in zip(ids, mask)]
+        attention = choose_packed_attention(device, dtype, cfg.num_attention_heads, cfg.num_key_value_heads,
+                                            head_dim_of(cfg))[0]
+        batch.prefill(seqs, [len(x) for x in seqs], 16384, attention)
         if device.type == "cuda":
             torch.cuda.synchronize()
         result["prefill_s"] = round(time.perf_counter() - t0, 3)

@@ -248,8 +248,8 @@ def _infer_stage(args, work: Path, task: Path, cap, device) -> dict:
         fast = run.get("fast_inference") or {}
         new_tokens = (fast.get("decode") or {}).get("new_tokens")
         row.update(timings_s=timings, memory=run.get("memory"), new_tokens=new_tokens,
-                   decode_tokens_per_s=round(new_tokens / timings["subtask3"], 1)
-                   if new_tokens and timings.get("subtask3") else None,
+                   decode_tokens_per_s=round(new_tokens / timings.get("model", timings.get("subtask3")), 1)
+                   if new_tokens and timings.get("model", timings.get("subtask3")) else None,
                    cuda_graph=(fast.get("decode") or {}).get("cuda_graph"),
                    gen_batches=(fast.get("decode") or {}).get("batches"),
                    alignment=fast.get("alignment"), relevance=fast.get("relevance"),

@@ -278,19 +278,26 @@ def run_textbook_column(model, examples, seq_len: int, rows: int, steps: int, wa
 # --- inference ------------------------------------------------------------------------
 
 
+def ensure_adapter(model_dir: str, preset: str, device, adapter_dir: str) -> None:
+    """A fresh LoRA saved as a user's would be, once (every inference column loads it)."""
+    from model.backbone import load_backbone
+
+    if not Path(adapter_dir, "adapter_config.json").is_file():
+        fresh = load_backbone(preset, load_in_4bit=True, device=device, base_path=model_dir, trainable=False)
+        fresh.save_pretrained(adapter_dir)
+        del fresh
+        release()
+
+
 def run_inference(model_dir: str, preset: str, device, merged: bool, n_answers: int, n_align: int,
                   max_new_tokens: int, gen_batch: int, align_batch: int, adapter_dir: str,
                   cache: str | None = None) -> dict:
     from heads.alignment import NotePairHead
     from heads.config import HeadConfig
-    from model.backbone import load_adapted, load_backbone, load_tokenizer
+    from model.backbone import load_adapted, load_tokenizer
     from model.loaded_export import LoadedExport
 
-    if not Path(adapter_dir, "adapter_config.json").is_file():  # a fresh LoRA, saved as a user's would be
-        fresh = load_backbone(preset, load_in_4bit=True, device=device, base_path=model_dir, trainable=False)
-        fresh.save_pretrained(adapter_dir)
-        del fresh
-        release()
+    ensure_adapter(model_dir, preset, device, adapter_dir)
     sync(device)
     t0 = time.perf_counter()
     load_times: dict = {}
@@ -326,40 +333,48 @@ def run_inference(model_dir: str, preset: str, device, merged: bool, n_answers: 
 
 
 def relevance_row(fast, cases, device) -> dict:
-    """Subtask 2 relevance of ``cases`` as infer.py gets it after Subtask 4 (read off the
-    alignment forwards), in its own token-budget groups, and one forward per case (the path
-    before batching): each timed, with its largest difference from the per-case path."""
+    """Subtask 2 relevance of ``cases`` on the fast engine (packed forwards of question + note)
+    and one forward per case (the plain path), each timed, with their largest difference."""
     import numpy as np
 
-    from data.prompts import encode_example, example_from_case
-    from model.head_scoring import relevance_probabilities
-
-    from inference.fast import FastCheckpoint
+    from inference.fast import FastEngine
+    from inference.predictions import case_relevance
 
     inner = fast.inner
     sync(device)
-    t0 = time.perf_counter()  # infer.py's path: read off the alignment forwards ``fast`` just ran
-    reused = fast.score_relevance_all(cases)
-    sync(device)
-    reused_s = time.perf_counter() - t0
-    sync(device)
-    t0 = time.perf_counter()  # its own forwards (Subtask 2 alone, or cases without answers)
-    batched = FastCheckpoint(inner, max_memory_gb=fast.max_memory_gb).score_relevance_all(cases)
+    t0 = time.perf_counter()
+    packed = FastEngine(inner, max_memory_gb=fast.max_memory_gb).predict(cases, relevance=True).relevance
     sync(device)
     seconds = time.perf_counter() - t0
     t0 = time.perf_counter()
-    one = [relevance_probabilities(inner.model, inner.head,
-                                   [encode_example(inner.tokenizer, example_from_case(c, with_answer=False))])[0]
-           for c in cases]
+    one = [case_relevance(inner, c) for c in cases]
     sync(device)
     per_case_s = time.perf_counter() - t0
-    diff = max(float(np.abs(a - b).max()) for a, b in zip(batched, one))
-    reused_diff = max(float(np.abs(a - b).max()) for a, b in zip(reused, one))
+    diff = max(float(np.abs(packed[c.case_id] - o).max()) for c, o in zip(cases, one))
     return {"relevance_s": round(seconds, 2), "relevance_per_case_s": round(per_case_s, 2),
-            "relevance_after_alignment_s": round(reused_s, 2),
-            "relevance_reused_cases": fast.relevance["reused_from_alignment"],
-            "relevance_max_abs_diff": diff, "relevance_reused_max_abs_diff": reused_diff,
-            "relevance_checked_cases": len(one)}
+            "relevance_max_abs_diff": diff, "relevance_checked_cases": len(one)}
+
+
+def one_pass_row(fast, cases, max_new_tokens: int, device) -> dict:
+    """What infer.py runs for Subtasks 2, 3 and 4 on the same cases: one predict call, the head
+    outputs read off the generation prefill; against generation and the head's own packed
+    forwards one after the other."""
+    from inference.fast import FastEngine
+
+    times = {}
+    for name, shared in (("one_pass_s", True), ("separate_passes_s", False)):
+        engine = FastEngine(fast.inner, max_memory_gb=fast.max_memory_gb)
+        sync(device)
+        t0 = time.perf_counter()
+        if shared:
+            engine.predict(cases, answers=True, pairs=True, relevance=True, max_new_tokens=max_new_tokens)
+        else:
+            engine.predict(cases, answers=True, max_new_tokens=max_new_tokens)
+            engine.predict(cases, pairs=True, relevance=True)
+        sync(device)
+        times[name] = round(time.perf_counter() - t0, 2)
+        times[f"{name[:-2]}_head_cases"] = engine.report()["head_cases"]
+    return times
 
 
 def run_fast_inference(model_dir: str, preset: str, device, n_answers: int, n_align: int, max_new_tokens: int,
@@ -370,12 +385,13 @@ def run_fast_inference(model_dir: str, preset: str, device, n_answers: int, n_al
     CUDA-graph capture, decode) and alignment are timed separately."""
     from heads.alignment import NotePairHead
     from heads.config import HeadConfig
-    from inference.fast import FastCheckpoint
+    from inference.fast import FastEngine
     from inference.memory import GB, apply_memory_cap, available_bytes, should_merge
     from model.backbone import load_adapted, load_tokenizer
     from model.loaded_export import LoadedExport
     from model.presets import get_preset
 
+    ensure_adapter(model_dir, preset, device, adapter_dir)  # before the cap: not part of the user's load
     release()
     if device.type == "cuda":
         torch.cuda.set_per_process_memory_fraction(1.0)
@@ -396,7 +412,7 @@ def run_fast_inference(model_dir: str, preset: str, device, n_answers: int, n_al
         load_peak = peaks(device)["peak_allocated_gb"]
         answer_cases = inference_cases(n_answers, seed=1)
         align_cases = inference_cases(n_align, seed=2)
-        fast = FastCheckpoint(ckpt, max_memory_gb=cap_gb)
+        fast = FastEngine(ckpt, max_memory_gb=cap_gb)
         reset_peak(device)
         sync(device)
         t0 = time.perf_counter()
@@ -409,6 +425,7 @@ def run_fast_inference(model_dir: str, preset: str, device, n_answers: int, n_al
         align_s = time.perf_counter() - t0
         assert len(scores) == n_align and len(answers) == n_answers
         relevance = relevance_row(fast, align_cases, device)  # Subtask 2, apart from total_s
+        relevance.update(one_pass_row(fast, answer_cases, max_new_tokens, device))  # Subtasks 2+3+4 of 47 cases
         new_tokens = sum(len(ckpt.tokenizer(a, add_special_tokens=False)["input_ids"]) for a in answers)
         report = fast.report()
         decode = report["decode"]
@@ -419,13 +436,15 @@ def run_fast_inference(model_dir: str, preset: str, device, n_answers: int, n_al
             "generate_s": round(gen_s, 2), "align_s": round(align_s, 2), "total_s": round(gen_s + align_s, 2),
             "prefill_s": decode["prefill_s"], "capture_s": decode["capture_s"], "decode_s": decode["decode_s"],
             "cuda_graph": decode["cuda_graph"], "graph_fallback": decode["graph_fallback"],
+            "prefill_attention": decode.get("prefill_attention"),
+            "alignment_attention": report["alignment"].get("attention"),
             # generated tokens as decoded (stop token included); the old path counts re-tokenised text,
             # the same number when (as with random weights) no answer stops early
             "new_tokens": decode["new_tokens"], "retokenized_new_tokens": new_tokens,
             "decode_tokens_per_s": round(decode["new_tokens"] / gen_s, 1),
             "decode_only_tokens_per_s": round(decode["new_tokens"] / max(decode["decode_s"], 1e-9), 1),
             "gen_batches": decode["batches"], "plans": report["plans"], "alignment": report["alignment"],
-            **relevance, "relevance": report["relevance"], **peaks(device),
+            **relevance, "head_cases": report["head_cases"], **peaks(device),
         }
         del fast, ckpt, backbone, head
     except torch.OutOfMemoryError as err:
