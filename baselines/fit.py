@@ -73,9 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--key", type=Path, required=True, help="their key JSON")
     p.add_argument("--out", type=Path, required=True, help="ensemble JSON to write")
     p.add_argument("--cross-encoder", action="store_true", help="also fine-tune a MiniLM cross-encoder (slower)")
-    p.add_argument("--epochs", default=6, **integer(1, 10_000).option("cross-encoder epochs"))
+    p.add_argument("--epochs", default=6, **integer(1, 10_000).option("cross-encoder epochs (default: %(default)s)"))
     p.add_argument("--folds", default=3,
-                   **integer(2, 10_000).option("folds for the cross-encoder's out-of-fold scores"))
+                   **integer(2, 10_000).option("folds for the cross-encoder's out-of-fold scores (default: %(default)s)"))
     return p
 
 

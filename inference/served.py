@@ -21,7 +21,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from plumbing.errors import InputError, exit_on_input_error, exit_on_interrupt
+from plumbing.errors import CliParser, InputError, exit_on_input_error, exit_on_interrupt
+from plumbing.ranges import GENERATION_BATCH, MAX_NEW_TOKENS
 from data.records import Case
 
 STOP = ["<|im_end|>", "<|endoftext|>"]
@@ -71,7 +72,7 @@ def _opener(url: str) -> urllib.request.OpenerDirector:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m inference.served", description=__doc__.split("\n\n")[0])
+    p = CliParser(prog="python -m inference.served", description=__doc__.split("\n\n")[0])
     p.add_argument("xml", type=Path, help="official cases XML")
     p.add_argument("--url", required=True, help="the server's OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1")
     p.add_argument("--model", required=True, help="the served model name (vllm --served-model-name)")
@@ -79,8 +80,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the merged folder (or the export): its chat template builds the prompts")
     p.add_argument("--out", required=True, type=Path, help="output folder (subtask3/, subtask3.zip)")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier set in --out")
-    p.add_argument("--max-new-tokens", type=int, default=100, help="generation budget (default: %(default)s)")
-    p.add_argument("--batch-size", type=int, default=64, help="prompts per request (default: %(default)s)")
+    p.add_argument("--max-new-tokens", type=MAX_NEW_TOKENS.argtype(), default=100,
+                   help=MAX_NEW_TOKENS.help("generation budget (default: %(default)s)"))
+    p.add_argument("--batch-size", type=GENERATION_BATCH.argtype(), default=64,
+                   help=GENERATION_BATCH.help("prompts per request (default: %(default)s)"))
     return p
 
 

@@ -35,7 +35,7 @@ def test_help_lists_every_key_with_type_default_and_meaning():
         assert line.split()[1:4] == [field.type, *shown], line  # type, then each stage's own default
         assert FIELD_HELP[field.name] in line
     # the defaults a user gets, not the dataclass's: the domain stage's TOML turns these on
-    assert lines["--batch_tokens"].split()[2:4] == ["16384", "0"]
+    assert lines["--batch_tokens"].split()[2:4] == ["16384", "8192"]  # the task stage packs cases too
     assert lines["--joint"].split()[2:4] == ["True", "False"]
     for flag in ("--print-config", "--no-progress", "--verbose", "--config", "--resume"):
         assert flag in proc.stdout

@@ -83,9 +83,11 @@ def test_readme_command_1_infer_line_runs_twice(tmp_path, monkeypatch):
 
 # --- what the README and --help say about the command lines ---------------------------------
 
-OTHER_TOOLS_OPTIONS = {  # options of commands that are not ours (accelerate launch, pip)
+OTHER_TOOLS_OPTIONS = {  # options of commands that are not ours (accelerate launch, torchrun, pip, servers)
     "--config_file", "--num_processes", "--num_machines", "--machine_rank", "--main_process_ip",
-    "--main_process_port", "--index-url",
+    "--main_process_port", "--index-url", "--master_addr", "--master_port", "--node_rank", "--nproc_per_node",
+    "--nnodes", "--rdzv_backend", "--rdzv_endpoint", "--logdir", "--name", "--model-path", "--port",
+    "--max-model-len", "--served-model-name", "--host",
 }
 
 
@@ -96,11 +98,13 @@ def argparse_parsers() -> dict[str, object]:
     import score
     import train
     from baselines import fit
+    from inference import served
 
     score_parser = score.build_parser()
     [commands] = [a for a in score_parser._actions if isinstance(a, argparse._SubParsersAction)]
     return {"infer.py": infer.build_parser(), "score.py": score_parser, "score.py cv": commands.choices["cv"],
-            "-m baselines.fit": fit.build_parser(), "train.py export": train.export_parser()}
+            "-m baselines.fit": fit.build_parser(), "train.py export": train.export_parser(),
+            "-m inference.served": served.build_parser()}
 
 
 def train_options() -> set[str]:
@@ -124,7 +128,7 @@ def readme_commands() -> list[tuple[str, str]]:
     segments = spans + [line for block in bash_blocks(text) for line in block]
     found = []
     for segment in segments:
-        for match in re.finditer(r"python (?:\S*/)?(train\.py(?: export)?|infer\.py|score\.py(?: cv)?|-m baselines\.fit)"
+        for match in re.finditer(r"python (?:\S*/)?(train\.py(?: export)?|infer\.py|score\.py(?: cv)?|-m baselines\.fit|-m inference\.served)"
                                  r"((?:(?!&&|python ).)*)", segment):
             found.append((match.group(1), match.group(2)))
     return found
