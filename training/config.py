@@ -35,7 +35,7 @@ class TrainConfig:
     out: str = ""
     # Inputs: domain stage reads `data`; task stage reads `xml` + `key` and starts from `init`.
     data: str = ""
-    n_examples: int = 0  # 0 = all records
+    n_examples: int = 0  # 0 = all records; else a seeded random sample
     unanswerable: str = "abstain"
     xml: str = ""
     key: str = ""
