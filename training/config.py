@@ -119,8 +119,16 @@ def to_toml(values: dict) -> str:
         elif isinstance(v, (int, float)):
             lines.append(f"{k} = {v!r}")
         else:
-            lines.append(f"{k} = {json.dumps(str(v))}")
+            lines.append(f"{k} = {toml_string(str(v))}")
     return "\n".join(lines) + "\n"
+
+
+def toml_string(text: str) -> str:
+    """A TOML basic string. Not ``json.dumps``: JSON writes a character beyond the BMP as a
+    surrogate pair (``\\ud800\\udc00``), which TOML rejects, and leaves DEL unescaped."""
+    escaped = "".join(f"\\u{ord(ch):04x}" if ord(ch) < 0x20 or ord(ch) == 0x7F
+                      else "\\" + ch if ch in '"\\' else ch for ch in text)
+    return f'"{escaped}"'
 
 
 def coerce(name: str, value: Any) -> Any:
