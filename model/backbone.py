@@ -21,7 +21,6 @@ import fcntl
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
