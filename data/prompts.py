@@ -13,8 +13,12 @@ from the fast tokenizer's offset mapping.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from .records import Case
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 SYSTEM_PROMPT = (
     "You are a clinician answering a patient's question about their hospital stay. "
@@ -101,13 +105,14 @@ def user_message(ex: PromptExample) -> tuple[str, list[tuple[int, int]]]:
     return "".join(parts), spans
 
 
-def chat_prompt(tokenizer, ex: PromptExample) -> tuple[str, list[tuple[int, int]]]:
+def chat_prompt(tokenizer: PreTrainedTokenizerBase, ex: PromptExample) -> tuple[str, list[tuple[int, int]]]:
     """Generation prompt (chat template, thinking off) and note-sentence char spans in it."""
     user, spans = user_message(ex)
     messages = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user}]
     text = tokenizer.apply_chat_template(
         messages, tokenize=False, add_generation_prompt=True, enable_thinking=False
     )
+    assert isinstance(text, str)  # tokenize=False: the template's text
     offset = text.find(user)
     if offset < 0:  # a template that rewrites content would break every span below
         raise ValueError("chat template altered the user message; cannot locate note sentences")
@@ -115,7 +120,8 @@ def chat_prompt(tokenizer, ex: PromptExample) -> tuple[str, list[tuple[int, int]
 
 
 def _char_to_token_span(offsets: list[tuple[int, int]], start: int, end: int) -> tuple[int, int]:
-    first = last = None
+    first: int | None = None
+    last = -1
     for i, (s, e) in enumerate(offsets):
         if e <= start or s >= end or e == s:
             continue
@@ -128,7 +134,7 @@ def _char_to_token_span(offsets: list[tuple[int, int]], start: int, end: int) ->
 
 
 def encode_example(
-    tokenizer, ex: PromptExample, max_length: int | None = None, with_answer: bool = True
+    tokenizer: PreTrainedTokenizerBase, ex: PromptExample, max_length: int | None = None, with_answer: bool = True
 ) -> EncodedExample:
     """Tokenise prompt (+ answer + end-of-turn) and locate every sentence span."""
     prompt, note_char_spans = chat_prompt(tokenizer, ex)
@@ -136,7 +142,7 @@ def encode_example(
     answer_char_spans = []
     if with_answer and ex.answer_texts:
         pos = len(prompt)
-        pieces = []
+        pieces: list[str] = []
         for t in ex.answer_texts:
             body = " ".join(t.split())
             if pieces:

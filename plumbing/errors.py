@@ -9,7 +9,8 @@ from __future__ import annotations
 import functools
 import sys
 from pathlib import Path
-from typing import Callable, TypeVar
+from types import FrameType
+from typing import Any, Callable, TypeVar
 
 EXIT_BAD_INPUT = 2
 
@@ -61,7 +62,7 @@ def exit_on_input_error(main: F) -> F:
     """Decorate a CLI ``main``: InputError -> one stderr line and exit code 2."""
 
     @functools.wraps(main)
-    def wrapper(*args, **kwargs):
+    def wrapper(*args: Any, **kwargs: Any) -> int | None:
         try:
             return main(*args, **kwargs)
         except InputError as err:
@@ -82,7 +83,7 @@ class Interrupted(Exception):
         super().__init__(message)
 
 
-def _raise_keyboard_interrupt(signum, frame) -> None:
+def _raise_keyboard_interrupt(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt
 
 
@@ -91,7 +92,7 @@ def exit_on_interrupt(main: F) -> F:
     with one stderr line and exit code 130 (writers clean their temp files on the way out)."""
 
     @functools.wraps(main)
-    def wrapper(*args, **kwargs):
+    def wrapper(*args: Any, **kwargs: Any) -> int | None:
         import signal
         import threading
 
