@@ -168,3 +168,257 @@ def test_baseline_threshold_is_fit_on_essential_only():
     case = Case(case_id="1", patient_narrative="", clinician_question="", note_sentences=[
         NoteSentence("1", "a"), NoteSentence("2", "b"), NoteSentence("3", "c")], relevance={"1": "essential", "2": "supplementary", "3": "not-relevant"})
     assert fit_threshold([case], [np.array([0.9, 0.6, 0.1])]) == (0.65, 1.0)
+
+
+# --- metrics/alignment.py: per-case terms by hand ---------------------------------------------
+def test_per_case_alignment_by_hand():
+    from metrics.alignment import per_case_alignment
+
+    gold = {"A": {("1", "a"), ("1", "b"), ("2", "c")}, "B": {("1", "x")}, "C": set()}
+    predicted = {"A": {("1", "a"), ("2", "z")}, "B": set()}  # "C" absent: nothing predicted
+    out = per_case_alignment(predicted, gold)
+    assert list(out) == ["A", "B", "C"]
+    # A: tp 1 of 2 predicted, 3 gold -> P 50, R 33.3, F1 2*.5*(1/3)/(5/6) = 40.
+    assert out["A"] == pytest.approx({"precision": 50.0, "recall": 100 / 3, "f1": 40.0, "tp": 1,
+                                      "n_predicted": 2, "n_gold": 3})
+    assert out["B"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "tp": 0, "n_predicted": 0, "n_gold": 1}
+    assert out["C"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "tp": 0, "n_predicted": 0, "n_gold": 0}
+
+
+# --- data/submission.py: Subtask 2 validation, each rule with its message ----------------------
+def test_validate_subtask2_rules():
+    from data.archehr import load_cases
+    from data.submission import validate_subtask2
+
+    cases = load_cases(EXAMPLES / "archehr-qa.xml", EXAMPLES / "archehr-qa_key.json")
+    good = [{"case_id": c.case_id, "prediction": c.note_ids[:2]} for c in cases]
+    validate_subtask2(good, cases)
+    validate_subtask2([{"case_id": c.case_id, "prediction": []} for c in cases], cases)
+    first = cases[0]
+    dup = [{"case_id": first.case_id, "prediction": [first.note_ids[0]] * 2}] + good[1:]
+    with pytest.raises(InputError) as err:
+        validate_subtask2(dup, cases, "sub.json")
+    assert str(err.value) == f"sub.json: case {first.case_id}: duplicate sentence ids"
+    unknown = [{"case_id": first.case_id, "prediction": [first.note_ids[0], "999"]}] + good[1:]
+    with pytest.raises(InputError) as err:
+        validate_subtask2(unknown, cases, "sub.json")
+    assert str(err.value) == f"sub.json: case {first.case_id}: unknown sentence id '999'"
+    # An id of another case is unknown here.
+    other = [{"case_id": first.case_id, "prediction": ["0"]}] + good[1:]
+    with pytest.raises(InputError, match="unknown sentence id '0'"):
+        validate_subtask2(other, cases)
+
+
+# --- metrics/training_cases.py: what run.json says the export trained on -----------------------
+@pytest.mark.parametrize("record, expected", [
+    ({"training_case_ids": ["101", "7"]}, ["101", "7"]),
+    ({"training_case_ids": None}, None),
+    ({"training_case_ids": []}, []),
+    ({"engine": "baseline"}, None),
+    ({"export_manifest": None}, None),
+    ([1, 2], None),
+])
+def test_run_record_training_case_ids(tmp_path, record, expected):
+    from metrics.training_cases import run_record_training_case_ids
+
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps(record), encoding="utf-8")
+    assert run_record_training_case_ids(path) == expected
+
+
+@pytest.mark.parametrize("text, problem", [
+    ("{not json", "run.json beside the submission is not valid JSON"),
+    ('{"training_case_ids": [1, 2]}', "field 'training_case_ids' must be a list of strings"),
+    ('{"training_case_ids": "101"}', "field 'training_case_ids' must be a list of strings"),
+])
+def test_run_record_training_case_ids_refuses(tmp_path, text, problem):
+    from metrics.training_cases import run_record_training_case_ids
+
+    path = tmp_path / "run.json"
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(InputError) as err:
+        run_record_training_case_ids(path)
+    assert str(err.value) == f"{path}: {problem}"
+
+
+def test_run_record_reads_the_manifest_under_either_name(tmp_path):
+    from metrics.training_cases import run_record_training_case_ids
+
+    manifest = _a_manifest()
+    for name in ("export_manifest", "checkpoint_manifest"):
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps({name: manifest}), encoding="utf-8")
+        assert run_record_training_case_ids(path) == ["101", "102"]
+
+
+def _a_manifest() -> dict:
+    return {"preset": "tiny", "base_model": {"preset": "tiny"}, "training_case_ids": ["101", "102"]}
+
+
+# --- heads/alignment.py: what save_head writes -------------------------------------------------
+def test_save_head_files_and_tensors(tmp_path):
+    from safetensors import safe_open
+
+    from heads.alignment import HEAD_CONFIG, HEAD_WEIGHTS, NotePairHead, load_head, save_head
+    from heads.config import HeadConfig
+
+    assert (HEAD_WEIGHTS, HEAD_CONFIG) == ("head.safetensors", "head_config.json")
+    head = NotePairHead(HeadConfig(hidden_size=8, proj_dim=4, mlp_dim=4))
+    save_head(head, tmp_path / "new" / "folder")  # parents created
+    folder = tmp_path / "new" / "folder"
+    assert sorted(p.name for p in folder.iterdir()) == ["head.safetensors", "head_config.json"]
+    with safe_open(str(folder / HEAD_WEIGHTS), framework="pt") as f:
+        assert f.metadata() == {"format": "pt"}
+        assert sorted(f.keys()) == sorted(head.state_dict())
+    assert json.loads((folder / HEAD_CONFIG).read_text())["hidden_size"] == 8
+    loaded = load_head(folder)
+    for name, tensor in head.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], tensor), name
+
+
+# --- training/joint.py: the answer-token LM loss, by hand ---------------------------------------
+class _LMStub(torch.nn.Module):
+    def __init__(self, vocab: int, hidden: int):
+        super().__init__()
+        self.lm_head = torch.nn.Linear(hidden, vocab, bias=False)
+
+
+def _answer_loss_by_hand(stub: _LMStub, hidden: torch.Tensor, labels: torch.Tensor) -> tuple[float, int]:
+    """Mean over label positions t >= 1 of -log softmax(W h[t-1])[labels[t]] (next-token CE)."""
+    total, n = 0.0, 0
+    for b in range(labels.shape[0]):
+        for t in range(1, labels.shape[1]):
+            if int(labels[b, t]) == -100:
+                continue
+            logits = stub.lm_head.weight @ hidden[b, t - 1]
+            total += float(-torch.log_softmax(logits, dim=-1)[int(labels[b, t])])
+            n += 1
+    return total / n, n
+
+
+@pytest.mark.parametrize("chunk", [None, 1, 2, 100])
+def test_answer_token_loss_by_hand(chunk):
+    from training.joint import answer_token_loss
+
+    torch.manual_seed(0)
+    stub = _LMStub(vocab=11, hidden=6)
+    hidden = torch.randn(2, 5, 6, requires_grad=True)
+    labels = torch.tensor([[-100, -100, 3, 4, -100], [-100, 7, 8, 9, 10]])
+    loss, n = answer_token_loss(stub, hidden, labels, chunk=chunk)
+    expected, expected_n = _answer_loss_by_hand(stub, hidden.detach(), labels)
+    assert n == expected_n == 6
+    assert float(loss) == pytest.approx(expected, rel=1e-5)
+    loss.backward()  # the chunked path keeps the graph
+    assert hidden.grad is not None and float(hidden.grad.abs().sum()) > 0
+    with torch.no_grad():
+        again, _ = answer_token_loss(stub, hidden, labels, chunk=chunk)
+    assert float(again) == pytest.approx(expected, rel=1e-5)
+
+
+def test_answer_token_loss_without_labels_is_zero():
+    from training.joint import answer_token_loss
+
+    stub = _LMStub(vocab=5, hidden=3)
+    hidden = torch.randn(1, 4, 3, requires_grad=True)
+    loss, n = answer_token_loss(stub, hidden, torch.full((1, 4), -100))
+    assert n == 0 and float(loss) == 0.0 and loss.requires_grad
+
+
+# --- heads/alignment.py: span tensors ----------------------------------------------------------
+def test_spans_tensor_shapes():
+    from heads.alignment import spans_tensor
+
+    cpu = torch.device("cpu")
+    assert spans_tensor([(1, 3), (4, 6)], cpu).tolist() == [[0, 1, 3], [0, 4, 6]]
+    assert spans_tensor([(2, 1, 3)], cpu).tolist() == [[2, 1, 3]]
+    three = spans_tensor(torch.tensor([[1, 0, 2]], dtype=torch.int32), cpu)
+    assert three.dtype == torch.long and three.tolist() == [[1, 0, 2]]
+    empty = spans_tensor([], cpu)
+    assert empty.shape == (0, 3) and empty.dtype == torch.long
+    for bad in ([(1, 2, 3, 4)], [1, 2]):
+        with pytest.raises(ValueError, match="spans must be"):
+            spans_tensor(bad, cpu)
+
+
+# --- metrics/bertscore.py: which folder holds the official model -------------------------------
+@pytest.mark.parametrize("change, official", [
+    ({}, True),
+    ({"model_type": "bert"}, False),
+    ({"vocab_size": 30523}, False),
+    ({"n_layers": 12}, False),
+    ({"dim": 512}, False),
+    ({"architectures": ["DistilBertModel"]}, False),
+    ({"architectures": None}, True),
+])
+def test_is_official_model(tmp_path, change, official):
+    from metrics.bertscore import is_official_model
+
+    cfg = {"model_type": "distilbert", "vocab_size": 30522, "n_layers": 6, "dim": 768,
+           "architectures": ["DistilBertForMaskedLM"], **change}
+    (tmp_path / "config.json").write_text(json.dumps(cfg), encoding="utf-8")
+    assert is_official_model(tmp_path) is official
+
+
+def test_is_official_model_without_a_readable_config(tmp_path):
+    from metrics.bertscore import is_official_model
+
+    assert is_official_model(tmp_path) is False
+    (tmp_path / "config.json").write_text("{broken", encoding="utf-8")
+    assert is_official_model(tmp_path) is False
+
+
+# --- data/submission.py: the zip reader's rules, each with its message ---------------------------
+def _zip(path: Path, members: dict[str, bytes], compression: int = 8) -> Path:
+    import zipfile
+
+    with zipfile.ZipFile(path, "w", compression=compression) as zf:
+        for name, data in members.items():
+            zf.writestr(name, data)
+    return path
+
+
+def test_zip_member_rules(tmp_path, monkeypatch):
+    import zipfile
+
+    import data.submission as submission
+    from data.submission import read_submission
+
+    entries = [{"case_id": "1", "prediction": "An answer."}]
+    payload = json.dumps(entries).encode()
+    assert read_submission(_zip(tmp_path / "ok.zip", {"submission.json": payload}), 3) == entries
+    stored = _zip(tmp_path / "stored.zip", {"submission.json": payload}, compression=0)
+    assert read_submission(stored, 3) == entries
+
+    def problem(path: Path) -> str:
+        with pytest.raises(InputError) as err:
+            read_submission(path, 3)
+        return str(err.value).removeprefix(f"{path}: ")
+
+    assert problem(_zip(tmp_path / "none.zip", {"dir/submission.json": payload})) == \
+        "zip has no submission.json at its root"
+    two = tmp_path / "two.zip"
+    with zipfile.ZipFile(two, "w") as zf:
+        zf.writestr("submission.json", payload)
+        zf.writestr("submission.json", payload)
+    assert problem(two) == "zip holds 2 members named submission.json; keep one"
+    (tmp_path / "bad.zip").write_bytes(b"PK\x03\x04 not really a zip")
+    assert problem(tmp_path / "bad.zip") == "not a valid zip file"
+    monkeypatch.setattr(submission, "MAX_SUBMISSION_BYTES", len(payload) - 1)
+    assert problem(_zip(tmp_path / "big.zip", {"submission.json": payload})) == \
+        f"submission.json in the zip is {len(payload)} bytes, more than {len(payload) - 1}"
+
+
+def test_zip_bomb_ratio(tmp_path, monkeypatch):
+    import data.submission as submission
+    from data.submission import read_submission
+
+    monkeypatch.setattr(submission, "MAX_SUBMISSION_BYTES", 64 * 2**20)
+    # 2 MiB of one repeated byte compresses > 200-fold: refused before reading.
+    bomb = _zip(tmp_path / "bomb.zip", {"submission.json": b" " * (2 * 2**20)})
+    with pytest.raises(InputError, match=r"expands \d+-fold \(a zip bomb\?\)"):
+        read_submission(bomb, 3)
+    # Up to 1 MiB a well-compressing member is read (the ratio rule starts past 1 MiB).
+    entries = [{"case_id": "1", "prediction": "x" * (2**20 - 64)}]
+    text = json.dumps(entries).encode()
+    assert len(text) <= 2**20
+    assert read_submission(_zip(tmp_path / "small.zip", {"submission.json": text}), 3) == entries
