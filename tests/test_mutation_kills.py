@@ -422,3 +422,77 @@ def test_zip_bomb_ratio(tmp_path, monkeypatch):
     text = json.dumps(entries).encode()
     assert len(text) <= 2**20
     assert read_submission(_zip(tmp_path / "small.zip", {"submission.json": text}), 3) == entries
+
+
+# --- error messages programmers and users read ---------------------------------------------------
+def test_corpus_sari_argument_errors():
+    from metrics.sari import corpus_sari
+
+    with pytest.raises(ValueError, match="^sources, predictions and references must have the same length$"):
+        corpus_sari(["a"], ["a", "b"], [["a"]])
+    with pytest.raises(ValueError, match="^no predictions$"):
+        corpus_sari([], [], [])
+
+
+def test_truncate_words_needs_one_word():
+    from data.submission import truncate_words
+
+    with pytest.raises(ValueError, match="^max_words must be at least 1$"):
+        truncate_words("a b", 0)
+    assert truncate_words("a b c", 1) == "a"
+
+
+@pytest.mark.parametrize("field", ["hidden_size", "proj_dim", "mlp_dim"])
+def test_head_config_dimensions_must_be_positive(field):
+    from heads.config import HeadConfig
+
+    sizes = dict(hidden_size=8, proj_dim=4, mlp_dim=4)
+    with pytest.raises(ValueError, match="^hidden_size, proj_dim and mlp_dim must be positive$"):
+        HeadConfig(**{**sizes, field: 0})
+    assert getattr(HeadConfig(**{**sizes, field: 1}), field) == 1
+
+
+def test_check_training_cases_message():
+    from metrics.training_cases import TrainingCaseLeak, check_training_cases
+
+    assert check_training_cases(["3", "1"], None, False, "sub.json") == []
+    assert check_training_cases(["3", "1", "2"], ["2", "1", "9"], True, "sub.json") == ["1", "2"]
+    with pytest.raises(TrainingCaseLeak) as err:
+        check_training_cases(["3", "2", "1"], ["2", "1"], False, "sub.json")
+    assert str(err.value) == ("sub.json: case 1: 2 of the scored cases are training cases of this export (this one "
+                              "among them); refused (pass --allow-train-cases to get optimistic, labelled numbers)")
+
+
+def test_score_subtask2_input_errors(tmp_path):
+    from metrics.subtask2 import score_subtask2
+
+    key = json.loads((EXAMPLES / "archehr-qa_key.json").read_text(encoding="utf-8"))
+    entries = [{"case_id": c["case_id"], "prediction": []} for c in key]
+    first = key[0]["case_id"]
+    sub = tmp_path / "sub.json"
+    sub.write_text(json.dumps([{"case_id": first, "prediction": ["1", "998", "999"]}] + entries[1:]))
+    with pytest.raises(InputError) as err:
+        score_subtask2(sub, EXAMPLES / "archehr-qa_key.json")
+    assert str(err.value) == f"{sub}: case {first}: unknown sentence id '998'"
+    unlabelled = tmp_path / "key.json"
+    unlabelled.write_text(json.dumps([{**key[0], "answers": []}] + key[1:]))
+    sub.write_text(json.dumps(entries))
+    with pytest.raises(InputError) as err:
+        score_subtask2(sub, unlabelled)
+    assert str(err.value) == f"{unlabelled}: case {first}: key case has no relevance labels ('answers') to score against"
+
+
+@pytest.mark.parametrize("pooling", ["mean", "attention"])
+def test_pool_empty_inputs(pooling):
+    from heads.alignment import NotePairHead
+    from heads.config import HeadConfig
+
+    head = NotePairHead(HeadConfig(hidden_size=4, proj_dim=4, mlp_dim=4, pooling=pooling))
+    hidden = torch.randn(1, 6, 4, dtype=torch.float64)
+    none = head.pool(hidden, torch.zeros((0, 3), dtype=torch.long))
+    assert none.shape == (0, 4) and none.dtype == torch.float32
+    pooled = head.pool(hidden, [(0, 2, 2), (0, 1, 3)])  # an empty span pools to zeros
+    assert pooled.dtype == torch.float32
+    assert torch.equal(pooled[0], torch.zeros(4))
+    if pooling == "mean":
+        assert torch.allclose(pooled[1], hidden[0, 1:3].float().mean(0))
