@@ -4,8 +4,9 @@
     python infer.py notes.xml --out DIR --export RUN/export
     python infer.py notes.xml --out DIR --key key.json        # also print scores
 
-Writes DIR/subtask{2,3,4}/submission.json, DIR/subtask{2,3,4}.zip and DIR/run.json, all or
-nothing (an earlier run in DIR is refused unless --overwrite, which replaces the whole set).
+Writes DIR/subtask{2,3,4}/submission.json, DIR/subtask{2,3,4}.zip, DIR/run.json and
+DIR/report.html (every case to read in a browser), all or nothing (an earlier run in DIR is
+refused unless --overwrite, which replaces the whole set).
 The results (files written, scores) go to stdout; progress, warnings and notes to stderr.
 Tune a retrieval ensemble with
 ``python -m baselines.fit`` and pass it with ``--ensemble``.
@@ -18,7 +19,7 @@ import sys
 from pathlib import Path
 
 from plumbing.console import hide_progress_bars, quiet_library_noise
-from plumbing.errors import InputError, exit_on_input_error, exit_on_interrupt
+from plumbing.errors import CliParser, InputError, exit_on_input_error, exit_on_interrupt
 
 
 def _subtasks(value: str) -> tuple[int, ...]:
@@ -68,7 +69,7 @@ class _DeprecatedAlias(argparse.Action):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="infer.py", description=__doc__.split("\n\n")[0])
+    p = CliParser(prog="infer.py", description=__doc__.split("\n\n")[0])
     p.add_argument("xml", type=Path, help="official cases XML (with <answer_sentences> for Subtask 4, or give --key)")
     p.add_argument("--out", required=True, help="output folder (refused if it holds an earlier run, unless --overwrite)")
     p.add_argument("--overwrite", action="store_true", help="replace the whole output set of an earlier run in --out")

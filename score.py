@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 from plumbing.atomic import check_file_target, write_json_atomic
-from plumbing.errors import exit_on_input_error, exit_on_interrupt
+from plumbing.errors import CliParser, exit_on_input_error, exit_on_interrupt
 from data.submission import MAX_WORDS
 from metrics.alignment import SCORE_KEYS
 from metrics.relevance import SCORE_KEYS as ST2_SCORE_KEYS
@@ -50,7 +50,7 @@ def _print_table(rows: list[tuple[str, str]]) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = CliParser(
         prog="score.py", description="Score ArchEHR-QA Subtask 2 / 3 / 4 submissions locally."
     )
     parser.add_argument("--subtask", type=int, choices=(2, 3, 4), help="which subtask to score")
@@ -84,7 +84,11 @@ def _add_cv_parser(commands) -> None:
     )
     cv.add_argument("--xml", type=Path, required=True, help="the cases XML")
     cv.add_argument("--key", type=Path, required=True, help="their key JSON")
-    cv.add_argument("--out", type=Path, required=True, help="output folder (ladder, error report, plots, folds)")
+    cv.add_argument("--out", type=Path, required=True,
+                    help="output folder (ladder, error report, plots, folds), written all or nothing; an earlier "
+                         "cross-validation there is refused unless --overwrite")
+    cv.add_argument("--overwrite", action="store_true",
+                    help="replace the whole output set of an earlier cross-validation in --out")
     cv.add_argument("--folds", type=int, default=5, help="number of folds (= number of cases: leave-one-case-out)")
     cv.add_argument("--preset", default="tiny", help="model preset of the task stage (default: tiny)")
     cv.add_argument("--init", help="domain-stage run or export folder to start each fold from (default: fresh)")
@@ -134,7 +138,7 @@ def _cv_command(args: argparse.Namespace) -> int:
         config=args.config, settings=args.settings, systems=args.systems, allow_train_cases=args.allow_train_cases,
         eval_on_train=args.eval_on_train, seed=args.seed, n_resamples=args.resamples,
         max_new_tokens=args.max_new_tokens, generate=not args.no_generate, device=args.device,
-        progress=not args.no_progress,
+        progress=not args.no_progress, overwrite=args.overwrite,
     )
     print_summary(run_cv(opts))  # progress on stderr, the summary on stdout
     return 0

@@ -9,7 +9,8 @@ Each stage starts from its preset TOML (configs/STAGE.toml, next to this file; `
 for your own) and any key below can be overridden as ``--key value`` (``--flag`` alone = true).
 
     --config FILE     the stage's TOML instead of configs/STAGE.toml
-    --resume DIR      continue a run from its latest checkpoint
+    --resume DIR      continue a run from its latest checkpoint, with the settings it was started with
+                      (a finished run, one with an export, is left as it is: exit 0)
     --print-config    print the resolved config (TOML) on stdout and exit; writes nothing
     --no-progress     hide every progress bar, model loading included (= --progress false)
     --verbose         show library warnings that are hidden by default
@@ -20,7 +21,7 @@ import sys
 
 from plumbing.console import hide_progress_bars, quiet_library_noise
 from plumbing.errors import InputError, exit_on_input_error, exit_on_interrupt
-from training.config import build_config, load_run_config, parse_overrides
+from training.config import build_config, parse_overrides
 
 
 def split_meta(argv: list[str]) -> tuple[str | None, str | None, list[str]]:
@@ -74,8 +75,15 @@ def main(argv: list[str] | None = None) -> int:
     if "--no-progress" in flags:
         overrides["progress"] = False
     if resume:
-        overrides["out"] = resume
-        cfg = build_config(overrides, base=load_run_config(resume))
+        from training.run_folder import finished_export, resume_config
+
+        cfg = resume_config(resume, overrides, config_file)
+        export = finished_export(resume)
+        if export is not None and "--print-config" not in flags:  # nothing to resume, nothing re-exported
+            print(f"note: {resume} has finished training: nothing to resume, its export is left as it is "
+                  "(to train further, start a new run with another --out)", file=sys.stderr)
+            print(f"export: {export}")
+            return 0
     else:
         cfg = build_config(overrides, config_file=config_file)
         if cfg.init and cfg.stage == "task":

@@ -98,6 +98,9 @@ def train_cross_encoder(
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
+    from plumbing.atomic import fsync_tree
+
+    fsync_tree(out)  # the umask's permissions (safetensors writes 0600)
     return out
 
 

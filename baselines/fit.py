@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Sequence
 
 from data.archehr import load_cases
-from plumbing.errors import InputError, exit_on_input_error
+from plumbing.atomic import check_file_target
+from plumbing.errors import CliParser, InputError, exit_on_input_error
 from data.records import Case
 
 from .aligners import CrossEncoderAligner
@@ -66,7 +67,7 @@ def fit_from_cases(cases: Sequence[Case], out: Path, *, cross_encoder: bool = Fa
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m baselines.fit", description=__doc__.split("\n\n")[0])
+    p = CliParser(prog="python -m baselines.fit", description=__doc__.split("\n\n")[0])
     p.add_argument("--xml", type=Path, required=True, help="training cases XML")
     p.add_argument("--key", type=Path, required=True, help="their key JSON")
     p.add_argument("--out", type=Path, required=True, help="ensemble JSON to write")
@@ -79,6 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
 @exit_on_input_error
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    check_file_target(args.out, [args.xml, args.key], "--out")  # before any work
     cases = load_cases(args.xml, args.key)
     config = fit_from_cases(cases, args.out, cross_encoder=args.cross_encoder, epochs=args.epochs,
                             folds=args.folds, tuned_on=f"{args.xml.name} + {args.key.name}")

@@ -29,6 +29,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from plumbing.atomic import check_out_folder
+from plumbing.errors import CliParser, exit_on_input_error
 
 def _time_graph(fn, reps: int, device: torch.device) -> float:
     """Milliseconds per call of ``fn`` replayed as a CUDA graph (eager timing on CPU)."""
@@ -143,8 +145,9 @@ def profile_table(step, device: torch.device, reps: int = 3) -> dict:
             "kernel_ms_per_step": round(total_kernel_ms, 3), "kernels_per_step": kernel_launches}
 
 
+@exit_on_input_error
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = CliParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="qwen3-4b-random")
     p.add_argument("--rows", type=int, default=48)
     p.add_argument("--width", type=int, default=1600, help="prompt tokens (bucketed as the decoder does)")
@@ -152,6 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bandwidth-tbs", type=float, default=3.35, help="memory bandwidth for the floor (H100 SXM)")
     p.add_argument("--out", default="bench/results")
     args = p.parse_args(argv)
+    check_out_folder(Path(args.out))  # before any work
 
     from model.backbone import build_random_base, decoder, resolve_preset
     from model.decoding import MATMUL, DecodeBatch, bucket_width, choose_decode_attention, kv_bytes_per_token

@@ -20,6 +20,9 @@ import sys
 import time
 from pathlib import Path
 
+from plumbing.atomic import check_out_folder
+from plumbing.errors import CliParser, exit_on_input_error
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -98,8 +101,9 @@ def train_rates(run_dir: Path, skip: int) -> dict:
 # --- the journey ---------------------------------------------------------------------------------
 
 
+@exit_on_input_error
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = CliParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--out", default="bench/results", help="folder for the JSON result")
     p.add_argument("--work", default="/tmp/journey", help="scratch folder for data and runs (emptied first)")
@@ -117,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="stages to run; without domain, --work must hold an earlier call's data and runs "
                         "(the journey outlasts one 10-minute device command: split it over two on one machine)")
     args = p.parse_args(argv)
+    check_out_folder(Path(args.out))  # before any work
     stages = [s for s in args.stages.split(",") if s]
     if not stages or any(s not in ("domain", "task", "infer") for s in stages):
         p.error(f"--stages takes some of domain,task,infer, got {args.stages!r}")

@@ -30,6 +30,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from plumbing.atomic import check_out_folder  # noqa: E402
+from plumbing.errors import CliParser, exit_on_input_error  # noqa: E402
 from bench.scaling import NCCL_ENV, collect_rank_logs, launch_prefix, read_rows, run_with_timeout  # noqa: E402
 
 TINY = ["--stage", "domain", "--preset", "tiny", "--data", str(ROOT / "examples" / "emrqa_sample.jsonl"),
@@ -107,8 +109,9 @@ def fsdp_check(logs: Path, env: dict, timeout: float) -> dict:
     return {"rc": rc, "summary": "timed out" if rc == 124 else (lines or [""])[-1]}
 
 
+@exit_on_input_error
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = CliParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=os.environ.get("OUT", "bench/results"))
     p.add_argument("--work", default="/tmp/multigpu")
     p.add_argument("--parts", nargs="+", default=["scaling", "resume", "fsdp"])
@@ -117,6 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--skip", type=int, default=8, help="scaling: first steps dropped (compile, warm-up)")
     p.add_argument("--records", type=int, default=1200)
     args = p.parse_args(argv)
+    check_out_folder(Path(args.out))  # before any work
 
     out = Path(args.out)
     logs = out / "logs"

@@ -30,6 +30,8 @@ import torch
 
 from bench.flops import mfu, training_flops
 from bench.synthetic import inference_cases, training_examples
+from plumbing.atomic import check_out_folder
+from plumbing.errors import CliParser, exit_on_input_error
 from data.prompts import IGNORE_INDEX
 
 
@@ -372,7 +374,7 @@ def run_fast_inference(model_dir: str, preset: str, device, n_answers: int, n_al
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = CliParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="bench/results", help="folder for the JSON results")
     p.add_argument("--smoke", action="store_true", help="tiny preset on CPU, few steps: checks the script")
     p.add_argument("--seq", type=int, nargs="+", default=[1024, 2048])
@@ -521,8 +523,10 @@ def inference_rows(b: Bench) -> None:
         b.add("infer_fast", row)
 
 
+@exit_on_input_error
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    check_out_folder(Path(args.out))  # before any work
     b = set_up(args)
     if b is None:
         print("bench needs a CUDA GPU (use --smoke for a CPU check)", file=sys.stderr)

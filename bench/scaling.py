@@ -25,6 +25,10 @@ import sys
 import time
 from pathlib import Path
 
+
+from plumbing.atomic import check_out_folder
+from plumbing.errors import CliParser, exit_on_input_error
+
 ROOT = Path(__file__).resolve().parents[1]
 WORDS = ("patient admitted with chest pain troponin elevated heparin aspirin stent discharged home follow up "
          "cardiology blood pressure metoprolol lisinopril daily mg ct scan showed no acute findings labs anemia "
@@ -97,8 +101,9 @@ def run_with_timeout(cmd: list[str], timeout: float | None, **kwargs) -> int:
 NCCL_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 
 
+@exit_on_input_error
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = CliParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--gpus", type=int, nargs="+", default=[1, 2])
     p.add_argument("--steps", type=int, default=12)
     p.add_argument("--skip", type=int, default=4, help="optimizer steps dropped as warm-up")
@@ -110,6 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timeout_s", type=float, default=None,
                    help="per run; a run past it is stopped and measured on the steps it logged")
     args = p.parse_args(argv)
+    check_out_folder(Path(args.out))  # before any work
 
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)

@@ -10,12 +10,14 @@ into one submission per system (``DIR/submissions/<system>/``) and scored once, 
 the official scorer would; bootstrap intervals resample cases.
 
 Outputs: ``ladder.md`` / ``ladder.json``, ``errors.md``, ``pr_curve.png``,
-``f1_vs_threshold.png``, ``loss_curves.png``, ``folds/k/fold.json`` (what each fold
+``f1_vs_threshold.png``, ``loss_curves.png``, ``report.html`` (all of it and every held-out case, to
+read in a browser), ``folds/k/fold.json`` (what each fold
 chose and on which case ids) and ``cv.json``. Every input is checked, and a request
 to score on training cases refused, before anything is written.
 """
 from __future__ import annotations
 
+import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -27,13 +29,15 @@ import numpy as np
 from baselines.ensemble import gold_matrix
 from baselines.extractive import extractive_answer
 from data.archehr import load_cases
-from plumbing.atomic import write_json_atomic, write_text_atomic
+from plumbing.atomic import OutputSet, check_output_set_target, write_json_atomic, write_text_atomic
 from plumbing.errors import InputError
 from data.records import Case
 from data.submission import subtask2_entries, subtask3_entries, subtask4_entries, write_submission
 from metrics.alignment import score_alignment
 from metrics.generation import score_generation
 from metrics.training_cases import TRAINING_CASES_LABEL
+from reports.cases import CasePrediction
+from reports.page import REPORT_NAME, write_report
 
 from . import plots
 from .bootstrap import (
@@ -55,9 +59,9 @@ from .folds import (
     plan_folds,
 )
 from . import relevance as subtask2
-from .head import HeadFold, parse_settings, run_head_fold
+from .head import HeadFold, fold_config, parse_settings, run_head_fold
 from .ladder import ladder_markdown
-from .report import error_report_markdown
+from .report import cv_report_page, error_report_markdown
 from .systems import (
     ALL_SYSTEMS,
     HEAD_LABEL,
@@ -71,6 +75,8 @@ from .systems import (
 )
 
 ROOT = Path(__file__).resolve().parents[1]
+# What a cross-validation writes into --out: anything else there is the user's and is never replaced.
+CV_OUTPUT_NAMES = re.compile(r"^(folds|submissions|cv\.json|ladder\.(md|json)|errors\.md|report\.html|[a-z0-9_]+\.png)$")
 EXTRACTIVE_SYSTEM = "extractive"
 MODEL_SYSTEM = "model"
 REFERENCE_SYSTEM = "ensemble"  # the ladder's paired differences are against it
@@ -107,6 +113,7 @@ class CVOptions:
     generate: bool = True  # the model's Subtask 3 answers (needs the head system's training)
     device: str | None = None
     progress: bool = True
+    overwrite: bool = False  # replace an earlier cross-validation's whole output set in ``out``
 
 
 @dataclass
@@ -150,6 +157,7 @@ def _check_options(opts: CVOptions) -> tuple[list[Case], dict, str | None]:
         raise InputError("--resamples must be >= 100")
     if opts.max_new_tokens < 1:
         raise InputError("--max-new-tokens must be >= 1")
+    check_output_set_target(Path(opts.out), opts.overwrite, CV_OUTPUT_NAMES)  # before any work
     settings = parse_settings(opts.settings)
     init = None
     if opts.init:
@@ -159,17 +167,15 @@ def _check_options(opts: CVOptions) -> tuple[list[Case], dict, str | None]:
         _check_init_settings(init, settings)
     if opts.config is not None and not Path(opts.config).is_file():
         raise InputError("config file not found", opts.config)
+    # Every training setting checked now, as a fold will build it, before any folder is made.
+    fold_config(Path(opts.out) / "folds" / "0", preset=opts.preset, init=init, seed=opts.seed, settings=settings,
+                config_file=opts.config, progress=opts.progress)
     cases = load_cases(opts.xml, opts.key)
     keyed = [c for c in cases if c.has_key and c.answer_sentences]
     if not keyed:
         raise InputError("no case has both a key entry and answer sentences", opts.key)
     if not any(c.has_citations() for c in keyed):
         raise InputError("the key cites no evidence: nothing to evaluate alignment against", opts.key)
-    out = Path(opts.out)
-    if out.exists() and not out.is_dir():
-        raise InputError("output path exists and is not a folder", out)
-    if (out / "cv.json").exists() or (out / "folds").exists():
-        raise InputError("output folder already holds a cross-validation run; choose another --out", out)
     return keyed, settings, init
 
 
@@ -213,7 +219,8 @@ class _Plan:
     on_training: bool
     notice: list[str]
     systems: list[str]
-    out: Path
+    out: Path  # where the outputs are written: run_cv's staging folder
+    final: Path  # where they will be once complete (--out): what records name
 
     @property
     def ids(self) -> list[str]:
@@ -262,12 +269,11 @@ def _plan(opts: CVOptions, log: Log) -> _Plan:
         notice.append(f"Task stage: preset {opts.preset}, " + (
             f"initialised from {init}." if init else
             "no --init: every fold's task stage starts from a FRESH adapter and head (no domain stage)."))
-    out = Path(opts.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = Path(opts.out)  # run_cv builds everything aside and swaps it in at the end
     for line in notice:
         log(line)
     log(f"{len(keyed)} keyed cases, {len(folds)} fold(s), systems: {', '.join(systems)}")
-    return _Plan(opts, keyed, settings, init, folds, on_training, notice, systems, out)
+    return _Plan(opts, keyed, settings, init, folds, on_training, notice, systems, out, out)
 
 
 def _run_fold(plan: _Plan, fold: Fold, component_scores, pooled: _Pooled, log: Log) -> None:
@@ -308,6 +314,7 @@ def _run_fold(plan: _Plan, fold: Fold, component_scores, pooled: _Pooled, log: L
     if pooled.labelled:
         fold_relevance, record["thresholds"][subtask2.BASELINE_SYSTEM] = subtask2.baseline_fold(train, held_out)
         pooled.baseline_relevance.update(fold_relevance)
+    record = _relocated(record, plan.out, plan.final)  # the paths it will have once in place
     write_json_atomic(fold_dir / "fold.json", record)
     pooled.fold_records.append(record)
 
@@ -363,23 +370,87 @@ def _write_reports(plan: _Plan, pooled: _Pooled, ladder: dict, labels: dict[str,
     out, systems = plan.out, plan.systems
     files = {"ladder_md": out / "ladder.md", "ladder_json": out / "ladder.json", "errors": out / "errors.md",
              "pr_curve": out / "pr_curve.png", "f1_vs_threshold": out / "f1_vs_threshold.png",
-             "loss_curves": out / "loss_curves.png", "cv": out / "cv.json"}
+             "loss_curves": out / "loss_curves.png", "report": out / REPORT_NAME, "cv": out / "cv.json"}
     write_json_atomic(files["ladder_json"], ladder)
-    write_text_atomic(files["ladder_md"], ladder_markdown(ladder))
+    ladder_md = ladder_markdown(ladder)
+    write_text_atomic(files["ladder_md"], ladder_md)
 
     report_systems = [s for s in (HEAD_SYSTEM, "ensemble") if s in systems] or systems[-1:]
     write_text_atomic(files["errors"], error_report_markdown(
         plan.keyed, {s: pooled.predictions[s] for s in report_systems}, pooled.fold_of, labels, plan.notice))
     _plots(plan.keyed, pooled.predictions, pooled.chosen_thresholds, pooled.logs, files, plan.on_training,
            plan.notice[1], f"data: {Path(plan.opts.xml).name}")
+    predictions, shown = _case_predictions(plan, pooled, report_systems[0], labels)
+    images = [("Precision-recall over held-out (answer, note) pairs", files["pr_curve"]),
+              ("Held-out pair F1 against the threshold", files["f1_vs_threshold"]),
+              ("Task-stage training loss per fold", files["loss_curves"])]
+    write_report(files["report"], cv_report_page(plan.keyed, predictions, shown, ladder_md, images))
     return files
 
 
+def _case_predictions(plan: _Plan, pooled: _Pooled, system: str,
+                      labels: dict[str, str]) -> tuple[dict[str, CasePrediction], str]:
+    """What report.html shows of each held-out case: ``system``'s links, the head's relevance (else the
+    question baseline's) and the model's answers; and a line saying so."""
+    ids = plan.ids
+    head_relevance = all(c in pooled.relevance and c in pooled.relevance_threshold for c in ids)
+    relevant = (subtask2.head_predictions(plan.keyed, pooled.relevance, pooled.relevance_threshold)
+                if head_relevance else pooled.baseline_relevance)
+    out = {}
+    for case in plan.keyed:
+        pairs = pooled.predictions[system][case.case_id].pairs
+        out[case.case_id] = CasePrediction(
+            answer=pooled.answers.get(case.case_id), relevant_ids=relevant.get(case.case_id),
+            relevance_scores=pooled.relevance[case.case_id] if head_relevance else None,
+            links={a: [n for n in case.note_ids if (a, n) in pairs] for a in case.answer_ids})
+    relevance_by = (HEAD_SYSTEM if head_relevance else subtask2.BASELINE_SYSTEM if pooled.baseline_relevance
+                    else None)
+    answers = "the model's generated answers" if pooled.answers else "not generated"
+    if pooled.fallback:
+        answers += f" ({len(pooled.fallback)} of {len(ids)} empty, shown with the extractive answer given instead)"
+    shown = (f"Each case as predicted in the fold that held it out. Subtask 4: {system} ({labels[system]}); "
+             f"Subtask 2: {relevance_by or 'not available (no relevance labels)'}; Subtask 3: {answers}.")
+    return out, shown
+
+
 def run_cv(opts: CVOptions, log: Log = _stderr) -> CVResult:
-    """Cross-validate the requested systems and write every output into ``opts.out``."""
+    """Cross-validate the requested systems and write every output into ``opts.out``, all or nothing:
+    built in a hidden sibling folder and renamed into place only when complete (a failed or interrupted
+    run leaves nothing that blocks the retry)."""
     started = time.perf_counter()
     plan = _plan(opts, log)
+    final = Path(opts.out)
+    with OutputSet(final, opts.overwrite, CV_OUTPUT_NAMES) as stage:
+        plan.out = stage
+        ladder, pooled, files = _cross_validate(plan, opts, log)
+        seconds = time.perf_counter() - started
+        shown = {k: final / v.relative_to(stage) for k, v in files.items()}  # where they are once in place
+        write_json_atomic(files["cv"], {
+            "command": "score.py cv", "evaluated_on": ladder["evaluated_on"], "notice": plan.notice,
+            "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(opts).items()},
+            "systems": plan.systems, "folds": [{"index": f.index, "train_ids": list(f.train_ids),
+                                                 "test_ids": list(f.test_ids)} for f in plan.folds],
+            "seconds": round(seconds, 1), "files": {k: str(v) for k, v in shown.items()},
+        })
+    plan.out = final
+    return CVResult(final, ladder, pooled.fold_records, seconds, shown)
 
+
+def _relocated(value, stage: Path, final: Path):
+    """``value`` (a record) with paths under the staging folder named where they will be once in place."""
+    if isinstance(value, dict):
+        return {k: _relocated(v, stage, final) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_relocated(v, stage, final) for v in value]
+    if isinstance(value, (str, Path)) and str(value).startswith(str(stage)):
+        moved = str(final) + str(value)[len(str(stage)):]
+        return Path(moved) if isinstance(value, Path) else moved
+    return value
+
+
+def _cross_validate(plan: _Plan, opts: CVOptions, log: Log) -> tuple[dict, _Pooled, dict[str, Path]]:
+    """Every fold, then the pooled scores, submissions, reports and plots under ``plan.out`` (the staging
+    folder; the records name ``plan.final``)."""
     from tqdm.auto import tqdm
 
     # Unsupervised per-case scores, computed once on blinded cases (nothing crosses cases).
@@ -397,17 +468,7 @@ def run_cv(opts: CVOptions, log: Log = _stderr) -> CVResult:
     st2 = _subtask2(plan.keyed, pooled.relevance, pooled.relevance_threshold, pooled.baseline_relevance, indices,
                     opts, plan.out)
     ladder = _ladder(plan, st4_rows, st3_rows, st2, pooled.fold_records)
-    files = _write_reports(plan, pooled, ladder, labels)
-
-    seconds = time.perf_counter() - started
-    write_json_atomic(files["cv"], {
-        "command": "score.py cv", "evaluated_on": ladder["evaluated_on"], "notice": plan.notice,
-        "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(opts).items()},
-        "systems": plan.systems, "folds": [{"index": f.index, "train_ids": list(f.train_ids),
-                                             "test_ids": list(f.test_ids)} for f in plan.folds],
-        "seconds": round(seconds, 1), "files": {k: str(v) for k, v in files.items()},
-    })
-    return CVResult(plan.out, ladder, pooled.fold_records, seconds, files)
+    return ladder, pooled, _write_reports(plan, pooled, ladder, labels)
 
 
 def _subtask3(keyed: list[Case], model_answers: dict[str, str] | None, fallback: list[str], indices: np.ndarray,

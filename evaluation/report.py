@@ -1,13 +1,18 @@
-"""Per-case error report (Markdown): what each system linked right, missed and linked wrongly.
+"""Per-case error reports: what each system linked right, missed and linked wrongly.
+
+``errors.md`` (Markdown tables) and the page of ``report.html`` (:func:`cv_report_page`).
 
 This file is the user's own report and may quote note text (it helps to read why a
 link was missed); nothing here prints to the console.
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Mapping, Sequence
 
 from data.records import Case
+from reports.cases import CasePrediction, case_views
+from reports.page import ReportPage
 
 from .systems import Prediction
 
@@ -76,3 +81,13 @@ def error_report_markdown(cases: Sequence[Case], predictions: Mapping[str, Mappi
                 lines.append("| - | nothing gold, nothing linked | - | - | - |")
             lines.append("")
     return "\n".join(lines)
+
+
+def cv_report_page(cases: Sequence[Case], predictions: Mapping[str, CasePrediction], shown: str,
+                   ladder_md: str, images: Sequence[tuple[str, Path]]) -> ReportPage:
+    """``report.html`` of a cross-validation run: the ladder (one source: ``ladder.md``), the plots, then
+    every case as the ``shown`` system predicted it held out, marked against the key."""
+    return ReportPage(
+        # no notices of the page's own: the ladder opens with the run's notice
+        title="archehr cross-validation report", summary_markdown=ladder_md, images=images,
+        cases_title="Held-out cases", cases_note=shown, cases=case_views(cases, predictions))

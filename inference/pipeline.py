@@ -35,6 +35,8 @@ from data.submission import (
     write_submission,
 )
 from model.export_folder import package_versions as installed_versions
+from reports.infer_page import inference_page
+from reports.page import REPORT_NAME, write_report
 
 from .relevance import export_relevance_threshold, has_relevance_threshold, predict_relevance
 
@@ -216,6 +218,7 @@ class _Run:
     run: dict = field(default_factory=dict)  # what becomes run.json
     entries: dict[int, list[dict]] = field(default_factory=dict)  # validated submission entries per subtask
     fallback_summary: str = ""
+    relevance_scores: dict[str, np.ndarray] = field(default_factory=dict)  # Subtask 2 scores (report shading)
 
 
 def _load_inputs(opts: InferenceOptions, log: Log) -> _Run:
@@ -309,7 +312,7 @@ def _predict_subtask3(r: _Run, log: Log) -> None:
 def _predict_subtask2(r: _Run, log: Log) -> None:
     t = time.perf_counter()
     evidence, r.run["subtask2"] = predict_relevance(r.cases, r.loaded, r.opts.relevance_threshold,
-                                                   r.opts.progress, log)
+                                                   r.opts.progress, log, scores_out=r.relevance_scores)
     r.entries[2] = subtask2_entries(evidence)
     validate_subtask2(r.entries[2], r.cases)
     r.timings["subtask2"] = time.perf_counter() - t
@@ -378,6 +381,8 @@ def _write_and_score(r: _Run, log: Log, show: Log) -> tuple[dict[int, tuple[Path
             "timings_s": {k: round(v, 3) for k, v in r.timings.items()},
             "versions": package_versions(),
         })
+        r.run["outputs"]["report"] = str(opts.out / REPORT_NAME)  # the cases read side by side; holds note text
+        write_report(stage / REPORT_NAME, inference_page(r.cases, r.entries, r.run, scores, r.relevance_scores))
         write_json_atomic(stage / "run.json", r.run)
     return written, scores
 
@@ -386,6 +391,7 @@ def _report(r: _Run, written: dict[int, tuple[Path, Path]], log: Log, show: Log)
     for n, (json_path, zip_path) in written.items():
         show(f"wrote Subtask {n}: {json_path} and {zip_path}")
     show(f"wrote {r.opts.out / 'run.json'}")
+    show(f"wrote {r.opts.out / REPORT_NAME}")
     log("times: " + ", ".join(f"{k} {v:.1f}s" for k, v in r.timings.items()))
     if r.skipped:
         log(f"Subtask 4 skipped {len(r.skipped)} case(s) without answer sentences: {', '.join(r.skipped)}")

@@ -70,8 +70,9 @@ def threshold_relevance(cases: list[Case], scores: dict[str, np.ndarray], thresh
 
 
 def predict_relevance(cases: list[Case], export, override: float | None, progress: bool,
-                     log: Log) -> tuple[dict[str, list[str]], dict]:
-    """Subtask 2 predictions for every case and the run record saying how they were made."""
+                     log: Log, scores_out: dict[str, np.ndarray] | None = None) -> tuple[dict[str, list[str]], dict]:
+    """Subtask 2 predictions for every case and the run record saying how they were made; the scores
+    behind them (``case_id -> [n_note]``) go into ``scores_out`` where given (report.html shades by them)."""
     if export is None:
         threshold = question_baseline.DEFAULT_THRESHOLD if override is None else float(override)
         scores = {c.case_id: question_baseline.relevance_scores(c)
@@ -85,5 +86,7 @@ def predict_relevance(cases: list[Case], export, override: float | None, progres
         record = {"method": "head relevance probability", "threshold": threshold, "threshold_source": source}
         log(f"Subtask 2: head relevance probabilities, threshold {threshold:.3f} ({source})")
     evidence = threshold_relevance(cases, scores, threshold)
+    if scores_out is not None:
+        scores_out.update(scores)
     record["n_cases_without_evidence"] = sum(1 for ids in evidence.values() if not ids)
     return evidence, record

@@ -105,6 +105,9 @@ def _write_random_base(preset: ModelPreset | str, out: Path, seed: int) -> Path:
     # Write beside the target and rename: a crash or a concurrent writer never leaves half a model.
     tmp = out.with_name(f"{out.name}.partial-{os.getpid()}")
     model.save_pretrained(tmp, safe_serialization=True)
+    from plumbing.atomic import fsync_tree
+
+    fsync_tree(tmp)  # the umask's permissions (safetensors writes 0600), on disk before the rename
     try:
         tmp.rename(out)
     except OSError:  # another process finished first (or `out` is a stale empty folder)

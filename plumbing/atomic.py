@@ -21,17 +21,18 @@ import json
 import os
 import re
 import shutil
+import stat
 import tempfile
 import time
 from pathlib import Path
 from types import TracebackType
 from typing import BinaryIO, Callable
 
-from .errors import InputError
+from .errors import InputError, one_line
 
-# Names infer.py may leave in its output folder (subtask2/ etc. included): anything else
+# Names infer.py may leave in its output folder (subtask2/ etc. and report.html included): anything else
 # in a folder we are asked to replace is the user's, and we refuse to delete it.
-OUTPUT_SET_NAMES = re.compile(r"^(subtask\d+(\.zip)?|run\.json)$")
+OUTPUT_SET_NAMES = re.compile(r"^(subtask\d+(\.zip)?|run\.json|report\.html)$")
 # Test-only hook (never documented to users): pause before the final rename, after
 # touching this marker file, so a test can kill the process mid-write.
 _PAUSE_ENV = "ARCHEHR_TEST_PAUSE_BEFORE_COMMIT"
@@ -92,11 +93,21 @@ def write_json_atomic(path: Path, data: object) -> None:
 
 
 def fsync_tree(root: Path) -> None:
-    """fsync every file and folder under ``root`` (before renaming it into place)."""
+    """Seal a folder built aside (a checkpoint, an export, an output set) before renaming it into
+    place: every file and folder under ``root`` (``root`` included) gets the umask's permissions
+    and is fsynced. The permissions are set here, once for every writer, because libraries do not
+    follow the umask: safetensors writes 0600, ``tempfile`` 0600 files and 0700 folders."""
     root = Path(root)
+    mask = current_umask()
+    file_mode, dir_mode = 0o666 & ~mask, 0o777 & ~mask
     for dirpath, _, filenames in os.walk(root):
+        os.chmod(dirpath, dir_mode)
         for name in filenames:
-            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+            path = os.path.join(dirpath, name)
+            if os.path.islink(path):
+                continue
+            os.chmod(path, file_mode)
+            fd = os.open(path, os.O_RDONLY)
             try:
                 os.fsync(fd)
             finally:
@@ -114,27 +125,80 @@ def same_file(a: Path, b: Path) -> bool:
 # --- output folders ---------------------------------------------------------------------
 
 
+def _nearest_existing(path: Path, flag: str, shown: Path) -> Path:
+    """The nearest ancestor of ``path`` (a path not yet there) that exists; a folder, never a dangling link."""
+    probe = path.parent
+    while not probe.exists():
+        if probe.is_symlink():
+            raise InputError(f"{flag} lies under a dangling symbolic link ({probe})", shown)
+        probe = probe.parent
+    if not probe.is_dir():
+        raise InputError(f"{flag} lies under {probe}, which is not a folder", shown)
+    return probe
+
+
+def _check_can_create_in(folder: Path, flag: str, shown: Path) -> None:
+    """Create (and remove) a probe file in ``folder``: permission bits say nothing to root, and
+    /proc, /sys or a read-only mount accept a permission check yet refuse every new file."""
+    try:
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".archehr-probe-")
+    except OSError as err:
+        raise InputError(f"{flag}: cannot create files in {folder} ({err.strerror or err})", shown) from None
+    os.close(fd)
+    try:
+        os.unlink(probe)
+    except OSError:
+        pass
+
+
+def _kind(mode: int) -> str:
+    for test, name in ((stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                       (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"),
+                       (stat.S_ISDIR, "a folder")):
+        if test(mode):
+            return name
+    return "a file" if stat.S_ISREG(mode) else "not a regular file"
+
+
 def check_out_folder(out: Path, flag: str = "--out") -> None:
-    """``out`` can become a folder: not empty text, not a file, not a dangling link, and
-    its nearest existing ancestor a writable folder. Checked before any work starts."""
+    """The output preflight for a folder (every CLI's ``--out``, before any work): not empty text,
+    a folder or absent (never a file, device or FIFO), not a dangling link or under one, and new
+    files can really be created where it is or will be."""
+    out = Path(out)
     if str(out).strip() in ("", "."):
         raise InputError(f"{flag} must name a folder (got {str(out)!r}); the working directory is not used")
     if out.is_symlink() and not out.exists():
         raise InputError(f"{flag} is a dangling symbolic link", out)
     if out.exists():
         if not out.is_dir():
-            raise InputError(f"{flag} exists and is not a folder", out)
-        probe = out.resolve().parent
-    else:
-        probe = out.absolute().parent
-        while not probe.exists():
-            if probe.is_symlink():
-                raise InputError(f"{flag} lies under a dangling symbolic link", out)
-            probe = probe.parent
-        if not probe.is_dir():
-            raise InputError(f"{flag} lies under {probe}, which is not a folder", out)
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise InputError(f"{flag}: folder {probe} is not writable", out)
+            raise InputError(f"{flag} exists and is {_kind(out.stat().st_mode)}, not a folder", out)
+        _check_can_create_in(out.resolve(), flag, out)
+        return
+    _check_can_create_in(_nearest_existing(out.absolute(), flag, out), flag, out)
+
+
+def check_file_target(target: Path, inputs: list[Path | None], flag: str) -> None:
+    """The output preflight for a file (``score.py --json``, ``baselines.fit --out``), before any work:
+    absent or a regular file (never a device, FIFO or folder: it is replaced by a rename), none of the
+    ``inputs``, and its folder exists (or can be made) and takes new files."""
+    target = Path(target)
+    if not str(target).strip() or str(target) == "." or str(target).endswith(os.sep):
+        raise InputError(f"{flag} must name a file", target)
+    for source in inputs:
+        if source is not None and (same_file(target, source) or target.absolute() == Path(source).absolute()):
+            raise InputError(f"{flag} would overwrite an input file; choose another path", target)
+    if target.is_symlink() and not target.exists():
+        raise InputError(f"{flag} is a dangling symbolic link", target)
+    if target.exists():
+        mode = target.stat().st_mode
+        if not stat.S_ISREG(mode):
+            raise InputError(f"{flag} is {_kind(mode)}; it would be replaced, so give a regular file's path",
+                             target)
+        _check_can_create_in(target.resolve().parent, flag, target)
+        return
+    parent = target.absolute().parent
+    _check_can_create_in(parent if parent.is_dir() else _nearest_existing(target.absolute(), flag, target),
+                         flag, target)
 
 
 def check_output_set_target(out: Path, overwrite: bool, names: re.Pattern[str] = OUTPUT_SET_NAMES) -> None:
@@ -148,7 +212,7 @@ def check_output_set_target(out: Path, overwrite: bool, names: re.Pattern[str] =
         return
     foreign = [n for n in entries if not names.match(n)]
     if foreign:
-        raise InputError(f"output folder holds files that are not ours ({foreign[0]}, ...); "
+        raise InputError(f"output folder holds files that are not ours ({one_line(foreign[0])}, ...); "
                          "give an empty or new --out", out)
     if not overwrite:
         raise InputError("output folder already holds a run; pass --overwrite to replace it or use another --out",
@@ -257,18 +321,3 @@ def _exchange(a: Path, b: Path) -> bool:
     renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
     rc = renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE)
     return rc == 0
-
-
-def check_file_target(target: Path, inputs: list[Path | None], flag: str) -> None:
-    """Before the work: ``target`` can be written atomically and is none of the ``inputs``."""
-    target = Path(target)
-    if not str(target).strip() or str(target) == ".":
-        raise InputError(f"{flag} must name a file")
-    for source in inputs:
-        if source is not None and (same_file(target, source) or target.absolute() == Path(source).absolute()):
-            raise InputError(f"{flag} would overwrite an input file; choose another path", target)
-    if target.is_symlink() and not target.exists():
-        raise InputError(f"{flag} is a dangling symbolic link", target)
-    if target.is_dir():
-        raise InputError(f"{flag} is a folder, not a file", target)
-    check_out_folder(target.absolute().parent, flag)

@@ -6,7 +6,10 @@ broken file sees what to fix instead of a stack trace.
 """
 from __future__ import annotations
 
+import argparse
+import errno
 import functools
+import os
 import sys
 from pathlib import Path
 from types import FrameType
@@ -31,7 +34,7 @@ class InputError(ValueError):
         if self.case_id is not None:
             parts.append(f"case {self.case_id}")
         parts.append(self.problem)
-        return ": ".join(parts).replace("\n", " ")
+        return one_line(": ".join(parts))
 
 
 def check_input_file(path: Path) -> None:
@@ -58,18 +61,92 @@ def read_text_file(path: Path) -> str:
 F = TypeVar("F", bound=Callable[..., int | None])
 
 
+EXIT_STDOUT_CLOSED = 141  # as a shell reports a writer ended by SIGPIPE (`yes | head -1`)
+
+
+def one_line(text: str) -> str:
+    """``text`` on one line (paths may hold newlines; a message never spans two lines)."""
+    return " ".join(str(text).splitlines()) if text else ""
+
+
+class CliParser(argparse.ArgumentParser):
+    """The parser every command line uses: an argument error is one line naming the problem and a
+    second with the ``--help`` hint, exit code 2; no usage block, nothing printed or written before."""
+
+    def error(self, message: str):  # type: ignore[override]
+        print(f"error: {self.prog}: {one_line(message)}", file=sys.stderr)
+        print(f"see: {self.prog} --help", file=sys.stderr)
+        raise SystemExit(EXIT_BAD_INPUT)
+
+
+def _silence_stdout() -> None:
+    """Point fd 1 at /dev/null so the interpreter's final flush cannot fail (and print a traceback) again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):
+        pass
+
+
+def _say(line: str) -> None:
+    try:
+        print(line, file=sys.stderr, flush=True)
+    except (OSError, ValueError):  # stderr closed too: the exit code is all that is left
+        pass
+
+
+def _stdout_failure(err: OSError) -> int:
+    """A closed pipe (``| head -1``) ends quietly; any other write failure (a full disk) is one line."""
+    _silence_stdout()
+    if isinstance(err, BrokenPipeError) or err.errno == errno.EPIPE:
+        return EXIT_STDOUT_CLOSED
+    _say(f"error: cannot write the results to stdout ({err.strerror or err})")
+    return EXIT_BAD_INPUT
+
+
+def _flush_stdout() -> None:
+    if sys.stdout is not None and not sys.stdout.closed:
+        sys.stdout.flush()
+
+
 def exit_on_input_error(main: F) -> F:
-    """Decorate a CLI ``main``: InputError -> one stderr line and exit code 2."""
+    """Decorate a CLI ``main`` (every command line passes through it): InputError -> one stderr line
+    and exit code 2; stdout closed early -> a quiet exit; stdout or an output file that cannot be
+    written (a full disk, a vanished folder) -> one line naming it, exit code 2. Never a traceback."""
 
     @functools.wraps(main)
     def wrapper(*args: Any, **kwargs: Any) -> int | None:
         try:
-            return main(*args, **kwargs)
+            result = main(*args, **kwargs)
+            _flush_stdout()  # a full or closed stdout fails here, not in the interpreter's exit
+            return result
         except InputError as err:
-            print(f"error: {err.one_line()}", file=sys.stderr)
+            _say(f"error: {err.one_line()}")
+            raise SystemExit(EXIT_BAD_INPUT) from None
+        except BrokenPipeError as err:
+            raise SystemExit(_stdout_failure(err)) from None
+        except OSError as err:
+            if _is_stdout_error(err):
+                raise SystemExit(_stdout_failure(err)) from None
+            where = f": {one_line(err.filename)}" if err.filename else ""
+            _say(f"error: cannot write or read{where} ({err.strerror or err})")
             raise SystemExit(EXIT_BAD_INPUT) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def _is_stdout_error(err: OSError) -> bool:
+    """An OSError without a file name raised while flushing stdout (ENOSPC on a full device)."""
+    if err.filename is not None or sys.stdout is None:
+        return False
+    try:
+        sys.stdout.flush()
+    except OSError:
+        return True
+    except ValueError:
+        return False
+    return err.errno in (errno.ENOSPC, errno.EIO, errno.EDQUOT, errno.EFBIG)
 
 
 EXIT_INTERRUPTED = 130

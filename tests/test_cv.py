@@ -213,6 +213,41 @@ def test_cv_writes_the_ladder_report_and_plots(full_run, cases):
     assert sorted(e["case_id"] for e in sub) == sorted(c.case_id for c in cases)
 
 
+def test_cv_report_html_holds_the_ladder_plots_and_each_held_out_case(full_run, cases):
+    from html_dom import Dom, check_links, check_page_is_self_contained
+
+    out, code, console = full_run
+    assert code == 0, console
+    assert json.loads((out / "cv.json").read_text())["files"]["report"] == str(out / "report.html")
+    page = (out / "report.html").read_text(encoding="utf-8")
+    dom = Dom(page)
+    check_page_is_self_contained(dom)
+    # The ladder with its intervals (from ladder.md, its one source) and the notice.
+    tables = " ".join(e.content for e in dom.find("table"))
+    ladder = json.loads((out / "ladder.json").read_text())
+    for row in ladder["subtask4"]:
+        lo, hi = row["ci"]["micro_f1"]
+        assert f"{row['scores']['micro_f1']:.1f} [{lo:.1f}, {hi:.1f}]" in tables, row["system"]
+    assert "HELD-OUT" in page and "INVENTED" in page
+    # The three plots, embedded byte for byte.
+    import base64
+
+    images = [base64.b64decode(e.attrs["src"].split(",", 1)[1]) for e in dom.find("img")]
+    assert images == [(out / n).read_bytes() for n in ("pr_curve.png", "f1_vs_threshold.png", "loss_curves.png")]
+    # Each held-out case: the head's pooled links, marked against the key.
+    assert [s.attrs["data-case-id"] for s in dom.find("section", "case")] == [c.case_id for c in cases]
+    head = {e["case_id"]: {p["answer_id"]: set(p["evidence_id"]) for p in e["prediction"]}
+            for e in json.loads((out / "submissions" / "head" / "subtask4" / "submission.json").read_text())}
+    links = check_links(dom)
+    for case in cases:
+        for a in case.answer_sentences:
+            seen = links[case.case_id][a.sentence_id]
+            assert seen["correct"] | seen["wrong"] == head[case.case_id][a.sentence_id]
+            assert seen["correct"] | seen["missed"] == set(a.citations)
+    assert dom.find(cls="pred-yes") or dom.find(cls="pred-no")
+    assert all("--r:" in n.attrs.get("style", "") for n in dom.find("div", "note"))  # head relevance shades
+
+
 def test_console_never_shows_note_text(full_run, cases):
     _, code, console = full_run
     assert code == 0

@@ -118,7 +118,7 @@ def test_train_toml_nan_lr_refused(tmp_path, capsys):
 
 def test_train_out_is_a_file(tmp_path, capsys):
     (tmp_path / "f").write_text("mine")
-    refused(capsys, train.main, domain_args(tmp_path / "f"), contains="exists and is not a folder")
+    refused(capsys, train.main, domain_args(tmp_path / "f"), contains="exists and is a file, not a folder")
     assert snapshot(tmp_path) == {"f": b"mine"}
 
 
@@ -140,7 +140,7 @@ def test_train_out_read_only_parent(tmp_path, capsys):
     ro.mkdir()
     ro.chmod(0o555)
     try:
-        refused(capsys, train.main, domain_args(ro / "run"), contains="not writable")
+        refused(capsys, train.main, domain_args(ro / "run"), contains="cannot create files in")
         assert list(ro.iterdir()) == []
     finally:
         ro.chmod(0o755)
@@ -297,7 +297,7 @@ def test_infer_out_empty_string(tmp_path, capsys, monkeypatch):
 
 def test_infer_out_is_a_file(tmp_path, capsys):
     (tmp_path / "f").write_text("mine")
-    refused(capsys, infer.main, infer_args(tmp_path / "f"), contains="exists and is not a folder")
+    refused(capsys, infer.main, infer_args(tmp_path / "f"), contains="exists and is a file, not a folder")
     assert snapshot(tmp_path) == {"f": b"mine"}
 
 
@@ -319,7 +319,7 @@ def test_infer_out_read_only(tmp_path, capsys):
     ro.mkdir()
     ro.chmod(0o555)
     try:
-        refused(capsys, infer.main, infer_args(ro / "out"), contains="not writable")
+        refused(capsys, infer.main, infer_args(ro / "out"), contains="cannot create files in")
     finally:
         ro.chmod(0o755)
     assert list(ro.iterdir()) == []
@@ -348,7 +348,7 @@ def test_infer_overwrite_replaces_the_whole_set(tmp_path, capsys, previous_set):
     assert infer.main(infer_args(out, "--overwrite")) == 0
     files = snapshot(out)
     # Subtask 3 alone now: no stale subtask4 files from the earlier run beside it
-    assert set(files) == {"run.json", "subtask3", "subtask3/submission.json", "subtask3.zip"}
+    assert set(files) == {"run.json", "report.html", "subtask3", "subtask3/submission.json", "subtask3.zip"}
     assert json.loads(files["run.json"])["subtasks"] == [3]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no staging folder left
 
@@ -650,5 +650,5 @@ def test_infer_killed_while_writing_leaves_the_previous_set(tmp_path, previous_s
     proc = start(["infer.py", *infer_args(out, "--overwrite")])
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err[-3000:]
-    assert set(snapshot(out)) == {"run.json", "subtask3", "subtask3/submission.json", "subtask3.zip"}
+    assert set(snapshot(out)) == {"run.json", "report.html", "subtask3", "subtask3/submission.json", "subtask3.zip"}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "paused"]  # the killed run's staging cleared

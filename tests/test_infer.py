@@ -63,8 +63,9 @@ def test_baseline_writes_valid_submissions_and_says_it_is_the_baseline(tmp_path,
     run, log = run_infer(capsys, EXAMPLE_XML, "--out", out)
     cases = load_cases(EXAMPLE_XML)
     entries = check_outputs(out, cases)
-    assert sorted(p.name for p in out.iterdir()) == ["run.json", "subtask2", "subtask2.zip", "subtask3", "subtask3.zip",
-                                                     "subtask4", "subtask4.zip"]
+    assert sorted(p.name for p in out.iterdir()) == ["report.html", "run.json", "subtask2", "subtask2.zip", "subtask3",
+                                                     "subtask3.zip", "subtask4", "subtask4.zip"]
+    assert run["outputs"]["report"] == str(out / "report.html")
     assert run["subtask2"]["method"].startswith("retrieval baseline") and "Subtask 2: RETRIEVAL BASELINE" in log
     assert log.splitlines()[0].startswith("engine: RETRIEVAL BASELINE")
     assert "RETRIEVAL BASELINE outputs" in log and "times:" in log
@@ -413,6 +414,7 @@ def test_results_on_stdout_everything_else_on_stderr(tmp_path, capsys):
         *(f"wrote Subtask {n}: {out / f'subtask{n}' / 'submission.json'} and {out / f'subtask{n}.zip'}"
           for n in (2, 3, 4)),
         f"wrote {out / 'run.json'}",
+        f"wrote {out / 'report.html'}",
     ]
     assert sorted(line.split(" scores: ")[0] for line in stdout if " scores: " in line) == [
         "Subtask 2", "Subtask 3", "Subtask 4"]

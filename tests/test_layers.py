@@ -1,4 +1,8 @@
-"""Imports run one way: plumbing -> data -> model/heads -> training/baselines/metrics -> inference/evaluation -> CLIs -> bench.
+"""Imports run one way: plumbing -> data -> model/heads -> training/baselines/metrics -> reports -> inference/evaluation
+-> CLIs -> bench.
+
+``reports`` (``report.html``) has a floor of its own: inference and evaluation both write the page, so it lies
+below them, and it scores each case with the official per-case terms of ``metrics``, so it lies above that.
 
 Parses every module of the program (imports inside functions included) and fails on an import of a
 higher layer, or of another package of the same layer (the only sideways reach allowed: ``model``
@@ -16,8 +20,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-LAYER = {"plumbing": 0, "data": 1, "model": 2, "heads": 2, "training": 3, "baselines": 3, "metrics": 3, "inference": 4,
-         "evaluation": 4, "train": 5, "infer": 5, "score": 5, "bench": 6}
+LAYER = {"plumbing": 0, "data": 1, "model": 2, "heads": 2, "training": 3, "baselines": 3, "metrics": 3,
+         "reports": 3.5, "inference": 4, "evaluation": 4, "train": 5, "infer": 5, "score": 5, "bench": 6}
 CLIS = ("train", "infer", "score")
 # Within a layer only these reach sideways (model loads and runs the head; never the reverse).
 SIDEWAYS = {("model", "heads")}
@@ -148,6 +152,8 @@ def test_no_module_imports_another_packages_private_names():
     ("bench.x", "from infer import _subtasks\n", "CLI internals"),
     ("bench.x", "import train\ntrain.build_parser()\ntrain.usage()\n", "internals"),
     ("newpkg.x", "import data\n", "has no layer"),
+    ("reports.x", "from inference.pipeline import run_inference\n", "a higher layer"),
+    ("metrics.x", "from reports.page import render_report\n", "a higher layer"),
     ("plumbing.x", "def f():\n    from data.records import Case\n", "a higher layer"),
 ])
 def test_the_checker_finds_each_kind_of_violation(module, source, expected):
@@ -161,6 +167,8 @@ def test_the_checker_finds_each_kind_of_violation(module, source, expected):
     ("evaluation.x", "def f():\n    from training.loop import run_training\n"),
     ("bench.x", "import infer\ninfer.main([])\nfrom train import build_parser\n"),
     ("train", "from training.config import build_config\n"),
+    ("reports.x", "from metrics.alignment import per_case_alignment\n"),
+    ("evaluation.x", "from reports.page import write_report\n"),
     ("data.x", "from plumbing.errors import InputError\n"),
 ])
 def test_the_checker_allows_downward_imports(module, source):

@@ -13,7 +13,7 @@ from plumbing.errors import InputError
 from training.config import build_config, parse_overrides, read_toml
 from training.batching import collate
 from data.records import ESSENTIAL_LABELS, relevance_targets
-from training.data import encode_items, load_task_files, task_cases, task_examples
+from training.data import encode_items, load_task_files, split_files, task_cases, task_examples
 from training.joint import LossSettings, joint_losses
 from training.loop import run_training
 
@@ -96,7 +96,7 @@ def test_toml_task_data_list(files, tmp_path):
     values = read_toml(toml)
     cfg = build_config(dict(out=str(tmp_path / "run"), preset="tiny"), config_file=toml)
     assert [f.name for f in load_task_files(cfg)] == ["dev", "test"]
-    assert values["xml"].split("\n") == [str(files["dev_xml"]), str(files["test_xml"])]
+    assert split_files(values["xml"]) == [str(files["dev_xml"]), str(files["test_xml"])]
     toml.write_text('stage = "task"\n[[task.data]]\nxml = "a.xml"\n')
     with pytest.raises(InputError, match="xml"):
         read_toml(toml)

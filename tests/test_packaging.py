@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-GENERIC = ("plumbing", "data", "model", "heads", "metrics", "training", "evaluation", "inference", "baselines", "bench",
-           "score", "train", "infer")
+GENERIC = ("plumbing", "data", "model", "heads", "metrics", "reports", "training", "evaluation", "inference",
+           "baselines", "bench", "score", "train", "infer")
 
 
 def _copy_checkout(dest: Path) -> Path:

@@ -89,4 +89,4 @@ def test_joint_stage_learns_held_out_alignment(synthetic, qwen_tokenizer):
 
     assert after_f1 >= before_f1 + 0.3 and after_f1 >= 0.6, (before_f1, after_f1)
     assert after_top1 >= max(before_top1, overlap_top1) + 0.4, (before_top1, overlap_top1, after_top1)
-    assert loaded.manifest["alignment"]["calibrated_on"] == "training cases"
+    assert loaded.manifest.alignment is not None and loaded.manifest.alignment.calibrated_on == "training cases"

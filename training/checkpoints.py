@@ -179,9 +179,13 @@ def load_checkpoint(ckpt: str | Path, model, optimizer, scheduler, accelerator=N
     except (OSError, EOFError, ValueError, KeyError, RuntimeError, pickle.UnpicklingError, SafetensorError) as err:
         if isinstance(err, torch.OutOfMemoryError):
             raise
+        detail = f"{type(err).__name__}: {(str(err).splitlines() or [''])[0][:100]}"
+        if "size mismatch" in str(err) or "shape" in str(err):  # the weights are fine; the settings are not
+            raise InputError(f"checkpoint does not fit the run's settings ({detail}); was the run's config.json "
+                             "edited? restore its values to resume", ckpt) from None
         # Passed the completeness check yet unreadable (bit rot, edited by hand): say which.
-        raise InputError(f"checkpoint is unreadable ({type(err).__name__}: {str(err).splitlines()[0][:100]}); "
-                         "delete it to resume from the previous one", ckpt) from None
+        raise InputError(f"checkpoint is unreadable ({detail}); move it out of checkpoints/ to resume from the "
+                         "previous one", ckpt) from None
 
 
 def _load_checkpoint(ckpt: Path, model, optimizer, scheduler, accelerator=None, wrapped=None) -> dict:

@@ -177,8 +177,10 @@ def read_toml(path: str | Path) -> dict:
     return out
 
 
-# Several task-stage files live in one string field, one path per line (see training.data.split_files).
+# Several task-stage files live in one string field, separated by NUL, the one character no path can
+# hold (paths are opaque: a newline is a valid path character; see training.data.split_files).
 MULTI_FILE_KEYS = ("xml", "key")
+FILE_SEPARATOR = "\0"
 
 
 def _task_data(task: object, path: Path) -> dict:
@@ -189,7 +191,7 @@ def _task_data(task: object, path: Path) -> dict:
     for e in entries:
         if not isinstance(e, dict) or set(e) != {"xml", "key"} or not all(isinstance(v, str) for v in e.values()):
             raise InputError("each [[task.data]] table needs exactly xml = \"...\" and key = \"...\"", path)
-    return {name: "\n".join(e[name] for e in entries) for name in MULTI_FILE_KEYS}
+    return {name: FILE_SEPARATOR.join(e[name] for e in entries) for name in MULTI_FILE_KEYS}
 
 
 def parse_overrides(argv: list[str]) -> dict:
@@ -227,7 +229,7 @@ def parse_overrides(argv: list[str]) -> dict:
 def _repeatable(out: dict, name: str, value: Any) -> Any:
     """A repeated --xml / --key adds a file (in order); any other repeated key keeps the last value."""
     if name in MULTI_FILE_KEYS and name in out:
-        return out[name] + "\n" + value
+        return out[name] + FILE_SEPARATOR + value
     return value
 
 
@@ -270,4 +272,8 @@ def load_run_config(run_dir: str | Path) -> dict:
     config = parse_json(read_text_file(path), path)
     if not isinstance(config, dict):
         raise InputError("config.json must be a JSON object", path)
+    for name in MULTI_FILE_KEYS:  # a run saved before NUL separated its task files used newlines
+        value = config.get(name)
+        if isinstance(value, str) and "\n" in value and FILE_SEPARATOR not in value and not Path(value).exists():
+            config[name] = value.replace("\n", FILE_SEPARATOR)
     return config

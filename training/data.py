@@ -14,6 +14,8 @@ from plumbing.errors import InputError
 from data.prompts import EncodedExample, PromptExample, encode_example, example_from_case
 from data.records import Case, relevance_targets
 
+from .config import FILE_SEPARATOR
+
 
 @dataclass
 class TrainItem:
@@ -85,11 +87,10 @@ def domain_examples(cfg) -> tuple[list[PromptExample], list[Path | str]]:
     return examples, [cfg.data]
 
 
-FILE_SEPARATOR = "\n"  # several task files in one config string (repeated --xml/--key, [[task.data]])
-
-
 def split_files(value: str) -> list[str]:
-    return [v for v in value.split(FILE_SEPARATOR) if v.strip()] if value else []
+    """The task files held in one config string (repeated --xml/--key, [[task.data]]): NUL-separated
+    (runs saved with newlines between them are converted by ``training.config.load_run_config``)."""
+    return [v for v in value.split(FILE_SEPARATOR) if v] if value else []
 
 
 @dataclass

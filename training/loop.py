@@ -54,6 +54,7 @@ from .hooks import train_hooks
 from .init_settings import adopt_init_settings
 from .joint import JointModel, LossSettings
 from .loop_state import LOG_FILE, LoopState, Trainer, run_epochs, start_state
+from .run_folder import RunLock, check_new_run_folder, check_not_locked
 
 CURVE_FILE = "loss_curve.png"
 
@@ -226,6 +227,7 @@ class RunSetup:
     accelerator: object
     use_bf16: bool
     resume_from: Path | None  # the checkpoint to resume from
+    lock: RunLock | None = None  # held by the main process while it writes the run folder
 
 
 def check_run_inputs(cfg: TrainConfig, resume: bool):
@@ -233,8 +235,9 @@ def check_run_inputs(cfg: TrainConfig, resume: bool):
     if not cfg.out:
         raise InputError("--out is required")
     out = Path(cfg.out)
-    if not resume and ((out / "export").exists() or ckpts.checkpoint_dirs(out)):
-        raise InputError("output folder already holds a run; use --resume or another --out", out)
+    check_not_locked(out)  # another training writing this folder: refused before anything else
+    if not resume:
+        check_new_run_folder(out)
     preset = resolve_preset(cfg.preset) if cfg.preset else None
     if preset is None:
         raise InputError("--preset is required")
@@ -291,9 +294,34 @@ def set_up_run(cfg: TrainConfig, resume: bool) -> RunSetup:
 
     cfg, out, preset, init_export, init_manifest = check_run_inputs(cfg, resume)
     accelerator, use_bf16 = make_accelerator(cfg)
-    cfg, resume_from = resume_point(cfg, out, resume, accelerator)
+    lock = take_run_lock(out, accelerator)
+    try:
+        cfg, resume_from = resume_point(cfg, out, resume, accelerator)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
     set_seed(cfg.seed)
-    return RunSetup(cfg, out, preset, init_export, init_manifest, accelerator, use_bf16, resume_from)
+    return RunSetup(cfg, out, preset, init_export, init_manifest, accelerator, use_bf16, resume_from, lock)
+
+
+def take_run_lock(out: Path, accelerator) -> RunLock | None:
+    """The main process locks the run folder; when it is refused, every process stops (exit 2)."""
+    lock = problem = None
+    if accelerator.is_main_process:
+        try:
+            lock = RunLock(out, note=lambda line: print(line, file=sys.stderr))
+        except InputError as err:
+            problem = err
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        refused = broadcast_object_list([problem is not None])[0]
+        if refused and not accelerator.is_main_process:
+            raise SystemExit(2)  # the main process says why
+    if problem is not None:
+        raise problem
+    return lock
 
 
 def save_run_config(setup: RunSetup, resume: bool) -> None:
@@ -376,6 +404,14 @@ def finish_run(setup: RunSetup, t: Trainer, state: LoopState, head: NotePairHead
 
 def run_training(cfg: TrainConfig, resume: bool = False) -> RunResult:
     setup = set_up_run(cfg, resume)
+    try:
+        return train_and_export(setup, resume)
+    finally:
+        if setup.lock is not None:
+            setup.lock.release()
+
+
+def train_and_export(setup: RunSetup, resume: bool) -> RunResult:
     tokenizer = load_tokenizer(setup.cfg.base_path or setup.preset)
     items, sources = stage_data(setup.cfg, tokenizer)
     save_run_config(setup, resume)
