@@ -13,7 +13,7 @@ import os
 import sys
 from pathlib import Path
 from types import FrameType
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, NoReturn, TypeVar
 
 EXIT_BAD_INPUT = 2
 
@@ -73,7 +73,7 @@ class CliParser(argparse.ArgumentParser):
     """The parser every command line uses: an argument error is one line naming the problem and a
     second with the ``--help`` hint, exit code 2; no usage block, nothing printed or written before."""
 
-    def error(self, message: str):  # type: ignore[override]
+    def error(self, message: str) -> NoReturn:
         print(f"error: {self.prog}: {one_line(message)}", file=sys.stderr)
         print(f"see: {self.prog} --help", file=sys.stderr)
         raise SystemExit(EXIT_BAD_INPUT)

@@ -9,19 +9,19 @@ from test_layers import LAYER, MODULES
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "architecture.md"
-FLOOR = re.compile(r"^## Floor (\d+): (.+)$")
+FLOOR = re.compile(r"^## Floor (\d+(?:\.\d+)?): (.+)$")
 ENTRY = re.compile(r"^- `([\w/]+\.py)`: \S")
 
 
-def read_floors(text: str) -> tuple[dict[int, list[str]], dict[str, list[int]]]:
+def read_floors(text: str) -> tuple[dict[float, list[str]], dict[str, list[float]]]:
     """(floor -> the packages its heading names, module file -> the floors it is listed on)."""
-    floors: dict[int, list[str]] = {}
-    listed: dict[str, list[int]] = {}
+    floors: dict[float, list[str]] = {}
+    listed: dict[str, list[float]] = {}
     current = None
     for line in text.splitlines():
         if line.startswith("## "):
             match = FLOOR.match(line)
-            current = int(match.group(1)) if match else None
+            current = float(match.group(1)) if match else None
             if match:
                 floors[current] = [p.strip() for p in match.group(2).split(",")]
         elif current is not None and (entry := ENTRY.match(line)):
@@ -35,7 +35,7 @@ def program_files() -> set[str]:
 
 def test_floor_headings_match_the_layer_table():
     floors, _ = read_floors(DOC.read_text(encoding="utf-8"))
-    expected: dict[int, set[str]] = {}
+    expected: dict[float, set[str]] = {}
     for package, layer in LAYER.items():
         expected.setdefault(layer, set()).add(package)
     assert {n: set(p) for n, p in floors.items()} == expected
@@ -56,10 +56,10 @@ def test_the_floor_line_reads_as_the_layers():
     groups = [g.strip().split("/") for g in line.split("->")]
     cli = {"train", "infer", "score"}
     layers = [{LAYER[p] for p in (cli if g == ["CLIs"] else g)} for g in groups]
-    assert layers == [{n} for n in range(len(groups))]
+    assert layers == [{n} for n in sorted(set(LAYER.values()))]
 
 
 def test_the_checker_sees_a_misplaced_or_missing_module():
     floors, listed = read_floors("## Floor 1: data\n- `model/presets.py`: presets\n## Other\n- `data/x.py`: y\n")
-    assert floors == {1: ["data"]} and listed == {"model/presets.py": [1]}
+    assert floors == {1.0: ["data"]} and listed == {"model/presets.py": [1.0]}
     assert listed["model/presets.py"] != [LAYER["model"]]

@@ -19,7 +19,7 @@ GENERIC = ("plumbing", "data", "model", "heads", "metrics", "reports", "training
 
 def _copy_checkout(dest: Path) -> Path:
     ignore = shutil.ignore_patterns(".git", ".venv", "runs", "build", "dist", "*.egg-info", "__pycache__",
-                                    ".pytest_cache", ".bench_cache", ".whl")
+                                    ".pytest_cache", ".bench_cache", ".whl", "mutants")
     shutil.copytree(ROOT, dest, ignore=ignore)
     return dest
 
