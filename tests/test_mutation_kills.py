@@ -496,3 +496,114 @@ def test_pool_empty_inputs(pooling):
     assert torch.equal(pooled[0], torch.zeros(4))
     if pooling == "mean":
         assert torch.allclose(pooled[1], hidden[0, 1:3].float().mean(0))
+
+
+# --- heads/alignment.py: construction, scoring and batching by hand ------------------------------
+def test_head_constructor_arguments_reach_the_config():
+    from heads.alignment import NotePairHead
+    from heads.config import HeadConfig
+
+    head = NotePairHead(8, proj_dim=4, pooling="attention", relevance=False, mlp_dim=6, dropout=0.25, layer=3)
+    assert head.config == HeadConfig(hidden_size=8, proj_dim=4, mlp_dim=6, pooling="attention", relevance=False,
+                                     dropout=0.25, layer=3)
+    assert NotePairHead(8, proj_dim=4).config.mlp_dim == 4  # mlp_dim defaults to proj_dim here
+    assert isinstance(head.token_scorer, torch.nn.Linear) and head.relevance_mlp is None
+    assert NotePairHead(8, proj_dim=4).token_scorer is None
+
+
+def test_head_layers_and_prior():
+    from heads.alignment import NotePairHead
+    from heads.config import HeadConfig
+
+    head = NotePairHead(HeadConfig(hidden_size=8, proj_dim=4, mlp_dim=6, dropout=0.3))
+    for mlp, width in ((head.pair_mlp, 16), (head.relevance_mlp, 4)):
+        kinds = [type(m).__name__ for m in mlp]
+        assert kinds == ["Linear", "GELU", "Dropout", "Linear"]
+        assert (mlp[0].in_features, mlp[0].out_features, mlp[-1].out_features) == (width, 6, 1)
+        assert mlp[2].p == 0.3
+    # The pair logit starts at the prior log-odds of a 10% positive rate: log(0.1 / 0.9).
+    assert float(head.pair_mlp[-1].bias) == pytest.approx(math.log(1 / 9))
+
+
+def test_head_score_features_by_hand():
+    from heads.alignment import NotePairHead
+    from heads.config import HeadConfig
+
+    torch.manual_seed(0)
+    head = NotePairHead(HeadConfig(hidden_size=8, proj_dim=4, mlp_dim=6)).eval()
+    answers, notes = torch.randn(2, 8), torch.randn(3, 8)
+    out = head.score(answers, notes)
+    a = head.answer_proj(head.norm(answers))
+    n = head.note_proj(head.norm(notes))
+    for i in range(2):
+        for j in range(3):
+            feats = torch.cat([a[i], n[j], a[i] * n[j], torch.abs(a[i] - n[j])])
+            assert float(out.pair_logits[i, j]) == pytest.approx(float(head.pair_mlp(feats)[0]), abs=1e-5)
+    assert out.relevance_logits.shape == (3,)
+    for j in range(3):
+        assert float(out.relevance_logits[j]) == pytest.approx(float(head.relevance_mlp(n[j])[0]), abs=1e-5)
+
+
+def test_head_batch_of_three_equals_one_at_a_time():
+    from heads.alignment import NotePairHead
+    from heads.config import HeadConfig
+
+    torch.manual_seed(1)
+    head = NotePairHead(HeadConfig(hidden_size=8, proj_dim=4, mlp_dim=6)).eval()
+    hidden = torch.randn(3, 10, 8)
+    notes = [[(0, 2), (2, 5)], [(1, 3), (3, 4), (4, 9)], [(0, 1)]]
+    answers = [[(6, 8)], [(9, 10), (5, 7)], [(2, 6), (7, 9)]]
+    note_spans = torch.tensor([(row, s, e) for row, spans in enumerate(notes) for s, e in spans])
+    answer_spans = torch.tensor([(row, s, e) for row, spans in enumerate(answers) for s, e in spans])
+    pair_logits, relevance = head(hidden, note_spans, answer_spans, note_counts=[2, 3, 1], answer_counts=[1, 2, 2])
+    singles = [head(hidden[row], notes[row], answers[row]) for row in range(3)]
+    assert len(pair_logits) == 3
+    for got, single in zip(pair_logits, singles):
+        assert torch.allclose(got, single.pair_logits, atol=1e-6)
+    assert torch.allclose(relevance, torch.cat([s.relevance_logits for s in singles]), atol=1e-6)
+    no_rel = NotePairHead(HeadConfig(hidden_size=8, proj_dim=4, mlp_dim=6, relevance=False))
+    assert no_rel(hidden, note_spans, answer_spans, note_counts=[2, 3, 1], answer_counts=[1, 2, 2])[1] is None
+
+
+def test_load_head_is_strict(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from heads.alignment import HEAD_WEIGHTS, NotePairHead, load_head, save_head
+    from heads.config import HeadConfig
+
+    save_head(NotePairHead(HeadConfig(hidden_size=8, proj_dim=4, mlp_dim=4)), tmp_path)
+    state = load_file(str(tmp_path / HEAD_WEIGHTS))
+    state.pop("note_proj.bias")
+    save_file(state, str(tmp_path / HEAD_WEIGHTS))
+    with pytest.raises(RuntimeError, match="note_proj.bias"):
+        load_head(tmp_path)
+
+
+def test_head_config_file_text(tmp_path):
+    from heads.config import HeadConfig
+
+    cfg = HeadConfig(hidden_size=8)
+    cfg.save(tmp_path / "head_config.json")
+    text = (tmp_path / "head_config.json").read_text(encoding="utf-8")
+    assert text.startswith('{\n  "hidden_size": 8,\n  "proj_dim": ') and text.endswith("}\n")
+    assert HeadConfig.load(tmp_path / "head_config.json") == cfg
+
+
+def test_alignment_losses_with_a_real_head():
+    from heads.alignment import NotePairHead
+    from heads.config import HeadConfig
+    from training.joint import LossSettings, alignment_losses
+
+    torch.manual_seed(2)
+    head = NotePairHead(HeadConfig(hidden_size=8, proj_dim=4, mlp_dim=6)).eval()
+    hidden = torch.randn(1, 6, 8)
+    batch = {"note_spans": torch.tensor([[0, 0, 2], [0, 2, 4]]), "answer_spans": torch.tensor([[0, 4, 6]]),
+             "note_counts": [2], "answer_counts": [1], "has_pairs": torch.tensor([True]),
+             "pair_targets": torch.tensor([1.0, 0.0]), "relevance_mask": torch.tensor([True, True]),
+             "relevance_targets": torch.tensor([0.0, 1.0])}
+    out = alignment_losses(head, hidden, batch, LossSettings(pos_weight=3.0))
+    single = head(hidden[0], [(0, 2), (2, 4)], [(4, 6)])
+    logits = single.pair_logits.reshape(-1).tolist()
+    assert float(out["align"]) == pytest.approx((_bce(logits[0], 1, 3.0) + _bce(logits[1], 0, 3.0)) / 2, rel=1e-5)
+    rel = single.relevance_logits.tolist()
+    assert float(out["relevance"]) == pytest.approx((_bce(rel[0], 0) + _bce(rel[1], 1)) / 2, rel=1e-5)
