@@ -607,3 +607,44 @@ def test_alignment_losses_with_a_real_head():
     assert float(out["align"]) == pytest.approx((_bce(logits[0], 1, 3.0) + _bce(logits[1], 0, 3.0)) / 2, rel=1e-5)
     rel = single.relevance_logits.tolist()
     assert float(out["relevance"]) == pytest.approx((_bce(rel[0], 0) + _bce(rel[1], 1)) / 2, rel=1e-5)
+
+
+# --- metrics/generation.py and metrics/subtask3.py: the report record, by hand --------------------
+def test_generation_scores_json_partial_and_official():
+    from metrics.generation import GenerationScores
+
+    partial = GenerationScores(
+        scores={"bleu": 10.0, "rougeLsum": 20.0, "sari": 30.0, "bertscore_unofficial": 55.0},
+        per_case={"1": {"bleu": 10.0}}, computed=["bleu", "rougeLsum", "sari"],
+        not_computed=["bertscore", "alignscore", "medcon"], reasons={"bertscore": "no model", "medcon": "no UMLS"},
+        overall_mean=20.0, notes={"bertscore_unofficial": "another model"})
+    assert partial.to_json() == {
+        "bleu": 10.0, "rouge1": None, "rouge2": None, "rougeL": None, "rougeLsum": 20.0, "sari": 30.0,
+        "bertscore": None, "alignscore": None, "medcon": None, "bertscore_unofficial": 55.0,
+        "overall_mean_of_computed": 20.0,
+        "overall_name": "mean of 3 of 6 metrics (bleu, rougeLsum, sari); not the official overall score",
+        "computed": ["bleu", "rougeLsum", "sari"],
+        "not_computed": {"bertscore": "no model", "alignscore": "", "medcon": "no UMLS"},
+        "notes": {"bertscore_unofficial": "another model"}, "per_case": {"1": {"bleu": 10.0}}}
+    names = ("bleu", "rougeLsum", "sari", "bertscore", "alignscore", "medcon")
+    full = GenerationScores(scores={n: 1.0 for n in names}, per_case={}, computed=list(names), not_computed=[],
+                            overall_mean=1.0)
+    out = full.to_json()
+    assert out["overall_score"] == 1.0 and "overall_name" not in out and "overall_mean_of_computed" not in out
+    assert "notes" not in out and out["not_computed"] == {} and full.overall_name.startswith("overall_score (official")
+
+
+def test_official_truncation_and_reference_answer():
+    from data.records import AnswerSentence, Case, NoteSentence
+    from metrics.subtask3 import official_truncation, reference_answer
+
+    words = [f"w{i}" for i in range(80)]
+    assert official_truncation(" ".join(words)) == " ".join(words[:75])
+    assert official_truncation("  a\\n b  ") == "  a\\n b  "  # 75 words or fewer: unchanged, spacing kept
+    exactly = "  ".join(words[:75])
+    assert official_truncation(exactly) == exactly
+    case = Case("1", "", "", [NoteSentence("1", "n")], answer_sentences=[AnswerSentence("1", "One."),
+                                                                          AnswerSentence("2", "Two.")])
+    assert reference_answer(case) == "One. Two."
+    case.clinician_answer_without_citations = "The answer."
+    assert reference_answer(case) == "The answer."
