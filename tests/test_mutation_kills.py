@@ -392,6 +392,7 @@ def test_zip_member_rules(tmp_path, monkeypatch):
     def problem(path: Path) -> str:
         with pytest.raises(InputError) as err:
             read_submission(path, 3)
+        assert str(err.value).startswith(f"{path}: ")  # the file is named
         return str(err.value).removeprefix(f"{path}: ")
 
     assert problem(_zip(tmp_path / "none.zip", {"dir/submission.json": payload})) == \
@@ -403,6 +404,8 @@ def test_zip_member_rules(tmp_path, monkeypatch):
     assert problem(two) == "zip holds 2 members named submission.json; keep one"
     (tmp_path / "bad.zip").write_bytes(b"PK\x03\x04 not really a zip")
     assert problem(tmp_path / "bad.zip") == "not a valid zip file"
+    monkeypatch.setattr(submission, "MAX_SUBMISSION_BYTES", len(payload))  # exactly the cap: read
+    assert read_submission(_zip(tmp_path / "cap.zip", {"submission.json": payload}), 3) == entries
     monkeypatch.setattr(submission, "MAX_SUBMISSION_BYTES", len(payload) - 1)
     assert problem(_zip(tmp_path / "big.zip", {"submission.json": payload})) == \
         f"submission.json in the zip is {len(payload)} bytes, more than {len(payload) - 1}"
@@ -417,10 +420,19 @@ def test_zip_bomb_ratio(tmp_path, monkeypatch):
     bomb = _zip(tmp_path / "bomb.zip", {"submission.json": b" " * (2 * 2**20)})
     with pytest.raises(InputError, match=r"expands \d+-fold \(a zip bomb\?\)"):
         read_submission(bomb, 3)
+    with pytest.raises(InputError) as err:
+        read_submission(bomb, 3)
+    assert str(err.value).startswith(f"{bomb}: ")
+    # Past 1 MiB, a member that compresses less than 200-fold is read (hex text: about 2-fold).
+    import os
+
+    entries = [{"case_id": "1", "prediction": os.urandom(700_000).hex()}]
+    plain = _zip(tmp_path / "plain.zip", {"submission.json": json.dumps(entries).encode()})
+    assert read_submission(plain, 3) == entries
     # Up to 1 MiB a well-compressing member is read (the ratio rule starts past 1 MiB).
-    entries = [{"case_id": "1", "prediction": "x" * (2**20 - 64)}]
+    entries = [{"case_id": "1", "prediction": "x" * (2**20 - 36)}]
     text = json.dumps(entries).encode()
-    assert len(text) <= 2**20
+    assert len(text) == 2**20  # exactly 1 MiB, compressing ~1000-fold: still read
     assert read_submission(_zip(tmp_path / "small.zip", {"submission.json": text}), 3) == entries
 
 
