@@ -660,3 +660,25 @@ def test_official_truncation_and_reference_answer():
     assert reference_answer(case) == "One. Two."
     case.clinician_answer_without_citations = "The answer."
     assert reference_answer(case) == "The answer."
+
+
+def test_score_subtask3_input_errors(tmp_path):
+    from metrics.subtask3 import score_subtask3
+
+    xml, key_path = EXAMPLES / "archehr-qa.xml", EXAMPLES / "archehr-qa_key.json"
+    key = json.loads(key_path.read_text(encoding="utf-8"))
+    ids = [c["case_id"] for c in key]
+    sub = tmp_path / "sub.json"
+    sub.write_text(json.dumps([{"case_id": cid, "prediction": "An answer." if i else "  "}
+                               for i, cid in enumerate(ids)]))
+    with pytest.raises(InputError) as err:
+        score_subtask3(sub, key_path, xml)
+    assert str(err.value) == (f"{sub}: case {ids[0]}: prediction has no tokens after 13a tokenization "
+                              "(the official BLEU cannot score it)")
+
+
+def test_score_relevance_needs_cases():
+    from metrics.relevance import score_relevance
+
+    with pytest.raises(ValueError, match="^no cases to score$"):
+        score_relevance({}, {})
