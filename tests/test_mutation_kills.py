@@ -682,3 +682,13 @@ def test_score_relevance_needs_cases():
 
     with pytest.raises(ValueError, match="^no cases to score$"):
         score_relevance({}, {})
+
+
+def test_relevance_loss_is_zero_without_labelled_notes():
+    from training.joint import LossSettings, alignment_losses
+
+    head = _FixedHead([torch.tensor([[0.5, -1.0]])], rel_logits=torch.tensor([3.0, -2.0], requires_grad=True))
+    out = alignment_losses(head, torch.zeros(1), _batch([1.0, 0.0], [True], rel_mask=[False, False]),
+                           LossSettings())
+    assert float(out["relevance"]) == 0.0 and out["relevance"].requires_grad
+
