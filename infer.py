@@ -14,12 +14,13 @@ Tune a retrieval ensemble with
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from pathlib import Path
 
 from plumbing.console import hide_progress_bars, quiet_library_noise
-from plumbing.errors import CliParser, InputError, exit_on_input_error, exit_on_interrupt
+from plumbing.errors import CliParser, DeprecatedAlias, InputError, exit_on_input_error, exit_on_interrupt
+from plumbing.ranges import GENERATION_BATCH, LINKS_PER_ANSWER, MAX_NEW_TOKENS, MEMORY_GB, PROBABILITY, PROMPT_TOKENS
+from model.locate import check_model_options
 
 
 def _subtasks(value: str) -> tuple[int, ...]:
@@ -32,70 +33,43 @@ def _subtasks(value: str) -> tuple[int, ...]:
     return items
 
 
-def _positive(value: str) -> int:
-    n = int(value)
-    if n < 1:
-        raise argparse.ArgumentTypeError("must be >= 1")
-    return n
-
-
-def _finite_number(low: float, high: float = math.inf, *, above_low: bool = False):
-    """An argparse type: a finite float in [low, high] (in (low, high] with ``above_low``)."""
-    bounds = f"{'(' if above_low else '['}{low:g}, {high:g}]"
-
-    def parse(value: str) -> float:
-        try:
-            x = float(value)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a number in {bounds}, got {value!r}") from None
-        if not (math.isfinite(x) and (x > low if above_low else x >= low) and x <= high):
-            raise argparse.ArgumentTypeError(f"must be a finite number in {bounds}, got {value!r}")
-        return x
-
-    return parse
-
-
-_probability = _finite_number(0.0, 1.0)
-_positive_float = _finite_number(0.0, above_low=True)
-
-
-class _DeprecatedAlias(argparse.Action):
-    """An old option name that still works for one release and says so once on stderr."""
-
-    def __call__(self, parser, namespace, values, option_string=None):
-        print(f"note: {option_string} is deprecated; use --export (the old name goes in the next release)",
-              file=sys.stderr)
-        setattr(namespace, self.dest, values)
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = CliParser(prog="infer.py", description=__doc__.split("\n\n")[0])
     p.add_argument("xml", type=Path, help="official cases XML (with <answer_sentences> for Subtask 4, or give --key)")
     p.add_argument("--out", required=True, help="output folder (refused if it holds an earlier run, unless --overwrite)")
     p.add_argument("--overwrite", action="store_true", help="replace the whole output set of an earlier run in --out")
     p.add_argument("--export", type=Path, help="export folder (RUN/export, or the run folder); omit for the baseline")
-    p.add_argument("--checkpoint", type=Path, dest="export", action=_DeprecatedAlias,
+    p.add_argument("--checkpoint", type=Path, dest="export", action=DeprecatedAlias,
                    help="deprecated alias of --export (removed in the next release)")
     p.add_argument("--key", type=Path, help="key JSON: answer sentences for Subtask 4, and scores after writing")
     p.add_argument("--subtasks", type=_subtasks,
                    help="comma-separated, default 2,3,4 (2 skipped, with a warning, for an export without a "
                         "calibrated relevance threshold)")
-    p.add_argument("--relevance-threshold", type=_probability,
-                   help="Subtask 2 threshold (default: the export's calibrated one; baseline 0.5)")
+    p.add_argument("--relevance-threshold", type=PROBABILITY.argtype(),
+                   help=PROBABILITY.help("Subtask 2 threshold (default: the export's calibrated one; baseline 0.5)"))
     p.add_argument("--aligner", choices=("retrieval", "head"),
                    help="Subtask 4 aligner (default: head with --export, retrieval without)")
     p.add_argument("--ensemble", type=Path, help="retrieval ensemble JSON (default configs/retrieval.json)")
-    p.add_argument("--max-links-per-answer", type=_positive, help="cap on evidence sentences per answer sentence")
+    p.add_argument("--max-links-per-answer", type=LINKS_PER_ANSWER.argtype(),
+                   help=LINKS_PER_ANSWER.help("cap on evidence sentences per answer sentence (default: no cap)"))
     p.add_argument("--top1-fallback", action="store_true",
                    help="link an answer sentence's best note sentence when nothing passes the threshold")
-    p.add_argument("--batch-size", type=_positive, default=None,
-                   help="at most this many prompts generated together (with --export only; default: as many as "
-                        "GPU memory allows)")
-    p.add_argument("--max-new-tokens", type=_positive, default=100, help="generation budget (with --export only)")
-    p.add_argument("--base", help="base model id or folder for the export (default: the manifest's)")
-    p.add_argument("--max-memory-gb", type=_positive_float, default=None,
-                   help="use at most this much GPU memory (a shared or smaller card); batch sizes and whether "
-                        "the adapter is merged into dense weights follow from it")
+    p.add_argument("--batch-size", type=GENERATION_BATCH.argtype(), default=None,
+                   help=GENERATION_BATCH.help("at most this many prompts generated together (with --export only; "
+                                              "default: as many as GPU memory allows)"))
+    p.add_argument("--max-new-tokens", type=MAX_NEW_TOKENS.argtype(), default=100,
+                   help=MAX_NEW_TOKENS.help("generation budget (with --export only; default 100)"))
+    p.add_argument("--max-prompt-tokens", type=PROMPT_TOKENS.argtype(), default=None,
+                   help=PROMPT_TOKENS.help("tokens one case may take, prompt plus answer (with --export only; "
+                                           "default: the model's context); a longer note is cut to the sentences "
+                                           "that fit, said and recorded in run.json"))
+    p.add_argument("--base", help="base model: a local folder or a cached hub id, for the export (default: the "
+                                  "manifest's); train.py and score.py cv spell it --base too")
+    p.add_argument("--base_path", "--base-path", dest="base", action=DeprecatedAlias, help=argparse.SUPPRESS)
+    p.add_argument("--max-memory-gb", type=MEMORY_GB.argtype(), default=None,
+                   help=MEMORY_GB.help("use at most this much GPU memory (a shared or smaller card); batch sizes "
+                                       "and whether the adapter is merged into dense weights follow from it (default: all the card's "
+                                        "free memory)"))
     p.add_argument("--device", help="torch device for the export (default: cuda if available)")
     p.add_argument("--no-progress", action="store_true", help="hide every progress bar, model loading included")
     p.add_argument("--verbose", action="store_true", help="show library warnings that are hidden by default")
@@ -111,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if not args.out.strip():
         raise InputError("--out must name a folder (got ''); the working directory is not used")
+    check_model_options(args.device, args.base)  # one line in seconds, before any work
     quiet_library_noise(verbose=args.verbose)  # before bitsandbytes is imported (it logs at import)
     if args.no_progress:
         hide_progress_bars()
@@ -122,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         top1_fallback=args.top1_fallback, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
         base=args.base, device=args.device, progress=not args.no_progress, allow_train_cases=args.allow_train_cases,
         relevance_threshold=args.relevance_threshold, max_memory_gb=args.max_memory_gb, overwrite=args.overwrite,
+        max_prompt_tokens=args.max_prompt_tokens,
     ))
     return 0
 

@@ -22,8 +22,11 @@ from pathlib import Path
 
 from plumbing.atomic import check_file_target, write_json_atomic
 from plumbing.errors import CliParser, exit_on_input_error, exit_on_interrupt
-from data.submission import MAX_WORDS
+from plumbing.ranges import FOLDS, MAX_NEW_TOKENS, RESAMPLES, SEED
+from model.locate import check_model_options
+from data.submission import MAX_WORDS, read_submission
 from metrics.alignment import SCORE_KEYS
+from metrics.case_sets import same_cases, unique_case_ids
 from metrics.relevance import SCORE_KEYS as ST2_SCORE_KEYS
 from metrics.subtask2 import score_subtask2
 from metrics.subtask3 import score_subtask3
@@ -53,7 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = CliParser(
         prog="score.py", description="Score ArchEHR-QA Subtask 2 / 3 / 4 submissions locally."
     )
-    parser.add_argument("--subtask", type=int, choices=(2, 3, 4), help="which subtask to score")
+    parser.add_argument("--subtask", type=int, choices=(2, 3, 4),
+                        help="which subtask to score (required to score a submission)")
     parser.add_argument("--submission", type=Path, help="submission.json or the .zip holding it")
     parser.add_argument("--key", type=Path, help="the key JSON (archehr-qa_key.json)")
     parser.add_argument("--xml", type=Path, help="the cases XML (Subtask 3: narratives are the SARI source)")
@@ -89,17 +93,21 @@ def _add_cv_parser(commands) -> None:
                          "cross-validation there is refused unless --overwrite")
     cv.add_argument("--overwrite", action="store_true",
                     help="replace the whole output set of an earlier cross-validation in --out")
-    cv.add_argument("--folds", type=int, default=5, help="number of folds (= number of cases: leave-one-case-out)")
-    cv.add_argument("--preset", default="tiny", help="model preset of the task stage (default: tiny)")
+    cv.add_argument("--folds", type=FOLDS.argtype(), default=5,
+                    help=FOLDS.help("number of folds (= number of cases: leave-one-case-out; default 5)"))
+    cv.add_argument("--preset", default="tiny", help="model preset of the task stage (default: %(default)s)")
     cv.add_argument("--init", help="domain-stage run or export folder to start each fold from (default: fresh)")
     cv.add_argument("--config", type=Path, help="task-stage TOML (default: configs/task.toml)")
     cv.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE",
                     help="override a training setting, e.g. --set max_steps=2 (repeatable; same as --max_steps 2)")
     cv.add_argument("--systems", nargs="+", default=list(ALL_SYSTEMS), choices=list(ALL_SYSTEMS),
                     metavar="SYSTEM", help=f"systems to evaluate (default: all of {', '.join(ALL_SYSTEMS)})")
-    cv.add_argument("--seed", type=int, default=0, help="fold assignment, training and bootstrap seed")
-    cv.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples (default 1000)")
-    cv.add_argument("--max-new-tokens", type=int, default=100, help="generation length of the model's answers")
+    cv.add_argument("--seed", type=SEED.argtype(), default=0,
+                    help=SEED.help("fold assignment, training and bootstrap seed (default 0)"))
+    cv.add_argument("--resamples", type=RESAMPLES.argtype(), default=1000,
+                    help=RESAMPLES.help("bootstrap resamples (default 1000)"))
+    cv.add_argument("--max-new-tokens", type=MAX_NEW_TOKENS.argtype(), default=100,
+                    help=MAX_NEW_TOKENS.help("generation length of the model's answers (default 100)"))
     cv.add_argument("--no-generate", action="store_true", help="skip the model's Subtask 3 answers")
     cv.add_argument("--device", help="device for the trained model (default: cuda if available)")
     cv.add_argument("--eval-on-train", action="store_true",
@@ -128,6 +136,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _cv_command(args: argparse.Namespace) -> int:
+    check_model_options(args.device, None)  # one line in seconds, before any work (or heavy import)
     from evaluation.cv import CVOptions, print_summary, run_cv
 
     quiet_library_noise(verbose=args.verbose)
@@ -151,12 +160,25 @@ def _score_command(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
         check_file_target(args.json_out, [args.submission, args.key, args.xml], "--json")
     if args.subtask == 3 and args.xml is None:
         parser.error("--subtask 3 needs --xml (the patient narrative is the SARI source)")
+    _check_case_sets(args)  # first: a test-set submission against the dev key is not about training cases
     training = _training_cases_scored(args)  # refused here, before any scoring or writing
     if args.subtask == 2:
         return _score_subtask2_command(args, training)
     if args.subtask == 4:
         return _score_subtask4_command(args, training)
     return _score_subtask3_command(args, training)
+
+
+def _check_case_sets(args: argparse.Namespace) -> None:
+    """The submission's case ids are the key's (one line with counts and first ids otherwise)."""
+    from data.archehr import load_cases, load_key
+
+    if args.subtask == 3:  # the cases scored are the key's, read with their XML (which must hold them)
+        expected = [c.case_id for c in load_cases(args.xml, args.key) if c.has_key]
+    else:
+        expected = list(load_key(args.key))
+    entries = read_submission(args.submission, args.subtask)
+    same_cases(unique_case_ids(entries, args.submission), expected, args.submission, args.key)
 
 
 def _training_cases_scored(args: argparse.Namespace) -> list[str]:

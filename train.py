@@ -4,6 +4,7 @@
     python train.py --stage task --joint --preset tiny --init runs/domain \\
         --xml archehr-qa.xml --key archehr-qa_key.json --out runs/task
     python train.py --resume runs/task            # continue from the latest checkpoint
+    python train.py export runs/task --merged     # + RUN/export/merged: a plain HF model folder (bf16)
 
 Each stage starts from its preset TOML (configs/STAGE.toml, next to this file; ``--config FILE``
 for your own) and any key below can be overridden as ``--key value`` (``--flag`` alone = true).
@@ -14,13 +15,16 @@ for your own) and any key below can be overridden as ``--key value`` (``--flag``
     --print-config    print the resolved config (TOML) on stdout and exit; writes nothing
     --no-progress     hide every progress bar, model loading included (= --progress false)
     --verbose         show library warnings that are hidden by default
+
+``train.py export RUN --merged`` merges the adapter into the base (dequantised as trained) and
+writes a standard Hugging Face folder for serving engines (``train.py export --help``).
 """
 from __future__ import annotations
 
 import sys
 
 from plumbing.console import hide_progress_bars, quiet_library_noise
-from plumbing.errors import InputError, exit_on_input_error, exit_on_interrupt
+from plumbing.errors import CliParser, DeprecatedAlias, InputError, exit_on_input_error, exit_on_interrupt
 from training.config import build_config, parse_overrides
 
 
@@ -58,14 +62,53 @@ def split_flags(argv: list[str]) -> tuple[set[str], list[str]]:
 def usage() -> str:
     from training.config_docs import config_keys_help
 
-    return (f"{__doc__.rstrip()}\n\nconfig keys (type, dataclass default, meaning; the stage's TOML sets some, "
-            f"--print-config shows the resolved values):\n{config_keys_help()}\n")
+    return (f"{__doc__.rstrip()}\n\nconfig keys (type, the default of each stage: configs/STAGE.toml over the "
+            f"built-in value; --print-config shows a run's resolved values):\n{config_keys_help()}\n")
+
+
+def export_parser():
+    import argparse
+
+    p = CliParser(prog="train.py export", description=(
+        "Write a merged model folder of a finished run: the adapter merged into the base (NF4 bases "
+        "dequantised as trained), config, tokenizer, greedy generation config and sharded safetensors; "
+        "loads with AutoModelForCausalLM.from_pretrained and serves with vLLM or SGLang. The alignment "
+        "head stays in the export (infer.py --export applies it)."))
+    p.add_argument("run", help="run folder (uses RUN/export) or export folder")
+    p.add_argument("--merged", action="store_true", required=True, help="write the merged model folder")
+    p.add_argument("--out", help="output folder (default: EXPORT/merged; an earlier merged folder is replaced)")
+    p.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16",
+                   help="weights dtype (default: %(default)s)")
+    p.add_argument("--max_shard_size", default="5GB", help="largest safetensors shard (default: %(default)s)")
+    p.add_argument("--base", help="local folder or hub id of the base (default: the manifest's)")
+    p.add_argument("--base_path", "--base-path", dest="base", action=DeprecatedAlias, help=argparse.SUPPRESS)
+    p.add_argument("--device", help="torch device for the merge (default: cuda if available)")
+    p.add_argument("--cv", help="a score.py cv run folder: its held-out scores go into the model cards' "
+                                "model-index (merged/README.md and the export's README.md)")
+    return p
+
+
+def export_main(argv: list[str]) -> int:
+    args = export_parser().parse_args(argv)
+    quiet_library_noise(verbose=False)
+    from model.export_folder import read_cv_ladder, refresh_model_card
+    from model.merged_export import export_merged
+
+    ladder = read_cv_ladder(args.cv) if args.cv else None
+    folder = export_merged(args.run, args.out, base=args.base, device=args.device, dtype=args.dtype,
+                           max_shard_size=args.max_shard_size, ladder=ladder)
+    if ladder is not None:
+        refresh_model_card(args.run, ladder)
+    print(f"merged: {folder}")  # the result, on stdout
+    return 0
 
 
 @exit_on_interrupt
 @exit_on_input_error
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "export":
+        return export_main(argv[1:])
     if not argv or "-h" in argv or "--help" in argv:
         print(usage())
         return 0
@@ -100,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     if not cfg.progress:
         hide_progress_bars()
     from training.interrupt import deferred_stops, interrupted_message
-    from training.loop import run_training
+    from training.run import run_training
 
     with deferred_stops() as stops:  # SIGINT/SIGTERM: checkpoint after the current step, exit 130
         result = run_training(cfg, resume=bool(resume))

@@ -24,6 +24,7 @@ from data.records import Case
 from .aligners import CrossEncoderAligner
 from .crossval import case_folds
 from .ensemble import DEFAULT_COMPONENTS, EnsembleConfig, fit_ensemble, score_components
+from plumbing.ranges import integer
 
 
 def out_of_fold_cross_scores(cases: Sequence[Case], n_folds: int = 3, epochs: int = 6, seed: int = 0) -> dict:
@@ -72,8 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--key", type=Path, required=True, help="their key JSON")
     p.add_argument("--out", type=Path, required=True, help="ensemble JSON to write")
     p.add_argument("--cross-encoder", action="store_true", help="also fine-tune a MiniLM cross-encoder (slower)")
-    p.add_argument("--epochs", type=int, default=6, help="cross-encoder epochs")
-    p.add_argument("--folds", type=int, default=3, help="folds for the cross-encoder's out-of-fold scores")
+    p.add_argument("--epochs", default=6, **integer(1, 10_000).option("cross-encoder epochs"))
+    p.add_argument("--folds", default=3,
+                   **integer(2, 10_000).option("folds for the cross-encoder's out-of-fold scores"))
     return p
 
 

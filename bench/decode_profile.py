@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from plumbing.ranges import integer, number
 
 from plumbing.atomic import check_out_folder
 from plumbing.errors import CliParser, exit_on_input_error
@@ -149,17 +150,27 @@ def profile_table(step, device: torch.device, reps: int = 3) -> dict:
 def main(argv: list[str] | None = None) -> int:
     p = CliParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="qwen3-4b-random")
-    p.add_argument("--rows", type=int, default=48)
-    p.add_argument("--width", type=int, default=1600, help="prompt tokens (bucketed as the decoder does)")
-    p.add_argument("--new", type=int, default=100, help="max new tokens: sets the cache length")
-    p.add_argument("--bandwidth-tbs", type=float, default=3.35, help="memory bandwidth for the floor (H100 SXM)")
+    p.add_argument("--rows", default=48, **integer(1, 4096).option())
+    p.add_argument("--width", default=1600,
+                   **integer(1, 131_072).option("prompt tokens (bucketed as the decoder does)"))
+    p.add_argument("--new", default=100, **integer(1, 8192).option("max new tokens: sets the cache length"))
+    p.add_argument("--bandwidth-tbs", default=3.35,
+                   **number(0, 100, lo_open=True).option("memory bandwidth for the floor (H100 SXM)"))
     p.add_argument("--out", default="bench/results")
     args = p.parse_args(argv)
     check_out_folder(Path(args.out))  # before any work
 
-    from model.backbone import build_random_base, decoder, resolve_preset
-    from model.decoding import MATMUL, DecodeBatch, bucket_width, choose_decode_attention, kv_bytes_per_token
     from inference.memory import dense_weight_bytes
+    from model.backbone import build_random_base, decoder, resolve_preset
+    from model.decoding import (
+        MATMUL,
+        DecodeBatch,
+        bucket_width,
+        choose_decode_attention,
+        head_dim_of,
+        kv_bytes_per_token,
+    )
+    from model.packed import choose_packed_attention
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -183,7 +194,10 @@ def main(argv: list[str] | None = None) -> int:
                     "cache_slots": batch.total, "build_s": round(build_s, 1)}
     with torch.no_grad():
         t0 = time.perf_counter()
-        batch.prefill(ids.to(device), mask.to(device), max(1, 16384 // width))
+        seqs = [row[m.bool()].tolist() for row, m in zip(ids, mask)]
+        attention = choose_packed_attention(device, dtype, cfg.num_attention_heads, cfg.num_key_value_heads,
+                                            head_dim_of(cfg))[0]
+        batch.prefill(seqs, [len(x) for x in seqs], 16384, attention)
         if device.type == "cuda":
             torch.cuda.synchronize()
         result["prefill_s"] = round(time.perf_counter() - t0, 3)

@@ -19,6 +19,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from plumbing.ranges import MAX_NEW_TOKENS, integer, number
 
 from plumbing.atomic import check_out_folder
 from plumbing.errors import CliParser, exit_on_input_error
@@ -101,52 +102,40 @@ def train_rates(run_dir: Path, skip: int) -> dict:
 # --- the journey ---------------------------------------------------------------------------------
 
 
-@exit_on_input_error
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = CliParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--out", default="bench/results", help="folder for the JSON result")
     p.add_argument("--work", default="/tmp/journey", help="scratch folder for data and runs (emptied first)")
     p.add_argument("--preset", default="qwen3-4b-random")
-    p.add_argument("--cap-gb", type=float, default=16.0, help="memory cap per process (0 = none)")
-    p.add_argument("--domain-steps", type=int, default=200)
-    p.add_argument("--batch-tokens", type=int, default=16384)
-    p.add_argument("--records", type=int, default=5200, help="synthetic emrQA records")
-    p.add_argument("--task-cases", type=int, default=120)
-    p.add_argument("--task-epochs", type=int, default=1)
-    p.add_argument("--infer-cases", type=int, default=147)
-    p.add_argument("--max-new-tokens", type=int, default=100)
+    p.add_argument("--cap-gb", default=16.0, **number(0, 4096).option("memory cap per process (0 = none)"))
+    p.add_argument("--domain-steps", default=200, **integer(1, 10**6).option())
+    p.add_argument("--batch-tokens", default=16384, **integer(1, 2**24).option())
+    p.add_argument("--records", default=5200, **integer(1, 10**7).option("synthetic emrQA records"))
+    p.add_argument("--task-cases", default=120, **integer(1, 10**6).option())
+    p.add_argument("--task-epochs", default=1, **integer(1, 10_000).option())
+    p.add_argument("--infer-cases", default=147, **integer(1, 10**6).option())
+    p.add_argument("--max-new-tokens", default=100, **MAX_NEW_TOKENS.option())
     p.add_argument("--tiny", action="store_true", help="tiny sizes (with --preset tiny: a CPU check)")
     p.add_argument("--stages", default="domain,task,infer",
                    help="stages to run; without domain, --work must hold an earlier call's data and runs "
                         "(the journey outlasts one 10-minute device command: split it over two on one machine)")
-    args = p.parse_args(argv)
-    check_out_folder(Path(args.out))  # before any work
-    stages = [s for s in args.stages.split(",") if s]
-    if not stages or any(s not in ("domain", "task", "infer") for s in stages):
-        p.error(f"--stages takes some of domain,task,infer, got {args.stages!r}")
-    if args.child:
-        return run_child(json.loads(args.child))
+    return p
 
+
+def prepare_work(args: argparse.Namespace, stages: list[str], p: argparse.ArgumentParser) -> float:
+    """Synthetic data (a fresh journey) and the random base on disk; returns the seconds it took."""
     import shutil
-
-    import torch
 
     from bench.scaling import synthetic_emrqa
     from bench.synthetic import keyed_cases, write_keyed_cases
 
-    if args.tiny:
-        args.domain_steps, args.batch_tokens, args.records = 3, 2048, 24
-        args.task_cases, args.infer_cases, args.max_new_tokens = 4, 3, 8
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    cap = args.cap_gb or None
-    work = Path(args.work)
     t0 = time.perf_counter()
-    emrqa = work / "emrqa.jsonl"
+    work = Path(args.work)
     if "domain" in stages:  # a fresh journey: new data
         shutil.rmtree(work, ignore_errors=True)
         work.mkdir(parents=True)
-        synthetic_emrqa(emrqa, args.records)
+        synthetic_emrqa(work / "emrqa.jsonl", args.records)
         write_keyed_cases(keyed_cases(args.task_cases, seed=11), work / "train.xml", work / "train_key.json")
         write_keyed_cases(keyed_cases(args.infer_cases, seed=12), work / "test.xml", work / "test_key.json",
                           answers_in_xml=True)  # Subtask 4 needs answer sentences; no --key, so no scoring
@@ -156,40 +145,30 @@ def main(argv: list[str] | None = None) -> int:
     subprocess.run([sys.executable, "-c", "import torch; from model.backbone import save_random_base as s, "
                     "random_base_cache_dir as d\nwith torch.device('cuda' if torch.cuda.is_available() else 'cpu'):"
                     f" s('{args.preset}', d('{args.preset}'))"], cwd=ROOT, check=True)
-    setup_s = time.perf_counter() - t0
+    return time.perf_counter() - t0
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S")
-    path = out / f"journey-{stamp}.json"
-    result = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "preset": args.preset,
-              "device": torch.cuda.get_device_name(0) if device == "cuda" else "cpu", "cap_gb": cap,
-              "setup_s": round(setup_s, 1), "stages": [],
-              "settings": {k: v for k, v in vars(args).items() if k != "child"}, "passed": False}
 
-    def save() -> None:  # after every stage: a run cut short still leaves its numbers
-        path.write_text(json.dumps(result, indent=2), encoding="utf-8")
-
-    save()
+def run_stages(args: argparse.Namespace, stages: list[str], device: str, save) -> list[dict]:
+    """Domain, task and infer in turn (those asked for), each after the one before succeeded."""
+    work, cap = Path(args.work), args.cap_gb or None
     common = ["--preset", args.preset, "--progress", "false", "--plot", "false", "--save_every", "0"]
-    rows = result["stages"]
-    domain = work / "domain"
+    rows: list[dict] = []
+    domain, task = work / "domain", work / "task"
     row: dict = {}
     if "domain" in stages:
-        row = _domain_stage(args, work, emrqa, domain, common, cap, device)
+        row = _domain_stage(args, work, work / "emrqa.jsonl", domain, common, cap, device)
         rows.append(row)
-        save()
-    task = work / "task"
+        save(rows)
     if "task" in stages and "error" not in row:
         row = _task_stage(args, work, domain, task, common, cap, device)
         rows.append(row)
-        save()
+        save(rows)
     if "infer" in stages and "error" not in row:
-        row = _infer_stage(args, work, task, cap, device)
-        rows.append(row)
+        rows.append(_infer_stage(args, work, task, cap, device))
+    return rows
 
-    result["passed"] = all("error" not in r for r in rows) and len(rows) == len(stages)
-    save()
+
+def print_summary(rows: list[dict], path: Path) -> None:
     print("\n| stage | wall (s) | tokens/s | peak alloc GB | peak reserved GB | notes |\n|---|---|---|---|---|---|")
     for r in rows:
         rate = r.get("tokens_per_s_steady") or r.get("decode_tokens_per_s")
@@ -197,6 +176,43 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {r['stage']} | {r.get('wall_s')} | {rate} | {r.get('peak_allocated_gb')} | "
               f"{r.get('peak_reserved_gb')} | {note} |")
     print(f"wrote {path}")
+
+
+@exit_on_input_error
+def main(argv: list[str] | None = None) -> int:
+    p = build_parser()
+    args = p.parse_args(argv)
+    check_out_folder(Path(args.out))  # before any work
+    stages = [s for s in args.stages.split(",") if s]
+    if not stages or any(s not in ("domain", "task", "infer") for s in stages):
+        p.error(f"--stages takes some of domain,task,infer, got {args.stages!r}")
+    if args.child:
+        return run_child(json.loads(args.child))
+    import torch
+
+    if args.tiny:
+        args.domain_steps, args.batch_tokens, args.records = 3, 2048, 24
+        args.task_cases, args.infer_cases, args.max_new_tokens = 4, 3, 8
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    setup_s = prepare_work(args, stages, p)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S")
+    path = out / f"journey-{stamp}.json"
+    result = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "preset": args.preset,
+              "device": torch.cuda.get_device_name(0) if device == "cuda" else "cpu", "cap_gb": args.cap_gb or None,
+              "setup_s": round(setup_s, 1), "stages": [],
+              "settings": {k: v for k, v in vars(args).items() if k != "child"}, "passed": False}
+
+    def save(rows: list[dict]) -> None:  # after every stage: a run cut short still leaves its numbers
+        result["stages"] = rows
+        path.write_text(json.dumps(result, indent=2), encoding="utf-8")
+
+    save([])
+    rows = run_stages(args, stages, device, save)
+    result["passed"] = all("error" not in r for r in rows) and len(rows) == len(stages)
+    save(rows)
+    print_summary(rows, path)
     return 0 if result["passed"] else 1
 
 
@@ -232,8 +248,8 @@ def _infer_stage(args, work: Path, task: Path, cap, device) -> dict:
         fast = run.get("fast_inference") or {}
         new_tokens = (fast.get("decode") or {}).get("new_tokens")
         row.update(timings_s=timings, memory=run.get("memory"), new_tokens=new_tokens,
-                   decode_tokens_per_s=round(new_tokens / timings["subtask3"], 1)
-                   if new_tokens and timings.get("subtask3") else None,
+                   decode_tokens_per_s=round(new_tokens / timings.get("model", timings.get("subtask3")), 1)
+                   if new_tokens and timings.get("model", timings.get("subtask3")) else None,
                    cuda_graph=(fast.get("decode") or {}).get("cuda_graph"),
                    gen_batches=(fast.get("decode") or {}).get("batches"),
                    alignment=fast.get("alignment"), relevance=fast.get("relevance"),

@@ -33,6 +33,7 @@ sys.path.insert(0, str(ROOT))
 from plumbing.atomic import check_out_folder  # noqa: E402
 from plumbing.errors import CliParser, exit_on_input_error  # noqa: E402
 from bench.scaling import NCCL_ENV, collect_rank_logs, launch_prefix, read_rows, run_with_timeout  # noqa: E402
+from plumbing.ranges import integer, number  # noqa: E402
 
 TINY = ["--stage", "domain", "--preset", "tiny", "--data", str(ROOT / "examples" / "emrqa_sample.jsonl"),
         "--batch_tokens", "1000", "--max_length", "512", "--epochs", "3", "--joint", "true",
@@ -115,10 +116,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=os.environ.get("OUT", "bench/results"))
     p.add_argument("--work", default="/tmp/multigpu")
     p.add_argument("--parts", nargs="+", default=["scaling", "resume", "fsdp"])
-    p.add_argument("--budget_s", type=float, default=510, help="a part that cannot start in time is skipped")
-    p.add_argument("--steps", type=int, default=20, help="scaling: optimizer steps per run")
-    p.add_argument("--skip", type=int, default=8, help="scaling: first steps dropped (compile, warm-up)")
-    p.add_argument("--records", type=int, default=1200)
+    p.add_argument("--budget_s", default=510,
+                   **number(0, 86_400, lo_open=True).option("a part that cannot start in time is skipped"))
+    p.add_argument("--steps", default=20, **integer(1, 10**6).option("scaling: optimizer steps per run"))
+    p.add_argument("--skip", default=8, **integer(0, 10**6).option("scaling: first steps dropped (compile, warm-up)"))
+    p.add_argument("--records", default=1200, **integer(1, 10**7).option())
     args = p.parse_args(argv)
     check_out_folder(Path(args.out))  # before any work
 

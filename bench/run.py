@@ -16,7 +16,6 @@ cards (``torch.cuda.set_per_process_memory_fraction``), with load, capture and d
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime as dt
 import gc
 import json
@@ -33,6 +32,7 @@ from bench.synthetic import inference_cases, training_examples
 from plumbing.atomic import check_out_folder
 from plumbing.errors import CliParser, exit_on_input_error
 from data.prompts import IGNORE_INDEX
+from plumbing.ranges import integer
 
 
 @dataclass
@@ -47,6 +47,8 @@ class StepVariant:
     lm_chunk: int = 10**9  # answer-token CE chunk (10**9 = one chunk, no recompute)
     lora_dropout: float = 0.05
     compile_layers: bool = False
+    grad_accum: int = 1
+    quantise: bool = True  # NF4 base; False = bf16 base (``--load_in_4bit false``)
 
 
 VARIANTS = [
@@ -59,6 +61,21 @@ VARIANTS = [
     StepVariant("+ LoRA dropout 0 (16k)", "tokens", autocast=True, keep_bf16=True, lm_chunk=1024, lora_dropout=0.0),
     StepVariant("+ torch.compile per decoder layer (dropout 0.05)", "tokens", autocast=True, keep_bf16=True,
                 lm_chunk=1024, compile_layers=True),
+    StepVariant("bf16 base (--load_in_4bit false), otherwise as 7", "tokens", autocast=True, keep_bf16=True,
+                lm_chunk=1024, compile_layers=True, quantise=False),
+]
+
+# The task stage (--joint) on synthetic ArchEHR-QA cases, through the same step: today's
+# configs/task.toml (one case per forward, 4 micro-batches a step) and token-budget batches.
+TASK_VARIANTS = [
+    StepVariant("task: one case per forward, grad_accum 4 (task.toml before issue 21)", "rows", rows=1,
+                autocast=True, keep_bf16=True, lm_chunk=1024, compile_layers=True, grad_accum=4),
+    StepVariant("task: 4k-token batches", "tokens", max_tokens=4096, autocast=True, keep_bf16=True, lm_chunk=1024,
+                compile_layers=True),
+    StepVariant("task: 8k-token batches (task.toml now)", "tokens", max_tokens=8192, autocast=True, keep_bf16=True,
+                lm_chunk=1024, compile_layers=True),
+    StepVariant("task: 16k-token batches", "tokens", max_tokens=16384, autocast=True, keep_bf16=True, lm_chunk=1024,
+                compile_layers=True),
 ]
 
 
@@ -102,15 +119,6 @@ def release() -> None:
 # --- our step --------------------------------------------------------------------------
 
 
-def our_batches(examples, variant: StepVariant, seq_len: int) -> list[list[int]]:
-    from training.batching import token_budget_batches
-
-    lengths = [len(e.input_ids) for e in examples]
-    if variant.batching == "rows":
-        return [list(range(i, i + variant.rows)) for i in range(0, len(examples) - variant.rows + 1, variant.rows)]
-    return token_budget_batches(lengths, variant.max_tokens, seed=0)
-
-
 def load_ours(model_dir: str, preset: str, device: torch.device, quantise: bool, keep_bf16: bool, checkpointing: bool,
               lora_dropout: float = 0.05, compile_layers: bool = False):
     from heads.alignment import NotePairHead
@@ -140,41 +148,100 @@ def our_reference_loss(model, examples, device) -> float:
     from training.data import TrainItem
 
     batch = {k: v.to(device) for k, v in collate([TrainItem(e) for e in examples], pad_id=0).items()}
-    with torch.autocast(device.type, dtype=torch.bfloat16):
+    # Eager: a no-grad call of the compiled layers would compile a second set of graphs, outside any row.
+    with torch.autocast(device.type, dtype=torch.bfloat16), torch.compiler.set_stance("force_eager"):
         return float(model(batch)["lm"])
 
 
-def run_ours(model, examples, variant: StepVariant, seq_len: int, steps: int, warmup: int, device) -> dict:
-    from training.batching import collate
-    from training.data import TrainItem
+def loop_config(variant: StepVariant, stage: str = "domain"):
+    """The TrainConfig a user would run this variant with (constant lr: the schedule is not timed)."""
+    from training.config import TrainConfig
 
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-4)
-    batches = our_batches(examples, variant, seq_len)[: steps + warmup]
-    items = [TrainItem(e) for e in examples]
-    amp = torch.autocast(device.type, dtype=torch.bfloat16) if variant.autocast else contextlib.nullcontext()
-    from training import joint
+    tokens = variant.batching == "tokens"
+    return TrainConfig(stage=stage, joint=True, bf16=variant.autocast, batch_tokens=variant.max_tokens if tokens else 0,
+                       batch_size=variant.rows, group_by_length=False, grad_accum=variant.grad_accum, lr=1e-4,
+                       warmup_ratio=0.0, schedule="constant", log_every=10**9)
+
+
+def make_trainer(model, items, cfg):
+    """The :class:`training.loop.Trainer` train.py builds (training.run's own pieces), minus the run folder."""
+    from training.hooks import train_hooks
+    from training.loop import Trainer
+    from training.run import make_accelerator, make_optimizer, make_sampler, make_scheduler
+
+    accelerator, _ = make_accelerator(cfg)
+    optimizer = make_optimizer(model, cfg)
+    sampler = make_sampler(items, cfg)
+    wrapped, optimizer = accelerator.prepare(model, optimizer)
+    total = 10**6
+    return Trainer(cfg, Path("/tmp/bench-loop"), accelerator, wrapped, model, optimizer,
+                   make_scheduler(optimizer, cfg, total), sampler, list(items), 0, total, train_hooks())
+
+
+def step_groups(t, n: int) -> list:
+    """The first ``n`` optimizer steps' micro-batches, in train.py's order (epochs repeat as needed)."""
+    from training import loop
+    from training.batching import rank_micro_batches
+
+    groups, epoch = [], 0
+    while len(groups) < n:
+        groups += list(loop.optimizer_steps(rank_micro_batches(t.sampler.batches(epoch), 0, 1, 0, t.cfg.grad_accum)))
+        epoch += 1
+    return groups[:n]
+
+
+EXTRA_WARMUP = 6
+
+
+def run_ours(model, items, variant: StepVariant, steps: int, warmup: int, device, stage: str = "domain") -> dict:
+    """Time ``training.loop.train_step``, the step train.py's loop runs, on ``items``: ``warmup``
+    steps first, more while a step still compiles (compilation lands there: ``warmup_s``), then
+    ``steps`` timed ones; ``recompiles`` counts graphs compiled during the timed steps
+    (``torch._dynamo`` counters)."""
+    from training import joint, loop
 
     joint.LM_CHUNK_TOKENS = variant.lm_chunk
+    t = make_trainer(model, items, loop_config(variant, stage))
+    state = loop.LoopState()
+    params = [p for group in t.optimizer.param_groups for p in group["params"]]
+    t.model.train()
     reset_peak(device)
-    times, lengths, supervised, losses = [], [], 0, []
-    for k, idx in enumerate(batches):
-        batch = {key: v.to(device) for key, v in collate([items[i] for i in idx], pad_id=0).items()}
+    graphs_start = loop.compiled_graphs()
+    times, lengths, supervised, warm_s, graphs_timed = [], [], 0, 0.0, None
+    # Warm up for at least ``warmup`` steps and on while a step still compiles (at most
+    # EXTRA_WARMUP more): on the H200 run of 2026-12-03 the second batch shape recompiled
+    # after 3 warm-up steps and landed in the timed steps.
+    warm_steps, compiled_last = 0, True
+    for group in step_groups(t, steps + warmup + EXTRA_WARMUP):
+        timed = warm_steps >= warmup and (not compiled_last or warm_steps >= warmup + EXTRA_WARMUP)
+        if timed and len(times) == steps:
+            break
+        if timed and graphs_timed is None:
+            graphs_timed = loop.compiled_graphs()
+        before = loop.compiled_graphs()
         sync(device)
         t0 = time.perf_counter()
-        with amp:
-            out = model(batch)
-        out["loss"].backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        loop.train_step(t, state, group, params)  # what train.py runs for each optimizer step
         sync(device)
-        losses.append(float(out["lm"]))
-        if k >= warmup:
-            times.append(time.perf_counter() - t0)
-            lengths += [len(examples[i].input_ids) for i in idx]
-            supervised += sum(sum(1 for x in examples[i].labels[1:] if x != IGNORE_INDEX) for i in idx)
-    del opt
-    return summarise(times, lengths, supervised, device, first_lm_loss=losses[0], batches=len(times))
+        took = time.perf_counter() - t0
+        if not timed:
+            warm_s += took
+            warm_steps += 1
+            compiled_last = loop.compiled_graphs() > before
+            continue
+        times.append(took)
+        for mb in group:
+            lengths += [len(items[i]) for i in mb.indices]
+            supervised += sum(sum(1 for x in items[i].encoded.labels[1:] if x != IGNORE_INDEX) for i in mb.indices)
+    row = summarise(times, lengths, supervised, device, batches=len(times), warmup_steps=warm_steps,
+                    warmup_s=round(warm_s, 1), recompiles=loop.compiled_graphs() - (graphs_timed or 0),
+                    compiled_graphs=loop.compiled_graphs() - graphs_start,
+                    tokens_per_step=round(sum(lengths) / max(len(times), 1)),
+                    first_lm_loss=round(state.window.get("lm", float("nan")) / max(state.window_micro, 1), 4))
+    t.accelerator.free_memory()
+    del t
+    release()
+    return row
 
 
 def summarise(times, lengths, supervised, device, arch=None, **extra) -> dict:
@@ -211,19 +278,26 @@ def run_textbook_column(model, examples, seq_len: int, rows: int, steps: int, wa
 # --- inference ------------------------------------------------------------------------
 
 
+def ensure_adapter(model_dir: str, preset: str, device, adapter_dir: str) -> None:
+    """A fresh LoRA saved as a user's would be, once (every inference column loads it)."""
+    from model.backbone import load_backbone
+
+    if not Path(adapter_dir, "adapter_config.json").is_file():
+        fresh = load_backbone(preset, load_in_4bit=True, device=device, base_path=model_dir, trainable=False)
+        fresh.save_pretrained(adapter_dir)
+        del fresh
+        release()
+
+
 def run_inference(model_dir: str, preset: str, device, merged: bool, n_answers: int, n_align: int,
                   max_new_tokens: int, gen_batch: int, align_batch: int, adapter_dir: str,
                   cache: str | None = None) -> dict:
     from heads.alignment import NotePairHead
     from heads.config import HeadConfig
-    from model.backbone import load_adapted, load_backbone, load_tokenizer
+    from model.backbone import load_adapted, load_tokenizer
     from model.loaded_export import LoadedExport
 
-    if not Path(adapter_dir, "adapter_config.json").is_file():  # a fresh LoRA, saved as a user's would be
-        fresh = load_backbone(preset, load_in_4bit=True, device=device, base_path=model_dir, trainable=False)
-        fresh.save_pretrained(adapter_dir)
-        del fresh
-        release()
+    ensure_adapter(model_dir, preset, device, adapter_dir)
     sync(device)
     t0 = time.perf_counter()
     load_times: dict = {}
@@ -259,40 +333,48 @@ def run_inference(model_dir: str, preset: str, device, merged: bool, n_answers: 
 
 
 def relevance_row(fast, cases, device) -> dict:
-    """Subtask 2 relevance of ``cases`` as infer.py gets it after Subtask 4 (read off the
-    alignment forwards), in its own token-budget groups, and one forward per case (the path
-    before batching): each timed, with its largest difference from the per-case path."""
+    """Subtask 2 relevance of ``cases`` on the fast engine (packed forwards of question + note)
+    and one forward per case (the plain path), each timed, with their largest difference."""
     import numpy as np
 
-    from data.prompts import encode_example, example_from_case
-    from model.head_scoring import relevance_probabilities
-
-    from inference.fast import FastCheckpoint
+    from inference.fast import FastEngine
+    from inference.predictions import case_relevance
 
     inner = fast.inner
     sync(device)
-    t0 = time.perf_counter()  # infer.py's path: read off the alignment forwards ``fast`` just ran
-    reused = fast.score_relevance_all(cases)
-    sync(device)
-    reused_s = time.perf_counter() - t0
-    sync(device)
-    t0 = time.perf_counter()  # its own forwards (Subtask 2 alone, or cases without answers)
-    batched = FastCheckpoint(inner, max_memory_gb=fast.max_memory_gb).score_relevance_all(cases)
+    t0 = time.perf_counter()
+    packed = FastEngine(inner, max_memory_gb=fast.max_memory_gb).predict(cases, relevance=True).relevance
     sync(device)
     seconds = time.perf_counter() - t0
     t0 = time.perf_counter()
-    one = [relevance_probabilities(inner.model, inner.head,
-                                   [encode_example(inner.tokenizer, example_from_case(c, with_answer=False))])[0]
-           for c in cases]
+    one = [case_relevance(inner, c) for c in cases]
     sync(device)
     per_case_s = time.perf_counter() - t0
-    diff = max(float(np.abs(a - b).max()) for a, b in zip(batched, one))
-    reused_diff = max(float(np.abs(a - b).max()) for a, b in zip(reused, one))
+    diff = max(float(np.abs(packed[c.case_id] - o).max()) for c, o in zip(cases, one))
     return {"relevance_s": round(seconds, 2), "relevance_per_case_s": round(per_case_s, 2),
-            "relevance_after_alignment_s": round(reused_s, 2),
-            "relevance_reused_cases": fast.relevance["reused_from_alignment"],
-            "relevance_max_abs_diff": diff, "relevance_reused_max_abs_diff": reused_diff,
-            "relevance_checked_cases": len(one)}
+            "relevance_max_abs_diff": diff, "relevance_checked_cases": len(one)}
+
+
+def one_pass_row(fast, cases, max_new_tokens: int, device) -> dict:
+    """What infer.py runs for Subtasks 2, 3 and 4 on the same cases: one predict call, the head
+    outputs read off the generation prefill; against generation and the head's own packed
+    forwards one after the other."""
+    from inference.fast import FastEngine
+
+    times = {}
+    for name, shared in (("one_pass_s", True), ("separate_passes_s", False)):
+        engine = FastEngine(fast.inner, max_memory_gb=fast.max_memory_gb)
+        sync(device)
+        t0 = time.perf_counter()
+        if shared:
+            engine.predict(cases, answers=True, pairs=True, relevance=True, max_new_tokens=max_new_tokens)
+        else:
+            engine.predict(cases, answers=True, max_new_tokens=max_new_tokens)
+            engine.predict(cases, pairs=True, relevance=True)
+        sync(device)
+        times[name] = round(time.perf_counter() - t0, 2)
+        times[f"{name[:-2]}_head_cases"] = engine.report()["head_cases"]
+    return times
 
 
 def run_fast_inference(model_dir: str, preset: str, device, n_answers: int, n_align: int, max_new_tokens: int,
@@ -303,12 +385,13 @@ def run_fast_inference(model_dir: str, preset: str, device, n_answers: int, n_al
     CUDA-graph capture, decode) and alignment are timed separately."""
     from heads.alignment import NotePairHead
     from heads.config import HeadConfig
-    from inference.fast import FastCheckpoint
+    from inference.fast import FastEngine
     from inference.memory import GB, apply_memory_cap, available_bytes, should_merge
     from model.backbone import load_adapted, load_tokenizer
     from model.loaded_export import LoadedExport
     from model.presets import get_preset
 
+    ensure_adapter(model_dir, preset, device, adapter_dir)  # before the cap: not part of the user's load
     release()
     if device.type == "cuda":
         torch.cuda.set_per_process_memory_fraction(1.0)
@@ -329,7 +412,7 @@ def run_fast_inference(model_dir: str, preset: str, device, n_answers: int, n_al
         load_peak = peaks(device)["peak_allocated_gb"]
         answer_cases = inference_cases(n_answers, seed=1)
         align_cases = inference_cases(n_align, seed=2)
-        fast = FastCheckpoint(ckpt, max_memory_gb=cap_gb)
+        fast = FastEngine(ckpt, max_memory_gb=cap_gb)
         reset_peak(device)
         sync(device)
         t0 = time.perf_counter()
@@ -342,6 +425,7 @@ def run_fast_inference(model_dir: str, preset: str, device, n_answers: int, n_al
         align_s = time.perf_counter() - t0
         assert len(scores) == n_align and len(answers) == n_answers
         relevance = relevance_row(fast, align_cases, device)  # Subtask 2, apart from total_s
+        relevance.update(one_pass_row(fast, answer_cases, max_new_tokens, device))  # Subtasks 2+3+4 of 47 cases
         new_tokens = sum(len(ckpt.tokenizer(a, add_special_tokens=False)["input_ids"]) for a in answers)
         report = fast.report()
         decode = report["decode"]
@@ -352,13 +436,15 @@ def run_fast_inference(model_dir: str, preset: str, device, n_answers: int, n_al
             "generate_s": round(gen_s, 2), "align_s": round(align_s, 2), "total_s": round(gen_s + align_s, 2),
             "prefill_s": decode["prefill_s"], "capture_s": decode["capture_s"], "decode_s": decode["decode_s"],
             "cuda_graph": decode["cuda_graph"], "graph_fallback": decode["graph_fallback"],
+            "prefill_attention": decode.get("prefill_attention"),
+            "alignment_attention": report["alignment"].get("attention"),
             # generated tokens as decoded (stop token included); the old path counts re-tokenised text,
             # the same number when (as with random weights) no answer stops early
             "new_tokens": decode["new_tokens"], "retokenized_new_tokens": new_tokens,
             "decode_tokens_per_s": round(decode["new_tokens"] / gen_s, 1),
             "decode_only_tokens_per_s": round(decode["new_tokens"] / max(decode["decode_s"], 1e-9), 1),
             "gen_batches": decode["batches"], "plans": report["plans"], "alignment": report["alignment"],
-            **relevance, "relevance": report["relevance"], **peaks(device),
+            **relevance, "head_cases": report["head_cases"], **peaks(device),
         }
         del fast, ckpt, backbone, head
     except torch.OutOfMemoryError as err:
@@ -377,14 +463,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = CliParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="bench/results", help="folder for the JSON results")
     p.add_argument("--smoke", action="store_true", help="tiny preset on CPU, few steps: checks the script")
-    p.add_argument("--seq", type=int, nargs="+", default=[1024, 2048])
-    p.add_argument("--steps", type=int, default=6)
-    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--seq", nargs="+", default=[1024, 2048], **integer(16, 131_072).option())
+    p.add_argument("--steps", default=6, **integer(1, 10**6).option())
+    p.add_argument("--warmup", default=2, **integer(0, 10**6).option())
     p.add_argument("--variants", default="all", help="comma-separated indices of VARIANTS, or 'all'")
-    p.add_argument("--max-tokens", type=int, default=0, help="override every variant's token budget")
+    p.add_argument("--task-variants", default="",
+                   help="comma-separated indices of TASK_VARIANTS (the task stage, --joint), 'all', or '' for none")
+    p.add_argument("--task-cases", default=120, **integer(1, 10**6).option("synthetic ArchEHR-QA cases for the task stage"))
+    p.add_argument("--export", action="store_true", help="also time export_run after each stage")
+    p.add_argument("--max-tokens", default=0, **integer(0, 2**24).option("override every variant's token budget"))
     p.add_argument("--skip", default="", help="comma list of: textbook,ours,infer")
-    p.add_argument("--gen-batch", type=int, default=48)
-    p.add_argument("--align-batch", type=int, default=16)
+    p.add_argument("--gen-batch", default=48, **integer(1, 4096).option())
+    p.add_argument("--align-batch", default=16, **integer(1, 4096).option())
     p.add_argument("--infer-before", action="store_true", help="also time the first inference settings")
     p.add_argument("--static-cache", action="store_true", help="also time generation with a static KV cache")
     p.add_argument("--skip-infer", default="", help="comma list of inference config indices to skip")
@@ -447,14 +537,21 @@ def set_up(args: argparse.Namespace) -> Bench | None:
     return Bench(args, preset, device, model_dir, steps, warmup, seqs, out / name, result)
 
 
-def chosen_variants(args: argparse.Namespace) -> list[StepVariant]:
-    variants = VARIANTS if args.variants == "all" else [VARIANTS[int(i)] for i in args.variants.split(",")]
+def pick(table: list[StepVariant], spec: str) -> list[StepVariant]:
+    return list(table) if spec == "all" else [table[int(i)] for i in spec.split(",") if i.strip()]
+
+
+def chosen_variants(args: argparse.Namespace) -> tuple[list[StepVariant], list[StepVariant]]:
+    variants, task_variants = pick(VARIANTS, args.variants), pick(TASK_VARIANTS, args.task_variants)
     for v in variants:
         if args.smoke:
             v.max_tokens = 1024
         elif args.max_tokens:
             v.max_tokens = args.max_tokens
-    return variants
+    if args.smoke:  # CPU: no compile, fp32 (the loop turns bf16 off without CUDA anyway)
+        for v in variants + task_variants:
+            v.compile_layers = False
+    return variants, task_variants
 
 
 def textbook_rows(b: Bench, data: dict) -> None:
@@ -472,31 +569,122 @@ def textbook_rows(b: Bench, data: dict) -> None:
     release()
 
 
-def our_rows(b: Bench, data: dict, variants: list[StepVariant]) -> None:
-    """(a) our task-stage step, one row per variant and sequence length (a model per load setting)."""
-    loaded_key, model = None, None
-    for v in variants:
-        key = (v.keep_bf16, v.checkpointing, v.lora_dropout, v.compile_layers)
-        if key != loaded_key:
-            if model is not None:
-                model = None
-                release()
-            model = load_ours(b.model_dir, b.preset, b.device, True, v.keep_bf16, v.checkpointing, v.lora_dropout,
-                              v.compile_layers)
-            loaded_key = key
-            b.result.setdefault("numerics", []).append({
-                "variant": v.name, "seq": b.seqs[-1],
-                "our_lm_loss_first_4_rows": our_reference_loss(model, data[b.seqs[-1]][:4], b.device)})
-        for s in b.seqs:
-            try:
-                row = run_ours(model, data[s], v, s, b.steps, b.warmup, b.device)
-            except torch.OutOfMemoryError:
-                row = {"error": "out of memory"}
-                torch.cuda.empty_cache()
-            row.update(column="ours", variant=v.name, seq=s)
-            b.add("train", row)
-    model = None
+def guarded(run, device) -> dict:
+    """One row's measurement; an error (out of memory or any other) becomes the row, not the end of the run."""
+    import traceback
+
+    try:
+        return run()
+    except torch.OutOfMemoryError:
+        release()
+        return {"error": "out of memory"}
+    except Exception as err:  # noqa: BLE001 - a benchmark row reports its failure and the run goes on
+        traceback.print_exc()
+        release()
+        return {"error": f"{type(err).__name__}: {str(err)[:300]}"}
+
+
+def ensure_model(b: Bench, v: StepVariant, loaded: tuple, data: dict) -> tuple:
+    """(load key, model) for ``v``: the loaded one when its load settings match, else a fresh load."""
+    key = (v.keep_bf16, v.checkpointing, v.lora_dropout, v.compile_layers, v.quantise)
+    if key == loaded[0]:
+        return loaded
+    loaded = None
     release()
+    model = load_ours(b.model_dir, b.preset, b.device, v.quantise, v.keep_bf16, v.checkpointing, v.lora_dropout,
+                      v.compile_layers)
+    b.result.setdefault("numerics", []).append({
+        "variant": v.name, "seq": b.seqs[-1],
+        "our_lm_loss_first_4_rows": our_reference_loss(model, data[b.seqs[-1]][:4], b.device)})
+    return key, model
+
+
+def task_data(b: Bench, n_cases: int):
+    """Synthetic keyed ArchEHR-QA cases written as the official XML + key, read back through
+    train.py's data path (training.run.stage_data): the task stage's config and items."""
+    from bench.synthetic import keyed_cases, write_keyed_cases
+    from model.backbone import load_tokenizer
+    from training.config import TrainConfig
+    from training.run import stage_data
+
+    folder = Path("/tmp/bench-task")
+    folder.mkdir(parents=True, exist_ok=True)
+    write_keyed_cases(keyed_cases(n_cases, seed=11), folder / "train.xml", folder / "train_key.json")
+    cfg = TrainConfig(stage="task", joint=True, preset=b.preset, base_path=b.model_dir, xml=str(folder / "train.xml"),
+                      key=str(folder / "train_key.json"))
+    tokenizer = load_tokenizer(b.preset)
+    items, sources = stage_data(cfg, tokenizer)
+    return cfg, items, sources, tokenizer
+
+
+def our_rows(b: Bench, data: dict, variants: list[StepVariant], task_variants: list[StepVariant]) -> None:
+    """(a) our step (training.loop.train_step): the domain stage per variant and sequence length,
+    then the task stage (--joint) per batching, then the export of both stages."""
+    from training.data import TrainItem
+
+    loaded: tuple = (None, None)
+    items = {s: [TrainItem(e) for e in data[s]] for s in b.seqs}
+    for v in variants:
+        loaded = ensure_model(b, v, loaded, data)
+        for s in b.seqs:
+            row = guarded(lambda: run_ours(loaded[1], items[s], v, b.steps, b.warmup, b.device), b.device)
+            row.update(column="ours", stage="domain", variant=v.name, seq=s)
+            b.add("train", row)
+    if not task_variants and not b.args.export:
+        return
+    task_cfg, task_items, sources, tokenizer = task_data(b, 6 if b.args.smoke else b.args.task_cases)
+    for v in task_variants:
+        loaded = ensure_model(b, v, loaded, data)
+        row = guarded(lambda: run_ours(loaded[1], task_items, v, b.steps, b.warmup, b.device, stage="task"), b.device)
+        row.update(column="ours", stage="task", variant=v.name, seq=None, cases=len(task_items))
+        b.add("train", row)
+    if b.args.export and loaded[1] is not None:
+        export_rows(b, loaded[1], items[b.seqs[-1]], task_cfg, task_items, sources, tokenizer)
+
+
+def export_rows(b: Bench, model, domain_items, task_cfg, task_items, sources, tokenizer) -> None:
+    """``training.export.export_run`` as train.py calls it after each stage, timed whole and its
+    calibration alone; then the calibration export did before issue 21 (one case per forward
+    through the compiled layers, pair and relevance forwards apart) on the same task items."""
+    import dataclasses
+    import shutil
+    import tempfile
+
+    from model.head_scoring import pair_probabilities, relevance_probabilities
+    from training.export import calibrated_thresholds, export_run
+
+    domain_cfg = dataclasses.replace(task_cfg, stage="domain", xml="", key="")
+    for stage, cfg, stage_items, stage_sources in (("domain", domain_cfg, domain_items, []),
+                                                   ("task", task_cfg, task_items, sources)):
+        def timed() -> dict:
+            folder = Path(tempfile.mkdtemp(prefix="bench-export-"))
+            sync(b.device)
+            t0 = time.perf_counter()
+            export_run(folder, model.backbone, model.head, tokenizer, cfg, stage_items, stage_sources, None, None,
+                       steps=0, final_loss=None)
+            sync(b.device)
+            export_s = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            calibrated_thresholds(model.backbone, model.head, stage_items, cfg.calibration_max_examples)
+            sync(b.device)
+            shutil.rmtree(folder, ignore_errors=True)
+            return {"export_s": round(export_s, 2), "calibration_s": round(time.perf_counter() - t0, 2)}
+        row = guarded(timed, b.device)
+        row.update(stage=stage, variant="export_run (now)", examples=len(stage_items))
+        b.add("export", row)
+
+    def before() -> dict:
+        cited = [it.encoded for it in task_items if it.encoded.pairs and it.encoded.answer_spans][:200]
+        sync(b.device)
+        t0 = time.perf_counter()
+        pair_probabilities(model.backbone, model.head, cited, batch_size=1)
+        relevance_probabilities(model.backbone, model.head, [it.encoded for it in task_items][:200])
+        sync(b.device)
+        return {"calibration_s": round(time.perf_counter() - t0, 2)}
+    row = guarded(before, b.device)
+    row.update(stage="task", variant="calibration before issue 21 (one case per forward, compiled no-grad graphs)",
+               examples=len(task_items))
+    b.add("export", row)
 
 
 def inference_rows(b: Bench) -> None:
@@ -533,12 +721,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     skip = set(filter(None, args.skip.split(",")))
     n_examples = 400 if not args.smoke else 24
-    variants = chosen_variants(args)
+    variants, task_variants = chosen_variants(args)
     data = {s: training_examples(n_examples, s, ARCH["vocab_size"], seed=s) for s in b.seqs}
     if "textbook" not in skip:
         textbook_rows(b, data)
     if "ours" not in skip:
-        our_rows(b, data, variants)
+        our_rows(b, data, variants, task_variants)
     if "infer" not in skip:
         inference_rows(b)
     b.save()
@@ -548,14 +736,19 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def print_table(result: dict) -> None:
-    print("\n| column | variant | seq | tokens/s | MFU | peak alloc GB | peak reserved GB |")
-    print("|---|---|---|---|---|---|---|")
+    print("\n| column | stage | variant | seq | tokens/s | MFU | peak alloc GB | peak reserved GB | warm-up s | "
+          "recompiles |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in result["train"]:
         if "error" in r:
-            print(f"| {r['column']} | {r['variant']} | {r['seq']} | {r['error']} | | | |")
+            print(f"| {r['column']} | {r.get('stage', 'domain')} | {r['variant']} | {r['seq']} | {r['error']} | | | | | |")
             continue
-        print(f"| {r['column']} | {r['variant']} | {r['seq']} | {r['tokens_per_s']:.0f} | "
-              f"{100 * r.get('mfu', 0):.1f}% | {r['peak_allocated_gb']} | {r['peak_reserved_gb']} |")
+        print(f"| {r['column']} | {r.get('stage', 'domain')} | {r['variant']} | {r['seq']} | {r['tokens_per_s']:.0f} | "
+              f"{100 * r.get('mfu', 0):.1f}% | {r['peak_allocated_gb']} | {r['peak_reserved_gb']} | "
+              f"{r.get('warmup_s', '')} | {r.get('recompiles', '')} |")
+    for r in result.get("export", []):
+        print(f"export | {r['stage']} | {r['variant']} | {r.get('export_s', '')} s | calibration "
+              f"{r.get('calibration_s', '')} s | {r.get('error', '')}")
     print("\n| weights | generate 47 (s) | align 147 (s) | total (s) | decode tok/s | peak alloc GB |")
     print("|---|---|---|---|---|---|")
     for r in result["infer"]:

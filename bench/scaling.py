@@ -24,6 +24,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from plumbing.ranges import integer, number
 
 
 from plumbing.atomic import check_out_folder
@@ -104,16 +105,17 @@ NCCL_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "N
 @exit_on_input_error
 def main(argv: list[str] | None = None) -> int:
     p = CliParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--gpus", type=int, nargs="+", default=[1, 2])
-    p.add_argument("--steps", type=int, default=12)
-    p.add_argument("--skip", type=int, default=4, help="optimizer steps dropped as warm-up")
-    p.add_argument("--records", type=int, default=1200)
+    p.add_argument("--gpus", nargs="+", default=[1, 2], **integer(1, 1024).option())
+    p.add_argument("--steps", default=12, **integer(1, 10**6).option())
+    p.add_argument("--skip", default=4, **integer(0, 10**6).option("optimizer steps dropped as warm-up"))
+    p.add_argument("--records", default=1200, **integer(1, 10**7).option())
     p.add_argument("--work", default="/tmp/scaling")
     p.add_argument("--out", default="bench/results")
     p.add_argument("--preset", default="qwen3-4b-random", help="tiny: a CPU check of the script (gloo)")
     p.add_argument("--extra", default="", help="extra train.py overrides, e.g. '--compile false'")
-    p.add_argument("--timeout_s", type=float, default=None,
-                   help="per run; a run past it is stopped and measured on the steps it logged")
+    p.add_argument("--timeout_s", default=None,
+                   **number(0, 86_400, lo_open=True).option("per run; a run past it is stopped and measured on "
+                                                            "the steps it logged"))
     args = p.parse_args(argv)
     check_out_folder(Path(args.out))  # before any work
 

@@ -170,6 +170,7 @@ def load_key(key_path: str | Path) -> dict[str, KeyCase]:
     path = Path(key_path)
     data = _load_json(path)
     _expect(isinstance(data, list), "key must be a JSON list of cases", path, None)
+    _expect(bool(data), "key holds no cases (an empty list)", path, None)
     assert isinstance(data, list)  # for the type checker: _expect raised otherwise
     out: dict[str, KeyCase] = {}
     for item in data:
@@ -188,7 +189,9 @@ def load_key(key_path: str | Path) -> dict[str, KeyCase]:
             _expect(isinstance(a, dict), "each 'answers' entry must be an object", path, case_id)
             sid, label = a.get("sentence_id"), a.get("relevance")
             _expect(isinstance(sid, str), f"sentence_id {sid!r} is not a string", path, case_id)
-            _expect(label in RELEVANCE_LABELS, f"sentence {sid}: unknown relevance {label!r}", path, case_id)
+            _expect(isinstance(label, str) and label in RELEVANCE_LABELS,
+                    f"sentence {sid}: unknown relevance {label!r} (official labels: {', '.join(RELEVANCE_LABELS)})",
+                    path, case_id)
             _expect(sid not in relevance, f"duplicate sentence_id {sid!r} in answers", path, case_id)
             relevance[sid] = label
         sentences = []
@@ -272,6 +275,20 @@ def _set(el: Element, name: str, value: object) -> None:
         el.set(name, str(value))
 
 
+def xml_bytes(root: Element) -> bytes:
+    """``root`` serialised so that :func:`load_xml` reads back exactly the text it holds.
+
+    ElementTree escapes CR, LF and TAB inside attributes but writes a CR in text as it is,
+    and every XML parser turns a raw CR (or CR LF) into LF: a note holding ``&#13;`` would
+    come back changed. After serialisation a raw CR can only be text, so it becomes ``&#13;``.
+    """
+    import io
+
+    buffer = io.BytesIO()
+    ElementTree(root).write(buffer, encoding="utf-8", xml_declaration=True)
+    return buffer.getvalue().replace(b"\r", b"&#13;")
+
+
 def write_cases(cases: Sequence[Case], xml_path: str | Path, key_path: str | Path) -> None:
     """Write cases as an official 2026-layout XML file and key JSON (what :func:`load_cases` reads)."""
     xml_path, key_path = Path(xml_path), Path(key_path)
@@ -295,7 +312,7 @@ def write_cases(cases: Sequence[Case], xml_path: str | Path, key_path: str | Pat
             _set(sent, "start_char_index", s.start_char_index)
             sent.text = s.text
     xml_path.parent.mkdir(parents=True, exist_ok=True)
-    ElementTree(root).write(str(xml_path), encoding="utf-8", xml_declaration=True)
+    xml_path.write_bytes(xml_bytes(root))
     key = [
         {
             "case_id": c.case_id,

@@ -13,7 +13,7 @@ from the fast tokenizer's offset mapping.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .records import Case
 
@@ -133,24 +133,29 @@ def _char_to_token_span(offsets: list[tuple[int, int]], start: int, end: int) ->
     return first, last + 1
 
 
+def with_answer_text(prompt: str, ex: PromptExample) -> tuple[str, list[tuple[int, int]]]:
+    """The prompt followed by the answer sentences and end-of-turn, and each answer's char span."""
+    if not ex.answer_texts:
+        return prompt, []
+    pos = len(prompt)
+    pieces: list[str] = []
+    spans: list[tuple[int, int]] = []
+    for t in ex.answer_texts:
+        body = " ".join(t.split())
+        if pieces:
+            pos += 1  # the joining space
+        spans.append((pos, pos + len(body)))
+        pieces.append(body)
+        pos += len(body)
+    return prompt + " ".join(pieces) + END_OF_TURN, spans
+
+
 def encode_example(
     tokenizer: PreTrainedTokenizerBase, ex: PromptExample, max_length: int | None = None, with_answer: bool = True
 ) -> EncodedExample:
     """Tokenise prompt (+ answer + end-of-turn) and locate every sentence span."""
     prompt, note_char_spans = chat_prompt(tokenizer, ex)
-    text = prompt
-    answer_char_spans = []
-    if with_answer and ex.answer_texts:
-        pos = len(prompt)
-        pieces: list[str] = []
-        for t in ex.answer_texts:
-            body = " ".join(t.split())
-            if pieces:
-                pos += 1  # the joining space
-            answer_char_spans.append((pos, pos + len(body)))
-            pieces.append(body)
-            pos += len(body)
-        text = prompt + " ".join(pieces) + END_OF_TURN
+    text, answer_char_spans = with_answer_text(prompt, ex) if with_answer else (prompt, [])
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids, offsets = enc["input_ids"], enc["offset_mapping"]
     # The first token that starts at or after the prompt's end: robust to a BPE merge
@@ -173,3 +178,75 @@ def encode_example(
         answer_spans=[_char_to_token_span(offsets, s, e) for s, e in answer_char_spans],
         pairs=set(ex.pairs) if with_answer else set(),
     )
+
+
+@dataclass(frozen=True)
+class NoteCut:
+    """A case whose note did not fit the model's context: only its first ``kept`` sentences are read."""
+
+    case_id: str
+    note_sentences: int
+    kept: int
+    tokens: int  # the whole case's tokens (prompt + answer or generation budget)
+    limit: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {"case_id": self.case_id, "note_sentences": self.note_sentences, "kept": self.kept,
+                "tokens": self.tokens, "limit": self.limit}
+
+    def message(self) -> str:
+        return (f"case {self.case_id}: {self.tokens} tokens exceed the limit of {self.limit}; only the first "
+                f"{self.kept} of {self.note_sentences} note sentences are read (the rest are predicted not "
+                f"relevant and never cited)")
+
+
+def case_tokens(tokenizer: PreTrainedTokenizerBase, case: Case, reserve: int) -> int:
+    """Tokens a case needs: its prompt plus ``reserve`` generated tokens, or prompt + answer if longer."""
+    ex = example_from_case(case, with_answer=True)
+    prompt, _ = chat_prompt(tokenizer, ex)
+    full, _ = with_answer_text(prompt, ex)
+
+    def count(text: str) -> int:  # verbose=False: no "longer than the model" notice; that is the point here
+        return len(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
+
+    return max(count(prompt) + reserve, count(full) if full != prompt else 0)
+
+
+def keep_note_sentences(case: Case, k: int) -> Case:
+    """``case`` with its first ``k`` note sentences (citations of the others dropped)."""
+    from dataclasses import replace
+
+    kept = case.note_sentences[:k]
+    ids = {s.sentence_id for s in kept}
+    answers = [replace(a, citations=tuple(c for c in a.citations if c in ids)) for a in case.answer_sentences]
+    relevance = {sid: label for sid, label in case.relevance.items() if sid in ids}
+    return replace(case, note_sentences=kept, answer_sentences=answers, relevance=relevance)
+
+
+def fit_case(tokenizer: PreTrainedTokenizerBase, case: Case, limit: int, reserve: int = 0) -> tuple[Case, NoteCut | None]:
+    """``case`` cut to the longest prefix of its note that fits ``limit`` tokens (with ``reserve`` to
+    generate); unchanged (and no :class:`NoteCut`) when it fits whole. A case that cannot fit even
+    with one note sentence raises ValueError (the CLI's one line)."""
+    tokens = case_tokens(tokenizer, case, reserve)
+    if tokens <= limit:
+        return case, None
+    n = len(case.note_sentences)
+
+    def fits(k: int) -> bool:
+        return case_tokens(tokenizer, keep_note_sentences(case, k), reserve) <= limit
+
+    # The largest k in [1, n-1] that fits, by bisection between bounds found from the average
+    # sentence length (a 100k-token note is tokenised a handful of times, not twenty).
+    lo, hi = 0, min(n - 1, max(1, 2 * n * limit // tokens))  # fits(lo) (or lo = 0); the answer <= hi
+    while hi < n - 1 and fits(hi):
+        lo, hi = hi, min(n - 1, 2 * hi)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if fits(mid):
+            lo = mid
+        else:
+            hi = mid - 1
+    if lo == 0:
+        raise ValueError(f"case {case.case_id}: even one note sentence with the question and answer needs more "
+                         f"than {limit} tokens")
+    return keep_note_sentences(case, lo), NoteCut(case.case_id, n, lo, tokens, limit)

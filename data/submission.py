@@ -26,7 +26,7 @@ import zlib
 from pathlib import Path
 
 from plumbing.atomic import atomic_write
-from plumbing.errors import InputError, check_input_file
+from plumbing.errors import InputError, check_input_file, parse_json
 from .records import Case
 
 MAX_WORDS = 75
@@ -256,13 +256,10 @@ def _decode(raw: bytes, path: Path) -> object:
     if not raw.strip():
         raise InputError("file is empty", path)
     try:
-        return json.loads(raw.decode("utf-8"))
+        text = raw.decode("utf-8")
     except UnicodeDecodeError:
         raise InputError("not UTF-8 text", path) from None
-    except json.JSONDecodeError as err:
-        raise InputError(f"invalid JSON ({err.msg} at line {err.lineno})", path) from None
-    except RecursionError:
-        raise InputError("JSON nested too deeply", path) from None
+    return parse_json(text, path)  # malformed, too deep or a lone surrogate: one line
 
 
 def _read_zip_member(path: Path) -> bytes:
@@ -275,6 +272,10 @@ def _read_zip_member(path: Path) -> bytes:
             if len(members) > 1:
                 raise InputError(f"zip holds {len(members)} members named {SUBMISSION_NAME}; keep one", path)
             info = members[0]
+            if info.flag_bits & 0x1:  # zipfile would ask for a password (RuntimeError)
+                raise InputError(f"{SUBMISSION_NAME} in the zip is encrypted; zip it without a password", path)
+            if info.is_dir():
+                raise InputError(f"{SUBMISSION_NAME} in the zip is a folder, not a file", path)
             if info.file_size > MAX_SUBMISSION_BYTES:
                 raise InputError(f"{SUBMISSION_NAME} in the zip is {info.file_size} bytes, more than "
                                  f"{MAX_SUBMISSION_BYTES}", path)
@@ -283,8 +284,12 @@ def _read_zip_member(path: Path) -> bytes:
                                  f"-fold (a zip bomb?)", path)
             with zf.open(info) as fh:  # the header's size may lie: never read past the cap
                 raw = fh.read(MAX_SUBMISSION_BYTES + 1)
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, NotImplementedError, EOFError, zlib.error):
-        raise InputError("not a valid zip file", path) from None
+    except InputError:
+        raise
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, NotImplementedError, EOFError, zlib.error, OSError,
+            RuntimeError, ValueError) as err:  # RuntimeError: encrypted; ValueError: a corrupt header
+        detail = str(err).splitlines()[0][:80] if str(err) else type(err).__name__
+        raise InputError(f"not a valid zip file ({detail})", path) from None
     if len(raw) > MAX_SUBMISSION_BYTES:
         raise InputError(f"{SUBMISSION_NAME} in the zip is more than {MAX_SUBMISSION_BYTES} bytes", path)
     return raw

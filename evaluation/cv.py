@@ -161,7 +161,7 @@ def _check_options(opts: CVOptions) -> tuple[list[Case], dict, str | None]:
     settings = parse_settings(opts.settings)
     init = None
     if opts.init:
-        from training.loop import resolve_init
+        from training.run import resolve_init
 
         init = str(resolve_init(opts.init))
         _check_init_settings(init, settings)

@@ -1,7 +1,7 @@
 """The joint head's rung: train the task stage on a fold's training cases, predict held-out ones.
 
 The fold's training cases are written as ``train.xml`` + ``train_key.json`` in the
-fold folder and :func:`training.loop.run_training` reads exactly those (its manifest
+fold folder and :func:`training.run.run_training` reads exactly those (its manifest
 records their sha256, which is checked). The pair threshold is the one the export
 calibrated on those training cases; the relevance threshold (Subtask 2) is calibrated
 here on the same training cases. Held-out cases reach the model blinded (no key).
@@ -20,7 +20,7 @@ from baselines.linking import link_pairs, links_to_pairs
 from baselines.relevance import fit_threshold
 from plumbing.errors import InputError
 from data.records import Case
-from training.config import TrainConfig, build_config, coerce
+from training.config import TrainConfig, build_config, canonical_key, coerce
 
 from .folds import write_case_files
 from .systems import Prediction
@@ -37,7 +37,7 @@ def parse_settings(pairs: Sequence[str]) -> dict:
     out = {}
     for item in pairs:
         name, sep, value = item.partition("=")
-        name = name.strip().replace("-", "_")
+        name = canonical_key(name.strip())
         if not sep or not name:
             raise InputError(f"--set expects key=value, got {item!r}")
         if name in CV_CONTROLLED:
@@ -102,7 +102,7 @@ def run_head_fold(fold_dir: Path, train: Sequence[Case], held_out: Sequence[Case
     """Train on ``train`` (keyed cases), predict the blinded ``held_out`` cases."""
     from model.loaded_export import load_export
     from training.data import file_sha256
-    from training.loop import run_training
+    from training.run import run_training
 
     fold_dir.mkdir(parents=True, exist_ok=True)
     write_case_files(train, fold_dir / TRAIN_XML, fold_dir / TRAIN_KEY)

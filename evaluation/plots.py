@@ -6,11 +6,11 @@
 * ``f1_vs_threshold.png``: held-out pair F1 against an absolute threshold on those
   scores, with the thresholds the folds chose marked. Diagnostic only: nothing is
   tuned on it.
-* ``loss_curves.png``: training loss per fold from each fold's ``RUN/log.jsonl``.
+* ``loss_curves.png``: training losses per fold from each fold's ``RUN/log.jsonl`` (LM and head
+  losses on panels of their own scale).
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -93,24 +93,18 @@ def plot_f1_vs_threshold(curves: Mapping[str, tuple[np.ndarray, np.ndarray]],
     _finish(plt, fig, ax, out_png, title)
 
 
-def read_log(log_path: Path) -> list[dict]:
-    if not log_path.is_file():
-        return []
-    return [json.loads(line) for line in log_path.read_text(encoding="utf-8").splitlines() if line.strip()]
-
-
 def plot_losses(logs: Mapping[str, Path], out_png: Path, title: str) -> None:
-    """One training-loss line per fold (``logs``: fold label -> RUN/log.jsonl)."""
+    """Per fold (``logs``: fold label -> RUN/log.jsonl) the LM loss and, on a panel of its own
+    scale, the head's losses (:func:`training.loss_plot.loss_figure`)."""
+    from training.loss_plot import loss_figure, read_log_rows
+
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6, 4.5))
-    drawn = 0
-    for label, path in logs.items():
-        rows = [r for r in read_log(path) if "loss" in r]
-        if rows:
-            ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], marker="o", markersize=4, label=label)
-            drawn += 1
-    if not drawn:
+    runs = {label: rows for label, path in logs.items() if (rows := read_log_rows(path))}
+    if not runs:
+        fig, ax = plt.subplots(figsize=(6, 4.5))
         ax.text(0.5, 0.5, "no training logs (head not trained)", ha="center", va="center", transform=ax.transAxes)
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("total training loss (LM + alignment + relevance)")
-    _finish(plt, fig, ax, out_png, title, legend=bool(drawn))
+        _finish(plt, fig, ax, out_png, title, legend=False)
+        return
+    fig, _ = loss_figure(runs, title, parts=("lm", "align", "relevance"))
+    fig.savefig(out_png, dpi=100)
+    plt.close(fig)

@@ -115,23 +115,40 @@ class NotePairHead(nn.Module):
         return weights @ flat
 
     # --- scoring -----------------------------------------------------------------
+    def pair_logit(self, a: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+        """Projected answer and note vectors [..., d] (broadcast against each other) -> logits [...]."""
+        a, n = torch.broadcast_tensors(a, n)  # type: ignore[no-untyped-call]  # torch leaves it unannotated
+        return self.pair_mlp(torch.cat([a, n, a * n, (a - n).abs()], dim=-1)).squeeze(-1)
+
     def score(self, answer_vecs: torch.Tensor, note_vecs: torch.Tensor) -> HeadOutput:
         """Pooled [n_a,H] and [n_n,H] -> pair logits [n_a,n_n] (+ relevance [n_n])."""
         a = self.answer_proj(self.norm(answer_vecs))
         n = self.note_proj(self.norm(note_vecs))
-        aa = a[:, None, :].expand(-1, n.shape[0], -1)
-        nn_ = n[None, :, :].expand(a.shape[0], -1, -1)
-        feats = torch.cat([aa, nn_, aa * nn_, (aa - nn_).abs()], dim=-1)
-        pair = self.pair_mlp(feats).squeeze(-1)
+        pair = self.pair_logit(a[:, None, :], n[None, :, :])
+        rel = self.relevance_mlp(n).squeeze(-1) if self.relevance_mlp is not None else None
+        return HeadOutput(pair, rel)
+
+    def forward_pairs(self, hidden_states: torch.Tensor, note_spans: torch.Tensor, answer_spans: torch.Tensor,
+                      pair_index: torch.Tensor) -> HeadOutput:
+        """A batch of several examples at once, with no per-example loop or host sync (training):
+        spans [S,3]/[M,3], ``pair_index`` [P,2] (answer span, note span) rows -> pair logits [P]
+        and relevance logits over all S notes. Same values as :meth:`forward_batch` per pair."""
+        a = self.answer_proj(self.norm(self.pool(hidden_states, answer_spans)))
+        n = self.note_proj(self.norm(self.pool(hidden_states, note_spans)))
+        pair = self.pair_logit(a.index_select(0, pair_index[:, 0]), n.index_select(0, pair_index[:, 1]))
         rel = self.relevance_mlp(n).squeeze(-1) if self.relevance_mlp is not None else None
         return HeadOutput(pair, rel)
 
     def forward(self, hidden_states: torch.Tensor, note_spans: torch.Tensor, answer_spans: torch.Tensor,
                 note_counts: Sequence[int] | None = None, answer_counts: Sequence[int] | None = None,
+                pair_index: torch.Tensor | None = None,
                 ) -> HeadOutput | tuple[list[torch.Tensor], torch.Tensor | None]:
         """One case: hidden [T,H] or [1,T,H], spans as [(start,end), ...] -> HeadOutput.
-        With ``note_counts``/``answer_counts``: :meth:`forward_batch` (through ``forward`` so that
-        FSDP, which gathers a sharded unit's weights only around ``forward``, sees the call)."""
+        With ``pair_index``: :meth:`forward_pairs`; with ``note_counts``/``answer_counts``:
+        :meth:`forward_batch` (both through ``forward`` so that FSDP, which gathers a sharded
+        unit's weights only around ``forward``, sees the call)."""
+        if pair_index is not None:
+            return self.forward_pairs(hidden_states, note_spans, answer_spans, pair_index)
         if note_counts is not None:
             assert answer_counts is not None, "note_counts and answer_counts come together"
             return self.forward_batch(hidden_states, note_spans, note_counts, answer_spans, answer_counts)

@@ -94,6 +94,7 @@ class BatchPlan:
     prefill_tokens: int
     align_tokens: int
     kv_bytes_per_token: int
+    kv_budget_bytes: int | None = None  # the decode batches' KV cache, at each batch's own width
     note: str = ""
 
     def to_dict(self) -> dict:
@@ -117,36 +118,21 @@ def plan_batches(model, *, prompt_tokens: int, max_new_tokens: int, max_rows: in
     budget = available_bytes(device, max_memory_gb)
     if budget is None:
         rows = CPU_GEN_ROWS if max_rows is None else min(max_rows, CPU_GEN_ROWS)
-        return BatchPlan(None, rows, CPU_PREFILL_TOKENS, CPU_ALIGN_TOKENS, kv, "CPU: fixed sizes")
+        return BatchPlan(None, rows, CPU_PREFILL_TOKENS, CPU_ALIGN_TOKENS, kv, note="CPU: fixed sizes")
     per_token = activation_bytes_per_token(config)
-    work = budget // 3
-    tokens = max(2048, min(65536, work // per_token))
+    # Alignment forwards run with no cache held: a third of the budget. Prefill runs beside the
+    # cache being filled, in packed chunks: an eighth (at most 16k tokens), so that its
+    # activations do not set the number of rows; the rest is KV cache for the decoding rows.
+    tokens = max(2048, min(65536, budget // 3 // per_token))
+    prefill = max(2048, min(PREFILL_MAX_TOKENS, budget // 8 // per_token))
     vocab_bytes = config.vocab_size * 4  # one row of logits (fp32 at worst) per decoding row
-    per_row = kv * (bucket_width(prompt_tokens) + max_new_tokens) + vocab_bytes + 2 * per_token
-    rows = max(1, (budget - work) // per_row)
+    kv_row = kv * (bucket_width(prompt_tokens) + max_new_tokens)
+    per_row = kv_row + vocab_bytes + 2 * per_token
+    room = max(0, budget - prefill * per_token)
+    rows = max(1, room // per_row)
     if max_rows is not None:
         rows = min(rows, max_rows)
-    # Prefill chunks stay at <= 16k tokens: large enough for full-speed matmuls, and small
-    # enough that an attention fallback to the math kernel (scores materialised) still fits.
-    prefill = min(tokens, PREFILL_MAX_TOKENS)
-    note = f"{budget / GB:.1f} GB free for inference after loading: {rows} rows, {tokens} tokens a forward"
-    return BatchPlan(round(budget / GB, 2), int(rows), int(prefill), int(tokens), kv, note)
-
-
-def token_budget_groups(lengths: list[int], max_tokens: int, max_rows: int = 256,
-                        min_fill: float = 0.5) -> list[list[int]]:
-    """Indices grouped longest first so that rows x longest row <= ``max_tokens`` (a row
-    longer than the budget goes alone) and no row is shorter than ``min_fill`` of its
-    group's longest: neighbours in length, little padding."""
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    groups: list[list[int]] = []
-    for i in order:
-        if groups:
-            group = groups[-1]
-            width = lengths[group[0]]  # the longest, first in the group
-            fits = (len(group) + 1) * width <= max_tokens and len(group) < max_rows
-            if fits and lengths[i] >= min_fill * width:
-                group.append(i)
-                continue
-        groups.append([i])
-    return groups
+    kv_budget = int(room * kv_row / per_row)
+    note = (f"{budget / GB:.1f} GB free for inference after loading: {rows} rows at the longest prompt, "
+            f"{prefill} tokens a prefill, {tokens} tokens an alignment forward")
+    return BatchPlan(round(budget / GB, 2), int(rows), int(prefill), int(tokens), kv, kv_budget, note)

@@ -2,8 +2,8 @@
 
 Order matters for the user: every input (XML, key, ensemble file, export folder)
 is read and checked before the output folder is touched, so a bad file exits with
-one line and leaves nothing behind. Both submissions are validated before either is
-written; ``run.json`` records what ran (engine, manifest, thresholds, timings,
+one line and leaves nothing behind. Each submission is validated once, as it is written
+into the staged output set, which lands all at once or not at all; ``run.json`` records what ran (engine, manifest, thresholds, timings,
 versions, skipped cases) so that a baseline run is never mistaken for the model.
 """
 from __future__ import annotations
@@ -24,20 +24,14 @@ from baselines.linking import link_pairs
 from data.archehr import load_cases
 from plumbing.atomic import OutputSet, check_output_set_target, write_json_atomic
 from plumbing.errors import InputError
+from data.prompts import fit_case
 from data.records import Case
-from data.submission import (
-    subtask2_entries,
-    subtask3_entries,
-    subtask4_entries,
-    validate_subtask2,
-    validate_subtask3,
-    validate_subtask4,
-    write_submission,
-)
+from data.submission import subtask2_entries, subtask3_entries, subtask4_entries, write_submission
 from model.export_folder import package_versions as installed_versions
 from reports.infer_page import inference_page
 from reports.page import REPORT_NAME, write_report
 
+from .predictions import ModelOutputs, model_outputs
 from .relevance import export_relevance_threshold, has_relevance_threshold, predict_relevance
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -82,6 +76,9 @@ class InferenceOptions:
     max_memory_gb: float | None = None  # cap on this process's GPU memory (shared or small cards)
     fast: bool = True  # static-cache / CUDA-graph decoding and token-budget alignment (inference/fast.py)
     overwrite: bool = False  # replace the whole previous output set in `out`
+    max_prompt_tokens: int | None = None  # tokens a case may take; None = the model's context
+
+
 
 
 @dataclass
@@ -94,26 +91,16 @@ class InferenceResult:
 
 
 class HeadAligner:
-    """The export's alignment head behind the common :class:`Aligner` protocol."""
+    """The export's alignment head behind the common :class:`Aligner` protocol: the pair
+    probabilities the model pass computed (:func:`inference.predictions.model_outputs`)."""
 
     name = "head"
 
-    def __init__(self, loaded, batch_size: int = 8):
-        self.loaded = loaded
-        self.batch_size = batch_size
-        self._cache: dict[str, np.ndarray] = {}
-
-    def prepare(self, cases: list[Case]) -> None:
-        """Score all cases up front, several per forward (see LoadedExport.score_all)."""
-        if not hasattr(self.loaded, "score_all"):
-            return
-        scores = self.loaded.score_all(cases, batch_size=self.batch_size)
-        self._cache = {c.case_id: np.asarray(s, dtype=np.float64) for c, s in zip(cases, scores)}
+    def __init__(self, pairs: dict[str, np.ndarray]):
+        self.pairs = pairs
 
     def score(self, case: Case) -> np.ndarray:
-        if case.case_id in self._cache:
-            return self._cache[case.case_id]
-        return np.asarray(self.loaded.score_pairs(case), dtype=np.float64)
+        return self.pairs[case.case_id]
 
 
 def _check_options(opts: InferenceOptions) -> None:
@@ -153,27 +140,6 @@ def baseline_answers(cases: list[Case], progress: bool = True) -> dict[str, str]
     """Extractive Subtask 3 answers for every case."""
     return {c.case_id: extractive_answer(c)
             for c in tqdm(cases, desc="subtask 3 (extractive)", unit="case", disable=not progress)}
-
-
-def export_answers(loaded, cases: list[Case], batch_size: int, max_new_tokens: int,
-                       progress: bool = True) -> tuple[dict[str, str], list[str]]:
-    """Generated, cleaned answers; cases whose generation came back empty get the extractive
-    answer instead (returned as the second value, so the run can say so)."""
-    answers: dict[str, str] = {}
-    fell_back: list[str] = []
-    bar = tqdm(total=len(cases), desc="subtask 3 (generate)", unit="case", disable=not progress)
-    for start in range(0, len(cases), batch_size):
-        batch = cases[start:start + batch_size]
-        raw = loaded.generate_answers(batch, max_new_tokens=max_new_tokens, batch_size=batch_size)
-        if len(raw) != len(batch):
-            raise RuntimeError(f"generate_answers returned {len(raw)} answers for {len(batch)} cases")
-        for case, text in zip(batch, raw):
-            answers[case.case_id], replaced = answer_or_extractive(case, text)
-            if replaced:
-                fell_back.append(case.case_id)
-        bar.update(len(batch))
-    bar.close()
-    return answers, fell_back
 
 
 def align_cases(aligner: Aligner, cases: list[Case], link: Callable[[np.ndarray], list[list[int]]],
@@ -218,7 +184,9 @@ class _Run:
     run: dict = field(default_factory=dict)  # what becomes run.json
     entries: dict[int, list[dict]] = field(default_factory=dict)  # validated submission entries per subtask
     fallback_summary: str = ""
+    outputs: ModelOutputs = field(default_factory=ModelOutputs)  # what the model said (with an export)
     relevance_scores: dict[str, np.ndarray] = field(default_factory=dict)  # Subtask 2 scores (report shading)
+    context: dict | None = None  # the token limit cases were fitted to, and the notes cut (run.json)
 
 
 def _load_inputs(opts: InferenceOptions, log: Log) -> _Run:
@@ -250,9 +218,9 @@ def _load_model(r: _Run, log: Log) -> None:
     """The loaded export (with an export), and which subtasks it can write."""
     opts = r.opts
     t = time.perf_counter()
-    from inference.fast import load_checkpoint  # heavy import, only with a checkpoint
+    from inference.fast import load_for_inference  # heavy import, only with an export
 
-    r.loaded, r.memory = load_checkpoint(opts.export, base=opts.base, device=opts.device,
+    r.loaded, r.memory = load_for_inference(opts.export, base=opts.base, device=opts.device,
                                              max_memory_gb=opts.max_memory_gb, fast=opts.fast, log=log)
     manifest = r.loaded.manifest
     r.timings["load_export"] = time.perf_counter() - t
@@ -268,6 +236,41 @@ def _load_model(r: _Run, log: Log) -> None:
         export_relevance_threshold(manifest, opts.relevance_threshold)  # a missing threshold fails before any work
 
 
+def context_tokens(loaded) -> int | None:
+    """The model's context (``max_position_embeddings``), wherever the loaded export keeps its config."""
+    for holder in (loaded, getattr(loaded, "inner", None)):
+        config = getattr(getattr(holder, "model", None), "config", None)
+        value = getattr(config, "max_position_embeddings", None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def _fit_to_context(r: _Run, log: Log) -> None:
+    """Cut every note that does not fit the token limit (the model's context unless --max-prompt-tokens)
+    to its longest fitting prefix: said per case on screen and recorded in run.json, never an
+    out-of-memory traceback halfway through the run."""
+    tokenizer = getattr(r.loaded, "tokenizer", None)
+    limit = r.opts.max_prompt_tokens or context_tokens(r.loaded)
+    if tokenizer is None or limit is None:  # a stand-in checkpoint without a model
+        return
+    fitted, cuts = [], []
+    for case in r.cases:
+        try:
+            case, cut = fit_case(tokenizer, case, limit, reserve=r.opts.max_new_tokens)
+        except ValueError as err:
+            raise InputError(str(err), r.opts.xml) from None
+        fitted.append(case)
+        if cut is not None:
+            cuts.append(cut)
+            log(f"warning: {cut.message()}; recorded in run.json")
+    source = "--max-prompt-tokens" if r.opts.max_prompt_tokens else "the model's context"
+    r.context = {"limit_tokens": limit, "limit_from": source, "notes_cut": [c.to_json() for c in cuts]}
+    r.cases = fitted
+    keep = {c.case_id for c in r.with_answers}
+    r.with_answers = [c for c in fitted if c.case_id in keep]
+
+
 def _start_run_record(r: _Run) -> None:
     opts = r.opts
     r.run = {
@@ -281,9 +284,21 @@ def _start_run_record(r: _Run) -> None:
         "subtasks": list(opts.subtasks),
         **({"subtask2": {"not_written": r.subtask2_note}} if r.subtask2_note else {}),
         "n_cases": len(r.cases),
+        **({"context": r.context} if r.context is not None else {}),
     }
     if opts.export is not None:
         r.run["training_case_ids"] = r.trained_ids  # score.py applies the training-cases rule from this
+
+
+def _ask_model(r: _Run) -> None:
+    """Everything the model must say for the chosen subtasks, asked for at once: the fast engine
+    then runs one forward per case for Subtasks 2, 3 and 4 where it can."""
+    opts, t = r.opts, time.perf_counter()
+    r.outputs = model_outputs(r.loaded, r.cases, answers=3 in opts.subtasks,
+                              pairs=4 in opts.subtasks and r.aligner_kind == "head" and bool(r.with_answers),
+                              relevance=2 in opts.subtasks, max_new_tokens=opts.max_new_tokens,
+                              batch_size=opts.batch_size, progress=opts.progress)
+    r.timings["model"] = time.perf_counter() - t
 
 
 def _predict_subtask3(r: _Run, log: Log) -> None:
@@ -292,8 +307,11 @@ def _predict_subtask3(r: _Run, log: Log) -> None:
         answers, fell_back = baseline_answers(r.cases, opts.progress), []
         run["subtask3"] = {"method": "extractive (BM25 + TF-IDF of the question vs note sentences)"}
     else:
-        answers, fell_back = export_answers(r.loaded, r.cases, opts.batch_size or len(r.cases),
-                                                opts.max_new_tokens, opts.progress)
+        answers, fell_back = {}, []
+        for case in r.cases:
+            answers[case.case_id], replaced = answer_or_extractive(case, r.outputs.answers[case.case_id])
+            if replaced:
+                fell_back.append(case.case_id)
         run["subtask3"] = {"method": "generation", "max_new_tokens": opts.max_new_tokens,
                            "batch_size": opts.batch_size or "auto (memory)",
                            "decoding": "as the export's generate_answers"}
@@ -304,17 +322,16 @@ def _predict_subtask3(r: _Run, log: Log) -> None:
             run["engine_note"] += "; " + r.fallback_summary
             run["subtask3"]["model_answers"] = len(fell_back) < len(r.cases)
     run["subtask3"]["extractive_fallback_cases"] = fell_back
-    r.entries[3] = subtask3_entries(answers)
-    validate_subtask3(r.entries[3], r.cases)
+    r.entries[3] = subtask3_entries(answers)  # validated once, when written
     r.timings["subtask3"] = time.perf_counter() - t
 
 
 def _predict_subtask2(r: _Run, log: Log) -> None:
     t = time.perf_counter()
     evidence, r.run["subtask2"] = predict_relevance(r.cases, r.loaded, r.opts.relevance_threshold,
-                                                   r.opts.progress, log, scores_out=r.relevance_scores)
+                                                   r.opts.progress, log, scores=r.outputs.relevance,
+                                                   scores_out=r.relevance_scores)
     r.entries[2] = subtask2_entries(evidence)
-    validate_subtask2(r.entries[2], r.cases)
     r.timings["subtask2"] = time.perf_counter() - t
 
 
@@ -325,7 +342,7 @@ def _predict_subtask4(r: _Run, log: Log) -> None:
         if r.aligner_kind == "head":
             cap = opts.max_links_per_answer
             threshold = float(r.loaded.threshold)
-            aligner: Aligner = HeadAligner(r.loaded)
+            aligner: Aligner = HeadAligner(r.outputs.pairs)
             link = lambda s: link_pairs(s, threshold, "absolute", cap, opts.top1_fallback)  # noqa: E731
             run["subtask4"] = {"aligner": "head", "threshold": threshold, "mode": "absolute",
                                "max_per_answer": cap, "top1_fallback": opts.top1_fallback}
@@ -341,7 +358,6 @@ def _predict_subtask4(r: _Run, log: Log) -> None:
                                "mode": ensemble.mode, "max_per_answer": cap, "top1_fallback": fallback}
         links = align_cases(aligner, r.with_answers, link, opts.progress)
         r.entries[4] = subtask4_entries(links)
-        validate_subtask4(r.entries[4], r.with_answers)
         r.timings["subtask4"] = time.perf_counter() - t
     run.setdefault("subtask4", {})
     run["subtask4"]["skipped_cases"] = r.skipped
@@ -407,13 +423,16 @@ def run_inference(opts: InferenceOptions, log: Log = _stderr, show: Log = _stdou
     r = _load_inputs(opts, log)  # everything that can be wrong with the input, before any output exists
     if r.opts.export is not None:
         _load_model(r, log)
+        _fit_to_context(r, log)  # long notes cut to the context (said, recorded), never an OOM
     for cid in r.skipped:
         log(f"warning: case {cid} has no answer sentences (none in the XML"
             f"{' or the key' if r.opts.key else '; pass --key'}): skipped for Subtask 4")
     _start_run_record(r)
+    if r.loaded is not None:
+        _ask_model(r)
     if 3 in r.opts.subtasks:
         _predict_subtask3(r, log)
-    if 4 in r.opts.subtasks:  # before Subtask 2: the fast engine reuses its forwards' relevance
+    if 4 in r.opts.subtasks:
         _predict_subtask4(r, log)
     if 2 in r.opts.subtasks:
         _predict_subtask2(r, log)

@@ -18,7 +18,7 @@ def score_subtask2(submission: str | Path, key: str | Path) -> dict[str, float]:
     """The thirteen official Subtask 2 scores of a submission against a key."""
     sub_path = Path(submission)
     key_cases = load_key(key)
-    entries = read_scored_submission(sub_path, 2, list(key_cases))
+    entries = read_scored_submission(sub_path, 2, list(key_cases), key)
     for kc in key_cases.values():
         if not kc.relevance:
             raise InputError("key case has no relevance labels ('answers') to score against", key, kc.case_id)

@@ -33,7 +33,7 @@ def score_subtask3(
     """Subtask 3 metrics and the number of predictions truncated to 75 words."""
     sub_path = Path(submission)
     cases = [c for c in load_cases(xml, key) if c.has_key]
-    entries = read_scored_submission(sub_path, 3, [c.case_id for c in cases])
+    entries = read_scored_submission(sub_path, 3, [c.case_id for c in cases], key)
     by_id = {c.case_id: c for c in cases}
     predictions, references, sources = {}, {}, {}
     truncated = 0

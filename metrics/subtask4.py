@@ -18,7 +18,7 @@ def subtask4_pairs(submission: str | Path, key: str | Path) -> tuple[dict[str, P
     """Predicted and gold ``(answer_id, evidence_id)`` pairs per case, ids checked against the key."""
     sub_path = Path(submission)
     key_cases = load_key(key)
-    entries = read_scored_submission(sub_path, 4, list(key_cases))
+    entries = read_scored_submission(sub_path, 4, list(key_cases), key)
     predicted: dict[str, Pairs] = {}
     for entry in entries:
         kc = key_cases[entry["case_id"]]

@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .locate import default_device  # noqa: F401  (re-exported: callers import it from here)
 from .presets import LORA_TARGETS, LoraSettings, ModelPreset, bundled_tokenizer_dir, get_preset  # noqa: F401
 
 RANDOM_INIT_SEED = 0
@@ -54,7 +55,10 @@ def load_tokenizer(preset_or_path: ModelPreset | str):
         location = None
     if preset is not None:
         location = preset.tokenizer or preset.source or str(bundled_tokenizer_dir())
-    tok = AutoTokenizer.from_pretrained(location)
+    try:
+        tok = AutoTokenizer.from_pretrained(location)
+    except OSError as err:
+        raise base_load_error(str(location), err) from None
     if tok.pad_token is None:  # Qwen ships <|endoftext|> as pad; keep a fallback for other folders
         tok.pad_token = tok.eos_token
     return tok
@@ -117,10 +121,6 @@ def _write_random_base(preset: ModelPreset | str, out: Path, seed: int) -> Path:
     return out
 
 
-def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 QUANT_STORAGE = {"uint8": torch.uint8, "bfloat16": torch.bfloat16, "float16": torch.float16,
                  "float32": torch.float32}
 
@@ -170,8 +170,20 @@ def load_base_model(
         kwargs.update(quantization_config=nf4_config(quant_storage), device_map={"": device}, dtype=torch.bfloat16)
     else:
         kwargs.update(dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
-    model = AutoModelForCausalLM.from_pretrained(location, **kwargs)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(location, **kwargs)
+    except OSError as err:  # no such repo, a download that failed, files missing: one line, not a traceback
+        raise base_load_error(location, err) from None
     return model if quantise else model.to(device)
+
+
+def base_load_error(location: str, err: OSError):
+    """The one line a base model that cannot be loaded ends with (InputError, exit 2)."""
+    from plumbing.errors import InputError
+
+    first = next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)
+    return InputError(f"--base {location}: cannot load the model ({first[:160]}); check the id or folder, "
+                      f"or download it first (hf download {location})")
 
 
 def _enable_checkpointing(model) -> None:
@@ -342,6 +354,8 @@ def dequantize_model(model) -> None:
             setattr(model, attr, False)
     if getattr(model, "hf_quantizer", None) is not None:
         model.hf_quantizer = None
+    if getattr(model, "quantization_method", None) is not None:  # else .to(dtype) is refused as bitsandbytes
+        model.quantization_method = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     if torch.cuda.is_available():

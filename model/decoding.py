@@ -26,11 +26,13 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
 from .backbone import decoder, lm_head
+from .packed import choose_packed_attention, pack, packed_forward
 
 BATCH_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 WIDTH_BUCKET = 64  # prompt widths are rounded up to a multiple of this
@@ -119,6 +121,8 @@ class DecodeStats:
     graph_fallback: str | None = None  # why capture was not used, when it was asked for
     attention: str | None = None  # decode attention over the cache: SDPA_CUDNN or MATMUL
     attention_fallback: str | None = None  # why not cuDNN, on CUDA
+    prefill_attention: str | None = None  # packed prefill: VARLEN_FLASH or PER_SEQUENCE (model.packed)
+    prefill_attention_fallback: str | None = None  # why not the varlen kernel, on CUDA
     prefill_s: float = 0.0
     capture_s: float = 0.0
     decode_s: float = 0.0
@@ -152,6 +156,7 @@ class DecodeBatch:
     def __init__(self, model, rows: int, width: int, max_new_tokens: int, stop_ids: list[int], pad_id: int,
                  device: torch.device, dtype: torch.dtype, attention: str = MATMUL):
         self.attention = attention
+        self.model = model
         self.dec = decoder(model)
         self.head = lm_head(model)
         cfg = self.dec.config
@@ -181,48 +186,51 @@ class DecodeBatch:
     def _is_stop(self, tokens: torch.Tensor) -> torch.Tensor:
         return (tokens[:, None] == self.stop[None]).any(-1)
 
-    # --- prefill: eager, row chunks, last position's logits only ---------------------------
-    def prefill(self, ids: torch.Tensor, mask: torch.Tensor, chunk_rows: int) -> None:
-        """``ids``/``mask``: [rows, width], left-padded."""
+    # --- prefill: packed forwards (no padding), the first token from each prompt's last position
+    def prefill(self, seqs: list[list[int]], prompt_lens: list[int], prefill_tokens: int, attention: str,
+                tap: int = -1, on_hidden: Callable[[int, torch.Tensor], None] | None = None) -> None:
+        """``seqs[r]``: row r's prompt (its first ``prompt_lens[r]`` tokens) and any tokens run
+        after it in the same pass for the head (never cached); rows past ``len(seqs)`` (bucket
+        padding) repeat the last row. The cache holds each prompt right-aligned at ``width``, as
+        ``generate`` left-pads. ``on_hidden(r, hidden)`` gets row r's hidden state ``tap``."""
         self.valid.zero_()
-        self.valid[:, : self.width] = mask.bool()
-        self.lengths.copy_(mask.sum(-1))
         self.out.fill_(int(self.pad))
         self.done.zero_()
         self.step_i.zero_()
-        for start in range(0, self.rows, chunk_rows):
-            stop = min(self.rows, start + chunk_rows)
-            first = self._prefill_rows(ids[start:stop], mask[start:stop], start)
-            self.tok[start:stop] = first
+        for chunk in _chunks([len(s) for s in seqs], prefill_tokens):
+            self._prefill_pack(chunk, seqs, prompt_lens, attention, tap, on_hidden)
+        real = len(seqs)
+        for r in range(real):
+            self.valid[r, self.width - prompt_lens[r]: self.width] = True
+        self.lengths[:real] = torch.tensor(prompt_lens, dtype=torch.long)
+        if real < self.rows:  # bucket rows: copies of the last real row, dropped at the end
+            for cache in (*self.k, *self.v, self.valid, self.lengths, self.tok):
+                cache[real:] = cache[real - 1]
         self.out[:, 0] = self.tok
         self.done |= self._is_stop(self.tok)
 
-    def _prefill_rows(self, ids: torch.Tensor, mask: torch.Tensor, row0: int) -> torch.Tensor:
-        b, t = ids.shape
-        # Positions as generate computes them for left padding; pad slots get position 0.
-        pos = (mask.long().cumsum(-1) - 1).clamp(min=0)
-        cos, sin = self.cos[pos][:, None], self.sin[pos][:, None]
-        causal = torch.ones(t, t, dtype=torch.bool, device=ids.device).tril()
-        allowed = causal[None] & mask.bool()[:, None, :]
-        # A pad query sees only itself (never a real token): finite values, no NaN in the cache.
-        allowed = (allowed | torch.eye(t, dtype=torch.bool, device=ids.device)[None])[:, None]
-        h = self.dec.embed_tokens(ids)
-        for layer_i, layer in enumerate(self.dec.layers):
-            attn = layer.self_attn
-            x = layer.input_layernorm(h)
-            q = attn.q_norm(attn.q_proj(x).view(b, t, -1, self.head_dim)).transpose(1, 2)
-            k = attn.k_norm(attn.k_proj(x).view(b, t, -1, self.head_dim)).transpose(1, 2)
-            v = attn.v_proj(x).view(b, t, -1, self.head_dim).transpose(1, 2)
-            q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
-            self.k[layer_i][row0 : row0 + b, :, :t] = k
-            self.v[layer_i][row0 : row0 + b, :, :t] = v
-            groups = q.shape[1] // k.shape[1]
-            o = F.scaled_dot_product_attention(q, k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1),
-                                               attn_mask=allowed, scale=attn.scaling)
-            h = h + attn.o_proj(o.transpose(1, 2).reshape(b, t, -1))
-            h = h + layer.mlp(layer.post_attention_layernorm(h))
-        logits = self.head(self.dec.norm(h[:, -1]))
-        return logits.argmax(-1)
+    def _prefill_pack(self, chunk: list[int], seqs, prompt_lens, attention, tap, on_hidden) -> None:
+        device = self.tok.device
+        packed = pack([seqs[r] for r in chunk], device)
+        rows, slots, src = [], [], []
+        for j, r in enumerate(chunk):
+            n = prompt_lens[r]
+            rows += [r] * n
+            slots += range(self.width - n, self.width)
+            src += range(packed.starts[j], packed.starts[j] + n)
+        rows_t, slots_t, src_t = (torch.tensor(x, dtype=torch.long, device=device) for x in (rows, slots, src))
+
+        def write(layer_i: int, k: torch.Tensor, v: torch.Tensor) -> None:
+            self.k[layer_i][rows_t, :, slots_t] = k[src_t]
+            self.v[layer_i][rows_t, :, slots_t] = v[src_t]
+
+        last = torch.tensor([packed.starts[j] + prompt_lens[r] - 1 for j, r in enumerate(chunk)], device=device)
+        hidden, first = packed_forward(self.model, packed, tap=tap, attention=attention, write_kv=write,
+                                       logits_at=last)
+        self.tok[torch.tensor(chunk, device=device)] = first
+        if on_hidden is not None:
+            for j, r in enumerate(chunk):
+                on_hidden(r, hidden[packed.starts[j]: packed.starts[j] + packed.lengths[j]])
 
     # --- decode: one token for every row, all state on the device ----------------------------
     def step(self) -> None:
@@ -281,6 +289,29 @@ class DecodeBatch:
         return ran
 
 
+@dataclass
+class _DecodeJob:
+    """One :func:`greedy_decode` call's settings, shared by its batches."""
+
+    model: object
+    prompts: list[list[int]]
+    extras: list[list[int]]
+    max_new: int
+    stop_ids: list[int]
+    pad_id: int
+    device: torch.device
+    dtype: torch.dtype
+    graphs: bool
+    attention: str
+    packed_attention: str
+    prefill_tokens: int
+    check_every: int
+    tap: int
+    on_hidden: Callable[[int, torch.Tensor], None] | None
+    stats: DecodeStats
+    log: Callable[[str], None] | None
+
+
 @torch.no_grad()
 def greedy_decode(
     model,
@@ -296,27 +327,50 @@ def greedy_decode(
     attention: str | None = None,
     stats: DecodeStats | None = None,
     log=None,
+    extras: list[list[int]] | None = None,
+    tap: int = -1,
+    on_hidden: Callable[[int, torch.Tensor], None] | None = None,
+    kv_budget_bytes: int | None = None,
 ) -> list[list[int]]:
     """Greedy continuations of ``prompts`` (token ids), ``max_new_tokens`` each, cut after a
-    stop token; returned in the order of ``prompts``. ``batch_rows`` rows are decoded
-    together (the caller's memory plan), longest prompts first; ``prefill_tokens`` bounds
-    one prefill forward. ``use_cuda_graph`` defaults to on for CUDA; ``attention`` (SDPA_CUDNN
-    or MATMUL) defaults to :func:`choose_decode_attention`'s choice."""
+    stop token; returned in the order of ``prompts``. At most ``batch_rows`` rows are decoded
+    together, longest prompts first, and their KV cache stays within ``kv_budget_bytes`` (the
+    caller's memory plan; None: rows alone decide); ``prefill_tokens`` bounds one packed prefill
+    forward. ``use_cuda_graph`` defaults to on for CUDA; ``attention`` (SDPA_CUDNN or MATMUL)
+    defaults to :func:`choose_decode_attention`'s choice.
+
+    ``extras[i]`` (optional) are tokens run after prompt i in its prefill pass (never cached,
+    never generated from); ``on_hidden(i, hidden)`` then receives hidden state ``tap`` (the
+    head's numbering) over prompt i + extras[i]: one forward serves the decode cache and the head."""
+    job = _decode_job(model, prompts, max_new_tokens, stop_ids, pad_id, prefill_tokens, use_cuda_graph,
+                      check_every, attention, stats, log, extras, tap, on_hidden)
+    results: list[list[int]] = [[] for _ in prompts]
+    cfg = decoder(model).config
+    for idx, rows, width in _decode_batches(prompts, max(1, batch_rows), job.graphs, kv_budget_bytes,
+                                            kv_bytes_per_token(cfg), max_new_tokens):
+        for i, toks in zip(idx, _decode_batch(job, idx, rows, width)):
+            results[i] = toks
+    return results
+
+
+def _decode_job(model, prompts, max_new_tokens, stop_ids, pad_id, prefill_tokens, use_cuda_graph, check_every,
+                attention, stats, log, extras, tap, on_hidden) -> _DecodeJob:
+    """Check the request and settle the kernels: decode attention, packed prefill attention, graphs."""
     if max_new_tokens < 1:
         raise ValueError("max_new_tokens must be >= 1")
     why_not = supports_fast_decode(model)
     if why_not:
         raise ValueError(f"fast greedy decoding does not support this model: {why_not}")
+    if extras is not None and len(extras) != len(prompts):
+        raise ValueError("extras must hold one token list per prompt")
     stats = stats if stats is not None else DecodeStats()
     emb = decoder(model).embed_tokens.weight
     device, dtype = emb.device, emb.dtype
-    if use_cuda_graph is None:
-        use_cuda_graph = device.type == "cuda"
-    use_cuda_graph = use_cuda_graph and device.type == "cuda"
+    graphs = (device.type == "cuda") if use_cuda_graph is None else (use_cuda_graph and device.type == "cuda")
+    cfg = decoder(model).config
+    shape = (device, dtype, cfg.num_attention_heads, cfg.num_key_value_heads, head_dim_of(cfg))
     if attention is None:
-        cfg = decoder(model).config
-        attention, why_not = choose_decode_attention(device, dtype, cfg.num_attention_heads,
-                                                     cfg.num_key_value_heads, head_dim_of(cfg))
+        attention, why_not = choose_decode_attention(*shape)
         if why_not and stats.attention_fallback != why_not:
             stats.attention_fallback = why_not
             if log:
@@ -324,61 +378,95 @@ def greedy_decode(
     if attention not in (SDPA_CUDNN, MATMUL):
         raise ValueError(f"attention must be {SDPA_CUDNN!r} or {MATMUL!r}, got {attention!r}")
     stats.attention = attention
+    packed_attention, why_not = choose_packed_attention(*shape)
+    stats.prefill_attention, stats.prefill_attention_fallback = packed_attention, why_not
+    return _DecodeJob(model, prompts, extras or [[] for _ in prompts], max_new_tokens, stop_ids, pad_id, device,
+                      dtype, graphs, attention, packed_attention, prefill_tokens, check_every, tap, on_hidden,
+                      stats, log)
+
+
+def _decode_batches(prompts: list[list[int]], batch_rows: int, graphs: bool, kv_budget: int | None,
+                    kv_per_token: int, max_new: int):
+    """(prompt indices, cache rows, prompt width) per batch, longest prompts first: as many rows
+    as ``batch_rows`` and the KV budget allow at the batch's own width (later batches, with
+    shorter prompts, fit more rows); with graphs, rows and width rounded up to their buckets."""
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
-    results: list[list[int]] = [[] for _ in prompts]
-    batch_rows = max(1, batch_rows)
-    for start in range(0, len(order), batch_rows):
-        idx = order[start : start + batch_rows]
-        real = len(idx)
-        rows = bucket_batch(real) if use_cuda_graph else real
-        rows = min(rows, max(batch_rows, real))  # never exceed the memory plan with bucket padding
-        width = bucket_width(max(len(prompts[i]) for i in idx)) if use_cuda_graph else max(len(prompts[i]) for i in idx)
-        ids = torch.full((rows, width), pad_id, dtype=torch.long)
-        mask = torch.zeros((rows, width), dtype=torch.long)
-        for r in range(rows):
-            p = prompts[idx[min(r, real - 1)]]  # bucket rows repeat the last prompt, then are dropped
-            ids[r, width - len(p):] = torch.tensor(p, dtype=torch.long)
-            mask[r, width - len(p):] = 1
+    start = 0
+    while start < len(order):
+        longest = len(prompts[order[start]])
+        width = bucket_width(longest) if graphs else longest
+        fit = batch_rows
+        if kv_budget is not None:
+            fit = max(1, min(fit, kv_budget // (kv_per_token * (width + max_new))))
+        idx = order[start: start + fit]
+        rows = min(bucket_batch(len(idx)), fit) if graphs else len(idx)
+        yield idx, max(rows, len(idx)), width
+        start += len(idx)
+
+
+def _decode_batch(job: _DecodeJob, idx: list[int], rows: int, width: int) -> list[list[int]]:
+    """Prefill, capture (or not), decode one batch; its rows' tokens, cut after a stop token."""
+    stats = job.stats
+    seqs = [job.prompts[i] + job.extras[i] for i in idx]
+    lens = [len(job.prompts[i]) for i in idx]
+    on_hidden = None if job.on_hidden is None else (lambda r, hidden: job.on_hidden(idx[r], hidden))
+
+    def fresh_batch() -> DecodeBatch:
+        batch = DecodeBatch(job.model, rows, width, job.max_new, job.stop_ids, job.pad_id, job.device, job.dtype,
+                            job.attention)
+        batch.prefill(seqs, lens, job.prefill_tokens, job.packed_attention, job.tap, on_hidden)
+        return batch
+
+    t0 = time.perf_counter()
+    batch = fresh_batch()
+    _sync(job.device)
+    stats.prefill_s += time.perf_counter() - t0
+    first_done = False
+    if job.max_new > 1 and job.graphs and not stats.graph_fallback:
         t0 = time.perf_counter()
-        batch = DecodeBatch(model, rows, width, max_new_tokens, stop_ids, pad_id, device, dtype, attention)
-        chunk_rows = max(1, prefill_tokens // width)
-        batch.prefill(ids.to(device), mask.to(device), chunk_rows)
-        _sync(device)
-        stats.prefill_s += time.perf_counter() - t0
-        first_done = False
-        if max_new_tokens > 1 and use_cuda_graph and not stats.graph_fallback:
-            t0 = time.perf_counter()
-            try:
-                batch.capture()
-                first_done = True
-                stats.cuda_graph = True
-            except Exception as err:  # e.g. a kernel that cannot be captured: said and recorded
-                stats.graph_fallback = f"{type(err).__name__}: {err}"[:300]
-                if log:
-                    log(f"warning: CUDA-graph capture failed ({stats.graph_fallback}); decoding eagerly")
-                torch.cuda.synchronize()
-                batch = None  # free the first cache before allocating the second
-                torch.cuda.empty_cache()
-                if attention != MATMUL:  # the conservative step from here on, said in run.json
-                    stats.attention_fallback = f"after the failed capture ({stats.graph_fallback[:80]})"
-                    attention = stats.attention = MATMUL
-                batch = DecodeBatch(model, rows, width, max_new_tokens, stop_ids, pad_id, device, dtype, attention)
-                batch.prefill(ids.to(device), mask.to(device), chunk_rows)
-            _sync(device)
-            stats.capture_s += time.perf_counter() - t0
-        t0 = time.perf_counter()
-        steps = batch.run_steps(max_new_tokens - 1, check_every, first_done) if max_new_tokens > 1 else 0
-        out = batch.out.cpu()
-        stats.decode_s += time.perf_counter() - t0
-        stats.decode_steps += steps
-        for r, i in enumerate(idx):
-            toks = out[r].tolist()
-            cut = next((j + 1 for j, t in enumerate(toks) if t in stop_ids), len(toks))
-            results[i] = toks[:cut]
-            stats.new_tokens += cut
-        stats.batches.append({"rows": real, "bucket_rows": rows, "width": width, "steps": steps + 1})
-        del batch
+        try:
+            batch.capture()
+            first_done = stats.cuda_graph = True
+        except Exception as err:  # e.g. a kernel that cannot be captured: said and recorded
+            stats.graph_fallback = f"{type(err).__name__}: {err}"[:300]
+            if job.log:
+                job.log(f"warning: CUDA-graph capture failed ({stats.graph_fallback}); decoding eagerly")
+            torch.cuda.synchronize()
+            batch = None  # free the first cache before allocating the second
+            torch.cuda.empty_cache()
+            if job.attention != MATMUL:  # the conservative step from here on, said in run.json
+                stats.attention_fallback = f"after the failed capture ({stats.graph_fallback[:80]})"
+                job.attention = stats.attention = MATMUL
+            batch = fresh_batch()
+        _sync(job.device)
+        stats.capture_s += time.perf_counter() - t0
+    t0 = time.perf_counter()
+    steps = batch.run_steps(job.max_new - 1, job.check_every, first_done) if job.max_new > 1 else 0
+    out = batch.out.cpu()
+    stats.decode_s += time.perf_counter() - t0
+    stats.decode_steps += steps
+    results = []
+    for r in range(len(idx)):
+        toks = out[r].tolist()
+        cut = next((j + 1 for j, t in enumerate(toks) if t in job.stop_ids), len(toks))
+        results.append(toks[:cut])
+        stats.new_tokens += cut
+    stats.batches.append({"rows": len(idx), "bucket_rows": rows, "width": width, "steps": steps + 1})
     return results
+
+
+def _chunks(lengths: list[int], max_tokens: int) -> list[list[int]]:
+    """Consecutive indices whose lengths sum to at most ``max_tokens`` (a longer one alone)."""
+    chunks: list[list[int]] = []
+    used = 0
+    for i, n in enumerate(lengths):
+        if chunks and used + n <= max_tokens:
+            chunks[-1].append(i)
+            used += n
+        else:
+            chunks.append([i])
+            used = n
+    return chunks
 
 
 def _sync(device: torch.device) -> None:

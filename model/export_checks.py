@@ -12,21 +12,19 @@ instead of a traceback after minutes of building a model or retrying DNS.
 from __future__ import annotations
 
 import json
-import os
 import re
-import socket
 from pathlib import Path
 from typing import Any
 
 from plumbing.errors import InputError
 
 from .export_folder import MANIFEST, read_manifest
+from .locate import check_base
 from .manifest import ExportManifest, is_kind, kind_text
 from .presets import PRESETS
 
 WEIGHT_FILES = ("adapter_model.safetensors", "head.safetensors")
 REQUIRED_FILES = ("adapter_config.json", "adapter_model.safetensors", "head.safetensors", "head_config.json")
-HUB_HOST = ("huggingface.co", 443)
 # head_config.json: field -> kind (model.manifest.KINDS); hidden_size is required.
 HEAD_FIELDS = {"hidden_size": "positive", "proj_dim": "positive", "mlp_dim": "positive", "pooling": "str",
                "relevance": "bool", "dropout": "probability", "layer": "int"}
@@ -195,27 +193,8 @@ def check_weights(root: Path) -> None:
 
 
 def check_base_available(source: str | None, flag: str = "--base") -> None:
-    """A hub id must be in the local cache or the hub reachable in seconds; a folder must exist."""
-    if not source:
-        return
-    if os.path.isdir(source):
-        return
-    looks_like_path = source.startswith((".", "/", "~")) or source.count("/") != 1
-    if looks_like_path:
-        raise InputError(f"base model folder not found; pass {flag} /local/folder", source)
-    from huggingface_hub import try_to_load_from_cache
-
-    cached = try_to_load_from_cache(source, "config.json")
-    if isinstance(cached, str):
-        return
-    how = (f"base model {source} is not in the local Hugging Face cache; pass {flag} /local/folder "
-           f"or download it first (huggingface-cli download {source})")
-    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
-        raise InputError(how + " (HF_HUB_OFFLINE is set)")
-    try:
-        socket.create_connection(HUB_HOST, timeout=3).close()
-    except OSError:
-        raise InputError(how + " (the hub is not reachable)") from None
+    """A hub id must be cached or downloadable now, a folder a whole model (:func:`model.locate.check_base`)."""
+    check_base(source, flag)
 
 
 def check_export(root: Path, base: str | None) -> ExportManifest:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 from importlib import metadata
 from pathlib import Path
 
@@ -66,8 +67,100 @@ def package_versions(names: tuple[str, ...] = MANIFEST_PACKAGES) -> dict[str, st
     return out
 
 
-def model_card(record: ExportManifest) -> str:
-    """``export/README.md``: what the export is, what it was trained on, and what it is for."""
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+CARD_TAGS = ("archehr", "archehr-qa", "clinical-nlp", "medical", "question-answering", "evidence-attribution",
+             "qlora", "lora", "qwen3")
+# The fine-tuned systems' rows in a ``score.py cv`` run's ladder.json (evaluation.cv writes them):
+# (subtask key, system, task type, task name, metrics kept).
+CV_ROWS = (
+    ("subtask2", "head", "text-classification", "ArchEHR-QA Subtask 2: evidence identification (relevance head)",
+     ("strict_micro_f1", "strict_micro_precision", "strict_micro_recall", "lenient_micro_f1")),
+    ("subtask3", "model", "text-generation", "ArchEHR-QA Subtask 3: answer generation",
+     ("bleu", "rouge1", "rouge2", "rougeL", "sari", "bertscore", "alignscore", "medcon")),
+    ("subtask4", "head", "text-classification", "ArchEHR-QA Subtask 4: evidence alignment (alignment head)",
+     ("micro_f1", "micro_precision", "micro_recall", "macro_f1")),
+)
+
+
+def read_cv_ladder(cv_dir: str | Path) -> dict:
+    """``ladder.json`` of a ``score.py cv`` run folder (or the file itself); InputError when absent."""
+    p = Path(cv_dir)
+    path = p / "ladder.json" if p.is_dir() else p
+    try:
+        ladder = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        raise InputError("not a score.py cv run (no readable ladder.json)", path) from None
+    if not isinstance(ladder, dict) or not isinstance(ladder.get("subtask4", []), list):
+        raise InputError("ladder.json is not a score.py cv ladder", path)
+    return dict(ladder, source=str(path))
+
+
+def cv_model_index(ladder: dict, name: str) -> list[dict]:
+    """Hub ``model-index`` entries: the fine-tuned systems' held-out scores in a cv ladder."""
+    folds = f"{ladder.get('n_folds')}-fold case-grouped CV"
+    key = Path(str(ladder.get("key") or "the key")).name
+    held_out = str(ladder.get("evaluated_on", "held-out cases")) == "held-out cases"
+    dataset = {"type": "archehr-qa", "name": "ArchEHR-QA",
+               "split": f"held-out folds of {key}" if held_out else f"TRAINING CASES of {key} (optimistic)"}
+    results = []
+    for subtask, system, task_type, task_name, keep in CV_ROWS:
+        block = ladder.get(subtask)
+        rows = block.get("rows", []) if isinstance(block, dict) else (block or [])
+        row = next((r for r in rows if isinstance(r, dict) and r.get("system") == system), None)
+        scores = (row or {}).get("scores") or {}
+        metrics = [{"type": k, "value": scores[k], "name": f"{k} ({folds})"} for k in keep
+                   if isinstance(scores.get(k), (int, float)) and not isinstance(scores.get(k), bool)]
+        if metrics:
+            results.append({"task": {"type": task_type, "name": task_name}, "dataset": dataset, "metrics": metrics})
+    return [{"name": name, "results": results}] if results else []
+
+
+def _yaml(value, indent: int = 0) -> list[str]:
+    """Block-style YAML; every scalar JSON-encoded (JSON scalars are valid YAML)."""
+    pad = " " * indent
+    if isinstance(value, dict):
+        lines = []
+        for k, v in value.items():
+            if isinstance(v, (dict, list)) and v:
+                lines.append(f"{pad}{k}:")
+                lines += _yaml(v, indent + 2)
+            else:
+                lines.append(f"{pad}{k}: {json.dumps(v)}")
+        return lines
+    if isinstance(value, list):
+        lines = []
+        for item in value:
+            inner = _yaml(item, indent + 2)
+            lines.append(f"{pad}- {inner[0].lstrip()}")
+            lines += inner[1:]
+        return lines
+    return [f"{pad}{json.dumps(value)}"]
+
+
+def card_metadata(manifest: dict, ladder: dict | None = None, library: str = "peft") -> dict:
+    """The card's Hub metadata: base model (a hub id only; a local path or random init is left out),
+    library, tags and, given a ``score.py cv`` ladder, its held-out scores as ``model-index``."""
+    base = manifest.get("base_model") or {}
+    base_id = base.get("id")
+    meta: dict = {}
+    if isinstance(base_id, str) and HUB_ID.match(base_id) and not Path(base_id).exists():
+        meta["base_model"] = base_id
+    meta["library_name"] = library
+    meta["pipeline_tag"] = "text-generation"
+    meta["tags"] = list(CARD_TAGS) + (["random-init-test-model"] if base.get("random_init") else [])
+    if ladder is not None:
+        stages = manifest.get("stages") or [{}]
+        meta["model-index"] = cv_model_index(ladder, f"archehr-{stages[-1].get('stage', 'export')}")
+    return meta
+
+
+def front_matter(meta: dict) -> str:
+    return "---\n" + "\n".join(_yaml(meta)) + "\n---\n"
+
+
+def model_card(record: ExportManifest, ladder: dict | None = None, merged: bool = False) -> str:
+    """``export/README.md``: Hub metadata (YAML front matter), then what the export is, what it was
+    trained on, and what it is for. ``ladder``: a ``score.py cv`` run's scores (:func:`read_cv_ladder`)."""
     manifest = record.to_dict()
     base = manifest.get("base_model") or {}
     if base.get("random_init"):
@@ -78,7 +171,8 @@ def model_card(record: ExportManifest) -> str:
     lora = manifest.get("lora") or {}
     alignment = manifest.get("alignment") or {}
     lines = [
-        "# archehr export",
+        front_matter(card_metadata(manifest, ladder, library="transformers" if merged else "peft")),
+        "# archehr export" + (" (merged)" if merged else ""),
         "",
         "A LoRA adapter and an evidence-alignment head for ArchEHR-QA (answering patients' questions about "
         "their hospital records, and linking each answer sentence to the note sentences that support it).",
@@ -111,12 +205,28 @@ def model_card(record: ExportManifest) -> str:
             lines.append(f"- {key.replace('_', ' ')}: {value}")
     lines += ["", "## Evaluation"]
     cv = manifest.get("cv")
-    if cv:
+    if ladder is not None:
+        lines.append(f"Case-grouped cross-validation of this recipe ({ladder.get('n_folds')} folds, "
+                     f"{ladder.get('n_cases')} cases, {ladder.get('evaluated_on')}), from `{ladder.get('source')}` "
+                     "(`score.py cv`): each fold's model was trained on the other folds, so these estimate the "
+                     "recipe on unseen cases, not this export on its own training cases. They are the front "
+                     "matter's `model-index`.")
+        for entry in cv_model_index(ladder, "cv"):
+            for result in entry["results"]:
+                metrics = ", ".join(f"{m['type']} {m['value']}" for m in result["metrics"])
+                lines.append(f"- {result['task']['name']}: {metrics}")
+    elif cv:
         lines.append("Case-grouped cross-validation (held-out cases):")
         lines += [f"- {name}: {value}" for name, value in sorted(cv.items())]
     else:
         lines.append("No cross-validation scores are recorded with this export; `python score.py cv` "
                      "measures them on held-out cases.")
+    if merged:
+        lines += ["", "## This folder",
+                  "The export's LoRA adapter merged into its base model (the base dequantised as trained), bf16: "
+                  "a standard Hugging Face model folder. `AutoModelForCausalLM.from_pretrained(\"this/folder\")` "
+                  "loads it, and vLLM or SGLang serve it (Subtask 3 answers). The alignment head is not in it: "
+                  "`infer.py --export` on the export folder above applies it (Subtasks 2 and 4)."]
     lines += [
         "",
         "## Loading",
@@ -132,3 +242,12 @@ def model_card(record: ExportManifest) -> str:
         f"Created {manifest.get('created')}.",
     ]
     return "\n".join(lines) + "\n"
+
+
+def refresh_model_card(export_dir: str | Path, ladder: dict | None) -> Path:
+    """Rewrite an export's README.md from its manifest (and a cv ladder's scores); returns its path."""
+    from plumbing.atomic import write_text_atomic
+
+    root = find_export(export_dir)
+    write_text_atomic(root / "README.md", model_card(read_manifest(root), ladder))
+    return root / "README.md"

@@ -1,8 +1,7 @@
-"""Backbone + alignment head over encoded examples: the one pair scorer, used by inference
-(:meth:`model.loaded_export.LoadedExport.score_all`, and the token-budget groups of
-:class:`inference.fast.FastCheckpoint` through :func:`group_head_outputs` and
-:func:`group_relevance_probabilities`),
-cross-validation and export calibration.
+"""Backbone + alignment head over encoded examples, padded batches through the model's own
+forward: the plain path's pair scorer (:meth:`model.loaded_export.LoadedExport.score_all`),
+cross-validation and export calibration. The fast engine runs the same head over packed
+forwards (:mod:`model.packed`, :mod:`inference.fast`).
 
 It lives in ``model/`` because it runs the backbone: ``model`` may use ``heads``, never the reverse.
 """
@@ -65,17 +64,6 @@ def group_pair_probabilities(backbone, head: NotePairHead, group: Sequence[Encod
     """[n_answer, n_note] sigmoid probabilities per example of one padded forward
     (:func:`group_head_outputs`)."""
     return [torch.sigmoid(out.pair_logits.float()).cpu().numpy()
-            for out in group_head_outputs(backbone, head, group, pad_id, device, width)]
-
-
-@torch.no_grad()
-def group_relevance_probabilities(backbone, head: NotePairHead, group: Sequence[EncodedExample], pad_id: int,
-                                  device: torch.device, width: int | None = None) -> list[np.ndarray] | None:
-    """[n_note] sigmoid relevance probabilities per example of one padded forward
-    (:func:`group_head_outputs`); None, with no forward, if the head has no relevance output."""
-    if getattr(head, "relevance_mlp", None) is None:
-        return None
-    return [torch.sigmoid(out.relevance_logits.float()).cpu().numpy()
             for out in group_head_outputs(backbone, head, group, pad_id, device, width)]
 
 

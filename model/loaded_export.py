@@ -18,8 +18,9 @@ from data.prompts import chat_prompt, example_from_case
 from data.records import Case
 from heads.alignment import NotePairHead, load_head
 
-from .backbone import RANDOM_INIT_SEED, default_device, load_adapted, load_tokenizer
+from .backbone import RANDOM_INIT_SEED, load_adapted, load_tokenizer
 from .export_folder import MANIFEST
+from .locate import resolve_device
 from .manifest import ExportManifest
 from .head_scoring import encode_for_scoring, pair_probabilities
 from .presets import PRESETS, ModelPreset
@@ -140,7 +141,7 @@ def load_export(
     preset = preset_from_manifest(manifest)
     base_path = base or manifest.base_model.path or None
     random_init = manifest.base_model.random_init
-    device = device or default_device()
+    device = resolve_device(device)
     if load_in_4bit is None:
         load_in_4bit = preset.load_in_4bit and torch.device(device).type == "cuda"
     tokenizer = load_tokenizer(base_path or preset)

@@ -7,17 +7,33 @@ import os
 import warnings
 
 
+# What each hidden message is, and why it is harmless (``--verbose`` shows them all):
+#  - torch's C++ warnings (TORCH_CPP_LOG_LEVEL), e.g. DDP's "find_unused_parameters=True was
+#    specified ... but did not find any unused parameters", once per rank: the joint head's parts
+#    can sit out a batch, so the flag must stay on even when a given batch used them all. They are
+#    printed by torch's C++ logger, which reads its level once, when torch is imported.
+#  - bitsandbytes' "Failed to load CPU gemm_4bit_forward from kernels-community" (logged at its
+#    import on CPUs with AVX512-BF16): its own fallback kernel is correct.
+#  - the HF hub's retry lines ("... thrown while requesting HEAD ...", "Retrying in 1s [Retry
+#    1/5]"): the optional `kernels` package asks the hub for that kernel at bitsandbytes' import and
+#    retries five times offline; a download that really fails still raises with its own message.
+#  - FutureWarnings of the libraries' own internals (e.g. transformers' is_gradient_checkpointing):
+#    nothing a user of this toolkit can act on. Our code raises no FutureWarning of its own.
+QUIET_LOGGERS = ("bitsandbytes", "huggingface_hub.utils._http")
+TORCH_CPP_LOG_LEVEL = "TORCH_CPP_LOG_LEVEL"
+
+
 def quiet_library_noise(verbose: bool) -> None:
     """Hide messages that say nothing about the user's run; ``verbose`` keeps them. Call it before
-    bitsandbytes is imported (its note is logged at import)."""
+    torch and bitsandbytes are imported (torch's C++ log level is read, and bitsandbytes' note is
+    logged, at import). A level the user set in TORCH_CPP_LOG_LEVEL is kept."""
     if verbose:
         return
-    # Deprecation notices of the libraries' own internals (e.g. transformers' is_gradient_checkpointing):
-    # nothing a user of this toolkit can act on. Our code raises no FutureWarning of its own.
+    os.environ.setdefault(TORCH_CPP_LOG_LEVEL, "ERROR")
     warnings.filterwarnings("ignore", category=FutureWarning)
-    # "Failed to load CPU gemm_4bit_forward from kernels-community" is logged when bitsandbytes is
-    # imported on a CPU without the optional `kernels` package; its fallback is correct.
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message=r".*find_unused_parameters=True was specified")  # if routed to Python
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def hide_progress_bars() -> None:

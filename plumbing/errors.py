@@ -10,6 +10,7 @@ import argparse
 import errno
 import functools
 import os
+import re
 import sys
 from pathlib import Path
 from types import FrameType
@@ -195,9 +196,47 @@ def parse_json(text: str | bytes, path: str | Path, where: str = "") -> object:
     import json
 
     try:
-        return json.loads(text)
+        value = json.loads(text)
     except json.JSONDecodeError as err:
         at = f"{where}: " if where else ""
         raise InputError(f"{at}invalid JSON ({err.msg} at line {err.lineno})", path) from None
     except RecursionError:
         raise InputError(f"{where + ': ' if where else ''}JSON nested too deeply", path) from None
+    # JSON may spell a lone UTF-16 surrogate (\ud800) that no UTF-8 file, XML or terminal can hold:
+    # refused here, once, rather than as an encoding traceback wherever the string is written.
+    if _SURROGATE_ESCAPE.search(text if isinstance(text, str) else text.decode("utf-8", "replace")):
+        bad = _lone_surrogate(value)
+        if bad is not None:
+            raise InputError(f"{where + ': ' if where else ''}a string holds a lone surrogate "
+                             f"(\\u{ord(bad):04x}), which is not text", path)
+    return value
+
+
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
+
+
+def _lone_surrogate(value: object) -> str | None:
+    """The first lone surrogate in any string (key or value) of parsed JSON, else None."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            for ch in item:
+                if 0xD800 <= ord(ch) <= 0xDFFF:
+                    return ch
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return None
+
+
+class DeprecatedAlias(argparse.Action):
+    """An old option name that still works for one release and says so once on stderr."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        print(f"note: {option_string} is deprecated; use --{self.dest} (the old name goes in the next release)",
+              file=sys.stderr)
+        setattr(namespace, self.dest, values)

@@ -111,7 +111,7 @@ def test_unknown_evidence_id_in_submission(tmp_path):
 
 def test_case_set_mismatch(tmp_path):
     bad = BAD / "submission_missing_case.json"
-    assert_refused(tmp_path, bad, 4, bad, problem="case 103: case of the key missing")
+    assert_refused(tmp_path, bad, 4, bad, problem="1 of the key's 3 cases missing from the submission (103)")
 
 
 def test_missing_file(tmp_path, good):

@@ -25,7 +25,7 @@ from safetensors.torch import load_file
 from plumbing.errors import InputError
 from hooks import train_hooks
 from training.config import TrainConfig, build_config, load_run_config
-from training.loop import resume_layout, run_training
+from training.run import resume_layout, run_training
 
 ROOT = Path(__file__).resolve().parents[1]
 DDP_CONFIG = ROOT / "configs" / "accelerate" / "ddp.yaml"
@@ -73,9 +73,9 @@ def audit(event, args):
 sys.addaudithook(audit)
 import torch
 torch.set_num_threads(1)
-import training.loop as loop
+import training.run as run_module
 import train
-original = loop.run_training
+original = run_module.run_training
 
 def run_and_dump(cfg, resume=False):
     result = original(cfg, resume)
@@ -90,7 +90,7 @@ def run_and_dump(cfg, resume=False):
     save_file(tensors, os.path.join(OUT, f"final-rank{RANK}.safetensors"))
     return result
 
-loop.run_training = run_and_dump
+run_module.run_training = run_and_dump
 rc = train.main(sys.argv[1:])
 with open(os.path.join(OUT, f"writes-rank{RANK}.json"), "w") as fh:
     json.dump(written, fh)
@@ -493,7 +493,7 @@ from training import gather
 from training.config import build_config
 from training.batching import collate
 from training.joint import JointModel, LossSettings
-from training.loop import fsdp_wrap_policy, make_optimizer, stage_data
+from training.run import fsdp_wrap_policy, make_optimizer, stage_data
 
 cfg = build_config(dict(stage="domain", preset="tiny", data=DATA, joint=True, max_length=512, n_examples=0,
                         lora_dropout=0.0, head_dropout=0.0, lr=1e-2, head_lr=1e-2))
@@ -591,7 +591,7 @@ def test_fsdp_wrap_policy_gives_each_dtype_its_own_unit():
     from heads.config import HeadConfig
     from model.backbone import decoder, load_backbone
     from training.joint import JointModel, LossSettings
-    from training.loop import fsdp_wrap_policy
+    from training.run import fsdp_wrap_policy
 
     backbone = load_backbone("tiny", load_in_4bit=False, device="cpu", gradient_checkpointing=False)
     head = NotePairHead(HeadConfig(hidden_size=backbone.get_base_model().config.hidden_size))

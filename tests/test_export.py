@@ -17,7 +17,7 @@ from data.prompts import encode_example, example_from_case
 from model.loaded_export import load_export
 from model.head_scoring import head_outputs
 from training.config import build_config
-from training.loop import run_training
+from training.run import run_training
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
@@ -124,7 +124,7 @@ def test_cli_two_stages_chain_exports(tmp_path):
     [
         (["--stage", "domain", "--preset", "tiny", "--data", "missing.jsonl", "--out", "{tmp}/x"], "file not found"),
         (["--stage", "domain", "--preset", "tiny", "--data", str(EMRQA), "--out", "{tmp}/x", "--lr", "fast"],
-         "not a valid float"),
+         "--lr must be a finite number in (0, 1000], got 'fast'"),
         (["--stage", "domain", "--preset", "tiny", "--colour", "red"], "unknown config key"),
         (["--stage", "task", "--preset", "tiny", "--xml", str(XML), "--key", str(KEY), "--init", "{tmp}",
           "--out", "{tmp}/x"], "no manifest.json"),

@@ -104,7 +104,7 @@ def test_training_loop_uses_token_budget_batches(tmp_path):
     from model.backbone import load_tokenizer
     from training.config import build_config
     from training.data import encode_items
-    from training.loop import run_training
+    from training.run import run_training
 
     from conftest import EXAMPLES
 
@@ -223,7 +223,7 @@ def test_fast_checkpoint_equals_loaded_checkpoint(tiny_adapter):
     from bench.synthetic import inference_cases
     from heads.alignment import NotePairHead
     from heads.config import HeadConfig
-    from inference.fast import FastCheckpoint
+    from inference.fast import FastEngine
     from model.backbone import load_backbone, load_tokenizer
     from model.loaded_export import LoadedExport
 
@@ -231,7 +231,7 @@ def test_fast_checkpoint_equals_loaded_checkpoint(tiny_adapter):
     model = load_backbone("tiny", load_in_4bit=False, device="cpu", adapter_dir=tiny_adapter, trainable=False)
     head = NotePairHead(HeadConfig(hidden_size=64)).eval()
     plain = LoadedExport(manifest={}, threshold=0.5, tokenizer=load_tokenizer("tiny"), model=model, head=head)
-    fast = FastCheckpoint(plain)
+    fast = FastEngine(plain)
     cases = inference_cases(5, seed=3)
     cases[2].answer_sentences.clear()  # a case without answer sentences: an empty score matrix
     assert fast.generate_answers(cases, max_new_tokens=6, batch_size=2) == \
@@ -246,16 +246,17 @@ def test_fast_checkpoint_equals_loaded_checkpoint(tiny_adapter):
     assert report["plans"][0]["budget_gb"] is None  # CPU: fixed sizes, said so
 
 
-def test_token_budget_groups_and_memory_plan_arithmetic():
-    from inference.memory import dense_weight_bytes, should_merge, token_budget_groups
+def test_token_budget_packs_and_memory_plan_arithmetic():
+    from inference.memory import dense_weight_bytes, should_merge
+    from model.packed import token_budget_packs
     from model.presets import QWEN3_4B_ARCH
 
     lengths = [900, 120, 1500, 880, 130, 1490, 5000]
-    groups = token_budget_groups(lengths, 3000)
-    assert sorted(i for g in groups for i in g) == list(range(7))
-    assert groups[0] == [6]  # longer than the budget: alone
-    assert all(len(g) * max(lengths[i] for i in g) <= 3000 for g in groups[1:])
-    assert [2, 5] in groups and [0, 3] in groups and [4, 1] in groups  # neighbours in length, little padding
+    packs = token_budget_packs(lengths, 3000)
+    assert sorted(i for g in packs for i in g) == list(range(7))
+    assert packs[0] == [6]  # longer than the budget: alone
+    assert all(sum(lengths[i] for i in g) <= 3000 for g in packs[1:])  # real tokens, no padding
+    assert packs[1:] == [[2, 5], [0, 3, 4, 1]]  # longest first, each pack filled in order
     # Qwen3-4B in bf16: about 8 GB (tied embeddings once)
     assert 7.5e9 < dense_weight_bytes(QWEN3_4B_ARCH) < 8.3e9
     assert should_merge(QWEN3_4B_ARCH, int(14e9))[0] and not should_merge(QWEN3_4B_ARCH, int(9e9))[0]
@@ -324,15 +325,23 @@ def test_bench_run_smoke_has_old_and_fast_inference_rows(tmp_path, monkeypatch):
     from bench import run
 
     monkeypatch.setenv("ARCHEHR_CACHE", str(tmp_path / "cache"))
-    assert run.main(["--smoke", "--skip", "textbook,ours", "--skip-infer", "0", "--fast-caps", "0,16",
-                     "--out", str(tmp_path)]) == 0
-    result = json.loads(next(tmp_path.glob("smoke-*.json")).read_text())
-    assert len(result["infer"]) == 1 and [r["cap_gb"] for r in result["infer_fast"]] == [None, 16.0]
+    # The fast rows alone first: they must make the bench adapter themselves (they once relied
+    # on the old path's row having saved it).
+    assert run.main(["--smoke", "--skip", "textbook,ours", "--skip-infer", "0,1", "--fast-caps", "0,16",
+                     "--out", str(tmp_path / "fast")]) == 0
+    assert run.main(["--smoke", "--skip", "textbook,ours", "--skip-infer", "0", "--fast-caps", "",
+                     "--out", str(tmp_path / "old")]) == 0
+    assert len(json.loads(next((tmp_path / "old").glob("smoke-*.json")).read_text())["infer"]) == 1
+    result = json.loads(next((tmp_path / "fast").glob("smoke-*.json")).read_text())
+    assert [r["cap_gb"] for r in result["infer_fast"]] == [None, 16.0]
     for row in result["infer_fast"]:
         assert row["new_tokens"] > 0 and set(row["load_steps_s"]) == {"base_s", "dequantise_s", "adapter_merge_s"}
-        # Subtask 2: read off the alignment forwards, and batched on its own; both near per-case
-        assert row["relevance_reused_cases"] >= 1 and row["relevance"]["forwards"] == 0
-        assert row["relevance_max_abs_diff"] < 1e-2 and row["relevance_reused_max_abs_diff"] < 1e-2
+        assert row["alignment"]["tokens"] == row["alignment"]["padded_tokens"]  # packed, no padding
+        # Subtask 2 packed on its own, near the per-case path; Subtasks 2-4 of the generated
+        # cases in one pass, their head outputs read off the prefill
+        assert row["relevance_max_abs_diff"] < 1e-2
+        assert row["one_pass_head_cases"] == {"prefill_shared": 3, "own_forwards": 0}
+        assert row["separate_passes_head_cases"] == {"prefill_shared": 0, "own_forwards": 3}
 
 
 @pytest.mark.parametrize("value", ["0", "-3", "lots", "inf", "nan"])
@@ -346,8 +355,9 @@ def test_infer_max_memory_gb_must_be_a_positive_number(value, capsys):
 
 
 def test_memory_plan_for_16gb_and_80gb_cards(monkeypatch):
-    """Qwen3-4B shape: the KV cache of the planned rows and a forward's activations fit what is
-    left after the 8 GB of dense weights; the whole 47-prompt batch fits an 80 GB card."""
+    """Qwen3-4B shape: the KV cache of the planned rows and a prefill's activations fit what is
+    left after the 8 GB of dense weights (alignment forwards run with no cache held, so their
+    activations alone must fit); the whole 47-prompt batch fits an 80 GB card."""
     from types import SimpleNamespace
 
     from transformers import Qwen3Config
@@ -363,11 +373,12 @@ def test_memory_plan_for_16gb_and_80gb_cards(monkeypatch):
         plan = memory.plan_batches(fake, prompt_tokens=1500, max_new_tokens=100)
         assert plan.kv_bytes_per_token == 147456  # 36 layers x 2 x 8 heads x 128 x 2 bytes
         kv = plan.gen_rows * plan.kv_bytes_per_token * (1536 + 100)
-        act = plan.align_tokens * memory.activation_bytes_per_token(config)
-        assert kv + act <= budget
+        per_token = memory.activation_bytes_per_token(config)
+        assert kv + plan.prefill_tokens * per_token <= budget and plan.align_tokens * per_token <= budget
+        assert plan.kv_budget_bytes <= budget - plan.prefill_tokens * per_token
         assert plan.prefill_tokens <= memory.PREFILL_MAX_TOKENS
         rows[card] = plan.gen_rows
-    assert 8 <= rows["16"] < 47 <= rows["80"]
+    assert 18 <= rows["16"] < 47 <= rows["80"]  # 16 before the prefill was chunked apart
     assert memory.plan_batches(fake, prompt_tokens=1500, max_new_tokens=100, max_rows=5).gen_rows == 5
 
 
@@ -394,7 +405,7 @@ def test_fast_checkpoint_retries_smaller_after_out_of_memory(monkeypatch):
 
     monkeypatch.setattr(fast_module, "greedy_decode", flaky)
     said = []
-    fast = fast_module.FastCheckpoint(plain, log=said.append)
+    fast = fast_module.FastEngine(plain, log=said.append)
     cases = inference_cases(3, seed=8)
     assert fast.generate_answers(cases, max_new_tokens=4, batch_size=8) == \
         plain.generate_answers(cases, max_new_tokens=4, batch_size=3)
@@ -417,96 +428,106 @@ def _tiny_checkpoint(adapter_dir, relevance: bool = True):
     return LoadedExport(manifest={}, threshold=0.5, tokenizer=load_tokenizer("tiny"), model=model, head=head)
 
 
-def test_batched_relevance_equals_one_case_at_a_time(tiny_adapter):
+def test_packed_relevance_equals_one_case_at_a_time(tiny_adapter):
     from bench.synthetic import inference_cases
-    from data.prompts import encode_example, example_from_case
-    from inference.relevance import export_probabilities
-    from inference.fast import FastCheckpoint
-    from model.head_scoring import relevance_probabilities
+    from inference.fast import FastEngine
+    from inference.predictions import case_relevance, model_outputs
 
     plain = _tiny_checkpoint(tiny_adapter)
     cases = inference_cases(6, seed=3)  # 837 to 1254 tokens without answers
-    encoded = [encode_example(plain.tokenizer, example_from_case(c, with_answer=False)) for c in cases]
-    want = [relevance_probabilities(plain.model, plain.head, [enc])[0] for enc in encoded]
-    fast = FastCheckpoint(plain)
-    got = fast.score_relevance_all(cases, max_tokens=2600)  # three groups of two rows, padded
-    assert len(got) == len(cases)
-    for g, w, case in zip(got, want, cases):
-        assert g.shape == (len(case.note_sentences),)
-        np.testing.assert_allclose(g, w, rtol=0, atol=1e-5)
-    stats = fast.report()["relevance"]
-    assert stats["forwards"] == 3 and stats["max_tokens"] == 2600
-    assert stats["tokens"] == sum(len(e.input_ids) for e in encoded) < stats["padded_tokens"]
-    assert fast.report()["alignment"]["forwards"] == 0  # its own record, not the alignment's
-    # The pipeline's entry point takes the batched path (one call for all cases, CPU plan's budget).
-    scores = export_probabilities(fast, cases, progress=False)
-    assert list(scores) == [c.case_id for c in cases] and fast.relevance["forwards"] == 4
+    want = [case_relevance(plain, c) for c in cases]
+    fast = FastEngine(plain)
+    got = fast.predict(cases, relevance=True, max_tokens=2600).relevance  # packs of <= 2600 real tokens
+    assert list(got) == [c.case_id for c in cases]
     for case, w in zip(cases, want):
-        assert scores[case.case_id].dtype == np.float64
-        np.testing.assert_allclose(scores[case.case_id], w, rtol=0, atol=1e-5)
-    assert export_probabilities(fast, [], progress=False) == {}
+        assert got[case.case_id].shape == (len(case.note_sentences),) and got[case.case_id].dtype == np.float64
+        np.testing.assert_allclose(got[case.case_id], w, rtol=0, atol=1e-5)
+    stats = fast.report()["alignment"]
+    assert stats["forwards"] == 3 and stats["max_tokens"] == 2600
+    assert stats["tokens"] == stats["padded_tokens"]  # packed: no padding
+    # The pipeline's one entry point, on either path: the same numbers.
+    for loaded in (fast, plain):
+        scores = model_outputs(loaded, cases, relevance=True, progress=False).relevance
+        for case, w in zip(cases, want):
+            np.testing.assert_allclose(scores[case.case_id], w, rtol=0, atol=1e-5)
+    assert model_outputs(fast, [], relevance=True, progress=False).relevance == {}
 
 
-def test_relevance_is_read_from_the_alignment_forwards_when_the_note_prefix_matches(tiny_adapter):
-    """After Subtask 4's forwards (question + note + answer), Subtask 2 reuses their relevance
-    logits (they read only the note's states, and attention is causal) and equals a fresh
-    computation without answers; a case whose note differs under the same id is recomputed."""
-    import dataclasses
-
+def test_one_pass_per_case_serves_subtasks_2_3_and_4(tiny_adapter):
+    """A generated case's prefill forward carries its answer sentences: the answers equal
+    ``generate``'s and the head's pairs and relevance equal the plain path's, with no forward
+    of the head's own; a case without answer sentences still gets its relevance."""
     from bench.synthetic import inference_cases
-    from inference.fast import FastCheckpoint
+    from inference.fast import FastEngine
+    from inference.predictions import case_relevance
 
     plain = _tiny_checkpoint(tiny_adapter)
     cases = inference_cases(4, seed=5)
-    want = FastCheckpoint(plain).score_relevance_all(cases, max_tokens=2600)
-    fast = FastCheckpoint(plain)
-    fast.score_all(cases, max_tokens=2600)
-    changed = dataclasses.replace(cases[2], note_sentences=cases[2].note_sentences[:-1])
-    got = fast.score_relevance_all([*cases[:2], changed, cases[3]], max_tokens=2600)
-    stats = fast.report()["relevance"]
-    assert stats["reused_from_alignment"] == 3 and stats["forwards"] == 1
-    for i in (0, 1, 3):
-        np.testing.assert_allclose(got[i], want[i], rtol=0, atol=1e-5)
-    fresh = FastCheckpoint(plain).score_relevance_all([changed], max_tokens=2600)[0]
-    assert got[2].shape == (len(changed.note_sentences),)
-    np.testing.assert_allclose(got[2], fresh, rtol=0, atol=1e-5)
+    cases[1].answer_sentences.clear()
+    fast = FastEngine(plain)
+    got = fast.predict(cases, answers=True, pairs=True, relevance=True, max_new_tokens=5, batch_size=3)
+    assert [got.answers[c.case_id] for c in cases] == plain.generate_answers(cases, max_new_tokens=5, batch_size=3)
+    assert fast.report()["head_cases"] == {"prefill_shared": 4, "own_forwards": 0}
+    assert fast.report()["alignment"]["forwards"] == 0
+    assert set(got.pairs) == {c.case_id for c in cases if c.answer_sentences}
+    for case, want in zip(cases, plain.score_all(cases, batch_size=1)):
+        if case.answer_sentences:
+            np.testing.assert_allclose(got.pairs[case.case_id], want, rtol=0, atol=1e-5)
+        np.testing.assert_allclose(got.relevance[case.case_id], case_relevance(plain, case), rtol=0, atol=1e-5)
 
 
-def test_batched_relevance_without_relevance_output_is_refused(tiny_adapter):
+def test_packed_forward_equals_the_model_forward_at_every_tapped_layer():
+    from model.backbone import backbone_hidden, build_random_base
+    from model.packed import PER_SEQUENCE, pack, packed_forward, token_budget_packs
+
+    torch.manual_seed(0)
+    model = build_random_base("tiny").eval()
+    seqs = [[5 + (7 * i + j) % 900 for j in range(n)] for i, n in enumerate((40, 13, 77))]
+    for tap in (0, 1, -1):
+        hidden, _ = packed_forward(model, pack(seqs, torch.device("cpu")), tap=tap, attention=PER_SEQUENCE)
+        start = 0
+        for s in seqs:
+            _, want = backbone_hidden(model, torch.tensor([s]), torch.ones(1, len(s), dtype=torch.long), tap)
+            torch.testing.assert_close(hidden[start:start + len(s)], want[0], rtol=0, atol=1e-5)
+            start += len(s)
+    assert token_budget_packs([40, 13, 77, 200], 120) == [[3], [2, 0], [1]]
+
+
+def test_packed_relevance_is_refused_without_relevance_output(tiny_adapter):
     from bench.synthetic import inference_cases
     from plumbing.errors import InputError
-    from inference.relevance import export_probabilities
-    from inference.fast import FastCheckpoint
+    from inference.fast import FastEngine
+    from inference.predictions import model_outputs
 
     plain = _tiny_checkpoint(tiny_adapter, relevance=False)
-    fast = FastCheckpoint(plain)
+    fast = FastEngine(plain)
     cases = inference_cases(2, seed=3)
-    assert fast.score_relevance_all(cases) is None and fast.relevance["forwards"] == 0
-    for ckpt in (fast, plain):  # batched and per-case paths: the same one-line error
+    for loaded in (fast, plain):  # both paths: the same one-line error, before any forward
         with pytest.raises(InputError, match="no relevance output"):
-            export_probabilities(ckpt, cases, progress=False)
+            model_outputs(loaded, cases, answers=True, relevance=True, progress=False)
+    assert fast.report()["alignment"]["forwards"] == 0 and fast.decode.new_tokens == 0
 
 
-def test_batched_relevance_halves_its_budget_after_out_of_memory(tiny_adapter, monkeypatch):
+def test_packed_head_forwards_halve_their_budget_after_out_of_memory(tiny_adapter, monkeypatch):
     from bench.synthetic import inference_cases
     from inference import fast as fast_module
 
-    real = fast_module.group_relevance_probabilities
+    real = fast_module.packed_forward
     sizes = []
 
-    def flaky(backbone, head, group, *args):
-        sizes.append(len(group))
-        if len(group) > 1:
+    def flaky(model, packed, **kwargs):
+        sizes.append(len(packed.lengths))
+        if len(packed.lengths) > 1:
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
-        return real(backbone, head, group, *args)
+        return real(model, packed, **kwargs)
 
-    monkeypatch.setattr(fast_module, "group_relevance_probabilities", flaky)
+    monkeypatch.setattr(fast_module, "packed_forward", flaky)
     said = []
     plain = _tiny_checkpoint(tiny_adapter)
-    fast = fast_module.FastCheckpoint(plain, log=said.append)
+    fast = fast_module.FastEngine(plain, log=said.append)
     cases = inference_cases(3, seed=3)
-    got = fast.score_relevance_all(cases, max_tokens=4000)
-    assert all(g is not None and g.shape == (len(c.note_sentences),) for g, c in zip(got, cases))
-    assert fast.relevance["max_tokens"] == 1000 and sizes[-3:] == [1, 1, 1]
-    assert len(said) == 2 and all(m.startswith("warning: relevance ran out of memory") for m in said)
+    got = fast.predict(cases, relevance=True, max_tokens=4000).relevance
+    assert all(got[c.case_id].shape == (len(c.note_sentences),) for c in cases)
+    assert fast.alignment["max_tokens"] == 1000 and sizes[-3:] == [1, 1, 1]
+    assert len(said) == 2 and all(m.startswith("warning: alignment ran out of memory") for m in said)
     assert fast.report()["fallbacks"] == [m.removeprefix("warning: ") for m in said]

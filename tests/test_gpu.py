@@ -155,14 +155,14 @@ def test_cuda_fast_decode_nf4_lora_runs():
     from bench.synthetic import inference_cases
     from heads.alignment import NotePairHead
     from heads.config import HeadConfig
-    from inference.fast import FastCheckpoint
+    from inference.fast import FastEngine
     from model.backbone import load_backbone, load_tokenizer
     from model.loaded_export import LoadedExport
 
     model = load_backbone("tiny", load_in_4bit=True, device="cuda", trainable=False)
     head = NotePairHead(HeadConfig(hidden_size=64)).cuda().eval()
     plain = LoadedExport(manifest={}, threshold=0.5, tokenizer=load_tokenizer("tiny"), model=model, head=head)
-    fast = FastCheckpoint(plain)
+    fast = FastEngine(plain)
     cases = inference_cases(6, seed=4)
     got = fast.generate_answers(cases, max_new_tokens=12)
     want = plain.generate_answers(cases, max_new_tokens=12, batch_size=6)
@@ -196,7 +196,7 @@ def test_cuda_fast_paths_numerics_qwen3_4b_shape(attention):
     from data.prompts import chat_prompt, example_from_case
     from heads.alignment import NotePairHead
     from heads.config import HeadConfig
-    from inference.fast import FastCheckpoint
+    from inference.fast import FastEngine
     from model.backbone import build_random_base, load_tokenizer
     from model.loaded_export import LoadedExport, stop_ids
     from model.decoding import DecodeStats, greedy_decode
@@ -256,14 +256,28 @@ def test_cuda_fast_paths_numerics_qwen3_4b_shape(attention):
     plain = LoadedExport(manifest={}, threshold=0.5, tokenizer=tok, model=model, head=head)
     align_cases = inference_cases(32, seed=6)
     want = plain.score_all(align_cases, batch_size=16)
-    got = FastCheckpoint(plain).score_all(align_cases)
+    got = FastEngine(plain).score_all(align_cases)
     max_diff = max(float(abs(a - b).max()) for a, b in zip(got, want))
+    # One pass per case (issue 22): the generation prefill carries the answer sentences; the
+    # head's pairs and relevance read off it equal the plain path's.
+    from inference.predictions import case_relevance
+
+    engine = FastEngine(plain)
+    shared = engine.predict(align_cases, answers=True, pairs=True, relevance=True, max_new_tokens=8)
+    assert engine.report()["head_cases"]["prefill_shared"] == len(align_cases)
+    shared_diff = max(float(abs(shared.pairs[c.case_id] - w).max()) for c, w in zip(align_cases, want))
+    relevance_diff = max(float(abs(shared.relevance[c.case_id] - case_relevance(plain, c)).max())
+                         for c in align_cases)
+    max_diff = max(max_diff, shared_diff, relevance_diff)
     row = {"preset": preset, "attention": attention, "prompts": n_prompts, "new_tokens": new_tokens,
            "equal": equal, "reference_equal_to_itself_unbatched": self_equal,
            "reference_self_divergence_gap_bf16_steps": self_gaps, "gap_at_divergence_bf16_steps": gaps,
            "diverged_at_near_tie": tie_aside, "first_divergence_steps": firsts,
            "equal_fraction": equal / n_prompts, "equal_or_tie_fraction": (equal + tie_aside) / n_prompts,
-           "alignment_max_abs_diff": max_diff, "cuda_graph": stats.cuda_graph, "graph_fallback": stats.graph_fallback}
+           "alignment_max_abs_diff": max_diff, "shared_pass_pairs_max_abs_diff": shared_diff,
+           "shared_pass_relevance_max_abs_diff": relevance_diff,
+           "prefill_attention": stats.prefill_attention, "alignment_attention": engine.report()["alignment"].get("attention"),
+           "cuda_graph": stats.cuda_graph, "graph_fallback": stats.graph_fallback}
     _report("numerics_fast_paths", row)
     assert stats.cuda_graph
     assert (equal + tie_aside) / n_prompts >= 0.95, row

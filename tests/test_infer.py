@@ -308,6 +308,11 @@ def test_tiny_export_end_to_end(tmp_path, capsys, tiny_export):
     threshold = manifest["alignment"]["threshold"]
     assert run["subtask4"]["threshold"] == threshold
     assert "load_export" in run["timings_s"] and "Subtask 4 scores:" in log
+    # run.json names the decoding that ran: on CPU no CUDA graph (issue 23 found one claimed)
+    engine = run["fast_inference"]["engine"]
+    assert run["fast_inference"]["decode"]["cuda_graph"] is False
+    assert engine == ("fast engine on cpu: static KV cache, greedy on device, eager decode step (no CUDA graph), "
+                      "matmul attention over the cache"), engine
     fell_back = set(run["subtask3"]["extractive_fallback_cases"])
     for entry, case in zip(entries[3], cases):
         assert 0 < count_words(entry["prediction"]) <= 75
@@ -321,12 +326,12 @@ def test_tiny_export_end_to_end(tmp_path, capsys, tiny_export):
         assert [p["evidence_id"] for p in entry["prediction"]] == expected
 
 
-@pytest.mark.parametrize("subtasks", ["2", "2,4"])
+@pytest.mark.parametrize("subtasks", ["2", "2,4", "2,3,4"])
 def test_tiny_checkpoint_subtask2_batched_equals_one_case_at_a_time(tmp_path, capsys, tiny_export, monkeypatch,
                                                                     subtasks):
-    """The fast engine's token-budget relevance groups (or, with Subtask 4, the relevance read
-    from its alignment forwards) write the same Subtask 2 file as the plain checkpoint's one
-    forward per case."""
+    """The fast engine's packed relevance forwards (with Subtask 4, the same forwards as the
+    alignment; with Subtask 3 too, the generation prefill) write the same Subtask 2 file as
+    the plain checkpoint's one forward per case."""
     import inference.fast
     from data.prompts import encode_example, example_from_case
     from model.loaded_export import load_export
@@ -341,15 +346,17 @@ def test_tiny_checkpoint_subtask2_batched_equals_one_case_at_a_time(tmp_path, ca
     args = [EXAMPLE_XML, "--export", tiny_export, "--subtasks", subtasks, "--device", "cpu",
             "--relevance-threshold", repr(threshold)]
     fast_run, _ = run_infer(capsys, *args, "--out", tmp_path / "fast")
-    load = inference.fast.load_checkpoint
-    monkeypatch.setattr(inference.fast, "load_checkpoint", lambda *a, **k: load(*a, **{**k, "fast": False}))
+    load = inference.fast.load_for_inference
+    monkeypatch.setattr(inference.fast, "load_for_inference", lambda *a, **k: load(*a, **{**k, "fast": False}))
     plain_run, _ = run_infer(capsys, *args, "--out", tmp_path / "plain")
-    relevance = fast_run["fast_inference"]["relevance"]
-    if subtasks == "2":
-        assert relevance["forwards"] >= 1 and relevance["reused_from_alignment"] == 0
-    else:  # every example case has answer sentences: no forward of its own
-        assert relevance["forwards"] == 0 and relevance["reused_from_alignment"] == len(cases)
+    head_cases, packed = fast_run["fast_inference"]["head_cases"], fast_run["fast_inference"]["alignment"]
+    if "3" in subtasks:  # one pass per case: the prefill carries the answer sentences for the head
+        assert head_cases == {"prefill_shared": len(cases), "own_forwards": 0} and packed["forwards"] == 0
+    else:  # one packed pass per case serves Subtasks 2 and 4
+        assert head_cases == {"prefill_shared": 0, "own_forwards": len(cases)} and packed["forwards"] >= 1
     assert plain_run["fast_inference"] is None
+    assert fast_run["fast_inference"]["engine"] == (
+        "fast engine on cpu; no answers decoded (alignment and relevance forwards only)")
     written = (tmp_path / "fast" / "subtask2" / "submission.json").read_bytes()
     assert written == (tmp_path / "plain" / "subtask2" / "submission.json").read_bytes()
     entries = check_outputs(tmp_path / "fast", cases, subtasks=(2,))[2]
@@ -453,3 +460,18 @@ def test_hide_progress_bars_turns_off_the_model_loading_bars(monkeypatch):
         monkeypatch.delenv("HF_HUB_DISABLE_PROGRESS_BARS", raising=False)
         (hf_logging.disable_progress_bar if was_hidden[0] else hf_logging.enable_progress_bar)()
         (disable_progress_bars if was_hidden[1] else enable_progress_bars)()
+
+
+def test_engine_used_names_graphs_attention_and_generate_fallback():
+    """What FastEngine.report() says for each way decoding can go (no model needed)."""
+    from types import SimpleNamespace
+
+    from inference.fast import FastEngine
+    from model.decoding import SDPA_CUDNN, DecodeStats
+
+    engine = FastEngine(SimpleNamespace(device="cuda:0"))
+    engine.decode = DecodeStats(batches=[{"rows": 2}], cuda_graph=True, attention=SDPA_CUDNN)
+    assert engine.engine_used() == ("fast engine on cuda:0: static KV cache, greedy on device, CUDA-graphed "
+                                    "decode step, cuDNN fused attention over the cache")
+    engine.fallbacks = ["generation: model type 'llama' is not qwen3; using model.generate"]
+    assert engine.engine_used() == "model.generate on cuda:0 (model type 'llama' is not qwen3; using model.generate)"

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from training.config import build_config
-from training.loop import run_training
+from training.run import run_training
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"

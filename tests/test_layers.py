@@ -164,7 +164,7 @@ def test_the_checker_finds_each_kind_of_violation(module, source, expected):
 @pytest.mark.parametrize("module, source", [
     ("model.x", "from heads.alignment import NotePairHead\n"),
     ("inference.x", "from .memory import plan\nfrom model.export_folder import read_manifest\n"),
-    ("evaluation.x", "def f():\n    from training.loop import run_training\n"),
+    ("evaluation.x", "def f():\n    from training.run import run_training\n"),
     ("bench.x", "import infer\ninfer.main([])\nfrom train import build_parser\n"),
     ("train", "from training.config import build_config\n"),
     ("reports.x", "from metrics.alignment import per_case_alignment\n"),

@@ -15,7 +15,7 @@ from training.batching import collate
 from data.records import ESSENTIAL_LABELS, relevance_targets
 from training.data import encode_items, load_task_files, split_files, task_cases, task_examples
 from training.joint import LossSettings, joint_losses
-from training.loop import run_training
+from training.run import run_training
 
 ROOT = Path(__file__).resolve().parents[1]
 XML, KEY = ROOT / "examples" / "archehr-qa.xml", ROOT / "examples" / "archehr-qa_key.json"

@@ -13,10 +13,12 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 MAX_LINES = 80
 ORCHESTRATION = [
-    ("training/loop.py", "run_training"),
+    ("training/run.py", "run_training"),
     ("inference/pipeline.py", "run_inference"),
     ("evaluation/cv.py", "run_cv"),
     ("bench/run.py", "main"),
+    ("bench/journey.py", "main"),
+    ("training/export.py", "export_run"),
 ]
 
 

@@ -64,7 +64,7 @@ def test_resolved_config_is_the_same_from_any_working_folder(tmp_path):
     assert here.stdout == elsewhere.stdout
     resolved = tomllib.loads(here.stdout)
     preset = tomllib.loads((ROOT / "configs" / "domain.toml").read_text())
-    assert len(preset) >= 5 and preset["lr"] == 2e-4  # the loop below has something to check
+    assert len(preset) >= 5  # the loop below has something to check
     assert resolved["lr"] == 2e-4 and resolved["stage"] == "domain" and resolved["preset"] == "tiny"
     for key, value in preset.items():  # the stage's TOML was read, not the dataclass defaults
         if key != "max_steps":
@@ -96,7 +96,7 @@ def test_missing_config_file_is_exit_2(tmp_path):
 def test_notebook_recipe_loads_an_export(tmp_path):
     """The README's notebook recipe, verbatim, from a folder outside the checkout."""
     from training.config import build_config
-    from training.loop import run_training
+    from training.run import run_training
 
     examples = ROOT / "examples"
     cfg = build_config(dict(stage="task", joint=True, preset="tiny", xml=str(examples / "archehr-qa.xml"),
@@ -135,3 +135,25 @@ def test_domain_stage_runs_from_another_folder_with_the_checkout_config(tmp_path
     assert "FutureWarning" not in proc.stderr and "gemm_4bit_forward" not in proc.stderr  # hidden without --verbose
     assert (out / "config.toml").read_text(encoding="utf-8") == expected.stdout
     assert list(neutral.iterdir()) == []
+
+
+def test_stage_presets_hold_no_copy_of_a_default():
+    """One source for each default: a stage TOML sets only what differs from TrainConfig's defaults."""
+    from dataclasses import fields
+
+    from training.config import TrainConfig
+
+    defaults = {f.name: f.default for f in fields(TrainConfig)}
+    for path in sorted((ROOT / "configs").glob("*.toml")):
+        preset = tomllib.loads(path.read_text(encoding="utf-8"))
+        copies = [k for k, v in preset.items() if k != "stage" and defaults.get(k) == v]
+        assert copies == [], f"{path.name} repeats TrainConfig's defaults for {copies}"
+
+
+def test_batch_size_unused_under_a_token_budget_is_said(capsys):
+    from training.config import build_config
+
+    build_config({"stage": "task", "batch_size": 2})
+    assert "--batch_size is not used while batch_tokens = 8192" in capsys.readouterr().err
+    build_config({"stage": "task", "batch_size": 2, "batch_tokens": 0})
+    assert capsys.readouterr().err == ""

@@ -136,9 +136,10 @@ def _field_values():
         "schedule": st.sampled_from(["cosine", "linear", "constant"]),
         "head_pooling": st.sampled_from(["mean", "attention"]), "unanswerable": st.just(cfg.unanswerable),
         "warmup_ratio": st.floats(0, 1), "lora_dropout": st.floats(0, 0.99), "head_dropout": st.floats(0, 0.99),
-        "head_layer": st.integers(-1, 2), "max_length": st.integers(1, 8192), "batch_tokens": st.just(0),
-        "lr": st.floats(1e-8, 10), "head_lr": st.floats(1e-8, 10), "pos_weight": st.floats(1e-3, 100),
+        "head_layer": st.integers(-1, 2), "max_length": st.integers(16, 8192), "batch_tokens": st.just(0),
+        "lr": st.floats(1e-8, 1), "head_lr": st.floats(1e-8, 1), "pos_weight": st.floats(1e-3, 100),
         "lora_alpha": st.integers(1, 256), "out": st.just(""), "init": st.just(""),
+        "report_to": st.sampled_from(["none", "tensorboard"]),
     }
     text = st.text(st.characters(codec="utf-8", exclude_categories=("Cs",)), max_size=20)
     strategies = {}
@@ -149,9 +150,9 @@ def _field_values():
         elif isinstance(value, bool):
             strategies[f.name] = st.booleans()
         elif isinstance(value, int):
-            strategies[f.name] = st.integers(max(1, value) if value >= 1 else 0, 10**6)
+            strategies[f.name] = st.integers(1 if value >= 1 else 0, 1000)
         elif isinstance(value, float):
-            strategies[f.name] = st.floats(0, 1e6)
+            strategies[f.name] = st.floats(0, 1)
         else:
             strategies[f.name] = text
     return st.fixed_dictionaries(strategies)
@@ -164,7 +165,14 @@ def test_config_toml_round_trip(values):
 
     from training.config import TrainConfig, build_config, to_toml
 
-    cfg = TrainConfig(**values).validate()
+    from hypothesis import assume
+
+    from plumbing.errors import InputError
+
+    try:
+        cfg = TrainConfig(**values).validate()
+    except InputError:  # a combination outside the rules (e.g. batch_tokens < max_length): not a round trip
+        assume(False)
     text = to_toml(cfg.to_dict())
     assert tomllib.loads(text) == cfg.to_dict()
     with tempfile.TemporaryDirectory() as tmp:

@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 import train
 from training.checkpoints import checkpoint_dirs
 from training.config import build_config
-from training.loop import run_training
+from training.run import run_training
 from hooks import train_hooks
 from synthetic import make_cases, write_archehr
 
@@ -28,7 +28,7 @@ def test_resume_matches_uninterrupted_run(tmp_path):
     write_archehr(make_cases(8, seed=5), tmp_path / "c.xml", tmp_path / "k.json")
     common = dict(
         stage="task", joint=True, preset="tiny", xml=str(tmp_path / "c.xml"), key=str(tmp_path / "k.json"),
-        batch_size=2, grad_accum=2, epochs=3, lr=1e-3, head_lr=3e-3, lora_dropout=0.1, head_dropout=0.1,
+        batch_size=2, batch_tokens=0, grad_accum=2, epochs=3, lr=1e-3, head_lr=3e-3, lora_dropout=0.1, head_dropout=0.1,
         log_every=1, progress=False, plot=False, gradient_checkpointing=False,
     )
     # 8 cases / batch 2 = 4 micro-batches = 2 optimizer steps per epoch: step 3 stops mid-epoch 2.
@@ -61,6 +61,23 @@ def test_resume_matches_uninterrupted_run(tmp_path):
     part_log = [json.loads(x) for x in (tmp_path / "part" / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in part_log] == [r["step"] for r in full_log] == list(range(1, 7))
     assert [r["loss"] for r in part_log] == [r["loss"] for r in full_log]
+
+
+def test_token_count_carries_over_a_resume_between_log_lines(tmp_path):
+    """A checkpoint between two log lines holds the tokens of the unlogged steps too: the resumed
+    run's log counts the same tokens as an uninterrupted run's (issue 23, friction 9)."""
+    write_archehr(make_cases(8, seed=5), tmp_path / "c.xml", tmp_path / "k.json")
+    common = dict(stage="task", preset="tiny", xml=str(tmp_path / "c.xml"), key=str(tmp_path / "k.json"),
+                  batch_size=2, batch_tokens=0, grad_accum=1, epochs=1, log_every=2, progress=False, plot=False,
+                  gradient_checkpointing=False)
+    run_training(build_config(dict(common, out=str(tmp_path / "full"))))
+    with train_hooks(stop_after_steps=3):  # the checkpoint at step 3, one step after the last log line
+        run_training(build_config(dict(common, out=str(tmp_path / "part"))))
+    assert train.main(["--resume", str(tmp_path / "part"), "--progress", "false"]) == 0
+    full_log = [json.loads(x) for x in (tmp_path / "full" / "log.jsonl").read_text().splitlines()]
+    part_log = [json.loads(x) for x in (tmp_path / "part" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in part_log] == [r["step"] for r in full_log] == [2, 4]
+    assert [r["tokens"] for r in part_log] == [r["tokens"] for r in full_log]
 
 
 def test_test_hooks_are_not_config_keys(monkeypatch, tmp_path):

@@ -30,7 +30,7 @@ from training.config import TrainConfig, build_config, parse_overrides
 from training.data import split_files
 from training.run_folder import FREE_ON_RESUME, LOCK_FILE, RunLock, check_not_locked, resume_config
 
-import training.loop  # noqa: F401  (heavy import up front: its notices stay out of the tests' stderr)
+import training.run  # noqa: F401  (heavy import up front: its notices stay out of the tests' stderr)
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"

@@ -9,7 +9,7 @@ import pytest
 
 from training.config import build_config
 from training.data import file_sha256
-from training.loop import plot_losses, run_training
+from training.run import plot_losses, run_training
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 XML, KEY = EXAMPLES / "archehr-qa.xml", EXAMPLES / "archehr-qa_key.json"

@@ -10,7 +10,7 @@ import pytest
 
 import score
 from data.archehr import load_cases
-from data.submission import subtask3_entries, subtask4_entries, write_submission
+from data.submission import subtask2_entries, subtask3_entries, subtask4_entries, write_submission
 from metrics.alignment import SCORE_KEYS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -142,3 +142,50 @@ def test_training_cases_notice_on_stderr_labelled_scores_on_stdout(tmp_path, cas
     rows = captured.out.strip().splitlines()
     assert [row.split()[0] for row in rows] == list(SCORE_KEYS)
     assert all("TRAINING CASES" in row for row in rows)
+
+
+def _other_set_submission(folder: Path, subtask: int, ids: list[str]) -> Path:
+    """A submission for cases the key does not hold (a test-set run scored against the dev key)."""
+    entries = {2: subtask2_entries({c: ["1"] for c in ids}),
+               3: subtask3_entries({c: "An answer." for c in ids}),
+               4: subtask4_entries({c: {"1": ["1"]} for c in ids})}[subtask]
+    path = folder / f"subtask{subtask}" / "submission.json"
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps(entries))
+    return path
+
+
+@pytest.mark.parametrize("subtask", [2, 3, 4])
+@pytest.mark.parametrize("with_run_record", [True, False])
+def test_submission_for_other_cases_says_the_case_sets_differ(tmp_path, cases, capsys, subtask, with_run_record):
+    """A test-set submission scored against the dev key: one line with how many cases are missing
+    and extra and the first few ids, exit 2; never "training cases" (the export's training cases are
+    the key's, but none of them was scored)."""
+    ids = [f"t{n}" for n in range(1, 8)]
+    submission = _other_set_submission(tmp_path, subtask, ids)
+    if with_run_record:  # the export trained on the dev key's cases
+        (tmp_path / "run.json").write_text(json.dumps({"training_case_ids": [c.case_id for c in cases]}))
+    argv = ["--subtask", str(subtask), "--submission", str(submission), "--key", str(KEY), "--xml", str(XML)]
+    with pytest.raises(SystemExit) as err:
+        score.main(argv)
+    assert err.value.code == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1, lines
+    line = lines[0]
+    assert "training" not in line.lower()
+    assert "3 of the key's 3 cases missing from the submission (101, 102, 103)" in line
+    assert "7 submitted cases not in the key (t1, t2, t3, t4, t5, ...)" in line
+    assert str(KEY) in line and str(submission) in line
+
+
+def test_partly_overlapping_case_sets_count_both_sides(tmp_path, cases, capsys):
+    ids = ["102", "x9"]
+    submission = _other_set_submission(tmp_path, 4, ids)
+    with pytest.raises(SystemExit) as err:
+        score.main(["--subtask", "4", "--submission", str(submission), "--key", str(KEY)])
+    assert err.value.code == 2
+    line = capsys.readouterr().err.strip()
+    assert "2 of the key's 3 cases missing from the submission (101, 103)" in line
+    assert "1 submitted case not in the key (x9)" in line

@@ -15,7 +15,7 @@ from training.config import build_config
 from training.batching import collate
 from training.data import TrainItem, emrqa_evidence_pairs
 from training.joint import answer_token_loss
-from training.loop import run_training
+from training.run import run_training
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 

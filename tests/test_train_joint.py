@@ -16,7 +16,7 @@ from model.loaded_export import load_export
 from model.head_scoring import pair_probabilities
 from model.calibration import calibrate_threshold, pair_f1
 from training.config import build_config
-from training.loop import build_head, run_training
+from training.run import build_head, run_training
 from synthetic import make_cases, word_overlap_top1, write_archehr
 
 N_TRAIN, N_HELD_OUT = 24, 16
@@ -58,7 +58,7 @@ def test_joint_stage_learns_held_out_alignment(synthetic, qwen_tokenizer):
     root, train, held = synthetic
     cfg = build_config(dict(
         stage="task", joint=True, preset="tiny", xml=str(root / "train.xml"), key=str(root / "train_key.json"),
-        out=str(root / "run"), batch_size=4, grad_accum=1, epochs=10, lr=2e-3, head_lr=4e-3,
+        out=str(root / "run"), batch_size=4, batch_tokens=0, grad_accum=1, epochs=10, lr=2e-3, head_lr=4e-3,
         warmup_ratio=0.0, gradient_checkpointing=False, log_every=5, save_every=0, progress=False,
     ))
     held_targets = [targets(c) for c in held]

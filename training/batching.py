@@ -7,7 +7,8 @@ by length) or :class:`TokenBudgetBatches` (see below). :func:`rank_micro_batches
 splits them between processes and micro-steps; :func:`collate` turns one batch into
 tensors: a right-padded [B, T] block plus every example's note/answer spans stacked as
 ``(row, start, end)`` rows, the flattened 0/1 pair targets of the examples that have
-citations, and relevance targets where the key gives them.
+citations, and relevance targets where the key gives them, with the index tensors the
+losses gather by (answer-token positions, scored pairs, labelled notes).
 
 Token-budget batches: rows of similar length packed until rows x longest <= budget.
 Fixed-row batches of mixed-length data waste most of their compute on padding (a row
@@ -141,24 +142,33 @@ def collate(items: Sequence[TrainItem], pad_id: int) -> dict:
     labels = torch.full((b, width), IGNORE_INDEX, dtype=torch.long)
     attention = torch.zeros((b, width), dtype=torch.long)
     note_spans, answer_spans, note_counts, answer_counts = [], [], [], []
-    pair_targets, has_pairs, rel_targets, rel_mask = [], [], [], []
+    pair_targets, has_pairs, rel_targets, rel_mask, pair_index = [], [], [], [], []
     for row, it in enumerate(items):
         enc = it.encoded
         n = len(enc)
         input_ids[row, :n] = torch.tensor(enc.input_ids)
         labels[row, :n] = torch.tensor(enc.labels)
         attention[row, :n] = 1
+        cited = bool(enc.pairs) and bool(enc.answer_spans)
+        if cited:  # every (answer, note) pair of the example, in pair_targets' row-major order
+            pair_targets += [t for row_t in enc.pair_targets() for t in row_t]
+            pair_index += [(len(answer_spans) + a, len(note_spans) + k)
+                           for a in range(len(enc.answer_spans)) for k in range(len(enc.note_spans))]
         note_spans += [(row, s, e) for s, e in enc.note_spans]
         answer_spans += [(row, s, e) for s, e in enc.answer_spans]
         note_counts.append(len(enc.note_spans))
         answer_counts.append(len(enc.answer_spans))
-        cited = bool(enc.pairs) and bool(enc.answer_spans)
         has_pairs.append(cited)
-        if cited:
-            pair_targets += [t for row_t in enc.pair_targets() for t in row_t]
         rel = it.relevance if it.relevance is not None and len(it.relevance) == len(enc.note_spans) else None
         rel_targets += rel if rel is not None else [0.0] * len(enc.note_spans)
         rel_mask += [rel is not None] * len(enc.note_spans)
+    # Where the losses read the batch, worked out here on the host: the training step then
+    # indexes with these tensors and never waits for the GPU to count (no boolean masks there).
+    next_labels = labels[:, 1:].reshape(-1)
+    answer_positions = (next_labels != IGNORE_INDEX).nonzero().reshape(-1)
+    relevance_mask = torch.tensor(rel_mask, dtype=torch.bool)
+    relevance_index = relevance_mask.nonzero().reshape(-1)
+    relevance_targets = torch.tensor(rel_targets, dtype=torch.float32)
     return {
         "input_ids": input_ids,
         "attention_mask": attention,
@@ -169,8 +179,15 @@ def collate(items: Sequence[TrainItem], pad_id: int) -> dict:
         "answer_counts": torch.tensor(answer_counts, dtype=torch.long),
         "pair_targets": torch.tensor(pair_targets, dtype=torch.float32),
         "has_pairs": torch.tensor(has_pairs, dtype=torch.bool),
-        "relevance_targets": torch.tensor(rel_targets, dtype=torch.float32),
-        "relevance_mask": torch.tensor(rel_mask, dtype=torch.bool),
+        "relevance_targets": relevance_targets,
+        "relevance_mask": relevance_mask,
+        # [N] flat positions in [B, T-1] whose next token has a label, and those labels
+        "answer_positions": answer_positions,
+        "answer_targets": next_labels[answer_positions],
+        # [P, 2] (answer span, note span) rows of every pair with a target, and the labelled notes
+        "pair_index": torch.tensor(pair_index, dtype=torch.long).reshape(-1, 2),
+        "relevance_index": relevance_index,
+        "relevance_labels": relevance_targets[relevance_index],
     }
 
 

@@ -28,6 +28,7 @@ import torch
 
 from plumbing.atomic import fsync_tree
 from plumbing.errors import InputError
+from plumbing.ranges import integer
 from heads.alignment import HEAD_WEIGHTS, load_head, save_head
 
 from . import gather
@@ -105,14 +106,39 @@ def _safetensors_problem(path: Path) -> str | None:
     return None
 
 
+# The trainer state's numbers (training.loop_state writes them): each integer within its range.
+_STEP_COUNT = integer(0, 10**9)
+STATE_FIELDS = {"step": _STEP_COUNT, "epoch": _STEP_COUNT, "position": _STEP_COUNT, "tokens": integer(0, 10**15)}
+OPTIONAL_STATE_FIELDS = {"total_steps": _STEP_COUNT, "processes": integer(1, 65_536),
+                         "batches_per_step": integer(1, 10**9)}
+
+
+def state_problem(state: object, ckpt: Path) -> str | None:
+    """What is wrong with a trainer state's fields (None: every number in range, the step the folder's)."""
+    if not isinstance(state, dict):
+        return f"{STATE_FILE} must be a JSON object"
+    for name, allowed in {**STATE_FIELDS, **OPTIONAL_STATE_FIELDS}.items():
+        if name not in state:
+            if name in STATE_FIELDS:
+                return f"{STATE_FILE} lacks {name!r}"
+            continue
+        if not allowed.contains(state[name]):
+            return f"{STATE_FILE}: {name} must be {allowed.words()}, got {state[name]!r}"
+    named = _STEP_DIR.match(ckpt.name)
+    if named and int(named.group(1)) != state["step"]:
+        return f"{STATE_FILE} says step {state['step']} in folder {ckpt.name}"
+    return None
+
+
 def checkpoint_problem(ckpt: Path) -> str | None:
     """What makes ``ckpt`` unusable for a resume (None: complete). Cheap: headers and sizes only."""
     try:
         state = json.loads((ckpt / STATE_FILE).read_text(encoding="utf-8"))
-        if not isinstance(state, dict) or "step" not in state:
-            raise ValueError
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return f"{STATE_FILE} is missing or unreadable"
+    problem = state_problem(state, ckpt)
+    if problem is not None:
+        return problem
     problem = _safetensors_problem(ckpt / "adapter" / "adapter_model.safetensors")
     if problem is None and (ckpt / "head").exists():
         problem = _safetensors_problem(ckpt / "head" / "head.safetensors")

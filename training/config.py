@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, get_type_hints
 
 from plumbing.errors import InputError, parse_json, read_text_file
+from plumbing.ranges import integer
 from heads.config import HeadConfig
 from model.presets import LoraSettings
 
@@ -24,6 +25,7 @@ else:  # pragma: no cover
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 STAGES = ("domain", "task")
+ANY_INTEGER = integer()  # the field's own range is checked after coercion (training/validation.py)
 TRUE = {"1", "true", "yes", "on"}
 FALSE = {"0", "false", "no", "off"}
 
@@ -40,7 +42,7 @@ class TrainConfig:
     xml: str = ""
     key: str = ""
     init: str = ""
-    base_path: str = ""  # local folder or hub id overriding the preset's weights
+    base: str = ""  # local folder or hub id overriding the preset's weights (infer.py's --base too)
     load_in_4bit: str = "auto"  # auto = the preset's default; true / false
     # dtype the packed NF4 weights are stored in: uint8, or bfloat16 to shard them with FSDP
     quant_storage: str = "uint8"
@@ -89,6 +91,7 @@ class TrainConfig:
     keep_checkpoints: int = 2
     progress: bool = True
     plot: bool = True
+    report_to: str = "none"  # none | tensorboard | wandb | mlflow | trackio (training.trackers)
 
     def validate(self) -> "TrainConfig":
         from .validation import check_config  # the rules, one per field, as data
@@ -131,6 +134,21 @@ def toml_string(text: str) -> str:
     return f'"{escaped}"'
 
 
+# Keys spelt differently once, still read (with a note) so old commands, TOMLs and runs keep working.
+RENAMED_KEYS = {"base_path": "base"}
+
+
+def canonical_key(name: str, note: bool = True) -> str:
+    """``name`` (``-`` or ``_``) as the config key it means; a renamed key says its new name on stderr."""
+    name = name.replace("-", "_")
+    if name in RENAMED_KEYS:
+        new = RENAMED_KEYS[name]
+        if note:
+            print(f"note: --{name} is deprecated; use --{new} (the spelling every CLI uses)", file=sys.stderr)
+        return new
+    return name
+
+
 def coerce(name: str, value: Any) -> Any:
     """``value`` (a TOML value or a CLI string) as field ``name``'s type."""
     if name not in _FIELD_TYPES:
@@ -152,13 +170,18 @@ def coerce(name: str, value: Any) -> Any:
                 raise ValueError
             if isinstance(value, float) and not value.is_integer():
                 raise ValueError
-            return int(float(value)) if isinstance(value, str) and "e" in value.lower() else int(value)
+            return ANY_INTEGER.parse(value) if isinstance(value, str) else int(value)
         if typ is float:
             if isinstance(value, bool):
                 raise ValueError
             return float(value)
         return str(value).lower() if name == "load_in_4bit" and isinstance(value, bool) else str(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: int(float("1e309"))
+        from .validation import range_words
+
+        words = range_words(name) if typ in (int, float) else ""
+        if words:
+            raise InputError(f"--{name} must be {words}, got {value!r}") from None
         raise InputError(f"config key {name!r}: {value!r} is not a valid {typ.__name__}") from None
 
 
@@ -167,11 +190,17 @@ def read_toml(path: str | Path) -> dict:
     if not p.is_file():
         raise InputError("config file not found", p)
     try:
-        data = tomllib.loads(p.read_text(encoding="utf-8"))
+        text = p.read_bytes().decode("utf-8")  # TOML is UTF-8 by definition
+    except UnicodeDecodeError as err:
+        raise InputError(f"not UTF-8 text (byte {err.start}); TOML files must be UTF-8", p) from None
+    except OSError as err:
+        raise InputError(f"cannot read the config file ({err.strerror})", p) from None
+    try:
+        data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as err:
         raise InputError(f"invalid TOML ({err})", p) from None
     task = data.pop("task", None)
-    out = {k.replace("-", "_"): coerce(k.replace("-", "_"), v) for k, v in data.items()}
+    out = {canonical_key(k): coerce(canonical_key(k, note=False), v) for k, v in data.items()}
     if task is not None:
         out.update(_task_data(task, p))
     return out
@@ -203,7 +232,7 @@ def parse_overrides(argv: list[str]) -> dict:
         if not token.startswith("--") or len(token) == 2:
             raise InputError(f"expected --key value, got {token!r}")
         name, _, inline = token[2:].partition("=")
-        name = name.replace("-", "_")
+        name = canonical_key(name)
         if name not in _FIELD_TYPES:
             coerce(name, None)  # raises the unknown-key error
         if inline:
@@ -254,7 +283,8 @@ def build_config(overrides: dict, config_file: str | Path | None = None, base: d
     """Defaults <- ``base`` (a resumed run's config) or the stage's TOML <- ``overrides``."""
     values: dict = {}
     if base is not None:
-        values.update({k: coerce(k, v) for k, v in base.items() if k not in RETIRED_KEYS})
+        values.update({canonical_key(k, note=False): coerce(canonical_key(k, note=False), v)
+                       for k, v in base.items() if k not in RETIRED_KEYS})
     else:
         stage = overrides.get("stage", "domain")
         if config_file is None and stage not in STAGES:
@@ -262,7 +292,12 @@ def build_config(overrides: dict, config_file: str | Path | None = None, base: d
         # A missing preset is an error, never a silent fall back to the dataclass defaults.
         values.update(read_toml(config_file or default_config_path(stage)))
     values.update(overrides)
-    return TrainConfig(**values).validate()
+    cfg = TrainConfig(**values).validate()
+    if "batch_size" in overrides and "batch_tokens" not in overrides and cfg.batch_tokens > 0:
+        # Never silent: token-budget batches (the stage presets' default) leave batch_size unused.
+        print(f"note: --batch_size is not used while batch_tokens = {cfg.batch_tokens} (token-budget batches); "
+              "add --batch_tokens 0 for batches of batch_size rows", file=sys.stderr)
+    return cfg
 
 
 def load_run_config(run_dir: str | Path) -> dict:

@@ -19,7 +19,7 @@ FIELD_HELP: dict[str, str] = {
     "xml": "task stage: the official cases XML",
     "key": "task stage: the official key JSON",
     "init": "run or export folder whose adapter (and head) the stage starts from",
-    "base_path": "local folder or hub id overriding the preset's base weights",
+    "base": "local folder or hub id overriding the preset's base weights",
     "load_in_4bit": "auto (the preset's default), true or false: NF4-quantise the base model",
     "quant_storage": "dtype holding the packed NF4 weights: uint8, or bfloat16 to shard them with FSDP",
     "joint": "train the alignment head jointly (alignment + relevance losses)",
@@ -34,7 +34,7 @@ FIELD_HELP: dict[str, str] = {
     "warmup_ratio": "fraction of the steps spent in linear warm-up",
     "schedule": "learning-rate schedule after warm-up: cosine, linear or constant",
     "max_grad_norm": "gradient-norm clip (0 = off)",
-    "max_length": "longest tokenised example; longer ones are dropped (their count is printed)",
+    "max_length": "longest tokenised training example; longer ones are skipped (said on screen)",
     "group_by_length": "batch rows of similar length together (less padding)",
     "batch_tokens": "> 0: fill batches to this many padded tokens instead of batch_size rows",
     "bf16": "bf16 autocast and bf16 embeddings/lm_head on CUDA (CPU stays fp32)",
@@ -58,6 +58,7 @@ FIELD_HELP: dict[str, str] = {
     "keep_checkpoints": "how many intermediate checkpoints to keep",
     "progress": "show progress bars",
     "plot": "write loss_curve.png at the end",
+    "report_to": "also send log.jsonl's series to none, tensorboard (RUN/tensorboard), wandb, mlflow or trackio",
 }
 
 
@@ -65,15 +66,35 @@ def _type_name(field) -> str:
     return field.type if isinstance(field.type, str) else getattr(field.type, "__name__", str(field.type))
 
 
+def stage_defaults() -> dict[str, TrainConfig]:
+    """What each stage runs with when the command line sets nothing: its TOML over the dataclass."""
+    from training.config import STAGES, build_config
+
+    return {stage: build_config({"stage": stage}) for stage in STAGES}
+
+
+def _shown(value) -> str:
+    return repr(value) if not isinstance(value, str) or value else "''"
+
+
 def config_keys_help() -> str:
-    """Every TrainConfig key with its type, default and meaning, one line each."""
-    rows = []
+    """Every TrainConfig key with its type, its default in each stage (the stage's TOML over the
+    dataclass: what a run without that option uses) and its meaning (with its range for numbers),
+    one line each."""
+    from training.validation import RULES
+
+    stages = stage_defaults()
+    rows = [("key", "type", *(f"{stage}" for stage in stages), "meaning")]
     for field in fields(TrainConfig):
-        default = "" if field.default is MISSING else repr(field.default)
-        rows.append((f"--{field.name}", _type_name(field), default, FIELD_HELP.get(field.name, "")))
-    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+        values = ["" if field.default is MISSING else _shown(getattr(cfg, field.name)) for cfg in stages.values()]
+        meaning = FIELD_HELP.get(field.name, "")
+        rule = RULES.get(field.name)
+        if rule is not None and _type_name(field) in ("int", "float"):  # the range, as the refusal words it
+            meaning += f"; {rule.expect}"
+        rows.append((f"--{field.name}", _type_name(field), *values, meaning))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
     return "\n".join(
-        f"  {a:<{widths[0]}}  {b:<{widths[1]}}  {c:<{widths[2]}}  {d}".rstrip() for a, b, c, d in rows
+        ("  " + "  ".join(f"{cell:<{w}}" for cell, w in zip(row, widths)) + "  " + row[-1]).rstrip() for row in rows
     )
 
 

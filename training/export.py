@@ -21,13 +21,13 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+import torch
 
 from heads.alignment import HEAD_CONFIG, HEAD_WEIGHTS, NotePairHead, save_head
 from model.backbone import RANDOM_INIT_SEED, is_quantised, is_random_preset, resolve_preset
 from model.calibration import calibrate_threshold
 from model.export_folder import DEFAULT_THRESHOLD, EXPORT_FORMAT, model_card, package_versions, write_manifest
 from model.manifest import BaseModel, Calibration, ExportManifest, Lora, RandomInit, Stage, portable_tokenizer_name
-from model.head_scoring import pair_probabilities, relevance_probabilities
 
 from .config import TrainConfig
 from .data import TrainItem, file_sha256, task_file_records
@@ -35,7 +35,7 @@ from .gather import save_adapter
 
 def base_model_record(cfg: TrainConfig, init_manifest: ExportManifest | None, backbone) -> BaseModel:
     preset = resolve_preset(cfg.preset)
-    path = cfg.base_path or (init_manifest.base_model.path if init_manifest else None) or None
+    path = cfg.base or (init_manifest.base_model.path if init_manifest else None) or None
     source = path or preset.source  # hub id or local path; None = random init
     random_init = RandomInit(RANDOM_INIT_SEED, dict(preset.arch)) if source is None and is_random_preset(preset) else None
     return BaseModel(preset=preset.name, id=source, path=path, load_in_4bit=is_quantised(backbone),
@@ -47,31 +47,85 @@ def as_calibration(record: dict | None) -> Calibration | None:
     return None if record is None else Calibration.from_dict(record)
 
 
-def calibrate(backbone, head: NotePairHead, items: Sequence[TrainItem], max_examples: int) -> dict | None:
+# Tokens per calibration forward: no gradients and no activations kept, so a group costs
+# about what one training micro-batch's forward does (16k tokens fit a 16 GB card in training).
+CALIBRATION_BATCH_TOKENS = 8192
+
+
+def calibration_groups(encoded: Sequence, max_tokens: int = CALIBRATION_BATCH_TOKENS) -> list[list[int]]:
+    """Indices of ``encoded`` in length-sorted groups whose padded size stays within ``max_tokens``."""
+    from .batching import token_budget_batches
+
+    return token_budget_batches([len(enc.input_ids) for enc in encoded], max_tokens, shuffle=False)
+
+
+@torch.no_grad()
+def calibration_outputs(backbone, head: NotePairHead, encoded: Sequence) -> list:
+    """The head's outputs (pair and relevance logits) for every example, in eval mode, from
+    token-budget groups of examples. Compiled decoder layers run eagerly here: a no-grad
+    forward would otherwise compile a second set of graphs, for a few forwards (issue 21:
+    that was most of the 36 s an export took)."""
+    from model.head_scoring import group_head_outputs
+
+    device = next(head.parameters()).device
+    out: list = [None] * len(encoded)
+    was_training = (backbone.training, head.training)
+    backbone.eval()
+    head.eval()
+    try:
+        with torch.compiler.set_stance("force_eager"):
+            for group in calibration_groups(encoded):
+                outputs = group_head_outputs(backbone, head, [encoded[i] for i in group], 0, device)
+                for i, o in zip(group, outputs):
+                    out[i] = o
+    finally:
+        backbone.train(was_training[0])
+        head.train(was_training[1])
+    return out
+
+
+def cited_examples(items: Sequence[TrainItem], max_examples: int) -> list:
+    return [it.encoded for it in items if it.encoded.pairs and it.encoded.answer_spans][:max_examples]
+
+
+def relevance_examples(items: Sequence[TrainItem], max_examples: int) -> list[TrainItem]:
+    labelled = [it for it in items if it.essential is not None and len(it.essential) == len(it.encoded.note_spans)]
+    return labelled[:max_examples]
+
+
+def calibrate(head_outputs: dict, items: Sequence[TrainItem], max_examples: int) -> dict | None:
     """Best-F1 probability threshold over the training examples with gold pairs (None if none)."""
-    cited = [it.encoded for it in items if it.encoded.pairs and it.encoded.answer_spans][:max_examples]
+    cited = cited_examples(items, max_examples)
     if not cited:
         return None
-    # One example per forward: the training run still holds its optimizer state and activations.
-    probs = pair_probabilities(backbone, head, cited, batch_size=1)
+    probs = [torch.sigmoid(head_outputs[id(enc)].pair_logits.float()).cpu().numpy() for enc in cited]
     targets = [np.asarray(enc.pair_targets(), dtype=np.float32) for enc in cited]
     threshold, f1 = calibrate_threshold(probs, targets)
     return {"threshold": threshold, "train_pair_f1": round(f1, 4), "calibrated_on": "training cases",
             "n_examples": len(cited)}
 
 
-def calibrate_relevance(backbone, head: NotePairHead, items: Sequence[TrainItem], max_examples: int) -> dict | None:
+def calibrate_relevance(head_outputs: dict, items: Sequence[TrainItem], max_examples: int) -> dict | None:
     """Subtask 2 threshold: best strict micro F1 (essential sentences) over the labelled training examples."""
-    labelled = [it for it in items if it.essential is not None and len(it.essential) == len(it.encoded.note_spans)]
-    labelled = labelled[:max_examples]
-    if not labelled:
+    labelled = relevance_examples(items, max_examples)
+    if not labelled or any(head_outputs[id(it.encoded)].relevance_logits is None for it in labelled):
         return None
-    probs = relevance_probabilities(backbone, head, [it.encoded for it in labelled])
-    if probs is None:
-        return None
+    probs = [torch.sigmoid(head_outputs[id(it.encoded)].relevance_logits.float()).cpu().numpy() for it in labelled]
     threshold, f1 = calibrate_threshold(probs, [np.asarray(it.essential, dtype=np.float32) for it in labelled])
     return {"threshold": threshold, "train_strict_micro_f1": round(f1, 4), "calibrated_on": "training cases",
             "calibrated_for": "strict micro F1 (essential sentences)", "n_examples": len(labelled)}
+
+
+def calibrated_thresholds(backbone, head: NotePairHead, items: Sequence[TrainItem],
+                          max_examples: int) -> tuple[dict | None, dict | None]:
+    """The alignment and Subtask 2 thresholds calibrated on the training examples: one set of
+    forwards serves both (None where no example has what a threshold needs)."""
+    wanted = {id(enc): enc for enc in cited_examples(items, max_examples)}
+    wanted.update({id(it.encoded): it.encoded for it in relevance_examples(items, max_examples)})
+    if not wanted:
+        return None, None
+    outputs = dict(zip(wanted, calibration_outputs(backbone, head, list(wanted.values()))))
+    return calibrate(outputs, items, max_examples), calibrate_relevance(outputs, items, max_examples)
 
 
 def alignment_record(cfg: TrainConfig, calibrated: dict | None, init_manifest: ExportManifest | None,
@@ -173,11 +227,10 @@ def export_run(
     save_head(head, tmp)
 
     calibrating = cfg.joint and calibrate_alignment
-    max_examples = cfg.calibration_max_examples
-    alignment = alignment_record(cfg, calibrate(backbone, head, items, max_examples) if calibrating else None,
-                                 init_manifest, calibrate_alignment)
-    relevance = relevance_record(calibrate_relevance(backbone, head, items, max_examples) if calibrating else None,
-                                 init_manifest)
+    pair_t, relevance_t = (calibrated_thresholds(backbone, head, items, cfg.calibration_max_examples)
+                           if calibrating else (None, None))
+    alignment = alignment_record(cfg, pair_t, init_manifest, calibrate_alignment)
+    relevance = relevance_record(relevance_t, init_manifest)
     history = list(init_manifest.stages if init_manifest is not None else []) + [
         stage_record(cfg, items, sources, init_export, steps, final_loss)]
     manifest = build_manifest(cfg, backbone, head, tokenizer, history, init_manifest, alignment, relevance)

@@ -42,22 +42,26 @@ def _chunk_ce_sum(states: torch.Tensor, targets: torch.Tensor, weight: torch.Ten
 
 
 def answer_token_loss(backbone, final_hidden: torch.Tensor, labels: torch.Tensor,
-                      chunk: int | None = None) -> tuple[torch.Tensor, int]:
+                      chunk: int | None = None, positions: torch.Tensor | None = None,
+                      targets: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
     """Mean next-token CE over label positions, projecting only those positions to the vocabulary.
 
+    ``positions``/``targets`` (training.batching.collate): the flat [B*(T-1)] positions with a
+    label and their labels, found on the host, so no boolean mask makes the host wait here.
     The projection runs in chunks under activation checkpointing, so at most one chunk
     of [chunk x vocabulary] fp32 logits exists at a time (forward and backward): at
     Qwen3's 152k vocabulary a batch with 4k answer tokens would otherwise hold 2.5 GB
     of logits and as much again for their gradient.
     """
     chunk = LM_CHUNK_TOKENS if chunk is None else chunk
-    targets = labels[:, 1:]
-    keep = targets != IGNORE_INDEX
-    n = int(keep.sum())
+    if positions is None:
+        keep = (labels[:, 1:] != IGNORE_INDEX).reshape(-1)
+        positions = keep.nonzero().reshape(-1)
+        targets = labels[:, 1:].reshape(-1)[positions]
+    n = positions.shape[0]
     if n == 0:
         return final_hidden.sum() * 0.0, 0
-    states = final_hidden[:, :-1][keep]
-    targets = targets[keep]
+    states = final_hidden[:, :-1].reshape(-1, final_hidden.shape[-1]).index_select(0, positions)
     weight = lm_head(backbone).weight
     if n <= chunk or not torch.is_grad_enabled():
         return _chunk_ce_sum(states, targets, weight) / n, n
@@ -70,34 +74,34 @@ def answer_token_loss(backbone, final_hidden: torch.Tensor, labels: torch.Tensor
 
 
 def alignment_losses(head, hidden: torch.Tensor, batch: dict, settings: LossSettings) -> dict[str, torch.Tensor]:
-    """Pair BCE over examples with citations and relevance BCE over labelled notes."""
-    pair_logits, rel_logits = head(
-        hidden, batch["note_spans"], batch["answer_spans"], note_counts=batch["note_counts"],
-        answer_counts=batch["answer_counts"],
-    )
-    # Zero-weighted terms keep every head parameter in the graph (DDP needs identical graphs).
-    anchor = sum(p.sum() for p in pair_logits) * 0.0
-    has_pairs = batch["has_pairs"].tolist()
-    scored = [lg.reshape(-1) for lg, keep in zip(pair_logits, has_pairs) if keep and lg.numel() > 0]
-    if scored:
-        logits = torch.cat(scored)
-        pos_weight = torch.tensor(settings.pos_weight, device=logits.device)
-        align = F.binary_cross_entropy_with_logits(logits, batch["pair_targets"].to(logits), pos_weight=pos_weight)
+    """Pair BCE over the pairs of examples with citations and relevance BCE over labelled notes,
+    gathered by collate's index tensors (no per-example loop, no host sync)."""
+    pair_logits, rel_logits = head(hidden, batch["note_spans"], batch["answer_spans"],
+                                   pair_index=batch["pair_index"])
+    # Zero-weighted terms keep every head parameter in the graph (DDP needs identical graphs):
+    # with no pair to score, the pair MLP still ran (on no rows).
+    anchor = pair_logits.sum() * 0.0
+    if pair_logits.shape[0] > 0:
+        pos_weight = torch.tensor(settings.pos_weight, device=pair_logits.device)
+        align = F.binary_cross_entropy_with_logits(pair_logits, batch["pair_targets"].to(pair_logits),
+                                                   pos_weight=pos_weight)
     else:
         align = anchor
     relevance = anchor
     if rel_logits is not None:
-        mask = batch["relevance_mask"]
+        labelled = batch["relevance_index"]
         relevance = rel_logits.sum() * 0.0
-        if bool(mask.any()):
-            relevance = F.binary_cross_entropy_with_logits(rel_logits[mask], batch["relevance_targets"][mask].to(rel_logits))
+        if labelled.shape[0] > 0:
+            relevance = F.binary_cross_entropy_with_logits(rel_logits.index_select(0, labelled),
+                                                           batch["relevance_labels"].to(rel_logits))
     return {"align": align, "relevance": relevance}
 
 
 def joint_losses(backbone, head, batch: dict, settings: LossSettings, head_layer: int = -1) -> dict[str, torch.Tensor]:
     """Total loss and its parts for one (micro-)batch, from a single backbone forward."""
     final, tapped = backbone_hidden(backbone, batch["input_ids"], batch["attention_mask"], head_layer)
-    lm, n_answer = answer_token_loss(backbone, final, batch["labels"])
+    lm, n_answer = answer_token_loss(backbone, final, batch["labels"], positions=batch.get("answer_positions"),
+                                     targets=batch.get("answer_targets"))
     out = {"lm": lm}
     total = lm
     if head is not None and batch["note_spans"].shape[0] > 0:

@@ -1,423 +1,331 @@
-"""The training loop shared by both stages.
+"""The optimisation loop of one run: its state, the training step, logging, checkpoints.
 
-``run_training(cfg)`` loads data, backbone (+ the init export's adapter and head for
-the task stage), builds AdamW over the LoRA and head parameters with a warmup +
-cosine/linear schedule, and runs seeded, resumable optimisation under
-``accelerate`` (single process by default; ``accelerate launch`` shards batches).
-Each optimizer step is :func:`~training.loop_state.train_step` calls over ``grad_accum``
-micro-batches (the loop, its state, logging and checkpoints: :mod:`training.loop_state`).
-Every ``log_every`` steps: loss parts, lr and non-padding tokens/s to stderr and
-``RUN/log.jsonl``; every ``save_every`` steps a checkpoint; at the end a loss-curve
-PNG and ``RUN/export/``.
-
-Several processes (``accelerate launch``, DDP; gloo on CPU, NCCL on GPUs): each
-rank trains on every P-th global batch of the same deterministic epoch order, every
-rank running the same number of micro-steps (:mod:`training.batching`, not
-accelerate's batch-sampler sharding), gradients are averaged, logged losses are
-averaged over ranks, and only the main process writes the log, checkpoints (apart
-from its own ``rng-R`` files per rank) and the export. The data position in a
-checkpoint counts *global* batches, and an optimizer step is ``P * grad_accum``
-global batches: resuming with a different process count keeps that product (the
-resumed run's ``grad_accum`` becomes ``batches_per_step / P``), so the schedule,
-total steps and data position carry over unchanged.
+:func:`training.run.run_training` sets up a :class:`Trainer` (the prepared model,
+optimizer, schedule and batches) and hands it to :func:`run_epochs`, which walks the
+epochs from :func:`start_state` (a fresh run or a checkpoint) until the last step, an
+interrupt, or the ``ARCHEHR_TEST_STOP_AFTER_STEPS`` hook (:mod:`training.hooks`).
 """
 from __future__ import annotations
 
-import dataclasses
+import contextlib
 import json
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterable, Iterator, Sequence
 
 import torch
 
-from plumbing.errors import InputError
-from data.records import ESSENTIAL_LABELS, relevance_targets
-from heads.alignment import NotePairHead, load_head
-from heads.config import HeadConfig
-from model.backbone import LoraSettings, compile_decoder_layers, load_backbone, load_tokenizer, resolve_preset
-from model.export_folder import ExportManifest, find_export, read_manifest
-
 from . import checkpoints as ckpts
 from . import gather
-from .batching import EpochBatches, TokenBudgetBatches, steps_in_epoch
+from .batching import EpochBatches, MicroBatch, collate, rank_micro_batches
 from .config import TrainConfig
-from .data import (
-    TrainItem,
-    domain_examples,
-    encode_items,
-    task_cases,
-    task_examples,
-    task_sources,
-)
-from .hooks import train_hooks
-from .init_settings import adopt_init_settings
-from .joint import JointModel, LossSettings
-from .loop_state import LOG_FILE, LoopState, Trainer, run_epochs, start_state
-from .run_folder import RunLock, check_new_run_folder, check_not_locked
+from .data import TrainItem
+from .hooks import TrainHooks
+from .interrupt import TrainingDiverged, check_finite, non_finite, stop_requested
+from .joint import JointModel
+from .trackers import log_row
 
-CURVE_FILE = "loss_curve.png"
+LOG_FILE = "log.jsonl"
 
 
 @dataclass
-class RunResult:
-    out_dir: Path
-    steps: int
-    interrupted: bool
-    export_dir: Path | None
-    history: list[dict] = field(default_factory=list)
-    # The live trained objects (unwrapped), for callers that go on in-process.
-    backbone: object = None
-    head: NotePairHead | None = None
+class Trainer:
+    """What the loop works with (built by training.run's set-up steps)."""
 
-
-# --- pieces --------------------------------------------------------------------------
-
-
-def resolve_init(init: str | Path) -> Path:
-    """An export folder, given a run folder (uses RUN/export) or the export folder itself."""
-    return find_export(init)
-
-
-def stage_data(cfg: TrainConfig, tokenizer) -> tuple[list[TrainItem], list[str]]:
-    """Encoded training items of the configured stage and the data files they came from."""
-    if cfg.stage == "domain":
-        examples, sources = domain_examples(cfg)
-        items, dropped = encode_items(tokenizer, examples, cfg.max_length)
-    else:
-        cases = task_cases(cfg)
-        examples, relevance = task_examples(cases, cfg.joint)
-        items, dropped = encode_items(tokenizer, examples, cfg.max_length, relevance,
-                                      essential=[relevance_targets(c, ESSENTIAL_LABELS) for c in cases])
-        sources = task_sources(cfg)
-    if dropped:
-        print(f"note: skipped {dropped} example(s) longer than max_length={cfg.max_length}", file=sys.stderr)
-    if not items:
-        raise InputError(f"no example fits max_length={cfg.max_length}", sources[0])
-    return items, [str(s) for s in sources]
-
-
-def build_head(cfg: TrainConfig, hidden_size: int, init_export: Path | None, device) -> NotePairHead:
-    """The init export's head when it has one (continued training), else a fresh one."""
-    if init_export is not None and (init_export / "head.safetensors").is_file():
-        return load_head(init_export, device=device)
-    head_cfg = HeadConfig(
-        hidden_size=hidden_size,
-        proj_dim=cfg.head_proj_dim,
-        mlp_dim=cfg.head_mlp_dim,
-        pooling=cfg.head_pooling,
-        relevance=cfg.head_relevance,
-        dropout=cfg.head_dropout,
-        layer=cfg.head_layer,
-    )
-    return NotePairHead(head_cfg).to(device)
-
-
-def make_optimizer(model: JointModel, cfg: TrainConfig) -> torch.optim.AdamW:
-    groups = [{"params": [p for p in model.backbone.parameters() if p.requires_grad], "lr": cfg.lr}]
-    if model.head is not None:
-        groups.append({"params": list(model.head.parameters()), "lr": cfg.head_lr})
-    return torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
-
-
-def make_scheduler(optimizer, cfg: TrainConfig, total_steps: int):
-    from transformers import (
-        get_constant_schedule_with_warmup,
-        get_cosine_schedule_with_warmup,
-        get_linear_schedule_with_warmup,
-    )
-
-    warmup = int(round(cfg.warmup_ratio * total_steps))
-    if cfg.schedule == "constant":
-        return get_constant_schedule_with_warmup(optimizer, warmup)
-    make = get_cosine_schedule_with_warmup if cfg.schedule == "cosine" else get_linear_schedule_with_warmup
-    return make(optimizer, warmup, total_steps)
-
-
-LOSS_PARTS = {"loss": "total (weighted sum)", "lm": "answer tokens (LM)", "align": "alignment pairs",
-              "relevance": "note-sentence relevance"}
-
-
-def plot_losses(log_path: Path, out_png: Path) -> list[str]:
-    """Every logged loss part against the step; returns the parts drawn (for tests)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = [json.loads(line) for line in log_path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    if not rows:
-        return []
-    fig, ax = plt.subplots(figsize=(6, 4))
-    steps = [r["step"] for r in rows]
-    drawn = []
-    for key, meaning in LOSS_PARTS.items():
-        values = [r.get(key) for r in rows]
-        if any(v is not None for v in values):
-            # Markers keep a short run (one or a few logged points) visible; long runs stay lines.
-            ax.plot(steps, values, label=f"{key}: {meaning}", marker="o" if len(rows) <= 50 else None, markersize=4)
-            drawn.append(key)
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss (mean over the logging window)")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out_png, dpi=100)
-    plt.close(fig)
-    return drawn
-
-
-def resume_layout(state: dict, cfg: TrainConfig, processes: int) -> TrainConfig:
-    """``cfg`` with ``grad_accum`` set so one optimizer step is still the checkpoint's
-    ``batches_per_step`` global batches under ``processes`` processes."""
-    per_step = state.get("batches_per_step")
-    if per_step is None or per_step == processes * cfg.grad_accum:
-        return cfg
-    if per_step % processes:
-        raise InputError(
-            f"the checkpoint takes {per_step} global batches per optimizer step, which {processes} "
-            f"processes cannot split evenly; resume with a process count that divides {per_step}"
-        )
-    return dataclasses.replace(cfg, grad_accum=per_step // processes)
-
-
-def fsdp_wrap_policy(model: JointModel):
-    """FSDP auto-wrap policy (``torch.distributed.fsdp`` signature) for QLoRA + head.
-
-    FSDP flattens each unit's parameters into one tensor, which needs one dtype. So
-    every decoder layer is a unit (bf16-stored NF4 weights and bf16/fp32 norms), every
-    trainable leaf (LoRA A/B, fp32) is a unit of its own, and so is the fp32 head; the
-    root keeps the embeddings, final norm and lm_head.
-    """
-    from model.backbone import decoder
-
-    layer_types = tuple({type(layer) for layer in decoder(model.backbone).layers})
-    head = model.head
-    inside_head = {id(m) for m in head.modules() if m is not head} if head is not None else set()
-
-    def own_unit(module: torch.nn.Module) -> bool:
-        if head is not None and module is head:
-            return True
-        if id(module) in inside_head:  # one unit for the whole (small, fp32) head
-            return False
-        if isinstance(module, layer_types):
-            return True
-        is_leaf = next(module.children(), None) is None
-        weight = getattr(module, "weight", None)
-        return is_leaf and isinstance(weight, torch.nn.Parameter) and weight.requires_grad
-
-    def policy(module: torch.nn.Module, recurse: bool, nonwrapped_numel: int) -> bool:
-        return True if recurse else own_unit(module)
-
-    return policy
-
-
-# --- the run, step by step ---------------------------------------------------------------
-
-
-@dataclass
-class RunSetup:
-    """What the set-up step resolved before any model exists."""
-
-    cfg: TrainConfig  # with the init export's settings and a resumed run's layout adopted
+    cfg: TrainConfig
     out: Path
-    preset: object
-    init_export: Path | None
-    init_manifest: ExportManifest | None
     accelerator: object
-    use_bf16: bool
-    resume_from: Path | None  # the checkpoint to resume from
-    lock: RunLock | None = None  # held by the main process while it writes the run folder
+    model: object  # what accelerate.prepare returned (DDP / FSDP wrapper or the JointModel itself)
+    plain: JointModel  # the unwrapped model
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    sampler: EpochBatches
+    items: list[TrainItem]
+    pad_id: int
+    total_steps: int
+    hooks: TrainHooks
+
+    @property
+    def procs(self) -> int:
+        return self.accelerator.num_processes
+
+    @property
+    def rank(self) -> int:
+        return self.accelerator.process_index
 
 
-def check_run_inputs(cfg: TrainConfig, resume: bool):
-    """Refuse a bad run before anything loads: output folder, preset, base model, init export."""
-    if not cfg.out:
-        raise InputError("--out is required")
-    out = Path(cfg.out)
-    check_not_locked(out)  # another training writing this folder: refused before anything else
-    if not resume:
-        check_new_run_folder(out)
-    preset = resolve_preset(cfg.preset) if cfg.preset else None
-    if preset is None:
-        raise InputError("--preset is required")
-    init_export = resolve_init(cfg.init) if cfg.stage == "task" and cfg.init else None
-    init_manifest = read_manifest(init_export) if init_export is not None else None
-    if preset.source is not None:  # a hub id neither cached nor reachable: one line in seconds
-        from model.export_checks import check_base_available
-
-        check_base_available(cfg.base_path or (init_manifest.base_model.path if init_manifest else None)
-                             or preset.source, "--base_path")
-    if init_manifest is not None:  # the adapter and head load as trained: record their real settings
-        cfg = adopt_init_settings(cfg, init_manifest)
-    if init_manifest is not None and init_manifest.preset != preset.name:
-        raise InputError(
-            f"--init was trained with preset {init_manifest.preset!r}, not {preset.name!r}", init_export
-        )
-    return cfg, out, preset, init_export, init_manifest
+def compiled_graphs() -> int:
+    """Graphs ``torch.compile`` has built in this process so far (``torch._dynamo`` counters)."""
+    try:
+        from torch._dynamo.utils import counters
+    except ImportError:  # pragma: no cover - torch without dynamo
+        return 0
+    return int(counters["stats"].get("unique_graphs", 0))
 
 
-def make_accelerator(cfg: TrainConfig):
-    """The ``accelerate`` state (one process, or this rank of a launched job) and whether bf16 is on."""
-    from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs
+@dataclass
+class CompileWatch:
+    """Which optimizer steps compiled graphs, and how long they took: the fixed warm-up cost,
+    reported apart from the steady tokens/s (log line, ``log.jsonl`` and :class:`RunResult`)."""
 
-    use_bf16 = cfg.bf16 and torch.cuda.is_available()
-    accelerator = Accelerator(
-        mixed_precision="bf16" if use_bf16 else "no",
-        # Without CUDA, say so: accelerate then runs a launched multi-process job as
-        # MULTI_CPU over gloo instead of silently starting P independent runs.
-        cpu=not torch.cuda.is_available(),
-        # The head's parts can sit out a batch (no citations, no relevance labels).
-        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=cfg.joint)],
-    )
-    gather.check_fsdp_version(accelerator)
-    return accelerator, use_bf16
+    seconds: float = 0.0  # wall time of the steps that compiled (their own compute included)
+    steps: list[int] = field(default_factory=list)
+    graphs: int = 0
+    after_first_epoch: int = 0  # graphs compiled after epoch 0: a new shape the first epoch did not have
+
+    def after_step(self, state: "LoopState", graphs_before: int, started: float) -> float:
+        """Note the step just taken if it compiled; returns its wall seconds (0 if it did not compile)."""
+        new = compiled_graphs() - graphs_before
+        if new <= 0:
+            return 0.0
+        took = time.perf_counter() - started
+        self.seconds += took
+        self.steps.append(state.step)
+        self.graphs += new
+        if state.epoch > 0:
+            self.after_first_epoch += new
+        return took
+
+    def summary(self) -> dict:
+        return {"compile_s": round(self.seconds, 1), "compile_steps": self.steps, "compiled_graphs": self.graphs,
+                "recompiles_after_first_epoch": self.after_first_epoch}
 
 
-def resume_point(cfg: TrainConfig, out: Path, resume: bool, accelerator) -> tuple[TrainConfig, Path | None]:
-    """The checkpoint to resume from, and ``cfg`` with the grad_accum that keeps its global batches per step."""
-    resume_from = ckpts.latest_checkpoint(out) if resume else None
-    if resume and resume_from is None:
-        raise InputError("no checkpoint to resume from (checkpoints/step-N)", out)
+@dataclass
+class LoopState:
+    step: int = 0
+    epoch: int = 0
+    position: int = 0  # global batches of ``epoch`` already trained on
+    tokens_seen: int = 0
+    history: list[dict] = field(default_factory=list)
+    # The logging window: summed loss parts, real micro-batches and tokens since the last log line.
+    window: dict[str, float] = field(default_factory=dict)
+    window_micro: int = 0
+    window_tokens: int = 0
+    window_start: float = 0.0
+    bad_losses: list[str] = field(default_factory=list)  # loss parts that were not finite
+    interrupted: bool = False
+    grad_norm: float | None = None  # global norm before clipping, of the latest optimizer step
+    compile_watch: CompileWatch = field(default_factory=CompileWatch)
+
+    def reset_window(self) -> None:
+        self.window, self.window_micro, self.window_tokens, self.window_start = {}, 0, 0, time.perf_counter()
+
+
+def forward_backward(model, batch: dict, accelerator, grad_accum: int = 1, weight: float = 1.0) -> dict:
+    """Forward + backward of one micro-batch; returns the (unscaled) loss parts as detached tensors
+    (read back once per optimizer step, so the host never waits on the GPU between micro-batches).
+    ``weight`` 0 is a filler micro-step (training.batching): it only keeps ranks in step."""
+    losses = model(batch)
+    accelerator.backward(losses["loss"] / grad_accum if weight == 1.0 else losses["loss"] * (weight / grad_accum))
+    return {k: v.detach() for k, v in losses.items() if k != "answer_tokens"}
+
+
+def merged_window(accelerator, window: dict[str, float], window_micro: int) -> tuple[dict[str, float], int]:
+    """Sum the loss windows of all processes (so logged losses are global means)."""
+    if accelerator.num_processes == 1:
+        return window, window_micro
+    from accelerate.utils import gather_object
+
+    merged: dict[str, float] = {}
+    total = 0
+    for part, micro in gather_object([(window, window_micro)]):
+        for k, v in part.items():
+            merged[k] = merged.get(k, 0.0) + v
+        total += micro
+    return merged, total
+
+
+def _truncate_log(log_path: Path, last_step: int) -> None:
+    """On resume, drop log lines written after the checkpoint (they will be written again)."""
+    if not log_path.is_file():
+        return
+    rows = [line for line in log_path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    kept = [line for line in rows if json.loads(line).get("step", 0) <= last_step]
+    log_path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+
+
+def _append_log(t: Trainer, row: dict) -> None:
+    with (t.out / LOG_FILE).open("a", encoding="utf-8") as fh:
+        fh.write(json.dumps(row) + "\n")
+    log_row(t.accelerator, row)  # --report_to: the same row to the tracker (training.trackers)
+
+
+def start_state(t: Trainer, resume_from: Path | None) -> LoopState:
+    """A fresh state, or the checkpoint's (weights, optimizer and schedule restored into ``t``)."""
+    state = LoopState()
     if resume_from is None:
-        return cfg, None
-    resumed = resume_layout(ckpts.read_state(resume_from), cfg, accelerator.num_processes)
-    if resumed.grad_accum != cfg.grad_accum and accelerator.is_main_process:
-        print(f"note: resuming on {accelerator.num_processes} process(es) with grad_accum "
-              f"{resumed.grad_accum} (was {cfg.grad_accum}): same global batches per step", file=sys.stderr)
-    return resumed, resume_from
+        return state
+    saved = ckpts.load_checkpoint(resume_from, t.plain, t.optimizer, t.scheduler, t.accelerator, t.model)
+    state.step, state.epoch, state.position, state.tokens_seen = (
+        saved["step"], saved["epoch"], saved["position"], saved["tokens"])
+    if t.accelerator.is_main_process:
+        _truncate_log(t.out / LOG_FILE, state.step)
+        if ckpts.skipped_newer(t.out, resume_from):  # never silent: the fallback goes in the run's log
+            _append_log(t, {"step": state.step, "resumed_from": resume_from.name,
+                            "skipped_torn": ckpts.skipped_newer(t.out, resume_from)})
+    return state
 
 
-def set_up_run(cfg: TrainConfig, resume: bool) -> RunSetup:
-    from accelerate.utils import set_seed
+def micro_step(t: Trainer, state: LoopState, micro_batch: MicroBatch) -> dict:
+    """Forward + backward of one micro-batch; returns its loss parts (device tensors) and counts its tokens."""
+    from accelerate.utils import send_to_device
 
-    cfg, out, preset, init_export, init_manifest = check_run_inputs(cfg, resume)
-    accelerator, use_bf16 = make_accelerator(cfg)
-    lock = take_run_lock(out, accelerator)
-    try:
-        cfg, resume_from = resume_point(cfg, out, resume, accelerator)
-    except BaseException:
-        if lock is not None:
-            lock.release()
+    real = micro_batch.weight > 0
+    if real:
+        t.hooks.record(t.rank, state.step + 1, state.epoch, micro_batch.indices)
+    batch = send_to_device(collate([t.items[i] for i in micro_batch.indices], t.pad_id), t.accelerator.device)
+    sync = contextlib.nullcontext() if micro_batch.last_of_step else t.accelerator.no_sync(t.model)
+    with sync:
+        losses = forward_backward(t.model, batch, t.accelerator, t.cfg.grad_accum, micro_batch.weight)
+    if real:
+        state.window_micro += 1
+        state.window_tokens += sum(t.sampler.lengths[i] for i in micro_batch.indices)
+    return losses
+
+
+def fold_losses(state: LoopState, step_losses: list[tuple[dict, bool]]) -> None:
+    """The step's loss parts read back in one transfer: non-finite parts noted (fillers too),
+    real micro-batches' parts added to the logging window."""
+    keys = [(i, k) for i, (losses, _) in enumerate(step_losses) for k in losses]
+    if not keys:
+        return
+    values = torch.stack([step_losses[i][0][k].float().reshape(()) for i, k in keys]).tolist()
+    for (i, k), v in zip(keys, values):
+        state.bad_losses += non_finite({k: v})
+        if step_losses[i][1]:
+            state.window[k] = state.window.get(k, 0.0) + v
+
+
+def train_step(t: Trainer, state: LoopState, micro_batches: Sequence[MicroBatch], params: list) -> float:
+    """One optimizer step: forward + backward of each of this rank's micro-batches, then clip and
+    step. Returns the lr the step used. ``train.py``'s loop and ``bench/run.py`` both time this."""
+    step_losses = [(micro_step(t, state, mb), mb.weight > 0) for mb in micro_batches]
+    fold_losses(state, step_losses)
+    return optimizer_step(t, state, params)
+
+
+def optimizer_steps(micro_batches: Iterable[MicroBatch]) -> Iterator[list[MicroBatch]]:
+    """Micro-batches grouped into optimizer steps (a group ends with ``last_of_step``)."""
+    group: list[MicroBatch] = []
+    for micro_batch in micro_batches:
+        group.append(micro_batch)
+        if micro_batch.last_of_step:
+            yield group
+            group = []
+
+
+def optimizer_step(t: Trainer, state: LoopState, params: list) -> float:
+    """Clip, refuse a non-finite step, step optimizer and schedule; returns the lr the step used."""
+    grad_norm = None
+    if t.cfg.max_grad_norm > 0:
+        # FSDP: the root's own clip (global norm over all shards) is used only when handed
+        # all of the model's parameters; a subset would clip each rank's shard by its own norm.
+        norm = t.accelerator.clip_grad_norm_(t.model.parameters() if gather.is_fsdp(t.accelerator) else params,
+                                             t.cfg.max_grad_norm)
+        grad_norm = float(norm) if norm is not None else None
+        state.grad_norm = grad_norm
+    try:  # before optimizer.step: a NaN never reaches the weights or a checkpoint
+        check_finite(state.step + 1, state.bad_losses, grad_norm, t.accelerator,
+                     lambda: ckpts.latest_checkpoint(t.out), t.out)
+    except TrainingDiverged as err:
+        if t.accelerator.is_main_process:
+            _append_log(t, {"step": state.step + 1, "epoch": state.epoch, "diverged": err.problem})
         raise
-    set_seed(cfg.seed)
-    return RunSetup(cfg, out, preset, init_export, init_manifest, accelerator, use_bf16, resume_from, lock)
+    t.optimizer.step()
+    step_lr = t.scheduler.get_last_lr()[0]  # the rate this step used (step() moves on to the next)
+    t.scheduler.step()
+    t.optimizer.zero_grad(set_to_none=True)
+    state.step += 1
+    return step_lr
 
 
-def take_run_lock(out: Path, accelerator) -> RunLock | None:
-    """The main process locks the run folder; when it is refused, every process stops (exit 2)."""
-    lock = problem = None
+def log_window(t: Trainer, state: LoopState, step_lr: float, bar) -> None:
+    """One log row (global means over the window and the ranks) to the history, log.jsonl and stderr."""
+    accelerator = t.accelerator
+    tokens = int(accelerator.reduce(torch.tensor(state.window_tokens, device=accelerator.device), "sum"))
+    window, window_micro = merged_window(accelerator, state.window, state.window_micro)
+    state.tokens_seen += tokens
+    elapsed = max(time.perf_counter() - state.window_start, 1e-9)
+    row = {"step": state.step, "epoch": state.epoch}
+    row.update({k: round(v / window_micro, 5) for k, v in window.items() if k != "answer_tokens"})
+    row.update(lr=step_lr, tokens=state.tokens_seen, tokens_per_s=round(tokens / elapsed, 1))
+    if state.grad_norm is not None:  # only computed when clipping is on (max_grad_norm > 0)
+        row["grad_norm"] = round(state.grad_norm, 5)
+    if torch.cuda.is_available():
+        row["max_mem_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+        if t.procs > 1:  # every rank's peak, in global rank order
+            peak = torch.tensor([row["max_mem_gb"]], device=accelerator.device)
+            row["max_mem_gb_ranks"] = [round(x, 2) for x in accelerator.gather(peak).tolist()]
+    state.history.append(row)
     if accelerator.is_main_process:
-        try:
-            lock = RunLock(out, note=lambda line: print(line, file=sys.stderr))
-        except InputError as err:
-            problem = err
-    if accelerator.num_processes > 1:
-        from accelerate.utils import broadcast_object_list
-
-        refused = broadcast_object_list([problem is not None])[0]
-        if refused and not accelerator.is_main_process:
-            raise SystemExit(2)  # the main process says why
-    if problem is not None:
-        raise problem
-    return lock
+        _append_log(t, row)
+        bar.write(  # a log line: stderr (tqdm.write defaults to stdout, which holds results)
+            f"step {state.step}/{t.total_steps} loss {row['loss']:.4f} lr {row['lr']:.2e} "
+            f"tok/s {row['tokens_per_s']:.0f}", file=sys.stderr
+        )
+        bar.set_postfix(loss=f"{row['loss']:.3f}")
+    state.reset_window()
 
 
-def save_run_config(setup: RunSetup, resume: bool) -> None:
-    if setup.accelerator.is_main_process:
-        setup.out.mkdir(parents=True, exist_ok=True)
-        if not resume:
-            setup.cfg.save(setup.out)
+def save_state(t: Trainer, state: LoopState, micro_batch: MicroBatch) -> None:
+    """A checkpoint after this optimizer step, with the data position the next step starts at."""
+    next_epoch, next_position = ((state.epoch + 1, 0) if micro_batch.end_of_epoch
+                                 else (state.epoch, micro_batch.consumed))
+    # Tokens of the window not logged yet count too: a resumed run starts a fresh window, and
+    # its first log line must carry on from the tokens trained on, not from the last log line.
+    pending = int(t.accelerator.reduce(torch.tensor(state.window_tokens, device=t.accelerator.device), "sum"))
+    saved = {"step": state.step, "epoch": next_epoch, "position": next_position,
+             "tokens": state.tokens_seen + pending,
+             "total_steps": t.total_steps, "processes": t.procs, "batches_per_step": t.procs * t.cfg.grad_accum}
+    ckpts.save_checkpoint(t.out, state.step, t.plain, t.accelerator, t.optimizer, t.scheduler, saved,
+                          keep=t.cfg.keep_checkpoints, wrapped=t.model)
 
 
-def build_model(setup: RunSetup) -> tuple[JointModel, NotePairHead]:
-    """Backbone (+ the init export's adapter) and head; the head joins the model only for ``joint``."""
-    cfg, device = setup.cfg, setup.accelerator.device
-    base_path = cfg.base_path or (setup.init_manifest.base_model.path if setup.init_manifest else None) or None
-    backbone = load_backbone(
-        setup.preset,
-        load_in_4bit=cfg.quantise(),
-        device=device,
-        lora=LoraSettings(r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout),
-        gradient_checkpointing=cfg.gradient_checkpointing,
-        base_path=base_path,
-        adapter_dir=setup.init_export,
-        keep_bf16=setup.use_bf16,
-        quant_storage=cfg.quant_storage,
-    )
-    if cfg.compile and torch.cuda.is_available():
-        compile_decoder_layers(backbone)
-    hidden_size = backbone.get_base_model().config.hidden_size
-    head = build_head(cfg, hidden_size, setup.init_export, device)
-    losses = LossSettings(cfg.align_weight, cfg.pos_weight, cfg.relevance_weight)
-    return JointModel(backbone, head if cfg.joint else None, losses), head
+def run_epochs(t: Trainer, state: LoopState, resume_from: Path | None) -> None:
+    """Optimizer steps from ``state`` on until ``t.total_steps`` or a stop (``state.interrupted``)."""
+    from tqdm.auto import tqdm
 
-
-def make_sampler(items: list[TrainItem], cfg: TrainConfig) -> EpochBatches:
-    lengths = [len(it) for it in items]
-    if cfg.batch_tokens:
-        return TokenBudgetBatches(lengths, cfg.batch_tokens, cfg.seed, True)
-    return EpochBatches(lengths, cfg.batch_size, cfg.seed, True, cfg.group_by_length)
-
-
-def prepare_trainer(setup: RunSetup, model: JointModel, items: list[TrainItem], pad_id: int) -> Trainer:
-    """Optimizer, batches and schedule, then ``accelerate.prepare`` (DDP / FSDP wrapping)."""
-    from accelerate.utils import DistributedType
-
-    cfg, accelerator = setup.cfg, setup.accelerator
-    optimizer = make_optimizer(model, cfg)
-    sampler = make_sampler(items, cfg)
-    steps_per_epoch = steps_in_epoch(sampler.num_batches(), 0, accelerator.num_processes, cfg.grad_accum)
-    total_steps = cfg.max_steps if cfg.max_steps > 0 else cfg.epochs * steps_per_epoch
-    scheduler = make_scheduler(optimizer, cfg, total_steps)
-    if accelerator.distributed_type == DistributedType.FSDP:
-        accelerator.state.fsdp_plugin.auto_wrap_policy = fsdp_wrap_policy(model)
-    # No data loader through accelerate: training.batching splits the batches itself.
-    wrapped, optimizer = accelerator.prepare(model, optimizer)
-    return Trainer(cfg, setup.out, accelerator, wrapped, accelerator.unwrap_model(wrapped), optimizer, scheduler,
-                   sampler, items, pad_id, total_steps, train_hooks())
-
-
-def finish_run(setup: RunSetup, t: Trainer, state: LoopState, head: NotePairHead, tokenizer,
-               sources: list[str]) -> Path | None:
-    """Loss curve and ``RUN/export`` (main process; every rank joins FSDP's weight gather)."""
-    accelerator, export_dir = t.accelerator, None
-    accelerator.wait_for_everyone()
-    with gather.full_parameters(accelerator, t.model):  # every rank: FSDP gathers the weights
-        if accelerator.is_main_process:
-            from .export import export_run
-
-            if t.cfg.plot and (t.out / LOG_FILE).is_file():
-                plot_losses(t.out / LOG_FILE, t.out / CURVE_FILE)
-            fsdp = gather.is_fsdp(accelerator)
-            export_dir = export_run(
-                t.out, t.plain.backbone, head, tokenizer, t.cfg, t.items, sources, setup.init_export,
-                setup.init_manifest, steps=state.step,
-                final_loss=state.history[-1]["loss"] if state.history else None,
-                adapter_state=gather.trainable_state(t.plain.backbone, None)[0] if fsdp else None,
-                calibrate_alignment=not fsdp,
-            )
-    accelerator.wait_for_everyone()
-    return export_dir
-
-
-def run_training(cfg: TrainConfig, resume: bool = False) -> RunResult:
-    setup = set_up_run(cfg, resume)
-    try:
-        return train_and_export(setup, resume)
-    finally:
-        if setup.lock is not None:
-            setup.lock.release()
-
-
-def train_and_export(setup: RunSetup, resume: bool) -> RunResult:
-    tokenizer = load_tokenizer(setup.cfg.base_path or setup.preset)
-    items, sources = stage_data(setup.cfg, tokenizer)
-    save_run_config(setup, resume)
-    model, head = build_model(setup)
-    trainer = prepare_trainer(setup, model, items, tokenizer.pad_token_id)
-    state = start_state(trainer, setup.resume_from)
-    run_epochs(trainer, state, setup.resume_from)
-    export_dir = None if state.interrupted else finish_run(setup, trainer, state, head, tokenizer, sources)
-    return RunResult(setup.out, state.step, state.interrupted, export_dir, state.history, trainer.plain.backbone, head)
+    cfg = t.cfg
+    bar = tqdm(total=t.total_steps, initial=state.step, desc=f"{cfg.stage}", unit="step",
+               disable=not (cfg.progress and t.accelerator.is_main_process), dynamic_ncols=True)
+    state.reset_window()
+    params = [p for group in t.optimizer.param_groups for p in group["params"]]
+    t.model.train()
+    while state.step < t.total_steps:
+        micro_batches = rank_micro_batches(t.sampler.batches(state.epoch), state.position, t.procs, t.rank,
+                                           cfg.grad_accum)
+        if resume_from is not None:
+            # After the iterator exists: the RNG stream continues exactly where it was saved.
+            ckpts.load_rng(resume_from, t.rank)
+            resume_from = None
+        for step_batches in optimizer_steps(micro_batches):
+            graphs = compiled_graphs()
+            started = time.perf_counter()
+            step_lr = train_step(t, state, step_batches, params)
+            took = state.compile_watch.after_step(state, graphs, started)
+            if took and t.accelerator.is_main_process:
+                bar.write(f"compiling: {took:.0f} s at step {state.step} "
+                          f"(once per shape bucket; {state.compile_watch.graphs} graph(s) so far)", file=sys.stderr)
+            micro_batch = step_batches[-1]
+            bar.update(1)
+            if state.step % cfg.log_every == 0 or state.step == t.total_steps:
+                log_window(t, state, step_lr, bar)
+            stopping = t.hooks.stops_at(state.step) and state.step < t.total_steps
+            stopping = stopping or (stop_requested(t.accelerator) and state.step < t.total_steps)  # SIGINT/SIGTERM
+            if (cfg.save_every > 0 and state.step % cfg.save_every == 0) or stopping:
+                save_state(t, state, micro_batch)
+            if stopping:
+                state.interrupted = True
+                break
+            if state.step >= t.total_steps:
+                break
+        if state.interrupted:
+            break
+        state.epoch += 1
+        state.position = 0
+    bar.close()
+    if state.compile_watch.graphs and t.accelerator.is_main_process:
+        _append_log(t, {"step": state.step, **state.compile_watch.summary()})

@@ -1,0 +1,176 @@
+"""Packed forwards: several token sequences in one forward, concatenated, no padding.
+
+The fast engine's one forward (:mod:`inference.fast`): alignment and relevance forwards,
+and the prefill of generation (which may run a case's answer sentences after its prompt,
+so that one pass serves Subtasks 2, 3 and 4). The sequences are concatenated into one
+``[tokens, hidden]`` stream; attention is causal within each sequence (``cu_seqlens``):
+
+* on CUDA in bf16/fp16, FlashAttention's variable-length kernel (``VARLEN_FLASH``), with
+  grouped-query attention native (no repeated K/V);
+* elsewhere (CPU, fp32, or the kernel refusing, said and recorded) one causal SDPA per
+  sequence (``PER_SEQUENCE``): the same arithmetic, more kernel launches.
+
+The layers run with the model's own modules (dense, merged or NF4 + LoRA), as
+:mod:`model.decoding` does. The forward stops at the layer the head reads unless logits
+are asked for, and the LM head runs only on the positions asked for.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .backbone import decoder, lm_head
+
+VARLEN_FLASH, PER_SEQUENCE = "flash-varlen", "per-sequence"
+
+
+@dataclass
+class Packed:
+    """Sequences concatenated: ``ids``/``positions`` [T], ``cu`` [n + 1] int32 starts."""
+
+    ids: torch.Tensor
+    positions: torch.Tensor
+    cu: torch.Tensor
+    starts: list[int]
+    lengths: list[int]
+    max_len: int
+
+    @property
+    def tokens(self) -> int:
+        return int(sum(self.lengths))
+
+
+def pack(seqs: list[list[int]], device: torch.device) -> Packed:
+    lengths = [len(s) for s in seqs]
+    if not lengths or min(lengths) < 1:
+        raise ValueError("every packed sequence needs at least one token")
+    starts = [0]
+    for n in lengths:
+        starts.append(starts[-1] + n)
+    ids = torch.tensor([t for s in seqs for t in s], dtype=torch.long)
+    positions = torch.cat([torch.arange(n) for n in lengths])
+    cu = torch.tensor(starts, dtype=torch.int32)
+    return Packed(ids.to(device), positions.to(device), cu.to(device), starts, lengths, max(lengths))
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, packed: Packed, scale: float,
+                     impl: str) -> torch.Tensor:
+    """Causal attention within each packed sequence: q [T, heads, d], k/v [T, kv, d] -> [T, heads, d]."""
+    if impl == VARLEN_FLASH:
+        out = torch.ops.aten._flash_attention_forward(q, k, v, packed.cu, packed.cu, packed.max_len, packed.max_len,
+                                                      0.0, True, False, scale=scale)
+        return out[0]
+    parts = []
+    for a, n in zip(packed.starts, packed.lengths):
+        qs, ks, vs = (x[a:a + n].transpose(0, 1)[None] for x in (q, k, v))
+        parts.append(F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale,
+                                                    enable_gqa=True)[0].transpose(0, 1))
+    return torch.cat(parts)
+
+
+_PROBES: dict = {}
+
+
+def choose_packed_attention(device: torch.device, dtype: torch.dtype, heads: int, n_kv: int,
+                            head_dim: int) -> tuple[str, str | None]:
+    """(implementation, why not the varlen kernel): FlashAttention's varlen kernel where it runs
+    here and agrees with per-sequence SDPA on a small probe (cached per shape)."""
+    if device.type != "cuda":
+        return PER_SEQUENCE, None
+    if dtype not in (torch.bfloat16, torch.float16):
+        return PER_SEQUENCE, f"varlen flash attention takes bf16 or fp16, the model runs in {dtype}"
+    key = (str(device), dtype, heads, n_kv, head_dim)
+    if key not in _PROBES:
+        gen = torch.Generator(device=device).manual_seed(0)
+        packed = pack([[1] * 37, [1] * 5, [1] * 90], device)
+        q = torch.randn(packed.tokens, heads, head_dim, device=device, dtype=dtype, generator=gen)
+        k = torch.randn(packed.tokens, n_kv, head_dim, device=device, dtype=dtype, generator=gen)
+        v = torch.randn(packed.tokens, n_kv, head_dim, device=device, dtype=dtype, generator=gen)
+        try:
+            got = causal_attention(q, k, v, packed, head_dim ** -0.5, VARLEN_FLASH)
+            want = causal_attention(q, k, v, packed, head_dim ** -0.5, PER_SEQUENCE)
+            err = float((got.float() - want.float()).abs().max())
+            _PROBES[key] = None if err < 2e-2 else f"varlen flash attention differs from SDPA by {err:.3g}"
+        except Exception as exc:  # no flash kernel for this card, dtype or shape
+            _PROBES[key] = f"varlen flash attention unavailable ({type(exc).__name__}: {str(exc)[:120]})"
+    why_not = _PROBES[key]
+    return (PER_SEQUENCE, why_not) if why_not else (VARLEN_FLASH, None)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
+
+
+def tap_index(n_layers: int, layer: int) -> int:
+    """A head layer in ``output_hidden_states`` numbering as 0..n (n = the final normed state)."""
+    if layer in (-1, n_layers):
+        return n_layers
+    index = n_layers + 1 + layer if layer < 0 else layer
+    if not 0 <= index < n_layers:
+        raise ValueError(f"head layer {layer} out of range for a {n_layers}-layer model")
+    return index
+
+
+WriteKV = Callable[[int, torch.Tensor, torch.Tensor], None]
+
+
+@torch.no_grad()
+def packed_forward(model, packed: Packed, *, tap: int = -1, attention: str = PER_SEQUENCE,
+                   write_kv: WriteKV | None = None, logits_at: torch.Tensor | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(hidden state ``tap`` [T, H], greedy next token at ``logits_at`` or None).
+
+    ``tap`` as the head counts layers (0 = embeddings, k = output of layer k, -1 = final
+    normed). Without ``logits_at`` the forward stops at ``tap``. ``write_kv(layer, k, v)``
+    receives every layer's rotated keys and values [T, kv, d] (for a decode cache)."""
+    dec = decoder(model)
+    n_layers = len(dec.layers)
+    tap_at = tap_index(n_layers, tap)
+    last = n_layers if (logits_at is not None or write_kv is not None) else tap_at
+    h = dec.embed_tokens(packed.ids)
+    cos, sin = dec.rotary_emb(h[None], packed.positions[None])
+    cos, sin = cos[0][:, None], sin[0][:, None]  # [T, 1, d]
+    tapped = h if tap_at == 0 else None
+    t = h.shape[0]
+    for layer_i, layer in enumerate(dec.layers[: min(last, n_layers)]):
+        attn = layer.self_attn
+        head_dim = attn.head_dim
+        x = layer.input_layernorm(h)
+        q = attn.q_norm(attn.q_proj(x).view(t, -1, head_dim))
+        k = attn.k_norm(attn.k_proj(x).view(t, -1, head_dim))
+        v = attn.v_proj(x).view(t, -1, head_dim)
+        q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
+        if write_kv is not None:
+            write_kv(layer_i, k, v)
+        o = causal_attention(q, k, v, packed, attn.scaling, attention)
+        h = h + attn.o_proj(o.reshape(t, -1))
+        h = h + layer.mlp(layer.post_attention_layernorm(h))
+        if layer_i + 1 == tap_at and tap_at < n_layers:
+            tapped = h
+    if tap_at == n_layers:
+        tapped = dec.norm(h)
+    next_tokens = None
+    if logits_at is not None:
+        final = tapped[logits_at] if tap_at == n_layers else dec.norm(h[logits_at])
+        next_tokens = lm_head(model)(final).argmax(-1)
+    return tapped, next_tokens
+
+
+def token_budget_packs(lengths: list[int], max_tokens: int) -> list[list[int]]:
+    """Indices longest first, packed so that each pack's real tokens sum to at most
+    ``max_tokens`` (a longer sequence goes alone). No padding: the budget is real tokens."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    packs: list[list[int]] = []
+    used = 0
+    for i in order:
+        if packs and used + lengths[i] <= max_tokens:
+            packs[-1].append(i)
+            used += lengths[i]
+        else:
+            packs.append([i])
+            used = lengths[i]
+    return packs

@@ -1,0 +1,51 @@
+"""The benchmark times the training step train.py runs (issue 21), not a copy of it."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import training.loop as loop
+from training.config import build_config
+from training.run import run_training
+
+EMRQA = Path(__file__).resolve().parents[1] / "examples" / "emrqa_sample.jsonl"
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+@pytest.fixture
+def step_calls(monkeypatch):
+    """Every call of training.loop.train_step, by the caller's module."""
+    import inspect
+
+    calls: list[str] = []
+    real = loop.train_step
+
+    def spy(*args, **kwargs):
+        calls.append(inspect.stack()[1].frame.f_globals["__name__"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "train_step", spy)
+    return calls
+
+
+def test_bench_and_train_py_run_the_same_step_function(step_calls, tmp_path):
+    from bench.run import StepVariant, load_ours, run_ours
+    from bench.synthetic import training_examples
+    from training.data import TrainItem
+
+    run_training(build_config(dict(stage="domain", preset="tiny", data=str(EMRQA), out=str(tmp_path / "run"),
+                                   max_steps=2, batch_tokens=2048, progress=False, plot=False, joint=True)))
+    assert step_calls == ["training.loop", "training.loop"]  # train.py's loop, once per optimizer step
+
+    model = load_ours(None, "tiny", torch.device("cpu"), False, False, False)
+    from model.presets import get_preset
+
+    vocab = get_preset("tiny").arch["vocab_size"]
+    items = [TrainItem(e) for e in training_examples(8, 256, vocab, seed=0)]
+    row = run_ours(model, items, StepVariant("tiny", "tokens", max_tokens=1024), steps=2, warmup=1,
+                   device=torch.device("cpu"))
+    assert step_calls[2:] == ["bench.run"] * 3  # the bench: 1 warm-up + 2 timed steps, the same function
+    assert row["batches"] == 2 and row["real_tokens"] > 0 and row["warmup_s"] >= 0 and row["recompiles"] == 0
