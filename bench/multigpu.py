@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 from plumbing.atomic import check_out_folder  # noqa: E402
 from plumbing.errors import CliParser, exit_on_input_error  # noqa: E402
 from bench.scaling import NCCL_ENV, collect_rank_logs, launch_prefix, read_rows, run_with_timeout  # noqa: E402
-from plumbing.ranges import integer, number
+from plumbing.ranges import integer, number  # noqa: E402
 
 TINY = ["--stage", "domain", "--preset", "tiny", "--data", str(ROOT / "examples" / "emrqa_sample.jsonl"),
         "--batch_tokens", "1000", "--max_length", "512", "--epochs", "3", "--joint", "true",

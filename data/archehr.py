@@ -88,7 +88,7 @@ def parse_case_element(el: Element, path: Path) -> Case:
         raise InputError("missing <note_excerpt_sentences>", path, case_id)
     note_sentences = [
         NoteSentence(
-            sentence_id=s.get("id"),
+            sentence_id=s.get("id"),  # type: ignore[arg-type]  # _read_sentences checked every id
             text=_text(s),
             paragraph_id=s.get("paragraph_id"),
             start_char_index=_optional_int(s.get("start_char_index"), path, case_id, "start_char_index"),
@@ -97,7 +97,7 @@ def parse_case_element(el: Element, path: Path) -> Case:
     ]
     if not note_sentences:
         raise InputError("no note sentences", path, case_id)
-    phrases = []
+    phrases: list[QuestionPhrase] = []
     question_el = el.find("patient_question")
     if question_el is not None:
         for p in question_el.findall("phrase"):
@@ -109,7 +109,7 @@ def parse_case_element(el: Element, path: Path) -> Case:
                 )
             )
     answers = [
-        AnswerSentence(sentence_id=s.get("id"), text=_text(s))
+        AnswerSentence(sentence_id=s.get("id"), text=_text(s))  # type: ignore[arg-type]  # ids checked as above
         for s in _read_sentences(el.find("answer_sentences"), path, case_id, "answer")
     ]
     specialty = _text(el.find("clinical_specialty")) or None
@@ -171,6 +171,7 @@ def load_key(key_path: str | Path) -> dict[str, KeyCase]:
     data = _load_json(path)
     _expect(isinstance(data, list), "key must be a JSON list of cases", path, None)
     _expect(bool(data), "key holds no cases (an empty list)", path, None)
+    assert isinstance(data, list)  # for the type checker: _expect raised otherwise
     out: dict[str, KeyCase] = {}
     for item in data:
         _expect(isinstance(item, dict), "each key entry must be an object", path, None)

@@ -13,8 +13,12 @@ from the fast tokenizer's offset mapping.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 from .records import Case
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 SYSTEM_PROMPT = (
     "You are a clinician answering a patient's question about their hospital stay. "
@@ -101,13 +105,14 @@ def user_message(ex: PromptExample) -> tuple[str, list[tuple[int, int]]]:
     return "".join(parts), spans
 
 
-def chat_prompt(tokenizer, ex: PromptExample) -> tuple[str, list[tuple[int, int]]]:
+def chat_prompt(tokenizer: PreTrainedTokenizerBase, ex: PromptExample) -> tuple[str, list[tuple[int, int]]]:
     """Generation prompt (chat template, thinking off) and note-sentence char spans in it."""
     user, spans = user_message(ex)
     messages = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user}]
     text = tokenizer.apply_chat_template(
         messages, tokenize=False, add_generation_prompt=True, enable_thinking=False
     )
+    assert isinstance(text, str)  # tokenize=False: the template's text
     offset = text.find(user)
     if offset < 0:  # a template that rewrites content would break every span below
         raise ValueError("chat template altered the user message; cannot locate note sentences")
@@ -115,7 +120,8 @@ def chat_prompt(tokenizer, ex: PromptExample) -> tuple[str, list[tuple[int, int]
 
 
 def _char_to_token_span(offsets: list[tuple[int, int]], start: int, end: int) -> tuple[int, int]:
-    first = last = None
+    first: int | None = None
+    last = -1
     for i, (s, e) in enumerate(offsets):
         if e <= start or s >= end or e == s:
             continue
@@ -131,7 +137,9 @@ def with_answer_text(prompt: str, ex: PromptExample) -> tuple[str, list[tuple[in
     """The prompt followed by the answer sentences and end-of-turn, and each answer's char span."""
     if not ex.answer_texts:
         return prompt, []
-    pos, pieces, spans = len(prompt), [], []
+    pos = len(prompt)
+    pieces: list[str] = []
+    spans: list[tuple[int, int]] = []
     for t in ex.answer_texts:
         body = " ".join(t.split())
         if pieces:
@@ -143,7 +151,7 @@ def with_answer_text(prompt: str, ex: PromptExample) -> tuple[str, list[tuple[in
 
 
 def encode_example(
-    tokenizer, ex: PromptExample, max_length: int | None = None, with_answer: bool = True
+    tokenizer: PreTrainedTokenizerBase, ex: PromptExample, max_length: int | None = None, with_answer: bool = True
 ) -> EncodedExample:
     """Tokenise prompt (+ answer + end-of-turn) and locate every sentence span."""
     prompt, note_char_spans = chat_prompt(tokenizer, ex)
@@ -182,7 +190,7 @@ class NoteCut:
     tokens: int  # the whole case's tokens (prompt + answer or generation budget)
     limit: int
 
-    def to_json(self) -> dict:
+    def to_json(self) -> dict[str, Any]:
         return {"case_id": self.case_id, "note_sentences": self.note_sentences, "kept": self.kept,
                 "tokens": self.tokens, "limit": self.limit}
 
@@ -192,7 +200,7 @@ class NoteCut:
                 f"relevant and never cited)")
 
 
-def case_tokens(tokenizer, case: Case, reserve: int) -> int:
+def case_tokens(tokenizer: PreTrainedTokenizerBase, case: Case, reserve: int) -> int:
     """Tokens a case needs: its prompt plus ``reserve`` generated tokens, or prompt + answer if longer."""
     ex = example_from_case(case, with_answer=True)
     prompt, _ = chat_prompt(tokenizer, ex)
@@ -215,7 +223,7 @@ def keep_note_sentences(case: Case, k: int) -> Case:
     return replace(case, note_sentences=kept, answer_sentences=answers, relevance=relevance)
 
 
-def fit_case(tokenizer, case: Case, limit: int, reserve: int = 0) -> tuple[Case, NoteCut | None]:
+def fit_case(tokenizer: PreTrainedTokenizerBase, case: Case, limit: int, reserve: int = 0) -> tuple[Case, NoteCut | None]:
     """``case`` cut to the longest prefix of its note that fits ``limit`` tokens (with ``reserve`` to
     generate); unchanged (and no :class:`NoteCut`) when it fits whole. A case that cannot fit even
     with one note sentence raises ValueError (the CLI's one line)."""

@@ -17,6 +17,8 @@ same directory and renamed, so a failure never leaves a partial file behind.
 """
 from __future__ import annotations
 
+from typing import Any, BinaryIO
+
 import json
 import re
 import zipfile
@@ -58,7 +60,7 @@ def has_13a_tokens(text: str) -> bool:
     ``"-\\n"``): the organizers' scorer divides by zero on such a prediction."""
     from sacrebleu.tokenizers.tokenizer_13a import Tokenizer13a
 
-    return bool(Tokenizer13a()(text).split())
+    return bool(Tokenizer13a()(text).split())  # type: ignore[no-untyped-call]  # sacrebleu is untyped
 
 
 def truncate_words(text: str, max_words: int = MAX_WORDS) -> str:
@@ -80,12 +82,12 @@ def truncate_words(text: str, max_words: int = MAX_WORDS) -> str:
     return " ".join(kept)
 
 
-def subtask3_entries(answers: dict[str, str]) -> list[dict]:
+def subtask3_entries(answers: dict[str, str]) -> list[dict[str, Any]]:
     """Subtask 3 entries, in the dict's order."""
     return [{"case_id": str(case_id), "prediction": text} for case_id, text in answers.items()]
 
 
-def subtask4_entries(links: dict[str, dict[str, list[str]]]) -> list[dict]:
+def subtask4_entries(links: dict[str, dict[str, list[str]]]) -> list[dict[str, Any]]:
     """Subtask 4 entries from ``case_id -> answer_id -> evidence ids``, in the given order."""
     return [
         {
@@ -99,12 +101,12 @@ def subtask4_entries(links: dict[str, dict[str, list[str]]]) -> list[dict]:
     ]
 
 
-def subtask2_entries(evidence: dict[str, list[str]]) -> list[dict]:
+def subtask2_entries(evidence: dict[str, list[str]]) -> list[dict[str, Any]]:
     """Subtask 2 entries from ``case_id -> relevant note sentence ids``, in the given order."""
     return [{"case_id": str(case_id), "prediction": [str(s) for s in ids]} for case_id, ids in evidence.items()]
 
 
-def check_entry_types(entries: object, subtask: int, path: str | Path | None = None) -> list[dict]:
+def check_entry_types(entries: object, subtask: int, path: str | Path | None = None) -> list[dict[str, Any]]:
     """Structural check (JSON types only, no case knowledge); returns the entries."""
     if subtask not in (2, 3, 4):
         raise ValueError(f"subtask must be 2, 3 or 4, not {subtask!r}")
@@ -147,7 +149,7 @@ def check_entry_types(entries: object, subtask: int, path: str | Path | None = N
     return entries
 
 
-def _check_case_set(entries: list[dict], cases: list[Case], path: str | Path | None) -> dict[str, Case]:
+def _check_case_set(entries: list[dict[str, Any]], cases: list[Case], path: str | Path | None) -> dict[str, Case]:
     by_id = {c.case_id: c for c in cases}
     seen: set[str] = set()
     for entry in entries:
@@ -165,9 +167,9 @@ def _check_case_set(entries: list[dict], cases: list[Case], path: str | Path | N
 
 def validate_subtask2(entries: object, cases: list[Case], path: str | Path | None = None) -> None:
     """Raise :class:`InputError` unless ``entries`` is a valid Subtask 2 submission for ``cases``."""
-    check_entry_types(entries, 2, path)
-    by_id = _check_case_set(entries, cases, path)  # type: ignore[arg-type]
-    for entry in entries:  # type: ignore[union-attr]
+    checked = check_entry_types(entries, 2, path)
+    by_id = _check_case_set(checked, cases, path)
+    for entry in checked:
         case = by_id[entry["case_id"]]
         ids = entry["prediction"]
         if len(set(ids)) != len(ids):
@@ -180,9 +182,9 @@ def validate_subtask2(entries: object, cases: list[Case], path: str | Path | Non
 
 def validate_subtask3(entries: object, cases: list[Case], path: str | Path | None = None) -> None:
     """Raise :class:`InputError` unless ``entries`` is a valid Subtask 3 submission for ``cases``."""
-    check_entry_types(entries, 3, path)
-    _check_case_set(entries, cases, path)  # type: ignore[arg-type]
-    for entry in entries:  # type: ignore[union-attr]
+    checked = check_entry_types(entries, 3, path)
+    _check_case_set(checked, cases, path)
+    for entry in checked:
         cid, text = entry["case_id"], entry["prediction"]
         if not text.strip():
             raise InputError("prediction is empty", path, cid)
@@ -199,9 +201,9 @@ def validate_subtask3(entries: object, cases: list[Case], path: str | Path | Non
 
 def validate_subtask4(entries: object, cases: list[Case], path: str | Path | None = None) -> None:
     """Raise :class:`InputError` unless ``entries`` is a valid Subtask 4 submission for ``cases``."""
-    check_entry_types(entries, 4, path)
-    by_id = _check_case_set(entries, cases, path)  # type: ignore[arg-type]
-    for entry in entries:  # type: ignore[union-attr]
+    checked = check_entry_types(entries, 4, path)
+    by_id = _check_case_set(checked, cases, path)
+    for entry in checked:
         case = by_id[entry["case_id"]]
         cid = case.case_id
         answer_ids = set(case.answer_ids)
@@ -225,7 +227,7 @@ def validate_subtask4(entries: object, cases: list[Case], path: str | Path | Non
             raise InputError(f"answer sentence {missing[0]!r} is not listed", path, cid)
 
 
-def write_submission(entries: list[dict], out_dir: Path, subtask: int, cases: list[Case]) -> tuple[Path, Path]:
+def write_submission(entries: list[dict[str, Any]], out_dir: Path, subtask: int, cases: list[Case]) -> tuple[Path, Path]:
     """Validate, then write ``out_dir/subtask{N}/submission.json`` and ``out_dir/subtask{N}.zip``."""
     if subtask == 2:
         validate_subtask2(entries, cases)
@@ -241,7 +243,7 @@ def write_submission(entries: list[dict], out_dir: Path, subtask: int, cases: li
     zip_path = out_dir / f"subtask{subtask}.zip"
     json_path.parent.mkdir(parents=True, exist_ok=True)
 
-    def write_zip(fh) -> None:
+    def write_zip(fh: BinaryIO) -> None:
         with zipfile.ZipFile(fh, "w", compression=zipfile.ZIP_DEFLATED) as zf:
             zf.writestr(SUBMISSION_NAME, payload)
 
@@ -293,7 +295,7 @@ def _read_zip_member(path: Path) -> bytes:
     return raw
 
 
-def read_submission(path: str | Path, subtask: int) -> list[dict]:
+def read_submission(path: str | Path, subtask: int) -> list[dict[str, Any]]:
     """Entries of a submission ``.json`` or ``.zip`` (``submission.json`` at the zip root).
 
     Only JSON types are checked here; check against cases with ``validate_subtask{N}``.

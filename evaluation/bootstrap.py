@@ -94,12 +94,6 @@ def bootstrap_difference(counts_a: np.ndarray, counts_b: np.ndarray, indices: np
     return percentile_interval(a - b, level)
 
 
-def bootstrap_micro(counts: np.ndarray, indices: np.ndarray,
-                    level: float = DEFAULT_LEVEL) -> dict[str, tuple[float, float]]:
-    samples = micro_from_counts(counts[indices])
-    return {k: percentile_interval(v, level) for k, v in samples.items()}
-
-
 def bootstrap_mean(values: Sequence[float], indices: np.ndarray,
                    level: float = DEFAULT_LEVEL) -> tuple[float, float]:
     """Interval of a per-case mean (Subtask 3 metrics are means over cases)."""

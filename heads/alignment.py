@@ -19,6 +19,7 @@ hidden states are upcast on entry.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import NamedTuple, Sequence
 
 import torch
@@ -85,7 +86,9 @@ class NotePairHead(nn.Module):
             else None
         )
         prior = math.log(PRIOR_POSITIVE_RATE / (1 - PRIOR_POSITIVE_RATE))
-        nn.init.constant_(self.pair_mlp[-1].bias, prior)
+        last = self.pair_mlp[-1]
+        assert isinstance(last, nn.Linear)
+        nn.init.constant_(last.bias, prior)
         self.float()
 
     # --- pooling -----------------------------------------------------------------
@@ -114,7 +117,7 @@ class NotePairHead(nn.Module):
     # --- scoring -----------------------------------------------------------------
     def pair_logit(self, a: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
         """Projected answer and note vectors [..., d] (broadcast against each other) -> logits [...]."""
-        a, n = torch.broadcast_tensors(a, n)
+        a, n = torch.broadcast_tensors(a, n)  # type: ignore[no-untyped-call]  # torch leaves it unannotated
         return self.pair_mlp(torch.cat([a, n, a * n, (a - n).abs()], dim=-1)).squeeze(-1)
 
     def score(self, answer_vecs: torch.Tensor, note_vecs: torch.Tensor) -> HeadOutput:
@@ -136,8 +139,10 @@ class NotePairHead(nn.Module):
         rel = self.relevance_mlp(n).squeeze(-1) if self.relevance_mlp is not None else None
         return HeadOutput(pair, rel)
 
-    def forward(self, hidden_states: torch.Tensor, note_spans, answer_spans, note_counts=None, answer_counts=None,
-                pair_index=None):
+    def forward(self, hidden_states: torch.Tensor, note_spans: torch.Tensor, answer_spans: torch.Tensor,
+                note_counts: Sequence[int] | None = None, answer_counts: Sequence[int] | None = None,
+                pair_index: torch.Tensor | None = None,
+                ) -> HeadOutput | tuple[list[torch.Tensor], torch.Tensor | None]:
         """One case: hidden [T,H] or [1,T,H], spans as [(start,end), ...] -> HeadOutput.
         With ``pair_index``: :meth:`forward_pairs`; with ``note_counts``/``answer_counts``:
         :meth:`forward_batch` (both through ``forward`` so that FSDP, which gathers a sharded
@@ -145,6 +150,7 @@ class NotePairHead(nn.Module):
         if pair_index is not None:
             return self.forward_pairs(hidden_states, note_spans, answer_spans, pair_index)
         if note_counts is not None:
+            assert answer_counts is not None, "note_counts and answer_counts come together"
             return self.forward_batch(hidden_states, note_spans, note_counts, answer_spans, answer_counts)
         note_vecs = self.pool(hidden_states, note_spans)
         answer_vecs = self.pool(hidden_states, answer_spans)
@@ -184,7 +190,7 @@ HEAD_WEIGHTS = "head.safetensors"
 HEAD_CONFIG = "head_config.json"
 
 
-def save_head(head: NotePairHead, out_dir) -> None:
+def save_head(head: NotePairHead, out_dir: str | Path) -> None:
     """``head.safetensors`` + ``head_config.json`` in ``out_dir``."""
     from pathlib import Path
 
@@ -197,7 +203,7 @@ def save_head(head: NotePairHead, out_dir) -> None:
     head.config.save(out / HEAD_CONFIG)
 
 
-def load_head(in_dir, device=None) -> NotePairHead:
+def load_head(in_dir: str | Path, device: torch.device | str | None = None) -> NotePairHead:
     """Rebuild a head saved by :func:`save_head` (strict: every weight must match)."""
     from pathlib import Path
 

@@ -1,6 +1,8 @@
 """Configuration of the alignment head, saved beside its weights as ``head_config.json``."""
 from __future__ import annotations
 
+from typing import Any
+
 import json
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -29,14 +31,14 @@ class HeadConfig:
         if self.hidden_size <= 0 or self.proj_dim <= 0 or self.mlp_dim <= 0:
             raise ValueError("hidden_size, proj_dim and mlp_dim must be positive")
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n", encoding="utf-8")
 
     @classmethod
-    def from_dict(cls, data: dict) -> "HeadConfig":
+    def from_dict(cls, data: dict[str, Any]) -> "HeadConfig":
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:

@@ -8,6 +8,8 @@ gold pairs recall 0, and F1 is 0 whenever precision + recall is 0. All values x1
 """
 from __future__ import annotations
 
+from typing import Any
+
 from data.submission import check_entry_types
 
 from .case_sets import check_same_case_sets
@@ -29,7 +31,7 @@ def _f1(p: float, r: float) -> float:
     return 2 * p * r / (p + r) if p + r > 0 else 0.0
 
 
-def pairs_from_submission(entries: list[dict]) -> dict[str, Pairs]:
+def pairs_from_submission(entries: list[dict[str, Any]]) -> dict[str, Pairs]:
     """``case_id -> {(answer_id, evidence_id)}`` from Subtask 4 entries (types checked)."""
     check_entry_types(entries, 4)
     out: dict[str, Pairs] = {}

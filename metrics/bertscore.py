@@ -14,6 +14,8 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
+from typing import Any
 
 OFFICIAL_NAME = "bertscore"
 UNOFFICIAL_NAME = "bertscore_unofficial"
@@ -30,7 +32,7 @@ class BertScoreResult:
     model: str | None = None
 
 
-def _config(folder: Path) -> dict:
+def _config(folder: Path) -> dict[str, Any]:
     try:
         return json.loads((folder / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -45,8 +47,10 @@ def is_official_model(folder: str | Path) -> bool:
             and "DistilBertForMaskedLM" in (cfg.get("architectures") or ["DistilBertForMaskedLM"]))
 
 
-def _baseline_file(bert_score_module) -> Path:
-    return Path(bert_score_module.__file__).parent / "rescale_baseline" / "en" / f"{OFFICIAL_MODEL}.tsv"
+def _baseline_file(bert_score_module: ModuleType) -> Path:
+    origin = bert_score_module.__file__
+    assert origin is not None, "bert_score is an installed package with a file"
+    return Path(origin).parent / "rescale_baseline" / "en" / f"{OFFICIAL_MODEL}.tsv"
 
 
 def bertscore_f1(predictions: list[str], references: list[str], model: str | Path | None) -> BertScoreResult:

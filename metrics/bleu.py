@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 from collections import Counter
 from functools import lru_cache
+from typing import Callable
 
 MAX_ORDER = 4
 
@@ -26,10 +27,10 @@ class EmptyTokenization(ValueError):
 
 
 @lru_cache(maxsize=1)
-def _tokenizer_13a():
+def _tokenizer_13a() -> Callable[[str], str]:
     from sacrebleu.tokenizers.tokenizer_13a import Tokenizer13a
 
-    return Tokenizer13a()
+    return Tokenizer13a()  # type: ignore[no-untyped-call]  # sacrebleu is untyped
 
 
 def tokenize_13a(text: str) -> list[str]:
@@ -37,8 +38,8 @@ def tokenize_13a(text: str) -> list[str]:
     return _tokenizer_13a()(text).split()
 
 
-def _ngram_counts(tokens: list[str], max_order: int) -> Counter:
-    counts: Counter = Counter()
+def _ngram_counts(tokens: list[str], max_order: int) -> Counter[tuple[str, ...]]:
+    counts: Counter[tuple[str, ...]] = Counter()
     for n in range(1, max_order + 1):
         for i in range(len(tokens) - n + 1):
             counts[tuple(tokens[i:i + n])] += 1

@@ -2,13 +2,13 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterable
+from typing import Any, Iterable
 
 from plumbing.errors import InputError
 from data.submission import read_submission
 
 
-def unique_case_ids(entries: list[dict], path: Path) -> list[str]:
+def unique_case_ids(entries: list[dict[str, Any]], path: Path) -> list[str]:
     """Case ids in submission order; a case listed twice is an input error."""
     seen: list[str] = []
     for entry in entries:
@@ -63,7 +63,7 @@ def check_same_case_sets(predicted: Iterable[str], gold: Iterable[str]) -> None:
 
 
 def read_scored_submission(path: Path, subtask: int, expected: list[str],
-                           key: str | Path | None = None) -> list[dict]:
+                           key: str | Path | None = None) -> list[dict[str, Any]]:
     """A submission's entries, each case once and exactly the ``expected`` (``key``'s) cases."""
     entries = read_submission(path, subtask)
     same_cases(unique_case_ids(entries, path), expected, path, key)

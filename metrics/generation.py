@@ -16,6 +16,8 @@ official name.
 """
 from __future__ import annotations
 
+from typing import Any
+
 from dataclasses import dataclass, field
 
 from .bertscore import UNOFFICIAL_NAME, bertscore_f1
@@ -57,9 +59,9 @@ class GenerationScores:
         return (f"mean of {k} of {len(OVERALL_METRICS)} metrics ({', '.join(self.overall_computed)}); "
                 "not the official overall score")
 
-    def to_json(self) -> dict:
+    def to_json(self) -> dict[str, Any]:
         """Per-metric values (``None`` = not computed), the honestly named overall, per-case values."""
-        out: dict = {name: self.scores.get(name) for name in METRICS}
+        out: dict[str, Any] = {name: self.scores.get(name) for name in METRICS}
         if UNOFFICIAL_NAME in self.scores:
             out[UNOFFICIAL_NAME] = self.scores[UNOFFICIAL_NAME]
         if self.is_official_overall:
@@ -78,7 +80,7 @@ class GenerationScores:
 def _sari_normalise(text: str) -> str:
     from sacrebleu.tokenizers.tokenizer_13a import Tokenizer13a
 
-    return Tokenizer13a()(text.lower())
+    return str(Tokenizer13a()(text.lower()))  # type: ignore[no-untyped-call]  # sacrebleu is untyped
 
 
 def score_generation(

@@ -9,12 +9,13 @@ ROUGE-Lsum = ROUGE-L. Values are F-measures x100.
 from __future__ import annotations
 
 from functools import lru_cache
+from typing import Any
 
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL", "rougeLsum")
 
 
 @lru_cache(maxsize=1)
-def _scorer():
+def _scorer() -> Any:  # rouge_score.rouge_scorer.RougeScorer (untyped)
     from rouge_score import rouge_scorer
 
     return rouge_scorer.RougeScorer(list(ROUGE_TYPES), use_stemmer=False)

@@ -19,11 +19,11 @@ from collections import Counter
 MAX_N = 4
 
 
-def _ngrams(tokens: list[str], n: int) -> Counter:
+def _ngrams(tokens: list[str], n: int) -> Counter[tuple[str, ...]]:
     return Counter(tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1))
 
 
-def _scale(counter: Counter, factor: int) -> Counter:
+def _scale(counter: Counter[tuple[str, ...]], factor: int) -> Counter[tuple[str, ...]]:
     return Counter({k: v * factor for k, v in counter.items()})
 
 
@@ -31,7 +31,7 @@ def _f1(p: float, r: float) -> float:
     return 2 * p * r / (p + r) if p > 0 or r > 0 else 0.0
 
 
-def _sari_n(source: Counter, candidate: Counter, refs: Counter, num_refs: int) -> tuple[float, float, float]:
+def _sari_n(source: Counter[tuple[str, ...]], candidate: Counter[tuple[str, ...]], refs: Counter[tuple[str, ...]], num_refs: int) -> tuple[float, float, float]:
     src = _scale(source, num_refs)
     cand = _scale(candidate, num_refs)
 
@@ -65,7 +65,7 @@ def _sentence_fraction(source: str, prediction: str, references: list[str]) -> f
     ref_tokens = [r.split() for r in references]
     keeps, deletes, adds = [], [], []
     for n in range(1, MAX_N + 1):
-        pooled_refs: Counter = Counter()
+        pooled_refs: Counter[tuple[str, ...]] = Counter()
         for tokens in ref_tokens:
             pooled_refs.update(_ngrams(tokens, n))
         k, d, a = _sari_n(_ngrams(src_tokens, n), _ngrams(cand_tokens, n), pooled_refs, len(references))

@@ -39,7 +39,7 @@ def _field_error(path: Path, name: str, what: str, value: object) -> InputError:
     return InputError(f"field {name!r} must be {what}, got {shown}", path)
 
 
-def read_json_object(path: Path) -> dict:
+def read_json_object(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError):
@@ -55,7 +55,7 @@ def check_manifest(manifest: ExportManifest, path: Path) -> None:
         raise InputError(f"manifest preset {manifest.preset!r} is unknown (known: {', '.join(sorted(PRESETS))})", path)
 
 
-def check_head_config(root: Path, layers: int | None, arch_hidden_size: int | None = None) -> dict:
+def check_head_config(root: Path, layers: int | None, arch_hidden_size: int | None = None) -> dict[str, Any]:
     """``head_config.json`` field by field; returns it."""
     from heads.config import POOLINGS
 
@@ -81,7 +81,7 @@ def check_head_config(root: Path, layers: int | None, arch_hidden_size: int | No
     return config
 
 
-def check_adapter_config(root: Path, manifest: ExportManifest) -> dict:
+def check_adapter_config(root: Path, manifest: ExportManifest) -> dict[str, Any]:
     """``adapter_config.json``: a LoRA adapter with a sane rank, scale, dropout and targets; returns it."""
     path = root / "adapter_config.json"
     config = read_json_object(path)
@@ -151,7 +151,7 @@ def check_adapter_tensors(root: Path, rank: int, arch: dict[str, Any]) -> None:
         raise InputError("no LoRA tensors (lora_A / lora_B weights) in the adapter", path)
 
 
-def check_head_tensors(root: Path, config: dict) -> None:
+def check_head_tensors(root: Path, config: dict[str, Any]) -> None:
     """``head.safetensors`` holds exactly the head's tensors, with its shapes and floating dtypes."""
     from safetensors import safe_open
 

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
+from transformers import PreTrainedTokenizerBase
 
 from data.prompts import chat_prompt, example_from_case
 from data.records import Case
@@ -28,8 +30,8 @@ from .presets import PRESETS, ModelPreset
 class LoadedExport:
     manifest: ExportManifest
     threshold: float
-    tokenizer: object
-    model: object  # PeftModel in eval mode
+    tokenizer: PreTrainedTokenizerBase
+    model: Any  # PeftModel in eval mode (peft is untyped)
     head: NotePairHead
 
     @property

@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from plumbing.errors import InputError
 
@@ -36,9 +36,9 @@ class _Fields:
         self.where, self.file = where, file
         if not isinstance(data, dict):
             self.fail(where or "manifest", "a JSON object", data)
-        self.data: dict = data  # type: ignore[assignment]
+        self.data: dict[str, Any] = data
 
-    def fail(self, name: str, what: str, value: object) -> None:
+    def fail(self, name: str, what: str, value: object) -> NoReturn:
         shown = repr(value)
         shown = shown if len(shown) <= 40 else shown[:37] + "..."
         raise InputError(f"manifest field {name!r} must be {what}, got {shown}", self.file)
@@ -124,7 +124,7 @@ class BaseModel:
         return cls(preset=f.get("preset", "str"), id=f.get("id", "str"), path=f.get("path", "str"),
                    load_in_4bit=f.get("load_in_4bit", "bool"), random_init=RandomInit.read(ri) if ri else None)
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         ri = None if self.random_init is None else {"seed": self.random_init.seed, "arch": dict(self.random_init.arch)}
         return {"preset": self.preset, "id": self.id, "path": self.path, "load_in_4bit": self.load_in_4bit,
                 "random_init": ri}
@@ -144,7 +144,7 @@ class Lora:
         return cls(r=f.get("r", "positive", required=True), alpha=f.get("alpha", "number", required=True),
                    dropout=f.get("dropout", "probability", 0.0), targets=list(f.get("targets", "str_list", [])))
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return {"r": self.r, "alpha": self.alpha, "dropout": self.dropout, "targets": list(self.targets)}
 
 
@@ -166,10 +166,10 @@ class Calibration:
                    n_examples=f.get("n_examples", "int"), details=details)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "Calibration":
+    def from_dict(cls, data: dict[str, Any]) -> "Calibration":
         return cls.read(_Fields(data, "", None))  # type: ignore[return-value]
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return {"threshold": self.threshold, **self.details, "calibrated_on": self.calibrated_on,
                 "n_examples": self.n_examples}
 
@@ -181,7 +181,7 @@ class Stage:
     stage: str
     joint: bool
     steps: int
-    data: list[dict]  # {"path", "sha256", ...} of every file it read
+    data: list[dict[str, Any]]  # {"path", "sha256", ...} of every file it read
     case_ids: list[str] | None  # ArchEHR cases it trained on; None = not recorded (older manifests)
     details: dict[str, Any] = field(default_factory=dict)  # seed, loss, config, dates
 
@@ -198,7 +198,7 @@ class Stage:
                    case_ids=f.get("case_ids", "str_list") if "case_ids" in f.data else None,
                    details={k: v for k, v in f.data.items() if k not in known})
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         out = {"stage": self.stage, "joint": self.joint, **self.details, "data": self.data, "steps": self.steps}
         if self.case_ids is not None:
             out["case_ids"] = list(self.case_ids)
@@ -216,7 +216,7 @@ class ExportManifest:
     alignment: Calibration | None
     relevance: Calibration | None
     stages: list[Stage]
-    training_data: list[dict]
+    training_data: list[dict[str, Any]]
     training_case_ids: list[str] | None  # None = unknown (a task stage from before the record)
     tokenizer: str | None
     packages: dict[str, str | None]
@@ -264,7 +264,7 @@ class ExportManifest:
             extra={k: v for k, v in f.data.items() if k not in known},
         )
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         """The JSON object written as ``manifest.json`` (and copied into ``run.json``)."""
         return {
             "format": self.format,

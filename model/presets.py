@@ -7,6 +7,8 @@
 """
 from __future__ import annotations
 
+from typing import Any
+
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -25,7 +27,7 @@ class LoraSettings:
     dropout: float = 0.05
     targets: tuple[str, ...] = field(default=LORA_TARGETS)
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["targets"] = list(self.targets)
         return d
@@ -65,7 +67,7 @@ class ModelPreset:
     name: str
     # Hub id or local folder of released weights; None = build from `arch` with random weights.
     source: str | None
-    arch: dict = field(default_factory=dict)
+    arch: dict[str, Any] = field(default_factory=dict[str, Any])
     # Quantise to NF4 by default (CUDA); the tiny preset stays in fp32 unless asked.
     load_in_4bit: bool = True
     tokenizer: str | None = None  # None = same as source, or the bundled Qwen3 tokenizer

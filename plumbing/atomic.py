@@ -25,6 +25,7 @@ import stat
 import tempfile
 import time
 from pathlib import Path
+from types import TracebackType
 from typing import BinaryIO, Callable
 
 from .errors import InputError, one_line
@@ -200,7 +201,7 @@ def check_file_target(target: Path, inputs: list[Path | None], flag: str) -> Non
                          flag, target)
 
 
-def check_output_set_target(out: Path, overwrite: bool, names: re.Pattern = OUTPUT_SET_NAMES) -> None:
+def check_output_set_target(out: Path, overwrite: bool, names: re.Pattern[str] = OUTPUT_SET_NAMES) -> None:
     """Before the work: ``out`` is writable, and reusable (empty, or our previous set with ``overwrite``)."""
     out = Path(out)
     check_out_folder(out)
@@ -226,7 +227,7 @@ class OutputSet:
     included) the staging folder is removed and ``out`` is untouched.
     """
 
-    def __init__(self, out: Path, overwrite: bool = False, names: re.Pattern = OUTPUT_SET_NAMES):
+    def __init__(self, out: Path, overwrite: bool = False, names: re.Pattern[str] = OUTPUT_SET_NAMES):
         self.out = Path(out)
         self.overwrite = overwrite
         self.names = names
@@ -256,7 +257,8 @@ class OutputSet:
             except OSError:
                 pass
 
-    def __exit__(self, exc_type, exc, tb) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
         assert self.stage is not None
         if exc_type is not None:
             shutil.rmtree(self.stage, ignore_errors=True)

@@ -43,11 +43,11 @@ def hide_progress_bars() -> None:
     try:
         from transformers.utils import logging as hf_logging
 
-        hf_logging.disable_progress_bar()
+        hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]  # transformers leaves it unannotated
     except ImportError:  # pragma: no cover
         pass
     try:
-        from huggingface_hub.utils import disable_progress_bars
+        from huggingface_hub.utils import disable_progress_bars  # type: ignore[attr-defined]  # lazily exported
 
         disable_progress_bars()
     except ImportError:  # pragma: no cover

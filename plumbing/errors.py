@@ -13,7 +13,8 @@ import os
 import re
 import sys
 from pathlib import Path
-from typing import Callable, TypeVar
+from types import FrameType
+from typing import Any, Callable, NoReturn, TypeVar
 
 EXIT_BAD_INPUT = 2
 
@@ -73,7 +74,7 @@ class CliParser(argparse.ArgumentParser):
     """The parser every command line uses: an argument error is one line naming the problem and a
     second with the ``--help`` hint, exit code 2; no usage block, nothing printed or written before."""
 
-    def error(self, message: str):  # type: ignore[override]
+    def error(self, message: str) -> NoReturn:
         print(f"error: {self.prog}: {one_line(message)}", file=sys.stderr)
         print(f"see: {self.prog} --help", file=sys.stderr)
         raise SystemExit(EXIT_BAD_INPUT)
@@ -116,7 +117,7 @@ def exit_on_input_error(main: F) -> F:
     written (a full disk, a vanished folder) -> one line naming it, exit code 2. Never a traceback."""
 
     @functools.wraps(main)
-    def wrapper(*args, **kwargs):
+    def wrapper(*args: Any, **kwargs: Any) -> int | None:
         try:
             result = main(*args, **kwargs)
             _flush_stdout()  # a full or closed stdout fails here, not in the interpreter's exit
@@ -160,7 +161,7 @@ class Interrupted(Exception):
         super().__init__(message)
 
 
-def _raise_keyboard_interrupt(signum, frame) -> None:
+def _raise_keyboard_interrupt(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt
 
 
@@ -169,7 +170,7 @@ def exit_on_interrupt(main: F) -> F:
     with one stderr line and exit code 130 (writers clean their temp files on the way out)."""
 
     @functools.wraps(main)
-    def wrapper(*args, **kwargs):
+    def wrapper(*args: Any, **kwargs: Any) -> int | None:
         import signal
         import threading
 
@@ -234,7 +235,8 @@ def _lone_surrogate(value: object) -> str | None:
 class DeprecatedAlias(argparse.Action):
     """An old option name that still works for one release and says so once on stderr."""
 
-    def __call__(self, parser, namespace, values, option_string=None):
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
         print(f"note: {option_string} is deprecated; use --{self.dest} (the old name goes in the next release)",
               file=sys.stderr)
         setattr(namespace, self.dest, values)

@@ -15,6 +15,7 @@ import argparse
 import math
 import re
 from dataclasses import dataclass
+from typing import Any, Callable
 
 # numpy / torch seeds are unsigned 32-bit.
 SEED_MAX = 2**32 - 1
@@ -85,7 +86,7 @@ class Range:
             raise ValueError(f"must be {self.words()}, got {text!r}")
         return value
 
-    def argtype(self):
+    def argtype(self) -> Callable[[str], Any]:
         """An argparse ``type=``: refuses with the range's words (argparse names the option)."""
 
         def parse(text: str) -> int | float:
@@ -101,7 +102,7 @@ class Range:
         """``text`` plus the range, for an option's ``--help`` line."""
         return f"{text}; {self.words()}" if text else self.words()
 
-    def option(self, text: str = "") -> dict:
+    def option(self, text: str = "") -> dict[str, Any]:
         """``type=`` and ``help=`` for ``add_argument``: ``p.add_argument("--steps", **STEPS.option("..."))``."""
         return {"type": self.argtype(), "help": self.help(text)}
 

@@ -35,10 +35,16 @@ def test_help_lists_every_key_with_type_default_and_meaning():
         assert line.split()[1:4] == [field.type, *shown], line  # type, then each stage's own default
         assert FIELD_HELP[field.name] in line
     # the defaults a user gets, not the dataclass's: the domain stage's TOML turns these on
-    assert lines["--batch_tokens"].split()[2:4] == ["16384", "8192"]  # the task stage packs cases too
+    assert lines["--batch_tokens"].split()[2:4] == ["16384", "8192"]  # configs/domain.toml, configs/task.toml
     assert lines["--joint"].split()[2:4] == ["True", "False"]
     for flag in ("--print-config", "--no-progress", "--verbose", "--config", "--resume"):
         assert flag in proc.stdout
+    # Written out by hand, not derived from TrainConfig: what a user reads for a few keys.
+    expected = {"--lr": ("float", "0.0002", "learning rate"), "--log_every": ("int", "10", "every N optimizer steps"),
+                "--pos_weight": ("float", "5.0", "positive"), "--head_pooling": ("str", "'mean'", "attention"),
+                "--max_length": ("int", "2048", "skipped")}
+    for flag, (kind, default, meaning) in expected.items():
+        assert lines[flag].split()[1:3] == [kind, default] and meaning in lines[flag], lines[flag]
 
 
 def test_print_config_shows_the_resolved_config_and_writes_nothing(tmp_path):
@@ -49,6 +55,14 @@ def test_print_config_shows_the_resolved_config_and_writes_nothing(tmp_path):
     printed = tomllib.loads(proc.stdout)
     expected = build_config(dict(stage="task", preset="tiny", lr=3e-4, joint=True, out=str(out))).to_dict()
     assert printed == expected
+    # Independently of build_config: the overrides, then configs/task.toml, then the dataclass defaults.
+    assert (printed["stage"], printed["preset"], printed["lr"], printed["joint"], printed["out"]) == (
+        "task", "tiny", 3e-4, True, str(out))
+    task_toml = tomllib.loads((ROOT / "configs" / "task.toml").read_text(encoding="utf-8"))
+    assert len(task_toml) >= 5 and printed["lr"] != task_toml["lr"]
+    assert {k: printed[k] for k in task_toml if k not in ("lr", "joint")} == {
+        k: v for k, v in task_toml.items() if k not in ("lr", "joint")}
+    assert printed["lora_r"] == 16 and "lora_r" not in task_toml  # the dataclass default
     assert list(tmp_path.iterdir()) == []
 
 

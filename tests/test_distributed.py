@@ -348,7 +348,18 @@ def test_accelerate_batch_sharding_breaks_token_budget_batches():
     lengths = [150 + (i * 37) % 1850 for i in range(280)]
     sampler = TokenBudgetBatches(lengths, 16384, seed=0)
     assert sampler.num_batches() > 10
-    shards = [list(BatchSamplerShard(sampler, 2, r, split_batches=False, even_batches=True)) for r in (0, 1)]
+
+    class AsBatchSampler:  # the sampler as a torch batch sampler (what accelerate would be handed)
+        batch_size = sampler.batch_size
+
+        def __iter__(self):
+            return iter(sampler.batches(0))
+
+        def __len__(self) -> int:
+            return sampler.num_batches()
+
+    shards = [list(BatchSamplerShard(AsBatchSampler(), 2, r, split_batches=False, even_batches=True))
+              for r in (0, 1)]
     assert max(len(s) for s in shards) <= 1 or any(len(b) == 0 for s in shards for b in s)
 
 

@@ -45,7 +45,7 @@ def program_modules() -> dict[str, Path]:
     out = {}
     for path in sorted(ROOT.rglob("*.py")):
         rel = path.relative_to(ROOT)
-        if rel.parts[0] in ("tests", ".venv") or any(p.startswith(".") for p in rel.parts):
+        if rel.parts[0] in ("tests", ".venv", "mutants") or any(p.startswith(".") for p in rel.parts):
             continue
         out[".".join(rel.with_suffix("").parts)] = path
     return out

@@ -202,24 +202,26 @@ def _rouge_lsum(pred_text: str, ref_text: str) -> float:
 
 
 def _sari_ngram(src: list[str], cand: list[str], refs: list[list[str]]) -> tuple[float, float, float]:
-    num_ref = len(refs)
-    ref_c = Counter(g for r in refs for g in r)
-    src_c, cand_c = Counter(src), Counter(cand)
-    src_rep = Counter({g: c * num_ref for g, c in src_c.items()})
-    cand_rep = Counter({g: c * num_ref for g, c in cand_c.items()})
-    keep = src_rep & cand_rep
-    keep_good = keep & ref_c
-    keep_all = src_rep & ref_c
-    kp = sum(keep_good[g] / keep[g] for g in keep) / len(keep) if keep else 1.0
-    kr = sum(keep_good[g] for g in keep) / sum(keep_all.values()) if keep_all else 1.0
-    dele = src_rep - cand_rep
-    dele_good = dele - ref_c
-    dp = sum(dele_good[g] / dele[g] for g in dele) / len(dele) if dele else 1.0
-    add = set(cand_c) - set(src_c)
-    add_good = add & set(ref_c)
-    add_all = set(ref_c) - set(src_c)
-    ap = len(add_good) / len(add) if add else 1.0
-    ar = len(add_good) / len(add_all) if add_all else 1.0
+    """SARIngram written type by type with explicit min/max (the library uses Counter algebra)."""
+    k = len(refs)
+    s, c = Counter(src), Counter(cand)
+    r: Counter = Counter()
+    for ref in refs:
+        for g in ref:
+            r[g] += 1
+    kept_types = [g for g in s if c[g] > 0]
+    keep_prec = [min(k * s[g], k * c[g], r[g]) / min(k * s[g], k * c[g]) for g in kept_types]
+    keep_hits = sum(min(k * s[g], k * c[g], r[g]) for g in kept_types)
+    keep_total = sum(min(k * s[g], r[g]) for g in s)
+    kp = sum(keep_prec) / len(keep_prec) if keep_prec else 1.0
+    kr = keep_hits / keep_total if keep_total else 1.0
+    deleted_types = [g for g in s if k * s[g] > k * c[g]]
+    del_prec = [max(0, k * s[g] - k * c[g] - r[g]) / (k * s[g] - k * c[g]) for g in deleted_types]
+    dp = sum(del_prec) / len(del_prec) if del_prec else 1.0
+    added = [g for g in c if s[g] == 0]
+    wanted = [g for g in r if s[g] == 0]
+    ap = sum(1 for g in added if r[g] > 0) / len(added) if added else 1.0
+    ar = sum(1 for g in wanted if c[g] > 0) / len(wanted) if wanted else 1.0
     return _f(kp, kr), dp, _f(ap, ar)
 
 

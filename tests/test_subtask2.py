@@ -92,7 +92,9 @@ def _reference(predicted: dict[str, list[str]], key: list[dict]) -> dict[str, fl
             else:
                 p, r = tp / len(pred), tp / len(ess)
                 f = 2 * p * r / (p + r) if p + r else 0.0
-            ps.append(p); rs.append(r); fs.append(f)
+            ps.append(p)
+            rs.append(r)
+            fs.append(f)
         if NP == 0 and NG == 0:
             mp = mr = mf = 1.0
         else:

@@ -90,7 +90,8 @@ def padding_fraction(lengths: Sequence[int], batches: Sequence[Sequence[int]]) -
 class EpochBatches:
     """Deterministic batches of item indices per epoch: shuffled with ``seed + epoch``,
     optionally grouped by length (sorted within windows of 50 batches, then the
-    batches shuffled) to cut padding. ``start`` skips batches already trained on."""
+    batches shuffled) to cut padding. The training loop asks for an epoch's batches and
+    resumes inside them itself (``rank_micro_batches``)."""
 
     def __init__(self, lengths: Sequence[int], batch_size: int, seed: int, shuffle: bool = True,
                  group_by_length: bool = False):
@@ -99,8 +100,6 @@ class EpochBatches:
         self.seed = seed
         self.shuffle = shuffle
         self.group_by_length = group_by_length
-        self.epoch = 0
-        self.start = 0
 
     def batches(self, epoch: int) -> list[list[int]]:
         order = list(range(len(self.lengths)))
@@ -116,20 +115,8 @@ class EpochBatches:
             rng.shuffle(out)
         return out
 
-    # Deliberately not named ``set_epoch``: accelerate calls that with its own iteration
-    # counter (0 after a resume), which would silently restart the data order.
-    def set_position(self, epoch: int, start: int = 0) -> None:
-        self.epoch = epoch
-        self.start = start
-
     def num_batches(self) -> int:
         return math.ceil(len(self.lengths) / self.batch_size)
-
-    def __iter__(self):
-        yield from self.batches(self.epoch)[self.start:]
-
-    def __len__(self) -> int:
-        return max(0, self.num_batches() - self.start)
 
 
 class TokenBudgetBatches(EpochBatches):

@@ -37,7 +37,7 @@ class TrainConfig:
     out: str = ""
     # Inputs: domain stage reads `data`; task stage reads `xml` + `key` and starts from `init`.
     data: str = ""
-    n_examples: int = 0  # 0 = all records
+    n_examples: int = 0  # 0 = all records; else a seeded random sample
     unanswerable: str = "abstain"
     xml: str = ""
     key: str = ""
@@ -122,8 +122,16 @@ def to_toml(values: dict) -> str:
         elif isinstance(v, (int, float)):
             lines.append(f"{k} = {v!r}")
         else:
-            lines.append(f"{k} = {json.dumps(str(v))}")
+            lines.append(f"{k} = {toml_string(str(v))}")
     return "\n".join(lines) + "\n"
+
+
+def toml_string(text: str) -> str:
+    """A TOML basic string. Not ``json.dumps``: JSON writes a character beyond the BMP as a
+    surrogate pair (``\\ud800\\udc00``), which TOML rejects, and leaves DEL unescaped."""
+    escaped = "".join(f"\\u{ord(ch):04x}" if ord(ch) < 0x20 or ord(ch) == 0x7F
+                      else "\\" + ch if ch in '"\\' else ch for ch in text)
+    return f'"{escaped}"'
 
 
 # Keys spelt differently once, still read (with a note) so old commands, TOMLs and runs keep working.

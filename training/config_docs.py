@@ -14,7 +14,7 @@ FIELD_HELP: dict[str, str] = {
     "preset": "model preset from model/presets.py: qwen3-4b, qwen3-4b-random or tiny",
     "out": "run folder (config, log.jsonl, checkpoints/, export/)",
     "data": "domain stage: hub id or local .jsonl/.json/.parquet in SQuAD v2 layout",
-    "n_examples": "domain stage: use the first N records (0 = all)",
+    "n_examples": "domain stage: a random sample of N records, drawn with --seed (0 = all)",
     "unanswerable": "domain stage: abstain (fixed 'not in the note' target) or skip unanswerable questions",
     "xml": "task stage: the official cases XML",
     "key": "task stage: the official key JSON",

@@ -1,0 +1,689 @@
+"""Tests written to kill mutants that survived the suite (docs/mutation.md lists them).
+
+Each test names the rule it pins with hand-computed expectations, never by calling the code
+under test a second time.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from model.calibration import GRID, calibrate_threshold, pair_f1, pooled_micro_f1
+from plumbing.errors import InputError
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = ROOT / "examples"
+
+
+# --- training/validation.py: log_every = 0 would divide by zero (or log never) -----------------
+@pytest.mark.parametrize("value", [0, -1])
+def test_log_every_below_one_is_rejected(value):
+    from training.config import build_config
+
+    with pytest.raises(InputError, match="--log_every must be"):
+        build_config(dict(stage="domain", preset="tiny", log_every=value))
+    assert build_config(dict(stage="domain", preset="tiny", log_every=1)).log_every == 1
+
+
+# --- model/calibration.py: best F1 first, then the threshold nearest 0.5 ------------------------
+def test_calibration_tie_goes_to_the_threshold_nearest_half():
+    # F1 = 1 for every threshold in (0.1, 0.9]: 0.15 .. 0.9 tie; 0.5 is the nearest to 0.5.
+    assert calibrate_threshold([np.array([0.9, 0.1])], [np.array([1.0, 0.0])]) == (0.5, 1.0)
+    # F1 = 1 for thresholds in (0.02, 0.3]: the nearest to 0.5 among them is 0.3, not 0.05.
+    assert calibrate_threshold([np.array([0.3, 0.02])], [np.array([1.0, 0.0])]) == (0.3, 1.0)
+    # F1 = 1 for thresholds in (0.72, 0.95]: 0.75 is the nearest to 0.5, not 0.95.
+    assert calibrate_threshold([np.array([0.97, 0.72])], [np.array([1.0, 0.0])]) == (0.75, 1.0)
+
+
+def test_calibration_prefers_higher_f1_over_nearness():
+    # Predicting both (threshold <= 0.2): P = 1/2, R = 1, F1 = 2/3. Only the positive
+    # (0.2 < threshold <= 0.3): F1 = 1. Nothing (> 0.3): F1 = 0. Best: 0.3 (nearest 0.5 of (0.2, 0.3]).
+    threshold, f1 = calibrate_threshold([np.array([0.3, 0.2])], [np.array([1.0, 0.0])])
+    assert (threshold, f1) == (0.3, 1.0)
+    assert pair_f1([np.array([0.3, 0.2])], [np.array([1.0, 0.0])], 0.2) == pytest.approx(2 / 3)
+    assert pair_f1([np.array([0.3, 0.2])], [np.array([1.0, 0.0])], 0.3) == 1.0  # p >= threshold counts
+
+
+def test_calibration_without_gold_pairs_is_the_default():
+    assert calibrate_threshold([np.array([0.9, 0.1])], [np.array([0.0, 0.0])]) == (0.5, 0.0)
+
+
+def test_calibration_grid_and_pooled_f1_by_hand():
+    assert GRID[0] == 0.05 and GRID[-1] == 0.95 and len(GRID) == 19
+    assert all(round(b - a, 2) == 0.05 for a, b in zip(GRID, GRID[1:]))
+    # Pooled over two examples: tp = 1 + 1, predicted 2 + 1, gold 1 + 2 -> P = 2/3, R = 2/3.
+    pred = [np.array([True, True, False]), np.array([True, False])]
+    gold = [np.array([True, False, False]), np.array([True, True])]
+    assert pooled_micro_f1(pred, gold) == pytest.approx(2 / 3)
+    # P = 1/2, R = 1 -> F1 = 2/3 (not the arithmetic mean 3/4).
+    assert pooled_micro_f1([np.array([True, True])], [np.array([True, False])]) == pytest.approx(2 / 3)
+    assert pooled_micro_f1([np.array([False, True])], [np.array([True, False])]) == 0.0
+    assert pooled_micro_f1([], []) == 0.0
+
+
+# --- training/joint.py: the alignment BCE weighs positive pairs by pos_weight --------------------
+class _FixedHead:
+    """Stands in for the head: fixed pair logits (one per gathered pair) and relevance logits."""
+
+    def __init__(self, pair_logits, rel_logits=None):
+        self.pair_logits, self.rel_logits = pair_logits, rel_logits
+
+    def __call__(self, hidden, note_spans, answer_spans, pair_index=None):
+        return self.pair_logits, self.rel_logits
+
+
+def _bce(logit: float, target: float, pos_weight: float = 1.0) -> float:
+    p = 1 / (1 + math.exp(-logit))
+    return -(pos_weight * target * math.log(p) + (1 - target) * math.log(1 - p))
+
+
+def _batch(targets, rel_labels=(), rel_index=()):
+    return {
+        "note_spans": torch.zeros((2, 3), dtype=torch.long), "answer_spans": torch.zeros((1, 3), dtype=torch.long),
+        "pair_index": torch.zeros((len(targets), 2), dtype=torch.long),
+        "pair_targets": torch.tensor(list(targets), dtype=torch.float32),
+        "relevance_index": torch.tensor(list(rel_index), dtype=torch.long),
+        "relevance_labels": torch.tensor(list(rel_labels), dtype=torch.float32),
+    }
+
+
+@pytest.mark.parametrize("pos_weight", [1.0, 5.0, 0.25])
+def test_alignment_loss_weighs_positive_pairs(pos_weight):
+    from training.joint import LossSettings, alignment_losses
+
+    logits = [0.5, -1.0, 2.0]
+    out = alignment_losses(_FixedHead(torch.tensor(logits)), torch.zeros(1), _batch([1.0, 0.0, 0.0]),
+                           LossSettings(pos_weight=pos_weight))
+    expected = sum(_bce(x, t, pos_weight) for x, t in zip(logits, [1.0, 0.0, 0.0])) / 3
+    assert float(out["align"]) == pytest.approx(expected, rel=1e-5)
+    assert float(out["relevance"]) == 0.0
+
+
+def test_alignment_loss_scores_relevance_of_labelled_notes_only():
+    from training.joint import LossSettings, alignment_losses
+
+    head = _FixedHead(torch.tensor([0.5, -1.0]), rel_logits=torch.tensor([1.0, -2.0, 0.5]))
+    out = alignment_losses(head, torch.zeros(1), _batch([1.0, 0.0], rel_labels=[1.0, 0.0], rel_index=[0, 1]),
+                           LossSettings(pos_weight=2.0))
+    assert float(out["align"]) == pytest.approx((_bce(0.5, 1, 2.0) + _bce(-1.0, 0, 2.0)) / 2, rel=1e-5)
+    # Relevance averages the two labelled notes, unweighted by pos_weight; note 3 is unlabelled.
+    assert float(out["relevance"]) == pytest.approx((_bce(1.0, 1) + _bce(-2.0, 0)) / 2, rel=1e-5)
+
+
+def test_alignment_loss_without_any_pairs_is_zero_and_keeps_the_graph():
+    from training.joint import LossSettings, alignment_losses
+
+    logits = torch.zeros(0, requires_grad=True)
+    out = alignment_losses(_FixedHead(logits), torch.zeros(1), _batch([]), LossSettings())
+    assert float(out["align"].detach()) == 0.0 and out["align"].requires_grad
+
+
+def test_relevance_loss_is_zero_without_labelled_notes():
+    from training.joint import LossSettings, alignment_losses
+
+    head = _FixedHead(torch.tensor([0.5]), rel_logits=torch.tensor([3.0, -2.0], requires_grad=True))
+    out = alignment_losses(head, torch.zeros(1), _batch([1.0]), LossSettings())
+    assert float(out["relevance"].detach()) == 0.0 and out["relevance"].requires_grad
+
+
+# --- Subtask 2: the threshold is calibrated on the essential sentences only ----------------------
+def _key_with_supplementary(tmp_path: Path) -> Path:
+    """The shipped key with the second essential sentence of every case made supplementary."""
+    key = json.loads((EXAMPLES / "archehr-qa_key.json").read_text(encoding="utf-8"))
+    for case in key:
+        essential = [a for a in case["answers"] if a["relevance"] == "essential"]
+        if len(essential) > 1:
+            essential[1]["relevance"] = "supplementary"
+    path = tmp_path / "key.json"
+    path.write_text(json.dumps(key), encoding="utf-8")
+    return path
+
+
+def test_training_items_carry_essential_targets_not_relevant_ones(tmp_path, qwen_tokenizer):
+    from training.config import build_config
+    from training.run import stage_data
+
+    key = _key_with_supplementary(tmp_path)
+    cfg = build_config(dict(stage="task", joint=True, preset="tiny", xml=str(EXAMPLES / "archehr-qa.xml"),
+                            key=str(key), max_length=8192))
+    items, _ = stage_data(cfg, qwen_tokenizer)
+    labels = {c["case_id"]: [a["relevance"] for a in c["answers"]] for c in json.loads(key.read_text())}
+    by_case = list(labels.values())
+    assert len(items) == len(by_case)
+    n_supplementary = 0
+    for item, case_labels in zip(items, by_case):
+        assert item.essential == [1.0 if lab == "essential" else 0.0 for lab in case_labels]
+        assert item.relevance == [0.0 if lab == "not-relevant" else 1.0 for lab in case_labels]
+        n_supplementary += case_labels.count("supplementary")
+    assert n_supplementary > 0
+
+
+def test_baseline_threshold_is_fit_on_essential_only():
+    from baselines.relevance import fit_threshold
+    from data.records import Case, NoteSentence
+
+    # Essential s1 scores 0.9, supplementary s2 0.6, not-relevant s3 0.1. On the essential
+    # set the best threshold keeps s1 only (0.65 .. 0.9 -> F1 1; nearest 0.5: 0.65); on the
+    # relevant set (s1 + s2) it would be 0.15 .. 0.6 (nearest 0.5: 0.5).
+    case = Case(case_id="1", patient_narrative="", clinician_question="", note_sentences=[
+        NoteSentence("1", "a"), NoteSentence("2", "b"), NoteSentence("3", "c")], relevance={"1": "essential", "2": "supplementary", "3": "not-relevant"})
+    assert fit_threshold([case], [np.array([0.9, 0.6, 0.1])]) == (0.65, 1.0)
+
+
+# --- metrics/alignment.py: per-case terms by hand ---------------------------------------------
+def test_per_case_alignment_by_hand():
+    from metrics.alignment import per_case_alignment
+
+    gold = {"A": {("1", "a"), ("1", "b"), ("2", "c")}, "B": {("1", "x")}, "C": set()}
+    predicted = {"A": {("1", "a"), ("2", "z")}, "B": set()}  # "C" absent: nothing predicted
+    out = per_case_alignment(predicted, gold)
+    assert list(out) == ["A", "B", "C"]
+    # A: tp 1 of 2 predicted, 3 gold -> P 50, R 33.3, F1 2*.5*(1/3)/(5/6) = 40.
+    assert out["A"] == pytest.approx({"precision": 50.0, "recall": 100 / 3, "f1": 40.0, "tp": 1,
+                                      "n_predicted": 2, "n_gold": 3})
+    assert out["B"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "tp": 0, "n_predicted": 0, "n_gold": 1}
+    assert out["C"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "tp": 0, "n_predicted": 0, "n_gold": 0}
+
+
+# --- data/submission.py: Subtask 2 validation, each rule with its message ----------------------
+def test_validate_subtask2_rules():
+    from data.archehr import load_cases
+    from data.submission import validate_subtask2
+
+    cases = load_cases(EXAMPLES / "archehr-qa.xml", EXAMPLES / "archehr-qa_key.json")
+    good = [{"case_id": c.case_id, "prediction": c.note_ids[:2]} for c in cases]
+    validate_subtask2(good, cases)
+    validate_subtask2([{"case_id": c.case_id, "prediction": []} for c in cases], cases)
+    first = cases[0]
+    dup = [{"case_id": first.case_id, "prediction": [first.note_ids[0]] * 2}] + good[1:]
+    with pytest.raises(InputError) as err:
+        validate_subtask2(dup, cases, "sub.json")
+    assert str(err.value) == f"sub.json: case {first.case_id}: duplicate sentence ids"
+    unknown = [{"case_id": first.case_id, "prediction": [first.note_ids[0], "999"]}] + good[1:]
+    with pytest.raises(InputError) as err:
+        validate_subtask2(unknown, cases, "sub.json")
+    assert str(err.value) == f"sub.json: case {first.case_id}: unknown sentence id '999'"
+    # An id of another case is unknown here.
+    other = [{"case_id": first.case_id, "prediction": ["0"]}] + good[1:]
+    with pytest.raises(InputError, match="unknown sentence id '0'"):
+        validate_subtask2(other, cases)
+
+
+# --- metrics/training_cases.py: what run.json says the export trained on -----------------------
+@pytest.mark.parametrize("record, expected", [
+    ({"training_case_ids": ["101", "7"]}, ["101", "7"]),
+    ({"training_case_ids": None}, None),
+    ({"training_case_ids": []}, []),
+    ({"engine": "baseline"}, None),
+    ({"export_manifest": None}, None),
+    ([1, 2], None),
+])
+def test_run_record_training_case_ids(tmp_path, record, expected):
+    from metrics.training_cases import run_record_training_case_ids
+
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps(record), encoding="utf-8")
+    assert run_record_training_case_ids(path) == expected
+
+
+@pytest.mark.parametrize("text, problem", [
+    ("{not json", "run.json beside the submission is not valid JSON"),
+    ('{"training_case_ids": [1, 2]}', "field 'training_case_ids' must be a list of strings"),
+    ('{"training_case_ids": "101"}', "field 'training_case_ids' must be a list of strings"),
+])
+def test_run_record_training_case_ids_refuses(tmp_path, text, problem):
+    from metrics.training_cases import run_record_training_case_ids
+
+    path = tmp_path / "run.json"
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(InputError) as err:
+        run_record_training_case_ids(path)
+    assert str(err.value) == f"{path}: {problem}"
+
+
+def test_run_record_reads_the_manifest_under_either_name(tmp_path):
+    from metrics.training_cases import run_record_training_case_ids
+
+    manifest = _a_manifest()
+    for name in ("export_manifest", "checkpoint_manifest"):
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps({name: manifest}), encoding="utf-8")
+        assert run_record_training_case_ids(path) == ["101", "102"]
+
+
+def _a_manifest() -> dict:
+    return {"preset": "tiny", "base_model": {"preset": "tiny"}, "training_case_ids": ["101", "102"]}
+
+
+# --- heads/alignment.py: what save_head writes -------------------------------------------------
+def test_save_head_files_and_tensors(tmp_path):
+    from safetensors import safe_open
+
+    from heads.alignment import HEAD_CONFIG, HEAD_WEIGHTS, NotePairHead, load_head, save_head
+    from heads.config import HeadConfig
+
+    assert (HEAD_WEIGHTS, HEAD_CONFIG) == ("head.safetensors", "head_config.json")
+    head = NotePairHead(HeadConfig(hidden_size=8, proj_dim=4, mlp_dim=4))
+    save_head(head, tmp_path / "new" / "folder")  # parents created
+    folder = tmp_path / "new" / "folder"
+    assert sorted(p.name for p in folder.iterdir()) == ["head.safetensors", "head_config.json"]
+    with safe_open(str(folder / HEAD_WEIGHTS), framework="pt") as f:
+        assert f.metadata() == {"format": "pt"}
+        assert sorted(f.keys()) == sorted(head.state_dict())
+    assert json.loads((folder / HEAD_CONFIG).read_text())["hidden_size"] == 8
+    loaded = load_head(folder)
+    for name, tensor in head.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], tensor), name
+
+
+# --- training/joint.py: the answer-token LM loss, by hand ---------------------------------------
+class _LMStub(torch.nn.Module):
+    def __init__(self, vocab: int, hidden: int):
+        super().__init__()
+        self.lm_head = torch.nn.Linear(hidden, vocab, bias=False)
+
+
+def _answer_loss_by_hand(stub: _LMStub, hidden: torch.Tensor, labels: torch.Tensor) -> tuple[float, int]:
+    """Mean over label positions t >= 1 of -log softmax(W h[t-1])[labels[t]] (next-token CE)."""
+    total, n = 0.0, 0
+    for b in range(labels.shape[0]):
+        for t in range(1, labels.shape[1]):
+            if int(labels[b, t]) == -100:
+                continue
+            logits = stub.lm_head.weight @ hidden[b, t - 1]
+            total += float(-torch.log_softmax(logits, dim=-1)[int(labels[b, t])])
+            n += 1
+    return total / n, n
+
+
+@pytest.mark.parametrize("chunk", [None, 1, 2, 100])
+def test_answer_token_loss_by_hand(chunk):
+    from training.joint import answer_token_loss
+
+    torch.manual_seed(0)
+    stub = _LMStub(vocab=11, hidden=6)
+    hidden = torch.randn(2, 5, 6, requires_grad=True)
+    labels = torch.tensor([[-100, -100, 3, 4, -100], [-100, 7, 8, 9, 10]])
+    loss, n = answer_token_loss(stub, hidden, labels, chunk=chunk)
+    expected, expected_n = _answer_loss_by_hand(stub, hidden.detach(), labels)
+    assert n == expected_n == 6
+    assert float(loss) == pytest.approx(expected, rel=1e-5)
+    loss.backward()  # the chunked path keeps the graph
+    assert hidden.grad is not None and float(hidden.grad.abs().sum()) > 0
+    with torch.no_grad():
+        again, _ = answer_token_loss(stub, hidden, labels, chunk=chunk)
+    assert float(again) == pytest.approx(expected, rel=1e-5)
+
+
+def test_answer_token_loss_without_labels_is_zero():
+    from training.joint import answer_token_loss
+
+    stub = _LMStub(vocab=5, hidden=3)
+    hidden = torch.randn(1, 4, 3, requires_grad=True)
+    loss, n = answer_token_loss(stub, hidden, torch.full((1, 4), -100))
+    assert n == 0 and float(loss) == 0.0 and loss.requires_grad
+
+
+# --- heads/alignment.py: span tensors ----------------------------------------------------------
+def test_spans_tensor_shapes():
+    from heads.alignment import spans_tensor
+
+    cpu = torch.device("cpu")
+    assert spans_tensor([(1, 3), (4, 6)], cpu).tolist() == [[0, 1, 3], [0, 4, 6]]
+    assert spans_tensor([(2, 1, 3)], cpu).tolist() == [[2, 1, 3]]
+    three = spans_tensor(torch.tensor([[1, 0, 2]], dtype=torch.int32), cpu)
+    assert three.dtype == torch.long and three.tolist() == [[1, 0, 2]]
+    empty = spans_tensor([], cpu)
+    assert empty.shape == (0, 3) and empty.dtype == torch.long
+    for bad in ([(1, 2, 3, 4)], [1, 2]):
+        with pytest.raises(ValueError, match="spans must be"):
+            spans_tensor(bad, cpu)
+
+
+# --- metrics/bertscore.py: which folder holds the official model -------------------------------
+@pytest.mark.parametrize("change, official", [
+    ({}, True),
+    ({"model_type": "bert"}, False),
+    ({"vocab_size": 30523}, False),
+    ({"n_layers": 12}, False),
+    ({"dim": 512}, False),
+    ({"architectures": ["DistilBertModel"]}, False),
+    ({"architectures": None}, True),
+])
+def test_is_official_model(tmp_path, change, official):
+    from metrics.bertscore import is_official_model
+
+    cfg = {"model_type": "distilbert", "vocab_size": 30522, "n_layers": 6, "dim": 768,
+           "architectures": ["DistilBertForMaskedLM"], **change}
+    (tmp_path / "config.json").write_text(json.dumps(cfg), encoding="utf-8")
+    assert is_official_model(tmp_path) is official
+
+
+def test_is_official_model_without_a_readable_config(tmp_path):
+    from metrics.bertscore import is_official_model
+
+    assert is_official_model(tmp_path) is False
+    (tmp_path / "config.json").write_text("{broken", encoding="utf-8")
+    assert is_official_model(tmp_path) is False
+
+
+# --- data/submission.py: the zip reader's rules, each with its message ---------------------------
+def _zip(path: Path, members: dict[str, bytes], compression: int = 8) -> Path:
+    import zipfile
+
+    with zipfile.ZipFile(path, "w", compression=compression) as zf:
+        for name, data in members.items():
+            zf.writestr(name, data)
+    return path
+
+
+def test_zip_member_rules(tmp_path, monkeypatch):
+    import zipfile
+
+    import data.submission as submission
+    from data.submission import read_submission
+
+    entries = [{"case_id": "1", "prediction": "An answer."}]
+    payload = json.dumps(entries).encode()
+    assert read_submission(_zip(tmp_path / "ok.zip", {"submission.json": payload}), 3) == entries
+    stored = _zip(tmp_path / "stored.zip", {"submission.json": payload}, compression=0)
+    assert read_submission(stored, 3) == entries
+
+    def problem(path: Path) -> str:
+        with pytest.raises(InputError) as err:
+            read_submission(path, 3)
+        assert str(err.value).startswith(f"{path}: ")  # the file is named
+        return str(err.value).removeprefix(f"{path}: ")
+
+    assert problem(_zip(tmp_path / "none.zip", {"dir/submission.json": payload})) == \
+        "zip has no submission.json at its root"
+    two = tmp_path / "two.zip"
+    with zipfile.ZipFile(two, "w") as zf:
+        zf.writestr("submission.json", payload)
+        zf.writestr("submission.json", payload)
+    assert problem(two) == "zip holds 2 members named submission.json; keep one"
+    (tmp_path / "bad.zip").write_bytes(b"PK\x03\x04 not really a zip")
+    assert problem(tmp_path / "bad.zip").startswith("not a valid zip file")
+    monkeypatch.setattr(submission, "MAX_SUBMISSION_BYTES", len(payload))  # exactly the cap: read
+    assert read_submission(_zip(tmp_path / "cap.zip", {"submission.json": payload}), 3) == entries
+    monkeypatch.setattr(submission, "MAX_SUBMISSION_BYTES", len(payload) - 1)
+    assert problem(_zip(tmp_path / "big.zip", {"submission.json": payload})) == \
+        f"submission.json in the zip is {len(payload)} bytes, more than {len(payload) - 1}"
+
+
+def test_zip_bomb_ratio(tmp_path, monkeypatch):
+    import data.submission as submission
+    from data.submission import read_submission
+
+    monkeypatch.setattr(submission, "MAX_SUBMISSION_BYTES", 64 * 2**20)
+    # 2 MiB of one repeated byte compresses > 200-fold: refused before reading.
+    bomb = _zip(tmp_path / "bomb.zip", {"submission.json": b" " * (2 * 2**20)})
+    with pytest.raises(InputError, match=r"expands \d+-fold \(a zip bomb\?\)"):
+        read_submission(bomb, 3)
+    with pytest.raises(InputError) as err:
+        read_submission(bomb, 3)
+    assert str(err.value).startswith(f"{bomb}: ")
+    # Past 1 MiB, a member that compresses less than 200-fold is read (hex text: about 2-fold).
+    import os
+
+    entries = [{"case_id": "1", "prediction": os.urandom(700_000).hex()}]
+    plain = _zip(tmp_path / "plain.zip", {"submission.json": json.dumps(entries).encode()})
+    assert read_submission(plain, 3) == entries
+    # Up to 1 MiB a well-compressing member is read (the ratio rule starts past 1 MiB).
+    entries = [{"case_id": "1", "prediction": "x" * (2**20 - 36)}]
+    text = json.dumps(entries).encode()
+    assert len(text) == 2**20  # exactly 1 MiB, compressing ~1000-fold: still read
+    assert read_submission(_zip(tmp_path / "small.zip", {"submission.json": text}), 3) == entries
+
+
+# --- error messages programmers and users read ---------------------------------------------------
+def test_corpus_sari_argument_errors():
+    from metrics.sari import corpus_sari
+
+    with pytest.raises(ValueError, match="^sources, predictions and references must have the same length$"):
+        corpus_sari(["a"], ["a", "b"], [["a"]])
+    with pytest.raises(ValueError, match="^no predictions$"):
+        corpus_sari([], [], [])
+
+
+def test_truncate_words_needs_one_word():
+    from data.submission import truncate_words
+
+    with pytest.raises(ValueError, match="^max_words must be at least 1$"):
+        truncate_words("a b", 0)
+    assert truncate_words("a b c", 1) == "a"
+
+
+@pytest.mark.parametrize("field", ["hidden_size", "proj_dim", "mlp_dim"])
+def test_head_config_dimensions_must_be_positive(field):
+    from heads.config import HeadConfig
+
+    sizes = dict(hidden_size=8, proj_dim=4, mlp_dim=4)
+    with pytest.raises(ValueError, match="^hidden_size, proj_dim and mlp_dim must be positive$"):
+        HeadConfig(**{**sizes, field: 0})
+    assert getattr(HeadConfig(**{**sizes, field: 1}), field) == 1
+
+
+def test_check_training_cases_message():
+    from metrics.training_cases import TrainingCaseLeak, check_training_cases
+
+    assert check_training_cases(["3", "1"], None, False, "sub.json") == []
+    assert check_training_cases(["3", "1", "2"], ["2", "1", "9"], True, "sub.json") == ["1", "2"]
+    with pytest.raises(TrainingCaseLeak) as err:
+        check_training_cases(["3", "2", "1"], ["2", "1"], False, "sub.json")
+    assert str(err.value) == ("sub.json: case 1: 2 of the scored cases are training cases of this export (this one "
+                              "among them); refused (pass --allow-train-cases to get optimistic, labelled numbers)")
+
+
+def test_score_subtask2_input_errors(tmp_path):
+    from metrics.subtask2 import score_subtask2
+
+    key = json.loads((EXAMPLES / "archehr-qa_key.json").read_text(encoding="utf-8"))
+    entries = [{"case_id": c["case_id"], "prediction": []} for c in key]
+    first = key[0]["case_id"]
+    sub = tmp_path / "sub.json"
+    sub.write_text(json.dumps([{"case_id": first, "prediction": ["1", "998", "999"]}] + entries[1:]))
+    with pytest.raises(InputError) as err:
+        score_subtask2(sub, EXAMPLES / "archehr-qa_key.json")
+    assert str(err.value) == f"{sub}: case {first}: unknown sentence id '998'"
+    unlabelled = tmp_path / "key.json"
+    unlabelled.write_text(json.dumps([{**key[0], "answers": []}] + key[1:]))
+    sub.write_text(json.dumps(entries))
+    with pytest.raises(InputError) as err:
+        score_subtask2(sub, unlabelled)
+    assert str(err.value) == f"{unlabelled}: case {first}: key case has no relevance labels ('answers') to score against"
+
+
+@pytest.mark.parametrize("pooling", ["mean", "attention"])
+def test_pool_empty_inputs(pooling):
+    from heads.alignment import NotePairHead
+    from heads.config import HeadConfig
+
+    head = NotePairHead(HeadConfig(hidden_size=4, proj_dim=4, mlp_dim=4, pooling=pooling))
+    hidden = torch.randn(1, 6, 4, dtype=torch.float64)
+    none = head.pool(hidden, torch.zeros((0, 3), dtype=torch.long))
+    assert none.shape == (0, 4) and none.dtype == torch.float32
+    pooled = head.pool(hidden, [(0, 2, 2), (0, 1, 3)])  # an empty span pools to zeros
+    assert pooled.dtype == torch.float32
+    assert torch.equal(pooled[0], torch.zeros(4))
+    if pooling == "mean":
+        assert torch.allclose(pooled[1], hidden[0, 1:3].float().mean(0))
+
+
+# --- heads/alignment.py: construction, scoring and batching by hand ------------------------------
+def test_head_constructor_arguments_reach_the_config():
+    from heads.alignment import NotePairHead
+    from heads.config import HeadConfig
+
+    head = NotePairHead(8, proj_dim=4, pooling="attention", relevance=False, mlp_dim=6, dropout=0.25, layer=3)
+    assert head.config == HeadConfig(hidden_size=8, proj_dim=4, mlp_dim=6, pooling="attention", relevance=False,
+                                     dropout=0.25, layer=3)
+    assert NotePairHead(8, proj_dim=4).config.mlp_dim == 4  # mlp_dim defaults to proj_dim here
+    assert isinstance(head.token_scorer, torch.nn.Linear) and head.relevance_mlp is None
+    assert NotePairHead(8, proj_dim=4).token_scorer is None
+
+
+def test_head_layers_and_prior():
+    from heads.alignment import NotePairHead
+    from heads.config import HeadConfig
+
+    head = NotePairHead(HeadConfig(hidden_size=8, proj_dim=4, mlp_dim=6, dropout=0.3))
+    for mlp, width in ((head.pair_mlp, 16), (head.relevance_mlp, 4)):
+        kinds = [type(m).__name__ for m in mlp]
+        assert kinds == ["Linear", "GELU", "Dropout", "Linear"]
+        assert (mlp[0].in_features, mlp[0].out_features, mlp[-1].out_features) == (width, 6, 1)
+        assert mlp[2].p == 0.3
+    # The pair logit starts at the prior log-odds of a 10% positive rate: log(0.1 / 0.9).
+    assert float(head.pair_mlp[-1].bias) == pytest.approx(math.log(1 / 9))
+
+
+def test_head_score_features_by_hand():
+    from heads.alignment import NotePairHead
+    from heads.config import HeadConfig
+
+    torch.manual_seed(0)
+    head = NotePairHead(HeadConfig(hidden_size=8, proj_dim=4, mlp_dim=6)).eval()
+    answers, notes = torch.randn(2, 8), torch.randn(3, 8)
+    out = head.score(answers, notes)
+    a = head.answer_proj(head.norm(answers))
+    n = head.note_proj(head.norm(notes))
+    for i in range(2):
+        for j in range(3):
+            feats = torch.cat([a[i], n[j], a[i] * n[j], torch.abs(a[i] - n[j])])
+            assert float(out.pair_logits[i, j]) == pytest.approx(float(head.pair_mlp(feats)[0]), abs=1e-5)
+    assert out.relevance_logits.shape == (3,)
+    for j in range(3):
+        assert float(out.relevance_logits[j]) == pytest.approx(float(head.relevance_mlp(n[j])[0]), abs=1e-5)
+
+
+def test_head_batch_of_three_equals_one_at_a_time():
+    from heads.alignment import NotePairHead
+    from heads.config import HeadConfig
+
+    torch.manual_seed(1)
+    head = NotePairHead(HeadConfig(hidden_size=8, proj_dim=4, mlp_dim=6)).eval()
+    hidden = torch.randn(3, 10, 8)
+    notes = [[(0, 2), (2, 5)], [(1, 3), (3, 4), (4, 9)], [(0, 1)]]
+    answers = [[(6, 8)], [(9, 10), (5, 7)], [(2, 6), (7, 9)]]
+    note_spans = torch.tensor([(row, s, e) for row, spans in enumerate(notes) for s, e in spans])
+    answer_spans = torch.tensor([(row, s, e) for row, spans in enumerate(answers) for s, e in spans])
+    pair_logits, relevance = head(hidden, note_spans, answer_spans, note_counts=[2, 3, 1], answer_counts=[1, 2, 2])
+    singles = [head(hidden[row], notes[row], answers[row]) for row in range(3)]
+    assert len(pair_logits) == 3
+    for got, single in zip(pair_logits, singles):
+        assert torch.allclose(got, single.pair_logits, atol=1e-6)
+    assert torch.allclose(relevance, torch.cat([s.relevance_logits for s in singles]), atol=1e-6)
+    no_rel = NotePairHead(HeadConfig(hidden_size=8, proj_dim=4, mlp_dim=6, relevance=False))
+    assert no_rel(hidden, note_spans, answer_spans, note_counts=[2, 3, 1], answer_counts=[1, 2, 2])[1] is None
+
+
+def test_load_head_is_strict(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from heads.alignment import HEAD_WEIGHTS, NotePairHead, load_head, save_head
+    from heads.config import HeadConfig
+
+    save_head(NotePairHead(HeadConfig(hidden_size=8, proj_dim=4, mlp_dim=4)), tmp_path)
+    state = load_file(str(tmp_path / HEAD_WEIGHTS))
+    state.pop("note_proj.bias")
+    save_file(state, str(tmp_path / HEAD_WEIGHTS))
+    with pytest.raises(RuntimeError, match="note_proj.bias"):
+        load_head(tmp_path)
+
+
+def test_head_config_file_text(tmp_path):
+    from heads.config import HeadConfig
+
+    cfg = HeadConfig(hidden_size=8)
+    cfg.save(tmp_path / "head_config.json")
+    text = (tmp_path / "head_config.json").read_text(encoding="utf-8")
+    assert text.startswith('{\n  "hidden_size": 8,\n  "proj_dim": ') and text.endswith("}\n")
+    assert HeadConfig.load(tmp_path / "head_config.json") == cfg
+
+
+def test_alignment_losses_with_a_real_head():
+    from heads.alignment import NotePairHead
+    from heads.config import HeadConfig
+    from training.joint import LossSettings, alignment_losses
+
+    torch.manual_seed(2)
+    head = NotePairHead(HeadConfig(hidden_size=8, proj_dim=4, mlp_dim=6)).eval()
+    hidden = torch.randn(1, 6, 8)
+    batch = {"note_spans": torch.tensor([[0, 0, 2], [0, 2, 4]]), "answer_spans": torch.tensor([[0, 4, 6]]),
+             "pair_index": torch.tensor([[0, 0], [0, 1]]), "pair_targets": torch.tensor([1.0, 0.0]),
+             "relevance_index": torch.tensor([0, 1]), "relevance_labels": torch.tensor([0.0, 1.0])}
+    out = alignment_losses(head, hidden, batch, LossSettings(pos_weight=3.0))
+    single = head(hidden[0], [(0, 2), (2, 4)], [(4, 6)])
+    logits = single.pair_logits.reshape(-1).tolist()
+    assert float(out["align"]) == pytest.approx((_bce(logits[0], 1, 3.0) + _bce(logits[1], 0, 3.0)) / 2, rel=1e-5)
+    rel = single.relevance_logits.tolist()
+    assert float(out["relevance"]) == pytest.approx((_bce(rel[0], 0) + _bce(rel[1], 1)) / 2, rel=1e-5)
+
+
+# --- metrics/generation.py and metrics/subtask3.py: the report record, by hand --------------------
+def test_generation_scores_json_partial_and_official():
+    from metrics.generation import GenerationScores
+
+    partial = GenerationScores(
+        scores={"bleu": 10.0, "rougeLsum": 20.0, "sari": 30.0, "bertscore_unofficial": 55.0},
+        per_case={"1": {"bleu": 10.0}}, computed=["bleu", "rougeLsum", "sari"],
+        not_computed=["bertscore", "alignscore", "medcon"], reasons={"bertscore": "no model", "medcon": "no UMLS"},
+        overall_mean=20.0, notes={"bertscore_unofficial": "another model"})
+    assert partial.to_json() == {
+        "bleu": 10.0, "rouge1": None, "rouge2": None, "rougeL": None, "rougeLsum": 20.0, "sari": 30.0,
+        "bertscore": None, "alignscore": None, "medcon": None, "bertscore_unofficial": 55.0,
+        "overall_mean_of_computed": 20.0,
+        "overall_name": "mean of 3 of 6 metrics (bleu, rougeLsum, sari); not the official overall score",
+        "computed": ["bleu", "rougeLsum", "sari"],
+        "not_computed": {"bertscore": "no model", "alignscore": "", "medcon": "no UMLS"},
+        "notes": {"bertscore_unofficial": "another model"}, "per_case": {"1": {"bleu": 10.0}}}
+    names = ("bleu", "rougeLsum", "sari", "bertscore", "alignscore", "medcon")
+    full = GenerationScores(scores={n: 1.0 for n in names}, per_case={}, computed=list(names), not_computed=[],
+                            overall_mean=1.0)
+    out = full.to_json()
+    assert out["overall_score"] == 1.0 and "overall_name" not in out and "overall_mean_of_computed" not in out
+    assert "notes" not in out and out["not_computed"] == {} and full.overall_name.startswith("overall_score (official")
+
+
+def test_official_truncation_and_reference_answer():
+    from data.records import AnswerSentence, Case, NoteSentence
+    from metrics.subtask3 import official_truncation, reference_answer
+
+    words = [f"w{i}" for i in range(80)]
+    assert official_truncation(" ".join(words)) == " ".join(words[:75])
+    assert official_truncation("  a\\n b  ") == "  a\\n b  "  # 75 words or fewer: unchanged, spacing kept
+    exactly = "  ".join(words[:75])
+    assert official_truncation(exactly) == exactly
+    case = Case("1", "", "", [NoteSentence("1", "n")], answer_sentences=[AnswerSentence("1", "One."),
+                                                                          AnswerSentence("2", "Two.")])
+    assert reference_answer(case) == "One. Two."
+    case.clinician_answer_without_citations = "The answer."
+    assert reference_answer(case) == "The answer."
+
+
+def test_score_subtask3_input_errors(tmp_path):
+    from metrics.subtask3 import score_subtask3
+
+    xml, key_path = EXAMPLES / "archehr-qa.xml", EXAMPLES / "archehr-qa_key.json"
+    key = json.loads(key_path.read_text(encoding="utf-8"))
+    ids = [c["case_id"] for c in key]
+    sub = tmp_path / "sub.json"
+    sub.write_text(json.dumps([{"case_id": cid, "prediction": "An answer." if i else "  "}
+                               for i, cid in enumerate(ids)]))
+    with pytest.raises(InputError) as err:
+        score_subtask3(sub, key_path, xml)
+    assert str(err.value) == (f"{sub}: case {ids[0]}: prediction has no tokens after 13a tokenization "
+                              "(the official BLEU cannot score it)")
+
+
+def test_score_relevance_needs_cases():
+    from metrics.relevance import score_relevance
+
+    with pytest.raises(ValueError, match="^no cases to score$"):
+        score_relevance({}, {})
+
