@@ -12,6 +12,7 @@ empty answer (named on stderr) and the official validation, and are written as
 ``OUT/subtask3/submission.json`` + ``OUT/subtask3.zip``, all or nothing. The alignment head is not
 served: Subtasks 2 and 4 come from ``infer.py --export RUN/export --subtasks 2,4``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,16 +42,23 @@ class ServedGenerator:
         return [chat_prompt(self.tokenizer, example_from_case(c, with_answer=False))[0] for c in cases]
 
     def generate_answers(self, cases: list[Case], max_new_tokens: int = 100, batch_size: int = 16) -> list[str]:
-        body = {"model": self.model, "prompt": self.prompts(cases), "max_tokens": max_new_tokens,
-                "temperature": 0.0, "stop": STOP}
-        request = urllib.request.Request(self.url, data=json.dumps(body).encode("utf-8"),
-                                         headers={"Content-Type": "application/json"})
+        body = {
+            "model": self.model,
+            "prompt": self.prompts(cases),
+            "max_tokens": max_new_tokens,
+            "temperature": 0.0,
+            "stop": STOP,
+        }
+        request = urllib.request.Request(
+            self.url, data=json.dumps(body).encode("utf-8"), headers={"Content-Type": "application/json"}
+        )
         try:
             with _opener(self.url).open(request, timeout=self.timeout_s) as response:
                 reply = json.loads(response.read().decode("utf-8"))
         except urllib.error.HTTPError as err:
-            raise InputError(f"the server answered HTTP {err.code} ({err.reason}); is --model the served name?",
-                             self.url) from None
+            raise InputError(
+                f"the server answered HTTP {err.code} ({err.reason}); is --model the served name?", self.url
+            ) from None
         except (urllib.error.URLError, TimeoutError, OSError) as err:
             raise InputError(f"cannot reach the server ({getattr(err, 'reason', err)})", self.url) from None
         except json.JSONDecodeError:
@@ -74,17 +82,50 @@ def _opener(url: str) -> urllib.request.OpenerDirector:
 def build_parser() -> argparse.ArgumentParser:
     p = CliParser(prog="python -m inference.served", description=__doc__.split("\n\n")[0])
     p.add_argument("xml", type=Path, help="official cases XML")
-    p.add_argument("--url", required=True, help="the server's OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1")
+    p.add_argument(
+        "--url", required=True, help="the server's OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1"
+    )
     p.add_argument("--model", required=True, help="the served model name (vllm --served-model-name)")
-    p.add_argument("--tokenizer", required=True, type=Path,
-                   help="the merged folder (or the export): its chat template builds the prompts")
+    p.add_argument(
+        "--tokenizer",
+        required=True,
+        type=Path,
+        help="the merged folder (or the export): its chat template builds the prompts",
+    )
     p.add_argument("--out", required=True, type=Path, help="output folder (subtask3/, subtask3.zip)")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier set in --out")
-    p.add_argument("--max-new-tokens", type=MAX_NEW_TOKENS.argtype(), default=100,
-                   help=MAX_NEW_TOKENS.help("generation budget (default: %(default)s)"))
-    p.add_argument("--batch-size", type=GENERATION_BATCH.argtype(), default=64,
-                   help=GENERATION_BATCH.help("prompts per request (default: %(default)s)"))
+    p.add_argument(
+        "--max-new-tokens",
+        type=MAX_NEW_TOKENS.argtype(),
+        default=100,
+        help=MAX_NEW_TOKENS.help("generation budget (default: %(default)s)"),
+    )
+    p.add_argument(
+        "--batch-size",
+        type=GENERATION_BATCH.argtype(),
+        default=64,
+        help=GENERATION_BATCH.help("prompts per request (default: %(default)s)"),
+    )
     return p
+
+
+def served_answers(
+    generator: "ServedGenerator", cases: list[Case], batch_size: int, max_new_tokens: int
+) -> tuple[dict[str, str], list[str]]:
+    """Cleaned answers by case id, as ``infer.py`` makes them; the cases whose served answer came
+    back empty get the extractive answer instead (returned second, so the run can say so)."""
+    from baselines.extractive import answer_or_extractive
+
+    answers: dict[str, str] = {}
+    fell_back: list[str] = []
+    for start in range(0, len(cases), batch_size):
+        batch = cases[start : start + batch_size]
+        raw = generator.generate_answers(batch, max_new_tokens=max_new_tokens, batch_size=batch_size)
+        for case, text in zip(batch, raw, strict=True):
+            answers[case.case_id], replaced = answer_or_extractive(case, text)
+            if replaced:
+                fell_back.append(case.case_id)
+    return answers, fell_back
 
 
 @exit_on_interrupt
@@ -94,7 +135,6 @@ def main(argv: list[str] | None = None) -> int:
     from data.archehr import load_xml
     from plumbing.atomic import OutputSet, check_output_set_target
     from data.submission import subtask3_entries, write_submission
-    from inference.pipeline import export_answers
     from model.backbone import load_tokenizer
     from model.export_folder import MANIFEST
 
@@ -104,14 +144,17 @@ def main(argv: list[str] | None = None) -> int:
         hint = " (an export folder: pass its merged/ folder)" if (args.tokenizer / MANIFEST).is_file() else ""
         raise InputError(f"no tokenizer here{hint}", args.tokenizer)
     generator = ServedGenerator(args.url, args.model, load_tokenizer(str(args.tokenizer)))
-    answers, fell_back = export_answers(generator, cases, args.batch_size, args.max_new_tokens, progress=False)
+    answers, fell_back = served_answers(generator, cases, args.batch_size, args.max_new_tokens)
     for case_id in fell_back:
-        print(f"warning: case {case_id}: the served answer was empty; the extractive answer replaces it",
-              file=sys.stderr)
+        print(
+            f"warning: case {case_id}: the served answer was empty; the extractive answer replaces it", file=sys.stderr
+        )
     with OutputSet(args.out, args.overwrite) as stage:
         write_submission(subtask3_entries(answers), stage, 3, cases)
-    print(f"subtask 3: {args.out / 'subtask3' / 'submission.json'} ({len(answers)} answers, "
-          f"{len(fell_back)} extractive fallbacks)")
+    print(
+        f"subtask 3: {args.out / 'subtask3' / 'submission.json'} ({len(answers)} answers, "
+        f"{len(fell_back)} extractive fallbacks)"
+    )
     return 0
 
 

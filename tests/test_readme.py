@@ -1,5 +1,6 @@
 """The README's commands as a newcomer meets them: they run as written, run again, and what it
 says about the command lines (options, choices, defaults) is what the parsers do."""
+
 from __future__ import annotations
 
 import re
@@ -51,7 +52,7 @@ def test_readme_says_how_to_get_a_cpu_only_torch_before_installing():
     torch_first = [i for i in by_hand if shlex.split(commands[i])[4:] == [pin, "--index-url", CPU_INDEX]]
     package = [i for i in by_hand if shlex.split(commands[i])[4:] == ["."]]
     assert torch_first and package and torch_first[0] < package[0], commands
-    assert any(c.startswith("python3 -m venv .venv") for c in commands[:torch_first[0]])
+    assert any(c.startswith("python3 -m venv .venv") for c in commands[: torch_first[0]])
 
 
 def readme_command(number: int) -> list[str]:
@@ -84,10 +85,28 @@ def test_readme_command_1_infer_line_runs_twice(tmp_path, monkeypatch):
 # --- what the README and --help say about the command lines ---------------------------------
 
 OTHER_TOOLS_OPTIONS = {  # options of commands that are not ours (accelerate launch, torchrun, pip, servers)
-    "--config_file", "--num_processes", "--num_machines", "--machine_rank", "--main_process_ip",
-    "--main_process_port", "--index-url", "--master_addr", "--master_port", "--node_rank", "--nproc_per_node",
-    "--nnodes", "--rdzv_backend", "--rdzv_endpoint", "--logdir", "--name", "--model-path", "--port",
-    "--max-model-len", "--served-model-name", "--host",
+    "--config_file",
+    "--num_processes",
+    "--num_machines",
+    "--machine_rank",
+    "--main_process_ip",
+    "--main_process_port",
+    "--index-url",
+    "--master_addr",
+    "--durations",
+    "--master_port",
+    "--node_rank",
+    "--nproc_per_node",
+    "--nnodes",
+    "--rdzv_backend",
+    "--rdzv_endpoint",
+    "--logdir",
+    "--name",
+    "--model-path",
+    "--port",
+    "--max-model-len",
+    "--served-model-name",
+    "--host",
 }
 
 
@@ -102,9 +121,14 @@ def argparse_parsers() -> dict[str, object]:
 
     score_parser = score.build_parser()
     [commands] = [a for a in score_parser._actions if isinstance(a, argparse._SubParsersAction)]
-    return {"infer.py": infer.build_parser(), "score.py": score_parser, "score.py cv": commands.choices["cv"],
-            "-m baselines.fit": fit.build_parser(), "train.py export": train.export_parser(),
-            "-m inference.served": served.build_parser()}
+    return {
+        "infer.py": infer.build_parser(),
+        "score.py": score_parser,
+        "score.py cv": commands.choices["cv"],
+        "-m baselines.fit": fit.build_parser(),
+        "train.py export": train.export_parser(),
+        "-m inference.served": served.build_parser(),
+    }
 
 
 def train_options() -> set[str]:
@@ -128,8 +152,11 @@ def readme_commands() -> list[tuple[str, str]]:
     segments = spans + [line for block in bash_blocks(text) for line in block]
     found = []
     for segment in segments:
-        for match in re.finditer(r"python (?:\S*/)?(train\.py(?: export)?|infer\.py|score\.py(?: cv)?|-m baselines\.fit|-m inference\.served)"
-                                 r"((?:(?!&&|python ).)*)", segment):
+        for match in re.finditer(
+            r"python (?:\S*/)?(train\.py(?: export)?|infer\.py|score\.py(?: cv)?|-m baselines\.fit|-m inference\.served)"
+            r"((?:(?!&&|python ).)*)",
+            segment,
+        ):
             found.append((match.group(1), match.group(2)))
     return found
 
@@ -168,13 +195,17 @@ def test_help_shows_every_default():
                 continue
             name = f"{cli} {action.option_strings[0]}"
             shown = formatter._expand_help(action) if action.help else ""
-            if action.default is not None and action.default is not False and action.default not in (
-                    argparse.SUPPRESS, []):  # `is`: 0 == False
+            if (
+                action.default is not None
+                and action.default is not False
+                and action.default not in (argparse.SUPPRESS, [])
+            ):  # `is`: 0 == False
                 values = action.default if isinstance(action.default, list) else [action.default]
                 assert "default" in shown and all(str(v) in shown for v in values), f"{name}: {shown!r}"
             elif action.default is None and action.nargs is None and action.type not in (None, str, Path):
-                assert "default" in shown or "required" in shown, \
+                assert "default" in shown or "required" in shown, (
                     f"{name} (a number) does not say what leaving it out means: {shown!r}"
+                )
 
 
 def test_readme_states_setup_default_torch_pin():
