@@ -11,6 +11,7 @@ The results (files written, scores) go to stdout; progress, warnings and notes t
 Tune a retrieval ensemble with
 ``python -m baselines.fit`` and pass it with ``--ensemble``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,46 +37,95 @@ def _subtasks(value: str) -> tuple[int, ...]:
 def build_parser() -> argparse.ArgumentParser:
     p = CliParser(prog="infer.py", description=__doc__.split("\n\n")[0])
     p.add_argument("xml", type=Path, help="official cases XML (with <answer_sentences> for Subtask 4, or give --key)")
-    p.add_argument("--out", required=True, help="output folder (refused if it holds an earlier run, unless --overwrite)")
+    p.add_argument(
+        "--out", required=True, help="output folder (refused if it holds an earlier run, unless --overwrite)"
+    )
     p.add_argument("--overwrite", action="store_true", help="replace the whole output set of an earlier run in --out")
     p.add_argument("--export", type=Path, help="export folder (RUN/export, or the run folder); omit for the baseline")
-    p.add_argument("--checkpoint", type=Path, dest="export", action=DeprecatedAlias,
-                   help="deprecated alias of --export (removed in the next release)")
+    p.add_argument(
+        "--checkpoint",
+        type=Path,
+        dest="export",
+        action=DeprecatedAlias,
+        help="deprecated alias of --export (removed in the next release)",
+    )
     p.add_argument("--key", type=Path, help="key JSON: answer sentences for Subtask 4, and scores after writing")
-    p.add_argument("--subtasks", type=_subtasks,
-                   help="comma-separated, default 2,3,4 (2 skipped, with a warning, for an export without a "
-                        "calibrated relevance threshold)")
-    p.add_argument("--relevance-threshold", type=PROBABILITY.argtype(),
-                   help=PROBABILITY.help("Subtask 2 threshold (default: the export's calibrated one; baseline 0.5)"))
-    p.add_argument("--aligner", choices=("retrieval", "head"),
-                   help="Subtask 4 aligner (default: head with --export, retrieval without)")
+    p.add_argument(
+        "--subtasks",
+        type=_subtasks,
+        help="comma-separated, default 2,3,4 (2 skipped, with a warning, for an export without a "
+        "calibrated relevance threshold)",
+    )
+    p.add_argument(
+        "--relevance-threshold",
+        type=PROBABILITY.argtype(),
+        help=PROBABILITY.help("Subtask 2 threshold (default: the export's calibrated one; baseline 0.5)"),
+    )
+    p.add_argument(
+        "--aligner",
+        choices=("retrieval", "head"),
+        help="Subtask 4 aligner (default: head with --export, retrieval without)",
+    )
     p.add_argument("--ensemble", type=Path, help="retrieval ensemble JSON (default configs/retrieval.json)")
-    p.add_argument("--max-links-per-answer", type=LINKS_PER_ANSWER.argtype(),
-                   help=LINKS_PER_ANSWER.help("cap on evidence sentences per answer sentence (default: no cap)"))
-    p.add_argument("--top1-fallback", action="store_true",
-                   help="link an answer sentence's best note sentence when nothing passes the threshold")
-    p.add_argument("--batch-size", type=GENERATION_BATCH.argtype(), default=None,
-                   help=GENERATION_BATCH.help("at most this many prompts generated together (with --export only; "
-                                              "default: as many as GPU memory allows)"))
-    p.add_argument("--max-new-tokens", type=MAX_NEW_TOKENS.argtype(), default=100,
-                   help=MAX_NEW_TOKENS.help("generation budget (with --export only; default 100)"))
-    p.add_argument("--max-prompt-tokens", type=PROMPT_TOKENS.argtype(), default=None,
-                   help=PROMPT_TOKENS.help("tokens one case may take, prompt plus answer (with --export only; "
-                                           "default: the model's context); a longer note is cut to the sentences "
-                                           "that fit, said and recorded in run.json"))
-    p.add_argument("--base", help="base model: a local folder or a cached hub id, for the export (default: the "
-                                  "manifest's); train.py and score.py cv spell it --base too")
+    p.add_argument(
+        "--max-links-per-answer",
+        type=LINKS_PER_ANSWER.argtype(),
+        help=LINKS_PER_ANSWER.help("cap on evidence sentences per answer sentence (default: no cap)"),
+    )
+    p.add_argument(
+        "--top1-fallback",
+        action="store_true",
+        help="link an answer sentence's best note sentence when nothing passes the threshold",
+    )
+    p.add_argument(
+        "--batch-size",
+        type=GENERATION_BATCH.argtype(),
+        default=None,
+        help=GENERATION_BATCH.help(
+            "at most this many prompts generated together (with --export only; default: as many as GPU memory allows)"
+        ),
+    )
+    p.add_argument(
+        "--max-new-tokens",
+        type=MAX_NEW_TOKENS.argtype(),
+        default=100,
+        help=MAX_NEW_TOKENS.help("generation budget (with --export only; default 100)"),
+    )
+    p.add_argument(
+        "--max-prompt-tokens",
+        type=PROMPT_TOKENS.argtype(),
+        default=None,
+        help=PROMPT_TOKENS.help(
+            "tokens one case may take, prompt plus answer (with --export only; "
+            "default: the model's context); a longer note is cut to the sentences "
+            "that fit, said and recorded in run.json"
+        ),
+    )
+    p.add_argument(
+        "--base",
+        help="base model: a local folder or a cached hub id, for the export (default: the "
+        "manifest's); train.py and score.py cv spell it --base too",
+    )
     p.add_argument("--base_path", "--base-path", dest="base", action=DeprecatedAlias, help=argparse.SUPPRESS)
-    p.add_argument("--max-memory-gb", type=MEMORY_GB.argtype(), default=None,
-                   help=MEMORY_GB.help("use at most this much GPU memory (a shared or smaller card); batch sizes "
-                                       "and whether the adapter is merged into dense weights follow from it (default: all the card's "
-                                        "free memory)"))
+    p.add_argument(
+        "--max-memory-gb",
+        type=MEMORY_GB.argtype(),
+        default=None,
+        help=MEMORY_GB.help(
+            "use at most this much GPU memory (a shared or smaller card); batch sizes "
+            "and whether the adapter is merged into dense weights follow from it (default: all the card's "
+            "free memory)"
+        ),
+    )
     p.add_argument("--device", help="torch device for the export (default: cuda if available)")
     p.add_argument("--no-progress", action="store_true", help="hide every progress bar, model loading included")
     p.add_argument("--verbose", action="store_true", help="show library warnings that are hidden by default")
-    p.add_argument("--allow-train-cases", action="store_true",
-                   help="with --key: score an export on cases it trained on (refused otherwise); every score "
-                        'is then labelled "TRAINING CASES"')
+    p.add_argument(
+        "--allow-train-cases",
+        action="store_true",
+        help="with --key: score an export on cases it trained on (refused otherwise); every score "
+        'is then labelled "TRAINING CASES"',
+    )
     return p
 
 
@@ -91,14 +141,29 @@ def main(argv: list[str] | None = None) -> int:
         hide_progress_bars()
     from inference.pipeline import InferenceOptions, run_inference  # after --help stays fast
 
-    run_inference(InferenceOptions(
-        xml=args.xml, out=Path(args.out), export=args.export, key=args.key, subtasks=args.subtasks,
-        aligner=args.aligner, ensemble=args.ensemble, max_links_per_answer=args.max_links_per_answer,
-        top1_fallback=args.top1_fallback, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
-        base=args.base, device=args.device, progress=not args.no_progress, allow_train_cases=args.allow_train_cases,
-        relevance_threshold=args.relevance_threshold, max_memory_gb=args.max_memory_gb, overwrite=args.overwrite,
-        max_prompt_tokens=args.max_prompt_tokens,
-    ))
+    run_inference(
+        InferenceOptions(
+            xml=args.xml,
+            out=Path(args.out),
+            export=args.export,
+            key=args.key,
+            subtasks=args.subtasks,
+            aligner=args.aligner,
+            ensemble=args.ensemble,
+            max_links_per_answer=args.max_links_per_answer,
+            top1_fallback=args.top1_fallback,
+            batch_size=args.batch_size,
+            max_new_tokens=args.max_new_tokens,
+            base=args.base,
+            device=args.device,
+            progress=not args.no_progress,
+            allow_train_cases=args.allow_train_cases,
+            relevance_threshold=args.relevance_threshold,
+            max_memory_gb=args.max_memory_gb,
+            overwrite=args.overwrite,
+            max_prompt_tokens=args.max_prompt_tokens,
+        )
+    )
     return 0
 
 

@@ -14,6 +14,7 @@ ROUGE and SARI as the organizers do, and reports the metrics it cannot compute a
 computed. When an infer.py ``run.json`` sits beside the submission and records the
 export's training cases, scoring those cases is refused unless ``--allow-train-cases``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -53,22 +54,28 @@ def _print_table(rows: list[tuple[str, str]]) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = CliParser(
-        prog="score.py", description="Score ArchEHR-QA Subtask 2 / 3 / 4 submissions locally."
+    parser = CliParser(prog="score.py", description="Score ArchEHR-QA Subtask 2 / 3 / 4 submissions locally.")
+    parser.add_argument(
+        "--subtask", type=int, choices=(2, 3, 4), help="which subtask to score (required to score a submission)"
     )
-    parser.add_argument("--subtask", type=int, choices=(2, 3, 4),
-                        help="which subtask to score (required to score a submission)")
     parser.add_argument("--submission", type=Path, help="submission.json or the .zip holding it")
     parser.add_argument("--key", type=Path, help="the key JSON (archehr-qa_key.json)")
     parser.add_argument("--xml", type=Path, help="the cases XML (Subtask 3: narratives are the SARI source)")
-    parser.add_argument("--json", type=Path, dest="json_out",
-                        help="also write the scores (with per-case values) to this JSON file")
+    parser.add_argument(
+        "--json", type=Path, dest="json_out", help="also write the scores (with per-case values) to this JSON file"
+    )
     parser.add_argument("--per-case", action="store_true", help="also print a table of per-case scores")
-    parser.add_argument("--bertscore-model", help="Subtask 3: local model folder for BERTScore (official only "
-                                                  "with distilbert-base-uncased; needs the bert-score package)")
-    parser.add_argument("--allow-train-cases", action="store_true",
-                        help="score even when the run.json beside the submission says the export trained on "
-                             'these cases; every score is then labelled "TRAINING CASES"')
+    parser.add_argument(
+        "--bertscore-model",
+        help="Subtask 3: local model folder for BERTScore (official only "
+        "with distilbert-base-uncased; needs the bert-score package)",
+    )
+    parser.add_argument(
+        "--allow-train-cases",
+        action="store_true",
+        help="score even when the run.json beside the submission says the export trained on "
+        'these cases; every score is then labelled "TRAINING CASES"',
+    )
     # Further commands (e.g. cross-validation) are added here as subparsers; without one,
     # the flags above score a submission.
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -80,40 +87,77 @@ def _add_cv_parser(commands) -> None:
     from evaluation.systems import ALL_SYSTEMS
 
     cv = commands.add_parser(
-        "cv", help="case-grouped cross-validation of the baseline ladder and the joint head",
+        "cv",
+        help="case-grouped cross-validation of the baseline ladder and the joint head",
         description="Case-grouped k-fold cross-validation: every system trains and chooses its thresholds on the "
-                    "training folds only and is scored once on the pooled held-out predictions. Any training "
-                    "config key is accepted as --key value, as in train.py (python train.py --help lists them).",
+        "training folds only and is scored once on the pooled held-out predictions. Any training "
+        "config key is accepted as --key value, as in train.py (python train.py --help lists them).",
         allow_abbrev=False,
     )
     cv.add_argument("--xml", type=Path, required=True, help="the cases XML")
     cv.add_argument("--key", type=Path, required=True, help="their key JSON")
-    cv.add_argument("--out", type=Path, required=True,
-                    help="output folder (ladder, error report, plots, folds), written all or nothing; an earlier "
-                         "cross-validation there is refused unless --overwrite")
-    cv.add_argument("--overwrite", action="store_true",
-                    help="replace the whole output set of an earlier cross-validation in --out")
-    cv.add_argument("--folds", type=FOLDS.argtype(), default=5,
-                    help=FOLDS.help("number of folds (= number of cases: leave-one-case-out; default 5)"))
+    cv.add_argument(
+        "--out",
+        type=Path,
+        required=True,
+        help="output folder (ladder, error report, plots, folds), written all or nothing; an earlier "
+        "cross-validation there is refused unless --overwrite",
+    )
+    cv.add_argument(
+        "--overwrite", action="store_true", help="replace the whole output set of an earlier cross-validation in --out"
+    )
+    cv.add_argument(
+        "--folds",
+        type=FOLDS.argtype(),
+        default=5,
+        help=FOLDS.help("number of folds (= number of cases: leave-one-case-out; default 5)"),
+    )
     cv.add_argument("--preset", default="tiny", help="model preset of the task stage (default: %(default)s)")
     cv.add_argument("--init", help="domain-stage run or export folder to start each fold from (default: fresh)")
     cv.add_argument("--config", type=Path, help="task-stage TOML (default: configs/task.toml)")
-    cv.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE",
-                    help="override a training setting, e.g. --set max_steps=2 (repeatable; same as --max_steps 2)")
-    cv.add_argument("--systems", nargs="+", default=list(ALL_SYSTEMS), choices=list(ALL_SYSTEMS),
-                    metavar="SYSTEM", help=f"systems to evaluate (default: all of {', '.join(ALL_SYSTEMS)})")
-    cv.add_argument("--seed", type=SEED.argtype(), default=0,
-                    help=SEED.help("fold assignment, training and bootstrap seed (default 0)"))
-    cv.add_argument("--resamples", type=RESAMPLES.argtype(), default=1000,
-                    help=RESAMPLES.help("bootstrap resamples (default 1000)"))
-    cv.add_argument("--max-new-tokens", type=MAX_NEW_TOKENS.argtype(), default=100,
-                    help=MAX_NEW_TOKENS.help("generation length of the model's answers (default 100)"))
+    cv.add_argument(
+        "--set",
+        dest="settings",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a training setting, e.g. --set max_steps=2 (repeatable; same as --max_steps 2)",
+    )
+    cv.add_argument(
+        "--systems",
+        nargs="+",
+        default=list(ALL_SYSTEMS),
+        choices=list(ALL_SYSTEMS),
+        metavar="SYSTEM",
+        help=f"systems to evaluate (default: all of {', '.join(ALL_SYSTEMS)})",
+    )
+    cv.add_argument(
+        "--seed",
+        type=SEED.argtype(),
+        default=0,
+        help=SEED.help("fold assignment, training and bootstrap seed (default 0)"),
+    )
+    cv.add_argument(
+        "--resamples", type=RESAMPLES.argtype(), default=1000, help=RESAMPLES.help("bootstrap resamples (default 1000)")
+    )
+    cv.add_argument(
+        "--max-new-tokens",
+        type=MAX_NEW_TOKENS.argtype(),
+        default=100,
+        help=MAX_NEW_TOKENS.help("generation length of the model's answers (default 100)"),
+    )
     cv.add_argument("--no-generate", action="store_true", help="skip the model's Subtask 3 answers")
     cv.add_argument("--device", help="device for the trained model (default: cuda if available)")
-    cv.add_argument("--eval-on-train", action="store_true",
-                    help="train on all cases and score the same cases (refused without --allow-train-cases)")
-    cv.add_argument("--allow-train-cases", action="store_true",
-                    help='allow scoring on training cases; every output is then labelled "TRAINING CASES"')
+    cv.add_argument(
+        "--eval-on-train",
+        action="store_true",
+        help="train on all cases and score the same cases (refused without --allow-train-cases)",
+    )
+    cv.add_argument(
+        "--allow-train-cases",
+        action="store_true",
+        help='allow scoring on training cases; every output is then labelled "TRAINING CASES"',
+    )
     cv.add_argument("--no-progress", action="store_true", help="no progress bars (model loading's included)")
     cv.add_argument("--verbose", action="store_true", help="show library warnings that are hidden by default")
 
@@ -143,11 +187,24 @@ def _cv_command(args: argparse.Namespace) -> int:
     if args.no_progress:
         hide_progress_bars()  # model loading's bars too, not only ours
     opts = CVOptions(
-        xml=args.xml, key=args.key, out=args.out, folds=args.folds, preset=args.preset, init=args.init,
-        config=args.config, settings=args.settings, systems=args.systems, allow_train_cases=args.allow_train_cases,
-        eval_on_train=args.eval_on_train, seed=args.seed, n_resamples=args.resamples,
-        max_new_tokens=args.max_new_tokens, generate=not args.no_generate, device=args.device,
-        progress=not args.no_progress, overwrite=args.overwrite,
+        xml=args.xml,
+        key=args.key,
+        out=args.out,
+        folds=args.folds,
+        preset=args.preset,
+        init=args.init,
+        config=args.config,
+        settings=args.settings,
+        systems=args.systems,
+        allow_train_cases=args.allow_train_cases,
+        eval_on_train=args.eval_on_train,
+        seed=args.seed,
+        n_resamples=args.resamples,
+        max_new_tokens=args.max_new_tokens,
+        generate=not args.no_generate,
+        device=args.device,
+        progress=not args.no_progress,
+        overwrite=args.overwrite,
     )
     print_summary(run_cv(opts))  # progress on stderr, the summary on stdout
     return 0
@@ -214,8 +271,9 @@ def _print_per_case(per_case: dict[str, dict[str, float]], training: list[str]) 
     print()
     print(f"{'case_id':<{width}}  " + "  ".join(f"{c:>10}" for c in columns) + _label(training))
     for case_id, values in per_case.items():
-        cells = [f"{values[c]:>10.4f}" if isinstance(values.get(c), float) else f"{values.get(c, ''):>10}"
-                 for c in columns]
+        cells = [
+            f"{values[c]:>10.4f}" if isinstance(values.get(c), float) else f"{values.get(c, ''):>10}" for c in columns
+        ]
         print(f"{case_id:<{width}}  " + "  ".join(cells))
 
 

@@ -19,6 +19,7 @@ for your own) and any key below can be overridden as ``--key value`` (``--flag``
 ``train.py export RUN --merged`` merges the adapter into the base (dequantised as trained) and
 writes a standard Hugging Face folder for serving engines (``train.py export --help``).
 """
+
 from __future__ import annotations
 
 import sys
@@ -62,29 +63,39 @@ def split_flags(argv: list[str]) -> tuple[set[str], list[str]]:
 def usage() -> str:
     from training.config_docs import config_keys_help
 
-    return (f"{__doc__.rstrip()}\n\nconfig keys (type, the default of each stage: configs/STAGE.toml over the "
-            f"built-in value; --print-config shows a run's resolved values):\n{config_keys_help()}\n")
+    return (
+        f"{__doc__.rstrip()}\n\nconfig keys (type, the default of each stage: configs/STAGE.toml over the "
+        f"built-in value; --print-config shows a run's resolved values):\n{config_keys_help()}\n"
+    )
 
 
 def export_parser():
     import argparse
 
-    p = CliParser(prog="train.py export", description=(
-        "Write a merged model folder of a finished run: the adapter merged into the base (NF4 bases "
-        "dequantised as trained), config, tokenizer, greedy generation config and sharded safetensors; "
-        "loads with AutoModelForCausalLM.from_pretrained and serves with vLLM or SGLang. The alignment "
-        "head stays in the export (infer.py --export applies it)."))
+    p = CliParser(
+        prog="train.py export",
+        description=(
+            "Write a merged model folder of a finished run: the adapter merged into the base (NF4 bases "
+            "dequantised as trained), config, tokenizer, greedy generation config and sharded safetensors; "
+            "loads with AutoModelForCausalLM.from_pretrained and serves with vLLM or SGLang. The alignment "
+            "head stays in the export (infer.py --export applies it)."
+        ),
+    )
     p.add_argument("run", help="run folder (uses RUN/export) or export folder")
     p.add_argument("--merged", action="store_true", required=True, help="write the merged model folder")
     p.add_argument("--out", help="output folder (default: EXPORT/merged; an earlier merged folder is replaced)")
-    p.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16",
-                   help="weights dtype (default: %(default)s)")
+    p.add_argument(
+        "--dtype", choices=("bfloat16", "float32"), default="bfloat16", help="weights dtype (default: %(default)s)"
+    )
     p.add_argument("--max_shard_size", default="5GB", help="largest safetensors shard (default: %(default)s)")
     p.add_argument("--base", help="local folder or hub id of the base (default: the manifest's)")
     p.add_argument("--base_path", "--base-path", dest="base", action=DeprecatedAlias, help=argparse.SUPPRESS)
     p.add_argument("--device", help="torch device for the merge (default: cuda if available)")
-    p.add_argument("--cv", help="a score.py cv run folder: its held-out scores go into the model cards' "
-                                "model-index (merged/README.md and the export's README.md)")
+    p.add_argument(
+        "--cv",
+        help="a score.py cv run folder: its held-out scores go into the model cards' "
+        "model-index (merged/README.md and the export's README.md)",
+    )
     return p
 
 
@@ -95,8 +106,15 @@ def export_main(argv: list[str]) -> int:
     from model.merged_export import export_merged
 
     ladder = read_cv_ladder(args.cv) if args.cv else None
-    folder = export_merged(args.run, args.out, base=args.base, device=args.device, dtype=args.dtype,
-                           max_shard_size=args.max_shard_size, ladder=ladder)
+    folder = export_merged(
+        args.run,
+        args.out,
+        base=args.base,
+        device=args.device,
+        dtype=args.dtype,
+        max_shard_size=args.max_shard_size,
+        ladder=ladder,
+    )
     if ladder is not None:
         refresh_model_card(args.run, ladder)
     print(f"merged: {folder}")  # the result, on stdout
@@ -123,8 +141,11 @@ def main(argv: list[str] | None = None) -> int:
         cfg = resume_config(resume, overrides, config_file)
         export = finished_export(resume)
         if export is not None and "--print-config" not in flags:  # nothing to resume, nothing re-exported
-            print(f"note: {resume} has finished training: nothing to resume, its export is left as it is "
-                  "(to train further, start a new run with another --out)", file=sys.stderr)
+            print(
+                f"note: {resume} has finished training: nothing to resume, its export is left as it is "
+                "(to train further, start a new run with another --out)",
+                file=sys.stderr,
+            )
             print(f"export: {export}")
             return 0
     else:
@@ -132,8 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         if cfg.init and cfg.stage == "task":
             from training.init_settings import check_init_settings
 
-            cfg = check_init_settings(cfg, cfg.init, explicit=overrides,
-                                      note=lambda line: print(line, file=sys.stderr))
+            cfg = check_init_settings(cfg, cfg.init, explicit=overrides, note=lambda line: print(line, file=sys.stderr))
     if "--print-config" in flags:
         from training.config_docs import config_as_toml
 

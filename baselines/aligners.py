@@ -10,6 +10,7 @@ Scorers: BM25 (rank-bm25), TF-IDF cosine (scikit-learn), MiniLM bi-encoder cosin
 a fine-tuned MiniLM cross-encoder, raw word overlap (a trivial reference), and a
 weighted ensemble of per-answer min-max normalised scores.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -79,7 +80,7 @@ class TfidfAligner:
             matrix = vectorizer.fit_transform(notes + answers)
         except ValueError:  # empty vocabulary: nothing but stop words and punctuation
             return out
-        note_m, answer_m = matrix[: len(notes)], matrix[len(notes):]
+        note_m, answer_m = matrix[: len(notes)], matrix[len(notes) :]
         # Rows are L2-normalised by the vectorizer, so the dot product is the cosine.
         return np.asarray((answer_m @ note_m.T).todense(), dtype=np.float64)
 
@@ -112,10 +113,20 @@ class BiEncoderAligner:
         if not out.size:
             return out
         encoder = load_bi_encoder(self.model)
-        notes = encoder.encode([s.text for s in case.note_sentences], batch_size=self.batch_size,
-                               normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False)
-        answers = encoder.encode([a.text for a in case.answer_sentences], batch_size=self.batch_size,
-                                 normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False)
+        notes = encoder.encode(
+            [s.text for s in case.note_sentences],
+            batch_size=self.batch_size,
+            normalize_embeddings=True,
+            convert_to_numpy=True,
+            show_progress_bar=False,
+        )
+        answers = encoder.encode(
+            [a.text for a in case.answer_sentences],
+            batch_size=self.batch_size,
+            normalize_embeddings=True,
+            convert_to_numpy=True,
+            show_progress_bar=False,
+        )
         return (answers @ notes.T).astype(np.float64)
 
 
@@ -164,7 +175,9 @@ def combine_scores(component_scores: Mapping[str, np.ndarray], weights: Mapping[
     return combined
 
 
-def make_component(name: str, cross_encoder_dir: str | Path | None = None, bi_encoder: str | Path | None = None) -> Aligner:
+def make_component(
+    name: str, cross_encoder_dir: str | Path | None = None, bi_encoder: str | Path | None = None
+) -> Aligner:
     """A component scorer by its ensemble name."""
     if name == "bm25":
         return BM25Aligner()

@@ -5,6 +5,7 @@ with a fresh one-logit head, trained with class-weighted binary cross-entropy on
 pair of the training cases (linked = 1). Plain transformers + torch on CPU: a few
 epochs over a dozen cases take about a minute. Saved as safetensors.
 """
+
 from __future__ import annotations
 
 import random
@@ -67,8 +68,11 @@ def train_cross_encoder(
     negative_idx = [i for i, y in enumerate(labels) if y == 0]
     # Links are rare (~1 pair in 10). Each epoch sees every positive and a fresh sample of
     # negatives (CPU time), and the loss weights positives by what remains of the imbalance.
-    n_neg = len(negative_idx) if negatives_per_positive is None else min(
-        len(negative_idx), negatives_per_positive * len(positive_idx))
+    n_neg = (
+        len(negative_idx)
+        if negatives_per_positive is None
+        else min(len(negative_idx), negatives_per_positive * len(positive_idx))
+    )
     loss_fn = torch.nn.BCEWithLogitsLoss(pos_weight=torch.tensor(max(1.0, n_neg / len(positive_idx))))
     optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate)
     per_epoch = len(positive_idx) + n_neg
@@ -82,9 +86,15 @@ def train_cross_encoder(
         order = positive_idx + random.sample(negative_idx, n_neg)
         random.shuffle(order)
         for start in range(0, len(order), batch_size):
-            idx = order[start:start + batch_size]
-            batch = tokenizer([pairs[i][0] for i in idx], [pairs[i][1] for i in idx], padding=True,
-                              truncation=True, max_length=max_length, return_tensors="pt")
+            idx = order[start : start + batch_size]
+            batch = tokenizer(
+                [pairs[i][0] for i in idx],
+                [pairs[i][1] for i in idx],
+                padding=True,
+                truncation=True,
+                max_length=max_length,
+                return_tensors="pt",
+            )
             logits = model(**batch).logits.squeeze(-1)
             loss = loss_fn(logits, torch.tensor([labels[i] for i in idx]))
             loss.backward()
@@ -110,8 +120,14 @@ def predict_pairs(loaded, pairs: Sequence[tuple[str, str]], batch_size: int = 64
     tokenizer, model = loaded
     out = []
     for start in range(0, len(pairs), batch_size):
-        chunk = pairs[start:start + batch_size]
-        batch = tokenizer([a for a, _ in chunk], [n for _, n in chunk], padding=True, truncation=True,
-                          max_length=max_length, return_tensors="pt")
+        chunk = pairs[start : start + batch_size]
+        batch = tokenizer(
+            [a for a, _ in chunk],
+            [n for _, n in chunk],
+            padding=True,
+            truncation=True,
+            max_length=max_length,
+            return_tensors="pt",
+        )
         out.append(torch.sigmoid(model(**batch).logits.squeeze(-1).float()).cpu().numpy())
     return np.concatenate(out) if out else np.zeros(0)

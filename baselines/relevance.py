@@ -6,6 +6,7 @@ min-max normalised per case and averaged, so scores lie in [0, 1]). A sentence i
 when its score reaches the threshold: :data:`DEFAULT_THRESHOLD` when nothing is tuned,
 or the one with the best strict micro F1 on training cases (:func:`fit_threshold`).
 """
+
 from __future__ import annotations
 
 from typing import Sequence

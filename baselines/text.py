@@ -5,6 +5,7 @@ English stop words dropped, and a light plural/suffix fold so that "stents" meet
 "stent". Deliberately simple: the scorers are baselines, and their behaviour must be
 easy to predict from the text.
 """
+
 from __future__ import annotations
 
 import re

@@ -18,6 +18,7 @@ about ``--width`` tokens and then measures, for that batch:
 
 Writes ``decode-profile-<stamp>.json`` under ``--out``. Random weights: timing only.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,6 +33,7 @@ from plumbing.ranges import integer, number
 
 from plumbing.atomic import check_out_folder
 from plumbing.errors import CliParser, exit_on_input_error
+
 
 def _time_graph(fn, reps: int, device: torch.device) -> float:
     """Milliseconds per call of ``fn`` replayed as a CUDA graph (eager timing on CPU)."""
@@ -71,18 +73,19 @@ def _time_eager(fn, reps: int, device: torch.device) -> float:
     return 1e3 * (time.perf_counter() - t0) / reps
 
 
-def attention_variants(rows: int, n_heads: int, n_kv: int, head_dim: int, total: int, layers: int,
-                       device: torch.device, dtype: torch.dtype) -> dict:
+def attention_variants(
+    rows: int, n_heads: int, n_kv: int, head_dim: int, total: int, layers: int, device: torch.device, dtype: torch.dtype
+) -> dict:
     """ms for ``layers`` attentions of one decode token over a ``total``-slot cache."""
     q = torch.randn(rows, n_heads, 1, head_dim, device=device, dtype=dtype)
     k = torch.randn(rows, n_kv, total, head_dim, device=device, dtype=dtype)
     v = torch.randn_like(k)
     keep = torch.ones(rows, total, dtype=torch.bool, device=device)
     keep[:, : total // 8] = False  # left padding
-    keep[:, -total // 16:] = False  # slots not yet written
+    keep[:, -total // 16 :] = False  # slots not yet written
     bool_mask = keep[:, None, None, :]
     float_mask = torch.zeros(rows, 1, 1, total, device=device, dtype=dtype).masked_fill(~bool_mask, float("-inf"))
-    scale = head_dim ** -0.5
+    scale = head_dim**-0.5
 
     def ours():
         for _ in range(layers):
@@ -99,6 +102,7 @@ def attention_variants(rows: int, n_heads: int, n_kv: int, head_dim: int, total:
             with sdpa_kernel(backend):
                 for _ in range(layers):
                     F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+
         return run
 
     def matmuls_only():
@@ -134,16 +138,32 @@ def profile_table(step, device: torch.device, reps: int = 3) -> dict:
 
     def rows(events, n):
         events = sorted(events, key=lambda e: -getattr(e, attr, 0))[:n]
-        return [{"name": e.key, "shapes": str(getattr(e, "input_shapes", ""))[:160], "count": e.count // reps,
-                 "ms_per_step": round(getattr(e, attr, 0) / 1e3 / reps, 3)} for e in events]
+        return [
+            {
+                "name": e.key,
+                "shapes": str(getattr(e, "input_shapes", ""))[:160],
+                "count": e.count // reps,
+                "ms_per_step": round(getattr(e, attr, 0) / 1e3 / reps, 3),
+            }
+            for e in events
+        ]
 
     ops = [e for e in prof.key_averages(group_by_input_shape=True) if e.key.startswith("aten::")]
-    kernels = [e for e in prof.key_averages() if not e.key.startswith("aten::")
-               and getattr(e, "device_type", None) is not None and "cuda" in str(e.device_type).lower()]
+    kernels = [
+        e
+        for e in prof.key_averages()
+        if not e.key.startswith("aten::")
+        and getattr(e, "device_type", None) is not None
+        and "cuda" in str(e.device_type).lower()
+    ]
     total_kernel_ms = sum(getattr(e, attr, 0) for e in kernels) / 1e3 / reps
     kernel_launches = sum(e.count for e in kernels) // reps
-    return {"aten_ops": rows(ops, 30), "kernels": rows(kernels, 30),
-            "kernel_ms_per_step": round(total_kernel_ms, 3), "kernels_per_step": kernel_launches}
+    return {
+        "aten_ops": rows(ops, 30),
+        "kernels": rows(kernels, 30),
+        "kernel_ms_per_step": round(total_kernel_ms, 3),
+        "kernels_per_step": kernel_launches,
+    }
 
 
 @exit_on_input_error
@@ -151,11 +171,15 @@ def main(argv: list[str] | None = None) -> int:
     p = CliParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="qwen3-4b-random")
     p.add_argument("--rows", default=48, **integer(1, 4096).option())
-    p.add_argument("--width", default=1600,
-                   **integer(1, 131_072).option("prompt tokens (bucketed as the decoder does)"))
+    p.add_argument(
+        "--width", default=1600, **integer(1, 131_072).option("prompt tokens (bucketed as the decoder does)")
+    )
     p.add_argument("--new", default=100, **integer(1, 8192).option("max new tokens: sets the cache length"))
-    p.add_argument("--bandwidth-tbs", default=3.35,
-                   **number(0, 100, lo_open=True).option("memory bandwidth for the floor (H100 SXM)"))
+    p.add_argument(
+        "--bandwidth-tbs",
+        default=3.35,
+        **number(0, 100, lo_open=True).option("memory bandwidth for the floor (H100 SXM)"),
+    )
     p.add_argument("--out", default="bench/results")
     args = p.parse_args(argv)
     check_out_folder(Path(args.out))  # before any work
@@ -188,15 +212,22 @@ def main(argv: list[str] | None = None) -> int:
         mask[r, :pad] = 0
         ids[r, :pad] = 0
     batch = DecodeBatch(model, args.rows, width, args.new, [cfg.vocab_size - 1], 0, device, dtype, MATMUL)
-    result: dict = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-                    "device": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu",
-                    "torch": torch.__version__, "preset": args.preset, "rows": args.rows, "width": width,
-                    "cache_slots": batch.total, "build_s": round(build_s, 1)}
+    result: dict = {
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "device": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "preset": args.preset,
+        "rows": args.rows,
+        "width": width,
+        "cache_slots": batch.total,
+        "build_s": round(build_s, 1),
+    }
     with torch.no_grad():
         t0 = time.perf_counter()
         seqs = [row[m.bool()].tolist() for row, m in zip(ids, mask)]
-        attention = choose_packed_attention(device, dtype, cfg.num_attention_heads, cfg.num_key_value_heads,
-                                            head_dim_of(cfg))[0]
+        attention = choose_packed_attention(
+            device, dtype, cfg.num_attention_heads, cfg.num_key_value_heads, head_dim_of(cfg)
+        )[0]
         batch.prefill(seqs, [len(x) for x in seqs], 16384, attention)
         if device.type == "cuda":
             torch.cuda.synchronize()
@@ -216,12 +247,16 @@ def main(argv: list[str] | None = None) -> int:
         result["profile_chosen"] = profile_table(step, device)
         n_heads = cfg.num_attention_heads
         result["attention_36_layers_ms"] = attention_variants(
-            args.rows, n_heads, batch.n_kv, batch.head_dim, batch.total, cfg.num_hidden_layers, device, dtype)
+            args.rows, n_heads, batch.n_kv, batch.head_dim, batch.total, cfg.num_hidden_layers, device, dtype
+        )
     arch = resolve_preset(args.preset).arch
     weights = dense_weight_bytes(arch)
     cache = kv_bytes_per_token(cfg) * args.rows * batch.total
-    result["floor"] = {"weights_gb": round(weights / 1e9, 2), "kv_cache_gb": round(cache / 1e9, 2),
-                       "ms_at_bandwidth": round(1e3 * (weights + cache) / (args.bandwidth_tbs * 1e12), 2)}
+    result["floor"] = {
+        "weights_gb": round(weights / 1e9, 2),
+        "kv_cache_gb": round(cache / 1e9, 2),
+        "ms_at_bandwidth": round(1e3 * (weights + cache) / (args.bandwidth_tbs * 1e12), 2),
+    }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"decode-profile-{dt.datetime.now(dt.timezone.utc).strftime('%Y%m%dT%H%M%S')}.json"

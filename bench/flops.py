@@ -9,6 +9,7 @@ but no frozen-weight gradients; LoRA's own matmuls are negligible (r=16) and lef
 out; the recompute of gradient checkpointing is not counted (it is overhead, not
 model work).
 """
+
 from __future__ import annotations
 
 

@@ -9,6 +9,7 @@ CUDA memory fraction: ``train.py`` domain stage on synthetic emrQA-length record
 (export timed apart), ``infer.py --export`` on held-out synthetic cases with
 ``--max-memory-gb``. Reports wall time, tokens/s and peak memory of each stage as JSON.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -64,8 +65,10 @@ def run_child(spec: dict) -> int:
     wall = time.perf_counter() - t0
     stats = {"rc": rc or 0, "wall_s": round(wall, 2), **extra}
     if cuda:
-        stats.update(peak_allocated_gb=round(torch.cuda.max_memory_allocated() / 1e9, 2),
-                     peak_reserved_gb=round(torch.cuda.max_memory_reserved() / 1e9, 2))
+        stats.update(
+            peak_allocated_gb=round(torch.cuda.max_memory_allocated() / 1e9, 2),
+            peak_reserved_gb=round(torch.cuda.max_memory_reserved() / 1e9, 2),
+        )
     Path(spec["stats"]).write_text(json.dumps(stats), encoding="utf-8")
     return int(rc or 0)
 
@@ -94,9 +97,13 @@ def train_rates(run_dir: Path, skip: int) -> dict:
     if not rows:
         return {}
     steady = [r["tokens_per_s"] for r in rows if r.get("step", 0) > skip] or [r["tokens_per_s"] for r in rows]
-    return {"steps": rows[-1].get("step"), "tokens": rows[-1].get("tokens"),
-            "tokens_per_s_steady": round(statistics.median(steady), 1),
-            "first_loss": rows[0].get("loss"), "last_loss": rows[-1].get("loss")}
+    return {
+        "steps": rows[-1].get("step"),
+        "tokens": rows[-1].get("tokens"),
+        "tokens_per_s_steady": round(statistics.median(steady), 1),
+        "first_loss": rows[0].get("loss"),
+        "last_loss": rows[-1].get("loss"),
+    }
 
 
 # --- the journey ---------------------------------------------------------------------------------
@@ -117,9 +124,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--infer-cases", default=147, **integer(1, 10**6).option())
     p.add_argument("--max-new-tokens", default=100, **MAX_NEW_TOKENS.option())
     p.add_argument("--tiny", action="store_true", help="tiny sizes (with --preset tiny: a CPU check)")
-    p.add_argument("--stages", default="domain,task,infer",
-                   help="stages to run; without domain, --work must hold an earlier call's data and runs "
-                        "(the journey outlasts one 10-minute device command: split it over two on one machine)")
+    p.add_argument(
+        "--stages",
+        default="domain,task,infer",
+        help="stages to run; without domain, --work must hold an earlier call's data and runs "
+        "(the journey outlasts one 10-minute device command: split it over two on one machine)",
+    )
     return p
 
 
@@ -137,14 +147,23 @@ def prepare_work(args: argparse.Namespace, stages: list[str], p: argparse.Argume
         work.mkdir(parents=True)
         synthetic_emrqa(work / "emrqa.jsonl", args.records)
         write_keyed_cases(keyed_cases(args.task_cases, seed=11), work / "train.xml", work / "train_key.json")
-        write_keyed_cases(keyed_cases(args.infer_cases, seed=12), work / "test.xml", work / "test_key.json",
-                          answers_in_xml=True)  # Subtask 4 needs answer sentences; no --key, so no scoring
+        write_keyed_cases(
+            keyed_cases(args.infer_cases, seed=12), work / "test.xml", work / "test_key.json", answers_in_xml=True
+        )  # Subtask 4 needs answer sentences; no --key, so no scoring
     elif not (work / "test.xml").is_file():
         p.error(f"--stages {args.stages} continues an earlier journey, but {work} holds none")
     # The random base once, before the stages (a user has the released weights on disk).
-    subprocess.run([sys.executable, "-c", "import torch; from model.backbone import save_random_base as s, "
-                    "random_base_cache_dir as d\nwith torch.device('cuda' if torch.cuda.is_available() else 'cpu'):"
-                    f" s('{args.preset}', d('{args.preset}'))"], cwd=ROOT, check=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import torch; from model.backbone import save_random_base as s, "
+            "random_base_cache_dir as d\nwith torch.device('cuda' if torch.cuda.is_available() else 'cpu'):"
+            f" s('{args.preset}', d('{args.preset}'))",
+        ],
+        cwd=ROOT,
+        check=True,
+    )
     return time.perf_counter() - t0
 
 
@@ -173,8 +192,10 @@ def print_summary(rows: list[dict], path: Path) -> None:
     for r in rows:
         rate = r.get("tokens_per_s_steady") or r.get("decode_tokens_per_s")
         note = r.get("error") or (f"export {r['export_s']} s" if "export_s" in r else "")
-        print(f"| {r['stage']} | {r.get('wall_s')} | {rate} | {r.get('peak_allocated_gb')} | "
-              f"{r.get('peak_reserved_gb')} | {note} |")
+        print(
+            f"| {r['stage']} | {r.get('wall_s')} | {rate} | {r.get('peak_allocated_gb')} | "
+            f"{r.get('peak_reserved_gb')} | {note} |"
+        )
     print(f"wrote {path}")
 
 
@@ -199,10 +220,16 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S")
     path = out / f"journey-{stamp}.json"
-    result = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "preset": args.preset,
-              "device": torch.cuda.get_device_name(0) if device == "cuda" else "cpu", "cap_gb": args.cap_gb or None,
-              "setup_s": round(setup_s, 1), "stages": [],
-              "settings": {k: v for k, v in vars(args).items() if k != "child"}, "passed": False}
+    result = {
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "preset": args.preset,
+        "device": torch.cuda.get_device_name(0) if device == "cuda" else "cpu",
+        "cap_gb": args.cap_gb or None,
+        "setup_s": round(setup_s, 1),
+        "stages": [],
+        "settings": {k: v for k, v in vars(args).items() if k != "child"},
+        "passed": False,
+    }
 
     def save(rows: list[dict]) -> None:  # after every stage: a run cut short still leaves its numbers
         result["stages"] = rows
@@ -217,27 +244,77 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _domain_stage(args, work: Path, emrqa: Path, domain: Path, common: list[str], cap, device) -> dict:
-    row = stage("domain", "train", ["--stage", "domain", "--data", str(emrqa), "--out", str(domain),
-                                    "--max_steps", str(args.domain_steps), "--batch_tokens", str(args.batch_tokens),
-                                    "--max_length", "2048", "--log_every", "10" if not args.tiny else "1", *common],
-                work, cap, device)
+    row = stage(
+        "domain",
+        "train",
+        [
+            "--stage",
+            "domain",
+            "--data",
+            str(emrqa),
+            "--out",
+            str(domain),
+            "--max_steps",
+            str(args.domain_steps),
+            "--batch_tokens",
+            str(args.batch_tokens),
+            "--max_length",
+            "2048",
+            "--log_every",
+            "10" if not args.tiny else "1",
+            *common,
+        ],
+        work,
+        cap,
+        device,
+    )
     row.update(train_rates(domain, skip=20 if not args.tiny else 0))
     return row
 
 
 def _task_stage(args, work: Path, domain: Path, task: Path, common: list[str], cap, device) -> dict:
-    row = stage("task", "train", ["--stage", "task", "--joint", "--init", str(domain), "--xml",
-                                  str(work / "train.xml"), "--key", str(work / "train_key.json"),
-                                  "--out", str(task), "--epochs", str(args.task_epochs),
-                                  "--log_every", "5" if not args.tiny else "1", *common], work, cap, device)
+    row = stage(
+        "task",
+        "train",
+        [
+            "--stage",
+            "task",
+            "--joint",
+            "--init",
+            str(domain),
+            "--xml",
+            str(work / "train.xml"),
+            "--key",
+            str(work / "train_key.json"),
+            "--out",
+            str(task),
+            "--epochs",
+            str(args.task_epochs),
+            "--log_every",
+            "5" if not args.tiny else "1",
+            *common,
+        ],
+        work,
+        cap,
+        device,
+    )
     row.update(train_rates(task, skip=5 if not args.tiny else 0))
     return row
 
 
 def _infer_stage(args, work: Path, task: Path, cap, device) -> dict:
     sub = work / "submission"
-    infer_argv = [str(work / "test.xml"), "--export", str(task / "export"), "--out", str(sub),
-                  "--max-new-tokens", str(args.max_new_tokens), "--no-progress", "--overwrite"]
+    infer_argv = [
+        str(work / "test.xml"),
+        "--export",
+        str(task / "export"),
+        "--out",
+        str(sub),
+        "--max-new-tokens",
+        str(args.max_new_tokens),
+        "--no-progress",
+        "--overwrite",
+    ]
     if cap:
         infer_argv += ["--max-memory-gb", f"{cap:g}"]
     row = stage("infer", "infer", infer_argv, work, cap, device)
@@ -247,13 +324,19 @@ def _infer_stage(args, work: Path, task: Path, cap, device) -> dict:
         timings = run.get("timings_s", {})
         fast = run.get("fast_inference") or {}
         new_tokens = (fast.get("decode") or {}).get("new_tokens")
-        row.update(timings_s=timings, memory=run.get("memory"), new_tokens=new_tokens,
-                   decode_tokens_per_s=round(new_tokens / timings.get("model", timings.get("subtask3")), 1)
-                   if new_tokens and timings.get("model", timings.get("subtask3")) else None,
-                   cuda_graph=(fast.get("decode") or {}).get("cuda_graph"),
-                   gen_batches=(fast.get("decode") or {}).get("batches"),
-                   alignment=fast.get("alignment"), relevance=fast.get("relevance"),
-                   written=sorted(p.name for p in sub.iterdir()))
+        row.update(
+            timings_s=timings,
+            memory=run.get("memory"),
+            new_tokens=new_tokens,
+            decode_tokens_per_s=round(new_tokens / timings.get("model", timings.get("subtask3")), 1)
+            if new_tokens and timings.get("model", timings.get("subtask3"))
+            else None,
+            cuda_graph=(fast.get("decode") or {}).get("cuda_graph"),
+            gen_batches=(fast.get("decode") or {}).get("batches"),
+            alignment=fast.get("alignment"),
+            relevance=fast.get("relevance"),
+            written=sorted(p.name for p in sub.iterdir()),
+        )
     return row
 
 

@@ -15,6 +15,7 @@
 Each part writes ``OUT/multigpu.json`` as it finishes (a time-out keeps what is done);
 every launched rank's stderr lands in ``OUT/logs``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,11 +36,44 @@ from plumbing.errors import CliParser, exit_on_input_error  # noqa: E402
 from bench.scaling import NCCL_ENV, collect_rank_logs, launch_prefix, read_rows, run_with_timeout  # noqa: E402
 from plumbing.ranges import integer, number  # noqa: E402
 
-TINY = ["--stage", "domain", "--preset", "tiny", "--data", str(ROOT / "examples" / "emrqa_sample.jsonl"),
-        "--batch_tokens", "1000", "--max_length", "512", "--epochs", "3", "--joint", "true",
-        "--lr", "1e-3", "--head_lr", "3e-3", "--warmup_ratio", "0", "--schedule", "constant",
-        "--lora_dropout", "0", "--head_dropout", "0", "--log_every", "1", "--progress", "false",
-        "--plot", "false", "--seed", "3", "--compile", "false"]
+TINY = [
+    "--stage",
+    "domain",
+    "--preset",
+    "tiny",
+    "--data",
+    str(ROOT / "examples" / "emrqa_sample.jsonl"),
+    "--batch_tokens",
+    "1000",
+    "--max_length",
+    "512",
+    "--epochs",
+    "3",
+    "--joint",
+    "true",
+    "--lr",
+    "1e-3",
+    "--head_lr",
+    "3e-3",
+    "--warmup_ratio",
+    "0",
+    "--schedule",
+    "constant",
+    "--lora_dropout",
+    "0",
+    "--head_dropout",
+    "0",
+    "--log_every",
+    "1",
+    "--progress",
+    "false",
+    "--plot",
+    "false",
+    "--seed",
+    "3",
+    "--compile",
+    "false",
+]
 
 
 def run_train(n: int, args: list[str], logs: Path, tag: str, env: dict) -> int:
@@ -72,17 +106,23 @@ def resume_check(work: Path, logs: Path, env: dict) -> dict:
     ref = work / "resume-ref"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
-    result: dict = {"reference_rc": run_train(2, [*TINY, "--out", str(ref), "--save_every", "1",
-                                                  "--keep_checkpoints", "0"], logs, "resume-ref", env)}
+    result: dict = {
+        "reference_rc": run_train(
+            2, [*TINY, "--out", str(ref), "--save_every", "1", "--keep_checkpoints", "0"], logs, "resume-ref", env
+        )
+    }
     if result["reference_rc"] != 0:
         return result
     reference = export_weights(ref / "export")
     from safetensors.torch import load_file
 
-    mid = {f"adapter/{k}": v for k, v in
-           load_file(str(ref / "checkpoints" / "step-3" / "adapter" / "adapter_model.safetensors")).items()}
-    result["moved_since_checkpoint"] = max(float((reference[k].float() - v.float()).abs().max())
-                                           for k, v in mid.items())
+    mid = {
+        f"adapter/{k}": v
+        for k, v in load_file(str(ref / "checkpoints" / "step-3" / "adapter" / "adapter_model.safetensors")).items()
+    }
+    result["moved_since_checkpoint"] = max(
+        float((reference[k].float() - v.float()).abs().max()) for k, v in mid.items()
+    )
     for n in (1, 2):
         run = work / f"resume-2to{n}"
         run.mkdir()
@@ -100,8 +140,20 @@ def resume_check(work: Path, logs: Path, env: dict) -> dict:
 
 
 def fsdp_check(logs: Path, env: dict, timeout: float) -> dict:
-    cmd = [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", "-rA",
-           "tests/test_distributed.py", "-k", "fsdp"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-q",
+        "-m",
+        "gpu",
+        "-p",
+        "no:cacheprovider",
+        "-rA",
+        "tests/test_distributed.py",
+        "-k",
+        "fsdp",
+    ]
     print("+", " ".join(cmd), flush=True)
     log = logs / "fsdp-pytest.log"
     with log.open("w") as fh:
@@ -116,8 +168,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=os.environ.get("OUT", "bench/results"))
     p.add_argument("--work", default="/tmp/multigpu")
     p.add_argument("--parts", nargs="+", default=["scaling", "resume", "fsdp"])
-    p.add_argument("--budget_s", default=510,
-                   **number(0, 86_400, lo_open=True).option("a part that cannot start in time is skipped"))
+    p.add_argument(
+        "--budget_s",
+        default=510,
+        **number(0, 86_400, lo_open=True).option("a part that cannot start in time is skipped"),
+    )
     p.add_argument("--steps", default=20, **integer(1, 10**6).option("scaling: optimizer steps per run"))
     p.add_argument("--skip", default=8, **integer(0, 10**6).option("scaling: first steps dropped (compile, warm-up)"))
     p.add_argument("--records", default=1200, **integer(1, 10**7).option())
@@ -164,9 +219,25 @@ def main(argv: list[str] | None = None) -> int:
             before = set(out.glob("scaling-*.json"))
             # Two runs; leave ~3 min of the budget to the other parts when they follow.
             others = 170 if len(args.parts) > 1 else 0
-            scaling.main(["--gpus", "1", "2", "--steps", str(args.steps), "--skip", str(args.skip),
-                          "--records", str(args.records), "--work", str(Path(args.work) / "scaling"),
-                          "--out", str(out), "--timeout_s", str(max(60.0, (left - others - 60) / 2))])
+            scaling.main(
+                [
+                    "--gpus",
+                    "1",
+                    "2",
+                    "--steps",
+                    str(args.steps),
+                    "--skip",
+                    str(args.skip),
+                    "--records",
+                    str(args.records),
+                    "--work",
+                    str(Path(args.work) / "scaling"),
+                    "--out",
+                    str(out),
+                    "--timeout_s",
+                    str(max(60.0, (left - others - 60) / 2)),
+                ]
+            )
             new = sorted(set(out.glob("scaling-*.json")) - before)
             report["scaling"] = json.loads(new[-1].read_text()) if new else {"error": "no result"}
         report.setdefault("wall_s", {})[part] = round(time.perf_counter() - start, 1)

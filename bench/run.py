@@ -13,6 +13,7 @@ path (``generate``, fixed batches) beside the fast path (inference/fast.py: stat
 CUDA-graphed decode, memory-planned batches) on the whole card and under emulated 24 / 16 GB
 cards (``torch.cuda.set_per_process_memory_fraction``), with load, capture and decode timed apart.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -59,23 +60,65 @@ VARIANTS = [
     StepVariant("+ chunked answer CE (1024)", "tokens", autocast=True, keep_bf16=True, lm_chunk=1024),
     StepVariant("+ 32k-token batches", "tokens", max_tokens=32768, autocast=True, keep_bf16=True, lm_chunk=1024),
     StepVariant("+ LoRA dropout 0 (16k)", "tokens", autocast=True, keep_bf16=True, lm_chunk=1024, lora_dropout=0.0),
-    StepVariant("+ torch.compile per decoder layer (dropout 0.05)", "tokens", autocast=True, keep_bf16=True,
-                lm_chunk=1024, compile_layers=True),
-    StepVariant("bf16 base (--load_in_4bit false), otherwise as 7", "tokens", autocast=True, keep_bf16=True,
-                lm_chunk=1024, compile_layers=True, quantise=False),
+    StepVariant(
+        "+ torch.compile per decoder layer (dropout 0.05)",
+        "tokens",
+        autocast=True,
+        keep_bf16=True,
+        lm_chunk=1024,
+        compile_layers=True,
+    ),
+    StepVariant(
+        "bf16 base (--load_in_4bit false), otherwise as 7",
+        "tokens",
+        autocast=True,
+        keep_bf16=True,
+        lm_chunk=1024,
+        compile_layers=True,
+        quantise=False,
+    ),
 ]
 
 # The task stage (--joint) on synthetic ArchEHR-QA cases, through the same step: today's
 # configs/task.toml (one case per forward, 4 micro-batches a step) and token-budget batches.
 TASK_VARIANTS = [
-    StepVariant("task: one case per forward, grad_accum 4 (task.toml before issue 21)", "rows", rows=1,
-                autocast=True, keep_bf16=True, lm_chunk=1024, compile_layers=True, grad_accum=4),
-    StepVariant("task: 4k-token batches", "tokens", max_tokens=4096, autocast=True, keep_bf16=True, lm_chunk=1024,
-                compile_layers=True),
-    StepVariant("task: 8k-token batches (task.toml now)", "tokens", max_tokens=8192, autocast=True, keep_bf16=True,
-                lm_chunk=1024, compile_layers=True),
-    StepVariant("task: 16k-token batches", "tokens", max_tokens=16384, autocast=True, keep_bf16=True, lm_chunk=1024,
-                compile_layers=True),
+    StepVariant(
+        "task: one case per forward, grad_accum 4 (task.toml before issue 21)",
+        "rows",
+        rows=1,
+        autocast=True,
+        keep_bf16=True,
+        lm_chunk=1024,
+        compile_layers=True,
+        grad_accum=4,
+    ),
+    StepVariant(
+        "task: 4k-token batches",
+        "tokens",
+        max_tokens=4096,
+        autocast=True,
+        keep_bf16=True,
+        lm_chunk=1024,
+        compile_layers=True,
+    ),
+    StepVariant(
+        "task: 8k-token batches (task.toml now)",
+        "tokens",
+        max_tokens=8192,
+        autocast=True,
+        keep_bf16=True,
+        lm_chunk=1024,
+        compile_layers=True,
+    ),
+    StepVariant(
+        "task: 16k-token batches",
+        "tokens",
+        max_tokens=16384,
+        autocast=True,
+        keep_bf16=True,
+        lm_chunk=1024,
+        compile_layers=True,
+    ),
 ]
 
 
@@ -119,16 +162,29 @@ def release() -> None:
 # --- our step --------------------------------------------------------------------------
 
 
-def load_ours(model_dir: str, preset: str, device: torch.device, quantise: bool, keep_bf16: bool, checkpointing: bool,
-              lora_dropout: float = 0.05, compile_layers: bool = False):
+def load_ours(
+    model_dir: str,
+    preset: str,
+    device: torch.device,
+    quantise: bool,
+    keep_bf16: bool,
+    checkpointing: bool,
+    lora_dropout: float = 0.05,
+    compile_layers: bool = False,
+):
     from heads.alignment import NotePairHead
     from heads.config import HeadConfig
     from model.backbone import LoraSettings, load_backbone
     from training.joint import JointModel, LossSettings
 
     backbone = load_backbone(
-        preset, load_in_4bit=quantise, device=device, lora=LoraSettings(dropout=lora_dropout),
-        gradient_checkpointing=checkpointing, base_path=model_dir, keep_bf16=keep_bf16,
+        preset,
+        load_in_4bit=quantise,
+        device=device,
+        lora=LoraSettings(dropout=lora_dropout),
+        gradient_checkpointing=checkpointing,
+        base_path=model_dir,
+        keep_bf16=keep_bf16,
     )
     if compile_layers:
         from model.backbone import compile_decoder_layers
@@ -158,9 +214,19 @@ def loop_config(variant: StepVariant, stage: str = "domain"):
     from training.config import TrainConfig
 
     tokens = variant.batching == "tokens"
-    return TrainConfig(stage=stage, joint=True, bf16=variant.autocast, batch_tokens=variant.max_tokens if tokens else 0,
-                       batch_size=variant.rows, group_by_length=False, grad_accum=variant.grad_accum, lr=1e-4,
-                       warmup_ratio=0.0, schedule="constant", log_every=10**9)
+    return TrainConfig(
+        stage=stage,
+        joint=True,
+        bf16=variant.autocast,
+        batch_tokens=variant.max_tokens if tokens else 0,
+        batch_size=variant.rows,
+        group_by_length=False,
+        grad_accum=variant.grad_accum,
+        lr=1e-4,
+        warmup_ratio=0.0,
+        schedule="constant",
+        log_every=10**9,
+    )
 
 
 def make_trainer(model, items, cfg):
@@ -174,8 +240,20 @@ def make_trainer(model, items, cfg):
     sampler = make_sampler(items, cfg)
     wrapped, optimizer = accelerator.prepare(model, optimizer)
     total = 10**6
-    return Trainer(cfg, Path("/tmp/bench-loop"), accelerator, wrapped, model, optimizer,
-                   make_scheduler(optimizer, cfg, total), sampler, list(items), 0, total, train_hooks())
+    return Trainer(
+        cfg,
+        Path("/tmp/bench-loop"),
+        accelerator,
+        wrapped,
+        model,
+        optimizer,
+        make_scheduler(optimizer, cfg, total),
+        sampler,
+        list(items),
+        0,
+        total,
+        train_hooks(),
+    )
 
 
 def step_groups(t, n: int) -> list:
@@ -233,11 +311,19 @@ def run_ours(model, items, variant: StepVariant, steps: int, warmup: int, device
         for mb in group:
             lengths += [len(items[i]) for i in mb.indices]
             supervised += sum(sum(1 for x in items[i].encoded.labels[1:] if x != IGNORE_INDEX) for i in mb.indices)
-    row = summarise(times, lengths, supervised, device, batches=len(times), warmup_steps=warm_steps,
-                    warmup_s=round(warm_s, 1), recompiles=loop.compiled_graphs() - (graphs_timed or 0),
-                    compiled_graphs=loop.compiled_graphs() - graphs_start,
-                    tokens_per_step=round(sum(lengths) / max(len(times), 1)),
-                    first_lm_loss=round(state.window.get("lm", float("nan")) / max(state.window_micro, 1), 4))
+    row = summarise(
+        times,
+        lengths,
+        supervised,
+        device,
+        batches=len(times),
+        warmup_steps=warm_steps,
+        warmup_s=round(warm_s, 1),
+        recompiles=loop.compiled_graphs() - (graphs_timed or 0),
+        compiled_graphs=loop.compiled_graphs() - graphs_start,
+        tokens_per_step=round(sum(lengths) / max(len(times), 1)),
+        first_lm_loss=round(state.window.get("lm", float("nan")) / max(state.window_micro, 1), 4),
+    )
     t.accelerator.free_memory()
     del t
     release()
@@ -265,12 +351,16 @@ def run_textbook_column(model, examples, seq_len: int, rows: int, steps: int, wa
     from bench.textbook import reference_loss, run_textbook
 
     first = reference_loss(model, examples[:rows], seq_len, device)
-    raw = run_textbook(model, examples, seq_len, rows, steps, warmup, pad_id=0, out_dir="/tmp/bench-textbook", device=device)
+    raw = run_textbook(
+        model, examples, seq_len, rows, steps, warmup, pad_id=0, out_dir="/tmp/bench-textbook", device=device
+    )
     mean_len = sum(len(e.input_ids) for e in examples[: rows * (steps + warmup)]) / (rows * (steps + warmup))
     n_rows = raw["steps"] * rows
     lengths = [int(mean_len)] * n_rows  # the Trainer shuffles rows: use the mean real length
     sup_mean = sum(sum(1 for x in e.labels[1:] if x != IGNORE_INDEX) for e in examples) / len(examples)
-    row = summarise([raw["seconds"]], lengths, int(sup_mean * n_rows), device, first_lm_loss=first, batches=raw["steps"])
+    row = summarise(
+        [raw["seconds"]], lengths, int(sup_mean * n_rows), device, first_lm_loss=first, batches=raw["steps"]
+    )
     row.update(peak_allocated_gb=raw["peak_allocated_gb"], peak_reserved_gb=raw["peak_reserved_gb"])
     return row
 
@@ -289,9 +379,19 @@ def ensure_adapter(model_dir: str, preset: str, device, adapter_dir: str) -> Non
         release()
 
 
-def run_inference(model_dir: str, preset: str, device, merged: bool, n_answers: int, n_align: int,
-                  max_new_tokens: int, gen_batch: int, align_batch: int, adapter_dir: str,
-                  cache: str | None = None) -> dict:
+def run_inference(
+    model_dir: str,
+    preset: str,
+    device,
+    merged: bool,
+    n_answers: int,
+    n_align: int,
+    max_new_tokens: int,
+    gen_batch: int,
+    align_batch: int,
+    adapter_dir: str,
+    cache: str | None = None,
+) -> dict:
     from heads.alignment import NotePairHead
     from heads.config import HeadConfig
     from model.backbone import load_adapted, load_tokenizer
@@ -301,8 +401,9 @@ def run_inference(model_dir: str, preset: str, device, merged: bool, n_answers: 
     sync(device)
     t0 = time.perf_counter()
     load_times: dict = {}
-    backbone = load_adapted(preset, adapter_dir, merge=merged, load_in_4bit=True, device=device, base_path=model_dir,
-                            timings=load_times)
+    backbone = load_adapted(
+        preset, adapter_dir, merge=merged, load_in_4bit=True, device=device, base_path=model_dir, timings=load_times
+    )
     hidden = backbone.config.hidden_size
     head = NotePairHead(HeadConfig(hidden_size=hidden)).to(device).eval()
     ckpt = LoadedExport(manifest={}, threshold=0.5, tokenizer=load_tokenizer(preset), model=backbone, head=head)
@@ -313,8 +414,9 @@ def run_inference(model_dir: str, preset: str, device, merged: bool, n_answers: 
     reset_peak(device)
     sync(device)
     t0 = time.perf_counter()
-    answers = ckpt.generate_answers(answer_cases, max_new_tokens=max_new_tokens, batch_size=gen_batch,
-                                    cache_implementation=cache)
+    answers = ckpt.generate_answers(
+        answer_cases, max_new_tokens=max_new_tokens, batch_size=gen_batch, cache_implementation=cache
+    )
     sync(device)
     gen_s = time.perf_counter() - t0
     new_tokens = sum(len(ckpt.tokenizer(a, add_special_tokens=False)["input_ids"]) for a in answers)
@@ -326,9 +428,16 @@ def run_inference(model_dir: str, preset: str, device, merged: bool, n_answers: 
     del ckpt, backbone, head
     release()
     return {
-        "load_s": round(load_s, 1), "load_steps_s": load_times, "generate_s": round(gen_s, 2), "align_s": round(align_s, 2),
-        "total_s": round(gen_s + align_s, 2), "new_tokens": new_tokens, "gen_batch": gen_batch,
-        "align_batch": align_batch, "decode_tokens_per_s": round(new_tokens / gen_s, 1), **peaks(device),
+        "load_s": round(load_s, 1),
+        "load_steps_s": load_times,
+        "generate_s": round(gen_s, 2),
+        "align_s": round(align_s, 2),
+        "total_s": round(gen_s + align_s, 2),
+        "new_tokens": new_tokens,
+        "gen_batch": gen_batch,
+        "align_batch": align_batch,
+        "decode_tokens_per_s": round(new_tokens / gen_s, 1),
+        **peaks(device),
     }
 
 
@@ -351,8 +460,12 @@ def relevance_row(fast, cases, device) -> dict:
     sync(device)
     per_case_s = time.perf_counter() - t0
     diff = max(float(np.abs(packed[c.case_id] - o).max()) for c, o in zip(cases, one))
-    return {"relevance_s": round(seconds, 2), "relevance_per_case_s": round(per_case_s, 2),
-            "relevance_max_abs_diff": diff, "relevance_checked_cases": len(one)}
+    return {
+        "relevance_s": round(seconds, 2),
+        "relevance_per_case_s": round(per_case_s, 2),
+        "relevance_max_abs_diff": diff,
+        "relevance_checked_cases": len(one),
+    }
 
 
 def one_pass_row(fast, cases, max_new_tokens: int, device) -> dict:
@@ -377,8 +490,16 @@ def one_pass_row(fast, cases, max_new_tokens: int, device) -> dict:
     return times
 
 
-def run_fast_inference(model_dir: str, preset: str, device, n_answers: int, n_align: int, max_new_tokens: int,
-                       adapter_dir: str, cap_gb: float | None = None) -> dict:
+def run_fast_inference(
+    model_dir: str,
+    preset: str,
+    device,
+    n_answers: int,
+    n_align: int,
+    max_new_tokens: int,
+    adapter_dir: str,
+    cap_gb: float | None = None,
+) -> dict:
     """The fast path (inference/fast.py) as infer.py runs it: under ``cap_gb`` (the process's
     memory fraction, emulating a smaller card) the merge decision and the batch sizes come
     from the memory left; load (base, dequantise, adapter + merge), generation (prefill,
@@ -403,8 +524,9 @@ def run_fast_inference(model_dir: str, preset: str, device, n_answers: int, n_al
         load_times: dict = {}
         sync(device)
         t0 = time.perf_counter()
-        backbone = load_adapted(preset, adapter_dir, merge=merge, load_in_4bit=True, device=device,
-                                base_path=model_dir, timings=load_times)
+        backbone = load_adapted(
+            preset, adapter_dir, merge=merge, load_in_4bit=True, device=device, base_path=model_dir, timings=load_times
+        )
         head = NotePairHead(HeadConfig(hidden_size=backbone.config.hidden_size)).to(device).eval()
         ckpt = LoadedExport(manifest={}, threshold=0.5, tokenizer=load_tokenizer(preset), model=backbone, head=head)
         sync(device)
@@ -430,21 +552,35 @@ def run_fast_inference(model_dir: str, preset: str, device, n_answers: int, n_al
         report = fast.report()
         decode = report["decode"]
         row = {
-            "cap_gb": cap_gb, "merged": merge, "merge_reason": merge_reason,
+            "cap_gb": cap_gb,
+            "merged": merge,
+            "merge_reason": merge_reason,
             "budget_before_load_gb": None if budget is None else round(budget / GB, 2),
-            "load_s": round(load_s, 2), "load_steps_s": load_times, "load_peak_allocated_gb": load_peak,
-            "generate_s": round(gen_s, 2), "align_s": round(align_s, 2), "total_s": round(gen_s + align_s, 2),
-            "prefill_s": decode["prefill_s"], "capture_s": decode["capture_s"], "decode_s": decode["decode_s"],
-            "cuda_graph": decode["cuda_graph"], "graph_fallback": decode["graph_fallback"],
+            "load_s": round(load_s, 2),
+            "load_steps_s": load_times,
+            "load_peak_allocated_gb": load_peak,
+            "generate_s": round(gen_s, 2),
+            "align_s": round(align_s, 2),
+            "total_s": round(gen_s + align_s, 2),
+            "prefill_s": decode["prefill_s"],
+            "capture_s": decode["capture_s"],
+            "decode_s": decode["decode_s"],
+            "cuda_graph": decode["cuda_graph"],
+            "graph_fallback": decode["graph_fallback"],
             "prefill_attention": decode.get("prefill_attention"),
             "alignment_attention": report["alignment"].get("attention"),
             # generated tokens as decoded (stop token included); the old path counts re-tokenised text,
             # the same number when (as with random weights) no answer stops early
-            "new_tokens": decode["new_tokens"], "retokenized_new_tokens": new_tokens,
+            "new_tokens": decode["new_tokens"],
+            "retokenized_new_tokens": new_tokens,
             "decode_tokens_per_s": round(decode["new_tokens"] / gen_s, 1),
             "decode_only_tokens_per_s": round(decode["new_tokens"] / max(decode["decode_s"], 1e-9), 1),
-            "gen_batches": decode["batches"], "plans": report["plans"], "alignment": report["alignment"],
-            **relevance, "head_cases": report["head_cases"], **peaks(device),
+            "gen_batches": decode["batches"],
+            "plans": report["plans"],
+            "alignment": report["alignment"],
+            **relevance,
+            "head_cases": report["head_cases"],
+            **peaks(device),
         }
         del fast, ckpt, backbone, head
     except torch.OutOfMemoryError as err:
@@ -467,9 +603,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", default=6, **integer(1, 10**6).option())
     p.add_argument("--warmup", default=2, **integer(0, 10**6).option())
     p.add_argument("--variants", default="all", help="comma-separated indices of VARIANTS, or 'all'")
-    p.add_argument("--task-variants", default="",
-                   help="comma-separated indices of TASK_VARIANTS (the task stage, --joint), 'all', or '' for none")
-    p.add_argument("--task-cases", default=120, **integer(1, 10**6).option("synthetic ArchEHR-QA cases for the task stage"))
+    p.add_argument(
+        "--task-variants",
+        default="",
+        help="comma-separated indices of TASK_VARIANTS (the task stage, --joint), 'all', or '' for none",
+    )
+    p.add_argument(
+        "--task-cases", default=120, **integer(1, 10**6).option("synthetic ArchEHR-QA cases for the task stage")
+    )
     p.add_argument("--export", action="store_true", help="also time export_run after each stage")
     p.add_argument("--max-tokens", default=0, **integer(0, 2**24).option("override every variant's token budget"))
     p.add_argument("--skip", default="", help="comma list of: textbook,ours,infer")
@@ -478,8 +619,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--infer-before", action="store_true", help="also time the first inference settings")
     p.add_argument("--static-cache", action="store_true", help="also time generation with a static KV cache")
     p.add_argument("--skip-infer", default="", help="comma list of inference config indices to skip")
-    p.add_argument("--fast-caps", default="0,24,16",
-                   help="fast inference path under these memory caps in GB (0 = the whole card); '' = none")
+    p.add_argument(
+        "--fast-caps",
+        default="0,24,16",
+        help="fast inference path under these memory caps in GB (0 = the whole card); '' = none",
+    )
     return p
 
 
@@ -530,10 +674,16 @@ def set_up(args: argparse.Namespace) -> Bench | None:
     out.mkdir(parents=True, exist_ok=True)
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S")
     name = f"{'smoke' if args.smoke else 'h'}-{stamp}.json"
-    result = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "preset": preset,
-              "machine": platform.node(), "versions": versions(), "train": [], "infer": [],
-              "flops_note": "model FLOPs = 2 x forward (dense + causal attention + lm_head on labelled tokens); "
-                            "recompute not counted; peak 790 TFLOP/s bf16"}
+    result = {
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "preset": preset,
+        "machine": platform.node(),
+        "versions": versions(),
+        "train": [],
+        "infer": [],
+        "flops_note": "model FLOPs = 2 x forward (dense + causal attention + lm_head on labelled tokens); "
+        "recompute not counted; peak 790 TFLOP/s bf16",
+    }
     return Bench(args, preset, device, model_dir, steps, warmup, seqs, out / name, result)
 
 
@@ -561,8 +711,9 @@ def textbook_rows(b: Bench, data: dict) -> None:
     textbook = load_textbook_model(b.model_dir, b.device)
     for s in b.seqs:
         row = run_textbook_column(textbook, data[s], s, 4, b.steps, b.warmup, b.device)
-        b.result.setdefault("numerics", []).append({"variant": "textbook", "seq": s,
-                                                    "hf_loss_first_4_rows": row["first_lm_loss"]})
+        b.result.setdefault("numerics", []).append(
+            {"variant": "textbook", "seq": s, "hf_loss_first_4_rows": row["first_lm_loss"]}
+        )
         row.update(column="textbook", variant="HF Trainer + PEFT, padded to max length", seq=s)
         b.add("train", row)
     del textbook
@@ -591,11 +742,16 @@ def ensure_model(b: Bench, v: StepVariant, loaded: tuple, data: dict) -> tuple:
         return loaded
     loaded = None
     release()
-    model = load_ours(b.model_dir, b.preset, b.device, v.quantise, v.keep_bf16, v.checkpointing, v.lora_dropout,
-                      v.compile_layers)
-    b.result.setdefault("numerics", []).append({
-        "variant": v.name, "seq": b.seqs[-1],
-        "our_lm_loss_first_4_rows": our_reference_loss(model, data[b.seqs[-1]][:4], b.device)})
+    model = load_ours(
+        b.model_dir, b.preset, b.device, v.quantise, v.keep_bf16, v.checkpointing, v.lora_dropout, v.compile_layers
+    )
+    b.result.setdefault("numerics", []).append(
+        {
+            "variant": v.name,
+            "seq": b.seqs[-1],
+            "our_lm_loss_first_4_rows": our_reference_loss(model, data[b.seqs[-1]][:4], b.device),
+        }
+    )
     return key, model
 
 
@@ -610,8 +766,14 @@ def task_data(b: Bench, n_cases: int):
     folder = Path("/tmp/bench-task")
     folder.mkdir(parents=True, exist_ok=True)
     write_keyed_cases(keyed_cases(n_cases, seed=11), folder / "train.xml", folder / "train_key.json")
-    cfg = TrainConfig(stage="task", joint=True, preset=b.preset, base_path=b.model_dir, xml=str(folder / "train.xml"),
-                      key=str(folder / "train_key.json"))
+    cfg = TrainConfig(
+        stage="task",
+        joint=True,
+        preset=b.preset,
+        base_path=b.model_dir,
+        xml=str(folder / "train.xml"),
+        key=str(folder / "train_key.json"),
+    )
     tokenizer = load_tokenizer(b.preset)
     items, sources = stage_data(cfg, tokenizer)
     return cfg, items, sources, tokenizer
@@ -654,14 +816,28 @@ def export_rows(b: Bench, model, domain_items, task_cfg, task_items, sources, to
     from training.export import calibrated_thresholds, export_run
 
     domain_cfg = dataclasses.replace(task_cfg, stage="domain", xml="", key="")
-    for stage, cfg, stage_items, stage_sources in (("domain", domain_cfg, domain_items, []),
-                                                   ("task", task_cfg, task_items, sources)):
+    for stage, cfg, stage_items, stage_sources in (
+        ("domain", domain_cfg, domain_items, []),
+        ("task", task_cfg, task_items, sources),
+    ):
+
         def timed() -> dict:
             folder = Path(tempfile.mkdtemp(prefix="bench-export-"))
             sync(b.device)
             t0 = time.perf_counter()
-            export_run(folder, model.backbone, model.head, tokenizer, cfg, stage_items, stage_sources, None, None,
-                       steps=0, final_loss=None)
+            export_run(
+                folder,
+                model.backbone,
+                model.head,
+                tokenizer,
+                cfg,
+                stage_items,
+                stage_sources,
+                None,
+                None,
+                steps=0,
+                final_loss=None,
+            )
             sync(b.device)
             export_s = time.perf_counter() - t0
             t0 = time.perf_counter()
@@ -669,6 +845,7 @@ def export_rows(b: Bench, model, domain_items, task_cfg, task_items, sources, to
             sync(b.device)
             shutil.rmtree(folder, ignore_errors=True)
             return {"export_s": round(export_s, 2), "calibration_s": round(time.perf_counter() - t0, 2)}
+
         row = guarded(timed, b.device)
         row.update(stage=stage, variant="export_run (now)", examples=len(stage_items))
         b.add("export", row)
@@ -681,9 +858,13 @@ def export_rows(b: Bench, model, domain_items, task_cfg, task_items, sources, to
         relevance_probabilities(model.backbone, model.head, [it.encoded for it in task_items][:200])
         sync(b.device)
         return {"calibration_s": round(time.perf_counter() - t0, 2)}
+
     row = guarded(before, b.device)
-    row.update(stage="task", variant="calibration before issue 21 (one case per forward, compiled no-grad graphs)",
-               examples=len(task_items))
+    row.update(
+        stage="task",
+        variant="calibration before issue 21 (one case per forward, compiled no-grad graphs)",
+        examples=len(task_items),
+    )
     b.add("export", row)
 
 
@@ -693,20 +874,31 @@ def inference_rows(b: Bench) -> None:
     n_ans, n_align, new_tok = (3, 4, 8) if args.smoke else (47, 147, 100)
     adapter_dir = str(Path(b.model_dir).parent / "bench-adapter")
     configs = [(False, 8, 1, None, "NF4 + LoRA (before: batch 8, one case per forward)")] if args.infer_before else []
-    configs += [(False, args.gen_batch, args.align_batch, None, "NF4 + LoRA"),
-                (True, args.gen_batch, args.align_batch, None, "merged dense (from NF4)")]
+    configs += [
+        (False, args.gen_batch, args.align_batch, None, "NF4 + LoRA"),
+        (True, args.gen_batch, args.align_batch, None, "merged dense (from NF4)"),
+    ]
     if args.static_cache:
-        configs.append((True, args.gen_batch, args.align_batch, "static",
-                        "merged dense (from NF4), static KV cache (compiled decode, compile time included)"))
+        configs.append(
+            (
+                True,
+                args.gen_batch,
+                args.align_batch,
+                "static",
+                "merged dense (from NF4), static KV cache (compiled decode, compile time included)",
+            )
+        )
     configs = [c for i, c in enumerate(configs) if str(i) not in set(args.skip_infer.split(","))]
     for merged, gen_batch, align_batch, cache, label in configs:
-        row = run_inference(b.model_dir, b.preset, b.device, merged, n_ans, n_align, new_tok, gen_batch,
-                            align_batch, adapter_dir, cache)
+        row = run_inference(
+            b.model_dir, b.preset, b.device, merged, n_ans, n_align, new_tok, gen_batch, align_batch, adapter_dir, cache
+        )
         row.update(weights=label)
         b.add("infer", row)
     for cap in [float(c) for c in args.fast_caps.split(",") if c.strip()]:
-        row = run_fast_inference(b.model_dir, b.preset, b.device, n_ans, n_align, new_tok, adapter_dir,
-                                 cap_gb=cap or None)
+        row = run_fast_inference(
+            b.model_dir, b.preset, b.device, n_ans, n_align, new_tok, adapter_dir, cap_gb=cap or None
+        )
         row.update(weights=f"fast path{'' if not cap else f', {cap:g} GB cap'}")
         b.add("infer_fast", row)
 
@@ -736,35 +928,49 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def print_table(result: dict) -> None:
-    print("\n| column | stage | variant | seq | tokens/s | MFU | peak alloc GB | peak reserved GB | warm-up s | "
-          "recompiles |")
+    print(
+        "\n| column | stage | variant | seq | tokens/s | MFU | peak alloc GB | peak reserved GB | warm-up s | "
+        "recompiles |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in result["train"]:
         if "error" in r:
-            print(f"| {r['column']} | {r.get('stage', 'domain')} | {r['variant']} | {r['seq']} | {r['error']} | | | | | |")
+            print(
+                f"| {r['column']} | {r.get('stage', 'domain')} | {r['variant']} | {r['seq']} | {r['error']} | | | | | |"
+            )
             continue
-        print(f"| {r['column']} | {r.get('stage', 'domain')} | {r['variant']} | {r['seq']} | {r['tokens_per_s']:.0f} | "
-              f"{100 * r.get('mfu', 0):.1f}% | {r['peak_allocated_gb']} | {r['peak_reserved_gb']} | "
-              f"{r.get('warmup_s', '')} | {r.get('recompiles', '')} |")
+        print(
+            f"| {r['column']} | {r.get('stage', 'domain')} | {r['variant']} | {r['seq']} | {r['tokens_per_s']:.0f} | "
+            f"{100 * r.get('mfu', 0):.1f}% | {r['peak_allocated_gb']} | {r['peak_reserved_gb']} | "
+            f"{r.get('warmup_s', '')} | {r.get('recompiles', '')} |"
+        )
     for r in result.get("export", []):
-        print(f"export | {r['stage']} | {r['variant']} | {r.get('export_s', '')} s | calibration "
-              f"{r.get('calibration_s', '')} s | {r.get('error', '')}")
+        print(
+            f"export | {r['stage']} | {r['variant']} | {r.get('export_s', '')} s | calibration "
+            f"{r.get('calibration_s', '')} s | {r.get('error', '')}"
+        )
     print("\n| weights | generate 47 (s) | align 147 (s) | total (s) | decode tok/s | peak alloc GB |")
     print("|---|---|---|---|---|---|")
     for r in result["infer"]:
-        print(f"| {r['weights']} | {r['generate_s']} | {r['align_s']} | {r['total_s']} | "
-              f"{r['decode_tokens_per_s']} | {r['peak_allocated_gb']} |")
+        print(
+            f"| {r['weights']} | {r['generate_s']} | {r['align_s']} | {r['total_s']} | "
+            f"{r['decode_tokens_per_s']} | {r['peak_allocated_gb']} |"
+        )
     if result.get("infer_fast"):
-        print("\n| fast path | merged | load (s) | generate (s) | of which capture (s) | align (s) | total (s) | "
-              "decode tok/s | decode-only tok/s | peak alloc GB |")
+        print(
+            "\n| fast path | merged | load (s) | generate (s) | of which capture (s) | align (s) | total (s) | "
+            "decode tok/s | decode-only tok/s | peak alloc GB |"
+        )
         print("|---|---|---|---|---|---|---|---|---|---|")
         for r in result["infer_fast"]:
             if "error" in r:
                 print(f"| {r['weights']} | {r['error']} | | | | | | | | |")
                 continue
-            print(f"| {r['weights']} | {r['merged']} | {r['load_s']} | {r['generate_s']} | {r['capture_s']} | "
-                  f"{r['align_s']} | {r['total_s']} | {r['decode_tokens_per_s']} | {r['decode_only_tokens_per_s']} | "
-                  f"{r['peak_allocated_gb']} |")
+            print(
+                f"| {r['weights']} | {r['merged']} | {r['load_s']} | {r['generate_s']} | {r['capture_s']} | "
+                f"{r['align_s']} | {r['total_s']} | {r['decode_tokens_per_s']} | {r['decode_only_tokens_per_s']} | "
+                f"{r['peak_allocated_gb']} |"
+            )
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ compile time) and every rank's peak GPU memory. Each rank's stdout/stderr is kep
 (``accelerate launch --tee 3 --log_dir``) and copied next to the results as
 ``logs/Ngpu-rankR.stderr.log``, so a crashed rank shows its traceback.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,23 +32,36 @@ from plumbing.atomic import check_out_folder
 from plumbing.errors import CliParser, exit_on_input_error
 
 ROOT = Path(__file__).resolve().parents[1]
-WORDS = ("patient admitted with chest pain troponin elevated heparin aspirin stent discharged home follow up "
-         "cardiology blood pressure metoprolol lisinopril daily mg ct scan showed no acute findings labs anemia "
-         "transfused units hemoglobin stable creatinine improved diuresis furosemide weight").split()
+WORDS = (
+    "patient admitted with chest pain troponin elevated heparin aspirin stent discharged home follow up "
+    "cardiology blood pressure metoprolol lisinopril daily mg ct scan showed no acute findings labs anemia "
+    "transfused units hemoglobin stable creatinine improved diuresis furosemide weight"
+).split()
 
 
 def synthetic_emrqa(path: Path, n: int, seed: int = 0) -> None:
     rng = random.Random(seed)
     with path.open("w", encoding="utf-8") as fh:
         for i in range(n):
-            sentences = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(8, 30))).capitalize() + "."
-                         for _ in range(rng.randint(8, 45))]
+            sentences = [
+                " ".join(rng.choice(WORDS) for _ in range(rng.randint(8, 30))).capitalize() + "."
+                for _ in range(rng.randint(8, 45))
+            ]
             context = " ".join(sentences)
             answer = rng.choice(sentences)[:-1]
             start = context.index(answer)
-            fh.write(json.dumps({"id": f"syn-{i}", "title": "synthetic", "context": context,
-                                 "question": "What happened to the patient?",
-                                 "answers": {"text": [answer], "answer_start": [start]}}) + "\n")
+            fh.write(
+                json.dumps(
+                    {
+                        "id": f"syn-{i}",
+                        "title": "synthetic",
+                        "context": context,
+                        "question": "What happened to the patient?",
+                        "answers": {"text": [answer], "answer_start": [start]},
+                    }
+                )
+                + "\n"
+            )
 
 
 def read_rows(log: Path) -> list[dict]:
@@ -113,9 +127,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="bench/results")
     p.add_argument("--preset", default="qwen3-4b-random", help="tiny: a CPU check of the script (gloo)")
     p.add_argument("--extra", default="", help="extra train.py overrides, e.g. '--compile false'")
-    p.add_argument("--timeout_s", default=None,
-                   **number(0, 86_400, lo_open=True).option("per run; a run past it is stopped and measured on "
-                                                            "the steps it logged"))
+    p.add_argument(
+        "--timeout_s",
+        default=None,
+        **number(0, 86_400, lo_open=True).option(
+            "per run; a run past it is stopped and measured on the steps it logged"
+        ),
+    )
     args = p.parse_args(argv)
     check_out_folder(Path(args.out))  # before any work
 
@@ -124,12 +142,41 @@ def main(argv: list[str] | None = None) -> int:
     data = work / "emrqa_synthetic.jsonl"
     synthetic_emrqa(data, args.records)
     # Write the random base once, before several processes would race to build it.
-    subprocess.run([sys.executable, "-c", "from model.backbone import save_random_base, random_base_cache_dir as d;"
-                    f"save_random_base('{args.preset}', d('{args.preset}'))"], cwd=ROOT, check=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "from model.backbone import save_random_base, random_base_cache_dir as d;"
+            f"save_random_base('{args.preset}', d('{args.preset}'))",
+        ],
+        cwd=ROOT,
+        check=True,
+    )
     env = dict(os.environ, **NCCL_ENV)
-    common = ["train.py", "--stage", "domain", "--preset", args.preset, "--data", str(data),
-              "--max_steps", str(args.steps), "--log_every", "1", "--save_every", "0", "--progress", "false",
-              "--max_length", "2048", "--batch_tokens", "16384", "--plot", "false", *args.extra.split()]
+    common = [
+        "train.py",
+        "--stage",
+        "domain",
+        "--preset",
+        args.preset,
+        "--data",
+        str(data),
+        "--max_steps",
+        str(args.steps),
+        "--log_every",
+        "1",
+        "--save_every",
+        "0",
+        "--progress",
+        "false",
+        "--max_length",
+        "2048",
+        "--batch_tokens",
+        "16384",
+        "--plot",
+        "false",
+        *args.extra.split(),
+    ]
     rows = []
     for n in args.gpus:
         out = work / f"run-{n}gpu"
@@ -142,9 +189,14 @@ def main(argv: list[str] | None = None) -> int:
         rc = run_with_timeout(cmd, args.timeout_s, cwd=ROOT, env=env)
         logs = collect_rank_logs(log_dir, Path(args.out) / "logs", f"{n}gpu") if n > 1 else []
         log_rows = read_rows(out / "log.jsonl")
-        row = {"gpus": n, "wall_s": round(time.perf_counter() - start, 1), "steps_logged": len(log_rows),
-               "epochs_seen": sorted({r["epoch"] for r in log_rows}), "rank_logs": logs,
-               "tokens_per_s_by_step": [r.get("tokens_per_s") for r in log_rows]}
+        row = {
+            "gpus": n,
+            "wall_s": round(time.perf_counter() - start, 1),
+            "steps_logged": len(log_rows),
+            "epochs_seen": sorted({r["epoch"] for r in log_rows}),
+            "rank_logs": logs,
+            "tokens_per_s_by_step": [r.get("tokens_per_s") for r in log_rows],
+        }
         if log_rows:
             last = log_rows[-1]
             row["max_mem_gb_ranks"] = last.get("max_mem_gb_ranks", [last.get("max_mem_gb")])
@@ -161,16 +213,20 @@ def main(argv: list[str] | None = None) -> int:
         if base and "tokens_per_s" in r:
             r["speedup"] = round(r["tokens_per_s"] / base, 2)
             r["efficiency"] = round(r["speedup"] / r["gpus"], 2)
-    result = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "rows": rows,
-              "settings": {"steps": args.steps, "skip": args.skip, "batch_tokens_per_process": 16384,
-                           "extra": args.extra}}
+    result = {
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "rows": rows,
+        "settings": {"steps": args.steps, "skip": args.skip, "batch_tokens_per_process": 16384, "extra": args.extra},
+    }
     Path(args.out).mkdir(parents=True, exist_ok=True)
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S")
     (Path(args.out) / f"scaling-{stamp}.json").write_text(json.dumps(result, indent=2))
     print("\n| GPUs | tokens/s | speed-up | efficiency | peak GB per rank |\n|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['gpus']} | {r.get('tokens_per_s', r.get('error'))} | {r.get('speedup', '')} | "
-              f"{r.get('efficiency', '')} | {r.get('max_mem_gb_ranks', '')} |")
+        print(
+            f"| {r['gpus']} | {r.get('tokens_per_s', r.get('error'))} | {r.get('speedup', '')} | "
+            f"{r.get('efficiency', '')} | {r.get('max_mem_gb_ranks', '')} |"
+        )
     return 0
 
 

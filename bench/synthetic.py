@@ -4,6 +4,7 @@ Training rows mimic emrQA-style prompts: real lengths drawn uniformly from
 15%-70% of the sequence length (300-1400 tokens at 2048), an answer of 40-120
 tokens at the end, note sentences of 15-60 tokens tiling the prompt.
 """
+
 from __future__ import annotations
 
 import random
@@ -88,8 +89,10 @@ def keyed_cases(n: int, seed: int = 0) -> list[Case]:
     out = []
     for case in inference_cases(n, seed=seed):
         note_ids = [s.sentence_id for s in case.note_sentences]
-        answers = [AnswerSentence(a.sentence_id, a.text, tuple(sorted(rng.sample(note_ids, rng.randint(1, 3)), key=int)))
-                   for a in case.answer_sentences]
+        answers = [
+            AnswerSentence(a.sentence_id, a.text, tuple(sorted(rng.sample(note_ids, rng.randint(1, 3)), key=int)))
+            for a in case.answer_sentences
+        ]
         cited = {e for a in answers for e in a.citations}
         case.answer_sentences = answers
         case.relevance = {sid: ("essential" if sid in cited else "not-relevant") for sid in note_ids}

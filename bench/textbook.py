@@ -3,6 +3,7 @@
 Kept deliberately plain (default Trainer settings, HF forward with labels, full
 logits) so the speed-up of our step is measured against what most users run.
 """
+
 from __future__ import annotations
 
 import time
@@ -27,7 +28,10 @@ def load_textbook_model(model_dir: str, device: torch.device, r: int = 16, alpha
     )
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
     lora = LoraConfig(
-        r=r, lora_alpha=alpha, lora_dropout=dropout, task_type="CAUSAL_LM",
+        r=r,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        task_type="CAUSAL_LM",
         target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
     )
     return get_peft_model(model, lora)
@@ -38,11 +42,13 @@ def padded_rows(examples: list[EncodedExample], seq_len: int, pad_id: int) -> li
     for ex in examples:
         n = len(ex.input_ids)
         pad = seq_len - n
-        rows.append({
-            "input_ids": ex.input_ids + [pad_id] * pad,
-            "attention_mask": [1] * n + [0] * pad,
-            "labels": ex.labels + [IGNORE_INDEX] * pad,
-        })
+        rows.append(
+            {
+                "input_ids": ex.input_ids + [pad_id] * pad,
+                "attention_mask": [1] * n + [0] * pad,
+                "labels": ex.labels + [IGNORE_INDEX] * pad,
+            }
+        )
     return rows
 
 
@@ -71,8 +77,17 @@ def reference_loss(model, examples: list[EncodedExample], seq_len: int, device: 
         return float(model(**batch).loss)
 
 
-def run_textbook(model, examples: list[EncodedExample], seq_len: int, batch_rows: int, steps: int,
-                 warmup: int, pad_id: int, out_dir: str, device: torch.device) -> dict:
+def run_textbook(
+    model,
+    examples: list[EncodedExample],
+    seq_len: int,
+    batch_rows: int,
+    steps: int,
+    warmup: int,
+    pad_id: int,
+    out_dir: str,
+    device: torch.device,
+) -> dict:
     """Train with transformers.Trainer; time the steps after `warmup`."""
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
@@ -90,9 +105,18 @@ def run_textbook(model, examples: list[EncodedExample], seq_len: int, batch_rows
     n_rows = batch_rows * (steps + warmup)
     rows = padded_rows(examples[:n_rows], seq_len, pad_id)
     args = TrainingArguments(
-        output_dir=out_dir, per_device_train_batch_size=batch_rows, max_steps=steps + warmup,
-        gradient_checkpointing=True, bf16=device.type == "cuda", use_cpu=device.type != "cuda", learning_rate=2e-4, logging_steps=10**9,
-        save_strategy="no", report_to=[], dataloader_num_workers=0, seed=0,
+        output_dir=out_dir,
+        per_device_train_batch_size=batch_rows,
+        max_steps=steps + warmup,
+        gradient_checkpointing=True,
+        bf16=device.type == "cuda",
+        use_cpu=device.type != "cuda",
+        learning_rate=2e-4,
+        logging_steps=10**9,
+        save_strategy="no",
+        report_to=[],
+        dataloader_num_workers=0,
+        seed=0,
         remove_unused_columns=False,
     )
     if device.type == "cuda":
@@ -100,7 +124,7 @@ def run_textbook(model, examples: list[EncodedExample], seq_len: int, batch_rows
     trainer = Trainer(model=model, args=args, train_dataset=_Rows(rows), callbacks=[StepTimer()])
     trainer.train()
     timed = times[warmup:]
-    used = examples[batch_rows * warmup:n_rows]
+    used = examples[batch_rows * warmup : n_rows]
     return {
         "seconds": sum(timed),
         "steps": len(timed),

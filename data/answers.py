@@ -1,5 +1,6 @@
 """Subtask 3 answer post-processing: what a generated text must become before submission
 (used by inference and cross-validation alike, so it lives below both)."""
+
 from __future__ import annotations
 
 import re

@@ -8,6 +8,7 @@ strictly: anything the official scorer would silently mis-read (a comma-separate
 ``citations`` string scored character by character, an id that does not exist) is
 either normalised or rejected with an :class:`InputError`.
 """
+
 from __future__ import annotations
 
 import json
@@ -189,9 +190,12 @@ def load_key(key_path: str | Path) -> dict[str, KeyCase]:
             _expect(isinstance(a, dict), "each 'answers' entry must be an object", path, case_id)
             sid, label = a.get("sentence_id"), a.get("relevance")
             _expect(isinstance(sid, str), f"sentence_id {sid!r} is not a string", path, case_id)
-            _expect(isinstance(label, str) and label in RELEVANCE_LABELS,
-                    f"sentence {sid}: unknown relevance {label!r} (official labels: {', '.join(RELEVANCE_LABELS)})",
-                    path, case_id)
+            _expect(
+                isinstance(label, str) and label in RELEVANCE_LABELS,
+                f"sentence {sid}: unknown relevance {label!r} (official labels: {', '.join(RELEVANCE_LABELS)})",
+                path,
+                case_id,
+            )
             _expect(sid not in relevance, f"duplicate sentence_id {sid!r} in answers", path, case_id)
             relevance[sid] = label
         sentences = []
@@ -212,8 +216,12 @@ def load_key(key_path: str | Path) -> dict[str, KeyCase]:
                     _expect(c in relevance, f"answer {aid} cites unknown sentence {c!r}", path, case_id)
             sentences.append(AnswerSentence(sentence_id=aid, text=text.strip(), citations=citations))
         answer_text = item.get("clinician_answer_without_citations")
-        _expect(answer_text is None or isinstance(answer_text, str),
-                "clinician_answer_without_citations must be a string", path, case_id)
+        _expect(
+            answer_text is None or isinstance(answer_text, str),
+            "clinician_answer_without_citations must be a string",
+            path,
+            case_id,
+        )
         out[case_id] = KeyCase(case_id, relevance, sentences, answer_text)
     return out
 

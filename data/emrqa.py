@@ -18,6 +18,7 @@ Unanswerable questions (empty ``answers.text``), rule ``unanswerable=``:
 The rule is applied first, then ``n`` records are sampled with ``random.Random(seed)``
 and returned in their file order (the same ``n`` and ``seed`` always give the same set).
 """
+
 from __future__ import annotations
 
 import random
@@ -83,7 +84,7 @@ def _json_records(data: object, path: Path) -> Iterator[object]:
     if isinstance(data, dict) and "data" in data:
         data = data["data"]
     if not isinstance(data, list):
-        raise InputError("expected a list of records or {\"data\": [...]}", path)
+        raise InputError('expected a list of records or {"data": [...]}', path)
     for item in data:
         if isinstance(item, dict) and "paragraphs" in item:  # nested SQuAD layout
             for para in item.get("paragraphs") or []:

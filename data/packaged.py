@@ -1,5 +1,6 @@
 """Model files shipped inside installed packages (the Qwen3 tokenizer, all-MiniLM-L6-v2): found
 by import spec, never downloaded."""
+
 from __future__ import annotations
 
 import importlib.util

@@ -10,6 +10,7 @@ what it sees at generation time.
 every note sentence and answer sentence, its ``[start, end)`` token span, computed
 from the fast tokenizer's offset mapping.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -109,9 +110,7 @@ def chat_prompt(tokenizer: PreTrainedTokenizerBase, ex: PromptExample) -> tuple[
     """Generation prompt (chat template, thinking off) and note-sentence char spans in it."""
     user, spans = user_message(ex)
     messages = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user}]
-    text = tokenizer.apply_chat_template(
-        messages, tokenize=False, add_generation_prompt=True, enable_thinking=False
-    )
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, enable_thinking=False)
     assert isinstance(text, str)  # tokenize=False: the template's text
     offset = text.find(user)
     if offset < 0:  # a template that rewrites content would break every span below
@@ -191,13 +190,20 @@ class NoteCut:
     limit: int
 
     def to_json(self) -> dict[str, Any]:
-        return {"case_id": self.case_id, "note_sentences": self.note_sentences, "kept": self.kept,
-                "tokens": self.tokens, "limit": self.limit}
+        return {
+            "case_id": self.case_id,
+            "note_sentences": self.note_sentences,
+            "kept": self.kept,
+            "tokens": self.tokens,
+            "limit": self.limit,
+        }
 
     def message(self) -> str:
-        return (f"case {self.case_id}: {self.tokens} tokens exceed the limit of {self.limit}; only the first "
-                f"{self.kept} of {self.note_sentences} note sentences are read (the rest are predicted not "
-                f"relevant and never cited)")
+        return (
+            f"case {self.case_id}: {self.tokens} tokens exceed the limit of {self.limit}; only the first "
+            f"{self.kept} of {self.note_sentences} note sentences are read (the rest are predicted not "
+            f"relevant and never cited)"
+        )
 
 
 def case_tokens(tokenizer: PreTrainedTokenizerBase, case: Case, reserve: int) -> int:
@@ -223,7 +229,9 @@ def keep_note_sentences(case: Case, k: int) -> Case:
     return replace(case, note_sentences=kept, answer_sentences=answers, relevance=relevance)
 
 
-def fit_case(tokenizer: PreTrainedTokenizerBase, case: Case, limit: int, reserve: int = 0) -> tuple[Case, NoteCut | None]:
+def fit_case(
+    tokenizer: PreTrainedTokenizerBase, case: Case, limit: int, reserve: int = 0
+) -> tuple[Case, NoteCut | None]:
     """``case`` cut to the longest prefix of its note that fits ``limit`` tokens (with ``reserve`` to
     generate); unchanged (and no :class:`NoteCut`) when it fits whole. A case that cannot fit even
     with one note sentence raises ValueError (the CLI's one line)."""
@@ -247,6 +255,7 @@ def fit_case(tokenizer: PreTrainedTokenizerBase, case: Case, limit: int, reserve
         else:
             hi = mid - 1
     if lo == 0:
-        raise ValueError(f"case {case.case_id}: even one note sentence with the question and answer needs more "
-                         f"than {limit} tokens")
+        raise ValueError(
+            f"case {case.case_id}: even one note sentence with the question and answer needs more than {limit} tokens"
+        )
     return keep_note_sentences(case, lo), NoteCut(case.case_id, n, lo, tokens, limit)

@@ -1,4 +1,5 @@
 """Typed records for ArchEHR-QA cases. Ids are always strings, never assumed contiguous."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field

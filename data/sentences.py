@@ -13,14 +13,13 @@ The rule, kept simple on purpose so that every stage numbers sentences the same 
 Decimals (``1.2``) never split because no whitespace follows the dot. Empty pieces are
 dropped and whitespace inside a sentence is kept as written (stripped at the ends).
 """
+
 from __future__ import annotations
 
 import re
 
 # Lower-cased, without the final dot.
-ABBREVIATIONS = frozenset(
-    {"dr", "mr", "mrs", "ms", "prof", "st", "vs", "e.g", "i.e", "approx", "fig"}
-)
+ABBREVIATIONS = frozenset({"dr", "mr", "mrs", "ms", "prof", "st", "vs", "e.g", "i.e", "approx", "fig"})
 
 _BOUNDARY = re.compile(r"""[.!?]["')\]]*\s+(?=["'(\[]?[A-Z0-9])""")
 

@@ -15,6 +15,7 @@ holds ``submission.json`` at its root (what the leaderboard expects). Validation
 before anything touches the disk, and every file is written to a temporary name in the
 same directory and renamed, so a failure never leaves a partial file behind.
 """
+
 from __future__ import annotations
 
 from typing import Any, BinaryIO
@@ -38,9 +39,7 @@ MAX_RATIO = 200
 
 # "|3|", "|3,5|", "[3]", "[3, 7a]": the citation styles of the key and of common prompts.
 _ID = r"[0-9][0-9A-Za-z]*"
-CITATION_MARKER = re.compile(
-    rf"\|\s*{_ID}(?:\s*,\s*{_ID})*\s*\||\[\s*{_ID}(?:\s*,\s*{_ID})*\s*\]"
-)
+CITATION_MARKER = re.compile(rf"\|\s*{_ID}(?:\s*,\s*{_ID})*\s*\||\[\s*{_ID}(?:\s*,\s*{_ID})*\s*\]")
 _SENTENCE_END = re.compile(r"""[.!?]["')\]]*$""")
 
 
@@ -189,8 +188,9 @@ def validate_subtask3(entries: object, cases: list[Case], path: str | Path | Non
         if not text.strip():
             raise InputError("prediction is empty", path, cid)
         if not has_13a_tokens(text):
-            raise InputError("prediction has no tokens after 13a tokenization (the official scorer would crash "
-                             "on it)", path, cid)
+            raise InputError(
+                "prediction has no tokens after 13a tokenization (the official scorer would crash on it)", path, cid
+            )
         n = count_words(text)
         if n > MAX_WORDS:
             raise InputError(f"prediction has {n} words, more than {MAX_WORDS}", path, cid)
@@ -227,7 +227,9 @@ def validate_subtask4(entries: object, cases: list[Case], path: str | Path | Non
             raise InputError(f"answer sentence {missing[0]!r} is not listed", path, cid)
 
 
-def write_submission(entries: list[dict[str, Any]], out_dir: Path, subtask: int, cases: list[Case]) -> tuple[Path, Path]:
+def write_submission(
+    entries: list[dict[str, Any]], out_dir: Path, subtask: int, cases: list[Case]
+) -> tuple[Path, Path]:
     """Validate, then write ``out_dir/subtask{N}/submission.json`` and ``out_dir/subtask{N}.zip``."""
     if subtask == 2:
         validate_subtask2(entries, cases)
@@ -277,17 +279,29 @@ def _read_zip_member(path: Path) -> bytes:
             if info.is_dir():
                 raise InputError(f"{SUBMISSION_NAME} in the zip is a folder, not a file", path)
             if info.file_size > MAX_SUBMISSION_BYTES:
-                raise InputError(f"{SUBMISSION_NAME} in the zip is {info.file_size} bytes, more than "
-                                 f"{MAX_SUBMISSION_BYTES}", path)
+                raise InputError(
+                    f"{SUBMISSION_NAME} in the zip is {info.file_size} bytes, more than {MAX_SUBMISSION_BYTES}", path
+                )
             if info.file_size > 2**20 and info.file_size > MAX_RATIO * max(info.compress_size, 1):
-                raise InputError(f"{SUBMISSION_NAME} in the zip expands {info.file_size // max(info.compress_size, 1)}"
-                                 f"-fold (a zip bomb?)", path)
+                raise InputError(
+                    f"{SUBMISSION_NAME} in the zip expands {info.file_size // max(info.compress_size, 1)}"
+                    f"-fold (a zip bomb?)",
+                    path,
+                )
             with zf.open(info) as fh:  # the header's size may lie: never read past the cap
                 raw = fh.read(MAX_SUBMISSION_BYTES + 1)
     except InputError:
         raise
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, NotImplementedError, EOFError, zlib.error, OSError,
-            RuntimeError, ValueError) as err:  # RuntimeError: encrypted; ValueError: a corrupt header
+    except (
+        zipfile.BadZipFile,
+        zipfile.LargeZipFile,
+        NotImplementedError,
+        EOFError,
+        zlib.error,
+        OSError,
+        RuntimeError,
+        ValueError,
+    ) as err:  # RuntimeError: encrypted; ValueError: a corrupt header
         detail = str(err).splitlines()[0][:80] if str(err) else type(err).__name__
         raise InputError(f"not a valid zip file ({detail})", path) from None
     if len(raw) > MAX_SUBMISSION_BYTES:

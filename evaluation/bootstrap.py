@@ -6,6 +6,7 @@ so their intervals are comparable. Intervals are percentile intervals. Subtask 4
 per-case counts so that one resample is a few array operations, and the point
 estimates equal :func:`metrics.alignment.score_alignment` exactly (tested).
 """
+
 from __future__ import annotations
 
 from typing import Mapping, Sequence
@@ -34,8 +35,9 @@ def _f1(p: np.ndarray, r: np.ndarray) -> np.ndarray:
     return _safe_div(2 * p * r, p + r)
 
 
-def count_prf(tp: np.ndarray, pred: np.ndarray, gold: np.ndarray,
-              empty_is_perfect: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def count_prf(
+    tp: np.ndarray, pred: np.ndarray, gold: np.ndarray, empty_is_perfect: bool = False
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Precision, recall, F1 (0..1) of (true positive, predicted, gold) count arrays, elementwise; a
     zero denominator scores 0, and nothing predicted with nothing to find scores 1 where
     ``empty_is_perfect`` (the Subtask 2 rule; Subtask 4 scores it 0)."""
@@ -49,8 +51,10 @@ def count_prf(tp: np.ndarray, pred: np.ndarray, gold: np.ndarray,
 
 def pair_counts(predicted: Mapping[str, Pairs], gold: Mapping[str, Pairs], case_ids: Sequence[str]) -> np.ndarray:
     """[n_cases, 3] (true positives, predicted, gold) pair counts per case."""
-    return np.array([[len(set(predicted[c]) & set(gold[c])), len(set(predicted[c])), len(set(gold[c]))]
-                     for c in case_ids], dtype=np.float64).reshape(len(case_ids), 3)
+    return np.array(
+        [[len(set(predicted[c]) & set(gold[c])), len(set(predicted[c])), len(set(gold[c]))] for c in case_ids],
+        dtype=np.float64,
+    ).reshape(len(case_ids), 3)
 
 
 def micro_from_counts(counts: np.ndarray) -> dict[str, np.ndarray]:
@@ -79,23 +83,24 @@ def percentile_interval(samples: np.ndarray, level: float = DEFAULT_LEVEL) -> tu
     return float(lo), float(hi)
 
 
-def bootstrap_alignment(counts: np.ndarray, indices: np.ndarray,
-                        level: float = DEFAULT_LEVEL) -> dict[str, tuple[float, float]]:
+def bootstrap_alignment(
+    counts: np.ndarray, indices: np.ndarray, level: float = DEFAULT_LEVEL
+) -> dict[str, tuple[float, float]]:
     """Percentile interval of each Subtask 4 score over case resamples (``indices`` from :func:`resample_indices`)."""
     samples = alignment_from_counts(counts[indices])
     return {k: percentile_interval(samples[k], level) for k in ALIGNMENT_KEYS}
 
 
-def bootstrap_difference(counts_a: np.ndarray, counts_b: np.ndarray, indices: np.ndarray, key: str = "micro_f1",
-                         level: float = DEFAULT_LEVEL) -> tuple[float, float]:
+def bootstrap_difference(
+    counts_a: np.ndarray, counts_b: np.ndarray, indices: np.ndarray, key: str = "micro_f1", level: float = DEFAULT_LEVEL
+) -> tuple[float, float]:
     """Interval of score(a) - score(b) over the same case resamples (a paired comparison)."""
     a = alignment_from_counts(counts_a[indices])[key]
     b = alignment_from_counts(counts_b[indices])[key]
     return percentile_interval(a - b, level)
 
 
-def bootstrap_mean(values: Sequence[float], indices: np.ndarray,
-                   level: float = DEFAULT_LEVEL) -> tuple[float, float]:
+def bootstrap_mean(values: Sequence[float], indices: np.ndarray, level: float = DEFAULT_LEVEL) -> tuple[float, float]:
     """Interval of a per-case mean (Subtask 3 metrics are means over cases)."""
     arr = np.asarray(values, dtype=np.float64)
     return percentile_interval(arr[indices].mean(-1), level)

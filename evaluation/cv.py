@@ -15,6 +15,7 @@ read in a browser), ``folds/k/fold.json`` (what each fold
 chose and on which case ids) and ``cv.json``. Every input is checked, and a request
 to score on training cases refused, before anything is written.
 """
+
 from __future__ import annotations
 
 import re
@@ -76,15 +77,21 @@ from .systems import (
 
 ROOT = Path(__file__).resolve().parents[1]
 # What a cross-validation writes into --out: anything else there is the user's and is never replaced.
-CV_OUTPUT_NAMES = re.compile(r"^(folds|submissions|cv\.json|ladder\.(md|json)|errors\.md|report\.html|[a-z0-9_]+\.png)$")
+CV_OUTPUT_NAMES = re.compile(
+    r"^(folds|submissions|cv\.json|ladder\.(md|json)|errors\.md|report\.html|[a-z0-9_]+\.png)$"
+)
 EXTRACTIVE_SYSTEM = "extractive"
 MODEL_SYSTEM = "model"
 REFERENCE_SYSTEM = "ensemble"  # the ladder's paired differences are against it
-HELD_OUT_NOTICE = ("Scores are on HELD-OUT cases: every case was predicted by systems that neither trained nor "
-                   "chose any setting (threshold, weights) on it; held-out predictions of all folds are pooled "
-                   "and scored once.")
-TRAINING_NOTICE = (f"{TRAINING_CASES_LABEL}: these systems were trained and tuned on the very cases they are "
-                   "scored on (--allow-train-cases). These numbers overstate what to expect on new cases.")
+HELD_OUT_NOTICE = (
+    "Scores are on HELD-OUT cases: every case was predicted by systems that neither trained nor "
+    "chose any setting (threshold, weights) on it; held-out predictions of all folds are pooled "
+    "and scored once."
+)
+TRAINING_NOTICE = (
+    f"{TRAINING_CASES_LABEL}: these systems were trained and tuned on the very cases they are "
+    "scored on (--allow-train-cases). These numbers overstate what to expect on new cases."
+)
 Log = Callable[[str], None]
 
 
@@ -130,10 +137,14 @@ def data_provenance(xml: Path) -> str:
     resolved = Path(xml).resolve()
     invented_roots = [ROOT / "examples", ROOT.parent / "shared" / "fixtures", ROOT / "tests" / "fixtures"]
     if any(resolved.is_relative_to(r.resolve()) for r in invented_roots if r.exists()) or "fixture" in str(resolved):
-        return (f"Data: {Path(xml).name} is an INVENTED fixture set: these numbers test the pipeline and are not a "
-                "claim about real clinical data.")
-    return (f"Data: {Path(xml).name} as given by the user. With few cases the intervals are wide; the project's "
-            "own fixtures are invented and say nothing about real clinical data.")
+        return (
+            f"Data: {Path(xml).name} is an INVENTED fixture set: these numbers test the pipeline and are not a "
+            "claim about real clinical data."
+        )
+    return (
+        f"Data: {Path(xml).name} as given by the user. With few cases the intervals are wide; the project's "
+        "own fixtures are invented and say nothing about real clinical data."
+    )
 
 
 def _check_init_settings(init: str, settings: dict) -> None:
@@ -168,8 +179,15 @@ def _check_options(opts: CVOptions) -> tuple[list[Case], dict, str | None]:
     if opts.config is not None and not Path(opts.config).is_file():
         raise InputError("config file not found", opts.config)
     # Every training setting checked now, as a fold will build it, before any folder is made.
-    fold_config(Path(opts.out) / "folds" / "0", preset=opts.preset, init=init, seed=opts.seed, settings=settings,
-                config_file=opts.config, progress=opts.progress)
+    fold_config(
+        Path(opts.out) / "folds" / "0",
+        preset=opts.preset,
+        init=init,
+        seed=opts.seed,
+        settings=settings,
+        config_file=opts.config,
+        progress=opts.progress,
+    )
     cases = load_cases(opts.xml, opts.key)
     keyed = [c for c in cases if c.has_key and c.answer_sentences]
     if not keyed:
@@ -193,12 +211,19 @@ def _fold_record(fold: Fold, fitted: dict[str, Fitted], head: HeadFold | None) -
     }
     if head is not None:
         summary = head.summary()
-        thresholds[HEAD_SYSTEM] = {"threshold": head.threshold, "mode": "absolute",
-                                   "params": {"calibration": head.calibration}, "chosen_on": sorted(head.chosen_on)}
+        thresholds[HEAD_SYSTEM] = {
+            "threshold": head.threshold,
+            "mode": "absolute",
+            "params": {"calibration": head.calibration},
+            "chosen_on": sorted(head.chosen_on),
+        }
         if head.relevance_threshold is not None:
-            thresholds["head-relevance"] = {"threshold": head.relevance_threshold, "mode": "absolute",
-                                            "params": {"for": "strict micro F1"},
-                                            "chosen_on": sorted(head.relevance_chosen_on)}
+            thresholds["head-relevance"] = {
+                "threshold": head.relevance_threshold,
+                "mode": "absolute",
+                "params": {"for": "strict micro F1"},
+                "chosen_on": sorted(head.relevance_chosen_on),
+            }
         record["head"] = summary
     return record
 
@@ -259,16 +284,22 @@ class _Pooled:
 def _plan(opts: CVOptions, log: Log) -> _Plan:
     keyed, settings, init = _check_options(opts)
     ids = [c.case_id for c in keyed]
-    folds = plan_folds(ids, opts.folds, opts.seed, eval_on_train=opts.eval_on_train,
-                       allow_train_cases=opts.allow_train_cases)
+    folds = plan_folds(
+        ids, opts.folds, opts.seed, eval_on_train=opts.eval_on_train, allow_train_cases=opts.allow_train_cases
+    )
     check_folds(folds, ids, allow_train_cases=opts.allow_train_cases)
     on_training = any(f.evaluates_on_training_cases for f in folds)
     notice = [TRAINING_NOTICE if on_training else HELD_OUT_NOTICE, data_provenance(opts.xml)]
     systems = [s for s in ALL_SYSTEMS if s in opts.systems]
     if HEAD_SYSTEM in systems:
-        notice.append(f"Task stage: preset {opts.preset}, " + (
-            f"initialised from {init}." if init else
-            "no --init: every fold's task stage starts from a FRESH adapter and head (no domain stage)."))
+        notice.append(
+            f"Task stage: preset {opts.preset}, "
+            + (
+                f"initialised from {init}."
+                if init
+                else "no --init: every fold's task stage starts from a FRESH adapter and head (no domain stage)."
+            )
+        )
     out = Path(opts.out)  # run_cv builds everything aside and swaps it in at the end
     for line in notice:
         log(line)
@@ -295,9 +326,20 @@ def _run_fold(plan: _Plan, fold: Fold, component_scores, pooled: _Pooled, log: L
     head = None
     if plan.use_head:
         log(f"fold {fold.index}: training the task stage on {len(train)} case(s) -> {fold_dir / 'run'}")
-        head = run_head_fold(fold_dir, train, held_out, preset=opts.preset, init=plan.init, seed=opts.seed,
-                             settings=plan.settings, config_file=opts.config, max_new_tokens=opts.max_new_tokens,
-                             device=opts.device, progress=opts.progress, generate=opts.generate)
+        head = run_head_fold(
+            fold_dir,
+            train,
+            held_out,
+            preset=opts.preset,
+            init=plan.init,
+            seed=opts.seed,
+            settings=plan.settings,
+            config_file=opts.config,
+            max_new_tokens=opts.max_new_tokens,
+            device=opts.device,
+            progress=opts.progress,
+            generate=opts.generate,
+        )
         assert_chosen_on_training_cases(head.chosen_on, fold, "head threshold")
         assert_chosen_on_training_cases(head.relevance_chosen_on, fold, "head relevance threshold")
         pooled.predictions[HEAD_SYSTEM].update(head.predictions)
@@ -327,27 +369,39 @@ def _subtask4(plan: _Plan, pooled: _Pooled, indices: np.ndarray, labels: dict[st
     counts: dict[str, np.ndarray] = {}
     for system in systems:
         pred = {cid: pooled.predictions[system][cid].pairs for cid in ids}
-        entries = subtask4_entries({
-            cid: {aid: sorted((n for (a, n) in pred[cid] if a == aid), key=by_id[cid].note_ids.index)
-                  for aid in by_id[cid].answer_ids}
-            for cid in ids
-        })
+        entries = subtask4_entries(
+            {
+                cid: {
+                    aid: sorted((n for (a, n) in pred[cid] if a == aid), key=by_id[cid].note_ids.index)
+                    for aid in by_id[cid].answer_ids
+                }
+                for cid in ids
+            }
+        )
         write_submission(entries, plan.out / "submissions" / system, 4, plan.keyed)
         scores = score_alignment(pred, gold)
         counts[system] = pair_counts(pred, gold, ids)
         ci = bootstrap_alignment(counts[system], indices, opts.level)
-        st4_rows.append({"system": system, "label": labels[system],
-                         "scores": _round({k: scores[k] for k in ALIGNMENT_KEYS}),
-                         "ci": {k: [round(lo, 4), round(hi, 4)] for k, (lo, hi) in ci.items()}})
+        st4_rows.append(
+            {
+                "system": system,
+                "label": labels[system],
+                "scores": _round({k: scores[k] for k in ALIGNMENT_KEYS}),
+                "ci": {k: [round(lo, 4), round(hi, 4)] for k, (lo, hi) in ci.items()},
+            }
+        )
     if REFERENCE_SYSTEM in counts:
         # Paired over the same resamples: is a system's micro F1 really above or below the ensemble's?
         for row in st4_rows:
-            lo, hi = bootstrap_difference(counts[row["system"]], counts[REFERENCE_SYSTEM], indices, "micro_f1",
-                                          opts.level)
+            lo, hi = bootstrap_difference(
+                counts[row["system"]], counts[REFERENCE_SYSTEM], indices, "micro_f1", opts.level
+            )
             row["micro_f1_minus_ensemble"] = {
-                "value": round(row["scores"]["micro_f1"] - st4_rows[systems.index(REFERENCE_SYSTEM)]["scores"]
-                               ["micro_f1"], 4),
-                "ci": [round(lo, 4), round(hi, 4)]}
+                "value": round(
+                    row["scores"]["micro_f1"] - st4_rows[systems.index(REFERENCE_SYSTEM)]["scores"]["micro_f1"], 4
+                ),
+                "ci": [round(lo, 4), round(hi, 4)],
+            }
     return st4_rows
 
 
@@ -357,10 +411,16 @@ def _ladder(plan: _Plan, st4_rows: list[dict], st3_rows, st2, fold_records: list
         "title": ("Baseline ladder — " + (TRAINING_CASES_LABEL if plan.on_training else "held-out cases")),
         "evaluated_on": TRAINING_CASES_LABEL if plan.on_training else "held-out cases",
         "notice": plan.notice,
-        "xml": str(opts.xml), "key": str(opts.key),
-        "n_cases": len(plan.keyed), "n_folds": len(plan.folds), "seed": opts.seed,
-        "n_resamples": opts.n_resamples, "level": opts.level,
-        "subtask4": st4_rows, "subtask3": st3_rows, "subtask2": st2,
+        "xml": str(opts.xml),
+        "key": str(opts.key),
+        "n_cases": len(plan.keyed),
+        "n_folds": len(plan.folds),
+        "seed": opts.seed,
+        "n_resamples": opts.n_resamples,
+        "level": opts.level,
+        "subtask4": st4_rows,
+        "subtask3": st3_rows,
+        "subtask2": st2,
         "folds": fold_records,
     }
 
@@ -368,48 +428,76 @@ def _ladder(plan: _Plan, st4_rows: list[dict], st3_rows, st2, fold_records: list
 def _write_reports(plan: _Plan, pooled: _Pooled, ladder: dict, labels: dict[str, str]) -> dict[str, Path]:
     """ladder.json/.md, errors.md and the plots (cv.json comes last, from run_cv)."""
     out, systems = plan.out, plan.systems
-    files = {"ladder_md": out / "ladder.md", "ladder_json": out / "ladder.json", "errors": out / "errors.md",
-             "pr_curve": out / "pr_curve.png", "f1_vs_threshold": out / "f1_vs_threshold.png",
-             "loss_curves": out / "loss_curves.png", "report": out / REPORT_NAME, "cv": out / "cv.json"}
+    files = {
+        "ladder_md": out / "ladder.md",
+        "ladder_json": out / "ladder.json",
+        "errors": out / "errors.md",
+        "pr_curve": out / "pr_curve.png",
+        "f1_vs_threshold": out / "f1_vs_threshold.png",
+        "loss_curves": out / "loss_curves.png",
+        "report": out / REPORT_NAME,
+        "cv": out / "cv.json",
+    }
     write_json_atomic(files["ladder_json"], ladder)
     ladder_md = ladder_markdown(ladder)
     write_text_atomic(files["ladder_md"], ladder_md)
 
     report_systems = [s for s in (HEAD_SYSTEM, "ensemble") if s in systems] or systems[-1:]
-    write_text_atomic(files["errors"], error_report_markdown(
-        plan.keyed, {s: pooled.predictions[s] for s in report_systems}, pooled.fold_of, labels, plan.notice))
-    _plots(plan.keyed, pooled.predictions, pooled.chosen_thresholds, pooled.logs, files, plan.on_training,
-           plan.notice[1], f"data: {Path(plan.opts.xml).name}")
+    write_text_atomic(
+        files["errors"],
+        error_report_markdown(
+            plan.keyed, {s: pooled.predictions[s] for s in report_systems}, pooled.fold_of, labels, plan.notice
+        ),
+    )
+    _plots(
+        plan.keyed,
+        pooled.predictions,
+        pooled.chosen_thresholds,
+        pooled.logs,
+        files,
+        plan.on_training,
+        plan.notice[1],
+        f"data: {Path(plan.opts.xml).name}",
+    )
     predictions, shown = _case_predictions(plan, pooled, report_systems[0], labels)
-    images = [("Precision-recall over held-out (answer, note) pairs", files["pr_curve"]),
-              ("Held-out pair F1 against the threshold", files["f1_vs_threshold"]),
-              ("Task-stage training loss per fold", files["loss_curves"])]
+    images = [
+        ("Precision-recall over held-out (answer, note) pairs", files["pr_curve"]),
+        ("Held-out pair F1 against the threshold", files["f1_vs_threshold"]),
+        ("Task-stage training loss per fold", files["loss_curves"]),
+    ]
     write_report(files["report"], cv_report_page(plan.keyed, predictions, shown, ladder_md, images))
     return files
 
 
-def _case_predictions(plan: _Plan, pooled: _Pooled, system: str,
-                      labels: dict[str, str]) -> tuple[dict[str, CasePrediction], str]:
+def _case_predictions(
+    plan: _Plan, pooled: _Pooled, system: str, labels: dict[str, str]
+) -> tuple[dict[str, CasePrediction], str]:
     """What report.html shows of each held-out case: ``system``'s links, the head's relevance (else the
     question baseline's) and the model's answers; and a line saying so."""
     ids = plan.ids
     head_relevance = all(c in pooled.relevance and c in pooled.relevance_threshold for c in ids)
-    relevant = (subtask2.head_predictions(plan.keyed, pooled.relevance, pooled.relevance_threshold)
-                if head_relevance else pooled.baseline_relevance)
+    relevant = (
+        subtask2.head_predictions(plan.keyed, pooled.relevance, pooled.relevance_threshold)
+        if head_relevance
+        else pooled.baseline_relevance
+    )
     out = {}
     for case in plan.keyed:
         pairs = pooled.predictions[system][case.case_id].pairs
         out[case.case_id] = CasePrediction(
-            answer=pooled.answers.get(case.case_id), relevant_ids=relevant.get(case.case_id),
+            answer=pooled.answers.get(case.case_id),
+            relevant_ids=relevant.get(case.case_id),
             relevance_scores=pooled.relevance[case.case_id] if head_relevance else None,
-            links={a: [n for n in case.note_ids if (a, n) in pairs] for a in case.answer_ids})
-    relevance_by = (HEAD_SYSTEM if head_relevance else subtask2.BASELINE_SYSTEM if pooled.baseline_relevance
-                    else None)
+            links={a: [n for n in case.note_ids if (a, n) in pairs] for a in case.answer_ids},
+        )
+    relevance_by = HEAD_SYSTEM if head_relevance else subtask2.BASELINE_SYSTEM if pooled.baseline_relevance else None
     answers = "the model's generated answers" if pooled.answers else "not generated"
     if pooled.fallback:
         answers += f" ({len(pooled.fallback)} of {len(ids)} empty, shown with the extractive answer given instead)"
-    shown = (f"Each case as predicted in the fold that held it out. Subtask 4: {system} ({labels[system]}); "
-             f"Subtask 2: {relevance_by or 'not available (no relevance labels)'}; Subtask 3: {answers}.")
+    shown = (
+        f"Each case as predicted in the fold that held it out. Subtask 4: {system} ({labels[system]}); "
+        f"Subtask 2: {relevance_by or 'not available (no relevance labels)'}; Subtask 3: {answers}."
+    )
     return out, shown
 
 
@@ -425,13 +513,21 @@ def run_cv(opts: CVOptions, log: Log = _stderr) -> CVResult:
         ladder, pooled, files = _cross_validate(plan, opts, log)
         seconds = time.perf_counter() - started
         shown = {k: final / v.relative_to(stage) for k, v in files.items()}  # where they are once in place
-        write_json_atomic(files["cv"], {
-            "command": "score.py cv", "evaluated_on": ladder["evaluated_on"], "notice": plan.notice,
-            "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(opts).items()},
-            "systems": plan.systems, "folds": [{"index": f.index, "train_ids": list(f.train_ids),
-                                                 "test_ids": list(f.test_ids)} for f in plan.folds],
-            "seconds": round(seconds, 1), "files": {k: str(v) for k, v in shown.items()},
-        })
+        write_json_atomic(
+            files["cv"],
+            {
+                "command": "score.py cv",
+                "evaluated_on": ladder["evaluated_on"],
+                "notice": plan.notice,
+                "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(opts).items()},
+                "systems": plan.systems,
+                "folds": [
+                    {"index": f.index, "train_ids": list(f.train_ids), "test_ids": list(f.test_ids)} for f in plan.folds
+                ],
+                "seconds": round(seconds, 1),
+                "files": {k: str(v) for k, v in shown.items()},
+            },
+        )
     plan.out = final
     return CVResult(final, ladder, pooled.fold_records, seconds, shown)
 
@@ -443,7 +539,7 @@ def _relocated(value, stage: Path, final: Path):
     if isinstance(value, list):
         return [_relocated(v, stage, final) for v in value]
     if isinstance(value, (str, Path)) and str(value).startswith(str(stage)):
-        moved = str(final) + str(value)[len(str(stage)):]
+        moved = str(final) + str(value)[len(str(stage)) :]
         return Path(moved) if isinstance(value, Path) else moved
     return value
 
@@ -465,22 +561,35 @@ def _cross_validate(plan: _Plan, opts: CVOptions, log: Log) -> tuple[dict, _Pool
     st4_rows = _subtask4(plan, pooled, indices, labels)
     model_answers = pooled.answers if (plan.use_head and opts.generate) else None
     st3_rows = _subtask3(plan.keyed, model_answers, pooled.fallback, indices, opts, plan.out)
-    st2 = _subtask2(plan.keyed, pooled.relevance, pooled.relevance_threshold, pooled.baseline_relevance, indices,
-                    opts, plan.out)
+    st2 = _subtask2(
+        plan.keyed, pooled.relevance, pooled.relevance_threshold, pooled.baseline_relevance, indices, opts, plan.out
+    )
     ladder = _ladder(plan, st4_rows, st3_rows, st2, pooled.fold_records)
     return ladder, pooled, _write_reports(plan, pooled, ladder, labels)
 
 
-def _subtask3(keyed: list[Case], model_answers: dict[str, str] | None, fallback: list[str], indices: np.ndarray,
-              opts: CVOptions, out: Path) -> list[dict]:
+def _subtask3(
+    keyed: list[Case],
+    model_answers: dict[str, str] | None,
+    fallback: list[str],
+    indices: np.ndarray,
+    opts: CVOptions,
+    out: Path,
+) -> list[dict]:
     ids = [c.case_id for c in keyed]
-    references = {c.case_id: c.clinician_answer_without_citations or " ".join(a.text for a in c.answer_sentences)
-                  for c in keyed}
+    references = {
+        c.case_id: c.clinician_answer_without_citations or " ".join(a.text for a in c.answer_sentences) for c in keyed
+    }
     if not all(r.strip() for r in references.values()):
         return []
     sources = {c.case_id: c.patient_narrative for c in keyed}
-    runs = {EXTRACTIVE_SYSTEM: ({c.case_id: extractive_answer(blind(c)) for c in keyed},
-                                "extractive: note sentences closest to the question (nothing tuned)", [])}
+    runs = {
+        EXTRACTIVE_SYSTEM: (
+            {c.case_id: extractive_answer(blind(c)) for c in keyed},
+            "extractive: note sentences closest to the question (nothing tuned)",
+            [],
+        )
+    }
     if model_answers is not None:
         label = "the task-stage model's generated answers (trained on training folds)"
         if fallback:
@@ -494,14 +603,28 @@ def _subtask3(keyed: list[Case], model_answers: dict[str, str] | None, fallback:
         for name in result.computed:
             lo, hi = bootstrap_mean([result.per_case[cid][name] for cid in ids], indices, opts.level)
             ci[name] = [round(lo, 4), round(hi, 4)]
-        rows.append({"system": system, "label": label, "scores": _round(result.scores), "ci": ci,
-                     "not_computed": {k: result.reasons.get(k, "") for k in result.not_computed},
-                     "extractive_fallback_cases": fell_back})
+        rows.append(
+            {
+                "system": system,
+                "label": label,
+                "scores": _round(result.scores),
+                "ci": ci,
+                "not_computed": {k: result.reasons.get(k, "") for k in result.not_computed},
+                "extractive_fallback_cases": fell_back,
+            }
+        )
     return rows
 
 
-def _subtask2(keyed: list[Case], relevance: dict, thresholds: dict, baseline: dict[str, list[str]],
-              indices: np.ndarray, opts: CVOptions, out: Path) -> dict:
+def _subtask2(
+    keyed: list[Case],
+    relevance: dict,
+    thresholds: dict,
+    baseline: dict[str, list[str]],
+    indices: np.ndarray,
+    opts: CVOptions,
+    out: Path,
+) -> dict:
     """Official Subtask 2 scores with bootstrap intervals: the question baseline and, if run, the head."""
     if len(baseline) != len(keyed):
         return {"available": False, "reason": "the key has no relevance labels for every case"}
@@ -510,16 +633,24 @@ def _subtask2(keyed: list[Case], relevance: dict, thresholds: dict, baseline: di
         runs[HEAD_SYSTEM] = (subtask2.head_predictions(keyed, relevance, thresholds), subtask2.HEAD_LABEL)
     rows = []
     for system, (predicted, label) in runs.items():
-        write_submission(subtask2_entries({c.case_id: predicted[c.case_id] for c in keyed}),
-                         out / "submissions" / system, 2, keyed)
+        write_submission(
+            subtask2_entries({c.case_id: predicted[c.case_id] for c in keyed}), out / "submissions" / system, 2, keyed
+        )
         rows.append(subtask2.relevance_row(system, label, predicted, keyed, indices, opts.level))
     note = None if HEAD_SYSTEM in runs else ("head not run, or it has no relevance output (head_relevance = false)")
     return {"available": True, "rows": rows, "head_missing": note}
 
 
-def _plots(keyed: list[Case], predictions: dict[str, dict[str, Prediction]], chosen: dict[str, list[float]],
-           logs: dict[str, Path], files: dict[str, Path], on_training: bool, provenance: str,
-           provenance_name: str) -> None:
+def _plots(
+    keyed: list[Case],
+    predictions: dict[str, dict[str, Prediction]],
+    chosen: dict[str, list[float]],
+    logs: dict[str, Path],
+    files: dict[str, Path],
+    on_training: bool,
+    provenance: str,
+    provenance_name: str,
+) -> None:
     where = "TRAINING cases (optimistic)" if on_training else "held-out cases"
     golds = {c.case_id: gold_matrix(c) for c in keyed}
     curves, points = {}, {}
@@ -545,19 +676,26 @@ def print_summary(result: CVResult, stream=None) -> None:
     print("", file=stream)
     for line in ladder["notice"]:
         print(line, file=stream)
-    print(f"{ladder['title']}: {ladder['n_cases']} cases, {ladder['n_folds']} fold(s), "
-          f"{int(100 * ladder['level'])}% bootstrap CI over cases", file=stream)
+    print(
+        f"{ladder['title']}: {ladder['n_cases']} cases, {ladder['n_folds']} fold(s), "
+        f"{int(100 * ladder['level'])}% bootstrap CI over cases",
+        file=stream,
+    )
     width = max(len(r["system"]) for r in ladder["subtask4"])
     print(f"{'system':<{width}}  {'micro F1 [CI]':<22}  {'macro F1 [CI]':<22}", file=stream)
     for r in ladder["subtask4"]:
-        cells = [f"{r['scores'][k]:5.1f} [{r['ci'][k][0]:5.1f}, {r['ci'][k][1]:5.1f}]" for k in ("micro_f1", "macro_f1")]
+        cells = [
+            f"{r['scores'][k]:5.1f} [{r['ci'][k][0]:5.1f}, {r['ci'][k][1]:5.1f}]" for k in ("micro_f1", "macro_f1")
+        ]
         print(f"{r['system']:<{width}}  {cells[0]:<22}  {cells[1]:<22}", file=stream)
     st2 = ladder.get("subtask2") or {}
     if st2.get("available"):
         print("Subtask 2 (evidence identification):", file=stream)
         for r in st2["rows"]:
-            cells = [f"{k} {r['scores'][k]:5.1f} [{r['ci'][k][0]:5.1f}, {r['ci'][k][1]:5.1f}]"
-                     for k in ("strict_micro_f1", "lenient_micro_f1")]
+            cells = [
+                f"{k} {r['scores'][k]:5.1f} [{r['ci'][k][0]:5.1f}, {r['ci'][k][1]:5.1f}]"
+                for k in ("strict_micro_f1", "lenient_micro_f1")
+            ]
             print(f"  {r['system']}: " + "  ".join(cells), file=stream)
     for name, path in result.files.items():
         print(f"{name}: {path}", file=stream)

@@ -6,6 +6,7 @@ and a key), so each fold's training cases are written as an official-layout XML 
 key pair in the fold's folder: transparent (a user can open exactly what the fold
 trained on) and checked by reading the files back with the project's loader.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
@@ -30,8 +31,14 @@ class Fold:
         return bool(set(self.train_ids) & set(self.test_ids))
 
 
-def plan_folds(case_ids: Sequence[str], n_folds: int, seed: int = 0, *, eval_on_train: bool = False,
-               allow_train_cases: bool = False) -> list[Fold]:
+def plan_folds(
+    case_ids: Sequence[str],
+    n_folds: int,
+    seed: int = 0,
+    *,
+    eval_on_train: bool = False,
+    allow_train_cases: bool = False,
+) -> list[Fold]:
     """Case-grouped folds; every case is held out exactly once.
 
     ``n_folds == len(case_ids)`` is leave-one-case-out. ``n_folds == 1`` or
@@ -46,18 +53,23 @@ def plan_folds(case_ids: Sequence[str], n_folds: int, seed: int = 0, *, eval_on_
     if n_folds < 1:
         raise InputError(f"--folds must be >= 1, got {n_folds}")
     if n_folds > len(ids):
-        raise InputError(f"--folds {n_folds} is more than the {len(ids)} keyed cases (leave-one-case-out is "
-                         f"--folds {len(ids)})")
+        raise InputError(
+            f"--folds {n_folds} is more than the {len(ids)} keyed cases (leave-one-case-out is --folds {len(ids)})"
+        )
     if n_folds == 1 or eval_on_train:
         if not allow_train_cases:
             why = "--folds 1" if n_folds == 1 else "--eval-on-train"
-            raise TrainingCaseLeak(f"{why} would score systems on the cases they trained on; refused "
-                                   "(pass --allow-train-cases to get optimistic, labelled numbers)")
+            raise TrainingCaseLeak(
+                f"{why} would score systems on the cases they trained on; refused "
+                "(pass --allow-train-cases to get optimistic, labelled numbers)"
+            )
         return [Fold(0, tuple(ids), tuple(ids))]
     if len(ids) < 2:
         raise InputError("cross-validation needs at least two keyed cases")
-    folds = [Fold(k, tuple(c for c in ids if c not in set(held)), tuple(held))
-             for k, held in enumerate(case_folds(ids, n_folds, seed))]
+    folds = [
+        Fold(k, tuple(c for c in ids if c not in set(held)), tuple(held))
+        for k, held in enumerate(case_folds(ids, n_folds, seed))
+    ]
     check_folds(folds, ids)
     return folds
 
@@ -77,8 +89,9 @@ def assert_chosen_on_training_cases(chosen_on: Sequence[str], fold: Fold, what: 
     """A threshold (or any tuned setting) must come from this fold's training cases only."""
     outside = sorted(set(chosen_on) - set(fold.train_ids))
     if outside:
-        raise AssertionError(f"fold {fold.index}: {what} was chosen on case(s) {outside[:3]}, "
-                             "which are not this fold's training cases")
+        raise AssertionError(
+            f"fold {fold.index}: {what} was chosen on case(s) {outside[:3]}, which are not this fold's training cases"
+        )
 
 
 def blind(case: Case) -> Case:

@@ -6,6 +6,7 @@ records their sha256, which is checked). The pair threshold is the one the expor
 calibrated on those training cases; the relevance threshold (Subtask 2) is calibrated
 here on the same training cases. Held-out cases reach the model blinded (no key).
 """
+
 from __future__ import annotations
 
 import gc
@@ -46,11 +47,27 @@ def parse_settings(pairs: Sequence[str]) -> dict:
     return out
 
 
-def fold_config(fold_dir: Path, *, preset: str, init: str | None, seed: int, settings: dict,
-                config_file: str | Path | None, progress: bool) -> TrainConfig:
+def fold_config(
+    fold_dir: Path,
+    *,
+    preset: str,
+    init: str | None,
+    seed: int,
+    settings: dict,
+    config_file: str | Path | None,
+    progress: bool,
+) -> TrainConfig:
     overrides = {"progress": progress, **settings}
-    overrides.update(stage="task", joint=True, preset=preset, init=str(init or ""), seed=seed,
-                     xml=str(fold_dir / TRAIN_XML), key=str(fold_dir / TRAIN_KEY), out=str(fold_dir / RUN_DIR))
+    overrides.update(
+        stage="task",
+        joint=True,
+        preset=preset,
+        init=str(init or ""),
+        seed=seed,
+        xml=str(fold_dir / TRAIN_XML),
+        key=str(fold_dir / TRAIN_KEY),
+        out=str(fold_dir / RUN_DIR),
+    )
     return build_config(overrides, config_file)
 
 
@@ -71,10 +88,15 @@ class HeadFold:
 
     def summary(self) -> dict:
         return {
-            "run_dir": str(self.run_dir), "export_dir": str(self.export_dir), "steps": self.steps,
-            "threshold": self.threshold, "mode": "absolute", "calibration": self.calibration,
+            "run_dir": str(self.run_dir),
+            "export_dir": str(self.export_dir),
+            "steps": self.steps,
+            "threshold": self.threshold,
+            "mode": "absolute",
+            "calibration": self.calibration,
             "chosen_on": self.chosen_on,
-            "relevance_threshold": self.relevance_threshold, "relevance_chosen_on": self.relevance_chosen_on,
+            "relevance_threshold": self.relevance_threshold,
+            "relevance_chosen_on": self.relevance_chosen_on,
             "relevance_calibrated_for": "strict micro F1 (essential) on the training cases",
             "extractive_fallback_cases": self.extractive_fallback,
         }
@@ -96,9 +118,21 @@ def _files_trained_on(export_dir: Path) -> list[dict]:
     return read_manifest(export_dir).stages[-1].data
 
 
-def run_head_fold(fold_dir: Path, train: Sequence[Case], held_out: Sequence[Case], *, preset: str,
-                  init: str | None, seed: int, settings: dict, config_file: str | Path | None,
-                  max_new_tokens: int, device: str | None, progress: bool, generate: bool = True) -> HeadFold:
+def run_head_fold(
+    fold_dir: Path,
+    train: Sequence[Case],
+    held_out: Sequence[Case],
+    *,
+    preset: str,
+    init: str | None,
+    seed: int,
+    settings: dict,
+    config_file: str | Path | None,
+    max_new_tokens: int,
+    device: str | None,
+    progress: bool,
+    generate: bool = True,
+) -> HeadFold:
     """Train on ``train`` (keyed cases), predict the blinded ``held_out`` cases."""
     from model.loaded_export import load_export
     from training.data import file_sha256
@@ -106,8 +140,9 @@ def run_head_fold(fold_dir: Path, train: Sequence[Case], held_out: Sequence[Case
 
     fold_dir.mkdir(parents=True, exist_ok=True)
     write_case_files(train, fold_dir / TRAIN_XML, fold_dir / TRAIN_KEY)
-    cfg = fold_config(fold_dir, preset=preset, init=init, seed=seed, settings=settings,
-                      config_file=config_file, progress=progress)
+    cfg = fold_config(
+        fold_dir, preset=preset, init=init, seed=seed, settings=settings, config_file=config_file, progress=progress
+    )
     result = run_training(cfg)
     if result.export_dir is None:
         raise RuntimeError(f"fold training in {fold_dir} stopped before exporting")
@@ -124,9 +159,16 @@ def run_head_fold(fold_dir: Path, train: Sequence[Case], held_out: Sequence[Case
 
     ck = load_export(export_dir, device=device)
     calibration = ck.manifest.alignment.to_dict() if ck.manifest.alignment is not None else {}
-    out = HeadFold(fold_dir / RUN_DIR, export_dir, float(ck.threshold), calibration,
-                   train_ids if calibration.get("calibrated_on") == "training cases" else [],
-                   None, [], steps=ck.manifest.stages[-1].steps)
+    out = HeadFold(
+        fold_dir / RUN_DIR,
+        export_dir,
+        float(ck.threshold),
+        calibration,
+        train_ids if calibration.get("calibrated_on") == "training cases" else [],
+        None,
+        [],
+        steps=ck.manifest.stages[-1].steps,
+    )
 
     train_rel = [_relevance_probabilities(ck, c) for c in train]
     if all(p is not None for p in train_rel) and any(c.relevance for c in train):

@@ -4,15 +4,29 @@
 carry the same notice (held-out cases, data provenance), so neither can be quoted
 without it.
 """
+
 from __future__ import annotations
 
 from .bootstrap import ALIGNMENT_KEYS
 
 ST3_COLUMNS = ("bleu", "rouge1", "rouge2", "rougeL", "rougeLsum", "sari", "bertscore")
-ST3_NAMES = {"bleu": "BLEU", "rouge1": "ROUGE-1", "rouge2": "ROUGE-2", "rougeL": "ROUGE-L",
-             "rougeLsum": "ROUGE-Lsum", "sari": "SARI", "bertscore": "BERTScore F1"}
-ST4_NAMES = {"micro_precision": "micro P", "micro_recall": "micro R", "micro_f1": "micro F1",
-             "macro_precision": "macro P", "macro_recall": "macro R", "macro_f1": "macro F1"}
+ST3_NAMES = {
+    "bleu": "BLEU",
+    "rouge1": "ROUGE-1",
+    "rouge2": "ROUGE-2",
+    "rougeL": "ROUGE-L",
+    "rougeLsum": "ROUGE-Lsum",
+    "sari": "SARI",
+    "bertscore": "BERTScore F1",
+}
+ST4_NAMES = {
+    "micro_precision": "micro P",
+    "micro_recall": "micro R",
+    "micro_f1": "micro F1",
+    "macro_precision": "macro P",
+    "macro_recall": "macro R",
+    "macro_f1": "macro F1",
+}
 
 
 def _cell(value: float | None, ci: list | tuple | None) -> str:
@@ -32,9 +46,12 @@ def ladder_markdown(ladder: dict) -> str:
     lines = [f"# {ladder['title']}", ""]
     lines += [f"> {line}" for line in ladder["notice"]] + [""]
     level = int(round(100 * ladder["level"]))
-    lines += [f"{ladder['n_cases']} cases, {ladder['n_folds']} fold(s) (seed {ladder['seed']}); "
-              f"[{level}% bootstrap CI over cases, {ladder['n_resamples']} resamples, percentile]. "
-              "All scores x100.", ""]
+    lines += [
+        f"{ladder['n_cases']} cases, {ladder['n_folds']} fold(s) (seed {ladder['seed']}); "
+        f"[{level}% bootstrap CI over cases, {ladder['n_resamples']} resamples, percentile]. "
+        "All scores x100.",
+        "",
+    ]
 
     lines += ["## Subtask 4: evidence alignment (official pair scores)", ""]
     paired = all("micro_f1_minus_ensemble" in r for r in ladder["subtask4"])
@@ -43,40 +60,59 @@ def ladder_markdown(ladder: dict) -> str:
         row = [f"`{r['system']}` {r['label']}"] + [_cell(r["scores"][k], r["ci"][k]) for k in ALIGNMENT_KEYS]
         if paired:
             d = r["micro_f1_minus_ensemble"]
-            row.append("-" if r["system"] == "ensemble" else f"{d['value']:+.1f} [{d['ci'][0]:+.1f}, {d['ci'][1]:+.1f}]")
+            row.append(
+                "-" if r["system"] == "ensemble" else f"{d['value']:+.1f} [{d['ci'][0]:+.1f}, {d['ci'][1]:+.1f}]"
+            )
         rows.append(row)
     header = ["system"] + [ST4_NAMES[k] for k in ALIGNMENT_KEYS] + (["micro F1 − ensemble (paired)"] if paired else [])
     lines += _table(header, rows) + [""]
 
     st3 = ladder.get("subtask3", [])
     if st3:
-        lines += ["## Subtask 3: answer generation (vs clinician_answer_without_citations; SARI source = "
-                  "patient narrative)", ""]
-        rows = [[f"`{r['system']}` {r['label']}"] + [_cell(r["scores"].get(k), r["ci"].get(k)) for k in ST3_COLUMNS]
-                for r in st3]
+        lines += [
+            "## Subtask 3: answer generation (vs clinician_answer_without_citations; SARI source = patient narrative)",
+            "",
+        ]
+        rows = [
+            [f"`{r['system']}` {r['label']}"] + [_cell(r["scores"].get(k), r["ci"].get(k)) for k in ST3_COLUMNS]
+            for r in st3
+        ]
         lines += _table(["system"] + [ST3_NAMES[k] for k in ST3_COLUMNS], rows)
         reasons = {k: v for r in st3 for k, v in r.get("not_computed", {}).items() if k in ST3_COLUMNS}
         lines += [""] + [f"n/c = not computed: {k}: {v}" for k, v in reasons.items()]
         for r in st3:
             if r.get("extractive_fallback_cases"):
-                lines.append(f"`{r['system']}`: {len(r['extractive_fallback_cases'])} case(s) had an empty generated "
-                             "answer and were given the extractive answer (what infer.py submits)")
+                lines.append(
+                    f"`{r['system']}`: {len(r['extractive_fallback_cases'])} case(s) had an empty generated "
+                    "answer and were given the extractive answer (what infer.py submits)"
+                )
         lines.append("")
 
     st2 = ladder.get("subtask2")
     if st2:
         lines += ["## Subtask 2: evidence identification (official scores)", ""]
         if st2.get("available"):
-            keys = [f"{view}_{avg}_{m}" for view in ("strict", "lenient") for avg in ("micro", "macro")
-                    for m in ("precision", "recall", "f1")]
-            rows = [[f"`{r['system']}` {r['label']}"] + [_cell(r["scores"][k], r["ci"][k]) for k in keys]
-                    for r in st2["rows"]]
-            header = [k.replace("_precision", " P").replace("_recall", " R").replace("_f1", " F1").replace("_", " ")
-                      for k in keys]
+            keys = [
+                f"{view}_{avg}_{m}"
+                for view in ("strict", "lenient")
+                for avg in ("micro", "macro")
+                for m in ("precision", "recall", "f1")
+            ]
+            rows = [
+                [f"`{r['system']}` {r['label']}"] + [_cell(r["scores"][k], r["ci"][k]) for k in keys]
+                for r in st2["rows"]
+            ]
+            header = [
+                k.replace("_precision", " P").replace("_recall", " R").replace("_f1", " F1").replace("_", " ")
+                for k in keys
+            ]
             lines += _table(["system"] + header, rows)
-            lines += ["", "strict: predictions against the essential sentences; lenient: supplementary sentences "
-                      "are removed from the prediction first, then scored against the essential sentences "
-                      "(the organizers' definition). overall_score = strict micro F1."]
+            lines += [
+                "",
+                "strict: predictions against the essential sentences; lenient: supplementary sentences "
+                "are removed from the prediction first, then scored against the essential sentences "
+                "(the organizers' definition). overall_score = strict micro F1.",
+            ]
             if st2.get("head_missing"):
                 lines.append(f"`head`: {st2['head_missing']}")
             lines.append("")
@@ -95,8 +131,15 @@ def ladder_markdown(ladder: dict) -> str:
             weights = (t.get("params") or {}).get("weights")
             if weights:
                 value += " weights " + ", ".join(f"{k} {v:g}" for k, v in weights.items())
-            rows.append([str(fold["index"]), f"`{system}`", value, str(len(t.get("chosen_on", []))),
-                         ", ".join(fold["test_ids"])])
+            rows.append(
+                [
+                    str(fold["index"]),
+                    f"`{system}`",
+                    value,
+                    str(len(t.get("chosen_on", []))),
+                    ", ".join(fold["test_ids"]),
+                ]
+            )
     lines += _table(["fold", "system", "setting", "# training cases it was chosen on", "held-out cases"], rows)
     if untuned:
         lines += ["", "Nothing tuned: " + ", ".join(f"`{s}`" for s in sorted(untuned)) + "."]

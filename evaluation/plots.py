@@ -9,6 +9,7 @@
 * ``loss_curves.png``: training losses per fold from each fold's ``RUN/log.jsonl`` (LM and head
   losses on panels of their own scale).
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -54,8 +55,12 @@ def f1_curve(scores: np.ndarray, labels: np.ndarray, thresholds: np.ndarray) -> 
     return np.asarray(out)
 
 
-def plot_pr(curves: Mapping[str, tuple[np.ndarray, np.ndarray]], points: Mapping[str, tuple[float, float]],
-            out_png: Path, title: str) -> None:
+def plot_pr(
+    curves: Mapping[str, tuple[np.ndarray, np.ndarray]],
+    points: Mapping[str, tuple[float, float]],
+    out_png: Path,
+    title: str,
+) -> None:
     """``curves``: system -> (scores, labels) of held-out pairs; ``points``: system -> (recall, precision)."""
     from sklearn.metrics import precision_recall_curve
 
@@ -78,14 +83,18 @@ def plot_pr(curves: Mapping[str, tuple[np.ndarray, np.ndarray]], points: Mapping
     _finish(plt, fig, ax, out_png, title)
 
 
-def plot_f1_vs_threshold(curves: Mapping[str, tuple[np.ndarray, np.ndarray]],
-                         chosen: Mapping[str, Sequence[float]], out_png: Path, title: str) -> None:
+def plot_f1_vs_threshold(
+    curves: Mapping[str, tuple[np.ndarray, np.ndarray]],
+    chosen: Mapping[str, Sequence[float]],
+    out_png: Path,
+    title: str,
+) -> None:
     """Held-out F1 against an absolute threshold; ``chosen``: system -> thresholds the folds picked (absolute)."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 4.5))
     grid = np.linspace(0, 1, 101)
     for name, (scores, labels) in curves.items():
-        line, = ax.plot(grid, 100 * f1_curve(scores, labels, grid), label=f"{name}")
+        (line,) = ax.plot(grid, 100 * f1_curve(scores, labels, grid), label=f"{name}")
         for t in chosen.get(name, []):
             ax.axvline(t, color=line.get_color(), linestyle="--", alpha=0.5)
     ax.set_xlabel("threshold on the system's score (dashed: chosen on training folds)")

@@ -6,6 +6,7 @@ the strict and lenient views, with the same rules (empty prediction and empty go
 score 1 per case; all pooled counts zero score 1), so that a resample of every case
 once reproduces the point scores exactly (tested).
 """
+
 from __future__ import annotations
 
 from typing import Mapping, Sequence
@@ -44,30 +45,43 @@ def relevance_from_counts(counts: Mapping[str, np.ndarray]) -> dict[str, np.ndar
     return out
 
 
-def relevance_row(system: str, label: str, predicted: Mapping[str, Sequence[str]], cases: Sequence[Case],
-                 indices: np.ndarray, level: float) -> dict:
+def relevance_row(
+    system: str,
+    label: str,
+    predicted: Mapping[str, Sequence[str]],
+    cases: Sequence[Case],
+    indices: np.ndarray,
+    level: float,
+) -> dict:
     """One ladder row: official scores of the pooled predictions and their bootstrap intervals."""
     scores = score_relevance({c.case_id: set(predicted[c.case_id]) for c in cases}, gold_from_cases(cases))
     counts = relevance_counts(predicted, cases)
     samples = relevance_from_counts({v: c[indices] for v, c in counts.items()})
     ci = {k: [round(x, 4) for x in percentile_interval(samples[k], level)] for k in INTERVAL_KEYS}
     ci["overall_score"] = ci["strict_micro_f1"]
-    return {"system": system, "label": label, "scores": {k: round(float(v), 4) for k, v in scores.items()},
-            "ci": ci}
+    return {"system": system, "label": label, "scores": {k: round(float(v), 4) for k, v in scores.items()}, "ci": ci}
 
 
 def baseline_fold(train: Sequence[Case], held_out: Sequence[Case]) -> tuple[dict[str, list[str]], dict]:
     """The question-retrieval baseline, its threshold tuned on ``train``: held-out predictions and the record."""
     threshold, f1 = question_baseline.fit_threshold(train)
-    preds = {c.case_id: question_baseline.predict_relevant(c, question_baseline.relevance_scores(c), threshold)
-             for c in held_out}
-    record = {"threshold": threshold, "mode": "absolute", "params": {"for": "strict micro F1",
-                                                                        "train_micro_f1": round(100 * f1, 2)},
-              "chosen_on": sorted(c.case_id for c in train)}
+    preds = {
+        c.case_id: question_baseline.predict_relevant(c, question_baseline.relevance_scores(c), threshold)
+        for c in held_out
+    }
+    record = {
+        "threshold": threshold,
+        "mode": "absolute",
+        "params": {"for": "strict micro F1", "train_micro_f1": round(100 * f1, 2)},
+        "chosen_on": sorted(c.case_id for c in train),
+    }
     return preds, record
 
 
-def head_predictions(cases: Sequence[Case], probabilities: Mapping[str, np.ndarray],
-                     thresholds: Mapping[str, float]) -> dict[str, list[str]]:
-    return {c.case_id: [sid for sid, p in zip(c.note_ids, probabilities[c.case_id]) if p >= thresholds[c.case_id]]
-            for c in cases}
+def head_predictions(
+    cases: Sequence[Case], probabilities: Mapping[str, np.ndarray], thresholds: Mapping[str, float]
+) -> dict[str, list[str]]:
+    return {
+        c.case_id: [sid for sid, p in zip(c.note_ids, probabilities[c.case_id]) if p >= thresholds[c.case_id]]
+        for c in cases
+    }

@@ -5,6 +5,7 @@
 This file is the user's own report and may quote note text (it helps to read why a
 link was missed); nothing here prints to the console.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -36,20 +37,30 @@ def case_errors(case: Case, pred: Prediction) -> dict[str, list[dict]]:
 
         def rows(ids: set[str]) -> list[dict]:
             ordered = sorted(ids, key=lambda n: col[n])
-            return [{"note_id": n, "score": float(pred.scores[i, col[n]]) if pred.scores.size else None}
-                    for n in ordered]
+            return [
+                {"note_id": n, "score": float(pred.scores[i, col[n]]) if pred.scores.size else None} for n in ordered
+            ]
 
         out[aid] = {"correct": rows(g & p), "missed": rows(g - p), "wrong": rows(p - g)}
     return out
 
 
-def error_report_markdown(cases: Sequence[Case], predictions: Mapping[str, Mapping[str, Prediction]],
-                          fold_of: Mapping[str, int], labels: Mapping[str, str], notice: Sequence[str]) -> str:
+def error_report_markdown(
+    cases: Sequence[Case],
+    predictions: Mapping[str, Mapping[str, Prediction]],
+    fold_of: Mapping[str, int],
+    labels: Mapping[str, str],
+    notice: Sequence[str],
+) -> str:
     """``predictions``: system -> case_id -> held-out prediction; systems appear in the given order."""
     systems = list(predictions)
     lines = ["# Per-case alignment errors", ""] + [f"> {line}" for line in notice] + [""]
-    lines += ["Systems: " + "; ".join(f"`{s}` = {labels.get(s, s)}" for s in systems), "",
-              "Scores are each system's own (head: link probability; ensemble: weighted normalised score).", ""]
+    lines += [
+        "Systems: " + "; ".join(f"`{s}` = {labels.get(s, s)}" for s in systems),
+        "",
+        "Scores are each system's own (head: link probability; ensemble: weighted normalised score).",
+        "",
+    ]
     header = ["case", "fold", "gold pairs"] + [f"`{s}` TP/FP/FN" for s in systems]
     lines += ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     for case in cases:
@@ -74,8 +85,9 @@ def error_report_markdown(cases: Sequence[Case], predictions: Mapping[str, Mappi
                 for outcome in ("correct", "missed", "wrong"):
                     for row in per_system[s][a.sentence_id][outcome]:
                         score = "-" if row["score"] is None else f"{row['score']:.3f}"
-                        lines.append(f"| `{s}` | {outcome} | {row['note_id']} | {score} | "
-                                     f"{_quote(notes[row['note_id']])} |")
+                        lines.append(
+                            f"| `{s}` | {outcome} | {row['note_id']} | {score} | {_quote(notes[row['note_id']])} |"
+                        )
                         any_row = True
             if not any_row:
                 lines.append("| - | nothing gold, nothing linked | - | - | - |")
@@ -83,11 +95,21 @@ def error_report_markdown(cases: Sequence[Case], predictions: Mapping[str, Mappi
     return "\n".join(lines)
 
 
-def cv_report_page(cases: Sequence[Case], predictions: Mapping[str, CasePrediction], shown: str,
-                   ladder_md: str, images: Sequence[tuple[str, Path]]) -> ReportPage:
+def cv_report_page(
+    cases: Sequence[Case],
+    predictions: Mapping[str, CasePrediction],
+    shown: str,
+    ladder_md: str,
+    images: Sequence[tuple[str, Path]],
+) -> ReportPage:
     """``report.html`` of a cross-validation run: the ladder (one source: ``ladder.md``), the plots, then
     every case as the ``shown`` system predicted it held out, marked against the key."""
     return ReportPage(
         # no notices of the page's own: the ladder opens with the run's notice
-        title="archehr cross-validation report", summary_markdown=ladder_md, images=images,
-        cases_title="Held-out cases", cases_note=shown, cases=case_views(cases, predictions))
+        title="archehr cross-validation report",
+        summary_markdown=ladder_md,
+        images=images,
+        cases_title="Held-out cases",
+        cases_note=shown,
+        cases=case_views(cases, predictions),
+    )

@@ -9,6 +9,7 @@ Component scores (BM25, TF-IDF, MiniLM cosine) are computed per case from that c
 own sentences and a fixed pretrained encoder: they learn nothing across cases, so
 they are computed once for all cases and reused by every fold.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -102,12 +103,17 @@ def fit_system(system: str, train: Sequence[Case], component_scores: ComponentSc
         return Fitted(system, {"train_micro_f1": round(100 * f1, 2)}, train_ids, threshold, "relative")
     if system == "ensemble":
         config = fit_ensemble(
-            train, DEFAULT_COMPONENTS,
+            train,
+            DEFAULT_COMPONENTS,
             component_scores={n: component_scores[n] for n in DEFAULT_COMPONENTS},
             tuned_on=f"{len(train)} training cases of this fold",
         )
-        params = {"weights": config.weights, "max_per_answer": config.max_per_answer,
-                  "top1_fallback": config.top1_fallback, "train_micro_f1": config.train_micro_f1}
+        params = {
+            "weights": config.weights,
+            "max_per_answer": config.max_per_answer,
+            "top1_fallback": config.top1_fallback,
+            "train_micro_f1": config.train_micro_f1,
+        }
         return Fitted(system, params, train_ids, config.threshold, config.mode)
     raise ValueError(f"unknown retrieval system {system!r}; choose from {list(RETRIEVAL_SYSTEMS)}")
 
@@ -131,7 +137,8 @@ def predict_system(fitted: Fitted, case: Case, component_scores: ComponentScores
     if system == "ensemble":
         weights = fitted.params["weights"]
         scores = combine_scores({n: component_scores[n][case.case_id] for n in weights}, weights)
-        links = link_pairs(scores, fitted.threshold, fitted.mode, fitted.params["max_per_answer"],
-                           fitted.params["top1_fallback"])
+        links = link_pairs(
+            scores, fitted.threshold, fitted.mode, fitted.params["max_per_answer"], fitted.params["top1_fallback"]
+        )
         return Prediction(scores, links_to_pairs(aids, nids, links))
     raise ValueError(f"unknown retrieval system {system!r}")

@@ -16,6 +16,7 @@ Pooling is vectorised: every span becomes a row of a [spans, B*T] weight matrix
 attention pooling), and one matmul pools all spans of a batch. Parameters are fp32;
 hidden states are upcast on entry.
 """
+
 from __future__ import annotations
 
 import math
@@ -128,8 +129,13 @@ class NotePairHead(nn.Module):
         rel = self.relevance_mlp(n).squeeze(-1) if self.relevance_mlp is not None else None
         return HeadOutput(pair, rel)
 
-    def forward_pairs(self, hidden_states: torch.Tensor, note_spans: torch.Tensor, answer_spans: torch.Tensor,
-                      pair_index: torch.Tensor) -> HeadOutput:
+    def forward_pairs(
+        self,
+        hidden_states: torch.Tensor,
+        note_spans: torch.Tensor,
+        answer_spans: torch.Tensor,
+        pair_index: torch.Tensor,
+    ) -> HeadOutput:
         """A batch of several examples at once, with no per-example loop or host sync (training):
         spans [S,3]/[M,3], ``pair_index`` [P,2] (answer span, note span) rows -> pair logits [P]
         and relevance logits over all S notes. Same values as :meth:`forward_batch` per pair."""
@@ -139,10 +145,15 @@ class NotePairHead(nn.Module):
         rel = self.relevance_mlp(n).squeeze(-1) if self.relevance_mlp is not None else None
         return HeadOutput(pair, rel)
 
-    def forward(self, hidden_states: torch.Tensor, note_spans: torch.Tensor, answer_spans: torch.Tensor,
-                note_counts: Sequence[int] | None = None, answer_counts: Sequence[int] | None = None,
-                pair_index: torch.Tensor | None = None,
-                ) -> HeadOutput | tuple[list[torch.Tensor], torch.Tensor | None]:
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        note_spans: torch.Tensor,
+        answer_spans: torch.Tensor,
+        note_counts: Sequence[int] | None = None,
+        answer_counts: Sequence[int] | None = None,
+        pair_index: torch.Tensor | None = None,
+    ) -> HeadOutput | tuple[list[torch.Tensor], torch.Tensor | None]:
         """One case: hidden [T,H] or [1,T,H], spans as [(start,end), ...] -> HeadOutput.
         With ``pair_index``: :meth:`forward_pairs`; with ``note_counts``/``answer_counts``:
         :meth:`forward_batch` (both through ``forward`` so that FSDP, which gathers a sharded

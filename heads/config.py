@@ -1,4 +1,5 @@
 """Configuration of the alignment head, saved beside its weights as ``head_config.json``."""
+
 from __future__ import annotations
 
 from typing import Any

@@ -16,6 +16,7 @@ from the memory plan (:mod:`inference.memory`). The :class:`model.loaded_export.
 methods the bench and tests call (``generate_answers``, ``score_all``, ``score_pairs``)
 are :meth:`predict` asked for one thing. What ran (plans, fallbacks, timings): :meth:`report`.
 """
+
 from __future__ import annotations
 
 import time
@@ -71,15 +72,21 @@ class _HeadWork:
         if self.pairs and enc.answer_spans:
             self.out.pairs[self.ids[i]] = torch.sigmoid(output.pair_logits.float()).cpu().numpy().astype(np.float64)
         if self.relevance:
-            self.out.relevance[self.ids[i]] = torch.sigmoid(output.relevance_logits.float()).cpu().numpy().astype(
-                np.float64)
+            self.out.relevance[self.ids[i]] = (
+                torch.sigmoid(output.relevance_logits.float()).cpu().numpy().astype(np.float64)
+            )
 
 
 class FastEngine:
     """A loaded export whose generation and head forwards run the fast paths."""
 
-    def __init__(self, loaded, max_memory_gb: float | None = None, use_cuda_graph: bool | None = None,
-                 log: Callable[[str], None] | None = None):
+    def __init__(
+        self,
+        loaded,
+        max_memory_gb: float | None = None,
+        use_cuda_graph: bool | None = None,
+        log: Callable[[str], None] | None = None,
+    ):
         self.inner = loaded
         self.max_memory_gb = max_memory_gb
         self.use_cuda_graph = use_cuda_graph
@@ -98,15 +105,28 @@ class FastEngine:
         return getattr(self.inner, name)
 
     def plan(self, prompt_tokens: int, max_new_tokens: int, max_rows: int | None) -> BatchPlan:
-        plan = plan_batches(self.inner.model, prompt_tokens=prompt_tokens, max_new_tokens=max_new_tokens,
-                            max_rows=max_rows, max_memory_gb=self.max_memory_gb)
+        plan = plan_batches(
+            self.inner.model,
+            prompt_tokens=prompt_tokens,
+            max_new_tokens=max_new_tokens,
+            max_rows=max_rows,
+            max_memory_gb=self.max_memory_gb,
+        )
         self.plans.append(plan.to_dict())
         return plan
 
     @torch.no_grad()
-    def predict(self, cases: list[Case], *, answers: bool = False, pairs: bool = False, relevance: bool = False,
-                max_new_tokens: int = 100, batch_size: int | None = None,
-                max_tokens: int | None = None) -> ModelOutputs:
+    def predict(
+        self,
+        cases: list[Case],
+        *,
+        answers: bool = False,
+        pairs: bool = False,
+        relevance: bool = False,
+        max_new_tokens: int = 100,
+        batch_size: int | None = None,
+        max_tokens: int | None = None,
+    ) -> ModelOutputs:
         """Answers (raw text, as ``LoadedExport.generate_answers``), pair probabilities
         (cases with answer sentences) and relevance probabilities, each where asked. A case
         that is generated gets its head outputs from its prefill forward; the others from
@@ -118,24 +138,32 @@ class FastEngine:
         if work.todo:
             self._score_packed(work, max_tokens)
         order = [c.case_id for c in cases]  # in the order of ``cases``, whatever order the passes ran in
-        out = ModelOutputs(pairs={k: work.out.pairs[k] for k in order if k in work.out.pairs},
-                           relevance={k: work.out.relevance[k] for k in order if k in work.out.relevance})
+        out = ModelOutputs(
+            pairs={k: work.out.pairs[k] for k in order if k in work.out.pairs},
+            relevance={k: work.out.relevance[k] for k in order if k in work.out.relevance},
+        )
         if texts is not None:
             out.answers = dict(zip([c.case_id for c in cases], texts))
         return out
 
-    def generate_answers(self, cases: list[Case], max_new_tokens: int = 100, batch_size: int | None = None) -> list[str]:
+    def generate_answers(
+        self, cases: list[Case], max_new_tokens: int = 100, batch_size: int | None = None
+    ) -> list[str]:
         """Greedy answers as :meth:`LoadedExport.generate_answers` gives them; ``batch_size``
         caps the rows decoded together (None: as many as memory allows)."""
         got = self.predict(cases, answers=True, max_new_tokens=max_new_tokens, batch_size=batch_size).answers
         return [got[c.case_id] for c in cases]
 
-    def score_all(self, cases: list[Case], batch_size: int | None = None, max_tokens: int | None = None) -> list[np.ndarray]:
+    def score_all(
+        self, cases: list[Case], batch_size: int | None = None, max_tokens: int | None = None
+    ) -> list[np.ndarray]:
         """Link probabilities as :meth:`LoadedExport.score_all` computes them, in packed
         forwards (``batch_size``, the plain path's rows a forward, is accepted and unused)."""
         got = self.predict(cases, pairs=True, max_tokens=max_tokens).pairs
-        return [got[c.case_id] if c.answer_sentences else np.zeros((0, len(c.note_sentences)), dtype=np.float32)
-                for c in cases]
+        return [
+            got[c.case_id] if c.answer_sentences else np.zeros((0, len(c.note_sentences)), dtype=np.float32)
+            for c in cases
+        ]
 
     def score_pairs(self, case: Case) -> np.ndarray:
         return self.score_all([case])[0]
@@ -148,13 +176,15 @@ class FastEngine:
             self._fallback(f"generation: {why_not}; using model.generate")
             return self.inner.generate_answers(cases, max_new_tokens=max_new_tokens, batch_size=batch_size or 16)
         tok = self.inner.tokenizer
-        ids = [tok(chat_prompt(tok, example_from_case(c, with_answer=False))[0], add_special_tokens=False)["input_ids"]
-               for c in cases]
+        ids = [
+            tok(chat_prompt(tok, example_from_case(c, with_answer=False))[0], add_special_tokens=False)["input_ids"]
+            for c in cases
+        ]
         extras: list[list[int]] = [[] for _ in cases]
         shared = set()
         for i, enc in work.todo.items():
-            if enc.input_ids[:len(ids[i])] == ids[i]:  # same tokens: the prompt's forward serves the head
-                extras[i] = enc.input_ids[len(ids[i]):]
+            if enc.input_ids[: len(ids[i])] == ids[i]:  # same tokens: the prompt's forward serves the head
+                extras[i] = enc.input_ids[len(ids[i]) :]
                 shared.add(i)
 
         def on_hidden(i: int, hidden: torch.Tensor) -> None:
@@ -172,18 +202,31 @@ class FastEngine:
         rows, prefill, kv_budget = plan.gen_rows, plan.prefill_tokens, plan.kv_budget_bytes
         while True:
             try:
-                new = greedy_decode(self.inner.model, ids, max_new_tokens=max_new_tokens, stop_ids=stop_ids(tok),
-                                    pad_id=tok.pad_token_id, batch_rows=rows, prefill_tokens=prefill,
-                                    use_cuda_graph=self.use_cuda_graph, stats=self.decode, log=self.log,
-                                    extras=extras, tap=self.inner.head.config.layer, on_hidden=on_hidden,
-                                    kv_budget_bytes=kv_budget)
+                new = greedy_decode(
+                    self.inner.model,
+                    ids,
+                    max_new_tokens=max_new_tokens,
+                    stop_ids=stop_ids(tok),
+                    pad_id=tok.pad_token_id,
+                    batch_rows=rows,
+                    prefill_tokens=prefill,
+                    use_cuda_graph=self.use_cuda_graph,
+                    stats=self.decode,
+                    log=self.log,
+                    extras=extras,
+                    tap=self.inner.head.config.layer,
+                    on_hidden=on_hidden,
+                    kv_budget_bytes=kv_budget,
+                )
                 break
             except torch.OutOfMemoryError:
                 if rows == 1 and prefill <= 1024:
                     raise
                 # The plan was wrong for this card: said, recorded, and retried smaller.
-                self._fallback(f"generation ran out of memory at {rows} rows / {prefill} prefill tokens; "
-                               f"retried with {max(1, rows // 2)} / {max(1024, prefill // 2)}")
+                self._fallback(
+                    f"generation ran out of memory at {rows} rows / {prefill} prefill tokens; "
+                    f"retried with {max(1, rows // 2)} / {max(1024, prefill // 2)}"
+                )
                 rows, prefill = max(1, rows // 2), max(1024, prefill // 2)
                 kv_budget = None if kv_budget is None else kv_budget // 2
                 _release()
@@ -207,8 +250,9 @@ class FastEngine:
             except torch.OutOfMemoryError:
                 if max_tokens <= max(len(enc) for enc in work.todo.values()):
                     raise
-                self._fallback(f"alignment ran out of memory at {max_tokens} tokens a forward; "
-                               f"retried with {max_tokens // 2}")
+                self._fallback(
+                    f"alignment ran out of memory at {max_tokens} tokens a forward; retried with {max_tokens // 2}"
+                )
                 max_tokens //= 2
                 _release()
         self.alignment["seconds"] += time.perf_counter() - t0
@@ -218,8 +262,9 @@ class FastEngine:
         model, head = self.inner.model, self.inner.head
         dec = decoder(model)
         cfg, weight = dec.config, dec.embed_tokens.weight
-        attention, why_not = choose_packed_attention(weight.device, weight.dtype, cfg.num_attention_heads,
-                                                     cfg.num_key_value_heads, head_dim_of(cfg))
+        attention, why_not = choose_packed_attention(
+            weight.device, weight.dtype, cfg.num_attention_heads, cfg.num_key_value_heads, head_dim_of(cfg)
+        )
         if why_not:
             self._fallback(f"alignment attention: {why_not}; one SDPA per case")
         self.alignment["attention"] = attention
@@ -230,7 +275,7 @@ class FastEngine:
             packed = pack([work.todo[i].input_ids for i in cases], device)
             hidden, _ = packed_forward(model, packed, tap=head.config.layer, attention=attention)
             for j, i in enumerate(cases):
-                work.take(i, hidden[packed.starts[j]: packed.starts[j] + packed.lengths[j]])
+                work.take(i, hidden[packed.starts[j] : packed.starts[j] + packed.lengths[j]])
             self.alignment["forwards"] += 1
             self.alignment["tokens"] += packed.tokens
             self.alignment["padded_tokens"] += packed.tokens  # packed: no padding
@@ -251,20 +296,34 @@ class FastEngine:
             return f"fast engine on {device}; no answers decoded (alignment and relevance forwards only)"
         step = "CUDA-graphed decode step" if self.decode.cuda_graph else "eager decode step (no CUDA graph)"
         attention = {SDPA_CUDNN: "cuDNN fused attention", MATMUL: "matmul attention"}.get(
-            self.decode.attention, f"{self.decode.attention} attention")
+            self.decode.attention, f"{self.decode.attention} attention"
+        )
         return f"fast engine on {device}: static KV cache, greedy on device, {step}, {attention} over the cache"
 
     def report(self) -> dict:
         """What ran, for run.json: plans, decoding (CUDA graph or why not), the head's forwards."""
         align = dict(self.alignment, seconds=round(self.alignment["seconds"], 3))
-        return {"engine": self.engine_used(),
-                "max_memory_gb": self.max_memory_gb, "plans": self.plans, "decode": self.decode.to_dict(),
-                "alignment": align, "head_cases": dict(self.head_cases), "fallbacks": self.fallbacks}
+        return {
+            "engine": self.engine_used(),
+            "max_memory_gb": self.max_memory_gb,
+            "plans": self.plans,
+            "decode": self.decode.to_dict(),
+            "alignment": align,
+            "head_cases": dict(self.head_cases),
+            "fallbacks": self.fallbacks,
+        }
 
 
-def load_for_inference(export_dir, *, base: str | None = None, device: str | None = None,
-                       load_in_4bit: bool | None = None, max_memory_gb: float | None = None, fast: bool = True,
-                       log: Callable[[str], None] | None = None):
+def load_for_inference(
+    export_dir,
+    *,
+    base: str | None = None,
+    device: str | None = None,
+    load_in_4bit: bool | None = None,
+    max_memory_gb: float | None = None,
+    fast: bool = True,
+    log: Callable[[str], None] | None = None,
+):
     """``load_export`` under the memory budget: cap the process at ``max_memory_gb``, merge
     the adapter into dense weights only where they fit, wrap in :class:`FastEngine`.
     Returns (the loaded export, memory record for run.json)."""

@@ -7,6 +7,7 @@ From it: whether the dense merged weights fit (else NF4 + LoRA, no merge), how m
 decode together (their KV cache), and how many tokens one prefill or alignment forward
 may hold. On CPU nothing is planned: fixed, small defaults.
 """
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
@@ -70,8 +71,10 @@ def should_merge(arch: dict, budget_bytes: int | None) -> tuple[bool, str]:
     need = dense_weight_bytes(arch) + MIN_WORKING_BYTES
     if budget_bytes >= need:
         return True, f"dense weights + working set ({need / GB:.1f} GB) fit the budget ({budget_bytes / GB:.1f} GB)"
-    return False, (f"dense weights + working set ({need / GB:.1f} GB) exceed the budget ({budget_bytes / GB:.1f} GB): "
-                   "NF4 base + LoRA, no merge")
+    return False, (
+        f"dense weights + working set ({need / GB:.1f} GB) exceed the budget ({budget_bytes / GB:.1f} GB): "
+        "NF4 base + LoRA, no merge"
+    )
 
 
 def activation_bytes_per_token(config) -> int:
@@ -101,8 +104,9 @@ class BatchPlan:
         return asdict(self)
 
 
-def plan_batches(model, *, prompt_tokens: int, max_new_tokens: int, max_rows: int | None = None,
-                 max_memory_gb: float | None = None) -> BatchPlan:
+def plan_batches(
+    model, *, prompt_tokens: int, max_new_tokens: int, max_rows: int | None = None, max_memory_gb: float | None = None
+) -> BatchPlan:
     """Rows per decode batch and tokens per forward that fit the memory left after loading.
 
     ``prompt_tokens``: the longest prompt (rows are decoded longest first, so it sizes the
@@ -133,6 +137,8 @@ def plan_batches(model, *, prompt_tokens: int, max_new_tokens: int, max_rows: in
     if max_rows is not None:
         rows = min(rows, max_rows)
     kv_budget = int(room * kv_row / per_row)
-    note = (f"{budget / GB:.1f} GB free for inference after loading: {rows} rows at the longest prompt, "
-            f"{prefill} tokens a prefill, {tokens} tokens an alignment forward")
+    note = (
+        f"{budget / GB:.1f} GB free for inference after loading: {rows} rows at the longest prompt, "
+        f"{prefill} tokens a prefill, {tokens} tokens an alignment forward"
+    )
     return BatchPlan(round(budget / GB, 2), int(rows), int(prefill), int(tokens), kv, kv_budget, note)

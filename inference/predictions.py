@@ -7,6 +7,7 @@ per case where it can (the generation prefill carries the answer sentences for t
 the rest in packed forwards); any other loaded export (the plain path) answers with its
 ``generate_answers`` / ``score_all`` and :func:`case_relevance`, one forward per case.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -17,8 +18,7 @@ from tqdm.auto import tqdm
 from plumbing.errors import InputError
 from data.records import Case
 
-NO_RELEVANCE_OUTPUT = ("the export's head has no relevance output (head_relevance = false): "
-                       "use --subtasks 3,4")
+NO_RELEVANCE_OUTPUT = "the export's head has no relevance output (head_relevance = false): use --subtasks 3,4"
 
 
 @dataclass
@@ -32,18 +32,35 @@ class ModelOutputs:
 
 
 def has_relevance_output(loaded) -> bool:
-    return getattr(getattr(loaded, "head", None), "relevance_mlp", None) is not None or hasattr(loaded, "score_relevance")
+    return getattr(getattr(loaded, "head", None), "relevance_mlp", None) is not None or hasattr(
+        loaded, "score_relevance"
+    )
 
 
-def model_outputs(loaded, cases: list[Case], *, answers: bool = False, pairs: bool = False, relevance: bool = False,
-                  max_new_tokens: int = 100, batch_size: int | None = None, progress: bool = True) -> ModelOutputs:
+def model_outputs(
+    loaded,
+    cases: list[Case],
+    *,
+    answers: bool = False,
+    pairs: bool = False,
+    relevance: bool = False,
+    max_new_tokens: int = 100,
+    batch_size: int | None = None,
+    progress: bool = True,
+) -> ModelOutputs:
     """Everything asked for, for every case (pairs only for cases with answer sentences).
     A head without a relevance output fails here, before any work, when relevance is asked."""
     if relevance and not has_relevance_output(loaded):
         raise InputError(NO_RELEVANCE_OUTPUT)
     if hasattr(loaded, "predict"):
-        return loaded.predict(cases, answers=answers, pairs=pairs, relevance=relevance,
-                              max_new_tokens=max_new_tokens, batch_size=batch_size)
+        return loaded.predict(
+            cases,
+            answers=answers,
+            pairs=pairs,
+            relevance=relevance,
+            max_new_tokens=max_new_tokens,
+            batch_size=batch_size,
+        )
     out = ModelOutputs()
     if answers:
         out.answers = _plain_answers(loaded, cases, batch_size or len(cases), max_new_tokens, progress)
@@ -55,8 +72,10 @@ def model_outputs(loaded, cases: list[Case], *, answers: bool = False, pairs: bo
             out.pairs = {c.case_id: loaded.score_pairs(c) for c in scored}
         out.pairs = {k: np.asarray(v, dtype=np.float64) for k, v in out.pairs.items()}
     if relevance:
-        out.relevance = {c.case_id: case_relevance(loaded, c)
-                         for c in tqdm(cases, desc="subtask 2 (head)", unit="case", disable=not progress)}
+        out.relevance = {
+            c.case_id: case_relevance(loaded, c)
+            for c in tqdm(cases, desc="subtask 2 (head)", unit="case", disable=not progress)
+        }
     return out
 
 
@@ -79,7 +98,7 @@ def _plain_answers(loaded, cases: list[Case], batch_size: int, max_new_tokens: i
     out: dict[str, str] = {}
     bar = tqdm(total=len(cases), desc="subtask 3 (generate)", unit="case", disable=not progress)
     for start in range(0, len(cases), batch_size):
-        batch = cases[start:start + batch_size]
+        batch = cases[start : start + batch_size]
         raw = loaded.generate_answers(batch, max_new_tokens=max_new_tokens, batch_size=batch_size)
         if len(raw) != len(batch):
             raise RuntimeError(f"generate_answers returned {len(raw)} answers for {len(batch)} cases")

@@ -6,6 +6,7 @@ threshold calibrated at export on the training cases (the manifest's ``relevance
 user's ``--relevance-threshold``. Without one: the question-retrieval baseline
 (:mod:`baselines.relevance`), at its untuned default threshold.
 """
+
 from __future__ import annotations
 
 from typing import Callable
@@ -33,8 +34,10 @@ def export_relevance_threshold(manifest: ExportManifest, override: float | None)
         return float(override), "--relevance-threshold"
     record = manifest.relevance
     if record is None or record.threshold is None:
-        raise InputError("the export has no calibrated relevance threshold (no relevance labels in its training "
-                         "data, or head_relevance = false): pass --relevance-threshold or --subtasks 3,4")
+        raise InputError(
+            "the export has no calibrated relevance threshold (no relevance labels in its training "
+            "data, or head_relevance = false): pass --relevance-threshold or --subtasks 3,4"
+        )
     return float(record.threshold), f"manifest ({record.calibrated_on or 'unknown'})"
 
 
@@ -43,19 +46,30 @@ def threshold_relevance(cases: list[Case], scores: dict[str, np.ndarray], thresh
     return {c.case_id: question_baseline.predict_relevant(c, scores[c.case_id], threshold) for c in cases}
 
 
-def predict_relevance(cases: list[Case], export, override: float | None, progress: bool, log: Log,
-                      scores: dict[str, np.ndarray] | None = None,
-                      scores_out: dict[str, np.ndarray] | None = None) -> tuple[dict[str, list[str]], dict]:
+def predict_relevance(
+    cases: list[Case],
+    export,
+    override: float | None,
+    progress: bool,
+    log: Log,
+    scores: dict[str, np.ndarray] | None = None,
+    scores_out: dict[str, np.ndarray] | None = None,
+) -> tuple[dict[str, list[str]], dict]:
     """Subtask 2 predictions for every case and the run record saying how they were made. With an
     export, ``scores`` are its relevance probabilities where the caller already has them (the
     pipeline's one model pass); else they are asked for here. The scores behind the predictions
     (``case_id -> [n_note]``) go into ``scores_out`` where given (report.html shades by them)."""
     if export is None:
         threshold = question_baseline.DEFAULT_THRESHOLD if override is None else float(override)
-        scores = {c.case_id: question_baseline.relevance_scores(c)
-                  for c in tqdm(cases, desc="subtask 2 (baseline)", unit="case", disable=not progress)}
-        record = {"method": "retrieval baseline: " + question_baseline.LABEL, "threshold": threshold,
-                  "threshold_source": "--relevance-threshold" if override is not None else "untuned default"}
+        scores = {
+            c.case_id: question_baseline.relevance_scores(c)
+            for c in tqdm(cases, desc="subtask 2 (baseline)", unit="case", disable=not progress)
+        }
+        record = {
+            "method": "retrieval baseline: " + question_baseline.LABEL,
+            "threshold": threshold,
+            "threshold_source": "--relevance-threshold" if override is not None else "untuned default",
+        }
         log(f"Subtask 2: RETRIEVAL BASELINE ({question_baseline.LABEL}, threshold {threshold:g}); not the model")
     else:
         threshold, source = export_relevance_threshold(export.manifest, override)

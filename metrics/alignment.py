@@ -6,6 +6,7 @@ precision, recall and F1. A case with no predicted pairs has precision 0, one wi
 gold pairs recall 0, and F1 is 0 whenever precision + recall is 0. All values x100;
 ``overall_score`` is the micro F1.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -84,6 +85,12 @@ def per_case_alignment(predicted: dict[str, Pairs], gold: dict[str, Pairs]) -> d
         tp = len(pred & ref)
         p = tp / len(pred) if pred else 0.0
         r = tp / len(ref) if ref else 0.0
-        out[case_id] = {"precision": 100 * p, "recall": 100 * r, "f1": 100 * _f1(p, r),
-                        "tp": tp, "n_predicted": len(pred), "n_gold": len(ref)}
+        out[case_id] = {
+            "precision": 100 * p,
+            "recall": 100 * r,
+            "f1": 100 * _f1(p, r),
+            "tp": tp,
+            "n_predicted": len(pred),
+            "n_gold": len(ref),
+        }
     return out

@@ -9,6 +9,7 @@ Official: ``bert_score`` with ``distilbert-base-uncased``, ``num_layers=4``,
 scored under the name ``bertscore_unofficial`` (its last layer, no rescaling) and never
 counts towards the official overall. ``bert-score`` is an optional dependency.
 """
+
 from __future__ import annotations
 
 import json
@@ -42,9 +43,13 @@ def _config(folder: Path) -> dict[str, Any]:
 def is_official_model(folder: str | Path) -> bool:
     """True when ``folder`` holds distilbert-base-uncased (judged from its config.json)."""
     cfg = _config(Path(folder))
-    return (cfg.get("model_type") == "distilbert" and cfg.get("vocab_size") == 30522
-            and cfg.get("n_layers") == 6 and cfg.get("dim") == 768
-            and "DistilBertForMaskedLM" in (cfg.get("architectures") or ["DistilBertForMaskedLM"]))
+    return (
+        cfg.get("model_type") == "distilbert"
+        and cfg.get("vocab_size") == 30522
+        and cfg.get("n_layers") == 6
+        and cfg.get("dim") == 768
+        and "DistilBertForMaskedLM" in (cfg.get("architectures") or ["DistilBertForMaskedLM"])
+    )
 
 
 def _baseline_file(bert_score_module: ModuleType) -> Path:
@@ -67,8 +72,9 @@ def bertscore_f1(predictions: list[str], references: list[str], model: str | Pat
     except ImportError:
         return BertScoreResult(name, None, "package bert-score is not installed (pip install bert-score)")
     if official:
-        kwargs = dict(num_layers=OFFICIAL_LAYERS, rescale_with_baseline=True,
-                      baseline_path=str(_baseline_file(bert_score)))
+        kwargs = dict(
+            num_layers=OFFICIAL_LAYERS, rescale_with_baseline=True, baseline_path=str(_baseline_file(bert_score))
+        )
         note = f"official settings ({OFFICIAL_MODEL}, {OFFICIAL_LAYERS} layers, idf off, rescaled)"
     else:
         cfg = _config(folder)
@@ -76,8 +82,9 @@ def bertscore_f1(predictions: list[str], references: list[str], model: str | Pat
         kwargs = dict(num_layers=layers, rescale_with_baseline=False)
         note = f"NOT OFFICIAL: model {folder} is not {OFFICIAL_MODEL} (last layer, no baseline rescaling)"
     try:
-        _, _, f1 = bert_score.score(predictions, references, model_type=str(folder), idf=False, lang="en",
-                                    verbose=False, **kwargs)
+        _, _, f1 = bert_score.score(
+            predictions, references, model_type=str(folder), idf=False, lang="en", verbose=False, **kwargs
+        )
     except Exception as err:  # any load failure means "not computed", never a made-up number
         return BertScoreResult(name, None, f"could not run BERTScore with {folder}: {type(err).__name__}")
     return BertScoreResult(name, [100 * float(v) for v in f1], note, str(folder))

@@ -12,6 +12,7 @@ The organizers score each case as one prediction against one reference with
 A prediction or reference whose 13a tokenization is empty makes the official code
 divide by zero; :func:`case_bleu` raises :class:`EmptyTokenization` instead.
 """
+
 from __future__ import annotations
 
 import math
@@ -42,7 +43,7 @@ def _ngram_counts(tokens: list[str], max_order: int) -> Counter[tuple[str, ...]]
     counts: Counter[tuple[str, ...]] = Counter()
     for n in range(1, max_order + 1):
         for i in range(len(tokens) - n + 1):
-            counts[tuple(tokens[i:i + n])] += 1
+            counts[tuple(tokens[i : i + n])] += 1
     return counts
 
 

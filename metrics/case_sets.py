@@ -1,4 +1,5 @@
 """The case-set rules shared by the local scorers: each case once, the key's cases exactly."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -36,8 +37,9 @@ def case_set_difference(submitted: list[str], expected: list[str]) -> str | None
         return None
     parts = []
     if missing:
-        parts.append(f"{len(missing)} of the key's {len(expected)} cases missing from the submission "
-                     f"{_first_ids(missing)}")
+        parts.append(
+            f"{len(missing)} of the key's {len(expected)} cases missing from the submission {_first_ids(missing)}"
+        )
     if extra:
         noun = "case" if len(extra) == 1 else "cases"
         parts.append(f"{len(extra)} submitted {noun} not in the key {_first_ids(extra)}")
@@ -62,8 +64,9 @@ def check_same_case_sets(predicted: Iterable[str], gold: Iterable[str]) -> None:
         raise ValueError(f"case sets differ: extra {extra[:5]}, missing {missing[:5]}")
 
 
-def read_scored_submission(path: Path, subtask: int, expected: list[str],
-                           key: str | Path | None = None) -> list[dict[str, Any]]:
+def read_scored_submission(
+    path: Path, subtask: int, expected: list[str], key: str | Path | None = None
+) -> list[dict[str, Any]]:
     """A submission's entries, each case once and exactly the ``expected`` (``key``'s) cases."""
     entries = read_submission(path, subtask)
     same_cases(unique_case_ids(entries, path), expected, path, key)

@@ -14,6 +14,7 @@ it is reported (as ``overall_score``) only when all six were computed. Otherwise
 mean of the k computed ones is reported as "mean of k of 6 metrics", never under the
 official name.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -56,8 +57,10 @@ class GenerationScores:
         if self.is_official_overall:
             return "overall_score (official: mean of the 6 metrics)"
         k = len(self.overall_computed)
-        return (f"mean of {k} of {len(OVERALL_METRICS)} metrics ({', '.join(self.overall_computed)}); "
-                "not the official overall score")
+        return (
+            f"mean of {k} of {len(OVERALL_METRICS)} metrics ({', '.join(self.overall_computed)}); "
+            "not the official overall score"
+        )
 
     def to_json(self) -> dict[str, Any]:
         """Per-metric values (``None`` = not computed), the honestly named overall, per-case values."""
@@ -102,9 +105,11 @@ def score_generation(
     per_case: dict[str, dict[str, float]] = {}
     for cid in case_ids:
         pred, ref = predictions[cid], references[cid]
-        per_case[cid] = {"bleu": case_bleu(pred, ref), **case_rouge(pred, ref),
-                         "sari": sentence_sari(_sari_normalise(sources[cid]), _sari_normalise(pred),
-                                               [_sari_normalise(ref)])}
+        per_case[cid] = {
+            "bleu": case_bleu(pred, ref),
+            **case_rouge(pred, ref),
+            "sari": sentence_sari(_sari_normalise(sources[cid]), _sari_normalise(pred), [_sari_normalise(ref)]),
+        }
     reasons = dict(NEVER_COMPUTED)
     notes: dict[str, str] = {}
     bert = bertscore_f1([predictions[c] for c in case_ids], [references[c] for c in case_ids], bertscore_model)

@@ -12,6 +12,7 @@ pools true positives, predicted and gold counts over cases (all pooled counts ze
 All values x100; ``overall_score`` is the strict micro F1. Every predicted id must be a
 sentence the key labels for that case, and the case sets must be equal.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -50,9 +51,11 @@ class RelevanceGold:
 
     @classmethod
     def from_relevance(cls, relevance: Mapping[str, str]) -> "RelevanceGold":
-        return cls(frozenset(s for s, lab in relevance.items() if lab == "essential"),
-                   frozenset(s for s, lab in relevance.items() if lab == "supplementary"),
-                   frozenset(relevance))
+        return cls(
+            frozenset(s for s, lab in relevance.items() if lab == "essential"),
+            frozenset(s for s, lab in relevance.items() if lab == "supplementary"),
+            frozenset(relevance),
+        )
 
 
 def gold_from_relevance(relevance: Mapping[str, Mapping[str, str]]) -> dict[str, RelevanceGold]:
@@ -68,8 +71,10 @@ def case_counts(predicted: Iterable[str], gold: RelevanceGold) -> dict[str, tupl
     """``view -> (true positives, predicted, gold)`` of one case."""
     pred = set(predicted)
     lenient = pred - gold.supplementary
-    return {"strict": (len(pred & gold.essential), len(pred), len(gold.essential)),
-            "lenient": (len(lenient & gold.essential), len(lenient), len(gold.essential))}
+    return {
+        "strict": (len(pred & gold.essential), len(pred), len(gold.essential)),
+        "lenient": (len(lenient & gold.essential), len(lenient), len(gold.essential)),
+    }
 
 
 def prf(tp: int | float, n_pred: int | float, n_gold: int | float) -> tuple[float, float, float]:

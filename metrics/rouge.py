@@ -6,6 +6,7 @@ separator, so "café" gives "caf"). ROUGE-Lsum splits the texts only on the newl
 characters already in them: no sentence splitter is added, so a one-line answer has
 ROUGE-Lsum = ROUGE-L. Values are F-measures x100.
 """
+
 from __future__ import annotations
 
 from functools import lru_cache

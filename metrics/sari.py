@@ -12,6 +12,7 @@ compare with the pooled reference counts):
 Empty denominators give 1 (a candidate that matches exactly is not punished). The
 score is the mean of the keep, delete and add scores, each averaged over n, x100.
 """
+
 from __future__ import annotations
 
 from collections import Counter
@@ -31,7 +32,9 @@ def _f1(p: float, r: float) -> float:
     return 2 * p * r / (p + r) if p > 0 or r > 0 else 0.0
 
 
-def _sari_n(source: Counter[tuple[str, ...]], candidate: Counter[tuple[str, ...]], refs: Counter[tuple[str, ...]], num_refs: int) -> tuple[float, float, float]:
+def _sari_n(
+    source: Counter[tuple[str, ...]], candidate: Counter[tuple[str, ...]], refs: Counter[tuple[str, ...]], num_refs: int
+) -> tuple[float, float, float]:
     src = _scale(source, num_refs)
     cand = _scale(candidate, num_refs)
 

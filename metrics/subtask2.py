@@ -3,6 +3,7 @@
 Sentence ids come from the key's ``answers`` (relevance of every note sentence); the
 submission's case set must equal the key's.
 """
+
 from __future__ import annotations
 
 from pathlib import Path

@@ -4,6 +4,7 @@ Predictions over 75 words are cut to their first 75 whitespace words (the offici
 scorer's truncation). A prediction or reference with no 13a tokens is refused with one
 line naming the case: the official BLEU divides by zero on it.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -42,8 +43,11 @@ def score_subtask3(
         text = official_truncation(entry["prediction"])
         truncated += text != entry["prediction"]
         if not has_13a_tokens(text):
-            raise InputError("prediction has no tokens after 13a tokenization (the official BLEU cannot "
-                             "score it)", sub_path, case.case_id)
+            raise InputError(
+                "prediction has no tokens after 13a tokenization (the official BLEU cannot score it)",
+                sub_path,
+                case.case_id,
+            )
         reference = reference_answer(case)
         if not has_13a_tokens(reference):
             raise InputError("key case has no clinician answer to compare with", key, case.case_id)

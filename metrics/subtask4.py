@@ -3,6 +3,7 @@
 Answer ids come from the key's ``clinician_answer_sentences``, evidence ids from its
 ``answers``; the submission's case set must equal the key's.
 """
+
 from __future__ import annotations
 
 from pathlib import Path

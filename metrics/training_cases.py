@@ -6,6 +6,7 @@ any of those cases gives optimistic numbers: ``infer.py --key`` and ``score.py``
 it unless ``--allow-train-cases`` is given, and then every printed and stored score
 carries :data:`TRAINING_CASES_LABEL` (the wording ``score.py cv`` uses).
 """
+
 from __future__ import annotations
 
 import json
@@ -66,12 +67,16 @@ def run_record_training_case_ids(run_json: Path) -> list[str] | None:
     return None if not manifest else manifest_training_case_ids(ExportManifest.from_dict(manifest, run_json))
 
 
-def check_training_cases(scored: Iterable[str], trained: Iterable[str] | None, allow: bool,
-                         source: str | Path | None) -> list[str]:
+def check_training_cases(
+    scored: Iterable[str], trained: Iterable[str] | None, allow: bool, source: str | Path | None
+) -> list[str]:
     """Scored cases that are training cases (sorted); refused unless ``allow``."""
     shared = sorted(set(scored) & set(trained or ()))
     if shared and not allow:
         raise TrainingCaseLeak(
             f"{len(shared)} of the scored cases are training cases of this export (this one among them); "
-            "refused (pass --allow-train-cases to get optimistic, labelled numbers)", source, shared[0])
+            "refused (pass --allow-train-cases to get optimistic, labelled numbers)",
+            source,
+            shared[0],
+        )
     return shared

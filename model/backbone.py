@@ -14,6 +14,7 @@ Everything a user's load would do happens here, in one place:
 LoRA goes on every attention and MLP projection. When quantised the model goes
 through ``prepare_model_for_kbit_training`` first (fp32 norms, input grads).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -121,8 +122,7 @@ def _write_random_base(preset: ModelPreset | str, out: Path, seed: int) -> Path:
     return out
 
 
-QUANT_STORAGE = {"uint8": torch.uint8, "bfloat16": torch.bfloat16, "float16": torch.float16,
-                 "float32": torch.float32}
+QUANT_STORAGE = {"uint8": torch.uint8, "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
 def nf4_config(quant_storage: str = "uint8"):
@@ -182,8 +182,10 @@ def base_load_error(location: str, err: OSError):
     from plumbing.errors import InputError
 
     first = next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)
-    return InputError(f"--base {location}: cannot load the model ({first[:160]}); check the id or folder, "
-                      f"or download it first (hf download {location})")
+    return InputError(
+        f"--base {location}: cannot load the model ({first[:160]}); check the id or folder, "
+        f"or download it first (hf download {location})"
+    )
 
 
 def _enable_checkpointing(model) -> None:
@@ -231,7 +233,11 @@ def load_backbone(
     preset = resolve_preset(preset)
     quantise = preset.load_in_4bit if load_in_4bit is None else load_in_4bit
     model = load_base_model(
-        preset, load_in_4bit=quantise, device=device, base_path=base_path, random_seed=random_seed,
+        preset,
+        load_in_4bit=quantise,
+        device=device,
+        base_path=base_path,
+        random_seed=random_seed,
         quant_storage=quant_storage,
     )
     model.config.use_cache = not trainable
@@ -384,8 +390,7 @@ def load_merged(
     clock = _StepClock(timings)
     preset = resolve_preset(preset)
     quantise = preset.load_in_4bit if load_in_4bit is None else load_in_4bit
-    model = load_base_model(preset, load_in_4bit=quantise, device=device, base_path=base_path,
-                            random_seed=random_seed)
+    model = load_base_model(preset, load_in_4bit=quantise, device=device, base_path=base_path, random_seed=random_seed)
     clock("base_s")
     if quantise:
         dequantize_model(model)
@@ -396,16 +401,38 @@ def load_merged(
     return model.eval()
 
 
-def load_adapted(preset: ModelPreset | str, adapter_dir: str | Path, *, merge: bool, load_in_4bit: bool | None = None,
-                 device: str | torch.device | None = None, base_path: str | None = None,
-                 random_seed: int = RANDOM_INIT_SEED, timings: dict | None = None):
+def load_adapted(
+    preset: ModelPreset | str,
+    adapter_dir: str | Path,
+    *,
+    merge: bool,
+    load_in_4bit: bool | None = None,
+    device: str | torch.device | None = None,
+    base_path: str | None = None,
+    random_seed: int = RANDOM_INIT_SEED,
+    timings: dict | None = None,
+):
     """The base model with a trained adapter, for inference: merged into dense weights
     (:func:`load_merged`, ``timings`` filled) or kept as NF4 + LoRA (less memory)."""
     if merge:
-        return load_merged(preset, adapter_dir, load_in_4bit=load_in_4bit, device=device, base_path=base_path,
-                           random_seed=random_seed, timings=timings)
-    return load_backbone(preset, load_in_4bit=load_in_4bit, device=device, base_path=base_path,
-                         adapter_dir=adapter_dir, trainable=False, random_seed=random_seed)
+        return load_merged(
+            preset,
+            adapter_dir,
+            load_in_4bit=load_in_4bit,
+            device=device,
+            base_path=base_path,
+            random_seed=random_seed,
+            timings=timings,
+        )
+    return load_backbone(
+        preset,
+        load_in_4bit=load_in_4bit,
+        device=device,
+        base_path=base_path,
+        adapter_dir=adapter_dir,
+        trainable=False,
+        random_seed=random_seed,
+    )
 
 
 class _StepClock:

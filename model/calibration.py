@@ -3,6 +3,7 @@ maximises it on training cases. The one source of this rule: the export calibrat
 pair and relevance thresholds with it, the retrieval baselines tune theirs, cross-validation
 calibrates each fold's. (The official metrics in ``metrics/`` keep the organizers' edge cases.)
 """
+
 from __future__ import annotations
 
 from typing import Iterable, Sequence

@@ -21,6 +21,7 @@ NF4 + LoRA), in a loop built for speed:
 
 Tokens after a stop token are ``pad_id``, as ``generate`` writes them.
 """
+
 from __future__ import annotations
 
 import math
@@ -41,8 +42,9 @@ WIDTH_BUCKET = 64  # prompt widths are rounded up to a multiple of this
 SDPA_CUDNN, MATMUL = "sdpa-cudnn", "matmul"
 
 
-def decode_attention(q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor, keep: torch.Tensor,
-                     scale: float, impl: str) -> torch.Tensor:
+def decode_attention(
+    q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor, keep: torch.Tensor, scale: float, impl: str
+) -> torch.Tensor:
     """One query token per row over a static cache: q [b, heads, 1, d], cache [b, kv, T, d],
     ``keep`` [b, 1, 1, T] (True where a slot holds a real token). Returns [b, heads, 1, d]."""
     b, heads, _, d = q.shape
@@ -63,8 +65,9 @@ def decode_attention(q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tens
 _CUDNN_PROBES: dict = {}
 
 
-def choose_decode_attention(device: torch.device, dtype: torch.dtype, heads: int, n_kv: int,
-                            head_dim: int) -> tuple[str, str | None]:
+def choose_decode_attention(
+    device: torch.device, dtype: torch.dtype, heads: int, n_kv: int, head_dim: int
+) -> tuple[str, str | None]:
     """(implementation, why not cuDNN): cuDNN's fused attention when it runs here and agrees
     with the matmul formulation on a small probe (cached per shape); else the matmul one."""
     if device.type != "cuda":
@@ -81,8 +84,8 @@ def choose_decode_attention(device: torch.device, dtype: torch.dtype, heads: int
         keep[0, ..., :7] = False
         keep[:, ..., 33:] = False
         try:
-            got = decode_attention(q, k, v, keep, head_dim ** -0.5, SDPA_CUDNN)
-            want = decode_attention(q, k, v, keep, head_dim ** -0.5, MATMUL)
+            got = decode_attention(q, k, v, keep, head_dim**-0.5, SDPA_CUDNN)
+            want = decode_attention(q, k, v, keep, head_dim**-0.5, MATMUL)
             err = float((got.float() - want.float()).abs().max())
             _CUDNN_PROBES[key] = None if err < 2e-2 else f"cuDNN attention differs from matmul by {err:.3g}"
         except Exception as exc:  # no cuDNN attention for this card, dtype or shape
@@ -153,8 +156,18 @@ def supports_fast_decode(model) -> str | None:
 class DecodeBatch:
     """Static buffers and (on CUDA) the captured decode step for one (rows, width) bucket."""
 
-    def __init__(self, model, rows: int, width: int, max_new_tokens: int, stop_ids: list[int], pad_id: int,
-                 device: torch.device, dtype: torch.dtype, attention: str = MATMUL):
+    def __init__(
+        self,
+        model,
+        rows: int,
+        width: int,
+        max_new_tokens: int,
+        stop_ids: list[int],
+        pad_id: int,
+        device: torch.device,
+        dtype: torch.dtype,
+        attention: str = MATMUL,
+    ):
         self.attention = attention
         self.model = model
         self.dec = decoder(model)
@@ -187,8 +200,15 @@ class DecodeBatch:
         return (tokens[:, None] == self.stop[None]).any(-1)
 
     # --- prefill: packed forwards (no padding), the first token from each prompt's last position
-    def prefill(self, seqs: list[list[int]], prompt_lens: list[int], prefill_tokens: int, attention: str,
-                tap: int = -1, on_hidden: Callable[[int, torch.Tensor], None] | None = None) -> None:
+    def prefill(
+        self,
+        seqs: list[list[int]],
+        prompt_lens: list[int],
+        prefill_tokens: int,
+        attention: str,
+        tap: int = -1,
+        on_hidden: Callable[[int, torch.Tensor], None] | None = None,
+    ) -> None:
         """``seqs[r]``: row r's prompt (its first ``prompt_lens[r]`` tokens) and any tokens run
         after it in the same pass for the head (never cached); rows past ``len(seqs)`` (bucket
         padding) repeat the last row. The cache holds each prompt right-aligned at ``width``, as
@@ -201,7 +221,7 @@ class DecodeBatch:
             self._prefill_pack(chunk, seqs, prompt_lens, attention, tap, on_hidden)
         real = len(seqs)
         for r in range(real):
-            self.valid[r, self.width - prompt_lens[r]: self.width] = True
+            self.valid[r, self.width - prompt_lens[r] : self.width] = True
         self.lengths[:real] = torch.tensor(prompt_lens, dtype=torch.long)
         if real < self.rows:  # bucket rows: copies of the last real row, dropped at the end
             for cache in (*self.k, *self.v, self.valid, self.lengths, self.tok):
@@ -225,12 +245,11 @@ class DecodeBatch:
             self.v[layer_i][rows_t, :, slots_t] = v[src_t]
 
         last = torch.tensor([packed.starts[j] + prompt_lens[r] - 1 for j, r in enumerate(chunk)], device=device)
-        hidden, first = packed_forward(self.model, packed, tap=tap, attention=attention, write_kv=write,
-                                       logits_at=last)
+        hidden, first = packed_forward(self.model, packed, tap=tap, attention=attention, write_kv=write, logits_at=last)
         self.tok[torch.tensor(chunk, device=device)] = first
         if on_hidden is not None:
             for j, r in enumerate(chunk):
-                on_hidden(r, hidden[packed.starts[j]: packed.starts[j] + packed.lengths[j]])
+                on_hidden(r, hidden[packed.starts[j] : packed.starts[j] + packed.lengths[j]])
 
     # --- decode: one token for every row, all state on the device ----------------------------
     def step(self) -> None:
@@ -342,19 +361,48 @@ def greedy_decode(
     ``extras[i]`` (optional) are tokens run after prompt i in its prefill pass (never cached,
     never generated from); ``on_hidden(i, hidden)`` then receives hidden state ``tap`` (the
     head's numbering) over prompt i + extras[i]: one forward serves the decode cache and the head."""
-    job = _decode_job(model, prompts, max_new_tokens, stop_ids, pad_id, prefill_tokens, use_cuda_graph,
-                      check_every, attention, stats, log, extras, tap, on_hidden)
+    job = _decode_job(
+        model,
+        prompts,
+        max_new_tokens,
+        stop_ids,
+        pad_id,
+        prefill_tokens,
+        use_cuda_graph,
+        check_every,
+        attention,
+        stats,
+        log,
+        extras,
+        tap,
+        on_hidden,
+    )
     results: list[list[int]] = [[] for _ in prompts]
     cfg = decoder(model).config
-    for idx, rows, width in _decode_batches(prompts, max(1, batch_rows), job.graphs, kv_budget_bytes,
-                                            kv_bytes_per_token(cfg), max_new_tokens):
+    for idx, rows, width in _decode_batches(
+        prompts, max(1, batch_rows), job.graphs, kv_budget_bytes, kv_bytes_per_token(cfg), max_new_tokens
+    ):
         for i, toks in zip(idx, _decode_batch(job, idx, rows, width)):
             results[i] = toks
     return results
 
 
-def _decode_job(model, prompts, max_new_tokens, stop_ids, pad_id, prefill_tokens, use_cuda_graph, check_every,
-                attention, stats, log, extras, tap, on_hidden) -> _DecodeJob:
+def _decode_job(
+    model,
+    prompts,
+    max_new_tokens,
+    stop_ids,
+    pad_id,
+    prefill_tokens,
+    use_cuda_graph,
+    check_every,
+    attention,
+    stats,
+    log,
+    extras,
+    tap,
+    on_hidden,
+) -> _DecodeJob:
     """Check the request and settle the kernels: decode attention, packed prefill attention, graphs."""
     if max_new_tokens < 1:
         raise ValueError("max_new_tokens must be >= 1")
@@ -380,13 +428,30 @@ def _decode_job(model, prompts, max_new_tokens, stop_ids, pad_id, prefill_tokens
     stats.attention = attention
     packed_attention, why_not = choose_packed_attention(*shape)
     stats.prefill_attention, stats.prefill_attention_fallback = packed_attention, why_not
-    return _DecodeJob(model, prompts, extras or [[] for _ in prompts], max_new_tokens, stop_ids, pad_id, device,
-                      dtype, graphs, attention, packed_attention, prefill_tokens, check_every, tap, on_hidden,
-                      stats, log)
+    return _DecodeJob(
+        model,
+        prompts,
+        extras or [[] for _ in prompts],
+        max_new_tokens,
+        stop_ids,
+        pad_id,
+        device,
+        dtype,
+        graphs,
+        attention,
+        packed_attention,
+        prefill_tokens,
+        check_every,
+        tap,
+        on_hidden,
+        stats,
+        log,
+    )
 
 
-def _decode_batches(prompts: list[list[int]], batch_rows: int, graphs: bool, kv_budget: int | None,
-                    kv_per_token: int, max_new: int):
+def _decode_batches(
+    prompts: list[list[int]], batch_rows: int, graphs: bool, kv_budget: int | None, kv_per_token: int, max_new: int
+):
     """(prompt indices, cache rows, prompt width) per batch, longest prompts first: as many rows
     as ``batch_rows`` and the KV budget allow at the batch's own width (later batches, with
     shorter prompts, fit more rows); with graphs, rows and width rounded up to their buckets."""
@@ -398,7 +463,7 @@ def _decode_batches(prompts: list[list[int]], batch_rows: int, graphs: bool, kv_
         fit = batch_rows
         if kv_budget is not None:
             fit = max(1, min(fit, kv_budget // (kv_per_token * (width + max_new))))
-        idx = order[start: start + fit]
+        idx = order[start : start + fit]
         rows = min(bucket_batch(len(idx)), fit) if graphs else len(idx)
         yield idx, max(rows, len(idx)), width
         start += len(idx)
@@ -412,8 +477,9 @@ def _decode_batch(job: _DecodeJob, idx: list[int], rows: int, width: int) -> lis
     on_hidden = None if job.on_hidden is None else (lambda r, hidden: job.on_hidden(idx[r], hidden))
 
     def fresh_batch() -> DecodeBatch:
-        batch = DecodeBatch(job.model, rows, width, job.max_new, job.stop_ids, job.pad_id, job.device, job.dtype,
-                            job.attention)
+        batch = DecodeBatch(
+            job.model, rows, width, job.max_new, job.stop_ids, job.pad_id, job.device, job.dtype, job.attention
+        )
         batch.prefill(seqs, lens, job.prefill_tokens, job.packed_attention, job.tap, on_hidden)
         return batch
 

@@ -9,6 +9,7 @@ imply and only finite numbers, and a hub base model cached or reachable. Anythin
 :class:`InputError` line (exit 2) naming the file and the field, in well under a second,
 instead of a traceback after minutes of building a model or retrying DNS.
 """
+
 from __future__ import annotations
 
 import json
@@ -26,8 +27,15 @@ from .presets import PRESETS
 WEIGHT_FILES = ("adapter_model.safetensors", "head.safetensors")
 REQUIRED_FILES = ("adapter_config.json", "adapter_model.safetensors", "head.safetensors", "head_config.json")
 # head_config.json: field -> kind (model.manifest.KINDS); hidden_size is required.
-HEAD_FIELDS = {"hidden_size": "positive", "proj_dim": "positive", "mlp_dim": "positive", "pooling": "str",
-               "relevance": "bool", "dropout": "probability", "layer": "int"}
+HEAD_FIELDS = {
+    "hidden_size": "positive",
+    "proj_dim": "positive",
+    "mlp_dim": "positive",
+    "pooling": "str",
+    "relevance": "bool",
+    "dropout": "probability",
+    "layer": "int",
+}
 # adapter_config.json: the fields the loader relies on -> kind (None-able ones are optional).
 ADAPTER_FIELDS = {"r": "positive", "lora_alpha": "number", "lora_dropout": "probability", "peft_type": "str"}
 LORA_KEY = re.compile(r"layers\.(\d+)\..*?(\w+_proj)\.lora_([AB])\.weight$")
@@ -112,9 +120,15 @@ def _lora_dims(arch: dict[str, Any], module: str) -> tuple[int, int] | None:
         inter = int(arch["intermediate_size"])
     except (KeyError, TypeError, ValueError):
         return None
-    return {"q_proj": (hidden, heads * head_dim), "k_proj": (hidden, kv * head_dim),
-            "v_proj": (hidden, kv * head_dim), "o_proj": (heads * head_dim, hidden),
-            "gate_proj": (hidden, inter), "up_proj": (hidden, inter), "down_proj": (inter, hidden)}.get(module)
+    return {
+        "q_proj": (hidden, heads * head_dim),
+        "k_proj": (hidden, kv * head_dim),
+        "v_proj": (hidden, kv * head_dim),
+        "o_proj": (heads * head_dim, hidden),
+        "gate_proj": (hidden, inter),
+        "up_proj": (hidden, inter),
+        "down_proj": (inter, hidden),
+    }.get(module)
 
 
 def check_adapter_tensors(root: Path, rank: int, arch: dict[str, Any]) -> None:
@@ -171,8 +185,7 @@ def check_head_tensors(root: Path, config: dict[str, Any]) -> None:
             if t.get_dtype() not in ("F32", "F16", "BF16", "F64"):
                 raise InputError(f"tensor {key} has dtype {t.get_dtype()}, not a floating-point type", path)
             if tuple(t.get_shape()) != expected[key]:
-                raise InputError(f"tensor {key} has shape {list(t.get_shape())}, expected {list(expected[key])}",
-                                 path)
+                raise InputError(f"tensor {key} has shape {list(t.get_shape())}, expected {list(expected[key])}", path)
 
 
 def check_weights(root: Path) -> None:

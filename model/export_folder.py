@@ -3,6 +3,7 @@ it carries and the package versions recorded in it and in run records. The one o
 rules; ``training/export.py`` builds the manifest's content, ``model/loaded_export.py`` loads the
 weights, ``inference`` and ``evaluation`` read what they need through here.
 """
+
 from __future__ import annotations
 
 import json
@@ -17,8 +18,17 @@ from plumbing.errors import InputError
 from .manifest import DEFAULT_THRESHOLD, EXPORT_FORMAT, ExportManifest
 
 MANIFEST = "manifest.json"
-__all__ = ["DEFAULT_THRESHOLD", "EXPORT_FORMAT", "MANIFEST", "ExportManifest", "find_export", "model_card",
-           "package_versions", "read_manifest", "write_manifest"]
+__all__ = [
+    "DEFAULT_THRESHOLD",
+    "EXPORT_FORMAT",
+    "MANIFEST",
+    "ExportManifest",
+    "find_export",
+    "model_card",
+    "package_versions",
+    "read_manifest",
+    "write_manifest",
+]
 MANIFEST_PACKAGES = ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "safetensors", "numpy", "archehr")
 
 
@@ -68,17 +78,41 @@ def package_versions(names: tuple[str, ...] = MANIFEST_PACKAGES) -> dict[str, st
 
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-CARD_TAGS = ("archehr", "archehr-qa", "clinical-nlp", "medical", "question-answering", "evidence-attribution",
-             "qlora", "lora", "qwen3")
+CARD_TAGS = (
+    "archehr",
+    "archehr-qa",
+    "clinical-nlp",
+    "medical",
+    "question-answering",
+    "evidence-attribution",
+    "qlora",
+    "lora",
+    "qwen3",
+)
 # The fine-tuned systems' rows in a ``score.py cv`` run's ladder.json (evaluation.cv writes them):
 # (subtask key, system, task type, task name, metrics kept).
 CV_ROWS = (
-    ("subtask2", "head", "text-classification", "ArchEHR-QA Subtask 2: evidence identification (relevance head)",
-     ("strict_micro_f1", "strict_micro_precision", "strict_micro_recall", "lenient_micro_f1")),
-    ("subtask3", "model", "text-generation", "ArchEHR-QA Subtask 3: answer generation",
-     ("bleu", "rouge1", "rouge2", "rougeL", "sari", "bertscore", "alignscore", "medcon")),
-    ("subtask4", "head", "text-classification", "ArchEHR-QA Subtask 4: evidence alignment (alignment head)",
-     ("micro_f1", "micro_precision", "micro_recall", "macro_f1")),
+    (
+        "subtask2",
+        "head",
+        "text-classification",
+        "ArchEHR-QA Subtask 2: evidence identification (relevance head)",
+        ("strict_micro_f1", "strict_micro_precision", "strict_micro_recall", "lenient_micro_f1"),
+    ),
+    (
+        "subtask3",
+        "model",
+        "text-generation",
+        "ArchEHR-QA Subtask 3: answer generation",
+        ("bleu", "rouge1", "rouge2", "rougeL", "sari", "bertscore", "alignscore", "medcon"),
+    ),
+    (
+        "subtask4",
+        "head",
+        "text-classification",
+        "ArchEHR-QA Subtask 4: evidence alignment (alignment head)",
+        ("micro_f1", "micro_precision", "micro_recall", "macro_f1"),
+    ),
 )
 
 
@@ -100,16 +134,22 @@ def cv_model_index(ladder: dict, name: str) -> list[dict]:
     folds = f"{ladder.get('n_folds')}-fold case-grouped CV"
     key = Path(str(ladder.get("key") or "the key")).name
     held_out = str(ladder.get("evaluated_on", "held-out cases")) == "held-out cases"
-    dataset = {"type": "archehr-qa", "name": "ArchEHR-QA",
-               "split": f"held-out folds of {key}" if held_out else f"TRAINING CASES of {key} (optimistic)"}
+    dataset = {
+        "type": "archehr-qa",
+        "name": "ArchEHR-QA",
+        "split": f"held-out folds of {key}" if held_out else f"TRAINING CASES of {key} (optimistic)",
+    }
     results = []
     for subtask, system, task_type, task_name, keep in CV_ROWS:
         block = ladder.get(subtask)
         rows = block.get("rows", []) if isinstance(block, dict) else (block or [])
         row = next((r for r in rows if isinstance(r, dict) and r.get("system") == system), None)
         scores = (row or {}).get("scores") or {}
-        metrics = [{"type": k, "value": scores[k], "name": f"{k} ({folds})"} for k in keep
-                   if isinstance(scores.get(k), (int, float)) and not isinstance(scores.get(k), bool)]
+        metrics = [
+            {"type": k, "value": scores[k], "name": f"{k} ({folds})"}
+            for k in keep
+            if isinstance(scores.get(k), (int, float)) and not isinstance(scores.get(k), bool)
+        ]
         if metrics:
             results.append({"task": {"type": task_type, "name": task_name}, "dataset": dataset, "metrics": metrics})
     return [{"name": name, "results": results}] if results else []
@@ -164,8 +204,10 @@ def model_card(record: ExportManifest, ladder: dict | None = None, merged: bool 
     manifest = record.to_dict()
     base = manifest.get("base_model") or {}
     if base.get("random_init"):
-        base_line = (f"randomly initialised `{base.get('preset')}` (seed {base['random_init'].get('seed')}): "
-                     "a test model, it generates noise")
+        base_line = (
+            f"randomly initialised `{base.get('preset')}` (seed {base['random_init'].get('seed')}): "
+            "a test model, it generates noise"
+        )
     else:
         base_line = f"`{base.get('id')}` (preset `{base.get('preset')}`, 4-bit NF4: {base.get('load_in_4bit')})"
     lora = manifest.get("lora") or {}
@@ -188,9 +230,11 @@ def model_card(record: ExportManifest, ladder: dict | None = None, merged: bool 
         "## Training stages",
     ]
     for i, stage in enumerate(manifest.get("stages") or [], 1):
-        lines.append(f"{i}. `{stage.get('stage')}`{' (joint head)' if stage.get('joint') else ''}: "
-                     f"{stage.get('examples')} examples, {stage.get('steps')} steps, seed {stage.get('seed')}, "
-                     f"final loss {stage.get('final_loss')}, finished {stage.get('finished')}")
+        lines.append(
+            f"{i}. `{stage.get('stage')}`{' (joint head)' if stage.get('joint') else ''}: "
+            f"{stage.get('examples')} examples, {stage.get('steps')} steps, seed {stage.get('seed')}, "
+            f"final loss {stage.get('final_loss')}, finished {stage.get('finished')}"
+        )
         for data in stage.get("data") or []:
             lines.append(f"   - data `{Path(str(data.get('path'))).name}` sha256 `{data.get('sha256')}`")
     lines += [
@@ -206,11 +250,13 @@ def model_card(record: ExportManifest, ladder: dict | None = None, merged: bool 
     lines += ["", "## Evaluation"]
     cv = manifest.get("cv")
     if ladder is not None:
-        lines.append(f"Case-grouped cross-validation of this recipe ({ladder.get('n_folds')} folds, "
-                     f"{ladder.get('n_cases')} cases, {ladder.get('evaluated_on')}), from `{ladder.get('source')}` "
-                     "(`score.py cv`): each fold's model was trained on the other folds, so these estimate the "
-                     "recipe on unseen cases, not this export on its own training cases. They are the front "
-                     "matter's `model-index`.")
+        lines.append(
+            f"Case-grouped cross-validation of this recipe ({ladder.get('n_folds')} folds, "
+            f"{ladder.get('n_cases')} cases, {ladder.get('evaluated_on')}), from `{ladder.get('source')}` "
+            "(`score.py cv`): each fold's model was trained on the other folds, so these estimate the "
+            "recipe on unseen cases, not this export on its own training cases. They are the front "
+            "matter's `model-index`."
+        )
         for entry in cv_model_index(ladder, "cv"):
             for result in entry["results"]:
                 metrics = ", ".join(f"{m['type']} {m['value']}" for m in result["metrics"])
@@ -219,14 +265,19 @@ def model_card(record: ExportManifest, ladder: dict | None = None, merged: bool 
         lines.append("Case-grouped cross-validation (held-out cases):")
         lines += [f"- {name}: {value}" for name, value in sorted(cv.items())]
     else:
-        lines.append("No cross-validation scores are recorded with this export; `python score.py cv` "
-                     "measures them on held-out cases.")
+        lines.append(
+            "No cross-validation scores are recorded with this export; `python score.py cv` "
+            "measures them on held-out cases."
+        )
     if merged:
-        lines += ["", "## This folder",
-                  "The export's LoRA adapter merged into its base model (the base dequantised as trained), bf16: "
-                  "a standard Hugging Face model folder. `AutoModelForCausalLM.from_pretrained(\"this/folder\")` "
-                  "loads it, and vLLM or SGLang serve it (Subtask 3 answers). The alignment head is not in it: "
-                  "`infer.py --export` on the export folder above applies it (Subtasks 2 and 4)."]
+        lines += [
+            "",
+            "## This folder",
+            "The export's LoRA adapter merged into its base model (the base dequantised as trained), bf16: "
+            'a standard Hugging Face model folder. `AutoModelForCausalLM.from_pretrained("this/folder")` '
+            "loads it, and vLLM or SGLang serve it (Subtask 3 answers). The alignment head is not in it: "
+            "`infer.py --export` on the export folder above applies it (Subtasks 2 and 4).",
+        ]
     lines += [
         "",
         "## Loading",
@@ -236,7 +287,7 @@ def model_card(record: ExportManifest, ladder: dict | None = None, merged: bool 
         "from model.loaded_export import load_export",
         'loaded = load_export("path/to/export")',
         "```",
-        "The adapter also loads with plain PEFT: `PeftModel.from_pretrained(base_model, \"path/to/export\")`.",
+        'The adapter also loads with plain PEFT: `PeftModel.from_pretrained(base_model, "path/to/export")`.',
         "",
         f"Packages: {', '.join(f'{k} {v}' for k, v in (manifest.get('packages') or {}).items() if v)}. "
         f"Created {manifest.get('created')}.",

@@ -5,6 +5,7 @@ forwards (:mod:`model.packed`, :mod:`inference.fast`).
 
 It lives in ``model/`` because it runs the backbone: ``model`` may use ``heads``, never the reverse.
 """
+
 from __future__ import annotations
 
 from typing import Sequence
@@ -29,7 +30,9 @@ def head_outputs(backbone, head: NotePairHead, enc: EncodedExample) -> HeadOutpu
     return head(hidden[0], enc.note_spans, enc.answer_spans)
 
 
-def encode_for_scoring(tokenizer, cases: Sequence[Case]) -> tuple[list[np.ndarray | None], list[tuple[int, EncodedExample]]]:
+def encode_for_scoring(
+    tokenizer, cases: Sequence[Case]
+) -> tuple[list[np.ndarray | None], list[tuple[int, EncodedExample]]]:
     """What the pair scorers start from: a case without answer sentences already has its empty
     [0, n_note] result; every other case is encoded (prompt + answer sentences), with its index."""
     out: list[np.ndarray | None] = [None] * len(cases)
@@ -43,8 +46,14 @@ def encode_for_scoring(tokenizer, cases: Sequence[Case]) -> tuple[list[np.ndarra
 
 
 @torch.no_grad()
-def group_head_outputs(backbone, head: NotePairHead, group: Sequence[EncodedExample], pad_id: int,
-                       device: torch.device, width: int | None = None) -> list[HeadOutput]:
+def group_head_outputs(
+    backbone,
+    head: NotePairHead,
+    group: Sequence[EncodedExample],
+    pad_id: int,
+    device: torch.device,
+    width: int | None = None,
+) -> list[HeadOutput]:
     """One forward over ``group``, right-padded to ``width`` (default: its longest example):
     the head's raw outputs per example. Causal attention keeps every real token's state
     independent of the padding after it. Callers choose the groups and the mode."""
@@ -59,17 +68,26 @@ def group_head_outputs(backbone, head: NotePairHead, group: Sequence[EncodedExam
 
 
 @torch.no_grad()
-def group_pair_probabilities(backbone, head: NotePairHead, group: Sequence[EncodedExample], pad_id: int,
-                             device: torch.device, width: int | None = None) -> list[np.ndarray]:
+def group_pair_probabilities(
+    backbone,
+    head: NotePairHead,
+    group: Sequence[EncodedExample],
+    pad_id: int,
+    device: torch.device,
+    width: int | None = None,
+) -> list[np.ndarray]:
     """[n_answer, n_note] sigmoid probabilities per example of one padded forward
     (:func:`group_head_outputs`)."""
-    return [torch.sigmoid(out.pair_logits.float()).cpu().numpy()
-            for out in group_head_outputs(backbone, head, group, pad_id, device, width)]
+    return [
+        torch.sigmoid(out.pair_logits.float()).cpu().numpy()
+        for out in group_head_outputs(backbone, head, group, pad_id, device, width)
+    ]
 
 
 @torch.no_grad()
-def pair_probabilities(backbone, head: NotePairHead, examples: Sequence[EncodedExample], batch_size: int = 8,
-                       pad_id: int = 0) -> list[np.ndarray]:
+def pair_probabilities(
+    backbone, head: NotePairHead, examples: Sequence[EncodedExample], batch_size: int = 8, pad_id: int = 0
+) -> list[np.ndarray]:
     """[n_answer, n_note] sigmoid probabilities per example, in eval mode (restored after).
 
     Several examples share a forward, longest first and right-padded: causal attention keeps
@@ -100,8 +118,9 @@ def pair_probabilities(backbone, head: NotePairHead, examples: Sequence[EncodedE
 
 
 @torch.no_grad()
-def relevance_probabilities(backbone, head: NotePairHead,
-                            examples: Sequence[EncodedExample]) -> list[np.ndarray] | None:
+def relevance_probabilities(
+    backbone, head: NotePairHead, examples: Sequence[EncodedExample]
+) -> list[np.ndarray] | None:
     """[n_note] sigmoid relevance probabilities per example (None if the head has no relevance output).
 
     Only the note sentences' states feed the relevance logit, and the backbone is causal,
@@ -113,8 +132,9 @@ def relevance_probabilities(backbone, head: NotePairHead,
     backbone.eval()
     head.eval()
     try:
-        return [torch.sigmoid(head_outputs(backbone, head, enc).relevance_logits.float()).cpu().numpy()
-                for enc in examples]
+        return [
+            torch.sigmoid(head_outputs(backbone, head, enc).relevance_logits.float()).cpu().numpy() for enc in examples
+        ]
     finally:
         backbone.train(was_training[0])
         head.train(was_training[1])

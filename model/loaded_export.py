@@ -4,6 +4,7 @@ The base model comes from the manifest (hub id or local path) unless ``base`` ov
 it; a random-init preset (``tiny``, ``qwen3-4b-random``) is rebuilt from the seed and
 shape recorded in the manifest, so tiny exports reload on any machine.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -39,8 +40,13 @@ class LoadedExport:
         return next(self.head.parameters()).device
 
     @torch.no_grad()
-    def generate_answers(self, cases: list[Case], max_new_tokens: int = 100, batch_size: int = 16,
-                         cache_implementation: str | None = None) -> list[str]:
+    def generate_answers(
+        self,
+        cases: list[Case],
+        max_new_tokens: int = 100,
+        batch_size: int = 16,
+        cache_implementation: str | None = None,
+    ) -> list[str]:
         """Greedy answers (raw decoded text), batched with left padding, thinking disabled.
 
         Prompts are batched in length order (less padding per batch) and the answers
@@ -85,8 +91,13 @@ class LoadedExport:
         """Link probabilities for many cases, several cases per forward (right-padded:
         causal attention keeps every real token's state independent of the padding)."""
         out, encoded = encode_for_scoring(self.tokenizer, cases)
-        probs = pair_probabilities(self.model, self.head, [enc for _, enc in encoded], batch_size=batch_size,
-                                   pad_id=self.tokenizer.pad_token_id)
+        probs = pair_probabilities(
+            self.model,
+            self.head,
+            [enc for _, enc in encoded],
+            batch_size=batch_size,
+            pad_id=self.tokenizer.pad_token_id,
+        )
         for (i, _), p in zip(encoded, probs):
             out[i] = p
         return out  # type: ignore[return-value]
@@ -148,7 +159,8 @@ def load_export(
     seed = random_init.seed if random_init is not None else RANDOM_INIT_SEED
     if merge is None:  # dense merged weights decode several times faster; default where memory is plentiful
         merge = torch.device(device).type == "cuda"
-    model = load_adapted(preset, root, merge=merge, load_in_4bit=load_in_4bit, device=device, base_path=base_path,
-                         random_seed=seed)
+    model = load_adapted(
+        preset, root, merge=merge, load_in_4bit=load_in_4bit, device=device, base_path=base_path, random_seed=seed
+    )
     head = load_head(root, device=device).eval()
     return LoadedExport(manifest=manifest, threshold=manifest.threshold, tokenizer=tokenizer, model=model, head=head)

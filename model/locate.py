@@ -6,6 +6,7 @@ device on a machine without one, a folder that is not a model, or a hub id that 
 cached nor downloadable is one :class:`InputError` line (exit 2) within seconds, naming what was
 asked and what this machine has. Loading itself lives in :mod:`model.backbone`.
 """
+
 from __future__ import annotations
 
 import os
@@ -78,14 +79,18 @@ def cached_models(limit: int = 5) -> list[str]:
         names = sorted(p.name for p in hub_cache_dir().iterdir() if p.name.startswith("models--"))
     except OSError:
         return []
-    ids = [n[len("models--"):].replace("--", "/") for n in names]
+    ids = [n[len("models--") :].replace("--", "/") for n in names]
     return ids[:limit] + ([f"... {len(ids) - limit} more"] if len(ids) > limit else [])
 
 
 def _looks_like_hub_id(source: str) -> bool:
     parts = source.split("/")
-    return (len(parts) == 2 and all(parts) and not source.startswith((".", "~"))
-            and not any(c.isspace() or not c.isprintable() for c in source))
+    return (
+        len(parts) == 2
+        and all(parts)
+        and not source.startswith((".", "~"))
+        and not any(c.isspace() or not c.isprintable() for c in source)
+    )
 
 
 def model_folder_problem(folder: Path) -> str | None:
@@ -142,8 +147,10 @@ def check_base(source: str | None, flag: str = BASE_FLAG) -> None:
             return
     except ValueError:  # huggingface_hub's id validation (characters a repo id cannot hold)
         raise InputError(f"{flag} {source}: no such folder, and not a valid hub id ({have})") from None
-    how = (f"{flag} {source}: not in the local Hugging Face cache ({have}); download it first "
-           f"(hf download {source}) or pass {flag} /local/folder")
+    how = (
+        f"{flag} {source}: not in the local Hugging Face cache ({have}); download it first "
+        f"(hf download {source}) or pass {flag} /local/folder"
+    )
     if os.environ.get("HF_HUB_OFFLINE", "").lower() in _TRUE:
         raise InputError(how + "; HF_HUB_OFFLINE is set")
     if not _hub_reachable():

@@ -11,6 +11,7 @@ Older manifests still load: the preset may sit under ``base_model`` only, ``form
 absent, and ``training_case_ids`` may be missing (then derived from the stages when every stage
 records its case ids, else unknown).
 """
+
 from __future__ import annotations
 
 import math
@@ -62,9 +63,15 @@ class _Fields:
 
 
 KINDS = {
-    "str": "a string", "bool": "true or false", "int": "an integer", "number": "a finite number",
-    "probability": "a finite number in [0, 1]", "seed": f"an integer in 0..{MAX_SEED}",
-    "positive": "a positive integer", "str_list": "a list of strings", "object": "a JSON object",
+    "str": "a string",
+    "bool": "true or false",
+    "int": "an integer",
+    "number": "a finite number",
+    "probability": "a finite number in [0, 1]",
+    "seed": f"an integer in 0..{MAX_SEED}",
+    "positive": "a positive integer",
+    "str_list": "a list of strings",
+    "object": "a JSON object",
     "object_list": "a list of JSON objects",
 }
 
@@ -121,13 +128,23 @@ class BaseModel:
         if f is None:
             return cls(None, None, None, None, None)
         ri = f.sub("random_init")
-        return cls(preset=f.get("preset", "str"), id=f.get("id", "str"), path=f.get("path", "str"),
-                   load_in_4bit=f.get("load_in_4bit", "bool"), random_init=RandomInit.read(ri) if ri else None)
+        return cls(
+            preset=f.get("preset", "str"),
+            id=f.get("id", "str"),
+            path=f.get("path", "str"),
+            load_in_4bit=f.get("load_in_4bit", "bool"),
+            random_init=RandomInit.read(ri) if ri else None,
+        )
 
     def to_dict(self) -> dict[str, Any]:
         ri = None if self.random_init is None else {"seed": self.random_init.seed, "arch": dict(self.random_init.arch)}
-        return {"preset": self.preset, "id": self.id, "path": self.path, "load_in_4bit": self.load_in_4bit,
-                "random_init": ri}
+        return {
+            "preset": self.preset,
+            "id": self.id,
+            "path": self.path,
+            "load_in_4bit": self.load_in_4bit,
+            "random_init": ri,
+        }
 
 
 @dataclass(frozen=True)
@@ -141,8 +158,12 @@ class Lora:
     def read(cls, f: _Fields | None) -> "Lora | None":
         if f is None:
             return None
-        return cls(r=f.get("r", "positive", required=True), alpha=f.get("alpha", "number", required=True),
-                   dropout=f.get("dropout", "probability", 0.0), targets=list(f.get("targets", "str_list", [])))
+        return cls(
+            r=f.get("r", "positive", required=True),
+            alpha=f.get("alpha", "number", required=True),
+            dropout=f.get("dropout", "probability", 0.0),
+            targets=list(f.get("targets", "str_list", [])),
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return {"r": self.r, "alpha": self.alpha, "dropout": self.dropout, "targets": list(self.targets)}
@@ -162,16 +183,24 @@ class Calibration:
         if f is None:
             return None
         details = {k: v for k, v in f.data.items() if k not in ("threshold", "calibrated_on", "n_examples")}
-        return cls(threshold=f.get("threshold", "probability"), calibrated_on=f.get("calibrated_on", "str"),
-                   n_examples=f.get("n_examples", "int"), details=details)
+        return cls(
+            threshold=f.get("threshold", "probability"),
+            calibrated_on=f.get("calibrated_on", "str"),
+            n_examples=f.get("n_examples", "int"),
+            details=details,
+        )
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Calibration":
         return cls.read(_Fields(data, "", None))  # type: ignore[return-value]
 
     def to_dict(self) -> dict[str, Any]:
-        return {"threshold": self.threshold, **self.details, "calibrated_on": self.calibrated_on,
-                "n_examples": self.n_examples}
+        return {
+            "threshold": self.threshold,
+            **self.details,
+            "calibrated_on": self.calibrated_on,
+            "n_examples": self.n_examples,
+        }
 
 
 @dataclass(frozen=True)
@@ -193,10 +222,14 @@ class Stage:
             rf.get("path", "str", required=True)
             rf.get("sha256", "str")
         known = ("stage", "joint", "steps", "data", "case_ids")
-        return cls(stage=f.get("stage", "str", required=True), joint=f.get("joint", "bool", False),
-                   steps=f.get("steps", "int", 0), data=[dict(d) for d in data],
-                   case_ids=f.get("case_ids", "str_list") if "case_ids" in f.data else None,
-                   details={k: v for k, v in f.data.items() if k not in known})
+        return cls(
+            stage=f.get("stage", "str", required=True),
+            joint=f.get("joint", "bool", False),
+            steps=f.get("steps", "int", 0),
+            data=[dict(d) for d in data],
+            case_ids=f.get("case_ids", "str_list") if "case_ids" in f.data else None,
+            details={k: v for k, v in f.data.items() if k not in known},
+        )
 
     def to_dict(self) -> dict[str, Any]:
         out = {"stage": self.stage, "joint": self.joint, **self.details, "data": self.data, "steps": self.steps}
@@ -245,7 +278,9 @@ class ExportManifest:
         preset = f.get("preset", "str") or base.preset
         if preset is None:
             f.fail("preset", "a preset name", None)
-        stages = [Stage.read(_Fields(s, f"stages[{i}]", file)) for i, s in enumerate(f.get("stages", "object_list", []))]
+        stages = [
+            Stage.read(_Fields(s, f"stages[{i}]", file)) for i, s in enumerate(f.get("stages", "object_list", []))
+        ]
         if "training_case_ids" in f.data:
             case_ids = f.get("training_case_ids", "str_list")
         elif stages and all(s.case_ids is not None for s in stages):
@@ -253,14 +288,35 @@ class ExportManifest:
         else:
             case_ids = None
         packages = f.get("packages", "object", {})
-        known = {"format", "preset", "base_model", "lora", "head", "alignment", "relevance", "stages",
-                 "training_data", "training_case_ids", "tokenizer", "packages", "created"}
+        known = {
+            "format",
+            "preset",
+            "base_model",
+            "lora",
+            "head",
+            "alignment",
+            "relevance",
+            "stages",
+            "training_data",
+            "training_case_ids",
+            "tokenizer",
+            "packages",
+            "created",
+        }
         return cls(
-            preset=preset, base_model=base, lora=Lora.read(f.sub("lora")), head=dict(f.get("head", "object", {})),
-            alignment=Calibration.read(f.sub("alignment")), relevance=Calibration.read(f.sub("relevance")),
-            stages=stages, training_data=list(f.get("training_data", "object_list", [])),
-            training_case_ids=case_ids, tokenizer=f.get("tokenizer", "str"), packages=dict(packages),
-            created=f.get("created", "str"), format=fmt,
+            preset=preset,
+            base_model=base,
+            lora=Lora.read(f.sub("lora")),
+            head=dict(f.get("head", "object", {})),
+            alignment=Calibration.read(f.sub("alignment")),
+            relevance=Calibration.read(f.sub("relevance")),
+            stages=stages,
+            training_data=list(f.get("training_data", "object_list", [])),
+            training_case_ids=case_ids,
+            tokenizer=f.get("tokenizer", "str"),
+            packages=dict(packages),
+            created=f.get("created", "str"),
+            format=fmt,
             extra={k: v for k, v in f.data.items() if k not in known},
         )
 

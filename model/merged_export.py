@@ -14,6 +14,7 @@ says which export (and which manifest, by sha256) the folder was built from.
 Built under a hidden sibling name, fsynced and renamed into place: the folder is complete or absent.
 A folder that holds anything but an earlier merged export is refused.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -43,8 +44,11 @@ def merged_out(export_dir: Path, out: str | Path | None) -> Path:
     if target.is_symlink() or (target.exists() and not target.is_dir()):
         raise InputError("the merged model's output is not a folder", target)
     if target.is_dir() and any(target.iterdir()) and not (target / MERGED_RECORD).is_file():
-        raise InputError(f"folder holds other files (not an earlier merged export, no {MERGED_RECORD}); "
-                         "choose an empty or new --out", target)
+        raise InputError(
+            f"folder holds other files (not an earlier merged export, no {MERGED_RECORD}); "
+            "choose an empty or new --out",
+            target,
+        )
     return target
 
 
@@ -54,17 +58,29 @@ def greedy_generation_config(tokenizer, max_new_tokens: int):
 
     from .loaded_export import stop_ids
 
-    return GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=stop_ids(tokenizer),
-                            pad_token_id=tokenizer.pad_token_id)
+    return GenerationConfig(
+        do_sample=False,
+        max_new_tokens=max_new_tokens,
+        eos_token_id=stop_ids(tokenizer),
+        pad_token_id=tokenizer.pad_token_id,
+    )
 
 
 def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def export_merged(export_dir: str | Path, out: str | Path | None = None, *, base: str | None = None,
-                  device: str | None = None, dtype: str = "bfloat16", max_shard_size: str = DEFAULT_SHARD_SIZE,
-                  max_new_tokens: int = 100, ladder: dict | None = None) -> Path:
+def export_merged(
+    export_dir: str | Path,
+    out: str | Path | None = None,
+    *,
+    base: str | None = None,
+    device: str | None = None,
+    dtype: str = "bfloat16",
+    max_shard_size: str = DEFAULT_SHARD_SIZE,
+    max_new_tokens: int = 100,
+    ladder: dict | None = None,
+) -> Path:
     """Write the merged model folder of ``export_dir`` (a run or export folder); returns its path.
     ``ladder``: a ``score.py cv`` run's scores (``read_cv_ladder``) for the model card's ``model-index``."""
     from .loaded_export import load_export

@@ -14,6 +14,7 @@ The layers run with the model's own modules (dense, merged or NF4 + LoRA), as
 :mod:`model.decoding` does. The forward stops at the layer the head reads unless logits
 are asked for, and the LM head runs only on the positions asked for.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -56,26 +57,30 @@ def pack(seqs: list[list[int]], device: torch.device) -> Packed:
     return Packed(ids.to(device), positions.to(device), cu.to(device), starts, lengths, max(lengths))
 
 
-def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, packed: Packed, scale: float,
-                     impl: str) -> torch.Tensor:
+def causal_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, packed: Packed, scale: float, impl: str
+) -> torch.Tensor:
     """Causal attention within each packed sequence: q [T, heads, d], k/v [T, kv, d] -> [T, heads, d]."""
     if impl == VARLEN_FLASH:
-        out = torch.ops.aten._flash_attention_forward(q, k, v, packed.cu, packed.cu, packed.max_len, packed.max_len,
-                                                      0.0, True, False, scale=scale)
+        out = torch.ops.aten._flash_attention_forward(
+            q, k, v, packed.cu, packed.cu, packed.max_len, packed.max_len, 0.0, True, False, scale=scale
+        )
         return out[0]
     parts = []
     for a, n in zip(packed.starts, packed.lengths):
-        qs, ks, vs = (x[a:a + n].transpose(0, 1)[None] for x in (q, k, v))
-        parts.append(F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale,
-                                                    enable_gqa=True)[0].transpose(0, 1))
+        qs, ks, vs = (x[a : a + n].transpose(0, 1)[None] for x in (q, k, v))
+        parts.append(
+            F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale, enable_gqa=True)[0].transpose(0, 1)
+        )
     return torch.cat(parts)
 
 
 _PROBES: dict = {}
 
 
-def choose_packed_attention(device: torch.device, dtype: torch.dtype, heads: int, n_kv: int,
-                            head_dim: int) -> tuple[str, str | None]:
+def choose_packed_attention(
+    device: torch.device, dtype: torch.dtype, heads: int, n_kv: int, head_dim: int
+) -> tuple[str, str | None]:
     """(implementation, why not the varlen kernel): FlashAttention's varlen kernel where it runs
     here and agrees with per-sequence SDPA on a small probe (cached per shape)."""
     if device.type != "cuda":
@@ -90,8 +95,8 @@ def choose_packed_attention(device: torch.device, dtype: torch.dtype, heads: int
         k = torch.randn(packed.tokens, n_kv, head_dim, device=device, dtype=dtype, generator=gen)
         v = torch.randn(packed.tokens, n_kv, head_dim, device=device, dtype=dtype, generator=gen)
         try:
-            got = causal_attention(q, k, v, packed, head_dim ** -0.5, VARLEN_FLASH)
-            want = causal_attention(q, k, v, packed, head_dim ** -0.5, PER_SEQUENCE)
+            got = causal_attention(q, k, v, packed, head_dim**-0.5, VARLEN_FLASH)
+            want = causal_attention(q, k, v, packed, head_dim**-0.5, PER_SEQUENCE)
             err = float((got.float() - want.float()).abs().max())
             _PROBES[key] = None if err < 2e-2 else f"varlen flash attention differs from SDPA by {err:.3g}"
         except Exception as exc:  # no flash kernel for this card, dtype or shape
@@ -119,9 +124,15 @@ WriteKV = Callable[[int, torch.Tensor, torch.Tensor], None]
 
 
 @torch.no_grad()
-def packed_forward(model, packed: Packed, *, tap: int = -1, attention: str = PER_SEQUENCE,
-                   write_kv: WriteKV | None = None, logits_at: torch.Tensor | None = None
-                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
+def packed_forward(
+    model,
+    packed: Packed,
+    *,
+    tap: int = -1,
+    attention: str = PER_SEQUENCE,
+    write_kv: WriteKV | None = None,
+    logits_at: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(hidden state ``tap`` [T, H], greedy next token at ``logits_at`` or None).
 
     ``tap`` as the head counts layers (0 = embeddings, k = output of layer k, -1 = final

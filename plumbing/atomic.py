@@ -13,6 +13,7 @@
 Everything written here gets the permissions of the user's umask (``tempfile`` alone
 would make files 0600 and folders 0700, unreadable to teammates).
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -152,9 +153,13 @@ def _check_can_create_in(folder: Path, flag: str, shown: Path) -> None:
 
 
 def _kind(mode: int) -> str:
-    for test, name in ((stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
-                       (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"),
-                       (stat.S_ISDIR, "a folder")):
+    for test, name in (
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISFIFO, "a FIFO (named pipe)"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISDIR, "a folder"),
+    ):
         if test(mode):
             return name
     return "a file" if stat.S_ISREG(mode) else "not a regular file"
@@ -192,13 +197,13 @@ def check_file_target(target: Path, inputs: list[Path | None], flag: str) -> Non
     if target.exists():
         mode = target.stat().st_mode
         if not stat.S_ISREG(mode):
-            raise InputError(f"{flag} is {_kind(mode)}; it would be replaced, so give a regular file's path",
-                             target)
+            raise InputError(f"{flag} is {_kind(mode)}; it would be replaced, so give a regular file's path", target)
         _check_can_create_in(target.resolve().parent, flag, target)
         return
     parent = target.absolute().parent
-    _check_can_create_in(parent if parent.is_dir() else _nearest_existing(target.absolute(), flag, target),
-                         flag, target)
+    _check_can_create_in(
+        parent if parent.is_dir() else _nearest_existing(target.absolute(), flag, target), flag, target
+    )
 
 
 def check_output_set_target(out: Path, overwrite: bool, names: re.Pattern[str] = OUTPUT_SET_NAMES) -> None:
@@ -212,11 +217,12 @@ def check_output_set_target(out: Path, overwrite: bool, names: re.Pattern[str] =
         return
     foreign = [n for n in entries if not names.match(n)]
     if foreign:
-        raise InputError(f"output folder holds files that are not ours ({one_line(foreign[0])}, ...); "
-                         "give an empty or new --out", out)
+        raise InputError(
+            f"output folder holds files that are not ours ({one_line(foreign[0])}, ...); give an empty or new --out",
+            out,
+        )
     if not overwrite:
-        raise InputError("output folder already holds a run; pass --overwrite to replace it or use another --out",
-                         out)
+        raise InputError("output folder already holds a run; pass --overwrite to replace it or use another --out", out)
 
 
 class OutputSet:
@@ -249,7 +255,7 @@ class OutputSet:
         that no longer runs, or (another host's) an hour old."""
         now = time.time()
         for p in target.parent.glob(f".{target.name}.partial-*"):
-            pid, _, host = p.name[len(f".{target.name}.partial-"):].partition("@")
+            pid, _, host = p.name[len(f".{target.name}.partial-") :].partition("@")
             ours = host.startswith(_owner().partition("@")[2])  # same host: the pid says if it still runs
             try:
                 if (ours and pid.isdigit() and not _alive(int(pid))) or now - p.stat().st_mtime > older_than_s:
@@ -257,8 +263,9 @@ class OutputSet:
             except OSError:
                 pass
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         assert self.stage is not None
         if exc_type is not None:
             shutil.rmtree(self.stage, ignore_errors=True)

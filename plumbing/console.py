@@ -1,5 +1,6 @@
 """What the CLIs show on stderr: known-harmless library noise hidden unless ``--verbose``, and
 ``--no-progress`` hiding every bar (ours, transformers' weight loading, the HF hub's downloads)."""
+
 from __future__ import annotations
 
 import logging

@@ -4,6 +4,7 @@ Every command-line entry point turns an :class:`InputError` into exit code 2 and
 a single line on stderr (file, case, problem) with no traceback, so a user with a
 broken file sees what to fix instead of a stack trace.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -207,8 +208,11 @@ def parse_json(text: str | bytes, path: str | Path, where: str = "") -> object:
     if _SURROGATE_ESCAPE.search(text if isinstance(text, str) else text.decode("utf-8", "replace")):
         bad = _lone_surrogate(value)
         if bad is not None:
-            raise InputError(f"{where + ': ' if where else ''}a string holds a lone surrogate "
-                             f"(\\u{ord(bad):04x}), which is not text", path)
+            raise InputError(
+                f"{where + ': ' if where else ''}a string holds a lone surrogate "
+                f"(\\u{ord(bad):04x}), which is not text",
+                path,
+            )
     return value
 
 
@@ -235,8 +239,15 @@ def _lone_surrogate(value: object) -> str | None:
 class DeprecatedAlias(argparse.Action):
     """An old option name that still works for one release and says so once on stderr."""
 
-    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
-                 option_string: str | None = None) -> None:
-        print(f"note: {option_string} is deprecated; use --{self.dest} (the old name goes in the next release)",
-              file=sys.stderr)
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> None:
+        print(
+            f"note: {option_string} is deprecated; use --{self.dest} (the old name goes in the next release)",
+            file=sys.stderr,
+        )
         setattr(namespace, self.dest, values)

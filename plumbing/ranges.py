@@ -9,6 +9,7 @@ the same factory, so ``train.py``, ``infer.py`` and ``score.py`` refuse out-of-r
 with the same words, before any work starts. Every bound is finite: a number that would hang
 or overflow a run (``--max-new-tokens 1e9``, ``--epochs 1e309``, seed ``2**32``) is refused.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -115,8 +116,9 @@ def integer(lo: int | None = None, hi: int | None = None, note: str = "") -> Ran
     return Range(True, lo, hi, note=note)
 
 
-def number(lo: float | None = None, hi: float | None = None, *, lo_open: bool = False, hi_open: bool = False,
-           note: str = "") -> Range:
+def number(
+    lo: float | None = None, hi: float | None = None, *, lo_open: bool = False, hi_open: bool = False, note: str = ""
+) -> Range:
     return Range(False, lo, hi, lo_open, hi_open, note)
 
 

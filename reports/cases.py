@@ -5,6 +5,7 @@ relevant, which links are correct, missed or wrong, the per-case scores), so tha
 HTML writer only lays it out. Per-case scores are the official per-case terms
 (:mod:`metrics.alignment`, :mod:`metrics.relevance`, :mod:`metrics.rouge`, :mod:`metrics.bleu`).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -45,7 +46,8 @@ class NoteView:
             return None
         essential = self.gold == "essential"
         return {(True, True): "tp", (True, False): "fp", (False, True): "fn", (False, False): "tn"}[
-            (self.predicted, essential)]
+            (self.predicted, essential)
+        ]
 
 
 @dataclass
@@ -86,17 +88,26 @@ def _notes(case: Case, anchor: str, pred: CasePrediction) -> list[NoteView]:
     relevant = None if pred.relevant_ids is None else set(pred.relevant_ids)
     scores = list(pred.relevance_scores) if pred.relevance_scores is not None else None
     if scores is not None and len(scores) != len(case.note_sentences):
-        raise ValueError(f"case {case.case_id}: {len(scores)} relevance scores for {len(case.note_sentences)} "
-                         "note sentences")
-    return [NoteView(f"{anchor}-n{j}", s.sentence_id, s.text, s.paragraph_id,
-                     None if relevant is None else s.sentence_id in relevant,
-                     None if scores is None else float(scores[j]),
-                     case.relevance.get(s.sentence_id) if case.relevance else None)
-            for j, s in enumerate(case.note_sentences)]
+        raise ValueError(
+            f"case {case.case_id}: {len(scores)} relevance scores for {len(case.note_sentences)} note sentences"
+        )
+    return [
+        NoteView(
+            f"{anchor}-n{j}",
+            s.sentence_id,
+            s.text,
+            s.paragraph_id,
+            None if relevant is None else s.sentence_id in relevant,
+            None if scores is None else float(scores[j]),
+            case.relevance.get(s.sentence_id) if case.relevance else None,
+        )
+        for j, s in enumerate(case.note_sentences)
+    ]
 
 
-def _answer_sentences(case: Case, anchor: str, links: Mapping[str, Sequence[str]] | None,
-                      note_anchor: dict[str, str]) -> list[AnswerView]:
+def _answer_sentences(
+    case: Case, anchor: str, links: Mapping[str, Sequence[str]] | None, note_anchor: dict[str, str]
+) -> list[AnswerView]:
     keyed = case.has_citations()
     order = {nid: j for j, nid in enumerate(case.note_ids)}
     out = []
@@ -110,8 +121,11 @@ def _answer_sentences(case: Case, anchor: str, links: Mapping[str, Sequence[str]
             outcome.update({n: "missed" for n in gold - predicted})
         else:
             outcome = {n: "predicted" for n in predicted}
-        cites = [Citation(note_anchor[n], n, outcome[n]) for n in sorted(outcome, key=lambda n: order.get(n, 1 << 30))
-                 if n in note_anchor]
+        cites = [
+            Citation(note_anchor[n], n, outcome[n])
+            for n in sorted(outcome, key=lambda n: order.get(n, 1 << 30))
+            if n in note_anchor
+        ]
         out.append(AnswerView(f"{anchor}-a{i}", a.sentence_id, a.text, cites))
     return out
 
@@ -128,13 +142,21 @@ def _scores(case: Case, pred: CasePrediction) -> dict[str, dict[str, float]]:
         reference = reference_answer(case)
         if reference.strip():
             answer = official_truncation(pred.answer)
-            out["Subtask 3"] = {"BLEU": case_bleu(answer, reference),
-                                "ROUGE-L": case_rouge(answer, reference)["rougeL"]}
+            out["Subtask 3"] = {
+                "BLEU": case_bleu(answer, reference),
+                "ROUGE-L": case_rouge(answer, reference)["rougeL"],
+            }
     if pred.links is not None and case.has_citations():
         pairs = {(a, n) for a, ns in pred.links.items() for n in ns}
         s = per_case_alignment({case.case_id: pairs}, {case.case_id: case.gold_pairs()})[case.case_id]
-        out["Subtask 4"] = {"P": s["precision"], "R": s["recall"], "F1": s["f1"], "correct": s["tp"],
-                            "predicted": s["n_predicted"], "gold": s["n_gold"]}
+        out["Subtask 4"] = {
+            "P": s["precision"],
+            "R": s["recall"],
+            "F1": s["f1"],
+            "correct": s["tp"],
+            "predicted": s["n_predicted"],
+            "gold": s["n_gold"],
+        }
     return out
 
 
@@ -144,10 +166,21 @@ def case_view(case: Case, pred: CasePrediction, index: int) -> CaseView:
     notes = _notes(case, anchor, pred)
     note_anchor = {n.sentence_id: n.anchor for n in notes}
     reference = reference_answer(case) if case.has_key else None
-    return CaseView(anchor, case.case_id, case.clinical_specialty, " ".join(p.text for p in case.patient_question),
-                    case.clinician_question, case.patient_narrative, notes, pred.answer, reference or None,
-                    _answer_sentences(case, anchor, pred.links, note_anchor), case.has_key, pred.links is not None,
-                    _scores(case, pred))
+    return CaseView(
+        anchor,
+        case.case_id,
+        case.clinical_specialty,
+        " ".join(p.text for p in case.patient_question),
+        case.clinician_question,
+        case.patient_narrative,
+        notes,
+        pred.answer,
+        reference or None,
+        _answer_sentences(case, anchor, pred.links, note_anchor),
+        case.has_key,
+        pred.links is not None,
+        _scores(case, pred),
+    )
 
 
 def case_views(cases: Sequence[Case], predictions: Mapping[str, CasePrediction]) -> list[CaseView]:

@@ -4,6 +4,7 @@ Headings (``#``..``####``), ``>`` quotes, pipe tables, paragraphs and ```code```
 exactly what :func:`evaluation.ladder.ladder_markdown` writes, so the ladder has one
 source. Every piece of text is HTML-escaped; nothing else of Markdown is interpreted.
 """
+
 from __future__ import annotations
 
 import html

@@ -8,6 +8,7 @@ Hovering or focusing an answer sentence highlights the note sentences it cites; 
 pins the selection (click again to release); ``report.html#focus=c0-a1`` opens the page
 with answer sentence 1 of case 0 selected.
 """
+
 from __future__ import annotations
 
 import base64
@@ -23,12 +24,19 @@ from .markdown import markdown_to_html
 
 REPORT_NAME = "report.html"
 CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'; script-src 'unsafe-inline'"
-GOLD_MARK = {"essential": ("E", "essential"), "supplementary": ("S", "supplementary"),
-             "not-relevant": ("–", "not relevant")}
+GOLD_MARK = {
+    "essential": ("E", "essential"),
+    "supplementary": ("S", "supplementary"),
+    "not-relevant": ("–", "not relevant"),
+}
 CITE_MARK = {"predicted": "", "correct": " ✓", "wrong": " ✗", "missed": " ?", "gold": ""}
-CITE_TITLE = {"predicted": "predicted link", "correct": "correct: predicted and gold",
-              "wrong": "wrong: predicted, not gold", "missed": "missed: gold, not predicted",
-              "gold": "gold link (Subtask 4 not predicted)"}
+CITE_TITLE = {
+    "predicted": "predicted link",
+    "correct": "correct: predicted and gold",
+    "wrong": "wrong: predicted, not gold",
+    "missed": "missed: gold, not predicted",
+    "gold": "gold link (Subtask 4 not predicted)",
+}
 
 
 @dataclass
@@ -56,9 +64,12 @@ def _num(value: float) -> str:
 def _score_table(scores: Mapping[str, Mapping[str, float]], cls: str = "scores") -> str:
     if not scores:
         return ""
-    rows = "".join(f"<tr><th>{e(group)}</th><td>" + " &middot; ".join(
-        f"{e(name)} <b>{_num(v)}</b>" for name, v in values.items() if isinstance(v, (int, float)))
-        + "</td></tr>" for group, values in scores.items())
+    rows = "".join(
+        f"<tr><th>{e(group)}</th><td>"
+        + " &middot; ".join(f"{e(name)} <b>{_num(v)}</b>" for name, v in values.items() if isinstance(v, (int, float)))
+        + "</td></tr>"
+        for group, values in scores.items()
+    )
     return f'<table class="{cls}">{rows}</table>'
 
 
@@ -84,8 +95,10 @@ def _note(n: NoteView, first_of_paragraph: bool) -> str:
     if n.gold is not None:
         mark, name = GOLD_MARK.get(n.gold, ("?", n.gold))
         gold = f'<span class="mark gold" title="gold: {e(name)}">{e(mark)}</span>'
-    return (f'<div class="{" ".join(classes)}" id="{n.anchor}" data-sid="{e(n.sentence_id)}"{style}>'
-            f'<span class="sid">{e(n.sentence_id)}</span>{pred}{gold}<span class="text">{e(n.text)}</span></div>')
+    return (
+        f'<div class="{" ".join(classes)}" id="{n.anchor}" data-sid="{e(n.sentence_id)}"{style}>'
+        f'<span class="sid">{e(n.sentence_id)}</span>{pred}{gold}<span class="text">{e(n.text)}</span></div>'
+    )
 
 
 def _answer_sentence(a: AnswerView) -> str:
@@ -93,14 +106,19 @@ def _answer_sentence(a: AnswerView) -> str:
     for c in a.citations:
         by_kind.setdefault(c.outcome, []).append(c.anchor)
     data = "".join(f' data-{kind}="{" ".join(ids)}"' for kind, ids in by_kind.items())
-    cites = "".join(f'<a class="cite cite-{c.outcome}" href="#{c.anchor}" title="{e(CITE_TITLE[c.outcome])}">'
-                    f'{e(c.sentence_id)}{CITE_MARK[c.outcome]}</a>' for c in a.citations)
+    cites = "".join(
+        f'<a class="cite cite-{c.outcome}" href="#{c.anchor}" title="{e(CITE_TITLE[c.outcome])}">'
+        f"{e(c.sentence_id)}{CITE_MARK[c.outcome]}</a>"
+        for c in a.citations
+    )
     if not a.citations:
         cites = '<span class="cite cite-none">no citation</span>'
     cited = " ".join(c.anchor for c in a.citations)
-    return (f'<li class="ans" id="{a.anchor}" tabindex="0" data-aid="{e(a.sentence_id)}" data-cites="{cited}"{data}>'
-            f'<span class="aid">{e(a.sentence_id)}</span><span class="text">{e(a.text)}</span>'
-            f'<span class="cites">{cites}</span></li>')
+    return (
+        f'<li class="ans" id="{a.anchor}" tabindex="0" data-aid="{e(a.sentence_id)}" data-cites="{cited}"{data}>'
+        f'<span class="aid">{e(a.sentence_id)}</span><span class="text">{e(a.text)}</span>'
+        f'<span class="cites">{cites}</span></li>'
+    )
 
 
 def _case(c: CaseView) -> str:
@@ -110,25 +128,39 @@ def _case(c: CaseView) -> str:
         paragraph = n.paragraph_id
     question = f'<p class="q"><b>Patient:</b> {e(c.patient_question)}</p>' if c.patient_question else ""
     question += f'<p class="q"><b>Clinician:</b> {e(c.clinician_question)}</p>' if c.clinician_question else ""
-    answer = (f'<h4>Generated answer (Subtask 3)</h4><p class="answer">{e(c.answer)}</p>'
-              if c.answer is not None else '<h4>Generated answer (Subtask 3)</h4><p class="none">not generated</p>')
+    answer = (
+        f'<h4>Generated answer (Subtask 3)</h4><p class="answer">{e(c.answer)}</p>'
+        if c.answer is not None
+        else '<h4>Generated answer (Subtask 3)</h4><p class="none">not generated</p>'
+    )
     if c.reference_answer:
-        answer += ('<details><summary>Clinician answer (key)</summary>'
-                   f'<p class="answer">{e(c.reference_answer)}</p></details>')
+        answer += (
+            f'<details><summary>Clinician answer (key)</summary><p class="answer">{e(c.reference_answer)}</p></details>'
+        )
     if c.answer_sentences:
-        which = ("predicted links, marked against the key" if c.has_key and c.links_predicted and
-                 any(x.outcome != "predicted" for a in c.answer_sentences for x in a.citations) else
-                 "predicted links" if c.links_predicted else "gold links (no prediction)")
-        answer += (f'<h4>Answer sentences &rarr; note (Subtask 4: {e(which)})</h4>'
-                   '<p class="hint">Hover or click a sentence to highlight the note sentences it cites.</p>'
-                   f'<ol class="answers">{"".join(_answer_sentence(a) for a in c.answer_sentences)}</ol>')
+        which = (
+            "predicted links, marked against the key"
+            if c.has_key
+            and c.links_predicted
+            and any(x.outcome != "predicted" for a in c.answer_sentences for x in a.citations)
+            else "predicted links"
+            if c.links_predicted
+            else "gold links (no prediction)"
+        )
+        answer += (
+            f"<h4>Answer sentences &rarr; note (Subtask 4: {e(which)})</h4>"
+            '<p class="hint">Hover or click a sentence to highlight the note sentences it cites.</p>'
+            f'<ol class="answers">{"".join(_answer_sentence(a) for a in c.answer_sentences)}</ol>'
+        )
     else:
         answer += '<p class="none">No answer sentences to align (Subtask 4 skipped for this case).</p>'
     title = f"Case {e(c.case_id)}" + (f' <span class="spec">{e(c.specialty)}</span>' if c.specialty else "")
-    return (f'<section class="case" id="{c.anchor}" data-case-id="{e(c.case_id)}"><h2>{title}</h2>{question}'
-            f'<details><summary>Patient narrative</summary><p>{e(c.narrative)}</p></details>'
-            f'{_score_table(c.scores)}<div class="cols"><div class="notecol"><h4>Note sentences</h4>'
-            f'{"".join(notes)}</div><div class="anscol">{answer}</div></div></section>')
+    return (
+        f'<section class="case" id="{c.anchor}" data-case-id="{e(c.case_id)}"><h2>{title}</h2>{question}'
+        f"<details><summary>Patient narrative</summary><p>{e(c.narrative)}</p></details>"
+        f'{_score_table(c.scores)}<div class="cols"><div class="notecol"><h4>Note sentences</h4>'
+        f'{"".join(notes)}</div><div class="anscol">{answer}</div></div></section>'
+    )
 
 
 def _overview(cases: Sequence[CaseView]) -> str:
@@ -139,11 +171,15 @@ def _overview(cases: Sequence[CaseView]) -> str:
     for c in cases:
         n_pred = sum(1 for n in c.notes if n.predicted)
         cells = "".join(f"<td>{_num(c.scores[g]['F1']) if g in c.scores else '–'}</td>" for g in groups)
-        rows.append(f'<tr><td><a href="#{c.anchor}">{e(c.case_id)}</a></td><td>{e(c.specialty or "")}</td>'
-                    f"<td>{len(c.notes)}</td><td>{n_pred}</td><td>{len(c.answer_sentences)}</td>{cells}</tr>")
-    return ('<div class="table"><table class="overview"><thead><tr><th>case</th><th>specialty</th>'
-            f'<th>note sentences</th><th>predicted relevant</th><th>answer sentences</th>{head}</tr></thead>'
-            f'<tbody>{"".join(rows)}</tbody></table></div>')
+        rows.append(
+            f'<tr><td><a href="#{c.anchor}">{e(c.case_id)}</a></td><td>{e(c.specialty or "")}</td>'
+            f"<td>{len(c.notes)}</td><td>{n_pred}</td><td>{len(c.answer_sentences)}</td>{cells}</tr>"
+        )
+    return (
+        '<div class="table"><table class="overview"><thead><tr><th>case</th><th>specialty</th>'
+        f"<th>note sentences</th><th>predicted relevant</th><th>answer sentences</th>{head}</tr></thead>"
+        f"<tbody>{''.join(rows)}</tbody></table></div>"
+    )
 
 
 def _image(caption: str, path: Path) -> str:
@@ -151,19 +187,26 @@ def _image(caption: str, path: Path) -> str:
     if not path.is_file():
         return ""
     data = base64.b64encode(path.read_bytes()).decode("ascii")
-    return (f'<figure><img alt="{e(caption)}" src="data:image/png;base64,{data}">'
-            f"<figcaption>{e(caption)}</figcaption></figure>")
+    return (
+        f'<figure><img alt="{e(caption)}" src="data:image/png;base64,{data}">'
+        f"<figcaption>{e(caption)}</figcaption></figure>"
+    )
 
 
 def render_report(page: ReportPage) -> str:
     """The whole page as one string."""
     parts = [f"<h1>{e(page.title)}</h1>"]
     parts += [f'<p class="notice">{e(line)}</p>' for line in page.notices]
-    parts.append('<p class="private">This file holds note text. It was written for you only: keep it where '
-                 "the data may be kept. It loads nothing from the network.</p>")
+    parts.append(
+        '<p class="private">This file holds note text. It was written for you only: keep it where '
+        "the data may be kept. It loads nothing from the network.</p>"
+    )
     if page.facts:
-        parts.append('<table class="facts">' + "".join(f"<tr><th>{e(k)}</th><td>{e(v)}</td></tr>"
-                                                      for k, v in page.facts) + "</table>")
+        parts.append(
+            '<table class="facts">'
+            + "".join(f"<tr><th>{e(k)}</th><td>{e(v)}</td></tr>" for k, v in page.facts)
+            + "</table>"
+        )
     if page.scores:
         parts.append("<h2>Scores</h2>" + _score_table(page.scores, "scores overall"))
     if page.summary_markdown:
@@ -177,12 +220,15 @@ def render_report(page: ReportPage) -> str:
             parts.append(f'<p class="notice">{e(page.cases_note)}</p>')
         parts.append(LEGEND + _overview(page.cases))
         parts += [_case(c) for c in page.cases]
-    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
-            f'<meta http-equiv="Content-Security-Policy" content="{CSP}">'
-            f'<meta name="referrer" content="no-referrer">'
-            f'<meta name="viewport" content="width=device-width, initial-scale=1">'
-            f"<title>{e(page.title)}</title><style>{CSS}</style></head>\n<body>\n"
-            + "\n".join(parts) + f"\n<script>{JS}</script>\n</body></html>\n")
+    return (
+        f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        f'<meta http-equiv="Content-Security-Policy" content="{CSP}">'
+        f'<meta name="referrer" content="no-referrer">'
+        f'<meta name="viewport" content="width=device-width, initial-scale=1">'
+        f"<title>{e(page.title)}</title><style>{CSS}</style></head>\n<body>\n"
+        + "\n".join(parts)
+        + f"\n<script>{JS}</script>\n</body></html>\n"
+    )
 
 
 def write_report(path: Path, page: ReportPage) -> Path:

@@ -1,4 +1,5 @@
 """Shared test fixtures. Tests never download anything."""
+
 from __future__ import annotations
 
 import os

@@ -6,6 +6,7 @@ process append its micro-batches' dataset indices to ``DIR/batches-rankR.jsonl``
 They are environment variables, not config keys, so they reach processes started by
 ``accelerate launch`` (which inherit the environment) and never a run's saved config.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -19,8 +20,10 @@ from training.hooks import RECORD_BATCHES_ENV, STOP_AFTER_STEPS_ENV
 @contextlib.contextmanager
 def train_hooks(stop_after_steps: int = 0, record_batches: str | Path | None = None) -> Iterator[None]:
     """The hooks set for the ``with`` block (in this process and what it starts), then restored."""
-    values = {STOP_AFTER_STEPS_ENV: str(stop_after_steps) if stop_after_steps else None,
-              RECORD_BATCHES_ENV: str(record_batches) if record_batches else None}
+    values = {
+        STOP_AFTER_STEPS_ENV: str(stop_after_steps) if stop_after_steps else None,
+        RECORD_BATCHES_ENV: str(record_batches) if record_batches else None,
+    }
     saved = {k: os.environ.get(k) for k in values}
     try:
         _set_environ(values)

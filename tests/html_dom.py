@@ -1,4 +1,5 @@
 """A page as a browser's DOM, read with the stdlib parser, and the checks every report.html must pass."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -97,5 +98,6 @@ def check_links(dom: Dom) -> dict[str, dict[str, dict[str, set[str]]]]:
             assert note is not None and "note" in note.classes, anchor
             assert note.section == ans.section, (anchor, ans.attrs["id"])  # never another case's sentence
         out[case_of[ans.section]][ans.attrs["data-aid"]] = {
-            k: {ids[a].attrs["data-sid"] for a in by_kind[k]} for k in KINDS}
+            k: {ids[a].attrs["data-sid"] for a in by_kind[k]} for k in KINDS
+        }
     return out

@@ -11,6 +11,7 @@ Cases are written as an ArchEHR-QA XML + key pair (2026 layout) so that training
 evaluation go through the same loaders as real data. Used by the tests and handy as
 a quick sanity check of the joint training path.
 """
+
 from __future__ import annotations
 
 import random
@@ -66,8 +67,10 @@ def make_case(case_id: str, rng: random.Random, n_answers: int = 3, n_fillers: i
     for j, text in enumerate(answers_text):
         support = [str(i + 1) for i, (kind, _, idx) in enumerate(notes) if kind == "support" and idx == j]
         answers.append(AnswerSentence(str(j + 1), text, tuple(support)))
-    relevance = {ns.sentence_id: ("essential" if kind == "support" else "not-relevant")
-                 for ns, (kind, _, _) in zip(note_sentences, notes)}
+    relevance = {
+        ns.sentence_id: ("essential" if kind == "support" else "not-relevant")
+        for ns, (kind, _, _) in zip(note_sentences, notes)
+    }
     question = "Were my test results during the stay okay?"
     return Case(
         case_id=case_id,
@@ -92,6 +95,7 @@ def make_cases(n: int, seed: int, id_prefix: str = "s") -> list[Case]:
 def write_archehr(cases: list[Case], xml_path: str | Path, key_path: str | Path) -> None:
     """Write cases as an ArchEHR-QA 2026-layout XML file and key JSON."""
     write_cases(cases, xml_path, key_path)
+
 
 def _words(text: str) -> set[str]:
     return set(re.findall(r"[a-z0-9]+", text.lower()))

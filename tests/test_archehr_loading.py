@@ -1,4 +1,5 @@
 """Reading the official files: every shared fixture, both layouts, odd ids and citations."""
+
 from __future__ import annotations
 
 import json
@@ -165,12 +166,35 @@ def test_emrqa_sampling_is_deterministic_and_rules_are_checked():
 
 
 def test_emrqa_json_layouts_and_malformed_records(tmp_path):
-    rec = {"id": "q1", "title": "t", "context": "A b. C d.", "question": "What?", "answers": {"text": ["C d"], "answer_start": [5]}}
+    rec = {
+        "id": "q1",
+        "title": "t",
+        "context": "A b. C d.",
+        "question": "What?",
+        "answers": {"text": ["C d"], "answer_start": [5]},
+    }
     flat = tmp_path / "flat.json"
     flat.write_text(json.dumps({"data": [rec]}))
     nested = tmp_path / "nested.json"
-    nested.write_text(json.dumps({"data": [{"title": "t", "paragraphs": [{"context": rec["context"], "qas": [
-        {"id": "q1", "question": "What?", "answers": [{"text": "C d", "answer_start": 5}]}]}]}]}))
+    nested.write_text(
+        json.dumps(
+            {
+                "data": [
+                    {
+                        "title": "t",
+                        "paragraphs": [
+                            {
+                                "context": rec["context"],
+                                "qas": [
+                                    {"id": "q1", "question": "What?", "answers": [{"text": "C d", "answer_start": 5}]}
+                                ],
+                            }
+                        ],
+                    }
+                ]
+            }
+        )
+    )
     assert load_emrqa(flat) == load_emrqa(nested) == [EmrqaRecord("q1", "t", "A b. C d.", "What?", "C d", 5, True)]
     bad = dict(rec, answers={"text": ["x"], "answer_start": []})
     path = tmp_path / "bad.jsonl"
@@ -191,9 +215,15 @@ def test_emrqa_prompt_example_numbers_sentences():
 
 
 def test_split_sentences_rule():
-    text = "Seen by Dr. Lee today. K was 3.2 (low). Given KCl, e.g. 40 mEq! Why? \"Fine.\" Next\nline two"
+    text = 'Seen by Dr. Lee today. K was 3.2 (low). Given KCl, e.g. 40 mEq! Why? "Fine." Next\nline two'
     assert split_sentences(text) == [
-        "Seen by Dr. Lee today.", "K was 3.2 (low).", "Given KCl, e.g. 40 mEq!", "Why?", "\"Fine.\"", "Next", "line two"
+        "Seen by Dr. Lee today.",
+        "K was 3.2 (low).",
+        "Given KCl, e.g. 40 mEq!",
+        "Why?",
+        '"Fine."',
+        "Next",
+        "line two",
     ]
     assert split_sentences("") == [] and split_sentences("no stop") == ["no stop"]
 

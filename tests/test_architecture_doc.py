@@ -1,5 +1,6 @@
 """docs/architecture.md agrees with the code: every module listed once, on the floor that
 tests/test_layers.py gives its package, and each floor names exactly that layer's packages."""
+
 from __future__ import annotations
 
 import re

@@ -1,4 +1,5 @@
 """One test per kind of malformed input: exit 2, one stderr line naming the file, no output."""
+
 from __future__ import annotations
 
 import json
@@ -21,8 +22,12 @@ def good(tmp_path_factory) -> dict[int, Path]:
     key = json.loads(KEY.read_text())
     s3 = [{"case_id": c["case_id"], "prediction": c["clinician_answer_without_citations"]} for c in key]
     s4 = [
-        {"case_id": c["case_id"], "prediction": [
-            {"answer_id": a["id"], "evidence_id": a["citations"]} for a in c["clinician_answer_sentences"]]}
+        {
+            "case_id": c["case_id"],
+            "prediction": [
+                {"answer_id": a["id"], "evidence_id": a["citations"]} for a in c["clinician_answer_sentences"]
+            ],
+        }
         for c in key
     ]
     (folder / "s3.json").write_text(json.dumps(s3))
@@ -30,8 +35,15 @@ def good(tmp_path_factory) -> dict[int, Path]:
     return {3: folder / "s3.json", 4: folder / "s4.json"}
 
 
-def assert_refused(tmp_path: Path, bad_file: Path, subtask: int, submission: Path, key: Path = KEY,
-                   xml: Path | None = None, problem: str = "") -> str:
+def assert_refused(
+    tmp_path: Path,
+    bad_file: Path,
+    subtask: int,
+    submission: Path,
+    key: Path = KEY,
+    xml: Path | None = None,
+    problem: str = "",
+) -> str:
     out = tmp_path / "scores.json"
     args = ["--subtask", str(subtask), "--submission", str(submission), "--key", str(key), "--json", str(out)]
     if xml is not None:

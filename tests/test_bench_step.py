@@ -1,4 +1,5 @@
 """The benchmark times the training step train.py runs (issue 21), not a copy of it."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -36,8 +37,21 @@ def test_bench_and_train_py_run_the_same_step_function(step_calls, tmp_path):
     from bench.synthetic import training_examples
     from training.data import TrainItem
 
-    run_training(build_config(dict(stage="domain", preset="tiny", data=str(EMRQA), out=str(tmp_path / "run"),
-                                   max_steps=2, batch_tokens=2048, progress=False, plot=False, joint=True)))
+    run_training(
+        build_config(
+            dict(
+                stage="domain",
+                preset="tiny",
+                data=str(EMRQA),
+                out=str(tmp_path / "run"),
+                max_steps=2,
+                batch_tokens=2048,
+                progress=False,
+                plot=False,
+                joint=True,
+            )
+        )
+    )
     assert step_calls == ["training.loop", "training.loop"]  # train.py's loop, once per optimizer step
 
     model = load_ours(None, "tiny", torch.device("cpu"), False, False, False)
@@ -45,7 +59,8 @@ def test_bench_and_train_py_run_the_same_step_function(step_calls, tmp_path):
 
     vocab = get_preset("tiny").arch["vocab_size"]
     items = [TrainItem(e) for e in training_examples(8, 256, vocab, seed=0)]
-    row = run_ours(model, items, StepVariant("tiny", "tokens", max_tokens=1024), steps=2, warmup=1,
-                   device=torch.device("cpu"))
+    row = run_ours(
+        model, items, StepVariant("tiny", "tokens", max_tokens=1024), steps=2, warmup=1, device=torch.device("cpu")
+    )
     assert step_calls[2:] == ["bench.run"] * 3  # the bench: 1 warm-up + 2 timed steps, the same function
     assert row["batches"] == 2 and row["real_tokens"] > 0 and row["warmup_s"] >= 0 and row["recompiles"] == 0

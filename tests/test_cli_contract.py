@@ -7,6 +7,7 @@ and nothing replaced. The table runs in-process through each ``main(argv)`` (a s
 would cost 2-4 s of torch start-up); the rows that need a real process (stdout closed early or
 full, the ``__main__`` path of every script) run as subprocesses.
 """
+
 from __future__ import annotations
 
 import json
@@ -45,9 +46,15 @@ class Cli:
 
 def good_submission(folder: Path) -> Path:
     key = json.loads(KEY.read_text())
-    s4 = [{"case_id": c["case_id"], "prediction": [
-        {"answer_id": a["id"], "evidence_id": a["citations"]} for a in c["clinician_answer_sentences"]]}
-        for c in key]
+    s4 = [
+        {
+            "case_id": c["case_id"],
+            "prediction": [
+                {"answer_id": a["id"], "evidence_id": a["citations"]} for a in c["clinician_answer_sentences"]
+            ],
+        }
+        for c in key
+    ]
     path = folder / "sub4.json"
     path.write_text(json.dumps(s4))
     return path
@@ -55,26 +62,78 @@ def good_submission(folder: Path) -> Path:
 
 SUBMISSION = "<SUBMISSION>"
 CLIS = [
-    Cli("train.py", train.main, ("--stage", "domain", "--preset", "tiny", "--data", str(EMRQA), "--out", OUT,
-                                 "--max_steps", "1"), "folder", "train.py",
-        (("--lr", "nan"), ("--stage", "potato"), ("--max_steps", "x"), ("--lora_dropout", "1.5"))),
-    Cli("infer.py", infer.main, (str(XML), "--out", OUT), "folder", "infer.py",
-        (("--subtasks", "9"), ("--batch-size", "0"), ("--relevance-threshold", "nan"), ("--aligner", "potato"))),
-    Cli("score.py", score.main, ("--subtask", "4", "--submission", SUBMISSION, "--key", str(KEY), "--json", OUT),
-        "file", "score.py", (("--subtask", "9"), ("--subtask", "x"))),
-    Cli("score.py cv", score.main, ("cv", "--xml", str(XML), "--key", str(KEY), "--out", OUT, "--systems", "bm25",
-                                    "--resamples", "100"), "folder", "score.py",
-        (("--folds", "x"), ("--set", "lr=-1"), ("--lr", "-1"), ("--set", "no_such_key=1"), ("--set", "junk"),
-         ("--systems", "potato"))),
-    Cli("baselines.fit", fit.main, ("--xml", str(XML), "--key", str(KEY), "--out", OUT), "file",
-        "-m baselines.fit", (("--epochs", "x"),)),
+    Cli(
+        "train.py",
+        train.main,
+        ("--stage", "domain", "--preset", "tiny", "--data", str(EMRQA), "--out", OUT, "--max_steps", "1"),
+        "folder",
+        "train.py",
+        (("--lr", "nan"), ("--stage", "potato"), ("--max_steps", "x"), ("--lora_dropout", "1.5")),
+    ),
+    Cli(
+        "infer.py",
+        infer.main,
+        (str(XML), "--out", OUT),
+        "folder",
+        "infer.py",
+        (("--subtasks", "9"), ("--batch-size", "0"), ("--relevance-threshold", "nan"), ("--aligner", "potato")),
+    ),
+    Cli(
+        "score.py",
+        score.main,
+        ("--subtask", "4", "--submission", SUBMISSION, "--key", str(KEY), "--json", OUT),
+        "file",
+        "score.py",
+        (("--subtask", "9"), ("--subtask", "x")),
+    ),
+    Cli(
+        "score.py cv",
+        score.main,
+        ("cv", "--xml", str(XML), "--key", str(KEY), "--out", OUT, "--systems", "bm25", "--resamples", "100"),
+        "folder",
+        "score.py",
+        (
+            ("--folds", "x"),
+            ("--set", "lr=-1"),
+            ("--lr", "-1"),
+            ("--set", "no_such_key=1"),
+            ("--set", "junk"),
+            ("--systems", "potato"),
+        ),
+    ),
+    Cli(
+        "baselines.fit",
+        fit.main,
+        ("--xml", str(XML), "--key", str(KEY), "--out", OUT),
+        "file",
+        "-m baselines.fit",
+        (("--epochs", "x"),),
+    ),
     Cli("bench.run", bench_run.main, ("--smoke", "--out", OUT), "folder", "-m bench.run", (("--steps", "x"),)),
-    Cli("bench.scaling", scaling.main, ("--preset", "tiny", "--out", OUT), "folder", "-m bench.scaling",
-        (("--gpus", "x"),)),
-    Cli("bench.journey", journey.main, ("--preset", "tiny", "--tiny", "--out", OUT), "folder", "-m bench.journey",
-        (("--cap-gb", "x"),)),
-    Cli("bench.decode_profile", decode_profile.main, ("--preset", "tiny", "--out", OUT), "folder",
-        "-m bench.decode_profile", (("--rows", "x"),)),
+    Cli(
+        "bench.scaling",
+        scaling.main,
+        ("--preset", "tiny", "--out", OUT),
+        "folder",
+        "-m bench.scaling",
+        (("--gpus", "x"),),
+    ),
+    Cli(
+        "bench.journey",
+        journey.main,
+        ("--preset", "tiny", "--tiny", "--out", OUT),
+        "folder",
+        "-m bench.journey",
+        (("--cap-gb", "x"),),
+    ),
+    Cli(
+        "bench.decode_profile",
+        decode_profile.main,
+        ("--preset", "tiny", "--out", OUT),
+        "folder",
+        "-m bench.decode_profile",
+        (("--rows", "x"),),
+    ),
     Cli("bench.multigpu", multigpu.main, ("--out", OUT), "folder", "-m bench.multigpu", (("--steps", "x"),)),
 ]
 
@@ -82,6 +141,7 @@ CLIS = [
 # --- the hostile output paths (class 1) --------------------------------------------------------
 # Each makes its hostile thing inside the test's folder (devices with os.mknod: never a real /dev
 # node) and returns the path given to the CLI.
+
 
 def _char_device(tmp: Path) -> str:
     os.mknod(tmp / "dev", 0o666 | stat.S_IFCHR, os.makedev(1, 3))
@@ -217,23 +277,29 @@ def test_argument_error_is_one_line_before_anything_is_written(capsys, work, cli
     assert not Path(out_path).exists()
 
 
-@pytest.mark.parametrize("cli,extra", [(c, v) for c in CLIS for v in c.bad_values],
-                         ids=[f"{c.name}:{' '.join(v)}" for c in CLIS for v in c.bad_values])
+@pytest.mark.parametrize(
+    "cli,extra",
+    [(c, v) for c in CLIS for v in c.bad_values],
+    ids=[f"{c.name}:{' '.join(v)}" for c in CLIS for v in c.bad_values],
+)
 def test_bad_value_is_one_line_before_anything_is_written(capsys, work, cli, extra):
     out_path = str(work / "new-out")
     follows_the_rules(capsys, cli, [*fill(cli, out_path, work), *extra], work)
     assert not Path(out_path).exists()
 
 
-@pytest.mark.parametrize("cli,held", [
-    (CLIS[0], {"notes.txt": "mine"}),  # train.py: a folder of other files (issue 23, friction 5)
-    (CLIS[0], {"config.json": "{}", "export": None}),  # an earlier training run
-    (CLIS[1], {"run.json": "{}"}),  # infer.py: an earlier run, no --overwrite
-    (CLIS[1], {"notes.txt": "mine"}),
-    (CLIS[3], {"cv.json": "{}"}),  # score.py cv: an earlier cross-validation, no --overwrite
-    (CLIS[3], {"notes.txt": "mine"}),
-], ids=["train-foreign", "train-earlier-run", "infer-earlier-run", "infer-foreign", "cv-earlier-run",
-        "cv-foreign"])
+@pytest.mark.parametrize(
+    "cli,held",
+    [
+        (CLIS[0], {"notes.txt": "mine"}),  # train.py: a folder of other files (issue 23, friction 5)
+        (CLIS[0], {"config.json": "{}", "export": None}),  # an earlier training run
+        (CLIS[1], {"run.json": "{}"}),  # infer.py: an earlier run, no --overwrite
+        (CLIS[1], {"notes.txt": "mine"}),
+        (CLIS[3], {"cv.json": "{}"}),  # score.py cv: an earlier cross-validation, no --overwrite
+        (CLIS[3], {"notes.txt": "mine"}),
+    ],
+    ids=["train-foreign", "train-earlier-run", "infer-earlier-run", "infer-foreign", "cv-earlier-run", "cv-foreign"],
+)
 def test_another_runs_folder_is_refused(capsys, work, cli, held):
     out = work / "taken"
     out.mkdir()
@@ -248,9 +314,13 @@ def test_another_runs_folder_is_refused(capsys, work, cli, held):
 
 # --- real processes: stdout closed early or full, every script's __main__ ------------------------
 
+
 def _command(cli: Cli) -> list[str]:
-    return [sys.executable, *cli.module.split()] if cli.module.startswith("-m") else [sys.executable,
-                                                                                     str(ROOT / cli.module)]
+    return (
+        [sys.executable, *cli.module.split()]
+        if cli.module.startswith("-m")
+        else [sys.executable, str(ROOT / cli.module)]
+    )
 
 
 def _score_argv(work: Path) -> list[str]:
@@ -259,8 +329,12 @@ def _score_argv(work: Path) -> list[str]:
 
 def test_stdout_closed_early_ends_quietly(tmp_path):
     """``score.py ... | head -1``: the reader is gone before the results are written."""
-    proc = subprocess.Popen([sys.executable, str(ROOT / "score.py"), *_score_argv(tmp_path)], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "score.py"), *_score_argv(tmp_path)],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     proc.stdout.close()
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=120) == 141  # as the shell reports a writer stopped by SIGPIPE
@@ -272,8 +346,13 @@ def test_stdout_on_a_full_device_is_one_line(tmp_path):
     full = tmp_path / "full"
     os.mknod(full, 0o666 | stat.S_IFCHR, os.makedev(1, 7))
     with open(full, "w") as stdout:
-        proc = subprocess.run([sys.executable, str(ROOT / "score.py"), *_score_argv(tmp_path)], cwd=ROOT,
-                              stdout=stdout, stderr=subprocess.PIPE, timeout=120)
+        proc = subprocess.run(
+            [sys.executable, str(ROOT / "score.py"), *_score_argv(tmp_path)],
+            cwd=ROOT,
+            stdout=stdout,
+            stderr=subprocess.PIPE,
+            timeout=120,
+        )
     lines = proc.stderr.decode().splitlines()
     assert proc.returncode == 2 and len(lines) == 1 and "No space left" in lines[0], lines
     assert stat.S_ISCHR(full.stat().st_mode)
@@ -290,8 +369,12 @@ def _real_process_rules(cli: Cli, tmp_path: Path) -> None:
     lines = [line for line in err.splitlines() if line.strip()]
     assert proc.returncode == 2 and 1 <= len(lines) <= 2 and "Traceback" not in err, (cli.name, err)
     assert proc.stdout == b"" and snapshot(work) == before
-    usage = subprocess.run([*_command(cli), *fill(cli, str(work / "x"), work), "--no-such-option"], cwd=ROOT,
-                           capture_output=True, timeout=300)
+    usage = subprocess.run(
+        [*_command(cli), *fill(cli, str(work / "x"), work), "--no-such-option"],
+        cwd=ROOT,
+        capture_output=True,
+        timeout=300,
+    )
     lines = [line for line in usage.stderr.decode().splitlines() if line.strip()]
     assert usage.returncode == 2 and len(lines) <= 2 and "usage:" not in usage.stderr.decode(), (cli.name, lines)
 

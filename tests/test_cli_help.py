@@ -1,4 +1,5 @@
 """train.py explains itself: every config key in --help, the resolved config with --print-config."""
+
 from __future__ import annotations
 
 import subprocess
@@ -14,8 +15,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def run_train(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=120)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), *args], cwd=cwd, capture_output=True, text=True, timeout=120
+    )
 
 
 def test_every_config_key_has_a_meaning():
@@ -40,28 +42,49 @@ def test_help_lists_every_key_with_type_default_and_meaning():
     for flag in ("--print-config", "--no-progress", "--verbose", "--config", "--resume"):
         assert flag in proc.stdout
     # Written out by hand, not derived from TrainConfig: what a user reads for a few keys.
-    expected = {"--lr": ("float", "0.0002", "learning rate"), "--log_every": ("int", "10", "every N optimizer steps"),
-                "--pos_weight": ("float", "5.0", "positive"), "--head_pooling": ("str", "'mean'", "attention"),
-                "--max_length": ("int", "2048", "skipped")}
+    expected = {
+        "--lr": ("float", "0.0002", "learning rate"),
+        "--log_every": ("int", "10", "every N optimizer steps"),
+        "--pos_weight": ("float", "5.0", "positive"),
+        "--head_pooling": ("str", "'mean'", "attention"),
+        "--max_length": ("int", "2048", "skipped"),
+    }
     for flag, (kind, default, meaning) in expected.items():
         assert lines[flag].split()[1:3] == [kind, default] and meaning in lines[flag], lines[flag]
 
 
 def test_print_config_shows_the_resolved_config_and_writes_nothing(tmp_path):
     out = tmp_path / "run"
-    proc = run_train("--stage", "task", "--preset", "tiny", "--lr", "3e-4", "--joint", "--out", str(out),
-                     "--print-config", cwd=tmp_path)
+    proc = run_train(
+        "--stage",
+        "task",
+        "--preset",
+        "tiny",
+        "--lr",
+        "3e-4",
+        "--joint",
+        "--out",
+        str(out),
+        "--print-config",
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr
     printed = tomllib.loads(proc.stdout)
     expected = build_config(dict(stage="task", preset="tiny", lr=3e-4, joint=True, out=str(out))).to_dict()
     assert printed == expected
     # Independently of build_config: the overrides, then configs/task.toml, then the dataclass defaults.
     assert (printed["stage"], printed["preset"], printed["lr"], printed["joint"], printed["out"]) == (
-        "task", "tiny", 3e-4, True, str(out))
+        "task",
+        "tiny",
+        3e-4,
+        True,
+        str(out),
+    )
     task_toml = tomllib.loads((ROOT / "configs" / "task.toml").read_text(encoding="utf-8"))
     assert len(task_toml) >= 5 and printed["lr"] != task_toml["lr"]
     assert {k: printed[k] for k in task_toml if k not in ("lr", "joint")} == {
-        k: v for k, v in task_toml.items() if k not in ("lr", "joint")}
+        k: v for k, v in task_toml.items() if k not in ("lr", "joint")
+    }
     assert printed["lora_r"] == 16 and "lora_r" not in task_toml  # the dataclass default
     assert list(tmp_path.iterdir()) == []
 
@@ -87,12 +110,33 @@ def test_score_cv_takes_training_keys_like_train_py(tmp_path, monkeypatch):
     monkeypatch.setattr(evaluation.cv, "run_cv", lambda opts: seen.setdefault("opts", opts))
     monkeypatch.setattr(evaluation.cv, "print_summary", lambda result: None)
     base = ["cv", "--xml", "x.xml", "--key", "k.json", "--out", str(tmp_path / "cv"), "--seed", "3"]
-    assert score.main(base + ["--max_steps", "2", "--lr", "1e-3", "--gradient_checkpointing", "false",
-                              "--head_layer", "-2", "--set", "log_every=1"]) == 0
+    assert (
+        score.main(
+            base
+            + [
+                "--max_steps",
+                "2",
+                "--lr",
+                "1e-3",
+                "--gradient_checkpointing",
+                "false",
+                "--head_layer",
+                "-2",
+                "--set",
+                "log_every=1",
+            ]
+        )
+        == 0
+    )
     opts = seen["opts"]
     assert opts.seed == 3
-    assert parse_settings(opts.settings) == {"log_every": 1, "max_steps": 2, "lr": 1e-3,
-                                             "gradient_checkpointing": False, "head_layer": -2}
+    assert parse_settings(opts.settings) == {
+        "log_every": 1,
+        "max_steps": 2,
+        "lr": 1e-3,
+        "gradient_checkpointing": False,
+        "head_layer": -2,
+    }
 
 
 def test_score_cv_unknown_key_is_one_line_exit_2(tmp_path, capsys):
@@ -108,9 +152,11 @@ def test_score_cv_unknown_key_is_one_line_exit_2(tmp_path, capsys):
 
 
 def _import_bitsandbytes(verbose: bool) -> str:
-    code = ("import warnings; from plumbing.console import quiet_library_noise; "
-            f"quiet_library_noise({verbose}); import bitsandbytes; "
-            "warnings.warn('library internals moved', FutureWarning)")
+    code = (
+        "import warnings; from plumbing.console import quiet_library_noise; "
+        f"quiet_library_noise({verbose}); import bitsandbytes; "
+        "warnings.warn('library internals moved', FutureWarning)"
+    )
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     return proc.stderr
@@ -155,6 +201,9 @@ def test_lora_head_and_loss_defaults_have_one_source():
         assert getattr(cfg, f"head_{name}") == getattr(head, name), name
     assert NotePairHead(8).config == HeadConfig(hidden_size=8)
     assert (loss.align_weight, loss.pos_weight, loss.relevance_weight) == (
-        cfg.align_weight, cfg.pos_weight, cfg.relevance_weight)
+        cfg.align_weight,
+        cfg.pos_weight,
+        cfg.relevance_weight,
+    )
     source = inspect.getsource(LossSettings) + inspect.getsource(TrainConfig)
     assert "lora_r: int = LoraSettings.r" in source and "align_weight: float = TrainConfig.align_weight" in source

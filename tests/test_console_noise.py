@@ -1,5 +1,6 @@
 """A normal run's stderr holds what the user needs and no known-harmless library noise; --verbose
 shows that noise again (plumbing/console.py names each kind and why it is harmless)."""
+
 from __future__ import annotations
 
 import os
@@ -19,7 +20,7 @@ NOISE = ("find_unused_parameters", "kernels-community", "Retrying in", "thrown w
 # Stands in for the optional `kernels` package on an offline machine: bitsandbytes asks it for a CPU
 # kernel at import (on CPUs with AVX512-BF16, GPU hosts included); it asks the hub, which logs its
 # retries through its own logger, and fails. Writes a marker so the test knows it was asked.
-FAKE_KERNELS = '''
+FAKE_KERNELS = """
 import os
 from pathlib import Path
 
@@ -33,7 +34,7 @@ def get_kernel(repo_id, version=None):
         _http.logger.warning(f"'(ConnectionError('offline'))' thrown while requesting HEAD {url}")
         _http.logger.warning(f"Retrying in {2 ** (n - 1)}s [Retry {n}/5].")
     raise ConnectionError(f"cannot reach {url}")
-'''
+"""
 
 
 def free_port() -> int:
@@ -50,15 +51,44 @@ def two_process_tiny_run(tmp_path: Path, *extra: str) -> tuple[subprocess.Comple
     (fake / "kernels" / "__init__.py").write_text(FAKE_KERNELS, encoding="utf-8")
     asked = tmp_path / "kernels-asked"
     env = {k: v for k, v in os.environ.items() if k != "TORCH_CPP_LOG_LEVEL"}
-    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-               ARCHEHR_TEST_KERNELS_ASKED=str(asked),
-               PYTHONPATH=os.pathsep.join([str(fake), os.environ.get("PYTHONPATH", "")]))
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-           str(ROOT / "configs" / "accelerate" / "ddp.yaml"), "--num_processes", "2",
-           "--main_process_port", str(free_port()), str(ROOT / "train.py"),
-           "--stage", "domain", "--preset", "tiny", "--data", str(ROOT / "examples" / "emrqa_sample.jsonl"),
-           "--out", str(tmp_path / "run"), "--max_steps", "1", "--batch_tokens", "0", "--save_every", "0",
-           "--plot", "false", "--no-progress", *extra]
+    env.update(
+        OMP_NUM_THREADS="1",
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        TOKENIZERS_PARALLELISM="false",
+        ARCHEHR_TEST_KERNELS_ASKED=str(asked),
+        PYTHONPATH=os.pathsep.join([str(fake), os.environ.get("PYTHONPATH", "")]),
+    )
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(ROOT / "configs" / "accelerate" / "ddp.yaml"),
+        "--num_processes",
+        "2",
+        "--main_process_port",
+        str(free_port()),
+        str(ROOT / "train.py"),
+        "--stage",
+        "domain",
+        "--preset",
+        "tiny",
+        "--data",
+        str(ROOT / "examples" / "emrqa_sample.jsonl"),
+        "--out",
+        str(tmp_path / "run"),
+        "--max_steps",
+        "1",
+        "--batch_tokens",
+        "0",
+        "--save_every",
+        "0",
+        "--plot",
+        "false",
+        "--no-progress",
+        *extra,
+    ]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return proc, asked.exists()
@@ -81,16 +111,17 @@ def test_verbose_shows_the_library_noise(tmp_path):
 def _emit_through_the_libraries_loggers(verbose: bool) -> str:
     """The kernels note and hub retry lines sent through the loggers that send them, after the
     CLIs' filter: independent of this CPU's features."""
-    code = ("import logging; from plumbing.console import quiet_library_noise; "
-            f"quiet_library_noise({verbose}); import bitsandbytes; "
-            "from huggingface_hub.utils import _http; "
-            "logging.getLogger('bitsandbytes.backends.cpu.ops').warning("
-            "'Failed to load CPU gemm_4bit_forward from kernels-community: offline'); "
-            "_http.logger.warning(\"'(ConnectionError())' thrown while requesting HEAD https://huggingface.co/x\"); "
-            "_http.logger.warning('Retrying in 1s [Retry 1/5].')")
+    code = (
+        "import logging; from plumbing.console import quiet_library_noise; "
+        f"quiet_library_noise({verbose}); import bitsandbytes; "
+        "from huggingface_hub.utils import _http; "
+        "logging.getLogger('bitsandbytes.backends.cpu.ops').warning("
+        "'Failed to load CPU gemm_4bit_forward from kernels-community: offline'); "
+        "_http.logger.warning(\"'(ConnectionError())' thrown while requesting HEAD https://huggingface.co/x\"); "
+        "_http.logger.warning('Retrying in 1s [Retry 1/5].')"
+    )
     env = {k: v for k, v in os.environ.items() if k != "TORCH_CPP_LOG_LEVEL"}
-    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=120)
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     return proc.stderr
 

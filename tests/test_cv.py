@@ -4,6 +4,7 @@ The end-to-end runs use the bundled invented examples (3 cases: leave-one-case-o
 with the tiny preset and one optimizer step per fold, so they test the plumbing and
 the train/held-out discipline, not model quality.
 """
+
 from __future__ import annotations
 
 import json
@@ -38,8 +39,23 @@ XML = ROOT / "examples" / "archehr-qa.xml"
 KEY = ROOT / "examples" / "archehr-qa_key.json"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 # One optimizer step of one micro-batch per fold, a few generated tokens: plumbing, not quality.
-FAST = ["--preset", "tiny", "--set", "max_steps=1", "--set", "grad_accum=1", "--set", "gradient_checkpointing=false",
-        "--set", "log_every=1", "--max-new-tokens", "4", "--resamples", "200", "--no-progress"]
+FAST = [
+    "--preset",
+    "tiny",
+    "--set",
+    "max_steps=1",
+    "--set",
+    "grad_accum=1",
+    "--set",
+    "gradient_checkpointing=false",
+    "--set",
+    "log_every=1",
+    "--max-new-tokens",
+    "4",
+    "--resamples",
+    "200",
+    "--no-progress",
+]
 
 
 def cv_args(out: Path, *extra: str, xml: Path = XML, key: Path = KEY, folds: int = 3) -> list[str]:
@@ -236,8 +252,10 @@ def test_cv_report_html_holds_the_ladder_plots_and_each_held_out_case(full_run, 
     assert images == [(out / n).read_bytes() for n in ("pr_curve.png", "f1_vs_threshold.png", "loss_curves.png")]
     # Each held-out case: the head's pooled links, marked against the key.
     assert [s.attrs["data-case-id"] for s in dom.find("section", "case")] == [c.case_id for c in cases]
-    head = {e["case_id"]: {p["answer_id"]: set(p["evidence_id"]) for p in e["prediction"]}
-            for e in json.loads((out / "submissions" / "head" / "subtask4" / "submission.json").read_text())}
+    head = {
+        e["case_id"]: {p["answer_id"]: set(p["evidence_id"]) for p in e["prediction"]}
+        for e in json.loads((out / "submissions" / "head" / "subtask4" / "submission.json").read_text())
+    }
     links = check_links(dom)
     for case in cases:
         for a in case.answer_sentences:
@@ -295,8 +313,10 @@ def test_changing_held_out_gold_changes_no_threshold(full_run, cases, tmp_path, 
             note_ids = [a["sentence_id"] for a in entry["answers"]]
             for s in entry["clinician_answer_sentences"]:
                 s["citations"] = [n for n in note_ids if n not in s["citations"]][:1]  # wrong on purpose
-            entry["answers"] = [{"sentence_id": n, "relevance": "essential" if i % 2 else "not-relevant"}
-                                for i, n in enumerate(note_ids)]
+            entry["answers"] = [
+                {"sentence_id": n, "relevance": "essential" if i % 2 else "not-relevant"}
+                for i, n in enumerate(note_ids)
+            ]
     changed_key = tmp_path / "changed_key.json"
     changed_key.write_text(json.dumps(key))
     out2 = tmp_path / "run2"
@@ -332,7 +352,8 @@ def test_scoring_on_training_cases_is_refused(tmp_path, capsys, extra):
 def test_allowed_training_cases_are_labelled_everywhere(tmp_path, capsys):
     out = tmp_path / "optimistic"
     code, stdout, err = run_cv_cli(
-        cv_args(out, "--systems", "none", "bm25", "ensemble", "--allow-train-cases", folds=1), capsys)
+        cv_args(out, "--systems", "none", "bm25", "ensemble", "--allow-train-cases", folds=1), capsys
+    )
     assert code == 0, err
     assert TRAINING_CASES_LABEL in stdout
     for name in ("ladder.md", "errors.md", "ladder.json", "cv.json"):
@@ -342,11 +363,13 @@ def test_allowed_training_cases_are_labelled_everywhere(tmp_path, capsys):
 
 def test_bad_requests_exit_2_before_writing(tmp_path, capsys):
     out = tmp_path / "bad"
-    for args in (cv_args(out, folds=4),  # more folds than the 3 cases
-                 cv_args(out, "--set", "xml=other.xml"),
-                 cv_args(out, "--set", "no_such_key=1"),
-                 cv_args(out, "--init", str(tmp_path / "no_such_run")),
-                 cv_args(out, xml=tmp_path / "missing.xml")):
+    for args in (
+        cv_args(out, folds=4),  # more folds than the 3 cases
+        cv_args(out, "--set", "xml=other.xml"),
+        cv_args(out, "--set", "no_such_key=1"),
+        cv_args(out, "--init", str(tmp_path / "no_such_run")),
+        cv_args(out, xml=tmp_path / "missing.xml"),
+    ):
         code, _, err = run_cv_cli(args, capsys)
         assert code == 2 and len(err.strip().splitlines()) == 1, err
         assert not out.exists()

@@ -7,6 +7,7 @@ losses and final weights as one process, writes by the main process only, and re
 across process counts (positions are stored in global batches). FSDP cannot run on CPU
 (accelerate refuses FSDP without an accelerator device), so its run is a ``gpu`` test.
 """
+
 from __future__ import annotations
 
 import json
@@ -40,10 +41,28 @@ EXAMPLES = ROOT / "examples"
 # grad_accum 1, or 1 process x grad_accum 2): 2 steps per epoch, 3 epochs.
 # No dropout: both layouts must compute the same thing, so a mismatch means a real bug.
 COMMON = dict(
-    stage="domain", preset="tiny", data=str(EXAMPLES / "emrqa_sample.jsonl"), batch_size=2, batch_tokens=1000,
-    grad_accum=1, epochs=3, max_steps=0, joint=True, n_examples=0,
-    max_length=512, lr=1e-3, head_lr=3e-3, warmup_ratio=0.0, schedule="constant", lora_dropout=0.0, head_dropout=0.0,
-    gradient_checkpointing=False, progress=False, plot=False, log_every=1, seed=3,
+    stage="domain",
+    preset="tiny",
+    data=str(EXAMPLES / "emrqa_sample.jsonl"),
+    batch_size=2,
+    batch_tokens=1000,
+    grad_accum=1,
+    epochs=3,
+    max_steps=0,
+    joint=True,
+    n_examples=0,
+    max_length=512,
+    lr=1e-3,
+    head_lr=3e-3,
+    warmup_ratio=0.0,
+    schedule="constant",
+    lora_dropout=0.0,
+    head_dropout=0.0,
+    gradient_checkpointing=False,
+    progress=False,
+    plot=False,
+    log_every=1,
+    seed=3,
 )
 N_EXAMPLES, GLOBAL_BATCHES, STEPS_PER_EPOCH, EPOCHS = 12, 3, 2, 3
 TOTAL_STEPS = STEPS_PER_EPOCH * EPOCHS
@@ -51,7 +70,7 @@ TOTAL_STEPS = STEPS_PER_EPOCH * EPOCHS
 # Runs train.py's main in each launched process, recording every path this process
 # creates, opens for writing, renames or deletes (Python audit events), and dumps the
 # final adapter + head weights of this rank to ARCHEHR_TEST_OUT (outside the run folder).
-WRAPPER = r'''
+WRAPPER = r"""
 import json, os, sys
 OUT = os.environ["ARCHEHR_TEST_OUT"]
 RANK = int(os.environ.get("RANK", "0"))
@@ -95,7 +114,7 @@ rc = train.main(sys.argv[1:])
 with open(os.path.join(OUT, f"writes-rank{RANK}.json"), "w") as fh:
     json.dump(written, fh)
 sys.exit(rc)
-'''
+"""
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -124,12 +143,30 @@ def launch(work: Path, nproc: int, args: list[str], config: Path = DDP_CONFIG, t
     work.mkdir(parents=True, exist_ok=True)
     wrapper = work / "launch_train.py"
     wrapper.write_text(WRAPPER, encoding="utf-8")
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", HF_HUB_OFFLINE="1",
-               TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false", ARCHEHR_TEST_OUT=str(work),
-               ARCHEHR_TEST_DUMP="1" if dump else "0",
-               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
-           "--num_processes", str(nproc), "--main_process_port", str(free_port()), str(wrapper), *args]
+    env = dict(
+        os.environ,
+        OMP_NUM_THREADS="1",
+        MKL_NUM_THREADS="1",
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        TOKENIZERS_PARALLELISM="false",
+        ARCHEHR_TEST_OUT=str(work),
+        ARCHEHR_TEST_DUMP="1" if dump else "0",
+        PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+    )
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(config),
+        "--num_processes",
+        str(nproc),
+        "--main_process_port",
+        str(free_port()),
+        str(wrapper),
+        *args,
+    ]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return proc
@@ -185,8 +222,9 @@ def test_ranks_train_disjoint_shards_covering_each_epoch(runs):
     rows = read_batches(runs / "batches2")
     assert {r["rank"] for r in rows} == {0, 1}
     for epoch in range(EPOCHS):
-        by_rank = {rank: [i for r in rows if r["epoch"] == epoch and r["rank"] == rank for i in r["index"]]
-                   for rank in (0, 1)}
+        by_rank = {
+            rank: [i for r in rows if r["epoch"] == epoch and r["rank"] == rank for i in r["index"]] for rank in (0, 1)
+        }
         assert not set(by_rank[0]) & set(by_rank[1])
         assert sorted(by_rank[0] + by_rank[1]) == list(range(N_EXAMPLES))  # each example once
         # Global batches 0 and 2 on rank 0, batch 1 on rank 1 (plus a filler it does not record).
@@ -229,8 +267,14 @@ def test_two_processes_match_one_process_on_the_same_global_batch(runs):
 
 def test_only_the_main_process_writes(runs):
     run = str(runs / "two")
-    writes = {rank: [p for p in json.loads((runs / "launch2" / f"writes-rank{rank}.json").read_text())
-                     if os.path.abspath(p).startswith(run)] for rank in (0, 1)}
+    writes = {
+        rank: [
+            p
+            for p in json.loads((runs / "launch2" / f"writes-rank{rank}.json").read_text())
+            if os.path.abspath(p).startswith(run)
+        ]
+        for rank in (0, 1)
+    }
     names0 = {Path(p).name for p in writes[0]}
     # (torch.save and safetensors write from C++/Rust, unseen by audit hooks; every
     # checkpoint and export still shows up through its folder, JSON files and rename.)
@@ -284,8 +328,11 @@ def test_resume_two_process_checkpoint_on_one_process(runs, tmp_path):
     for a, b in zip(log[3:], read_log(src)[3:]):
         assert abs(a["loss"] - b["loss"]) < 1e-4, (a, b)
     mid = load_file(str(src / "checkpoints" / "step-3" / "adapter" / "adapter_model.safetensors"))
-    assert_close_weights(export_weights(run / "export"), export_weights(src / "export"),
-                         moved_from={f"adapter/{k}": v for k, v in mid.items()})
+    assert_close_weights(
+        export_weights(run / "export"),
+        export_weights(src / "export"),
+        moved_from={f"adapter/{k}": v for k, v in mid.items()},
+    )
 
 
 @pytest.mark.slow
@@ -358,8 +405,7 @@ def test_accelerate_batch_sharding_breaks_token_budget_batches():
         def __len__(self) -> int:
             return sampler.num_batches()
 
-    shards = [list(BatchSamplerShard(AsBatchSampler(), 2, r, split_batches=False, even_batches=True))
-              for r in (0, 1)]
+    shards = [list(BatchSamplerShard(AsBatchSampler(), 2, r, split_batches=False, even_batches=True)) for r in (0, 1)]
     assert max(len(s) for s in shards) <= 1 or any(len(b) == 0 for s in shards for b in s)
 
 
@@ -396,7 +442,10 @@ def test_accelerate_configs_parse():
 
     from accelerate.utils import FullyShardedDataParallelPlugin
 
-    known = {f.name for f in fields(FullyShardedDataParallelPlugin)} | {"transformer_layer_cls_to_wrap", "offload_params"}
+    known = {f.name for f in fields(FullyShardedDataParallelPlugin)} | {
+        "transformer_layer_cls_to_wrap",
+        "offload_params",
+    }
     unknown = [k for k in c if k not in known and k.removeprefix("fsdp_") not in known]
     assert not unknown, unknown
 
@@ -425,8 +474,9 @@ def test_bf16_stored_nf4_computes_what_uint8_stored_does():
     x = torch.randint(0, 1000, (1, 16), generator=torch.Generator().manual_seed(0))
     losses = {}
     for storage in ("uint8", "bfloat16"):
-        model = load_backbone("tiny", load_in_4bit=True, device="cpu", quant_storage=storage,
-                              gradient_checkpointing=False)
+        model = load_backbone(
+            "tiny", load_in_4bit=True, device="cpu", quant_storage=storage, gradient_checkpointing=False
+        )
         dtypes = {m.weight.dtype for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)}
         assert dtypes == {getattr(torch, storage)}
         with torch.no_grad():
@@ -448,8 +498,17 @@ def test_fsdp_qlora_two_gpus(tmp_path):
 
     save_random_base("tiny", random_base_cache_dir("tiny"))  # once, before two ranks would both build it
     run = tmp_path / "fsdp"
-    args = cli_args(dict(COMMON, out=run, load_in_4bit="true", quant_storage="bfloat16", max_steps=4,
-                         save_every=2, keep_checkpoints=0))
+    args = cli_args(
+        dict(
+            COMMON,
+            out=run,
+            load_in_4bit="true",
+            quant_storage="bfloat16",
+            max_steps=4,
+            save_every=2,
+            keep_checkpoints=0,
+        )
+    )
     launch(tmp_path / "launch", 2, args, config=FSDP_CONFIG, timeout=600, dump=False)
     log = read_log(run)
     assert [r["step"] for r in log] == [1, 2, 3, 4]
@@ -571,10 +630,26 @@ def test_fsdp_gather_checkpoint_and_export_on_cpu(tmp_path):
     back into the shards (resume) restores the same weights."""
     script = tmp_path / "fsdp_gather.py"
     script.write_text(FSDP_GATHER, encoding="utf-8")
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
-               TOKENIZERS_PARALLELISM="false", PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-           str(script), str(tmp_path), str(EXAMPLES / "emrqa_sample.jsonl")]
+    env = dict(
+        os.environ,
+        OMP_NUM_THREADS="1",
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        TOKENIZERS_PARALLELISM="false",
+        PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+    )
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(free_port()),
+        str(script),
+        str(tmp_path),
+        str(EXAMPLES / "emrqa_sample.jsonl"),
+    ]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-6000:]
     result = json.loads((tmp_path / "result.json").read_text())

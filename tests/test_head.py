@@ -1,4 +1,5 @@
 """The alignment head: vectorised pooling, pair scores, batching, size, save/load."""
+
 from __future__ import annotations
 
 import pytest

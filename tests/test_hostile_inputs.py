@@ -5,6 +5,7 @@ traceback, and the exact set of files left behind: none, or the complete previou
 CLIs run in-process through ``main(argv)`` where exit code and message are the point;
 signals and kills need a subprocess (marked ``slow``).
 """
+
 from __future__ import annotations
 
 import json
@@ -49,8 +50,11 @@ def snapshot(folder: Path) -> dict[str, bytes]:
     """Every file under ``folder`` (hidden ones included) -> its bytes."""
     if not folder.exists():
         return {}
-    return {str(p.relative_to(folder)): (p.read_bytes() if p.is_file() else b"<dir>")
-            for p in sorted(folder.rglob("*")) if not p.is_symlink()}
+    return {
+        str(p.relative_to(folder)): (p.read_bytes() if p.is_file() else b"<dir>")
+        for p in sorted(folder.rglob("*"))
+        if not p.is_symlink()
+    }
 
 
 def refused(capsys, main, argv: list[str], code: int = 2, contains: str = "") -> str:
@@ -68,32 +72,48 @@ def refused(capsys, main, argv: list[str], code: int = 2, contains: str = "") ->
 
 
 def domain_args(out: Path, *extra) -> list[str]:
-    return ["--stage", "domain", "--preset", "tiny", "--data", EMRQA, "--out", out, "--progress", "false",
-            "--plot", "false", *extra]
+    return [
+        "--stage",
+        "domain",
+        "--preset",
+        "tiny",
+        "--data",
+        EMRQA,
+        "--out",
+        out,
+        "--progress",
+        "false",
+        "--plot",
+        "false",
+        *extra,
+    ]
 
 
 # --- 1. one validator for every TrainConfig field --------------------------------------------
 
 
-@pytest.mark.parametrize("extra, message", [
-    (["--preset", "gpt-5"], "--preset must be one of"),
-    (["--seed", "-1"], "--seed must be an integer in [0, 4294967295]"),
-    (["--lora_dropout", "2"], "--lora_dropout must be a finite number in [0, 1)"),
-    (["--weight_decay", "-1"], "--weight_decay must be a finite number in [0, 1]"),
-    (["--warmup_ratio", "nan"], "--warmup_ratio must be a finite number"),
-    (["--warmup_ratio", "1.5"], "--warmup_ratio must be a finite number in [0, 1]"),
-    (["--head_layer", "99"], "--head_layer must be -1 or 0..2 for preset 'tiny'"),
-    (["--n_examples", "-3"], "--n_examples must be an integer in [0, "),
-    (["--unanswerable", "maybe"], "--unanswerable must be one of abstain, skip"),
-    (["--lr", "inf"], "--lr must be a finite number in (0, 1000]"),
-    (["--lr", "0"], "--lr must be a finite number in (0, 1000]"),
-    (["--head_lr", "nan"], "--head_lr must be a finite number in (0, 1000]"),
-    (["--head_lr", "-1"], "--head_lr must be a finite number in (0, 1000]"),
-    (["--max_grad_norm", "-1"], "--max_grad_norm must be"),
-    (["--batch_size", "0"], "--batch_size must be an integer in [1, "),
-    (["--schedule", "exponential"], "--schedule must be one of cosine, linear, constant"),
-    (["--pos_weight", "inf"], "--pos_weight must be a finite number in (0, "),
-])
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--preset", "gpt-5"], "--preset must be one of"),
+        (["--seed", "-1"], "--seed must be an integer in [0, 4294967295]"),
+        (["--lora_dropout", "2"], "--lora_dropout must be a finite number in [0, 1)"),
+        (["--weight_decay", "-1"], "--weight_decay must be a finite number in [0, 1]"),
+        (["--warmup_ratio", "nan"], "--warmup_ratio must be a finite number"),
+        (["--warmup_ratio", "1.5"], "--warmup_ratio must be a finite number in [0, 1]"),
+        (["--head_layer", "99"], "--head_layer must be -1 or 0..2 for preset 'tiny'"),
+        (["--n_examples", "-3"], "--n_examples must be an integer in [0, "),
+        (["--unanswerable", "maybe"], "--unanswerable must be one of abstain, skip"),
+        (["--lr", "inf"], "--lr must be a finite number in (0, 1000]"),
+        (["--lr", "0"], "--lr must be a finite number in (0, 1000]"),
+        (["--head_lr", "nan"], "--head_lr must be a finite number in (0, 1000]"),
+        (["--head_lr", "-1"], "--head_lr must be a finite number in (0, 1000]"),
+        (["--max_grad_norm", "-1"], "--max_grad_norm must be"),
+        (["--batch_size", "0"], "--batch_size must be an integer in [1, "),
+        (["--schedule", "exponential"], "--schedule must be one of cosine, linear, constant"),
+        (["--pos_weight", "inf"], "--pos_weight must be a finite number in (0, "),
+    ],
+)
 def test_train_argument_refused_before_any_output(tmp_path, capsys, extra, message):
     refused(capsys, train.main, domain_args(tmp_path / "run", *extra), contains=message)
     assert snapshot(tmp_path) == {}
@@ -151,9 +171,29 @@ def test_train_out_read_only_parent(tmp_path, capsys):
 
 def test_diverging_run_stops_names_step_keeps_checkpoint_never_exports(tmp_path, capsys):
     out = tmp_path / "run"
-    line = refused(capsys, train.main, domain_args(
-        out, "--lr", "1e3", "--head_lr", "1e3", "--max_steps", "4", "--batch_tokens", "0", "--batch_size", "2",
-        "--save_every", "1", "--max_length", "512", "--compile", "false"))
+    line = refused(
+        capsys,
+        train.main,
+        domain_args(
+            out,
+            "--lr",
+            "1e3",
+            "--head_lr",
+            "1e3",
+            "--max_steps",
+            "4",
+            "--batch_tokens",
+            "0",
+            "--batch_size",
+            "2",
+            "--save_every",
+            "1",
+            "--max_length",
+            "512",
+            "--compile",
+            "false",
+        ),
+    )
     assert re.search(r"training diverged at step \d+: non-finite", line)
     assert not (out / "export").exists()
     kept = checkpoint_dirs(out)
@@ -169,22 +209,30 @@ def test_non_finite_gradient_norm_stops_training(tmp_path):
 
     one = SimpleNamespace(num_processes=1)
     check_finite(3, [], 1.5, one, lambda: None, tmp_path)  # finite: nothing happens
-    with pytest.raises(TrainingDiverged, match=r"diverged at step 3: non-finite gradient norm \(inf\); "
-                                               r"no checkpoint was saved; nothing exported"):
+    with pytest.raises(
+        TrainingDiverged,
+        match=r"diverged at step 3: non-finite gradient norm \(inf\); "
+        r"no checkpoint was saved; nothing exported",
+    ):
         check_finite(3, [], math.inf, one, lambda: None, tmp_path)
 
 
 # --- load_export: manifest, head layer, weights, base model ---------------------------------
 
 
-def fake_export(root: Path, manifest: dict | None = None, head_layer: object = -1,
-                head: dict | None = None) -> Path:
+def fake_export(root: Path, manifest: dict | None = None, head_layer: object = -1, head: dict | None = None) -> Path:
     """An export folder with the right files (weights too small to run: checks come first)."""
     root.mkdir(parents=True)
-    (root / "manifest.json").write_text(json.dumps(manifest if manifest is not None else {
-        "preset": "tiny", "base_model": {"id": None, "path": None}, "alignment": {"threshold": 0.5}}))
-    (root / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 4,
-                                                           "lora_dropout": 0.0, "target_modules": ["q_proj"]}))
+    (root / "manifest.json").write_text(
+        json.dumps(
+            manifest
+            if manifest is not None
+            else {"preset": "tiny", "base_model": {"id": None, "path": None}, "alignment": {"threshold": 0.5}}
+        )
+    )
+    (root / "adapter_config.json").write_text(
+        json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 4, "lora_dropout": 0.0, "target_modules": ["q_proj"]})
+    )
     (root / "head_config.json").write_text(json.dumps({"hidden_size": 64, "layer": head_layer}))
     save_file({"a": torch.zeros(2)}, str(root / "adapter_model.safetensors"))
     save_file(head or {"w": torch.zeros(2)}, str(root / "head.safetensors"))
@@ -193,16 +241,23 @@ def fake_export(root: Path, manifest: dict | None = None, head_layer: object = -
 
 def infer_checkpoint(capsys, tmp_path, export: Path, contains: str, *extra) -> None:
     out = tmp_path / "out"
-    refused(capsys, infer.main, [XML, "--out", out, "--export", export, "--subtasks", "3", "--no-progress",
-                                 *extra], contains=contains)
+    refused(
+        capsys,
+        infer.main,
+        [XML, "--out", out, "--export", export, "--subtasks", "3", "--no-progress", *extra],
+        contains=contains,
+    )
     assert not out.exists()
 
 
-@pytest.mark.parametrize("alignment, message", [
-    ({"threshold": "high"}, "field 'alignment.threshold' must be a finite number in [0, 1], got 'high'"),
-    ({"threshold": float("nan")}, "field 'alignment.threshold' must be a finite number"),
-    ({"threshold": 7}, "field 'alignment.threshold' must be a finite number in [0, 1]"),
-])
+@pytest.mark.parametrize(
+    "alignment, message",
+    [
+        ({"threshold": "high"}, "field 'alignment.threshold' must be a finite number in [0, 1], got 'high'"),
+        ({"threshold": float("nan")}, "field 'alignment.threshold' must be a finite number"),
+        ({"threshold": 7}, "field 'alignment.threshold' must be a finite number in [0, 1]"),
+    ],
+)
 def test_manifest_bad_threshold(tmp_path, capsys, alignment, message):
     export = fake_export(tmp_path / "exp", {"preset": "tiny", "base_model": {}, "alignment": alignment})
     infer_checkpoint(capsys, tmp_path, export, message)
@@ -245,8 +300,9 @@ def no_cached_weights(monkeypatch):
 
 
 def test_hub_base_model_offline_fails_in_seconds(tmp_path, capsys, no_cached_weights):
-    export = fake_export(tmp_path / "exp", {"preset": "qwen3-4b", "base_model": {"id": "Qwen/Qwen3-4B"},
-                                            "alignment": {"threshold": 0.4}})
+    export = fake_export(
+        tmp_path / "exp", {"preset": "qwen3-4b", "base_model": {"id": "Qwen/Qwen3-4B"}, "alignment": {"threshold": 0.4}}
+    )
     start = time.perf_counter()
     infer_checkpoint(capsys, tmp_path, export, "pass --base /local/folder")
     assert time.perf_counter() - start < 10
@@ -254,8 +310,9 @@ def test_hub_base_model_offline_fails_in_seconds(tmp_path, capsys, no_cached_wei
 
 def test_training_hub_model_offline_fails_in_seconds(tmp_path, capsys, no_cached_weights):
     start = time.perf_counter()
-    refused(capsys, train.main, domain_args(tmp_path / "run", "--preset", "qwen3-4b"),
-            contains="pass --base /local/folder")
+    refused(
+        capsys, train.main, domain_args(tmp_path / "run", "--preset", "qwen3-4b"), contains="pass --base /local/folder"
+    )
     assert time.perf_counter() - start < 10
     assert snapshot(tmp_path) == {}
 
@@ -381,8 +438,11 @@ def test_failed_build_leaves_previous_set(tmp_path, previous_set):
 def test_note_with_bracket_and_table_markers_is_answered(tmp_path, capsys):
     xml = tmp_path / "notes.xml"
     text = XML.read_text()
-    text = re.sub(r'(<sentence id="\d+" paragraph_id="\d+"[^>]*>)([^<]*)</sentence>',
-                  lambda m: f"{m.group(1)}{m.group(2)} see ref [2] and | 3 | mg</sentence>", text)
+    text = re.sub(
+        r'(<sentence id="\d+" paragraph_id="\d+"[^>]*>)([^<]*)</sentence>',
+        lambda m: f"{m.group(1)}{m.group(2)} see ref [2] and | 3 | mg</sentence>",
+        text,
+    )
     xml.write_text(text)
     out = tmp_path / "out"
     assert infer.main([str(xml), "--out", str(out), "--subtasks", "3", "--no-progress"]) == 0
@@ -396,16 +456,21 @@ def test_note_with_bracket_and_table_markers_is_answered(tmp_path, capsys):
 
 def good_s4(tmp_path: Path) -> bytes:
     key = json.loads(KEY.read_text())
-    s4 = [{"case_id": c["case_id"], "prediction": [
-        {"answer_id": a["id"], "evidence_id": a["citations"]} for a in c["clinician_answer_sentences"]]}
-        for c in key]
+    s4 = [
+        {
+            "case_id": c["case_id"],
+            "prediction": [
+                {"answer_id": a["id"], "evidence_id": a["citations"]} for a in c["clinician_answer_sentences"]
+            ],
+        }
+        for c in key
+    ]
     return json.dumps(s4).encode()
 
 
 def score_refused(capsys, tmp_path, submission: Path, contains: str, *extra) -> None:
     before = snapshot(tmp_path)
-    refused(capsys, score.main, ["--subtask", "4", "--submission", submission, "--key", KEY, *extra],
-            contains=contains)
+    refused(capsys, score.main, ["--subtask", "4", "--submission", submission, "--key", KEY, *extra], contains=contains)
     assert snapshot(tmp_path) == before
 
 
@@ -483,9 +548,29 @@ def stopped_run(tmp_path_factory) -> Path:
     """A tiny domain run stopped at step 2 with checkpoints step-1 and step-2."""
     out = tmp_path_factory.mktemp("torn") / "run"
     with train_hooks(stop_after_steps=2):
-        assert train.main([str(a) for a in domain_args(
-            out, "--max_steps", "4", "--save_every", "1", "--batch_tokens", "0",
-            "--batch_size", "2", "--max_length", "512", "--compile", "false")]) == 0
+        assert (
+            train.main(
+                [
+                    str(a)
+                    for a in domain_args(
+                        out,
+                        "--max_steps",
+                        "4",
+                        "--save_every",
+                        "1",
+                        "--batch_tokens",
+                        "0",
+                        "--batch_size",
+                        "2",
+                        "--max_length",
+                        "512",
+                        "--compile",
+                        "false",
+                    )
+                ]
+            )
+            == 0
+        )
     assert [d.name for d in checkpoint_dirs(out)] == ["step-1", "step-2"]
     return out
 
@@ -566,10 +651,15 @@ def test_corrupt_run_config_refused(tmp_path, capsys, stopped_run):
 
 
 def start(args: list, env_extra: dict | None = None) -> subprocess.Popen:
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-               **(env_extra or {}))
-    return subprocess.Popen([sys.executable, *[str(a) for a in args]], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", **(env_extra or {}))
+    return subprocess.Popen(
+        [sys.executable, *[str(a) for a in args]],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def wait_for(predicate, proc: subprocess.Popen, timeout: float = 240) -> None:
@@ -581,11 +671,48 @@ def wait_for(predicate, proc: subprocess.Popen, timeout: float = 240) -> None:
 
 
 def task_args(tmp_path: Path, out: Path) -> list:
-    return ["train.py", "--stage", "task", "--joint", "--preset", "tiny", "--xml", tmp_path / "c.xml",
-            "--key", tmp_path / "k.json", "--out", out, "--batch_size", "2", "--batch_tokens", "0", "--grad_accum", "1",
-            "--epochs", "5", "--lr", "1e-3", "--head_lr", "3e-3", "--lora_dropout", "0.1",
-            "--head_dropout", "0.1", "--log_every", "1", "--progress", "false", "--plot", "false",
-            "--gradient_checkpointing", "false", "--compile", "false", "--save_every", "0"]
+    return [
+        "train.py",
+        "--stage",
+        "task",
+        "--joint",
+        "--preset",
+        "tiny",
+        "--xml",
+        tmp_path / "c.xml",
+        "--key",
+        tmp_path / "k.json",
+        "--out",
+        out,
+        "--batch_size",
+        "2",
+        "--batch_tokens",
+        "0",
+        "--grad_accum",
+        "1",
+        "--epochs",
+        "5",
+        "--lr",
+        "1e-3",
+        "--head_lr",
+        "3e-3",
+        "--lora_dropout",
+        "0.1",
+        "--head_dropout",
+        "0.1",
+        "--log_every",
+        "1",
+        "--progress",
+        "false",
+        "--plot",
+        "false",
+        "--gradient_checkpointing",
+        "false",
+        "--compile",
+        "false",
+        "--save_every",
+        "0",
+    ]
 
 
 def export_weights(export_dir: Path) -> dict[str, torch.Tensor]:
@@ -594,10 +721,13 @@ def export_weights(export_dir: Path) -> dict[str, torch.Tensor]:
     return out
 
 
-@pytest.mark.parametrize("sig, resume", [
-    (signal.SIGINT, False),  # ~7 s: the message, exit 130 and the checkpoint
-    pytest.param(signal.SIGTERM, True, marks=pytest.mark.slow),  # ~25 s: and the bit-identical resume
-])
+@pytest.mark.parametrize(
+    "sig, resume",
+    [
+        (signal.SIGINT, False),  # ~7 s: the message, exit 130 and the checkpoint
+        pytest.param(signal.SIGTERM, True, marks=pytest.mark.slow),  # ~25 s: and the bit-identical resume
+    ],
+)
 def test_signal_mid_training_checkpoints_and_resumes_bit_identical(tmp_path, sig, resume):
     from synthetic import make_cases, write_archehr
 

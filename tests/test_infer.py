@@ -1,4 +1,5 @@
 """infer.py end to end: the retrieval baseline, a (fake and a real tiny) checkpoint, skips, bad input."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -58,13 +59,22 @@ def drop_answer_sentences(xml_text: str, case_id: str) -> str:
 
 # ---------------------------------------------------------------- retrieval baseline
 
+
 def test_baseline_writes_valid_submissions_and_says_it_is_the_baseline(tmp_path, capsys):
     out = tmp_path / "run"
     run, log = run_infer(capsys, EXAMPLE_XML, "--out", out)
     cases = load_cases(EXAMPLE_XML)
     entries = check_outputs(out, cases)
-    assert sorted(p.name for p in out.iterdir()) == ["report.html", "run.json", "subtask2", "subtask2.zip", "subtask3",
-                                                     "subtask3.zip", "subtask4", "subtask4.zip"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "report.html",
+        "run.json",
+        "subtask2",
+        "subtask2.zip",
+        "subtask3",
+        "subtask3.zip",
+        "subtask4",
+        "subtask4.zip",
+    ]
     assert run["outputs"]["report"] == str(out / "report.html")
     assert run["subtask2"]["method"].startswith("retrieval baseline") and "Subtask 2: RETRIEVAL BASELINE" in log
     assert log.splitlines()[0].startswith("engine: RETRIEVAL BASELINE")
@@ -90,8 +100,17 @@ def test_baseline_with_key_prints_and_records_scores(tmp_path, capsys, shared_fi
 
     xml, key = shared_fixtures / "setA" / "archehr-qa.xml", shared_fixtures / "setA" / "archehr-qa_key.json"
     ensemble = tmp_path / "bm25.json"
-    ensemble.write_text(json.dumps({"format": "archehr-retrieval-ensemble/1", "weights": {"bm25": 1.0},
-                                    "threshold": 0.5, "mode": "relative", "max_per_answer": 2}))
+    ensemble.write_text(
+        json.dumps(
+            {
+                "format": "archehr-retrieval-ensemble/1",
+                "weights": {"bm25": 1.0},
+                "threshold": 0.5,
+                "mode": "relative",
+                "max_per_answer": 2,
+            }
+        )
+    )
     out = tmp_path / "run"
     run, log = run_infer(capsys, xml, "--out", out, "--key", key, "--ensemble", ensemble)
     check_outputs(out, load_cases(xml, key))
@@ -142,12 +161,14 @@ def test_subtask_3_only(tmp_path, capsys):
 
 # ---------------------------------------------------------------- bad input
 
+
 def test_bad_xml_exits_2_with_one_line_and_writes_nothing(tmp_path):
     bad = tmp_path / "bad.xml"
     bad.write_text("<annotations><case id='1'><note_excerpt_sentences>")
     out = tmp_path / "run"
-    proc = subprocess.run([sys.executable, "infer.py", str(bad), "--out", str(out)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "infer.py", str(bad), "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 2
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and errors[0].startswith(f"error: {bad}: malformed XML")
@@ -155,13 +176,16 @@ def test_bad_xml_exits_2_with_one_line_and_writes_nothing(tmp_path):
     assert not out.exists()
 
 
-@pytest.mark.parametrize("problem, args, message", [
-    ("ensemble", ["--ensemble", "{missing}"], "ensemble file not found"),
-    ("export", ["--export", "{missing}"], "export folder not found"),
-    ("head", ["--aligner", "head"], "--aligner head needs --export"),
-    ("key", ["--key", "{missing}"], "file not found"),
-    ("not-an-export", ["--export", "{empty}"], "not an export folder (no manifest.json)"),
-])
+@pytest.mark.parametrize(
+    "problem, args, message",
+    [
+        ("ensemble", ["--ensemble", "{missing}"], "ensemble file not found"),
+        ("export", ["--export", "{missing}"], "export folder not found"),
+        ("head", ["--aligner", "head"], "--aligner head needs --export"),
+        ("key", ["--key", "{missing}"], "file not found"),
+        ("not-an-export", ["--export", "{empty}"], "not an export folder (no manifest.json)"),
+    ],
+)
 def test_bad_arguments_exit_2_and_write_nothing(tmp_path, capsys, problem, args, message):
     out = tmp_path / "run"
     (tmp_path / "empty").mkdir()
@@ -188,8 +212,12 @@ def test_checkpoint_is_a_deprecated_alias_of_export(tmp_path, capsys):
 
 # ---------------------------------------------------------------- export path
 
+
 def test_clean_generated_answer():
-    assert clean_generated_answer("<think>\nhmm\n</think>\n\nIt is a stent [3]. Keep it |2,4|.") == "It is a stent. Keep it."
+    assert (
+        clean_generated_answer("<think>\nhmm\n</think>\n\nIt is a stent [3]. Keep it |2,4|.")
+        == "It is a stent. Keep it."
+    )
     long = "First sentence here. " + " ".join(["word"] * 80)
     assert clean_generated_answer(long) == "First sentence here."
     no_stop = " ".join(["word"] * 80)
@@ -202,8 +230,14 @@ class FakeCheckpoint:
     """The LoadedExport interface with scripted outputs (pipeline logic without a model)."""
 
     threshold = 0.6
-    manifest = ExportManifest.from_dict({"format": "archehr-export/1", "preset": "fake", "alignment": {"threshold": 0.6},
-                                         "relevance": {"threshold": 0.55, "calibrated_on": "training cases"}})
+    manifest = ExportManifest.from_dict(
+        {
+            "format": "archehr-export/1",
+            "preset": "fake",
+            "alignment": {"threshold": 0.6},
+            "relevance": {"threshold": 0.55, "calibrated_on": "training cases"},
+        }
+    )
 
     def __init__(self, answers: dict[str, str]):
         self.answers = answers
@@ -242,8 +276,9 @@ def fake_checkpoint(monkeypatch, tmp_path):
 def test_checkpoint_path_generation_and_head_linking(tmp_path, capsys, fake_checkpoint):
     fake, export = fake_checkpoint
     out = tmp_path / "run"
-    run, log = run_infer(capsys, EXAMPLE_XML, "--out", out, "--export", export, "--batch-size", "2",
-                         "--max-new-tokens", "33")
+    run, log = run_infer(
+        capsys, EXAMPLE_XML, "--out", out, "--export", export, "--batch-size", "2", "--max-new-tokens", "33"
+    )
     cases = load_cases(EXAMPLE_XML)
     entries = check_outputs(out, cases)
     assert run["engine"] == "export" and run["export_manifest"] == fake.manifest.to_dict()
@@ -268,8 +303,19 @@ def test_checkpoint_path_generation_and_head_linking(tmp_path, capsys, fake_chec
 def test_checkpoint_path_cap_and_fallback(tmp_path, capsys, fake_checkpoint):
     _, export = fake_checkpoint
     out = tmp_path / "run"
-    run, _ = run_infer(capsys, EXAMPLE_XML, "--out", out, "--export", export, "--subtasks", "4",
-                       "--max-links-per-answer", "1", "--top1-fallback")
+    run, _ = run_infer(
+        capsys,
+        EXAMPLE_XML,
+        "--out",
+        out,
+        "--export",
+        export,
+        "--subtasks",
+        "4",
+        "--max-links-per-answer",
+        "1",
+        "--top1-fallback",
+    )
     entries = check_outputs(out, load_cases(EXAMPLE_XML), subtasks=(4,))
     assert not (out / "subtask3.zip").exists()
     assert run["subtask4"]["max_per_answer"] == 1 and run["subtask4"]["top1_fallback"] is True
@@ -281,15 +327,39 @@ def test_checkpoint_path_cap_and_fallback(tmp_path, capsys, fake_checkpoint):
 
 # ---------------------------------------------------------------- a real tiny checkpoint
 
+
 @pytest.fixture(scope="session")
 def tiny_export(tmp_path_factory):
     """A tiny checkpoint trained through train.py (joint task stage on the bundled example, two steps)."""
     import train
 
     root = tmp_path_factory.mktemp("tiny_ckpt")
-    assert train.main(["--stage", "task", "--joint", "--preset", "tiny", "--xml", str(EXAMPLE_XML),
-                       "--key", str(EXAMPLE_KEY), "--out", str(root / "task"), "--max-steps", "2",
-                       "--max-length", "1024", "--progress", "false", "--plot", "false"]) == 0
+    assert (
+        train.main(
+            [
+                "--stage",
+                "task",
+                "--joint",
+                "--preset",
+                "tiny",
+                "--xml",
+                str(EXAMPLE_XML),
+                "--key",
+                str(EXAMPLE_KEY),
+                "--out",
+                str(root / "task"),
+                "--max-steps",
+                "2",
+                "--max-length",
+                "1024",
+                "--progress",
+                "false",
+                "--plot",
+                "false",
+            ]
+        )
+        == 0
+    )
     return root / "task" / "export"
 
 
@@ -298,8 +368,21 @@ def test_tiny_export_end_to_end(tmp_path, capsys, tiny_export):
 
     out = tmp_path / "run"
     # The tiny export trained on these very cases: scoring them needs --allow-train-cases and is labelled.
-    run, log = run_infer(capsys, EXAMPLE_XML, "--out", out, "--export", tiny_export, "--key", EXAMPLE_KEY,
-                         "--max-new-tokens", "12", "--device", "cpu", "--allow-train-cases")
+    run, log = run_infer(
+        capsys,
+        EXAMPLE_XML,
+        "--out",
+        out,
+        "--export",
+        tiny_export,
+        "--key",
+        EXAMPLE_KEY,
+        "--max-new-tokens",
+        "12",
+        "--device",
+        "cpu",
+        "--allow-train-cases",
+    )
     assert run["training_case_ids"] == ["101", "102", "103"] and run["scores"]["evaluated_on"].startswith("TRAINING")
     cases = load_cases(EXAMPLE_XML, EXAMPLE_KEY)
     entries = check_outputs(out, cases)
@@ -311,8 +394,10 @@ def test_tiny_export_end_to_end(tmp_path, capsys, tiny_export):
     # run.json names the decoding that ran: on CPU no CUDA graph (issue 23 found one claimed)
     engine = run["fast_inference"]["engine"]
     assert run["fast_inference"]["decode"]["cuda_graph"] is False
-    assert engine == ("fast engine on cpu: static KV cache, greedy on device, eager decode step (no CUDA graph), "
-                      "matmul attention over the cache"), engine
+    assert engine == (
+        "fast engine on cpu: static KV cache, greedy on device, eager decode step (no CUDA graph), "
+        "matmul attention over the cache"
+    ), engine
     fell_back = set(run["subtask3"]["extractive_fallback_cases"])
     for entry, case in zip(entries[3], cases):
         assert 0 < count_words(entry["prediction"]) <= 75
@@ -327,8 +412,9 @@ def test_tiny_export_end_to_end(tmp_path, capsys, tiny_export):
 
 
 @pytest.mark.parametrize("subtasks", ["2", "2,4", "2,3,4"])
-def test_tiny_checkpoint_subtask2_batched_equals_one_case_at_a_time(tmp_path, capsys, tiny_export, monkeypatch,
-                                                                    subtasks):
+def test_tiny_checkpoint_subtask2_batched_equals_one_case_at_a_time(
+    tmp_path, capsys, tiny_export, monkeypatch, subtasks
+):
     """The fast engine's packed relevance forwards (with Subtask 4, the same forwards as the
     alignment; with Subtask 3 too, the generation prefill) write the same Subtask 2 file as
     the plain checkpoint's one forward per case."""
@@ -339,12 +425,24 @@ def test_tiny_checkpoint_subtask2_batched_equals_one_case_at_a_time(tmp_path, ca
 
     cases = load_cases(EXAMPLE_XML)
     ckpt = load_export(tiny_export, device="cpu")
-    probs = [relevance_probabilities(ckpt.model, ckpt.head, [encode_example(ckpt.tokenizer,
-                                                                           example_from_case(c, with_answer=False))])[0]
-             for c in cases]
+    probs = [
+        relevance_probabilities(
+            ckpt.model, ckpt.head, [encode_example(ckpt.tokenizer, example_from_case(c, with_answer=False))]
+        )[0]
+        for c in cases
+    ]
     threshold = float(np.median(np.concatenate(probs)))  # some notes in, some out
-    args = [EXAMPLE_XML, "--export", tiny_export, "--subtasks", subtasks, "--device", "cpu",
-            "--relevance-threshold", repr(threshold)]
+    args = [
+        EXAMPLE_XML,
+        "--export",
+        tiny_export,
+        "--subtasks",
+        subtasks,
+        "--device",
+        "cpu",
+        "--relevance-threshold",
+        repr(threshold),
+    ]
     fast_run, _ = run_infer(capsys, *args, "--out", tmp_path / "fast")
     load = inference.fast.load_for_inference
     monkeypatch.setattr(inference.fast, "load_for_inference", lambda *a, **k: load(*a, **{**k, "fast": False}))
@@ -357,8 +455,10 @@ def test_tiny_checkpoint_subtask2_batched_equals_one_case_at_a_time(tmp_path, ca
     assert plain_run["fast_inference"] is None
     assert fast_run["fast_inference"]["engine"] == (
         "fast engine on cpu: static KV cache, greedy on device, eager decode step (no CUDA graph), matmul attention "
-        "over the cache" if "3" in subtasks else
-        "fast engine on cpu; no answers decoded (alignment and relevance forwards only)")
+        "over the cache"
+        if "3" in subtasks
+        else "fast engine on cpu; no answers decoded (alignment and relevance forwards only)"
+    )
     written = (tmp_path / "fast" / "subtask2" / "submission.json").read_bytes()
     assert written == (tmp_path / "plain" / "subtask2" / "submission.json").read_bytes()
     entries = check_outputs(tmp_path / "fast", cases, subtasks=(2,))[2]
@@ -370,8 +470,18 @@ def test_tiny_checkpoint_subtask2_batched_equals_one_case_at_a_time(tmp_path, ca
 def test_tiny_checkpoint_on_its_training_cases_is_refused(tmp_path, capsys, tiny_export):
     out = tmp_path / "run"
     with pytest.raises(SystemExit) as err:
-        infer.main([str(EXAMPLE_XML), "--out", str(out), "--export", str(tiny_export), "--key", str(EXAMPLE_KEY),
-                    "--no-progress"])
+        infer.main(
+            [
+                str(EXAMPLE_XML),
+                "--out",
+                str(out),
+                "--export",
+                str(tiny_export),
+                "--key",
+                str(EXAMPLE_KEY),
+                "--no-progress",
+            ]
+        )
     assert err.value.code == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and "training cases" in lines[0] and "--allow-train-cases" in lines[0]
@@ -404,14 +514,14 @@ def test_checkpoint_without_relevance_threshold(tmp_path, capsys, fake_checkpoin
     # ... asked for explicitly, it is an error before any work.
     out = tmp_path / "run"
     with pytest.raises(SystemExit) as err:
-        infer.main([str(EXAMPLE_XML), "--out", str(out), "--export", str(export), "--subtasks", "2,3",
-                    "--no-progress"])
+        infer.main([str(EXAMPLE_XML), "--out", str(out), "--export", str(export), "--subtasks", "2,3", "--no-progress"])
     assert err.value.code == 2
     assert "--relevance-threshold" in capsys.readouterr().err
     assert not out.exists() and fake.calls == []
 
 
 # ---------------------------------------------------------------- stdout / stderr
+
 
 def test_results_on_stdout_everything_else_on_stderr(tmp_path, capsys):
     out = tmp_path / "run"
@@ -420,13 +530,18 @@ def test_results_on_stdout_everything_else_on_stderr(tmp_path, capsys):
     stdout = captured.out.strip().splitlines()
     assert all(line.startswith("wrote ") or " scores: " in line for line in stdout), stdout
     assert [line for line in stdout if line.startswith("wrote ")] == [
-        *(f"wrote Subtask {n}: {out / f'subtask{n}' / 'submission.json'} and {out / f'subtask{n}.zip'}"
-          for n in (2, 3, 4)),
+        *(
+            f"wrote Subtask {n}: {out / f'subtask{n}' / 'submission.json'} and {out / f'subtask{n}.zip'}"
+            for n in (2, 3, 4)
+        ),
         f"wrote {out / 'run.json'}",
         f"wrote {out / 'report.html'}",
     ]
     assert sorted(line.split(" scores: ")[0] for line in stdout if " scores: " in line) == [
-        "Subtask 2", "Subtask 3", "Subtask 4"]
+        "Subtask 2",
+        "Subtask 3",
+        "Subtask 4",
+    ]
     assert "engine: RETRIEVAL BASELINE" in captured.err and "times: " in captured.err
     assert "wrote " not in captured.err and " scores: " not in captured.err
 
@@ -473,7 +588,9 @@ def test_engine_used_names_graphs_attention_and_generate_fallback():
 
     engine = FastEngine(SimpleNamespace(device="cuda:0"))
     engine.decode = DecodeStats(batches=[{"rows": 2}], cuda_graph=True, attention=SDPA_CUDNN)
-    assert engine.engine_used() == ("fast engine on cuda:0: static KV cache, greedy on device, CUDA-graphed "
-                                    "decode step, cuDNN fused attention over the cache")
+    assert engine.engine_used() == (
+        "fast engine on cuda:0: static KV cache, greedy on device, CUDA-graphed "
+        "decode step, cuDNN fused attention over the cache"
+    )
     engine.fallbacks = ["generation: model type 'llama' is not qwen3; using model.generate"]
     assert engine.engine_used() == "model.generate on cuda:0 (model type 'llama' is not qwen3; using model.generate)"

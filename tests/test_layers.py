@@ -11,6 +11,7 @@ loads and runs the head, so ``model`` may import ``heads``; never the reverse). 
 any layer, and a CLI only through its public entry points (``main``, ``build_parser``). No module
 imports another package's private (``_``) names.
 """
+
 from __future__ import annotations
 
 import ast
@@ -20,8 +21,22 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-LAYER = {"plumbing": 0, "data": 1, "model": 2, "heads": 2, "training": 3, "baselines": 3, "metrics": 3,
-         "reports": 3.5, "inference": 4, "evaluation": 4, "train": 5, "infer": 5, "score": 5, "bench": 6}
+LAYER = {
+    "plumbing": 0,
+    "data": 1,
+    "model": 2,
+    "heads": 2,
+    "training": 3,
+    "baselines": 3,
+    "metrics": 3,
+    "reports": 3.5,
+    "inference": 4,
+    "evaluation": 4,
+    "train": 5,
+    "infer": 5,
+    "score": 5,
+    "bench": 6,
+}
 CLIS = ("train", "infer", "score")
 # Within a layer only these reach sideways (model loads and runs the head; never the reverse).
 SIDEWAYS = {("model", "heads")}
@@ -97,12 +112,15 @@ def layer_violations(module: str, source: str) -> list[str]:
 def cli_attribute_violations(module: str, source: str) -> list[str]:
     """``import train`` then ``train.something``: only the entry points may be used."""
     tree = ast.parse(source)
-    bound = {a.asname or a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names
-             if a.name in CLIS}
-    return [f"{module}:{n.lineno} uses {n.value.id}.{n.attr} (a CLI's internals)"
-            for n in ast.walk(tree)
-            if isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name) and n.value.id in bound
-            and n.attr not in CLI_ENTRY_POINTS]
+    bound = {a.asname or a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names if a.name in CLIS}
+    return [
+        f"{module}:{n.lineno} uses {n.value.id}.{n.attr} (a CLI's internals)"
+        for n in ast.walk(tree)
+        if isinstance(n, ast.Attribute)
+        and isinstance(n.value, ast.Name)
+        and n.value.id in bound
+        and n.attr not in CLI_ENTRY_POINTS
+    ]
 
 
 MODULES = program_modules()
@@ -133,43 +151,52 @@ def test_the_clis_import_nothing_from_each_other():
 
 
 def test_no_module_imports_another_packages_private_names():
-    reached = [f"{module}:{imp.line} imports {imp.module}.{name}"
-               for module, path in MODULES.items()
-               for imp in imports_of(path.read_text(encoding="utf-8"), module)
-               if imp.top in LAYER and imp.top != module.split(".")[0]
-               for name in imp.names if name.startswith("_")]
+    reached = [
+        f"{module}:{imp.line} imports {imp.module}.{name}"
+        for module, path in MODULES.items()
+        for imp in imports_of(path.read_text(encoding="utf-8"), module)
+        if imp.top in LAYER and imp.top != module.split(".")[0]
+        for name in imp.names
+        if name.startswith("_")
+    ]
     assert reached == []
 
 
 # The checker itself: each rule is seen, including imports inside functions and relative ones.
-@pytest.mark.parametrize("module, source, expected", [
-    ("metrics.x", "def f():\n    from inference.pipeline import run_inference\n", "a higher layer"),
-    ("training.x", "import metrics.subtask4\n", "sideways"),
-    ("heads.x", "def f():\n    import model.backbone\n", "sideways"),
-    ("score", "from train import main\n", "sideways"),
-    ("data.x", "try:\n    from score import main\nexcept ImportError:\n    pass\n", "a higher layer"),
-    ("evaluation.sub.x", "from ...inference import fast\n", "sideways"),
-    ("bench.x", "from infer import _subtasks\n", "CLI internals"),
-    ("bench.x", "import train\ntrain.build_parser()\ntrain.usage()\n", "internals"),
-    ("newpkg.x", "import data\n", "has no layer"),
-    ("reports.x", "from inference.pipeline import run_inference\n", "a higher layer"),
-    ("metrics.x", "from reports.page import render_report\n", "a higher layer"),
-    ("plumbing.x", "def f():\n    from data.records import Case\n", "a higher layer"),
-])
+@pytest.mark.parametrize(
+    "module, source, expected",
+    [
+        ("metrics.x", "def f():\n    from inference.pipeline import run_inference\n", "a higher layer"),
+        ("training.x", "import metrics.subtask4\n", "sideways"),
+        ("heads.x", "def f():\n    import model.backbone\n", "sideways"),
+        ("score", "from train import main\n", "sideways"),
+        ("data.x", "try:\n    from score import main\nexcept ImportError:\n    pass\n", "a higher layer"),
+        ("evaluation.sub.x", "from ...inference import fast\n", "sideways"),
+        ("bench.x", "from infer import _subtasks\n", "CLI internals"),
+        ("bench.x", "import train\ntrain.build_parser()\ntrain.usage()\n", "internals"),
+        ("newpkg.x", "import data\n", "has no layer"),
+        ("reports.x", "from inference.pipeline import run_inference\n", "a higher layer"),
+        ("metrics.x", "from reports.page import render_report\n", "a higher layer"),
+        ("plumbing.x", "def f():\n    from data.records import Case\n", "a higher layer"),
+    ],
+)
 def test_the_checker_finds_each_kind_of_violation(module, source, expected):
     found = layer_violations(module, source)
     assert len(found) == 1 and expected in found[0], found
 
 
-@pytest.mark.parametrize("module, source", [
-    ("model.x", "from heads.alignment import NotePairHead\n"),
-    ("inference.x", "from .memory import plan\nfrom model.export_folder import read_manifest\n"),
-    ("evaluation.x", "def f():\n    from training.run import run_training\n"),
-    ("bench.x", "import infer\ninfer.main([])\nfrom train import build_parser\n"),
-    ("train", "from training.config import build_config\n"),
-    ("reports.x", "from metrics.alignment import per_case_alignment\n"),
-    ("evaluation.x", "from reports.page import write_report\n"),
-    ("data.x", "from plumbing.errors import InputError\n"),
-])
+@pytest.mark.parametrize(
+    "module, source",
+    [
+        ("model.x", "from heads.alignment import NotePairHead\n"),
+        ("inference.x", "from .memory import plan\nfrom model.export_folder import read_manifest\n"),
+        ("evaluation.x", "def f():\n    from training.run import run_training\n"),
+        ("bench.x", "import infer\ninfer.main([])\nfrom train import build_parser\n"),
+        ("train", "from training.config import build_config\n"),
+        ("reports.x", "from metrics.alignment import per_case_alignment\n"),
+        ("evaluation.x", "from reports.page import write_report\n"),
+        ("data.x", "from plumbing.errors import InputError\n"),
+    ],
+)
 def test_the_checker_allows_downward_imports(module, source):
     assert layer_violations(module, source) == []

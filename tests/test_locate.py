@@ -5,6 +5,7 @@ these tests run it over tables and generated text (never another exception than 
 the message naming what was asked and what exists), then each CLI over the same table
 (exit 2, one line, nothing written, within seconds), and the deprecated ``--base_path``.
 """
+
 from __future__ import annotations
 
 import json
@@ -26,8 +27,27 @@ ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
 XML, KEY, EMRQA = EXAMPLES / "archehr-qa.xml", EXAMPLES / "archehr-qa_key.json", EXAMPLES / "emrqa_sample.jsonl"
 
-BAD_DEVICES = ["potato", "gpu0", "cuda:-1", "cuda:99", "meta", "xla", "cpu:cpu", "", " ", "cuda0", "CUDA", "0",
-               "cuda:0:1", "mps:7", "ipu", "vulkan", "cuda;rm -rf", "\x00", "tpu:0"]
+BAD_DEVICES = [
+    "potato",
+    "gpu0",
+    "cuda:-1",
+    "cuda:99",
+    "meta",
+    "xla",
+    "cpu:cpu",
+    "",
+    " ",
+    "cuda0",
+    "CUDA",
+    "0",
+    "cuda:0:1",
+    "mps:7",
+    "ipu",
+    "vulkan",
+    "cuda;rm -rf",
+    "\x00",
+    "tpu:0",
+]
 
 
 def one_line(err: InputError) -> str:
@@ -149,6 +169,7 @@ def test_unreachable_hub_fails_within_the_probe(monkeypatch):
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", lambda *a, **k: None)
     monkeypatch.setattr("model.locate.HUB_PROBE_SECONDS", 0.5)
+
     def silent_hub(*a, **k):  # DNS that hangs, then gives up
         time.sleep(3)
         raise OSError("timed out")
@@ -189,9 +210,14 @@ def cli_refused(capsys, main, argv, contains) -> str:
     return lines[0]
 
 
-CLI_CASES = [("--device", "potato", "'potato'"), ("--device", "cuda:99", "'cuda:99'"),
-             ("--device", "meta", "'meta'"), ("--base", "/nonexistent", "/nonexistent"),
-             ("--base", "Qwen/Qwen3-4B", "hf download"), ("--base_path", "/nonexistent", "/nonexistent")]
+CLI_CASES = [
+    ("--device", "potato", "'potato'"),
+    ("--device", "cuda:99", "'cuda:99'"),
+    ("--device", "meta", "'meta'"),
+    ("--base", "/nonexistent", "/nonexistent"),
+    ("--base", "Qwen/Qwen3-4B", "hf download"),
+    ("--base_path", "/nonexistent", "/nonexistent"),
+]
 
 
 @pytest.mark.parametrize("flag, value, contains", CLI_CASES)
@@ -202,15 +228,20 @@ def test_infer_checks_device_and_base_before_work(tmp_path, capsys, no_cached_we
 
 @pytest.mark.parametrize("value", ["potato", "cuda:99", "meta", "tpu"])
 def test_score_cv_checks_the_device_before_work(tmp_path, capsys, value):
-    cli_refused(capsys, score.main, ["cv", "--xml", XML, "--key", KEY, "--out", tmp_path / "cv", "--device", value],
-                repr(value))
+    cli_refused(
+        capsys, score.main, ["cv", "--xml", XML, "--key", KEY, "--out", tmp_path / "cv", "--device", value], repr(value)
+    )
     assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize("flag, value, contains", [c for c in CLI_CASES if c[0] != "--device"])
 def test_train_checks_the_base_before_work(tmp_path, capsys, no_cached_weights, flag, value, contains):
-    cli_refused(capsys, train.main, ["--stage", "domain", "--data", EMRQA, "--out", tmp_path / "run", "--progress",
-                                     "false", flag, value], contains)
+    cli_refused(
+        capsys,
+        train.main,
+        ["--stage", "domain", "--data", EMRQA, "--out", tmp_path / "run", "--progress", "false", flag, value],
+        contains,
+    )
     assert list(tmp_path.iterdir()) == []
 
 
@@ -234,12 +265,17 @@ def test_base_is_one_spelling_and_base_path_a_deprecated_alias(tmp_path, capsys)
     json.dumps(keys)
 
 
-@pytest.mark.parametrize("error", [
-    OSError("Qwen/Qwen3-4C is not a local folder and is not a valid model identifier listed on "
-            "'https://huggingface.co/models'\nIf this is a private repository, make sure to pass a token"),
-    OSError("[Errno 28] No space left on device"),
-    OSError(""),
-])
+@pytest.mark.parametrize(
+    "error",
+    [
+        OSError(
+            "Qwen/Qwen3-4C is not a local folder and is not a valid model identifier listed on "
+            "'https://huggingface.co/models'\nIf this is a private repository, make sure to pass a token"
+        ),
+        OSError("[Errno 28] No space left on device"),
+        OSError(""),
+    ],
+)
 def test_a_base_that_fails_to_load_is_one_line(monkeypatch, error):
     """Past the checks (e.g. online, the id mistyped): the loader's error is one line, not a traceback."""
     import transformers
@@ -251,8 +287,10 @@ def test_a_base_that_fails_to_load_is_one_line(monkeypatch, error):
 
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", fail)
     monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", fail)
-    for load in (lambda: load_base_model("qwen3-4b", base_path="Qwen/Qwen3-4C", load_in_4bit=False, device="cpu"),
-                 lambda: load_tokenizer("Qwen/Qwen3-4C")):
+    for load in (
+        lambda: load_base_model("qwen3-4b", base_path="Qwen/Qwen3-4C", load_in_4bit=False, device="cpu"),
+        lambda: load_tokenizer("Qwen/Qwen3-4C"),
+    ):
         with pytest.raises(InputError) as err:
             load()
         line = one_line(err.value)

@@ -1,5 +1,6 @@
 """loss_curve.png as a user reads it (issue 23): LM and head losses on panels of their own scale,
 no flat line where a loss had no data, a dot for a one-step run, integer step ticks, a title."""
+
 from __future__ import annotations
 
 import json
@@ -11,8 +12,18 @@ from training.loss_plot import loss_figure, plot_losses
 
 def rows_of(steps, relevance=0.0):
     """Log rows as the loop writes them; the domain stage logs relevance 0.0 (it has no labels)."""
-    return [{"step": s, "epoch": 0, "lm": 9.0 - 0.01 * s, "align": 0.7 - 0.001 * s, "relevance": relevance,
-             "loss": 9.4 - 0.01 * s, "lr": 1e-4} for s in steps]
+    return [
+        {
+            "step": s,
+            "epoch": 0,
+            "lm": 9.0 - 0.01 * s,
+            "align": 0.7 - 0.001 * s,
+            "relevance": relevance,
+            "loss": 9.4 - 0.01 * s,
+            "lr": 1e-4,
+        }
+        for s in steps
+    ]
 
 
 def labels(ax) -> list[str]:
@@ -21,8 +32,9 @@ def labels(ax) -> list[str]:
 
 def drawn_lines(ax) -> dict[str, tuple[list, list]]:
     """Legend label -> (x, y) of each line that has points."""
-    return {line.get_label(): (list(line.get_xdata()), list(line.get_ydata())) for line in ax.lines
-            if len(line.get_xdata())}
+    return {
+        line.get_label(): (list(line.get_xdata()), list(line.get_ydata())) for line in ax.lines if len(line.get_xdata())
+    }
 
 
 def integer_ticks(ax) -> bool:
@@ -100,8 +112,7 @@ def test_folds_share_a_color_per_fold_and_a_panel_per_scale(tmp_path):
     try:
         lm_ax, head_ax = fig.axes
         assert set(drawn_lines(lm_ax)) == {"fold 1: lm", "fold 2: lm"}
-        assert set(drawn_lines(head_ax)) == {"fold 1: align", "fold 1: relevance", "fold 2: align",
-                                             "fold 2: relevance"}
+        assert set(drawn_lines(head_ax)) == {"fold 1: align", "fold 1: relevance", "fold 2: align", "fold 2: relevance"}
         color = {line.get_label(): line.get_color() for line in head_ax.lines}
         assert color["fold 1: align"] == color["fold 1: relevance"] != color["fold 2: align"]
     finally:
@@ -111,8 +122,12 @@ def test_folds_share_a_color_per_fold_and_a_panel_per_scale(tmp_path):
 def test_plot_losses_writes_the_png(tmp_path):
     log = tmp_path / "run" / "log.jsonl"
     log.parent.mkdir()
-    log.write_text("\n".join(json.dumps(r) for r in rows_of([1, 2, 3])) + "\n"
-                   + json.dumps({"step": 4, "epoch": 0, "diverged": "non-finite loss"}) + "\n")
+    log.write_text(
+        "\n".join(json.dumps(r) for r in rows_of([1, 2, 3]))
+        + "\n"
+        + json.dumps({"step": 4, "epoch": 0, "diverged": "non-finite loss"})
+        + "\n"
+    )
     out = tmp_path / "loss_curve.png"
     assert plot_losses(log, out, "Training losses") == ["loss", "lm", "align"]
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -1,6 +1,7 @@
 """``train.py export RUN --merged``: a plain Hugging Face folder (bf16, sharded safetensors, config,
 tokenizer) that ``AutoModelForCausalLM.from_pretrained`` loads without PEFT or remote code and that
 decodes what the adapter path decodes; and the model cards' Hub metadata (YAML front matter)."""
+
 from __future__ import annotations
 
 import json
@@ -35,12 +36,29 @@ def run(tmp_path_factory) -> Path:
     from safetensors.torch import load_file, save_file
 
     out = tmp_path_factory.mktemp("merged") / "run"
-    run_training(build_config(dict(stage="task", joint=True, preset="tiny", xml=str(XML), key=str(KEY), out=str(out),
-                                   max_steps=1, batch_size=1, log_every=1, progress=False, plot=False)))
+    run_training(
+        build_config(
+            dict(
+                stage="task",
+                joint=True,
+                preset="tiny",
+                xml=str(XML),
+                key=str(KEY),
+                out=str(out),
+                max_steps=1,
+                batch_size=1,
+                log_every=1,
+                progress=False,
+                plot=False,
+            )
+        )
+    )
     adapter = out / "export" / "adapter_model.safetensors"
     generator = torch.Generator().manual_seed(1)
-    weights = {k: torch.randn(v.shape, generator=generator) * 0.5 if "lora_B" in k else v
-               for k, v in load_file(str(adapter)).items()}
+    weights = {
+        k: torch.randn(v.shape, generator=generator) * 0.5 if "lora_B" in k else v
+        for k, v in load_file(str(adapter)).items()
+    }
     save_file(weights, str(adapter), metadata={"format": "pt"})
     return out
 
@@ -59,9 +77,15 @@ def _prompt_ids(tokenizer) -> list[torch.Tensor]:
 def _greedy(model, prompts: list[torch.Tensor], tokenizer) -> list[list[int]]:
     out = []
     for ids in prompts:
-        seq = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS,
-                             do_sample=False, pad_token_id=tokenizer.pad_token_id, eos_token_id=stop_ids(tokenizer))
-        out.append(seq[0, ids.shape[1]:].tolist())
+        seq = model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=NEW_TOKENS,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=stop_ids(tokenizer),
+        )
+        out.append(seq[0, ids.shape[1] :].tolist())
     return out
 
 
@@ -79,8 +103,15 @@ def test_merged_folder_is_a_plain_hf_model_that_decodes_like_the_adapter(run, tm
     folder = _export(capsys, str(run), "--merged", "--max_shard_size", "5MB")
     assert folder == run / "export" / "merged"  # beside the adapter and the head
     names = {p.name for p in folder.iterdir()}
-    assert {"config.json", "model.safetensors.index.json", "generation_config.json", "tokenizer.json",
-            "tokenizer_config.json", MERGED_RECORD, "README.md"} <= names
+    assert {
+        "config.json",
+        "model.safetensors.index.json",
+        "generation_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        MERGED_RECORD,
+        "README.md",
+    } <= names
     shards = sorted(folder.glob("model-*.safetensors"))
     assert len(shards) >= 2 and not (names & {"adapter_config.json", "adapter_model.safetensors"})
     config = json.loads((folder / "config.json").read_text())
@@ -105,8 +136,8 @@ def test_merged_folder_is_a_plain_hf_model_that_decodes_like_the_adapter(run, tm
     for ids, new in zip(prompts, reference):
         seq = torch.cat([ids, torch.tensor([new])], dim=1)
         with torch.no_grad():
-            want = adapter.model(input_ids=seq).logits[0, ids.shape[1] - 1:-1].float()
-            got = merged(input_ids=seq).logits[0, ids.shape[1] - 1:-1].float()
+            want = adapter.model(input_ids=seq).logits[0, ids.shape[1] - 1 : -1].float()
+            got = merged(input_ids=seq).logits[0, ids.shape[1] - 1 : -1].float()
         worst = max(worst, float((got - want).abs().max() / want.abs().max()))
         top2 = want.topk(2).values
         clear = (top2[:, 0] - top2[:, 1]) > 0.05 * want.abs().max()
@@ -147,40 +178,71 @@ def test_export_again_replaces_the_merged_folder_and_refuses_a_foreign_one(run, 
 
 
 LADDER = {
-    "evaluated_on": "held-out cases", "n_folds": 5, "n_cases": 20, "key": "/data/dev/archehr-qa_key.json",
-    "subtask2": {"available": True, "rows": [
-        {"system": "question-retrieval", "scores": {"strict_micro_f1": 40.0}},
-        {"system": "head", "scores": {"strict_micro_f1": 55.5, "strict_micro_precision": 60.0,
-                                      "strict_micro_recall": 51.0, "lenient_micro_f1": 58.0}}]},
-    "subtask3": [{"system": "extractive", "scores": {"bleu": 9.0}},
-                 {"system": "model", "scores": {"bleu": 11.7, "rouge1": 36.0, "sari": 54.3, "bertscore": None}}],
-    "subtask4": [{"system": "bm25-top1", "scores": {"micro_f1": 50.0}},
-                 {"system": "head", "scores": {"micro_f1": 61.2, "micro_precision": 70.0, "micro_recall": 54.4,
-                                               "macro_f1": 60.1}}],
+    "evaluated_on": "held-out cases",
+    "n_folds": 5,
+    "n_cases": 20,
+    "key": "/data/dev/archehr-qa_key.json",
+    "subtask2": {
+        "available": True,
+        "rows": [
+            {"system": "question-retrieval", "scores": {"strict_micro_f1": 40.0}},
+            {
+                "system": "head",
+                "scores": {
+                    "strict_micro_f1": 55.5,
+                    "strict_micro_precision": 60.0,
+                    "strict_micro_recall": 51.0,
+                    "lenient_micro_f1": 58.0,
+                },
+            },
+        ],
+    },
+    "subtask3": [
+        {"system": "extractive", "scores": {"bleu": 9.0}},
+        {"system": "model", "scores": {"bleu": 11.7, "rouge1": 36.0, "sari": 54.3, "bertscore": None}},
+    ],
+    "subtask4": [
+        {"system": "bm25-top1", "scores": {"micro_f1": 50.0}},
+        {
+            "system": "head",
+            "scores": {"micro_f1": 61.2, "micro_precision": 70.0, "micro_recall": 54.4, "macro_f1": 60.1},
+        },
+    ],
 }
 
 
 def test_model_card_front_matter_holds_hub_metadata_and_cv_scores():
-    manifest = {"preset": "qwen3-4b", "base_model": {"id": "Qwen/Qwen3-4B", "preset": "qwen3-4b"},
-                "stages": [{"stage": "domain"}, {"stage": "task", "joint": True}]}
+    manifest = {
+        "preset": "qwen3-4b",
+        "base_model": {"id": "Qwen/Qwen3-4B", "preset": "qwen3-4b"},
+        "stages": [{"stage": "domain"}, {"stage": "task", "joint": True}],
+    }
     meta = _front_matter(model_card(ExportManifest.from_dict(manifest), dict(LADDER, source="runs/cv/ladder.json")))
     assert meta["base_model"] == "Qwen/Qwen3-4B" and meta["library_name"] == "peft"
     assert {"archehr", "clinical-nlp", "qlora"} <= set(meta["tags"])
     [entry] = meta["model-index"]
     got = {r["task"]["name"].split(":")[0]: {m["type"]: m["value"] for m in r["metrics"]} for r in entry["results"]}
     assert got == {  # the fine-tuned systems only (not the baselines); a score not computed is left out
-        "ArchEHR-QA Subtask 2": {"strict_micro_f1": 55.5, "strict_micro_precision": 60.0,
-                                 "strict_micro_recall": 51.0, "lenient_micro_f1": 58.0},
+        "ArchEHR-QA Subtask 2": {
+            "strict_micro_f1": 55.5,
+            "strict_micro_precision": 60.0,
+            "strict_micro_recall": 51.0,
+            "lenient_micro_f1": 58.0,
+        },
         "ArchEHR-QA Subtask 3": {"bleu": 11.7, "rouge1": 36.0, "sari": 54.3},
         "ArchEHR-QA Subtask 4": {"micro_f1": 61.2, "micro_precision": 70.0, "micro_recall": 54.4, "macro_f1": 60.1},
     }
     assert all(r["dataset"]["split"] == "held-out folds of archehr-qa_key.json" for r in entry["results"])
     # A local base folder is not a hub id: no base_model claim; no cv run: no model-index.
-    local = _front_matter(model_card(ExportManifest.from_dict({"preset": "qwen3-4b", "stages": [],
-                                                              "base_model": {"id": "/models/qwen3-4b"}})))
+    local = _front_matter(
+        model_card(
+            ExportManifest.from_dict({"preset": "qwen3-4b", "stages": [], "base_model": {"id": "/models/qwen3-4b"}})
+        )
+    )
     assert "base_model" not in local and "model-index" not in local and local["library_name"] == "peft"
-    training = _front_matter(model_card(ExportManifest.from_dict(manifest),
-                                        dict(LADDER, evaluated_on="TRAINING CASES", source="x")))
+    training = _front_matter(
+        model_card(ExportManifest.from_dict(manifest), dict(LADDER, evaluated_on="TRAINING CASES", source="x"))
+    )
     assert "TRAINING CASES" in training["model-index"][0]["results"][0]["dataset"]["split"]
 
 
@@ -192,7 +254,10 @@ def test_cv_scores_reach_both_cards(run, tmp_path, capsys):
     for card in (folder / "README.md", run / "export" / "README.md"):
         meta = _front_matter(card.read_text())
         assert meta["model-index"][0]["results"][2]["metrics"][0] == {
-            "type": "micro_f1", "value": 61.2, "name": "micro_f1 (5-fold case-grouped CV)"}
+            "type": "micro_f1",
+            "value": 61.2,
+            "name": "micro_f1 (5-fold case-grouped CV)",
+        }
         assert "base_model" not in meta and "random-init-test-model" in meta["tags"]  # tiny: random weights
         assert str(cv / "ladder.json") in card.read_text()  # where the scores come from
     with pytest.raises(SystemExit) as stop:
@@ -206,9 +271,23 @@ def test_an_nf4_trained_adapter_is_merged_into_the_dequantised_base(tmp_path, ca
     from transformers import AutoModelForCausalLM
 
     run = tmp_path / "run"
-    run_training(build_config(dict(stage="task", preset="tiny", xml=str(XML), key=str(KEY), out=str(run),
-                                   max_steps=1, batch_size=1, log_every=1, progress=False, plot=False,
-                                   load_in_4bit="true")))
+    run_training(
+        build_config(
+            dict(
+                stage="task",
+                preset="tiny",
+                xml=str(XML),
+                key=str(KEY),
+                out=str(run),
+                max_steps=1,
+                batch_size=1,
+                log_every=1,
+                progress=False,
+                plot=False,
+                load_in_4bit="true",
+            )
+        )
+    )
     folder = _export(capsys, str(run), "--merged", "--dtype", "float32")
     assert json.loads((folder / MERGED_RECORD).read_text())["merged_into"] == "the NF4 base dequantised as trained"
     assert "quantization_config" not in json.loads((folder / "config.json").read_text())

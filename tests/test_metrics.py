@@ -1,4 +1,5 @@
 """Subtask 4 scores on hand-computed cases; SARI reference vector; Subtask 3 metric report."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -23,16 +24,19 @@ def test_sari_reference_vector():
     assert sentence_sari(SARI_SOURCE, SARI_PREDICTION, SARI_REFERENCES) == pytest.approx(26.953601953601954, abs=1e-12)
 
 
-@pytest.mark.parametrize("source, prediction, references, expected", [
-    # n=1: keep F1(1, 1/2) = 2/3, delete 1/2 (b is in the reference, c is not), add 1 (d);
-    # n=2: keep F1(1, 0) = 0, delete 1/2, add 0; n=3: keep 1, delete 1, add F1(1, 0) = 0; n=4: all 1.
-    # keep 2/3, delete 3/4, add 1/2 -> 100 * (23/12) / 3.
-    ("a b c", "a d", ["a b d"], 100 * 23 / 36),
-    # Two references: source/candidate counts doubled. n=1: keep F1(1/2, 1) = 2/3, delete 1/2,
-    # add F1(1, 0) = 0 (b never added); n=2..4: 1 each -> keep 11/12, delete 7/8, add 3/4.
-    ("a a", "a", ["a", "b"], 100 * 61 / 72),
-    ("x y", "x y", ["x y"], 100.0),  # an exact copy of source and reference: nothing to punish
-])
+@pytest.mark.parametrize(
+    "source, prediction, references, expected",
+    [
+        # n=1: keep F1(1, 1/2) = 2/3, delete 1/2 (b is in the reference, c is not), add 1 (d);
+        # n=2: keep F1(1, 0) = 0, delete 1/2, add 0; n=3: keep 1, delete 1, add F1(1, 0) = 0; n=4: all 1.
+        # keep 2/3, delete 3/4, add 1/2 -> 100 * (23/12) / 3.
+        ("a b c", "a d", ["a b d"], 100 * 23 / 36),
+        # Two references: source/candidate counts doubled. n=1: keep F1(1/2, 1) = 2/3, delete 1/2,
+        # add F1(1, 0) = 0 (b never added); n=2..4: 1 each -> keep 11/12, delete 7/8, add 3/4.
+        ("a a", "a", ["a", "b"], 100 * 61 / 72),
+        ("x y", "x y", ["x y"], 100.0),  # an exact copy of source and reference: nothing to punish
+    ],
+)
 def test_sari_hand_computed(source, prediction, references, expected):
     assert sentence_sari(source, prediction, references) == pytest.approx(expected, abs=1e-9)
     assert corpus_sari([source], [prediction], [references]) == pytest.approx(expected, abs=1e-9)
@@ -41,7 +45,9 @@ def test_sari_hand_computed(source, prediction, references, expected):
 def test_sari_corpus_is_mean_and_copying_reference_scores_high():
     s2 = ("the cat sat on the mat .", "a cat sat on a mat .", ["a cat sat on a mat ."])
     total = corpus_sari([SARI_SOURCE, s2[0]], [SARI_PREDICTION, s2[1]], [SARI_REFERENCES, s2[2]])
-    assert total == pytest.approx((sentence_sari(SARI_SOURCE, SARI_PREDICTION, SARI_REFERENCES) + sentence_sari(*s2)) / 2)
+    assert total == pytest.approx(
+        (sentence_sari(SARI_SOURCE, SARI_PREDICTION, SARI_REFERENCES) + sentence_sari(*s2)) / 2
+    )
     # Copying the source when the reference simplifies it is worse than matching the reference.
     assert sentence_sari(s2[0], s2[0], s2[2]) < sentence_sari(*s2)
 
@@ -98,11 +104,14 @@ def test_alignment_perfect_and_case_set_mismatch():
 
 def test_pairs_from_submission_collapses_duplicates():
     entries = [
-        {"case_id": "1", "prediction": [
-            {"answer_id": "1", "evidence_id": ["3", "3"]},
-            {"answer_id": "1", "evidence_id": ["3", "4"]},
-            {"answer_id": "2", "evidence_id": []},
-        ]},
+        {
+            "case_id": "1",
+            "prediction": [
+                {"answer_id": "1", "evidence_id": ["3", "3"]},
+                {"answer_id": "1", "evidence_id": ["3", "4"]},
+                {"answer_id": "2", "evidence_id": []},
+            ],
+        },
         {"case_id": "2", "prediction": []},
     ]
     assert pairs_from_submission(entries) == {"1": {("1", "3"), ("1", "4")}, "2": set()}

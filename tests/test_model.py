@@ -1,4 +1,5 @@
 """Backbone loading: LoRA placement, seeded random base, NF4 on CPU, hidden-state tap."""
+
 from __future__ import annotations
 
 import random

@@ -1,4 +1,5 @@
 """The task stage on several annotated files: loading, collisions, manifest, per-case loss masks."""
+
 from __future__ import annotations
 
 import json
@@ -42,10 +43,34 @@ def files(tmp_path_factory) -> dict[str, Path]:
 
 
 def _cfg(files, out: Path, **extra):
-    overrides = parse_overrides(["--xml", str(files["dev_xml"]), "--key", str(files["dev_key"]),
-                                 "--xml", str(files["test_xml"]), "--key", str(files["test_key"])])
-    return build_config(dict(stage="task", joint=True, preset="tiny", out=str(out), max_steps=2, batch_size=1,
-                             grad_accum=1, lr=1e-3, progress=False, plot=False, **overrides, **extra))
+    overrides = parse_overrides(
+        [
+            "--xml",
+            str(files["dev_xml"]),
+            "--key",
+            str(files["dev_key"]),
+            "--xml",
+            str(files["test_xml"]),
+            "--key",
+            str(files["test_key"]),
+        ]
+    )
+    return build_config(
+        dict(
+            stage="task",
+            joint=True,
+            preset="tiny",
+            out=str(out),
+            max_steps=2,
+            batch_size=1,
+            grad_accum=1,
+            lr=1e-3,
+            progress=False,
+            plot=False,
+            **overrides,
+            **extra,
+        )
+    )
 
 
 def test_loader_accepts_keys_without_citations_or_relevance(files, tmp_path):
@@ -73,8 +98,9 @@ def test_each_file_contributes_and_is_announced(files, tmp_path):
 
 
 def test_colliding_case_ids_name_both_files(files, tmp_path):
-    overrides = parse_overrides(["--xml", str(files["dev_xml"]), "--key", str(files["dev_key"]),
-                                 "--xml", str(XML), "--key", str(KEY)])
+    overrides = parse_overrides(
+        ["--xml", str(files["dev_xml"]), "--key", str(files["dev_key"]), "--xml", str(XML), "--key", str(KEY)]
+    )
     cfg = build_config(dict(stage="task", preset="tiny", out=str(tmp_path), **overrides))
     with pytest.raises(InputError) as err:
         load_task_files(cfg)
@@ -83,16 +109,19 @@ def test_colliding_case_ids_name_both_files(files, tmp_path):
 
 
 def test_unpaired_files_are_an_error(files, tmp_path):
-    overrides = parse_overrides(["--xml", str(files["dev_xml"]), "--xml", str(files["test_xml"]),
-                                 "--key", str(files["dev_key"])])
+    overrides = parse_overrides(
+        ["--xml", str(files["dev_xml"]), "--xml", str(files["test_xml"]), "--key", str(files["dev_key"])]
+    )
     with pytest.raises(InputError, match="in pairs"):
         load_task_files(build_config(dict(stage="task", preset="tiny", out=str(tmp_path), **overrides)))
 
 
 def test_toml_task_data_list(files, tmp_path):
     toml = tmp_path / "task.toml"
-    toml.write_text('stage = "task"\n\n[[task.data]]\nxml = "%s"\nkey = "%s"\n\n[[task.data]]\nxml = "%s"\nkey = "%s"\n'
-                    % (files["dev_xml"], files["dev_key"], files["test_xml"], files["test_key"]))
+    toml.write_text(
+        'stage = "task"\n\n[[task.data]]\nxml = "%s"\nkey = "%s"\n\n[[task.data]]\nxml = "%s"\nkey = "%s"\n'
+        % (files["dev_xml"], files["dev_key"], files["test_xml"], files["test_key"])
+    )
     values = read_toml(toml)
     cfg = build_config(dict(out=str(tmp_path / "run"), preset="tiny"), config_file=toml)
     assert [f.name for f in load_task_files(cfg)] == ["dev", "test"]
@@ -125,8 +154,13 @@ def test_each_loss_is_active_only_where_its_labels_exist(files, trained, qwen_to
     cfg = _cfg(files, files["root"] / "unused")
     cases = task_cases(cfg, log=lambda _: None)
     examples, relevance = task_examples(cases, joint=True)
-    items, _ = encode_items(qwen_tokenizer, examples, cfg.max_length, relevance,
-                            essential=[relevance_targets(c, ESSENTIAL_LABELS) for c in cases])
+    items, _ = encode_items(
+        qwen_tokenizer,
+        examples,
+        cfg.max_length,
+        relevance,
+        essential=[relevance_targets(c, ESSENTIAL_LABELS) for c in cases],
+    )
     backbone, head = trained.backbone, trained.head
     backbone.train()
     head.train()
@@ -152,9 +186,26 @@ def test_infer_writes_subtask2_from_the_trained_head(files, trained, tmp_path):
     from metrics.subtask2 import score_subtask2
 
     out = tmp_path / "infer"
-    assert infer.main([str(files["dev_xml"]), "--out", str(out), "--export", str(trained.export_dir),
-                       "--key", str(files["dev_key"]), "--subtasks", "2", "--device", "cpu", "--no-progress",
-                       "--allow-train-cases"]) == 0  # the export's own training cases: labelled, not refused
+    assert (
+        infer.main(
+            [
+                str(files["dev_xml"]),
+                "--out",
+                str(out),
+                "--export",
+                str(trained.export_dir),
+                "--key",
+                str(files["dev_key"]),
+                "--subtasks",
+                "2",
+                "--device",
+                "cpu",
+                "--no-progress",
+                "--allow-train-cases",
+            ]
+        )
+        == 0
+    )  # the export's own training cases: labelled, not refused
     cases = load_cases(files["dev_xml"], files["dev_key"])
     entries = read_submission(out / "subtask2.zip", 2)
     validate_subtask2(entries, cases)

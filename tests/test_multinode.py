@@ -3,6 +3,7 @@
 127.0.0.1 only, stopped after a checkpoint and resumed on one process: the weights equal an
 uninterrupted single-process run on the same global batches, and only the global main
 process wrote (each node's local rank 0 is not a writer)."""
+
 from __future__ import annotations
 
 import json
@@ -25,10 +26,28 @@ EXAMPLES = ROOT / "examples"
 # 3 annotated cases, one per global batch: 2 processes x grad_accum 1 = 2 global batches per
 # optimizer step, so 2 steps an epoch (the second one short), 2 epochs. No dropout: the layouts
 # must compute the same thing.
-TASK = dict(stage="task", joint=True, preset="tiny", xml=str(EXAMPLES / "archehr-qa.xml"),
-            key=str(EXAMPLES / "archehr-qa_key.json"), batch_size=1, grad_accum=1, epochs=2, max_length=2048,
-            lr=1e-3, head_lr=3e-3, warmup_ratio=0.0, schedule="constant", lora_dropout=0.0, head_dropout=0.0,
-            gradient_checkpointing=False, progress=False, plot=False, log_every=1, seed=5)
+TASK = dict(
+    stage="task",
+    joint=True,
+    preset="tiny",
+    xml=str(EXAMPLES / "archehr-qa.xml"),
+    key=str(EXAMPLES / "archehr-qa_key.json"),
+    batch_size=1,
+    grad_accum=1,
+    epochs=2,
+    max_length=2048,
+    lr=1e-3,
+    head_lr=3e-3,
+    warmup_ratio=0.0,
+    schedule="constant",
+    lora_dropout=0.0,
+    head_dropout=0.0,
+    gradient_checkpointing=False,
+    progress=False,
+    plot=False,
+    log_every=1,
+    seed=5,
+)
 TOTAL_STEPS, STOP_AT = 4, 2
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
@@ -44,15 +63,37 @@ def launch_two_nodes(work: Path, args: list[str], timeout: int = 600) -> None:
     for node in (0, 1):
         out = work / f"node{node}"
         out.mkdir()
-        env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", HF_HUB_OFFLINE="1",
-                   TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false", ARCHEHR_TEST_OUT=str(out),
-                   GLOO_SOCKET_IFNAME="lo",  # gloo's traffic on the loopback interface only
-                   PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
-               "--node_rank", str(node), "--master_addr", "127.0.0.1", "--master_port", str(port),
-               str(wrapper), *args]
-        procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                      text=True))
+        env = dict(
+            os.environ,
+            OMP_NUM_THREADS="1",
+            MKL_NUM_THREADS="1",
+            HF_HUB_OFFLINE="1",
+            TRANSFORMERS_OFFLINE="1",
+            TOKENIZERS_PARALLELISM="false",
+            ARCHEHR_TEST_OUT=str(out),
+            GLOO_SOCKET_IFNAME="lo",  # gloo's traffic on the loopback interface only
+            PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+        )
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nnodes",
+            "2",
+            "--nproc_per_node",
+            "1",
+            "--node_rank",
+            str(node),
+            "--master_addr",
+            "127.0.0.1",
+            "--master_port",
+            str(port),
+            str(wrapper),
+            *args,
+        ]
+        procs.append(
+            subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        )
     outputs = []
     try:
         for proc in procs:
@@ -73,8 +114,11 @@ def test_two_localhost_machines_then_one_process_reach_the_uninterrupted_weights
     assert (state["step"], state["processes"], state["batches_per_step"]) == (STOP_AT, 2, 2)
     assert not (run / "export").exists()
     # Node 1's process (global rank 1, local rank 0 on its "machine") wrote its RNG state only.
-    writes = [p for p in json.loads((tmp_path / "launch" / "node1" / "writes-rank1.json").read_text())
-              if os.path.abspath(p).startswith(str(run))]
+    writes = [
+        p
+        for p in json.loads((tmp_path / "launch" / "node1" / "writes-rank1.json").read_text())
+        if os.path.abspath(p).startswith(str(run))
+    ]
     assert writes, "the audit hook saw nothing on rank 1"
     stray = [p for p in writes if not re.fullmatch(r"rng-1\.(json|pt)", Path(p).name)]
     assert not stray, stray[:5]
@@ -90,5 +134,4 @@ def test_two_localhost_machines_then_one_process_reach_the_uninterrupted_weights
     for a, b in zip(got, want):  # the two machines' steps and the resumed ones: the same losses
         assert abs(a["loss"] - b["loss"]) < 1e-4, (a, b)
     start = {k: torch.zeros_like(v) for k, v in export_weights(tmp_path / "one" / "export").items() if "lora_B" in k}
-    assert_close_weights(export_weights(run / "export"), export_weights(tmp_path / "one" / "export"),
-                         moved_from=start)
+    assert_close_weights(export_weights(run / "export"), export_weights(tmp_path / "one" / "export"), moved_from=start)

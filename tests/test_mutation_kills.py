@@ -3,6 +3,7 @@
 Each test names the rule it pins with hand-computed expectations, never by calling the code
 under test a second time.
 """
+
 from __future__ import annotations
 
 import json
@@ -84,7 +85,8 @@ def _bce(logit: float, target: float, pos_weight: float = 1.0) -> float:
 
 def _batch(targets, rel_labels=(), rel_index=()):
     return {
-        "note_spans": torch.zeros((2, 3), dtype=torch.long), "answer_spans": torch.zeros((1, 3), dtype=torch.long),
+        "note_spans": torch.zeros((2, 3), dtype=torch.long),
+        "answer_spans": torch.zeros((1, 3), dtype=torch.long),
         "pair_index": torch.zeros((len(targets), 2), dtype=torch.long),
         "pair_targets": torch.tensor(list(targets), dtype=torch.float32),
         "relevance_index": torch.tensor(list(rel_index), dtype=torch.long),
@@ -97,8 +99,9 @@ def test_alignment_loss_weighs_positive_pairs(pos_weight):
     from training.joint import LossSettings, alignment_losses
 
     logits = [0.5, -1.0, 2.0]
-    out = alignment_losses(_FixedHead(torch.tensor(logits)), torch.zeros(1), _batch([1.0, 0.0, 0.0]),
-                           LossSettings(pos_weight=pos_weight))
+    out = alignment_losses(
+        _FixedHead(torch.tensor(logits)), torch.zeros(1), _batch([1.0, 0.0, 0.0]), LossSettings(pos_weight=pos_weight)
+    )
     expected = sum(_bce(x, t, pos_weight) for x, t in zip(logits, [1.0, 0.0, 0.0])) / 3
     assert float(out["align"]) == pytest.approx(expected, rel=1e-5)
     assert float(out["relevance"]) == 0.0
@@ -108,8 +111,9 @@ def test_alignment_loss_scores_relevance_of_labelled_notes_only():
     from training.joint import LossSettings, alignment_losses
 
     head = _FixedHead(torch.tensor([0.5, -1.0]), rel_logits=torch.tensor([1.0, -2.0, 0.5]))
-    out = alignment_losses(head, torch.zeros(1), _batch([1.0, 0.0], rel_labels=[1.0, 0.0], rel_index=[0, 1]),
-                           LossSettings(pos_weight=2.0))
+    out = alignment_losses(
+        head, torch.zeros(1), _batch([1.0, 0.0], rel_labels=[1.0, 0.0], rel_index=[0, 1]), LossSettings(pos_weight=2.0)
+    )
     assert float(out["align"]) == pytest.approx((_bce(0.5, 1, 2.0) + _bce(-1.0, 0, 2.0)) / 2, rel=1e-5)
     # Relevance averages the two labelled notes, unweighted by pos_weight; note 3 is unlabelled.
     assert float(out["relevance"]) == pytest.approx((_bce(1.0, 1) + _bce(-2.0, 0)) / 2, rel=1e-5)
@@ -149,8 +153,11 @@ def test_training_items_carry_essential_targets_not_relevant_ones(tmp_path, qwen
     from training.run import stage_data
 
     key = _key_with_supplementary(tmp_path)
-    cfg = build_config(dict(stage="task", joint=True, preset="tiny", xml=str(EXAMPLES / "archehr-qa.xml"),
-                            key=str(key), max_length=8192))
+    cfg = build_config(
+        dict(
+            stage="task", joint=True, preset="tiny", xml=str(EXAMPLES / "archehr-qa.xml"), key=str(key), max_length=8192
+        )
+    )
     items, _ = stage_data(cfg, qwen_tokenizer)
     labels = {c["case_id"]: [a["relevance"] for a in c["answers"]] for c in json.loads(key.read_text())}
     by_case = list(labels.values())
@@ -170,8 +177,13 @@ def test_baseline_threshold_is_fit_on_essential_only():
     # Essential s1 scores 0.9, supplementary s2 0.6, not-relevant s3 0.1. On the essential
     # set the best threshold keeps s1 only (0.65 .. 0.9 -> F1 1; nearest 0.5: 0.65); on the
     # relevant set (s1 + s2) it would be 0.15 .. 0.6 (nearest 0.5: 0.5).
-    case = Case(case_id="1", patient_narrative="", clinician_question="", note_sentences=[
-        NoteSentence("1", "a"), NoteSentence("2", "b"), NoteSentence("3", "c")], relevance={"1": "essential", "2": "supplementary", "3": "not-relevant"})
+    case = Case(
+        case_id="1",
+        patient_narrative="",
+        clinician_question="",
+        note_sentences=[NoteSentence("1", "a"), NoteSentence("2", "b"), NoteSentence("3", "c")],
+        relevance={"1": "essential", "2": "supplementary", "3": "not-relevant"},
+    )
     assert fit_threshold([case], [np.array([0.9, 0.6, 0.1])]) == (0.65, 1.0)
 
 
@@ -184,8 +196,9 @@ def test_per_case_alignment_by_hand():
     out = per_case_alignment(predicted, gold)
     assert list(out) == ["A", "B", "C"]
     # A: tp 1 of 2 predicted, 3 gold -> P 50, R 33.3, F1 2*.5*(1/3)/(5/6) = 40.
-    assert out["A"] == pytest.approx({"precision": 50.0, "recall": 100 / 3, "f1": 40.0, "tp": 1,
-                                      "n_predicted": 2, "n_gold": 3})
+    assert out["A"] == pytest.approx(
+        {"precision": 50.0, "recall": 100 / 3, "f1": 40.0, "tp": 1, "n_predicted": 2, "n_gold": 3}
+    )
     assert out["B"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "tp": 0, "n_predicted": 0, "n_gold": 1}
     assert out["C"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "tp": 0, "n_predicted": 0, "n_gold": 0}
 
@@ -215,14 +228,17 @@ def test_validate_subtask2_rules():
 
 
 # --- metrics/training_cases.py: what run.json says the export trained on -----------------------
-@pytest.mark.parametrize("record, expected", [
-    ({"training_case_ids": ["101", "7"]}, ["101", "7"]),
-    ({"training_case_ids": None}, None),
-    ({"training_case_ids": []}, []),
-    ({"engine": "baseline"}, None),
-    ({"export_manifest": None}, None),
-    ([1, 2], None),
-])
+@pytest.mark.parametrize(
+    "record, expected",
+    [
+        ({"training_case_ids": ["101", "7"]}, ["101", "7"]),
+        ({"training_case_ids": None}, None),
+        ({"training_case_ids": []}, []),
+        ({"engine": "baseline"}, None),
+        ({"export_manifest": None}, None),
+        ([1, 2], None),
+    ],
+)
 def test_run_record_training_case_ids(tmp_path, record, expected):
     from metrics.training_cases import run_record_training_case_ids
 
@@ -231,11 +247,14 @@ def test_run_record_training_case_ids(tmp_path, record, expected):
     assert run_record_training_case_ids(path) == expected
 
 
-@pytest.mark.parametrize("text, problem", [
-    ("{not json", "run.json beside the submission is not valid JSON"),
-    ('{"training_case_ids": [1, 2]}', "field 'training_case_ids' must be a list of strings"),
-    ('{"training_case_ids": "101"}', "field 'training_case_ids' must be a list of strings"),
-])
+@pytest.mark.parametrize(
+    "text, problem",
+    [
+        ("{not json", "run.json beside the submission is not valid JSON"),
+        ('{"training_case_ids": [1, 2]}', "field 'training_case_ids' must be a list of strings"),
+        ('{"training_case_ids": "101"}', "field 'training_case_ids' must be a list of strings"),
+    ],
+)
 def test_run_record_training_case_ids_refuses(tmp_path, text, problem):
     from metrics.training_cases import run_record_training_case_ids
 
@@ -346,20 +365,29 @@ def test_spans_tensor_shapes():
 
 
 # --- metrics/bertscore.py: which folder holds the official model -------------------------------
-@pytest.mark.parametrize("change, official", [
-    ({}, True),
-    ({"model_type": "bert"}, False),
-    ({"vocab_size": 30523}, False),
-    ({"n_layers": 12}, False),
-    ({"dim": 512}, False),
-    ({"architectures": ["DistilBertModel"]}, False),
-    ({"architectures": None}, True),
-])
+@pytest.mark.parametrize(
+    "change, official",
+    [
+        ({}, True),
+        ({"model_type": "bert"}, False),
+        ({"vocab_size": 30523}, False),
+        ({"n_layers": 12}, False),
+        ({"dim": 512}, False),
+        ({"architectures": ["DistilBertModel"]}, False),
+        ({"architectures": None}, True),
+    ],
+)
 def test_is_official_model(tmp_path, change, official):
     from metrics.bertscore import is_official_model
 
-    cfg = {"model_type": "distilbert", "vocab_size": 30522, "n_layers": 6, "dim": 768,
-           "architectures": ["DistilBertForMaskedLM"], **change}
+    cfg = {
+        "model_type": "distilbert",
+        "vocab_size": 30522,
+        "n_layers": 6,
+        "dim": 768,
+        "architectures": ["DistilBertForMaskedLM"],
+        **change,
+    }
     (tmp_path / "config.json").write_text(json.dumps(cfg), encoding="utf-8")
     assert is_official_model(tmp_path) is official
 
@@ -400,8 +428,10 @@ def test_zip_member_rules(tmp_path, monkeypatch):
         assert str(err.value).startswith(f"{path}: ")  # the file is named
         return str(err.value).removeprefix(f"{path}: ")
 
-    assert problem(_zip(tmp_path / "none.zip", {"dir/submission.json": payload})) == \
-        "zip has no submission.json at its root"
+    assert (
+        problem(_zip(tmp_path / "none.zip", {"dir/submission.json": payload}))
+        == "zip has no submission.json at its root"
+    )
     two = tmp_path / "two.zip"
     with zipfile.ZipFile(two, "w") as zf:
         zf.writestr("submission.json", payload)
@@ -412,8 +442,10 @@ def test_zip_member_rules(tmp_path, monkeypatch):
     monkeypatch.setattr(submission, "MAX_SUBMISSION_BYTES", len(payload))  # exactly the cap: read
     assert read_submission(_zip(tmp_path / "cap.zip", {"submission.json": payload}), 3) == entries
     monkeypatch.setattr(submission, "MAX_SUBMISSION_BYTES", len(payload) - 1)
-    assert problem(_zip(tmp_path / "big.zip", {"submission.json": payload})) == \
-        f"submission.json in the zip is {len(payload)} bytes, more than {len(payload) - 1}"
+    assert (
+        problem(_zip(tmp_path / "big.zip", {"submission.json": payload}))
+        == f"submission.json in the zip is {len(payload)} bytes, more than {len(payload) - 1}"
+    )
 
 
 def test_zip_bomb_ratio(tmp_path, monkeypatch):
@@ -476,8 +508,10 @@ def test_check_training_cases_message():
     assert check_training_cases(["3", "1", "2"], ["2", "1", "9"], True, "sub.json") == ["1", "2"]
     with pytest.raises(TrainingCaseLeak) as err:
         check_training_cases(["3", "2", "1"], ["2", "1"], False, "sub.json")
-    assert str(err.value) == ("sub.json: case 1: 2 of the scored cases are training cases of this export (this one "
-                              "among them); refused (pass --allow-train-cases to get optimistic, labelled numbers)")
+    assert str(err.value) == (
+        "sub.json: case 1: 2 of the scored cases are training cases of this export (this one "
+        "among them); refused (pass --allow-train-cases to get optimistic, labelled numbers)"
+    )
 
 
 def test_score_subtask2_input_errors(tmp_path):
@@ -496,7 +530,9 @@ def test_score_subtask2_input_errors(tmp_path):
     sub.write_text(json.dumps(entries))
     with pytest.raises(InputError) as err:
         score_subtask2(sub, unlabelled)
-    assert str(err.value) == f"{unlabelled}: case {first}: key case has no relevance labels ('answers') to score against"
+    assert (
+        str(err.value) == f"{unlabelled}: case {first}: key case has no relevance labels ('answers') to score against"
+    )
 
 
 @pytest.mark.parametrize("pooling", ["mean", "attention"])
@@ -521,8 +557,9 @@ def test_head_constructor_arguments_reach_the_config():
     from heads.config import HeadConfig
 
     head = NotePairHead(8, proj_dim=4, pooling="attention", relevance=False, mlp_dim=6, dropout=0.25, layer=3)
-    assert head.config == HeadConfig(hidden_size=8, proj_dim=4, mlp_dim=6, pooling="attention", relevance=False,
-                                     dropout=0.25, layer=3)
+    assert head.config == HeadConfig(
+        hidden_size=8, proj_dim=4, mlp_dim=6, pooling="attention", relevance=False, dropout=0.25, layer=3
+    )
     assert NotePairHead(8, proj_dim=4).config.mlp_dim == 4  # mlp_dim defaults to proj_dim here
     assert isinstance(head.token_scorer, torch.nn.Linear) and head.relevance_mlp is None
     assert NotePairHead(8, proj_dim=4).token_scorer is None
@@ -614,9 +651,14 @@ def test_alignment_losses_with_a_real_head():
     torch.manual_seed(2)
     head = NotePairHead(HeadConfig(hidden_size=8, proj_dim=4, mlp_dim=6)).eval()
     hidden = torch.randn(1, 6, 8)
-    batch = {"note_spans": torch.tensor([[0, 0, 2], [0, 2, 4]]), "answer_spans": torch.tensor([[0, 4, 6]]),
-             "pair_index": torch.tensor([[0, 0], [0, 1]]), "pair_targets": torch.tensor([1.0, 0.0]),
-             "relevance_index": torch.tensor([0, 1]), "relevance_labels": torch.tensor([0.0, 1.0])}
+    batch = {
+        "note_spans": torch.tensor([[0, 0, 2], [0, 2, 4]]),
+        "answer_spans": torch.tensor([[0, 4, 6]]),
+        "pair_index": torch.tensor([[0, 0], [0, 1]]),
+        "pair_targets": torch.tensor([1.0, 0.0]),
+        "relevance_index": torch.tensor([0, 1]),
+        "relevance_labels": torch.tensor([0.0, 1.0]),
+    }
     out = alignment_losses(head, hidden, batch, LossSettings(pos_weight=3.0))
     single = head(hidden[0], [(0, 2), (2, 4)], [(4, 6)])
     logits = single.pair_logits.reshape(-1).tolist()
@@ -631,20 +673,35 @@ def test_generation_scores_json_partial_and_official():
 
     partial = GenerationScores(
         scores={"bleu": 10.0, "rougeLsum": 20.0, "sari": 30.0, "bertscore_unofficial": 55.0},
-        per_case={"1": {"bleu": 10.0}}, computed=["bleu", "rougeLsum", "sari"],
-        not_computed=["bertscore", "alignscore", "medcon"], reasons={"bertscore": "no model", "medcon": "no UMLS"},
-        overall_mean=20.0, notes={"bertscore_unofficial": "another model"})
+        per_case={"1": {"bleu": 10.0}},
+        computed=["bleu", "rougeLsum", "sari"],
+        not_computed=["bertscore", "alignscore", "medcon"],
+        reasons={"bertscore": "no model", "medcon": "no UMLS"},
+        overall_mean=20.0,
+        notes={"bertscore_unofficial": "another model"},
+    )
     assert partial.to_json() == {
-        "bleu": 10.0, "rouge1": None, "rouge2": None, "rougeL": None, "rougeLsum": 20.0, "sari": 30.0,
-        "bertscore": None, "alignscore": None, "medcon": None, "bertscore_unofficial": 55.0,
+        "bleu": 10.0,
+        "rouge1": None,
+        "rouge2": None,
+        "rougeL": None,
+        "rougeLsum": 20.0,
+        "sari": 30.0,
+        "bertscore": None,
+        "alignscore": None,
+        "medcon": None,
+        "bertscore_unofficial": 55.0,
         "overall_mean_of_computed": 20.0,
         "overall_name": "mean of 3 of 6 metrics (bleu, rougeLsum, sari); not the official overall score",
         "computed": ["bleu", "rougeLsum", "sari"],
         "not_computed": {"bertscore": "no model", "alignscore": "", "medcon": "no UMLS"},
-        "notes": {"bertscore_unofficial": "another model"}, "per_case": {"1": {"bleu": 10.0}}}
+        "notes": {"bertscore_unofficial": "another model"},
+        "per_case": {"1": {"bleu": 10.0}},
+    }
     names = ("bleu", "rougeLsum", "sari", "bertscore", "alignscore", "medcon")
-    full = GenerationScores(scores={n: 1.0 for n in names}, per_case={}, computed=list(names), not_computed=[],
-                            overall_mean=1.0)
+    full = GenerationScores(
+        scores={n: 1.0 for n in names}, per_case={}, computed=list(names), not_computed=[], overall_mean=1.0
+    )
     out = full.to_json()
     assert out["overall_score"] == 1.0 and "overall_name" not in out and "overall_mean_of_computed" not in out
     assert "notes" not in out and out["not_computed"] == {} and full.overall_name.startswith("overall_score (official")
@@ -659,8 +716,13 @@ def test_official_truncation_and_reference_answer():
     assert official_truncation("  a\\n b  ") == "  a\\n b  "  # 75 words or fewer: unchanged, spacing kept
     exactly = "  ".join(words[:75])
     assert official_truncation(exactly) == exactly
-    case = Case("1", "", "", [NoteSentence("1", "n")], answer_sentences=[AnswerSentence("1", "One."),
-                                                                          AnswerSentence("2", "Two.")])
+    case = Case(
+        "1",
+        "",
+        "",
+        [NoteSentence("1", "n")],
+        answer_sentences=[AnswerSentence("1", "One."), AnswerSentence("2", "Two.")],
+    )
     assert reference_answer(case) == "One. Two."
     case.clinician_answer_without_citations = "The answer."
     assert reference_answer(case) == "The answer."
@@ -673,12 +735,14 @@ def test_score_subtask3_input_errors(tmp_path):
     key = json.loads(key_path.read_text(encoding="utf-8"))
     ids = [c["case_id"] for c in key]
     sub = tmp_path / "sub.json"
-    sub.write_text(json.dumps([{"case_id": cid, "prediction": "An answer." if i else "  "}
-                               for i, cid in enumerate(ids)]))
+    sub.write_text(
+        json.dumps([{"case_id": cid, "prediction": "An answer." if i else "  "} for i, cid in enumerate(ids)])
+    )
     with pytest.raises(InputError) as err:
         score_subtask3(sub, key_path, xml)
-    assert str(err.value) == (f"{sub}: case {ids[0]}: prediction has no tokens after 13a tokenization "
-                              "(the official BLEU cannot score it)")
+    assert str(err.value) == (
+        f"{sub}: case {ids[0]}: prediction has no tokens after 13a tokenization (the official BLEU cannot score it)"
+    )
 
 
 def test_score_relevance_needs_cases():
@@ -686,4 +750,3 @@ def test_score_relevance_needs_cases():
 
     with pytest.raises(ValueError, match="^no cases to score$"):
         score_relevance({}, {})
-

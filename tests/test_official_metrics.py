@@ -6,6 +6,7 @@ definitions (sacrebleu's corpus BLEU with smoothing and effective order off; ROU
 re-implemented from rouge_score's documented rules; SARI from the EASSE/evaluate
 SARIngram definition), agreeing to 1e-6.
 """
+
 from __future__ import annotations
 
 import json
@@ -32,6 +33,7 @@ KEY = ROOT / "examples" / "archehr-qa_key.json"
 
 # --- the issue's test vectors (each differed from our old values)
 
+
 def test_vector_bleu_yes():
     assert case_bleu("Yes.", "Yes.") == 0.0  # 2 tokens: no 3-grams, unsmoothed BLEU is 0
 
@@ -51,6 +53,7 @@ def test_vector_rougelsum_no_added_sentence_split():
 
 # --- hand-checkable cases
 
+
 def test_bleu_brevity_penalty():
     # All n-gram precisions are 1; 4 predicted tokens against 8: BP = exp(1 - 8/4).
     assert case_bleu("a b c d", "a b c d e f g h") == pytest.approx(100 * math.exp(-1), abs=1e-12)
@@ -58,7 +61,7 @@ def test_bleu_brevity_penalty():
 
 def test_bleu_longer_prediction_has_no_penalty():
     # Precisions 4/5, 3/4, 2/3, 1/2: geometric mean (1/5) ** (1/4); ratio > 1 so BP = 1.
-    assert case_bleu("a b c d e", "a b c d") == pytest.approx(100 * 0.2 ** 0.25, abs=1e-12)
+    assert case_bleu("a b c d e", "a b c d") == pytest.approx(100 * 0.2**0.25, abs=1e-12)
 
 
 def test_bleu_zero_ngram_precision_is_zero():
@@ -96,8 +99,9 @@ def test_truncation_at_75_words(tmp_path):
     cases = [c for c in load_cases(XML, KEY) if c.has_key]
     words = [f"w{i}" for i in range(80)]
     long_text = " ".join(words)
-    entries = [{"case_id": c.case_id, "prediction": long_text if i == 0 else reference_answer(c)}
-               for i, c in enumerate(cases)]
+    entries = [
+        {"case_id": c.case_id, "prediction": long_text if i == 0 else reference_answer(c)} for i, c in enumerate(cases)
+    ]
     path = tmp_path / "sub.json"
     path.write_text(json.dumps(entries), encoding="utf-8")
     result, truncated = score_subtask3(path, KEY, XML)
@@ -115,14 +119,32 @@ def test_truncation_at_75_words(tmp_path):
 
 def test_empty_13a_prediction_is_refused_with_one_line(tmp_path):
     cases = [c for c in load_cases(XML, KEY) if c.has_key]
-    entries = [{"case_id": c.case_id, "prediction": "<skipped>" if i == 1 else "An answer."}
-               for i, c in enumerate(cases)]
+    entries = [
+        {"case_id": c.case_id, "prediction": "<skipped>" if i == 1 else "An answer."} for i, c in enumerate(cases)
+    ]
     path = tmp_path / "sub.json"
     path.write_text(json.dumps(entries), encoding="utf-8")
     out = tmp_path / "scores.json"
-    proc = subprocess.run([sys.executable, "score.py", "--subtask", "3", "--submission", str(path), "--key", str(KEY),
-                           "--xml", str(XML), "--json", str(out)], cwd=ROOT, capture_output=True, text=True,
-                          timeout=120)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "score.py",
+            "--subtask",
+            "3",
+            "--submission",
+            str(path),
+            "--key",
+            str(KEY),
+            "--xml",
+            str(XML),
+            "--json",
+            str(out),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and f"case {cases[1].case_id}" in lines[0] and "13a" in lines[0]
@@ -130,6 +152,7 @@ def test_empty_13a_prediction_is_refused_with_one_line(tmp_path):
 
 
 # --- independent implementations of the official definitions
+
 
 def _sacrebleu_bleu(prediction: str, reference: str) -> float:
     from sacrebleu.metrics import BLEU
@@ -147,7 +170,7 @@ def _f(p: float, r: float) -> float:
 
 
 def _rouge_n(pred: list[str], ref: list[str], n: int) -> float:
-    grams = lambda t: Counter(tuple(t[i:i + n]) for i in range(len(t) - n + 1))  # noqa: E731
+    grams = lambda t: Counter(tuple(t[i : i + n]) for i in range(len(t) - n + 1))  # noqa: E731
     gp, gr = grams(pred), grams(ref)
     overlap = sum((gp & gr).values())
     return _f(overlap / max(sum(gp.values()), 1), overlap / max(sum(gr.values()), 1))
@@ -230,15 +253,45 @@ def _sari(source: str, prediction: str, reference: str) -> float:
 
     tok = Tokenizer13a()
     s, c, r = (tok(x.lower()).split(" ") for x in (source, prediction, reference))
-    grams = lambda t, n: [" ".join(t[i:i + n]) for i in range(len(t) - n + 1)]  # noqa: E731
+    grams = lambda t, n: [" ".join(t[i : i + n]) for i in range(len(t) - n + 1)]  # noqa: E731
     parts = [_sari_ngram(grams(s, n), grams(c, n), [grams(r, n)]) for n in range(1, 5)]
     keep, dele, add = (sum(p[k] for p in parts) / 4 for k in range(3))
     return 100 * (keep + dele + add) / 3
 
 
-VOCAB = ["the", "The", "stone", "stones", "kidney", "pain", "improved", "fever", "resolved", "was", "is", "a",
-         "tube", "stent", "blood", "thinners", "2.5", "mg", "10", "twice-daily", "café", "naïve", "Übung",
-         "(CT)", "scan", "she's", "&amp;", "don't", "x-ray", "left", "flank"]
+VOCAB = [
+    "the",
+    "The",
+    "stone",
+    "stones",
+    "kidney",
+    "pain",
+    "improved",
+    "fever",
+    "resolved",
+    "was",
+    "is",
+    "a",
+    "tube",
+    "stent",
+    "blood",
+    "thinners",
+    "2.5",
+    "mg",
+    "10",
+    "twice-daily",
+    "café",
+    "naïve",
+    "Übung",
+    "(CT)",
+    "scan",
+    "she's",
+    "&amp;",
+    "don't",
+    "x-ray",
+    "left",
+    "flank",
+]
 PUNCT = [".", ",", "?", "!", ";", ":", ""]
 
 
@@ -269,9 +322,14 @@ def test_random_submissions_match_independent_implementations(seed):
     for cid in preds:
         p, r = preds[cid], refs[cid]
         pt, rt = _rouge_tokens(p), _rouge_tokens(r)
-        case = {"bleu": _sacrebleu_bleu(p, r), "rouge1": 100 * _rouge_n(pt, rt, 1),
-                "rouge2": 100 * _rouge_n(pt, rt, 2), "rougeL": 100 * _rouge_l(pt, rt),
-                "rougeLsum": 100 * _rouge_lsum(p, r), "sari": _sari(srcs[cid], p, r)}
+        case = {
+            "bleu": _sacrebleu_bleu(p, r),
+            "rouge1": 100 * _rouge_n(pt, rt, 1),
+            "rouge2": 100 * _rouge_n(pt, rt, 2),
+            "rougeL": 100 * _rouge_l(pt, rt),
+            "rougeLsum": 100 * _rouge_lsum(p, r),
+            "sari": _sari(srcs[cid], p, r),
+        }
         for name, value in case.items():
             assert result.per_case[cid][name] == pytest.approx(value, abs=1e-6), (name, p, r)
             expected[name] += value / n

@@ -3,6 +3,7 @@
 Parsed with ``ast`` (nothing is imported or run): the line span of each function,
 docstring and decorators included, in the module that defines it.
 """
+
 from __future__ import annotations
 
 import ast

@@ -1,4 +1,5 @@
 """The checkout is the program: installing it ships no module, and configs resolve the same from anywhere."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -13,13 +14,38 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-GENERIC = ("plumbing", "data", "model", "heads", "metrics", "reports", "training", "evaluation", "inference",
-           "baselines", "bench", "score", "train", "infer")
+GENERIC = (
+    "plumbing",
+    "data",
+    "model",
+    "heads",
+    "metrics",
+    "reports",
+    "training",
+    "evaluation",
+    "inference",
+    "baselines",
+    "bench",
+    "score",
+    "train",
+    "infer",
+)
 
 
 def _copy_checkout(dest: Path) -> Path:
-    ignore = shutil.ignore_patterns(".git", ".venv", "runs", "build", "dist", "*.egg-info", "__pycache__",
-                                    ".pytest_cache", ".bench_cache", ".whl", "mutants")
+    ignore = shutil.ignore_patterns(
+        ".git",
+        ".venv",
+        "runs",
+        "build",
+        "dist",
+        "*.egg-info",
+        "__pycache__",
+        ".pytest_cache",
+        ".bench_cache",
+        ".whl",
+        "mutants",
+    )
     shutil.copytree(ROOT, dest, ignore=ignore)
     return dest
 
@@ -33,18 +59,37 @@ def test_non_editable_install_ships_no_module(tmp_path):
 
     assert int(version("setuptools").split(".")[0]) >= 77, "pip install -e '.[dev]'"
     src = _copy_checkout(tmp_path / "src")
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-                    "-w", str(tmp_path / "dist"), str(src)], check=True, cwd=tmp_path)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path / "dist"),
+            str(src),
+        ],
+        check=True,
+        cwd=tmp_path,
+    )
     [wheel] = (tmp_path / "dist").glob("archehr-*.whl")
     env_dir = tmp_path / "venv"
     venv.EnvBuilder(with_pip=False).create(env_dir)
     python = env_dir / "bin" / "python"
-    subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps", "-q",
-                    str(wheel)], check=True, cwd=tmp_path)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps", "-q", str(wheel)],
+        check=True,
+        cwd=tmp_path,
+    )
     neutral = tmp_path / "elsewhere"
     neutral.mkdir()
-    probe = ("import importlib.metadata as m, importlib.util as u, json, sys; "
-             f"print(json.dumps([m.version('archehr'), [n for n in {list(GENERIC)!r} if u.find_spec(n)]]))")
+    probe = (
+        "import importlib.metadata as m, importlib.util as u, json, sys; "
+        f"print(json.dumps([m.version('archehr'), [n for n in {list(GENERIC)!r} if u.find_spec(n)]]))"
+    )
     out = subprocess.run([str(python), "-I", "-c", probe], check=True, cwd=neutral, capture_output=True, text=True)
     version, importable = json.loads(out.stdout)
     assert version == tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
@@ -52,8 +97,13 @@ def test_non_editable_install_ships_no_module(tmp_path):
 
 
 def _print_config(cwd: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / "train.py"), *args, "--print-config"], cwd=cwd,
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), *args, "--print-config"],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def test_resolved_config_is_the_same_from_any_working_folder(tmp_path):
@@ -76,9 +126,23 @@ def test_resolved_config_is_the_same_from_any_working_folder(tmp_path):
 def test_missing_stage_preset_is_exit_2(tmp_path):
     src = _copy_checkout(tmp_path / "src")
     (src / "configs" / "domain.toml").unlink()
-    proc = subprocess.run([sys.executable, str(src / "train.py"), "--stage", "domain", "--preset", "tiny",
-                           "--out", str(tmp_path / "run"), "--print-config"],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(src / "train.py"),
+            "--stage",
+            "domain",
+            "--preset",
+            "tiny",
+            "--out",
+            str(tmp_path / "run"),
+            "--print-config",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2, proc.stderr
     [line] = proc.stderr.strip().splitlines()
     assert "domain.toml" in line and "not found" in line
@@ -86,8 +150,13 @@ def test_missing_stage_preset_is_exit_2(tmp_path):
 
 
 def test_missing_config_file_is_exit_2(tmp_path):
-    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), "--config", str(tmp_path / "nope.toml"),
-                           "--print-config"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), "--config", str(tmp_path / "nope.toml"), "--print-config"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert "nope.toml" in proc.stderr
 
@@ -99,19 +168,31 @@ def test_notebook_recipe_loads_an_export(tmp_path):
     from training.run import run_training
 
     examples = ROOT / "examples"
-    cfg = build_config(dict(stage="task", joint=True, preset="tiny", xml=str(examples / "archehr-qa.xml"),
-                            key=str(examples / "archehr-qa_key.json"), out=str(tmp_path / "run"), max_steps=1,
-                            batch_size=1, progress=False, plot=False))
+    cfg = build_config(
+        dict(
+            stage="task",
+            joint=True,
+            preset="tiny",
+            xml=str(examples / "archehr-qa.xml"),
+            key=str(examples / "archehr-qa_key.json"),
+            out=str(tmp_path / "run"),
+            max_steps=1,
+            batch_size=1,
+            progress=False,
+            plot=False,
+        )
+    )
     export = run_training(cfg).export_dir
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     start = readme.index("```python\n", readme.index("### From a notebook")) + len("```python\n")
-    recipe = readme[start:readme.index("```", start)]
+    recipe = readme[start : readme.index("```", start)]
     recipe = recipe.replace('"/path/to/archehr"', repr(str(ROOT))).replace('"runs/task/export"', repr(str(export)))
     script = recipe + "\nprint(type(checkpoint.head).__name__, checkpoint.score_pairs is not None)\n"
     neutral = tmp_path / "notebook"
     neutral.mkdir()
-    proc = subprocess.run([sys.executable, "-I", "-c", script], cwd=neutral, capture_output=True, text=True,
-                          timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-I", "-c", script], cwd=neutral, capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip().endswith("True")
 
@@ -120,15 +201,36 @@ def test_domain_stage_runs_from_another_folder_with_the_checkout_config(tmp_path
     """The acceptance run: tiny domain stage from a neutral folder; the config it records is the
     one --print-config resolves in the checkout; stdout holds only the result, logs go to stderr."""
     out = tmp_path / "run"
-    args = ("--stage", "domain", "--preset", "tiny", "--data", str(ROOT / "examples" / "emrqa_sample.jsonl"),
-            "--out", str(out), "--max_steps", "2", "--batch_tokens", "0", "--batch_size", "2", "--log_every", "1",
-            "--save_every", "0", "--plot", "false", "--no-progress")
+    args = (
+        "--stage",
+        "domain",
+        "--preset",
+        "tiny",
+        "--data",
+        str(ROOT / "examples" / "emrqa_sample.jsonl"),
+        "--out",
+        str(out),
+        "--max_steps",
+        "2",
+        "--batch_tokens",
+        "0",
+        "--batch_size",
+        "2",
+        "--log_every",
+        "1",
+        "--save_every",
+        "0",
+        "--plot",
+        "false",
+        "--no-progress",
+    )
     expected = _print_config(ROOT, *args)
     assert expected.returncode == 0, expected.stderr
     neutral = tmp_path / "elsewhere"
     neutral.mkdir()
-    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=neutral, capture_output=True,
-                          text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), *args], cwd=neutral, capture_output=True, text=True, timeout=600
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout == f"export: {out / 'export'}\n"
     assert "step 1/2" in proc.stderr and "step 2/2" in proc.stderr

@@ -1,4 +1,5 @@
 """Prompt building with the real Qwen3 tokenizer: spans, labels, thinking disabled."""
+
 from __future__ import annotations
 
 from pathlib import Path

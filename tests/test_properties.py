@@ -4,6 +4,7 @@ training config through TOML, and character spans -> token spans with the real Q
 (The XML reader/writer round trip lives with the reader's tests.) Examples are few and the
 deadline off: these run in the default suite on 2 busy cores.
 """
+
 from __future__ import annotations
 
 import json
@@ -30,15 +31,19 @@ FAST = settings(max_examples=25, deadline=None, suppress_health_check=[HealthChe
 def _subset(items: list[str]) -> st.SearchStrategy[list[str]]:
     """A sub-list of ``items``, order kept."""
     return st.lists(st.booleans(), min_size=len(items), max_size=len(items)).map(
-        lambda keep: [x for x, k in zip(items, keep) if k])
+        lambda keep: [x for x, k in zip(items, keep) if k]
+    )
 
 
 # ---------------------------------------------------------------------- Subtask 2
 @st.composite
 def relevance_labels_and_prediction(draw):
-    labels = {c.case_id: dict(zip(c.note_ids, draw(st.lists(st.sampled_from(LABELS), min_size=len(c.note_ids),
-                                                                max_size=len(c.note_ids)))))
-              for c in CASES}
+    labels = {
+        c.case_id: dict(
+            zip(c.note_ids, draw(st.lists(st.sampled_from(LABELS), min_size=len(c.note_ids), max_size=len(c.note_ids))))
+        )
+        for c in CASES
+    }
     predicted = {c.case_id: draw(_subset(c.note_ids)) for c in CASES}
     return labels, predicted
 
@@ -80,14 +85,21 @@ def test_subtask2_write_read_score(drawn):
         strict = _prf(len(pred & essential), len(pred), len(essential))
         lenient_pred = pred - supplementary  # supplementary predictions are neither right nor wrong
         lenient = _prf(len(lenient_pred & essential), len(lenient_pred), len(essential))
-        assert (scores["strict_micro_precision"], scores["strict_micro_recall"], scores["strict_micro_f1"]) \
-            == pytest.approx(strict)
-        assert (scores["lenient_micro_precision"], scores["lenient_micro_recall"], scores["lenient_micro_f1"]) \
-            == pytest.approx(lenient)
+        assert (
+            scores["strict_micro_precision"],
+            scores["strict_micro_recall"],
+            scores["strict_micro_f1"],
+        ) == pytest.approx(strict)
+        assert (
+            scores["lenient_micro_precision"],
+            scores["lenient_micro_recall"],
+            scores["lenient_micro_f1"],
+        ) == pytest.approx(lenient)
         assert scores["overall_score"] == scores["strict_micro_f1"]
         # The perfect submission (the essential sentences) scores 100 on every strict and lenient number.
-        perfect = subtask2_entries({cid: [s for s, rel in lab.items() if rel == "essential"]
-                                    for cid, lab in labels.items()})
+        perfect = subtask2_entries(
+            {cid: [s for s, rel in lab.items() if rel == "essential"] for cid, lab in labels.items()}
+        )
         _, perfect_zip = write_submission(perfect, folder / "perfect", 2, CASES)
         assert set(score_subtask2(perfect_zip, key).values()) == {100.0}
 
@@ -117,8 +129,9 @@ def test_subtask4_write_read_score(links):
         r = 100 * tp / len(gold)
         assert scores["micro_precision"] == pytest.approx(p) and scores["micro_recall"] == pytest.approx(r)
         assert scores["micro_f1"] == pytest.approx(2 * p * r / (p + r) if p + r else 0.0)
-        perfect = subtask4_entries({c.case_id: {a.sentence_id: list(a.citations) for a in c.answer_sentences}
-                                    for c in CASES})
+        perfect = subtask4_entries(
+            {c.case_id: {a.sentence_id: list(a.citations) for a in c.answer_sentences} for c in CASES}
+        )
         _, perfect_zip = write_submission(perfect, folder / "perfect", 4, CASES)
         assert set(score_subtask4(perfect_zip, KEY).values()) == {100.0}
 
@@ -130,15 +143,25 @@ def _field_values():
 
     cfg = TrainConfig()
     special = {
-        "stage": st.sampled_from(["domain", "task"]), "preset": st.just("tiny"),
+        "stage": st.sampled_from(["domain", "task"]),
+        "preset": st.just("tiny"),
         "load_in_4bit": st.sampled_from(["auto", "true", "false"]),
         "quant_storage": st.sampled_from(["uint8", "bfloat16", "float16", "float32"]),
         "schedule": st.sampled_from(["cosine", "linear", "constant"]),
-        "head_pooling": st.sampled_from(["mean", "attention"]), "unanswerable": st.just(cfg.unanswerable),
-        "warmup_ratio": st.floats(0, 1), "lora_dropout": st.floats(0, 0.99), "head_dropout": st.floats(0, 0.99),
-        "head_layer": st.integers(-1, 2), "max_length": st.integers(16, 8192), "batch_tokens": st.just(0),
-        "lr": st.floats(1e-8, 1), "head_lr": st.floats(1e-8, 1), "pos_weight": st.floats(1e-3, 100),
-        "lora_alpha": st.integers(1, 256), "out": st.just(""), "init": st.just(""),
+        "head_pooling": st.sampled_from(["mean", "attention"]),
+        "unanswerable": st.just(cfg.unanswerable),
+        "warmup_ratio": st.floats(0, 1),
+        "lora_dropout": st.floats(0, 0.99),
+        "head_dropout": st.floats(0, 0.99),
+        "head_layer": st.integers(-1, 2),
+        "max_length": st.integers(16, 8192),
+        "batch_tokens": st.just(0),
+        "lr": st.floats(1e-8, 1),
+        "head_lr": st.floats(1e-8, 1),
+        "pos_weight": st.floats(1e-3, 100),
+        "lora_alpha": st.integers(1, 256),
+        "out": st.just(""),
+        "init": st.just(""),
         "report_to": st.sampled_from(["none", "tensorboard"]),
     }
     text = st.text(st.characters(codec="utf-8", exclude_categories=("Cs",)), max_size=20)
@@ -182,20 +205,30 @@ def test_config_toml_round_trip(values):
 
 
 # ---------------------------------------------------------------------- token spans
-sentence_text = st.text(st.characters(codec="utf-8", exclude_categories=("Cs", "Cc", "Zl", "Zp")),
-                        min_size=1, max_size=40).filter(lambda t: t.split())
+sentence_text = st.text(
+    st.characters(codec="utf-8", exclude_categories=("Cs", "Cc", "Zl", "Zp")), min_size=1, max_size=40
+).filter(lambda t: t.split())
 
 
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(notes=st.lists(sentence_text, min_size=1, max_size=5), answers=st.lists(sentence_text, max_size=3),
-       question=sentence_text)
+@given(
+    notes=st.lists(sentence_text, min_size=1, max_size=5),
+    answers=st.lists(sentence_text, max_size=3),
+    question=sentence_text,
+)
 def test_token_spans_cover_each_sentence(qwen_tokenizer, notes, answers, question):
     """Every note and answer sentence's token span decodes to text holding the sentence (its
     whitespace normalised), and spans come in order without overlap."""
     from data.prompts import PromptExample, encode_example
 
-    ex = PromptExample("x", question, [str(i + 1) for i in range(len(notes))], notes,
-                       answer_ids=[f"a{i}" for i in range(len(answers))], answer_texts=answers)
+    ex = PromptExample(
+        "x",
+        question,
+        [str(i + 1) for i in range(len(notes))],
+        notes,
+        answer_ids=[f"a{i}" for i in range(len(answers))],
+        answer_texts=answers,
+    )
     enc = encode_example(qwen_tokenizer, ex)
     assert len(enc.note_spans) == len(notes) and len(enc.answer_spans) == len(answers)
     spans = enc.note_spans + enc.answer_spans

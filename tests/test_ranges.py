@@ -6,6 +6,7 @@ CLI's numeric options and config fields over generated out-of-range values (each
 exit 2, one line, nothing written), plus the trainer state a resume reads, a key's relevance
 labels and a config file's encoding.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,8 +34,17 @@ ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
 EMRQA, KEY = EXAMPLES / "emrqa_sample.jsonl", EXAMPLES / "archehr-qa_key.json"
 
-RANGES = [integer(0, 10), integer(1, 8192), integer(-1, 5), integer(), number(0, 1), number(0, 1, hi_open=True),
-          number(0, 4096, lo_open=True), number(), number(-3.5, 2.25)]
+RANGES = [
+    integer(0, 10),
+    integer(1, 8192),
+    integer(-1, 5),
+    integer(),
+    number(0, 1),
+    number(0, 1, hi_open=True),
+    number(0, 4096, lo_open=True),
+    number(),
+    number(-3.5, 2.25),
+]
 
 
 def refused(capsys, main, argv, contains: str = "") -> str:
@@ -52,10 +62,34 @@ def refused(capsys, main, argv, contains: str = "") -> str:
 
 
 @settings(max_examples=300, deadline=None)
-@given(r=st.sampled_from(RANGES), text=st.one_of(
-    st.text(max_size=12), st.integers().map(str), st.floats().map(repr),
-    st.sampled_from(["1e9", "1e309", "-1e309", "nan", "inf", "-inf", "0x10", "1_000", " 3 ", "2.0", "1e3", "+4",
-                     "4294967296", "-0", "", "١٢"])))
+@given(
+    r=st.sampled_from(RANGES),
+    text=st.one_of(
+        st.text(max_size=12),
+        st.integers().map(str),
+        st.floats().map(repr),
+        st.sampled_from(
+            [
+                "1e9",
+                "1e309",
+                "-1e309",
+                "nan",
+                "inf",
+                "-inf",
+                "0x10",
+                "1_000",
+                " 3 ",
+                "2.0",
+                "1e3",
+                "+4",
+                "4294967296",
+                "-0",
+                "",
+                "١٢",
+            ]
+        ),
+    ),
+)
 def test_parse_returns_a_number_in_range_or_refuses_in_words(r: Range, text: str):
     try:
         value = r.parse(text)
@@ -67,7 +101,7 @@ def test_parse_returns_a_number_in_range_or_refuses_in_words(r: Range, text: str
 
 
 @settings(max_examples=200, deadline=None)
-@given(r=st.sampled_from(RANGES), x=st.one_of(st.integers(-10**12, 10**12), st.floats(allow_nan=True)))
+@given(r=st.sampled_from(RANGES), x=st.one_of(st.integers(-(10**12), 10**12), st.floats(allow_nan=True)))
 def test_contains_agrees_with_the_words(r: Range, x):
     inside = r.contains(x)
     if isinstance(x, float) and (not math.isfinite(x) or r.integer):
@@ -141,10 +175,14 @@ def _out_of_range(r: Range) -> list[str]:
     return bad
 
 
-INFER_OPTIONS = {"--max-new-tokens": "MAX_NEW_TOKENS", "--batch-size": "GENERATION_BATCH",
-                 "--max-prompt-tokens": "PROMPT_TOKENS",
-                 "--max-memory-gb": "MEMORY_GB", "--max-links-per-answer": "LINKS_PER_ANSWER",
-                 "--relevance-threshold": "PROBABILITY"}
+INFER_OPTIONS = {
+    "--max-new-tokens": "MAX_NEW_TOKENS",
+    "--batch-size": "GENERATION_BATCH",
+    "--max-prompt-tokens": "PROMPT_TOKENS",
+    "--max-memory-gb": "MEMORY_GB",
+    "--max-links-per-answer": "LINKS_PER_ANSWER",
+    "--relevance-threshold": "PROBABILITY",
+}
 CV_OPTIONS = {"--folds": "FOLDS", "--seed": "SEED", "--resamples": "RESAMPLES", "--max-new-tokens": "MAX_NEW_TOKENS"}
 
 
@@ -156,15 +194,23 @@ def _cases(options: dict[str, str]) -> list[tuple[str, str]]:
 
 @pytest.mark.parametrize("option, value", _cases(INFER_OPTIONS))
 def test_infer_refuses_out_of_range_numbers(tmp_path, capsys, option, value):
-    refused(capsys, infer.main, [EXAMPLES / "archehr-qa.xml", "--out", tmp_path / "o", f"{option}={value}"],
-            contains=f"argument {option}")
+    refused(
+        capsys,
+        infer.main,
+        [EXAMPLES / "archehr-qa.xml", "--out", tmp_path / "o", f"{option}={value}"],
+        contains=f"argument {option}",
+    )
     assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize("option, value", _cases(CV_OPTIONS))
 def test_score_cv_refuses_out_of_range_numbers(tmp_path, capsys, option, value):
-    refused(capsys, score.main, ["cv", "--xml", EXAMPLES / "archehr-qa.xml", "--key", KEY, "--out", tmp_path / "cv",
-                                 f"{option}={value}"], contains=f"argument {option}")
+    refused(
+        capsys,
+        score.main,
+        ["cv", "--xml", EXAMPLES / "archehr-qa.xml", "--key", KEY, "--out", tmp_path / "cv", f"{option}={value}"],
+        contains=f"argument {option}",
+    )
     assert list(tmp_path.iterdir()) == []
 
 
@@ -202,8 +248,12 @@ def _range_from_words(words: str) -> Range | None:
 
 @pytest.mark.parametrize("name, value", _field_cases())
 def test_train_refuses_out_of_range_config_numbers(tmp_path, capsys, name, value):
-    err = refused(capsys, train.main, ["--stage", "domain", "--data", EMRQA, "--out", tmp_path / "run",
-                                       "--print-config", f"--{name}={value}"], contains=f"--{name} must be")
+    err = refused(
+        capsys,
+        train.main,
+        ["--stage", "domain", "--data", EMRQA, "--out", tmp_path / "run", "--print-config", f"--{name}={value}"],
+        contains=f"--{name} must be",
+    )
     assert len(err.strip().splitlines()) == 1
     assert list(tmp_path.iterdir()) == []
 
@@ -218,14 +268,41 @@ def test_train_help_shows_every_numeric_range(capsys):
 
 @pytest.mark.parametrize("preset, length", [("tiny", 8193), ("tiny", 40960), ("qwen3-4b-random", 40961)])
 def test_max_length_beyond_the_presets_context_refused(tmp_path, capsys, preset, length):
-    refused(capsys, train.main, ["--stage", "domain", "--preset", preset, "--data", EMRQA, "--out", tmp_path / "r",
-                                 "--print-config", "--max_length", str(length)], contains="--max_length must be")
+    refused(
+        capsys,
+        train.main,
+        [
+            "--stage",
+            "domain",
+            "--preset",
+            preset,
+            "--data",
+            EMRQA,
+            "--out",
+            tmp_path / "r",
+            "--print-config",
+            "--max_length",
+            str(length),
+        ],
+        contains="--max_length must be",
+    )
 
 
-@pytest.mark.parametrize("name, value", [
-    ("seed", 2**32), ("seed", -1), ("epochs", 1e309), ("lora_r", 10**9), ("lr", float("nan")), ("max_steps", -5),
-    ("warmup_ratio", 1.5), ("batch_size", 0), ("head_dropout", 1.0), ("keep_checkpoints", -1),
-])
+@pytest.mark.parametrize(
+    "name, value",
+    [
+        ("seed", 2**32),
+        ("seed", -1),
+        ("epochs", 1e309),
+        ("lora_r", 10**9),
+        ("lr", float("nan")),
+        ("max_steps", -5),
+        ("warmup_ratio", 1.5),
+        ("batch_size", 0),
+        ("head_dropout", 1.0),
+        ("keep_checkpoints", -1),
+    ],
+)
 def test_resumed_run_config_out_of_range_refused(tmp_path, capsys, name, value):
     """A tampered RUN/config.json is checked by the same rules as the command line."""
     run = tmp_path / "run"
@@ -243,7 +320,7 @@ def test_resumed_run_config_out_of_range_refused(tmp_path, capsys, name, value):
 @pytest.mark.parametrize("encoding", ["latin-1", "cp1252", "utf-16", "utf-32", "shift_jis"])
 def test_non_utf8_toml_is_one_line(tmp_path, capsys, encoding):
     path = tmp_path / "c.toml"
-    path.write_bytes('lr = 1e-4\n# café ½ ü 日本\n'.encode(encoding, errors="replace"))
+    path.write_bytes("lr = 1e-4\n# café ½ ü 日本\n".encode(encoding, errors="replace"))
     with pytest.raises(InputError, match="UTF-8"):
         read_toml(path)
     refused(capsys, train.main, ["--config", path, "--out", tmp_path / "r", "--print-config"], contains="UTF-8")
@@ -262,15 +339,36 @@ def test_any_bytes_as_toml_load_or_refuse_in_one_line(tmp_path_factory, blob):
 
 # --- the trainer state a resume reads ----------------------------------------------------------
 
-GOOD_STATE = {"step": 2, "epoch": 0, "position": 4, "tokens": 900, "total_steps": 4, "processes": 1,
-              "batches_per_step": 1}
+GOOD_STATE = {
+    "step": 2,
+    "epoch": 0,
+    "position": 4,
+    "tokens": 900,
+    "total_steps": 4,
+    "processes": 1,
+    "batches_per_step": 1,
+}
 
 
-@pytest.mark.parametrize("field, value", [
-    ("step", -1), ("step", 3), ("step", 2.0), ("step", "2"), ("step", None), ("step", True), ("epoch", -1),
-    ("position", -4), ("tokens", -1), ("tokens", 1e30), ("processes", 0), ("batches_per_step", -2),
-    ("total_steps", -1), ("epoch", 10**12),
-])
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("step", -1),
+        ("step", 3),
+        ("step", 2.0),
+        ("step", "2"),
+        ("step", None),
+        ("step", True),
+        ("epoch", -1),
+        ("position", -4),
+        ("tokens", -1),
+        ("tokens", 1e30),
+        ("processes", 0),
+        ("batches_per_step", -2),
+        ("total_steps", -1),
+        ("epoch", 10**12),
+    ],
+)
 def test_trainer_state_out_of_range_skips_the_checkpoint(tmp_path, capsys, field, value):
     run = tmp_path / "run"
     ckpt = run / "checkpoints" / "step-2"
@@ -293,8 +391,25 @@ def test_trainer_state_missing_field_and_good_state(tmp_path):
 # --- a key's relevance labels are the official ones ----------------------------------------------
 
 
-@pytest.mark.parametrize("label", [3, 0, 1.0, "Essential", "ESSENTIAL", "relevant", "", " essential", None, True,
-                                   ["essential"], {"x": 1}, "not_relevant", "supplemental"])
+@pytest.mark.parametrize(
+    "label",
+    [
+        3,
+        0,
+        1.0,
+        "Essential",
+        "ESSENTIAL",
+        "relevant",
+        "",
+        " essential",
+        None,
+        True,
+        ["essential"],
+        {"x": 1},
+        "not_relevant",
+        "supplemental",
+    ],
+)
 def test_key_relevance_label_outside_the_official_set(tmp_path, label):
     key = json.loads(KEY.read_text())
     key[0]["answers"][0]["relevance"] = label

@@ -5,6 +5,7 @@ answer sentence naming the note sentences it cites (ids that exist, in its own c
 very links of the submission and the key), the relevance classes of Subtask 2, escaping
 of hostile text, and nothing that could reach the network.
 """
+
 from __future__ import annotations
 
 import json
@@ -26,8 +27,14 @@ from reports.page import ReportPage, render_report
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE_XML = ROOT / "examples" / "archehr-qa.xml"
 EXAMPLE_KEY = ROOT / "examples" / "archehr-qa_key.json"
-HOSTILE = ['<script>alert("x")</script>', '"><img src=x onerror=alert(1)>', "' onmouseover='alert(2)",
-           "</section></div><u>bold</u>", "&amp; &lt;", "https://example.com/leak.png"]
+HOSTILE = [
+    '<script>alert("x")</script>',
+    '"><img src=x onerror=alert(1)>',
+    "' onmouseover='alert(2)",
+    "</section></div><u>bold</u>",
+    "&amp; &lt;",
+    "https://example.com/leak.png",
+]
 
 
 @pytest.fixture(scope="module")
@@ -35,16 +42,39 @@ def example_run(tmp_path_factory):
     """infer.py on the bundled example with its key (a lexical ensemble: quick, and it makes mistakes)."""
     tmp = tmp_path_factory.mktemp("report")
     ensemble = tmp / "bm25.json"
-    ensemble.write_text(json.dumps({"format": "archehr-retrieval-ensemble/1", "weights": {"bm25": 1.0},
-                                    "threshold": 0.5, "mode": "relative", "max_per_answer": 3}), encoding="utf-8")
+    ensemble.write_text(
+        json.dumps(
+            {
+                "format": "archehr-retrieval-ensemble/1",
+                "weights": {"bm25": 1.0},
+                "threshold": 0.5,
+                "mode": "relative",
+                "max_per_answer": 3,
+            }
+        ),
+        encoding="utf-8",
+    )
     out = tmp / "run"
     import contextlib
     import io
 
     console = io.StringIO()
     with contextlib.redirect_stdout(console), contextlib.redirect_stderr(console):
-        assert infer.main([str(EXAMPLE_XML), "--out", str(out), "--key", str(EXAMPLE_KEY), "--ensemble",
-                           str(ensemble), "--no-progress"]) == 0
+        assert (
+            infer.main(
+                [
+                    str(EXAMPLE_XML),
+                    "--out",
+                    str(out),
+                    "--key",
+                    str(EXAMPLE_KEY),
+                    "--ensemble",
+                    str(ensemble),
+                    "--no-progress",
+                ]
+            )
+            == 0
+        )
     return out, console.getvalue()
 
 
@@ -59,8 +89,10 @@ def test_infer_report_has_a_section_per_case_with_the_submissions_links(example_
     assert [s.attrs["data-case-id"] for s in dom.find("section", "case")] == [c.case_id for c in cases]
 
     links = check_links(dom)
-    submitted4 = {e["case_id"]: {p["answer_id"]: set(p["evidence_id"]) for p in e["prediction"]}
-                  for e in json.loads((out / "subtask4" / "submission.json").read_text())}
+    submitted4 = {
+        e["case_id"]: {p["answer_id"]: set(p["evidence_id"]) for p in e["prediction"]}
+        for e in json.loads((out / "subtask4" / "submission.json").read_text())
+    }
     for case in cases:
         assert sorted(links[case.case_id]) == sorted(case.answer_ids)
         for a in case.answer_sentences:
@@ -73,8 +105,9 @@ def test_infer_report_has_a_section_per_case_with_the_submissions_links(example_
     assert {"correct", "wrong", "missed"} <= marked  # the example exercises all three
 
     # Subtask 2: shading classes follow the submission; gold labels follow the key.
-    submitted2 = {e["case_id"]: set(e["prediction"])
-                  for e in json.loads((out / "subtask2" / "submission.json").read_text())}
+    submitted2 = {
+        e["case_id"]: set(e["prediction"]) for e in json.loads((out / "subtask2" / "submission.json").read_text())
+    }
     section_of = {s.attrs["data-case-id"]: s.attrs["id"] for s in dom.find("section", "case")}
     for case in cases:
         notes = [n for n in dom.find("div", "note") if n.section == section_of[case.case_id]]
@@ -102,35 +135,65 @@ def test_infer_report_has_a_section_per_case_with_the_submissions_links(example_
 
 
 def hostile_case(text: str, case_id: str = "9") -> Case:
-    notes = [NoteSentence("1", f"First {text} sentence."), NoteSentence('2" x="y', f"Second {text}."),
-             NoteSentence("3 <u>", "Third.")]
+    notes = [
+        NoteSentence("1", f"First {text} sentence."),
+        NoteSentence('2" x="y', f"Second {text}."),
+        NoteSentence("3 <u>", "Third."),
+    ]
     answers = [AnswerSentence("1", f"Answer {text}.", ("1",)), AnswerSentence("2 '", "Other.", ('2" x="y', "3 <u>"))]
-    return Case(case_id, f"Narrative {text}", f"Question {text}?", notes, [QuestionPhrase("0", f"Why {text}?")],
-                clinical_specialty=text, answer_sentences=answers,
-                relevance={"1": "essential", '2" x="y': "supplementary", "3 <u>": "not-relevant"},
-                clinician_answer_without_citations=f"Reference {text}.", has_key=True)
+    return Case(
+        case_id,
+        f"Narrative {text}",
+        f"Question {text}?",
+        notes,
+        [QuestionPhrase("0", f"Why {text}?")],
+        clinical_specialty=text,
+        answer_sentences=answers,
+        relevance={"1": "essential", '2" x="y': "supplementary", "3 <u>": "not-relevant"},
+        clinician_answer_without_citations=f"Reference {text}.",
+        has_key=True,
+    )
 
 
 @pytest.mark.parametrize("text", HOSTILE)
 def test_every_string_from_the_data_is_escaped(text):
     case = hostile_case(text, case_id=text)
-    pred = CasePrediction(answer=f"Generated {text}.", relevant_ids=["1", "3 <u>"],
-                          relevance_scores=[0.9, 0.2, 0.7],
-                          links={"1": ["1", '2" x="y'], "2 '": ["3 <u>"]})
+    pred = CasePrediction(
+        answer=f"Generated {text}.",
+        relevant_ids=["1", "3 <u>"],
+        relevance_scores=[0.9, 0.2, 0.7],
+        links={"1": ["1", '2" x="y'], "2 '": ["3 <u>"]},
+    )
     ladder = f"# {text}\n\n| a | {text} |\n|---|---|\n| `{text}` | {text} |\n"
-    page = render_report(ReportPage(title=f"Title {text}", notices=[f"Notice {text}"], facts=[(text, text)],
-                                    scores={text: {text: 1.0}}, summary_markdown=ladder,
-                                    cases=case_views([case], {case.case_id: pred})))
+    page = render_report(
+        ReportPage(
+            title=f"Title {text}",
+            notices=[f"Notice {text}"],
+            facts=[(text, text)],
+            scores={text: {text: 1.0}},
+            summary_markdown=ladder,
+            cases=case_views([case], {case.case_id: pred}),
+        )
+    )
     dom = Dom(page)
     check_page_is_self_contained(dom)
     assert not dom.find("img") and not dom.find("u")  # the hostile markup stayed text
     assert [s.attrs["data-case-id"] for s in dom.find("section", "case")] == [text]
     texts = " ".join(e.content for e in dom.elements if e.tag in ("p", "span", "td", "th", "h1", "h2"))
-    for expected in (f"Title {text}", f"First {text} sentence.", f"Answer {text}.", f"Generated {text}.",
-                     f"Why {text}?", f"Notice {text}"):
+    for expected in (
+        f"Title {text}",
+        f"First {text} sentence.",
+        f"Answer {text}.",
+        f"Generated {text}.",
+        f"Why {text}?",
+        f"Notice {text}",
+    ):
         assert expected in texts, expected  # round trip: the reader sees the data's exact text
-    assert all(re.fullmatch(r"c\d+(-[na]\d+)?", e.attrs["id"]) for e in dom.elements
-               if "id" in e.attrs and e.tag in ("section", "div", "li"))
+    assert all(
+        re.fullmatch(r"c\d+(-[na]\d+)?", e.attrs["id"])
+        for e in dom.elements
+        if "id" in e.attrs and e.tag in ("section", "div", "li")
+    )
     links = check_links(dom)
     assert links[text]["1"]["correct"] == {"1"} and links[text]["1"]["wrong"] == {'2" x="y'}
     assert links[text]["2 '"]["correct"] == {"3 <u>"} and links[text]["2 '"]["missed"] == {'2" x="y'}
@@ -168,8 +231,20 @@ def chromium() -> str | None:
 
 
 def run_chromium(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
-                           "--virtual-time-budget=3000", *args], capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [
+            chromium(),
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--hide-scrollbars",
+            "--virtual-time-budget=3000",
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 @pytest.mark.slow
@@ -217,8 +292,11 @@ def test_readme_shows_the_report_screenshot():
 
 def test_without_a_subtask4_prediction_the_key_links_are_shown_as_gold_not_missed():
     case = hostile_case("x")
-    dom = Dom(render_report(ReportPage(title="t", cases=case_views([case], {case.case_id: CasePrediction(
-        answer="An answer.")}))))
+    dom = Dom(
+        render_report(
+            ReportPage(title="t", cases=case_views([case], {case.case_id: CasePrediction(answer="An answer.")}))
+        )
+    )
     links = check_links(dom)
     assert links["9"]["1"]["gold"] == {"1"} and links["9"]["2 '"]["gold"] == {'2" x="y', "3 <u>"}
     assert not any(a[k] for a in links["9"].values() for k in KINDS if k != "gold")

@@ -1,4 +1,5 @@
 """Stopping mid-run and resuming reaches exactly the weights of an uninterrupted run."""
+
 from __future__ import annotations
 
 import json
@@ -27,9 +28,23 @@ def weights(export_dir) -> dict[str, torch.Tensor]:
 def test_resume_matches_uninterrupted_run(tmp_path):
     write_archehr(make_cases(8, seed=5), tmp_path / "c.xml", tmp_path / "k.json")
     common = dict(
-        stage="task", joint=True, preset="tiny", xml=str(tmp_path / "c.xml"), key=str(tmp_path / "k.json"),
-        batch_size=2, batch_tokens=0, grad_accum=2, epochs=3, lr=1e-3, head_lr=3e-3, lora_dropout=0.1, head_dropout=0.1,
-        log_every=1, progress=False, plot=False, gradient_checkpointing=False,
+        stage="task",
+        joint=True,
+        preset="tiny",
+        xml=str(tmp_path / "c.xml"),
+        key=str(tmp_path / "k.json"),
+        batch_size=2,
+        batch_tokens=0,
+        grad_accum=2,
+        epochs=3,
+        lr=1e-3,
+        head_lr=3e-3,
+        lora_dropout=0.1,
+        head_dropout=0.1,
+        log_every=1,
+        progress=False,
+        plot=False,
+        gradient_checkpointing=False,
     )
     # 8 cases / batch 2 = 4 micro-batches = 2 optimizer steps per epoch: step 3 stops mid-epoch 2.
     full = run_training(build_config(dict(common, out=str(tmp_path / "full"))))
@@ -41,8 +56,15 @@ def test_resume_matches_uninterrupted_run(tmp_path):
     assert not (tmp_path / "part" / "export").exists()
     [ckpt] = checkpoint_dirs(tmp_path / "part")
     assert ckpt.name == "step-3"
-    for name in ("adapter/adapter_model.safetensors", "head/head.safetensors", "optimizer.pt", "scheduler.pt",
-                 "rng-0.json", "rng-0.pt", "trainer_state.json"):
+    for name in (
+        "adapter/adapter_model.safetensors",
+        "head/head.safetensors",
+        "optimizer.pt",
+        "scheduler.pt",
+        "rng-0.json",
+        "rng-0.pt",
+        "trainer_state.json",
+    ):
         assert (ckpt / name).is_file(), name
     state = json.loads((ckpt / "trainer_state.json").read_text())
     assert (state["step"], state["epoch"], state["position"]) == (3, 1, 2)
@@ -67,9 +89,20 @@ def test_token_count_carries_over_a_resume_between_log_lines(tmp_path):
     """A checkpoint between two log lines holds the tokens of the unlogged steps too: the resumed
     run's log counts the same tokens as an uninterrupted run's (issue 23, friction 9)."""
     write_archehr(make_cases(8, seed=5), tmp_path / "c.xml", tmp_path / "k.json")
-    common = dict(stage="task", preset="tiny", xml=str(tmp_path / "c.xml"), key=str(tmp_path / "k.json"),
-                  batch_size=2, batch_tokens=0, grad_accum=1, epochs=1, log_every=2, progress=False, plot=False,
-                  gradient_checkpointing=False)
+    common = dict(
+        stage="task",
+        preset="tiny",
+        xml=str(tmp_path / "c.xml"),
+        key=str(tmp_path / "k.json"),
+        batch_size=2,
+        batch_tokens=0,
+        grad_accum=1,
+        epochs=1,
+        log_every=2,
+        progress=False,
+        plot=False,
+        gradient_checkpointing=False,
+    )
     run_training(build_config(dict(common, out=str(tmp_path / "full"))))
     with train_hooks(stop_after_steps=3):  # the checkpoint at step 3, one step after the last log line
         run_training(build_config(dict(common, out=str(tmp_path / "part"))))

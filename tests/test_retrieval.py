@@ -1,4 +1,5 @@
 """Retrieval aligners, linking rules, the ensemble file, tuning, cross-validation, extractive answers."""
+
 from __future__ import annotations
 
 import json
@@ -70,6 +71,7 @@ def set_a(shared_fixtures):
 
 # ---------------------------------------------------------------- linking rules
 
+
 def test_link_pairs_absolute_relative_cap_and_fallback():
     scores = np.array([[0.9, 0.5, 0.8, 0.1], [0.2, 0.3, 0.1, 0.25], [0.4, 0.4, 0.4, 0.4]])
     assert link_pairs(scores, 0.5) == [[0, 1, 2], [], []]
@@ -108,6 +110,7 @@ def test_normalise_and_combine():
 
 
 # ---------------------------------------------------------------- scorers
+
 
 @pytest.mark.parametrize("aligner", [BM25Aligner(), TfidfAligner(), WordOverlapAligner()], ids=lambda a: a.name)
 def test_lexical_scorers_rank_the_sentence_that_shares_the_words(aligner):
@@ -149,9 +152,17 @@ def test_ensemble_aligner_mixes_normalised_components():
 
 # ---------------------------------------------------------------- ensemble file
 
+
 def test_ensemble_config_round_trip(tmp_path):
-    cfg = EnsembleConfig(weights={"bm25": 0.25, "minilm": 0.75}, threshold=0.6, mode="absolute",
-                         max_per_answer=None, top1_fallback=True, tuned_on="x", train_micro_f1=55.5)
+    cfg = EnsembleConfig(
+        weights={"bm25": 0.25, "minilm": 0.75},
+        threshold=0.6,
+        mode="absolute",
+        max_per_answer=None,
+        top1_fallback=True,
+        tuned_on="x",
+        train_micro_f1=55.5,
+    )
     path = cfg.save(tmp_path / "e.json")
     assert json.loads(path.read_text())["format"] == "archehr-retrieval-ensemble/1"
     assert EnsembleConfig.load(path) == cfg
@@ -168,8 +179,10 @@ def test_ensemble_config_round_trip(tmp_path):
         ('{"format": "archehr-retrieval-ensemble/1", "mode": "fraction"}', "mode"),
         ('{"format": "archehr-retrieval-ensemble/1", "threshold": "high"}', "threshold"),
         ('{"format": "archehr-retrieval-ensemble/1", "colour": 1}', "unknown ensemble field"),
-        ('{"format": "archehr-retrieval-ensemble/1", "weights": {"cross": 1}, "cross_encoder": "nowhere"}',
-         "cross-encoder folder not found"),
+        (
+            '{"format": "archehr-retrieval-ensemble/1", "weights": {"cross": 1}, "cross_encoder": "nowhere"}',
+            "cross-encoder folder not found",
+        ),
     ],
 )
 def test_ensemble_config_bad_files(tmp_path, content, message):
@@ -188,6 +201,7 @@ def test_shipped_default_is_hand_set_and_equals_the_built_in_default():
 
 
 # ---------------------------------------------------------------- tuning and scoring
+
 
 def test_pooled_micro_f1_matches_the_official_scorer(set_a):
     scores = score_components(set_a, ["overlap"])["overlap"]
@@ -271,25 +285,37 @@ def test_ensemble_beats_trivial_aligners_on_held_out_cases(set_a):
         return score_alignment(pred, gold)["micro_f1"]
 
     nothing = official_f1({c.case_id: set() for c in set_a})
-    overlap_top1 = official_f1({
-        c.case_id: links_to_pairs(c.answer_ids, c.note_ids,
-                                  link_pairs(scores["overlap"][c.case_id], 1.0, "relative", max_per_answer=1))
-        for c in set_a
-    })
+    overlap_top1 = official_f1(
+        {
+            c.case_id: links_to_pairs(
+                c.answer_ids, c.note_ids, link_pairs(scores["overlap"][c.case_id], 1.0, "relative", max_per_answer=1)
+            )
+            for c in set_a
+        }
+    )
 
     def fit_predict(train, test):
         cfg = fit_ensemble(train, ["bm25", "tfidf", "minilm"], component_scores=scores)
-        return {c.case_id: links_to_pairs(c.answer_ids, c.note_ids, cfg.link(
-            combine_scores({n: scores[n][c.case_id] for n in cfg.weights}, cfg.weights))) for c in test}
+        return {
+            c.case_id: links_to_pairs(
+                c.answer_ids,
+                c.note_ids,
+                cfg.link(combine_scores({n: scores[n][c.case_id] for n in cfg.weights}, cfg.weights)),
+            )
+            for c in test
+        }
 
     ensemble = official_f1(crossval_predict(set_a, fit_predict, n_folds=4, seed=0))
-    print(f"\nsetA Subtask 4 micro F1 (held-out, 4 case-grouped folds): link nothing {nothing:.2f}, "
-          f"word-overlap top-1 {overlap_top1:.2f}, tuned retrieval ensemble {ensemble:.2f}")
+    print(
+        f"\nsetA Subtask 4 micro F1 (held-out, 4 case-grouped folds): link nothing {nothing:.2f}, "
+        f"word-overlap top-1 {overlap_top1:.2f}, tuned retrieval ensemble {ensemble:.2f}"
+    )
     assert nothing == 0.0
     assert ensemble > overlap_top1 > nothing
 
 
 # ---------------------------------------------------------------- Subtask 3 extractive baseline
+
 
 def test_extractive_answer_picks_question_sentences_in_note_order():
     case = make_case(NOTES, [], question="How long should he keep taking aspirin and ticagrelor after the stent?")
@@ -311,12 +337,24 @@ def test_extractive_answer_is_never_empty_and_within_the_limit():
 
 # ---------------------------------------------------------------- tuning CLI and the cross-encoder
 
+
 def test_fit_cli_writes_an_ensemble_that_infer_reads(tmp_path, capsys):
     from baselines import fit
 
     out = tmp_path / "ens.json"
-    assert fit.main(["--xml", str(EXAMPLES / "archehr-qa.xml"), "--key", str(EXAMPLES / "archehr-qa_key.json"),
-                     "--out", str(out)]) == 0
+    assert (
+        fit.main(
+            [
+                "--xml",
+                str(EXAMPLES / "archehr-qa.xml"),
+                "--key",
+                str(EXAMPLES / "archehr-qa_key.json"),
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     assert "optimistic" in capsys.readouterr().out
     cfg = EnsembleConfig.load(out)
     assert cfg.tuned_on == "archehr-qa.xml + archehr-qa_key.json"
@@ -324,8 +362,21 @@ def test_fit_cli_writes_an_ensemble_that_infer_reads(tmp_path, capsys):
     assert set(cfg.weights) <= {"bm25", "tfidf", "minilm"}
     import infer
 
-    assert infer.main([str(EXAMPLES / "archehr-qa.xml"), "--out", str(tmp_path / "run"), "--ensemble", str(out),
-                       "--subtasks", "4", "--no-progress"]) == 0
+    assert (
+        infer.main(
+            [
+                str(EXAMPLES / "archehr-qa.xml"),
+                "--out",
+                str(tmp_path / "run"),
+                "--ensemble",
+                str(out),
+                "--subtasks",
+                "4",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     run = json.loads((tmp_path / "run" / "run.json").read_text())
     assert run["subtask4"]["ensemble_source"] == str(out)
     assert run["subtask4"]["ensemble"]["weights"] == cfg.weights

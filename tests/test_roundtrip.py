@@ -6,6 +6,7 @@ TAB and surrounding whitespace in every text and attribute the reader keeps. Eac
 pair is read (``load_cases``), written as a cross-validation fold writes it
 (``evaluation.folds.write_case_files``, which itself checks the read-back) and read again.
 """
+
 from __future__ import annotations
 
 import json
@@ -19,10 +20,24 @@ from plumbing.errors import InputError, parse_json
 from evaluation.folds import write_case_files
 
 # XML 1.0 characters (no surrogates, no U+FFFE/U+FFFF, no C0 controls but TAB/LF/CR).
-XML_CHAR = st.characters(min_codepoint=0x20, blacklist_categories=("Cs",)).filter(
-    lambda c: c not in "\ufffe\uffff")
-ENTITIES = ["&amp;", "&lt;", "&gt;", "&quot;", "&apos;", "&#13;", "&#10;", "&#9;", "&#xD;", "&#x85;", "&#x2028;",
-            "&#xA0;", "&#x1F600;", "&#32;", "&#x3000;"]
+XML_CHAR = st.characters(min_codepoint=0x20, blacklist_categories=("Cs",)).filter(lambda c: c not in "\ufffe\uffff")
+ENTITIES = [
+    "&amp;",
+    "&lt;",
+    "&gt;",
+    "&quot;",
+    "&apos;",
+    "&#13;",
+    "&#10;",
+    "&#9;",
+    "&#xD;",
+    "&#x85;",
+    "&#x2028;",
+    "&#xA0;",
+    "&#x1F600;",
+    "&#32;",
+    "&#x3000;",
+]
 ID_SUFFIXES = ["", " ", "-x", "&#10;", "&#13;", "\t", "&amp;", "&#x85;"]
 RAW_WHITESPACE = ["\r\n", "\r", "\n", "\t", " ", "  ", "\u00a0", "\u2028", "\u0085"]
 
@@ -30,13 +45,18 @@ RAW_WHITESPACE = ["\r\n", "\r", "\n", "\t", " ", "  ", "\u00a0", "\u2028", "\u00
 @st.composite
 def xml_text(draw, max_fragments: int = 12) -> str:
     """Escaped XML character data: plain characters, entities, char refs and raw whitespace."""
-    parts = draw(st.lists(st.one_of(
-        XML_CHAR.filter(lambda c: c not in "<&>"),
-        st.sampled_from(ENTITIES),
-        XML_CHAR.map(lambda c: f"&#{ord(c)};"),
-        XML_CHAR.map(lambda c: f"&#x{ord(c):X};"),
-        st.sampled_from(RAW_WHITESPACE),
-    ), max_size=max_fragments))
+    parts = draw(
+        st.lists(
+            st.one_of(
+                XML_CHAR.filter(lambda c: c not in "<&>"),
+                st.sampled_from(ENTITIES),
+                XML_CHAR.map(lambda c: f"&#{ord(c)};"),
+                XML_CHAR.map(lambda c: f"&#x{ord(c):X};"),
+                st.sampled_from(RAW_WHITESPACE),
+            ),
+            max_size=max_fragments,
+        )
+    )
     return "".join(parts)
 
 
@@ -67,31 +87,45 @@ def official_files(draw) -> tuple[str, list]:
             + f"<note_excerpt>{draw(xml_text())}</note_excerpt>"
             + f"<note_excerpt_sentences>{''.join(sentences)}</note_excerpt_sentences></case>"
         )
-        labels = draw(st.lists(st.sampled_from(["essential", "supplementary", "not-relevant"]),
-                               min_size=n_sent, max_size=n_sent))
+        labels = draw(
+            st.lists(st.sampled_from(["essential", "supplementary", "not-relevant"]), min_size=n_sent, max_size=n_sent)
+        )
         answer_text = st.text(st.characters(blacklist_categories=("Cs",)), max_size=20)
-        key.append({
-            "case_id": load_id(case_id),
-            "answers": [{"sentence_id": str(i + 1), "relevance": lab} for i, lab in enumerate(labels)],
-            "clinician_answer_without_citations": draw(st.one_of(st.none(), answer_text)),
-            "clinician_answer_sentences": [
-                {"id": str(j), "text": draw(answer_text),
-                 "citations": draw(st.lists(st.sampled_from([str(i + 1) for i in range(n_sent)]), max_size=2,
-                                            unique=True))}
-                for j in range(draw(st.integers(0, 2)))],
-        })
+        key.append(
+            {
+                "case_id": load_id(case_id),
+                "answers": [{"sentence_id": str(i + 1), "relevance": lab} for i, lab in enumerate(labels)],
+                "clinician_answer_without_citations": draw(st.one_of(st.none(), answer_text)),
+                "clinician_answer_sentences": [
+                    {
+                        "id": str(j),
+                        "text": draw(answer_text),
+                        "citations": draw(
+                            st.lists(st.sampled_from([str(i + 1) for i in range(n_sent)]), max_size=2, unique=True)
+                        ),
+                    }
+                    for j in range(draw(st.integers(0, 2)))
+                ],
+            }
+        )
     declaration = draw(st.sampled_from(['<?xml version="1.0" encoding="UTF-8"?>\n', "", "\ufeff"]))
     return declaration + "<annotations>" + "".join(cases_xml) + "</annotations>", key
 
 
 def load_id(escaped: str) -> str:
     """The case id an XML parser reads from the escaped attribute value."""
-    return (escaped.replace("\t", " ").replace("&#10;", "\n").replace("&#13;", "\r").replace("&#x85;", "\x85")
-            .replace("&amp;", "&"))
+    return (
+        escaped.replace("\t", " ")
+        .replace("&#10;", "\n")
+        .replace("&#13;", "\r")
+        .replace("&#x85;", "\x85")
+        .replace("&amp;", "&")
+    )
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
-                                                                   HealthCheck.too_slow])
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow]
+)
 @given(files=official_files())
 def test_reader_writer_round_trip_is_identical(tmp_path_factory, files):
     xml_text_, key = files
@@ -107,16 +141,33 @@ def test_reader_writer_round_trip_is_identical(tmp_path_factory, files):
     assert (folder / "out2.xml").read_bytes() == (folder / "out.xml").read_bytes()
 
 
-@pytest.mark.parametrize("text", ["a&#13;b", "&#13;", "a&#13;&#10;b", "x\r\ny", "x\ry", "&#xD;&#xD;\n",
-                                  "tab\tand&#9;", "&#x85;nel&#x2028;ls", "&lt;&amp;&gt;]]&gt;", "  padded  ",
-                                  "&#x1F600;&#xE000;&#xFFFD;", "line1\n\nline2"])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "a&#13;b",
+        "&#13;",
+        "a&#13;&#10;b",
+        "x\r\ny",
+        "x\ry",
+        "&#xD;&#xD;\n",
+        "tab\tand&#9;",
+        "&#x85;nel&#x2028;ls",
+        "&lt;&amp;&gt;]]&gt;",
+        "  padded  ",
+        "&#x1F600;&#xE000;&#xFFFD;",
+        "line1\n\nline2",
+    ],
+)
 def test_note_text_examples_round_trip(tmp_path, text):
-    xml = (f'<annotations><case id="1"><patient_narrative/><clinician_question/>'
-           f'<note_excerpt_sentences><sentence id="1">{text}</sentence></note_excerpt_sentences>'
-           f'</case></annotations>')
+    xml = (
+        f'<annotations><case id="1"><patient_narrative/><clinician_question/>'
+        f'<note_excerpt_sentences><sentence id="1">{text}</sentence></note_excerpt_sentences>'
+        f"</case></annotations>"
+    )
     (tmp_path / "a.xml").write_text(xml, encoding="utf-8")
-    (tmp_path / "a.json").write_text(json.dumps([{"case_id": "1", "answers": [
-        {"sentence_id": "1", "relevance": "essential"}]}]), encoding="utf-8")
+    (tmp_path / "a.json").write_text(
+        json.dumps([{"case_id": "1", "answers": [{"sentence_id": "1", "relevance": "essential"}]}]), encoding="utf-8"
+    )
     cases = load_cases(tmp_path / "a.xml", tmp_path / "a.json")
     write_case_files(cases, tmp_path / "b.xml", tmp_path / "b.json")
     assert load_xml(tmp_path / "b.xml")[0].note_sentences == cases[0].note_sentences

@@ -6,6 +6,7 @@ frictions 5 and 6: each mechanism over a table of generated inputs, then the CLI
 * class 10: ``training.config`` / ``training.data.split_files`` (NUL-separated task files) and the
   output preflight, over path names with newlines, tabs, quotes and the like.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -40,9 +41,28 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny_domain(out: Path, *extra: str) -> list[str]:
-    return ["--stage", "domain", "--preset", "tiny", "--data", str(EMRQA), "--out", str(out), "--max_steps", "1",
-            "--batch_tokens", "0", "--batch_size", "2", "--max_length", "512", "--compile", "false",
-            "--no-progress", *extra]
+    return [
+        "--stage",
+        "domain",
+        "--preset",
+        "tiny",
+        "--data",
+        str(EMRQA),
+        "--out",
+        str(out),
+        "--max_steps",
+        "1",
+        "--batch_tokens",
+        "0",
+        "--batch_size",
+        "2",
+        "--max_length",
+        "512",
+        "--compile",
+        "false",
+        "--no-progress",
+        *extra,
+    ]
 
 
 def one_error_line(capsys, argv: list[str]) -> str:
@@ -121,6 +141,7 @@ def test_a_refused_run_leaves_no_folder(tmp_path):
 
 # --- class 7 / friction 6: what a resume may change ---------------------------------------------
 
+
 def _changed(value):
     if isinstance(value, bool):
         return not value
@@ -177,6 +198,7 @@ def test_resume_with_config_file_is_refused(saved_run):
 
 
 # --- end to end: one tiny run (trained under a group-writable umask) -----------------------------
+
 
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory) -> tuple[Path, int]:
@@ -261,6 +283,7 @@ def test_train_never_writes_into_a_folder_of_other_files(tmp_path, capsys):
 
 # --- class 8: the mechanism over umasks ---------------------------------------------------------
 
+
 @pytest.mark.parametrize("mask", [0o000, 0o002, 0o007, 0o022, 0o026, 0o027, 0o033, 0o037, 0o070, 0o077, 0o277])
 def test_sealing_a_built_folder_applies_the_umask(tmp_path, mask):
     previous = os.umask(mask)
@@ -283,9 +306,23 @@ def test_sealing_a_built_folder_applies_the_umask(tmp_path, mask):
 
 # --- class 10: paths are opaque -----------------------------------------------------------------
 
-ODD_NAMES = ["new\nline", "tab\there", " leading space", "trailing space ", "unicodé ✓", "semi;colon",
-             "quote'\"", "dollar$HOME", "star*?", "back\\slash", "-dash-first", "#hash", "carriage\rreturn",
-             "%s%n", "{}[]"]
+ODD_NAMES = [
+    "new\nline",
+    "tab\there",
+    " leading space",
+    "trailing space ",
+    "unicodé ✓",
+    "semi;colon",
+    "quote'\"",
+    "dollar$HOME",
+    "star*?",
+    "back\\slash",
+    "-dash-first",
+    "#hash",
+    "carriage\rreturn",
+    "%s%n",
+    "{}[]",
+]
 
 
 @pytest.mark.parametrize("name", ODD_NAMES, ids=[repr(n) for n in ODD_NAMES])
@@ -319,28 +356,87 @@ def test_score_and_train_take_a_path_with_a_newline(tmp_path, capsys):
         (folder / src.name).write_bytes(src.read_bytes())
     key = json.loads(KEY.read_text())
     sub = folder / "sub.json"
-    sub.write_text(json.dumps([{"case_id": c["case_id"], "prediction": [
-        {"answer_id": a["id"], "evidence_id": a["citations"]} for a in c["clinician_answer_sentences"]]}
-        for c in key]))
-    assert score.main(["--subtask", "4", "--submission", str(sub), "--key", str(folder / KEY.name),
-                       "--json", str(folder / "scores.json")]) == 0
+    sub.write_text(
+        json.dumps(
+            [
+                {
+                    "case_id": c["case_id"],
+                    "prediction": [
+                        {"answer_id": a["id"], "evidence_id": a["citations"]} for a in c["clinician_answer_sentences"]
+                    ],
+                }
+                for c in key
+            ]
+        )
+    )
+    assert (
+        score.main(
+            [
+                "--subtask",
+                "4",
+                "--submission",
+                str(sub),
+                "--key",
+                str(folder / KEY.name),
+                "--json",
+                str(folder / "scores.json"),
+            ]
+        )
+        == 0
+    )
     assert json.loads((folder / "scores.json").read_text())["overall_score"] == 100.0
-    assert train.main(["--stage", "task", "--preset", "tiny", "--xml", str(folder / XML.name), "--key",
-                       str(folder / KEY.name), "--out", str(folder / "run"), "--max_steps", "1",
-                       "--compile", "false", "--no-progress", "--plot", "false"]) == 0
+    assert (
+        train.main(
+            [
+                "--stage",
+                "task",
+                "--preset",
+                "tiny",
+                "--xml",
+                str(folder / XML.name),
+                "--key",
+                str(folder / KEY.name),
+                "--out",
+                str(folder / "run"),
+                "--max_steps",
+                "1",
+                "--compile",
+                "false",
+                "--no-progress",
+                "--plot",
+                "false",
+            ]
+        )
+        == 0
+    )
     manifest = json.loads((folder / "run" / "export" / "manifest.json").read_text())
     assert [d["path"] for d in manifest["stages"][-1]["data"]][:1] == [str(folder / XML.name)]
 
 
 # --- friction 5: a failed cross-validation leaves nothing that blocks the retry -----------------
 
+
 @pytest.mark.parametrize("failure", [RuntimeError("boom"), KeyboardInterrupt()], ids=["error", "interrupt"])
 def test_failed_cv_leaves_nothing_and_the_retry_runs(tmp_path, monkeypatch, capsys, failure):
     import evaluation.cv as cv
 
     out = tmp_path / "cv"
-    argv = ["cv", "--xml", str(XML), "--key", str(KEY), "--out", str(out), "--systems", "bm25", "--folds", "3",
-            "--resamples", "100", "--no-progress"]
+    argv = [
+        "cv",
+        "--xml",
+        str(XML),
+        "--key",
+        str(KEY),
+        "--out",
+        str(out),
+        "--systems",
+        "bm25",
+        "--folds",
+        "3",
+        "--resamples",
+        "100",
+        "--no-progress",
+    ]
 
     def fail(*args, **kwargs):
         raise failure

@@ -1,5 +1,6 @@
 """What a run folder tells about the run: the learning rate each logged step used, every loss part
 plotted, and an export README that is a real model card."""
+
 from __future__ import annotations
 
 import json
@@ -20,9 +21,23 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 @pytest.fixture(scope="module")
 def one_step_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("runlog") / "run"
-    cfg = build_config(dict(stage="task", joint=True, preset="tiny", xml=str(XML), key=str(KEY), out=str(out),
-                            max_steps=1, batch_size=1, lr=3e-4, warmup_ratio=0.0, schedule="cosine", log_every=1,
-                            progress=False))
+    cfg = build_config(
+        dict(
+            stage="task",
+            joint=True,
+            preset="tiny",
+            xml=str(XML),
+            key=str(KEY),
+            out=str(out),
+            max_steps=1,
+            batch_size=1,
+            lr=3e-4,
+            warmup_ratio=0.0,
+            schedule="cosine",
+            log_every=1,
+            progress=False,
+        )
+    )
     return run_training(cfg)
 
 

@@ -1,4 +1,5 @@
 """score.py end to end on the bundled examples (subprocess, as a user runs it)."""
+
 from __future__ import annotations
 
 import json
@@ -48,11 +49,14 @@ def test_subtask4_hand_computed(tmp_path):
     sub = [
         {"case_id": "101", "prediction": [{"answer_id": "1", "evidence_id": ["2", "3"]}]},  # 2 tp of 2
         {"case_id": "102", "prediction": [{"answer_id": "1", "evidence_id": []}]},  # nothing
-        {"case_id": "103", "prediction": [  # 1 tp of 3 (duplicate pair collapses)
-            {"answer_id": "2", "evidence_id": ["3", "4"]},
-            {"answer_id": "1", "evidence_id": ["1"]},
-            {"answer_id": "2", "evidence_id": ["3"]},
-        ]},
+        {
+            "case_id": "103",
+            "prediction": [  # 1 tp of 3 (duplicate pair collapses)
+                {"answer_id": "2", "evidence_id": ["3", "4"]},
+                {"answer_id": "1", "evidence_id": ["1"]},
+                {"answer_id": "2", "evidence_id": ["3"]},
+            ],
+        },
     ]
     path = tmp_path / "sub.json"
     path.write_text(json.dumps(sub))
@@ -146,9 +150,11 @@ def test_training_cases_notice_on_stderr_labelled_scores_on_stdout(tmp_path, cas
 
 def _other_set_submission(folder: Path, subtask: int, ids: list[str]) -> Path:
     """A submission for cases the key does not hold (a test-set run scored against the dev key)."""
-    entries = {2: subtask2_entries({c: ["1"] for c in ids}),
-               3: subtask3_entries({c: "An answer." for c in ids}),
-               4: subtask4_entries({c: {"1": ["1"]} for c in ids})}[subtask]
+    entries = {
+        2: subtask2_entries({c: ["1"] for c in ids}),
+        3: subtask3_entries({c: "An answer." for c in ids}),
+        4: subtask4_entries({c: {"1": ["1"]} for c in ids}),
+    }[subtask]
     path = folder / f"subtask{subtask}" / "submission.json"
     path.parent.mkdir(parents=True)
     path.write_text(json.dumps(entries))

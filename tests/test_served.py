@@ -1,5 +1,6 @@
 """``python -m inference.served``: Subtask 3 from an OpenAI-compatible server (a fake one on
 127.0.0.1 here) with our prompts, greedy settings, answer cleaning and official validation."""
+
 from __future__ import annotations
 
 import json
@@ -61,8 +62,12 @@ def test_served_answers_become_a_valid_subtask3_submission(server, tokenizer_dir
     long = " ".join(["The patient was monitored closely."] * 30)
     replies += ["  The medication was stopped because of kidney injury. ", "", long]
     out = tmp_path / "served"
-    assert served.main([str(XML), "--url", url, "--model", "archehr", "--tokenizer", str(tokenizer_dir),
-                        "--out", str(out)]) == 0
+    assert (
+        served.main(
+            [str(XML), "--url", url, "--model", "archehr", "--tokenizer", str(tokenizer_dir), "--out", str(out)]
+        )
+        == 0
+    )
     cases = load_xml(XML)
     [request] = requests
     assert request["path"] == "/v1/completions" and request["model"] == "archehr"
@@ -82,8 +87,19 @@ def test_an_unreachable_server_is_one_line(tokenizer_dir, tmp_path, capsys):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     with pytest.raises(SystemExit) as stop:
-        served.main([str(XML), "--url", f"http://127.0.0.1:{port}/v1", "--model", "archehr",
-                     "--tokenizer", str(tokenizer_dir), "--out", str(tmp_path / "o")])
+        served.main(
+            [
+                str(XML),
+                "--url",
+                f"http://127.0.0.1:{port}/v1",
+                "--model",
+                "archehr",
+                "--tokenizer",
+                str(tokenizer_dir),
+                "--out",
+                str(tmp_path / "o"),
+            ]
+        )
     assert stop.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "cannot reach the server" in err[0]

@@ -5,6 +5,7 @@ plus its answer) exceeds the limit keeps the longest prefix of its note that fit
 generated cases with the real Qwen3 tokenizer, then through ``infer.py`` with a stand-in
 checkpoint of a small context; zips and keys of odd shapes are one line.
 """
+
 from __future__ import annotations
 
 import json
@@ -26,8 +27,29 @@ from model.manifest import ExportManifest
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
-WORDS = ["fever", "pain", "the", "patient", "was", "given", "5", "mg", "of", "morphine", "CT", "scan", "normal",
-         "hypertension", "q6h", "PRN", "stent", "kidney", "ü", "—", "日本"]
+WORDS = [
+    "fever",
+    "pain",
+    "the",
+    "patient",
+    "was",
+    "given",
+    "5",
+    "mg",
+    "of",
+    "morphine",
+    "CT",
+    "scan",
+    "normal",
+    "hypertension",
+    "q6h",
+    "PRN",
+    "stent",
+    "kidney",
+    "ü",
+    "—",
+    "日本",
+]
 
 
 @st.composite
@@ -35,10 +57,22 @@ def cases(draw, max_sentences: int = 60) -> Case:
     n = draw(st.integers(1, max_sentences))
     sentence = st.lists(st.sampled_from(WORDS), min_size=1, max_size=25).map(" ".join)
     notes = [NoteSentence(str(i + 1), draw(sentence)) for i in range(n)]
-    answers = [AnswerSentence(str(j), draw(sentence), tuple(draw(st.lists(st.sampled_from(
-        [s.sentence_id for s in notes]), max_size=2, unique=True)))) for j in range(draw(st.integers(0, 3)))]
-    return Case("c", draw(sentence), draw(sentence), notes, answer_sentences=answers,
-                relevance={s.sentence_id: "essential" for s in notes[:2]})
+    answers = [
+        AnswerSentence(
+            str(j),
+            draw(sentence),
+            tuple(draw(st.lists(st.sampled_from([s.sentence_id for s in notes]), max_size=2, unique=True))),
+        )
+        for j in range(draw(st.integers(0, 3)))
+    ]
+    return Case(
+        "c",
+        draw(sentence),
+        draw(sentence),
+        notes,
+        answer_sentences=answers,
+        relevance={s.sentence_id: "essential" for s in notes[:2]},
+    )
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -55,8 +89,12 @@ def test_fit_case_keeps_the_longest_prefix_that_fits(qwen_tokenizer, case, limit
         assert fitted is case and cut is None
         return
     k = len(fitted.note_sentences)
-    assert cut is not None and (cut.kept, cut.note_sentences, cut.tokens, cut.limit) == (k, len(case.note_sentences),
-                                                                                          tokens, limit)
+    assert cut is not None and (cut.kept, cut.note_sentences, cut.tokens, cut.limit) == (
+        k,
+        len(case.note_sentences),
+        tokens,
+        limit,
+    )
     assert fitted.note_sentences == case.note_sentences[:k] and 1 <= k < len(case.note_sentences)
     assert case_tokens(qwen_tokenizer, fitted, reserve) <= limit
     assert case_tokens(qwen_tokenizer, keep_note_sentences(case, k + 1), reserve) > limit  # the longest
@@ -68,8 +106,13 @@ def test_a_five_thousand_sentence_note_is_cut_quickly(qwen_tokenizer):
     import time
 
     notes = [NoteSentence(str(i), f"Patient had fever on day {i} and received {i * 7} mg.") for i in range(5000)]
-    case = Case("big", "Was the fever treated?", "Was the fever treated?", notes,
-                answer_sentences=[AnswerSentence("1", "It was.", ("3",))])
+    case = Case(
+        "big",
+        "Was the fever treated?",
+        "Was the fever treated?",
+        notes,
+        answer_sentences=[AnswerSentence("1", "It was.", ("3",))],
+    )
     start = time.perf_counter()
     fitted, cut = fit_case(qwen_tokenizer, case, 8192, reserve=100)
     assert time.perf_counter() - start < 30
@@ -84,8 +127,14 @@ class SmallContextCheckpoint:
     """A checkpoint stand-in with the real tokenizer and a 1024-token model context."""
 
     threshold = 0.5
-    manifest = ExportManifest.from_dict({"format": "archehr-export/1", "preset": "fake", "alignment": {"threshold": 0.5},
-                                         "relevance": {"threshold": 0.5, "calibrated_on": "training cases"}})
+    manifest = ExportManifest.from_dict(
+        {
+            "format": "archehr-export/1",
+            "preset": "fake",
+            "alignment": {"threshold": 0.5},
+            "relevance": {"threshold": 0.5, "calibrated_on": "training cases"},
+        }
+    )
 
     def __init__(self, tokenizer, context: int = 1024):
         from types import SimpleNamespace
@@ -109,8 +158,9 @@ class SmallContextCheckpoint:
 
 
 def long_xml(path: Path, n: int) -> Path:
-    sentences = "".join(f'<sentence id="{i}">Patient had fever on day {i} and received {i * 7} mg.</sentence>'
-                        for i in range(1, n + 1))
+    sentences = "".join(
+        f'<sentence id="{i}">Patient had fever on day {i} and received {i * 7} mg.</sentence>' for i in range(1, n + 1)
+    )
     path.write_text(
         '<annotations><case id="long"><patient_narrative>Was my fever treated?</patient_narrative>'
         "<clinician_question>Was the fever treated?</clinician_question>"
@@ -119,7 +169,8 @@ def long_xml(path: Path, n: int) -> Path:
         '<case id="short"><patient_narrative>Pain?</patient_narrative><clinician_question>Pain?</clinician_question>'
         '<note_excerpt_sentences><sentence id="1">No pain.</sentence></note_excerpt_sentences>'
         '<answer_sentences><sentence id="1">No.</sentence></answer_sentences></case></annotations>',
-        encoding="utf-8")
+        encoding="utf-8",
+    )
     return path
 
 
@@ -132,8 +183,22 @@ def test_infer_cuts_a_long_note_says_so_and_records_it(tmp_path, capsys, monkeyp
     (tmp_path / "export").mkdir()
     xml = long_xml(tmp_path / "long.xml", 400)
     out = tmp_path / "out"
-    assert infer.main([str(xml), "--out", str(out), "--export", str(tmp_path / "export"), "--no-progress",
-                       "--max-new-tokens", "50", *extra]) == 0
+    assert (
+        infer.main(
+            [
+                str(xml),
+                "--out",
+                str(out),
+                "--export",
+                str(tmp_path / "export"),
+                "--no-progress",
+                "--max-new-tokens",
+                "50",
+                *extra,
+            ]
+        )
+        == 0
+    )
     err = capsys.readouterr().err
     run = json.loads((out / "run.json").read_text())
     (cut,) = run["context"]["notes_cut"]
@@ -154,8 +219,18 @@ def test_infer_refuses_a_case_that_cannot_fit_at_all(tmp_path, capsys, monkeypat
     xml = long_xml(tmp_path / "long.xml", 5)
     capsys.readouterr()
     with pytest.raises(SystemExit) as exc:
-        infer.main([str(xml), "--out", str(tmp_path / "out"), "--export", str(tmp_path / "export"),
-                    "--no-progress", "--max-new-tokens", "290"])
+        infer.main(
+            [
+                str(xml),
+                "--out",
+                str(tmp_path / "out"),
+                "--export",
+                str(tmp_path / "export"),
+                "--no-progress",
+                "--max-new-tokens",
+                "290",
+            ]
+        )
     assert exc.value.code == 2
     lines = [x for x in capsys.readouterr().err.splitlines() if x.startswith("error:")]
     assert len(lines) == 1 and "needs more than 300 tokens" in lines[0]
@@ -188,7 +263,7 @@ def _bad_zips(tmp: Path) -> list[tuple[Path, str]]:
     method = bytearray(raw)
     for sig in (b"PK\x03\x04", b"PK\x01\x02"):  # compression method 99 (AES): not supported
         at = raw.index(sig) + (8 if sig == b"PK\x03\x04" else 10)
-        method[at:at + 2] = (99).to_bytes(2, "little")
+        method[at : at + 2] = (99).to_bytes(2, "little")
     (tmp / "aes.zip").write_bytes(bytes(method))
     encrypted = bytearray(raw)  # the "encrypted" bit of the general-purpose flags, in both headers
     encrypted[raw.index(b"PK\x03\x04") + 6] |= 0x1
@@ -205,9 +280,11 @@ def _bad_zips(tmp: Path) -> list[tuple[Path, str]]:
         (_zip(tmp / "sub.zip", [("dir/submission.json", good)]), "no submission.json"),
         (_zip(tmp / "dir.zip", [("submission.json/", b"")]), "no submission.json"),
         (_zip(tmp / "two.zip", [("submission.json", good), ("submission.json", good)]), "keep one"),
-        (_zip(tmp / "latin.zip", [("submission.json", "[\"caf\xe9\"]".encode("latin-1"))]), "UTF-8"),
-        (_zip(tmp / "surrogate.zip", [("submission.json", b'[{"case_id": "\\ud800", "prediction": "x"}]')]),
-         "lone surrogate"),
+        (_zip(tmp / "latin.zip", [("submission.json", '["caf\xe9"]'.encode("latin-1"))]), "UTF-8"),
+        (
+            _zip(tmp / "surrogate.zip", [("submission.json", b'[{"case_id": "\\ud800", "prediction": "x"}]')]),
+            "lone surrogate",
+        ),
         (_zip(tmp / "stored_empty.zip", [("submission.json", b"")], zipfile.ZIP_STORED), "empty"),
     ]
 
@@ -222,12 +299,23 @@ def test_odd_zips_are_one_line(tmp_path):
         assert "\n" not in line and words in line and str(path) in line, (path.name, line)
 
 
-@pytest.mark.parametrize("text, words", [
-    ("[]", "no cases"), ("{}", "JSON list"), ("null", "JSON list"), ('""', "JSON list"), ("0", "JSON list"),
-    ("[[]]", "object"), ("[{}]", "case_id"), ('[{"case_id": ""}]', "case_id"), ('[{"case_id": 5}]', "case_id"),
-    ('[{"case_id": "\\udc80"}]', "lone surrogate"), ("[" * 100_000, "JSON"), ('[{"case_id": "1", "answers": {}}]',
-                                                                               "'answers' must be a list"),
-])
+@pytest.mark.parametrize(
+    "text, words",
+    [
+        ("[]", "no cases"),
+        ("{}", "JSON list"),
+        ("null", "JSON list"),
+        ('""', "JSON list"),
+        ("0", "JSON list"),
+        ("[[]]", "object"),
+        ("[{}]", "case_id"),
+        ('[{"case_id": ""}]', "case_id"),
+        ('[{"case_id": 5}]', "case_id"),
+        ('[{"case_id": "\\udc80"}]', "lone surrogate"),
+        ("[" * 100_000, "JSON"),
+        ('[{"case_id": "1", "answers": {}}]', "'answers' must be a list"),
+    ],
+)
 def test_odd_keys_are_one_line(tmp_path, text, words):
     path = tmp_path / "key.json"
     path.write_text(text, encoding="utf-8")

@@ -1,4 +1,5 @@
 """Official submission formats: round trips, zip layout, 75 words, validator rejections."""
+
 from __future__ import annotations
 
 import json
@@ -42,7 +43,10 @@ def test_entry_builders_exact_format():
         {"case_id": "5", "prediction": "More."},
     ]
     assert subtask4_entries({"121": {"1": ["3", "7"], "2": []}}) == [
-        {"case_id": "121", "prediction": [{"answer_id": "1", "evidence_id": ["3", "7"]}, {"answer_id": "2", "evidence_id": []}]}
+        {
+            "case_id": "121",
+            "prediction": [{"answer_id": "1", "evidence_id": ["3", "7"]}, {"answer_id": "2", "evidence_id": []}],
+        }
     ]
 
 

@@ -1,4 +1,5 @@
 """Subtask 2 (evidence identification): official scores, submission format, score.py."""
+
 from __future__ import annotations
 
 import json
@@ -40,9 +41,11 @@ def test_strict_and_lenient_by_hand():
 
 
 def test_macro_and_micro_differ_and_empty_empty_is_one():
-    gold = _gold(a={"1": "essential", "2": "not-relevant"},
-                 b={"1": "supplementary", "2": "not-relevant"},  # nothing essential
-                 c={"1": "essential", "2": "essential"})
+    gold = _gold(
+        a={"1": "essential", "2": "not-relevant"},
+        b={"1": "supplementary", "2": "not-relevant"},  # nothing essential
+        c={"1": "essential", "2": "essential"},
+    )
     s = score_relevance({"a": {"1"}, "b": set(), "c": {"1", "2"}}, gold)
     # per case strict F1: a 1, b (empty/empty) 1, c 1 -> macro 100; micro tp 3 / pred 3 / gold 3
     assert s["strict_macro_f1"] == pytest.approx(100)
@@ -102,9 +105,16 @@ def _reference(predicted: dict[str, list[str]], key: list[dict]) -> dict[str, fl
             mr = TP / NG if NG else 0.0
             mf = 2 * mp * mr / (mp + mr) if mp + mr else 0.0
         n = len(key)
-        out.update({f"{view}_macro_precision": 100 * sum(ps) / n, f"{view}_macro_recall": 100 * sum(rs) / n,
-                    f"{view}_macro_f1": 100 * sum(fs) / n, f"{view}_micro_precision": 100 * mp,
-                    f"{view}_micro_recall": 100 * mr, f"{view}_micro_f1": 100 * mf})
+        out.update(
+            {
+                f"{view}_macro_precision": 100 * sum(ps) / n,
+                f"{view}_macro_recall": 100 * sum(rs) / n,
+                f"{view}_macro_f1": 100 * sum(fs) / n,
+                f"{view}_micro_precision": 100 * mp,
+                f"{view}_micro_recall": 100 * mr,
+                f"{view}_micro_f1": 100 * mf,
+            }
+        )
     out["overall_score"] = out["strict_micro_f1"]
     return out
 
@@ -116,19 +126,27 @@ def test_random_submissions_match_an_independent_implementation(tmp_path):
         key = []
         for i in range(rng.randint(1, 8)):
             n = rng.randint(1, 12)
-            key.append({"case_id": str(i), "answers": [{"sentence_id": str(j), "relevance": rng.choice(labels)}
-                                                        for j in range(1, n + 1)]})
-        predicted = {c["case_id"]: rng.sample([a["sentence_id"] for a in c["answers"]],
-                                              rng.randint(0, len(c["answers"]))) for c in key}
-        ours = score_relevance({k: set(v) for k, v in predicted.items()},
-                              gold_from_relevance({c["case_id"]: {a["sentence_id"]: a["relevance"]
-                                                                  for a in c["answers"]} for c in key}))
+            key.append(
+                {
+                    "case_id": str(i),
+                    "answers": [{"sentence_id": str(j), "relevance": rng.choice(labels)} for j in range(1, n + 1)],
+                }
+            )
+        predicted = {
+            c["case_id"]: rng.sample([a["sentence_id"] for a in c["answers"]], rng.randint(0, len(c["answers"])))
+            for c in key
+        }
+        ours = score_relevance(
+            {k: set(v) for k, v in predicted.items()},
+            gold_from_relevance({c["case_id"]: {a["sentence_id"]: a["relevance"] for a in c["answers"]} for c in key}),
+        )
         ref = _reference(predicted, key)
         assert set(ours) == set(ref)
         for k in ref:
             assert abs(ours[k] - ref[k]) <= 1e-9, (trial, k)
         if trial < 3:  # and through score.py, from files
             from metrics.subtask2 import score_subtask2
+
             kp, sp = tmp_path / f"key{trial}.json", tmp_path / f"sub{trial}.json"
             kp.write_text(json.dumps(key))
             sp.write_text(json.dumps(subtask2_entries(predicted)))
@@ -152,8 +170,9 @@ def test_submission_round_trip_and_validation(tmp_path):
 
 
 def _run(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "score.py", *map(str, args)], cwd=ROOT, capture_output=True, text=True,
-                          timeout=120)
+    return subprocess.run(
+        [sys.executable, "score.py", *map(str, args)], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
 
 
 def test_score_cli_subtask2(tmp_path):
@@ -190,11 +209,13 @@ def test_ladder_counts_reproduce_official_scores():
         n = rng.randint(1, 7)
         notes = [NoteSentence(str(j), "x") for j in range(1, n + 1)]
         rel = {s.sentence_id: rng.choice(labels) for s in notes}
-        cases.append(Case(case_id=str(i), patient_narrative="", clinician_question="", note_sentences=notes,
-                          relevance=rel))
+        cases.append(
+            Case(case_id=str(i), patient_narrative="", clinician_question="", note_sentences=notes, relevance=rel)
+        )
         predicted[str(i)] = rng.sample(list(rel), rng.randint(0, n))
-    official = score_relevance({k: set(v) for k, v in predicted.items()},
-                              gold_from_relevance({c.case_id: c.relevance for c in cases}))
+    official = score_relevance(
+        {k: set(v) for k, v in predicted.items()}, gold_from_relevance({c.case_id: c.relevance for c in cases})
+    )
     counts = relevance_counts(predicted, cases)
     every_case_once = np.arange(len(cases))[None, :]
     from_counts = relevance_from_counts({v: c[every_case_once] for v, c in counts.items()})
@@ -216,10 +237,14 @@ def test_baseline_predictions_and_threshold_fit():
         assert evidence[c.case_id] == [s for s, x in zip(c.note_ids, scores) if x >= 0.5]
     threshold, f1 = rb.fit_threshold(cases)
     # the chosen threshold is the best on these cases: no grid point scores higher
-    official = score_relevance({c.case_id: set(rb.predict_relevant(c, rb.relevance_scores(c), threshold))
-                               for c in cases}, gold_from_relevance({c.case_id: c.relevance for c in cases}))
+    official = score_relevance(
+        {c.case_id: set(rb.predict_relevant(c, rb.relevance_scores(c), threshold)) for c in cases},
+        gold_from_relevance({c.case_id: c.relevance for c in cases}),
+    )
     assert official["strict_micro_f1"] == pytest.approx(100 * f1)
     for t in (0.1, 0.3, 0.7, 0.9):
-        other = score_relevance({c.case_id: set(rb.predict_relevant(c, rb.relevance_scores(c), t)) for c in cases},
-                               gold_from_relevance({c.case_id: c.relevance for c in cases}))
+        other = score_relevance(
+            {c.case_id: set(rb.predict_relevant(c, rb.relevance_scores(c), t)) for c in cases},
+            gold_from_relevance({c.case_id: c.relevance for c in cases}),
+        )
         assert other["strict_micro_f1"] <= official["strict_micro_f1"] + 1e-9

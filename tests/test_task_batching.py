@@ -1,5 +1,6 @@
 """Several cases per micro-batch (issue 21): the head's and the LM's losses are the same values as
 the per-case loop computed before, and packing changes only how cases are weighted in a step."""
+
 from __future__ import annotations
 
 import pytest
@@ -22,8 +23,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 def tiny(qwen_tokenizer):
     torch.manual_seed(0)
     backbone = load_backbone("tiny", load_in_4bit=False, device="cpu", gradient_checkpointing=False).eval()
-    head = NotePairHead(HeadConfig(hidden_size=backbone.get_base_model().config.hidden_size,
-                                   relevance=True)).eval()
+    head = NotePairHead(HeadConfig(hidden_size=backbone.get_base_model().config.hidden_size, relevance=True)).eval()
     cases = make_cases(5, seed=3)
     examples, relevance = task_examples(cases, joint=True)
     items, dropped = encode_items(qwen_tokenizer, examples, 4096, relevance)
@@ -40,11 +40,13 @@ def losses_before(backbone, head, batch: dict, settings: LossSettings) -> dict[s
     keep = targets != IGNORE_INDEX
     logits = F.linear(final[:, :-1][keep], lm_head(backbone).weight).float()
     lm = F.cross_entropy(logits, targets[keep])
-    pair_logits, rel_logits = head.forward_batch(tapped, batch["note_spans"], batch["note_counts"],
-                                                 batch["answer_spans"], batch["answer_counts"])
+    pair_logits, rel_logits = head.forward_batch(
+        tapped, batch["note_spans"], batch["note_counts"], batch["answer_spans"], batch["answer_counts"]
+    )
     scored = [lg.reshape(-1) for lg, cited in zip(pair_logits, batch["has_pairs"].tolist()) if cited]
-    align = F.binary_cross_entropy_with_logits(torch.cat(scored), batch["pair_targets"],
-                                               pos_weight=torch.tensor(settings.pos_weight))
+    align = F.binary_cross_entropy_with_logits(
+        torch.cat(scored), batch["pair_targets"], pos_weight=torch.tensor(settings.pos_weight)
+    )
     mask = batch["relevance_mask"]
     relevance = F.binary_cross_entropy_with_logits(rel_logits[mask], batch["relevance_targets"][mask])
     total = lm + settings.align_weight * align + settings.relevance_weight * relevance

@@ -1,6 +1,7 @@
 """``--report_to``: TensorBoard event files hold every series of ``log.jsonl`` (tiny preset, CPU,
 offline), a resumed run's events are not doubled, and a tracker whose package is missing is
 refused with one line before any work."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -22,8 +23,19 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _config(out: Path, **overrides):
-    values = dict(stage="domain", preset="tiny", data=str(DATA), out=str(out), max_steps=4, batch_size=2,
-                  log_every=1, progress=False, plot=False, gradient_checkpointing=False, report_to="tensorboard")
+    values = dict(
+        stage="domain",
+        preset="tiny",
+        data=str(DATA),
+        out=str(out),
+        max_steps=4,
+        batch_size=2,
+        log_every=1,
+        progress=False,
+        plot=False,
+        gradient_checkpointing=False,
+        report_to="tensorboard",
+    )
     values.update(overrides)
     return build_config(values)
 
@@ -71,8 +83,7 @@ def test_tensorboard_event_files_hold_every_logged_series(tmp_path):
     got = _events(run)
     _assert_same_series(got, _expected(rows))
     # The series the issue names: losses, learning rate, tokens/s, grad norm (and tokens seen).
-    assert {"train/loss", "train/lm", "train/lr", "train/tokens_per_s", "train/grad_norm",
-            "train/tokens"} <= set(got)
+    assert {"train/loss", "train/lm", "train/lr", "train/tokens_per_s", "train/grad_norm", "train/tokens"} <= set(got)
     assert all(v > 0 for _, v in got["train/grad_norm"])
     assert (run / "log.jsonl").is_file()  # the source of truth stays
 
@@ -92,8 +103,11 @@ def _raw_points(run: Path, tag: str) -> tuple[list[tuple[int, float]], list[tupl
                 kept = [(s, v) for s, v in kept if s < event.step]
             for value in event.summary.value:
                 if value.tag == tag:
-                    number = (value.simple_value if value.WhichOneof("value") == "simple_value"
-                              else make_ndarray(value.tensor).item())
+                    number = (
+                        value.simple_value
+                        if value.WhichOneof("value") == "simple_value"
+                        else make_ndarray(value.tensor).item()
+                    )
                     everything.append((event.step, number))
                     kept.append((event.step, number))
     return everything, kept
@@ -109,8 +123,9 @@ def test_resumed_run_purges_the_events_after_its_checkpoint(tmp_path):
     assert first.interrupted and first.steps == 3
     # As if the process died after logging step 3 and before its checkpoint: resume from step 2.
     shutil.rmtree(run / "checkpoints" / "step-3")
-    final = run_training(build_config({"out": str(run)}, base=json.loads((run / "config.json").read_text())),
-                         resume=True)
+    final = run_training(
+        build_config({"out": str(run)}, base=json.loads((run / "config.json").read_text())), resume=True
+    )
     assert final.steps == 5
     rows = _log_rows(run)
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5]
@@ -127,8 +142,9 @@ def test_a_missing_tracker_package_is_one_line_before_any_work(tracker, tmp_path
         pytest.skip(f"{tracker} is installed here")
     out = tmp_path / "run"
     with pytest.raises(SystemExit) as stop:
-        train.main(["--stage", "domain", "--preset", "tiny", "--data", str(DATA), "--out", str(out),
-                    "--report_to", tracker])
+        train.main(
+            ["--stage", "domain", "--preset", "tiny", "--data", str(DATA), "--out", str(out), "--report_to", tracker]
+        )
     assert stop.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f"pip install {tracker}" in err[0] and "--report_to" in err[0]
@@ -137,8 +153,11 @@ def test_a_missing_tracker_package_is_one_line_before_any_work(tracker, tmp_path
 
 def test_a_missing_tensorboard_is_refused_too(monkeypatch):
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *a: None if name in ("tensorboard", "tensorboardX") else real(name, *a))
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name in ("tensorboard", "tensorboardX") else real(name, *a),
+    )
     with pytest.raises(Exception, match="pip install tensorboard"):
         check_tracker_installed("tensorboard")
     check_tracker_installed("none")
@@ -146,14 +165,39 @@ def test_a_missing_tensorboard_is_refused_too(monkeypatch):
 
 def test_an_unknown_tracker_is_a_bad_value(tmp_path, capsys):
     with pytest.raises(SystemExit) as stop:
-        train.main(["--stage", "domain", "--preset", "tiny", "--data", str(DATA), "--out", str(tmp_path / "r"),
-                    "--report_to", "comet"])
+        train.main(
+            [
+                "--stage",
+                "domain",
+                "--preset",
+                "tiny",
+                "--data",
+                str(DATA),
+                "--out",
+                str(tmp_path / "r"),
+                "--report_to",
+                "comet",
+            ]
+        )
     assert stop.value.code == 2
     assert "--report_to must be one of none, tensorboard, wandb, mlflow, trackio" in capsys.readouterr().err
 
 
 def test_tracker_values_keep_numbers_only():
-    row = {"step": 7, "epoch": 0, "loss": 1.5, "lr": 1e-4, "resumed_from": "step-5", "flag": True,
-           "max_mem_gb_ranks": [1.0, 2.0], "bad": float("nan")}
-    assert tracker_values(row) == {"train/epoch": 0, "train/loss": 1.5, "train/lr": 1e-4,
-                                   "train/max_mem_gb_ranks_rank0": 1.0, "train/max_mem_gb_ranks_rank1": 2.0}
+    row = {
+        "step": 7,
+        "epoch": 0,
+        "loss": 1.5,
+        "lr": 1e-4,
+        "resumed_from": "step-5",
+        "flag": True,
+        "max_mem_gb_ranks": [1.0, 2.0],
+        "bad": float("nan"),
+    }
+    assert tracker_values(row) == {
+        "train/epoch": 0,
+        "train/loss": 1.5,
+        "train/lr": 1e-4,
+        "train/max_mem_gb_ranks_rank0": 1.0,
+        "train/max_mem_gb_ranks_rank1": 2.0,
+    }

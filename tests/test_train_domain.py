@@ -1,4 +1,5 @@
 """The domain stage (emrQA, loss on answer tokens only) lowers the answer loss."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -56,10 +57,23 @@ def test_emrqa_evidence_pair_is_the_sentence_holding_the_answer():
 
 def test_domain_stage_lowers_answer_loss(tmp_path, qwen_tokenizer):
     data = EXAMPLES / "emrqa_sample.jsonl"
-    cfg = build_config(dict(
-        stage="domain", preset="tiny", data=str(data), out=str(tmp_path / "run"), batch_size=4, batch_tokens=0, grad_accum=1,
-        epochs=6, lr=1e-2, warmup_ratio=0.0, gradient_checkpointing=False, log_every=3, progress=False,
-    ))
+    cfg = build_config(
+        dict(
+            stage="domain",
+            preset="tiny",
+            data=str(data),
+            out=str(tmp_path / "run"),
+            batch_size=4,
+            batch_tokens=0,
+            grad_accum=1,
+            epochs=6,
+            lr=1e-2,
+            warmup_ratio=0.0,
+            gradient_checkpointing=False,
+            log_every=3,
+            progress=False,
+        )
+    )
     encoded = [encode_example(qwen_tokenizer, emrqa_to_prompt_example(r)) for r in load_emrqa(data)]
     set_seed(cfg.seed)
     before = answer_loss(load_backbone("tiny", device="cpu"), encoded, qwen_tokenizer.pad_token_id)

@@ -4,6 +4,7 @@ Synthetic cases (tests/synthetic.py): answers use lay words, their supports use
 codes from a fixed lexicon, and each answer has a distractor note sentence that
 repeats its words. Held-out cases are generated with another seed (not in training).
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -56,19 +57,39 @@ def test_generator_makes_word_overlap_misleading(synthetic):
 
 def test_joint_stage_learns_held_out_alignment(synthetic, qwen_tokenizer):
     root, train, held = synthetic
-    cfg = build_config(dict(
-        stage="task", joint=True, preset="tiny", xml=str(root / "train.xml"), key=str(root / "train_key.json"),
-        out=str(root / "run"), batch_size=4, batch_tokens=0, grad_accum=1, epochs=10, lr=2e-3, head_lr=4e-3,
-        warmup_ratio=0.0, gradient_checkpointing=False, log_every=5, save_every=0, progress=False,
-    ))
+    cfg = build_config(
+        dict(
+            stage="task",
+            joint=True,
+            preset="tiny",
+            xml=str(root / "train.xml"),
+            key=str(root / "train_key.json"),
+            out=str(root / "run"),
+            batch_size=4,
+            batch_tokens=0,
+            grad_accum=1,
+            epochs=10,
+            lr=2e-3,
+            head_lr=4e-3,
+            warmup_ratio=0.0,
+            gradient_checkpointing=False,
+            log_every=5,
+            save_every=0,
+            progress=False,
+        )
+    )
     held_targets = [targets(c) for c in held]
     train_enc = [encode_example(qwen_tokenizer, example_from_case(c)) for c in train]
     held_enc = [encode_example(qwen_tokenizer, example_from_case(c)) for c in held]
 
     # The exact initial state of the run (same seed, same construction order).
     set_seed(cfg.seed)
-    backbone = load_backbone("tiny", device="cpu", gradient_checkpointing=False,
-                             lora=LoraSettings(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout))
+    backbone = load_backbone(
+        "tiny",
+        device="cpu",
+        gradient_checkpointing=False,
+        lora=LoraSettings(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout),
+    )
     head = build_head(cfg, 64, None, "cpu")
     train_probs = pair_probabilities(backbone, head, train_enc)
     before_threshold, _ = calibrate_threshold(train_probs, [targets(c) for c in train])

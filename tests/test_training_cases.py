@@ -1,6 +1,7 @@
 """Honest records: scores on an export's own training cases refused or labelled, the
 extractive fallback summarised, texts the official BLEU cannot score never written,
 BERTScore official only with distilbert-base-uncased, per-case tables."""
+
 from __future__ import annotations
 
 import json
@@ -54,8 +55,9 @@ def make_export(tmp_path: Path, monkeypatch, trained: list[str] | None, answers:
     export = tmp_path / "export"
     export.mkdir()
     (export / "manifest.json").write_text(json.dumps(manifest))
-    fake = ScriptedCheckpoint(answers or {"101": "A stent.", "102": "Rest.", "103": "Redness fades."},
-                              ExportManifest.from_dict(manifest))
+    fake = ScriptedCheckpoint(
+        answers or {"101": "A stent.", "102": "Rest.", "103": "Redness fades."}, ExportManifest.from_dict(manifest)
+    )
     loads = []
     monkeypatch.setattr(model.loaded_export, "load_export", lambda *a, **k: loads.append(1) or fake)
     return export, loads
@@ -92,8 +94,23 @@ def test_infer_with_allow_train_cases_labels_every_score(tmp_path, monkeypatch, 
 
     # score.py finds the run.json beside the submission and applies the same rule.
     def score(*extra):
-        return subprocess.run([sys.executable, "score.py", "--subtask", "4", "--submission", str(out / "subtask4.zip"),
-                               "--key", str(KEY), *extra], cwd=ROOT, capture_output=True, text=True, timeout=120)
+        return subprocess.run(
+            [
+                sys.executable,
+                "score.py",
+                "--subtask",
+                "4",
+                "--submission",
+                str(out / "subtask4.zip"),
+                "--key",
+                str(KEY),
+                *extra,
+            ],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
 
     refused = score("--json", str(tmp_path / "s.json"))
     assert refused.returncode == 2 and len(refused.stderr.strip().splitlines()) == 1
@@ -111,8 +128,13 @@ def test_held_out_cases_are_not_labelled(tmp_path, monkeypatch, capsys):
     assert run_infer(XML, "--out", out, "--export", export, "--key", KEY) == 0
     run = json.loads((out / "run.json").read_text())
     assert "evaluated_on" not in run["scores"] and "TRAINING CASES" not in capsys.readouterr().err
-    proc = subprocess.run([sys.executable, "score.py", "--subtask", "4", "--submission", str(out / "subtask4.zip"),
-                           "--key", str(KEY)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "score.py", "--subtask", "4", "--submission", str(out / "subtask4.zip"), "--key", str(KEY)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0 and "TRAINING CASES" not in proc.stdout
 
 
@@ -173,12 +195,21 @@ def test_our_answers_never_lack_13a_tokens():
 
 # ---------------------------------------------------------------- BERTScore naming
 
+
 def distilbert_folder(tmp_path: Path, official: bool) -> Path:
     folder = tmp_path / ("distilbert" if official else "minilm")
     folder.mkdir()
-    cfg = ({"model_type": "distilbert", "vocab_size": 30522, "n_layers": 6, "dim": 768,
-            "architectures": ["DistilBertForMaskedLM"]} if official
-           else {"model_type": "bert", "vocab_size": 30522, "num_hidden_layers": 6, "hidden_size": 384})
+    cfg = (
+        {
+            "model_type": "distilbert",
+            "vocab_size": 30522,
+            "n_layers": 6,
+            "dim": 768,
+            "architectures": ["DistilBertForMaskedLM"],
+        }
+        if official
+        else {"model_type": "bert", "vocab_size": 30522, "num_hidden_layers": 6, "hidden_size": 384}
+    )
     (folder / "config.json").write_text(json.dumps(cfg))
     return folder
 
@@ -227,14 +258,33 @@ def test_bertscore_not_computed_reasons(tmp_path, monkeypatch):
 
 # ---------------------------------------------------------------- per-case table
 
+
 def test_per_case_table(tmp_path):
     cases = load_cases(XML, KEY)
-    path, _ = write_submission(subtask3_entries({c.case_id: "The stent drains the kidney." for c in cases}),
-                               tmp_path, 3, cases)
-    proc = subprocess.run([sys.executable, "score.py", "--subtask", "3", "--submission", str(path), "--key", str(KEY),
-                           "--xml", str(XML), "--per-case"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    path, _ = write_submission(
+        subtask3_entries({c.case_id: "The stent drains the kidney." for c in cases}), tmp_path, 3, cases
+    )
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "score.py",
+            "--subtask",
+            "3",
+            "--submission",
+            str(path),
+            "--key",
+            str(KEY),
+            "--xml",
+            str(XML),
+            "--per-case",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
     header = next(i for i, line in enumerate(lines) if line.startswith("case_id"))
     assert lines[header].split()[1:] == ["bleu", "rouge1", "rouge2", "rougeL", "rougeLsum", "sari"]
-    assert [line.split()[0] for line in lines[header + 1:header + 4]] == ["101", "102", "103"]
+    assert [line.split()[0] for line in lines[header + 1 : header + 4]] == ["101", "102", "103"]

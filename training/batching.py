@@ -37,6 +37,7 @@ a negative slice of the first batches: one oversized batch per rank per epoch (t
 the first ``P`` batches together, an *empty* batch on one rank (collate fails there).
 Even with fixed-size batches it repeats examples to fill a short last batch.
 """
+
 from __future__ import annotations
 
 import math
@@ -53,7 +54,11 @@ if TYPE_CHECKING:
 
 
 def token_budget_batches(
-    lengths: Sequence[int], max_tokens: int, seed: int = 0, epoch: int = 0, shuffle: bool = True,
+    lengths: Sequence[int],
+    max_tokens: int,
+    seed: int = 0,
+    epoch: int = 0,
+    shuffle: bool = True,
     max_rows: int | None = None,
 ) -> list[list[int]]:
     """Index batches whose padded size (rows x longest row) stays within ``max_tokens``.
@@ -93,8 +98,9 @@ class EpochBatches:
     batches shuffled) to cut padding. The training loop asks for an epoch's batches and
     resumes inside them itself (``rank_micro_batches``)."""
 
-    def __init__(self, lengths: Sequence[int], batch_size: int, seed: int, shuffle: bool = True,
-                 group_by_length: bool = False):
+    def __init__(
+        self, lengths: Sequence[int], batch_size: int, seed: int, shuffle: bool = True, group_by_length: bool = False
+    ):
         self.lengths = list(lengths)
         self.batch_size = batch_size
         self.seed = seed
@@ -108,9 +114,12 @@ class EpochBatches:
             rng.shuffle(order)
         if self.group_by_length:
             window = self.batch_size * 50
-            order = [i for w in range(0, len(order), window)
-                     for i in sorted(order[w:w + window], key=lambda j: -self.lengths[j])]
-        out = [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+            order = [
+                i
+                for w in range(0, len(order), window)
+                for i in sorted(order[w : w + window], key=lambda j: -self.lengths[j])
+            ]
+        out = [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
         if self.group_by_length and self.shuffle:
             rng.shuffle(out)
         return out
@@ -152,8 +161,11 @@ def collate(items: Sequence[TrainItem], pad_id: int) -> dict:
         cited = bool(enc.pairs) and bool(enc.answer_spans)
         if cited:  # every (answer, note) pair of the example, in pair_targets' row-major order
             pair_targets += [t for row_t in enc.pair_targets() for t in row_t]
-            pair_index += [(len(answer_spans) + a, len(note_spans) + k)
-                           for a in range(len(enc.answer_spans)) for k in range(len(enc.note_spans))]
+            pair_index += [
+                (len(answer_spans) + a, len(note_spans) + k)
+                for a in range(len(enc.answer_spans))
+                for k in range(len(enc.note_spans))
+            ]
         note_spans += [(row, s, e) for s, e in enc.note_spans]
         answer_spans += [(row, s, e) for s, e in enc.answer_spans]
         note_counts.append(len(enc.note_spans))

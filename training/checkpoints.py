@@ -11,6 +11,7 @@ filesystem every node sees. Under FSDP every rank takes part in gathering the fu
 adapter and head (training.gather) and saves its own optimizer shard
 (``optimizer-rank-R.pt``): an FSDP checkpoint resumes on the same number of processes.
 """
+
 from __future__ import annotations
 
 import json
@@ -84,7 +85,7 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
 def skipped_newer(run_dir: str | Path, used: Path) -> list[str]:
     """Checkpoints newer than ``used`` (torn ones a resume skipped), by name."""
     dirs = checkpoint_dirs(run_dir)
-    return [d.name for d in dirs[dirs.index(used) + 1:]] if used in dirs else []
+    return [d.name for d in dirs[dirs.index(used) + 1 :]] if used in dirs else []
 
 
 def _safetensors_problem(path: Path) -> str | None:
@@ -109,8 +110,11 @@ def _safetensors_problem(path: Path) -> str | None:
 # The trainer state's numbers (training.loop_state writes them): each integer within its range.
 _STEP_COUNT = integer(0, 10**9)
 STATE_FIELDS = {"step": _STEP_COUNT, "epoch": _STEP_COUNT, "position": _STEP_COUNT, "tokens": integer(0, 10**15)}
-OPTIONAL_STATE_FIELDS = {"total_steps": _STEP_COUNT, "processes": integer(1, 65_536),
-                         "batches_per_step": integer(1, 10**9)}
+OPTIONAL_STATE_FIELDS = {
+    "total_steps": _STEP_COUNT,
+    "processes": integer(1, 65_536),
+    "batches_per_step": integer(1, 10**9),
+}
 
 
 def state_problem(state: object, ckpt: Path) -> str | None:
@@ -152,8 +156,9 @@ def checkpoint_problem(ckpt: Path) -> str | None:
     return None
 
 
-def save_checkpoint(run_dir: str | Path, step: int, model, accelerator, optimizer, scheduler, state: dict,
-                    keep: int = 2, wrapped=None) -> Path:
+def save_checkpoint(
+    run_dir: str | Path, step: int, model, accelerator, optimizer, scheduler, state: dict, keep: int = 2, wrapped=None
+) -> Path:
     """Write ``step-N`` (adapter, head, optimizer, scheduler, RNG, ``state``); keep the newest ``keep``.
     ``model`` is the unwrapped model, ``wrapped`` what ``accelerator.prepare`` returned (FSDP)."""
     root = Path(run_dir) / "checkpoints"
@@ -207,11 +212,15 @@ def load_checkpoint(ckpt: str | Path, model, optimizer, scheduler, accelerator=N
             raise
         detail = f"{type(err).__name__}: {(str(err).splitlines() or [''])[0][:100]}"
         if "size mismatch" in str(err) or "shape" in str(err):  # the weights are fine; the settings are not
-            raise InputError(f"checkpoint does not fit the run's settings ({detail}); was the run's config.json "
-                             "edited? restore its values to resume", ckpt) from None
+            raise InputError(
+                f"checkpoint does not fit the run's settings ({detail}); was the run's config.json "
+                "edited? restore its values to resume",
+                ckpt,
+            ) from None
         # Passed the completeness check yet unreadable (bit rot, edited by hand): say which.
-        raise InputError(f"checkpoint is unreadable ({detail}); move it out of checkpoints/ to resume from the "
-                         "previous one", ckpt) from None
+        raise InputError(
+            f"checkpoint is unreadable ({detail}); move it out of checkpoints/ to resume from the previous one", ckpt
+        ) from None
 
 
 def _load_checkpoint(ckpt: Path, model, optimizer, scheduler, accelerator=None, wrapped=None) -> dict:
@@ -257,8 +266,11 @@ def _load_fsdp_checkpoint(ckpt: Path, adapter: dict, model, optimizer, scheduler
     rank = accelerator.process_index
     shard = ckpt / f"optimizer-rank-{rank}.pt"
     if state.get("processes") != accelerator.num_processes or not shard.is_file():
-        raise InputError(f"an FSDP checkpoint resumes on the process count it was written with "
-                         f"({state.get('processes')}), not {accelerator.num_processes}", ckpt)
+        raise InputError(
+            f"an FSDP checkpoint resumes on the process count it was written with "
+            f"({state.get('processes')}), not {accelerator.num_processes}",
+            ckpt,
+        )
     head_state = load_file(str(ckpt / "head" / HEAD_WEIGHTS)) if model.head is not None else None
     with gather.full_parameters(accelerator, wrapped, writeback=True):
         gather.load_trainable_state(model.backbone, model.head, adapter, head_state)

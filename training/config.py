@@ -5,6 +5,7 @@ Every field is settable from the command line (``--lr 1e-4``, ``--max-steps 50``
 unknown key or a bad value is an :class:`InputError` (exit 2). The resolved config
 is written into the run folder as ``config.toml`` and ``config.json``.
 """
+
 from __future__ import annotations
 
 import json
@@ -129,8 +130,9 @@ def to_toml(values: dict) -> str:
 def toml_string(text: str) -> str:
     """A TOML basic string. Not ``json.dumps``: JSON writes a character beyond the BMP as a
     surrogate pair (``\\ud800\\udc00``), which TOML rejects, and leaves DEL unescaped."""
-    escaped = "".join(f"\\u{ord(ch):04x}" if ord(ch) < 0x20 or ord(ch) == 0x7F
-                      else "\\" + ch if ch in '"\\' else ch for ch in text)
+    escaped = "".join(
+        f"\\u{ord(ch):04x}" if ord(ch) < 0x20 or ord(ch) == 0x7F else "\\" + ch if ch in '"\\' else ch for ch in text
+    )
     return f'"{escaped}"'
 
 
@@ -219,7 +221,7 @@ def _task_data(task: object, path: Path) -> dict:
         raise InputError("[task] may only hold [[task.data]] tables, each with xml and key", path)
     for e in entries:
         if not isinstance(e, dict) or set(e) != {"xml", "key"} or not all(isinstance(v, str) for v in e.values()):
-            raise InputError("each [[task.data]] table needs exactly xml = \"...\" and key = \"...\"", path)
+            raise InputError('each [[task.data]] table needs exactly xml = "..." and key = "..."', path)
     return {name: FILE_SEPARATOR.join(e[name] for e in entries) for name in MULTI_FILE_KEYS}
 
 
@@ -283,8 +285,13 @@ def build_config(overrides: dict, config_file: str | Path | None = None, base: d
     """Defaults <- ``base`` (a resumed run's config) or the stage's TOML <- ``overrides``."""
     values: dict = {}
     if base is not None:
-        values.update({canonical_key(k, note=False): coerce(canonical_key(k, note=False), v)
-                       for k, v in base.items() if k not in RETIRED_KEYS})
+        values.update(
+            {
+                canonical_key(k, note=False): coerce(canonical_key(k, note=False), v)
+                for k, v in base.items()
+                if k not in RETIRED_KEYS
+            }
+        )
     else:
         stage = overrides.get("stage", "domain")
         if config_file is None and stage not in STAGES:
@@ -295,8 +302,11 @@ def build_config(overrides: dict, config_file: str | Path | None = None, base: d
     cfg = TrainConfig(**values).validate()
     if "batch_size" in overrides and "batch_tokens" not in overrides and cfg.batch_tokens > 0:
         # Never silent: token-budget batches (the stage presets' default) leave batch_size unused.
-        print(f"note: --batch_size is not used while batch_tokens = {cfg.batch_tokens} (token-budget batches); "
-              "add --batch_tokens 0 for batches of batch_size rows", file=sys.stderr)
+        print(
+            f"note: --batch_size is not used while batch_tokens = {cfg.batch_tokens} (token-budget batches); "
+            "add --batch_tokens 0 for batches of batch_size rows",
+            file=sys.stderr,
+        )
     return cfg
 
 

@@ -3,6 +3,7 @@
 The table sits beside ``training/config.py`` rather than in field metadata so the dataclass keeps
 its plain ``name: type = default`` shape; ``tests/test_cli_help.py`` fails when a field has no line.
 """
+
 from __future__ import annotations
 
 from dataclasses import MISSING, fields

@@ -3,6 +3,7 @@
 Everything is tokenised once up front (:class:`TrainItem`); :mod:`training.batching`
 orders the items into batches and collates them.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -30,7 +31,10 @@ class TrainItem:
 
 
 def encode_items(
-    tokenizer, examples: Sequence[PromptExample], max_length: int, relevance: Sequence[list[float] | None] | None = None,
+    tokenizer,
+    examples: Sequence[PromptExample],
+    max_length: int,
+    relevance: Sequence[list[float] | None] | None = None,
     essential: Sequence[list[float] | None] | None = None,
 ) -> tuple[list[TrainItem], int]:
     """Tokenise examples; those longer than ``max_length`` are dropped (returns the count dropped)."""
@@ -40,8 +44,11 @@ def encode_items(
         if len(enc) > max_length:
             dropped += 1
             continue
-        items.append(TrainItem(enc, relevance[i] if relevance is not None else None,
-                               essential[i] if essential is not None else None))
+        items.append(
+            TrainItem(
+                enc, relevance[i] if relevance is not None else None, essential[i] if essential is not None else None
+            )
+        )
     return items, dropped
 
 
@@ -129,8 +136,10 @@ def _file_names(pairs: Sequence[tuple[str, str]]) -> list[str]:
     stems = [Path(x).stem for x, _ in pairs]
     if len(set(stems)) == len(stems):
         return stems
-    return [str(Path(Path(x).parent.name) / Path(x).stem) if stems.count(Path(x).stem) > 1 else Path(x).stem
-            for x, _ in pairs]
+    return [
+        str(Path(Path(x).parent.name) / Path(x).stem) if stems.count(Path(x).stem) > 1 else Path(x).stem
+        for x, _ in pairs
+    ]
 
 
 def _with_reference_sentences(case: Case) -> Case:
@@ -142,8 +151,10 @@ def _with_reference_sentences(case: Case) -> Case:
 
     if case.answer_sentences or not (case.clinician_answer_without_citations or "").strip():
         return case
-    sentences = [AnswerSentence(str(i), t) for i, t in
-                 enumerate(split_sentences(case.clinician_answer_without_citations), start=1)]
+    sentences = [
+        AnswerSentence(str(i), t)
+        for i, t in enumerate(split_sentences(case.clinician_answer_without_citations), start=1)
+    ]
     return replace(case, answer_sentences=sentences)
 
 
@@ -158,8 +169,9 @@ def load_task_files(cfg) -> list[TaskFile]:
         cases = [_with_reference_sentences(c) for c in load_cases(xml, key)]
         for c in cases:
             if c.case_id in seen:
-                raise InputError(f"case id also in {seen[c.case_id]} (case ids must be unique across task files)",
-                                 key, c.case_id)
+                raise InputError(
+                    f"case id also in {seen[c.case_id]} (case ids must be unique across task files)", key, c.case_id
+                )
             seen[c.case_id] = key
         files.append(TaskFile(name, xml, key, [c for c in cases if c.answer_sentences]))
     return files
@@ -211,5 +223,3 @@ def file_sha256(path: str | Path) -> str | None:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
-
-

@@ -12,6 +12,7 @@
 The folder is assembled under a temporary name and renamed, so an interrupted export
 never looks complete.
 """
+
 from __future__ import annotations
 
 import shutil
@@ -33,13 +34,17 @@ from .config import TrainConfig
 from .data import TrainItem, file_sha256, task_file_records
 from .gather import save_adapter
 
+
 def base_model_record(cfg: TrainConfig, init_manifest: ExportManifest | None, backbone) -> BaseModel:
     preset = resolve_preset(cfg.preset)
     path = cfg.base or (init_manifest.base_model.path if init_manifest else None) or None
     source = path or preset.source  # hub id or local path; None = random init
-    random_init = RandomInit(RANDOM_INIT_SEED, dict(preset.arch)) if source is None and is_random_preset(preset) else None
-    return BaseModel(preset=preset.name, id=source, path=path, load_in_4bit=is_quantised(backbone),
-                     random_init=random_init)
+    random_init = (
+        RandomInit(RANDOM_INIT_SEED, dict(preset.arch)) if source is None and is_random_preset(preset) else None
+    )
+    return BaseModel(
+        preset=preset.name, id=source, path=path, load_in_4bit=is_quantised(backbone), random_init=random_init
+    )
 
 
 def as_calibration(record: dict | None) -> Calibration | None:
@@ -101,8 +106,12 @@ def calibrate(head_outputs: dict, items: Sequence[TrainItem], max_examples: int)
     probs = [torch.sigmoid(head_outputs[id(enc)].pair_logits.float()).cpu().numpy() for enc in cited]
     targets = [np.asarray(enc.pair_targets(), dtype=np.float32) for enc in cited]
     threshold, f1 = calibrate_threshold(probs, targets)
-    return {"threshold": threshold, "train_pair_f1": round(f1, 4), "calibrated_on": "training cases",
-            "n_examples": len(cited)}
+    return {
+        "threshold": threshold,
+        "train_pair_f1": round(f1, 4),
+        "calibrated_on": "training cases",
+        "n_examples": len(cited),
+    }
 
 
 def calibrate_relevance(head_outputs: dict, items: Sequence[TrainItem], max_examples: int) -> dict | None:
@@ -112,12 +121,18 @@ def calibrate_relevance(head_outputs: dict, items: Sequence[TrainItem], max_exam
         return None
     probs = [torch.sigmoid(head_outputs[id(it.encoded)].relevance_logits.float()).cpu().numpy() for it in labelled]
     threshold, f1 = calibrate_threshold(probs, [np.asarray(it.essential, dtype=np.float32) for it in labelled])
-    return {"threshold": threshold, "train_strict_micro_f1": round(f1, 4), "calibrated_on": "training cases",
-            "calibrated_for": "strict micro F1 (essential sentences)", "n_examples": len(labelled)}
+    return {
+        "threshold": threshold,
+        "train_strict_micro_f1": round(f1, 4),
+        "calibrated_on": "training cases",
+        "calibrated_for": "strict micro F1 (essential sentences)",
+        "n_examples": len(labelled),
+    }
 
 
-def calibrated_thresholds(backbone, head: NotePairHead, items: Sequence[TrainItem],
-                          max_examples: int) -> tuple[dict | None, dict | None]:
+def calibrated_thresholds(
+    backbone, head: NotePairHead, items: Sequence[TrainItem], max_examples: int
+) -> tuple[dict | None, dict | None]:
     """The alignment and Subtask 2 thresholds calibrated on the training examples: one set of
     forwards serves both (None where no example has what a threshold needs)."""
     wanted = {id(enc): enc for enc in cited_examples(items, max_examples)}
@@ -128,18 +143,25 @@ def calibrated_thresholds(backbone, head: NotePairHead, items: Sequence[TrainIte
     return calibrate(outputs, items, max_examples), calibrate_relevance(outputs, items, max_examples)
 
 
-def alignment_record(cfg: TrainConfig, calibrated: dict | None, init_manifest: ExportManifest | None,
-                     calibrate_alignment: bool) -> Calibration:
+def alignment_record(
+    cfg: TrainConfig, calibrated: dict | None, init_manifest: ExportManifest | None, calibrate_alignment: bool
+) -> Calibration:
     """The Subtask 4 threshold: calibrated here, else inherited from --init, else the default."""
     if calibrated is not None:
         return Calibration.from_dict(calibrated)
     inherited = init_manifest.alignment if init_manifest is not None else None
-    record = dict(inherited.to_dict(), calibrated_on="inherited") if inherited else {
-        "threshold": DEFAULT_THRESHOLD, "train_pair_f1": None, "calibrated_on": "default", "n_examples": 0}
+    record = (
+        dict(inherited.to_dict(), calibrated_on="inherited")
+        if inherited
+        else {"threshold": DEFAULT_THRESHOLD, "train_pair_f1": None, "calibrated_on": "default", "n_examples": 0}
+    )
     if cfg.joint and not calibrate_alignment:
         record["not_calibrated"] = "sharded (FSDP) run: calibrate after loading the export"
-        print(f"note: alignment threshold not calibrated (FSDP run); using {record['calibrated_on']} "
-              f"threshold {record['threshold']}", file=sys.stderr)
+        print(
+            f"note: alignment threshold not calibrated (FSDP run); using {record['calibrated_on']} "
+            f"threshold {record['threshold']}",
+            file=sys.stderr,
+        )
     return Calibration.from_dict(record)
 
 
@@ -151,8 +173,14 @@ def relevance_record(calibrated: dict | None, init_manifest: ExportManifest | No
     return Calibration.from_dict(dict(inherited.to_dict(), calibrated_on="inherited")) if inherited else None
 
 
-def stage_record(cfg: TrainConfig, items: Sequence[TrainItem], sources: Sequence[str], init_export: Path | None,
-                 steps: int, final_loss: float | None) -> Stage:
+def stage_record(
+    cfg: TrainConfig,
+    items: Sequence[TrainItem],
+    sources: Sequence[str],
+    init_export: Path | None,
+    steps: int,
+    final_loss: float | None,
+) -> Stage:
     if cfg.stage == "task":  # each annotated file with the case ids it contributed
         data_files = task_file_records(cfg)
     else:
@@ -172,9 +200,16 @@ def stage_record(cfg: TrainConfig, items: Sequence[TrainItem], sources: Sequence
     return Stage(stage=cfg.stage, joint=cfg.joint, steps=steps, data=data_files, case_ids=case_ids, details=details)
 
 
-def build_manifest(cfg: TrainConfig, backbone, head: NotePairHead, tokenizer, history: list[Stage],
-                   init_manifest: ExportManifest | None, alignment: Calibration,
-                   relevance: Calibration | None) -> ExportManifest:
+def build_manifest(
+    cfg: TrainConfig,
+    backbone,
+    head: NotePairHead,
+    tokenizer,
+    history: list[Stage],
+    init_manifest: ExportManifest | None,
+    alignment: Calibration,
+    relevance: Calibration | None,
+) -> ExportManifest:
     peft_cfg = backbone.peft_config["default"]
     # None = unknown: an inherited task stage from before the record existed.
     unknown = any(s.stage == "task" and s.case_ids is None for s in history)
@@ -182,8 +217,12 @@ def build_manifest(cfg: TrainConfig, backbone, head: NotePairHead, tokenizer, hi
         format=EXPORT_FORMAT,
         preset=cfg.preset,
         base_model=base_model_record(cfg, init_manifest, backbone),
-        lora=Lora(r=peft_cfg.r, alpha=peft_cfg.lora_alpha, dropout=peft_cfg.lora_dropout,
-                  targets=sorted(peft_cfg.target_modules)),
+        lora=Lora(
+            r=peft_cfg.r,
+            alpha=peft_cfg.lora_alpha,
+            dropout=peft_cfg.lora_dropout,
+            targets=sorted(peft_cfg.target_modules),
+        ),
         head={"weights": HEAD_WEIGHTS, "config": HEAD_CONFIG, **head.config.to_dict()},
         alignment=alignment,
         relevance=relevance,
@@ -227,12 +266,14 @@ def export_run(
     save_head(head, tmp)
 
     calibrating = cfg.joint and calibrate_alignment
-    pair_t, relevance_t = (calibrated_thresholds(backbone, head, items, cfg.calibration_max_examples)
-                           if calibrating else (None, None))
+    pair_t, relevance_t = (
+        calibrated_thresholds(backbone, head, items, cfg.calibration_max_examples) if calibrating else (None, None)
+    )
     alignment = alignment_record(cfg, pair_t, init_manifest, calibrate_alignment)
     relevance = relevance_record(relevance_t, init_manifest)
     history = list(init_manifest.stages if init_manifest is not None else []) + [
-        stage_record(cfg, items, sources, init_export, steps, final_loss)]
+        stage_record(cfg, items, sources, init_export, steps, final_loss)
+    ]
     manifest = build_manifest(cfg, backbone, head, tokenizer, history, init_manifest, alignment, relevance)
     write_manifest(tmp, manifest)
     # Replaces the blank template PEFT's save_pretrained leaves there.

@@ -16,6 +16,7 @@ Only FSDP1 (``fsdp_version: 1``, what configs/accelerate/fsdp_qlora.yaml uses) i
 handled: FSDP2 keeps DTensors and is refused up front (:func:`check_fsdp_version`).
 Without FSDP all of this is a no-op and the live modules are read as before.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -42,8 +43,10 @@ def is_fsdp(accelerator) -> bool:
 
 def check_fsdp_version(accelerator) -> None:
     if is_fsdp(accelerator) and getattr(accelerator, "is_fsdp2", False):
-        raise InputError("FSDP2 (fsdp_version: 2) is not supported; use configs/accelerate/fsdp_qlora.yaml "
-                         "(fsdp_version: 1) or DDP (configs/accelerate/ddp.yaml)")
+        raise InputError(
+            "FSDP2 (fsdp_version: 2) is not supported; use configs/accelerate/fsdp_qlora.yaml "
+            "(fsdp_version: 1) or DDP (configs/accelerate/ddp.yaml)"
+        )
 
 
 @contextlib.contextmanager
@@ -68,8 +71,7 @@ def trainable_state(backbone, head) -> tuple[dict[str, torch.Tensor], dict[str, 
     lora = {clean_name(n): p.detach().to("cpu").clone() for n, p in backbone.named_parameters() if "lora_" in n}
     if head is None:
         return lora, None
-    state = {clean_name(n): t.detach().to("cpu").clone()
-             for n, t in [*head.named_parameters(), *head.named_buffers()]}
+    state = {clean_name(n): t.detach().to("cpu").clone() for n, t in [*head.named_parameters(), *head.named_buffers()]}
     return lora, state
 
 
@@ -95,8 +97,13 @@ def head_from_state(head, state: dict[str, torch.Tensor]):
     return fresh
 
 
-def load_trainable_state(backbone, head, adapter: dict[str, torch.Tensor],
-                         head_state: dict[str, torch.Tensor] | None, adapter_name: str = "default") -> None:
+def load_trainable_state(
+    backbone,
+    head,
+    adapter: dict[str, torch.Tensor],
+    head_state: dict[str, torch.Tensor] | None,
+    adapter_name: str = "default",
+) -> None:
     """Copy a saved adapter (PEFT file names, no adapter name) and head state into the live
     parameters; every LoRA parameter must be found."""
     missing = []

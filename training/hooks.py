@@ -8,6 +8,7 @@ They are not :class:`~training.config.TrainConfig` fields, so they never reach a
 - ``ARCHEHR_TEST_RECORD_BATCHES=DIR`` (debugging, tests): every process appends the
   dataset indices of each real micro-batch it trains on to ``DIR/batches-rankR.jsonl``.
 """
+
 from __future__ import annotations
 
 import json

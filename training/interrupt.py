@@ -9,6 +9,7 @@ stands, a half-written one is never renamed into place).
 :func:`check_finite` stops a run whose loss or gradient norm stopped being a finite
 number: one line naming the step, the last good checkpoint kept, no export (exit 2).
 """
+
 from __future__ import annotations
 
 import math
@@ -41,8 +42,11 @@ class StopRequests:
             print(f"{signal.Signals(signum).name} again: stopping without a new checkpoint", file=sys.stderr)
             raise SystemExit(EXIT_INTERRUPTED)
         self.requested = signum
-        print(f"{signal.Signals(signum).name}: saving a checkpoint after the current step "
-              "(signal again to stop at once)", file=sys.stderr, flush=True)
+        print(
+            f"{signal.Signals(signum).name}: saving a checkpoint after the current step (signal again to stop at once)",
+            file=sys.stderr,
+            flush=True,
+        )
 
     def __enter__(self) -> "StopRequests":
         if threading.current_thread() is threading.main_thread():
@@ -72,8 +76,14 @@ def non_finite(values: dict[str, float]) -> list[str]:
     return [k for k, v in values.items() if not math.isfinite(v)]
 
 
-def check_finite(step: int, bad_losses: list[str], grad_norm: float | None, accelerator,
-                 last_good: Callable[[], Path | None], run_dir: Path) -> None:
+def check_finite(
+    step: int,
+    bad_losses: list[str],
+    grad_norm: float | None,
+    accelerator,
+    last_good: Callable[[], Path | None],
+    run_dir: Path,
+) -> None:
     """Raise :class:`TrainingDiverged` (on every rank) when this step's loss or grad norm is not finite."""
     local = bool(bad_losses) or (grad_norm is not None and not math.isfinite(grad_norm))
     flag = local
@@ -81,12 +91,16 @@ def check_finite(step: int, bad_losses: list[str], grad_norm: float | None, acce
         flag = bool(accelerator.reduce(torch.tensor(float(local), device=accelerator.device), "sum").item() > 0)
     if not flag:
         return
-    what = f"non-finite loss ({', '.join(bad_losses)})" if bad_losses else (
-        f"non-finite gradient norm ({grad_norm})" if local else "non-finite loss on another process")
+    what = (
+        f"non-finite loss ({', '.join(bad_losses)})"
+        if bad_losses
+        else (f"non-finite gradient norm ({grad_norm})" if local else "non-finite loss on another process")
+    )
     good = last_good()
     kept = f"last good checkpoint: {good}" if good is not None else "no checkpoint was saved"
-    raise TrainingDiverged(f"training diverged at step {step}: {what}; {kept}; nothing exported "
-                           "(lower --lr / --head_lr?)", run_dir)
+    raise TrainingDiverged(
+        f"training diverged at step {step}: {what}; {kept}; nothing exported (lower --lr / --head_lr?)", run_dir
+    )
 
 
 _active: list[StopRequests] = []

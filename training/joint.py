@@ -10,6 +10,7 @@ example; examples without gold citations contribute the LM loss only.
 :class:`JointModel` wraps backbone + head as one ``nn.Module`` so that ``accelerate``
 (DDP) sees a single forward.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -41,9 +42,14 @@ def _chunk_ce_sum(states: torch.Tensor, targets: torch.Tensor, weight: torch.Ten
     return F.cross_entropy(logits, targets, reduction="sum")
 
 
-def answer_token_loss(backbone, final_hidden: torch.Tensor, labels: torch.Tensor,
-                      chunk: int | None = None, positions: torch.Tensor | None = None,
-                      targets: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
+def answer_token_loss(
+    backbone,
+    final_hidden: torch.Tensor,
+    labels: torch.Tensor,
+    chunk: int | None = None,
+    positions: torch.Tensor | None = None,
+    targets: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, int]:
     """Mean next-token CE over label positions, projecting only those positions to the vocabulary.
 
     ``positions``/``targets`` (training.batching.collate): the flat [B*(T-1)] positions with a
@@ -68,7 +74,7 @@ def answer_token_loss(backbone, final_hidden: torch.Tensor, labels: torch.Tensor
     total = final_hidden.new_zeros((), dtype=torch.float32)
     for i in range(0, n, chunk):
         total = total + torch.utils.checkpoint.checkpoint(
-            _chunk_ce_sum, states[i:i + chunk], targets[i:i + chunk], weight, use_reentrant=False
+            _chunk_ce_sum, states[i : i + chunk], targets[i : i + chunk], weight, use_reentrant=False
         )
     return total / n, n
 
@@ -76,15 +82,15 @@ def answer_token_loss(backbone, final_hidden: torch.Tensor, labels: torch.Tensor
 def alignment_losses(head, hidden: torch.Tensor, batch: dict, settings: LossSettings) -> dict[str, torch.Tensor]:
     """Pair BCE over the pairs of examples with citations and relevance BCE over labelled notes,
     gathered by collate's index tensors (no per-example loop, no host sync)."""
-    pair_logits, rel_logits = head(hidden, batch["note_spans"], batch["answer_spans"],
-                                   pair_index=batch["pair_index"])
+    pair_logits, rel_logits = head(hidden, batch["note_spans"], batch["answer_spans"], pair_index=batch["pair_index"])
     # Zero-weighted terms keep every head parameter in the graph (DDP needs identical graphs):
     # with no pair to score, the pair MLP still ran (on no rows).
     anchor = pair_logits.sum() * 0.0
     if pair_logits.shape[0] > 0:
         pos_weight = torch.tensor(settings.pos_weight, device=pair_logits.device)
-        align = F.binary_cross_entropy_with_logits(pair_logits, batch["pair_targets"].to(pair_logits),
-                                                   pos_weight=pos_weight)
+        align = F.binary_cross_entropy_with_logits(
+            pair_logits, batch["pair_targets"].to(pair_logits), pos_weight=pos_weight
+        )
     else:
         align = anchor
     relevance = anchor
@@ -92,16 +98,18 @@ def alignment_losses(head, hidden: torch.Tensor, batch: dict, settings: LossSett
         labelled = batch["relevance_index"]
         relevance = rel_logits.sum() * 0.0
         if labelled.shape[0] > 0:
-            relevance = F.binary_cross_entropy_with_logits(rel_logits.index_select(0, labelled),
-                                                           batch["relevance_labels"].to(rel_logits))
+            relevance = F.binary_cross_entropy_with_logits(
+                rel_logits.index_select(0, labelled), batch["relevance_labels"].to(rel_logits)
+            )
     return {"align": align, "relevance": relevance}
 
 
 def joint_losses(backbone, head, batch: dict, settings: LossSettings, head_layer: int = -1) -> dict[str, torch.Tensor]:
     """Total loss and its parts for one (micro-)batch, from a single backbone forward."""
     final, tapped = backbone_hidden(backbone, batch["input_ids"], batch["attention_mask"], head_layer)
-    lm, n_answer = answer_token_loss(backbone, final, batch["labels"], positions=batch.get("answer_positions"),
-                                     targets=batch.get("answer_targets"))
+    lm, n_answer = answer_token_loss(
+        backbone, final, batch["labels"], positions=batch.get("answer_positions"), targets=batch.get("answer_targets")
+    )
     out = {"lm": lm}
     total = lm
     if head is not None and batch["note_spans"].shape[0] > 0:

@@ -5,6 +5,7 @@ optimizer, schedule and batches) and hands it to :func:`run_epochs`, which walks
 epochs from :func:`start_state` (a fresh run or a checkpoint) until the last step, an
 interrupt, or the ``ARCHEHR_TEST_STOP_AFTER_STEPS`` hook (:mod:`training.hooks`).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -89,8 +90,12 @@ class CompileWatch:
         return took
 
     def summary(self) -> dict:
-        return {"compile_s": round(self.seconds, 1), "compile_steps": self.steps, "compiled_graphs": self.graphs,
-                "recompiles_after_first_epoch": self.after_first_epoch}
+        return {
+            "compile_s": round(self.seconds, 1),
+            "compile_steps": self.steps,
+            "compiled_graphs": self.graphs,
+            "recompiles_after_first_epoch": self.after_first_epoch,
+        }
 
 
 @dataclass
@@ -160,12 +165,22 @@ def start_state(t: Trainer, resume_from: Path | None) -> LoopState:
         return state
     saved = ckpts.load_checkpoint(resume_from, t.plain, t.optimizer, t.scheduler, t.accelerator, t.model)
     state.step, state.epoch, state.position, state.tokens_seen = (
-        saved["step"], saved["epoch"], saved["position"], saved["tokens"])
+        saved["step"],
+        saved["epoch"],
+        saved["position"],
+        saved["tokens"],
+    )
     if t.accelerator.is_main_process:
         _truncate_log(t.out / LOG_FILE, state.step)
         if ckpts.skipped_newer(t.out, resume_from):  # never silent: the fallback goes in the run's log
-            _append_log(t, {"step": state.step, "resumed_from": resume_from.name,
-                            "skipped_torn": ckpts.skipped_newer(t.out, resume_from)})
+            _append_log(
+                t,
+                {
+                    "step": state.step,
+                    "resumed_from": resume_from.name,
+                    "skipped_torn": ckpts.skipped_newer(t.out, resume_from),
+                },
+            )
     return state
 
 
@@ -223,13 +238,15 @@ def optimizer_step(t: Trainer, state: LoopState, params: list) -> float:
     if t.cfg.max_grad_norm > 0:
         # FSDP: the root's own clip (global norm over all shards) is used only when handed
         # all of the model's parameters; a subset would clip each rank's shard by its own norm.
-        norm = t.accelerator.clip_grad_norm_(t.model.parameters() if gather.is_fsdp(t.accelerator) else params,
-                                             t.cfg.max_grad_norm)
+        norm = t.accelerator.clip_grad_norm_(
+            t.model.parameters() if gather.is_fsdp(t.accelerator) else params, t.cfg.max_grad_norm
+        )
         grad_norm = float(norm) if norm is not None else None
         state.grad_norm = grad_norm
     try:  # before optimizer.step: a NaN never reaches the weights or a checkpoint
-        check_finite(state.step + 1, state.bad_losses, grad_norm, t.accelerator,
-                     lambda: ckpts.latest_checkpoint(t.out), t.out)
+        check_finite(
+            state.step + 1, state.bad_losses, grad_norm, t.accelerator, lambda: ckpts.latest_checkpoint(t.out), t.out
+        )
     except TrainingDiverged as err:
         if t.accelerator.is_main_process:
             _append_log(t, {"step": state.step + 1, "epoch": state.epoch, "diverged": err.problem})
@@ -264,7 +281,8 @@ def log_window(t: Trainer, state: LoopState, step_lr: float, bar) -> None:
         _append_log(t, row)
         bar.write(  # a log line: stderr (tqdm.write defaults to stdout, which holds results)
             f"step {state.step}/{t.total_steps} loss {row['loss']:.4f} lr {row['lr']:.2e} "
-            f"tok/s {row['tokens_per_s']:.0f}", file=sys.stderr
+            f"tok/s {row['tokens_per_s']:.0f}",
+            file=sys.stderr,
         )
         bar.set_postfix(loss=f"{row['loss']:.3f}")
     state.reset_window()
@@ -272,16 +290,32 @@ def log_window(t: Trainer, state: LoopState, step_lr: float, bar) -> None:
 
 def save_state(t: Trainer, state: LoopState, micro_batch: MicroBatch) -> None:
     """A checkpoint after this optimizer step, with the data position the next step starts at."""
-    next_epoch, next_position = ((state.epoch + 1, 0) if micro_batch.end_of_epoch
-                                 else (state.epoch, micro_batch.consumed))
+    next_epoch, next_position = (
+        (state.epoch + 1, 0) if micro_batch.end_of_epoch else (state.epoch, micro_batch.consumed)
+    )
     # Tokens of the window not logged yet count too: a resumed run starts a fresh window, and
     # its first log line must carry on from the tokens trained on, not from the last log line.
     pending = int(t.accelerator.reduce(torch.tensor(state.window_tokens, device=t.accelerator.device), "sum"))
-    saved = {"step": state.step, "epoch": next_epoch, "position": next_position,
-             "tokens": state.tokens_seen + pending,
-             "total_steps": t.total_steps, "processes": t.procs, "batches_per_step": t.procs * t.cfg.grad_accum}
-    ckpts.save_checkpoint(t.out, state.step, t.plain, t.accelerator, t.optimizer, t.scheduler, saved,
-                          keep=t.cfg.keep_checkpoints, wrapped=t.model)
+    saved = {
+        "step": state.step,
+        "epoch": next_epoch,
+        "position": next_position,
+        "tokens": state.tokens_seen + pending,
+        "total_steps": t.total_steps,
+        "processes": t.procs,
+        "batches_per_step": t.procs * t.cfg.grad_accum,
+    }
+    ckpts.save_checkpoint(
+        t.out,
+        state.step,
+        t.plain,
+        t.accelerator,
+        t.optimizer,
+        t.scheduler,
+        saved,
+        keep=t.cfg.keep_checkpoints,
+        wrapped=t.model,
+    )
 
 
 def run_epochs(t: Trainer, state: LoopState, resume_from: Path | None) -> None:
@@ -289,14 +323,21 @@ def run_epochs(t: Trainer, state: LoopState, resume_from: Path | None) -> None:
     from tqdm.auto import tqdm
 
     cfg = t.cfg
-    bar = tqdm(total=t.total_steps, initial=state.step, desc=f"{cfg.stage}", unit="step",
-               disable=not (cfg.progress and t.accelerator.is_main_process), dynamic_ncols=True)
+    bar = tqdm(
+        total=t.total_steps,
+        initial=state.step,
+        desc=f"{cfg.stage}",
+        unit="step",
+        disable=not (cfg.progress and t.accelerator.is_main_process),
+        dynamic_ncols=True,
+    )
     state.reset_window()
     params = [p for group in t.optimizer.param_groups for p in group["params"]]
     t.model.train()
     while state.step < t.total_steps:
-        micro_batches = rank_micro_batches(t.sampler.batches(state.epoch), state.position, t.procs, t.rank,
-                                           cfg.grad_accum)
+        micro_batches = rank_micro_batches(
+            t.sampler.batches(state.epoch), state.position, t.procs, t.rank, cfg.grad_accum
+        )
         if resume_from is not None:
             # After the iterator exists: the RNG stream continues exactly where it was saved.
             ckpts.load_rng(resume_from, t.rank)
@@ -307,8 +348,11 @@ def run_epochs(t: Trainer, state: LoopState, resume_from: Path | None) -> None:
             step_lr = train_step(t, state, step_batches, params)
             took = state.compile_watch.after_step(state, graphs, started)
             if took and t.accelerator.is_main_process:
-                bar.write(f"compiling: {took:.0f} s at step {state.step} "
-                          f"(once per shape bucket; {state.compile_watch.graphs} graph(s) so far)", file=sys.stderr)
+                bar.write(
+                    f"compiling: {took:.0f} s at step {state.step} "
+                    f"(once per shape bucket; {state.compile_watch.graphs} graph(s) so far)",
+                    file=sys.stderr,
+                )
             micro_batch = step_batches[-1]
             bar.update(1)
             if state.step % cfg.log_every == 0 or state.step == t.total_steps:

@@ -7,18 +7,22 @@ not a measurement: such points are left out, and a part without any is named in 
 no data instead of being drawn as a flat line at zero. Few points get markers (a one-step run is a
 visible dot), steps are integer ticks, and the figure has a title.
 """
+
 from __future__ import annotations
 
 import json
 from pathlib import Path
 from typing import Mapping, Sequence
 
-LOSS_PARTS = {"loss": "total (weighted sum)", "lm": "answer tokens (LM)", "align": "alignment pairs",
-              "relevance": "note-sentence relevance"}
+LOSS_PARTS = {
+    "loss": "total (weighted sum)",
+    "lm": "answer tokens (LM)",
+    "align": "alignment pairs",
+    "relevance": "note-sentence relevance",
+}
 HEAD_PARTS = ("align", "relevance")
 NO_DATA = {"align": "no cited answer sentences", "relevance": "no relevance labels"}
-PANELS = (("language model: loss per answer token", ("loss", "lm")),
-          ("alignment head: BCE losses", HEAD_PARTS))
+PANELS = (("language model: loss per answer token", ("loss", "lm")), ("alignment head: BCE losses", HEAD_PARTS))
 MARKERS_UP_TO = 50  # points per line; longer runs are plain lines
 
 
@@ -32,8 +36,9 @@ def read_log_rows(log_path: Path) -> list[dict]:
 
 def loss_points(rows: Sequence[dict], part: str) -> tuple[list[int], list[float]]:
     """Steps and values where ``part`` was measured (see the module docstring for head losses)."""
-    kept = [(r["step"], r[part]) for r in rows if r.get(part) is not None
-            and not (part in HEAD_PARTS and r[part] == 0.0)]
+    kept = [
+        (r["step"], r[part]) for r in rows if r.get(part) is not None and not (part in HEAD_PARTS and r[part] == 0.0)
+    ]
     return [s for s, _ in kept], [v for _, v in kept]
 
 
@@ -48,8 +53,9 @@ def loss_figure(runs: Mapping[str, Sequence[dict]], title: str, parts: Sequence[
 
     points = {(label, part): loss_points(rows, part) for label, rows in runs.items() for part in parts}
     has_head = any(points[(label, p)][0] for label in runs for p in HEAD_PARTS if p in parts)
-    panels = [(name, [p for p in members if p in parts]) for name, members in PANELS
-              if has_head or members != HEAD_PARTS]  # a run without the head: the LM panel only
+    panels = [
+        (name, [p for p in members if p in parts]) for name, members in PANELS if has_head or members != HEAD_PARTS
+    ]  # a run without the head: the LM panel only
     panels = [(name, members) for name, members in panels if members]
     fig, axes = plt.subplots(len(panels), 1, sharex=True, figsize=(7, 3.2 * len(panels) + 0.8), squeeze=False)
     drawn: list[str] = []
@@ -60,8 +66,14 @@ def loss_figure(runs: Mapping[str, Sequence[dict]], title: str, parts: Sequence[
                 if not steps:
                     continue
                 style = dict(color=f"C{i}", linestyle=("-", "--")[j % 2]) if len(runs) > 1 else dict(color=f"C{j}")
-                ax.plot(steps, values, label=f"{label}: {part}" if label else f"{part}: {LOSS_PARTS[part]}",
-                        marker="o" if len(steps) <= MARKERS_UP_TO else None, markersize=4, **style)
+                ax.plot(
+                    steps,
+                    values,
+                    label=f"{label}: {part}" if label else f"{part}: {LOSS_PARTS[part]}",
+                    marker="o" if len(steps) <= MARKERS_UP_TO else None,
+                    markersize=4,
+                    **style,
+                )
                 if part not in drawn:
                     drawn.append(part)
         for part in members:  # said in the legend, never drawn as a line at zero

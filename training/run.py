@@ -21,6 +21,7 @@ global batches: resuming with a different process count keeps that product (the
 resumed run's ``grad_accum`` becomes ``batches_per_step / P``), so the schedule,
 total steps and data position carry over unchanged.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -89,8 +90,13 @@ def stage_data(cfg: TrainConfig, tokenizer) -> tuple[list[TrainItem], list[str]]
     else:
         cases = task_cases(cfg)
         examples, relevance = task_examples(cases, cfg.joint)
-        items, dropped = encode_items(tokenizer, examples, cfg.max_length, relevance,
-                                      essential=[relevance_targets(c, ESSENTIAL_LABELS) for c in cases])
+        items, dropped = encode_items(
+            tokenizer,
+            examples,
+            cfg.max_length,
+            relevance,
+            essential=[relevance_targets(c, ESSENTIAL_LABELS) for c in cases],
+        )
         sources = task_sources(cfg)
     if dropped:
         print(f"note: skipped {dropped} example(s) longer than max_length={cfg.max_length}", file=sys.stderr)
@@ -217,9 +223,7 @@ def check_run_inputs(cfg: TrainConfig, resume: bool):
     if init_manifest is not None:  # the adapter and head load as trained: record their real settings
         cfg = adopt_init_settings(cfg, init_manifest)
     if init_manifest is not None and init_manifest.preset != preset.name:
-        raise InputError(
-            f"--init was trained with preset {init_manifest.preset!r}, not {preset.name!r}", init_export
-        )
+        raise InputError(f"--init was trained with preset {init_manifest.preset!r}, not {preset.name!r}", init_export)
     return cfg, out, preset, init_export, init_manifest
 
 
@@ -251,8 +255,11 @@ def resume_point(cfg: TrainConfig, out: Path, resume: bool, accelerator) -> tupl
         return cfg, None
     resumed = resume_layout(ckpts.read_state(resume_from), cfg, accelerator.num_processes)
     if resumed.grad_accum != cfg.grad_accum and accelerator.is_main_process:
-        print(f"note: resuming on {accelerator.num_processes} process(es) with grad_accum "
-              f"{resumed.grad_accum} (was {cfg.grad_accum}): same global batches per step", file=sys.stderr)
+        print(
+            f"note: resuming on {accelerator.num_processes} process(es) with grad_accum "
+            f"{resumed.grad_accum} (was {cfg.grad_accum}): same global batches per step",
+            file=sys.stderr,
+        )
     return resumed, resume_from
 
 
@@ -342,12 +349,25 @@ def prepare_trainer(setup: RunSetup, model: JointModel, items: list[TrainItem], 
         accelerator.state.fsdp_plugin.auto_wrap_policy = fsdp_wrap_policy(model)
     # No data loader through accelerate: training.batching splits the batches itself.
     wrapped, optimizer = accelerator.prepare(model, optimizer)
-    return Trainer(cfg, setup.out, accelerator, wrapped, accelerator.unwrap_model(wrapped), optimizer, scheduler,
-                   sampler, items, pad_id, total_steps, train_hooks())
+    return Trainer(
+        cfg,
+        setup.out,
+        accelerator,
+        wrapped,
+        accelerator.unwrap_model(wrapped),
+        optimizer,
+        scheduler,
+        sampler,
+        items,
+        pad_id,
+        total_steps,
+        train_hooks(),
+    )
 
 
-def finish_run(setup: RunSetup, t: Trainer, state: LoopState, head: NotePairHead, tokenizer,
-               sources: list[str]) -> Path | None:
+def finish_run(
+    setup: RunSetup, t: Trainer, state: LoopState, head: NotePairHead, tokenizer, sources: list[str]
+) -> Path | None:
     """Loss curve and ``RUN/export`` (main process; every rank joins FSDP's weight gather)."""
     accelerator, export_dir = t.accelerator, None
     accelerator.wait_for_everyone()
@@ -356,12 +376,23 @@ def finish_run(setup: RunSetup, t: Trainer, state: LoopState, head: NotePairHead
             from .export import export_run
 
             if t.cfg.plot and (t.out / LOG_FILE).is_file():
-                plot_losses(t.out / LOG_FILE, t.out / CURVE_FILE,
-                            f"Training losses: {t.cfg.stage} stage, preset {t.cfg.preset} ({t.out.name})")
+                plot_losses(
+                    t.out / LOG_FILE,
+                    t.out / CURVE_FILE,
+                    f"Training losses: {t.cfg.stage} stage, preset {t.cfg.preset} ({t.out.name})",
+                )
             fsdp = gather.is_fsdp(accelerator)
             export_dir = export_run(
-                t.out, t.plain.backbone, head, tokenizer, t.cfg, t.items, sources, setup.init_export,
-                setup.init_manifest, steps=state.step,
+                t.out,
+                t.plain.backbone,
+                head,
+                tokenizer,
+                t.cfg,
+                t.items,
+                sources,
+                setup.init_export,
+                setup.init_manifest,
+                steps=state.step,
                 final_loss=state.history[-1]["loss"] if state.history else None,
                 adapter_state=gather.trainable_state(t.plain.backbone, None)[0] if fsdp else None,
                 calibrate_alignment=not fsdp,

@@ -10,6 +10,7 @@
   differs and how to proceed (only :data:`FREE_ON_RESUME`, which cannot change the weights, may
   change). :func:`finished_export`: a run that has exported is finished; resuming it does nothing.
 """
+
 from __future__ import annotations
 
 import os
@@ -24,8 +25,10 @@ from .config import RETIRED_KEYS, TrainConfig, build_config, coerce, load_run_co
 
 LOCK_FILE = ".train.lock"
 # What a training writes into its folder (checkpoints/ and export/ with their partial siblings).
-RUN_NAMES = re.compile(r"^(config\.(json|toml)|log\.jsonl|loss_curve\.png|checkpoints|export|\.export\.partial"
-                       r"|" + re.escape(LOCK_FILE) + r")$")
+RUN_NAMES = re.compile(
+    r"^(config\.(json|toml)|log\.jsonl|loss_curve\.png|checkpoints|export|\.export\.partial"
+    r"|" + re.escape(LOCK_FILE) + r")$"
+)
 # Settings that do not change what is trained: a resume may give new values.
 FREE_ON_RESUME = ("out", "progress", "plot", "log_every", "save_every", "keep_checkpoints")
 
@@ -45,13 +48,22 @@ def check_new_run_folder(out: Path) -> None:
     ours = [n for n in names if n != LOCK_FILE]
     if ours and all(RUN_NAMES.match(n) for n in ours):
         if "export" in ours or any((out / "checkpoints").glob("step-*")):
-            raise InputError("output folder already holds a training run; continue it with --resume "
-                             f"{one_line(str(out))} or give another --out", out)
-        raise InputError("output folder holds a training run that saved no checkpoint (nothing to resume); "
-                         "delete the folder or give another --out", out)
+            raise InputError(
+                "output folder already holds a training run; continue it with --resume "
+                f"{one_line(str(out))} or give another --out",
+                out,
+            )
+        raise InputError(
+            "output folder holds a training run that saved no checkpoint (nothing to resume); "
+            "delete the folder or give another --out",
+            out,
+        )
     if ours:
-        raise InputError(f"output folder is not empty (holds {_listing(names)}); a new training writes only into "
-                         "a new or empty folder: give another --out", out)
+        raise InputError(
+            f"output folder is not empty (holds {_listing(names)}); a new training writes only into "
+            "a new or empty folder: give another --out",
+            out,
+        )
 
 
 def finished_export(run_dir: str | Path) -> Path | None:
@@ -78,7 +90,9 @@ def resume_config(run_dir: str, overrides: dict, config_file: str | None) -> Tra
         raise InputError(
             f"--resume continues the run as saved in config.json, but {len(differ)} setting(s) differ: "
             f"{'; '.join(differ)}. Drop them to continue this run, or train with them into a new --out "
-            "(nothing was changed)", run_dir)
+            "(nothing was changed)",
+            run_dir,
+        )
     return build_config({**overrides, "out": run_dir}, base=saved)
 
 
@@ -114,8 +128,11 @@ def check_not_locked(out: Path) -> None:
     """Refuse (one line) when another training that still runs holds ``out``'s lock."""
     holder = lock_holder(out)
     if holder is not None and holder[1]:
-        raise InputError(f"another training (process {holder[0]}) is writing this run folder; wait for it to end or "
-                         f"give another --out (if that process is gone, delete {LOCK_FILE} in the folder)", out)
+        raise InputError(
+            f"another training (process {holder[0]}) is writing this run folder; wait for it to end or "
+            f"give another --out (if that process is gone, delete {LOCK_FILE} in the folder)",
+            out,
+        )
 
 
 class RunLock:

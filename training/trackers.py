@@ -13,6 +13,7 @@ config (file paths, no note text) reach a tracker.
 A tracker whose package is missing is refused before any work (:func:`check_tracker_installed`,
 called by the config's validation), never silently dropped as accelerate itself would.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -39,8 +40,10 @@ def check_tracker_installed(name: str) -> None:
     """InputError (exit 2, one line) when ``--report_to name`` cannot run here."""
     packages = TRACKER_PACKAGES.get(name, ())
     if packages and not any(importlib.util.find_spec(p) is not None for p in packages):
-        raise InputError(f"--report_to {name} needs the {packages[0]} package: pip install {packages[0]} "
-                         f"(or pip install '.[trackers]' in the archehr checkout), or use --report_to none")
+        raise InputError(
+            f"--report_to {name} needs the {packages[0]} package: pip install {packages[0]} "
+            f"(or pip install '.[trackers]' in the archehr checkout), or use --report_to none"
+        )
 
 
 def accelerator_kwargs(report_to: str, out: str | Path) -> dict:

@@ -7,6 +7,7 @@ before anything is loaded or written. Rules that relate two fields (``batch_toke
 vs ``max_length``, ``head_layer`` vs the preset's depth) follow the table.
 An export's manifest is checked by :mod:`model.export_checks`.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
@@ -136,8 +137,9 @@ def check_config(cfg) -> None:
             raise InputError(f"--{name} must be {rule.expect}, got {value!r}")
     context = preset_arch(cfg.preset).get("max_position_embeddings")
     if context is not None and cfg.max_length > context:
-        raise InputError(f"--max_length must be at most {context} (the context of preset {cfg.preset!r}), "
-                         f"got {cfg.max_length}")
+        raise InputError(
+            f"--max_length must be at most {context} (the context of preset {cfg.preset!r}), got {cfg.max_length}"
+        )
     if cfg.batch_tokens and cfg.batch_tokens < cfg.max_length:
         raise InputError(f"--batch_tokens ({cfg.batch_tokens}) must be at least --max_length ({cfg.max_length})")
     layers = preset_layers(cfg.preset)
