@@ -93,6 +93,7 @@ OTHER_TOOLS_OPTIONS = {  # options of commands that are not ours (accelerate lau
     "--main_process_port",
     "--index-url",
     "--master_addr",
+    "--check",
     "--durations",
     "--master_port",
     "--node_rank",
