@@ -61,3 +61,15 @@ def answer_or_extractive(case: Case, generated: str | None) -> tuple[str, bool]:
     if answer:
         return answer, False
     return extractive_answer(case), True
+
+
+def answers_or_extractive(cases: list[Case], generated: dict[str, str]) -> tuple[dict[str, str], list[str]]:
+    """:func:`answer_or_extractive` for every case: the submitted answers by case id, and the ids
+    of the cases whose generated answer was replaced (in case order, so the run can say so)."""
+    answers: dict[str, str] = {}
+    fell_back: list[str] = []
+    for case in cases:
+        answers[case.case_id], replaced = answer_or_extractive(case, generated[case.case_id])
+        if replaced:
+            fell_back.append(case.case_id)
+    return answers, fell_back

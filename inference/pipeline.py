@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from baselines.aligners import Aligner
 from baselines.ensemble import EnsembleConfig
-from baselines.extractive import answer_or_extractive, extractive_answer
+from baselines.extractive import answers_or_extractive, extractive_answer
 from baselines.linking import link_pairs
 from data.archehr import load_cases
 from plumbing.atomic import OutputSet, check_output_set_target, write_json_atomic
@@ -354,11 +354,7 @@ def _predict_subtask3(r: _Run, log: Log) -> None:
         answers, fell_back = baseline_answers(r.cases, opts.progress), []
         run["subtask3"] = {"method": "extractive (BM25 + TF-IDF of the question vs note sentences)"}
     else:
-        answers, fell_back = {}, []
-        for case in r.cases:
-            answers[case.case_id], replaced = answer_or_extractive(case, r.outputs.answers[case.case_id])
-            if replaced:
-                fell_back.append(case.case_id)
+        answers, fell_back = answers_or_extractive(r.cases, r.outputs.answers)
         run["subtask3"] = {
             "method": "generation",
             "max_new_tokens": opts.max_new_tokens,

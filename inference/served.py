@@ -114,18 +114,14 @@ def served_answers(
 ) -> tuple[dict[str, str], list[str]]:
     """Cleaned answers by case id, as ``infer.py`` makes them; the cases whose served answer came
     back empty get the extractive answer instead (returned second, so the run can say so)."""
-    from baselines.extractive import answer_or_extractive
+    from baselines.extractive import answers_or_extractive
 
-    answers: dict[str, str] = {}
-    fell_back: list[str] = []
+    raw: dict[str, str] = {}
     for start in range(0, len(cases), batch_size):
         batch = cases[start : start + batch_size]
-        raw = generator.generate_answers(batch, max_new_tokens=max_new_tokens, batch_size=batch_size)
-        for case, text in zip(batch, raw, strict=True):
-            answers[case.case_id], replaced = answer_or_extractive(case, text)
-            if replaced:
-                fell_back.append(case.case_id)
-    return answers, fell_back
+        texts = generator.generate_answers(batch, max_new_tokens=max_new_tokens, batch_size=batch_size)
+        raw.update(zip((case.case_id for case in batch), texts, strict=True))
+    return answers_or_extractive(cases, raw)
 
 
 @exit_on_interrupt
