@@ -8,10 +8,11 @@ It lives in ``model/`` because it runs the backbone: ``model`` may use ``heads``
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 import torch
+from torch import nn
 
 from data.prompts import EncodedExample, encode_example, example_from_case
 from data.records import Case
@@ -19,9 +20,12 @@ from heads.alignment import HeadOutput, NotePairHead
 
 from .backbone import backbone_hidden
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
 
 @torch.no_grad()
-def head_outputs(backbone, head: NotePairHead, enc: EncodedExample) -> HeadOutput:
+def head_outputs(backbone: nn.Module, head: NotePairHead, enc: EncodedExample) -> HeadOutput:
     """Raw head logits for one encoded example (prompt + its answer sentences)."""
     device = next(head.parameters()).device
     ids = torch.tensor([enc.input_ids], dtype=torch.long, device=device)
@@ -31,7 +35,7 @@ def head_outputs(backbone, head: NotePairHead, enc: EncodedExample) -> HeadOutpu
 
 
 def encode_for_scoring(
-    tokenizer, cases: Sequence[Case]
+    tokenizer: PreTrainedTokenizerBase, cases: Sequence[Case]
 ) -> tuple[list[np.ndarray | None], list[tuple[int, EncodedExample]]]:
     """What the pair scorers start from: a case without answer sentences already has its empty
     [0, n_note] result; every other case is encoded (prompt + answer sentences), with its index."""
@@ -47,7 +51,7 @@ def encode_for_scoring(
 
 @torch.no_grad()
 def group_head_outputs(
-    backbone,
+    backbone: nn.Module,
     head: NotePairHead,
     group: Sequence[EncodedExample],
     pad_id: int,
@@ -69,7 +73,7 @@ def group_head_outputs(
 
 @torch.no_grad()
 def group_pair_probabilities(
-    backbone,
+    backbone: nn.Module,
     head: NotePairHead,
     group: Sequence[EncodedExample],
     pad_id: int,
@@ -86,7 +90,7 @@ def group_pair_probabilities(
 
 @torch.no_grad()
 def pair_probabilities(
-    backbone, head: NotePairHead, examples: Sequence[EncodedExample], batch_size: int = 8, pad_id: int = 0
+    backbone: nn.Module, head: NotePairHead, examples: Sequence[EncodedExample], batch_size: int = 8, pad_id: int = 0
 ) -> list[np.ndarray]:
     """[n_answer, n_note] sigmoid probabilities per example, in eval mode (restored after).
 
@@ -119,7 +123,7 @@ def pair_probabilities(
 
 @torch.no_grad()
 def relevance_probabilities(
-    backbone, head: NotePairHead, examples: Sequence[EncodedExample]
+    backbone: nn.Module, head: NotePairHead, examples: Sequence[EncodedExample]
 ) -> list[np.ndarray] | None:
     """[n_note] sigmoid relevance probabilities per example (None if the head has no relevance output).
 
@@ -132,9 +136,12 @@ def relevance_probabilities(
     backbone.eval()
     head.eval()
     try:
-        return [
-            torch.sigmoid(head_outputs(backbone, head, enc).relevance_logits.float()).cpu().numpy() for enc in examples
-        ]
+        probs = []
+        for enc in examples:
+            logits = head_outputs(backbone, head, enc).relevance_logits
+            assert logits is not None  # the head has a relevance output (checked above)
+            probs.append(torch.sigmoid(logits.float()).cpu().numpy())
+        return probs
     finally:
         backbone.train(was_training[0])
         head.train(was_training[1])
