@@ -38,6 +38,7 @@ if TYPE_CHECKING:
     from transformers import PreTrainedConfig
 
 from .backbone import decoder, lm_head, unwrapped
+from .kernel_probe import kernel_mismatch
 from .packed import choose_packed_attention, pack, packed_forward
 
 BATCH_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256)
@@ -88,13 +89,12 @@ def choose_decode_attention(
         keep = torch.ones(2, 1, 1, 40, dtype=torch.bool, device=device)
         keep[0, ..., :7] = False
         keep[:, ..., 33:] = False
-        try:
-            got = decode_attention(q, k, v, keep, head_dim**-0.5, SDPA_CUDNN)
-            want = decode_attention(q, k, v, keep, head_dim**-0.5, MATMUL)
-            err = float((got.float() - want.float()).abs().max())
-            _CUDNN_PROBES[key] = None if err < 2e-2 else f"cuDNN attention differs from matmul by {err:.3g}"
-        except Exception as exc:  # no cuDNN attention for this card, dtype or shape
-            _CUDNN_PROBES[key] = f"cuDNN attention unavailable ({type(exc).__name__}: {str(exc)[:120]})"
+        _CUDNN_PROBES[key] = kernel_mismatch(
+            "cuDNN attention",
+            lambda: decode_attention(q, k, v, keep, head_dim**-0.5, SDPA_CUDNN),
+            "matmul",
+            lambda: decode_attention(q, k, v, keep, head_dim**-0.5, MATMUL),
+        )
     why_not = _CUDNN_PROBES[key]
     return (MATMUL, why_not) if why_not else (SDPA_CUDNN, None)
 

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .backbone import decoder, lm_head
+from .kernel_probe import kernel_mismatch
 
 VARLEN_FLASH, PER_SEQUENCE = "flash-varlen", "per-sequence"
 
@@ -95,13 +96,12 @@ def choose_packed_attention(
         q = torch.randn(packed.tokens, heads, head_dim, device=device, dtype=dtype, generator=gen)
         k = torch.randn(packed.tokens, n_kv, head_dim, device=device, dtype=dtype, generator=gen)
         v = torch.randn(packed.tokens, n_kv, head_dim, device=device, dtype=dtype, generator=gen)
-        try:
-            got = causal_attention(q, k, v, packed, head_dim**-0.5, VARLEN_FLASH)
-            want = causal_attention(q, k, v, packed, head_dim**-0.5, PER_SEQUENCE)
-            err = float((got.float() - want.float()).abs().max())
-            _PROBES[key] = None if err < 2e-2 else f"varlen flash attention differs from SDPA by {err:.3g}"
-        except Exception as exc:  # no flash kernel for this card, dtype or shape
-            _PROBES[key] = f"varlen flash attention unavailable ({type(exc).__name__}: {str(exc)[:120]})"
+        _PROBES[key] = kernel_mismatch(
+            "varlen flash attention",
+            lambda: causal_attention(q, k, v, packed, head_dim**-0.5, VARLEN_FLASH),
+            "SDPA",
+            lambda: causal_attention(q, k, v, packed, head_dim**-0.5, PER_SEQUENCE),
+        )
     why_not = _PROBES[key]
     return (PER_SEQUENCE, why_not) if why_not else (VARLEN_FLASH, None)
 
