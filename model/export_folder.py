@@ -205,6 +205,16 @@ def model_card(record: ExportManifest, ladder: dict[str, Any] | None = None, mer
     """``export/README.md``: Hub metadata (YAML front matter), then what the export is, what it was
     trained on, and what it is for. ``ladder``: a ``score.py cv`` run's scores (:func:`read_cv_ladder`)."""
     manifest = record.to_dict()
+    lines = _card_intro_lines(manifest, ladder, merged)
+    lines += _card_stage_lines(manifest)
+    lines += _card_threshold_lines(manifest)
+    lines += _card_evaluation_lines(manifest, ladder)
+    lines += _card_usage_lines(manifest, merged)
+    return "\n".join(lines) + "\n"
+
+
+def _card_intro_lines(manifest: dict[str, Any], ladder: dict[str, Any] | None, merged: bool) -> list[str]:
+    """Front matter, what the export is for, and its base model and LoRA settings."""
     base = manifest.get("base_model") or {}
     if base.get("random_init"):
         base_line = (
@@ -214,8 +224,7 @@ def model_card(record: ExportManifest, ladder: dict[str, Any] | None = None, mer
     else:
         base_line = f"`{base.get('id')}` (preset `{base.get('preset')}`, 4-bit NF4: {base.get('load_in_4bit')})"
     lora = manifest.get("lora") or {}
-    alignment = manifest.get("alignment") or {}
-    lines = [
+    return [
         front_matter(card_metadata(manifest, ladder, library="transformers" if merged else "peft")),
         "# archehr export" + (" (merged)" if merged else ""),
         "",
@@ -230,8 +239,11 @@ def model_card(record: ExportManifest, ladder: dict[str, Any] | None = None, mer
         f"- LoRA: r={lora.get('r')}, alpha={lora.get('alpha')}, dropout={lora.get('dropout')}, "
         f"on {', '.join(lora.get('targets') or [])}",
         "",
-        "## Training stages",
     ]
+
+
+def _card_stage_lines(manifest: dict[str, Any]) -> list[str]:
+    lines = ["## Training stages"]
     for i, stage in enumerate(manifest.get("stages") or [], 1):
         lines.append(
             f"{i}. `{stage.get('stage')}`{' (joint head)' if stage.get('joint') else ''}: "
@@ -240,7 +252,12 @@ def model_card(record: ExportManifest, ladder: dict[str, Any] | None = None, mer
         )
         for data in stage.get("data") or []:
             lines.append(f"   - data `{Path(str(data.get('path'))).name}` sha256 `{data.get('sha256')}`")
-    lines += [
+    return lines
+
+
+def _card_threshold_lines(manifest: dict[str, Any]) -> list[str]:
+    alignment = manifest.get("alignment") or {}
+    lines = [
         "",
         "## Thresholds",
         f"- alignment probability threshold {alignment.get('threshold')} ({alignment.get('calibrated_on')}; "
@@ -250,7 +267,12 @@ def model_card(record: ExportManifest, ladder: dict[str, Any] | None = None, mer
     for key, value in sorted(manifest.items()):
         if key.endswith("_threshold") and value is not None:
             lines.append(f"- {key.replace('_', ' ')}: {value}")
-    lines += ["", "## Evaluation"]
+    return lines
+
+
+def _card_evaluation_lines(manifest: dict[str, Any], ladder: dict[str, Any] | None) -> list[str]:
+    """A cv ladder's held-out scores, else the manifest's recorded cv scores, else where to get them."""
+    lines = ["", "## Evaluation"]
     cv = manifest.get("cv")
     if ladder is not None:
         lines.append(
@@ -272,6 +294,12 @@ def model_card(record: ExportManifest, ladder: dict[str, Any] | None = None, mer
             "No cross-validation scores are recorded with this export; `python score.py cv` "
             "measures them on held-out cases."
         )
+    return lines
+
+
+def _card_usage_lines(manifest: dict[str, Any], merged: bool) -> list[str]:
+    """How to serve (merged folder) or load the export, and the package versions it was made with."""
+    lines = []
     if merged:
         lines += [
             "",
@@ -295,7 +323,7 @@ def model_card(record: ExportManifest, ladder: dict[str, Any] | None = None, mer
         f"Packages: {', '.join(f'{k} {v}' for k, v in (manifest.get('packages') or {}).items() if v)}. "
         f"Created {manifest.get('created')}.",
     ]
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def refresh_model_card(export_dir: str | Path, ladder: dict[str, Any] | None) -> Path:
