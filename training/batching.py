@@ -85,13 +85,6 @@ def token_budget_batches(
     return batches
 
 
-def padding_fraction(lengths: Sequence[int], batches: Sequence[Sequence[int]]) -> float:
-    """Share of the padded [rows x width] blocks that is padding."""
-    real = sum(lengths[i] for b in batches for i in b)
-    padded = sum(len(b) * max(lengths[i] for i in b) for b in batches)
-    return 1.0 - real / padded if padded else 0.0
-
-
 class EpochBatches:
     """Deterministic batches of item indices per epoch: shuffled with ``seed + epoch``,
     optionally grouped by length (sorted within windows of 50 batches, then the
