@@ -32,9 +32,9 @@ from torch import nn
 if TYPE_CHECKING:
     from peft import LoraConfig, PeftModel
     from torch.utils.hooks import RemovableHandle
+    from transformers import BitsAndBytesConfig, PreTrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
     from plumbing.errors import InputError
-    from transformers import BitsAndBytesConfig, PreTrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from .locate import default_device  # noqa: F401  (re-exported: callers import it from here)
 from .presets import LORA_TARGETS, LoraSettings, ModelPreset, bundled_tokenizer_dir, get_preset  # noqa: F401
