@@ -14,11 +14,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from data.prompts import EncodedExample, encode_example, example_from_case
+from data.prompts import EncodedExample, encode_examples, example_from_case
 from data.records import Case
 from heads.alignment import HeadOutput, NotePairHead
 
-from .backbone import backbone_hidden
+from .backbone import backbone_hidden, decoder
+from .decoding import head_dim_of
+from .packed import choose_packed_attention, pack, packed_forward
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -40,13 +42,12 @@ def encode_for_scoring(
     """What the pair scorers start from: a case without answer sentences already has its empty
     [0, n_note] result; every other case is encoded (prompt + answer sentences), with its index."""
     out: list[np.ndarray | None] = [None] * len(cases)
-    encoded = []
+    scored = [i for i, case in enumerate(cases) if case.answer_sentences]
     for i, case in enumerate(cases):
         if not case.answer_sentences:
             out[i] = np.zeros((0, len(case.note_sentences)), dtype=np.float32)
-        else:
-            encoded.append((i, encode_example(tokenizer, example_from_case(case, with_answer=True))))
-    return out, encoded
+    examples = [example_from_case(cases[i], with_answer=True) for i in scored]
+    return out, list(zip(scored, encode_examples(tokenizer, examples)))
 
 
 @torch.no_grad()
@@ -69,6 +70,29 @@ def group_head_outputs(
         mask[row, : len(enc.input_ids)] = 1
     _, hidden = backbone_hidden(backbone, ids.to(device), mask.to(device), head.config.layer)
     return [head(hidden[row], enc.note_spans, enc.answer_spans) for row, enc in enumerate(group)]
+
+
+def packed_attention(model) -> tuple[str, str | None]:
+    """The attention :func:`packed_head_outputs` runs for ``model`` and why not the varlen
+    kernel (None when it runs; the fallback is one causal SDPA per sequence, same arithmetic)."""
+    dec = decoder(model)
+    cfg, weight = dec.config, dec.embed_tokens.weight
+    return choose_packed_attention(
+        weight.device, weight.dtype, cfg.num_attention_heads, cfg.num_key_value_heads, head_dim_of(cfg)
+    )
+
+
+@torch.no_grad()
+def packed_head_outputs(model, head: NotePairHead, group: Sequence[EncodedExample], attention: str) -> list[HeadOutput]:
+    """One packed forward over ``group`` (no padding, stopping at the head's layer): the
+    head's raw outputs per example. The fast engine and export calibration both run it."""
+    device = next(head.parameters()).device
+    packed = pack([enc.input_ids for enc in group], device)
+    hidden, _ = packed_forward(model, packed, tap=head.config.layer, attention=attention)
+    return [
+        head(hidden[a : a + n], enc.note_spans, enc.answer_spans)
+        for a, n, enc in zip(packed.starts, packed.lengths, group)
+    ]
 
 
 @torch.no_grad()

@@ -608,8 +608,9 @@ def test_packed_relevance_is_refused_without_relevance_output(tiny_adapter):
 def test_packed_head_forwards_halve_their_budget_after_out_of_memory(tiny_adapter, monkeypatch):
     from bench.synthetic import inference_cases
     from inference import fast as fast_module
+    from model import head_scoring
 
-    real = fast_module.packed_forward
+    real = head_scoring.packed_forward
     sizes = []
 
     def flaky(model, packed, **kwargs):
@@ -618,7 +619,7 @@ def test_packed_head_forwards_halve_their_budget_after_out_of_memory(tiny_adapte
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
         return real(model, packed, **kwargs)
 
-    monkeypatch.setattr(fast_module, "packed_forward", flaky)
+    monkeypatch.setattr(head_scoring, "packed_forward", flaky)
     said = []
     plain = _tiny_checkpoint(tiny_adapter)
     fast = fast_module.FastEngine(plain, log=said.append)
