@@ -72,7 +72,7 @@ def group_head_outputs(
     return [head(hidden[row], enc.note_spans, enc.answer_spans) for row, enc in enumerate(group)]
 
 
-def packed_attention(model) -> tuple[str, str | None]:
+def packed_attention(model: nn.Module) -> tuple[str, str | None]:
     """The attention :func:`packed_head_outputs` runs for ``model`` and why not the varlen
     kernel (None when it runs; the fallback is one causal SDPA per sequence, same arithmetic)."""
     dec = decoder(model)
@@ -83,7 +83,9 @@ def packed_attention(model) -> tuple[str, str | None]:
 
 
 @torch.no_grad()
-def packed_head_outputs(model, head: NotePairHead, group: Sequence[EncodedExample], attention: str) -> list[HeadOutput]:
+def packed_head_outputs(
+    model: nn.Module, head: NotePairHead, group: Sequence[EncodedExample], attention: str
+) -> list[HeadOutput]:
     """One packed forward over ``group`` (no padding, stopping at the head's layer): the
     head's raw outputs per example. The fast engine and export calibration both run it."""
     device = next(head.parameters()).device
