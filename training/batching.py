@@ -136,9 +136,15 @@ class TokenBudgetBatches(EpochBatches):
         return self._count
 
 
+# Batch widths are padded up to a multiple of 8: the compiled decoder layer's graph guards on
+# the sequence length's alignment (inductor's ``is_aligned_realized_tensor``: T % 8 == 0), so
+# mixed widths compiled a second graph mid-run (issue 21: a 20 s recompile in the timed steps).
+PAD_WIDTH_TO = 8
+
+
 def collate(items: Sequence[TrainItem], pad_id: int) -> dict:
     """Right-padded tensors plus stacked spans/targets (see module docstring)."""
-    width = max(len(it) for it in items)
+    width = -(-max(len(it) for it in items) // PAD_WIDTH_TO) * PAD_WIDTH_TO
     b = len(items)
     input_ids = torch.full((b, width), pad_id, dtype=torch.long)
     labels = torch.full((b, width), IGNORE_INDEX, dtype=torch.long)
