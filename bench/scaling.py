@@ -114,10 +114,10 @@ def run_with_timeout(cmd: list[str], timeout: float | None, **kwargs) -> int:
 
 # NVLink multicast off (device notes): NCCL NVLS and symmetric memory multicast.
 NCCL_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+BATCH_TOKENS = 16384  # per process, every run
 
 
-@exit_on_input_error
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = CliParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--gpus", nargs="+", default=[1, 2], **integer(1, 1024).option())
     p.add_argument("--steps", default=12, **integer(1, 10**6).option())
@@ -134,26 +134,26 @@ def main(argv: list[str] | None = None) -> int:
             "per run; a run past it is stopped and measured on the steps it logged"
         ),
     )
-    args = p.parse_args(argv)
-    check_out_folder(Path(args.out))  # before any work
+    return p.parse_args(argv)
 
-    work = Path(args.work)
-    work.mkdir(parents=True, exist_ok=True)
-    data = work / "emrqa_synthetic.jsonl"
-    synthetic_emrqa(data, args.records)
-    # Write the random base once, before several processes would race to build it.
+
+def write_random_base(preset: str) -> None:
+    """Write the random base once, before several processes would race to build it."""
     subprocess.run(
         [
             sys.executable,
             "-c",
             "from model.backbone import save_random_base, random_base_cache_dir as d;"
-            f"save_random_base('{args.preset}', d('{args.preset}'))",
+            f"save_random_base('{preset}', d('{preset}'))",
         ],
         cwd=ROOT,
         check=True,
     )
-    env = dict(os.environ, **NCCL_ENV)
-    common = [
+
+
+def train_arguments(args: argparse.Namespace, data: Path) -> list[str]:
+    """The ``train.py`` arguments every run shares (its ``--out`` comes per run)."""
+    return [
         "train.py",
         "--stage",
         "domain",
@@ -172,61 +172,99 @@ def main(argv: list[str] | None = None) -> int:
         "--max_length",
         "2048",
         "--batch_tokens",
-        "16384",
+        str(BATCH_TOKENS),
         "--plot",
         "false",
         *args.extra.split(),
     ]
-    rows = []
-    for n in args.gpus:
-        out = work / f"run-{n}gpu"
-        shutil.rmtree(out, ignore_errors=True)
-        log_dir = work / f"launch-logs-{n}gpu"
-        shutil.rmtree(log_dir, ignore_errors=True)
-        cmd = launch_prefix(n, "configs/accelerate/ddp.yaml", log_dir) + common + ["--out", str(out)]
-        print("+", " ".join(cmd), flush=True)
-        start = time.perf_counter()
-        rc = run_with_timeout(cmd, args.timeout_s, cwd=ROOT, env=env)
-        logs = collect_rank_logs(log_dir, Path(args.out) / "logs", f"{n}gpu") if n > 1 else []
-        log_rows = read_rows(out / "log.jsonl")
-        row = {
-            "gpus": n,
-            "wall_s": round(time.perf_counter() - start, 1),
-            "steps_logged": len(log_rows),
-            "epochs_seen": sorted({r["epoch"] for r in log_rows}),
-            "rank_logs": logs,
-            "tokens_per_s_by_step": [r.get("tokens_per_s") for r in log_rows],
-        }
-        if log_rows:
-            last = log_rows[-1]
-            row["max_mem_gb_ranks"] = last.get("max_mem_gb_ranks", [last.get("max_mem_gb")])
-            row["tokens_per_step"] = round(last["tokens"] / last["step"])
-        if rc != 0:
-            row["error"] = "timed out" if rc == 124 else f"exit {rc}"
-        if rc in (0, 124) and any(r["step"] > args.skip for r in log_rows):
-            row["tokens_per_s"] = round(steady_tokens_per_s(out / "log.jsonl", args.skip), 1)
-            row["steps_measured"] = sum(1 for r in log_rows if r["step"] > args.skip)
-        rows.append(row)
-        print(json.dumps(row), flush=True)
+
+
+def measure_run(n: int, args: argparse.Namespace, work: Path, common: list[str], env: dict) -> dict:
+    """Train on ``n`` processes; its row: wall time, steps, per-step tokens/s, peak memory, steady tokens/s."""
+    out = work / f"run-{n}gpu"
+    shutil.rmtree(out, ignore_errors=True)
+    log_dir = work / f"launch-logs-{n}gpu"
+    shutil.rmtree(log_dir, ignore_errors=True)
+    cmd = launch_prefix(n, "configs/accelerate/ddp.yaml", log_dir) + common + ["--out", str(out)]
+    print("+", " ".join(cmd), flush=True)
+    start = time.perf_counter()
+    rc = run_with_timeout(cmd, args.timeout_s, cwd=ROOT, env=env)
+    logs = collect_rank_logs(log_dir, Path(args.out) / "logs", f"{n}gpu") if n > 1 else []
+    log_rows = read_rows(out / "log.jsonl")
+    row = {
+        "gpus": n,
+        "wall_s": round(time.perf_counter() - start, 1),
+        "steps_logged": len(log_rows),
+        "epochs_seen": sorted({r["epoch"] for r in log_rows}),
+        "rank_logs": logs,
+        "tokens_per_s_by_step": [r.get("tokens_per_s") for r in log_rows],
+    }
+    if log_rows:
+        last = log_rows[-1]
+        row["max_mem_gb_ranks"] = last.get("max_mem_gb_ranks", [last.get("max_mem_gb")])
+        row["tokens_per_step"] = round(last["tokens"] / last["step"])
+    if rc != 0:
+        row["error"] = "timed out" if rc == 124 else f"exit {rc}"
+    if rc in (0, 124) and any(r["step"] > args.skip for r in log_rows):
+        row["tokens_per_s"] = round(steady_tokens_per_s(out / "log.jsonl", args.skip), 1)
+        row["steps_measured"] = sum(1 for r in log_rows if r["step"] > args.skip)
+    return row
+
+
+def add_speedups(rows: list[dict]) -> None:
+    """Speed-up and efficiency of every measured row against the measured 1-GPU row."""
     base = next((r["tokens_per_s"] for r in rows if r.get("gpus") == 1 and "tokens_per_s" in r), None)
     for r in rows:
         if base and "tokens_per_s" in r:
             r["speedup"] = round(r["tokens_per_s"] / base, 2)
             r["efficiency"] = round(r["speedup"] / r["gpus"], 2)
+
+
+def write_result(args: argparse.Namespace, rows: list[dict]) -> None:
     result = {
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "rows": rows,
-        "settings": {"steps": args.steps, "skip": args.skip, "batch_tokens_per_process": 16384, "extra": args.extra},
+        "settings": {
+            "steps": args.steps,
+            "skip": args.skip,
+            "batch_tokens_per_process": BATCH_TOKENS,
+            "extra": args.extra,
+        },
     }
     Path(args.out).mkdir(parents=True, exist_ok=True)
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S")
     (Path(args.out) / f"scaling-{stamp}.json").write_text(json.dumps(result, indent=2))
+
+
+def print_table(rows: list[dict]) -> None:
     print("\n| GPUs | tokens/s | speed-up | efficiency | peak GB per rank |\n|---|---|---|---|---|")
     for r in rows:
         print(
             f"| {r['gpus']} | {r.get('tokens_per_s', r.get('error'))} | {r.get('speedup', '')} | "
             f"{r.get('efficiency', '')} | {r.get('max_mem_gb_ranks', '')} |"
         )
+
+
+@exit_on_input_error
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    check_out_folder(Path(args.out))  # before any work
+
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    data = work / "emrqa_synthetic.jsonl"
+    synthetic_emrqa(data, args.records)
+    write_random_base(args.preset)
+    env = dict(os.environ, **NCCL_ENV)
+    common = train_arguments(args, data)
+    rows = []
+    for n in args.gpus:
+        row = measure_run(n, args, work, common, env)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    add_speedups(rows)
+    write_result(args, rows)
+    print_table(rows)
     return 0
 
 
