@@ -26,6 +26,7 @@ import datetime as dt
 import json
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +34,11 @@ from plumbing.ranges import integer, number
 
 from plumbing.atomic import check_out_folder
 from plumbing.errors import CliParser, exit_on_input_error
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
+
+    from model.decoding import DecodeBatch
 
 
 def _time_graph(fn, reps: int, device: torch.device) -> float:
@@ -166,8 +172,7 @@ def profile_table(step, device: torch.device, reps: int = 3) -> dict:
     }
 
 
-@exit_on_input_error
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = CliParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="qwen3-4b-random")
     p.add_argument("--rows", default=48, **integer(1, 4096).option())
@@ -181,36 +186,123 @@ def main(argv: list[str] | None = None) -> int:
         **number(0, 100, lo_open=True).option("memory bandwidth for the floor (H100 SXM)"),
     )
     p.add_argument("--out", default="bench/results")
-    args = p.parse_args(argv)
-    check_out_folder(Path(args.out))  # before any work
+    return p.parse_args(argv)
 
-    from inference.memory import dense_weight_bytes
-    from model.backbone import build_random_base, decoder, resolve_preset
-    from model.decoding import (
-        MATMUL,
-        DecodeBatch,
-        bucket_width,
-        choose_decode_attention,
-        head_dim_of,
-        kv_bytes_per_token,
-    )
-    from model.packed import choose_packed_attention
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+def build_model(preset: str, device: torch.device, dtype: torch.dtype) -> tuple[torch.nn.Module, float]:
+    """The preset's random model on ``device`` and the seconds it took to build."""
+    from model.backbone import build_random_base
+
     t0 = time.perf_counter()
     with torch.device(device):
-        model = build_random_base(args.preset, dtype=dtype).eval()
-    build_s = time.perf_counter() - t0
-    cfg = decoder(model).config
-    width = bucket_width(args.width)
+        model = build_random_base(preset, dtype=dtype).eval()
+    return model, time.perf_counter() - t0
+
+
+def random_prompts(rows: int, width: int, vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids and attention mask: lengths 75-100% of the width, left-padded (seeded)."""
     gen = torch.Generator().manual_seed(0)
-    ids = torch.randint(100, cfg.vocab_size - 1000, (args.rows, width), generator=gen)
+    ids = torch.randint(100, vocab_size - 1000, (rows, width), generator=gen)
     mask = torch.ones_like(ids)
-    for r in range(args.rows):  # lengths 75-100% of the width, left-padded
+    for r in range(rows):
         pad = int(torch.randint(0, max(1, width // 4), (1,), generator=gen))
         mask[r, :pad] = 0
         ids[r, :pad] = 0
+    return ids, mask
+
+
+def prefill(
+    batch: DecodeBatch,
+    cfg: PretrainedConfig,
+    ids: torch.Tensor,
+    mask: torch.Tensor,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> float:
+    """Prefill the batch's cache with the unpadded prompts; seconds."""
+    from model.decoding import head_dim_of
+    from model.packed import choose_packed_attention
+
+    t0 = time.perf_counter()
+    seqs = [row[m.bool()].tolist() for row, m in zip(ids, mask)]
+    attention = choose_packed_attention(
+        device, dtype, cfg.num_attention_heads, cfg.num_key_value_heads, head_dim_of(cfg)
+    )[0]
+    batch.prefill(seqs, [len(x) for x in seqs], 16384, attention)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+def measure_steps(
+    batch: DecodeBatch, cfg: PretrainedConfig, rows: int, device: torch.device, dtype: torch.dtype
+) -> dict:
+    """Decode-step timings and profiles with the matmul attention, then with the chosen one."""
+    from model.decoding import choose_decode_attention
+
+    result: dict = {}
+
+    def step():  # keep the step counter inside the cache: replays must not run off its end
+        batch.step()
+        batch.step_i.fill_(1)
+
+    result["step_ms_graph"] = round(_time_graph(step, 50, device), 3)  # the matmul attention
+    result["step_ms_eager"] = round(_time_eager(step, 10, device), 3)
+    result["profile"] = profile_table(step, device)
+    chosen, why_not = choose_decode_attention(device, dtype, cfg.num_attention_heads, batch.n_kv, batch.head_dim)
+    result["chosen_attention"], result["attention_fallback"] = chosen, why_not
+    batch.attention = chosen
+    result["step_ms_graph_chosen"] = round(_time_graph(step, 50, device), 3)
+    result["profile_chosen"] = profile_table(step, device)
+    n_heads = cfg.num_attention_heads
+    result["attention_36_layers_ms"] = attention_variants(
+        rows, n_heads, batch.n_kv, batch.head_dim, batch.total, cfg.num_hidden_layers, device, dtype
+    )
+    return result
+
+
+def memory_floor(preset: str, cfg: PretrainedConfig, rows: int, cache_slots: int, bandwidth_tbs: float) -> dict:
+    """Dense weights + the K/V cache read once per step, at the card's bandwidth."""
+    from inference.memory import dense_weight_bytes
+    from model.backbone import resolve_preset
+    from model.decoding import kv_bytes_per_token
+
+    weights = dense_weight_bytes(resolve_preset(preset).arch)
+    cache = kv_bytes_per_token(cfg) * rows * cache_slots
+    return {
+        "weights_gb": round(weights / 1e9, 2),
+        "kv_cache_gb": round(cache / 1e9, 2),
+        "ms_at_bandwidth": round(1e3 * (weights + cache) / (bandwidth_tbs * 1e12), 2),
+    }
+
+
+def write_and_print(result: dict, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"decode-profile-{dt.datetime.now(dt.timezone.utc).strftime('%Y%m%dT%H%M%S')}.json"
+    path.write_text(json.dumps(result, indent=2), encoding="utf-8")
+    print(json.dumps({k: v for k, v in result.items() if not k.startswith("profile")}, indent=1))
+    for name in ("profile", "profile_chosen"):
+        prof = result[name]
+        print(f"{name}: kernels per step {prof['kernels_per_step']}, kernel ms {prof['kernel_ms_per_step']}")
+        for row in prof["aten_ops"][:12]:
+            print(f"{row['ms_per_step']:8.3f} ms x{row['count']:5d} {row['name']} {row['shapes'][:90]}")
+    print(f"wrote {path}")
+
+
+@exit_on_input_error
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    check_out_folder(Path(args.out))  # before any work
+
+    from model.backbone import decoder
+    from model.decoding import MATMUL, DecodeBatch, bucket_width
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model, build_s = build_model(args.preset, device, dtype)
+    cfg = decoder(model).config
+    width = bucket_width(args.width)
+    ids, mask = random_prompts(args.rows, width, cfg.vocab_size)
     batch = DecodeBatch(model, args.rows, width, args.new, [cfg.vocab_size - 1], 0, device, dtype, MATMUL)
     result: dict = {
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
@@ -223,51 +315,10 @@ def main(argv: list[str] | None = None) -> int:
         "build_s": round(build_s, 1),
     }
     with torch.no_grad():
-        t0 = time.perf_counter()
-        seqs = [row[m.bool()].tolist() for row, m in zip(ids, mask)]
-        attention = choose_packed_attention(
-            device, dtype, cfg.num_attention_heads, cfg.num_key_value_heads, head_dim_of(cfg)
-        )[0]
-        batch.prefill(seqs, [len(x) for x in seqs], 16384, attention)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        result["prefill_s"] = round(time.perf_counter() - t0, 3)
-
-        def step():  # keep the step counter inside the cache: replays must not run off its end
-            batch.step()
-            batch.step_i.fill_(1)
-
-        result["step_ms_graph"] = round(_time_graph(step, 50, device), 3)  # the matmul attention
-        result["step_ms_eager"] = round(_time_eager(step, 10, device), 3)
-        result["profile"] = profile_table(step, device)
-        chosen, why_not = choose_decode_attention(device, dtype, cfg.num_attention_heads, batch.n_kv, batch.head_dim)
-        result["chosen_attention"], result["attention_fallback"] = chosen, why_not
-        batch.attention = chosen
-        result["step_ms_graph_chosen"] = round(_time_graph(step, 50, device), 3)
-        result["profile_chosen"] = profile_table(step, device)
-        n_heads = cfg.num_attention_heads
-        result["attention_36_layers_ms"] = attention_variants(
-            args.rows, n_heads, batch.n_kv, batch.head_dim, batch.total, cfg.num_hidden_layers, device, dtype
-        )
-    arch = resolve_preset(args.preset).arch
-    weights = dense_weight_bytes(arch)
-    cache = kv_bytes_per_token(cfg) * args.rows * batch.total
-    result["floor"] = {
-        "weights_gb": round(weights / 1e9, 2),
-        "kv_cache_gb": round(cache / 1e9, 2),
-        "ms_at_bandwidth": round(1e3 * (weights + cache) / (args.bandwidth_tbs * 1e12), 2),
-    }
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"decode-profile-{dt.datetime.now(dt.timezone.utc).strftime('%Y%m%dT%H%M%S')}.json"
-    path.write_text(json.dumps(result, indent=2), encoding="utf-8")
-    print(json.dumps({k: v for k, v in result.items() if not k.startswith("profile")}, indent=1))
-    for name in ("profile", "profile_chosen"):
-        prof = result[name]
-        print(f"{name}: kernels per step {prof['kernels_per_step']}, kernel ms {prof['kernel_ms_per_step']}")
-        for row in prof["aten_ops"][:12]:
-            print(f"{row['ms_per_step']:8.3f} ms x{row['count']:5d} {row['name']} {row['shapes'][:90]}")
-    print(f"wrote {path}")
+        result["prefill_s"] = round(prefill(batch, cfg, ids, mask, device, dtype), 3)
+        result.update(measure_steps(batch, cfg, args.rows, device, dtype))
+    result["floor"] = memory_floor(args.preset, cfg, args.rows, batch.total, args.bandwidth_tbs)
+    write_and_print(result, Path(args.out))
     return 0
 
 
