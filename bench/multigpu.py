@@ -162,8 +162,7 @@ def fsdp_check(logs: Path, env: dict, timeout: float) -> dict:
     return {"rc": rc, "summary": "timed out" if rc == 124 else (lines or [""])[-1]}
 
 
-@exit_on_input_error
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = CliParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=os.environ.get("OUT", "bench/results"))
     p.add_argument("--work", default="/tmp/multigpu")
@@ -176,18 +175,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", default=20, **integer(1, 10**6).option("scaling: optimizer steps per run"))
     p.add_argument("--skip", default=8, **integer(0, 10**6).option("scaling: first steps dropped (compile, warm-up)"))
     p.add_argument("--records", default=1200, **integer(1, 10**7).option())
-    args = p.parse_args(argv)
-    check_out_folder(Path(args.out))  # before any work
+    return p.parse_args(argv)
 
-    out = Path(args.out)
-    logs = out / "logs"
-    logs.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ, **NCCL_ENV, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+
+def save(report: dict, out: Path) -> None:
+    (out / "multigpu.json").write_text(json.dumps(report, indent=2) + "\n")
+
+
+def environment() -> dict:
+    """The GPUs and library versions, or why they are unavailable."""
     report: dict = {}
-
-    def save() -> None:
-        (out / "multigpu.json").write_text(json.dumps(report, indent=2) + "\n")
-
     try:
         import torch
 
@@ -200,48 +197,74 @@ def main(argv: list[str] | None = None) -> int:
                 report["versions"][mod] = f"unavailable: {exc}"
     except Exception as exc:  # noqa: BLE001
         report["device"] = f"unavailable: {exc}"
-    save()
+    return report
+
+
+def scaling_check(args: argparse.Namespace, out: Path, left: float) -> dict:
+    """``bench.scaling`` 1 GPU vs 2; its JSON result."""
+    from bench import scaling
+
+    before = set(out.glob("scaling-*.json"))
+    # Two runs; leave ~3 min of the budget to the other parts when they follow.
+    others = 170 if len(args.parts) > 1 else 0
+    scaling.main(
+        [
+            "--gpus",
+            "1",
+            "2",
+            "--steps",
+            str(args.steps),
+            "--skip",
+            str(args.skip),
+            "--records",
+            str(args.records),
+            "--work",
+            str(Path(args.work) / "scaling"),
+            "--out",
+            str(out),
+            "--timeout_s",
+            str(max(60.0, (left - others - 60) / 2)),
+        ]
+    )
+    new = sorted(set(out.glob("scaling-*.json")) - before)
+    return json.loads(new[-1].read_text()) if new else {"error": "no result"}
+
+
+def run_part(part: str, args: argparse.Namespace, out: Path, env: dict, left: float) -> dict | None:
+    """One part's result, given the seconds ``left`` of the budget (None for an unknown part)."""
+    logs = out / "logs"
+    if part == "resume":
+        return resume_check(Path(args.work) / "resume", logs, env)
+    if part == "fsdp":
+        return fsdp_check(logs, env, timeout=left - 10)
+    if part == "scaling":
+        return scaling_check(args, out, left)
+    return None
+
+
+@exit_on_input_error
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    check_out_folder(Path(args.out))  # before any work
+
+    out = Path(args.out)
+    (out / "logs").mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, **NCCL_ENV, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    report = environment()
+    save(report, out)
     began = time.perf_counter()
     for part in args.parts:
         start = time.perf_counter()
         left = args.budget_s - (start - began)
         if left < 60:
             report[part] = {"error": f"not run: {left:.0f} s of the {args.budget_s:.0f} s budget left"}
-            save()
+            save(report, out)
             continue
-        if part == "resume":
-            report["resume"] = resume_check(Path(args.work) / "resume", logs, env)
-        elif part == "fsdp":
-            report["fsdp"] = fsdp_check(logs, env, timeout=left - 10)
-        elif part == "scaling":
-            from bench import scaling
-
-            before = set(out.glob("scaling-*.json"))
-            # Two runs; leave ~3 min of the budget to the other parts when they follow.
-            others = 170 if len(args.parts) > 1 else 0
-            scaling.main(
-                [
-                    "--gpus",
-                    "1",
-                    "2",
-                    "--steps",
-                    str(args.steps),
-                    "--skip",
-                    str(args.skip),
-                    "--records",
-                    str(args.records),
-                    "--work",
-                    str(Path(args.work) / "scaling"),
-                    "--out",
-                    str(out),
-                    "--timeout_s",
-                    str(max(60.0, (left - others - 60) / 2)),
-                ]
-            )
-            new = sorted(set(out.glob("scaling-*.json")) - before)
-            report["scaling"] = json.loads(new[-1].read_text()) if new else {"error": "no result"}
+        result = run_part(part, args, out, env, left)
+        if result is not None:
+            report[part] = result
         report.setdefault("wall_s", {})[part] = round(time.perf_counter() - start, 1)
-        save()
+        save(report, out)
         print(json.dumps({part: report.get(part)}, indent=1), flush=True)
     return 0
 
