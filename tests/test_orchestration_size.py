@@ -19,6 +19,9 @@ ORCHESTRATION = [
     ("evaluation/cv.py", "run_cv"),
     ("bench/run.py", "main"),
     ("bench/journey.py", "main"),
+    ("bench/scaling.py", "main"),
+    ("bench/decode_profile.py", "main"),
+    ("bench/multigpu.py", "main"),
     ("training/export.py", "export_run"),
 ]
 
