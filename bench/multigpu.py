@@ -178,7 +178,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def save(report: dict, out: Path) -> None:
+def save_report(report: dict, out: Path) -> None:
     (out / "multigpu.json").write_text(json.dumps(report, indent=2) + "\n")
 
 
@@ -251,20 +251,20 @@ def main(argv: list[str] | None = None) -> int:
     (out / "logs").mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, **NCCL_ENV, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     report = environment()
-    save(report, out)
+    save_report(report, out)
     began = time.perf_counter()
     for part in args.parts:
         start = time.perf_counter()
         left = args.budget_s - (start - began)
         if left < 60:
             report[part] = {"error": f"not run: {left:.0f} s of the {args.budget_s:.0f} s budget left"}
-            save(report, out)
+            save_report(report, out)
             continue
         result = run_part(part, args, out, env, left)
         if result is not None:
             report[part] = result
         report.setdefault("wall_s", {})[part] = round(time.perf_counter() - start, 1)
-        save(report, out)
+        save_report(report, out)
         print(json.dumps({part: report.get(part)}, indent=1), flush=True)
     return 0
 
