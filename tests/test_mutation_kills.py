@@ -750,3 +750,122 @@ def test_score_relevance_needs_cases():
 
     with pytest.raises(ValueError, match="^no cases to score$"):
         score_relevance({}, {})
+
+
+# --- training/joint.py: joint_losses and JointModel on a tiny causal LM, fast on the CPU ---------
+def _tiny_causal_lm():
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(0)
+    cfg = Qwen3Config(
+        hidden_size=8,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=4,
+        intermediate_size=16,
+        vocab_size=32,
+        tie_word_embeddings=True,
+        max_position_embeddings=64,
+    )
+    return Qwen3ForCausalLM(cfg).eval()
+
+
+def _joint_batch():
+    # Two examples of 6 tokens; row 1 is right-padded by one token. Example 0 has two note
+    # sentences and one answer sentence, example 1 one of each; notes 0 and 2 carry relevance labels.
+    return {
+        "input_ids": torch.tensor([[1, 5, 9, 3, 7, 2], [4, 8, 6, 11, 12, 0]]),
+        "attention_mask": torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 0]]),
+        "labels": torch.tensor([[-100, -100, -100, 3, 7, 2], [-100, -100, 6, 11, 12, -100]]),
+        "note_spans": torch.tensor([[0, 0, 2], [0, 2, 3], [1, 0, 2]]),
+        "answer_spans": torch.tensor([[0, 3, 5], [1, 2, 4]]),
+        "pair_index": torch.tensor([[0, 0], [0, 1], [1, 2]]),
+        "pair_targets": torch.tensor([1.0, 0.0, 1.0]),
+        "relevance_index": torch.tensor([0, 2]),
+        "relevance_labels": torch.tensor([1.0, 0.0]),
+    }
+
+
+def _expected_alignment(head, hidden_states, pos_weight):
+    """Pair and relevance BCE by hand from the head run one example at a time."""
+    with torch.no_grad():
+        first = head(hidden_states[0], [(0, 2), (2, 3)], [(3, 5)])
+        second = head(hidden_states[1], [(0, 2)], [(2, 4)])
+    pairs = first.pair_logits.reshape(-1).tolist() + second.pair_logits.reshape(-1).tolist()
+    align = sum(_bce(x, t, pos_weight) for x, t in zip(pairs, [1.0, 0.0, 1.0])) / 3
+    rel = first.relevance_logits.tolist() + second.relevance_logits.tolist()
+    relevance = (_bce(rel[0], 1.0) + _bce(rel[2], 0.0)) / 2
+    return align, relevance
+
+
+@pytest.mark.parametrize("layer", [-1, 1])
+def test_joint_losses_by_hand(layer):
+    from heads.alignment import NotePairHead
+    from heads.config import HeadConfig
+    from training.joint import JointModel, LossSettings, joint_losses
+
+    model = _tiny_causal_lm()
+    torch.manual_seed(1)
+    head = NotePairHead(HeadConfig(hidden_size=8, proj_dim=4, mlp_dim=6, layer=layer)).eval()
+    batch = _joint_batch()
+    settings = LossSettings(align_weight=0.7, pos_weight=3.0, relevance_weight=0.2)
+    with torch.no_grad():
+        # transformers' own shifted CE over the labelled tokens is the reference LM loss.
+        ref = model(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            labels=batch["labels"],
+            output_hidden_states=True,
+        )
+        out = joint_losses(model, head, batch, settings, head_layer=layer)
+        wrapped = JointModel(model, head, settings)(batch)
+    align, relevance = _expected_alignment(head, ref.hidden_states[layer], 3.0)
+    lm = float(ref.loss)
+    assert set(out) == {"lm", "align", "relevance", "loss", "answer_tokens"}
+    assert int(out["answer_tokens"]) == 6
+    assert float(out["lm"]) == pytest.approx(lm, rel=1e-5)
+    assert float(out["align"]) == pytest.approx(align, rel=1e-5)
+    assert float(out["relevance"]) == pytest.approx(relevance, rel=1e-5)
+    assert float(out["loss"]) == pytest.approx(lm + 0.7 * align + 0.2 * relevance, rel=1e-5)
+    # JointModel reads the layer from the head's config: the same numbers.
+    assert {k: float(v) for k, v in wrapped.items()} == pytest.approx({k: float(v) for k, v in out.items()})
+    # The intermediate layer really is another state than the final one.
+    assert (layer == -1) == torch.equal(ref.hidden_states[layer], ref.hidden_states[-1])
+
+
+def test_joint_losses_use_collates_answer_positions():
+    from training.joint import LossSettings, joint_losses
+
+    model = _tiny_causal_lm()
+    batch = _joint_batch()
+    # Flat positions over [B*(T-1)] = 2 x 5 next-token slots: slot 3 of row 0 (predicts token 5
+    # of row 0) and slot 2 of row 1 (predicts token 3 of row 1); the other labels are ignored.
+    batch["answer_positions"] = torch.tensor([3, 7])
+    batch["answer_targets"] = torch.tensor([7, 11])
+    only = torch.full_like(batch["labels"], -100)
+    only[0, 4], only[1, 3] = 7, 11
+    with torch.no_grad():
+        ref = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=only)
+        out = joint_losses(model, None, batch, LossSettings())
+    assert int(out["answer_tokens"]) == 2
+    assert float(out["lm"]) == pytest.approx(float(ref.loss), rel=1e-5)
+
+
+def test_joint_losses_without_head_or_notes_is_the_lm_loss():
+    from heads.alignment import NotePairHead
+    from heads.config import HeadConfig
+    from training.joint import JointModel, LossSettings, joint_losses
+
+    model = _tiny_causal_lm()
+    head = NotePairHead(HeadConfig(hidden_size=8, proj_dim=4, mlp_dim=6)).eval()
+    batch = _joint_batch()
+    with torch.no_grad():
+        ref = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
+        no_head = JointModel(model, None, LossSettings(align_weight=0.5))(batch)
+        empty = dict(batch, note_spans=torch.zeros((0, 3), dtype=torch.long))
+        no_notes = joint_losses(model, head, empty, LossSettings(align_weight=0.5))
+    for out in (no_head, no_notes):
+        assert set(out) == {"lm", "loss", "answer_tokens"}
+        assert float(out["loss"]) == float(out["lm"]) == pytest.approx(float(ref.loss), rel=1e-5)
+        assert int(out["answer_tokens"]) == 6
