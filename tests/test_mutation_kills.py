@@ -869,3 +869,53 @@ def test_joint_losses_without_head_or_notes_is_the_lm_loss():
         assert set(out) == {"lm", "loss", "answer_tokens"}
         assert float(out["loss"]) == float(out["lm"]) == pytest.approx(float(ref.loss), rel=1e-5)
         assert int(out["answer_tokens"]) == 6
+
+
+# --- data/submission.py: citation markers out of generated / extracted text ----------------------
+def test_strip_citation_markers():
+    from data.submission import strip_citation_markers
+
+    text = "The dose was raised [3]. Then |3, 5a| stopped  [ 7 ]\n now [a] |x| [] ok|3|."
+    assert strip_citation_markers(text) == "The dose was raised . Then stopped now [a] |x| [] ok ."
+    assert strip_citation_markers("  \t ") == ""
+    assert strip_citation_markers("a[1,2]b") == "a b"
+
+
+# --- metrics/training_cases.py: an export's training cases, read without loading the model -------
+def test_export_training_case_ids(tmp_path):
+    from metrics.training_cases import export_training_case_ids
+
+    run = tmp_path / "run"
+    (run / "export").mkdir(parents=True)
+    (run / "export" / "manifest.json").write_text(json.dumps(_a_manifest()), encoding="utf-8")
+    assert export_training_case_ids(run) == ["101", "102"]
+    assert export_training_case_ids(run / "export") == ["101", "102"]
+    old = dict(_a_manifest())
+    del old["training_case_ids"]
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "manifest.json").write_text(json.dumps(old), encoding="utf-8")
+    assert export_training_case_ids(tmp_path / "old") is None
+    # No export there (the loader reports that itself), or a name the OS refuses: unknown.
+    assert export_training_case_ids(tmp_path / "missing") is None
+    assert export_training_case_ids(tmp_path / ("x" * 5000)) is None
+    # A tampered manifest is refused: an unreadable list must never skip the training-case check.
+    bad = dict(_a_manifest(), training_case_ids="101")
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "manifest.json").write_text(json.dumps(bad), encoding="utf-8")
+    with pytest.raises(InputError, match="training_case_ids"):
+        export_training_case_ids(tmp_path / "bad")
+
+
+# --- metrics/bertscore.py: the rescaling baseline shipped inside bert-score ----------------------
+def test_bertscore_baseline_file(tmp_path):
+    import types
+
+    from metrics.bertscore import _baseline_file
+
+    module = types.ModuleType("bert_score")
+    module.__file__ = str(tmp_path / "site" / "bert_score" / "__init__.py")
+    expected = tmp_path / "site" / "bert_score" / "rescale_baseline" / "en" / "distilbert-base-uncased.tsv"
+    assert _baseline_file(module) == expected
+    module.__file__ = None
+    with pytest.raises(AssertionError, match="^bert_score is an installed package with a file$"):
+        _baseline_file(module)
