@@ -919,3 +919,167 @@ def test_bertscore_baseline_file(tmp_path):
     module.__file__ = None
     with pytest.raises(AssertionError, match="^bert_score is an installed package with a file$"):
         _baseline_file(module)
+
+
+# --- heads/alignment.py: everything the head builds lives on the hidden states' device ----------
+@pytest.mark.parametrize("pooling", ["mean", "attention"])
+def test_head_follows_the_hidden_states_device(pooling):
+    # The meta device stands in for a GPU: a tensor left on the CPU cannot meet a meta tensor.
+    from heads.alignment import NotePairHead, spans_tensor
+    from heads.config import HeadConfig
+
+    meta = torch.device("meta")
+    for spans in ([[1, 2]], torch.tensor([[0, 1, 2]]), [], torch.zeros((0, 2), dtype=torch.long)):
+        t = spans_tensor(spans, meta)
+        assert t.device == meta and t.dtype == torch.long and t.shape[1] == 3
+    head = NotePairHead(HeadConfig(hidden_size=8, proj_dim=4, mlp_dim=6, pooling=pooling)).to(meta)
+    hidden = torch.zeros(2, 6, 8, device=meta)
+    pooled = head.pool(hidden, [[0, 0, 2], [1, 2, 5]])
+    assert pooled.device == meta and pooled.shape == (2, 8) and pooled.dtype == torch.float32
+    out = head(hidden, [[0, 0, 2], [1, 2, 5]], [[0, 3, 4]], pair_index=torch.tensor([[0, 0], [0, 1]], device=meta))
+    assert out.pair_logits.device == meta and out.pair_logits.shape == (2,)
+    assert out.relevance_logits.device == meta and out.relevance_logits.shape == (2,)
+
+
+def test_load_head_moves_to_the_given_device(tmp_path):
+    from heads.alignment import NotePairHead, load_head, save_head
+    from heads.config import HeadConfig
+
+    save_head(NotePairHead(HeadConfig(hidden_size=8, proj_dim=4, mlp_dim=6)), tmp_path)
+    assert {p.device.type for p in load_head(tmp_path, "meta").parameters()} == {"meta"}
+    assert {p.device.type for p in load_head(tmp_path, torch.device("meta")).parameters()} == {"meta"}
+    assert {p.device.type for p in load_head(tmp_path).parameters()} == {"cpu"}
+
+
+def test_head_without_relevance_scores_pairs_only():
+    from heads.alignment import NotePairHead
+    from heads.config import HeadConfig
+
+    torch.manual_seed(0)
+    head = NotePairHead(HeadConfig(hidden_size=8, proj_dim=4, mlp_dim=6, relevance=False)).eval()
+    hidden = torch.randn(1, 6, 8)
+    out = head(hidden, [[0, 0, 2], [0, 2, 4]], [[0, 4, 6]], pair_index=torch.tensor([[0, 1]]))
+    assert out.relevance_logits is None
+    single = head(hidden[0], [(0, 2), (2, 4)], [(4, 6)])
+    assert single.relevance_logits is None
+    assert float(out.pair_logits[0]) == pytest.approx(float(single.pair_logits[0, 1]), rel=1e-6)
+
+
+def test_head_batch_counts_come_together():
+    from heads.alignment import NotePairHead
+    from heads.config import HeadConfig
+
+    head = NotePairHead(HeadConfig(hidden_size=8, proj_dim=4, mlp_dim=6))
+    with pytest.raises(AssertionError, match="^note_counts and answer_counts come together$"):
+        head(torch.zeros(1, 6, 8), [[0, 0, 2]], [[0, 3, 4]], note_counts=[1])
+
+
+# --- training/joint.py: one pair / one labelled note still counts; the loss keeps the logits' dtype
+def test_alignment_loss_of_a_single_pair_and_a_single_labelled_note():
+    from training.joint import LossSettings, alignment_losses
+
+    head = _FixedHead(
+        torch.tensor([0.5], dtype=torch.float64), rel_logits=torch.tensor([1.5, -2.0], dtype=torch.float64)
+    )
+    out = alignment_losses(head, torch.zeros(1), _batch([1.0], rel_labels=[0.0], rel_index=[1]), LossSettings())
+    # pos_weight defaults to TrainConfig's; the float32 targets follow the float64 logits.
+    from training.config import TrainConfig
+
+    assert out["align"].dtype == torch.float64 and out["relevance"].dtype == torch.float64
+    assert float(out["align"]) == pytest.approx(_bce(0.5, 1.0, TrainConfig.pos_weight), rel=1e-9)
+    assert float(out["relevance"]) == pytest.approx(_bce(-2.0, 0.0), rel=1e-9)
+
+
+# --- data/submission.py: truncation edges ---------------------------------------------------------
+def test_truncate_words_edges():
+    from data.submission import truncate_words
+
+    # Within the limit the text comes back untouched, spacing and all.
+    assert truncate_words("a  b\n", 2) == "a  b\n"
+    # The first kept word may be the sentence end.
+    assert truncate_words("Yes. and more words", 3) == "Yes."
+    assert truncate_words("Yes and more words", 3) == "Yes and more"
+    assert truncate_words('He said "stop." then left', 3) == 'He said "stop."'
+
+
+# --- data/submission.py: an encrypted member is named as such ------------------------------------
+def test_encrypted_zip_member_is_refused(tmp_path):
+    from data.submission import read_submission
+
+    path = _zip(tmp_path / "locked.zip", {"submission.json": b"[]"}, compression=0)
+    raw = bytearray(path.read_bytes())
+    # Set bit 0 (encrypted) of the general-purpose flags in the local and the central header.
+    for signature, offset in ((b"PK\x03\x04", 6), (b"PK\x01\x02", 8)):
+        at = raw.index(signature) + offset
+        raw[at] |= 0x1
+    path.write_bytes(bytes(raw))
+    with pytest.raises(InputError) as err:
+        read_submission(path, 3)
+    assert str(err.value) == f"{path}: submission.json in the zip is encrypted; zip it without a password"
+
+
+# --- files named in messages ----------------------------------------------------------------------
+def test_validate_subtask2_names_the_file():
+    from data.archehr import load_cases
+    from data.submission import validate_subtask2
+
+    cases = load_cases(EXAMPLES / "archehr-qa.xml", EXAMPLES / "archehr-qa_key.json")
+    with pytest.raises(InputError) as err:
+        validate_subtask2({"case_id": "1"}, cases, "sub.json")
+    assert str(err.value).startswith("sub.json: ")
+    with pytest.raises(InputError) as err:
+        validate_subtask2([{"case_id": c.case_id, "prediction": []} for c in cases[1:]], cases, "sub.json")
+    assert str(err.value) == f"sub.json: case {cases[0].case_id}: case missing from the submission (1 missing)"
+
+
+def test_score_subtask2_names_the_key_of_a_case_set_mismatch(tmp_path):
+    from metrics.subtask2 import score_subtask2
+
+    key_path = EXAMPLES / "archehr-qa_key.json"
+    key = json.loads(key_path.read_text(encoding="utf-8"))
+    sub = tmp_path / "sub.json"
+    sub.write_text(json.dumps([{"case_id": c["case_id"], "prediction": []} for c in key[1:]]))
+    with pytest.raises(InputError) as err:
+        score_subtask2(sub, key_path)
+    assert str(err.value).startswith(f"{sub}: case ids differ from the key {key_path}: 1 of the key's ")
+
+
+def test_case_set_difference_shows_five_ids_then_dots():
+    from metrics.case_sets import case_set_difference
+
+    five = ["1", "2", "3", "4", "5"]
+    assert case_set_difference([], five) == "5 of the key's 5 cases missing from the submission (1, 2, 3, 4, 5)"
+    assert case_set_difference([], five + ["6"]) == (
+        "6 of the key's 6 cases missing from the submission (1, 2, 3, 4, 5, ...)"
+    )
+
+
+def test_manifest_training_case_ids_of_no_manifest():
+    from metrics.training_cases import manifest_training_case_ids
+
+    assert manifest_training_case_ids(None) is None
+
+
+def test_run_record_with_a_bad_manifest_names_the_run_record(tmp_path):
+    from metrics.training_cases import run_record_training_case_ids
+
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps({"export_manifest": {"preset": 3}}), encoding="utf-8")
+    with pytest.raises(InputError) as err:
+        run_record_training_case_ids(path)
+    assert str(err.value).startswith(f"{path}: ")
+
+
+def test_a_folder_named_submission_json_is_not_the_member(tmp_path):
+    # A folder's entry is "submission.json/": the member is not there at all.
+    import zipfile
+
+    from data.submission import read_submission
+
+    path = tmp_path / "folder.zip"
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.mkdir("submission.json")
+        zf.writestr("submission.json/x.json", b"[]")
+    with pytest.raises(InputError) as err:
+        read_submission(path, 3)
+    assert str(err.value) == f"{path}: zip has no submission.json at its root"
