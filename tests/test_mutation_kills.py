@@ -1083,3 +1083,226 @@ def test_a_folder_named_submission_json_is_not_the_member(tmp_path):
     with pytest.raises(InputError) as err:
         read_submission(path, 3)
     assert str(err.value) == f"{path}: zip has no submission.json at its root"
+
+
+# --- data/submission.py: every Subtask 3 / 4 rule names the file and the case ---------------------
+def _example_cases():
+    from data.archehr import load_cases
+
+    return load_cases(EXAMPLES / "archehr-qa.xml", EXAMPLES / "archehr-qa_key.json")
+
+
+def _subtask3_problem(change) -> str | None:
+    from data.submission import validate_subtask3
+
+    cases = _example_cases()
+    entries = [{"case_id": c.case_id, "prediction": "An answer."} for c in cases]
+    change(entries)
+    try:
+        validate_subtask3(entries, cases, "sub.json")
+    except InputError as err:
+        return str(err)
+    return None
+
+
+def test_validate_subtask3_messages():
+    first = _example_cases()[0].case_id
+
+    def set_first(text):
+        return lambda entries: entries[0].update(prediction=text)
+
+    assert _subtask3_problem(lambda e: None) is None
+    assert _subtask3_problem(set_first(" \n ")) == f"sub.json: case {first}: prediction is empty"
+    assert _subtask3_problem(set_first("<skipped>")) == (
+        f"sub.json: case {first}: prediction has no tokens after 13a tokenization (the official scorer would "
+        "crash on it)"
+    )
+    assert _subtask3_problem(set_first(" ".join(["word"] * 75))) is None  # exactly the limit
+    assert _subtask3_problem(set_first(" ".join(["word"] * 76))) == (
+        f"sub.json: case {first}: prediction has 76 words, more than 75"
+    )
+    assert _subtask3_problem(set_first("The stent stays [3, 4].")) == (
+        f"sub.json: case {first}: prediction contains a citation marker '[3, 4]'"
+    )
+    assert _subtask3_problem(lambda e: e.pop()).startswith("sub.json: case ")
+    assert _subtask3_problem(lambda e: e.append("x")) == "sub.json: entry 3 is not an object"
+
+
+def test_validate_subtask4_messages():
+    from data.submission import validate_subtask4
+
+    cases = _example_cases()
+    first = cases[0]
+    a1, a2 = first.answer_ids[:2]
+    n1, n2 = first.note_ids[:2]
+
+    def problem(items) -> str | None:
+        entries = [
+            {
+                "case_id": c.case_id,
+                "prediction": [{"answer_id": a, "evidence_id": [c.note_ids[0]]} for a in c.answer_ids],
+            }
+            for c in cases
+        ]
+        if items is not None:
+            entries[0]["prediction"] = items
+        try:
+            validate_subtask4(entries, cases, "sub.json")
+        except InputError as err:
+            return str(err)
+        return None
+
+    rest = [{"answer_id": a, "evidence_id": []} for a in first.answer_ids[1:]]
+    assert problem(None) is None
+    assert problem([{"answer_id": a1, "evidence_id": []}] + rest) is None
+    case = f"sub.json: case {first.case_id}: "
+    assert problem([{"answer_id": "999", "evidence_id": []}] + rest) == case + "unknown answer_id '999'"
+    assert problem([{"answer_id": a2, "evidence_id": []}] + rest) == case + f"answer_id '{a2}' listed twice"
+    assert problem([{"answer_id": a1, "evidence_id": [n1, n1]}] + rest) == (
+        case + f"answer {a1}: duplicate evidence ids"
+    )
+    assert problem([{"answer_id": a1, "evidence_id": [n2, "999"]}] + rest) == (
+        case + f"answer {a1}: unknown evidence id '999'"
+    )
+    assert problem(rest) == case + f"answer sentence '{a1}' is not listed"
+    assert problem("x") == case + "prediction must be a list of {answer_id, evidence_id}"
+    with pytest.raises(InputError) as err:
+        validate_subtask4([], cases, "sub.json")
+    assert str(err.value) == f"sub.json: case {first.case_id}: case missing from the submission (3 missing)"
+
+
+# --- metrics/subtask4.py and metrics/subtask3.py: the scorers name the file at fault -------------
+def _scored_error(tmp_path, scorer, entries, key=None) -> str:
+    key_path = EXAMPLES / "archehr-qa_key.json"
+    if key is not None:
+        key_path = tmp_path / "key.json"
+        key_path.write_text(json.dumps(key), encoding="utf-8")
+    sub = tmp_path / "sub.json"
+    sub.write_text(json.dumps(entries), encoding="utf-8")
+    with pytest.raises(InputError) as err:
+        scorer(sub, key_path)
+    return str(err.value).replace(str(sub), "SUB").replace(str(key_path), "KEY")
+
+
+def test_subtask4_scorer_messages(tmp_path):
+    from metrics.subtask4 import score_subtask4
+
+    key = json.loads((EXAMPLES / "archehr-qa_key.json").read_text(encoding="utf-8"))
+    first = key[0]["case_id"]
+    good = [
+        {
+            "case_id": c["case_id"],
+            "prediction": [{"answer_id": a["id"], "evidence_id": []} for a in c["clinician_answer_sentences"]],
+        }
+        for c in key
+    ]
+    assert _scored_error(tmp_path, score_subtask4, good[1:]).startswith(
+        "SUB: case ids differ from the key KEY: 1 of the key's 3 cases missing from the submission"
+    )
+    bad = json.loads(json.dumps(good))
+    bad[0]["prediction"][0]["answer_id"] = "999"
+    assert _scored_error(tmp_path, score_subtask4, bad) == f"SUB: case {first}: unknown answer_id '999'"
+    bad = json.loads(json.dumps(good))
+    bad[0]["prediction"][0]["evidence_id"] = ["1", "999"]
+    assert _scored_error(tmp_path, score_subtask4, bad) == f"SUB: case {first}: answer 1: unknown evidence id '999'"
+    no_answers = [dict(key[0], clinician_answer_sentences=[])] + key[1:]
+    assert _scored_error(tmp_path, score_subtask4, good, no_answers) == (
+        f"KEY: case {first}: key case has no clinician_answer_sentences to align"
+    )
+
+
+def test_subtask3_scorer_messages(tmp_path):
+    from metrics.subtask3 import score_subtask3
+
+    xml = EXAMPLES / "archehr-qa.xml"
+    key = json.loads((EXAMPLES / "archehr-qa_key.json").read_text(encoding="utf-8"))
+    first = key[0]["case_id"]
+    good = [{"case_id": c["case_id"], "prediction": "An answer."} for c in key]
+
+    def score(sub, key_path):
+        return score_subtask3(sub, key_path, xml)
+
+    assert _scored_error(tmp_path, score, good[1:]).startswith(
+        "SUB: case ids differ from the key KEY: 1 of the key's 3 cases missing from the submission"
+    )
+    silent = [dict(key[0], clinician_answer_without_citations="<skipped>")] + key[1:]
+    assert _scored_error(tmp_path, score, good, silent) == (
+        f"KEY: case {first}: key case has no clinician answer to compare with"
+    )
+
+
+# --- metrics/alignment.py and case_sets.py: the edges of the official Subtask 4 scores -----------
+def test_score_alignment_edges():
+    from metrics.alignment import score_alignment
+
+    with pytest.raises(ValueError, match="^no cases to score$"):
+        score_alignment({}, {})
+    zeros = {
+        "micro_precision": 0.0,
+        "micro_recall": 0.0,
+        "micro_f1": 0.0,
+        "macro_precision": 0.0,
+        "macro_recall": 0.0,
+        "macro_f1": 0.0,
+        "overall_score": 0.0,
+    }
+    # Nothing predicted: precision 0, not 1 (and no division by zero); no gold pair: recall 0.
+    assert score_alignment({"1": set()}, {"1": {("1", "2")}}) == zeros
+    assert score_alignment({"1": {("1", "2")}}, {"1": set()}) == zeros
+
+
+def test_check_same_case_sets_names_five_of_each():
+    from metrics.case_sets import check_same_case_sets
+
+    gold = [str(i) for i in range(10, 17)]
+    with pytest.raises(ValueError) as err:
+        check_same_case_sets(["1", "2", "3", "4", "5", "6", "7"], gold)
+    assert str(err.value) == (
+        "case sets differ: extra ['1', '2', '3', '4', '5'], missing ['10', '11', '12', '13', '14']"
+    )
+
+
+# --- training/joint.py: the chunked LM projection's contract -------------------------------------
+def test_answer_token_loss_projects_in_chunks(monkeypatch):
+    import training.joint as joint
+
+    sizes: list[int] = []
+    real = joint._chunk_ce_sum
+
+    def spy(states, targets, weight):
+        sizes.append(states.shape[0])
+        return real(states, targets, weight)
+
+    monkeypatch.setattr(joint, "_chunk_ce_sum", spy)
+    torch.manual_seed(0)
+    stub = _LMStub(vocab=11, hidden=6)
+    hidden = torch.randn(2, 5, 6, requires_grad=True)
+    labels = torch.tensor([[-100, -100, 3, 4, -100], [-100, 7, 8, 9, 10]])
+    for chunk, grad, expected in [
+        (2, True, [2, 2, 2]),
+        (4, True, [4, 2]),
+        (6, True, [6]),
+        (None, True, [6]),
+        (2, False, [6]),
+    ]:
+        sizes.clear()
+        with torch.set_grad_enabled(grad):
+            joint.answer_token_loss(stub, hidden, labels, chunk=chunk)
+        assert sizes == expected, (chunk, grad)
+
+
+def test_chunked_answer_loss_dtype_and_autograd_grad():
+    from training.joint import answer_token_loss
+
+    torch.manual_seed(0)
+    stub = _LMStub(vocab=11, hidden=6)
+    hidden = torch.randn(2, 5, 6, dtype=torch.float64, requires_grad=True)
+    labels = torch.tensor([[-100, -100, 3, 4, -100], [-100, 7, 8, 9, 10]])
+    whole, _ = answer_token_loss(stub, hidden, labels)
+    chunked, _ = answer_token_loss(stub, hidden, labels, chunk=2)
+    # Hidden states in another dtype than the LM head are cast to it; both paths give fp32.
+    assert whole.dtype == chunked.dtype == torch.float32
+    assert float(chunked) == pytest.approx(float(whole), rel=1e-6)
+    (g_whole,) = torch.autograd.grad(whole, hidden)
+    (g_chunked,) = torch.autograd.grad(chunked, hidden)  # non-reentrant checkpointing allows .grad()
+    assert torch.allclose(g_whole, g_chunked, rtol=1e-5, atol=1e-7)
