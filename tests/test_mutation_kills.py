@@ -1306,3 +1306,194 @@ def test_chunked_answer_loss_dtype_and_autograd_grad():
     (g_whole,) = torch.autograd.grad(whole, hidden)
     (g_chunked,) = torch.autograd.grad(chunked, hidden)  # non-reentrant checkpointing allows .grad()
     assert torch.allclose(g_whole, g_chunked, rtol=1e-5, atol=1e-7)
+
+
+def test_case_set_messages_name_the_file():
+    first = _example_cases()[0].case_id
+    assert _subtask3_problem(lambda e: e.append(dict(e[0]))) == f"sub.json: case {first}: case listed twice"
+    assert _subtask3_problem(lambda e: e.__setitem__(0, {"case_id": "77", "prediction": "An answer."})) == (
+        "sub.json: case 77: case is not among the cases"
+    )
+
+
+# --- data/submission.py: what write_submission puts on disk --------------------------------------
+def test_write_submission_bytes(tmp_path):
+    import zipfile
+
+    from data.submission import write_submission
+
+    cases = _example_cases()
+    entries = [{"case_id": c.case_id, "prediction": "Fieber ≥ 38 °C."} for c in cases]
+    json_path, zip_path = write_submission(entries, tmp_path, 3, cases)
+    assert json_path == tmp_path / "subtask3" / "submission.json" and zip_path == tmp_path / "subtask3.zip"
+    expected = "[\n" + ",\n".join(
+        f'  {{\n    "case_id": "{c.case_id}",\n    "prediction": "Fieber ≥ 38 °C."\n  }}' for c in cases
+    )
+    expected = (expected + "\n]\n").encode("utf-8")
+    assert json_path.read_bytes() == expected
+    with zipfile.ZipFile(zip_path) as zf:
+        (info,) = zf.infolist()
+        assert info.filename == "submission.json" and info.compress_type == zipfile.ZIP_DEFLATED
+        assert zf.read(info) == expected
+    # Writing again into the same folder replaces both files.
+    entries[0]["prediction"] = "Another answer."
+    write_submission(entries, tmp_path, 3, cases)
+    assert b"Another answer." in json_path.read_bytes()
+    with pytest.raises(ValueError, match="^subtask must be 2, 3 or 4, not 5$"):
+        write_submission(entries, tmp_path, 5, cases)
+
+
+# --- metrics/bertscore.py and metrics/generation.py: BERTScore through a stand-in bert_score -----
+_DISTILBERT = {
+    "model_type": "distilbert",
+    "vocab_size": 30522,
+    "n_layers": 6,
+    "dim": 768,
+    "architectures": ["DistilBertForMaskedLM"],
+}
+
+
+class _FakeBertScore:
+    """Stands in for the ``bert_score`` package: records the call, returns fixed F1 values."""
+
+    def __init__(self, root: Path, f1=(0.5, 0.25), error: Exception | None = None):
+        import types
+
+        self.calls: list[tuple] = []
+        self.module = types.ModuleType("bert_score")
+        self.module.__file__ = str(root / "bert_score" / "__init__.py")
+        self.module.score = self.score
+        self.f1, self.error = f1, error
+
+    def score(self, predictions, references, **kwargs):
+        self.calls.append((predictions, references, kwargs))
+        if self.error is not None:
+            raise self.error
+        return None, None, torch.tensor(self.f1[: len(predictions)])
+
+
+def _model_folder(tmp_path: Path, name: str, config: dict) -> Path:
+    folder = tmp_path / name
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(config), encoding="utf-8")
+    return folder
+
+
+def test_bertscore_f1_official_and_not(tmp_path, monkeypatch):
+    import sys
+
+    from metrics.bertscore import BertScoreResult, bertscore_f1
+
+    fake = _FakeBertScore(tmp_path)
+    monkeypatch.setitem(sys.modules, "bert_score", fake.module)
+    no_model = "pass --bertscore-model with a local copy of distilbert-base-uncased (no downloads at scoring time)"
+    assert bertscore_f1(["a"], ["b"], None) == BertScoreResult("bertscore", None, no_model, None)
+    missing = tmp_path / "missing"
+    assert bertscore_f1(["a"], ["b"], str(missing)) == BertScoreResult(
+        "bertscore_unofficial", None, f"{missing} is not a local model folder (no downloads at scoring time)"
+    )
+    official = _model_folder(tmp_path, "distil", _DISTILBERT)
+    out = bertscore_f1(["p1", "p2"], ["r1", "r2"], str(official))
+    assert out == BertScoreResult(
+        "bertscore",
+        [50.0, 25.0],
+        "official settings (distilbert-base-uncased, 4 layers, idf off, rescaled)",
+        str(official),
+    )
+    baseline = str(tmp_path / "bert_score" / "rescale_baseline" / "en" / "distilbert-base-uncased.tsv")
+    assert fake.calls[-1] == (
+        ["p1", "p2"],
+        ["r1", "r2"],
+        dict(
+            model_type=str(official),
+            idf=False,
+            lang="en",
+            verbose=False,
+            num_layers=4,
+            rescale_with_baseline=True,
+            baseline_path=baseline,
+        ),
+    )
+    for key, layers in (("num_hidden_layers", 3), ("n_layers", 5), ("num_layers", 7)):
+        other = _model_folder(tmp_path, key, {"model_type": "bert", key: layers})
+        out = bertscore_f1(["p"], ["r"], other)
+        assert out == BertScoreResult(
+            "bertscore_unofficial",
+            [50.0],
+            f"NOT OFFICIAL: model {other} is not distilbert-base-uncased (last layer, no baseline rescaling)",
+            str(other),
+        )
+        assert fake.calls[-1][2] == dict(
+            model_type=str(other), idf=False, lang="en", verbose=False, num_layers=layers, rescale_with_baseline=False
+        )
+    broken = _FakeBertScore(tmp_path, error=RuntimeError("no weights"))
+    monkeypatch.setitem(sys.modules, "bert_score", broken.module)
+    assert bertscore_f1(["p"], ["r"], official) == BertScoreResult(
+        "bertscore", None, f"could not run BERTScore with {official}: RuntimeError"
+    )
+    monkeypatch.setitem(sys.modules, "bert_score", None)  # not installed
+    assert bertscore_f1(["p"], ["r"], official) == BertScoreResult(
+        "bertscore", None, "package bert-score is not installed (pip install bert-score)"
+    )
+
+
+def test_score_generation_with_and_without_bertscore(tmp_path, monkeypatch):
+    import sys
+
+    from metrics.generation import score_generation
+
+    fake = _FakeBertScore(tmp_path)
+    monkeypatch.setitem(sys.modules, "bert_score", fake.module)
+    preds = {"1": "the stent was placed", "2": "fever settled"}
+    refs = {"1": "a stent was placed", "2": "the fever settled"}
+    srcs = {"1": "why a stent", "2": "fever"}
+    with pytest.raises(ValueError, match="^predictions, references and sources must cover the same cases$"):
+        score_generation(preds, refs, {"1": "x"})
+    with pytest.raises(ValueError, match="^no cases to score$"):
+        score_generation({}, {}, {})
+
+    none = score_generation(preds, refs, srcs)
+    assert none.scores["bertscore"] is None and "bertscore_unofficial" not in none.scores
+    assert none.reasons["bertscore"] == (
+        "not computed: pass --bertscore-model with a local copy of distilbert-base-uncased (no downloads at "
+        "scoring time)"
+    )
+    assert none.notes == {} and fake.calls == []
+
+    official = _model_folder(tmp_path, "distil", _DISTILBERT)
+    out = score_generation(preds, refs, srcs, str(official))
+    assert fake.calls[-1][:2] == (
+        ["the stent was placed", "fever settled"],
+        ["a stent was placed", "the fever settled"],
+    )
+    assert out.scores["bertscore"] == 37.5 and "bertscore_unofficial" not in out.scores
+    assert out.per_case["1"]["bertscore"] == 50.0 and out.per_case["2"]["bertscore"] == 25.0
+    assert "bertscore" not in out.reasons and "bertscore" in out.computed
+    assert out.notes == {"bertscore": "official settings (distilbert-base-uncased, 4 layers, idf off, rescaled)"}
+
+    other = _model_folder(tmp_path, "bert", {"model_type": "bert", "num_hidden_layers": 2})
+    out = score_generation(preds, refs, srcs, str(other))
+    assert out.scores["bertscore"] is None and out.scores["bertscore_unofficial"] == 37.5
+    assert out.reasons["bertscore"] == "not computed with the official model; see bertscore_unofficial"
+    assert out.per_case["2"]["bertscore_unofficial"] == 25.0 and "bertscore" not in out.per_case["2"]
+    assert "bertscore_unofficial" in out.computed and "bertscore" in out.not_computed
+    assert out.notes["bertscore_unofficial"].startswith("NOT OFFICIAL: model ")
+
+    # An unofficial model that could not run: neither name gets a value.
+    monkeypatch.setitem(sys.modules, "bert_score", _FakeBertScore(tmp_path, error=OSError("x")).module)
+    out = score_generation(preds, refs, srcs, str(other))
+    assert "bertscore_unofficial" not in out.scores and out.scores["bertscore"] is None
+
+
+def test_score_subtask3_passes_the_bertscore_model(tmp_path, monkeypatch):
+    import sys
+
+    from metrics.subtask3 import score_subtask3
+
+    monkeypatch.setitem(sys.modules, "bert_score", _FakeBertScore(tmp_path, f1=(0.5, 0.5, 0.5)).module)
+    key = json.loads((EXAMPLES / "archehr-qa_key.json").read_text(encoding="utf-8"))
+    sub = tmp_path / "sub.json"
+    sub.write_text(json.dumps([{"case_id": c["case_id"], "prediction": "An answer."} for c in key]))
+    official = _model_folder(tmp_path, "distil", _DISTILBERT)
+    scores, truncated = score_subtask3(sub, EXAMPLES / "archehr-qa_key.json", EXAMPLES / "archehr-qa.xml", official)
+    assert scores.scores["bertscore"] == 50.0 and truncated == 0
