@@ -1497,3 +1497,41 @@ def test_score_subtask3_passes_the_bertscore_model(tmp_path, monkeypatch):
     official = _model_folder(tmp_path, "distil", _DISTILBERT)
     scores, truncated = score_subtask3(sub, EXAMPLES / "archehr-qa_key.json", EXAMPLES / "archehr-qa.xml", official)
     assert scores.scores["bertscore"] == 50.0 and truncated == 0
+
+
+# --- metrics/bleu.py, sari.py, case_sets.py: messages and edges, by hand --------------------------
+def test_bleu_by_hand_and_its_empty_message():
+    from metrics.bleu import EmptyTokenization, bleu_from_tokens
+
+    # 5/6, 4/5, 3/4, 2/3 n-gram precisions (product 1/3); 6 vs 7 tokens: brevity exp(1 - 7/6).
+    pred, ref = "a b c d e x".split(), "a b c d e f g".split()
+    assert bleu_from_tokens(pred, ref) == pytest.approx(3**-0.25 * math.exp(-1 / 6), rel=1e-12)
+    # Equal lengths: no brevity penalty; a longer prediction is not rewarded either.
+    assert bleu_from_tokens("a b c d".split(), "a b c d".split()) == pytest.approx(1.0, rel=1e-12)
+    assert bleu_from_tokens("a b c d e".split(), "a b c d".split()) == pytest.approx(
+        (4 / 5 * 3 / 4 * 2 / 3 * 1 / 2) ** 0.25, rel=1e-12
+    )
+    for p, r in (([], ["a"]), (["a"], [])):
+        with pytest.raises(
+            EmptyTokenization, match="^BLEU needs a prediction and a reference with at least one token$"
+        ):
+            bleu_from_tokens(p, r)
+
+
+def test_sari_f1_guard_and_reference_message():
+    from metrics.sari import _f1, sentence_sari
+
+    assert _f1(0.0, 0.0) == 0.0 and _f1(0.5, 0.0) == 0.0 and _f1(0.0, 0.5) == 0.0
+    assert _f1(0.3, 0.3) == pytest.approx(0.3) and _f1(1.0, 0.5) == pytest.approx(2 / 3)
+    with pytest.raises(ValueError, match="^SARI needs at least one reference$"):
+        sentence_sari("a b", "a b", [])
+
+
+def test_scored_submission_with_a_case_twice(tmp_path):
+    from metrics.subtask4 import score_subtask4
+
+    key = json.loads((EXAMPLES / "archehr-qa_key.json").read_text(encoding="utf-8"))
+    entries = [{"case_id": c["case_id"], "prediction": []} for c in key]
+    assert _scored_error(tmp_path, score_subtask4, entries + entries[1:2]) == (
+        f"SUB: case {key[1]['case_id']}: case listed twice"
+    )
