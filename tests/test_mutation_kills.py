@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -1535,3 +1536,98 @@ def test_scored_submission_with_a_case_twice(tmp_path):
     assert _scored_error(tmp_path, score_subtask4, entries + entries[1:2]) == (
         f"SUB: case {key[1]['case_id']}: case listed twice"
     )
+
+
+# --- data/submission.py: the zip reader against a zip library that reports what we choose --------
+class _Member:
+    def __init__(self, file_size: int, compress_size: int):
+        self.filename, self.flag_bits = "submission.json", 0
+        self.file_size, self.compress_size = file_size, compress_size
+
+
+class _FakeZipFile:
+    """``zipfile.ZipFile`` stand-in: one member with the given header sizes whose stream yields
+    ``data`` (a header may lie about the size); records the sizes asked of the stream."""
+
+    def __init__(self, member: _Member, data: bytes = b"", error: Exception | None = None):
+        self.member, self.data, self.error = member, data, error
+        self.requests: list[int | None] = []
+
+    def __call__(self, path):
+        if self.error is not None:
+            raise self.error
+        return self
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def infolist(self):
+        return [self.member]
+
+    def open(self, info):
+        import io
+
+        fake = self
+
+        class Stream(io.BytesIO):
+            def read(self, n=-1):
+                fake.requests.append(n)
+                return super().read(n)
+
+        return Stream(self.data)
+
+
+def _zip_problem(tmp_path, monkeypatch, fake: _FakeZipFile) -> str | None:
+    import zipfile
+
+    from data.submission import read_submission
+
+    monkeypatch.setattr(zipfile, "ZipFile", fake)
+    path = tmp_path / "sub.zip"
+    path.write_bytes(b"PK")
+    try:
+        read_submission(path, 3)
+    except InputError as err:
+        return str(err).removeprefix(f"{path}: ")
+    return None
+
+
+def test_zip_ratio_edge_and_message(tmp_path, monkeypatch):
+    ok = json.dumps([{"case_id": "1", "prediction": "An answer."}]).encode()
+    # Exactly 200-fold past 1 MiB is still read; one byte more is a bomb.
+    assert _zip_problem(tmp_path, monkeypatch, _FakeZipFile(_Member(200 * 6000, 6000), ok)) is None
+    assert (
+        _zip_problem(tmp_path, monkeypatch, _FakeZipFile(_Member(200 * 6000 + 1, 6000), ok))
+        == "submission.json in the zip expands 200-fold (a zip bomb?)"
+    )
+    # A header claiming 0 compressed bytes: the ratio divides by 1, not by zero.
+    assert (
+        _zip_problem(tmp_path, monkeypatch, _FakeZipFile(_Member(2**20 + 1, 0), ok))
+        == "submission.json in the zip expands 1048577-fold (a zip bomb?)"
+    )
+
+
+def test_zip_stream_longer_than_its_header_is_cut_at_the_cap(tmp_path, monkeypatch):
+    import data.submission as submission
+
+    monkeypatch.setattr(submission, "MAX_SUBMISSION_BYTES", 100)
+    fake = _FakeZipFile(_Member(50, 50), b" " * 500)
+    assert _zip_problem(tmp_path, monkeypatch, fake) == "submission.json in the zip is more than 100 bytes"
+    assert fake.requests == [101]  # never more than the cap + 1 byte is read
+
+
+@pytest.mark.parametrize(
+    "error, detail",
+    [
+        (zipfile.BadZipFile("File is not a zip file"), "File is not a zip file"),
+        (ValueError("x" * 100 + "\nsecond line"), "x" * 80),
+        (zipfile.BadZipFile(), "BadZipFile"),
+        (EOFError(), "EOFError"),
+    ],
+)
+def test_zip_library_errors_in_one_line(tmp_path, monkeypatch, error, detail):
+    fake = _FakeZipFile(_Member(1, 1), error=error)
+    assert _zip_problem(tmp_path, monkeypatch, fake) == f"not a valid zip file ({detail})"
