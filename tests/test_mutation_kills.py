@@ -1631,3 +1631,30 @@ def test_zip_stream_longer_than_its_header_is_cut_at_the_cap(tmp_path, monkeypat
 def test_zip_library_errors_in_one_line(tmp_path, monkeypatch, error, detail):
     fake = _FakeZipFile(_Member(1, 1), error=error)
     assert _zip_problem(tmp_path, monkeypatch, fake) == f"not a valid zip file ({detail})"
+
+
+# --- config.json and run.json are UTF-8 whatever the user's locale --------------------------------
+def test_model_config_and_run_record_are_read_as_utf8_in_an_ascii_locale(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    folder = tmp_path / "distil"
+    folder.mkdir()
+    config = json.dumps(dict(_DISTILBERT, _name_or_path="/home/josé/distilbert"), ensure_ascii=False)
+    (folder / "config.json").write_text(config, encoding="utf-8")
+    assert "josé" in config
+    run = tmp_path / "run.json"
+    run.write_text(json.dumps({"training_case_ids": ["101"], "note": "café"}, ensure_ascii=False), encoding="utf-8")
+    code = (
+        "import locale, sys; from pathlib import Path; from metrics.bertscore import is_official_model; "
+        "from metrics.training_cases import run_record_training_case_ids as ids; "
+        "print(locale.getpreferredencoding(False), is_official_model(sys.argv[1]), ids(Path(sys.argv[2])))"
+    )
+    # A legacy locale: no UTF-8 mode, no coercion of the C locale to UTF-8.
+    env = dict(os.environ, LC_ALL="C", LANG="C", PYTHONUTF8="0", PYTHONCOERCECLOCALE="0", PYTHONPATH=str(ROOT))
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(folder), str(run)], env=env, cwd=ROOT, capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["ANSI_X3.4-1968", "True", "['101']"]
