@@ -1658,3 +1658,57 @@ def test_model_config_and_run_record_are_read_as_utf8_in_an_ascii_locale(tmp_pat
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["ANSI_X3.4-1968", "True", "['101']"]
+
+
+# --- data/submission.py: read_submission's messages, each naming the file ------------------------
+def test_read_submission_messages(tmp_path, monkeypatch):
+    import data.submission as submission
+    from data.submission import check_entry_types, read_submission
+
+    def problem(content: bytes, name: str = "sub.json", subtask: int = 3) -> str | None:
+        path = tmp_path / name
+        if name.endswith(".zip"):
+            _zip(path, {"submission.json": content})
+        else:
+            path.write_bytes(content)
+        try:
+            read_submission(path, subtask)
+        except InputError as err:
+            assert str(err).startswith(f"{path}: ")
+            return str(err).removeprefix(f"{path}: ")
+        return None
+
+    assert problem(b" \n\t") == "file is empty"
+    assert problem(b"  ", "sub.zip") == "file is empty"
+    assert problem(b'["caf\xe9"]') == "not UTF-8 text"
+    assert problem(b'[{"case_id": "1",') == "invalid JSON (Expecting property name enclosed in double quotes at line 1)"
+    assert problem(b'{"case_id": "1"}') == "submission must be a JSON list of entries"
+    assert problem(b'[{"case_id": "1", "prediction": "a"}, 3]') == "entry 1 is not an object"
+    assert problem(b'[{"case_id": ""}]') == "entry 0: case_id must be a non-empty string, got ''"
+    assert problem(b'[{"case_id": "7"}]') == "case 7: entry has no 'prediction'"
+    one = b'[{"case_id": "1", "prediction": "a"}]'
+    monkeypatch.setattr(submission, "MAX_SUBMISSION_BYTES", len(one))
+    assert problem(one) is None  # exactly the cap
+    monkeypatch.setattr(submission, "MAX_SUBMISSION_BYTES", len(one) - 1)
+    assert problem(one) == f"file is more than {len(one) - 1} bytes; not a submission"
+    with pytest.raises(ValueError, match="^subtask must be 2, 3 or 4, not 1$"):
+        check_entry_types([], 1)
+
+
+# --- metrics/case_sets.py: how two case sets differ, in words ------------------------------------
+def test_case_set_difference_wording():
+    from metrics.case_sets import case_set_difference, same_cases
+
+    assert case_set_difference(["2", "1"], ["1", "2"]) is None
+    assert case_set_difference(["1"], ["1", "2"]) == "1 of the key's 2 cases missing from the submission (2)"
+    assert case_set_difference(["1", "2", "9"], ["1", "2"]) == "1 submitted case not in the key (9)"
+    assert case_set_difference(["8", "9"], ["1"]) == (
+        "1 of the key's 1 cases missing from the submission (1); 2 submitted cases not in the key (8, 9)"
+    )
+    with pytest.raises(InputError) as err:
+        same_cases(["1"], ["1", "2"], Path("sub.json"))
+    assert str(err.value) == (
+        "sub.json: case ids differ from the key: 1 of the key's 2 cases missing from the submission (2); "
+        "is this the key for these cases?"
+    )
+    same_cases(["1", "2"], ["2", "1"], Path("sub.json"), "key.json")
