@@ -1393,6 +1393,11 @@ def test_bertscore_f1_official_and_not(tmp_path, monkeypatch):
     assert bertscore_f1(["a"], ["b"], str(missing)) == BertScoreResult(
         "bertscore_unofficial", None, f"{missing} is not a local model folder (no downloads at scoring time)"
     )
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert bertscore_f1(["a"], ["b"], empty) == BertScoreResult(
+        "bertscore_unofficial", None, f"{empty} is not a local model folder (no downloads at scoring time)"
+    )
     official = _model_folder(tmp_path, "distil", _DISTILBERT)
     out = bertscore_f1(["p1", "p2"], ["r1", "r2"], str(official))
     assert out == BertScoreResult(
@@ -1591,6 +1596,7 @@ def _zip_problem(tmp_path, monkeypatch, fake: _FakeZipFile) -> str | None:
     try:
         read_submission(path, 3)
     except InputError as err:
+        assert str(err).startswith(f"{path}: ")
         return str(err).removeprefix(f"{path}: ")
     return None
 
@@ -1646,6 +1652,11 @@ def test_model_config_and_run_record_are_read_as_utf8_in_an_ascii_locale(tmp_pat
     assert "josé" in config
     run = tmp_path / "run.json"
     run.write_text(json.dumps({"training_case_ids": ["101"], "note": "café"}, ensure_ascii=False), encoding="utf-8")
+    # In the suite's own locale (and in this process, so that mutation testing maps the test to both).
+    from metrics.bertscore import is_official_model
+    from metrics.training_cases import run_record_training_case_ids
+
+    assert is_official_model(folder) and run_record_training_case_ids(run) == ["101"]
     code = (
         "import locale, sys; from pathlib import Path; from metrics.bertscore import is_official_model; "
         "from metrics.training_cases import run_record_training_case_ids as ids; "
@@ -1712,3 +1723,83 @@ def test_case_set_difference_wording():
         "is this the key for these cases?"
     )
     same_cases(["1", "2"], ["2", "1"], Path("sub.json"), "key.json")
+
+
+@pytest.mark.parametrize(
+    "subtask, entries, message",
+    [
+        (3, [{"case_id": "1", "prediction": "a"}, {"case_id": "2"}], "case 2: entry has no 'prediction'"),
+        (3, [{"case_id": "1", "prediction": ["a"]}], "case 1: prediction must be a string"),
+        (2, [{"case_id": "1", "prediction": "3"}], "case 1: prediction must be a list of sentence ids"),
+        (2, [{"case_id": "1", "prediction": ["3"]}, {"case_id": "2"}], "case 2: entry has no 'prediction'"),
+        (2, [{"case_id": "1", "prediction": ["3", 4]}], "case 1: sentence id 4 is not a string id"),
+        (2, [{"case_id": "1", "prediction": [""]}], "case 1: sentence id '' is not a string id"),
+        (4, [{"case_id": "1", "prediction": {}}], "case 1: prediction must be a list of {answer_id, evidence_id}"),
+        (4, [{"case_id": "1", "prediction": [["1"]]}], "case 1: each prediction item must be an object"),
+        (
+            4,
+            [{"case_id": "1", "prediction": [{"answer_id": 5}]}],
+            "case 1: answer_id must be a non-empty string, got 5",
+        ),
+        (
+            4,
+            [{"case_id": "1", "prediction": [{"answer_id": "", "evidence_id": []}]}],
+            "case 1: answer_id must be a non-empty string, got ''",
+        ),
+        (4, [{"case_id": "1", "prediction": [{"answer_id": "2"}]}], "case 1: answer 2: evidence_id must be a list"),
+        (
+            4,
+            [{"case_id": "1", "prediction": [{"answer_id": "2", "evidence_id": ["3", ""]}]}],
+            "case 1: answer 2: evidence id '' is not a string id",
+        ),
+        (
+            4,
+            [{"case_id": "1", "prediction": [{"answer_id": "2", "evidence_id": [3]}]}],
+            "case 1: answer 2: evidence id 3 is not a string id",
+        ),
+    ],
+)
+def test_check_entry_types_messages(subtask, entries, message):
+    from data.submission import check_entry_types
+
+    with pytest.raises(InputError) as err:
+        check_entry_types(entries, subtask, "sub.json")
+    assert str(err.value) == f"sub.json: {message}"
+
+
+def test_joint_losses_left_padding_and_a_single_note():
+    from heads.alignment import NotePairHead
+    from heads.config import HeadConfig
+    from training.joint import LossSettings, joint_losses
+
+    model = _tiny_causal_lm()
+    torch.manual_seed(3)
+    head = NotePairHead(HeadConfig(hidden_size=8, proj_dim=4, mlp_dim=6)).eval()
+    # Row 1 is left-padded: the mask, not causality alone, keeps the pad token out of its states.
+    batch = {
+        "input_ids": torch.tensor([[1, 5, 9, 3, 7, 2], [0, 4, 8, 6, 11, 12]]),
+        "attention_mask": torch.tensor([[1, 1, 1, 1, 1, 1], [0, 1, 1, 1, 1, 1]]),
+        "labels": torch.tensor([[-100, -100, -100, 3, 7, 2], [-100, -100, -100, 6, 11, 12]]),
+        "note_spans": torch.tensor([[1, 1, 3]]),
+        "answer_spans": torch.tensor([[1, 3, 5]]),
+        "pair_index": torch.tensor([[0, 0]]),
+        "pair_targets": torch.tensor([1.0]),
+        "relevance_index": torch.tensor([0]),
+        "relevance_labels": torch.tensor([0.0]),
+    }
+    settings = LossSettings(align_weight=0.5, pos_weight=2.0, relevance_weight=0.25)
+    with torch.no_grad():
+        ref = model(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            labels=batch["labels"],
+            output_hidden_states=True,
+        )
+        out = joint_losses(model, head, batch, settings)
+        single = head(ref.hidden_states[-1][1], [(1, 3)], [(3, 5)])
+    align = _bce(float(single.pair_logits[0, 0]), 1.0, 2.0)
+    relevance = _bce(float(single.relevance_logits[0]), 0.0)
+    assert float(out["lm"]) == pytest.approx(float(ref.loss), rel=1e-5)
+    assert float(out["align"]) == pytest.approx(align, rel=1e-5)
+    assert float(out["relevance"]) == pytest.approx(relevance, rel=1e-5)
+    assert float(out["loss"]) == pytest.approx(float(ref.loss) + 0.5 * align + 0.25 * relevance, rel=1e-5)
