@@ -1640,7 +1640,7 @@ def test_zip_library_errors_in_one_line(tmp_path, monkeypatch, error, detail):
 
 
 # --- config.json and run.json are UTF-8 whatever the user's locale --------------------------------
-def test_model_config_and_run_record_are_read_as_utf8_in_an_ascii_locale(tmp_path):
+def test_config_json_and_run_json_are_read_as_utf8_in_an_ascii_locale(tmp_path):
     import os
     import subprocess
     import sys
