@@ -36,6 +36,14 @@ def _subtasks(value: str) -> tuple[int, ...]:
 
 def build_parser() -> argparse.ArgumentParser:
     p = CliParser(prog="infer.py", description=__doc__.split("\n\n")[0])
+    _add_input_output_options(p)
+    _add_subtask_options(p)
+    _add_model_options(p)
+    _add_run_options(p)
+    return p
+
+
+def _add_input_output_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("xml", type=Path, help="official cases XML (with <answer_sentences> for Subtask 4, or give --key)")
     p.add_argument(
         "--out", required=True, help="output folder (refused if it holds an earlier run, unless --overwrite)"
@@ -50,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="deprecated alias of --export (removed in the next release)",
     )
     p.add_argument("--key", type=Path, help="key JSON: answer sentences for Subtask 4, and scores after writing")
+
+
+def _add_subtask_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--subtasks",
         type=_subtasks,
@@ -77,6 +88,10 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="link an answer sentence's best note sentence when nothing passes the threshold",
     )
+
+
+def _add_model_options(p: argparse.ArgumentParser) -> None:
+    """The export's model: generation budgets, base model, memory and device."""
     p.add_argument(
         "--batch-size",
         type=GENERATION_BATCH.argtype(),
@@ -118,6 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     p.add_argument("--device", help="torch device for the export (default: cuda if available)")
+
+
+def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="hide every progress bar, model loading included")
     p.add_argument("--verbose", action="store_true", help="show library warnings that are hidden by default")
     p.add_argument(
@@ -126,7 +144,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --key: score an export on cases it trained on (refused otherwise); every score "
         'is then labelled "TRAINING CASES"',
     )
-    return p
 
 
 @exit_on_interrupt

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import random
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 import torch
@@ -18,6 +18,9 @@ import torch
 from data.records import Case
 
 from .models import minilm_path
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 
 def training_pairs(cases: Sequence[Case]) -> tuple[list[tuple[str, str]], list[float]]:
@@ -46,23 +49,13 @@ def train_cross_encoder(
 ) -> Path:
     """Fine-tune a cross-encoder on the cases' pairs and save it (safetensors) to ``out_dir``."""
     from tqdm.auto import tqdm
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     pairs, labels = training_pairs(cases)
     if not pairs or sum(labels) == 0:
         raise ValueError("cross-encoder training needs keyed cases with at least one linked pair")
     random.seed(seed)
     torch.manual_seed(seed)
-    source = str(base) if base is not None else str(minilm_path())
-    tokenizer = AutoTokenizer.from_pretrained(source)
-    from transformers.utils import logging as hf_logging
-
-    previous = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # the "classifier newly initialised" report is expected here
-    try:
-        model = AutoModelForSequenceClassification.from_pretrained(source, num_labels=1, use_safetensors=True)
-    finally:
-        hf_logging.set_verbosity(previous)
+    tokenizer, model = _fresh_cross_encoder(str(base) if base is not None else str(minilm_path()))
     model.train()
     positive_idx = [i for i, y in enumerate(labels) if y > 0]
     negative_idx = [i for i, y in enumerate(labels) if y == 0]
@@ -104,12 +97,30 @@ def train_cross_encoder(
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
     bar.close()
-    out = Path(out_dir)
+    return _save_cross_encoder(tokenizer, model, Path(out_dir))
+
+
+def _fresh_cross_encoder(source: str) -> tuple[PreTrainedTokenizerBase, PreTrainedModel]:
+    """(tokenizer, encoder with a new one-logit head) from a BERT-style model id or folder."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    previous = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # the "classifier newly initialised" report is expected here
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(source, num_labels=1, use_safetensors=True)
+    finally:
+        hf_logging.set_verbosity(previous)
+    return tokenizer, model
+
+
+def _save_cross_encoder(tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel, out: Path) -> Path:
+    from plumbing.atomic import fsync_tree
+
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
-    from plumbing.atomic import fsync_tree
-
     fsync_tree(out)  # the umask's permissions (safetensors writes 0600)
     return out
 

@@ -45,8 +45,9 @@ def run_child(spec: dict) -> int:
 
     original_export = export_module.export_run
 
-    def timed_export(*args, **kwargs):  # the export step of train.py, timed on its own
+    def timed_export(*args, **kwargs):  # the export step of train.py, timed on its own and by step
         t = time.perf_counter()
+        kwargs["timings"] = extra.setdefault("export_steps_s", {})
         try:
             return original_export(*args, **kwargs)
         finally:

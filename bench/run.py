@@ -770,7 +770,7 @@ def task_data(b: Bench, n_cases: int):
         stage="task",
         joint=True,
         preset=b.preset,
-        base_path=b.model_dir,
+        base=b.model_dir,
         xml=str(folder / "train.xml"),
         key=str(folder / "train_key.json"),
     )
@@ -824,6 +824,7 @@ def export_rows(b: Bench, model, domain_items, task_cfg, task_items, sources, to
         def timed() -> dict:
             folder = Path(tempfile.mkdtemp(prefix="bench-export-"))
             sync(b.device)
+            steps: dict = {}
             t0 = time.perf_counter()
             export_run(
                 folder,
@@ -837,6 +838,7 @@ def export_rows(b: Bench, model, domain_items, task_cfg, task_items, sources, to
                 None,
                 steps=0,
                 final_loss=None,
+                timings=steps,
             )
             sync(b.device)
             export_s = time.perf_counter() - t0
@@ -844,7 +846,11 @@ def export_rows(b: Bench, model, domain_items, task_cfg, task_items, sources, to
             calibrated_thresholds(model.backbone, model.head, stage_items, cfg.calibration_max_examples)
             sync(b.device)
             shutil.rmtree(folder, ignore_errors=True)
-            return {"export_s": round(export_s, 2), "calibration_s": round(time.perf_counter() - t0, 2)}
+            return {
+                "export_s": round(export_s, 2),
+                "export_steps_s": steps,
+                "calibration_s": round(time.perf_counter() - t0, 2),
+            }
 
         row = guarded(timed, b.device)
         row.update(stage=stage, variant="export_run (now)", examples=len(stage_items))

@@ -14,7 +14,9 @@ from the fast tokenizer's offset mapping.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Sequence
+
+import numpy as np
 
 from .records import Case
 
@@ -118,18 +120,21 @@ def chat_prompt(tokenizer: PreTrainedTokenizerBase, ex: PromptExample) -> tuple[
     return text, [(s + offset, e + offset) for s, e in spans]
 
 
-def _char_to_token_span(offsets: list[tuple[int, int]], start: int, end: int) -> tuple[int, int]:
-    first: int | None = None
-    last = -1
-    for i, (s, e) in enumerate(offsets):
-        if e <= start or s >= end or e == s:
-            continue
-        if first is None:
-            first = i
-        last = i
-    if first is None:
-        raise ValueError(f"no token covers characters [{start}, {end})")
-    return first, last + 1
+class _TokenOffsets:
+    """Token character offsets as arrays: a span's tokens in one vectorised comparison (a
+    Python scan per span was most of the time of encoding a case)."""
+
+    def __init__(self, offsets: list[tuple[int, int]]):
+        pairs = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
+        self.starts, self.ends = pairs[:, 0], pairs[:, 1]
+        self.nonempty = self.ends != self.starts
+
+    def span(self, start: int, end: int) -> tuple[int, int]:
+        """[first, last + 1) of the non-empty tokens overlapping characters [start, end)."""
+        hit = np.flatnonzero(self.nonempty & (self.ends > start) & (self.starts < end))
+        if hit.size == 0:
+            raise ValueError(f"no token covers characters [{start}, {end})")
+        return int(hit[0]), int(hit[-1]) + 1
 
 
 def with_answer_text(prompt: str, ex: PromptExample) -> tuple[str, list[tuple[int, int]]]:
@@ -153,13 +158,50 @@ def encode_example(
     tokenizer: PreTrainedTokenizerBase, ex: PromptExample, max_length: int | None = None, with_answer: bool = True
 ) -> EncodedExample:
     """Tokenise prompt (+ answer + end-of-turn) and locate every sentence span."""
-    prompt, note_char_spans = chat_prompt(tokenizer, ex)
-    text, answer_char_spans = with_answer_text(prompt, ex) if with_answer else (prompt, [])
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    ids, offsets = enc["input_ids"], enc["offset_mapping"]
+    return encode_examples(tokenizer, [ex], max_length, [with_answer])[0]
+
+
+def encode_examples(
+    tokenizer: PreTrainedTokenizerBase,
+    examples: Sequence[PromptExample],
+    max_length: int | None = None,
+    with_answer: Sequence[bool] | None = None,
+) -> list[EncodedExample]:
+    """:func:`encode_example` for many examples in one tokenizer call (the fast tokenizer
+    encodes a batch on several threads); ``with_answer`` per example (default: all)."""
+    texts, char_spans = [], []
+    wants = list(with_answer) if with_answer is not None else [True] * len(examples)
+    for ex, want in zip(examples, wants):
+        prompt, note_char_spans = chat_prompt(tokenizer, ex)
+        text, answer_char_spans = with_answer_text(prompt, ex) if want else (prompt, [])
+        texts.append(text)
+        char_spans.append((len(prompt), note_char_spans, answer_char_spans))
+    if not texts:
+        return []
+    batch = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+    return [
+        _encoded(ex, want, ids, offsets, *spans, max_length)
+        for ex, want, ids, offsets, spans in zip(
+            examples, wants, batch["input_ids"], batch["offset_mapping"], char_spans
+        )
+    ]
+
+
+def _encoded(
+    ex: PromptExample,
+    with_answer: bool,
+    ids: list[int],
+    offsets: list[tuple[int, int]],
+    prompt_chars: int,
+    note_char_spans: list[tuple[int, int]],
+    answer_char_spans: list[tuple[int, int]],
+    max_length: int | None,
+) -> EncodedExample:
     # The first token that starts at or after the prompt's end: robust to a BPE merge
     # across the boundary, which re-tokenising the prompt alone would miss.
-    prompt_len = next((i for i, (s, _) in enumerate(offsets) if s >= len(prompt)), len(ids))
+    token_offsets = _TokenOffsets(offsets)
+    after = np.flatnonzero(token_offsets.starts >= prompt_chars)
+    prompt_len = int(after[0]) if after.size else len(ids)
     if max_length is not None and len(ids) > max_length:
         raise ValueError(
             f"example {ex.example_id}: {len(ids)} tokens exceeds max_length={max_length}; "
@@ -172,9 +214,9 @@ def encode_example(
         labels=labels if with_answer and ex.answer_texts else [IGNORE_INDEX] * len(ids),
         prompt_length=prompt_len,
         note_ids=list(ex.note_ids),
-        note_spans=[_char_to_token_span(offsets, s, e) for s, e in note_char_spans],
+        note_spans=[token_offsets.span(s, e) for s, e in note_char_spans],
         answer_ids=list(ex.answer_ids) if with_answer else [],
-        answer_spans=[_char_to_token_span(offsets, s, e) for s, e in answer_char_spans],
+        answer_spans=[token_offsets.span(s, e) for s, e in answer_char_spans],
         pairs=set(ex.pairs) if with_answer else set(),
     )
 

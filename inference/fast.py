@@ -26,17 +26,12 @@ import numpy as np
 import torch
 
 from plumbing.errors import InputError
-from data.prompts import EncodedExample, chat_prompt, encode_example, example_from_case
+from data.prompts import EncodedExample, chat_prompt, encode_examples, example_from_case
 from data.records import Case
-from model.backbone import decoder
 from model.loaded_export import stop_ids  # the one definition of the stop set
-from model.decoding import MATMUL, SDPA_CUDNN, DecodeStats, greedy_decode, head_dim_of, supports_fast_decode
-from model.packed import (
-    choose_packed_attention,
-    pack,
-    packed_forward,
-    token_budget_packs,
-)
+from model.decoding import MATMUL, SDPA_CUDNN, DecodeStats, greedy_decode, supports_fast_decode
+from model.head_scoring import packed_attention, packed_head_outputs
+from model.packed import token_budget_packs
 
 from .memory import BatchPlan, plan_batches
 from .predictions import NO_RELEVANCE_OUTPUT, ModelOutputs
@@ -55,20 +50,26 @@ class _HeadWork:
 
     def __init__(self, head, cases: list[Case], tokenizer, pairs: bool, relevance: bool):
         self.head, self.pairs, self.relevance = head, pairs, relevance
-        self.todo: dict[int, EncodedExample] = {}
         self.out = ModelOutputs()
-        for i, case in enumerate(cases):
-            with_answer = pairs and bool(case.answer_sentences)
-            if pairs and not case.answer_sentences and not relevance:
-                continue  # Subtask 4 skips a case without answer sentences
-            if pairs or relevance:
-                self.todo[i] = encode_example(tokenizer, example_from_case(case, with_answer=with_answer))
+        owed = [
+            i
+            for i, case in enumerate(cases)
+            # Subtask 4 skips a case without answer sentences
+            if (pairs or relevance) and (relevance or bool(case.answer_sentences))
+        ]
+        wants = [pairs and bool(cases[i].answer_sentences) for i in owed]
+        examples = [example_from_case(cases[i], with_answer=w) for i, w in zip(owed, wants)]
+        self.todo: dict[int, EncodedExample] = dict(zip(owed, encode_examples(tokenizer, examples, with_answer=wants)))
         self.ids = [c.case_id for c in cases]
 
     def take(self, i: int, hidden: torch.Tensor) -> None:
         """Case ``i``'s head outputs from its hidden states [tokens, H] (the head's layer)."""
+        enc = self.todo[i]
+        self.record(i, self.head(hidden, enc.note_spans, enc.answer_spans))
+
+    def record(self, i: int, output) -> None:
+        """Case ``i``'s head outputs as probabilities; the case is no longer owed."""
         enc = self.todo.pop(i)
-        output = self.head(hidden, enc.note_spans, enc.answer_spans)
         if self.pairs and enc.answer_spans:
             self.out.pairs[self.ids[i]] = torch.sigmoid(output.pair_logits.float()).cpu().numpy().astype(np.float64)
         if self.relevance:
@@ -176,10 +177,8 @@ class FastEngine:
             self._fallback(f"generation: {why_not}; using model.generate")
             return self.inner.generate_answers(cases, max_new_tokens=max_new_tokens, batch_size=batch_size or 16)
         tok = self.inner.tokenizer
-        ids = [
-            tok(chat_prompt(tok, example_from_case(c, with_answer=False))[0], add_special_tokens=False)["input_ids"]
-            for c in cases
-        ]
+        prompts = [chat_prompt(tok, example_from_case(c, with_answer=False))[0] for c in cases]
+        ids = tok(prompts, add_special_tokens=False)["input_ids"]  # one call: a batch encodes on several threads
         extras: list[list[int]] = [[] for _ in cases]
         shared = set()
         for i, enc in work.todo.items():
@@ -260,25 +259,19 @@ class FastEngine:
 
     def _packed_forwards(self, work: _HeadWork, max_tokens: int) -> None:
         model, head = self.inner.model, self.inner.head
-        dec = decoder(model)
-        cfg, weight = dec.config, dec.embed_tokens.weight
-        attention, why_not = choose_packed_attention(
-            weight.device, weight.dtype, cfg.num_attention_heads, cfg.num_key_value_heads, head_dim_of(cfg)
-        )
+        attention, why_not = packed_attention(model)
         if why_not:
             self._fallback(f"alignment attention: {why_not}; one SDPA per case")
         self.alignment["attention"] = attention
-        device = weight.device
         keys = list(work.todo)
         for group in token_budget_packs([len(work.todo[i]) for i in keys], max_tokens):
             cases = [keys[g] for g in group]
-            packed = pack([work.todo[i].input_ids for i in cases], device)
-            hidden, _ = packed_forward(model, packed, tap=head.config.layer, attention=attention)
-            for j, i in enumerate(cases):
-                work.take(i, hidden[packed.starts[j] : packed.starts[j] + packed.lengths[j]])
+            tokens = sum(len(work.todo[i]) for i in cases)
+            for i, output in zip(cases, packed_head_outputs(model, head, [work.todo[i] for i in cases], attention)):
+                work.record(i, output)
             self.alignment["forwards"] += 1
-            self.alignment["tokens"] += packed.tokens
-            self.alignment["padded_tokens"] += packed.tokens  # packed: no padding
+            self.alignment["tokens"] += tokens
+            self.alignment["padded_tokens"] += tokens  # packed: no padding
 
     def _fallback(self, message: str) -> None:
         if message not in self.fallbacks:

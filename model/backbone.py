@@ -22,10 +22,19 @@ import fcntl
 import os
 import shutil
 import time
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from peft import LoraConfig, PeftModel
+    from torch.utils.hooks import RemovableHandle
+    from transformers import BitsAndBytesConfig, PreTrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
+
+    from plumbing.errors import InputError
 
 from .locate import default_device  # noqa: F401  (re-exported: callers import it from here)
 from .presets import LORA_TARGETS, LoraSettings, ModelPreset, bundled_tokenizer_dir, get_preset  # noqa: F401
@@ -41,7 +50,7 @@ def is_random_preset(preset: ModelPreset) -> bool:
     return preset.source is None
 
 
-def load_tokenizer(preset_or_path: ModelPreset | str):
+def load_tokenizer(preset_or_path: ModelPreset | str) -> PreTrainedTokenizerBase:
     """Tokenizer of a preset (its own, the source's, or the bundled Qwen3 one) or of a folder/hub id."""
     from transformers import AutoTokenizer
 
@@ -65,7 +74,9 @@ def load_tokenizer(preset_or_path: ModelPreset | str):
     return tok
 
 
-def build_random_base(preset: ModelPreset | str, seed: int = RANDOM_INIT_SEED, dtype: torch.dtype = torch.float32):
+def build_random_base(
+    preset: ModelPreset | str, seed: int = RANDOM_INIT_SEED, dtype: torch.dtype = torch.float32
+) -> PreTrainedModel:
     """A ``Qwen3ForCausalLM`` of the preset's shape, initialised from ``seed`` (global RNG untouched)."""
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
@@ -125,7 +136,7 @@ def _write_random_base(preset: ModelPreset | str, out: Path, seed: int) -> Path:
 QUANT_STORAGE = {"uint8": torch.uint8, "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
-def nf4_config(quant_storage: str = "uint8"):
+def nf4_config(quant_storage: str = "uint8") -> BitsAndBytesConfig:
     """NF4, double quantisation, bf16 compute. ``quant_storage`` is the dtype the packed
     4-bit weights are stored in: the default uint8, or ``bfloat16`` for FSDP, which can
     only flatten and shard a layer whose weights share one float dtype."""
@@ -133,7 +144,7 @@ def nf4_config(quant_storage: str = "uint8"):
 
     if quant_storage not in QUANT_STORAGE:
         raise ValueError(f"quant_storage must be one of {sorted(QUANT_STORAGE)}, got {quant_storage!r}")
-    return BitsAndBytesConfig(
+    return BitsAndBytesConfig(  # type: ignore[no-untyped-call]  # transformers leaves its __init__ unannotated
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",
         bnb_4bit_use_double_quant=True,
@@ -150,7 +161,7 @@ def load_base_model(
     base_path: str | None = None,
     random_seed: int = RANDOM_INIT_SEED,
     quant_storage: str = "uint8",
-):
+) -> PreTrainedModel:
     """The bare causal LM (no LoRA), on ``device``, quantised to NF4 when asked."""
     from transformers import AutoModelForCausalLM
 
@@ -164,8 +175,8 @@ def load_base_model(
         location = str(save_random_base(preset, random_base_cache_dir(preset, random_seed), seed=random_seed))
     if location is None:  # unquantised random preset: build directly, no disk round trip
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-        return build_random_base(preset, seed=random_seed, dtype=dtype).to(device)
-    kwargs = dict(use_safetensors=True, trust_remote_code=False)
+        return _on_device(build_random_base(preset, seed=random_seed, dtype=dtype), device)
+    kwargs: dict[str, Any] = dict(use_safetensors=True, trust_remote_code=False)
     if quantise:
         kwargs.update(quantization_config=nf4_config(quant_storage), device_map={"": device}, dtype=torch.bfloat16)
     else:
@@ -174,10 +185,15 @@ def load_base_model(
         model = AutoModelForCausalLM.from_pretrained(location, **kwargs)
     except OSError as err:  # no such repo, a download that failed, files missing: one line, not a traceback
         raise base_load_error(location, err) from None
-    return model if quantise else model.to(device)
+    return model if quantise else _on_device(model, device)
 
 
-def base_load_error(location: str, err: OSError):
+def _on_device(model: PreTrainedModel, device: torch.device) -> PreTrainedModel:
+    # transformers wraps PreTrainedModel.to with functools.wraps, which mypy reads as an unbound method.
+    return model.to(device)  # type: ignore[arg-type]
+
+
+def base_load_error(location: str, err: OSError) -> InputError:
     """The one line a base model that cannot be loaded ends with (InputError, exit 2)."""
     from plumbing.errors import InputError
 
@@ -188,16 +204,17 @@ def base_load_error(location: str, err: OSError):
     )
 
 
-def _enable_checkpointing(model) -> None:
+def _enable_checkpointing(model: PreTrainedModel) -> None:
     # Non-reentrant checkpointing: works with frozen inputs and with forward hooks.
     kwargs = {"use_reentrant": False}
     if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5 name
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        # transformers leaves gradient_checkpointing_enable unannotated.
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)  # type: ignore[no-untyped-call]
 
 
-def lora_config(lora: LoraSettings):
+def lora_config(lora: LoraSettings) -> LoraConfig:
     from peft import LoraConfig
 
     return LoraConfig(
@@ -223,7 +240,7 @@ def load_backbone(
     random_seed: int = RANDOM_INIT_SEED,
     keep_bf16: bool = False,
     quant_storage: str = "uint8",
-):
+) -> PeftModel:
     """Base model + LoRA as a PEFT model: a fresh adapter, or ``adapter_dir``'s weights.
 
     ``trainable=False`` gives an inference model (eval mode, no checkpointing).
@@ -249,35 +266,80 @@ def load_backbone(
             for param in model.parameters():
                 param.requires_grad_(False)
         else:
-            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+            # peft leaves prepare_model_for_kbit_training unannotated; it returns the model it was given.
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)  # type: ignore[no-untyped-call]
     if trainable and gradient_checkpointing:
         _enable_checkpointing(model)
+    peft_model: PeftModel
     if adapter_dir is not None:
-        model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=trainable)
+        peft_model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=trainable)
     else:
-        model = get_peft_model(model, lora_config(lora or LoraSettings()))
+        peft_model = get_peft_model(model, lora_config(lora or LoraSettings()))
     if not trainable:
-        model.eval()
-    return model
+        peft_model.eval()
+    return peft_model
 
 
-def decoder(model):
+class AttentionBlock(Protocol):
+    """What the fast paths use of a Qwen3 attention block (``Qwen3Attention``)."""
+
+    q_proj: nn.Module
+    k_proj: nn.Module
+    v_proj: nn.Module
+    o_proj: nn.Module
+    q_norm: nn.Module
+    k_norm: nn.Module
+    head_dim: int
+    scaling: float
+
+
+class DecoderLayer(Protocol):
+    """What the fast paths use of a Qwen3 decoder layer (``Qwen3DecoderLayer``)."""
+
+    self_attn: AttentionBlock
+    input_layernorm: nn.Module
+    post_attention_layernorm: nn.Module
+    mlp: nn.Module
+
+    def register_forward_hook(self, hook: Callable[..., None]) -> RemovableHandle: ...
+
+    def compile(self, *args: Any, **kwargs: Any) -> None: ...
+
+
+class DecoderStack(Protocol):
+    """What this package uses of the bare transformer under a causal LM (``Qwen3Model``)."""
+
+    config: PreTrainedConfig
+    embed_tokens: nn.Embedding
+    layers: Sequence[DecoderLayer]
+    norm: nn.Module
+    rotary_emb: nn.Module
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any: ...
+
+
+def unwrapped(model: nn.Module) -> nn.Module:
+    """The causal LM under a PEFT wrapper (or the model itself)."""
+    get_base_model = getattr(model, "get_base_model", None)  # a PEFT wrapper's
+    return get_base_model() if get_base_model is not None else model
+
+
+def decoder(model: nn.Module) -> DecoderStack:
     """The bare transformer (``Qwen3Model``) under a PEFT or plain causal-LM wrapper."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return base.model
+    # Its submodules are set at run time per architecture (mypy sees ``Tensor | Module``): the
+    # protocol names the structure this package relies on.
+    return cast("DecoderStack", unwrapped(model).model)
 
 
-def lm_head(model):
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return base.lm_head
+def lm_head(model: nn.Module) -> nn.Module:
+    return cast(nn.Module, unwrapped(model).lm_head)
 
 
-def is_quantised(model) -> bool:
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return bool(getattr(base, "is_loaded_in_4bit", False))
+def is_quantised(model: nn.Module) -> bool:
+    return bool(getattr(unwrapped(model), "is_loaded_in_4bit", False))
 
 
-def _layer_module(dec, layer: int) -> nn.Module | None:
+def _layer_module(dec: DecoderStack, layer: int) -> nn.Module | DecoderLayer | None:
     """Module whose output is hidden state ``layer`` (output_hidden_states numbering); None = final."""
     n = len(dec.layers)
     if layer in (-1, n):
@@ -290,7 +352,7 @@ def _layer_module(dec, layer: int) -> nn.Module | None:
 
 
 @contextlib.contextmanager
-def tap_hidden(dec, layer: int):
+def tap_hidden(dec: DecoderStack, layer: int) -> Iterator[dict[str, torch.Tensor]]:
     """Capture one intermediate hidden state with a forward hook (no all-layers tuple)."""
     module = _layer_module(dec, layer)
     captured: dict[str, torch.Tensor] = {}
@@ -298,7 +360,7 @@ def tap_hidden(dec, layer: int):
         yield captured
         return
 
-    def hook(_mod, _inp, out):
+    def hook(_mod: nn.Module, _inp: tuple[torch.Tensor, ...], out: torch.Tensor | tuple[torch.Tensor, ...]) -> None:
         captured["hidden"] = out[0] if isinstance(out, tuple) else out
 
     handle = module.register_forward_hook(hook)
@@ -308,7 +370,9 @@ def tap_hidden(dec, layer: int):
         handle.remove()
 
 
-def backbone_hidden(backbone, input_ids: torch.Tensor, attention_mask: torch.Tensor, layer: int = -1):
+def backbone_hidden(
+    backbone: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, layer: int = -1
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(final normed hidden [B,T,H], the head's hidden [B,T,H]) from one forward."""
     dec = decoder(backbone)
     with tap_hidden(dec, layer) as captured:
@@ -318,7 +382,7 @@ def backbone_hidden(backbone, input_ids: torch.Tensor, attention_mask: torch.Ten
 
 
 @torch.no_grad()
-def dense_from_4bit(module: nn.Module, chunk: int = 4096) -> nn.Linear:
+def dense_from_4bit(module: nn.Linear, chunk: int = 4096) -> nn.Linear:
     """The dense Linear that a 4-bit layer computes, read off its own forward pass.
 
     Feeding the identity through the layer returns its effective weight exactly as the
@@ -345,11 +409,11 @@ def dense_from_4bit(module: nn.Module, chunk: int = 4096) -> nn.Linear:
     return dense
 
 
-def dequantize_model(model) -> None:
+def dequantize_model(model: PreTrainedModel) -> None:
     """Replace every 4-bit Linear with its dense bf16 equivalent, in place."""
-    import bitsandbytes as bnb
+    from bitsandbytes.nn.modules import Linear4bit
 
-    targets = [(name, mod) for name, mod in model.named_modules() if isinstance(mod, bnb.nn.Linear4bit)]
+    targets = [(name, mod) for name, mod in model.named_modules() if isinstance(mod, Linear4bit)]
     for name, mod in targets:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
@@ -359,9 +423,9 @@ def dequantize_model(model) -> None:
         if hasattr(model, attr):
             setattr(model, attr, False)
     if getattr(model, "hf_quantizer", None) is not None:
-        model.hf_quantizer = None
+        setattr(model, "hf_quantizer", None)
     if getattr(model, "quantization_method", None) is not None:  # else .to(dtype) is refused as bitsandbytes
-        model.quantization_method = None
+        setattr(model, "quantization_method", None)
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     if torch.cuda.is_available():
@@ -376,8 +440,8 @@ def load_merged(
     device: str | torch.device | None = None,
     base_path: str | None = None,
     random_seed: int = RANDOM_INIT_SEED,
-    timings: dict | None = None,
-):
+    timings: dict[str, float] | None = None,
+) -> PreTrainedModel:
     """Inference model with the LoRA merged into dense weights (no adapter overhead per step).
 
     A QLoRA adapter was trained against the NF4 base, so the base is loaded in NF4 as in
@@ -410,8 +474,8 @@ def load_adapted(
     device: str | torch.device | None = None,
     base_path: str | None = None,
     random_seed: int = RANDOM_INIT_SEED,
-    timings: dict | None = None,
-):
+    timings: dict[str, float] | None = None,
+) -> PreTrainedModel | PeftModel:
     """The base model with a trained adapter, for inference: merged into dense weights
     (:func:`load_merged`, ``timings`` filled) or kept as NF4 + LoRA (less memory)."""
     if merge:
@@ -438,7 +502,7 @@ def load_adapted(
 class _StepClock:
     """Seconds since the previous call, recorded under a name (GPU work finished first)."""
 
-    def __init__(self, into: dict | None):
+    def __init__(self, into: dict[str, float] | None):
         self.into, self.now, self.last = into, time.perf_counter, time.perf_counter()
 
     def __call__(self, name: str) -> None:
@@ -451,7 +515,7 @@ class _StepClock:
         self.last = t
 
 
-def compile_decoder_layers(model) -> None:
+def compile_decoder_layers(model: nn.Module) -> None:
     """``torch.compile`` each decoder layer (regional compilation: one graph reused by all
     layers, dynamic sequence lengths), fusing the norm / RoPE / SwiGLU element-wise work.
     The first steps pay the compile time."""

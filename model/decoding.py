@@ -26,13 +26,19 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-from .backbone import decoder, lm_head
+if TYPE_CHECKING:
+    from transformers import PreTrainedConfig
+
+from .backbone import decoder, lm_head, unwrapped
+from .kernel_probe import kernel_mismatch
 from .packed import choose_packed_attention, pack, packed_forward
 
 BATCH_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256)
@@ -62,7 +68,7 @@ def decode_attention(
     return torch.matmul(probs, cache_v).reshape(b, heads, 1, d)
 
 
-_CUDNN_PROBES: dict = {}
+_CUDNN_PROBES: dict[tuple[str, torch.dtype, int, int, int], str | None] = {}
 
 
 def choose_decode_attention(
@@ -83,13 +89,12 @@ def choose_decode_attention(
         keep = torch.ones(2, 1, 1, 40, dtype=torch.bool, device=device)
         keep[0, ..., :7] = False
         keep[:, ..., 33:] = False
-        try:
-            got = decode_attention(q, k, v, keep, head_dim**-0.5, SDPA_CUDNN)
-            want = decode_attention(q, k, v, keep, head_dim**-0.5, MATMUL)
-            err = float((got.float() - want.float()).abs().max())
-            _CUDNN_PROBES[key] = None if err < 2e-2 else f"cuDNN attention differs from matmul by {err:.3g}"
-        except Exception as exc:  # no cuDNN attention for this card, dtype or shape
-            _CUDNN_PROBES[key] = f"cuDNN attention unavailable ({type(exc).__name__}: {str(exc)[:120]})"
+        _CUDNN_PROBES[key] = kernel_mismatch(
+            "cuDNN attention",
+            lambda: decode_attention(q, k, v, keep, head_dim**-0.5, SDPA_CUDNN),
+            "matmul",
+            lambda: decode_attention(q, k, v, keep, head_dim**-0.5, MATMUL),
+        )
     why_not = _CUDNN_PROBES[key]
     return (MATMUL, why_not) if why_not else (SDPA_CUDNN, None)
 
@@ -105,12 +110,12 @@ def bucket_width(n: int) -> int:
     return int(math.ceil(n / WIDTH_BUCKET) * WIDTH_BUCKET)
 
 
-def head_dim_of(config) -> int:
+def head_dim_of(config: PreTrainedConfig) -> int:
     """A Qwen3-style config's attention head size (``head_dim``, else hidden / heads)."""
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
-def kv_bytes_per_token(config, dtype_bytes: int = 2) -> int:
+def kv_bytes_per_token(config: PreTrainedConfig, dtype_bytes: int = 2) -> int:
     """Bytes of K and V cache one token takes over all layers."""
     return 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim_of(config) * dtype_bytes
 
@@ -119,7 +124,7 @@ def kv_bytes_per_token(config, dtype_bytes: int = 2) -> int:
 class DecodeStats:
     """What a :func:`greedy_decode` call did (for run.json and the benchmark)."""
 
-    batches: list[dict] = field(default_factory=list)
+    batches: list[dict[str, int]] = field(default_factory=list)
     cuda_graph: bool = False
     graph_fallback: str | None = None  # why capture was not used, when it was asked for
     attention: str | None = None  # decode attention over the cache: SDPA_CUDNN or MATMUL
@@ -132,7 +137,7 @@ class DecodeStats:
     decode_steps: int = 0
     new_tokens: int = 0
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return {k: (round(v, 3) if isinstance(v, float) else v) for k, v in self.__dict__.items()}
 
 
@@ -142,10 +147,9 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     return x * cos + rotated * sin
 
 
-def supports_fast_decode(model) -> str | None:
+def supports_fast_decode(model: nn.Module) -> str | None:
     """None when the model's architecture is one this module reproduces; else why not."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    config = base.config
+    config = unwrapped(model).config
     if getattr(config, "model_type", None) not in ("qwen3",):
         return f"model type {getattr(config, 'model_type', None)!r} is not qwen3"
     if getattr(config, "use_sliding_window", False):
@@ -158,7 +162,7 @@ class DecodeBatch:
 
     def __init__(
         self,
-        model,
+        model: nn.Module,
         rows: int,
         width: int,
         max_new_tokens: int,
@@ -167,7 +171,7 @@ class DecodeBatch:
         device: torch.device,
         dtype: torch.dtype,
         attention: str = MATMUL,
-    ):
+    ) -> None:
         self.attention = attention
         self.model = model
         self.dec = decoder(model)
@@ -229,10 +233,20 @@ class DecodeBatch:
         self.out[:, 0] = self.tok
         self.done |= self._is_stop(self.tok)
 
-    def _prefill_pack(self, chunk: list[int], seqs, prompt_lens, attention, tap, on_hidden) -> None:
+    def _prefill_pack(
+        self,
+        chunk: list[int],
+        seqs: list[list[int]],
+        prompt_lens: list[int],
+        attention: str,
+        tap: int,
+        on_hidden: Callable[[int, torch.Tensor], None] | None,
+    ) -> None:
         device = self.tok.device
         packed = pack([seqs[r] for r in chunk], device)
-        rows, slots, src = [], [], []
+        rows: list[int] = []
+        slots: list[int] = []
+        src: list[int] = []
         for j, r in enumerate(chunk):
             n = prompt_lens[r]
             rows += [r] * n
@@ -246,6 +260,7 @@ class DecodeBatch:
 
         last = torch.tensor([packed.starts[j] + prompt_lens[r] - 1 for j, r in enumerate(chunk)], device=device)
         hidden, first = packed_forward(self.model, packed, tap=tap, attention=attention, write_kv=write, logits_at=last)
+        assert first is not None  # logits_at was given
         self.tok[torch.tensor(chunk, device=device)] = first
         if on_hidden is not None:
             for j, r in enumerate(chunk):
@@ -282,7 +297,7 @@ class DecodeBatch:
 
     def capture(self) -> None:
         """Warm the step up on a side stream (one real step), then capture it."""
-        stream = torch.cuda.Stream()
+        stream = torch.cuda.Stream()  # type: ignore[no-untyped-call]  # torch leaves Stream.__new__ unannotated
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             self.step()
@@ -312,7 +327,7 @@ class DecodeBatch:
 class _DecodeJob:
     """One :func:`greedy_decode` call's settings, shared by its batches."""
 
-    model: object
+    model: nn.Module
     prompts: list[list[int]]
     extras: list[list[int]]
     max_new: int
@@ -333,7 +348,7 @@ class _DecodeJob:
 
 @torch.no_grad()
 def greedy_decode(
-    model,
+    model: nn.Module,
     prompts: list[list[int]],
     *,
     max_new_tokens: int,
@@ -345,7 +360,7 @@ def greedy_decode(
     check_every: int = 16,
     attention: str | None = None,
     stats: DecodeStats | None = None,
-    log=None,
+    log: Callable[[str], None] | None = None,
     extras: list[list[int]] | None = None,
     tap: int = -1,
     on_hidden: Callable[[int, torch.Tensor], None] | None = None,
@@ -388,20 +403,20 @@ def greedy_decode(
 
 
 def _decode_job(
-    model,
-    prompts,
-    max_new_tokens,
-    stop_ids,
-    pad_id,
-    prefill_tokens,
-    use_cuda_graph,
-    check_every,
-    attention,
-    stats,
-    log,
-    extras,
-    tap,
-    on_hidden,
+    model: nn.Module,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    stop_ids: list[int],
+    pad_id: int,
+    prefill_tokens: int,
+    use_cuda_graph: bool | None,
+    check_every: int,
+    attention: str | None,
+    stats: DecodeStats | None,
+    log: Callable[[str], None] | None,
+    extras: list[list[int]] | None,
+    tap: int,
+    on_hidden: Callable[[int, torch.Tensor], None] | None,
 ) -> _DecodeJob:
     """Check the request and settle the kernels: decode attention, packed prefill attention, graphs."""
     if max_new_tokens < 1:
@@ -451,7 +466,7 @@ def _decode_job(
 
 def _decode_batches(
     prompts: list[list[int]], batch_rows: int, graphs: bool, kv_budget: int | None, kv_per_token: int, max_new: int
-):
+) -> Iterator[tuple[list[int], int, int]]:
     """(prompt indices, cache rows, prompt width) per batch, longest prompts first: as many rows
     as ``batch_rows`` and the KV budget allow at the batch's own width (later batches, with
     shorter prompts, fit more rows); with graphs, rows and width rounded up to their buckets."""
@@ -474,7 +489,8 @@ def _decode_batch(job: _DecodeJob, idx: list[int], rows: int, width: int) -> lis
     stats = job.stats
     seqs = [job.prompts[i] + job.extras[i] for i in idx]
     lens = [len(job.prompts[i]) for i in idx]
-    on_hidden = None if job.on_hidden is None else (lambda r, hidden: job.on_hidden(idx[r], hidden))
+    callback = job.on_hidden
+    on_hidden = None if callback is None else (lambda r, hidden: callback(idx[r], hidden))
 
     def fresh_batch() -> DecodeBatch:
         batch = DecodeBatch(
@@ -498,7 +514,7 @@ def _decode_batch(job: _DecodeJob, idx: list[int], rows: int, width: int) -> lis
             if job.log:
                 job.log(f"warning: CUDA-graph capture failed ({stats.graph_fallback}); decoding eagerly")
             torch.cuda.synchronize()
-            batch = None  # free the first cache before allocating the second
+            del batch  # free the first cache before allocating the second
             torch.cuda.empty_cache()
             if job.attention != MATMUL:  # the conservative step from here on, said in run.json
                 stats.attention_fallback = f"after the failed capture ({stats.graph_fallback[:80]})"

@@ -12,6 +12,7 @@ import platform
 import re
 from importlib import metadata
 from pathlib import Path
+from typing import Any
 
 from plumbing.errors import InputError
 
@@ -116,7 +117,7 @@ CV_ROWS = (
 )
 
 
-def read_cv_ladder(cv_dir: str | Path) -> dict:
+def read_cv_ladder(cv_dir: str | Path) -> dict[str, Any]:
     """``ladder.json`` of a ``score.py cv`` run folder (or the file itself); InputError when absent."""
     p = Path(cv_dir)
     path = p / "ladder.json" if p.is_dir() else p
@@ -129,7 +130,7 @@ def read_cv_ladder(cv_dir: str | Path) -> dict:
     return dict(ladder, source=str(path))
 
 
-def cv_model_index(ladder: dict, name: str) -> list[dict]:
+def cv_model_index(ladder: dict[str, Any], name: str) -> list[dict[str, Any]]:
     """Hub ``model-index`` entries: the fine-tuned systems' held-out scores in a cv ladder."""
     folds = f"{ladder.get('n_folds')}-fold case-grouped CV"
     key = Path(str(ladder.get("key") or "the key")).name
@@ -155,7 +156,7 @@ def cv_model_index(ladder: dict, name: str) -> list[dict]:
     return [{"name": name, "results": results}] if results else []
 
 
-def _yaml(value, indent: int = 0) -> list[str]:
+def _yaml(value: object, indent: int = 0) -> list[str]:
     """Block-style YAML; every scalar JSON-encoded (JSON scalars are valid YAML)."""
     pad = " " * indent
     if isinstance(value, dict):
@@ -177,12 +178,14 @@ def _yaml(value, indent: int = 0) -> list[str]:
     return [f"{pad}{json.dumps(value)}"]
 
 
-def card_metadata(manifest: dict, ladder: dict | None = None, library: str = "peft") -> dict:
+def card_metadata(
+    manifest: dict[str, Any], ladder: dict[str, Any] | None = None, library: str = "peft"
+) -> dict[str, Any]:
     """The card's Hub metadata: base model (a hub id only; a local path or random init is left out),
     library, tags and, given a ``score.py cv`` ladder, its held-out scores as ``model-index``."""
     base = manifest.get("base_model") or {}
     base_id = base.get("id")
-    meta: dict = {}
+    meta: dict[str, Any] = {}
     if isinstance(base_id, str) and HUB_ID.match(base_id) and not Path(base_id).exists():
         meta["base_model"] = base_id
     meta["library_name"] = library
@@ -194,14 +197,24 @@ def card_metadata(manifest: dict, ladder: dict | None = None, library: str = "pe
     return meta
 
 
-def front_matter(meta: dict) -> str:
+def front_matter(meta: dict[str, Any]) -> str:
     return "---\n" + "\n".join(_yaml(meta)) + "\n---\n"
 
 
-def model_card(record: ExportManifest, ladder: dict | None = None, merged: bool = False) -> str:
+def model_card(record: ExportManifest, ladder: dict[str, Any] | None = None, merged: bool = False) -> str:
     """``export/README.md``: Hub metadata (YAML front matter), then what the export is, what it was
     trained on, and what it is for. ``ladder``: a ``score.py cv`` run's scores (:func:`read_cv_ladder`)."""
     manifest = record.to_dict()
+    lines = _card_intro_lines(manifest, ladder, merged)
+    lines += _card_stage_lines(manifest)
+    lines += _card_threshold_lines(manifest)
+    lines += _card_evaluation_lines(manifest, ladder)
+    lines += _card_usage_lines(manifest, merged)
+    return "\n".join(lines) + "\n"
+
+
+def _card_intro_lines(manifest: dict[str, Any], ladder: dict[str, Any] | None, merged: bool) -> list[str]:
+    """Front matter, what the export is for, and its base model and LoRA settings."""
     base = manifest.get("base_model") or {}
     if base.get("random_init"):
         base_line = (
@@ -211,8 +224,7 @@ def model_card(record: ExportManifest, ladder: dict | None = None, merged: bool 
     else:
         base_line = f"`{base.get('id')}` (preset `{base.get('preset')}`, 4-bit NF4: {base.get('load_in_4bit')})"
     lora = manifest.get("lora") or {}
-    alignment = manifest.get("alignment") or {}
-    lines = [
+    return [
         front_matter(card_metadata(manifest, ladder, library="transformers" if merged else "peft")),
         "# archehr export" + (" (merged)" if merged else ""),
         "",
@@ -227,8 +239,11 @@ def model_card(record: ExportManifest, ladder: dict | None = None, merged: bool 
         f"- LoRA: r={lora.get('r')}, alpha={lora.get('alpha')}, dropout={lora.get('dropout')}, "
         f"on {', '.join(lora.get('targets') or [])}",
         "",
-        "## Training stages",
     ]
+
+
+def _card_stage_lines(manifest: dict[str, Any]) -> list[str]:
+    lines = ["## Training stages"]
     for i, stage in enumerate(manifest.get("stages") or [], 1):
         lines.append(
             f"{i}. `{stage.get('stage')}`{' (joint head)' if stage.get('joint') else ''}: "
@@ -237,7 +252,12 @@ def model_card(record: ExportManifest, ladder: dict | None = None, merged: bool 
         )
         for data in stage.get("data") or []:
             lines.append(f"   - data `{Path(str(data.get('path'))).name}` sha256 `{data.get('sha256')}`")
-    lines += [
+    return lines
+
+
+def _card_threshold_lines(manifest: dict[str, Any]) -> list[str]:
+    alignment = manifest.get("alignment") or {}
+    lines = [
         "",
         "## Thresholds",
         f"- alignment probability threshold {alignment.get('threshold')} ({alignment.get('calibrated_on')}; "
@@ -247,7 +267,12 @@ def model_card(record: ExportManifest, ladder: dict | None = None, merged: bool 
     for key, value in sorted(manifest.items()):
         if key.endswith("_threshold") and value is not None:
             lines.append(f"- {key.replace('_', ' ')}: {value}")
-    lines += ["", "## Evaluation"]
+    return lines
+
+
+def _card_evaluation_lines(manifest: dict[str, Any], ladder: dict[str, Any] | None) -> list[str]:
+    """A cv ladder's held-out scores, else the manifest's recorded cv scores, else where to get them."""
+    lines = ["", "## Evaluation"]
     cv = manifest.get("cv")
     if ladder is not None:
         lines.append(
@@ -269,6 +294,12 @@ def model_card(record: ExportManifest, ladder: dict | None = None, merged: bool 
             "No cross-validation scores are recorded with this export; `python score.py cv` "
             "measures them on held-out cases."
         )
+    return lines
+
+
+def _card_usage_lines(manifest: dict[str, Any], merged: bool) -> list[str]:
+    """How to serve (merged folder) or load the export, and the package versions it was made with."""
+    lines = []
     if merged:
         lines += [
             "",
@@ -292,10 +323,10 @@ def model_card(record: ExportManifest, ladder: dict | None = None, merged: bool 
         f"Packages: {', '.join(f'{k} {v}' for k, v in (manifest.get('packages') or {}).items() if v)}. "
         f"Created {manifest.get('created')}.",
     ]
-    return "\n".join(lines) + "\n"
+    return lines
 
 
-def refresh_model_card(export_dir: str | Path, ladder: dict | None) -> Path:
+def refresh_model_card(export_dir: str | Path, ladder: dict[str, Any] | None) -> Path:
     """Rewrite an export's README.md from its manifest (and a cv ladder's scores); returns its path."""
     from plumbing.atomic import write_text_atomic
 

@@ -8,20 +8,26 @@ It lives in ``model/`` because it runs the backbone: ``model`` may use ``heads``
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 import torch
+from torch import nn
 
-from data.prompts import EncodedExample, encode_example, example_from_case
+from data.prompts import EncodedExample, encode_examples, example_from_case
 from data.records import Case
 from heads.alignment import HeadOutput, NotePairHead
 
-from .backbone import backbone_hidden
+from .backbone import backbone_hidden, decoder
+from .decoding import head_dim_of
+from .packed import choose_packed_attention, pack, packed_forward
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 
 @torch.no_grad()
-def head_outputs(backbone, head: NotePairHead, enc: EncodedExample) -> HeadOutput:
+def head_outputs(backbone: nn.Module, head: NotePairHead, enc: EncodedExample) -> HeadOutput:
     """Raw head logits for one encoded example (prompt + its answer sentences)."""
     device = next(head.parameters()).device
     ids = torch.tensor([enc.input_ids], dtype=torch.long, device=device)
@@ -31,23 +37,22 @@ def head_outputs(backbone, head: NotePairHead, enc: EncodedExample) -> HeadOutpu
 
 
 def encode_for_scoring(
-    tokenizer, cases: Sequence[Case]
+    tokenizer: PreTrainedTokenizerBase, cases: Sequence[Case]
 ) -> tuple[list[np.ndarray | None], list[tuple[int, EncodedExample]]]:
     """What the pair scorers start from: a case without answer sentences already has its empty
     [0, n_note] result; every other case is encoded (prompt + answer sentences), with its index."""
     out: list[np.ndarray | None] = [None] * len(cases)
-    encoded = []
+    scored = [i for i, case in enumerate(cases) if case.answer_sentences]
     for i, case in enumerate(cases):
         if not case.answer_sentences:
             out[i] = np.zeros((0, len(case.note_sentences)), dtype=np.float32)
-        else:
-            encoded.append((i, encode_example(tokenizer, example_from_case(case, with_answer=True))))
-    return out, encoded
+    examples = [example_from_case(cases[i], with_answer=True) for i in scored]
+    return out, list(zip(scored, encode_examples(tokenizer, examples)))
 
 
 @torch.no_grad()
 def group_head_outputs(
-    backbone,
+    backbone: nn.Module,
     head: NotePairHead,
     group: Sequence[EncodedExample],
     pad_id: int,
@@ -67,9 +72,34 @@ def group_head_outputs(
     return [head(hidden[row], enc.note_spans, enc.answer_spans) for row, enc in enumerate(group)]
 
 
+def packed_attention(model: nn.Module) -> tuple[str, str | None]:
+    """The attention :func:`packed_head_outputs` runs for ``model`` and why not the varlen
+    kernel (None when it runs; the fallback is one causal SDPA per sequence, same arithmetic)."""
+    dec = decoder(model)
+    cfg, weight = dec.config, dec.embed_tokens.weight
+    return choose_packed_attention(
+        weight.device, weight.dtype, cfg.num_attention_heads, cfg.num_key_value_heads, head_dim_of(cfg)
+    )
+
+
+@torch.no_grad()
+def packed_head_outputs(
+    model: nn.Module, head: NotePairHead, group: Sequence[EncodedExample], attention: str
+) -> list[HeadOutput]:
+    """One packed forward over ``group`` (no padding, stopping at the head's layer): the
+    head's raw outputs per example. The fast engine and export calibration both run it."""
+    device = next(head.parameters()).device
+    packed = pack([enc.input_ids for enc in group], device)
+    hidden, _ = packed_forward(model, packed, tap=head.config.layer, attention=attention)
+    return [
+        head(hidden[a : a + n], enc.note_spans, enc.answer_spans)
+        for a, n, enc in zip(packed.starts, packed.lengths, group)
+    ]
+
+
 @torch.no_grad()
 def group_pair_probabilities(
-    backbone,
+    backbone: nn.Module,
     head: NotePairHead,
     group: Sequence[EncodedExample],
     pad_id: int,
@@ -86,7 +116,7 @@ def group_pair_probabilities(
 
 @torch.no_grad()
 def pair_probabilities(
-    backbone, head: NotePairHead, examples: Sequence[EncodedExample], batch_size: int = 8, pad_id: int = 0
+    backbone: nn.Module, head: NotePairHead, examples: Sequence[EncodedExample], batch_size: int = 8, pad_id: int = 0
 ) -> list[np.ndarray]:
     """[n_answer, n_note] sigmoid probabilities per example, in eval mode (restored after).
 
@@ -119,7 +149,7 @@ def pair_probabilities(
 
 @torch.no_grad()
 def relevance_probabilities(
-    backbone, head: NotePairHead, examples: Sequence[EncodedExample]
+    backbone: nn.Module, head: NotePairHead, examples: Sequence[EncodedExample]
 ) -> list[np.ndarray] | None:
     """[n_note] sigmoid relevance probabilities per example (None if the head has no relevance output).
 
@@ -132,9 +162,12 @@ def relevance_probabilities(
     backbone.eval()
     head.eval()
     try:
-        return [
-            torch.sigmoid(head_outputs(backbone, head, enc).relevance_logits.float()).cpu().numpy() for enc in examples
-        ]
+        probs = []
+        for enc in examples:
+            logits = head_outputs(backbone, head, enc).relevance_logits
+            assert logits is not None  # the head has a relevance output (checked above)
+            probs.append(torch.sigmoid(logits.float()).cpu().numpy())
+        return probs
     finally:
         backbone.train(was_training[0])
         head.train(was_training[1])

@@ -32,7 +32,9 @@ class LoadedExport:
     manifest: ExportManifest
     threshold: float
     tokenizer: PreTrainedTokenizerBase
-    model: Any  # PeftModel in eval mode (peft is untyped)
+    # A PreTrainedModel (merged) or PeftModel (NF4 + LoRA) in eval mode; Any because transformers'
+    # annotations of .generate and .to (functools.wraps) do not type-check at the call sites.
+    model: Any
     head: NotePairHead
 
     @property
@@ -103,7 +105,7 @@ class LoadedExport:
         return out  # type: ignore[return-value]
 
 
-def stop_ids(tok) -> list[int]:
+def stop_ids(tok: PreTrainedTokenizerBase) -> list[int]:
     """Token ids that end an answer: the tokenizer's EOS and Qwen's ``<|im_end|>``."""
     ids = {tok.eos_token_id}
     im_end = tok.convert_tokens_to_ids("<|im_end|>")

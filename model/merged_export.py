@@ -23,10 +23,14 @@ import re
 import shutil
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from plumbing.errors import InputError
+
+if TYPE_CHECKING:
+    from transformers import GenerationConfig, PreTrainedTokenizerBase
 
 from .export_folder import MANIFEST, find_export, model_card, package_versions, read_manifest
 
@@ -52,13 +56,13 @@ def merged_out(export_dir: Path, out: str | Path | None) -> Path:
     return target
 
 
-def greedy_generation_config(tokenizer, max_new_tokens: int):
+def greedy_generation_config(tokenizer: PreTrainedTokenizerBase, max_new_tokens: int) -> GenerationConfig:
     """What infer.py decodes with: greedy, stopping at EOS or ``<|im_end|>``."""
     from transformers import GenerationConfig
 
     from .loaded_export import stop_ids
 
-    return GenerationConfig(
+    return GenerationConfig(  # type: ignore[no-untyped-call]  # transformers leaves its __init__ unannotated
         do_sample=False,
         max_new_tokens=max_new_tokens,
         eos_token_id=stop_ids(tokenizer),
@@ -79,7 +83,7 @@ def export_merged(
     dtype: str = "bfloat16",
     max_shard_size: str = DEFAULT_SHARD_SIZE,
     max_new_tokens: int = 100,
-    ladder: dict | None = None,
+    ladder: dict[str, Any] | None = None,
 ) -> Path:
     """Write the merged model folder of ``export_dir`` (a run or export folder); returns its path.
     ``ladder``: a ``score.py cv`` run's scores (``read_cv_ladder``) for the model card's ``model-index``."""

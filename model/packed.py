@@ -22,8 +22,10 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from .backbone import decoder, lm_head
+from .kernel_probe import kernel_mismatch
 
 VARLEN_FLASH, PER_SEQUENCE = "flash-varlen", "per-sequence"
 
@@ -75,7 +77,7 @@ def causal_attention(
     return torch.cat(parts)
 
 
-_PROBES: dict = {}
+_PROBES: dict[tuple[str, torch.dtype, int, int, int], str | None] = {}
 
 
 def choose_packed_attention(
@@ -94,13 +96,12 @@ def choose_packed_attention(
         q = torch.randn(packed.tokens, heads, head_dim, device=device, dtype=dtype, generator=gen)
         k = torch.randn(packed.tokens, n_kv, head_dim, device=device, dtype=dtype, generator=gen)
         v = torch.randn(packed.tokens, n_kv, head_dim, device=device, dtype=dtype, generator=gen)
-        try:
-            got = causal_attention(q, k, v, packed, head_dim**-0.5, VARLEN_FLASH)
-            want = causal_attention(q, k, v, packed, head_dim**-0.5, PER_SEQUENCE)
-            err = float((got.float() - want.float()).abs().max())
-            _PROBES[key] = None if err < 2e-2 else f"varlen flash attention differs from SDPA by {err:.3g}"
-        except Exception as exc:  # no flash kernel for this card, dtype or shape
-            _PROBES[key] = f"varlen flash attention unavailable ({type(exc).__name__}: {str(exc)[:120]})"
+        _PROBES[key] = kernel_mismatch(
+            "varlen flash attention",
+            lambda: causal_attention(q, k, v, packed, head_dim**-0.5, VARLEN_FLASH),
+            "SDPA",
+            lambda: causal_attention(q, k, v, packed, head_dim**-0.5, PER_SEQUENCE),
+        )
     why_not = _PROBES[key]
     return (PER_SEQUENCE, why_not) if why_not else (VARLEN_FLASH, None)
 
@@ -125,7 +126,7 @@ WriteKV = Callable[[int, torch.Tensor, torch.Tensor], None]
 
 @torch.no_grad()
 def packed_forward(
-    model,
+    model: nn.Module,
     packed: Packed,
     *,
     tap: int = -1,
@@ -142,10 +143,10 @@ def packed_forward(
     n_layers = len(dec.layers)
     tap_at = tap_index(n_layers, tap)
     last = n_layers if (logits_at is not None or write_kv is not None) else tap_at
-    h = dec.embed_tokens(packed.ids)
+    h: torch.Tensor = dec.embed_tokens(packed.ids)
     cos, sin = dec.rotary_emb(h[None], packed.positions[None])
     cos, sin = cos[0][:, None], sin[0][:, None]  # [T, 1, d]
-    tapped = h if tap_at == 0 else None
+    tapped: torch.Tensor | None = h if tap_at == 0 else None
     t = h.shape[0]
     for layer_i, layer in enumerate(dec.layers[: min(last, n_layers)]):
         attn = layer.self_attn
@@ -164,6 +165,7 @@ def packed_forward(
             tapped = h
     if tap_at == n_layers:
         tapped = dec.norm(h)
+    assert tapped is not None  # the layers ran at least up to tap_at
     next_tokens = None
     if logits_at is not None:
         final = tapped[logits_at] if tap_at == n_layers else dec.norm(h[logits_at])

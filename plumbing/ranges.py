@@ -1,8 +1,8 @@
 """Allowed ranges of numbers a user gives: one factory for CLI options and config fields.
 
 A :class:`Range` says what a number may be (integer or finite float, lower and upper bound,
-open or closed) in words a user reads (``an integer in [1, 8192]``); it checks a value
-(:meth:`Range.check`), parses command-line text (:meth:`Range.parse`), serves as an argparse
+open or closed) in words a user reads (``an integer in [1, 8192]``); it tells whether a value
+is in range (:meth:`Range.contains`), parses command-line text (:meth:`Range.parse`), serves as an argparse
 ``type=`` (:meth:`Range.argtype`, refused with the words) and appends itself to an option's
 ``--help`` (:meth:`Range.help`). ``training/validation.py`` builds its TrainConfig rules from
 the same factory, so ``train.py``, ``infer.py`` and ``score.py`` refuse out-of-range numbers
@@ -58,11 +58,6 @@ class Range:
         else:
             span = ""
         return kind + span + (f" ({self.note})" if self.note else "")
-
-    def check(self, x: object, name: str) -> None:
-        """Raise ValueError("NAME must be WORDS, got X") unless ``x`` is in range."""
-        if not self.contains(x):
-            raise ValueError(f"{name} must be {self.words()}, got {x!r}")
 
     def parse(self, text: str) -> int | float:
         """Command-line text -> the number, or ValueError in the range's words.

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from training.batching import padding_fraction, token_budget_batches
+from training.batching import token_budget_batches
 
 
 class _TiedHead(torch.nn.Module):
@@ -37,6 +37,13 @@ def test_chunked_answer_loss_matches_one_chunk():
     assert torch.allclose(chunked, whole, atol=1e-6)
     assert torch.allclose(grads[0], hidden.grad, atol=1e-6)
     assert torch.allclose(grads[1], model.lm_head.weight.grad, atol=1e-6)
+
+
+def padding_fraction(lengths, batches):
+    """Share of the padded [rows x width] blocks that is padding."""
+    real = sum(lengths[i] for b in batches for i in b)
+    padded = sum(len(b) * max(lengths[i] for i in b) for b in batches)
+    return 1.0 - real / padded
 
 
 def test_token_budget_batches_respect_budget_and_cover_every_row():
@@ -601,8 +608,9 @@ def test_packed_relevance_is_refused_without_relevance_output(tiny_adapter):
 def test_packed_head_forwards_halve_their_budget_after_out_of_memory(tiny_adapter, monkeypatch):
     from bench.synthetic import inference_cases
     from inference import fast as fast_module
+    from model import head_scoring
 
-    real = fast_module.packed_forward
+    real = head_scoring.packed_forward
     sizes = []
 
     def flaky(model, packed, **kwargs):
@@ -611,7 +619,7 @@ def test_packed_head_forwards_halve_their_budget_after_out_of_memory(tiny_adapte
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
         return real(model, packed, **kwargs)
 
-    monkeypatch.setattr(fast_module, "packed_forward", flaky)
+    monkeypatch.setattr(head_scoring, "packed_forward", flaky)
     said = []
     plain = _tiny_checkpoint(tiny_adapter)
     fast = fast_module.FastEngine(plain, log=said.append)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from data.archehr import load_cases
 from data.emrqa import emrqa_to_prompt_example, load_emrqa
-from data.prompts import IGNORE_INDEX, chat_prompt, encode_example, example_from_case
+from data.prompts import IGNORE_INDEX, chat_prompt, encode_example, encode_examples, example_from_case
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
@@ -66,3 +66,16 @@ def test_emrqa_example_encodes(qwen_tokenizer):
     for span, text in zip(enc.note_spans, ex.note_texts):
         assert _decoded(qwen_tokenizer, enc.input_ids, span) == text
     assert _decoded(qwen_tokenizer, enc.input_ids, enc.answer_spans[0]) == rec.answer_text
+
+
+def test_batch_encoding_equals_one_at_a_time(qwen_tokenizer):
+    """One tokenizer call for many examples (what the fast engine and training data use) gives
+    each example exactly what encoding it alone gives, with and without its answer."""
+    cases = _cases()
+    examples = [example_from_case(c, with_answer=w) for c in cases for w in (True, False)]
+    wants = [w for _ in cases for w in (True, False)]
+    batch = encode_examples(qwen_tokenizer, examples, with_answer=wants)
+    alone = [encode_example(qwen_tokenizer, ex, with_answer=w) for ex, w in zip(examples, wants)]
+    assert batch == alone and len(batch) == 2 * len(cases)
+    assert any(enc.answer_spans for enc in batch) and any(not enc.answer_spans for enc in batch)
+    assert encode_examples(qwen_tokenizer, []) == []

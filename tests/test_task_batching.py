@@ -102,3 +102,19 @@ def test_collate_indexes_every_pair_of_each_cited_case_in_target_order(tiny):
     assert batch["relevance_index"].tolist() == batch["relevance_mask"].nonzero().reshape(-1).tolist()
     labels = batch["labels"][:, 1:].reshape(-1)
     assert batch["answer_targets"].tolist() == labels[labels != IGNORE_INDEX].tolist()
+
+
+def test_collate_pads_widths_to_a_multiple_of_8(tiny):
+    """One compiled graph for every batch: widths are multiples of 8 (inductor guards on the
+    alignment); the added columns are padding (no attention, no label) after every real token."""
+    items = tiny[2]
+    for group in ([items[0]], items[:2], items[1:4]):
+        batch = collate(group, pad_id=0)
+        longest = max(len(it) for it in group)
+        width = batch["input_ids"].shape[1]
+        assert width % 8 == 0 and longest <= width < longest + 8
+        for row, it in enumerate(group):
+            n = len(it)
+            assert batch["attention_mask"][row, :n].all() and not batch["attention_mask"][row, n:].any()
+            assert (batch["labels"][row, n:] == IGNORE_INDEX).all()
+            assert batch["input_ids"][row, :n].tolist() == it.encoded.input_ids

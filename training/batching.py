@@ -85,13 +85,6 @@ def token_budget_batches(
     return batches
 
 
-def padding_fraction(lengths: Sequence[int], batches: Sequence[Sequence[int]]) -> float:
-    """Share of the padded [rows x width] blocks that is padding."""
-    real = sum(lengths[i] for b in batches for i in b)
-    padded = sum(len(b) * max(lengths[i] for i in b) for b in batches)
-    return 1.0 - real / padded if padded else 0.0
-
-
 class EpochBatches:
     """Deterministic batches of item indices per epoch: shuffled with ``seed + epoch``,
     optionally grouped by length (sorted within windows of 50 batches, then the
@@ -143,9 +136,15 @@ class TokenBudgetBatches(EpochBatches):
         return self._count
 
 
+# Batch widths are padded up to a multiple of 8: the compiled decoder layer's graph guards on
+# the sequence length's alignment (inductor's ``is_aligned_realized_tensor``: T % 8 == 0), so
+# mixed widths compiled a second graph mid-run (issue 21: a 20 s recompile in the timed steps).
+PAD_WIDTH_TO = 8
+
+
 def collate(items: Sequence[TrainItem], pad_id: int) -> dict:
     """Right-padded tensors plus stacked spans/targets (see module docstring)."""
-    width = max(len(it) for it in items)
+    width = -(-max(len(it) for it in items) // PAD_WIDTH_TO) * PAD_WIDTH_TO
     b = len(items)
     input_ids = torch.full((b, width), pad_id, dtype=torch.long)
     labels = torch.full((b, width), IGNORE_INDEX, dtype=torch.long)

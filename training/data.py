@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Sequence
 
 from plumbing.errors import InputError
-from data.prompts import EncodedExample, PromptExample, encode_example, example_from_case
+from data.prompts import EncodedExample, PromptExample, encode_examples, example_from_case
 from data.records import Case, relevance_targets
 
 from .config import FILE_SEPARATOR
@@ -39,8 +39,8 @@ def encode_items(
 ) -> tuple[list[TrainItem], int]:
     """Tokenise examples; those longer than ``max_length`` are dropped (returns the count dropped)."""
     items, dropped = [], 0
-    for i, ex in enumerate(examples):
-        enc = encode_example(tokenizer, ex)
+    encoded = [enc for a in range(0, len(examples), 1024) for enc in encode_examples(tokenizer, examples[a : a + 1024])]
+    for i, enc in enumerate(encoded):
         if len(enc) > max_length:
             dropped += 1
             continue

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import shutil
 import sys
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Sequence
@@ -52,35 +53,29 @@ def as_calibration(record: dict | None) -> Calibration | None:
     return None if record is None else Calibration.from_dict(record)
 
 
-# Tokens per calibration forward: no gradients and no activations kept, so a group costs
-# about what one training micro-batch's forward does (16k tokens fit a 16 GB card in training).
-CALIBRATION_BATCH_TOKENS = 8192
-
-
-def calibration_groups(encoded: Sequence, max_tokens: int = CALIBRATION_BATCH_TOKENS) -> list[list[int]]:
-    """Indices of ``encoded`` in length-sorted groups whose padded size stays within ``max_tokens``."""
-    from .batching import token_budget_batches
-
-    return token_budget_batches([len(enc.input_ids) for enc in encoded], max_tokens, shuffle=False)
+# Real tokens per calibration forward: packed (no padding), no gradients, no activations kept
+# beyond one layer's, so a forward costs less than one training micro-batch's of as many tokens.
+CALIBRATION_BATCH_TOKENS = 16384
 
 
 @torch.no_grad()
 def calibration_outputs(backbone, head: NotePairHead, encoded: Sequence) -> list:
     """The head's outputs (pair and relevance logits) for every example, in eval mode, from
-    token-budget groups of examples. Compiled decoder layers run eagerly here: a no-grad
-    forward would otherwise compile a second set of graphs, for a few forwards (issue 21:
-    that was most of the 36 s an export took)."""
-    from model.head_scoring import group_head_outputs
+    packed forwards of several examples (:func:`model.head_scoring.packed_head_outputs`, the
+    fast engine's). Compiled graphs run eagerly here: a no-grad forward through them would
+    compile a second set of graphs for a few forwards (issue 21: most of a 36 s export)."""
+    from model.head_scoring import packed_attention, packed_head_outputs
+    from model.packed import token_budget_packs
 
-    device = next(head.parameters()).device
     out: list = [None] * len(encoded)
     was_training = (backbone.training, head.training)
     backbone.eval()
     head.eval()
     try:
+        attention, _ = packed_attention(backbone)
         with torch.compiler.set_stance("force_eager"):
-            for group in calibration_groups(encoded):
-                outputs = group_head_outputs(backbone, head, [encoded[i] for i in group], 0, device)
+            for group in token_budget_packs([len(enc.input_ids) for enc in encoded], CALIBRATION_BATCH_TOKENS):
+                outputs = packed_head_outputs(backbone, head, [encoded[i] for i in group], attention)
                 for i, o in zip(group, outputs):
                     out[i] = o
     finally:
@@ -236,6 +231,24 @@ def build_manifest(
     )
 
 
+class _StepClock:
+    """Seconds per named export step (the fixed cost users wait for after training)."""
+
+    def __init__(self, into: dict | None):
+        self.times = into if into is not None else {}
+        self.t = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.times[f"{name}_s"] = round(now - self.t, 2)
+        self.t = now
+
+    def summary(self) -> str:
+        total = sum(self.times.values())
+        parts = ", ".join(f"{k.removesuffix('_s')} {v:.1f} s" for k, v in self.times.items())
+        return f"{total:.1f} s ({parts})"
+
+
 def export_run(
     run_dir: str | Path,
     backbone,
@@ -250,10 +263,13 @@ def export_run(
     final_loss: float | None,
     adapter_state: dict | None = None,
     calibrate_alignment: bool = True,
+    timings: dict | None = None,
 ) -> Path:
     """``adapter_state``: the full LoRA weights when the live backbone is sharded (FSDP,
     training.gather); sharded, it cannot run the calibration forward on one process, so
-    ``calibrate_alignment`` False keeps the inherited/default threshold (said on stderr)."""
+    ``calibrate_alignment`` False keeps the inherited/default threshold (said on stderr).
+    Each step's seconds go to ``timings`` (and one stderr line)."""
+    clock = _StepClock(timings)
     run = Path(run_dir)
     final = run / "export"
     tmp = run / ".export.partial"
@@ -263,12 +279,15 @@ def export_run(
         save_adapter(backbone, tmp, adapter_state)
     else:
         backbone.save_pretrained(str(tmp))
+    clock.lap("adapter")
     save_head(head, tmp)
+    clock.lap("head")
 
     calibrating = cfg.joint and calibrate_alignment
     pair_t, relevance_t = (
         calibrated_thresholds(backbone, head, items, cfg.calibration_max_examples) if calibrating else (None, None)
     )
+    clock.lap("calibration")
     alignment = alignment_record(cfg, pair_t, init_manifest, calibrate_alignment)
     relevance = relevance_record(relevance_t, init_manifest)
     history = list(init_manifest.stages if init_manifest is not None else []) + [
@@ -278,9 +297,12 @@ def export_run(
     write_manifest(tmp, manifest)
     # Replaces the blank template PEFT's save_pretrained leaves there.
     (tmp / "README.md").write_text(model_card(manifest), encoding="utf-8")
+    clock.lap("manifest")
     from plumbing.atomic import fsync_tree
 
     fsync_tree(tmp)  # on disk before the rename
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
+    clock.lap("fsync")
+    print(f"export: {clock.summary()}", file=sys.stderr)
     return final
