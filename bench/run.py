@@ -504,13 +504,8 @@ def run_fast_inference(
     memory fraction, emulating a smaller card) the merge decision and the batch sizes come
     from the memory left; load (base, dequantise, adapter + merge), generation (prefill,
     CUDA-graph capture, decode) and alignment are timed separately."""
-    from heads.alignment import NotePairHead
-    from heads.config import HeadConfig
     from inference.fast import FastEngine
-    from inference.memory import GB, apply_memory_cap, available_bytes, should_merge
-    from model.backbone import load_adapted, load_tokenizer
-    from model.loaded_export import LoadedExport
-    from model.presets import get_preset
+    from inference.memory import apply_memory_cap
 
     ensure_adapter(model_dir, preset, device, adapter_dir)  # before the cap: not part of the user's load
     release()
@@ -518,71 +513,17 @@ def run_fast_inference(
         torch.cuda.set_per_process_memory_fraction(1.0)
         apply_memory_cap(cap_gb, device)
     try:
-        budget = available_bytes(device, cap_gb)
-        merge, merge_reason = should_merge(get_preset(preset).arch, budget)
-        reset_peak(device)
-        load_times: dict = {}
-        sync(device)
-        t0 = time.perf_counter()
-        backbone = load_adapted(
-            preset, adapter_dir, merge=merge, load_in_4bit=True, device=device, base_path=model_dir, timings=load_times
-        )
-        head = NotePairHead(HeadConfig(hidden_size=backbone.config.hidden_size)).to(device).eval()
-        ckpt = LoadedExport(manifest={}, threshold=0.5, tokenizer=load_tokenizer(preset), model=backbone, head=head)
-        sync(device)
-        load_s = time.perf_counter() - t0
-        load_peak = peaks(device)["peak_allocated_gb"]
+        ckpt, load = _load_fast(model_dir, preset, device, adapter_dir, cap_gb)
         answer_cases = inference_cases(n_answers, seed=1)
         align_cases = inference_cases(n_align, seed=2)
         fast = FastEngine(ckpt, max_memory_gb=cap_gb)
         reset_peak(device)
-        sync(device)
-        t0 = time.perf_counter()
-        answers = fast.generate_answers(answer_cases, max_new_tokens=max_new_tokens)
-        sync(device)
-        gen_s = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        scores = fast.score_all(align_cases)
-        sync(device)
-        align_s = time.perf_counter() - t0
-        assert len(scores) == n_align and len(answers) == n_answers
+        answers, gen_s, align_s = _time_job(fast, answer_cases, align_cases, max_new_tokens, device)
         relevance = relevance_row(fast, align_cases, device)  # Subtask 2, apart from total_s
         relevance.update(one_pass_row(fast, answer_cases, max_new_tokens, device))  # Subtasks 2+3+4 of 47 cases
         new_tokens = sum(len(ckpt.tokenizer(a, add_special_tokens=False)["input_ids"]) for a in answers)
-        report = fast.report()
-        decode = report["decode"]
-        row = {
-            "cap_gb": cap_gb,
-            "merged": merge,
-            "merge_reason": merge_reason,
-            "budget_before_load_gb": None if budget is None else round(budget / GB, 2),
-            "load_s": round(load_s, 2),
-            "load_steps_s": load_times,
-            "load_peak_allocated_gb": load_peak,
-            "generate_s": round(gen_s, 2),
-            "align_s": round(align_s, 2),
-            "total_s": round(gen_s + align_s, 2),
-            "prefill_s": decode["prefill_s"],
-            "capture_s": decode["capture_s"],
-            "decode_s": decode["decode_s"],
-            "cuda_graph": decode["cuda_graph"],
-            "graph_fallback": decode["graph_fallback"],
-            "prefill_attention": decode.get("prefill_attention"),
-            "alignment_attention": report["alignment"].get("attention"),
-            # generated tokens as decoded (stop token included); the old path counts re-tokenised text,
-            # the same number when (as with random weights) no answer stops early
-            "new_tokens": decode["new_tokens"],
-            "retokenized_new_tokens": new_tokens,
-            "decode_tokens_per_s": round(decode["new_tokens"] / gen_s, 1),
-            "decode_only_tokens_per_s": round(decode["new_tokens"] / max(decode["decode_s"], 1e-9), 1),
-            "gen_batches": decode["batches"],
-            "plans": report["plans"],
-            "alignment": report["alignment"],
-            **relevance,
-            "head_cases": report["head_cases"],
-            **peaks(device),
-        }
-        del fast, ckpt, backbone, head
+        row = _fast_row(cap_gb, load, gen_s, align_s, fast.report(), new_tokens, relevance, device)
+        del fast, ckpt
     except torch.OutOfMemoryError as err:
         row = {"cap_gb": cap_gb, "error": f"out of memory: {str(err)[:200]}"}
     finally:
@@ -590,6 +531,82 @@ def run_fast_inference(
         if device.type == "cuda":
             torch.cuda.set_per_process_memory_fraction(1.0)
     return row
+
+
+def _load_fast(model_dir: str, preset: str, device, adapter_dir: str, cap_gb: float | None):
+    """The user's load under the cap (merge where the dense weights fit), timed: (export, record)."""
+    from heads.alignment import NotePairHead
+    from heads.config import HeadConfig
+    from inference.memory import GB, available_bytes, should_merge
+    from model.backbone import load_adapted, load_tokenizer
+    from model.loaded_export import LoadedExport
+    from model.presets import get_preset
+
+    budget = available_bytes(device, cap_gb)
+    merge, merge_reason = should_merge(get_preset(preset).arch, budget)
+    reset_peak(device)
+    load_times: dict = {}
+    sync(device)
+    t0 = time.perf_counter()
+    backbone = load_adapted(
+        preset, adapter_dir, merge=merge, load_in_4bit=True, device=device, base_path=model_dir, timings=load_times
+    )
+    head = NotePairHead(HeadConfig(hidden_size=backbone.config.hidden_size)).to(device).eval()
+    ckpt = LoadedExport(manifest={}, threshold=0.5, tokenizer=load_tokenizer(preset), model=backbone, head=head)
+    sync(device)
+    return ckpt, {
+        "merged": merge,
+        "merge_reason": merge_reason,
+        "budget_before_load_gb": None if budget is None else round(budget / GB, 2),
+        "load_s": round(time.perf_counter() - t0, 2),
+        "load_steps_s": load_times,
+        "load_peak_allocated_gb": peaks(device)["peak_allocated_gb"],
+    }
+
+
+def _time_job(fast, answer_cases, align_cases, max_new_tokens: int, device) -> tuple[list[str], float, float]:
+    """The job: answers for one set of cases, then alignments of the other (answers, gen s, align s)."""
+    sync(device)
+    t0 = time.perf_counter()
+    answers = fast.generate_answers(answer_cases, max_new_tokens=max_new_tokens)
+    sync(device)
+    gen_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    scores = fast.score_all(align_cases)
+    sync(device)
+    align_s = time.perf_counter() - t0
+    assert len(scores) == len(align_cases) and len(answers) == len(answer_cases)
+    return answers, gen_s, align_s
+
+
+def _fast_row(cap_gb, load: dict, gen_s: float, align_s: float, report: dict, new_tokens: int, relevance, device):
+    decode = report["decode"]
+    return {
+        "cap_gb": cap_gb,
+        **load,
+        "generate_s": round(gen_s, 2),
+        "align_s": round(align_s, 2),
+        "total_s": round(gen_s + align_s, 2),
+        "prefill_s": decode["prefill_s"],
+        "capture_s": decode["capture_s"],
+        "decode_s": decode["decode_s"],
+        "cuda_graph": decode["cuda_graph"],
+        "graph_fallback": decode["graph_fallback"],
+        "prefill_attention": decode.get("prefill_attention"),
+        "alignment_attention": report["alignment"].get("attention"),
+        # generated tokens as decoded (stop token included); the old path counts re-tokenised text,
+        # the same number when (as with random weights) no answer stops early
+        "new_tokens": decode["new_tokens"],
+        "retokenized_new_tokens": new_tokens,
+        "decode_tokens_per_s": round(decode["new_tokens"] / gen_s, 1),
+        "decode_only_tokens_per_s": round(decode["new_tokens"] / max(decode["decode_s"], 1e-9), 1),
+        "gen_batches": decode["batches"],
+        "plans": report["plans"],
+        "alignment": report["alignment"],
+        **relevance,
+        "head_cases": report["head_cases"],
+        **peaks(device),
+    }
 
 
 # --- main -----------------------------------------------------------------------------

@@ -276,8 +276,6 @@ def _read_zip_member(path: Path) -> bytes:
             info = members[0]
             if info.flag_bits & 0x1:  # zipfile would ask for a password (RuntimeError)
                 raise InputError(f"{SUBMISSION_NAME} in the zip is encrypted; zip it without a password", path)
-            if info.is_dir():
-                raise InputError(f"{SUBMISSION_NAME} in the zip is a folder, not a file", path)
             if info.file_size > MAX_SUBMISSION_BYTES:
                 raise InputError(
                     f"{SUBMISSION_NAME} in the zip is {info.file_size} bytes, more than {MAX_SUBMISSION_BYTES}", path

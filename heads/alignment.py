@@ -40,7 +40,7 @@ class HeadOutput(NamedTuple):
 
 def spans_tensor(spans: Sequence[Sequence[int]] | torch.Tensor, device: torch.device) -> torch.Tensor:
     """[S, 3] (batch row, start, end) long tensor from [S,2] or [S,3] spans (lists or tensors)."""
-    t = torch.as_tensor(spans, dtype=torch.long, device=device) if not torch.is_tensor(spans) else spans.to(device)
+    t = torch.as_tensor(spans, device=device)  # a tensor moves; a list becomes one (made long below)
     if t.numel() == 0:
         return torch.zeros((0, 3), dtype=torch.long, device=device)
     if t.dim() != 2 or t.shape[1] not in (2, 3):

@@ -29,7 +29,7 @@ def _scale(counter: Counter[tuple[str, ...]], factor: int) -> Counter[tuple[str,
 
 
 def _f1(p: float, r: float) -> float:
-    return 2 * p * r / (p + r) if p > 0 or r > 0 else 0.0
+    return 2 * p * r / (p + r) if p + r > 0 else 0.0
 
 
 def _sari_n(

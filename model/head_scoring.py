@@ -1,7 +1,9 @@
-"""Backbone + alignment head over encoded examples, padded batches through the model's own
-forward: the plain path's pair scorer (:meth:`model.loaded_export.LoadedExport.score_all`),
-cross-validation and export calibration. The fast engine runs the same head over packed
-forwards (:mod:`model.packed`, :mod:`inference.fast`).
+"""Backbone + alignment head over encoded examples, two ways:
+
+* padded batches through the model's own forward: the plain path's pair scorer
+  (:meth:`model.loaded_export.LoadedExport.score_all`) and cross-validation;
+* packed forwards without padding (:func:`packed_head_outputs`, :mod:`model.packed`): the fast
+  engine's alignment and relevance (:mod:`inference.fast`) and export calibration.
 
 It lives in ``model/`` because it runs the backbone: ``model`` may use ``heads``, never the reverse.
 """

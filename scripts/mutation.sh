@@ -5,6 +5,9 @@
 #   bash scripts/mutation.sh            # run (resumes where a previous run stopped)
 #   bash scripts/mutation.sh --fresh    # forget earlier results first
 # Survivors: .venv/bin/mutmut results; one mutant's diff: .venv/bin/mutmut show NAME
+# mutmut maps tests to functions in-process (a subprocess is not traced) and, when resuming, traces
+# only new test names: after changing a test's body, rename it or use --fresh (docs/mutation.md).
+# From a worktree without .venv: PYTHON=/path/to/.venv/bin/python bash scripts/mutation.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-.venv/bin/python}"

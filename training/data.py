@@ -39,7 +39,12 @@ def encode_items(
 ) -> tuple[list[TrainItem], int]:
     """Tokenise examples; those longer than ``max_length`` are dropped (returns the count dropped)."""
     items, dropped = [], 0
-    encoded = [enc for a in range(0, len(examples), 1024) for enc in encode_examples(tokenizer, examples[a : a + 1024])]
+    # 1,024 examples a tokenizer call: one batch encodes on several threads, and the offsets
+    # held at once stay small on a corpus of many thousand records.
+    chunk = 1024
+    encoded = [
+        enc for a in range(0, len(examples), chunk) for enc in encode_examples(tokenizer, examples[a : a + chunk])
+    ]
     for i, enc in enumerate(encoded):
         if len(enc) > max_length:
             dropped += 1

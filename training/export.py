@@ -48,11 +48,6 @@ def base_model_record(cfg: TrainConfig, init_manifest: ExportManifest | None, ba
     )
 
 
-def as_calibration(record: dict | None) -> Calibration | None:
-    """A calibration result (or an inherited/default record) as the manifest's typed record."""
-    return None if record is None else Calibration.from_dict(record)
-
-
 # Real tokens per calibration forward: packed (no padding), no gradients, no activations kept
 # beyond one layer's, so a forward costs less than one training micro-batch's of as many tokens.
 CALIBRATION_BATCH_TOKENS = 16384
