@@ -30,8 +30,8 @@ from data.prompts import EncodedExample, chat_prompt, encode_examples, example_f
 from data.records import Case
 from model.loaded_export import stop_ids  # the one definition of the stop set
 from model.decoding import MATMUL, SDPA_CUDNN, DecodeStats, greedy_decode, supports_fast_decode
-from model.head_scoring import packed_attention, packed_head_outputs
-from model.packed import token_budget_packs
+from model.head_scoring import packed_head_outputs
+from model.packed import packed_attention, token_budget_packs
 
 from .memory import BatchPlan, plan_batches
 from .predictions import NO_RELEVANCE_OUTPUT, ModelOutputs

@@ -21,13 +21,14 @@ import contextlib
 import fcntl
 import os
 import shutil
-import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import torch
 from torch import nn
+
+from plumbing.timing import StepClock
 
 if TYPE_CHECKING:
     from peft import LoraConfig, PeftModel
@@ -451,7 +452,7 @@ def load_merged(
     """
     from peft import PeftModel
 
-    clock = _StepClock(timings)
+    clock = StepClock(timings)
     preset = resolve_preset(preset)
     quantise = preset.load_in_4bit if load_in_4bit is None else load_in_4bit
     model = load_base_model(preset, load_in_4bit=quantise, device=device, base_path=base_path, random_seed=random_seed)
@@ -497,22 +498,6 @@ def load_adapted(
         trainable=False,
         random_seed=random_seed,
     )
-
-
-class _StepClock:
-    """Seconds since the previous call, recorded under a name (GPU work finished first)."""
-
-    def __init__(self, into: dict[str, float] | None):
-        self.into, self.now, self.last = into, time.perf_counter, time.perf_counter()
-
-    def __call__(self, name: str) -> None:
-        if self.into is None:
-            return
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        t = self.now()
-        self.into[name] = round(t - self.last, 3)
-        self.last = t
 
 
 def compile_decoder_layers(model: nn.Module) -> None:

@@ -39,7 +39,7 @@ if TYPE_CHECKING:
 
 from .backbone import decoder, lm_head, unwrapped
 from .kernel_probe import kernel_mismatch
-from .packed import choose_packed_attention, pack, packed_forward
+from .packed import attention_shape, choose_packed_attention, head_dim_of, pack, packed_forward
 
 BATCH_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 WIDTH_BUCKET = 64  # prompt widths are rounded up to a multiple of this
@@ -108,11 +108,6 @@ def bucket_batch(n: int) -> int:
 
 def bucket_width(n: int) -> int:
     return int(math.ceil(n / WIDTH_BUCKET) * WIDTH_BUCKET)
-
-
-def head_dim_of(config: PreTrainedConfig) -> int:
-    """A Qwen3-style config's attention head size (``head_dim``, else hidden / heads)."""
-    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
 def kv_bytes_per_token(config: PreTrainedConfig, dtype_bytes: int = 2) -> int:
@@ -427,11 +422,9 @@ def _decode_job(
     if extras is not None and len(extras) != len(prompts):
         raise ValueError("extras must hold one token list per prompt")
     stats = stats if stats is not None else DecodeStats()
-    emb = decoder(model).embed_tokens.weight
-    device, dtype = emb.device, emb.dtype
+    shape = attention_shape(model)
+    device, dtype = shape[0], shape[1]
     graphs = (device.type == "cuda") if use_cuda_graph is None else (use_cuda_graph and device.type == "cuda")
-    cfg = decoder(model).config
-    shape = (device, dtype, cfg.num_attention_heads, cfg.num_key_value_heads, head_dim_of(cfg))
     if attention is None:
         attention, why_not = choose_decode_attention(*shape)
         if why_not and stats.attention_fallback != why_not:

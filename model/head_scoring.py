@@ -20,9 +20,8 @@ from data.prompts import EncodedExample, encode_examples, example_from_case
 from data.records import Case
 from heads.alignment import HeadOutput, NotePairHead
 
-from .backbone import backbone_hidden, decoder
-from .decoding import head_dim_of
-from .packed import choose_packed_attention, pack, packed_forward
+from .backbone import backbone_hidden
+from .packed import pack, packed_forward
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -72,16 +71,6 @@ def group_head_outputs(
         mask[row, : len(enc.input_ids)] = 1
     _, hidden = backbone_hidden(backbone, ids.to(device), mask.to(device), head.config.layer)
     return [head(hidden[row], enc.note_spans, enc.answer_spans) for row, enc in enumerate(group)]
-
-
-def packed_attention(model: nn.Module) -> tuple[str, str | None]:
-    """The attention :func:`packed_head_outputs` runs for ``model`` and why not the varlen
-    kernel (None when it runs; the fallback is one causal SDPA per sequence, same arithmetic)."""
-    dec = decoder(model)
-    cfg, weight = dec.config, dec.embed_tokens.weight
-    return choose_packed_attention(
-        weight.device, weight.dtype, cfg.num_attention_heads, cfg.num_key_value_heads, head_dim_of(cfg)
-    )
 
 
 @torch.no_grad()

@@ -19,10 +19,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedConfig
 
 from .backbone import decoder, lm_head
 from .kernel_probe import kernel_mismatch
@@ -78,6 +82,25 @@ def causal_attention(
 
 
 _PROBES: dict[tuple[str, torch.dtype, int, int, int], str | None] = {}
+
+
+def head_dim_of(config: PreTrainedConfig) -> int:
+    """A Qwen3-style config's attention head size (``head_dim``, else hidden / heads)."""
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def attention_shape(model: nn.Module) -> tuple[torch.device, torch.dtype, int, int, int]:
+    """(device, dtype, heads, KV heads, head size) of ``model``'s attention: what the kernel
+    choices (:func:`choose_packed_attention`, ``model.decoding.choose_decode_attention``) key on."""
+    dec = decoder(model)
+    cfg, weight = dec.config, dec.embed_tokens.weight
+    return weight.device, weight.dtype, cfg.num_attention_heads, cfg.num_key_value_heads, head_dim_of(cfg)
+
+
+def packed_attention(model: nn.Module) -> tuple[str, str | None]:
+    """The packed forwards' attention for ``model`` and why not the varlen kernel (None when it
+    runs; the fallback is one causal SDPA per sequence, the same arithmetic)."""
+    return choose_packed_attention(*attention_shape(model))
 
 
 def choose_packed_attention(

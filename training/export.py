@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import shutil
 import sys
-import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Sequence
@@ -26,6 +25,7 @@ import numpy as np
 import torch
 
 from heads.alignment import HEAD_CONFIG, HEAD_WEIGHTS, NotePairHead, save_head
+from plumbing.timing import StepClock
 from model.backbone import RANDOM_INIT_SEED, is_quantised, is_random_preset, resolve_preset
 from model.calibration import calibrate_threshold
 from model.export_folder import DEFAULT_THRESHOLD, EXPORT_FORMAT, model_card, package_versions, write_manifest
@@ -59,8 +59,8 @@ def calibration_outputs(backbone, head: NotePairHead, encoded: Sequence) -> list
     packed forwards of several examples (:func:`model.head_scoring.packed_head_outputs`, the
     fast engine's). Compiled graphs run eagerly here: a no-grad forward through them would
     compile a second set of graphs for a few forwards (issue 21: most of a 36 s export)."""
-    from model.head_scoring import packed_attention, packed_head_outputs
-    from model.packed import token_budget_packs
+    from model.head_scoring import packed_head_outputs
+    from model.packed import packed_attention, token_budget_packs
 
     out: list = [None] * len(encoded)
     was_training = (backbone.training, head.training)
@@ -226,22 +226,10 @@ def build_manifest(
     )
 
 
-class _StepClock:
-    """Seconds per named export step (the fixed cost users wait for after training)."""
-
-    def __init__(self, into: dict | None):
-        self.times = into if into is not None else {}
-        self.t = time.perf_counter()
-
-    def lap(self, name: str) -> None:
-        now = time.perf_counter()
-        self.times[f"{name}_s"] = round(now - self.t, 2)
-        self.t = now
-
-    def summary(self) -> str:
-        total = sum(self.times.values())
-        parts = ", ".join(f"{k.removesuffix('_s')} {v:.1f} s" for k, v in self.times.items())
-        return f"{total:.1f} s ({parts})"
+def _steps_line(steps: dict[str, float]) -> str:
+    """The export's steps for its stderr line: "4.1 s (adapter 0.3 s, ...)"."""
+    parts = ", ".join(f"{k.removesuffix('_s')} {v:.1f} s" for k, v in steps.items())
+    return f"{sum(steps.values()):.1f} s ({parts})"
 
 
 def export_run(
@@ -264,7 +252,8 @@ def export_run(
     training.gather); sharded, it cannot run the calibration forward on one process, so
     ``calibrate_alignment`` False keeps the inherited/default threshold (said on stderr).
     Each step's seconds go to ``timings`` (and one stderr line)."""
-    clock = _StepClock(timings)
+    took: dict[str, float] = timings if timings is not None else {}
+    clock = StepClock(took)  # the fixed cost users wait for after training
     run = Path(run_dir)
     final = run / "export"
     tmp = run / ".export.partial"
@@ -274,15 +263,15 @@ def export_run(
         save_adapter(backbone, tmp, adapter_state)
     else:
         backbone.save_pretrained(str(tmp))
-    clock.lap("adapter")
+    clock("adapter_s")
     save_head(head, tmp)
-    clock.lap("head")
+    clock("head_s")
 
     calibrating = cfg.joint and calibrate_alignment
     pair_t, relevance_t = (
         calibrated_thresholds(backbone, head, items, cfg.calibration_max_examples) if calibrating else (None, None)
     )
-    clock.lap("calibration")
+    clock("calibration_s")
     alignment = alignment_record(cfg, pair_t, init_manifest, calibrate_alignment)
     relevance = relevance_record(relevance_t, init_manifest)
     history = list(init_manifest.stages if init_manifest is not None else []) + [
@@ -292,12 +281,12 @@ def export_run(
     write_manifest(tmp, manifest)
     # Replaces the blank template PEFT's save_pretrained leaves there.
     (tmp / "README.md").write_text(model_card(manifest), encoding="utf-8")
-    clock.lap("manifest")
+    clock("manifest_s")
     from plumbing.atomic import fsync_tree
 
     fsync_tree(tmp)  # on disk before the rename
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
-    clock.lap("fsync")
-    print(f"export: {clock.summary()}", file=sys.stderr)
+    clock("fsync_s")
+    print(f"export: {_steps_line(took)}", file=sys.stderr)
     return final
