@@ -20,7 +20,15 @@ from pathlib import Path
 
 from plumbing.console import hide_progress_bars, quiet_library_noise
 from plumbing.errors import CliParser, DeprecatedAlias, InputError, exit_on_input_error, exit_on_interrupt
-from plumbing.ranges import GENERATION_BATCH, LINKS_PER_ANSWER, MAX_NEW_TOKENS, MEMORY_GB, PROBABILITY, PROMPT_TOKENS
+from plumbing.ranges import (
+    DEFAULT_NEW_TOKENS,
+    GENERATION_BATCH,
+    LINKS_PER_ANSWER,
+    MAX_NEW_TOKENS,
+    MEMORY_GB,
+    PROBABILITY,
+    PROMPT_TOKENS,
+)
 from model.locate import check_model_options
 
 
@@ -103,8 +111,8 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--max-new-tokens",
         type=MAX_NEW_TOKENS.argtype(),
-        default=100,
-        help=MAX_NEW_TOKENS.help("generation budget (with --export only; default 100)"),
+        default=DEFAULT_NEW_TOKENS,
+        help=MAX_NEW_TOKENS.help("generation budget (with --export only; default %(default)s)"),
     )
     p.add_argument(
         "--max-prompt-tokens",

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from plumbing.atomic import check_file_target, write_json_atomic
 from plumbing.errors import CliParser, exit_on_input_error, exit_on_interrupt
-from plumbing.ranges import FOLDS, MAX_NEW_TOKENS, RESAMPLES, SEED
+from plumbing.ranges import DEFAULT_NEW_TOKENS, FOLDS, MAX_NEW_TOKENS, RESAMPLES, SEED
 from model.locate import check_model_options
 from data.submission import MAX_WORDS, read_submission
 from metrics.alignment import SCORE_KEYS
@@ -143,8 +143,8 @@ def _add_cv_parser(commands) -> None:
     cv.add_argument(
         "--max-new-tokens",
         type=MAX_NEW_TOKENS.argtype(),
-        default=100,
-        help=MAX_NEW_TOKENS.help("generation length of the model's answers (default 100)"),
+        default=DEFAULT_NEW_TOKENS,
+        help=MAX_NEW_TOKENS.help("generation length of the model's answers (default %(default)s)"),
     )
     cv.add_argument("--no-generate", action="store_true", help="skip the model's Subtask 3 answers")
     cv.add_argument("--device", help="device for the trained model (default: cuda if available)")

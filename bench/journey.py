@@ -20,7 +20,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from plumbing.ranges import MAX_NEW_TOKENS, integer, number
+from plumbing.ranges import DEFAULT_NEW_TOKENS, MAX_NEW_TOKENS, integer, number
 
 from plumbing.atomic import check_out_folder
 from plumbing.errors import CliParser, exit_on_input_error
@@ -123,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task-cases", default=120, **integer(1, 10**6).option())
     p.add_argument("--task-epochs", default=1, **integer(1, 10_000).option())
     p.add_argument("--infer-cases", default=147, **integer(1, 10**6).option())
-    p.add_argument("--max-new-tokens", default=100, **MAX_NEW_TOKENS.option())
+    p.add_argument("--max-new-tokens", default=DEFAULT_NEW_TOKENS, **MAX_NEW_TOKENS.option())
     p.add_argument("--tiny", action="store_true", help="tiny sizes (with --preset tiny: a CPU check)")
     p.add_argument(
         "--stages",

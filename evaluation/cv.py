@@ -18,6 +18,7 @@ to score on training cases refused, before anything is written.
 
 from __future__ import annotations
 
+from plumbing.ranges import DEFAULT_NEW_TOKENS
 import re
 import sys
 import time
@@ -116,7 +117,7 @@ class CVOptions:
     seed: int = 0
     n_resamples: int = DEFAULT_RESAMPLES
     level: float = DEFAULT_LEVEL
-    max_new_tokens: int = 100
+    max_new_tokens: int = DEFAULT_NEW_TOKENS
     generate: bool = True  # the model's Subtask 3 answers (needs the head system's training)
     device: str | None = None
     progress: bool = True

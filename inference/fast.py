@@ -19,6 +19,7 @@ are :meth:`predict` asked for one thing. What ran (plans, fallbacks, timings): :
 
 from __future__ import annotations
 
+from plumbing.ranges import DEFAULT_NEW_TOKENS
 import time
 from collections.abc import Callable
 
@@ -124,7 +125,7 @@ class FastEngine:
         answers: bool = False,
         pairs: bool = False,
         relevance: bool = False,
-        max_new_tokens: int = 100,
+        max_new_tokens: int = DEFAULT_NEW_TOKENS,
         batch_size: int | None = None,
         max_tokens: int | None = None,
     ) -> ModelOutputs:
@@ -148,7 +149,7 @@ class FastEngine:
         return out
 
     def generate_answers(
-        self, cases: list[Case], max_new_tokens: int = 100, batch_size: int | None = None
+        self, cases: list[Case], max_new_tokens: int = DEFAULT_NEW_TOKENS, batch_size: int | None = None
     ) -> list[str]:
         """Greedy answers as :meth:`LoadedExport.generate_answers` gives them; ``batch_size``
         caps the rows decoded together (None: as many as memory allows)."""

@@ -9,6 +9,7 @@ versions, skipped cases) so that a baseline run is never mistaken for the model.
 
 from __future__ import annotations
 
+from plumbing.ranges import DEFAULT_NEW_TOKENS
 import sys
 import time
 from dataclasses import dataclass, field
@@ -76,7 +77,7 @@ class InferenceOptions:
     max_links_per_answer: int | None = None
     top1_fallback: bool = False
     batch_size: int | None = None  # prompts generated together; None = as many as memory allows
-    max_new_tokens: int = 100
+    max_new_tokens: int = DEFAULT_NEW_TOKENS
     base: str | None = None  # base model id/path for the export (None = the manifest's)
     device: str | None = None
     progress: bool = True

@@ -10,6 +10,7 @@ the rest in packed forwards); any other loaded export (the plain path) answers w
 
 from __future__ import annotations
 
+from plumbing.ranges import DEFAULT_NEW_TOKENS
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -44,7 +45,7 @@ def model_outputs(
     answers: bool = False,
     pairs: bool = False,
     relevance: bool = False,
-    max_new_tokens: int = 100,
+    max_new_tokens: int = DEFAULT_NEW_TOKENS,
     batch_size: int | None = None,
     progress: bool = True,
 ) -> ModelOutputs:

@@ -23,7 +23,7 @@ import urllib.request
 from pathlib import Path
 
 from plumbing.errors import CliParser, InputError, exit_on_input_error, exit_on_interrupt
-from plumbing.ranges import GENERATION_BATCH, MAX_NEW_TOKENS
+from plumbing.ranges import DEFAULT_NEW_TOKENS, GENERATION_BATCH, MAX_NEW_TOKENS
 from data.records import Case
 
 STOP = ["<|im_end|>", "<|endoftext|>"]
@@ -41,7 +41,9 @@ class ServedGenerator:
 
         return [chat_prompt(self.tokenizer, example_from_case(c, with_answer=False))[0] for c in cases]
 
-    def generate_answers(self, cases: list[Case], max_new_tokens: int = 100, batch_size: int = 16) -> list[str]:
+    def generate_answers(
+        self, cases: list[Case], max_new_tokens: int = DEFAULT_NEW_TOKENS, batch_size: int = 16
+    ) -> list[str]:
         body = {
             "model": self.model,
             "prompt": self.prompts(cases),
@@ -97,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--max-new-tokens",
         type=MAX_NEW_TOKENS.argtype(),
-        default=100,
+        default=DEFAULT_NEW_TOKENS,
         help=MAX_NEW_TOKENS.help("generation budget (default: %(default)s)"),
     )
     p.add_argument(

@@ -7,6 +7,7 @@ shape recorded in the manifest, so tiny exports reload on any machine.
 
 from __future__ import annotations
 
+from plumbing.ranges import DEFAULT_NEW_TOKENS
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,7 +46,7 @@ class LoadedExport:
     def generate_answers(
         self,
         cases: list[Case],
-        max_new_tokens: int = 100,
+        max_new_tokens: int = DEFAULT_NEW_TOKENS,
         batch_size: int = 16,
         cache_implementation: str | None = None,
     ) -> list[str]:

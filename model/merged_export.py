@@ -17,6 +17,7 @@ A folder that holds anything but an earlier merged export is refused.
 
 from __future__ import annotations
 
+from plumbing.ranges import DEFAULT_NEW_TOKENS
 import hashlib
 import json
 import re
@@ -82,7 +83,7 @@ def export_merged(
     device: str | None = None,
     dtype: str = "bfloat16",
     max_shard_size: str = DEFAULT_SHARD_SIZE,
-    max_new_tokens: int = 100,
+    max_new_tokens: int = DEFAULT_NEW_TOKENS,
     ladder: dict[str, Any] | None = None,
 ) -> Path:
     """Write the merged model folder of ``export_dir`` (a run or export folder); returns its path.

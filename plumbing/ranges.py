@@ -123,6 +123,7 @@ PROBABILITY = number(0, 1)
 # Answers are at most 75 words (about 100 tokens); 8192 leaves room for any experiment and
 # stops a typo from decoding for hours.
 MAX_NEW_TOKENS = integer(1, 8192)
+DEFAULT_NEW_TOKENS = 100  # the generation budget every CLI and engine starts from
 GENERATION_BATCH = integer(1, 4096)
 PROMPT_TOKENS = integer(256, 1_048_576)
 MEMORY_GB = number(0, 4096, lo_open=True)
