@@ -10,6 +10,8 @@ It lives in ``model/`` because it runs the backbone: ``model`` may use ``heads``
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
@@ -25,6 +27,20 @@ from .packed import pack, packed_forward
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
+
+
+@contextlib.contextmanager
+def eval_mode(*modules: nn.Module) -> Iterator[None]:
+    """``modules`` in eval mode (no dropout) for the block, each back in its own mode after,
+    also when the block raises: scoring in the middle of training leaves training as it was."""
+    modes = [m.training for m in modules]
+    for m in modules:
+        m.eval()
+    try:
+        yield
+    finally:
+        for m, mode in zip(modules, modes):
+            m.train(mode)
 
 
 @torch.no_grad()
@@ -123,18 +139,12 @@ def pair_probabilities(
             out[i] = np.zeros((0, len(enc.note_spans)), dtype=np.float32)
     todo.sort(key=lambda item: -len(item[1].input_ids))
     device = next(head.parameters()).device
-    was_training = (backbone.training, head.training)
-    backbone.eval()
-    head.eval()
-    try:
+    with eval_mode(backbone, head):
         for start in range(0, len(todo), batch_size):
             group = todo[start : start + batch_size]
             probs = group_pair_probabilities(backbone, head, [enc for _, enc in group], pad_id, device)
             for (i, _), p in zip(group, probs):
                 out[i] = p
-    finally:
-        backbone.train(was_training[0])
-        head.train(was_training[1])
     return out  # type: ignore[return-value]
 
 
@@ -149,16 +159,10 @@ def relevance_probabilities(
     """
     if getattr(head, "relevance_mlp", None) is None:
         return None
-    was_training = (backbone.training, head.training)
-    backbone.eval()
-    head.eval()
-    try:
-        probs = []
+    probs = []
+    with eval_mode(backbone, head):
         for enc in examples:
             logits = head_outputs(backbone, head, enc).relevance_logits
             assert logits is not None  # the head has a relevance output (checked above)
             probs.append(torch.sigmoid(logits.float()).cpu().numpy())
-        return probs
-    finally:
-        backbone.train(was_training[0])
-        head.train(was_training[1])
+    return probs

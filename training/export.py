@@ -57,25 +57,18 @@ CALIBRATION_BATCH_TOKENS = 16384
 def calibration_outputs(backbone, head: NotePairHead, encoded: Sequence) -> list:
     """The head's outputs (pair and relevance logits) for every example, in eval mode, from
     packed forwards of several examples (:func:`model.head_scoring.packed_head_outputs`, the
-    fast engine's). Compiled graphs run eagerly here: a no-grad forward through them would
-    compile a second set of graphs for a few forwards (issue 21: most of a 36 s export)."""
-    from model.head_scoring import packed_head_outputs
+    fast engine's). It calls the decoder layers' parts, not their compiled forwards, so a
+    no-grad forward compiles no second set of graphs (issue 21: that was most of a 36 s export)."""
+    from model.head_scoring import eval_mode, packed_head_outputs
     from model.packed import packed_attention, token_budget_packs
 
     out: list = [None] * len(encoded)
-    was_training = (backbone.training, head.training)
-    backbone.eval()
-    head.eval()
-    try:
-        attention, _ = packed_attention(backbone)
-        with torch.compiler.set_stance("force_eager"):
-            for group in token_budget_packs([len(enc.input_ids) for enc in encoded], CALIBRATION_BATCH_TOKENS):
-                outputs = packed_head_outputs(backbone, head, [encoded[i] for i in group], attention)
-                for i, o in zip(group, outputs):
-                    out[i] = o
-    finally:
-        backbone.train(was_training[0])
-        head.train(was_training[1])
+    attention, _ = packed_attention(backbone)
+    with eval_mode(backbone, head):
+        for group in token_budget_packs([len(enc.input_ids) for enc in encoded], CALIBRATION_BATCH_TOKENS):
+            outputs = packed_head_outputs(backbone, head, [encoded[i] for i in group], attention)
+            for i, o in zip(group, outputs):
+                out[i] = o
     return out
 
 
