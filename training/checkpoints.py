@@ -137,7 +137,7 @@ def state_problem(state: object, ckpt: Path) -> str | None:
 def checkpoint_problem(ckpt: Path) -> str | None:
     """What makes ``ckpt`` unusable for a resume (None: complete). Cheap: headers and sizes only."""
     try:
-        state = json.loads((ckpt / STATE_FILE).read_text(encoding="utf-8"))
+        state = read_state(ckpt)
     except (OSError, ValueError, RecursionError):
         return f"{STATE_FILE} is missing or unreadable"
     problem = state_problem(state, ckpt)
@@ -239,7 +239,7 @@ def _load_checkpoint(ckpt: Path, model, optimizer, scheduler, accelerator=None, 
         model.head.load_state_dict(load_head(ckpt / "head", device=device).state_dict())
     optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
     scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=True))
-    return json.loads((ckpt / STATE_FILE).read_text(encoding="utf-8"))
+    return read_state(ckpt)
 
 
 def read_state(ckpt: str | Path) -> dict:
