@@ -271,11 +271,14 @@ def step_groups(t, n: int) -> list:
 EXTRA_WARMUP = 6
 
 
-def run_ours(model, items, variant: StepVariant, steps: int, warmup: int, device, stage: str = "domain") -> dict:
+def run_ours(
+    model, items, variant: StepVariant, steps: int, warmup: int, device, stage: str = "domain", profile: int = 0
+) -> dict:
     """Time ``training.loop.train_step``, the step train.py's loop runs, on ``items``: ``warmup``
     steps first, more while a step still compiles (compilation lands there: ``warmup_s``), then
     ``steps`` timed ones; ``recompiles`` counts graphs compiled during the timed steps
-    (``torch._dynamo`` counters)."""
+    (``torch._dynamo`` counters). ``profile`` > 0: that many more steps under ``torch.profiler``
+    (top ops and kernels by GPU time, kernel time per step) and dynamo's compile times."""
     from training import joint, loop
 
     joint.LM_CHUNK_TOKENS = variant.lm_chunk
@@ -290,7 +293,8 @@ def run_ours(model, items, variant: StepVariant, steps: int, warmup: int, device
     # EXTRA_WARMUP more): on the H200 run of 2026-12-03 the second batch shape recompiled
     # after 3 warm-up steps and landed in the timed steps.
     warm_steps, compiled_last = 0, True
-    for group in step_groups(t, steps + warmup + EXTRA_WARMUP):
+    groups = step_groups(t, steps + warmup + EXTRA_WARMUP + profile)
+    for g, group in enumerate(groups):
         timed = warm_steps >= warmup and (not compiled_last or warm_steps >= warmup + EXTRA_WARMUP)
         if timed and len(times) == steps:
             break
@@ -324,10 +328,47 @@ def run_ours(model, items, variant: StepVariant, steps: int, warmup: int, device
         tokens_per_step=round(sum(lengths) / max(len(times), 1)),
         first_lm_loss=round(state.window.get("lm", float("nan")) / max(state.window_micro, 1), 4),
     )
+    if profile:
+        row.update(profiled_steps(t, state, groups[g : g + profile], params, device))
     t.accelerator.free_memory()
     del t
     release()
     return row
+
+
+def profiled_steps(t, state, groups: list, params, device) -> dict:
+    """``groups`` more train steps under ``torch.profiler``: where the step's GPU time goes
+    (bench.decode_profile's table) and how much of the wall time the GPU is busy; plus
+    dynamo's compile-time breakdown of the process so far."""
+    from bench.decode_profile import profile_table
+    from training import loop
+
+    pending = list(groups)
+    sync(device)
+    t0 = time.perf_counter()
+    table = profile_table(lambda: loop.train_step(t, state, pending.pop(0), params), device, reps=len(groups))
+    wall_ms = (time.perf_counter() - t0) * 1e3 / len(groups)
+    try:
+        from torch._dynamo.utils import compile_times
+
+        compile_report = str(compile_times(repr="str", aggregate=True))
+    except Exception as err:  # noqa: BLE001 - a torch without the breakdown: said in the row
+        compile_report = f"unavailable ({type(err).__name__})"
+    table["profiled_wall_ms_per_step"] = round(wall_ms, 1)  # under the profiler: slower than timed
+    return {"profile": table, "compile_times": compile_report, "compile_caches": compile_cache_counters()}
+
+
+def compile_cache_counters() -> dict:
+    """Inductor's and AOTAutograd's on-disk cache hits and misses in this process so far:
+    whether a second run reused the first one's compiled graphs."""
+    from torch._dynamo.utils import counters
+
+    return {
+        f"{group}.{name}": int(n)
+        for group in ("inductor", "aot_autograd")
+        for name, n in counters[group].items()
+        if "cache" in name
+    }
 
 
 def summarise(times, lengths, supervised, device, arch=None, **extra) -> dict:
@@ -629,6 +670,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--task-cases", default=120, **integer(1, 10**6).option("synthetic ArchEHR-QA cases for the task stage")
     )
     p.add_argument("--export", action="store_true", help="also time export_run after each stage")
+    p.add_argument(
+        "--profile-steps", default=0, **integer(0, 100).option("train steps profiled after the timed ones (0 = none)")
+    )
     p.add_argument("--max-tokens", default=0, **integer(0, 2**24).option("override every variant's token budget"))
     p.add_argument("--skip", default="", help="comma list of: textbook,ours,infer")
     p.add_argument("--gen-batch", default=48, **integer(1, 4096).option())
@@ -806,7 +850,10 @@ def our_rows(b: Bench, data: dict, variants: list[StepVariant], task_variants: l
     for v in variants:
         loaded = ensure_model(b, v, loaded, data)
         for s in b.seqs:
-            row = guarded(lambda: run_ours(loaded[1], items[s], v, b.steps, b.warmup, b.device), b.device)
+            row = guarded(
+                lambda: run_ours(loaded[1], items[s], v, b.steps, b.warmup, b.device, profile=b.args.profile_steps),
+                b.device,
+            )
             row.update(column="ours", stage="domain", variant=v.name, seq=s)
             b.add("train", row)
     if not task_variants and not b.args.export:
@@ -814,7 +861,12 @@ def our_rows(b: Bench, data: dict, variants: list[StepVariant], task_variants: l
     task_cfg, task_items, sources, tokenizer = task_data(b, 6 if b.args.smoke else b.args.task_cases)
     for v in task_variants:
         loaded = ensure_model(b, v, loaded, data)
-        row = guarded(lambda: run_ours(loaded[1], task_items, v, b.steps, b.warmup, b.device, stage="task"), b.device)
+        row = guarded(
+            lambda: run_ours(
+                loaded[1], task_items, v, b.steps, b.warmup, b.device, stage="task", profile=b.args.profile_steps
+            ),
+            b.device,
+        )
         row.update(column="ours", stage="task", variant=v.name, seq=None, cases=len(task_items))
         b.add("train", row)
     if b.args.export and loaded[1] is not None:

@@ -199,7 +199,10 @@ class FastEngine:
         """greedy_decode under the memory plan; an out-of-memory halves rows and prefill (said, recorded)."""
         tok = self.inner.tokenizer
         plan = self.plan(max(len(x) for x in ids), max_new_tokens, batch_size)
-        rows, prefill, kv_budget = plan.gen_rows, plan.prefill_tokens, plan.kv_budget_bytes
+        prefill, budget = plan.prefill_tokens, plan.decode_budget_bytes
+        # gen_rows is the plan at the longest prompt; with a memory budget the shorter batches
+        # after it take more rows (only the user's --batch-size caps them).
+        rows = plan.gen_rows if batch_size is not None or budget is None else len(ids)
         while True:
             try:
                 new = greedy_decode(
@@ -216,19 +219,21 @@ class FastEngine:
                     extras=extras,
                     tap=self.inner.head.config.layer,
                     on_hidden=on_hidden,
-                    kv_budget_bytes=kv_budget,
+                    decode_budget_bytes=budget,
+                    row_overhead_bytes=plan.row_overhead_bytes,
                 )
                 break
             except torch.OutOfMemoryError:
-                if rows == 1 and prefill <= 1024:
+                widest = min(rows, plan.gen_rows)  # rows of the first (longest) batch
+                if widest == 1 and prefill <= 1024:
                     raise
                 # The plan was wrong for this card: said, recorded, and retried smaller.
                 self._fallback(
-                    f"generation ran out of memory at {rows} rows / {prefill} prefill tokens; "
-                    f"retried with {max(1, rows // 2)} / {max(1024, prefill // 2)}"
+                    f"generation ran out of memory at {widest} rows / {prefill} prefill tokens; "
+                    f"retried with {max(1, widest // 2)} / {max(1024, prefill // 2)}"
                 )
-                rows, prefill = max(1, rows // 2), max(1024, prefill // 2)
-                kv_budget = None if kv_budget is None else kv_budget // 2
+                rows, prefill = max(1, widest // 2), max(1024, prefill // 2)
+                budget = None if budget is None else budget // 2
                 _release()
         for kind in ("graph", "attention", "prefill_attention"):
             why = getattr(self.decode, f"{kind}_fallback")
@@ -320,7 +325,8 @@ def load_for_inference(
 ):
     """``load_export`` under the memory budget: cap the process at ``max_memory_gb``, merge
     the adapter into dense weights only where they fit, wrap in :class:`FastEngine`.
-    Returns (the loaded export, memory record for run.json)."""
+    Returns (the loaded export, memory record for run.json, with the load's steps in seconds)."""
+    started = time.perf_counter()
     from model import loaded_export as export_module
     from model.locate import resolve_device
     from model.export_folder import find_export, read_manifest
@@ -346,8 +352,13 @@ def load_for_inference(
             record.update(merge=merge, merge_reason=reason, budget_before_load_gb=round(budget / GB, 2))
             if not merge and log:
                 log(f"memory: {reason}")
+    # the first CUDA call of the process (context, allocator) and the imports before it
+    steps = {"start_s": round(time.perf_counter() - started, 3)}
     kwargs = {"merge": merge} if merge is not None else {}
-    loaded = export_module.load_export(export_dir, base=base, device=device, load_in_4bit=load_in_4bit, **kwargs)
+    loaded = export_module.load_export(
+        export_dir, base=base, device=device, load_in_4bit=load_in_4bit, timings=steps, **kwargs
+    )
+    record["load_steps_s"] = steps
     if fast and isinstance(loaded, export_module.LoadedExport):
         loaded = FastEngine(loaded, max_memory_gb=max_memory_gb, log=log)
     return loaded, record

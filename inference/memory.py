@@ -97,7 +97,10 @@ class BatchPlan:
     prefill_tokens: int
     align_tokens: int
     kv_bytes_per_token: int
-    kv_budget_bytes: int | None = None  # the decode batches' KV cache, at each batch's own width
+    # The decoding rows' memory: each batch's KV cache at its own width plus row_overhead_bytes a
+    # row (logits, activations), so batches of shorter prompts decode more rows than gen_rows.
+    decode_budget_bytes: int | None = None
+    row_overhead_bytes: int = 0
     note: str = ""
 
     def to_dict(self) -> dict:
@@ -136,9 +139,10 @@ def plan_batches(
     rows = max(1, room // per_row)
     if max_rows is not None:
         rows = min(rows, max_rows)
-    kv_budget = int(room * kv_row / per_row)
     note = (
-        f"{budget / GB:.1f} GB free for inference after loading: {rows} rows at the longest prompt, "
-        f"{prefill} tokens a prefill, {tokens} tokens an alignment forward"
+        f"{budget / GB:.1f} GB free for inference after loading: {rows} rows at the longest prompt "
+        f"(more at shorter ones), {prefill} tokens a prefill, {tokens} tokens an alignment forward"
     )
-    return BatchPlan(round(budget / GB, 2), int(rows), int(prefill), int(tokens), kv, kv_budget, note)
+    return BatchPlan(
+        round(budget / GB, 2), int(rows), int(prefill), int(tokens), kv, int(room), int(per_row - kv_row), note
+    )

@@ -253,11 +253,14 @@ def _load_model(r: _Run, log: Log) -> None:
     t = time.perf_counter()
     from inference.fast import load_for_inference  # heavy import, only with an export
 
+    imported = time.perf_counter() - t
     r.loaded, r.memory = load_for_inference(
         opts.export, base=opts.base, device=opts.device, max_memory_gb=opts.max_memory_gb, fast=opts.fast, log=log
     )
     manifest = r.loaded.manifest
     r.timings["load_export"] = time.perf_counter() - t
+    # where the load's seconds went (run.json's memory record): the engine's import, then its steps
+    r.memory["load_steps_s"] = {"import_s": round(imported, 3), **r.memory.get("load_steps_s", {})}
     # Announced once loaded, so that a folder that is not an export fails with one line.
     log(
         f"engine: export {opts.export} (preset {manifest.preset}, "

@@ -448,10 +448,9 @@ def load_merged(
     A QLoRA adapter was trained against the NF4 base, so the base is loaded in NF4 as in
     training, turned dense (:func:`dequantize_model`) and the adapter merged into that:
     the merged model computes what the trained model computed, up to bf16 rounding.
-    ``timings`` (a dict) receives the seconds of each step: base, dequantise, adapter + merge.
+    ``timings`` (a dict) receives the seconds of each step: base, dequantise, adapter + merge
+    (importing PEFT included: the first import in a process is part of what users wait for).
     """
-    from peft import PeftModel
-
     clock = StepClock(timings)
     preset = resolve_preset(preset)
     quantise = preset.load_in_4bit if load_in_4bit is None else load_in_4bit
@@ -461,6 +460,8 @@ def load_merged(
         dequantize_model(model)
     clock("dequantise_s")
     model.config.use_cache = True
+    from peft import PeftModel
+
     model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False).merge_and_unload()
     clock("adapter_merge_s")
     return model.eval()
@@ -478,7 +479,7 @@ def load_adapted(
     timings: dict[str, float] | None = None,
 ) -> PreTrainedModel | PeftModel:
     """The base model with a trained adapter, for inference: merged into dense weights
-    (:func:`load_merged`, ``timings`` filled) or kept as NF4 + LoRA (less memory)."""
+    (:func:`load_merged`) or kept as NF4 + LoRA (less memory); ``timings`` gets the steps."""
     if merge:
         return load_merged(
             preset,
@@ -489,7 +490,8 @@ def load_adapted(
             random_seed=random_seed,
             timings=timings,
         )
-    return load_backbone(
+    clock = StepClock(timings)
+    model = load_backbone(
         preset,
         load_in_4bit=load_in_4bit,
         device=device,
@@ -498,6 +500,8 @@ def load_adapted(
         trainable=False,
         random_seed=random_seed,
     )
+    clock("base_adapter_s")
+    return model
 
 
 def compile_decoder_layers(model: nn.Module) -> None:

@@ -39,9 +39,9 @@ if TYPE_CHECKING:
 
 from .backbone import decoder, lm_head, unwrapped
 from .kernel_probe import kernel_mismatch
-from .packed import attention_shape, choose_packed_attention, head_dim_of, pack, packed_forward
+from .packed import attention_shape, choose_packed_attention, head_dim_of, pack, packed_forward, rms_norm
 
-BATCH_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256)
+ROWS_MULTIPLE = 8  # decode rows beyond 4 are rounded up to this: whole GEMM tiles, few idle rows
 WIDTH_BUCKET = 64  # prompt widths are rounded up to a multiple of this
 
 
@@ -100,10 +100,11 @@ def choose_decode_attention(
 
 
 def bucket_batch(n: int) -> int:
-    for b in BATCH_BUCKETS:
-        if b >= n:
-            return b
-    return int(math.ceil(n / 64) * 64)
+    """Cache rows for ``n`` prompts: 1, 2 or 4, else the next multiple of ``ROWS_MULTIPLE``.
+    Each batch captures its own graph, so a coarser bucket would only decode idle copies."""
+    if n <= 4:
+        return 1 << max(0, n - 1).bit_length()
+    return int(math.ceil(n / ROWS_MULTIPLE) * ROWS_MULTIPLE)
 
 
 def bucket_width(n: int) -> int:
@@ -272,9 +273,9 @@ class DecodeBatch:
         keep = self.valid[:, None, None, :]
         for layer_i, layer in enumerate(self.dec.layers):
             attn = layer.self_attn
-            x = layer.input_layernorm(h)
-            q = attn.q_norm(attn.q_proj(x).view(b, 1, -1, self.head_dim)).transpose(1, 2)
-            k = attn.k_norm(attn.k_proj(x).view(b, 1, -1, self.head_dim)).transpose(1, 2)
+            x = rms_norm(layer.input_layernorm, h)
+            q = rms_norm(attn.q_norm, attn.q_proj(x).view(b, 1, -1, self.head_dim)).transpose(1, 2)
+            k = rms_norm(attn.k_norm, attn.k_proj(x).view(b, 1, -1, self.head_dim)).transpose(1, 2)
             v = attn.v_proj(x).view(b, 1, -1, self.head_dim).transpose(1, 2)
             q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
             cache_k, cache_v = self.k[layer_i], self.v[layer_i]
@@ -282,8 +283,8 @@ class DecodeBatch:
             cache_v.index_copy_(2, slot, v)
             o = decode_attention(q, cache_k, cache_v, keep, attn.scaling, self.attention).reshape(b, 1, -1)
             h = h + attn.o_proj(o)
-            h = h + layer.mlp(layer.post_attention_layernorm(h))
-        logits = self.head(self.dec.norm(h[:, -1]))
+            h = h + layer.mlp(rms_norm(layer.post_attention_layernorm, h))
+        logits = self.head(rms_norm(self.dec.norm, h[:, -1]))
         nxt = torch.where(self.done, self.pad, logits.argmax(-1))
         self.out.index_copy_(1, self.step_i + 1, nxt[:, None])
         self.done |= self._is_stop(nxt)
@@ -359,13 +360,15 @@ def greedy_decode(
     extras: list[list[int]] | None = None,
     tap: int = -1,
     on_hidden: Callable[[int, torch.Tensor], None] | None = None,
-    kv_budget_bytes: int | None = None,
+    decode_budget_bytes: int | None = None,
+    row_overhead_bytes: int = 0,
 ) -> list[list[int]]:
     """Greedy continuations of ``prompts`` (token ids), ``max_new_tokens`` each, cut after a
     stop token; returned in the order of ``prompts``. At most ``batch_rows`` rows are decoded
-    together, longest prompts first, and their KV cache stays within ``kv_budget_bytes`` (the
-    caller's memory plan; None: rows alone decide); ``prefill_tokens`` bounds one packed prefill
-    forward. ``use_cuda_graph`` defaults to on for CUDA; ``attention`` (SDPA_CUDNN or MATMUL)
+    together, longest prompts first, and their KV cache at the batch's own width plus
+    ``row_overhead_bytes`` a row (logits, activations) stays within ``decode_budget_bytes``
+    (the caller's memory plan; None: rows alone decide): a batch of shorter prompts holds
+    more rows. ``prefill_tokens`` bounds one packed prefill forward. ``use_cuda_graph`` defaults to on for CUDA; ``attention`` (SDPA_CUDNN or MATMUL)
     defaults to :func:`choose_decode_attention`'s choice.
 
     ``extras[i]`` (optional) are tokens run after prompt i in its prefill pass (never cached,
@@ -389,9 +392,8 @@ def greedy_decode(
     )
     results: list[list[int]] = [[] for _ in prompts]
     cfg = decoder(model).config
-    for idx, rows, width in _decode_batches(
-        prompts, max(1, batch_rows), job.graphs, kv_budget_bytes, kv_bytes_per_token(cfg), max_new_tokens
-    ):
+    row_bytes = (kv_bytes_per_token(cfg), max_new_tokens, row_overhead_bytes)
+    for idx, rows, width in _decode_batches(prompts, max(1, batch_rows), job.graphs, decode_budget_bytes, row_bytes):
         for i, toks in zip(idx, _decode_batch(job, idx, rows, width)):
             results[i] = toks
     return results
@@ -458,19 +460,21 @@ def _decode_job(
 
 
 def _decode_batches(
-    prompts: list[list[int]], batch_rows: int, graphs: bool, kv_budget: int | None, kv_per_token: int, max_new: int
+    prompts: list[list[int]], batch_rows: int, graphs: bool, budget: int | None, row_bytes: tuple[int, int, int]
 ) -> Iterator[tuple[list[int], int, int]]:
     """(prompt indices, cache rows, prompt width) per batch, longest prompts first: as many rows
-    as ``batch_rows`` and the KV budget allow at the batch's own width (later batches, with
-    shorter prompts, fit more rows); with graphs, rows and width rounded up to their buckets."""
+    as ``batch_rows`` and the budget allow at the batch's own width (later batches, with shorter
+    prompts, fit more rows); ``row_bytes`` = (KV bytes a token, new tokens, other bytes a row).
+    With graphs, rows and width rounded up to their buckets."""
+    kv_per_token, max_new, overhead = row_bytes
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     start = 0
     while start < len(order):
         longest = len(prompts[order[start]])
         width = bucket_width(longest) if graphs else longest
         fit = batch_rows
-        if kv_budget is not None:
-            fit = max(1, min(fit, kv_budget // (kv_per_token * (width + max_new))))
+        if budget is not None:
+            fit = max(1, min(fit, budget // (kv_per_token * (width + max_new) + overhead)))
         idx = order[start : start + fit]
         rows = min(bucket_batch(len(idx)), fit) if graphs else len(idx)
         yield idx, max(rows, len(idx)), width

@@ -137,6 +137,7 @@ def load_export(
     device: str | None = None,
     load_in_4bit: bool | None = None,
     merge: bool | None = None,
+    timings: dict[str, float] | None = None,
 ) -> LoadedExport:
     """Rebuild tokenizer, base model + LoRA adapter and head from an export folder.
 
@@ -144,14 +145,19 @@ def load_export(
     the preset's default (NF4 for qwen3-4b; on CPU only when asked). ``merge`` (default:
     on CUDA) folds the adapter into dense bf16 weights of the NF4 base as trained
     (:func:`model.backbone.load_merged`): about 8 GB at 4B instead of 2.5, much faster
-    decoding; ``merge=False`` keeps NF4 + LoRA for small cards.
+    decoding; ``merge=False`` keeps NF4 + LoRA for small cards. ``timings`` (a dict) receives
+    the seconds of each step: checks, tokenizer, base, dequantise, adapter + merge, head.
     """
+    from plumbing.timing import StepClock
+
+    clock = StepClock(timings)
     root = Path(export_dir)
     if (root / "export" / MANIFEST).is_file():
         root = root / "export"
     from .export_checks import check_export  # every file and field, before anything is built
 
     manifest = check_export(root, base)
+    clock("check_s")
     preset = preset_from_manifest(manifest)
     base_path = base or manifest.base_model.path or None
     random_init = manifest.base_model.random_init
@@ -159,11 +165,21 @@ def load_export(
     if load_in_4bit is None:
         load_in_4bit = preset.load_in_4bit and torch.device(device).type == "cuda"
     tokenizer = load_tokenizer(base_path or preset)
+    clock("tokenizer_s")
     seed = random_init.seed if random_init is not None else RANDOM_INIT_SEED
     if merge is None:  # dense merged weights decode several times faster; default where memory is plentiful
         merge = torch.device(device).type == "cuda"
     model = load_adapted(
-        preset, root, merge=merge, load_in_4bit=load_in_4bit, device=device, base_path=base_path, random_seed=seed
+        preset,
+        root,
+        merge=merge,
+        load_in_4bit=load_in_4bit,
+        device=device,
+        base_path=base_path,
+        random_seed=seed,
+        timings=timings,
     )
+    clock.last = clock.now()  # load_adapted timed its own steps
     head = load_head(root, device=device).eval()
+    clock("head_s")
     return LoadedExport(manifest=manifest, threshold=manifest.threshold, tokenizer=tokenizer, model=model, head=head)

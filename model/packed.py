@@ -129,6 +129,19 @@ def choose_packed_attention(
     return (PER_SEQUENCE, why_not) if why_not else (VARLEN_FLASH, None)
 
 
+def rms_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``norm(x)`` for a Qwen3 RMSNorm in fewer kernels: the fp32 normalisation runs as one
+    fused op instead of pow, mean, add, rsqrt and mul, the casts and the weight as the module
+    does them (bit for bit on CPU; on CUDA the fused mean may round its last fp32 bit apart).
+    The decode step is bound by its kernel count: 4 norms a layer were half of its ~60 kernels."""
+    eps, weight = getattr(norm, "variance_epsilon", None), getattr(norm, "weight", None)
+    if eps is None or not isinstance(weight, torch.Tensor):  # not the Qwen3 formulation: its own forward
+        out: torch.Tensor = norm(x)
+        return out
+    normed = F.rms_norm(x.to(torch.float32), (x.shape[-1],), None, eps)
+    return weight * normed.to(x.dtype)
+
+
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
@@ -174,24 +187,24 @@ def packed_forward(
     for layer_i, layer in enumerate(dec.layers[: min(last, n_layers)]):
         attn = layer.self_attn
         head_dim = attn.head_dim
-        x = layer.input_layernorm(h)
-        q = attn.q_norm(attn.q_proj(x).view(t, -1, head_dim))
-        k = attn.k_norm(attn.k_proj(x).view(t, -1, head_dim))
+        x = rms_norm(layer.input_layernorm, h)
+        q = rms_norm(attn.q_norm, attn.q_proj(x).view(t, -1, head_dim))
+        k = rms_norm(attn.k_norm, attn.k_proj(x).view(t, -1, head_dim))
         v = attn.v_proj(x).view(t, -1, head_dim)
         q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
         if write_kv is not None:
             write_kv(layer_i, k, v)
         o = causal_attention(q, k, v, packed, attn.scaling, attention)
         h = h + attn.o_proj(o.reshape(t, -1))
-        h = h + layer.mlp(layer.post_attention_layernorm(h))
+        h = h + layer.mlp(rms_norm(layer.post_attention_layernorm, h))
         if layer_i + 1 == tap_at and tap_at < n_layers:
             tapped = h
     if tap_at == n_layers:
-        tapped = dec.norm(h)
+        tapped = rms_norm(dec.norm, h)
     assert tapped is not None  # the layers ran at least up to tap_at
     next_tokens = None
     if logits_at is not None:
-        final = tapped[logits_at] if tap_at == n_layers else dec.norm(h[logits_at])
+        final = tapped[logits_at] if tap_at == n_layers else rms_norm(dec.norm, h[logits_at])
         next_tokens = lm_head(model)(final).argmax(-1)
     return tapped, next_tokens
 

@@ -466,11 +466,79 @@ def test_memory_plan_for_16gb_and_80gb_cards(monkeypatch):
         kv = plan.gen_rows * plan.kv_bytes_per_token * (1536 + 100)
         per_token = memory.activation_bytes_per_token(config)
         assert kv + plan.prefill_tokens * per_token <= budget and plan.align_tokens * per_token <= budget
-        assert plan.kv_budget_bytes <= budget - plan.prefill_tokens * per_token
+        assert plan.decode_budget_bytes <= budget - plan.prefill_tokens * per_token
+        # the planned rows at the longest prompt fit the decode budget with their logits and activations
+        row = plan.kv_bytes_per_token * (1536 + 100) + plan.row_overhead_bytes
+        assert plan.gen_rows * row <= plan.decode_budget_bytes < (plan.gen_rows + 1) * row
+        assert plan.row_overhead_bytes == config.vocab_size * 4 + 2 * per_token
         assert plan.prefill_tokens <= memory.PREFILL_MAX_TOKENS
         rows[card] = plan.gen_rows
     assert 18 <= rows["16"] < 47 <= rows["80"]  # 16 before the prefill was chunked apart
     assert memory.plan_batches(fake, prompt_tokens=1500, max_new_tokens=100, max_rows=5).gen_rows == 5
+
+
+def test_shorter_decode_batches_take_more_rows_within_the_budget():
+    """Longest prompts first; each batch's rows x (KV at its width + overhead) stays within the
+    budget, so batches of shorter prompts hold more rows; the user's row cap still applies."""
+    from model.decoding import _decode_batches, bucket_width
+
+    lengths = [1400 - 7 * i for i in range(150)]
+    prompts = [[1] * n for n in lengths]
+    kv, new, overhead = 1000, 100, 5000
+    budget = 30 * (kv * (bucket_width(1400) + new) + overhead)
+    batches = list(_decode_batches(prompts, 10**6, True, budget, (kv, new, overhead)))
+    assert sorted(i for idx, _, _ in batches for i in idx) == list(range(150))
+    for idx, rows, width in batches:
+        assert width == bucket_width(max(lengths[i] for i in idx)) and rows >= len(idx)
+        assert rows * (kv * (width + new) + overhead) <= budget
+    sizes = [len(idx) for idx, _, _ in batches]
+    assert sizes[0] == 30 and max(sizes) > 30 and len(batches) < 5
+    capped = list(_decode_batches(prompts, 16, True, budget, (kv, new, overhead)))
+    assert max(len(idx) for idx, _, _ in capped) == 16
+    # without graphs the rows are exact; without a budget only the cap decides
+    assert [r for _, r, _ in _decode_batches(prompts[:5], 4, False, None, (kv, new, 0))] == [4, 1]
+
+
+@pytest.mark.parametrize("n,rows", [(1, 1), (2, 2), (3, 4), (4, 4), (5, 8), (17, 24), (147, 152)])
+def test_decode_rows_bucket_wastes_few_rows(n, rows):
+    from model.decoding import bucket_batch
+
+    assert bucket_batch(n) == rows
+
+
+def test_fast_engine_lets_memory_size_the_later_batches(monkeypatch):
+    """With a memory plan and no --batch-size, the plan's rows at the longest prompt do not cap
+    the later batches (the decode budget does); a --batch-size does cap them."""
+    from bench.synthetic import inference_cases
+    from heads.alignment import NotePairHead
+    from heads.config import HeadConfig
+    from inference import fast as fast_module
+    from inference.memory import BatchPlan
+    from model.backbone import build_random_base, load_tokenizer
+    from model.loaded_export import LoadedExport
+
+    torch.manual_seed(0)
+    plain = LoadedExport(
+        manifest={},
+        threshold=0.5,
+        tokenizer=load_tokenizer("tiny"),
+        model=build_random_base("tiny").eval(),
+        head=NotePairHead(HeadConfig(hidden_size=64)).eval(),
+    )
+    plan = BatchPlan(1.0, 2, 4096, 4096, 512, decode_budget_bytes=10**9, row_overhead_bytes=7)
+    monkeypatch.setattr(fast_module, "plan_batches", lambda *a, **k: plan)
+    seen = []
+    real = fast_module.greedy_decode
+
+    def spy(*args, **kwargs):
+        seen.append((kwargs["batch_rows"], kwargs["decode_budget_bytes"], kwargs["row_overhead_bytes"]))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(fast_module, "greedy_decode", spy)
+    cases = inference_cases(5, seed=8)
+    fast_module.FastEngine(plain).generate_answers(cases, max_new_tokens=3)
+    fast_module.FastEngine(plain).generate_answers(cases, max_new_tokens=3, batch_size=3)
+    assert seen == [(5, 10**9, 7), (2, 10**9, 7)]
 
 
 def test_fast_checkpoint_retries_smaller_after_out_of_memory(monkeypatch):
@@ -571,6 +639,25 @@ def test_one_pass_per_case_serves_subtasks_2_3_and_4(tiny_adapter):
         if case.answer_sentences:
             np.testing.assert_allclose(got.pairs[case.case_id], want, rtol=0, atol=1e-5)
         np.testing.assert_allclose(got.relevance[case.case_id], case_relevance(plain, case), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("x_dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("w_dtype", [torch.bfloat16, torch.float32])
+def test_fused_rms_norm_equals_the_qwen3_module_bit_for_bit(x_dtype, w_dtype):
+    from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm
+
+    from model.packed import rms_norm
+
+    torch.manual_seed(0)
+    norm = Qwen3RMSNorm(256, eps=1e-6)
+    with torch.no_grad():
+        norm.weight.copy_(torch.rand(256) + 0.5)
+    norm = norm.to(w_dtype)
+    x = (torch.randn(3, 7, 256) * 4).to(x_dtype)
+    want, got = norm(x), rms_norm(norm, x)
+    assert got.dtype == want.dtype and torch.equal(got, want)
+    other = torch.nn.LayerNorm(256)  # not the Qwen3 formulation: its own forward
+    assert torch.equal(rms_norm(other, x.float()), other(x.float()))
 
 
 def test_packed_forward_equals_the_model_forward_at_every_tapped_layer():

@@ -391,6 +391,11 @@ def test_tiny_export_end_to_end(tmp_path, capsys, tiny_export):
     threshold = manifest["alignment"]["threshold"]
     assert run["subtask4"]["threshold"] == threshold
     assert "load_export" in run["timings_s"] and "Subtask 4 scores:" in log
+    # where the load went, step by step (issue 22: the first load's seconds outside the timed steps)
+    steps = run["memory"]["load_steps_s"]
+    # on CPU the adapter stays unmerged (CUDA: base_s, dequantise_s, adapter_merge_s in its place)
+    assert list(steps) == ["import_s", "start_s", "check_s", "tokenizer_s", "base_adapter_s", "head_s"]
+    assert all(v >= 0 for v in steps.values()) and sum(steps.values()) <= run["timings_s"]["load_export"] + 0.01
     # run.json names the decoding that ran: on CPU no CUDA graph (issue 23 found one claimed)
     engine = run["fast_inference"]["engine"]
     assert run["fast_inference"]["decode"]["cuda_graph"] is False
