@@ -94,6 +94,8 @@ def train_rates(run_dir: Path, skip: int) -> dict:
     if not log.is_file():
         return {}
     rows = [json.loads(line) for line in log.read_text(encoding="utf-8").splitlines() if line.strip()]
+    setup = next((r["setup_steps_s"] for r in rows if "setup_steps_s" in r), None)
+    compiled = next((r for r in rows if "compile_s" in r), {})
     rows = [r for r in rows if "tokens_per_s" in r]
     if not rows:
         return {}
@@ -104,6 +106,10 @@ def train_rates(run_dir: Path, skip: int) -> dict:
         "tokens_per_s_steady": round(statistics.median(steady), 1),
         "first_loss": rows[0].get("loss"),
         "last_loss": rows[-1].get("loss"),
+        "setup_steps_s": setup,
+        "compile_s": compiled.get("compile_s"),
+        "compiled_graphs": compiled.get("compiled_graphs"),
+        "recompiles_after_first_epoch": compiled.get("recompiles_after_first_epoch"),
     }
 
 

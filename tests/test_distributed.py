@@ -173,7 +173,9 @@ def launch(work: Path, nproc: int, args: list[str], config: Path = DDP_CONFIG, t
 
 
 def read_log(run: Path) -> list[dict]:
-    return [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines() if x.strip()]
+    """The step rows of a run's log (not the set-up rows each process writes first)."""
+    rows = [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines() if x.strip()]
+    return [r for r in rows if "setup_steps_s" not in r]
 
 
 def read_batches(folder: Path) -> list[dict]:

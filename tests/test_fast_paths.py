@@ -322,6 +322,7 @@ def test_journey_tiny_runs_every_stage_on_cpu(tmp_path, monkeypatch):
     domain, task, infer = result["stages"]
     assert domain["steps"] == 3 and domain["tokens_per_s_steady"] > 0 and "export_s" in domain
     assert task["wall_s"] > 0 and "export_s" in task
+    assert set(task["setup_steps_s"]) == {"tokenizer_s", "data_s", "model_s", "prepare_s"}
     assert infer["new_tokens"] > 0 and "subtask4.zip" in infer["written"] and "run.json" in infer["written"]
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -79,10 +80,17 @@ def test_resume_matches_uninterrupted_run(tmp_path):
     mid = load_file(str(ckpt / "adapter" / "adapter_model.safetensors"))
     assert any(not torch.equal(mid[k], got[f"adapter/{k}"]) for k in mid)
 
-    full_log = [json.loads(x) for x in (tmp_path / "full" / "log.jsonl").read_text().splitlines()]
-    part_log = [json.loads(x) for x in (tmp_path / "part" / "log.jsonl").read_text().splitlines()]
+    full_log, full_setup = log_rows(tmp_path / "full")
+    part_log, part_setup = log_rows(tmp_path / "part")
     assert [r["step"] for r in part_log] == [r["step"] for r in full_log] == list(range(1, 7))
     assert [r["loss"] for r in part_log] == [r["loss"] for r in full_log]
+    assert full_setup == [0] and part_setup == [0, 3]  # each process's set-up, at the step it started from
+
+
+def log_rows(run: Path) -> tuple[list[dict], list[int]]:
+    """(the step rows of a run's log.jsonl, the steps of its set-up rows)."""
+    rows = [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines()]
+    return [r for r in rows if "setup_steps_s" not in r], [r["step"] for r in rows if "setup_steps_s" in r]
 
 
 def test_token_count_carries_over_a_resume_between_log_lines(tmp_path):
@@ -107,8 +115,7 @@ def test_token_count_carries_over_a_resume_between_log_lines(tmp_path):
     with train_hooks(stop_after_steps=3):  # the checkpoint at step 3, one step after the last log line
         run_training(build_config(dict(common, out=str(tmp_path / "part"))))
     assert train.main(["--resume", str(tmp_path / "part"), "--progress", "false"]) == 0
-    full_log = [json.loads(x) for x in (tmp_path / "full" / "log.jsonl").read_text().splitlines()]
-    part_log = [json.loads(x) for x in (tmp_path / "part" / "log.jsonl").read_text().splitlines()]
+    full_log, part_log = log_rows(tmp_path / "full")[0], log_rows(tmp_path / "part")[0]
     assert [r["step"] for r in part_log] == [r["step"] for r in full_log] == [2, 4]
     assert [r["tokens"] for r in part_log] == [r["tokens"] for r in full_log]
 

@@ -43,7 +43,10 @@ def one_step_run(tmp_path_factory):
 
 def test_one_step_run_logs_the_rate_it_used_and_plots_every_loss_part(one_step_run, tmp_path):
     run = one_step_run.export_dir.parent
-    [row] = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    setup, row = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    # the set-up's fixed cost by step, before the first step's row (what the journey reports)
+    assert setup["step"] == 0 and list(setup["setup_steps_s"]) == ["tokenizer_s", "data_s", "model_s", "prepare_s"]
+    assert all(v >= 0 for v in setup["setup_steps_s"].values())
     assert row["step"] == 1
     assert row["lr"] == pytest.approx(3e-4)  # not the schedule's value after the last step (0)
     assert {"loss", "lm", "align", "relevance"} <= set(row)

@@ -55,7 +55,9 @@ def _events(run: Path) -> dict[str, list[tuple[int, float]]]:
 
 
 def _log_rows(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines() if line.strip()]
+    """The rows sent to the trackers: all but the set-up row (log.jsonl only)."""
+    rows = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines() if line.strip()]
+    return [r for r in rows if "setup_steps_s" not in r]
 
 
 def _expected(rows: list[dict]) -> dict[str, list[tuple[int, float]]]:

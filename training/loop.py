@@ -158,6 +158,14 @@ def _append_log(t: Trainer, row: dict) -> None:
     log_row(t.accelerator, row)  # --report_to: the same row to the tracker (training.trackers)
 
 
+def record_setup(t: Trainer, state: LoopState, seconds: dict[str, float]) -> None:
+    """The set-up's seconds by step (tokenizer, data, model, prepare) as a log.jsonl row: the
+    fixed cost of a run beside its compile warm-up and its steps."""
+    if t.accelerator.is_main_process:  # log.jsonl only: a tracker's series are the step rows
+        with (t.out / LOG_FILE).open("a", encoding="utf-8") as fh:
+            fh.write(json.dumps({"step": state.step, "setup_steps_s": seconds}) + "\n")
+
+
 def start_state(t: Trainer, resume_from: Path | None) -> LoopState:
     """A fresh state, or the checkpoint's (weights, optimizer and schedule restored into ``t``)."""
     state = LoopState()

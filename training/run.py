@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 
 from plumbing.errors import InputError
+from plumbing.timing import StepClock
 from data.records import ESSENTIAL_LABELS, relevance_targets
 from heads.alignment import NotePairHead, load_head
 from heads.config import HeadConfig
@@ -54,7 +55,7 @@ from .data import (
 from .hooks import train_hooks
 from .init_settings import adopt_init_settings
 from .joint import JointModel, LossSettings
-from .loop import LOG_FILE, LoopState, Trainer, run_epochs, start_state
+from .loop import LOG_FILE, LoopState, Trainer, record_setup, run_epochs, start_state
 from .loss_plot import plot_losses
 from .run_folder import RunLock, check_new_run_folder, check_not_locked
 from .trackers import accelerator_kwargs, finish_trackers, start_trackers
@@ -411,12 +412,19 @@ def run_training(cfg: TrainConfig, resume: bool = False) -> RunResult:
 
 
 def train_and_export(setup: RunSetup, resume: bool) -> RunResult:
+    setup_s: dict[str, float] = {}
+    clock = StepClock(setup_s)
     tokenizer = load_tokenizer(setup.cfg.base or setup.preset)
+    clock("tokenizer_s")
     items, sources = stage_data(setup.cfg, tokenizer)
     save_run_config(setup, resume)
+    clock("data_s")
     model, head = build_model(setup)
+    clock("model_s")
     trainer = prepare_trainer(setup, model, items, tokenizer.pad_token_id)
     state = start_state(trainer, setup.resume_from)
+    clock("prepare_s")
+    record_setup(trainer, state, setup_s)
     start_trackers(setup.accelerator, setup.cfg.report_to, setup.cfg.to_dict(), state.step)
     run_epochs(trainer, state, setup.resume_from)
     export_dir = None if state.interrupted else finish_run(setup, trainer, state, head, tokenizer, sources)
