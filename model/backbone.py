@@ -449,7 +449,7 @@ def load_merged(
     training, turned dense (:func:`dequantize_model`) and the adapter merged into that:
     the merged model computes what the trained model computed, up to bf16 rounding.
     ``timings`` (a dict) receives the seconds of each step: base, dequantise, adapter + merge
-    (importing PEFT included: the first import in a process is part of what users wait for).
+    (:func:`model.lora_merge.merge_adapter`: PEFT's fold without its wrappers or its import).
     """
     clock = StepClock(timings)
     preset = resolve_preset(preset)
@@ -460,11 +460,15 @@ def load_merged(
         dequantize_model(model)
     clock("dequantise_s")
     model.config.use_cache = True
-    from peft import PeftModel
+    from .lora_merge import merge_adapter
 
-    model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False).merge_and_unload()
+    if not merge_adapter(model, adapter_dir):  # not a plain LoRA adapter: PEFT's own merge
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False).merge_and_unload()
     clock("adapter_merge_s")
-    return model.eval()
+    nn.Module.eval(model)  # transformers leaves its own eval unannotated
+    return model
 
 
 def load_adapted(

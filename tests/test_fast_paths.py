@@ -717,3 +717,49 @@ def test_packed_head_forwards_halve_their_budget_after_out_of_memory(tiny_adapte
     assert fast.alignment["max_tokens"] == 1000 and sizes[-3:] == [1, 1, 1]
     assert len(said) == 2 and all(m.startswith("warning: alignment ran out of memory") for m in said)
     assert fast.report()["fallbacks"] == [m.removeprefix("warning: ") for m in said]
+
+
+# --- the adapter folded into dense weights without PEFT's wrappers (issue 22: load time) ----------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_direct_lora_merge_equals_peft_merge_and_unload_bit_for_bit(tiny_adapter, dtype):
+    from peft import PeftModel
+
+    from model.backbone import build_random_base
+    from model.lora_merge import merge_adapter
+
+    torch.manual_seed(3)
+    base = build_random_base("tiny").to(dtype)
+    ours = build_random_base("tiny").to(dtype)
+    ours.load_state_dict(base.state_dict())
+    want = PeftModel.from_pretrained(base, str(tiny_adapter), is_trainable=False).merge_and_unload().state_dict()
+    assert merge_adapter(ours, tiny_adapter)
+    got = ours.state_dict()
+    assert want.keys() == got.keys()
+    changed = [k for k in got if not torch.equal(got[k], build_random_base("tiny").state_dict()[k].to(dtype))]
+    assert changed and all(k.endswith("proj.weight") for k in changed)  # the fold moved the targets only
+    assert all(torch.equal(want[k], got[k]) for k in want), [k for k in want if not torch.equal(want[k], got[k])][:3]
+
+
+def test_direct_lora_merge_refuses_what_it_does_not_reproduce(tiny_adapter, tmp_path):
+    """DoRA, a bias, extra saved modules or a foreign key: nothing changes and PEFT merges instead."""
+    import json
+    import shutil
+
+    from model.backbone import build_random_base
+    from model.lora_merge import merge_adapter, plain_lora_scale
+
+    config = json.loads((tiny_adapter / "adapter_config.json").read_text())
+    assert plain_lora_scale(config) == config["lora_alpha"] / config["r"]
+    assert plain_lora_scale({**config, "use_rslora": True}) == pytest.approx(config["lora_alpha"] / config["r"] ** 0.5)
+    for change in ({"use_dora": True}, {"bias": "all"}, {"modules_to_save": ["lm_head"]}, {"peft_type": "IA3"}):
+        assert plain_lora_scale({**config, **change}) is None
+        folder = tmp_path / str(len(list(tmp_path.iterdir())))
+        shutil.copytree(tiny_adapter, folder)
+        (folder / "adapter_config.json").write_text(json.dumps({**config, **change}))
+        model = build_random_base("tiny")
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        assert not merge_adapter(model, folder)
+        assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert not merge_adapter(build_random_base("tiny"), tmp_path / "missing")
