@@ -155,10 +155,13 @@ def profile_table(step, device: torch.device, reps: int = 3) -> dict:
         ]
 
     ops = [e for e in prof.key_averages(group_by_input_shape=True) if e.key.startswith("aten::")]
+    # GPU-side ranges of record_function annotations (inductor's "## Call CompiledFxGraph ##",
+    # the optimizer's step) cover kernels already listed: counting them would count those twice.
     kernels = [
         e
         for e in prof.key_averages()
         if not e.key.startswith("aten::")
+        and not getattr(e, "is_user_annotation", False)
         and getattr(e, "device_type", None) is not None
         and "cuda" in str(e.device_type).lower()
     ]

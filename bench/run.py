@@ -338,8 +338,9 @@ def run_ours(
 
 def profiled_steps(t, state, groups: list, params, device) -> dict:
     """``groups`` more train steps under ``torch.profiler``: where the step's GPU time goes
-    (bench.decode_profile's table) and how much of the wall time the GPU is busy; plus
-    dynamo's compile-time breakdown of the process so far."""
+    (bench.decode_profile's table: kernel time per step, to set beside a timed step's wall
+    time; the profiled wall time is slower by the profiler's own cost), dynamo's compile-time
+    breakdown of the process so far and the compile caches' hits."""
     from bench.decode_profile import profile_table
     from training import loop
 

@@ -368,8 +368,9 @@ def greedy_decode(
     together, longest prompts first, and their KV cache at the batch's own width plus
     ``row_overhead_bytes`` a row (logits, activations) stays within ``decode_budget_bytes``
     (the caller's memory plan; None: rows alone decide): a batch of shorter prompts holds
-    more rows. ``prefill_tokens`` bounds one packed prefill forward. ``use_cuda_graph`` defaults to on for CUDA; ``attention`` (SDPA_CUDNN or MATMUL)
-    defaults to :func:`choose_decode_attention`'s choice.
+    more rows. ``prefill_tokens`` bounds one packed prefill forward. ``use_cuda_graph``
+    defaults to on for CUDA; ``attention`` (SDPA_CUDNN or MATMUL) defaults to
+    :func:`choose_decode_attention`'s choice.
 
     ``extras[i]`` (optional) are tokens run after prompt i in its prefill pass (never cached,
     never generated from); ``on_hidden(i, hidden)`` then receives hidden state ``tap`` (the

@@ -179,7 +179,7 @@ def load_export(
         random_seed=seed,
         timings=timings,
     )
-    clock.last = clock.now()  # load_adapted timed its own steps
+    clock.restart()  # load_adapted timed its own steps into ``timings``
     head = load_head(root, device=device).eval()
     clock("head_s")
     return LoadedExport(manifest=manifest, threshold=manifest.threshold, tokenizer=tokenizer, model=model, head=head)

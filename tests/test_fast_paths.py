@@ -478,6 +478,23 @@ def test_memory_plan_for_16gb_and_80gb_cards(monkeypatch):
     assert memory.plan_batches(fake, prompt_tokens=1500, max_new_tokens=100, max_rows=5).gen_rows == 5
 
 
+def _tiny_random_export():
+    """A LoadedExport of the tiny preset with random weights and head (seed 0), on CPU."""
+    from heads.alignment import NotePairHead
+    from heads.config import HeadConfig
+    from model.backbone import build_random_base, load_tokenizer
+    from model.loaded_export import LoadedExport
+
+    torch.manual_seed(0)
+    return LoadedExport(
+        manifest={},
+        threshold=0.5,
+        tokenizer=load_tokenizer("tiny"),
+        model=build_random_base("tiny").eval(),
+        head=NotePairHead(HeadConfig(hidden_size=64)).eval(),
+    )
+
+
 def test_shorter_decode_batches_take_more_rows_within_the_budget():
     """Longest prompts first; each batch's rows x (KV at its width + overhead) stays within the
     budget, so batches of shorter prompts hold more rows; the user's row cap still applies."""
@@ -511,21 +528,10 @@ def test_fast_engine_lets_memory_size_the_later_batches(monkeypatch):
     """With a memory plan and no --batch-size, the plan's rows at the longest prompt do not cap
     the later batches (the decode budget does); a --batch-size does cap them."""
     from bench.synthetic import inference_cases
-    from heads.alignment import NotePairHead
-    from heads.config import HeadConfig
     from inference import fast as fast_module
     from inference.memory import BatchPlan
-    from model.backbone import build_random_base, load_tokenizer
-    from model.loaded_export import LoadedExport
 
-    torch.manual_seed(0)
-    plain = LoadedExport(
-        manifest={},
-        threshold=0.5,
-        tokenizer=load_tokenizer("tiny"),
-        model=build_random_base("tiny").eval(),
-        head=NotePairHead(HeadConfig(hidden_size=64)).eval(),
-    )
+    plain = _tiny_random_export()
     plan = BatchPlan(1.0, 2, 4096, 4096, 512, decode_budget_bytes=10**9, row_overhead_bytes=7)
     monkeypatch.setattr(fast_module, "plan_batches", lambda *a, **k: plan)
     seen = []
@@ -545,20 +551,9 @@ def test_fast_engine_lets_memory_size_the_later_batches(monkeypatch):
 def test_fast_checkpoint_retries_smaller_after_out_of_memory(monkeypatch):
     """A plan that does not fit after all: halved, said, recorded; the answers still come."""
     from bench.synthetic import inference_cases
-    from heads.alignment import NotePairHead
-    from heads.config import HeadConfig
     from inference import fast as fast_module
-    from model.backbone import build_random_base, load_tokenizer
-    from model.loaded_export import LoadedExport
 
-    torch.manual_seed(0)
-    plain = LoadedExport(
-        manifest={},
-        threshold=0.5,
-        tokenizer=load_tokenizer("tiny"),
-        model=build_random_base("tiny").eval(),
-        head=NotePairHead(HeadConfig(hidden_size=64)).eval(),
-    )
+    plain = _tiny_random_export()
     real = fast_module.greedy_decode
     seen = []
 

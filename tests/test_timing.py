@@ -18,6 +18,15 @@ def test_step_clock_records_each_step_since_the_previous_one():
     assert took["first_s"] >= 0.02 and 0 <= took["second_s"] < took["first_s"]
 
 
+def test_step_clock_restart_leaves_out_the_seconds_a_callee_timed():
+    took: dict[str, float] = {}
+    clock = StepClock(took)
+    time.sleep(0.03)  # timed by someone else
+    clock.restart()
+    clock("after_s")
+    assert list(took) == ["after_s"] and took["after_s"] < 0.03
+
+
 def test_step_clock_without_a_record_records_nothing():
     clock = StepClock(None)
     clock("base_s")  # no dict to fill, no error

@@ -152,18 +152,18 @@ def _truncate_log(log_path: Path, last_step: int) -> None:
     log_path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
 
 
-def _append_log(t: Trainer, row: dict) -> None:
+def _append_log(t: Trainer, row: dict, track: bool = True) -> None:
     with (t.out / LOG_FILE).open("a", encoding="utf-8") as fh:
         fh.write(json.dumps(row) + "\n")
-    log_row(t.accelerator, row)  # --report_to: the same row to the tracker (training.trackers)
+    if track:
+        log_row(t.accelerator, row)  # --report_to: the same row to the tracker (training.trackers)
 
 
 def record_setup(t: Trainer, state: LoopState, seconds: dict[str, float]) -> None:
     """The set-up's seconds by step (tokenizer, data, model, prepare) as a log.jsonl row: the
     fixed cost of a run beside its compile warm-up and its steps."""
     if t.accelerator.is_main_process:  # log.jsonl only: a tracker's series are the step rows
-        with (t.out / LOG_FILE).open("a", encoding="utf-8") as fh:
-            fh.write(json.dumps({"step": state.step, "setup_steps_s": seconds}) + "\n")
+        _append_log(t, {"step": state.step, "setup_steps_s": seconds}, track=False)
 
 
 def start_state(t: Trainer, resume_from: Path | None) -> LoopState:
