@@ -788,6 +788,17 @@ def _joint_batch():
     }
 
 
+def _reference_forward(model, batch):
+    """transformers' own forward of ``batch`` with its labels: the shifted CE over the labelled
+    tokens (the reference LM loss) and every layer's hidden states."""
+    return model(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        labels=batch["labels"],
+        output_hidden_states=True,
+    )
+
+
 def _expected_alignment(head, hidden_states, pos_weight):
     """Pair and relevance BCE by hand from the head run one example at a time."""
     with torch.no_grad():
@@ -812,13 +823,7 @@ def test_joint_losses_by_hand(layer):
     batch = _joint_batch()
     settings = LossSettings(align_weight=0.7, pos_weight=3.0, relevance_weight=0.2)
     with torch.no_grad():
-        # transformers' own shifted CE over the labelled tokens is the reference LM loss.
-        ref = model(
-            input_ids=batch["input_ids"],
-            attention_mask=batch["attention_mask"],
-            labels=batch["labels"],
-            output_hidden_states=True,
-        )
+        ref = _reference_forward(model, batch)
         out = joint_losses(model, head, batch, settings, head_layer=layer)
         wrapped = JointModel(model, head, settings)(batch)
     align, relevance = _expected_alignment(head, ref.hidden_states[layer], 3.0)
@@ -862,7 +867,7 @@ def test_joint_losses_without_head_or_notes_is_the_lm_loss():
     head = NotePairHead(HeadConfig(hidden_size=8, proj_dim=4, mlp_dim=6)).eval()
     batch = _joint_batch()
     with torch.no_grad():
-        ref = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
+        ref = _reference_forward(model, batch)
         no_head = JointModel(model, None, LossSettings(align_weight=0.5))(batch)
         empty = dict(batch, note_spans=torch.zeros((0, 3), dtype=torch.long))
         no_notes = joint_losses(model, head, empty, LossSettings(align_weight=0.5))
@@ -1789,12 +1794,7 @@ def test_joint_losses_left_padding_and_a_single_note():
     }
     settings = LossSettings(align_weight=0.5, pos_weight=2.0, relevance_weight=0.25)
     with torch.no_grad():
-        ref = model(
-            input_ids=batch["input_ids"],
-            attention_mask=batch["attention_mask"],
-            labels=batch["labels"],
-            output_hidden_states=True,
-        )
+        ref = _reference_forward(model, batch)
         out = joint_losses(model, head, batch, settings)
         single = head(ref.hidden_states[-1][1], [(1, 3)], [(3, 5)])
     align = _bce(float(single.pair_logits[0, 0]), 1.0, 2.0)
