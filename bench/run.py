@@ -990,6 +990,10 @@ def main(argv: list[str] | None = None) -> int:
     skip = set(filter(None, args.skip.split(",")))
     n_examples = 400 if not args.smoke else 24
     variants, task_variants = chosen_variants(args)
+    if "ours" not in skip and any(v.compile_layers for v in variants + task_variants) and b.device.type == "cuda":
+        from model.backbone import start_compile_workers
+
+        start_compile_workers()  # as train.py does, before the data and models
     data = {s: training_examples(n_examples, s, ARCH["vocab_size"], seed=s) for s in b.seqs}
     if "textbook" not in skip:
         textbook_rows(b, data)

@@ -508,9 +508,27 @@ def load_adapted(
     return model
 
 
+def start_compile_workers() -> bool:
+    """Start inductor's compile worker processes now, so they come up while the data and
+    weights load. torch starts them only when the first graph reaches inductor, and a kernel
+    reached before they are ready compiles in this process, one after another. False where
+    this torch has no such hook (nothing started; compiling still works)."""
+    try:
+        from torch._inductor.async_compile import maybe_warm_pool
+    except ImportError:
+        return False
+    maybe_warm_pool()
+    return True
+
+
 def compile_decoder_layers(model: nn.Module) -> None:
     """``torch.compile`` each decoder layer (regional compilation: one graph reused by all
     layers, dynamic sequence lengths), fusing the norm / RoPE / SwiGLU element-wise work.
-    The first steps pay the compile time."""
+    The first steps pay the compile time.
+
+    Python floats (norm eps, LoRA dropout p and scaling) are compiled in as constants; they
+    never change during a run. Left symbolic (``dynamic=True``'s default), dynamo traces each
+    layer twice: it restarts once it has turned them into tensors (issue 21)."""
+    torch._dynamo.config.specialize_float = True
     for layer in decoder(model).layers:
         layer.compile(dynamic=True)

@@ -15,10 +15,12 @@ from model.backbone import (
     LoraSettings,
     backbone_hidden,
     build_random_base,
+    compile_decoder_layers,
     decoder,
     load_backbone,
     load_tokenizer,
     save_random_base,
+    start_compile_workers,
 )
 from training.batching import collate
 from training.data import TrainItem
@@ -120,3 +122,67 @@ def test_tokenizer_by_preset_or_folder():
     text = "Pt was given furosemide 40 mg IV."
     assert a(text)["input_ids"] == b(text)["input_ids"]
     assert a.pad_token_id is not None
+
+
+def test_compile_workers_start_through_torchs_hook_or_say_they_cannot(monkeypatch):
+    import sys
+
+    import torch._inductor.async_compile as async_compile
+
+    started: list[bool] = []
+    monkeypatch.setattr(async_compile, "maybe_warm_pool", lambda: started.append(True))
+    assert start_compile_workers() is True and started == [True]
+    monkeypatch.setitem(sys.modules, "torch._inductor.async_compile", None)  # a torch without the hook
+    assert start_compile_workers() is False and started == [True]
+
+
+def test_training_starts_compile_workers_first_only_when_it_compiles_on_cuda(monkeypatch):
+    from types import SimpleNamespace
+
+    import training.run as run
+
+    class Started(Exception):
+        pass
+
+    class LoadedTokenizer(Exception):
+        pass
+
+    def start():
+        raise Started
+
+    def tokenizer(*_):
+        raise LoadedTokenizer
+
+    monkeypatch.setattr(run, "start_compile_workers", start)
+    monkeypatch.setattr(run, "load_tokenizer", tokenizer)
+    monkeypatch.setattr(run.torch.cuda, "is_available", lambda: True)
+    setup = SimpleNamespace(cfg=SimpleNamespace(compile=True, base=None), preset="tiny")
+    with pytest.raises(Started):  # before the tokenizer, data and weights load
+        run.train_and_export(setup, resume=False)
+    setup.cfg.compile = False
+    with pytest.raises(LoadedTokenizer):
+        run.train_and_export(setup, resume=False)
+    setup.cfg.compile = True
+    monkeypatch.setattr(run.torch.cuda, "is_available", lambda: False)
+    with pytest.raises(LoadedTokenizer):
+        run.train_and_export(setup, resume=False)
+
+
+@pytest.mark.slow
+def test_compiled_layers_trace_once_with_floats_as_constants(monkeypatch):
+    """Left symbolic, the norm eps and LoRA floats made dynamo restart its trace (issue 21)."""
+    from torch._dynamo.utils import compilation_time_metrics
+
+    monkeypatch.setattr(torch._dynamo.config, "specialize_float", False)  # torch's default, restored after
+
+    torch._dynamo.reset()
+    compilation_time_metrics.clear()
+    model = load_backbone("tiny", load_in_4bit=False, device=torch.device("cpu"), lora=LoraSettings(dropout=0.05))
+    compile_decoder_layers(model)
+    model.train()
+    ids = torch.randint(0, 1000, (2, 37))
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert torch._dynamo.config.specialize_float
+    assert "compile_attempt_0" in compilation_time_metrics
+    assert "compile_attempt_1" not in compilation_time_metrics
+    torch._dynamo.reset()

@@ -36,7 +36,14 @@ from plumbing.timing import StepClock
 from data.records import ESSENTIAL_LABELS, relevance_targets
 from heads.alignment import NotePairHead, load_head
 from heads.config import HeadConfig
-from model.backbone import LoraSettings, compile_decoder_layers, load_backbone, load_tokenizer, resolve_preset
+from model.backbone import (
+    LoraSettings,
+    compile_decoder_layers,
+    load_backbone,
+    load_tokenizer,
+    resolve_preset,
+    start_compile_workers,
+)
 from model.export_folder import ExportManifest, find_export, read_manifest
 from model.locate import check_base
 
@@ -414,6 +421,9 @@ def run_training(cfg: TrainConfig, resume: bool = False) -> RunResult:
 def train_and_export(setup: RunSetup, resume: bool) -> RunResult:
     setup_s: dict[str, float] = {}
     clock = StepClock(setup_s)
+    if setup.cfg.compile and torch.cuda.is_available():
+        start_compile_workers()  # up before the first step reaches inductor (issue 21)
+        clock("compile_workers_s")
     tokenizer = load_tokenizer(setup.cfg.base or setup.preset)
     clock("tokenizer_s")
     items, sources = stage_data(setup.cfg, tokenizer)
