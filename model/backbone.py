@@ -527,8 +527,10 @@ def compile_decoder_layers(model: nn.Module) -> None:
     The first steps pay the compile time.
 
     Python floats (norm eps, LoRA dropout p and scaling) are compiled in as constants; they
-    never change during a run. Left symbolic (``dynamic=True``'s default), dynamo traces each
-    layer twice: it restarts once it has turned them into tensors (issue 21)."""
+    never change during a run. Left symbolic (``dynamic=True``'s default), dynamo traced each
+    layer twice (it restarts once it has turned them into tensors). With
+    :func:`start_compile_workers`, this took the warm-up from ~70 s to ~20 s on an H200
+    (BENCHMARKS.md, issue 21). The setting is dynamo's, so it holds for the whole process."""
     torch._dynamo.config.specialize_float = True
     for layer in decoder(model).layers:
         layer.compile(dynamic=True)
