@@ -18,9 +18,13 @@ import warnings
 #  - the HF hub's retry lines ("... thrown while requesting HEAD ...", "Retrying in 1s [Retry
 #    1/5]"): the optional `kernels` package asks the hub for that kernel at bitsandbytes' import and
 #    retries five times offline; a download that really fails still raises with its own message.
+#  - the `kernels` package's own notes, e.g. "Skipping publisher trust check for
+#    'kernels-community/quantization-bitsandbytes' because Hugging Face Hub is in offline mode"
+#    (kernels >= 0.19, a dependency of transformers >= 5.25): the same optional CPU kernel; this
+#    toolkit fetches no kernel itself.
 #  - FutureWarnings of the libraries' own internals (e.g. transformers' is_gradient_checkpointing):
 #    nothing a user of this toolkit can act on. Our code raises no FutureWarning of its own.
-QUIET_LOGGERS = ("bitsandbytes", "huggingface_hub.utils._http")
+QUIET_LOGGERS = ("bitsandbytes", "huggingface_hub.utils._http", "kernels")
 TORCH_CPP_LOG_LEVEL = "TORCH_CPP_LOG_LEVEL"
 
 

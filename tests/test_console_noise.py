@@ -14,20 +14,45 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 # The lines a 2-GPU run printed (issue 23): DDP's flag notice per rank, bitsandbytes' kernels note,
-# the HF hub's retries. Each pattern is a substring of one of them.
-NOISE = ("find_unused_parameters", "kernels-community", "Retrying in", "thrown while requesting")
+# the HF hub's retries; and the `kernels` package's offline note (kernels 0.19, transformers 5.25).
+# Each pattern is a substring of one of them.
+NOISE = (
+    "find_unused_parameters",
+    "kernels-community",
+    "Retrying in",
+    "thrown while requesting",
+    "Skipping publisher trust check",
+)
 
-# Stands in for the optional `kernels` package on an offline machine: bitsandbytes asks it for a CPU
-# kernel at import (on CPUs with AVX512-BF16, GPU hosts included); it asks the hub, which logs its
-# retries through its own logger, and fails. Writes a marker so the test knows it was asked.
+# Stands in for the `kernels` package on an offline machine: bitsandbytes asks it for a CPU kernel
+# at import (on CPUs with AVX512-BF16, GPU hosts included); it asks the hub, which logs its retries
+# through its own logger, and fails. Writes a marker so the test knows it was asked. Where the real
+# package is installed (transformers >= 5.25 depends on it and imports its names), the stand-in is
+# the real package with only get_kernel replaced.
 FAKE_KERNELS = """
 import os
+import sys
 from pathlib import Path
+
+
+def _real_package_init():
+    here = Path(__file__).resolve().parent
+    for entry in sys.path:
+        init = Path(entry or ".").resolve() / "kernels" / "__init__.py"
+        if init.is_file() and init.parent != here:
+            return init
+    return None
+
+
+_real = _real_package_init()
+if _real is not None:
+    __path__.append(str(_real.parent))
+    exec(compile(_real.read_text(encoding="utf-8"), str(_real), "exec"))
 
 from huggingface_hub.utils import _http
 
 
-def get_kernel(repo_id, version=None):
+def get_kernel(repo_id, version=None, **kwargs):
     Path(os.environ["ARCHEHR_TEST_KERNELS_ASKED"]).touch()
     url = f"https://huggingface.co/api/models/{repo_id}"
     for n in range(1, 6):
@@ -118,7 +143,9 @@ def _emit_through_the_libraries_loggers(verbose: bool) -> str:
         "logging.getLogger('bitsandbytes.backends.cpu.ops').warning("
         "'Failed to load CPU gemm_4bit_forward from kernels-community: offline'); "
         "_http.logger.warning(\"'(ConnectionError())' thrown while requesting HEAD https://huggingface.co/x\"); "
-        "_http.logger.warning('Retrying in 1s [Retry 1/5].')"
+        "_http.logger.warning('Retrying in 1s [Retry 1/5].'); "
+        "logging.getLogger('kernels._internals.hf_hub').warning("
+        "\"Skipping publisher trust check for 'kernels-community/x' because Hugging Face Hub is in offline mode.\")"
     )
     env = {k: v for k, v in os.environ.items() if k != "TORCH_CPP_LOG_LEVEL"}
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
