@@ -70,7 +70,7 @@ def merge_adapter(model: nn.Module, adapter_dir: str | Path) -> bool:
         return False
     folds = []
     for path, ab in pairs.items():  # every pair checked before any weight changes
-        module = model.get_submodule(path) if _has_submodule(model, path) else None
+        module = _submodule(model, path)
         if set(ab) != {"A", "B"} or not isinstance(module, nn.Linear):
             return False
         a, b = ab["A"], ab["B"]
@@ -87,9 +87,8 @@ def merge_adapter(model: nn.Module, adapter_dir: str | Path) -> bool:
     return True
 
 
-def _has_submodule(model: nn.Module, path: str) -> bool:
+def _submodule(model: nn.Module, path: str) -> nn.Module | None:
     try:
-        model.get_submodule(path)
+        return model.get_submodule(path)
     except AttributeError:
-        return False
-    return True
+        return None
