@@ -313,6 +313,11 @@ def save_run_config(setup: RunSetup, resume: bool) -> None:
             setup.cfg.save(setup.out)
 
 
+def compiles_layers(cfg: TrainConfig) -> bool:
+    """Whether this run compiles its decoder layers: ``compile`` is honoured on CUDA only."""
+    return cfg.compile and torch.cuda.is_available()
+
+
 def build_model(setup: RunSetup) -> tuple[JointModel, NotePairHead]:
     """Backbone (+ the init export's adapter) and head; the head joins the model only for ``joint``."""
     cfg, device = setup.cfg, setup.accelerator.device
@@ -328,7 +333,7 @@ def build_model(setup: RunSetup) -> tuple[JointModel, NotePairHead]:
         keep_bf16=setup.use_bf16,
         quant_storage=cfg.quant_storage,
     )
-    if cfg.compile and torch.cuda.is_available():
+    if compiles_layers(cfg):
         compile_decoder_layers(backbone)
     hidden_size = backbone.get_base_model().config.hidden_size
     head = build_head(cfg, hidden_size, setup.init_export, device)
@@ -421,7 +426,7 @@ def run_training(cfg: TrainConfig, resume: bool = False) -> RunResult:
 def train_and_export(setup: RunSetup, resume: bool) -> RunResult:
     setup_s: dict[str, float] = {}
     clock = StepClock(setup_s)
-    if setup.cfg.compile and torch.cuda.is_available():
+    if compiles_layers(setup.cfg):
         start_compile_workers()  # up before the first step reaches inductor (issue 21)
         clock("compile_workers_s")
     tokenizer = load_tokenizer(setup.cfg.base or setup.preset)
