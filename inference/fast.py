@@ -31,8 +31,9 @@ from data.prompts import EncodedExample, chat_prompt, encode_examples, example_f
 from data.records import Case
 from model.loaded_export import stop_ids  # the one definition of the stop set
 from model.decoding import MATMUL, SDPA_CUDNN, DecodeStats, greedy_decode, supports_fast_decode
+from model.fused_ops import TRITON
 from model.head_scoring import packed_head_outputs
-from model.packed import packed_attention, token_budget_packs
+from model.packed import layer_ops, packed_attention, token_budget_packs
 
 from .memory import BatchPlan, plan_batches
 from .predictions import NO_RELEVANCE_OUTPUT, ModelOutputs
@@ -235,10 +236,14 @@ class FastEngine:
                 rows, prefill = max(1, widest // 2), max(1024, prefill // 2)
                 budget = None if budget is None else budget // 2
                 _release()
-        for kind in ("graph", "attention", "prefill_attention"):
+        for kind in ("graph", "attention"):  # greedy_decode said these as they happened
             why = getattr(self.decode, f"{kind}_fallback")
             if why and f"{kind}: {why}" not in self.fallbacks:
                 self.fallbacks.append(f"{kind}: {why}")
+        if self.decode.prefill_attention_fallback:
+            self._fallback(f"prefill attention: {self.decode.prefill_attention_fallback}; one SDPA per prompt")
+        if self.decode.elementwise_fallback:
+            self._fallback(f"element-wise ops: {self.decode.elementwise_fallback}; eager torch ops")
         return new
 
     def _score_packed(self, work: _HeadWork, max_tokens: int | None) -> None:
@@ -269,6 +274,10 @@ class FastEngine:
         if why_not:
             self._fallback(f"alignment attention: {why_not}; one SDPA per case")
         self.alignment["attention"] = attention
+        ops, why_not = layer_ops(model)
+        if why_not:
+            self._fallback(f"element-wise ops: {why_not}; eager torch ops")
+        self.alignment["elementwise"] = ops.name
         keys = list(work.todo)
         for group in token_budget_packs([len(work.todo[i]) for i in keys], max_tokens):
             cases = [keys[g] for g in group]
@@ -297,7 +306,8 @@ class FastEngine:
         attention = {SDPA_CUDNN: "cuDNN fused attention", MATMUL: "matmul attention"}.get(
             self.decode.attention, f"{self.decode.attention} attention"
         )
-        return f"fast engine on {device}: static KV cache, greedy on device, {step}, {attention} over the cache"
+        engine = f"fast engine on {device}: static KV cache, greedy on device, {step}, {attention} over the cache"
+        return engine + (", Triton element-wise kernels" if self.decode.elementwise == TRITON else "")
 
     def report(self) -> dict:
         """What ran, for run.json: plans, decoding (CUDA graph or why not), the head's forwards."""

@@ -39,7 +39,8 @@ if TYPE_CHECKING:
 
 from .backbone import decoder, lm_head, unwrapped
 from .kernel_probe import kernel_mismatch
-from .packed import attention_shape, choose_packed_attention, head_dim_of, pack, packed_forward, rms_norm
+from .fused_ops import LayerOps
+from .packed import attention_shape, choose_packed_attention, head_dim_of, layer_ops, pack, packed_forward
 
 ROWS_MULTIPLE = 8  # decode rows beyond 4 are rounded up to this: whole GEMM tiles, few idle rows
 WIDTH_BUCKET = 64  # prompt widths are rounded up to a multiple of this
@@ -127,6 +128,8 @@ class DecodeStats:
     attention_fallback: str | None = None  # why not cuDNN, on CUDA
     prefill_attention: str | None = None  # packed prefill: VARLEN_FLASH or PER_SEQUENCE (model.packed)
     prefill_attention_fallback: str | None = None  # why not the varlen kernel, on CUDA
+    elementwise: str | None = None  # norms, rotary, SwiGLU: fused Triton kernels or eager (model.fused_ops)
+    elementwise_fallback: str | None = None  # why not the fused kernels, on CUDA
     prefill_s: float = 0.0
     capture_s: float = 0.0
     decode_s: float = 0.0
@@ -135,12 +138,6 @@ class DecodeStats:
 
     def to_dict(self) -> dict[str, Any]:
         return {k: (round(v, 3) if isinstance(v, float) else v) for k, v in self.__dict__.items()}
-
-
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
 
 
 def supports_fast_decode(model: nn.Module) -> str | None:
@@ -167,8 +164,10 @@ class DecodeBatch:
         device: torch.device,
         dtype: torch.dtype,
         attention: str = MATMUL,
+        ops: LayerOps | None = None,
     ) -> None:
         self.attention = attention
+        self.ops = ops if ops is not None else layer_ops(model)[0]
         self.model = model
         self.dec = decoder(model)
         self.head = lm_head(model)
@@ -255,7 +254,9 @@ class DecodeBatch:
             self.v[layer_i][rows_t, :, slots_t] = v[src_t]
 
         last = torch.tensor([packed.starts[j] + prompt_lens[r] - 1 for j, r in enumerate(chunk)], device=device)
-        hidden, first = packed_forward(self.model, packed, tap=tap, attention=attention, write_kv=write, logits_at=last)
+        hidden, first = packed_forward(
+            self.model, packed, tap=tap, attention=attention, write_kv=write, logits_at=last, ops=self.ops
+        )
         assert first is not None  # logits_at was given
         self.tok[torch.tensor(chunk, device=device)] = first
         if on_hidden is not None:
@@ -264,27 +265,29 @@ class DecodeBatch:
 
     # --- decode: one token for every row, all state on the device ----------------------------
     def step(self) -> None:
-        b = self.rows
+        b, d, ops = self.rows, self.head_dim, self.ops
         slot = self.width + self.step_i  # [1]
         self.valid.index_fill_(1, slot, True)
         pos = self.lengths + self.step_i  # [rows]
-        cos, sin = self.cos[pos][:, None, None], self.sin[pos][:, None, None]
-        h = self.dec.embed_tokens(self.tok[:, None])
+        cos, sin = self.cos[pos], self.sin[pos]  # [rows, d]
+        h = self.dec.embed_tokens(self.tok)
         keep = self.valid[:, None, None, :]
-        for layer_i, layer in enumerate(self.dec.layers):
+        layers = self.dec.layers
+        x = ops.norm(layers[0].input_layernorm, h)  # each residual add is fused with the norm after it
+        for layer_i, layer in enumerate(layers):
             attn = layer.self_attn
-            x = rms_norm(layer.input_layernorm, h)
-            q = rms_norm(attn.q_norm, attn.q_proj(x).view(b, 1, -1, self.head_dim)).transpose(1, 2)
-            k = rms_norm(attn.k_norm, attn.k_proj(x).view(b, 1, -1, self.head_dim)).transpose(1, 2)
-            v = attn.v_proj(x).view(b, 1, -1, self.head_dim).transpose(1, 2)
-            q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
+            q = ops.norm(attn.q_norm, attn.q_proj(x).view(b, -1, d))
+            k = ops.norm(attn.k_norm, attn.k_proj(x).view(b, -1, d))
+            v = attn.v_proj(x).view(b, -1, d)
+            q, k = ops.rope(q, k, cos, sin)
             cache_k, cache_v = self.k[layer_i], self.v[layer_i]
-            cache_k.index_copy_(2, slot, k)
-            cache_v.index_copy_(2, slot, v)
-            o = decode_attention(q, cache_k, cache_v, keep, attn.scaling, self.attention).reshape(b, 1, -1)
-            h = h + attn.o_proj(o)
-            h = h + layer.mlp(rms_norm(layer.post_attention_layernorm, h))
-        logits = self.head(rms_norm(self.dec.norm, h[:, -1]))
+            cache_k.index_copy_(2, slot, k[:, :, None])
+            cache_v.index_copy_(2, slot, v[:, :, None])
+            o = decode_attention(q[:, :, None], cache_k, cache_v, keep, attn.scaling, self.attention).reshape(b, -1)
+            x, h = ops.add_norm(h, attn.o_proj(o), layer.post_attention_layernorm)
+            after = layers[layer_i + 1].input_layernorm if layer_i + 1 < len(layers) else self.dec.norm
+            x, h = ops.add_norm(h, ops.mlp(layer.mlp, x), after)
+        logits = self.head(x)
         nxt = torch.where(self.done, self.pad, logits.argmax(-1))
         self.out.index_copy_(1, self.step_i + 1, nxt[:, None])
         self.done |= self._is_stop(nxt)
@@ -334,6 +337,7 @@ class _DecodeJob:
     graphs: bool
     attention: str
     packed_attention: str
+    ops: LayerOps
     prefill_tokens: int
     check_every: int
     tap: int
@@ -439,6 +443,8 @@ def _decode_job(
     stats.attention = attention
     packed_attention, why_not = choose_packed_attention(*shape)
     stats.prefill_attention, stats.prefill_attention_fallback = packed_attention, why_not
+    ops, why_not = layer_ops(model)
+    stats.elementwise, stats.elementwise_fallback = ops.name, why_not
     return _DecodeJob(
         model,
         prompts,
@@ -451,6 +457,7 @@ def _decode_job(
         graphs,
         attention,
         packed_attention,
+        ops,
         prefill_tokens,
         check_every,
         tap,
@@ -492,7 +499,7 @@ def _decode_batch(job: _DecodeJob, idx: list[int], rows: int, width: int) -> lis
 
     def fresh_batch() -> DecodeBatch:
         batch = DecodeBatch(
-            job.model, rows, width, job.max_new, job.stop_ids, job.pad_id, job.device, job.dtype, job.attention
+            job.model, rows, width, job.max_new, job.stop_ids, job.pad_id, job.device, job.dtype, job.attention, job.ops
         )
         batch.prefill(seqs, lens, job.prefill_tokens, job.packed_attention, job.tap, on_hidden)
         return batch

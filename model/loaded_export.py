@@ -182,4 +182,8 @@ def load_export(
     clock.restart()  # load_adapted timed its own steps into ``timings``
     head = load_head(root, device=device).eval()
     clock("head_s")
+    from .packed import layer_ops
+
+    layer_ops(model)  # the fused kernels probed and compiled here, not in the first forward
+    clock("kernels_s")
     return LoadedExport(manifest=manifest, threshold=manifest.threshold, tokenizer=tokenizer, model=model, head=head)

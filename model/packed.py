@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from transformers import PreTrainedConfig
 
 from .backbone import decoder, lm_head
+from .fused_ops import LayerOps, choose_layer_ops
 from .kernel_probe import kernel_mismatch
 
 VARLEN_FLASH, PER_SEQUENCE = "flash-varlen", "per-sequence"
@@ -129,22 +130,12 @@ def choose_packed_attention(
     return (PER_SEQUENCE, why_not) if why_not else (VARLEN_FLASH, None)
 
 
-def rms_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``norm(x)`` for a Qwen3 RMSNorm in fewer kernels: the fp32 normalisation runs as one
-    fused op instead of pow, mean, add, rsqrt and mul, the casts and the weight as the module
-    does them (bit for bit on CPU; on CUDA the fused mean may round its last fp32 bit apart).
-    The decode step is bound by its kernel count: 4 norms a layer were half of its ~60 kernels."""
-    eps, weight = getattr(norm, "variance_epsilon", None), getattr(norm, "weight", None)
-    if eps is None or not isinstance(weight, torch.Tensor):  # not the Qwen3 formulation: its own forward
-        out: torch.Tensor = norm(x)
-        return out
-    normed = F.rms_norm(x.to(torch.float32), (x.shape[-1],), None, eps)
-    return weight * normed.to(x.dtype)
-
-
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
+def layer_ops(model: nn.Module) -> tuple[LayerOps, str | None]:
+    """The element-wise ops the forwards of ``model`` run (:mod:`model.fused_ops`) and why not
+    the fused kernels (None when they run, or off CUDA where the eager ops are the choice)."""
+    dec = decoder(model)
+    weight = dec.embed_tokens.weight
+    return choose_layer_ops(weight.device, weight.dtype, dec.config, dec.norm)
 
 
 def tap_index(n_layers: int, layer: int) -> int:
@@ -169,43 +160,53 @@ def packed_forward(
     attention: str = PER_SEQUENCE,
     write_kv: WriteKV | None = None,
     logits_at: torch.Tensor | None = None,
+    ops: LayerOps | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(hidden state ``tap`` [T, H], greedy next token at ``logits_at`` or None).
 
     ``tap`` as the head counts layers (0 = embeddings, k = output of layer k, -1 = final
     normed). Without ``logits_at`` the forward stops at ``tap``. ``write_kv(layer, k, v)``
-    receives every layer's rotated keys and values [T, kv, d] (for a decode cache)."""
+    receives every layer's rotated keys and values [T, kv, d] (for a decode cache). ``ops``:
+    the element-wise ops (default: :func:`layer_ops`'s choice for ``model``)."""
     dec = decoder(model)
-    n_layers = len(dec.layers)
+    layers = dec.layers
+    n_layers = len(layers)
     tap_at = tap_index(n_layers, tap)
     last = n_layers if (logits_at is not None or write_kv is not None) else tap_at
+    ops = ops if ops is not None else layer_ops(model)[0]
     h: torch.Tensor = dec.embed_tokens(packed.ids)
     cos, sin = dec.rotary_emb(h[None], packed.positions[None])
-    cos, sin = cos[0][:, None], sin[0][:, None]  # [T, 1, d]
+    cos, sin = cos[0], sin[0]  # [T, d]
     tapped: torch.Tensor | None = h if tap_at == 0 else None
     t = h.shape[0]
-    for layer_i, layer in enumerate(dec.layers[: min(last, n_layers)]):
+    run = layers[: min(last, n_layers)]
+    # Each residual add is fused with the norm after it: the next layer's input norm, or the
+    # final norm after the last layer (x holds the normed state the next matmuls read).
+    x = ops.norm(run[0].input_layernorm if len(run) else dec.norm, h)
+    for layer_i, layer in enumerate(run):
         attn = layer.self_attn
         head_dim = attn.head_dim
-        x = rms_norm(layer.input_layernorm, h)
-        q = rms_norm(attn.q_norm, attn.q_proj(x).view(t, -1, head_dim))
-        k = rms_norm(attn.k_norm, attn.k_proj(x).view(t, -1, head_dim))
+        q = ops.norm(attn.q_norm, attn.q_proj(x).view(t, -1, head_dim))
+        k = ops.norm(attn.k_norm, attn.k_proj(x).view(t, -1, head_dim))
         v = attn.v_proj(x).view(t, -1, head_dim)
-        q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
+        q, k = ops.rope(q, k, cos, sin)
         if write_kv is not None:
             write_kv(layer_i, k, v)
         o = causal_attention(q, k, v, packed, attn.scaling, attention)
-        h = h + attn.o_proj(o.reshape(t, -1))
-        h = h + layer.mlp(rms_norm(layer.post_attention_layernorm, h))
+        x, h = ops.add_norm(h, attn.o_proj(o.reshape(t, -1)), layer.post_attention_layernorm)
+        mlp_out = ops.mlp(layer.mlp, x)
+        if layer_i + 1 < n_layers and layer_i + 1 == len(run):  # stops here: no norm after
+            h = h + mlp_out
+        else:
+            x, h = ops.add_norm(h, mlp_out, layers[layer_i + 1].input_layernorm if layer_i + 1 < n_layers else dec.norm)
         if layer_i + 1 == tap_at and tap_at < n_layers:
             tapped = h
     if tap_at == n_layers:
-        tapped = rms_norm(dec.norm, h)
+        tapped = x  # the final norm, applied by the last layer's add
     assert tapped is not None  # the layers ran at least up to tap_at
     next_tokens = None
-    if logits_at is not None:
-        final = tapped[logits_at] if tap_at == n_layers else rms_norm(dec.norm, h[logits_at])
-        next_tokens = lm_head(model)(final).argmax(-1)
+    if logits_at is not None:  # all layers ran: x is the final normed state
+        next_tokens = lm_head(model)(x[logits_at]).argmax(-1)
     return tapped, next_tokens
 
 

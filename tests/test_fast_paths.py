@@ -427,7 +427,12 @@ def test_bench_run_smoke_has_old_and_fast_inference_rows(tmp_path, monkeypatch):
     result = json.loads(next((tmp_path / "fast").glob("smoke-*.json")).read_text())
     assert [r["cap_gb"] for r in result["infer_fast"]] == [None, 16.0]
     for row in result["infer_fast"]:
-        assert row["new_tokens"] > 0 and set(row["load_steps_s"]) == {"base_s", "dequantise_s", "adapter_merge_s"}
+        assert row["new_tokens"] > 0 and set(row["load_steps_s"]) == {
+            "base_s",
+            "dequantise_s",
+            "adapter_merge_s",
+            "kernels_s",
+        }
         assert row["alignment"]["tokens"] == row["alignment"]["padded_tokens"]  # packed, no padding
         # Subtask 2 packed on its own, near the per-case path; Subtasks 2-4 of the generated
         # cases in one pass, their head outputs read off the prefill
@@ -642,7 +647,7 @@ def test_one_pass_per_case_serves_subtasks_2_3_and_4(tiny_adapter):
 def test_fused_rms_norm_equals_the_qwen3_module_bit_for_bit(x_dtype, w_dtype):
     from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm
 
-    from model.packed import rms_norm
+    from model.fused_ops import rms_norm
 
     torch.manual_seed(0)
     norm = Qwen3RMSNorm(256, eps=1e-6)

@@ -394,7 +394,7 @@ def test_tiny_export_end_to_end(tmp_path, capsys, tiny_export):
     # where the load went, step by step (issue 22: the first load's seconds outside the timed steps)
     steps = run["memory"]["load_steps_s"]
     # on CPU the adapter stays unmerged (CUDA: base_s, dequantise_s, adapter_merge_s in its place)
-    assert list(steps) == ["import_s", "start_s", "check_s", "tokenizer_s", "base_adapter_s", "head_s"]
+    assert list(steps) == ["import_s", "start_s", "check_s", "tokenizer_s", "base_adapter_s", "head_s", "kernels_s"]
     assert all(v >= 0 for v in steps.values()) and sum(steps.values()) <= run["timings_s"]["load_export"] + 0.01
     # run.json names the decoding that ran: on CPU no CUDA graph (issue 23 found one claimed)
     engine = run["fast_inference"]["engine"]
@@ -597,5 +597,7 @@ def test_engine_used_names_graphs_attention_and_generate_fallback():
         "fast engine on cuda:0: static KV cache, greedy on device, CUDA-graphed "
         "decode step, cuDNN fused attention over the cache"
     )
+    engine.decode.elementwise = "triton"  # the fused kernels ran: said too
+    assert engine.engine_used().endswith("cuDNN fused attention over the cache, Triton element-wise kernels")
     engine.fallbacks = ["generation: model type 'llama' is not qwen3; using model.generate"]
     assert engine.engine_used() == "model.generate on cuda:0 (model type 'llama' is not qwen3; using model.generate)"
