@@ -93,15 +93,35 @@ def group_head_outputs(
 def packed_head_outputs(
     model: nn.Module, head: NotePairHead, group: Sequence[EncodedExample], attention: str
 ) -> list[HeadOutput]:
-    """One packed forward over ``group`` (no padding, stopping at the head's layer): the
-    head's raw outputs per example. The fast engine and export calibration both run it."""
+    """One packed forward over ``group`` (no padding, stopping at the head's layer) and one
+    head pass over all of its examples: the head's raw outputs per example, as views of the
+    pass's outputs. The fast engine and export calibration both run it. One pass, not one a
+    case: a case's head call was ~25 kernel launches and two host syncs (issue 22)."""
     device = next(head.parameters()).device
     packed = pack([enc.input_ids for enc in group], device)
     hidden, _ = packed_forward(model, packed, tap=head.config.layer, attention=attention)
-    return [
-        head(hidden[a : a + n], enc.note_spans, enc.answer_spans)
-        for a, n, enc in zip(packed.starts, packed.lengths, group)
-    ]
+    note_spans: list[tuple[int, int, int]] = []
+    answer_spans: list[tuple[int, int, int]] = []
+    pairs: list[tuple[int, int]] = []
+    for start, enc in zip(packed.starts, group):  # spans into the packed stream, pairs within each case
+        notes, answers = len(note_spans), len(answer_spans)
+        note_spans += [(0, start + a, start + b) for a, b in enc.note_spans]
+        answer_spans += [(0, start + a, start + b) for a, b in enc.answer_spans]
+        pairs += [(answers + i, notes + j) for i in range(len(enc.answer_spans)) for j in range(len(enc.note_spans))]
+    out = head(
+        hidden,
+        torch.tensor(note_spans, dtype=torch.long).reshape(-1, 3).to(device),
+        torch.tensor(answer_spans, dtype=torch.long).reshape(-1, 3).to(device),
+        pair_index=torch.tensor(pairs, dtype=torch.long).reshape(-1, 2).to(device),
+    )
+    outputs, pair_at, note_at = [], 0, 0
+    for enc in group:
+        n_answers, n_notes = len(enc.answer_spans), len(enc.note_spans)
+        pair_logits = out.pair_logits[pair_at : pair_at + n_answers * n_notes].view(n_answers, n_notes)
+        relevance = None if out.relevance_logits is None else out.relevance_logits[note_at : note_at + n_notes]
+        outputs.append(HeadOutput(pair_logits, relevance))
+        pair_at, note_at = pair_at + n_answers * n_notes, note_at + n_notes
+    return outputs
 
 
 @torch.no_grad()
