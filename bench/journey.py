@@ -69,6 +69,8 @@ def run_child(spec: dict) -> int:
         stats.update(
             peak_allocated_gb=round(torch.cuda.max_memory_allocated() / 1e9, 2),
             peak_reserved_gb=round(torch.cuda.max_memory_reserved() / 1e9, 2),
+            # the allocator freeing its cache and trying again under the cap: a suspect for a slow stage
+            alloc_retries=int(torch.cuda.memory_stats().get("num_alloc_retries", 0)),
         )
     Path(spec["stats"]).write_text(json.dumps(stats), encoding="utf-8")
     return int(rc or 0)
@@ -104,6 +106,7 @@ def train_rates(run_dir: Path, skip: int) -> dict:
         "steps": rows[-1].get("step"),
         "tokens": rows[-1].get("tokens"),
         "tokens_per_s_steady": round(statistics.median(steady), 1),
+        "collate_s": round(sum(r.get("collate_s", 0.0) for r in rows), 2),  # host batch building, all windows
         "first_loss": rows[0].get("loss"),
         "last_loss": rows[-1].get("loss"),
         "setup_steps_s": setup,

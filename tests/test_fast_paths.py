@@ -143,6 +143,31 @@ def test_training_loop_uses_token_budget_batches(tmp_path):
     assert all(row["tokens_per_s"] > 0 for row in result.history)
 
 
+def test_log_rows_time_each_windows_batch_building(tmp_path, monkeypatch):
+    """``collate_s``: the host seconds a logging window spent building its batches, that
+    window's alone (a suspect when a stage runs below the GPU's rate: issue 21's task stage)."""
+    import time
+
+    from training import loop
+    from training.config import build_config
+    from training.run import run_training
+
+    from conftest import EXAMPLES
+
+    real = loop.collate
+
+    def slow_collate(items, pad_id):
+        time.sleep(0.05)
+        return real(items, pad_id)
+
+    monkeypatch.setattr(loop, "collate", slow_collate)
+    cfg = dict(stage="domain", preset="tiny", data=str(EXAMPLES / "emrqa_sample.jsonl"), out=str(tmp_path / "run"))
+    cfg.update(batch_tokens=2048, max_length=2048, max_steps=4, log_every=2, progress=False, plot=False)
+    result = run_training(build_config(dict(cfg, gradient_checkpointing=False)))
+    assert [row["step"] for row in result.history] == [2, 4]
+    assert all(0.1 <= row["collate_s"] < 0.2 for row in result.history)  # two batches a window, 0.05 s each
+
+
 # --- fast greedy decoding (issue 12) ------------------------------------------------------
 
 

@@ -110,6 +110,7 @@ class LoopState:
     window_micro: int = 0
     window_tokens: int = 0
     window_start: float = 0.0
+    window_collate_s: float = 0.0  # host seconds building and sending batches (a step's first waits for them)
     bad_losses: list[str] = field(default_factory=list)  # loss parts that were not finite
     interrupted: bool = False
     grad_norm: float | None = None  # global norm before clipping, of the latest optimizer step
@@ -117,6 +118,7 @@ class LoopState:
 
     def reset_window(self) -> None:
         self.window, self.window_micro, self.window_tokens, self.window_start = {}, 0, 0, time.perf_counter()
+        self.window_collate_s = 0.0
 
 
 def forward_backward(model, batch: dict, accelerator, grad_accum: int = 1, weight: float = 1.0) -> dict:
@@ -199,7 +201,9 @@ def micro_step(t: Trainer, state: LoopState, micro_batch: MicroBatch) -> dict:
     real = micro_batch.weight > 0
     if real:
         t.hooks.record(t.rank, state.step + 1, state.epoch, micro_batch.indices)
+    started = time.perf_counter()
     batch = send_to_device(collate([t.items[i] for i in micro_batch.indices], t.pad_id), t.accelerator.device)
+    state.window_collate_s += time.perf_counter() - started
     sync = contextlib.nullcontext() if micro_batch.last_of_step else t.accelerator.no_sync(t.model)
     with sync:
         losses = forward_backward(t.model, batch, t.accelerator, t.cfg.grad_accum, micro_batch.weight)
@@ -277,6 +281,7 @@ def log_window(t: Trainer, state: LoopState, step_lr: float, bar) -> None:
     row = {"step": state.step, "epoch": state.epoch}
     row.update({k: round(v / window_micro, 5) for k, v in window.items() if k != "answer_tokens"})
     row.update(lr=step_lr, tokens=state.tokens_seen, tokens_per_s=round(tokens / elapsed, 1))
+    row["collate_s"] = round(state.window_collate_s, 3)  # of the window's seconds: this rank's batch building
     if state.grad_norm is not None:  # only computed when clipping is on (max_grad_norm > 0)
         row["grad_norm"] = round(state.grad_norm, 5)
     if torch.cuda.is_available():
