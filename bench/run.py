@@ -584,6 +584,7 @@ def _load_fast(model_dir: str, preset: str, device, adapter_dir: str, cap_gb: fl
     from model.loaded_export import LoadedExport
     from model.packed import layer_ops
     from model.presets import get_preset
+    from plumbing.timing import StepClock
 
     budget = available_bytes(device, cap_gb)
     merge, merge_reason = should_merge(get_preset(preset).arch, budget)
@@ -597,9 +598,9 @@ def _load_fast(model_dir: str, preset: str, device, adapter_dir: str, cap_gb: fl
     head = NotePairHead(HeadConfig(hidden_size=backbone.config.hidden_size)).to(device).eval()
     ckpt = LoadedExport(manifest={}, threshold=0.5, tokenizer=load_tokenizer(preset), model=backbone, head=head)
     sync(device)
-    t_kernels = time.perf_counter()
+    clock = StepClock(load_times)
     layer_ops(backbone)  # as load_export does: the fused kernels probed and compiled at load
-    load_times["kernels_s"] = round(time.perf_counter() - t_kernels, 3)
+    clock("kernels_s")
     return ckpt, {
         "merged": merge,
         "merge_reason": merge_reason,

@@ -50,6 +50,13 @@ def spans_tensor(spans: Sequence[Sequence[int]] | torch.Tensor, device: torch.de
     return t.long()
 
 
+def pair_rows(answer_at: int, note_at: int, n_answers: int, n_notes: int) -> list[tuple[int, int]]:
+    """One example's pairs as (answer span, note span) rows of the stacked span tensors, its
+    spans starting at rows ``answer_at`` / ``note_at``: row-major, the order of its
+    [n_answers, n_notes] pair logits (:meth:`NotePairHead.forward_pairs`' ``pair_index``)."""
+    return [(answer_at + a, note_at + k) for a in range(n_answers) for k in range(n_notes)]
+
+
 class NotePairHead(nn.Module):
     def __init__(
         self,

@@ -88,23 +88,23 @@ class TritonLayerOps(LayerOps):
 
         self.kernels: Any = triton_kernels
 
-    def _fits(self, norm: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+    def _fits(self, norm: nn.Module, x: torch.Tensor) -> tuple[float, torch.Tensor] | None:
+        """(eps, weight) of a Qwen3 RMSNorm the kernel takes for ``x`` (bf16 both), else None."""
         eps, weight = _qwen3_norm(norm)
-        ok = weight is not None and weight.dtype == x.dtype == torch.bfloat16
-        return weight if ok else None
+        return (eps, weight) if weight is not None and weight.dtype == x.dtype == torch.bfloat16 else None
 
     def norm(self, norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        weight = self._fits(norm, x)
-        if weight is None:
+        fits = self._fits(norm, x)
+        if fits is None:
             return rms_norm(norm, x)
-        out: torch.Tensor = self.kernels.rms_norm(x, weight, _qwen3_norm(norm)[0])[0]
+        out: torch.Tensor = self.kernels.rms_norm(x, fits[1], fits[0])[0]
         return out
 
     def add_norm(self, h: torch.Tensor, delta: torch.Tensor, norm: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-        weight = self._fits(norm, h)
-        if weight is None or delta.dtype != h.dtype or delta.shape != h.shape:
+        fits = self._fits(norm, h)
+        if fits is None or delta.dtype != h.dtype or delta.shape != h.shape:
             return super().add_norm(h, delta, norm)
-        normed, total = self.kernels.rms_norm(h, weight, _qwen3_norm(norm)[0], delta=delta)
+        normed, total = self.kernels.rms_norm(h, fits[1], fits[0], delta=delta)
         return normed, total
 
     def rope(

@@ -20,7 +20,7 @@ from torch import nn
 
 from data.prompts import EncodedExample, encode_examples, example_from_case
 from data.records import Case
-from heads.alignment import HeadOutput, NotePairHead
+from heads.alignment import HeadOutput, NotePairHead, pair_rows
 
 from .backbone import backbone_hidden
 from .packed import pack, packed_forward
@@ -104,16 +104,11 @@ def packed_head_outputs(
     answer_spans: list[tuple[int, int, int]] = []
     pairs: list[tuple[int, int]] = []
     for start, enc in zip(packed.starts, group):  # spans into the packed stream, pairs within each case
-        notes, answers = len(note_spans), len(answer_spans)
+        pairs += pair_rows(len(answer_spans), len(note_spans), len(enc.answer_spans), len(enc.note_spans))
         note_spans += [(0, start + a, start + b) for a, b in enc.note_spans]
         answer_spans += [(0, start + a, start + b) for a, b in enc.answer_spans]
-        pairs += [(answers + i, notes + j) for i in range(len(enc.answer_spans)) for j in range(len(enc.note_spans))]
-    out = head(
-        hidden,
-        torch.tensor(note_spans, dtype=torch.long).reshape(-1, 3).to(device),
-        torch.tensor(answer_spans, dtype=torch.long).reshape(-1, 3).to(device),
-        pair_index=torch.tensor(pairs, dtype=torch.long).reshape(-1, 2).to(device),
-    )
+    pair_index = torch.tensor(pairs, dtype=torch.long).reshape(-1, 2).to(device)
+    out = head(hidden, note_spans, answer_spans, pair_index=pair_index)  # the head makes tensors of the spans
     outputs, pair_at, note_at = [], 0, 0
     for enc in group:
         n_answers, n_notes = len(enc.answer_spans), len(enc.note_spans)

@@ -48,6 +48,7 @@ from typing import TYPE_CHECKING, Iterator, Sequence
 import torch
 
 from data.prompts import IGNORE_INDEX
+from heads.alignment import pair_rows
 
 if TYPE_CHECKING:
     from .data import TrainItem
@@ -160,11 +161,7 @@ def collate(items: Sequence[TrainItem], pad_id: int) -> dict:
         cited = bool(enc.pairs) and bool(enc.answer_spans)
         if cited:  # every (answer, note) pair of the example, in pair_targets' row-major order
             pair_targets += [t for row_t in enc.pair_targets() for t in row_t]
-            pair_index += [
-                (len(answer_spans) + a, len(note_spans) + k)
-                for a in range(len(enc.answer_spans))
-                for k in range(len(enc.note_spans))
-            ]
+            pair_index += pair_rows(len(answer_spans), len(note_spans), len(enc.answer_spans), len(enc.note_spans))
         note_spans += [(row, s, e) for s, e in enc.note_spans]
         answer_spans += [(row, s, e) for s, e in enc.answer_spans]
         note_counts.append(len(enc.note_spans))
