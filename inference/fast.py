@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from plumbing.ranges import DEFAULT_NEW_TOKENS
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
@@ -32,11 +32,17 @@ from data.records import Case
 from model.loaded_export import stop_ids  # the one definition of the stop set
 from model.decoding import MATMUL, SDPA_CUDNN, DecodeStats, greedy_decode, supports_fast_decode
 from model.fused_ops import TRITON
-from model.head_scoring import packed_head_outputs
+from model.head_scoring import PackedHeadPass, packed_head_pass
 from model.packed import layer_ops, packed_attention, token_budget_packs
 
 from .memory import BatchPlan, plan_batches
 from .predictions import NO_RELEVANCE_OUTPUT, ModelOutputs
+
+
+# A GPU takes ~9x longer over a case's tokens than the host takes to encode them (issue 22,
+# one H200: 171k tokens, 2.2 s of forwards, 0.24 s of encoding), so the rest of the cases
+# encode within the first eighth's forwards.
+FIRST_WAVE_SHARE = 8
 
 
 def _release() -> None:
@@ -47,11 +53,17 @@ def _release() -> None:
         torch.cuda.empty_cache()
 
 
+def _probabilities(logits: torch.Tensor) -> np.ndarray:
+    return torch.sigmoid(logits.float()).cpu().numpy().astype(np.float64)
+
+
 class _HeadWork:
-    """The head outputs a predict call owes: which cases, their encodings, and the results."""
+    """The head outputs a predict call owes: which cases, their encodings, and the results.
+    Cases are encoded when asked for (:meth:`encode`): the fast engine encodes a first part,
+    queues its forwards, and encodes the rest while the GPU runs them (:meth:`waves`)."""
 
     def __init__(self, head, cases: list[Case], tokenizer, pairs: bool, relevance: bool):
-        self.head, self.pairs, self.relevance = head, pairs, relevance
+        self.head, self.pairs, self.relevance, self.tokenizer = head, pairs, relevance, tokenizer
         self.out = ModelOutputs()
         owed = [
             i
@@ -59,25 +71,78 @@ class _HeadWork:
             # Subtask 4 skips a case without answer sentences
             if (pairs or relevance) and (relevance or bool(case.answer_sentences))
         ]
-        wants = [pairs and bool(cases[i].answer_sentences) for i in owed]
-        examples = [example_from_case(cases[i], with_answer=w) for i, w in zip(owed, wants)]
-        self.todo: dict[int, EncodedExample] = dict(zip(owed, encode_examples(tokenizer, examples, with_answer=wants)))
+        wants = {i: pairs and bool(cases[i].answer_sentences) for i in owed}
+        self.unencoded = {i: (example_from_case(cases[i], with_answer=wants[i]), wants[i]) for i in owed}
+        self.todo: dict[int, EncodedExample] = {}  # encoded, not yet recorded
         self.ids = [c.case_id for c in cases]
+
+    @property
+    def owed(self) -> int:
+        return len(self.todo) + len(self.unencoded)
+
+    def encode(self, n: int | None = None) -> list[int]:
+        """Encode the next ``n`` owed cases (None: all the rest) in one tokenizer call; their indices."""
+        keys = list(self.unencoded)[:n]
+        examples = [self.unencoded.pop(i) for i in keys]
+        wants = [want for _, want in examples]
+        self.todo.update(zip(keys, encode_examples(self.tokenizer, [ex for ex, _ in examples], with_answer=wants)))
+        return keys
+
+    def waves(self) -> Iterator[list[int]]:
+        """The owed cases in two goes: those encoded already, then the rest, encoded only when
+        the first go's forwards are queued, so that the host encodes while the GPU runs them."""
+        if self.todo:
+            yield list(self.todo)
+        if self.unencoded:
+            yield self.encode()
 
     def take(self, i: int, hidden: torch.Tensor) -> None:
         """Case ``i``'s head outputs from its hidden states [tokens, H] (the head's layer)."""
         enc = self.todo[i]
-        self.record(i, self.head(hidden, enc.note_spans, enc.answer_spans))
+        out = self.head(hidden, enc.note_spans, enc.answer_spans)
+        relevance = None if out.relevance_logits is None else _probabilities(out.relevance_logits)
+        self.record(i, _probabilities(out.pair_logits), relevance)
 
-    def record(self, i: int, output) -> None:
-        """Case ``i``'s head outputs as probabilities; the case is no longer owed."""
+    def record(self, i: int, pairs: np.ndarray, relevance: np.ndarray | None) -> None:
+        """Case ``i``'s probabilities (float64 arrays); the case is no longer owed."""
         enc = self.todo.pop(i)
         if self.pairs and enc.answer_spans:
-            self.out.pairs[self.ids[i]] = torch.sigmoid(output.pair_logits.float()).cpu().numpy().astype(np.float64)
+            self.out.pairs[self.ids[i]] = pairs
         if self.relevance:
-            self.out.relevance[self.ids[i]] = (
-                torch.sigmoid(output.relevance_logits.float()).cpu().numpy().astype(np.float64)
-            )
+            assert relevance is not None  # predict checked that the head has a relevance output
+            self.out.relevance[self.ids[i]] = relevance
+
+
+class _PackOnItsWay:
+    """A pack's probabilities on their way to the host: computed on the device and copied into
+    pinned memory without waiting; :meth:`record` waits for them. The engine records a pack
+    only after queuing the next, so the GPU does not wait for the host between packs."""
+
+    def __init__(self, cases: list[int], run: PackedHeadPass):
+        self.cases, self.run = cases, run
+        out = run.output
+        self.pairs = self._start_copy(out.pair_logits)
+        self.relevance = None if out.relevance_logits is None else self._start_copy(out.relevance_logits)
+        self.copied: torch.cuda.Event | None = None
+        if out.pair_logits.is_cuda:
+            self.copied = torch.cuda.Event()
+            self.copied.record()
+
+    @staticmethod
+    def _start_copy(logits: torch.Tensor) -> torch.Tensor:
+        probs = torch.sigmoid(logits.float())
+        if not probs.is_cuda:
+            return probs
+        host = torch.empty(probs.shape, dtype=probs.dtype, pin_memory=True)
+        return host.copy_(probs, non_blocking=True)
+
+    def record(self, work: _HeadWork) -> None:
+        if self.copied is not None:
+            self.copied.synchronize()
+        pairs = self.pairs.numpy().astype(np.float64)
+        relevance = None if self.relevance is None else self.relevance.numpy().astype(np.float64)
+        for i, (p, r) in zip(self.cases, self.run.split(pairs, relevance)):
+            work.record(i, p, r)
 
 
 class FastEngine:
@@ -100,6 +165,9 @@ class FastEngine:
         self.alignment: dict = {"forwards": 0, "tokens": 0, "padded_tokens": 0, "seconds": 0.0}
         self.head_cases = {"prefill_shared": 0, "own_forwards": 0}
         self.fallbacks: list[str] = []
+        # The packed forwards' cases are encoded in two goes on a GPU (the first share, then the
+        # rest while the GPU runs the first's forwards); one go where nothing runs ahead of the host.
+        self.first_wave_share = FIRST_WAVE_SHARE if torch.device(str(loaded.device)).type == "cuda" else None
 
     # the LoadedExport attributes the pipeline reads (manifest, threshold, tokenizer, model, head)
     def __getattr__(self, name):
@@ -138,7 +206,7 @@ class FastEngine:
             raise InputError(NO_RELEVANCE_OUTPUT)
         work = _HeadWork(self.inner.head, cases, self.inner.tokenizer, pairs, relevance)
         texts = self._generate(cases, work, max_new_tokens, batch_size) if answers else None
-        if work.todo:
+        if work.owed:
             self._score_packed(work, max_tokens)
         order = [c.case_id for c in cases]  # in the order of ``cases``, whatever order the passes ran in
         out = ModelOutputs(
@@ -183,6 +251,7 @@ class FastEngine:
         ids = tok(prompts, add_special_tokens=False)["input_ids"]  # one call: a batch encodes on several threads
         extras: list[list[int]] = [[] for _ in cases]
         shared = set()
+        work.encode()  # all of them: which prompts serve the head is known only from the tokens
         for i, enc in work.todo.items():
             if enc.input_ids[: len(ids[i])] == ids[i]:  # same tokens: the prompt's forward serves the head
                 extras[i] = enc.input_ids[len(ids[i]) :]
@@ -249,16 +318,17 @@ class FastEngine:
     def _score_packed(self, work: _HeadWork, max_tokens: int | None) -> None:
         """The head outputs still owed, in packed forwards longest first; an out-of-memory halves
         the token budget (said, recorded) and retries the cases not yet done."""
-        lengths = {i: len(enc) for i, enc in work.todo.items()}
-        if max_tokens is None:
-            max_tokens = self.plan(max(lengths.values()), 0, None).align_tokens
         t0 = time.perf_counter()
-        self.head_cases["own_forwards"] += len(lengths)
-        while work.todo:
+        self.head_cases["own_forwards"] += work.owed
+        if not work.todo:
+            work.encode(max(1, work.owed // self.first_wave_share) if self.first_wave_share else None)
+        if max_tokens is None:
+            max_tokens = self.plan(max(len(enc) for enc in work.todo.values()), 0, None).align_tokens
+        while work.owed:
             try:
                 self._packed_forwards(work, max_tokens)
             except torch.OutOfMemoryError:
-                if max_tokens <= max(len(enc) for enc in work.todo.values()):
+                if max_tokens <= max((len(enc) for enc in work.todo.values()), default=0):
                     raise
                 self._fallback(
                     f"alignment ran out of memory at {max_tokens} tokens a forward; retried with {max_tokens // 2}"
@@ -278,15 +348,20 @@ class FastEngine:
         if why_not:
             self._fallback(f"element-wise ops: {why_not}; eager torch ops")
         self.alignment["elementwise"] = ops.name
-        keys = list(work.todo)
-        for group in token_budget_packs([len(work.todo[i]) for i in keys], max_tokens):
-            cases = [keys[g] for g in group]
-            tokens = sum(len(work.todo[i]) for i in cases)
-            for i, output in zip(cases, packed_head_outputs(model, head, [work.todo[i] for i in cases], attention)):
-                work.record(i, output)
-            self.alignment["forwards"] += 1
-            self.alignment["tokens"] += tokens
-            self.alignment["padded_tokens"] += tokens  # packed: no padding
+        on_its_way: _PackOnItsWay | None = None
+        for wave in work.waves():
+            for group in token_budget_packs([len(work.todo[i]) for i in wave], max_tokens):
+                cases = [wave[g] for g in group]
+                tokens = sum(len(work.todo[i]) for i in cases)
+                run = packed_head_pass(model, head, [work.todo[i] for i in cases], attention)
+                if on_its_way is not None:  # the pack before, recorded while this one runs
+                    on_its_way.record(work)
+                on_its_way = _PackOnItsWay(cases, run)
+                self.alignment["forwards"] += 1
+                self.alignment["tokens"] += tokens
+                self.alignment["padded_tokens"] += tokens  # packed: no padding
+        if on_its_way is not None:
+            on_its_way.record(work)
 
     def _fallback(self, message: str) -> None:
         if message not in self.fallbacks:

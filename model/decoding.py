@@ -40,7 +40,7 @@ if TYPE_CHECKING:
 from .backbone import decoder, lm_head, unwrapped
 from .kernel_probe import kernel_mismatch
 from .fused_ops import LayerOps
-from .packed import attention_shape, choose_packed_attention, head_dim_of, layer_ops, pack, packed_forward
+from .packed import attention_shape, choose_packed_attention, head_dim_of, layer_ops, pack, packed_forward, to_device
 
 ROWS_MULTIPLE = 8  # decode rows beyond 4 are rounded up to this: whole GEMM tiles, few idle rows
 WIDTH_BUCKET = 64  # prompt widths are rounded up to a multiple of this
@@ -247,13 +247,13 @@ class DecodeBatch:
             rows += [r] * n
             slots += range(self.width - n, self.width)
             src += range(packed.starts[j], packed.starts[j] + n)
-        rows_t, slots_t, src_t = (torch.tensor(x, dtype=torch.long, device=device) for x in (rows, slots, src))
+        rows_t, slots_t, src_t = (to_device(torch.tensor(x, dtype=torch.long), device) for x in (rows, slots, src))
 
         def write(layer_i: int, k: torch.Tensor, v: torch.Tensor) -> None:
             self.k[layer_i][rows_t, :, slots_t] = k[src_t]
             self.v[layer_i][rows_t, :, slots_t] = v[src_t]
 
-        last = torch.tensor([packed.starts[j] + prompt_lens[r] - 1 for j, r in enumerate(chunk)], device=device)
+        last = to_device(torch.tensor([packed.starts[j] + prompt_lens[r] - 1 for j, r in enumerate(chunk)]), device)
         hidden, first = packed_forward(
             self.model, packed, tap=tap, attention=attention, write_kv=write, logits_at=last, ops=self.ops
         )

@@ -2,7 +2,7 @@
 
 * padded batches through the model's own forward: the plain path's pair scorer
   (:meth:`model.loaded_export.LoadedExport.score_all`) and cross-validation;
-* packed forwards without padding (:func:`packed_head_outputs`, :mod:`model.packed`): the fast
+* packed forwards without padding (:func:`packed_head_pass`, :mod:`model.packed`): the fast
   engine's alignment and relevance (:mod:`inference.fast`) and export calibration.
 
 It lives in ``model/`` because it runs the backbone: ``model`` may use ``heads``, never the reverse.
@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Sequence, TypeVar
 
 import numpy as np
 import torch
@@ -23,7 +24,7 @@ from data.records import Case
 from heads.alignment import HeadOutput, NotePairHead, pair_rows
 
 from .backbone import backbone_hidden
-from .packed import pack, packed_forward
+from .packed import pack, packed_forward, to_device
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -89,14 +90,41 @@ def group_head_outputs(
     return [head(hidden[row], enc.note_spans, enc.answer_spans) for row, enc in enumerate(group)]
 
 
+ArrayOrTensor = TypeVar("ArrayOrTensor", torch.Tensor, np.ndarray)
+
+
+@dataclass
+class PackedHeadPass:
+    """One head pass over a packed forward's examples, flat: pair logits [sum of n_a * n_n]
+    (each example's [n_a, n_n] row-major, one after another) and relevance logits [sum of n_n]
+    (None without a relevance output). Flat, so that reading a pack costs one copy."""
+
+    output: HeadOutput
+    shapes: list[tuple[int, int]]  # (answer sentences, note sentences) of each example
+
+    def split(
+        self, pairs: ArrayOrTensor, relevance: ArrayOrTensor | None
+    ) -> list[tuple[ArrayOrTensor, ArrayOrTensor | None]]:
+        """Each example's (pairs [n_a, n_n], relevance [n_n] or None), as views of ``pairs`` and
+        ``relevance``: this pass's outputs, or anything computed from them element by element
+        (probabilities, on the device or copied to the host)."""
+        parts: list[tuple[ArrayOrTensor, ArrayOrTensor | None]] = []
+        pair_at = note_at = 0
+        for n_answers, n_notes in self.shapes:
+            pair = pairs[pair_at : pair_at + n_answers * n_notes].reshape(n_answers, n_notes)
+            parts.append((pair, None if relevance is None else relevance[note_at : note_at + n_notes]))
+            pair_at, note_at = pair_at + n_answers * n_notes, note_at + n_notes
+        return parts
+
+
 @torch.no_grad()
-def packed_head_outputs(
+def packed_head_pass(
     model: nn.Module, head: NotePairHead, group: Sequence[EncodedExample], attention: str
-) -> list[HeadOutput]:
-    """One packed forward over ``group`` (no padding, stopping at the head's layer) and one
-    head pass over all of its examples: the head's raw outputs per example, as views of the
-    pass's outputs. The fast engine and export calibration both run it. One pass, not one a
-    case: a case's head call was ~25 kernel launches and two host syncs (issue 22)."""
+) -> PackedHeadPass:
+    """One packed forward over ``group`` (no padding, stopping at the head's layer) and one head
+    pass over all of its examples. Nothing here waits for the GPU: the host can queue the next
+    pack while this one runs. One pass, not one a case: a case's head call was ~25 kernel
+    launches and two host syncs (issue 22)."""
     device = next(head.parameters()).device
     packed = pack([enc.input_ids for enc in group], device)
     hidden, _ = packed_forward(model, packed, tap=head.config.layer, attention=attention)
@@ -107,16 +135,22 @@ def packed_head_outputs(
         pairs += pair_rows(len(answer_spans), len(note_spans), len(enc.answer_spans), len(enc.note_spans))
         note_spans += [(0, start + a, start + b) for a, b in enc.note_spans]
         answer_spans += [(0, start + a, start + b) for a, b in enc.answer_spans]
-    pair_index = torch.tensor(pairs, dtype=torch.long).reshape(-1, 2).to(device)
-    out = head(hidden, note_spans, answer_spans, pair_index=pair_index)  # the head makes tensors of the spans
-    outputs, pair_at, note_at = [], 0, 0
-    for enc in group:
-        n_answers, n_notes = len(enc.answer_spans), len(enc.note_spans)
-        pair_logits = out.pair_logits[pair_at : pair_at + n_answers * n_notes].view(n_answers, n_notes)
-        relevance = None if out.relevance_logits is None else out.relevance_logits[note_at : note_at + n_notes]
-        outputs.append(HeadOutput(pair_logits, relevance))
-        pair_at, note_at = pair_at + n_answers * n_notes, note_at + n_notes
-    return outputs
+    note_t, answer_t, pair_index = (
+        to_device(torch.tensor(x, dtype=torch.long).reshape(-1, w), device)
+        for x, w in ((note_spans, 3), (answer_spans, 3), (pairs, 2))
+    )
+    out = head(hidden, note_t, answer_t, pair_index=pair_index)
+    return PackedHeadPass(out, [(len(enc.answer_spans), len(enc.note_spans)) for enc in group])
+
+
+@torch.no_grad()
+def packed_head_outputs(
+    model: nn.Module, head: NotePairHead, group: Sequence[EncodedExample], attention: str
+) -> list[HeadOutput]:
+    """:func:`packed_head_pass`'s outputs per example (views of the pass's): export calibration's
+    packed forwards."""
+    run = packed_head_pass(model, head, group, attention)
+    return [HeadOutput(p, r) for p, r in run.split(run.output.pair_logits, run.output.relevance_logits)]
 
 
 @torch.no_grad()

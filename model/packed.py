@@ -61,7 +61,18 @@ def pack(seqs: list[list[int]], device: torch.device) -> Packed:
     ids = torch.tensor([t for s in seqs for t in s], dtype=torch.long)
     positions = torch.cat([torch.arange(n) for n in lengths])
     cu = torch.tensor(starts, dtype=torch.int32)
-    return Packed(ids.to(device), positions.to(device), cu.to(device), starts, lengths, max(lengths))
+    return Packed(
+        to_device(ids, device), to_device(positions, device), to_device(cu, device), starts, lengths, max(lengths)
+    )
+
+
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Host tensor ``t`` on ``device``; to a GPU through pinned memory, without waiting. A copy
+    from pageable memory first waits for all the work already queued on the GPU, so the host
+    could not queue the next packed forward while the GPU runs this one."""
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
 
 
 def causal_attention(

@@ -718,6 +718,59 @@ def test_packed_relevance_is_refused_without_relevance_output(tiny_adapter):
     assert fast.report()["alignment"]["forwards"] == 0 and fast.decode.new_tokens == 0
 
 
+def test_packed_forwards_queue_ahead_of_the_host(tiny_adapter, monkeypatch):
+    """The host encodes the rest of the cases after the first part's forwards are queued, and
+    reads a pack's outputs only after queuing the next: on a GPU both run while it computes.
+    The numbers equal the one-go path's."""
+    from bench.synthetic import inference_cases
+    from inference import fast as fast_module
+
+    plain = _tiny_checkpoint(tiny_adapter)
+    cases = inference_cases(6, seed=3)
+    want = fast_module.FastEngine(plain).predict(cases, pairs=True, relevance=True, max_tokens=2600)
+    events: list[tuple[str, int]] = []
+    real_encode, real_pass, real_record = (
+        fast_module.encode_examples,
+        fast_module.packed_head_pass,
+        fast_module._PackOnItsWay.record,
+    )
+
+    def encode(tokenizer, examples, **kwargs):
+        events.append(("encode", len(examples)))
+        return real_encode(tokenizer, examples, **kwargs)
+
+    def head_pass(model, head, group, attention):
+        events.append(("pass", len(events)))
+        return real_pass(model, head, group, attention)
+
+    def record(self, work):
+        events.append(("record", len(self.cases)))
+        return real_record(self, work)
+
+    monkeypatch.setattr(fast_module, "encode_examples", encode)
+    monkeypatch.setattr(fast_module, "packed_head_pass", head_pass)
+    monkeypatch.setattr(fast_module._PackOnItsWay, "record", record)
+    fast = fast_module.FastEngine(plain)
+    assert fast.first_wave_share is None  # on the CPU nothing runs ahead of the host: one go
+    fast.first_wave_share = 3  # as on a GPU: a first third (2 cases), then the rest
+    got = fast.predict(cases, pairs=True, relevance=True, max_tokens=2600)
+    kinds = [kind for kind, _ in events]
+    assert [n for kind, n in events if kind == "encode"] == [2, 4]
+    assert kinds[0] == "encode" and kinds[1] == "pass" and kinds.index("encode", 1) < kinds.index("record")
+    # pass, pass, record, pass, record, ..., record: each pack read after the next is queued
+    assert kinds[-1] == "record" and kinds.count("pass") == kinds.count("record") == fast.alignment["forwards"]
+    queued = [i for i, kind in enumerate(kinds) if kind == "pass"]
+    read = [i for i, kind in enumerate(kinds) if kind == "record"]
+    assert all(r > q for r, q in zip(read, queued[1:]))
+    assert sum(n for kind, n in events if kind == "record") == len(cases)
+    assert list(got.pairs) == list(got.relevance) == [c.case_id for c in cases]
+    for case in cases:
+        assert got.pairs[case.case_id].dtype == np.float64
+        np.testing.assert_allclose(got.pairs[case.case_id], want.pairs[case.case_id], rtol=0, atol=1e-6)
+        np.testing.assert_allclose(got.relevance[case.case_id], want.relevance[case.case_id], rtol=0, atol=1e-6)
+    assert fast.report()["head_cases"] == {"prefill_shared": 0, "own_forwards": len(cases)}
+
+
 def test_packed_head_forwards_halve_their_budget_after_out_of_memory(tiny_adapter, monkeypatch):
     from bench.synthetic import inference_cases
     from inference import fast as fast_module
