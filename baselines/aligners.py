@@ -18,7 +18,6 @@ from typing import Mapping, Protocol, runtime_checkable
 
 import numpy as np
 from rank_bm25 import BM25Okapi
-from sklearn.feature_extraction.text import TfidfVectorizer
 
 from data.records import Case
 
@@ -73,6 +72,8 @@ class TfidfAligner:
             return out
         notes = [s.text for s in case.note_sentences]
         answers = [a.text for a in case.answer_sentences]
+        from sklearn.feature_extraction.text import TfidfVectorizer  # here: ~1 s of imports, for this aligner only
+
         vectorizer = TfidfVectorizer(
             tokenizer=content_tokens, lowercase=False, token_pattern=None, ngram_range=(1, 2), sublinear_tf=True
         )

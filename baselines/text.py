@@ -9,8 +9,7 @@ easy to predict from the text.
 from __future__ import annotations
 
 import re
-
-from sklearn.feature_extraction.text import ENGLISH_STOP_WORDS
+from functools import cache
 
 _TOKEN = re.compile(r"[a-z0-9]+")
 
@@ -24,6 +23,16 @@ def _fold(token: str) -> str:
     return token
 
 
+@cache
+def _stop_words() -> frozenset[str]:
+    # scikit-learn's list, imported when first needed: importing scikit-learn (and the scipy and
+    # pandas it brings) costs ~1 s, which infer.py with a checkpoint should not pay at load.
+    from sklearn.feature_extraction.text import ENGLISH_STOP_WORDS
+
+    return frozenset(ENGLISH_STOP_WORDS)
+
+
 def content_tokens(text: str) -> list[str]:
     """Lower-cased, stop-word-free, lightly folded word tokens of ``text``."""
-    return [_fold(t) for t in _TOKEN.findall(text.lower()) if t not in ENGLISH_STOP_WORDS]
+    stop = _stop_words()
+    return [_fold(t) for t in _TOKEN.findall(text.lower()) if t not in stop]

@@ -60,6 +60,18 @@ def drop_answer_sentences(xml_text: str, case_id: str) -> str:
 # ---------------------------------------------------------------- retrieval baseline
 
 
+def test_importing_infer_and_its_engine_leaves_scikit_learn_unloaded():
+    """scikit-learn (with the scipy and pandas it imports) costs ~1 s; infer.py with an export
+    never needs it, so only the retrieval baselines import it, when they run."""
+    code = (
+        "import sys, infer, inference.pipeline, inference.fast, baselines.aligners, baselines.text\n"
+        "print(sorted(m for m in ('sklearn', 'scipy', 'pandas') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "[]"
+
+
 def test_baseline_writes_valid_submissions_and_says_it_is_the_baseline(tmp_path, capsys):
     out = tmp_path / "run"
     run, log = run_infer(capsys, EXAMPLE_XML, "--out", out)
