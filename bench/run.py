@@ -77,6 +77,27 @@ VARIANTS = [
         compile_layers=True,
         quantise=False,
     ),
+    # What the checkpoint recompute costs (issue 21): the same step at 8k-token batches, with and
+    # without gradient checkpointing (without it every layer's activations are kept).
+    StepVariant(
+        "8k-token batches, otherwise as 7",
+        "tokens",
+        max_tokens=8192,
+        autocast=True,
+        keep_bf16=True,
+        lm_chunk=1024,
+        compile_layers=True,
+    ),
+    StepVariant(
+        "8k-token batches, no gradient checkpointing, otherwise as 7",
+        "tokens",
+        max_tokens=8192,
+        autocast=True,
+        keep_bf16=True,
+        lm_chunk=1024,
+        compile_layers=True,
+        checkpointing=False,
+    ),
 ]
 
 # The task stage (--joint) on synthetic ArchEHR-QA cases, through the same step: today's
