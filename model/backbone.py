@@ -301,6 +301,9 @@ class DecoderLayer(Protocol):
     input_layernorm: nn.Module
     post_attention_layernorm: nn.Module
     mlp: nn.Module
+    training: bool
+    gradient_checkpointing: bool  # transformers' GradientCheckpointingLayer flag
+    _compiled_call_impl: Callable[..., Any] | None  # set by compile()
 
     def register_forward_hook(self, hook: Callable[..., None]) -> RemovableHandle: ...
 
@@ -530,7 +533,39 @@ def compile_decoder_layers(model: nn.Module) -> None:
     never change during a run. Left symbolic (``dynamic=True``'s default), dynamo traced each
     layer twice (it restarts once it has turned them into tensors). With
     :func:`start_compile_workers`, this took the warm-up from ~70 s to ~20 s on an H200
-    (BENCHMARKS.md, issue 21). The setting is dynamo's, so it holds for the whole process."""
+    (BENCHMARKS.md, issue 21). The setting is dynamo's, so it holds for the whole process.
+
+    A layer under gradient checkpointing is checkpointed around its compiled call
+    (:func:`checkpoint_compiled_call`), whatever the transformers version."""
     torch._dynamo.config.specialize_float = True
     for layer in decoder(model).layers:
         layer.compile(dynamic=True)
+        if getattr(layer, "gradient_checkpointing", False):
+            checkpoint_compiled_call(layer)
+
+
+def checkpoint_compiled_call(layer: DecoderLayer) -> None:
+    """Checkpoint ``layer`` around its compiled call instead of inside it.
+
+    transformers >= 5.24 checkpoints a layer inside its ``forward``, that is inside the compiled
+    region, and torch's ``checkpoint`` runs what it calls with dynamo disabled: the compiled
+    layer ran eagerly, forward and recompute (a CPU profile: no compiled graph called, the norms'
+    and SwiGLU's element-wise ops one by one). transformers 5.17 checkpointed around the call, so
+    the forward and the recompute both ran the compiled graph; this does the same for any
+    version: the layer's own checkpointing off, ours around ``_compiled_call_impl``."""
+    from functools import partial
+
+    from torch.utils.checkpoint import checkpoint
+
+    compiled = layer._compiled_call_impl
+    if compiled is None:
+        raise ValueError("checkpoint_compiled_call needs a compiled layer (layer.compile() first)")
+    checkpoint_fn = getattr(layer, "_gradient_checkpointing_func", None) or partial(checkpoint, use_reentrant=False)
+    layer.gradient_checkpointing = False
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        if layer.training and torch.is_grad_enabled():
+            return checkpoint_fn(partial(compiled, **kwargs), *args)
+        return compiled(*args, **kwargs)
+
+    layer._compiled_call_impl = call

@@ -186,3 +186,75 @@ def test_compiled_layers_trace_once_with_floats_as_constants(monkeypatch):
     assert "compile_attempt_0" in compilation_time_metrics
     assert "compile_attempt_1" not in compilation_time_metrics
     torch._dynamo.reset()
+
+
+def _checkpointed_tiny(seed: int = 0):
+    torch.manual_seed(seed)
+    model = load_backbone("tiny", load_in_4bit=False, device=torch.device("cpu"), lora=LoraSettings(dropout=0.1))
+    for name, p in model.named_parameters():
+        if "lora_B" in name:  # non-zero B so that every LoRA path carries gradient
+            torch.nn.init.normal_(p, std=0.02, generator=torch.Generator().manual_seed(seed + 1))
+    return model.train()
+
+
+def _lora_grads(model) -> dict[str, torch.Tensor]:
+    torch.manual_seed(7)  # the same dropout masks for every model
+    ids = torch.randint(0, 1000, (2, 29), generator=torch.Generator().manual_seed(3))
+    model(input_ids=ids, labels=ids).loss.backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_checkpointed_layers_run_their_compiled_call_in_the_forward_and_the_recompute(monkeypatch):
+    """transformers >= 5.24 checkpoints inside a layer's forward, where dynamo does not compile:
+    the compiled layers ran eagerly under gradient checkpointing. Checkpointed around the
+    compiled call, each step calls it twice a layer (forward, recompute), with the same
+    gradients as the uncompiled model (dropout masks replayed)."""
+    calls: list[int] = []
+
+    def counting_compile(fn, **kwargs):  # stands in for torch.compile: counts, runs eagerly
+        assert kwargs == {"dynamic": True}
+
+        def compiled(*args, **kw):
+            calls.append(1)
+            return fn(*args, **kw)
+
+        return compiled
+
+    want = _lora_grads(_checkpointed_tiny())
+    model = _checkpointed_tiny()
+    monkeypatch.setattr(torch, "compile", counting_compile)
+    compile_decoder_layers(model)
+    layers = decoder(model).layers
+    assert all(not layer.gradient_checkpointing for layer in layers)  # its own, inside forward: off
+    got = _lora_grads(model)
+    assert len(calls) == 2 * len(layers)
+    assert want.keys() == got.keys() and len(got) > 0
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=0, atol=0)
+    calls.clear()
+    with torch.no_grad():  # nothing to recompute: one call a layer
+        model(input_ids=torch.ones((1, 5), dtype=torch.long))
+    assert len(calls) == len(layers)
+
+
+@pytest.mark.slow
+def test_checkpointed_compiled_layers_run_compiled_graphs_not_eager_ops():
+    """The real torch.compile on CPU: under gradient checkpointing, the layers' forward and
+    recompute run inductor's graphs (no eager SwiGLU or RMSNorm ops left in the layers)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch._dynamo.reset()
+    model = _checkpointed_tiny()
+    compile_decoder_layers(model)
+    n_layers = len(decoder(model).layers)
+    ids = torch.randint(0, 1000, (1, 40))
+    for _ in range(2):  # compiled and warm
+        model(input_ids=ids, labels=ids).loss.backward()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        model(input_ids=ids, labels=ids).loss.backward()
+    names = [e.name for e in prof.events()]
+    forward_graphs = sum(1 for n in names if n == "CompiledFunction")
+    assert forward_graphs == 2 * n_layers  # forward + recompute, each compiled
+    assert names.count("aten::silu") == 0
+    assert names.count("aten::rsqrt") == 1  # the final norm, outside the layers (eager: 8 a layer)
+    torch._dynamo.reset()
