@@ -163,6 +163,10 @@ def test_cli_two_stages_chain_exports(tmp_path):
         "false",
     )
     assert r.returncode == 0, r.stderr[-2000:]
+    # the export's steps, the calibration's kernels (their compile, once per machine) apart
+    line = next(x for x in r.stderr.splitlines() if x.startswith("export: ") and " s (" in x)
+    steps = [part.split()[0] for part in line.split(" s (", 1)[1].rstrip(")").split(", ")]
+    assert steps == ["adapter", "head", "kernels", "calibration", "manifest", "fsync"], line
     for name in EXPORT_FILES:
         assert (t / "export" / name).is_file(), name
     m = json.loads((t / "export" / "manifest.json").read_text())

@@ -261,6 +261,11 @@ def export_run(
     clock("head_s")
 
     calibrating = cfg.joint and calibrate_alignment
+    if calibrating:
+        from model.packed import layer_ops
+
+        layer_ops(backbone)  # the fused kernels' probe (their compile, once per machine) timed apart
+        clock("kernels_s")
     pair_t, relevance_t = (
         calibrated_thresholds(backbone, head, items, cfg.calibration_max_examples) if calibrating else (None, None)
     )
