@@ -565,6 +565,11 @@ def checkpoint_compiled_call(layer: DecoderLayer) -> None:
 
     def call(*args: Any, **kwargs: Any) -> Any:
         if layer.training and torch.is_grad_enabled():
+            # As transformers does under checkpointing: no KV cache (the recompute would write
+            # it twice). Training loads the model with use_cache off, so none comes here.
+            for key in ("past_key_values", "cache", "layer_past"):
+                if kwargs.get(key) is not None:
+                    kwargs[key] = None
             return checkpoint_fn(partial(compiled, **kwargs), *args)
         return compiled(*args, **kwargs)
 

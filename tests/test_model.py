@@ -258,3 +258,29 @@ def test_checkpointed_compiled_layers_run_compiled_graphs_not_eager_ops():
     assert names.count("aten::silu") == 0
     assert names.count("aten::rsqrt") == 1  # the final norm, outside the layers (eager: 8 a layer)
     torch._dynamo.reset()
+
+
+def test_checkpointed_compiled_call_drops_a_kv_cache_in_training_only():
+    """As transformers does under checkpointing: the recompute would write a cache twice."""
+    from model.backbone import checkpoint_compiled_call
+
+    seen: list[object] = []
+
+    class Layer(torch.nn.Module):
+        gradient_checkpointing = True
+
+        def forward(self, x, past_key_values=None):
+            seen.append(past_key_values)
+            return x * x
+
+    layer = Layer().train()
+    with pytest.raises(ValueError, match="compiled layer"):
+        checkpoint_compiled_call(layer)
+    layer._compiled_call_impl = layer._call_impl  # stands in for layer.compile()
+    checkpoint_compiled_call(layer)
+    x = torch.ones(3, requires_grad=True)
+    layer(x, past_key_values="cache").sum().backward()
+    assert seen == [None, None]  # forward and recompute
+    with torch.no_grad():
+        layer(x, past_key_values="cache")
+    assert seen[-1] == "cache" and torch.equal(x.grad, 2 * torch.ones(3))
