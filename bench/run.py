@@ -823,24 +823,36 @@ def guarded(run, device) -> dict:
         return {"error": f"{type(err).__name__}: {str(err)[:300]}"}
 
 
-def ensure_model(b: Bench, v: StepVariant, loaded: tuple, data: dict) -> tuple:
-    """(load key, model) for ``v``: the loaded one when its load settings match, else a fresh load."""
+@dataclass
+class HeldModel:
+    """The one model the bench holds, under its load settings. Only this holds it, so that it is
+    freed before the next one loads: a variant's peak memory is its own (a bf16 base left
+    alive once added its 8 GB to the next variant's peak)."""
+
+    key: tuple | None = None
+    model: torch.nn.Module | None = None
+
+
+def ensure_model(b: Bench, v: StepVariant, held: HeldModel, data: dict) -> torch.nn.Module:
+    """``v``'s model: the held one when its load settings match, else the held one freed first
+    and a fresh load."""
     key = (v.keep_bf16, v.checkpointing, v.lora_dropout, v.compile_layers, v.quantise)
-    if key == loaded[0]:
-        return loaded
-    loaded = None
+    if key == held.key and held.model is not None:
+        return held.model
+    held.key, held.model = None, None
     release()
-    model = load_ours(
+    held.model = load_ours(
         b.model_dir, b.preset, b.device, v.quantise, v.keep_bf16, v.checkpointing, v.lora_dropout, v.compile_layers
     )
+    held.key = key
     b.result.setdefault("numerics", []).append(
         {
             "variant": v.name,
             "seq": b.seqs[-1],
-            "our_lm_loss_first_4_rows": our_reference_loss(model, data[b.seqs[-1]][:4], b.device),
+            "our_lm_loss_first_4_rows": our_reference_loss(held.model, data[b.seqs[-1]][:4], b.device),
         }
     )
-    return key, model
+    return held.model
 
 
 def task_data(b: Bench, n_cases: int):
@@ -872,13 +884,13 @@ def our_rows(b: Bench, data: dict, variants: list[StepVariant], task_variants: l
     then the task stage (--joint) per batching, then the export of both stages."""
     from training.data import TrainItem
 
-    loaded: tuple = (None, None)
+    held = HeldModel()  # the only reference to the model: no local keeps one across loads
     items = {s: [TrainItem(e) for e in data[s]] for s in b.seqs}
     for v in variants:
-        loaded = ensure_model(b, v, loaded, data)
+        ensure_model(b, v, held, data)
         for s in b.seqs:
             row = guarded(
-                lambda: run_ours(loaded[1], items[s], v, b.steps, b.warmup, b.device, profile=b.args.profile_steps),
+                lambda: run_ours(held.model, items[s], v, b.steps, b.warmup, b.device, profile=b.args.profile_steps),
                 b.device,
             )
             row.update(column="ours", stage="domain", variant=v.name, seq=s)
@@ -887,17 +899,17 @@ def our_rows(b: Bench, data: dict, variants: list[StepVariant], task_variants: l
         return
     task_cfg, task_items, sources, tokenizer = task_data(b, 6 if b.args.smoke else b.args.task_cases)
     for v in task_variants:
-        loaded = ensure_model(b, v, loaded, data)
+        ensure_model(b, v, held, data)
         row = guarded(
             lambda: run_ours(
-                loaded[1], task_items, v, b.steps, b.warmup, b.device, stage="task", profile=b.args.profile_steps
+                held.model, task_items, v, b.steps, b.warmup, b.device, stage="task", profile=b.args.profile_steps
             ),
             b.device,
         )
         row.update(column="ours", stage="task", variant=v.name, seq=None, cases=len(task_items))
         b.add("train", row)
-    if b.args.export and loaded[1] is not None:
-        export_rows(b, loaded[1], items[b.seqs[-1]], task_cfg, task_items, sources, tokenizer)
+    if b.args.export and held.model is not None:
+        export_rows(b, held.model, items[b.seqs[-1]], task_cfg, task_items, sources, tokenizer)
 
 
 def export_rows(b: Bench, model, domain_items, task_cfg, task_items, sources, tokenizer) -> None:

@@ -64,3 +64,36 @@ def test_bench_and_train_py_run_the_same_step_function(step_calls, tmp_path):
     )
     assert step_calls[2:] == ["bench.run"] * 3  # the bench: 1 warm-up + 2 timed steps, the same function
     assert row["batches"] == 2 and row["real_tokens"] > 0 and row["warmup_s"] >= 0 and row["recompiles"] == 0
+
+
+def test_bench_frees_a_variants_model_before_loading_the_next(monkeypatch):
+    """A variant's peak memory is its own: when the load settings change, the model held so
+    far is gone before the next one loads (a bf16 base once added 8 GB to the next peak)."""
+    import gc
+    import weakref
+    from types import SimpleNamespace
+
+    from bench import run
+
+    alive_at_load: list[bool] = []
+    previous: list[weakref.ref] = []
+
+    def fake_load(*args):
+        gc.collect()
+        alive_at_load.append(any(ref() is not None for ref in previous))
+        model = torch.nn.Linear(2, 2)
+        previous.append(weakref.ref(model))
+        return model
+
+    monkeypatch.setattr(run, "load_ours", fake_load)
+    monkeypatch.setattr(run, "our_reference_loss", lambda model, rows, device: 0.0)
+    b = SimpleNamespace(model_dir="", preset="tiny", device=torch.device("cpu"), seqs=[256], result={})
+    held = run.HeldModel()
+    nf4, bf16 = run.VARIANTS[7], run.VARIANTS[8]
+    first = run.ensure_model(b, nf4, held, {256: []})
+    assert run.ensure_model(b, nf4, held, {256: []}) is first  # same settings: no new load
+    del first
+    run.ensure_model(b, bf16, held, {256: []})
+    run.ensure_model(b, nf4, held, {256: []})
+    assert alive_at_load == [False, False, False]
+    assert len(b.result["numerics"]) == 3
