@@ -223,7 +223,7 @@ def prefill(
     dtype: torch.dtype,
 ) -> float:
     """Prefill the batch's cache with the unpadded prompts; seconds."""
-    from model.packed import head_dim_of
+    from model.backbone import head_dim_of
     from model.packed import choose_packed_attention
 
     t0 = time.perf_counter()

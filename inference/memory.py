@@ -80,7 +80,7 @@ def should_merge(arch: dict, budget_bytes: int | None) -> tuple[bool, str]:
 def activation_bytes_per_token(config) -> int:
     """A forward's live activations per token (no cache): residual, attention and MLP
     temporaries in bf16, with room for the mask and the head's captured hidden state."""
-    from model.packed import head_dim_of
+    from model.backbone import head_dim_of
 
     h, inter = config.hidden_size, config.intermediate_size
     head_dim = head_dim_of(config)

@@ -43,6 +43,11 @@ from .presets import LORA_TARGETS, LoraSettings, ModelPreset, bundled_tokenizer_
 RANDOM_INIT_SEED = 0
 
 
+def head_dim_of(config: PreTrainedConfig) -> int:
+    """A Qwen3-style config's attention head size (``head_dim``, else hidden / heads)."""
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
 def resolve_preset(preset: ModelPreset | str) -> ModelPreset:
     return preset if isinstance(preset, ModelPreset) else get_preset(preset)
 

@@ -37,10 +37,10 @@ from torch import nn
 if TYPE_CHECKING:
     from transformers import PreTrainedConfig
 
-from .backbone import decoder, lm_head, unwrapped
+from .backbone import decoder, head_dim_of, lm_head, unwrapped
 from .kernel_probe import kernel_mismatch
 from .fused_ops import LayerOps
-from .packed import attention_shape, choose_packed_attention, head_dim_of, layer_ops, pack, packed_forward, to_device
+from .packed import attention_shape, choose_packed_attention, layer_ops, pack, packed_forward, to_device
 
 ROWS_MULTIPLE = 8  # decode rows beyond 4 are rounded up to this: whole GEMM tiles, few idle rows
 WIDTH_BUCKET = 64  # prompt widths are rounded up to a multiple of this
@@ -258,7 +258,7 @@ class DecodeBatch:
             self.model, packed, tap=tap, attention=attention, write_kv=write, logits_at=last, ops=self.ops
         )
         assert first is not None  # logits_at was given
-        self.tok[torch.tensor(chunk, device=device)] = first
+        self.tok[to_device(torch.tensor(chunk), device)] = first
         if on_hidden is not None:
             for j, r in enumerate(chunk):
                 on_hidden(r, hidden[packed.starts[j] : packed.starts[j] + packed.lengths[j]])

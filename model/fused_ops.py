@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .backbone import head_dim_of
 from .kernel_probe import kernel_mismatch
 
 EAGER, TRITON = "eager", "triton"
@@ -145,8 +146,7 @@ def choose_layer_ops(
     if norm is not None and _qwen3_norm(norm)[1] is None:
         return EAGER_OPS, f"the fused norm kernel is Qwen3's RMSNorm, not {type(norm).__name__}"
     hidden, heads = config.hidden_size, config.num_attention_heads
-    n_kv = config.num_key_value_heads
-    head_dim = getattr(config, "head_dim", None) or hidden // heads
+    n_kv, head_dim = config.num_key_value_heads, head_dim_of(config)
     key = (str(device), dtype, hidden, heads, n_kv, head_dim)
     if key not in _CHOICES:
         _CHOICES[key] = _probe(device, dtype, hidden, heads, n_kv, head_dim, float(config.rms_norm_eps))

@@ -19,16 +19,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-if TYPE_CHECKING:
-    from transformers import PreTrainedConfig
-
-from .backbone import decoder, lm_head
+from .backbone import decoder, head_dim_of, lm_head
 from .fused_ops import LayerOps, choose_layer_ops
 from .kernel_probe import kernel_mismatch
 
@@ -94,11 +90,6 @@ def causal_attention(
 
 
 _PROBES: dict[tuple[str, torch.dtype, int, int, int], str | None] = {}
-
-
-def head_dim_of(config: PreTrainedConfig) -> int:
-    """A Qwen3-style config's attention head size (``head_dim``, else hidden / heads)."""
-    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
 def attention_shape(model: nn.Module) -> tuple[torch.device, torch.dtype, int, int, int]:
