@@ -23,7 +23,7 @@ import json
 import platform
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -52,6 +52,16 @@ class StepVariant:
     quantise: bool = True  # NF4 base; False = bf16 base (``--load_in_4bit false``)
 
 
+# Today's default step (variant 7): each variant after it changes one thing, the rest "as 7".
+COMPILED_STEP = StepVariant(
+    "+ torch.compile per decoder layer (dropout 0.05)",
+    "tokens",
+    autocast=True,
+    keep_bf16=True,
+    lm_chunk=1024,
+    compile_layers=True,
+)
+
 VARIANTS = [
     StepVariant("ours: rows=4, fp32 upcast, no autocast", "rows"),
     StepVariant("+ token-budget batches (16k)", "tokens"),
@@ -60,42 +70,15 @@ VARIANTS = [
     StepVariant("+ chunked answer CE (1024)", "tokens", autocast=True, keep_bf16=True, lm_chunk=1024),
     StepVariant("+ 32k-token batches", "tokens", max_tokens=32768, autocast=True, keep_bf16=True, lm_chunk=1024),
     StepVariant("+ LoRA dropout 0 (16k)", "tokens", autocast=True, keep_bf16=True, lm_chunk=1024, lora_dropout=0.0),
-    StepVariant(
-        "+ torch.compile per decoder layer (dropout 0.05)",
-        "tokens",
-        autocast=True,
-        keep_bf16=True,
-        lm_chunk=1024,
-        compile_layers=True,
-    ),
-    StepVariant(
-        "bf16 base (--load_in_4bit false), otherwise as 7",
-        "tokens",
-        autocast=True,
-        keep_bf16=True,
-        lm_chunk=1024,
-        compile_layers=True,
-        quantise=False,
-    ),
+    COMPILED_STEP,
+    replace(COMPILED_STEP, name="bf16 base (--load_in_4bit false), otherwise as 7", quantise=False),
     # What the checkpoint recompute costs (issue 21): the same step at 8k-token batches, with and
     # without gradient checkpointing (without it every layer's activations are kept).
-    StepVariant(
-        "8k-token batches, otherwise as 7",
-        "tokens",
+    replace(COMPILED_STEP, name="8k-token batches, otherwise as 7", max_tokens=8192),
+    replace(
+        COMPILED_STEP,
+        name="8k-token batches, no gradient checkpointing, otherwise as 7",
         max_tokens=8192,
-        autocast=True,
-        keep_bf16=True,
-        lm_chunk=1024,
-        compile_layers=True,
-    ),
-    StepVariant(
-        "8k-token batches, no gradient checkpointing, otherwise as 7",
-        "tokens",
-        max_tokens=8192,
-        autocast=True,
-        keep_bf16=True,
-        lm_chunk=1024,
-        compile_layers=True,
         checkpointing=False,
     ),
 ]
@@ -103,43 +86,16 @@ VARIANTS = [
 # The task stage (--joint) on synthetic ArchEHR-QA cases, through the same step: today's
 # configs/task.toml (one case per forward, 4 micro-batches a step) and token-budget batches.
 TASK_VARIANTS = [
-    StepVariant(
-        "task: one case per forward, grad_accum 4 (task.toml before issue 21)",
-        "rows",
+    replace(
+        COMPILED_STEP,
+        name="task: one case per forward, grad_accum 4 (task.toml before issue 21)",
+        batching="rows",
         rows=1,
-        autocast=True,
-        keep_bf16=True,
-        lm_chunk=1024,
-        compile_layers=True,
         grad_accum=4,
     ),
-    StepVariant(
-        "task: 4k-token batches",
-        "tokens",
-        max_tokens=4096,
-        autocast=True,
-        keep_bf16=True,
-        lm_chunk=1024,
-        compile_layers=True,
-    ),
-    StepVariant(
-        "task: 8k-token batches (task.toml now)",
-        "tokens",
-        max_tokens=8192,
-        autocast=True,
-        keep_bf16=True,
-        lm_chunk=1024,
-        compile_layers=True,
-    ),
-    StepVariant(
-        "task: 16k-token batches",
-        "tokens",
-        max_tokens=16384,
-        autocast=True,
-        keep_bf16=True,
-        lm_chunk=1024,
-        compile_layers=True,
-    ),
+    replace(COMPILED_STEP, name="task: 4k-token batches", max_tokens=4096),
+    replace(COMPILED_STEP, name="task: 8k-token batches (task.toml now)", max_tokens=8192),
+    replace(COMPILED_STEP, name="task: 16k-token batches", max_tokens=16384),
 ]
 
 
