@@ -25,6 +25,7 @@ import argparse
 import datetime as dt
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -167,11 +168,93 @@ def profile_table(step, device: torch.device, reps: int = 3) -> dict:
     ]
     total_kernel_ms = sum(getattr(e, attr, 0) for e in kernels) / 1e3 / reps
     kernel_launches = sum(e.count for e in kernels) // reps
-    return {
+    table = {
         "aten_ops": rows(ops, 30),
         "kernels": rows(kernels, 30),
         "kernel_ms_per_step": round(total_kernel_ms, 3),
         "kernels_per_step": kernel_launches,
+    }
+    if device.type == "cuda":
+        table["gpu_idle"] = gpu_idle_report(prof.events(), reps)
+    return table
+
+
+@dataclass(frozen=True)
+class Span:
+    """One profiler event's time range (microseconds) and name."""
+
+    start: float
+    end: float
+    name: str
+
+
+def idle_gaps(busy: list[tuple[float, float]], min_us: float) -> list[tuple[float, float]]:
+    """The gaps of at least ``min_us`` between the union of the ``busy`` intervals, in order."""
+    gaps, reach = [], None
+    for start, end in sorted(busy):
+        if reach is not None and start - reach >= min_us:
+            gaps.append((reach, start))
+        reach = end if reach is None else max(reach, end)
+    return gaps
+
+
+def host_ops_at(points: list[float], spans: list[Span]) -> list[tuple[Span, Span] | None]:
+    """For each of the sorted ``points``: the (innermost, outermost) host span running then, on
+    any thread, or None. One sweep: spans by start, the running ones in a heap by end."""
+    import heapq
+
+    ordered = sorted(spans, key=lambda s: s.start)
+    running: list[tuple[float, int, Span]] = []
+    out: list[tuple[Span, Span] | None] = []
+    i = 0
+    for t in points:
+        while i < len(ordered) and ordered[i].start <= t:
+            heapq.heappush(running, (ordered[i].end, i, ordered[i]))
+            i += 1
+        while running and running[0][0] < t:
+            heapq.heappop(running)
+        if not running:
+            out.append(None)
+            continue
+        by_length = sorted((s for _, _, s in running), key=lambda s: s.end - s.start)
+        out.append((by_length[0], by_length[-1]))
+    return out
+
+
+def gpu_idle_report(events, reps: int, min_us: float = 20.0, top: int = 15) -> dict:
+    """Where the GPU waits for the host: the union of kernel time against the profiled span, and
+    each idle gap of at least ``min_us`` charged to the host op running at its middle (innermost
+    and outermost, on any thread). A step whose idle time is large is bound by its host work."""
+    busy, host = [], []
+    for e in events:
+        kind = str(getattr(e, "device_type", "")).lower()
+        span = (e.time_range.start, e.time_range.end)
+        if "cuda" in kind and not getattr(e, "is_user_annotation", False):
+            busy.append(span)
+        elif "cpu" in kind:
+            host.append(Span(span[0], span[1], e.name))
+    if not busy:
+        return {}
+    gaps = idle_gaps(busy, min_us)
+    first, last = min(s for s, _ in busy), max(e for _, e in busy)
+    charged: dict[str, dict[str, float]] = {"innermost": {}, "outermost": {}}
+    for (start, end), found in zip(gaps, host_ops_at([(a + b) / 2 for a, b in gaps], host)):
+        names = ("(no host op)", "(no host op)") if found is None else (found[0].name, found[1].name)
+        for key, name in zip(("innermost", "outermost"), names):
+            charged[key][name] = charged[key].get(name, 0.0) + (end - start)
+    idle_us = sum(b - a for a, b in gaps)
+
+    def ranked(table: dict[str, float]) -> list[dict]:
+        best = sorted(table.items(), key=lambda kv: -kv[1])[:top]
+        return [{"host_op": name[:120], "idle_ms_per_step": round(us / 1e3 / reps, 3)} for name, us in best]
+
+    return {
+        "span_ms_per_step": round((last - first) / 1e3 / reps, 3),
+        "idle_ms_per_step": round(idle_us / 1e3 / reps, 3),
+        "idle_gaps_per_step": round(len(gaps) / reps, 1),
+        "min_gap_us": min_us,
+        "idle_by_innermost_host_op": ranked(charged["innermost"]),
+        "idle_by_outermost_host_op": ranked(charged["outermost"]),
     }
 
 
