@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from data.records import Case
+from plumbing.hf_loading import local_code_only
 
 from .models import minilm_path
 
@@ -109,7 +110,9 @@ def _fresh_cross_encoder(source: str) -> tuple[PreTrainedTokenizerBase, PreTrain
     previous = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # the "classifier newly initialised" report is expected here
     try:
-        model = AutoModelForSequenceClassification.from_pretrained(source, num_labels=1, use_safetensors=True)
+        model = AutoModelForSequenceClassification.from_pretrained(
+            source, num_labels=1, use_safetensors=True, **local_code_only()
+        )
     finally:
         hf_logging.set_verbosity(previous)
     return tokenizer, model

