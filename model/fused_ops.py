@@ -14,6 +14,7 @@ the residual add before a norm, the rotary embedding, and SwiGLU's ``silu(gate) 
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -153,11 +154,32 @@ def choose_layer_ops(
     return _CHOICES[key]
 
 
+def share_compiled_kernels_folder(device: torch.device) -> None:
+    """Point Triton at the folder torch.compile's kernels go to, unless the user chose one.
+
+    A process that compiles with inductor (training) sets ``TRITON_CACHE_DIR`` to inductor's
+    folder at its first compiled kernel; one that does not (``infer.py``) left Triton at its own
+    default, so the first ``infer.py`` on a machine compiled again the kernels the training
+    run's export had compiled (2.3 s of its load in the journey of 2026-12-03)."""
+    if os.environ.get("TRITON_CACHE_DIR"):
+        return
+    os.environ.pop("TRITON_CACHE_DIR", None)  # set but empty: unset, also for inductor's helper below
+    try:
+        from torch._inductor.runtime.cache_dir_utils import triton_cache_dir
+    except ImportError:  # a torch without inductor: Triton's default folder
+        return
+    index = (
+        device.index if device.index is not None else (torch.cuda.current_device() if torch.cuda.is_available() else 0)
+    )
+    os.environ["TRITON_CACHE_DIR"] = triton_cache_dir(index)
+
+
 def _probe(
     device: torch.device, dtype: torch.dtype, hidden: int, heads: int, n_kv: int, head_dim: int, eps: float
 ) -> tuple[LayerOps, str | None]:
     """Each kernel against its eager formulation on small random inputs at the model's widths
     (which also compiles the kernels the forwards will launch)."""
+    share_compiled_kernels_folder(device)
     try:
         fused = TritonLayerOps()
     except ImportError as exc:

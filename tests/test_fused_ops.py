@@ -7,6 +7,7 @@ ops element by element, and the fast-path numerics test covers them end to end."
 
 from __future__ import annotations
 
+import os
 import sys
 from types import SimpleNamespace
 
@@ -62,6 +63,12 @@ def _reference_kernels(broken: str = "") -> SimpleNamespace:
     return SimpleNamespace(rms_norm=rms_norm, rope_=rope_, silu_mul=silu_mul)
 
 
+@pytest.fixture(autouse=True)
+def _triton_folder_restored(monkeypatch):
+    """The probe sets TRITON_CACHE_DIR (where unset): undone after each test ("" reads as unset)."""
+    monkeypatch.setenv("TRITON_CACHE_DIR", "")
+
+
 def _probe_with(monkeypatch, kernels: SimpleNamespace) -> tuple[LayerOps, str | None]:
     monkeypatch.setattr(fused_ops.TritonLayerOps, "__init__", lambda self: setattr(self, "kernels", kernels))
     return fused_ops._probe(torch.device("cpu"), torch.bfloat16, 64, 4, 2, 16, 1e-6)
@@ -81,6 +88,25 @@ def test_the_probe_refuses_a_kernel_that_disagrees_and_names_it(monkeypatch, bro
     ops, why_not = _probe_with(monkeypatch, _reference_kernels(broken))
     assert ops is EAGER_OPS
     assert why_not is not None and named in why_not and "differs from eager" in why_not
+
+
+def test_the_probe_points_triton_at_the_folder_torch_compile_uses():
+    """Kernels compiled by a training run's export (inductor set TRITON_CACHE_DIR in that
+    process) are found by infer.py, which compiles nothing with inductor."""
+    from torch._inductor.runtime.cache_dir_utils import triton_cache_dir
+
+    fused_ops._probe(torch.device("cpu"), torch.bfloat16, 64, 4, 2, 16, 1e-6)
+    chosen = os.environ["TRITON_CACHE_DIR"]
+    del os.environ["TRITON_CACHE_DIR"]  # inductor's own choice, as a training process makes it
+    assert chosen == triton_cache_dir(0)
+    fused_ops.share_compiled_kernels_folder(torch.device("cuda", 1))
+    assert os.environ["TRITON_CACHE_DIR"] == triton_cache_dir(1)
+
+
+def test_a_triton_folder_the_user_chose_is_kept(monkeypatch, tmp_path):
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
+    fused_ops._probe(torch.device("cpu"), torch.bfloat16, 64, 4, 2, 16, 1e-6)
+    assert os.environ["TRITON_CACHE_DIR"] == str(tmp_path)
 
 
 def test_without_triton_the_eager_ops_run_and_say_why(monkeypatch):
