@@ -177,10 +177,12 @@ def load_ours(
 @torch.no_grad()
 def our_reference_loss(model, examples, device) -> float:
     """LM loss of our step's forward on the rows the textbook reference used (fresh LoRA)."""
+    from accelerate.utils import send_to_device
+
     from training.batching import collate
     from training.data import TrainItem
 
-    batch = {k: v.to(device) for k, v in collate([TrainItem(e) for e in examples], pad_id=0).items()}
+    batch = send_to_device(collate([TrainItem(e) for e in examples], pad_id=0), device)  # as the loop sends it
     # Eager: a no-grad call of the compiled layers would compile a second set of graphs, outside any row.
     with torch.autocast(device.type, dtype=torch.bfloat16), torch.compiler.set_stance("force_eager"):
         return float(model(batch)["lm"])

@@ -380,10 +380,25 @@ def tap_hidden(dec: DecoderStack, layer: int) -> Iterator[dict[str, torch.Tensor
         handle.remove()
 
 
+def training_attention() -> contextlib.AbstractContextManager[None]:
+    """The attention kernels of a training step: PyTorch's SDPA without cuDNN's.
+
+    On the H200 with torch 2.11, SDPA took cuDNN's kernel, masked or causal, and each call spent
+    so long on the host that the GPU sat idle for a quarter to a half of a checkpointed step
+    (BENCHMARKS.md, issue 21, fifth pass). Causal attention without a padding mask (what
+    training sends, :func:`training.joint.joint_losses`) takes the flash kernel instead. Held
+    for the forward and the backward alike: a checkpointed layer's recompute must take the
+    kernel its forward took."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
+
+
 def backbone_hidden(
-    backbone: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, layer: int = -1
+    backbone: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, layer: int = -1
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(final normed hidden [B,T,H], the head's hidden [B,T,H]) from one forward."""
+    """(final normed hidden [B,T,H], the head's hidden [B,T,H]) from one forward (``attention_mask``
+    None: causal attention only, exact for the real tokens of right-padded rows)."""
     dec = decoder(backbone)
     with tap_hidden(dec, layer) as captured:
         out = dec(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)

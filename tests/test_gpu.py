@@ -17,6 +17,8 @@ pytestmark = pytest.mark.gpu
 def test_cuda_joint_step_nf4_bf16_compiled():
     from bench.synthetic import training_examples
     from heads.alignment import NotePairHead
+    from accelerate.utils import send_to_device
+
     from heads.config import HeadConfig
     from model.backbone import compile_decoder_layers, load_backbone
     from training.batching import collate
@@ -30,7 +32,7 @@ def test_cuda_joint_step_nf4_bf16_compiled():
     examples = training_examples(12, 256, 151936, seed=0)
     losses = []
     for step in range(6):
-        batch = {k: v.cuda() for k, v in collate([TrainItem(e) for e in examples[:4]], 0).items()}
+        batch = send_to_device(collate([TrainItem(e) for e in examples[:4]], 0), "cuda")
         with torch.autocast("cuda", dtype=torch.bfloat16):
             out = model(batch)
         out["loss"].backward()

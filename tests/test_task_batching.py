@@ -57,6 +57,9 @@ def losses_before(backbone, head, batch: dict, settings: LossSettings) -> dict[s
 def test_vectorised_losses_equal_the_per_case_loop_on_a_fixed_batch(tiny):
     backbone, head, items, pad_id = tiny
     batch = collate(items, pad_id)
+    # Rows of different lengths: the reference attends with the padding mask, joint_losses
+    # with the causal mask alone (right padding), and the two must agree.
+    assert (batch["attention_mask"] == 0).any()
     settings = LossSettings(align_weight=1.0, pos_weight=5.0, relevance_weight=0.5)
     before = losses_before(backbone, head, batch, settings)
     after = {k: float(v) for k, v in joint_losses(backbone, head, batch, settings, head.config.layer).items()}
@@ -118,3 +121,63 @@ def test_collate_pads_widths_to_a_multiple_of_8(tiny):
             assert batch["attention_mask"][row, :n].all() and not batch["attention_mask"][row, n:].any()
             assert (batch["labels"][row, n:] == IGNORE_INDEX).all()
             assert batch["input_ids"][row, :n].tolist() == it.encoded.input_ids
+
+
+def test_a_training_step_attends_without_cudnn_forward_and_backward(tiny):
+    """training_attention holds for the whole micro-step: the forward and the backward (where a
+    checkpointed layer recomputes) both see cuDNN's SDPA off; it is back on afterwards."""
+    from types import SimpleNamespace
+
+    from training.joint import JointModel
+    from training.loop import forward_backward
+
+    backbone, head, items, pad_id = tiny
+    seen = {}
+    attention = backbone.get_base_model().model.layers[0].self_attn
+
+    def in_forward(module, args, output):
+        seen["forward"] = torch.backends.cuda.cudnn_sdp_enabled()
+
+    def in_backward(module, grad_input, grad_output):
+        seen["backward"] = torch.backends.cuda.cudnn_sdp_enabled()
+
+    handles = [attention.register_forward_hook(in_forward), attention.register_full_backward_hook(in_backward)]
+    accelerator = SimpleNamespace(backward=lambda loss: loss.backward())
+    model = JointModel(backbone, head, LossSettings())
+    assert torch.backends.cuda.cudnn_sdp_enabled()
+    try:
+        with torch.enable_grad():
+            forward_backward(model, collate(items[:2], pad_id), accelerator)
+    finally:
+        for handle in handles:
+            handle.remove()
+        backbone.zero_grad(set_to_none=True)
+        head.zero_grad(set_to_none=True)
+    assert seen == {"forward": False, "backward": False}
+    assert torch.backends.cuda.cudnn_sdp_enabled()
+
+
+@torch.no_grad()
+def test_collated_batches_attend_causally_and_other_batches_keep_their_mask(tiny, monkeypatch):
+    """collate's right-padded batch reaches the backbone without its padding mask (the flash
+    kernel's causal path); a batch without the flag, e.g. left-padded, keeps the mask."""
+    from training import joint
+
+    backbone, head, items, pad_id = tiny
+    masks = []
+    real = joint.backbone_hidden
+
+    def spy(backbone, input_ids, attention_mask, layer=-1):
+        masks.append(attention_mask)
+        return real(backbone, input_ids, attention_mask, layer)
+
+    monkeypatch.setattr(joint, "backbone_hidden", spy)
+    batch = collate(items, pad_id)
+    assert batch["right_padded"] is True
+    lengths = batch["attention_mask"].sum(dim=1)
+    assert all(bool((row[:n] == 1).all() and (row[n:] == 0).all()) for row, n in zip(batch["attention_mask"], lengths))
+    joint_losses(backbone, head, batch, LossSettings(), head.config.layer)
+    unflagged = {k: v for k, v in batch.items() if k != "right_padded"}
+    joint_losses(backbone, head, unflagged, LossSettings(), head.config.layer)
+    assert masks[0] is None
+    assert masks[1] is batch["attention_mask"]

@@ -180,6 +180,7 @@ def collate(items: Sequence[TrainItem], pad_id: int) -> dict:
     return {
         "input_ids": input_ids,
         "attention_mask": attention,
+        "right_padded": True,  # every row's padding follows its tokens: causal attention needs no mask
         "labels": labels,
         "note_spans": torch.tensor(note_spans, dtype=torch.long).reshape(-1, 3),
         "answer_spans": torch.tensor(answer_spans, dtype=torch.long).reshape(-1, 3),

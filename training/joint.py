@@ -105,8 +105,16 @@ def alignment_losses(head, hidden: torch.Tensor, batch: dict, settings: LossSett
 
 
 def joint_losses(backbone, head, batch: dict, settings: LossSettings, head_layer: int = -1) -> dict[str, torch.Tensor]:
-    """Total loss and its parts for one (micro-)batch, from a single backbone forward."""
-    final, tapped = backbone_hidden(backbone, batch["input_ids"], batch["attention_mask"], head_layer)
+    """Total loss and its parts for one (micro-)batch, from a single backbone forward.
+
+    A batch from ``collate`` (``right_padded``) reaches the attention without its padding mask:
+    each row is padded on the right, so the causal mask alone keeps every real token from the
+    pads, and nothing reads a pad's output. With the mask, SDPA could only take a masked kernel;
+    causal alone takes the flash kernel, which also skips the masked half (with
+    :func:`model.backbone.training_attention`; BENCHMARKS.md, issue 21, fifth pass). Any other
+    batch (left padding, a hand-built one) keeps its mask."""
+    mask = None if batch.get("right_padded") is True else batch["attention_mask"]
+    final, tapped = backbone_hidden(backbone, batch["input_ids"], mask, head_layer)
     lm, n_answer = answer_token_loss(
         backbone, final, batch["labels"], positions=batch.get("answer_positions"), targets=batch.get("answer_targets")
     )

@@ -18,6 +18,8 @@ from typing import Iterable, Iterator, Sequence
 
 import torch
 
+from model.backbone import training_attention
+
 from . import checkpoints as ckpts
 from . import gather
 from .batching import EpochBatches, MicroBatch, collate, rank_micro_batches
@@ -125,8 +127,9 @@ def forward_backward(model, batch: dict, accelerator, grad_accum: int = 1, weigh
     """Forward + backward of one micro-batch; returns the (unscaled) loss parts as detached tensors
     (read back once per optimizer step, so the host never waits on the GPU between micro-batches).
     ``weight`` 0 is a filler micro-step (training.batching): it only keeps ranks in step."""
-    losses = model(batch)
-    accelerator.backward(losses["loss"] / grad_accum if weight == 1.0 else losses["loss"] * (weight / grad_accum))
+    with training_attention():  # forward and backward: a checkpointed layer recomputes in the backward
+        losses = model(batch)
+        accelerator.backward(losses["loss"] / grad_accum if weight == 1.0 else losses["loss"] * (weight / grad_accum))
     return {k: v.detach() for k, v in losses.items() if k != "answer_tokens"}
 
 
