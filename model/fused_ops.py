@@ -168,9 +168,9 @@ def share_compiled_kernels_folder(device: torch.device) -> None:
         from torch._inductor.runtime.cache_dir_utils import triton_cache_dir
     except ImportError:  # a torch without inductor: Triton's default folder
         return
-    index = (
-        device.index if device.index is not None else (torch.cuda.current_device() if torch.cuda.is_available() else 0)
-    )
+    index = device.index
+    if index is None:
+        index = torch.cuda.current_device() if torch.cuda.is_available() else 0
     os.environ["TRITON_CACHE_DIR"] = triton_cache_dir(index)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from importlib.metadata import PackageNotFoundError, version
 
 # transformers reads ``use_kernels`` from 4.54 on; older versions would hand it to the model's config.
@@ -9,12 +10,13 @@ FIRST_WITH_KERNELS_SWITCH = (4, 54)
 
 
 def _release(text: str) -> tuple[int, ...]:
+    """The leading numbers of a version ("5.25.0rc1" -> (5, 25, 0))."""
     parts = []
     for piece in text.split(".")[:3]:
-        digits = "".join(ch for ch in piece if ch.isdigit()) if piece[:1].isdigit() else ""
-        if not digits:
+        digits = re.match(r"\d+", piece)
+        if digits is None:
             break
-        parts.append(int(digits))
+        parts.append(int(digits.group()))
     return tuple(parts)
 
 

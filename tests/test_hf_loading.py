@@ -27,7 +27,16 @@ PACKAGES = [
 
 @pytest.mark.parametrize(
     "version, switch",
-    [("4.51.3", False), ("4.53.9", False), ("4.54.0", True), ("5.17.0", True), ("5.25.0", True), ("6.0.0.dev0", True)],
+    [
+        ("4.51.3", False),
+        ("4.53.9", False),
+        ("4.54.0", True),
+        ("4.54.0rc1", True),
+        ("5.17.0", True),
+        ("5.25.0", True),
+        ("6.0.0.dev0", True),
+        ("4.9.0", False),
+    ],
 )
 def test_the_kernels_switch_is_passed_where_transformers_reads_it(version, switch):
     kwargs = local_code_only(version)
