@@ -53,8 +53,14 @@ def _release() -> None:
         torch.cuda.empty_cache()
 
 
+def _device_probabilities(logits: torch.Tensor) -> torch.Tensor:
+    """The head's logits as probabilities (fp32, on their device): the formula of both reading
+    paths, a case at a time (:meth:`_HeadWork.take`) and a pack at a time (:class:`_PackOnItsWay`)."""
+    return torch.sigmoid(logits.float())
+
+
 def _probabilities(logits: torch.Tensor) -> np.ndarray:
-    return torch.sigmoid(logits.float()).cpu().numpy().astype(np.float64)
+    return _device_probabilities(logits).cpu().numpy().astype(np.float64)
 
 
 class _HeadWork:
@@ -130,7 +136,7 @@ class _PackOnItsWay:
 
     @staticmethod
     def _start_copy(logits: torch.Tensor) -> torch.Tensor:
-        probs = torch.sigmoid(logits.float())
+        probs = _device_probabilities(logits)
         if not probs.is_cuda:
             return probs
         host = torch.empty(probs.shape, dtype=probs.dtype, pin_memory=True)
