@@ -248,6 +248,7 @@ def step_groups(t, n: int) -> list:
 
 
 EXTRA_WARMUP = 6
+SYNCED_STEPS = False  # --synced-steps: time each step alone (the bench's timing before 2026-12-04)
 
 
 def run_ours(
@@ -271,40 +272,53 @@ def run_ours(
     # Warm up for at least ``warmup`` steps and on while a step still compiles (at most
     # EXTRA_WARMUP more): on the H200 run of 2026-12-03 the second batch shape recompiled
     # after 3 warm-up steps and landed in the timed steps.
-    warm_steps, compiled_last = 0, True
+    warm_steps, compiled_last, timed_steps, timed_from = 0, True, 0, 0.0
     groups = step_groups(t, steps + warmup + EXTRA_WARMUP + profile)
     for g, group in enumerate(groups):
         timed = warm_steps >= warmup and (not compiled_last or warm_steps >= warmup + EXTRA_WARMUP)
-        if timed and len(times) == steps:
+        if timed and timed_steps == steps:
             break
         if timed and graphs_timed is None:
             graphs_timed = loop.compiled_graphs()
+            sync(device)
+            timed_from = time.perf_counter()
+        if timed:
+            # Back to back, as train.py's loop runs them: one step's host work overlaps the GPU's
+            # work of the step before. SYNCED_STEPS waits for the GPU around each step instead.
+            t0 = time.perf_counter()
+            loop.train_step(t, state, group, params)  # what train.py runs for each optimizer step
+            if SYNCED_STEPS:
+                sync(device)
+                times.append(time.perf_counter() - t0)
+            timed_steps += 1
+            for mb in group:
+                lengths += [len(items[i]) for i in mb.indices]
+                supervised += sum(sum(1 for x in items[i].encoded.labels[1:] if x != IGNORE_INDEX) for i in mb.indices)
+            continue
         before = loop.compiled_graphs()
         sync(device)
         t0 = time.perf_counter()
-        loop.train_step(t, state, group, params)  # what train.py runs for each optimizer step
+        loop.train_step(t, state, group, params)
         sync(device)
-        took = time.perf_counter() - t0
-        if not timed:
-            warm_s += took
-            warm_steps += 1
-            compiled_last = loop.compiled_graphs() > before
-            continue
-        times.append(took)
-        for mb in group:
-            lengths += [len(items[i]) for i in mb.indices]
-            supervised += sum(sum(1 for x in items[i].encoded.labels[1:] if x != IGNORE_INDEX) for i in mb.indices)
+        warm_s += time.perf_counter() - t0
+        warm_steps += 1
+        compiled_last = loop.compiled_graphs() > before
+    sync(device)
+    if not SYNCED_STEPS:
+        times = [time.perf_counter() - timed_from] if timed_steps else []
+    loop.settle(t, state)  # the last step's losses, read back
     row = summarise(
         times,
         lengths,
         supervised,
         device,
-        batches=len(times),
+        batches=timed_steps,
+        step_timing="synced" if SYNCED_STEPS else "back to back",
         warmup_steps=warm_steps,
         warmup_s=round(warm_s, 1),
         recompiles=loop.compiled_graphs() - (graphs_timed or 0),
         compiled_graphs=loop.compiled_graphs() - graphs_start,
-        tokens_per_step=round(sum(lengths) / max(len(times), 1)),
+        tokens_per_step=round(sum(lengths) / max(timed_steps, 1)),
         first_lm_loss=round(state.window.get("lm", float("nan")) / max(state.window_micro, 1), 4),
     )
     if profile:
@@ -658,6 +672,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--profile-steps", default=0, **integer(0, 100).option("train steps profiled after the timed ones (0 = none)")
     )
+    p.add_argument(
+        "--synced-steps", action="store_true", help="wait for the GPU around each timed train step (the old timing)"
+    )
     p.add_argument("--max-tokens", default=0, **integer(0, 2**24).option("override every variant's token budget"))
     p.add_argument("--skip", default="", help="comma list of: textbook,ours,infer")
     p.add_argument("--gen-batch", default=48, **integer(1, 4096).option())
@@ -699,7 +716,7 @@ class Bench:
 
 def set_up(args: argparse.Namespace) -> Bench | None:
     """Preset, device and the random base (built once); None without a GPU outside --smoke."""
-    global ARCH
+    global ARCH, SYNCED_STEPS
     from model.backbone import random_base_cache_dir, save_random_base
     from model.presets import get_preset
 
@@ -708,6 +725,7 @@ def set_up(args: argparse.Namespace) -> Bench | None:
     if device.type != "cuda" and not args.smoke:
         return None
     ARCH = dict(get_preset(preset).arch)
+    SYNCED_STEPS = args.synced_steps
     steps, warmup = (2, 1) if args.smoke else (args.steps, args.warmup)
     seqs = [256] if args.smoke else args.seq
     t0 = time.perf_counter()

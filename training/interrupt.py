@@ -83,11 +83,16 @@ def check_finite(
     accelerator,
     last_good: Callable[[], Path | None],
     run_dir: Path,
+    anywhere: bool | None = None,
 ) -> None:
-    """Raise :class:`TrainingDiverged` (on every rank) when this step's loss or grad norm is not finite."""
+    """Raise :class:`TrainingDiverged` (on every rank) when this step's loss or grad norm is not finite.
+
+    ``anywhere``: whether any process saw a non-finite number, when the caller already reduced
+    that flag on the device (the training loop does, with the step's other numbers); else it is
+    reduced here."""
     local = bool(bad_losses) or (grad_norm is not None and not math.isfinite(grad_norm))
-    flag = local
-    if accelerator.num_processes > 1:
+    flag = local if anywhere is None else anywhere or local
+    if anywhere is None and accelerator.num_processes > 1:
         flag = bool(accelerator.reduce(torch.tensor(float(local), device=accelerator.device), "sum").item() > 0)
     if not flag:
         return

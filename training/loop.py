@@ -101,6 +101,19 @@ class CompileWatch:
 
 
 @dataclass
+class PendingStep:
+    """An optimizer step whose numbers are still on the device: its loss parts, gradient norm and
+    non-finite flag. They are read back in one transfer while the next step's kernels run
+    (:func:`settle`), so the host never waits for the GPU between steps."""
+
+    step: int
+    epoch: int
+    losses: list[tuple[dict, bool]]  # each micro-batch's loss parts, and whether it is real (not a filler)
+    grad_norm: torch.Tensor | None  # global norm before clipping (only computed when clipping)
+    anywhere: torch.Tensor | None  # 1.0 where any process saw a non-finite number (device flag), else 0.0
+
+
+@dataclass
 class LoopState:
     step: int = 0
     epoch: int = 0
@@ -113,9 +126,9 @@ class LoopState:
     window_tokens: int = 0
     window_start: float = 0.0
     window_collate_s: float = 0.0  # host seconds building and sending batches (a step's first waits for them)
-    bad_losses: list[str] = field(default_factory=list)  # loss parts that were not finite
     interrupted: bool = False
-    grad_norm: float | None = None  # global norm before clipping, of the latest optimizer step
+    grad_norm: float | None = None  # global norm before clipping, of the latest step read back
+    pending: "PendingStep | None" = None  # the latest optimizer step, its numbers not read back yet
     compile_watch: CompileWatch = field(default_factory=CompileWatch)
 
     def reset_window(self) -> None:
@@ -216,25 +229,24 @@ def micro_step(t: Trainer, state: LoopState, micro_batch: MicroBatch) -> dict:
     return losses
 
 
-def fold_losses(state: LoopState, step_losses: list[tuple[dict, bool]]) -> None:
-    """The step's loss parts read back in one transfer: non-finite parts noted (fillers too),
-    real micro-batches' parts added to the logging window."""
-    keys = [(i, k) for i, (losses, _) in enumerate(step_losses) for k in losses]
-    if not keys:
-        return
-    values = torch.stack([step_losses[i][0][k].float().reshape(()) for i, k in keys]).tolist()
-    for (i, k), v in zip(keys, values):
-        state.bad_losses += non_finite({k: v})
-        if step_losses[i][1]:
-            state.window[k] = state.window.get(k, 0.0) + v
+def skips_on_device(optimizer) -> bool:
+    """Whether the optimizer skips a step on the device when told to (``found_inf``): torch's
+    fused AdamW does, and then the non-finite check can wait until the step's numbers are read."""
+    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper
+    # Each group's own flag: a checkpoint's param groups replace the new optimizer's on resume.
+    return all(group.get("fused") for group in getattr(inner, "param_groups", [{}]))
 
 
 def train_step(t: Trainer, state: LoopState, micro_batches: Sequence[MicroBatch], params: list) -> float:
     """One optimizer step: forward + backward of each of this rank's micro-batches, then clip and
-    step. Returns the lr the step used. ``train.py``'s loop and ``bench/run.py`` both time this."""
+    step. Returns the lr the step used. ``train.py``'s loop and ``bench/run.py`` both time this.
+
+    The previous step's numbers are read once this step's forward and backward are queued: the
+    GPU has finished that step long before, so the host does not wait, and the GPU does not idle
+    while the host builds the next batch and queues the optimizer."""
     step_losses = [(micro_step(t, state, mb), mb.weight > 0) for mb in micro_batches]
-    fold_losses(state, step_losses)
-    return optimizer_step(t, state, params)
+    settle(t, state)
+    return optimizer_step(t, state, params, step_losses)
 
 
 def optimizer_steps(micro_batches: Iterable[MicroBatch]) -> Iterator[list[MicroBatch]]:
@@ -247,25 +259,39 @@ def optimizer_steps(micro_batches: Iterable[MicroBatch]) -> Iterator[list[MicroB
             group = []
 
 
-def optimizer_step(t: Trainer, state: LoopState, params: list) -> float:
-    """Clip, refuse a non-finite step, step optimizer and schedule; returns the lr the step used."""
-    grad_norm = None
+def non_finite_flag(t: Trainer, step_losses: list[tuple[dict, bool]], norm: torch.Tensor | None) -> torch.Tensor:
+    """1.0 on the device where any loss part (fillers too) or the gradient norm is not finite on
+    any process, else 0.0; summed over the processes without the host waiting for it."""
+    parts = [v.float().reshape(()) for losses, _ in step_losses for v in losses.values()]
+    if norm is not None:
+        parts.append(norm.float().reshape(()).to(t.accelerator.device))
+    if not parts:
+        return torch.zeros((), device=t.accelerator.device)
+    flag = (~torch.isfinite(torch.stack(parts))).any().float()
+    if t.procs > 1:
+        flag = t.accelerator.reduce(flag, "sum").clamp(max=1.0)
+    return flag
+
+
+def optimizer_step(t: Trainer, state: LoopState, params: list, step_losses: list[tuple[dict, bool]]) -> float:
+    """Clip, step optimizer and schedule; returns the lr the step used. A non-finite step never
+    reaches the weights: a fused optimizer skips it on the device (``found_inf``) and the loop
+    stops when the step is read back (:func:`settle`); any other optimizer is checked first."""
+    norm = None
     if t.cfg.max_grad_norm > 0:
         # FSDP: the root's own clip (global norm over all shards) is used only when handed
         # all of the model's parameters; a subset would clip each rank's shard by its own norm.
         norm = t.accelerator.clip_grad_norm_(
             t.model.parameters() if gather.is_fsdp(t.accelerator) else params, t.cfg.max_grad_norm
         )
-        grad_norm = float(norm) if norm is not None else None
-        state.grad_norm = grad_norm
-    try:  # before optimizer.step: a NaN never reaches the weights or a checkpoint
-        check_finite(
-            state.step + 1, state.bad_losses, grad_norm, t.accelerator, lambda: ckpts.latest_checkpoint(t.out), t.out
-        )
-    except TrainingDiverged as err:
-        if t.accelerator.is_main_process:
-            _append_log(t, {"step": state.step + 1, "epoch": state.epoch, "diverged": err.problem})
-        raise
+    on_device = skips_on_device(t.optimizer)
+    flag = non_finite_flag(t, step_losses, norm) if on_device or t.procs > 1 else None
+    state.pending = PendingStep(state.step + 1, state.epoch, step_losses, norm, flag)
+    inner = getattr(t.optimizer, "optimizer", t.optimizer)
+    if on_device:
+        inner.found_inf = flag  # read by the fused kernel: a flagged step changes no weight or moment
+    else:
+        settle(t, state)  # before optimizer.step: a NaN never reaches the weights or a checkpoint
     t.optimizer.step()
     step_lr = t.scheduler.get_last_lr()[0]  # the rate this step used (step() moves on to the next)
     t.scheduler.step()
@@ -274,8 +300,39 @@ def optimizer_step(t: Trainer, state: LoopState, params: list) -> float:
     return step_lr
 
 
+def settle(t: Trainer, state: LoopState) -> None:
+    """Read back the pending step's numbers in one transfer: real micro-batches' loss parts into the
+    logging window, the gradient norm; stop the run (every rank) if any was not finite."""
+    pending, state.pending = state.pending, None
+    if pending is None:
+        return
+    keys = [(i, k) for i, (losses, _) in enumerate(pending.losses) for k in losses]
+    extra = [x for x in (pending.grad_norm, pending.anywhere) if x is not None]
+    tensors = [pending.losses[i][0][k] for i, k in keys] + extra
+    values = torch.stack([x.float().reshape(()).to(t.accelerator.device) for x in tensors]).tolist() if tensors else []
+    bad: list[str] = []
+    for (i, k), v in zip(keys, values):
+        bad += non_finite({k: v})
+        if pending.losses[i][1]:
+            state.window[k] = state.window.get(k, 0.0) + v
+    rest = values[len(keys) :]
+    grad_norm = rest.pop(0) if pending.grad_norm is not None else None
+    anywhere = bool(rest.pop(0) > 0) if pending.anywhere is not None else None
+    if grad_norm is not None:
+        state.grad_norm = grad_norm
+    try:
+        check_finite(
+            pending.step, bad, grad_norm, t.accelerator, lambda: ckpts.latest_checkpoint(t.out), t.out, anywhere
+        )
+    except TrainingDiverged as err:
+        if t.accelerator.is_main_process:
+            _append_log(t, {"step": pending.step, "epoch": pending.epoch, "diverged": err.problem})
+        raise
+
+
 def log_window(t: Trainer, state: LoopState, step_lr: float, bar) -> None:
     """One log row (global means over the window and the ranks) to the history, log.jsonl and stderr."""
+    settle(t, state)  # the window's last step, read back
     accelerator = t.accelerator
     tokens = int(accelerator.reduce(torch.tensor(state.window_tokens, device=accelerator.device), "sum"))
     window, window_micro = merged_window(accelerator, state.window, state.window_micro)
@@ -306,6 +363,7 @@ def log_window(t: Trainer, state: LoopState, step_lr: float, bar) -> None:
 
 def save_state(t: Trainer, state: LoopState, micro_batch: MicroBatch) -> None:
     """A checkpoint after this optimizer step, with the data position the next step starts at."""
+    settle(t, state)  # a step is checked before any checkpoint holds it
     next_epoch, next_position = (
         (state.epoch + 1, 0) if micro_batch.end_of_epoch else (state.epoch, micro_batch.consumed)
     )
@@ -386,6 +444,7 @@ def run_epochs(t: Trainer, state: LoopState, resume_from: Path | None) -> None:
             break
         state.epoch += 1
         state.position = 0
+    settle(t, state)  # the last step is checked before anything is exported
     bar.close()
     if state.compile_watch.graphs and t.accelerator.is_main_process:
         _append_log(t, {"step": state.step, **state.compile_watch.summary()})
