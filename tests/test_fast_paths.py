@@ -333,6 +333,22 @@ def test_token_budget_packs_and_memory_plan_arithmetic():
     assert should_merge(QWEN3_4B_ARCH, int(14e9))[0] and not should_merge(QWEN3_4B_ARCH, int(9e9))[0]
 
 
+def test_journey_rate_after_warmup_weighs_windows_by_their_seconds():
+    from bench.journey import tokens_per_s_after
+
+    # The task stage's log of the H200 journey of 2026-12-03 23:46 UTC: a window each 5 steps.
+    rows = [
+        {"step": 5, "tokens": 38033, "tokens_per_s": 3413.7},
+        {"step": 10, "tokens": 70230, "tokens_per_s": 12289.5},
+        {"step": 15, "tokens": 107791, "tokens_per_s": 14442.3},
+        {"step": 18, "tokens": 130043, "tokens_per_s": 10970.5},
+    ]
+    # 92,010 tokens in 2.620 + 2.601 + 2.028 s; the median of the three windows is 12,289.5
+    assert tokens_per_s_after(rows, skip=5) == pytest.approx(12692.8, abs=0.1)
+    assert tokens_per_s_after(rows, skip=0) == pytest.approx(130043 / (38033 / 3413.7 + 7.2494), abs=1.0)
+    assert tokens_per_s_after(rows, skip=18) is None
+
+
 @pytest.mark.slow
 def test_journey_tiny_runs_every_stage_on_cpu(tmp_path, monkeypatch):
     import json
@@ -346,6 +362,7 @@ def test_journey_tiny_runs_every_stage_on_cpu(tmp_path, monkeypatch):
     assert [r["stage"] for r in result["stages"]] == ["domain", "task", "infer"]
     domain, task, infer = result["stages"]
     assert domain["steps"] == 3 and domain["tokens_per_s_steady"] > 0 and "export_s" in domain
+    assert domain["tokens_per_s_after_warmup"] > 0
     assert task["wall_s"] > 0 and "export_s" in task
     assert set(task["setup_steps_s"]) == {"tokenizer_s", "data_s", "model_s", "prepare_s"}
     assert infer["new_tokens"] > 0 and "subtask4.zip" in infer["written"] and "run.json" in infer["written"]
