@@ -33,6 +33,7 @@ TASK = dict(
     xml=str(EXAMPLES / "archehr-qa.xml"),
     key=str(EXAMPLES / "archehr-qa_key.json"),
     batch_size=1,
+    batch_tokens=0,  # one case a batch (task.toml's token budget would put all three in two)
     grad_accum=1,
     epochs=2,
     max_length=2048,
