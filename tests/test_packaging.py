@@ -187,7 +187,7 @@ def test_notebook_recipe_loads_an_export(tmp_path):
     start = readme.index("```python\n", readme.index("### From a notebook")) + len("```python\n")
     recipe = readme[start : readme.index("```", start)]
     recipe = recipe.replace('"/path/to/archehr"', repr(str(ROOT))).replace('"runs/task/export"', repr(str(export)))
-    script = recipe + "\nprint(type(checkpoint.head).__name__, checkpoint.score_pairs is not None)\n"
+    script = recipe + "\nprint(type(loaded.head).__name__, loaded.score_pairs is not None)\n"
     neutral = tmp_path / "notebook"
     neutral.mkdir()
     proc = subprocess.run(
