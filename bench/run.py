@@ -272,7 +272,7 @@ def run_ours(
     # Warm up for at least ``warmup`` steps and on while a step still compiles (at most
     # EXTRA_WARMUP more): on the H200 run of 2026-12-03 the second batch shape recompiled
     # after 3 warm-up steps and landed in the timed steps.
-    warm_steps, compiled_last, timed_steps, timed_from = 0, True, 0, 0.0
+    warm_steps, compiled_last, timed_steps, timed_from, first_lm = 0, True, 0, 0.0, float("nan")
     groups = step_groups(t, steps + warmup + EXTRA_WARMUP + profile)
     for g, group in enumerate(groups):
         timed = warm_steps >= warmup and (not compiled_last or warm_steps >= warmup + EXTRA_WARMUP)
@@ -301,6 +301,9 @@ def run_ours(
         loop.train_step(t, state, group, params)
         sync(device)
         warm_s += time.perf_counter() - t0
+        if warm_steps == 0:  # the first step's LM loss, before any update: a check across code versions
+            loop.settle(t, state)
+            first_lm = state.window.get("lm", float("nan")) / max(state.window_micro, 1)
         warm_steps += 1
         compiled_last = loop.compiled_graphs() > before
     sync(device)
@@ -319,7 +322,8 @@ def run_ours(
         recompiles=loop.compiled_graphs() - (graphs_timed or 0),
         compiled_graphs=loop.compiled_graphs() - graphs_start,
         tokens_per_step=round(sum(lengths) / max(timed_steps, 1)),
-        first_lm_loss=round(state.window.get("lm", float("nan")) / max(state.window_micro, 1), 4),
+        first_lm_loss=round(first_lm, 4),
+        mean_lm_loss=round(state.window.get("lm", float("nan")) / max(state.window_micro, 1), 4),  # all steps run
     )
     if profile:
         row.update(profiled_steps(t, state, groups[g : g + profile], params, device))

@@ -32,7 +32,7 @@ def step_calls(monkeypatch):
     return calls
 
 
-def test_bench_and_train_py_run_the_same_step_function(step_calls, tmp_path):
+def test_bench_and_train_py_run_the_same_step_function(step_calls, tmp_path, monkeypatch):
     from bench.run import StepVariant, load_ours, run_ours
     from bench.synthetic import training_examples
     from training.data import TrainItem
@@ -59,10 +59,23 @@ def test_bench_and_train_py_run_the_same_step_function(step_calls, tmp_path):
 
     vocab = get_preset("tiny").arch["vocab_size"]
     items = [TrainItem(e) for e in training_examples(8, 256, vocab, seed=0)]
+    lm_losses: list[float] = []
+    real_fb = loop.forward_backward
+
+    def forward_backward(*args, **kwargs):
+        losses = real_fb(*args, **kwargs)
+        lm_losses.append(float(losses["lm"]))
+        return losses
+
+    monkeypatch.setattr(loop, "forward_backward", forward_backward)
     row = run_ours(
         model, items, StepVariant("tiny", "tokens", max_tokens=1024), steps=2, warmup=1, device=torch.device("cpu")
     )
     assert step_calls[2:] == ["bench.run"] * 3  # the bench: 1 warm-up + 2 timed steps, the same function
+    # One micro-batch a step: the first step's LM loss (before any update), and the mean of all three
+    assert row["first_lm_loss"] == pytest.approx(lm_losses[0], abs=1e-4)
+    assert row["mean_lm_loss"] == pytest.approx(sum(lm_losses) / 3, abs=1e-4)
+    assert row["first_lm_loss"] != pytest.approx(row["mean_lm_loss"], abs=1e-4)  # so the two checks differ
     assert row["batches"] == 2 and row["real_tokens"] > 0 and row["warmup_s"] >= 0 and row["recompiles"] == 0
 
 
