@@ -64,3 +64,20 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def lm_losses(monkeypatch) -> list[float]:
+    """Every micro-batch's LM loss, in order, as ``training.loop.forward_backward`` returned it."""
+    import training.loop as loop
+
+    seen: list[float] = []
+    real = loop.forward_backward
+
+    def forward_backward(*args, **kwargs):
+        losses = real(*args, **kwargs)
+        seen.append(float(losses["lm"]))
+        return losses
+
+    monkeypatch.setattr(loop, "forward_backward", forward_backward)
+    return seen

@@ -231,10 +231,10 @@ def micro_step(t: Trainer, state: LoopState, micro_batch: MicroBatch) -> dict:
 
 def skips_on_device(optimizer) -> bool:
     """Whether the optimizer skips a step on the device when told to (``found_inf``): torch's
-    fused AdamW does, and then the non-finite check can wait until the step's numbers are read."""
-    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper
-    # Each group's own flag: a checkpoint's param groups replace the new optimizer's on resume.
-    return all(group.get("fused") for group in getattr(inner, "param_groups", [{}]))
+    fused AdamW does, and then the non-finite check can wait until the step's numbers are read.
+    Each group's own flag (accelerate's wrapper shows the same groups): a checkpoint's param groups
+    replace the new optimizer's on resume."""
+    return all(group.get("fused") for group in optimizer.param_groups)
 
 
 def train_step(t: Trainer, state: LoopState, micro_batches: Sequence[MicroBatch], params: list) -> float:
