@@ -14,6 +14,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from model.locate import room_bytes
+
 GB = 1e9
 MARGIN_BYTES = int(0.75 * GB)  # allocator fragmentation, cuBLAS workspaces, CUDA-graph pools
 MARGIN_FRACTION = 0.06
@@ -40,16 +42,15 @@ def apply_memory_cap(max_memory_gb: float | None, device: torch.device | str | N
 def available_bytes(device: torch.device | str | None = None, max_memory_gb: float | None = None) -> int | None:
     """Bytes this process may still allocate on ``device`` (None on CPU), margin taken off."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type != "cuda":
+    room = room_bytes(device)
+    if room is None:
         return None
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    free, total = torch.cuda.mem_get_info(index)
-    allocated = torch.cuda.memory_allocated(index)
-    reserved = torch.cuda.memory_reserved(index)
-    room = free + (reserved - allocated)
+    allocated = torch.cuda.memory_allocated(device)
     if max_memory_gb is not None:
         room = min(room, int(max_memory_gb * GB) - allocated)
-    cap = int(max_memory_gb * GB) if max_memory_gb is not None else total
+    cap = (
+        int(max_memory_gb * GB) if max_memory_gb is not None else torch.cuda.get_device_properties(device).total_memory
+    )
     return max(0, room - MARGIN_BYTES - int(MARGIN_FRACTION * cap))
 
 

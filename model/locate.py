@@ -13,8 +13,12 @@ import os
 import socket
 import threading
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from plumbing.errors import InputError
+
+if TYPE_CHECKING:
+    import torch
 
 # What `--device` may name (torch accepts more, e.g. "meta", that cannot run a model).
 DEVICE_TYPES = ("cpu", "cuda", "mps")
@@ -41,6 +45,23 @@ def default_device() -> str:
     import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def room_bytes(device: torch.device | str) -> int | None:
+    """Bytes this process may still allocate on a CUDA ``device`` (None elsewhere): what the card
+    has free plus what PyTorch holds unused, within the process's memory fraction (a cap that
+    ``--max-memory-gb`` or a launcher set). No safety margin: callers take their own off."""
+    import torch
+
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    free, total = torch.cuda.mem_get_info(index)
+    allocated = torch.cuda.memory_allocated(index)
+    room = free + torch.cuda.memory_reserved(index) - allocated
+    fraction = getattr(torch.cuda, "get_per_process_memory_fraction", lambda _index: 1.0)(index)
+    return max(0, min(room, int(fraction * total) - allocated))
 
 
 def resolve_device(requested: str | None, flag: str = "--device") -> str:

@@ -83,8 +83,16 @@ def merge_adapter(model: nn.Module, adapter_dir: str | Path) -> bool:
             return False
         folds.append((module, a, b))
     for module, a, b in folds:
-        module.weight.data += (b.float() @ a.float()) * scale
+        fold_lora(module.weight, a, b, scale)
     return True
+
+
+@torch.no_grad()
+def fold_lora(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float) -> None:
+    """``weight += (B @ A) * scale`` in place, PEFT's arithmetic: the product in fp32, added to
+    the weight in its own dtype (one rounding). The merged load and the export's merged view
+    both fold with it, so they hold the same weights."""
+    weight.data += (b.float() @ a.float()) * scale
 
 
 def _submodule(model: nn.Module, path: str) -> nn.Module | None:
