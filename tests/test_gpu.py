@@ -63,6 +63,32 @@ def test_cuda_merged_model_matches_nf4_plus_lora(tmp_path):
     assert (a - b).abs().max() < 0.05 * a.abs().max()
 
 
+def test_cuda_calibration_view_holds_the_merged_weights(tmp_path):
+    """Export calibration's merged view of an NF4 + LoRA training backbone (bf16, as train.py
+    keeps it): the merged load's weights bit for bit, and its packed forward within bf16
+    rounding of the LoRA modules'."""
+    from model.backbone import decoder, load_backbone, load_merged
+    from model.merged_view import merged_view
+    from model.packed import pack, packed_forward
+
+    torch.manual_seed(0)
+    backbone = load_backbone("tiny", load_in_4bit=True, device="cuda", keep_bf16=True).eval()
+    for name, param in backbone.named_parameters():
+        if "lora_B" in name:
+            param.data.normal_(0, 0.05)
+    backbone.save_pretrained(tmp_path)
+    merged = load_merged("tiny", tmp_path, load_in_4bit=True, device="cuda")
+    view = merged_view(backbone)
+    assert view is not None
+    for ours, theirs in zip(decoder(view).layers, decoder(merged).layers):
+        for part, name in (("self_attn", "q_proj"), ("self_attn", "o_proj"), ("mlp", "down_proj")):
+            assert torch.equal(getattr(getattr(ours, part), name).weight, getattr(getattr(theirs, part), name).weight)
+    packed = pack([torch.randint(0, 2000, (n,)).tolist() for n in (33, 7, 64)], torch.device("cuda"))
+    want, _ = packed_forward(backbone, packed, tap=-1)
+    got, _ = packed_forward(view, packed, tap=-1)
+    assert (got.float() - want.float()).abs().max() < 0.05 * want.float().abs().max()
+
+
 def test_cuda_train_and_infer_end_to_end(tmp_path):
     import json
 

@@ -51,25 +51,46 @@ def base_model_record(cfg: TrainConfig, init_manifest: ExportManifest | None, ba
 # Real tokens per calibration forward: packed (no padding), no gradients, no activations kept
 # beyond one layer's, so a forward costs less than one training micro-batch's of as many tokens.
 CALIBRATION_BATCH_TOKENS = 16384
+MERGED_FORWARD = "merged weights"  # the calibration record's "forward": what infer.py's merged load computes
+LORA_FORWARD = "LoRA modules"
+
+
+def calibration_working_bytes(backbone) -> int:
+    """A calibration forward's working set beside the weights: one pack's widest activations
+    (attention and MLP projections, bf16) with room for workspaces and the allocator."""
+    from model.backbone import decoder
+
+    cfg = decoder(backbone).config
+    per_token = 8 * cfg.hidden_size + 3 * cfg.intermediate_size
+    return CALIBRATION_BATCH_TOKENS * per_token * 2 + int(0.75e9)
 
 
 @torch.no_grad()
-def calibration_outputs(backbone, head: NotePairHead, encoded: Sequence) -> list:
-    """The head's outputs (pair and relevance logits) for every example, in eval mode, from
-    packed forwards of several examples (:func:`model.head_scoring.packed_head_outputs`, the
-    fast engine's). It calls the decoder layers' parts, not their compiled forwards, so a
-    no-grad forward compiles no second set of graphs (issue 21: that was most of a 36 s export)."""
+def calibration_outputs(backbone, head: NotePairHead, encoded: Sequence) -> tuple[list, str]:
+    """(the head's outputs, pair and relevance logits, for every example; the forward they came
+    from). Packed forwards of several examples in eval mode
+    (:func:`model.head_scoring.packed_head_outputs`, the fast engine's) through the backbone's
+    dense merged view (:mod:`model.merged_view`: what ``infer.py`` merges, and about twice as
+    fast as the NF4 + LoRA modules on an H200) where it fits in memory, else through the
+    modules themselves (said on stderr). It calls the decoder layers' parts, not their
+    compiled forwards, so a no-grad forward compiles no second set of graphs."""
     from model.head_scoring import eval_mode, packed_head_outputs
+    from model.merged_view import merged_view_within_memory
     from model.packed import packed_attention, token_budget_packs
 
+    view, why_not = merged_view_within_memory(backbone, calibration_working_bytes(backbone))
+    forward = MERGED_FORWARD if view is not None else f"{LORA_FORWARD} ({why_not})"
+    if view is None:
+        print(f"note: calibrating through the LoRA modules, not merged weights: {why_not}", file=sys.stderr)
+    model = view if view is not None else backbone
     out: list = [None] * len(encoded)
-    attention, _ = packed_attention(backbone)
+    attention, _ = packed_attention(model)
     with eval_mode(backbone, head):
         for group in token_budget_packs([len(enc.input_ids) for enc in encoded], CALIBRATION_BATCH_TOKENS):
-            outputs = packed_head_outputs(backbone, head, [encoded[i] for i in group], attention)
+            outputs = packed_head_outputs(model, head, [encoded[i] for i in group], attention)
             for i, o in zip(group, outputs):
                 out[i] = o
-    return out
+    return out, forward
 
 
 def cited_examples(items: Sequence[TrainItem], max_examples: int) -> list:
@@ -81,8 +102,9 @@ def relevance_examples(items: Sequence[TrainItem], max_examples: int) -> list[Tr
     return labelled[:max_examples]
 
 
-def calibrate(head_outputs: dict, items: Sequence[TrainItem], max_examples: int) -> dict | None:
-    """Best-F1 probability threshold over the training examples with gold pairs (None if none)."""
+def calibrate(head_outputs: dict, items: Sequence[TrainItem], max_examples: int, forward: str) -> dict | None:
+    """Best-F1 probability threshold over the training examples with gold pairs (None if none);
+    ``forward`` (which weights the outputs came from) is recorded beside it."""
     cited = cited_examples(items, max_examples)
     if not cited:
         return None
@@ -93,11 +115,12 @@ def calibrate(head_outputs: dict, items: Sequence[TrainItem], max_examples: int)
         "threshold": threshold,
         "train_pair_f1": round(f1, 4),
         "calibrated_on": "training cases",
+        "forward": forward,
         "n_examples": len(cited),
     }
 
 
-def calibrate_relevance(head_outputs: dict, items: Sequence[TrainItem], max_examples: int) -> dict | None:
+def calibrate_relevance(head_outputs: dict, items: Sequence[TrainItem], max_examples: int, forward: str) -> dict | None:
     """Subtask 2 threshold: best strict micro F1 (essential sentences) over the labelled training examples."""
     labelled = relevance_examples(items, max_examples)
     if not labelled or any(head_outputs[id(it.encoded)].relevance_logits is None for it in labelled):
@@ -109,6 +132,7 @@ def calibrate_relevance(head_outputs: dict, items: Sequence[TrainItem], max_exam
         "train_strict_micro_f1": round(f1, 4),
         "calibrated_on": "training cases",
         "calibrated_for": "strict micro F1 (essential sentences)",
+        "forward": forward,
         "n_examples": len(labelled),
     }
 
@@ -122,8 +146,9 @@ def calibrated_thresholds(
     wanted.update({id(it.encoded): it.encoded for it in relevance_examples(items, max_examples)})
     if not wanted:
         return None, None
-    outputs = dict(zip(wanted, calibration_outputs(backbone, head, list(wanted.values()))))
-    return calibrate(outputs, items, max_examples), calibrate_relevance(outputs, items, max_examples)
+    found, forward = calibration_outputs(backbone, head, list(wanted.values()))
+    outputs = dict(zip(wanted, found))
+    return calibrate(outputs, items, max_examples, forward), calibrate_relevance(outputs, items, max_examples, forward)
 
 
 def alignment_record(
