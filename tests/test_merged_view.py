@@ -89,6 +89,8 @@ def test_calibration_says_and_records_when_it_falls_back(monkeypatch, capsys):
     examples = training_examples(6, 256, decoder(backbone).embed_tokens.weight.shape[0])
     merged, forward = export.calibration_outputs(backbone, head, examples)
     assert forward == export.MERGED_FORWARD and "note:" not in capsys.readouterr().err
+    _, forward = export.calibration_outputs(backbone, head, examples, merged=False)  # the bench's baseline
+    assert forward == f"{export.LORA_FORWARD} (asked)" and "note:" not in capsys.readouterr().err
     monkeypatch.setattr(mv, "room_bytes", lambda device: 0)
     lora, forward = export.calibration_outputs(backbone, head, examples)
     assert forward.startswith(export.LORA_FORWARD + " (its dense weights")

@@ -66,21 +66,24 @@ def calibration_working_bytes(backbone) -> int:
 
 
 @torch.no_grad()
-def calibration_outputs(backbone, head: NotePairHead, encoded: Sequence) -> tuple[list, str]:
+def calibration_outputs(backbone, head: NotePairHead, encoded: Sequence, merged: bool = True) -> tuple[list, str]:
     """(the head's outputs, pair and relevance logits, for every example; the forward they came
     from). Packed forwards of several examples in eval mode
     (:func:`model.head_scoring.packed_head_outputs`, the fast engine's) through the backbone's
     dense merged view (:mod:`model.merged_view`: what ``infer.py`` merges, and about twice as
     fast as the NF4 + LoRA modules on an H200) where it fits in memory, else through the
-    modules themselves (said on stderr). It calls the decoder layers' parts, not their
-    compiled forwards, so a no-grad forward compiles no second set of graphs."""
+    modules themselves (said on stderr; ``merged`` False asks for them: the bench's baseline).
+    It calls the decoder layers' parts, not their compiled forwards, so a no-grad forward
+    compiles no second set of graphs."""
     from model.head_scoring import eval_mode, packed_head_outputs
     from model.merged_view import merged_view_within_memory
     from model.packed import packed_attention, token_budget_packs
 
-    view, why_not = merged_view_within_memory(backbone, calibration_working_bytes(backbone))
+    view, why_not = (
+        merged_view_within_memory(backbone, calibration_working_bytes(backbone)) if merged else (None, "asked")
+    )
     forward = MERGED_FORWARD if view is not None else f"{LORA_FORWARD} ({why_not})"
-    if view is None:
+    if view is None and merged:
         print(f"note: calibrating through the LoRA modules, not merged weights: {why_not}", file=sys.stderr)
     model = view if view is not None else backbone
     out: list = [None] * len(encoded)
@@ -138,15 +141,16 @@ def calibrate_relevance(head_outputs: dict, items: Sequence[TrainItem], max_exam
 
 
 def calibrated_thresholds(
-    backbone, head: NotePairHead, items: Sequence[TrainItem], max_examples: int
+    backbone, head: NotePairHead, items: Sequence[TrainItem], max_examples: int, merged: bool = True
 ) -> tuple[dict | None, dict | None]:
     """The alignment and Subtask 2 thresholds calibrated on the training examples: one set of
-    forwards serves both (None where no example has what a threshold needs)."""
+    forwards serves both (None where no example has what a threshold needs); ``merged`` as
+    :func:`calibration_outputs` takes it."""
     wanted = {id(enc): enc for enc in cited_examples(items, max_examples)}
     wanted.update({id(it.encoded): it.encoded for it in relevance_examples(items, max_examples)})
     if not wanted:
         return None, None
-    found, forward = calibration_outputs(backbone, head, list(wanted.values()))
+    found, forward = calibration_outputs(backbone, head, list(wanted.values()), merged)
     outputs = dict(zip(wanted, found))
     return calibrate(outputs, items, max_examples, forward), calibrate_relevance(outputs, items, max_examples, forward)
 
