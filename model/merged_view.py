@@ -36,10 +36,13 @@ class MergedView(nn.Module):
 
 def _lora_parts(module: Any) -> tuple[nn.Module, torch.Tensor, torch.Tensor, float] | None:
     """(base layer, A, B, scale) of a PEFT LoRA Linear with one plain active adapter; None for
-    any other module or any LoRA variant the fold does not reproduce (DoRA, a LoRA bias)."""
+    any other module, any LoRA variant the fold does not reproduce (DoRA, a LoRA bias), and an
+    adapter already merged into its base or switched off (its forward is not base + fold)."""
     base = getattr(module, "base_layer", None)
     adapters = getattr(module, "active_adapters", None)
     if base is None or not isinstance(adapters, list) or len(adapters) != 1:
+        return None
+    if getattr(module, "merged", False) or getattr(module, "disable_adapters", False):
         return None
     name = adapters[0]
     if getattr(module, "use_dora", {}).get(name) or getattr(module, "lora_bias", {}).get(name):

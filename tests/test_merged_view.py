@@ -66,6 +66,9 @@ def test_no_view_for_a_model_without_lora_or_without_room(monkeypatch, tmp_path)
     backbone = trained_looking(quantised=False)
     backbone.save_pretrained(tmp_path)
     assert merged_view(load_merged("tiny", tmp_path, load_in_4bit=False, device="cpu")) is None  # plain Linears
+    folded = trained_looking(quantised=False)
+    folded.merge_adapter()  # PEFT's fold in place: the base already holds the LoRA; folding again would double it
+    assert merged_view(folded) is None
     monkeypatch.setattr(mv, "room_bytes", lambda device: 1000)
     view, why_not = merged_view_within_memory(backbone, working_bytes=10)
     assert view is None and why_not is not None and "do not fit the 0.0 GB" in why_not

@@ -79,16 +79,16 @@ def calibration_outputs(backbone, head: NotePairHead, encoded: Sequence, merged:
     from model.merged_view import merged_view_within_memory
     from model.packed import packed_attention, token_budget_packs
 
-    view, why_not = (
-        merged_view_within_memory(backbone, calibration_working_bytes(backbone)) if merged else (None, "asked")
-    )
-    forward = MERGED_FORWARD if view is not None else f"{LORA_FORWARD} ({why_not})"
-    if view is None and merged:
-        print(f"note: calibrating through the LoRA modules, not merged weights: {why_not}", file=sys.stderr)
-    model = view if view is not None else backbone
     out: list = [None] * len(encoded)
-    attention, _ = packed_attention(model)
-    with eval_mode(backbone, head):
+    with eval_mode(backbone, head):  # before the view: its layers copy the modes they see
+        view, why_not = (
+            merged_view_within_memory(backbone, calibration_working_bytes(backbone)) if merged else (None, "asked")
+        )
+        forward = MERGED_FORWARD if view is not None else f"{LORA_FORWARD} ({why_not})"
+        if view is None and merged:
+            print(f"note: calibrating through the LoRA modules, not merged weights: {why_not}", file=sys.stderr)
+        model = view if view is not None else backbone
+        attention, _ = packed_attention(model)
         for group in token_budget_packs([len(enc.input_ids) for enc in encoded], CALIBRATION_BATCH_TOKENS):
             outputs = packed_head_outputs(model, head, [encoded[i] for i in group], attention)
             for i, o in zip(group, outputs):
