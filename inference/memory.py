@@ -14,10 +14,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from model.locate import room_bytes
+from model.locate import GB, MARGIN_BYTES, room_bytes
 
-GB = 1e9
-MARGIN_BYTES = int(0.75 * GB)  # allocator fragmentation, cuBLAS workspaces, CUDA-graph pools
 MARGIN_FRACTION = 0.06
 MIN_WORKING_BYTES = int(4 * GB)  # below this beside the dense weights, keep NF4 (no merge)
 CPU_GEN_ROWS, CPU_ALIGN_TOKENS, CPU_PREFILL_TOKENS = 16, 16384, 8192

@@ -47,6 +47,12 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+GB = 1e9
+# Room to leave beside what a process plans to allocate: allocator fragmentation, cuBLAS
+# workspaces, CUDA-graph pools (inference's budget and export calibration both take it off).
+MARGIN_BYTES = int(0.75 * GB)
+
+
 def room_bytes(device: torch.device | str) -> int | None:
     """Bytes this process may still allocate on a CUDA ``device`` (None elsewhere): what the card
     has free plus what PyTorch holds unused, within the process's memory fraction (a cap that

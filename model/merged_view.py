@@ -20,10 +20,10 @@ import torch
 from torch import nn
 
 from .backbone import decoder, dense_from_4bit
-from .locate import room_bytes
+from .locate import GB, room_bytes
 from .lora_merge import fold_lora
 
-GB = 1e9
+BLOCKS = ("self_attn", "mlp")  # the parts of a decoder layer that hold its projections
 
 
 class MergedView(nn.Module):
@@ -32,6 +32,11 @@ class MergedView(nn.Module):
     def __init__(self, stack: nn.Module) -> None:
         super().__init__()
         self.model = stack
+
+
+def _projections(block: nn.Module) -> list[tuple[str, nn.Module]]:
+    """A block's projections (``q_proj`` ... ``down_proj``), by name."""
+    return [(name, child) for name, child in block.named_children() if name.endswith("_proj")]
 
 
 def _lora_parts(module: Any) -> tuple[nn.Module, torch.Tensor, torch.Tensor, float] | None:
@@ -82,15 +87,14 @@ def merged_view(backbone: nn.Module) -> MergedView | None:
     for layer in cast(list[nn.Module], stack.layers):
         view = copy.copy(layer)  # the same attributes; its own child table, so the layer is untouched
         view._modules = dict(layer._modules)
-        for part in ("self_attn", "mlp"):
+        for part in BLOCKS:
             block: nn.Module = copy.copy(getattr(layer, part))
             block._modules = dict(block._modules)
-            for name, child in list(block._modules.items()):
-                if name.endswith("_proj"):
-                    dense = _dense(child, dtype) if child is not None else None
-                    if dense is None:
-                        return None
-                    block._modules[name] = dense
+            for name, child in _projections(block):
+                dense = _dense(child, dtype)
+                if dense is None:
+                    return None
+                block._modules[name] = dense
             view._modules[part] = block
         layers.append(view)
     top = copy.copy(cast(nn.Module, stack))
@@ -105,11 +109,10 @@ def merged_view_bytes(backbone: nn.Module) -> int:
     size = stack.embed_tokens.weight.element_size()
     total = 0
     for layer in stack.layers:
-        for part in ("self_attn", "mlp"):
-            for name, child in getattr(layer, part).named_children():
-                if name.endswith("_proj"):
-                    base = getattr(child, "base_layer", child)
-                    total += int(base.in_features) * int(base.out_features) * size
+        for part in BLOCKS:
+            for _, child in _projections(getattr(layer, part)):
+                base: Any = getattr(child, "base_layer", child)
+                total += int(base.in_features) * int(base.out_features) * size
     return total
 
 

@@ -108,9 +108,8 @@ def test_manifest_records_provenance(task_run):
     assert m["stages"][0]["case_ids"] == m["training_case_ids"] == ["101", "102", "103"]
     assert {d["path"]: d["sha256"] for d in m["training_data"]} == {str(XML): sha256(XML), str(KEY): sha256(KEY)}
     assert 0.0 < m["alignment"]["threshold"] < 1.0 and m["alignment"]["calibrated_on"] == "training cases"
-    assert (
-        m["alignment"]["forward"] == "merged weights"
-    )  # the dense merged view (model.merged_view), as infer.py merges
+    # Calibrated through the dense merged view (model.merged_view), as infer.py merges.
+    assert m["alignment"]["forward"] == "merged weights"
     assert m["packages"]["torch"] == torch.__version__ and m["created"][:2] == "20"
     assert json.loads((export / "head_config.json").read_text())["hidden_size"] == 64
     # Portable: the packaged tokenizer's marker, not the training machine's absolute path to it.

@@ -59,10 +59,11 @@ def calibration_working_bytes(backbone) -> int:
     """A calibration forward's working set beside the weights: one pack's widest activations
     (attention and MLP projections, bf16) with room for workspaces and the allocator."""
     from model.backbone import decoder
+    from model.locate import MARGIN_BYTES
 
     cfg = decoder(backbone).config
     per_token = 8 * cfg.hidden_size + 3 * cfg.intermediate_size
-    return CALIBRATION_BATCH_TOKENS * per_token * 2 + int(0.75e9)
+    return CALIBRATION_BATCH_TOKENS * per_token * 2 + MARGIN_BYTES
 
 
 @torch.no_grad()
