@@ -413,10 +413,12 @@ def load_for_inference(
     max_memory_gb: float | None = None,
     fast: bool = True,
     log: Callable[[str], None] | None = None,
+    merge: bool | None = None,
 ):
     """``load_export`` under the memory budget: cap the process at ``max_memory_gb``, merge
     the adapter into dense weights only where they fit, wrap in :class:`FastEngine`.
-    Returns (the loaded export, memory record for run.json, with the load's steps in seconds)."""
+    ``merge`` forces the choice either way. Returns (the loaded export, memory record for
+    run.json, with the load's steps in seconds and which loader ran)."""
     started = time.perf_counter()
     from model import loaded_export as export_module
     from model.locate import resolve_device
@@ -430,9 +432,10 @@ def load_for_inference(
         record["note"] = f"--max-memory-gb ignored: device {device} is not CUDA"
         if log:
             log(f"note: {record['note']}")
-    merge = None
     budget = available_bytes(device, max_memory_gb)
-    if budget is not None:
+    if merge is not None:
+        record.update(merge=merge, merge_reason="asked for")
+    elif budget is not None:
         arch = {}
         try:
             arch = export_module.preset_from_manifest(read_manifest(find_export(export_dir))).arch
@@ -447,9 +450,14 @@ def load_for_inference(
     steps = {"start_s": round(time.perf_counter() - started, 3)}
     kwargs = {"merge": merge} if merge is not None else {}
     loaded = export_module.load_export(
-        export_dir, base=base, device=device, load_in_4bit=load_in_4bit, timings=steps, **kwargs
+        export_dir, base=base, device=device, load_in_4bit=load_in_4bit, timings=steps, engine_only=fast, **kwargs
     )
     record["load_steps_s"] = steps
+    record["loader"] = getattr(loaded, "loader", "transformers")
+    if record["loader"].startswith("transformers: ") and log:  # the standalone load applied, and did not run
+        log(
+            f"note: model loaded through transformers ({record['loader'].removeprefix('transformers: ')}), not standalone"
+        )
     if fast and isinstance(loaded, export_module.LoadedExport):
         loaded = FastEngine(loaded, max_memory_gb=max_memory_gb, log=log)
     return loaded, record

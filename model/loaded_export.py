@@ -8,13 +8,13 @@ shape recorded in the manifest, so tiny exports reload on any machine.
 from __future__ import annotations
 
 from plumbing.ranges import DEFAULT_NEW_TOKENS
+import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from transformers import PreTrainedTokenizerBase
 
 from data.prompts import chat_prompt, example_from_case
 from data.records import Case
@@ -25,7 +25,10 @@ from .export_folder import MANIFEST
 from .locate import resolve_device
 from .manifest import ExportManifest
 from .head_scoring import encode_for_scoring, pair_probabilities
-from .presets import PRESETS, ModelPreset
+from .presets import PRESETS, ModelPreset, bundled_tokenizer_dir
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 
 @dataclass
@@ -37,6 +40,9 @@ class LoadedExport:
     # annotations of .generate and .to (functools.wraps) do not type-check at the call sites.
     model: Any
     head: NotePairHead
+    # How the backbone was built: "standalone" (model.standalone_qwen3, no transformers) or
+    # "transformers" with the reason the standalone load did not apply.
+    loader: str = "transformers"
 
     @property
     def device(self) -> torch.device:
@@ -130,6 +136,17 @@ def preset_from_manifest(manifest: ExportManifest) -> ModelPreset:
     return ModelPreset(str(name), source=manifest.base_model.id)
 
 
+def base_in_4bit(manifest: ExportManifest, preset: ModelPreset, device: str) -> bool:
+    """Whether inference loads the base in NF4 by default: as training loaded it (the manifest's
+    ``base_model.load_in_4bit``; the preset's default for a manifest without it), on CUDA; on a
+    CPU only when asked. A base trained unquantised (``--load_in_4bit false``) and merged through
+    NF4 would not be the model that was trained, nor an NF4-trained one merged unquantised."""
+    if torch.device(device).type != "cuda":
+        return False
+    trained = manifest.base_model.load_in_4bit
+    return preset.load_in_4bit if trained is None else bool(trained)
+
+
 def load_export(
     export_dir: str | Path,
     *,
@@ -138,11 +155,12 @@ def load_export(
     load_in_4bit: bool | None = None,
     merge: bool | None = None,
     timings: dict[str, float] | None = None,
+    engine_only: bool = False,
 ) -> LoadedExport:
     """Rebuild tokenizer, base model + LoRA adapter and head from an export folder.
 
     ``base`` overrides the manifest's base model id/path; ``load_in_4bit`` defaults to
-    the preset's default (NF4 for qwen3-4b; on CPU only when asked). ``merge`` (default:
+    the base as trained (:func:`base_in_4bit`; on CPU only when asked). ``merge`` (default:
     on CUDA) folds the adapter into dense bf16 weights of the NF4 base as trained
     (:func:`model.backbone.load_merged`): about 8 GB at 4B instead of 2.5, much faster
     decoding; ``merge=False`` keeps NF4 + LoRA for small cards. ``timings`` (a dict) receives
@@ -163,27 +181,98 @@ def load_export(
     random_init = manifest.base_model.random_init
     device = resolve_device(device)
     if load_in_4bit is None:
-        load_in_4bit = preset.load_in_4bit and torch.device(device).type == "cuda"
-    tokenizer = load_tokenizer(base_path or preset)
-    clock("tokenizer_s")
+        load_in_4bit = base_in_4bit(manifest, preset, device)
     seed = random_init.seed if random_init is not None else RANDOM_INIT_SEED
     if merge is None:  # dense merged weights decode several times faster; default where memory is plentiful
         merge = torch.device(device).type == "cuda"
-    model = load_adapted(
-        preset,
-        root,
-        merge=merge,
-        load_in_4bit=load_in_4bit,
-        device=device,
-        base_path=base_path,
-        random_seed=seed,
-        timings=timings,
-    )
-    clock.restart()  # load_adapted timed its own steps into ``timings``
+    loader, model = "transformers", None
+    if engine_only and merge:
+        folders = standalone_folders(preset, base_path, seed, load_in_4bit)
+        if isinstance(folders, str):
+            loader = f"transformers: {folders}"
+        else:
+            model, tokenizer, loader = _load_standalone(folders, root, load_in_4bit, device, clock, timings)
+    if model is None:
+        tokenizer = load_tokenizer(base_path or preset)
+        clock("tokenizer_s")
+        model = load_adapted(
+            preset,
+            root,
+            merge=merge,
+            load_in_4bit=load_in_4bit,
+            device=device,
+            base_path=base_path,
+            random_seed=seed,
+            timings=timings,
+        )
+    clock.restart()  # the loads timed their own steps into ``timings``
     head = load_head(root, device=device).eval()
     clock("head_s")
     from .packed import layer_ops
 
     layer_ops(model)  # the fused kernels probed and compiled here, not in the first forward
     clock("kernels_s")
-    return LoadedExport(manifest=manifest, threshold=manifest.threshold, tokenizer=tokenizer, model=model, head=head)
+    return LoadedExport(
+        manifest=manifest, threshold=manifest.threshold, tokenizer=tokenizer, model=model, head=head, loader=loader
+    )
+
+
+def standalone_folders(
+    preset: ModelPreset, base_path: str | None, seed: int, quantised: bool
+) -> tuple[Path, Path] | str:
+    """(base folder, tokenizer folder) of a load :mod:`model.standalone_qwen3` can build, or why not."""
+    from .backbone import random_base_cache_dir, save_random_base
+    from .chat_tokenizer import chat_tokenizer_unsupported
+    from .standalone_qwen3 import standalone_unsupported
+
+    if base_path:
+        base = tokenizer = _local_folder(base_path)
+    elif preset.source is not None:
+        base = _local_folder(preset.source)
+        tokenizer = _local_folder(preset.tokenizer) if preset.tokenizer else base
+    elif quantised:  # a random preset's NF4 load reads the base it writes once as safetensors
+        base = save_random_base(preset, random_base_cache_dir(preset, seed), seed=seed)
+        tokenizer = _local_folder(preset.tokenizer) if preset.tokenizer else bundled_tokenizer_dir()
+    else:
+        return "an unquantised random base is built in memory by transformers"
+    if base is None or tokenizer is None:
+        return "the base is a hub id not in the local Hugging Face cache"
+    why_not = standalone_unsupported(base) or chat_tokenizer_unsupported(tokenizer)
+    return why_not if why_not else (base, tokenizer)
+
+
+def _local_folder(location: str) -> Path | None:
+    """A folder, or a hub id's snapshot already in the local cache (never downloaded here)."""
+    path = Path(location)
+    if path.is_dir():
+        return path
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(location, local_files_only=True))
+    except Exception:  # not a repo id, or not cached: the transformers load resolves (or downloads) it
+        return None
+
+
+def _load_standalone(
+    folders: tuple[Path, Path],
+    adapter_dir: Path,
+    quantised: bool,
+    device: str,
+    clock: Any,
+    timings: dict[str, float] | None,
+) -> tuple[Any, Any, str]:
+    """(model, tokenizer, loader) from :mod:`model.standalone_qwen3`; (None, None, why) when the
+    adapter is not one its fold reproduces (the caller loads through transformers and PEFT)."""
+    from .chat_tokenizer import load_chat_tokenizer
+    from .lora_merge import ADAPTER_CONFIG, plain_lora_scale
+    from .standalone_qwen3 import load_standalone_merged
+
+    config = json.loads((adapter_dir / ADAPTER_CONFIG).read_text(encoding="utf-8"))
+    if plain_lora_scale(config) is None:
+        return None, None, "transformers: the adapter is not plain LoRA (merged through PEFT)"
+    base, tokenizer_folder = folders
+    tokenizer = load_chat_tokenizer(tokenizer_folder)
+    clock("tokenizer_s")
+    model = load_standalone_merged(base, adapter_dir, quantised=quantised, device=device, timings=timings)
+    return model, tokenizer, "standalone"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import warnings
 
 
@@ -45,12 +46,12 @@ def hide_progress_bars() -> None:
     """No bar anywhere: transformers' loading bars, the HF hub's and datasets' download bars."""
     os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
     os.environ["HF_DATASETS_DISABLE_PROGRESS_BARS"] = "1"
-    try:
+    # transformers takes its bars' setting from the hub's when it is imported; importing it here
+    # only to switch them off would cost a load that never needs it (the standalone load) seconds.
+    if "transformers" in sys.modules:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]  # transformers leaves it unannotated
-    except ImportError:  # pragma: no cover
-        pass
     try:
         from huggingface_hub.utils import disable_progress_bars  # type: ignore[attr-defined]  # lazily exported
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import tomllib
@@ -183,6 +184,23 @@ def test_no_progress_hides_loading_bars(monkeypatch):
     finally:
         hf_logging.enable_progress_bar()
         enable_progress_bars()
+
+
+def test_no_progress_reaches_transformers_imported_afterwards():
+    """hide_progress_bars() does not import transformers (the standalone load never needs it);
+    a transformers imported afterwards still hides its bars."""
+    script = (
+        "import sys\n"
+        "from plumbing.console import hide_progress_bars\n"
+        "hide_progress_bars()\n"
+        "assert 'transformers' not in sys.modules\n"
+        "from transformers.utils import logging\n"
+        "print(logging.is_progress_bar_enabled())\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_DISABLE_PROGRESS_BARS"}
+    out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "False"
 
 
 def test_lora_head_and_loss_defaults_have_one_source():

@@ -6,12 +6,14 @@ Run on a GPU machine with ``python -m pytest -m gpu``.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 pytestmark = pytest.mark.gpu
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_cuda_joint_step_nf4_bf16_compiled():
@@ -87,6 +89,69 @@ def test_cuda_calibration_view_holds_the_merged_weights(tmp_path):
     want, _ = packed_forward(backbone, packed, tap=-1)
     got, _ = packed_forward(view, packed, tap=-1)
     assert (got.float() - want.float()).abs().max() < 0.05 * want.float().abs().max()
+
+
+def test_cuda_standalone_load_holds_the_merged_weights(tmp_path, monkeypatch):
+    """infer.py's standalone load (no transformers) on CUDA: every weight of the transformers
+    merged load bit for bit (NF4 round trip on the GPU, LoRA fold), and the same packed forward.
+    ``ARCHEHR_STANDALONE_PRESET=qwen3-4b-random`` runs it on the Qwen3-4B shape."""
+    import os
+
+    from model.backbone import load_backbone, load_merged, random_base_cache_dir, save_random_base
+    from model.packed import pack, packed_forward
+    from model.standalone_qwen3 import load_standalone_merged
+
+    preset = os.environ.get("ARCHEHR_STANDALONE_PRESET", "tiny")
+    if preset == "tiny":
+        monkeypatch.setenv("ARCHEHR_CACHE", str(tmp_path / "cache"))
+    base = save_random_base(preset, random_base_cache_dir(preset))
+    torch.manual_seed(0)
+    backbone = load_backbone(preset, load_in_4bit=True, device="cuda", gradient_checkpointing=False)
+    for name, param in backbone.named_parameters():
+        if "lora_B" in name:
+            param.data.normal_(0, 0.01)
+    backbone.save_pretrained(tmp_path / "adapter")
+    del backbone
+    torch.cuda.empty_cache()
+    want = load_merged(preset, tmp_path / "adapter", load_in_4bit=True, device="cuda")
+    got = load_standalone_merged(base, tmp_path / "adapter", quantised=True, device="cuda")
+    want_params = dict(want.named_parameters())
+    for name, tensor in got.named_parameters():
+        theirs = want_params[name]
+        assert tensor.dtype == theirs.dtype and torch.equal(tensor, theirs), (
+            name, tensor.dtype, theirs.dtype, (tensor.float() - theirs.float()).abs().max().item()
+        )  # fmt: skip
+    packed = pack([torch.randint(0, 2000, (n,)).tolist() for n in (300, 17, 1200)], torch.device("cuda"))
+    at = torch.tensor([299, 316, 1516], device="cuda")
+    (h_want, t_want), (h_got, t_got) = (packed_forward(m, packed, tap=-1, logits_at=at) for m in (want, got))
+    assert torch.equal(h_got, h_want) and torch.equal(t_got, t_want)
+
+
+def test_cuda_standalone_load_never_imports_the_compiler(tmp_path):
+    """The standalone load on CUDA runs bitsandbytes' CUDA kernels only: neither transformers,
+    PEFT nor torch's compiler (dynamo) is imported in the loading process."""
+    import os
+    import subprocess
+    import sys
+
+    from model.backbone import load_backbone, random_base_cache_dir, save_random_base
+
+    env = {**os.environ, "ARCHEHR_CACHE": str(tmp_path / "cache")}
+    os.environ["ARCHEHR_CACHE"] = env["ARCHEHR_CACHE"]
+    try:
+        base = save_random_base("tiny", random_base_cache_dir("tiny"))
+        load_backbone("tiny", load_in_4bit=True, device="cuda").save_pretrained(tmp_path / "adapter")
+    finally:
+        del os.environ["ARCHEHR_CACHE"]
+    script = (
+        "import sys\n"
+        "from model.standalone_qwen3 import load_standalone_merged\n"
+        f"load_standalone_merged({str(base)!r}, {str(tmp_path / 'adapter')!r}, quantised=True, device='cuda')\n"
+        "print(sorted(m for m in ('transformers', 'peft', 'torch._dynamo', 'torch._inductor') if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "[]"
 
 
 def test_cuda_train_and_infer_end_to_end(tmp_path):
