@@ -146,7 +146,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-tokens", default=16384, **integer(1, 2**24).option())
     p.add_argument("--records", default=5200, **integer(1, 10**7).option("synthetic emrQA records"))
     p.add_argument("--task-cases", default=120, **integer(1, 10**6).option())
-    p.add_argument("--task-epochs", default=1, **integer(1, 10_000).option())
+    p.add_argument(
+        "--task-epochs",
+        default=None,
+        **integer(1, 10_000).option(
+            "default: configs/task.toml's, as train.py runs it (more than one epoch, so that a recompile "
+            "after the first is seen; the seventh pass and before ran 1)"
+        ),
+    )
     p.add_argument("--infer-cases", default=147, **integer(1, 10**6).option())
     p.add_argument("--max-new-tokens", default=DEFAULT_NEW_TOKENS, **MAX_NEW_TOKENS.option())
     p.add_argument("--tiny", action="store_true", help="tiny sizes (with --preset tiny: a CPU check)")
@@ -244,6 +251,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.tiny:
         args.domain_steps, args.batch_tokens, args.records = 3, 2048, 24
         args.task_cases, args.infer_cases, args.max_new_tokens = 4, 3, 8
+    if args.task_epochs is None:
+        from training.config import build_config
+
+        args.task_epochs = 1 if args.tiny else build_config({"stage": "task", "joint": True}).epochs
     device = "cuda" if torch.cuda.is_available() else "cpu"
     setup_s = prepare_work(args, stages, p)
     out = Path(args.out)
