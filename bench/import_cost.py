@@ -1,8 +1,11 @@
 """Seconds a fresh process spends importing what ``infer.py``'s load imports: torch,
-transformers with the Qwen3 modelling code, bitsandbytes; and how many of the imported
-modules had cached bytecode (a ``.pyc``). One JSON line on stdout.
+transformers with the Qwen3 modelling code, bitsandbytes (``--path transformers``); or torch and
+what the standalone load imports instead (``--path standalone``: tokenizers, Jinja, safetensors,
+bitsandbytes without torch's compiler); and how many of the imported modules had cached
+bytecode (a ``.pyc``). One JSON line on stdout.
 
     python -m bench.import_cost            # run it twice: the second run reads the first's bytecode
+    python -m bench.import_cost --path standalone
 
 BENCHMARKS.md (sixth pass): on the GPU machine these imports are most of ``infer.py``'s load.
 """
@@ -21,8 +24,13 @@ from plumbing.errors import CliParser, exit_on_input_error
 
 @exit_on_input_error
 def main(argv: list[str] | None = None) -> int:
-    CliParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args(argv)
+    p = CliParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument(
+        "--path", choices=("transformers", "standalone"), default="transformers", help="default: transformers"
+    )
+    args = p.parse_args(argv)
     out: dict = {
+        "path": args.path,
         "dont_write_bytecode": sys.flags.dont_write_bytecode,
         "pycache_prefix": sys.pycache_prefix,
         "python": sys.version.split()[0],
@@ -31,17 +39,31 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     out["torch_s"] = round(time.perf_counter() - t, 3)
-    t = time.perf_counter()
-    import transformers
-    import transformers.models.qwen3.modeling_qwen3  # noqa: F401 - the class the base loads with
-    from transformers import AutoTokenizer  # noqa: F401 - the tokenizer's import path
+    if args.path == "standalone":
+        t = time.perf_counter()
+        import jinja2.sandbox  # noqa: F401 - the chat template
+        import safetensors.torch  # noqa: F401 - the weights
+        import tokenizers  # noqa: F401 - the tokenizer
 
-    out["transformers_s"] = round(time.perf_counter() - t, 3)
-    t = time.perf_counter()
-    import bitsandbytes  # noqa: F401 - the NF4 base
+        out["tokenizers_jinja_safetensors_s"] = round(time.perf_counter() - t, 3)
+        t = time.perf_counter()
+        from model.standalone_qwen3 import import_bitsandbytes
 
-    out["bitsandbytes_s"] = round(time.perf_counter() - t, 3)
-    out["transformers"] = transformers.__version__
+        import_bitsandbytes()
+        out["bitsandbytes_s"] = round(time.perf_counter() - t, 3)
+        out["compiler_imported"] = "torch._dynamo" in sys.modules
+    else:
+        t = time.perf_counter()
+        import transformers
+        import transformers.models.qwen3.modeling_qwen3  # noqa: F401 - the class the base loads with
+        from transformers import AutoTokenizer  # noqa: F401 - the tokenizer's import path
+
+        out["transformers_s"] = round(time.perf_counter() - t, 3)
+        out["transformers"] = transformers.__version__
+        t = time.perf_counter()
+        import bitsandbytes  # noqa: F401 - the NF4 base
+
+        out["bitsandbytes_s"] = round(time.perf_counter() - t, 3)
     out["torch"] = torch.__version__
     cached = uncached = 0
     for module in list(sys.modules.values()):
