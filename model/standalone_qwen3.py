@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from plumbing.errors import InputError
 from plumbing.timing import StepClock
 
 CONFIG_FILE, INDEX_FILE = "config.json", "model.safetensors.index.json"
@@ -205,9 +206,10 @@ def load_standalone_merged(
     """The base in ``folder`` (as :func:`standalone_unsupported` checked), through NF4 and back
     when ``quantised``, with the adapter folded in; bf16 (fp32 for an unquantised base on a CPU),
     in eval mode. ``timings`` gets the steps' seconds under :func:`model.backbone.load_merged`'s
-    names, and bitsandbytes' import (:func:`import_bitsandbytes`) apart. Raises ValueError for
-    an adapter the fold does not reproduce (the caller merges through PEFT instead)."""
-    from safetensors import safe_open
+    names, and bitsandbytes' import (:func:`import_bitsandbytes`) apart. An unreadable or
+    mismatched weight file, or an adapter that does not fit the base, is an InputError naming
+    the file (a CLI exits 2 with one line)."""
+    from safetensors import SafetensorError, safe_open
 
     from .lora_merge import merge_adapter
 
@@ -219,22 +221,33 @@ def load_standalone_merged(
     config = StandaloneConfig.from_folder(root)
     dtype = torch.bfloat16 if quantised or device.type == "cuda" else torch.float32
     model = StandaloneQwen3(config)
-    wanted = {name for name, _ in model.named_parameters()}
     to_quantise = {f"model.layers.{i}.{p}.weight" for i in range(config.num_hidden_layers) for p in PROJECTIONS}
+    expected = {name: tuple(param.shape) for name, param in model.named_parameters()}
+    if config.tie_word_embeddings:
+        del expected["lm_head.weight"]  # the embeddings' (a checkpoint may hold a copy: unread)
     state: dict[str, torch.Tensor] = {}
     for path in _weight_files(root):
-        with safe_open(str(path), framework="pt", device=str(device)) as f:
-            for name in f.keys():
-                if name in wanted:
+        try:
+            with safe_open(str(path), framework="pt", device=str(device)) as f:
+                for name in f.keys():
+                    if name not in expected:
+                        continue
+                    shape = tuple(f.get_slice(name).get_shape())
+                    if shape != expected[name]:
+                        raise InputError(
+                            f"{name} has shape {list(shape)}, config.json says {list(expected[name])}", path
+                        )
                     tensor = f.get_tensor(name).to(dtype)
                     state[name] = _through_nf4(tensor) if quantised and name in to_quantise else tensor
+        except (OSError, SafetensorError) as err:
+            first = next((line for line in str(err).splitlines() if line.strip()), type(err).__name__)
+            raise InputError(f"unreadable weights ({first[:160]})", path) from None
+    missing = sorted(set(expected) - set(state))
+    if missing:
+        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+        raise InputError(f"the base's weights lack {missing[0]}{more}", root)
     if config.tie_word_embeddings:
         state["lm_head.weight"] = state["model.embed_tokens.weight"]
-    missing = sorted(wanted - set(state))
-    if missing:
-        raise ValueError(
-            f"{root}: the weights lack {missing[0]}" + (f" and {len(missing) - 1} more" if len(missing) > 1 else "")
-        )
     model.load_state_dict(state, assign=True)
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
@@ -242,7 +255,7 @@ def load_standalone_merged(
     model.requires_grad_(False)
     clock("base_s")  # read, and through NF4 and back when quantised (one tensor at a time: one dense copy)
     if not merge_adapter(model, adapter_dir):
-        raise ValueError(f"{adapter_dir}: not a plain LoRA adapter (merged through PEFT instead)")
+        raise InputError("the adapter's LoRA weights do not fit the base (module names or shapes)", adapter_dir)
     clock("adapter_merge_s")
     return model.eval()
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -373,3 +374,47 @@ def test_the_base_loads_as_it_was_trained_on_cuda(nf4_export):
     assert base_in_4bit(bf16, big, "cuda") is False
     assert base_in_4bit(unknown, big, "cuda:0") is True and base_in_4bit(unknown, tiny, "cuda") is False
     assert base_in_4bit(manifest, big, "cpu") is False
+
+
+def _base_copy(tiny_base: Path, folder: Path) -> Path:
+    folder.mkdir()
+    for f in tiny_base.iterdir():
+        if f.name != "model.safetensors":
+            (folder / f.name).symlink_to(f)
+    return folder
+
+
+def test_bad_base_weights_are_one_line_input_errors(tiny_base, tmp_path):
+    """A truncated file, a missing tensor, a tensor of the wrong shape and an adapter that does
+    not fit: each an InputError naming the file, before any weight is used."""
+    from safetensors.torch import load_file, save_file
+
+    from plumbing.errors import InputError
+
+    trained_looking(False).save_pretrained(tmp_path / "adapter")
+    tensors = load_file(str(tiny_base / "model.safetensors"))
+    truncated = _base_copy(tiny_base, tmp_path / "truncated")
+    (truncated / "model.safetensors").write_bytes((tiny_base / "model.safetensors").read_bytes()[:-100])
+    lacking = _base_copy(tiny_base, tmp_path / "lacking")
+    save_file(
+        {k: v for k, v in tensors.items() if "layers.1.mlp.down_proj" not in k}, str(lacking / "model.safetensors")
+    )
+    misshapen = _base_copy(tiny_base, tmp_path / "misshapen")
+    name = "model.layers.0.self_attn.q_proj.weight"
+    save_file({**tensors, name: tensors[name][:-1]}, str(misshapen / "model.safetensors"))
+    for folder, words in (
+        (truncated, "unreadable weights"),
+        (lacking, "lack model.layers.1.mlp.down_proj.weight"),
+        (misshapen, f"{name} has shape [63, 64], config.json says [64, 64]"),
+    ):
+        with pytest.raises(InputError, match=re.escape(words)) as err:
+            load_standalone_merged(folder, tmp_path / "adapter", quantised=False, device="cpu")
+        assert str(folder) in str(err.value) and "\n" not in str(err.value)
+    other = tmp_path / "other-adapter"
+    other.mkdir()
+    (other / "adapter_config.json").write_text((tmp_path / "adapter" / "adapter_config.json").read_text())
+    save_file({"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": torch.zeros(2, 7),
+               "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight": torch.zeros(7, 2)},
+              str(other / "adapter_model.safetensors"))  # fmt: skip
+    with pytest.raises(InputError, match="do not fit the base"):
+        load_standalone_merged(tiny_base, other, quantised=False, device="cpu")
