@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from plumbing.errors import InputError
+
 TOKENIZER_FILE, TOKENIZER_CONFIG, TEMPLATE_FILE = "tokenizer.json", "tokenizer_config.json", "chat_template.jinja"
 
 
@@ -151,7 +153,11 @@ def load_chat_tokenizer(folder: str | Path) -> ChatTokenizer:
     template = config.get("chat_template")
     if not isinstance(template, str):
         template = (root / TEMPLATE_FILE).read_text(encoding="utf-8")
-    backend = Tokenizer.from_file(str(root / TOKENIZER_FILE))
+    try:
+        backend = Tokenizer.from_file(str(root / TOKENIZER_FILE))
+    except Exception as err:  # tokenizers raises its own exception types for a broken file
+        first = next((line for line in str(err).splitlines() if line.strip()), type(err).__name__)
+        raise InputError(f"unreadable tokenizer ({first[:160]})", root / TOKENIZER_FILE) from None
     eos = _token_text(config.get("eos_token"))
     pad = _token_text(config.get("pad_token")) or eos
     if not eos:

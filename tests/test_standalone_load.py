@@ -209,6 +209,13 @@ def test_tokenizer_folders_it_cannot_read_say_why(tmp_path):
     assert "chat template" in chat_tokenizer_unsupported(tmp_path)
     with pytest.raises(ValueError, match="chat template"):
         load_chat_tokenizer(tmp_path)
+    (tmp_path / "tokenizer_config.json").write_text(
+        json.dumps({"tokenizer_class": "Qwen2Tokenizer", "chat_template": "x"})
+    )
+    from plumbing.errors import InputError
+
+    with pytest.raises(InputError, match="tokenizer.json: unreadable tokenizer"):
+        load_chat_tokenizer(tmp_path)
 
 
 # --- the whole load, as infer.py's engine runs it -------------------------------------------------
