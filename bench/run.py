@@ -482,7 +482,7 @@ def run_inference(
 
 def relevance_row(fast, cases, device) -> dict:
     """Subtask 2 relevance of ``cases`` on the fast engine (packed forwards of question + note)
-    and one forward per case (the plain path), each timed, with their largest difference."""
+    and one forward per case, each timed, with their largest difference."""
     import numpy as np
 
     from inference.fast import FastEngine
@@ -495,13 +495,20 @@ def relevance_row(fast, cases, device) -> dict:
     sync(device)
     seconds = time.perf_counter() - t0
     t0 = time.perf_counter()
-    one = [case_relevance(inner, c) for c in cases]
+    # The plain path runs transformers' forward, which the standalone model (infer.py's load
+    # where it applies) does not have: there each case gets a packed forward of its own.
+    standalone = getattr(inner, "loader", "") == "standalone"
+    if standalone:
+        one = [FastEngine(inner).predict([c], relevance=True).relevance[c.case_id] for c in cases]
+    else:
+        one = [case_relevance(inner, c) for c in cases]
     sync(device)
     per_case_s = time.perf_counter() - t0
     diff = max(float(np.abs(packed[c.case_id] - o).max()) for c, o in zip(cases, one))
     return {
         "relevance_s": round(seconds, 2),
         "relevance_per_case_s": round(per_case_s, 2),
+        "relevance_per_case_path": "packed, one case a forward" if standalone else "plain (transformers' forward)",
         "relevance_max_abs_diff": diff,
         "relevance_checked_cases": len(one),
     }
@@ -552,7 +559,7 @@ def run_fast_inference(
         torch.cuda.set_per_process_memory_fraction(1.0)
         apply_memory_cap(cap_gb, device)
     try:
-        ckpt, load = _load_fast(model_dir, preset, device, adapter_dir, cap_gb)
+        ckpt, load = _load_fast(preset, device, adapter_dir, cap_gb)
         answer_cases = inference_cases(n_answers, seed=1)
         align_cases = inference_cases(n_align, seed=2)
         fast = FastEngine(ckpt, max_memory_gb=cap_gb)
@@ -572,13 +579,14 @@ def run_fast_inference(
     return row
 
 
-def _load_fast(model_dir: str, preset: str, device, adapter_dir: str, cap_gb: float | None):
-    """The user's load under the cap (merge where the dense weights fit), timed: (export, record)."""
+def _load_fast(preset: str, device, adapter_dir: str, cap_gb: float | None):
+    """The user's load under the cap (merge where the dense weights fit), timed: (export, record).
+    The base is the preset's own (the random base the bench saved), as an export of it names it."""
     from heads.alignment import NotePairHead
     from heads.config import HeadConfig
     from inference.memory import GB, available_bytes, should_merge
-    from model.backbone import load_adapted, load_tokenizer
-    from model.loaded_export import LoadedExport
+    from model.backbone import RANDOM_INIT_SEED
+    from model.loaded_export import LoadedExport, load_backbone_for_inference
     from model.packed import layer_ops
     from model.presets import get_preset
     from plumbing.timing import StepClock
@@ -589,11 +597,12 @@ def _load_fast(model_dir: str, preset: str, device, adapter_dir: str, cap_gb: fl
     load_times: dict = {}
     sync(device)
     t0 = time.perf_counter()
-    backbone = load_adapted(
-        preset, adapter_dir, merge=merge, load_in_4bit=True, device=device, base_path=model_dir, timings=load_times
-    )
+    backbone, tokenizer, loader = load_backbone_for_inference(  # infer.py's own load (standalone where it applies)
+        get_preset(preset), Path(adapter_dir), merge=merge, load_in_4bit=True, device=str(device),
+        base_path=None, seed=RANDOM_INIT_SEED, engine_only=True, timings=load_times,
+    )  # fmt: skip
     head = NotePairHead(HeadConfig(hidden_size=backbone.config.hidden_size)).to(device).eval()
-    ckpt = LoadedExport(manifest={}, threshold=0.5, tokenizer=load_tokenizer(preset), model=backbone, head=head)
+    ckpt = LoadedExport(manifest={}, threshold=0.5, tokenizer=tokenizer, model=backbone, head=head, loader=loader)
     sync(device)
     clock = StepClock(load_times)
     layer_ops(backbone)  # as load_export does: the fused kernels probed and compiled at load
@@ -601,6 +610,7 @@ def _load_fast(model_dir: str, preset: str, device, adapter_dir: str, cap_gb: fl
     return ckpt, {
         "merged": merge,
         "merge_reason": merge_reason,
+        "loader": loader,
         "budget_before_load_gb": None if budget is None else round(budget / GB, 2),
         "load_s": round(time.perf_counter() - t0, 2),
         "load_steps_s": load_times,

@@ -25,6 +25,7 @@ from .export_folder import MANIFEST
 from .locate import resolve_device
 from .manifest import ExportManifest
 from .head_scoring import encode_for_scoring, pair_probabilities
+from .lora_merge import ADAPTER_CONFIG, plain_lora_scale
 from .presets import PRESETS, ModelPreset, bundled_tokenizer_dir
 
 if TYPE_CHECKING:
@@ -185,26 +186,10 @@ def load_export(
     seed = random_init.seed if random_init is not None else RANDOM_INIT_SEED
     if merge is None:  # dense merged weights decode several times faster; default where memory is plentiful
         merge = torch.device(device).type == "cuda"
-    loader, model = "transformers", None
-    if engine_only and merge:
-        folders = standalone_folders(preset, base_path, seed, load_in_4bit)
-        if isinstance(folders, str):
-            loader = f"transformers: {folders}"
-        else:
-            model, tokenizer, loader = _load_standalone(folders, root, load_in_4bit, device, clock, timings)
-    if model is None:
-        tokenizer = load_tokenizer(base_path or preset)
-        clock("tokenizer_s")
-        model = load_adapted(
-            preset,
-            root,
-            merge=merge,
-            load_in_4bit=load_in_4bit,
-            device=device,
-            base_path=base_path,
-            random_seed=seed,
-            timings=timings,
-        )
+    model, tokenizer, loader = load_backbone_for_inference(
+        preset, root, merge=merge, load_in_4bit=load_in_4bit, device=device, base_path=base_path, seed=seed,
+        engine_only=engine_only, timings=timings,
+    )  # fmt: skip
     clock.restart()  # the loads timed their own steps into ``timings``
     head = load_head(root, device=device).eval()
     clock("head_s")
@@ -254,25 +239,46 @@ def _local_folder(location: str) -> Path | None:
         return None
 
 
-def _load_standalone(
-    folders: tuple[Path, Path],
+def load_backbone_for_inference(
+    preset: ModelPreset,
     adapter_dir: Path,
-    quantised: bool,
+    *,
+    merge: bool,
+    load_in_4bit: bool,
     device: str,
-    clock: Any,
-    timings: dict[str, float] | None,
+    base_path: str | None,
+    seed: int,
+    engine_only: bool,
+    timings: dict[str, float] | None = None,
 ) -> tuple[Any, Any, str]:
-    """(model, tokenizer, loader) from :mod:`model.standalone_qwen3`; (None, None, why) when the
-    adapter is not one its fold reproduces (the caller loads through transformers and PEFT)."""
-    from .chat_tokenizer import load_chat_tokenizer
-    from .lora_merge import ADAPTER_CONFIG, plain_lora_scale
-    from .standalone_qwen3 import load_standalone_merged
+    """(model, tokenizer, loader): the standalone load (:mod:`model.standalone_qwen3`) where only
+    the fast engine runs the merged model and the base is one it reads; else tokenizer and
+    :func:`model.backbone.load_adapted` through transformers, ``loader`` saying why. The one
+    backbone load of ``infer.py`` and of ``bench.run``'s inference rows."""
+    from plumbing.timing import StepClock
 
-    config = json.loads((adapter_dir / ADAPTER_CONFIG).read_text(encoding="utf-8"))
-    if plain_lora_scale(config) is None:
-        return None, None, "transformers: the adapter is not plain LoRA (merged through PEFT)"
-    base, tokenizer_folder = folders
-    tokenizer = load_chat_tokenizer(tokenizer_folder)
+    clock = StepClock(timings)
+    loader = "transformers"
+    if engine_only and merge:
+        folders = standalone_folders(preset, base_path, seed, load_in_4bit)
+        if isinstance(folders, str):
+            loader = f"transformers: {folders}"
+        elif plain_lora_scale(json.loads((adapter_dir / ADAPTER_CONFIG).read_text(encoding="utf-8"))) is None:
+            loader = "transformers: the adapter is not plain LoRA (merged through PEFT)"
+        else:
+            from .chat_tokenizer import load_chat_tokenizer
+            from .standalone_qwen3 import load_standalone_merged
+
+            chat_tokenizer = load_chat_tokenizer(folders[1])
+            clock("tokenizer_s")
+            standalone = load_standalone_merged(
+                folders[0], adapter_dir, quantised=load_in_4bit, device=device, timings=timings
+            )
+            return standalone, chat_tokenizer, "standalone"
+    tokenizer = load_tokenizer(base_path or preset)
     clock("tokenizer_s")
-    model = load_standalone_merged(base, adapter_dir, quantised=quantised, device=device, timings=timings)
-    return model, tokenizer, "standalone"
+    model = load_adapted(
+        preset, adapter_dir, merge=merge, load_in_4bit=load_in_4bit, device=device, base_path=base_path,
+        random_seed=seed, timings=timings,
+    )  # fmt: skip
+    return model, tokenizer, loader

@@ -164,7 +164,16 @@ class MLP(nn.Module):
         return out
 
 
+def _engine_only(*args: Any, **kwargs: Any) -> Any:
+    raise NotImplementedError(
+        "the standalone Qwen3 has no forward of its own: the fast engine's loops run it (model.packed, "
+        "model.decoding); load with transformers (engine_only=False) for the plain path"
+    )
+
+
 class DecoderLayer(nn.Module):
+    forward = _engine_only
+
     def __init__(self, c: StandaloneConfig):
         super().__init__()
         self.self_attn, self.mlp = Attention(c), MLP(c)
@@ -173,6 +182,8 @@ class DecoderLayer(nn.Module):
 
 
 class Decoder(nn.Module):
+    forward = _engine_only
+
     def __init__(self, c: StandaloneConfig):
         super().__init__()
         self.config = c
@@ -185,14 +196,13 @@ class Decoder(nn.Module):
 class StandaloneQwen3(nn.Module):
     """A Qwen3 causal LM's modules under transformers' names, for the fast engine's loops only."""
 
+    forward = _engine_only
+
     def __init__(self, c: StandaloneConfig):
         super().__init__()
         self.config = c
         self.model = Decoder(c)
         self.lm_head = _linear(c.hidden_size, c.vocab_size)
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        raise NotImplementedError("the standalone Qwen3 runs only in the fast engine (model.packed, model.decoding)")
 
 
 def load_standalone_merged(

@@ -469,9 +469,12 @@ def test_bench_run_smoke_has_old_and_fast_inference_rows(tmp_path, monkeypatch):
     result = json.loads(next((tmp_path / "fast").glob("smoke-*.json")).read_text())
     assert [r["cap_gb"] for r in result["infer_fast"]] == [None, 16.0]
     for row in result["infer_fast"]:
+        # infer.py's own load: the standalone one for the bench's NF4 random base
+        assert row["loader"] == "standalone"
         assert row["new_tokens"] > 0 and set(row["load_steps_s"]) == {
+            "tokenizer_s",
+            "bitsandbytes_import_s",
             "base_s",
-            "dequantise_s",
             "adapter_merge_s",
             "kernels_s",
         }

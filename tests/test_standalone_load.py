@@ -425,3 +425,13 @@ def test_bad_base_weights_are_one_line_input_errors(tiny_base, tmp_path):
               str(other / "adapter_model.safetensors"))  # fmt: skip
     with pytest.raises(InputError, match="do not fit the base"):
         load_standalone_merged(tiny_base, other, quantised=False, device="cpu")
+
+
+def test_the_standalone_model_has_no_forward_of_its_own(tiny_base, tmp_path):
+    """Only the fast engine's loops run it; a plain forward says so instead of failing obscurely."""
+    trained_looking(False).save_pretrained(tmp_path)
+    model = load_standalone_merged(tiny_base, tmp_path, quantised=False, device="cpu")
+    ids = torch.tensor([[1, 2, 3]])
+    for module in (model, model.model, model.model.layers[0]):
+        with pytest.raises(NotImplementedError, match="fast engine"):
+            module(input_ids=ids)
