@@ -100,7 +100,8 @@ def _weight_files(folder: Path) -> list[Path]:
     index = folder / INDEX_FILE
     if index.is_file():
         shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
-        return [folder / s for s in shards]
+        files = [folder / s for s in shards]
+        return files if all(f.is_file() for f in files) else []  # a part-downloaded snapshot: not here
     single = folder / "model.safetensors"
     return [single] if single.is_file() else []
 

@@ -120,6 +120,8 @@ def test_unreadable_bases_say_why(tmp_path, tiny_base):
     (broken / "config.json").write_text(json.dumps(config))
     (broken / "model.safetensors.index.json").write_text("{not json")
     assert "unreadable model.safetensors.index.json" in standalone_unsupported(broken)
+    (broken / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a": "model-00001.safetensors"}}))
+    assert standalone_unsupported(broken) == "no safetensors weights in the base folder"  # a shard not downloaded
     assert standalone_unsupported(tiny_base) is None
     # A random preset built in memory and a hub id that is not in the local cache go through transformers.
     assert "in memory" in standalone_folders(get_preset("tiny"), None, 0, quantised=False)
@@ -435,3 +437,16 @@ def test_the_standalone_model_has_no_forward_of_its_own(tiny_base, tmp_path):
     for module in (model, model.model, model.model.layers[0]):
         with pytest.raises(NotImplementedError, match="fast engine"):
             module(input_ids=ids)
+
+
+def test_a_sharded_base_loads_as_the_single_file(tiny_base, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    sharded = tmp_path / "sharded"
+    AutoModelForCausalLM.from_pretrained(tiny_base).save_pretrained(sharded, max_shard_size="200KB")
+    assert (sharded / "model.safetensors.index.json").is_file() and len(list(sharded.glob("*.safetensors"))) > 2
+    trained_looking(True).save_pretrained(tmp_path / "adapter")
+    one = load_standalone_merged(tiny_base, tmp_path / "adapter", quantised=True, device="cpu")
+    many = load_standalone_merged(sharded, tmp_path / "adapter", quantised=True, device="cpu")
+    theirs = dict(many.named_parameters())
+    assert all(torch.equal(p, theirs[n]) for n, p in one.named_parameters())
