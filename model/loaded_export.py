@@ -2,7 +2,9 @@
 
 The base model comes from the manifest (hub id or local path) unless ``base`` overrides
 it; a random-init preset (``tiny``, ``qwen3-4b-random``) is rebuilt from the seed and
-shape recorded in the manifest, so tiny exports reload on any machine.
+shape recorded in the manifest, so tiny exports reload on any machine. Where only the fast engine
+runs the merged model, :func:`load_backbone_for_inference` builds it without transformers
+(:mod:`model.standalone_qwen3`) when the base is one that load reads.
 """
 
 from __future__ import annotations
