@@ -140,6 +140,10 @@ def _write_random_base(preset: ModelPreset | str, out: Path, seed: int) -> Path:
     return out
 
 
+# The NF4 base as trained: 4-bit NormalFloat, double quantisation (the block scales quantised
+# too), bf16 compute. nf4_config hands them to transformers; the standalone inference load
+# (model.standalone_qwen3) quantises with them itself.
+NF4_QUANT_TYPE, NF4_DOUBLE_QUANT, NF4_COMPUTE_DTYPE = "nf4", True, torch.bfloat16
 QUANT_STORAGE = {"uint8": torch.uint8, "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
@@ -153,9 +157,9 @@ def nf4_config(quant_storage: str = "uint8") -> BitsAndBytesConfig:
         raise ValueError(f"quant_storage must be one of {sorted(QUANT_STORAGE)}, got {quant_storage!r}")
     return BitsAndBytesConfig(  # type: ignore[no-untyped-call]  # transformers leaves its __init__ unannotated
         load_in_4bit=True,
-        bnb_4bit_quant_type="nf4",
-        bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=torch.bfloat16,
+        bnb_4bit_quant_type=NF4_QUANT_TYPE,
+        bnb_4bit_use_double_quant=NF4_DOUBLE_QUANT,
+        bnb_4bit_compute_dtype=NF4_COMPUTE_DTYPE,
         bnb_4bit_quant_storage=QUANT_STORAGE[quant_storage],
     )
 
@@ -202,11 +206,10 @@ def _on_device(model: PreTrainedModel, device: torch.device) -> PreTrainedModel:
 
 def base_load_error(location: str, err: OSError) -> InputError:
     """The one line a base model that cannot be loaded ends with (InputError, exit 2)."""
-    from plumbing.errors import InputError
+    from plumbing.errors import InputError, first_line
 
-    first = next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)
     return InputError(
-        f"--base {location}: cannot load the model ({first[:160]}); check the id or folder, "
+        f"--base {location}: cannot load the model ({first_line(err)}); check the id or folder, "
         f"or download it first (hf download {location})"
     )
 

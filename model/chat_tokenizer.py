@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from plumbing.errors import InputError
+from plumbing.errors import InputError, first_line
 
 TOKENIZER_FILE, TOKENIZER_CONFIG, TEMPLATE_FILE = "tokenizer.json", "tokenizer_config.json", "chat_template.jinja"
 
@@ -156,8 +156,7 @@ def load_chat_tokenizer(folder: str | Path) -> ChatTokenizer:
     try:
         backend = Tokenizer.from_file(str(root / TOKENIZER_FILE))
     except Exception as err:  # tokenizers raises its own exception types for a broken file
-        first = next((line for line in str(err).splitlines() if line.strip()), type(err).__name__)
-        raise InputError(f"unreadable tokenizer ({first[:160]})", root / TOKENIZER_FILE) from None
+        raise InputError(f"unreadable tokenizer ({first_line(err)})", root / TOKENIZER_FILE) from None
     eos = _token_text(config.get("eos_token"))
     pad = _token_text(config.get("pad_token")) or eos
     if not eos:

@@ -24,7 +24,7 @@ from heads.alignment import NotePairHead, load_head
 
 from .backbone import RANDOM_INIT_SEED, load_adapted, load_tokenizer
 from .export_folder import MANIFEST
-from .locate import resolve_device
+from .locate import local_model_folder, resolve_device
 from .manifest import ExportManifest
 from .head_scoring import encode_for_scoring, pair_probabilities
 from .lora_merge import ADAPTER_CONFIG, plain_lora_scale
@@ -213,32 +213,19 @@ def standalone_folders(
     from .standalone_qwen3 import standalone_unsupported
 
     if base_path:
-        base = tokenizer = _local_folder(base_path)
+        base = tokenizer = local_model_folder(base_path)
     elif preset.source is not None:
-        base = _local_folder(preset.source)
-        tokenizer = _local_folder(preset.tokenizer) if preset.tokenizer else base
+        base = local_model_folder(preset.source)
+        tokenizer = local_model_folder(preset.tokenizer) if preset.tokenizer else base
     elif quantised:  # a random preset's NF4 load reads the base it writes once as safetensors
         base = save_random_base(preset, random_base_cache_dir(preset, seed), seed=seed)
-        tokenizer = _local_folder(preset.tokenizer) if preset.tokenizer else bundled_tokenizer_dir()
+        tokenizer = local_model_folder(preset.tokenizer) if preset.tokenizer else bundled_tokenizer_dir()
     else:
         return "an unquantised random base is built in memory by transformers"
     if base is None or tokenizer is None:
         return "the base is a hub id not in the local Hugging Face cache"
     why_not = standalone_unsupported(base) or chat_tokenizer_unsupported(tokenizer)
     return why_not if why_not else (base, tokenizer)
-
-
-def _local_folder(location: str) -> Path | None:
-    """A folder, or a hub id's snapshot already in the local cache (never downloaded here)."""
-    path = Path(location)
-    if path.is_dir():
-        return path
-    try:
-        from huggingface_hub import snapshot_download
-
-        return Path(snapshot_download(location, local_files_only=True))
-    except Exception:  # not a repo id, or not cached: the transformers load resolves (or downloads) it
-        return None
 
 
 def load_backbone_for_inference(

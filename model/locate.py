@@ -120,6 +120,27 @@ def _looks_like_hub_id(source: str) -> bool:
     )
 
 
+def local_model_folder(source: str) -> Path | None:
+    """The folder ``source`` names on this machine: the folder itself, or a hub id's snapshot in
+    the local cache (the folder of its cached config.json), as :func:`check_base` finds them;
+    None where neither (nothing is downloaded)."""
+    try:
+        path = Path(source).expanduser()
+        if path.is_dir():
+            return path
+    except (OSError, ValueError, RuntimeError):  # a NUL byte, a name too long, ~user that does not exist
+        return None
+    if not _looks_like_hub_id(source):
+        return None
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        cached = try_to_load_from_cache(source, "config.json")
+    except ValueError:  # huggingface_hub's id validation
+        return None
+    return Path(cached).parent if isinstance(cached, str) else None
+
+
 def model_folder_problem(folder: Path) -> str | None:
     """What a local base-model folder lacks (None: config, safetensors weights and a tokenizer)."""
     if not (folder / "config.json").is_file():

@@ -31,8 +31,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from plumbing.errors import InputError
+from plumbing.errors import InputError, first_line
 from plumbing.timing import StepClock
+
+from .backbone import NF4_COMPUTE_DTYPE, NF4_DOUBLE_QUANT, NF4_QUANT_TYPE, QUANT_STORAGE, dense_from_4bit
 
 CONFIG_FILE, INDEX_FILE = "config.json", "model.safetensors.index.json"
 PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
@@ -251,8 +253,7 @@ def load_standalone_merged(
                     tensor = f.get_tensor(name).to(dtype)
                     state[name] = _through_nf4(tensor) if quantised and name in to_quantise else tensor
         except (OSError, SafetensorError) as err:
-            first = next((line for line in str(err).splitlines() if line.strip()), type(err).__name__)
-            raise InputError(f"unreadable weights ({first[:160]})", path) from None
+            raise InputError(f"unreadable weights ({first_line(err)})", path) from None
     missing = sorted(set(expected) - set(state))
     if missing:
         more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
@@ -321,8 +322,8 @@ def _through_nf4(weight: torch.Tensor) -> torch.Tensor:
 
     out_f, in_f = weight.shape
     layer = Linear4bit(  # type: ignore[no-untyped-call]  # bitsandbytes leaves it unannotated
-        in_f, out_f, bias=False, compute_dtype=torch.bfloat16, compress_statistics=True,
-        quant_type="nf4", quant_storage=torch.uint8, device="meta",
+        in_f, out_f, bias=False, compute_dtype=NF4_COMPUTE_DTYPE, compress_statistics=NF4_DOUBLE_QUANT,
+        quant_type=NF4_QUANT_TYPE, quant_storage=QUANT_STORAGE["uint8"], device="meta",
     )  # fmt: skip
     quantised = Params4bit(weight, requires_grad=False, **layer.weight.__dict__)
     layer.weight = quantised.to(weight.device)  # type: ignore[misc]  # quantises on the way to the device
@@ -331,8 +332,6 @@ def _through_nf4(weight: torch.Tensor) -> torch.Tensor:
 
         dense: torch.Tensor = dequantize_4bit(layer.weight.data, layer.weight.quant_state).to(torch.bfloat16)
         return dense
-    from .backbone import dense_from_4bit
-
     # In eval mode as the transformers-loaded model is: bitsandbytes' CPU forward takes another
     # kernel in training mode, whose bf16 rounding differs.
     return dense_from_4bit(layer.eval()).weight.detach()

@@ -20,6 +20,13 @@ from typing import Any, Callable, NoReturn, TypeVar
 EXIT_BAD_INPUT = 2
 
 
+def first_line(err: BaseException, limit: int = 160) -> str:
+    """A library error's first non-blank line (its type's name where it has none), at most
+    ``limit`` characters: what a one-line InputError quotes of it."""
+    line = next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)
+    return line[:limit]
+
+
 class InputError(ValueError):
     """Malformed or inconsistent input file; message names file, case and problem."""
 

@@ -127,7 +127,7 @@ def test_cuda_standalone_load_holds_the_merged_weights(tmp_path, monkeypatch):
     assert torch.equal(h_got, h_want) and torch.equal(t_got, t_want)
 
 
-def test_cuda_standalone_load_never_imports_the_compiler(tmp_path):
+def test_cuda_standalone_load_never_imports_the_compiler(tmp_path, monkeypatch):
     """The standalone load on CUDA runs bitsandbytes' CUDA kernels only: neither transformers,
     PEFT nor torch's compiler (dynamo) is imported in the loading process."""
     import os
@@ -136,20 +136,16 @@ def test_cuda_standalone_load_never_imports_the_compiler(tmp_path):
 
     from model.backbone import load_backbone, random_base_cache_dir, save_random_base
 
-    env = {**os.environ, "ARCHEHR_CACHE": str(tmp_path / "cache")}
-    os.environ["ARCHEHR_CACHE"] = env["ARCHEHR_CACHE"]
-    try:
-        base = save_random_base("tiny", random_base_cache_dir("tiny"))
-        load_backbone("tiny", load_in_4bit=True, device="cuda").save_pretrained(tmp_path / "adapter")
-    finally:
-        del os.environ["ARCHEHR_CACHE"]
+    monkeypatch.setenv("ARCHEHR_CACHE", str(tmp_path / "cache"))
+    base = save_random_base("tiny", random_base_cache_dir("tiny"))
+    load_backbone("tiny", load_in_4bit=True, device="cuda").save_pretrained(tmp_path / "adapter")
     script = (
         "import sys\n"
         "from model.standalone_qwen3 import load_standalone_merged\n"
         f"load_standalone_merged({str(base)!r}, {str(tmp_path / 'adapter')!r}, quantised=True, device='cuda')\n"
         "print(sorted(m for m in ('transformers', 'peft', 'torch._dynamo', 'torch._inductor') if m in sys.modules))\n"
     )
-    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, cwd=ROOT)
+    out = subprocess.run([sys.executable, "-c", script], env=dict(os.environ), capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().splitlines()[-1] == "[]"
 

@@ -450,3 +450,23 @@ def test_a_sharded_base_loads_as_the_single_file(tiny_base, tmp_path):
     many = load_standalone_merged(sharded, tmp_path / "adapter", quantised=True, device="cpu")
     theirs = dict(many.named_parameters())
     assert all(torch.equal(p, theirs[n]) for n, p in one.named_parameters())
+
+
+def test_a_cached_hub_id_is_read_from_its_snapshot(tiny_base, tmp_path, monkeypatch):
+    """A hub id in the local cache: its snapshot folder (as model.locate finds cached bases), never a download."""
+    import huggingface_hub
+
+    snapshot = tmp_path / "models--org--model" / "snapshots" / "abc"
+    snapshot.mkdir(parents=True)
+    for f in [*tiny_base.iterdir(), *bundled_tokenizer_dir().iterdir()]:
+        (snapshot / f.name).symlink_to(f)
+    asked = []
+
+    def cached(repo_id, filename, *args, **kwargs):
+        asked.append((repo_id, filename))
+        return str(snapshot / filename) if repo_id == "org/model" else None
+
+    monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", cached)
+    assert standalone_folders(get_preset("tiny"), "org/model", 0, quantised=True) == (snapshot, snapshot)
+    assert "hub id" in standalone_folders(get_preset("tiny"), "org/other", 0, quantised=True)
+    assert asked == [("org/model", "config.json"), ("org/other", "config.json")]
