@@ -14,8 +14,12 @@ the residual add before a norm, the rotary embedding, and SwiGLU's ``silu(gate) 
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import os
+import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -164,14 +168,42 @@ def share_compiled_kernels_folder(device: torch.device) -> None:
     if os.environ.get("TRITON_CACHE_DIR"):
         return
     os.environ.pop("TRITON_CACHE_DIR", None)  # set but empty: unset, also for inductor's helper below
-    try:
-        from torch._inductor.runtime.cache_dir_utils import triton_cache_dir
-    except ImportError:  # a torch without inductor: Triton's default folder
+    rule = _inductor_cache_dir_rule()
+    if rule is None:  # a torch without inductor: Triton's default folder
         return
     index = device.index
     if index is None:
         index = torch.cuda.current_device() if torch.cuda.is_available() else 0
-    os.environ["TRITON_CACHE_DIR"] = triton_cache_dir(index)
+    os.environ["TRITON_CACHE_DIR"] = rule.triton_cache_dir(index)
+
+
+def _inductor_cache_dir_rule() -> Any | None:
+    """inductor's module that names its cache folders, without importing ``torch._inductor``:
+    that package imports dynamo (1.7 s on the CPU machine, 6-7 s in a fresh process on the H200
+    machine, where torch's bytecode is not cached), which infer.py never uses. The module has no
+    torch dependencies by design ("factored out to a file without torch dependencies"), so it
+    runs from its file; where inductor is already imported, its own copy is taken."""
+    name = "torch._inductor.runtime.cache_dir_utils"
+    if "torch._inductor" in sys.modules:
+        try:
+            return importlib.import_module(name)
+        except ImportError:
+            return None
+    spec = importlib.util.find_spec("torch._inductor")  # imports torch only, not the package
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(spec.submodule_search_locations[0]) / "runtime" / "cache_dir_utils.py"
+    if not path.is_file():
+        return None
+    file_spec = importlib.util.spec_from_file_location("archehr_inductor_cache_dir_utils", path)
+    if file_spec is None or file_spec.loader is None:
+        return None
+    module = importlib.util.module_from_spec(file_spec)
+    try:
+        file_spec.loader.exec_module(module)
+    except ImportError:
+        return None
+    return module
 
 
 def _probe(

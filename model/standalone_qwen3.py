@@ -318,6 +318,10 @@ def _through_nf4(weight: torch.Tensor) -> torch.Tensor:
     ``dequantize_4bit`` before its GEMM, so that call is the read (a quarter of the time of
     :func:`model.backbone.dense_from_4bit`'s identity products); on the CPU bitsandbytes' forward
     takes other kernels, so the layer's own forward it is."""
+    if weight.is_cuda and weight.dtype == NF4_COMPUTE_DTYPE and NF4_QUANT_TYPE == "nf4" and NF4_DOUBLE_QUANT:
+        kernels = _bitsandbytes_cuda_kernels()
+        if kernels is not None:
+            return _nf4_round_trip_on_cuda(weight, kernels)
     from bitsandbytes.nn.modules import Linear4bit, Params4bit
 
     out_f, in_f = weight.shape
@@ -335,3 +339,65 @@ def _through_nf4(weight: torch.Tensor) -> torch.Tensor:
     # In eval mode as the transformers-loaded model is: bitsandbytes' CPU forward takes another
     # kernel in training mode, whose bf16 rounding differs.
     return dense_from_4bit(layer.eval()).weight.detach()
+
+
+# Blocks of bitsandbytes' NF4 round trip: Params4bit's default (transformers' loader keeps it) and
+# the block ``quantize_4bit`` uses for the double-quantised scales.
+_NF4_BLOCK, _SCALES_BLOCK = 64, 256
+
+
+def _bitsandbytes_cuda_kernels() -> Any | None:
+    """bitsandbytes' CUDA backend module where it has what :func:`_nf4_round_trip_on_cuda`
+    calls (bitsandbytes 0.46 to 0.50 at least), else None: the round trip then goes through
+    ``Params4bit``, the same numbers with torch's compiler imported on the way."""
+    try:
+        from bitsandbytes.backends.cuda import ops
+    except ImportError:
+        return None
+    needed = ("lib", "_dequantize_4bit_impl", "_dequantize_blockwise_impl")
+    kernels = ("cquantize_blockwise_bf16_nf4", "cquantize_blockwise_fp32")
+    if not all(hasattr(ops, name) for name in needed):
+        return None
+    if not all(hasattr(ops.lib, k) for k in kernels):  # type: ignore[attr-defined]  # the module imports it
+        return None
+    return ops
+
+
+@functools.cache
+def _dynamic_code(device: torch.device) -> torch.Tensor:
+    from bitsandbytes.functional import create_dynamic_map
+
+    code: torch.Tensor = create_dynamic_map()  # type: ignore[no-untyped-call]  # bitsandbytes leaves it unannotated
+    return code.to(device)  # quantize_blockwise's default code for the scales
+
+
+@torch.no_grad()
+def _nf4_round_trip_on_cuda(weight: torch.Tensor, ops: Any) -> torch.Tensor:
+    """What ``Params4bit`` then ``dequantize_4bit`` compute for a bf16 ``weight`` on CUDA (NF4,
+    double quantisation), by the same kernels with the same arguments in the same order, called
+    without ``torch.ops``. Through ``torch.ops`` the first call of any bitsandbytes kernel
+    imports torch's compiler: torch.library wraps each registered kernel in a
+    ``torch._dynamo.disable`` that imports dynamo at its first call (6-7 s of infer.py's load on
+    the H200 machine, where torch's modules run without cached bytecode). A GPU test checks the
+    result against ``Params4bit``'s bit for bit."""
+    a = weight.contiguous()
+    n, device = a.numel(), a.device
+    scales = torch.empty(-(n // -_NF4_BLOCK), device=device, dtype=torch.float32)
+    packed = torch.empty(((n + 1) // 2, 1), device=device, dtype=torch.uint8)
+    code = _dynamic_code(device)
+    with torch.cuda.device(device):
+        ops.lib.cquantize_blockwise_bf16_nf4(None, a.data_ptr(), scales.data_ptr(), packed.data_ptr(), _NF4_BLOCK, n)
+        offset = scales.mean()
+        centred = scales - offset  # the double quantisation: the scales, centred, in 8 bits
+        m = centred.numel()
+        scale_scales = torch.empty(-(m // -_SCALES_BLOCK), device=device, dtype=torch.float32)
+        scale_codes = torch.empty_like(centred, dtype=torch.uint8)
+        ops.lib.cquantize_blockwise_fp32(
+            code.data_ptr(), centred.data_ptr(), scale_scales.data_ptr(), scale_codes.data_ptr(), _SCALES_BLOCK, m
+        )
+    restored = torch.empty_like(scale_codes, dtype=torch.float32)
+    ops._dequantize_blockwise_impl(scale_codes, scale_scales, code, _SCALES_BLOCK, torch.float32, out=restored)
+    restored += offset
+    dense = torch.empty(a.shape, device=device, dtype=torch.bfloat16)
+    ops._dequantize_4bit_impl(packed, restored, _NF4_BLOCK, "nf4", torch.bfloat16, out=dense)
+    return dense

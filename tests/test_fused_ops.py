@@ -8,7 +8,9 @@ ops element by element, and the fast-path numerics test covers them end to end."
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -18,6 +20,8 @@ from torch import nn
 
 from model import fused_ops
 from model.fused_ops import EAGER, EAGER_OPS, LayerOps, choose_layer_ops, rotate
+
+ROOT = Path(__file__).resolve().parents[1]
 
 CONFIG = SimpleNamespace(
     hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16, hidden_act="silu", rms_norm_eps=1e-6
@@ -101,6 +105,25 @@ def test_the_probe_points_triton_at_the_folder_torch_compile_uses():
     assert chosen == triton_cache_dir(0)
     fused_ops.share_compiled_kernels_folder(torch.device("cuda", 1))
     assert os.environ["TRITON_CACHE_DIR"] == triton_cache_dir(1)
+
+
+def test_the_kernels_folder_is_found_without_importing_the_compiler(tmp_path):
+    """infer.py points Triton at inductor's folder without importing torch._inductor, whose
+    package imports dynamo (seconds of load); the folder is the one inductor itself names."""
+    script = (
+        "import os, sys, torch\n"
+        "from model import fused_ops\n"
+        "fused_ops.share_compiled_kernels_folder(torch.device('cuda', 1))\n"
+        "loaded = sorted(m for m in ('torch._dynamo', 'torch._inductor') if m in sys.modules)\n"
+        "chosen = os.environ.pop('TRITON_CACHE_DIR')\n"
+        "from torch._inductor.runtime.cache_dir_utils import triton_cache_dir\n"
+        "print(loaded, chosen == triton_cache_dir(1), chosen.startswith(os.environ['TORCHINDUCTOR_CACHE_DIR']))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_CACHE_DIR", "TORCHINDUCTOR_CACHE_DIR")}
+    env.update(PYTHONPATH=str(ROOT), TMPDIR=str(tmp_path))
+    out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["[]", "True", "True"]
 
 
 def test_a_triton_folder_the_user_chose_is_kept(monkeypatch, tmp_path):

@@ -140,14 +140,35 @@ def test_cuda_standalone_load_never_imports_the_compiler(tmp_path, monkeypatch):
     base = save_random_base("tiny", random_base_cache_dir("tiny"))
     load_backbone("tiny", load_in_4bit=True, device="cuda").save_pretrained(tmp_path / "adapter")
     script = (
-        "import sys\n"
+        "import sys, torch\n"
         "from model.standalone_qwen3 import load_standalone_merged\n"
         f"load_standalone_merged({str(base)!r}, {str(tmp_path / 'adapter')!r}, quantised=True, device='cuda')\n"
+        "from model.fused_ops import share_compiled_kernels_folder\n"
+        "share_compiled_kernels_folder(torch.device('cuda'))\n"
         "print(sorted(m for m in ('transformers', 'peft', 'torch._dynamo', 'torch._inductor') if m in sys.modules))\n"
     )
     out = subprocess.run([sys.executable, "-c", script], env=dict(os.environ), capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_cuda_nf4_round_trip_without_torch_ops_equals_params4bit(monkeypatch):
+    """The standalone load's NF4 round trip, calling bitsandbytes' CUDA kernels directly, equals
+    ``Params4bit`` + ``dequantize_4bit`` bit for bit, also where the sizes are not whole blocks."""
+    from model import standalone_qwen3
+
+    assert standalone_qwen3._bitsandbytes_cuda_kernels() is not None  # the direct path is the one taken
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    weights = [
+        torch.randn(shape, device="cuda", generator=gen).to(torch.bfloat16)
+        for shape in ((256, 64), (130, 70), (2560, 9728), (17, 3))
+    ]
+    direct = [standalone_qwen3._through_nf4(w) for w in weights]
+    monkeypatch.setattr(standalone_qwen3, "_bitsandbytes_cuda_kernels", lambda: None)
+    for w, got in zip(weights, direct, strict=True):
+        want = standalone_qwen3._through_nf4(w)
+        assert got.dtype == want.dtype == torch.bfloat16 and got.shape == w.shape
+        assert torch.equal(got, want), (tuple(w.shape), (got.float() - want.float()).abs().max().item())
 
 
 def test_cuda_train_and_infer_end_to_end(tmp_path):
