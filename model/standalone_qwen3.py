@@ -190,7 +190,11 @@ class Decoder(nn.Module):
     def __init__(self, c: StandaloneConfig):
         super().__init__()
         self.config = c
-        self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size, device="meta")
+        # A meta weight handed in: nn.Embedding's own initialisation runs, on the meta device,
+        # through torch's Python references, which import dynamo (seconds of infer.py's load).
+        self.embed_tokens = nn.Embedding(
+            c.vocab_size, c.hidden_size, _weight=torch.empty(c.vocab_size, c.hidden_size, device="meta")
+        )
         self.layers = nn.ModuleList(DecoderLayer(c) for _ in range(c.num_hidden_layers))
         self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(c.head_dim, c.rope_theta)

@@ -58,6 +58,22 @@ def test_weights_and_forward_equal_the_merged_load(tiny_base, tmp_path, quantise
         assert torch.equal(h_got, h_want) and torch.equal(t_got, t_want)
 
 
+def test_an_unquantised_load_imports_no_compiler(tiny_base, tmp_path):
+    """Building and filling the module tree imports neither transformers, PEFT nor torch's
+    compiler (an nn.Embedding initialised on the meta device imports dynamo: seconds of load)."""
+    trained_looking(False).save_pretrained(tmp_path)
+    script = (
+        "import sys\n"
+        "from model.standalone_qwen3 import load_standalone_merged\n"
+        f"load_standalone_merged({str(tiny_base)!r}, {str(tmp_path)!r}, quantised=False, device='cpu')\n"
+        "print(sorted(m for m in ('transformers', 'peft', 'torch._dynamo', 'torch._inductor') if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                         capture_output=True, text=True)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
 ENGINE_MODULES = ("model/decoding.py", "model/packed.py", "model/fused_ops.py", "model/backbone.py",
                   "model/head_scoring.py", "inference/memory.py", "inference/fast.py")  # fmt: skip
 
