@@ -9,7 +9,8 @@ builds that module tree under transformers' attribute names (``model.layers[i].s
 
 * the seven projections of every layer go through NF4 and back as the training forward saw them
   (bitsandbytes' ``Params4bit`` with the settings of :func:`model.backbone.nf4_config`, read back
-  as its forward reads it), when the adapter was trained on an NF4 base;
+  as its forward reads it; on CUDA the same kernels called directly, which keeps torch's compiler
+  unimported), when the adapter was trained on an NF4 base;
 * the adapter is folded in by :func:`model.lora_merge.merge_adapter`, as in the merged load.
 
 The weights equal :func:`model.backbone.load_merged`'s bit for bit (CPU and GPU tests). The tree
@@ -320,8 +321,9 @@ def _through_nf4(weight: torch.Tensor) -> torch.Tensor:
     :func:`model.backbone.nf4_config`'s settings: NF4, blocks of 64, double quantisation), read
     back as that layer's forward reads it. On CUDA the forward dequantises with
     ``dequantize_4bit`` before its GEMM, so that call is the read (a quarter of the time of
-    :func:`model.backbone.dense_from_4bit`'s identity products); on the CPU bitsandbytes' forward
-    takes other kernels, so the layer's own forward it is."""
+    :func:`model.backbone.dense_from_4bit`'s identity products), here through
+    :func:`_nf4_round_trip_on_cuda` where bitsandbytes has the kernels it calls; on the CPU
+    bitsandbytes' forward takes other kernels, so the layer's own forward it is."""
     if weight.is_cuda and weight.dtype == NF4_COMPUTE_DTYPE and NF4_QUANT_TYPE == "nf4" and NF4_DOUBLE_QUANT:
         kernels = _bitsandbytes_cuda_kernels()
         if kernels is not None:
