@@ -354,7 +354,7 @@ _NF4_BLOCK, _SCALES_BLOCK = 64, 256
 
 def _bitsandbytes_cuda_kernels() -> Any | None:
     """bitsandbytes' CUDA backend module where it has what :func:`_nf4_round_trip_on_cuda`
-    calls (bitsandbytes 0.46 to 0.50 at least), else None: the round trip then goes through
+    calls (as bitsandbytes 0.50 has them), else None: the round trip then goes through
     ``Params4bit``, the same numbers with torch's compiler imported on the way."""
     try:
         from bitsandbytes.backends.cuda import ops
