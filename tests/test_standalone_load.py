@@ -3,6 +3,7 @@ tokens and predictions of the transformers load, without importing transformers.
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import random
@@ -10,6 +11,7 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -353,6 +355,81 @@ def test_bitsandbytes_imports_without_the_compiler_and_quantises_the_same():
     assert ours[0] == "False" and plain[0] == "True"  # dynamo: not imported by ours, imported by the plain import
     assert ours[1:3] == ["torch", "compile"]  # torch.compile is torch's own again
     assert ours[3] == plain[3]  # the same packed weights and dequantised values
+
+
+class _KernelsThroughTorchOps:
+    """bitsandbytes' CUDA backend module as :func:`_nf4_round_trip_on_cuda` calls it, each kernel
+    done by the same-named ``torch.ops.bitsandbytes`` op on the CPU: what the glue passes (which
+    tensor, block size, order, the scales' offset) is then checked against ``quantize_4bit`` +
+    ``dequantize_4bit`` without a GPU. The pointers are resolved to the live tensors."""
+
+    def __init__(self):
+        self.lib = SimpleNamespace(
+            cquantize_blockwise_bf16_nf4=self._quantize_4bit, cquantize_blockwise_fp32=self._quantize_blockwise
+        )
+        self.calls: list[str] = []
+
+    @staticmethod
+    def _at(pointer: int, like: dict) -> torch.Tensor:
+        found = []
+        for t in gc.get_objects():
+            if not issubclass(type(t), torch.Tensor) or t.device.type != "cpu" or t.is_meta:
+                continue
+            try:
+                if t.data_ptr() == pointer and all(getattr(t, k) == v for k, v in like.items()):
+                    found.append(t)
+            except RuntimeError:  # tensors without storage (fake tensors other tests left alive)
+                continue
+        assert found, (pointer, like)
+        return found[0]
+
+    def _quantize_4bit(self, code, a, absmax, out, blocksize, n):
+        self.calls.append("quantize_4bit")
+        assert code is None
+        src = self._at(a, {"dtype": torch.bfloat16})
+        assert src.numel() == n
+        packed, scales = torch.ops.bitsandbytes.quantize_4bit(src, blocksize, "nf4", torch.uint8)
+        self._at(out, {"dtype": torch.uint8}).copy_(packed)
+        self._at(absmax, {"dtype": torch.float32}).copy_(scales)
+
+    def _quantize_blockwise(self, code, a, absmax, out, blocksize, n):
+        self.calls.append("quantize_blockwise")
+        src = self._at(a, {"dtype": torch.float32, "shape": torch.Size([n])})
+        codes, scales = torch.ops.bitsandbytes.quantize_blockwise(
+            src, self._at(code, {"shape": torch.Size([256])}), blocksize
+        )
+        self._at(out, {"dtype": torch.uint8}).copy_(codes)
+        self._at(absmax, {"dtype": torch.float32, "shape": scales.shape}).copy_(scales)
+
+    def _dequantize_blockwise_impl(self, a, absmax, code, blocksize, dtype, out):
+        self.calls.append("dequantize_blockwise")
+        out.copy_(torch.ops.bitsandbytes.dequantize_blockwise(a, absmax, code, blocksize, dtype))
+
+    def _dequantize_4bit_impl(self, a, absmax, blocksize, quant_type, dtype, out):
+        self.calls.append("dequantize_4bit")
+        out.copy_(torch.ops.bitsandbytes.dequantize_4bit(a, absmax, blocksize, quant_type, list(out.shape), dtype))
+
+
+@pytest.mark.parametrize("shape", [(256, 64), (130, 70), (17, 3)])
+def test_direct_nf4_round_trip_passes_what_quantize_4bit_passes(shape, monkeypatch):
+    """The CUDA round trip's glue around bitsandbytes' kernels (double quantisation of the
+    scales, their offset, block sizes, shapes) gives what ``quantize_4bit`` + ``dequantize_4bit``
+    give, with each kernel standing in for itself on the CPU (the GPU test runs the real ones)."""
+    import contextlib
+
+    import bitsandbytes.functional as bnb_functional
+
+    from model import standalone_qwen3
+
+    weight = torch.randn(shape, generator=torch.Generator().manual_seed(shape[0])).to(torch.bfloat16)
+    q, state = bnb_functional.quantize_4bit(weight, blocksize=64, compress_statistics=True, quant_type="nf4")
+    want = bnb_functional.dequantize_4bit(q, state)
+    kernels = _KernelsThroughTorchOps()
+    monkeypatch.setattr(torch.cuda, "device", lambda _device: contextlib.nullcontext())
+    got = standalone_qwen3._nf4_round_trip_on_cuda(weight, kernels)
+    assert kernels.calls == ["quantize_4bit", "quantize_blockwise", "dequantize_blockwise", "dequantize_4bit"]
+    assert got.dtype == torch.bfloat16 and got.shape == weight.shape
+    assert torch.equal(got, want)
 
 
 def test_compile_stand_in_compiles_at_the_first_call_only():
