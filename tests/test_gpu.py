@@ -94,7 +94,9 @@ def test_cuda_calibration_view_holds_the_merged_weights(tmp_path):
 def test_cuda_standalone_load_holds_the_merged_weights(tmp_path, monkeypatch):
     """infer.py's standalone load (no transformers) on CUDA: every weight of the transformers
     merged load bit for bit (NF4 round trip on the GPU, LoRA fold), and the same packed forward.
-    ``ARCHEHR_STANDALONE_PRESET=qwen3-4b-random`` runs it on the Qwen3-4B shape."""
+    ``ARCHEHR_STANDALONE_PRESET=qwen3-4b-random`` runs it on the Qwen3-4B shape; on a fresh
+    machine that first builds the 4B random base and loads it twice through transformers, which
+    took over 2 minutes on the H200 machine (run it after ``bench.journey``, which builds the base)."""
     import os
 
     from model.backbone import load_backbone, load_merged, random_base_cache_dir, save_random_base
