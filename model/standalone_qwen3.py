@@ -352,6 +352,7 @@ def _through_nf4(weight: torch.Tensor) -> torch.Tensor:
 _NF4_BLOCK, _SCALES_BLOCK = 64, 256
 
 
+@functools.cache  # asked once per weight: the import and attribute checks once per process
 def _bitsandbytes_cuda_kernels() -> Any | None:
     """bitsandbytes' CUDA backend module where it has what :func:`_nf4_round_trip_on_cuda`
     calls (as bitsandbytes 0.50 has them), else None: the round trip then goes through
