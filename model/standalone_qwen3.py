@@ -36,6 +36,7 @@ from plumbing.errors import InputError, first_line
 from plumbing.timing import StepClock
 
 from .backbone import NF4_COMPUTE_DTYPE, NF4_DOUBLE_QUANT, NF4_QUANT_TYPE, QUANT_STORAGE, dense_from_4bit
+from .safetensors_stream import TensorEntry, stream_tensors
 
 CONFIG_FILE, INDEX_FILE = "config.json", "model.safetensors.index.json"
 PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
@@ -227,8 +228,6 @@ def load_standalone_merged(
     names, and bitsandbytes' import (:func:`import_bitsandbytes`) apart. An unreadable or
     mismatched weight file, or an adapter that does not fit the base, is an InputError naming
     the file (a CLI exits 2 with one line)."""
-    from safetensors import SafetensorError, safe_open
-
     from .lora_merge import merge_adapter
 
     clock = StepClock(timings)
@@ -245,19 +244,17 @@ def load_standalone_merged(
         del expected["lm_head.weight"]  # the embeddings' (a checkpoint may hold a copy: unread)
     state: dict[str, torch.Tensor] = {}
     for path in _weight_files(root):
+
+        def wanted(entry: TensorEntry, path: Path = path) -> bool:
+            if entry.name in expected and entry.shape != expected[entry.name]:
+                raise InputError(f"{entry.name} has shape {list(entry.shape)}, config.json says {list(expected[entry.name])}", path)  # fmt: skip
+            return entry.name in expected
+
         try:
-            with safe_open(str(path), framework="pt", device=str(device)) as f:
-                for name in f.keys():
-                    if name not in expected:
-                        continue
-                    shape = tuple(f.get_slice(name).get_shape())
-                    if shape != expected[name]:
-                        raise InputError(
-                            f"{name} has shape {list(shape)}, config.json says {list(expected[name])}", path
-                        )
-                    tensor = f.get_tensor(name).to(dtype)
-                    state[name] = _through_nf4(tensor) if quantised and name in to_quantise else tensor
-        except (OSError, SafetensorError) as err:
+            for entry, raw in stream_tensors(path, wanted, device):
+                tensor = raw.to(dtype)
+                state[entry.name] = _through_nf4(tensor) if quantised and entry.name in to_quantise else tensor
+        except OSError as err:
             raise InputError(f"unreadable weights ({first_line(err)})", path) from None
     missing = sorted(set(expected) - set(state))
     if missing:

@@ -154,6 +154,34 @@ def test_cuda_standalone_load_never_imports_the_compiler(tmp_path, monkeypatch):
     assert out.stdout.strip().splitlines()[-1] == "[]"
 
 
+def test_cuda_streamed_tensors_equal_safetensors_load(tmp_path):
+    """The standalone load's reader on CUDA (pinned buffers, a stream each): the bytes of
+    safetensors' own load, with pieces that split tensors at odd offsets and buffers reused."""
+    from safetensors.torch import load_file, save_file
+
+    from model.safetensors_stream import stream_tensors
+
+    gen = torch.Generator().manual_seed(0)
+    tensors = {
+        "big": torch.randn(1537, 1031, generator=gen).to(torch.bfloat16),
+        "f32": torch.randn(333, 7, generator=gen),
+        "i8": torch.randint(-128, 127, (5, 3), dtype=torch.int8, generator=gen),
+        "empty": torch.zeros(0, 4, dtype=torch.bfloat16),
+        "scalar": torch.tensor(3.5),
+    }
+    path = tmp_path / "w.safetensors"
+    save_file(tensors, str(path))
+    want = load_file(str(path), device="cuda")
+    got = dict(
+        (e.name, t)
+        for e, t in stream_tensors(path, lambda e: e.name != "f32", torch.device("cuda"), piece_bytes=100_003, readers=3, ahead_bytes=2**20)
+    )  # fmt: skip
+    assert sorted(got) == ["big", "empty", "i8", "scalar"]
+    for name, tensor in got.items():
+        assert tensor.is_cuda and tensor.dtype == want[name].dtype and tensor.shape == want[name].shape
+        assert torch.equal(tensor, want[name]), name
+
+
 def test_cuda_nf4_round_trip_without_torch_ops_equals_params4bit(monkeypatch):
     """The standalone load's NF4 round trip, calling bitsandbytes' CUDA kernels directly, equals
     ``Params4bit`` + ``dequantize_4bit`` bit for bit, also where the sizes are not whole blocks."""
