@@ -6,8 +6,8 @@ page cache on the H200 machine, most of infer.py's base step (BENCHMARKS.md, ten
 :func:`stream_tensors` reads the file's bytes with ``os.preadv`` (which releases the GIL) from
 a few threads into pinned buffers, each sent on its own CUDA stream while the next piece is
 read; on a CPU the threads read straight into the tensors. Only the wanted tensors are read,
-and at most ``ahead_bytes`` of them wait on the device for the caller, so a memory cap sees
-about one more tensor than a one-at-a-time load.
+and the tensors read ahead of the caller hold at most ``ahead_bytes`` plus one tensor of device
+memory (512 MiB and the largest tensor by default).
 
 The header is the format's (8 bytes of little-endian length, then JSON naming each tensor's
 dtype, shape and byte range after the header); a header that is not that, or a range past the
@@ -70,7 +70,7 @@ def read_header(path: Path) -> list[TensorEntry]:
             if length > min(HEADER_LIMIT, size - 8):
                 raise InputError("unreadable weights (the header length runs past the file)", path)
             raw = json.loads(f.read(length).decode("utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as err:
+    except (OSError, ValueError, RecursionError) as err:  # RecursionError: JSON nested past Python's limit
         if isinstance(err, InputError):
             raise
         raise InputError(f"unreadable weights (header: {type(err).__name__})", path) from None

@@ -175,3 +175,7 @@ def test_a_file_shorter_than_its_header_says_is_an_input_error(tmp_path):
     path.write_bytes(struct.pack("<Q", 4) + b"{no}")
     with pytest.raises(InputError, match=r"header: JSONDecodeError"):
         read_header(path)
+    deep = b"[" * 100_000 + b"]" * 100_000
+    path.write_bytes(struct.pack("<Q", len(deep)) + deep)
+    with pytest.raises(InputError, match=r"header: RecursionError"):
+        read_header(path)
