@@ -70,9 +70,9 @@ def read_header(path: Path) -> list[TensorEntry]:
             if length > min(HEADER_LIMIT, size - 8):
                 raise InputError("unreadable weights (the header length runs past the file)", path)
             raw = json.loads(f.read(length).decode("utf-8"))
+    except InputError:
+        raise
     except (OSError, ValueError, RecursionError) as err:  # RecursionError: JSON nested past Python's limit
-        if isinstance(err, InputError):
-            raise
         raise InputError(f"unreadable weights (header: {type(err).__name__})", path) from None
     if not isinstance(raw, dict):
         raise InputError("unreadable weights (the header is not a JSON object)", path)
@@ -116,9 +116,10 @@ def stream_tensors(
     order. A CUDA tensor is ready on the caller's current stream when yielded. ``wanted`` sees
     every entry before anything is read and may raise (a shape check)."""
     entries = [e for e in read_header(path) if wanted(e)]
-    with open(path, "rb") as f, ThreadPoolExecutor(readers, thread_name_prefix="safetensors") as pool:
+    with open(path, "rb") as f:
         largest = max((e.nbytes for e in entries), default=1)
         reader = _PieceReader(f.fileno(), path, device, max(1, min(piece_bytes, largest)), readers)
+        pool = ThreadPoolExecutor(readers, thread_name_prefix="safetensors")
         pending: list[tuple[TensorEntry, torch.Tensor, list[Future[Any]]]] = []
         queued_bytes, next_up = 0, 0
         try:
@@ -136,11 +137,8 @@ def stream_tensors(
                     reader.wait_on_caller_stream(job.result())
                 queued_bytes -= entry.nbytes
                 yield entry, flat.view(entry.dtype).view(entry.shape)
-        finally:
-            for _, _, jobs in pending:
-                for job in jobs:
-                    job.cancel()
-            pool.shutdown(wait=True)
+        finally:  # the readers stopped, then their copies finished, before the buffers go
+            pool.shutdown(wait=True, cancel_futures=True)
             reader.close()
 
 

@@ -267,7 +267,7 @@ def load_standalone_merged(
         model.lm_head.weight = model.model.embed_tokens.weight
     model.model.rotary_emb.inv_freq = model.model.rotary_emb.inv_freq.to(device)
     model.requires_grad_(False)
-    clock("base_s")  # read, and through NF4 and back when quantised (one tensor at a time: one dense copy)
+    clock("base_s")  # read, and through NF4 and back when quantised (tensor by tensor, read ahead)
     if not merge_adapter(model, adapter_dir):
         raise InputError("the adapter's LoRA weights do not fit the base (module names or shapes)", adapter_dir)
     clock("adapter_merge_s")
